@@ -1,0 +1,335 @@
+//! The command line: clap definitions, logging, the progress bar, and exit codes.
+//! Everything user-facing that is not an artifact lives here; the library below never prints.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{ArgAction, Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::generate::engine::{self, DryRun, GenerateError, GenerateOptions, RunState, Stats, StopReason};
+use crate::generate::prompt::Template;
+use crate::generate::stories::{self, Stories, Vocabulary};
+use crate::generate::Corpus;
+use crate::teacher::mock::{Faults, MockServer};
+use crate::teacher::openai::OpenAiTeacher;
+use crate::teacher::pricing::{default_price, Ledger, Price};
+use crate::teacher::retry::RetryPolicy;
+use crate::teacher::{HttpSettings, MaxTokensField, Sampling, Teacher, TeacherError};
+
+#[derive(Debug, Parser)]
+#[command(name = "phigen", version, about = "Reproduce the Phi / TinyStories recipe: synthetic textbook-quality data from teacher LLMs, filtering, dedup, training and evaluation of phi-family models.")]
+pub struct Cli {
+    /// More log output: -v for debug, -vv for trace (default: info). RUST_LOG overrides.
+    #[arg(short, long, action = ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Only errors: no progress bar, no summary.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write a TinyStories corpus: short stories in the words a 3-4 year old understands.
+    Stories(StoriesArgs),
+    /// Serve a deterministic fake OpenAI-compatible API on loopback (tests, benchmarks, trying a pipeline offline).
+    MockServer(MockServerArgs),
+}
+
+/// How to reach the teacher and what to pay it; shared by every generating command.
+#[derive(Debug, Clone, Args)]
+pub struct TeacherArgs {
+    /// Base URL of an OpenAI-compatible API: OpenAI, vLLM (http://HOST:8000/v1), llama.cpp server (http://HOST:8080/v1), Ollama (http://localhost:11434/v1).
+    #[arg(long, env = "OPENAI_BASE_URL", default_value = "https://api.openai.com/v1")]
+    pub base_url: String,
+    /// Model name as the server knows it.
+    #[arg(long, env = "PHIGEN_MODEL", default_value = "gpt-4o-mini")]
+    pub model: String,
+    /// Environment variable that holds the API key (the key is never written to logs or outputs). Local servers need none.
+    #[arg(long, default_value = "OPENAI_API_KEY")]
+    pub api_key_env: String,
+    /// Sampling temperature.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    /// Nucleus sampling top-p.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Output token limit per answer [default: the corpus's, e.g. 1024 for stories].
+    #[arg(long)]
+    pub max_tokens: Option<u32>,
+    /// Which request field carries the limit: auto = max_completion_tokens for api.openai.com, max_tokens elsewhere.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub max_tokens_field: MaxTokensField,
+    /// Seconds before one request is abandoned (and retried).
+    #[arg(long, default_value_t = 120.0)]
+    pub timeout: f64,
+    /// Requests in flight at most; the pool shrinks by itself when the server answers 429/503.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// Retries of one request after 429, 5xx, timeouts, dropped connections or malformed bodies.
+    #[arg(long, default_value_t = 7)]
+    pub retries: u32,
+    /// USD per 1M input tokens [default: the list price of known models, see the README].
+    #[arg(long, requires = "price_output")]
+    pub price_input: Option<f64>,
+    /// USD per 1M output tokens [default: the list price of known models].
+    #[arg(long, requires = "price_input")]
+    pub price_output: Option<f64>,
+    /// Stop cleanly before this run's spend in USD would exceed this (requests in flight included).
+    #[arg(long)]
+    pub max_cost: Option<f64>,
+    /// Print how many prompts would be sent, their tokens and cost, and send nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// Where the records go and how many; shared by every generating command.
+#[derive(Debug, Clone, Args)]
+pub struct OutputArgs {
+    /// Good records wanted in the output directory (records already there count; a larger N adds only the missing ones).
+    #[arg(long, default_value_t = 100)]
+    pub n: u64,
+    /// Seed of the constraint sampler; the same seed gives the same prompts.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Attempts per record before giving up on it (each dropped answer costs one).
+    #[arg(long, default_value_t = 3)]
+    pub max_attempts: u32,
+    /// Records per Parquet shard.
+    #[arg(long, default_value_t = 1000)]
+    pub shard_size: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StoriesArgs {
+    /// Output directory.
+    #[arg(long, default_value = "data/stories")]
+    pub out: PathBuf,
+    /// Directory with verbs.txt, nouns.txt, adjectives.txt, function_words.txt and features.txt [default: the built-in seeds/tinystories].
+    #[arg(long)]
+    pub words: Option<PathBuf>,
+    /// Prompt template file [default: the built-in prompts/tinystories.txt].
+    #[arg(long)]
+    pub prompt: Option<PathBuf>,
+    /// At most this many story features per prompt (a random subset of 0..=N).
+    #[arg(long, default_value_t = 3)]
+    pub max_features: usize,
+    /// Drop stories that do not use all three required words (default: keep them and record it).
+    #[arg(long)]
+    pub strict_words: bool,
+    #[command(flatten)]
+    pub output: OutputArgs,
+    #[command(flatten)]
+    pub teacher: TeacherArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MockServerArgs {
+    /// Address to listen on (loopback only; port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:8089")]
+    pub addr: SocketAddr,
+    #[command(flatten)]
+    pub faults: Faults,
+}
+
+/// How a successful command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Complete,
+    /// Stopped early (budget, failures); re-running the same command continues.
+    Incomplete,
+    Interrupted,
+}
+
+impl Outcome {
+    pub fn exit_code(self) -> ExitCode {
+        match self {
+            Outcome::Complete => ExitCode::SUCCESS,
+            Outcome::Incomplete => ExitCode::from(4),
+            Outcome::Interrupted => ExitCode::from(130),
+        }
+    }
+}
+
+/// 3: the teacher refused the credentials; 1: any other error. (2 is clap's usage error.)
+pub fn error_exit_code(e: &anyhow::Error) -> ExitCode {
+    let auth = e.chain().any(|c| {
+        matches!(c.downcast_ref::<GenerateError>(), Some(GenerateError::Teacher(TeacherError::Auth { .. })))
+            || matches!(c.downcast_ref::<TeacherError>(), Some(TeacherError::Auth { .. }))
+    });
+    ExitCode::from(if auth { 3 } else { 1 })
+}
+
+pub fn init_logging(cli: &Cli) {
+    let level = match (cli.quiet, cli.verbose) {
+        (true, _) => "error",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        (false, _) => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("phigen={level},warn")));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    match cli.command {
+        Command::Stories(args) => {
+            let template = match &args.prompt {
+                Some(p) => Template::load(p)?,
+                None => Template::parse("<built-in prompts/tinystories.txt>", stories::BUILTIN_TEMPLATE)?,
+            };
+            let vocab = Vocabulary::load(args.words.as_deref())?;
+            let corpus = Arc::new(Stories::new(template, vocab, args.max_features, args.strict_words));
+            run_corpus(corpus, &args.teacher, &args.output, args.out.clone(), 1024, cli.quiet).await
+        }
+        Command::MockServer(args) => {
+            if !args.addr.ip().is_loopback() {
+                bail!("--addr {} is not a loopback address: the mock server only listens on 127.0.0.0/8 or [::1]", args.addr);
+            }
+            let server = MockServer::start(args.addr, args.faults).await.with_context(|| format!("could not listen on {}", args.addr))?;
+            println!("listening on {}", server.base_url());
+            tokio::signal::ctrl_c().await?;
+            Ok(Outcome::Complete)
+        }
+    }
+}
+
+fn resolve_price(t: &TeacherArgs) -> anyhow::Result<Option<Price>> {
+    let price = match (t.price_input, t.price_output) {
+        (Some(input_per_m), Some(output_per_m)) => Some(Price { input_per_m, output_per_m }),
+        _ => default_price(&t.model),
+    };
+    if t.max_cost.is_some() && price.is_none() {
+        bail!("--max-cost needs the price of `{}`, which phigen does not know: pass --price-input and --price-output (USD per 1M tokens; 0 for a local server)", t.model);
+    }
+    Ok(price)
+}
+
+async fn run_corpus<C: Corpus>(corpus: Arc<C>, t: &TeacherArgs, o: &OutputArgs, out: PathBuf, default_max_tokens: u32, quiet: bool) -> anyhow::Result<Outcome> {
+    if o.n == 0 {
+        bail!("--n 0: nothing to generate; pass the number of records wanted");
+    }
+    if o.max_attempts == 0 {
+        bail!("--max-attempts must be at least 1");
+    }
+    let sampling = Sampling { temperature: t.temperature, top_p: t.top_p, max_tokens: t.max_tokens.unwrap_or(default_max_tokens) };
+    let price = resolve_price(t)?;
+    let opts = GenerateOptions { out, n: o.n, seed: o.seed, max_attempts: o.max_attempts, shard_size: o.shard_size, concurrency: t.concurrency.max(1) * 2 };
+    if t.dry_run {
+        let plan = engine::dry_run(corpus, &t.model, sampling, price, &opts)?;
+        print_dry_run(&plan, &t.model);
+        return Ok(Outcome::Complete);
+    }
+    let teacher = Arc::new(OpenAiTeacher::new(HttpSettings {
+        base_url: t.base_url.clone(),
+        model: t.model.clone(),
+        api_key_env: t.api_key_env.clone(),
+        sampling,
+        timeout: Duration::from_secs_f64(t.timeout.max(0.001)),
+        concurrency: t.concurrency.max(1),
+        retry: RetryPolicy { max_attempts: t.retries + 1, ..RetryPolicy::default() },
+        max_tokens_field: t.max_tokens_field,
+    })?);
+    let ledger = Arc::new(Ledger::new(price, t.max_cost));
+    let state = Arc::new(RunState::default());
+    let bar = progress_bar(quiet);
+    let ticker = tokio::spawn(tick(bar.clone(), state.clone(), teacher.clone(), ledger.clone()));
+    let interrupt = tokio::spawn(watch_interrupt(state.clone()));
+    let result = engine::generate(corpus, teacher.clone(), ledger.clone(), state.clone(), &opts).await;
+    ticker.abort();
+    interrupt.abort();
+    bar.finish_and_clear();
+    let stats = result?;
+    if !quiet {
+        print_summary(&stats, &opts);
+    }
+    Ok(match stats.stopped {
+        Some(StopReason::Interrupted) => Outcome::Interrupted,
+        _ if stats.complete => Outcome::Complete,
+        _ => Outcome::Incomplete,
+    })
+}
+
+fn progress_bar(quiet: bool) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(0), if quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() });
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {pos}/{len} [{elapsed_precise} < {eta_precise}] {per_sec} {msg}")
+            .expect("the template is valid"),
+    );
+    bar
+}
+
+async fn tick<T: Teacher>(bar: ProgressBar, state: Arc<RunState>, teacher: Arc<T>, ledger: Arc<Ledger>) {
+    loop {
+        let r = teacher.counters().snapshot();
+        let spend = ledger.snapshot();
+        bar.set_length(state.total.load(Ordering::Relaxed));
+        bar.set_position(state.done_before.load(Ordering::Relaxed) + state.written.load(Ordering::Relaxed));
+        let cost = ledger.price().map_or(String::new(), |_| format!(" · ${:.4}", spend.spent));
+        bar.set_message(format!(
+            "retries {} · failed {} · dropped {} · tokens {}/{}{cost}",
+            r.retries,
+            state.failed.load(Ordering::Relaxed),
+            state.dropped_total(),
+            spend.prompt_tokens,
+            spend.completion_tokens,
+        ));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn watch_interrupt(state: Arc<RunState>) {
+    if tokio::signal::ctrl_c().await.is_ok() {
+        state.stop(StopReason::Interrupted);
+        eprintln!("\ninterrupted: finishing the requests in flight and saving them (Ctrl-C again to quit at once; nothing written is lost)");
+        if tokio::signal::ctrl_c().await.is_ok() {
+            std::process::exit(130);
+        }
+    }
+}
+
+fn print_dry_run(d: &DryRun, model: &str) {
+    let usd = |v: Option<f64>| v.map_or("unknown (pass --price-input/--price-output)".to_string(), |c| format!("${c:.4}"));
+    println!("dry run: nothing was sent");
+    println!("  records requested        {}", d.requested);
+    println!("  already done             {}", d.already_done);
+    println!("  given up (max attempts)  {}", d.given_up);
+    println!("  prompts to send          {}", d.prompts);
+    println!("  prompt tokens            {} (tiktoken encoding of {model})", d.prompt_tokens);
+    println!("  completion tokens        ~{} expected, {} at most", d.expected_completion_tokens, d.max_completion_tokens);
+    println!("  cost                     ~{} expected, {} at most (first attempts only; dropped answers cost more)", usd(d.expected_cost_usd), usd(d.max_cost_usd));
+}
+
+fn print_summary(s: &Stats, opts: &GenerateOptions) {
+    let r = &s.run;
+    println!(
+        "{}: {} new records in {} ({} in all of {} requested) in {:.1}s, {:.0} requests/s",
+        s.kind, r.written, opts.out.display(), s.records, s.requested, r.wall_seconds, r.requests_per_second
+    );
+    if !r.dropped.is_empty() {
+        let d: Vec<String> = r.dropped.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        println!("  dropped and retried: {}", d.join(", "));
+    }
+    println!(
+        "  requests {} (retries {}, 429 {}, 5xx {}, timeouts {}, connection errors {}, malformed {}); failed after retries {}",
+        r.requests.sent, r.requests.retries, r.requests.throttled, r.requests.server_errors, r.requests.timeouts, r.requests.connection_errors, r.requests.malformed, r.failed_requests
+    );
+    let cost = r.cost_usd.map_or("cost unknown".into(), |c| format!("${c:.4}"));
+    println!("  tokens {} in / {} out, {cost}", r.prompt_tokens, r.completion_tokens);
+    match s.stopped {
+        Some(StopReason::Budget) => println!("  stopped: the next request could exceed --max-cost; re-run with a higher limit to continue"),
+        Some(StopReason::Interrupted) => println!("  interrupted: re-run the same command to continue"),
+        Some(StopReason::Fatal) => println!("  stopped by an error"),
+        None if !s.complete => println!("  incomplete: {} requests failed after retries, {} records given up; re-run to retry them", r.failed_requests, r.given_up_slots),
+        None => {}
+    }
+    println!("  stats: {}", opts.out.join("stats.json").display());
+}

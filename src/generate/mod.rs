@@ -1,0 +1,186 @@
+//! Synthetic corpora: constraint samplers, prompt templates, output checks, and the engine that
+//! turns them into shards with a teacher.
+//!
+//! A corpus ([`Corpus`]) says how to draw the constraints of one prompt, how to render it, and how
+//! to check an answer; the engine ([`engine::generate`]) does the rest — ids, resume, retries of
+//! dropped prompts, budget, shards, rejects and `stats.json` — the same way for every corpus.
+
+pub mod engine;
+pub mod prompt;
+pub mod stories;
+pub mod words;
+
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::artifact::table::Schema;
+use prompt::Template;
+
+/// Why an answer was not kept. Every drop is counted and written to `rejects.parquet`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropReason {
+    Empty,
+    /// `finish_reason = length`: cut off by `max_tokens`.
+    Truncated,
+    TooShort,
+    TooLong,
+    /// The same text (up to whitespace) was already kept.
+    Duplicate,
+    /// The teacher declined or its content filter stopped it.
+    Refused,
+    /// A story that does not use its required words (only with `--strict-words`).
+    MissingWords,
+    /// The request failed after all retries; the prompt is sent again by a later run.
+    RequestFailed,
+}
+
+impl DropReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Empty => "empty",
+            DropReason::Truncated => "truncated",
+            DropReason::TooShort => "too_short",
+            DropReason::TooLong => "too_long",
+            DropReason::Duplicate => "duplicate",
+            DropReason::Refused => "refused",
+            DropReason::MissingWords => "missing_words",
+            DropReason::RequestFailed => "request_failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<DropReason> {
+        use DropReason::*;
+        [Empty, Truncated, TooShort, TooLong, Duplicate, Refused, MissingWords, RequestFailed]
+            .into_iter()
+            .find(|r| r.as_str() == s)
+    }
+}
+
+/// A dropped answer with what explains it.
+#[derive(Debug, Clone)]
+pub struct Drop {
+    pub reason: DropReason,
+    pub detail: String,
+}
+
+impl Drop {
+    pub fn new(reason: DropReason, detail: impl Into<String>) -> Drop {
+        Drop { reason, detail: detail.into() }
+    }
+}
+
+/// One kind of synthetic corpus.
+pub trait Corpus: Send + Sync + 'static {
+    /// Constraints of one prompt; serialized as columns of the record (see [`Corpus::columns`]).
+    type Constraints: Serialize + Send + Sync + 'static;
+    /// What the corpus-specific checks measured on a kept answer; also columns.
+    type Checks: Serialize + Send + 'static;
+
+    /// The `kind` column and the name in `stats.json`, e.g. `"tinystories"`.
+    fn kind(&self) -> &'static str;
+    fn template(&self) -> &Template;
+    /// Draws the constraints of one attempt. `rng` is derived from (seed, slot, attempt) only.
+    fn sample(&self, rng: &mut ChaCha8Rng) -> Self::Constraints;
+    /// The template's variables for these constraints.
+    fn prompt_vars(&self, constraints: &Self::Constraints) -> Vec<(&'static str, String)>;
+    /// Checks an answer beyond the common checks (empty, truncated, refused, length, duplicate).
+    fn check(&self, constraints: &Self::Constraints, text: &str) -> Result<Self::Checks, Drop>;
+    /// Word-count bounds of a good answer.
+    fn word_bounds(&self) -> (usize, usize);
+    /// Typical completion tokens of a good answer, for `--dry-run` estimates.
+    fn typical_completion_tokens(&self) -> u64;
+    /// Names and types of the constraint and check columns, in order.
+    fn columns(&self) -> Schema;
+    /// The columns [`Corpus::summarize`] needs.
+    fn summary_columns(&self) -> Vec<&'static str>;
+    /// The corpus section of `stats.json`, computed over every record in the output.
+    fn summarize(&self, frame: &polars::prelude::DataFrame) -> serde_json::Value;
+}
+
+/// The checks every corpus shares, in the order they are applied.
+pub fn common_checks(
+    text: &str,
+    finish: crate::teacher::FinishReason,
+    (min_words, max_words): (usize, usize),
+) -> Result<(), Drop> {
+    use crate::teacher::FinishReason;
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err(Drop::new(DropReason::Empty, "empty answer"));
+    }
+    match finish {
+        FinishReason::Length => return Err(Drop::new(DropReason::Truncated, "finish_reason=length: raise --max-tokens")),
+        FinishReason::ContentFilter => return Err(Drop::new(DropReason::Refused, "finish_reason=content_filter")),
+        FinishReason::Stop | FinishReason::Other => {}
+    }
+    if let Some(opening) = refusal_opening(trimmed) {
+        return Err(Drop::new(DropReason::Refused, format!("answer opens with \"{opening}\"")));
+    }
+    let words = trimmed.split_whitespace().count();
+    if words < min_words {
+        return Err(Drop::new(DropReason::TooShort, format!("{words} words < {min_words}")));
+    }
+    if words > max_words {
+        return Err(Drop::new(DropReason::TooLong, format!("{words} words > {max_words}")));
+    }
+    Ok(())
+}
+
+/// Refusals open with one of these; only the opening is checked, since a story may well contain
+/// "I'm sorry" in its dialogue.
+fn refusal_opening(text: &str) -> Option<&'static str> {
+    const OPENINGS: &[&str] = &[
+        "i'm sorry", "i’m sorry", "i am sorry", "sorry, but", "i cannot", "i can't", "i can’t",
+        "as an ai", "i apologize", "i won't", "i will not",
+    ];
+    let head: String = text.chars().take(40).collect::<String>().to_lowercase();
+    OPENINGS.iter().copied().find(|o| head.starts_with(o))
+}
+
+/// Whitespace-normalized text, for exact-duplicate detection.
+pub fn normalized_text_hash(text: &str) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    for (i, w) in text.split_whitespace().enumerate() {
+        if i > 0 {
+            h.update(b" ");
+        }
+        h.update(w.as_bytes());
+    }
+    *h.finalize().as_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::teacher::FinishReason;
+
+    #[test]
+    fn common_checks_name_the_reason() {
+        let ok = "one two three four five";
+        let reason = |t: &str, f| common_checks(t, f, (3, 10)).err().map(|d| d.reason);
+        assert_eq!(reason(ok, FinishReason::Stop), None);
+        assert_eq!(reason("  \n", FinishReason::Stop), Some(DropReason::Empty));
+        assert_eq!(reason(ok, FinishReason::Length), Some(DropReason::Truncated));
+        assert_eq!(reason(ok, FinishReason::ContentFilter), Some(DropReason::Refused));
+        assert_eq!(reason("I'm sorry, but I can't write that.", FinishReason::Stop), Some(DropReason::Refused));
+        assert_eq!(reason("one two", FinishReason::Stop), Some(DropReason::TooShort));
+        assert_eq!(reason(&"w ".repeat(11), FinishReason::Stop), Some(DropReason::TooLong));
+        // Dialogue inside a story is not a refusal.
+        assert_eq!(reason("Tom said, \"I'm sorry, Mom.\" She smiled.", FinishReason::Stop), None);
+    }
+
+    #[test]
+    fn duplicate_hash_ignores_whitespace_only() {
+        assert_eq!(normalized_text_hash("a  b\nc"), normalized_text_hash(" a b c "));
+        assert_ne!(normalized_text_hash("a b c"), normalized_text_hash("a b C"));
+    }
+
+    #[test]
+    fn drop_reasons_round_trip_through_their_names() {
+        for r in [DropReason::Empty, DropReason::Duplicate, DropReason::RequestFailed] {
+            assert_eq!(DropReason::parse(r.as_str()), Some(r));
+            assert_eq!(serde_json::to_value(r).unwrap(), r.as_str());
+        }
+    }
+}

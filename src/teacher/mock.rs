@@ -1,0 +1,320 @@
+//! A deterministic OpenAI-compatible server on loopback, for tests, benchmarks and offline trials
+//! of a pipeline (`phigen mock-server`).
+//!
+//! It answers `POST …/chat/completions` from the prompt alone: the answer quotes every word the
+//! prompt puts in double quotes (so constraint checks pass), contains a line of dialogue, and varies
+//! with a hash of the prompt (so answers are not duplicates). Faults are injected deterministically:
+//! whether the n-th request carrying a given prompt fails depends only on (prompt, n), so a run with
+//! faults is reproducible and retries eventually succeed.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode};
+use serde::Serialize;
+use tokio::net::TcpListener;
+
+/// Probabilities (0–1) of each fault per request, and how the faults behave.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Faults {
+    /// Share of requests answered 429 with a `Retry-After` header.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate_429: f64,
+    /// `Retry-After` sent with 429/503, in seconds (a number) or as an HTTP date when negative.
+    #[arg(long, default_value_t = 0.05)]
+    pub retry_after_secs: f64,
+    /// Share of requests answered 500.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate_500: f64,
+    /// Share of requests answered 503 with `Retry-After`.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate_503: f64,
+    /// Share of requests answered only after `--slow-secs` (to trip client timeouts).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate_slow: f64,
+    #[arg(long, default_value_t = 5.0)]
+    pub slow_secs: f64,
+    /// Share of requests answered 200 with a body that is not JSON.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate_malformed: f64,
+    /// Share of requests whose answer is cut short with `finish_reason: "length"`.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate_length: f64,
+    /// Share of requests whose connection is closed without any response.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate_drop: f64,
+    /// Share of requests answered with a refusal ("I'm sorry, but I can't…").
+    #[arg(long, default_value_t = 0.0)]
+    pub rate_refuse: f64,
+    /// Share of requests answered with one fixed text (exact duplicates of each other).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate_duplicate: f64,
+    /// Answer every request 401 (a revoked key).
+    #[arg(long)]
+    pub unauthorized: bool,
+    /// Fixed delay before every answer, in milliseconds (0 = answer at once).
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+}
+
+/// What the server saw, for assertions.
+#[derive(Debug, Default)]
+pub struct MockLog {
+    pub requests: AtomicU64,
+    pub answered: AtomicU64,
+    /// How often each prompt was received (all requests, faults included).
+    pub per_prompt: Mutex<HashMap<String, u64>>,
+    /// How often each prompt received a good 200 answer.
+    pub answered_per_prompt: Mutex<HashMap<String, u64>>,
+}
+
+pub struct MockServer {
+    pub addr: SocketAddr,
+    pub log: Arc<MockLog>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MockServer {
+    /// Binds `addr` (use port 0 for a free one) and serves in the background.
+    pub async fn start(addr: SocketAddr, faults: Faults) -> std::io::Result<MockServer> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let log = Arc::new(MockLog::default());
+        let state = Arc::new(State { faults, log: log.clone() });
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let _ = stream.set_nodelay(true);
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| handle(state.clone(), req));
+                    // A service error (the "drop" fault) makes hyper close the connection unanswered.
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(MockServer { addr, log, task })
+    }
+
+    /// The base URL to pass as `--base-url`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+}
+
+impl Drop for MockServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct State {
+    faults: Faults,
+    log: Arc<MockLog>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("connection dropped on purpose")]
+struct Dropped;
+
+type Body = Full<Bytes>;
+
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, Dropped> {
+    let path = req.uri().path().to_string();
+    if req.method() == hyper::Method::GET && path.ends_with("/models") {
+        return Ok(json(StatusCode::OK, &serde_json::json!({"object": "list", "data": [{"id": "mock", "object": "model"}]})));
+    }
+    if !path.ends_with("/chat/completions") {
+        return Ok(json(StatusCode::NOT_FOUND, &error_body("no such route")));
+    }
+    let f = &state.faults;
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return Err(Dropped),
+    };
+    state.log.requests.fetch_add(1, Ordering::Relaxed);
+    let request: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return Ok(json(StatusCode::BAD_REQUEST, &error_body(&format!("body is not JSON: {e}")))),
+    };
+    let Some(prompt) = request["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .and_then(|m| m["content"].as_str())
+        .map(str::to_string)
+    else {
+        return Ok(json(StatusCode::BAD_REQUEST, &error_body("messages[-1].content missing")));
+    };
+    let model = request["model"].as_str().unwrap_or("mock").to_string();
+    if model == MISSING_MODEL {
+        return Ok(json(StatusCode::NOT_FOUND, &error_body(&format!("The model `{model}` does not exist"))));
+    }
+    let max_tokens = request["max_completion_tokens"]
+        .as_u64()
+        .or(request["max_tokens"].as_u64())
+        .unwrap_or(u64::MAX);
+    let seen = {
+        let mut per = state.log.per_prompt.lock().unwrap_or_else(|e| e.into_inner());
+        let n = per.entry(prompt.clone()).or_insert(0);
+        *n += 1;
+        *n
+    };
+    if f.unauthorized {
+        return Ok(json(StatusCode::UNAUTHORIZED, &error_body("Incorrect API key provided")));
+    }
+    if f.latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(f.latency_ms)).await;
+    }
+    // One uniform draw per (prompt, n) walks the cumulative fault rates.
+    let mut u = unit(&prompt, seen, 0);
+    let mut hit = |rate: f64| {
+        let h = u < rate;
+        u -= rate;
+        h
+    };
+    if hit(f.rate_429) {
+        return Ok(with_retry_after(json(StatusCode::TOO_MANY_REQUESTS, &error_body("Rate limit reached")), f.retry_after_secs));
+    }
+    if hit(f.rate_500) {
+        return Ok(json(StatusCode::INTERNAL_SERVER_ERROR, &error_body("internal error")));
+    }
+    if hit(f.rate_503) {
+        return Ok(with_retry_after(json(StatusCode::SERVICE_UNAVAILABLE, &error_body("overloaded")), f.retry_after_secs));
+    }
+    if hit(f.rate_drop) {
+        return Err(Dropped);
+    }
+    if hit(f.rate_malformed) {
+        return Ok(Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(b"{\"id\": \"x\", \"choices\": [")))
+            .expect("static response is valid"));
+    }
+    if hit(f.rate_slow) {
+        tokio::time::sleep(Duration::from_secs_f64(f.slow_secs)).await;
+    }
+    let (mut text, mut finish) = if hit(f.rate_refuse) {
+        ("I'm sorry, but I can't help with that request.".to_string(), "stop")
+    } else if hit(f.rate_duplicate) {
+        (DUPLICATE_ANSWER.to_string(), "stop")
+    } else {
+        (answer_for(&prompt), "stop")
+    };
+    let mut completion_tokens = text.split_whitespace().count() as u64;
+    if hit(f.rate_length) || completion_tokens > max_tokens {
+        let keep = (completion_tokens / 2).min(max_tokens) as usize;
+        text = text.split_whitespace().take(keep).collect::<Vec<_>>().join(" ");
+        completion_tokens = keep as u64;
+        finish = "length";
+    }
+    state.log.answered.fetch_add(1, Ordering::Relaxed);
+    *state
+        .log
+        .answered_per_prompt
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(prompt.clone())
+        .or_insert(0) += 1;
+    let prompt_tokens = prompt.split_whitespace().count() as u64;
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "id": format!("chatcmpl-{:016x}", hash64(&prompt, seen, 1)),
+            "object": "chat.completion",
+            "created": 1_700_000_000u32,
+            "model": model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish,
+            }],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }),
+    ))
+}
+
+/// A model name the mock answers 404 for, as OpenAI does for unknown models.
+pub const MISSING_MODEL: &str = "missing-model";
+
+const DUPLICATE_ANSWER: &str = "Once upon a time there was a little cat. The cat sat in the warm sun all day. \"I like the sun,\" said the cat. A bird came to play with the cat. They ran and jumped in the green grass. Then they took a long nap together under a big tree. The end.";
+
+const OPENINGS: &[&str] = &["Once upon a time,", "One sunny day,", "Long ago,", "There was once", "Every morning,"];
+const FILLER: &[&str] = &[
+    "the dog ran to the park", "a little bird sang a song", "mom made a big cake",
+    "the sun was warm and bright", "they played with a red ball", "the boy found a shiny stone",
+    "the girl had a soft toy", "a friendly frog jumped high", "the tree was tall and green",
+    "they shared the food", "the cat took a long nap", "a small boat went on the lake",
+];
+
+/// A deterministic answer that uses every double-quoted word of the prompt.
+fn answer_for(prompt: &str) -> String {
+    let quoted: Vec<&str> = prompt
+        .split(['"', '“', '”'])
+        .skip(1)
+        .step_by(2)
+        .filter(|w| !w.is_empty() && w.len() < 40)
+        .collect();
+    let h = hash64(prompt, 0, 2);
+    let mut parts = vec![OPENINGS[(h % OPENINGS.len() as u64) as usize].to_string()];
+    if !quoted.is_empty() {
+        parts.push(format!("there was a story about {}.", quoted.join(" and ")));
+    }
+    parts.push("\"Look at this!\" said Tom.".into());
+    for i in 0..6u64 {
+        let f = FILLER[((h >> (i * 5)) % FILLER.len() as u64) as usize];
+        parts.push(format!("Then {f}."));
+    }
+    parts.push(format!("It was day {} and everyone was happy.", h % 100_000));
+    parts.join(" ")
+}
+
+fn hash64(prompt: &str, n: u64, salt: u8) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(&[salt]);
+    h.update(&n.to_le_bytes());
+    h.update(prompt.as_bytes());
+    let bytes = h.finalize();
+    u64::from_le_bytes(bytes.as_bytes()[..8].try_into().expect("blake3 gives 32 bytes"))
+}
+
+fn unit(prompt: &str, n: u64, salt: u8) -> f64 {
+    (hash64(prompt, n, salt) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+fn error_body(message: &str) -> serde_json::Value {
+    serde_json::json!({"error": {"message": message, "type": "mock_error"}})
+}
+
+fn json(status: StatusCode, value: &impl Serialize) -> Response<Body> {
+    let body = serde_json::to_vec(value).expect("json value always serializes");
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
+}
+
+/// Adds `Retry-After`: delta-seconds when `secs >= 0`, else an HTTP date `|secs|` from now.
+fn with_retry_after(mut response: Response<Body>, secs: f64) -> Response<Body> {
+    let value = if secs >= 0.0 {
+        format!("{secs}")
+    } else {
+        httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs_f64(-secs))
+    };
+    response
+        .headers_mut()
+        .insert("retry-after", value.parse().expect("a number or date is a valid header"));
+    response
+}

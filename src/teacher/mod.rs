@@ -1,0 +1,129 @@
+//! The teacher: an LLM that writes the synthetic data.
+//!
+//! One trait, [`Teacher`], with an OpenAI-compatible HTTP backend ([`openai::OpenAiTeacher`]) that
+//! works against OpenAI, vLLM, llama.cpp server and Ollama. Retries, the shared slow-down of the
+//! worker pool and token accounting live here so every corpus gets them for free; the generation
+//! engine (`crate::generate`) only sees a finished answer or a typed failure.
+
+pub mod mock;
+pub mod openai;
+pub mod pricing;
+pub mod retry;
+
+use std::future::Future;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Sampling parameters sent with every request; stored with each record and part of its id.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Sampling {
+    pub temperature: f32,
+    pub top_p: f32,
+    pub max_tokens: u32,
+}
+
+/// Why the model stopped, as reported by the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    Stop,
+    /// Cut off by `max_tokens`: the text is incomplete.
+    Length,
+    ContentFilter,
+    Other,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::ContentFilter => "content_filter",
+            FinishReason::Other => "other",
+        }
+    }
+}
+
+/// Token counts reported by the server's `usage` block.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+/// One finished answer.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub usage: Usage,
+    /// Requests sent for this answer, retries included (1 = first try succeeded).
+    pub attempts: u32,
+}
+
+/// A request that did not produce an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum TeacherError {
+    /// 401/403: nothing will work until the key is fixed, so the run stops at once.
+    #[error("the server at {url} refused the credentials (HTTP {status}): check the key in the environment variable `{key_var}`{hint}")]
+    Auth {
+        url: String,
+        status: u16,
+        key_var: String,
+        hint: &'static str,
+    },
+    /// 400/404/422…: the request itself is wrong (model name, parameters); retrying cannot help.
+    #[error("the server at {url} rejected the request (HTTP {status}): {body}")]
+    Rejected {
+        url: String,
+        status: u16,
+        body: String,
+    },
+    /// Retryable failures (429, 5xx, timeouts, dropped connections, malformed bodies) that kept failing.
+    #[error("gave up after {attempts} attempts: {last}")]
+    Exhausted { attempts: u32, last: String },
+}
+
+impl TeacherError {
+    /// Errors after which no other request can succeed either: stop the whole run.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, TeacherError::Auth { .. })
+    }
+}
+
+/// An LLM that answers a chat prompt. Implementations handle their own retries.
+pub trait Teacher: Send + Sync + 'static {
+    /// The model name recorded with each record and used in its id.
+    fn model(&self) -> &str;
+    fn sampling(&self) -> Sampling;
+    /// Sends one user prompt and waits for the complete answer.
+    fn chat(&self, prompt: &str) -> impl Future<Output = Result<Answer, TeacherError>> + Send;
+    /// Counters of what the backend did (requests, retries, throttling) for progress and stats.
+    fn counters(&self) -> &retry::RequestCounters;
+}
+
+/// Settings shared by every HTTP teacher; filled from the common CLI flags.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// Base URL of the OpenAI-compatible API, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    pub model: String,
+    /// Name of the environment variable that holds the key (the key itself is never stored here).
+    pub api_key_env: String,
+    pub sampling: Sampling,
+    pub timeout: Duration,
+    pub concurrency: usize,
+    pub retry: retry::RetryPolicy,
+    pub max_tokens_field: MaxTokensField,
+}
+
+/// Which request field carries the output limit: OpenAI's current API wants `max_completion_tokens`,
+/// older servers (and some local ones) only read `max_tokens`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MaxTokensField {
+    /// `max_completion_tokens` for api.openai.com, `max_tokens` elsewhere.
+    Auto,
+    MaxTokens,
+    MaxCompletionTokens,
+}
