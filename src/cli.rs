@@ -222,7 +222,7 @@ async fn run_corpus<C: Corpus>(corpus: Arc<C>, t: &TeacherArgs, o: &OutputArgs, 
     }
     let sampling = Sampling { temperature: t.temperature, top_p: t.top_p, max_tokens: t.max_tokens.unwrap_or(default_max_tokens) };
     let price = resolve_price(t)?;
-    let opts = GenerateOptions { out, n: o.n, seed: o.seed, max_attempts: o.max_attempts, shard_size: o.shard_size, concurrency: t.concurrency.max(1) * 2 };
+    let opts = GenerateOptions { out, n: o.n, seed: o.seed, max_attempts: o.max_attempts, shard_size: o.shard_size, concurrency: t.concurrency.max(1) };
     if t.dry_run {
         let plan = engine::dry_run(corpus, &t.model, sampling, price, &opts)?;
         print_dry_run(&plan, &t.model);

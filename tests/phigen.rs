@@ -31,9 +31,10 @@ async fn mock(faults: Faults) -> MockServer {
 /// `phigen stories` against `server`, with test-friendly defaults; `extra` may override them.
 fn stories_cmd(server: &MockServer, out: &Path, n: u64, extra: &[&str]) -> Command {
     let mut c = Command::new(BIN);
-    c.args(["--quiet", "stories", "--model", "mock", "--base-url", &server.base_url()])
+    c.args(["--quiet", "stories", "--base-url", &server.base_url()])
         .args(["--out", out.to_str().unwrap(), "--n", &n.to_string()])
         .args(extra)
+        .args(if extra.contains(&"--model") { &[][..] } else { &["--model", "mock"][..] })
         .env_remove("OPENAI_API_KEY")
         .env_remove("OPENAI_BASE_URL")
         .env_remove("PHIGEN_MODEL");
@@ -129,7 +130,8 @@ async fn n_good_records_despite_every_kind_of_fault() {
     assert!(reasons.contains("truncated") && reasons.contains("refused"), "{reasons:?}");
     // TinyStories verification is summarised: the mock quotes the three words except in its one
     // fixed "duplicate" answer, which is kept once.
-    assert_eq!(s["corpus"]["words_used_share"], 59.0 / 60.0);
+    let share = s["corpus"]["words_used_share"].as_f64().unwrap();
+    assert!((share - 59.0 / 60.0).abs() < 1e-12, "{share}");
     assert!(s["corpus"]["top_openings"].as_array().unwrap().len() <= 10);
 }
 
@@ -191,7 +193,8 @@ async fn max_cost_stops_cleanly_without_exceeding_it_and_a_higher_limit_continue
     let s = stats(&out);
     assert_eq!(s["stopped"], "budget");
     let spent = s["run"]["cost_usd"].as_f64().unwrap();
-    assert!(spent <= 1.0 && spent > 0.4, "spent ${spent}");
+    // It stops only when even with nothing in flight the next worst case (~$0.27) would not fit.
+    assert!(spent <= 1.0 && spent > 0.6, "spent ${spent}");
     let kept = s["records"].as_u64().unwrap();
     assert!(kept > 0 && kept < 50);
     let o = run(stories_cmd(&server, &out, 50, &[&price[..], &["--max-cost", "100"]].concat())).await;

@@ -26,7 +26,7 @@ use super::{common_checks, normalized_text_hash, Corpus, Drop, DropReason};
 use crate::artifact::atomic;
 use crate::artifact::shards::{self, Layout, ShardError, ShardWriter};
 use crate::artifact::table::{self, Kind, Schema};
-use crate::teacher::pricing::{Ledger, Price};
+use crate::teacher::pricing::{Ledger, Price, Reservation};
 use crate::teacher::retry::RequestCountsSnapshot;
 use crate::teacher::{Answer, Sampling, Teacher, TeacherError};
 
@@ -489,7 +489,7 @@ impl<C: Corpus, T: Teacher> Worker<C, T> {
             }
             let job = self.plan.job(slot, attempt)?;
             let estimate = if self.count_prompt_tokens { prompt_tokens(&self.plan.model, &job.prompt) } else { 0 };
-            let Some(reservation) = self.ledger.reserve(estimate, self.plan.sampling.max_tokens as u64) else {
+            let Some(reservation) = self.reserve(estimate).await else {
                 self.state.stop(StopReason::Budget);
                 return Ok(());
             };
@@ -519,6 +519,20 @@ impl<C: Corpus, T: Teacher> Worker<C, T> {
         }
         self.state.exhausted.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Reserves the worst case of one request. While other requests are in flight their real cost
+    /// may free room, so this waits for them; it gives up only when nothing else is reserved.
+    async fn reserve(&self, prompt_tokens: u64) -> Option<Reservation> {
+        loop {
+            if let Some(r) = self.ledger.reserve(prompt_tokens, self.plan.sampling.max_tokens as u64) {
+                return Some(r);
+            }
+            if self.ledger.snapshot().in_flight == 0 || self.state.stopped().is_some() {
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 
     fn check(&self, job: &Job<C>, answer: &Answer) -> Result<Map<String, Value>, Drop> {

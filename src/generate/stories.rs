@@ -335,12 +335,12 @@ mod tests {
     fn checks_find_inflected_words_dialogue_and_unknown_words() {
         let s = stories();
         let c = StoryConstraints { verb: "decorate".into(), noun: "tree".into(), adjective: "happy".into(), features: vec!["dialogue".into()] };
-        let text = "Once upon a time, Lily decorated a big tree. \"It is pretty!\" she said. She was happier than ever. Zyxwv.";
+        let text = "Once upon a time, Tim decorated a big tree. \"It is pretty!\" she said. She was happier than ever. Zyxwv.";
         let k = s.check(&c, text).unwrap();
         assert!(k.words_used && k.missing_words.is_empty());
         assert!(k.dialogue_requested && k.has_dialogue);
         assert_eq!(k.opening, "once upon a");
-        // "lily" (a name) and "zyxwv" are outside the vocabulary; 20 tokens in all.
+        // "tim" (a name) and "zyxwv" are outside the vocabulary; 20 tokens in all.
         assert_eq!(words::tokens(text).count(), 20);
         assert!((k.oov_share - 2.0 / 20.0).abs() < 1e-9, "{}", k.oov_share);
         let strict = Stories::new(s.template.clone(), s.vocab.clone(), 3, true);

@@ -175,9 +175,13 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
     // One uniform draw per (prompt, n) walks the cumulative fault rates.
     let mut u = unit(&prompt, seen, 0);
     let mut hit = |rate: f64| {
-        let h = u < rate;
-        u -= rate;
-        h
+        if u < rate {
+            u = f64::INFINITY; // at most one fault per request
+            true
+        } else {
+            u -= rate;
+            false
+        }
     };
     if hit(f.rate_429) {
         return Ok(with_retry_after(json(StatusCode::TOO_MANY_REQUESTS, &error_body("Rate limit reached")), f.retry_after_secs));

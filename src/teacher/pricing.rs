@@ -69,6 +69,8 @@ pub struct LedgerState {
     pub spent: f64,
     /// USD reserved by requests in flight.
     pub reserved: f64,
+    /// Requests holding a reservation.
+    pub in_flight: u64,
 }
 
 /// Budget set aside for one request in flight.
@@ -106,6 +108,7 @@ impl Ledger {
             }
         }
         s.reserved += amount;
+        s.in_flight += 1;
         Some(Reservation { amount })
     }
 
@@ -113,6 +116,7 @@ impl Ledger {
     pub fn settle(&self, reservation: Reservation, prompt_tokens: u64, completion_tokens: u64) {
         let mut s = self.lock();
         s.reserved = (s.reserved - reservation.amount).max(0.0);
+        s.in_flight -= 1;
         s.prompt_tokens += prompt_tokens;
         s.completion_tokens += completion_tokens;
         if let Some(p) = self.price {
@@ -152,8 +156,9 @@ mod tests {
         let b = ledger.reserve(100_000, 100_000).unwrap();
         assert!(ledger.reserve(100_000, 100_000).is_none(), "0.6 > 0.5");
         ledger.settle(a, 100_000, 10_000); // really cost 0.11
-        let c = ledger.reserve(100_000, 100_000).unwrap(); // 0.11 + 0.2 + 0.2 ≤ 0.5
+        assert!(ledger.reserve(100_000, 100_000).is_none(), "0.11 + 0.2 in flight + 0.2 > 0.5");
         ledger.release(b);
+        let c = ledger.reserve(100_000, 100_000).unwrap(); // 0.11 + 0.2 ≤ 0.5
         ledger.release(c);
         let s = ledger.snapshot();
         assert!((s.spent - 0.11).abs() < 1e-12 && s.reserved.abs() < 1e-12);
