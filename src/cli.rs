@@ -12,7 +12,9 @@ use anyhow::{bail, Context};
 use clap::{ArgAction, Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::generate::engine::{self, DryRun, GenerateError, GenerateOptions, RunState, Stats, StopReason};
+use crate::generate::engine::{
+    self, DryRun, GenerateError, GenerateOptions, RunState, Stats, StopReason,
+};
 use crate::generate::prompt::Template;
 use crate::generate::stories::{self, Stories, Vocabulary};
 use crate::generate::Corpus;
@@ -23,7 +25,11 @@ use crate::teacher::retry::RetryPolicy;
 use crate::teacher::{HttpSettings, MaxTokensField, Sampling, Teacher, TeacherError};
 
 #[derive(Debug, Parser)]
-#[command(name = "phigen", version, about = "Reproduce the Phi / TinyStories recipe: synthetic textbook-quality data from teacher LLMs, filtering, dedup, training and evaluation of phi-family models.")]
+#[command(
+    name = "phigen",
+    version,
+    about = "Reproduce the Phi / TinyStories recipe: synthetic textbook-quality data from teacher LLMs, filtering, dedup, training and evaluation of phi-family models."
+)]
 pub struct Cli {
     /// More log output: -v for debug, -vv for trace (default: info). RUST_LOG overrides.
     #[arg(short, long, action = ArgAction::Count, global = true)]
@@ -47,7 +53,11 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct TeacherArgs {
     /// Base URL of an OpenAI-compatible API: OpenAI, vLLM (http://HOST:8000/v1), llama.cpp server (http://HOST:8080/v1), Ollama (http://localhost:11434/v1).
-    #[arg(long, env = "OPENAI_BASE_URL", default_value = "https://api.openai.com/v1")]
+    #[arg(
+        long,
+        env = "OPENAI_BASE_URL",
+        default_value = "https://api.openai.com/v1"
+    )]
     pub base_url: String,
     /// Model name as the server knows it.
     #[arg(long, env = "PHIGEN_MODEL", default_value = "gpt-4o-mini")]
@@ -161,8 +171,13 @@ impl Outcome {
 /// 3: the teacher refused the credentials; 1: any other error. (2 is clap's usage error.)
 pub fn error_exit_code(e: &anyhow::Error) -> ExitCode {
     let auth = e.chain().any(|c| {
-        matches!(c.downcast_ref::<GenerateError>(), Some(GenerateError::Teacher(TeacherError::Auth { .. })))
-            || matches!(c.downcast_ref::<TeacherError>(), Some(TeacherError::Auth { .. }))
+        matches!(
+            c.downcast_ref::<GenerateError>(),
+            Some(GenerateError::Teacher(TeacherError::Auth { .. }))
+        ) || matches!(
+            c.downcast_ref::<TeacherError>(),
+            Some(TeacherError::Auth { .. })
+        )
     });
     ExitCode::from(if auth { 3 } else { 1 })
 }
@@ -176,7 +191,11 @@ pub fn init_logging(cli: &Cli) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("phigen={level},warn")));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
@@ -184,17 +203,35 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Stories(args) => {
             let template = match &args.prompt {
                 Some(p) => Template::load(p)?,
-                None => Template::parse("<built-in prompts/tinystories.txt>", stories::BUILTIN_TEMPLATE)?,
+                None => Template::parse(
+                    "<built-in prompts/tinystories.txt>",
+                    stories::BUILTIN_TEMPLATE,
+                )?,
             };
             let vocab = Vocabulary::load(args.words.as_deref())?;
-            let corpus = Arc::new(Stories::new(template, vocab, args.max_features, args.strict_words));
-            run_corpus(corpus, &args.teacher, &args.output, args.out.clone(), 1024, cli.quiet).await
+            let corpus = Arc::new(Stories::new(
+                template,
+                vocab,
+                args.max_features,
+                args.strict_words,
+            ));
+            run_corpus(
+                corpus,
+                &args.teacher,
+                &args.output,
+                args.out.clone(),
+                1024,
+                cli.quiet,
+            )
+            .await
         }
         Command::MockServer(args) => {
             if !args.addr.ip().is_loopback() {
                 bail!("--addr {} is not a loopback address: the mock server only listens on 127.0.0.0/8 or [::1]", args.addr);
             }
-            let server = MockServer::start(args.addr, args.faults).await.with_context(|| format!("could not listen on {}", args.addr))?;
+            let server = MockServer::start(args.addr, args.faults)
+                .await
+                .with_context(|| format!("could not listen on {}", args.addr))?;
             println!("listening on {}", server.base_url());
             tokio::signal::ctrl_c().await?;
             Ok(Outcome::Complete)
@@ -204,7 +241,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
 
 fn resolve_price(t: &TeacherArgs) -> anyhow::Result<Option<Price>> {
     let price = match (t.price_input, t.price_output) {
-        (Some(input_per_m), Some(output_per_m)) => Some(Price { input_per_m, output_per_m }),
+        (Some(input_per_m), Some(output_per_m)) => Some(Price {
+            input_per_m,
+            output_per_m,
+        }),
         _ => default_price(&t.model),
     };
     if t.max_cost.is_some() && price.is_none() {
@@ -213,16 +253,34 @@ fn resolve_price(t: &TeacherArgs) -> anyhow::Result<Option<Price>> {
     Ok(price)
 }
 
-async fn run_corpus<C: Corpus>(corpus: Arc<C>, t: &TeacherArgs, o: &OutputArgs, out: PathBuf, default_max_tokens: u32, quiet: bool) -> anyhow::Result<Outcome> {
+async fn run_corpus<C: Corpus>(
+    corpus: Arc<C>,
+    t: &TeacherArgs,
+    o: &OutputArgs,
+    out: PathBuf,
+    default_max_tokens: u32,
+    quiet: bool,
+) -> anyhow::Result<Outcome> {
     if o.n == 0 {
         bail!("--n 0: nothing to generate; pass the number of records wanted");
     }
     if o.max_attempts == 0 {
         bail!("--max-attempts must be at least 1");
     }
-    let sampling = Sampling { temperature: t.temperature, top_p: t.top_p, max_tokens: t.max_tokens.unwrap_or(default_max_tokens) };
+    let sampling = Sampling {
+        temperature: t.temperature,
+        top_p: t.top_p,
+        max_tokens: t.max_tokens.unwrap_or(default_max_tokens),
+    };
     let price = resolve_price(t)?;
-    let opts = GenerateOptions { out, n: o.n, seed: o.seed, max_attempts: o.max_attempts, shard_size: o.shard_size, concurrency: t.concurrency.max(1) };
+    let opts = GenerateOptions {
+        out,
+        n: o.n,
+        seed: o.seed,
+        max_attempts: o.max_attempts,
+        shard_size: o.shard_size,
+        concurrency: t.concurrency.max(1),
+    };
     if t.dry_run {
         let plan = engine::dry_run(corpus, &t.model, sampling, price, &opts)?;
         print_dry_run(&plan, &t.model);
@@ -235,15 +293,30 @@ async fn run_corpus<C: Corpus>(corpus: Arc<C>, t: &TeacherArgs, o: &OutputArgs, 
         sampling,
         timeout: Duration::from_secs_f64(t.timeout.max(0.001)),
         concurrency: t.concurrency.max(1),
-        retry: RetryPolicy { max_attempts: t.retries + 1, ..RetryPolicy::default() },
+        retry: RetryPolicy {
+            max_attempts: t.retries + 1,
+            ..RetryPolicy::default()
+        },
         max_tokens_field: t.max_tokens_field,
     })?);
     let ledger = Arc::new(Ledger::new(price, t.max_cost));
     let state = Arc::new(RunState::default());
     let bar = progress_bar(quiet);
-    let ticker = tokio::spawn(tick(bar.clone(), state.clone(), teacher.clone(), ledger.clone()));
+    let ticker = tokio::spawn(tick(
+        bar.clone(),
+        state.clone(),
+        teacher.clone(),
+        ledger.clone(),
+    ));
     let interrupt = tokio::spawn(watch_interrupt(state.clone()));
-    let result = engine::generate(corpus, teacher.clone(), ledger.clone(), state.clone(), &opts).await;
+    let result = engine::generate(
+        corpus,
+        teacher.clone(),
+        ledger.clone(),
+        state.clone(),
+        &opts,
+    )
+    .await;
     ticker.abort();
     interrupt.abort();
     bar.finish_and_clear();
@@ -259,21 +332,39 @@ async fn run_corpus<C: Corpus>(corpus: Arc<C>, t: &TeacherArgs, o: &OutputArgs, 
 }
 
 fn progress_bar(quiet: bool) -> ProgressBar {
-    let bar = ProgressBar::with_draw_target(Some(0), if quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() });
+    let bar = ProgressBar::with_draw_target(
+        Some(0),
+        if quiet {
+            ProgressDrawTarget::hidden()
+        } else {
+            ProgressDrawTarget::stderr()
+        },
+    );
     bar.set_style(
-        ProgressStyle::with_template("{spinner} {pos}/{len} [{elapsed_precise} < {eta_precise}] {per_sec} {msg}")
-            .expect("the template is valid"),
+        ProgressStyle::with_template(
+            "{spinner} {pos}/{len} [{elapsed_precise} < {eta_precise}] {per_sec} {msg}",
+        )
+        .expect("the template is valid"),
     );
     bar
 }
 
-async fn tick<T: Teacher>(bar: ProgressBar, state: Arc<RunState>, teacher: Arc<T>, ledger: Arc<Ledger>) {
+async fn tick<T: Teacher>(
+    bar: ProgressBar,
+    state: Arc<RunState>,
+    teacher: Arc<T>,
+    ledger: Arc<Ledger>,
+) {
     loop {
         let r = teacher.counters().snapshot();
         let spend = ledger.snapshot();
         bar.set_length(state.total.load(Ordering::Relaxed));
-        bar.set_position(state.done_before.load(Ordering::Relaxed) + state.written.load(Ordering::Relaxed));
-        let cost = ledger.price().map_or(String::new(), |_| format!(" · ${:.4}", spend.spent));
+        bar.set_position(
+            state.done_before.load(Ordering::Relaxed) + state.written.load(Ordering::Relaxed),
+        );
+        let cost = ledger
+            .price()
+            .map_or(String::new(), |_| format!(" · ${:.4}", spend.spent));
         bar.set_message(format!(
             "retries {} · failed {} · dropped {} · tokens {}/{}{cost}",
             r.retries,
@@ -297,14 +388,25 @@ async fn watch_interrupt(state: Arc<RunState>) {
 }
 
 fn print_dry_run(d: &DryRun, model: &str) {
-    let usd = |v: Option<f64>| v.map_or("unknown (pass --price-input/--price-output)".to_string(), |c| format!("${c:.4}"));
+    let usd = |v: Option<f64>| {
+        v.map_or(
+            "unknown (pass --price-input/--price-output)".to_string(),
+            |c| format!("${c:.4}"),
+        )
+    };
     println!("dry run: nothing was sent");
     println!("  records requested        {}", d.requested);
     println!("  already done             {}", d.already_done);
     println!("  given up (max attempts)  {}", d.given_up);
     println!("  prompts to send          {}", d.prompts);
-    println!("  prompt tokens            {} (tiktoken encoding of {model})", d.prompt_tokens);
-    println!("  completion tokens        ~{} expected, {} at most", d.expected_completion_tokens, d.max_completion_tokens);
+    println!(
+        "  prompt tokens            {} (tiktoken encoding of {model})",
+        d.prompt_tokens
+    );
+    println!(
+        "  completion tokens        ~{} expected, {} at most",
+        d.expected_completion_tokens, d.max_completion_tokens
+    );
     println!("  cost                     ~{} expected, {} at most (first attempts only; dropped answers cost more)", usd(d.expected_cost_usd), usd(d.max_cost_usd));
 }
 
@@ -312,7 +414,13 @@ fn print_summary(s: &Stats, opts: &GenerateOptions) {
     let r = &s.run;
     println!(
         "{}: {} new records in {} ({} in all of {} requested) in {:.1}s, {:.0} requests/s",
-        s.kind, r.written, opts.out.display(), s.records, s.requested, r.wall_seconds, r.requests_per_second
+        s.kind,
+        r.written,
+        opts.out.display(),
+        s.records,
+        s.requested,
+        r.wall_seconds,
+        r.requests_per_second
     );
     if !r.dropped.is_empty() {
         let d: Vec<String> = r.dropped.iter().map(|(k, v)| format!("{k} {v}")).collect();
@@ -322,13 +430,18 @@ fn print_summary(s: &Stats, opts: &GenerateOptions) {
         "  requests {} (retries {}, 429 {}, 5xx {}, timeouts {}, connection errors {}, malformed {}); failed after retries {}",
         r.requests.sent, r.requests.retries, r.requests.throttled, r.requests.server_errors, r.requests.timeouts, r.requests.connection_errors, r.requests.malformed, r.failed_requests
     );
-    let cost = r.cost_usd.map_or("cost unknown".into(), |c| format!("${c:.4}"));
-    println!("  tokens {} in / {} out, {cost}", r.prompt_tokens, r.completion_tokens);
+    let cost = r
+        .cost_usd
+        .map_or("cost unknown".into(), |c| format!("${c:.4}"));
+    println!(
+        "  tokens {} in / {} out, {cost}",
+        r.prompt_tokens, r.completion_tokens
+    );
     match s.stopped {
         Some(StopReason::Budget) => println!("  stopped: the next request could exceed --max-cost; re-run with a higher limit to continue"),
         Some(StopReason::Interrupted) => println!("  interrupted: re-run the same command to continue"),
         Some(StopReason::Fatal) => println!("  stopped by an error"),
-        None if !s.complete => println!("  incomplete: {} requests failed after retries, {} records given up; re-run to retry them", r.failed_requests, r.given_up_slots),
+        None if !s.complete => println!("  incomplete: {} requests failed after retries (re-run to send them again), {} records gave up after --max-attempts drops (raise it to try them again)", r.failed_requests, r.given_up_slots),
         None => {}
     }
     println!("  stats: {}", opts.out.join("stats.json").display());

@@ -34,7 +34,11 @@ fn stories_cmd(server: &MockServer, out: &Path, n: u64, extra: &[&str]) -> Comma
     c.args(["--quiet", "stories", "--base-url", &server.base_url()])
         .args(["--out", out.to_str().unwrap(), "--n", &n.to_string()])
         .args(extra)
-        .args(if extra.contains(&"--model") { &[][..] } else { &["--model", "mock"][..] })
+        .args(if extra.contains(&"--model") {
+            &[][..]
+        } else {
+            &["--model", "mock"][..]
+        })
         .env_remove("OPENAI_API_KEY")
         .env_remove("OPENAI_BASE_URL")
         .env_remove("PHIGEN_MODEL");
@@ -42,7 +46,9 @@ fn stories_cmd(server: &MockServer, out: &Path, n: u64, extra: &[&str]) -> Comma
 }
 
 async fn run(mut cmd: Command) -> Output {
-    tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap()
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
 }
 
 fn stderr(o: &Output) -> String {
@@ -52,7 +58,17 @@ fn stderr(o: &Output) -> String {
 /// (id, slot, prompt) of every record in the Parquet shards of `out`.
 fn shard_records(out: &Path) -> Vec<(String, i64, String)> {
     let mut rows = Vec::new();
-    let mut parts: Vec<_> = std::fs::read_dir(out).unwrap().map(|e| e.unwrap().path()).filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with("part-")).collect();
+    let mut parts: Vec<_> = std::fs::read_dir(out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("part-")
+        })
+        .collect();
     parts.sort();
     for p in parts {
         let df = table::read_columns(&p, &["id", "slot", "prompt"]).unwrap();
@@ -60,7 +76,11 @@ fn shard_records(out: &Path) -> Vec<(String, i64, String)> {
         let slots = table::int_column(&df, &p, "slot").unwrap();
         let prompts = table::text_column(&df, &p, "prompt").unwrap();
         for i in 0..df.height() {
-            rows.push((ids[i].clone().unwrap(), slots[i].unwrap(), prompts[i].clone().unwrap()));
+            rows.push((
+                ids[i].clone().unwrap(),
+                slots[i].unwrap(),
+                prompts[i].clone().unwrap(),
+            ));
         }
     }
     rows
@@ -89,7 +109,11 @@ fn assert_exactly_slots(out: &Path, n: i64) {
     let mut slots: Vec<i64> = records.iter().map(|r| r.1).collect();
     slots.sort();
     assert_eq!(ids.len(), records.len(), "ids must be unique");
-    assert_eq!(slots, (0..n).collect::<Vec<_>>(), "exactly one record per slot 0..{n}");
+    assert_eq!(
+        slots,
+        (0..n).collect::<Vec<_>>(),
+        "exactly one record per slot 0..{n}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -111,23 +135,57 @@ async fn n_good_records_despite_every_kind_of_fault() {
     .await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("stories");
-    let o = run(stories_cmd(&server, &out, 60, &["--concurrency", "8", "--shard-size", "16", "--timeout", "0.5", "--max-attempts", "8"])).await;
+    let o = run(stories_cmd(
+        &server,
+        &out,
+        60,
+        &[
+            "--concurrency",
+            "8",
+            "--shard-size",
+            "16",
+            "--timeout",
+            "0.5",
+            "--max-attempts",
+            "8",
+        ],
+    ))
+    .await;
     assert!(o.status.success(), "exit {:?}: {}", o.status, stderr(&o));
     assert_exactly_slots(&out, 60);
     let s = stats(&out);
     assert_eq!(s["complete"], true);
     assert_eq!(s["records"], 60);
     let run = &s["run"];
-    for counter in ["throttled", "server_errors", "timeouts", "connection_errors", "malformed"] {
-        assert!(run["requests"][counter].as_u64().unwrap() > 0, "the mock injected {counter}: {run}");
+    for counter in [
+        "throttled",
+        "server_errors",
+        "timeouts",
+        "connection_errors",
+        "malformed",
+    ] {
+        assert!(
+            run["requests"][counter].as_u64().unwrap() > 0,
+            "the mock injected {counter}: {run}"
+        );
     }
     for reason in ["truncated", "refused", "duplicate"] {
-        assert!(run["dropped"][reason].as_u64().unwrap_or(0) > 0, "expected {reason} drops: {run}");
+        assert!(
+            run["dropped"][reason].as_u64().unwrap_or(0) > 0,
+            "expected {reason} drops: {run}"
+        );
     }
     // Every drop is auditable in rejects.parquet with its reason.
     let rejects = table::read_columns(&out.join("rejects.parquet"), &["reason"]).unwrap();
-    let reasons: HashSet<String> = table::text_column(&rejects, &out, "reason").unwrap().into_iter().flatten().collect();
-    assert!(reasons.contains("truncated") && reasons.contains("refused"), "{reasons:?}");
+    let reasons: HashSet<String> = table::text_column(&rejects, &out, "reason")
+        .unwrap()
+        .into_iter()
+        .flatten()
+        .collect();
+    assert!(
+        reasons.contains("truncated") && reasons.contains("refused"),
+        "{reasons:?}"
+    );
     // TinyStories verification is summarised: the mock quotes the three words except in its one
     // fixed "duplicate" answer, which is kept once.
     let share = s["corpus"]["words_used_share"].as_f64().unwrap();
@@ -137,11 +195,19 @@ async fn n_good_records_despite_every_kind_of_fault() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_run_then_rerun_gives_exactly_n_and_resends_nothing_written() {
-    let server = mock(Faults { latency_ms: 15, ..Faults::default() }).await;
+    let server = mock(Faults {
+        latency_ms: 15,
+        ..Faults::default()
+    })
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("stories");
     let args = ["--concurrency", "4", "--shard-size", "7"];
-    let mut child = stories_cmd(&server, &out, 200, &args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = stories_cmd(&server, &out, 200, &args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while server.log.answered.load(Ordering::SeqCst) < 60 {
         assert!(Instant::now() < deadline, "the first run made no progress");
@@ -151,20 +217,41 @@ async fn kill_9_mid_run_then_rerun_gives_exactly_n_and_resends_nothing_written()
     child.wait().unwrap();
     let written_before = durable_prompts(&out);
     let sent_before: HashMap<String, u64> = server.log.per_prompt.lock().unwrap().clone();
-    assert!(written_before.len() >= 40, "only {} records survived the kill", written_before.len());
+    assert!(
+        written_before.len() >= 40,
+        "only {} records survived the kill",
+        written_before.len()
+    );
 
     let o = run(stories_cmd(&server, &out, 200, &args)).await;
     assert!(o.status.success(), "{}", stderr(&o));
     assert_exactly_slots(&out, 200);
     let sent_after = server.log.per_prompt.lock().unwrap().clone();
     for p in &written_before {
-        assert_eq!(sent_after[p], sent_before[p], "a prompt whose record was written was sent again");
+        assert_eq!(
+            sent_after[p], sent_before[p],
+            "a prompt whose record was written was sent again"
+        );
     }
     // Only requests in flight at the kill may have been answered twice.
     let twice = sent_after.values().filter(|&&c| c > 1).count();
-    assert!(twice <= 8, "{twice} prompts were sent twice; at most the in-flight ones may be");
-    assert!(!out.join("records.journal.jsonl").exists() || std::fs::metadata(out.join("records.journal.jsonl")).unwrap().len() == 0);
-    assert!(std::fs::read_dir(&out).unwrap().all(|e| !e.unwrap().file_name().to_str().unwrap().ends_with(".tmp")));
+    assert!(
+        twice <= 8,
+        "{twice} prompts were sent twice; at most the in-flight ones may be"
+    );
+    assert!(
+        !out.join("records.journal.jsonl").exists()
+            || std::fs::metadata(out.join("records.journal.jsonl"))
+                .unwrap()
+                .len()
+                == 0
+    );
+    assert!(std::fs::read_dir(&out).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_str()
+        .unwrap()
+        .ends_with(".tmp")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,11 +259,24 @@ async fn rerun_sends_nothing_and_a_larger_n_sends_only_the_missing() {
     let server = mock(Faults::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("s");
-    assert!(run(stories_cmd(&server, &out, 10, &[])).await.status.success());
+    assert!(run(stories_cmd(&server, &out, 10, &[]))
+        .await
+        .status
+        .success());
     assert_eq!(server.log.requests.load(Ordering::SeqCst), 10);
-    assert!(run(stories_cmd(&server, &out, 10, &[])).await.status.success());
-    assert_eq!(server.log.requests.load(Ordering::SeqCst), 10, "a complete directory needs no request");
-    assert!(run(stories_cmd(&server, &out, 15, &[])).await.status.success());
+    assert!(run(stories_cmd(&server, &out, 10, &[]))
+        .await
+        .status
+        .success());
+    assert_eq!(
+        server.log.requests.load(Ordering::SeqCst),
+        10,
+        "a complete directory needs no request"
+    );
+    assert!(run(stories_cmd(&server, &out, 15, &[]))
+        .await
+        .status
+        .success());
     assert_eq!(server.log.requests.load(Ordering::SeqCst), 15);
     assert_exactly_slots(&out, 15);
 }
@@ -187,9 +287,29 @@ async fn max_cost_stops_cleanly_without_exceeding_it_and_a_higher_limit_continue
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("s");
     // $1000 per 1M tokens: one request (~60 prompt + ≤200 output tokens) costs at most ~$0.27.
-    let price = ["--price-input", "1000", "--price-output", "1000", "--max-tokens", "200", "--concurrency", "2"];
-    let o = run(stories_cmd(&server, &out, 50, &[&price[..], &["--max-cost", "1.0"]].concat())).await;
-    assert_eq!(o.status.code(), Some(4), "an early stop is exit code 4: {}", stderr(&o));
+    let price = [
+        "--price-input",
+        "1000",
+        "--price-output",
+        "1000",
+        "--max-tokens",
+        "200",
+        "--concurrency",
+        "2",
+    ];
+    let o = run(stories_cmd(
+        &server,
+        &out,
+        50,
+        &[&price[..], &["--max-cost", "1.0"]].concat(),
+    ))
+    .await;
+    assert_eq!(
+        o.status.code(),
+        Some(4),
+        "an early stop is exit code 4: {}",
+        stderr(&o)
+    );
     let s = stats(&out);
     assert_eq!(s["stopped"], "budget");
     let spent = s["run"]["cost_usd"].as_f64().unwrap();
@@ -197,25 +317,46 @@ async fn max_cost_stops_cleanly_without_exceeding_it_and_a_higher_limit_continue
     assert!(spent <= 1.0 && spent > 0.6, "spent ${spent}");
     let kept = s["records"].as_u64().unwrap();
     assert!(kept > 0 && kept < 50);
-    let o = run(stories_cmd(&server, &out, 50, &[&price[..], &["--max-cost", "100"]].concat())).await;
+    let o = run(stories_cmd(
+        &server,
+        &out,
+        50,
+        &[&price[..], &["--max-cost", "100"]].concat(),
+    ))
+    .await;
     assert!(o.status.success(), "{}", stderr(&o));
     assert_exactly_slots(&out, 50);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_401_stops_at_once_naming_the_variable_but_never_the_key() {
-    let server = mock(Faults { unauthorized: true, ..Faults::default() }).await;
+    let server = mock(Faults {
+        unauthorized: true,
+        ..Faults::default()
+    })
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("s");
-    let mut cmd = stories_cmd(&server, &out, 100, &["--api-key-env", "PHIGEN_TEST_KEY", "--concurrency", "4"]);
+    let mut cmd = stories_cmd(
+        &server,
+        &out,
+        100,
+        &["--api-key-env", "PHIGEN_TEST_KEY", "--concurrency", "4"],
+    );
     cmd.env("PHIGEN_TEST_KEY", "sk-test-secret-123");
     let o = run(cmd).await;
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     let err = stderr(&o);
-    assert!(err.contains("PHIGEN_TEST_KEY") && err.contains("401"), "{err}");
+    assert!(
+        err.contains("PHIGEN_TEST_KEY") && err.contains("401"),
+        "{err}"
+    );
     assert!(!err.contains("sk-test-secret"), "the key leaked: {err}");
     let sent = server.log.requests.load(Ordering::SeqCst);
-    assert!(sent <= 8, "401 must stop the run at once, yet {sent} requests were sent");
+    assert!(
+        sent <= 8,
+        "401 must stop the run at once, yet {sent} requests were sent"
+    );
     for entry in std::fs::read_dir(&out).unwrap() {
         let bytes = std::fs::read(entry.unwrap().path()).unwrap();
         assert!(!String::from_utf8_lossy(&bytes).contains("sk-test-secret"));
@@ -227,11 +368,20 @@ async fn dry_run_counts_prompts_and_sends_and_writes_nothing() {
     let server = mock(Faults::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("s");
-    let o = run(stories_cmd(&server, &out, 20, &["--dry-run", "--model", "gpt-4o-mini"])).await;
+    let o = run(stories_cmd(
+        &server,
+        &out,
+        20,
+        &["--dry-run", "--model", "gpt-4o-mini"],
+    ))
+    .await;
     assert!(o.status.success(), "{}", stderr(&o));
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("prompts to send          20"), "{stdout}");
-    assert!(stdout.contains('$'), "gpt-4o-mini has a default price: {stdout}");
+    assert!(
+        stdout.contains('$'),
+        "gpt-4o-mini has a default price: {stdout}"
+    );
     assert_eq!(server.log.requests.load(Ordering::SeqCst), 0);
     assert!(!out.exists());
 }
@@ -241,13 +391,22 @@ async fn a_directory_made_with_other_settings_is_refused_and_left_intact() {
     let server = mock(Faults::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("s");
-    assert!(run(stories_cmd(&server, &out, 5, &[])).await.status.success());
+    assert!(run(stories_cmd(&server, &out, 5, &[]))
+        .await
+        .status
+        .success());
     let before = std::fs::read(out.join("part-00000.parquet")).unwrap();
     let o = run(stories_cmd(&server, &out, 5, &["--seed", "9"])).await;
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);
-    assert!(err.contains("manifest.json") && err.contains("seed") && err.contains("--out"), "{err}");
-    assert_eq!(std::fs::read(out.join("part-00000.parquet")).unwrap(), before);
+    assert!(
+        err.contains("manifest.json") && err.contains("seed") && err.contains("--out"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(out.join("part-00000.parquet")).unwrap(),
+        before
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,27 +420,61 @@ async fn bad_word_lists_and_templates_are_clear_errors() {
     }
     std::fs::write(words.join("nouns.txt"), "# nothing here\n").unwrap();
     std::fs::write(words.join("features.txt"), "dialogue | have a dialogue\n").unwrap();
-    let o = run(stories_cmd(&server, &dir.path().join("o"), 5, &["--words", words.to_str().unwrap()])).await;
+    let o = run(stories_cmd(
+        &server,
+        &dir.path().join("o"),
+        5,
+        &["--words", words.to_str().unwrap()],
+    ))
+    .await;
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("nouns.txt") && stderr(&o).contains("empty"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("nouns.txt") && stderr(&o).contains("empty"),
+        "{}",
+        stderr(&o)
+    );
 
     let prompt = dir.path().join("p.txt");
     std::fs::write(&prompt, "id: x\nversion: 1\nvars: verb noun adjective features\n---\n{verb} {noun} {adjective} {features} {colour}\n").unwrap();
-    let o = run(stories_cmd(&server, &dir.path().join("o"), 5, &["--prompt", prompt.to_str().unwrap()])).await;
+    let o = run(stories_cmd(
+        &server,
+        &dir.path().join("o"),
+        5,
+        &["--prompt", prompt.to_str().unwrap()],
+    ))
+    .await;
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("p.txt") && stderr(&o).contains("{colour}"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("p.txt") && stderr(&o).contains("{colour}"),
+        "{}",
+        stderr(&o)
+    );
     assert_eq!(server.log.requests.load(Ordering::SeqCst), 0);
 }
 
-fn teacher(server: &MockServer, model: &str, timeout: Duration, max_attempts: u32) -> OpenAiTeacher {
+fn teacher(
+    server: &MockServer,
+    model: &str,
+    timeout: Duration,
+    max_attempts: u32,
+) -> OpenAiTeacher {
     OpenAiTeacher::new(HttpSettings {
         base_url: server.base_url(),
         model: model.into(),
         api_key_env: "PHIGEN_TEST_UNSET_KEY".into(),
-        sampling: Sampling { temperature: 1.0, top_p: 1.0, max_tokens: 500 },
+        sampling: Sampling {
+            temperature: 1.0,
+            top_p: 1.0,
+            max_tokens: 500,
+        },
         timeout,
         concurrency: 4,
-        retry: RetryPolicy { max_attempts, base_delay: Duration::from_millis(10), max_delay: Duration::from_millis(50), ..RetryPolicy::default() },
+        retry: RetryPolicy {
+            max_attempts,
+            base_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(50),
+            ..RetryPolicy::default()
+        },
         max_tokens_field: MaxTokensField::Auto,
     })
     .unwrap()
@@ -289,13 +482,25 @@ fn teacher(server: &MockServer, model: &str, timeout: Duration, max_attempts: u3
 
 #[tokio::test]
 async fn retry_after_is_honoured_before_the_next_request() {
-    let server = mock(Faults { rate_429: 1.0, retry_after_secs: 0.3, ..Faults::default() }).await;
+    let server = mock(Faults {
+        rate_429: 1.0,
+        retry_after_secs: 0.3,
+        ..Faults::default()
+    })
+    .await;
     let t = teacher(&server, "mock", Duration::from_secs(5), 3);
     let start = Instant::now();
     let err = t.chat("hello").await.unwrap_err();
-    assert!(matches!(err, TeacherError::Exhausted { attempts: 3, .. }), "{err}");
+    assert!(
+        matches!(err, TeacherError::Exhausted { attempts: 3, .. }),
+        "{err}"
+    );
     // Two waits of the server's Retry-After (0.3 s) separate three requests.
-    assert!(start.elapsed() >= Duration::from_millis(600), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() >= Duration::from_millis(600),
+        "{:?}",
+        start.elapsed()
+    );
     assert_eq!(t.counters().snapshot().throttled, 3);
 }
 
@@ -304,19 +509,34 @@ async fn client_errors_are_not_retried() {
     let server = mock(Faults::default()).await;
     let t = teacher(&server, MISSING_MODEL, Duration::from_secs(5), 5);
     let err = t.chat("hello").await.unwrap_err();
-    assert!(matches!(err, TeacherError::Rejected { status: 404, .. }), "{err}");
+    assert!(
+        matches!(err, TeacherError::Rejected { status: 404, .. }),
+        "{err}"
+    );
     assert_eq!(server.log.requests.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]
 async fn timeouts_and_dropped_connections_are_retried() {
-    let server = mock(Faults { rate_slow: 1.0, slow_secs: 3.0, ..Faults::default() }).await;
+    let server = mock(Faults {
+        rate_slow: 1.0,
+        slow_secs: 3.0,
+        ..Faults::default()
+    })
+    .await;
     let t = teacher(&server, "mock", Duration::from_millis(200), 2);
-    assert!(matches!(t.chat("hello").await, Err(TeacherError::Exhausted { .. })));
+    assert!(matches!(
+        t.chat("hello").await,
+        Err(TeacherError::Exhausted { .. })
+    ));
     assert_eq!(t.counters().snapshot().timeouts, 2);
 
     // Drops are decided per (prompt, n-th request): with rate 0.5 some prompts drop first, then pass.
-    let server = mock(Faults { rate_drop: 0.5, ..Faults::default() }).await;
+    let server = mock(Faults {
+        rate_drop: 0.5,
+        ..Faults::default()
+    })
+    .await;
     let t = teacher(&server, "mock", Duration::from_secs(5), 20);
     for i in 0..20 {
         let a = t.chat(&format!("prompt {i}")).await.unwrap();

@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 
 /// The temp name used while `path` is being written; a leftover one is garbage from a crash.
 pub fn temp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(".tmp");
     path.with_file_name(name)
 }

@@ -32,13 +32,23 @@ pub enum ShardError {
     #[error(transparent)]
     Table(#[from] TableError),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}:{line}: damaged journal line (not JSON: {message}); only the last line may be torn by a crash — move the file away to discard its rows")]
-    Journal { path: PathBuf, line: usize, message: String },
+    Journal {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ShardError + '_ {
-    move |source| ShardError::Io { path: path.to_path_buf(), source }
+    move |source| ShardError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 pub struct ShardWriter {
@@ -54,7 +64,13 @@ pub struct ShardWriter {
 
 impl ShardWriter {
     /// Opens (creating `dir` if needed) and recovers what a previous run left in the journal.
-    pub fn open(dir: &Path, name: &'static str, layout: Layout, schema: Schema, flush_every: usize) -> Result<ShardWriter, ShardError> {
+    pub fn open(
+        dir: &Path,
+        name: &'static str,
+        layout: Layout,
+        schema: Schema,
+        flush_every: usize,
+    ) -> Result<ShardWriter, ShardError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let journal_path = dir.join(format!("{name}.journal.jsonl"));
         let recovered = read_journal_rows(&journal_path)?;
@@ -78,7 +94,11 @@ impl ShardWriter {
             let written = writer.ids()?;
             writer.pending = recovered
                 .into_iter()
-                .filter(|r| r.get("id").and_then(Value::as_str).is_none_or(|id| !written.contains(id)))
+                .filter(|r| {
+                    r.get("id")
+                        .and_then(Value::as_str)
+                        .is_none_or(|id| !written.contains(id))
+                })
                 .collect();
             tracing::info!(rows = writer.pending.len(), journal = %writer.journal_path.display(), "recovered rows from an interrupted run");
             writer.flush()?;
@@ -106,7 +126,9 @@ impl ShardWriter {
         let mut line = serde_json::to_vec(&row).expect("a JSON map always serializes");
         line.push(b'\n');
         // One write per line: a killed process leaves whole lines (the OS keeps what was written).
-        self.journal.write_all(&line).map_err(io_err(&self.journal_path))?;
+        self.journal
+            .write_all(&line)
+            .map_err(io_err(&self.journal_path))?;
         self.pending.push(row);
         if self.pending.len() >= self.flush_every {
             self.flush()?;
@@ -121,18 +143,30 @@ impl ShardWriter {
         }
         match self.layout {
             Layout::Parts { prefix } => {
-                let next = self.files()?.iter().filter_map(|p| part_number(p, prefix)).max().map_or(0, |n| n + 1);
+                let next = self
+                    .files()?
+                    .iter()
+                    .filter_map(|p| part_number(p, prefix))
+                    .max()
+                    .map_or(0, |n| n + 1);
                 let path = self.dir.join(format!("{prefix}-{next:05}.parquet"));
                 table::write_parquet(&path, &self.schema, &self.pending)?;
             }
             Layout::Single { file } => {
                 let path = self.dir.join(file);
-                let mut df = table::frame(&self.schema, &self.pending)
-                    .map_err(|source| TableError::Write { path: path.clone(), source })?;
+                let mut df = table::frame(&self.schema, &self.pending).map_err(|source| {
+                    TableError::Write {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
                 if path.exists() {
                     let names: Vec<&str> = self.schema.iter().map(|(n, _)| *n).collect();
                     let old = table::read_columns(&path, &names)?;
-                    df = old.vstack(&df).map_err(|source| TableError::Write { path: path.clone(), source })?;
+                    df = old.vstack(&df).map_err(|source| TableError::Write {
+                        path: path.clone(),
+                        source,
+                    })?;
                 }
                 atomic::write_with(&path, |f| {
                     ParquetWriter::new(f)
@@ -144,8 +178,12 @@ impl ShardWriter {
             }
         }
         self.pending.clear();
-        self.journal.set_len(0).map_err(io_err(&self.journal_path))?;
-        self.journal.sync_all().map_err(io_err(&self.journal_path))?;
+        self.journal
+            .set_len(0)
+            .map_err(io_err(&self.journal_path))?;
+        self.journal
+            .sync_all()
+            .map_err(io_err(&self.journal_path))?;
         tracing::debug!(table = self.name, "flushed");
         Ok(())
     }
@@ -190,7 +228,11 @@ pub fn list_files(dir: &Path, layout: &Layout) -> Result<Vec<PathBuf>, ShardErro
 
 fn part_number(path: &Path, prefix: &str) -> Option<u32> {
     let name = path.file_name()?.to_str()?;
-    name.strip_prefix(prefix)?.strip_prefix('-')?.strip_suffix(".parquet")?.parse().ok()
+    name.strip_prefix(prefix)?
+        .strip_prefix('-')?
+        .strip_suffix(".parquet")?
+        .parse()
+        .ok()
 }
 
 /// The rows of a journal; a torn last line (a crash mid-write) is skipped.
@@ -200,7 +242,10 @@ pub fn read_journal_rows(path: &Path) -> Result<Vec<Map<String, Value>>, ShardEr
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(io_err(path)(e)),
     };
-    let lines: Vec<String> = BufReader::new(file).lines().collect::<Result<_, _>>().map_err(io_err(path))?;
+    let lines: Vec<String> = BufReader::new(file)
+        .lines()
+        .collect::<Result<_, _>>()
+        .map_err(io_err(path))?;
     let mut rows = Vec::with_capacity(lines.len());
     for (i, line) in lines.iter().enumerate() {
         if line.trim().is_empty() {
@@ -212,7 +257,11 @@ pub fn read_journal_rows(path: &Path) -> Result<Vec<Map<String, Value>>, ShardEr
                 tracing::warn!(journal = %path.display(), "ignoring a torn last line left by a crash");
             }
             Err(e) => {
-                return Err(ShardError::Journal { path: path.to_path_buf(), line: i + 1, message: e.to_string() });
+                return Err(ShardError::Journal {
+                    path: path.to_path_buf(),
+                    line: i + 1,
+                    message: e.to_string(),
+                });
             }
         }
     }
@@ -226,7 +275,10 @@ mod tests {
     use serde_json::json;
 
     fn row(id: &str) -> Map<String, Value> {
-        json!({"id": id, "text": format!("text of {id}")}).as_object().unwrap().clone()
+        json!({"id": id, "text": format!("text of {id}")})
+            .as_object()
+            .unwrap()
+            .clone()
     }
 
     fn schema() -> Schema {
@@ -237,42 +289,90 @@ mod tests {
     fn a_crashed_journal_is_packed_once_and_a_torn_line_ignored() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let mut w = ShardWriter::open(dir.path(), "records", Layout::Parts { prefix: "part" }, schema(), 2).unwrap();
+            let mut w = ShardWriter::open(
+                dir.path(),
+                "records",
+                Layout::Parts { prefix: "part" },
+                schema(),
+                2,
+            )
+            .unwrap();
             for id in ["a", "b", "c"] {
                 w.append(row(id)).unwrap(); // a, b → part-00000; c stays in the journal
             }
             // simulate kill -9: no flush; plus a torn half line at the end
-            let mut j = OpenOptions::new().append(true).open(dir.path().join("records.journal.jsonl")).unwrap();
+            let mut j = OpenOptions::new()
+                .append(true)
+                .open(dir.path().join("records.journal.jsonl"))
+                .unwrap();
             j.write_all(b"{\"id\": \"d\", \"te").unwrap();
         }
         // and a crash between renaming part-00000 and emptying the journal: a and b are in both
-        fs::write(dir.path().join("records.journal.jsonl"), [
-            serde_json::to_string(&row("a")).unwrap(),
-            serde_json::to_string(&row("b")).unwrap(),
-            serde_json::to_string(&row("c")).unwrap(),
-            "{\"id\": \"d\", \"te".to_string(),
-        ].join("\n")).unwrap();
-        let w = ShardWriter::open(dir.path(), "records", Layout::Parts { prefix: "part" }, schema(), 2).unwrap();
+        fs::write(
+            dir.path().join("records.journal.jsonl"),
+            [
+                serde_json::to_string(&row("a")).unwrap(),
+                serde_json::to_string(&row("b")).unwrap(),
+                serde_json::to_string(&row("c")).unwrap(),
+                "{\"id\": \"d\", \"te".to_string(),
+            ]
+            .join("\n"),
+        )
+        .unwrap();
+        let w = ShardWriter::open(
+            dir.path(),
+            "records",
+            Layout::Parts { prefix: "part" },
+            schema(),
+            2,
+        )
+        .unwrap();
         let files = w.files().unwrap();
         assert_eq!(files.len(), 2, "{files:?}");
         let mut ids: Vec<String> = w.ids().unwrap().into_iter().collect();
         ids.sort();
         assert_eq!(ids, ["a", "b", "c"]);
-        assert_eq!(fs::metadata(dir.path().join("records.journal.jsonl")).unwrap().len(), 0);
+        assert_eq!(
+            fs::metadata(dir.path().join("records.journal.jsonl"))
+                .unwrap()
+                .len(),
+            0
+        );
     }
 
     #[test]
     fn a_damaged_line_in_the_middle_is_an_error_naming_the_line() {
         let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join("records.journal.jsonl"), "garbage\n{\"id\": \"a\"}\n").unwrap();
-        let err = ShardWriter::open(dir.path(), "records", Layout::Parts { prefix: "part" }, schema(), 2).err().unwrap();
+        fs::write(
+            dir.path().join("records.journal.jsonl"),
+            "garbage\n{\"id\": \"a\"}\n",
+        )
+        .unwrap();
+        let err = ShardWriter::open(
+            dir.path(),
+            "records",
+            Layout::Parts { prefix: "part" },
+            schema(),
+            2,
+        )
+        .err()
+        .unwrap();
         assert!(err.to_string().contains("records.journal.jsonl:1"), "{err}");
     }
 
     #[test]
     fn the_single_layout_accumulates_rows_across_flushes() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = ShardWriter::open(dir.path(), "rejects", Layout::Single { file: "rejects.parquet" }, schema(), 100).unwrap();
+        let mut w = ShardWriter::open(
+            dir.path(),
+            "rejects",
+            Layout::Single {
+                file: "rejects.parquet",
+            },
+            schema(),
+            100,
+        )
+        .unwrap();
         w.append(row("x")).unwrap();
         w.flush().unwrap();
         w.append(row("y")).unwrap();

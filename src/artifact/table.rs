@@ -36,7 +36,10 @@ pub enum TableError {
         source: PolarsError,
     },
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Builds a frame with one column per schema entry from JSON objects (missing keys are null).
@@ -46,15 +49,32 @@ pub fn frame(schema: &Schema, rows: &[Map<String, Value>]) -> PolarsResult<DataF
         .map(|&(name, kind)| {
             let cells = rows.iter().map(|r| r.get(name).filter(|v| !v.is_null()));
             let series = match kind {
-                Kind::Bool => Series::new(name.into(), cells.map(|v| v.and_then(Value::as_bool)).collect::<Vec<_>>()),
-                Kind::Int => Series::new(name.into(), cells.map(|v| v.and_then(Value::as_i64)).collect::<Vec<_>>()),
-                Kind::Float => Series::new(name.into(), cells.map(|v| v.and_then(Value::as_f64)).collect::<Vec<_>>()),
-                Kind::Text => Series::new(name.into(), cells.map(|v| v.and_then(Value::as_str)).collect::<Vec<_>>()),
+                Kind::Bool => Series::new(
+                    name.into(),
+                    cells
+                        .map(|v| v.and_then(Value::as_bool))
+                        .collect::<Vec<_>>(),
+                ),
+                Kind::Int => Series::new(
+                    name.into(),
+                    cells.map(|v| v.and_then(Value::as_i64)).collect::<Vec<_>>(),
+                ),
+                Kind::Float => Series::new(
+                    name.into(),
+                    cells.map(|v| v.and_then(Value::as_f64)).collect::<Vec<_>>(),
+                ),
+                Kind::Text => Series::new(
+                    name.into(),
+                    cells.map(|v| v.and_then(Value::as_str)).collect::<Vec<_>>(),
+                ),
                 Kind::TextList => {
-                    let mut b = ListStringChunkedBuilder::new(name.into(), rows.len(), rows.len() * 4);
+                    let mut b =
+                        ListStringChunkedBuilder::new(name.into(), rows.len(), rows.len() * 4);
                     for cell in cells {
                         match cell.and_then(Value::as_array) {
-                            Some(items) => b.append_values_iter(items.iter().filter_map(Value::as_str)),
+                            Some(items) => {
+                                b.append_values_iter(items.iter().filter_map(Value::as_str))
+                            }
                             None => b.append_null(),
                         }
                     }
@@ -68,8 +88,15 @@ pub fn frame(schema: &Schema, rows: &[Map<String, Value>]) -> PolarsResult<DataF
 }
 
 /// Writes `rows` to `path` atomically as zstd-compressed Parquet.
-pub fn write_parquet(path: &Path, schema: &Schema, rows: &[Map<String, Value>]) -> Result<(), TableError> {
-    let write_err = |source| TableError::Write { path: path.to_path_buf(), source };
+pub fn write_parquet(
+    path: &Path,
+    schema: &Schema,
+    rows: &[Map<String, Value>],
+) -> Result<(), TableError> {
+    let write_err = |source| TableError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut df = frame(schema, rows).map_err(write_err)?;
     atomic::write_with(path, |file| {
         ParquetWriter::new(file)
@@ -77,30 +104,59 @@ pub fn write_parquet(path: &Path, schema: &Schema, rows: &[Map<String, Value>]) 
             .finish(&mut df)
             .map_err(std::io::Error::other)
     })
-    .map_err(|source| TableError::Io { path: path.to_path_buf(), source })?;
+    .map_err(|source| TableError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     Ok(())
 }
 
 /// Reads the named columns of a Parquet file.
 pub fn read_columns(path: &Path, columns: &[&str]) -> Result<DataFrame, TableError> {
-    let file = File::open(path).map_err(|source| TableError::Io { path: path.to_path_buf(), source })?;
+    let file = File::open(path).map_err(|source| TableError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     ParquetReader::new(file)
         .with_columns(Some(columns.iter().map(|c| c.to_string()).collect()))
         .finish()
-        .map_err(|source| TableError::Read { path: path.to_path_buf(), source })
+        .map_err(|source| TableError::Read {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// A text column as owned strings (nulls as `None`).
-pub fn text_column(df: &DataFrame, path: &Path, name: &str) -> Result<Vec<Option<String>>, TableError> {
-    let err = |source| TableError::Column { path: path.to_path_buf(), column: name.into(), expected: Kind::Text, source };
-    let ca = df.column(name).and_then(|c| c.str().cloned()).map_err(err)?;
+pub fn text_column(
+    df: &DataFrame,
+    path: &Path,
+    name: &str,
+) -> Result<Vec<Option<String>>, TableError> {
+    let err = |source| TableError::Column {
+        path: path.to_path_buf(),
+        column: name.into(),
+        expected: Kind::Text,
+        source,
+    };
+    let ca = df
+        .column(name)
+        .and_then(|c| c.str().cloned())
+        .map_err(err)?;
     Ok(ca.iter().map(|v| v.map(str::to_string)).collect())
 }
 
 /// An integer column (nulls as `None`).
 pub fn int_column(df: &DataFrame, path: &Path, name: &str) -> Result<Vec<Option<i64>>, TableError> {
-    let err = |source| TableError::Column { path: path.to_path_buf(), column: name.into(), expected: Kind::Int, source };
-    let ca = df.column(name).and_then(|c| c.i64().cloned()).map_err(err)?;
+    let err = |source| TableError::Column {
+        path: path.to_path_buf(),
+        column: name.into(),
+        expected: Kind::Int,
+        source,
+    };
+    let ca = df
+        .column(name)
+        .and_then(|c| c.i64().cloned())
+        .map_err(err)?;
     Ok(ca.iter().collect())
 }
 
@@ -111,18 +167,36 @@ mod tests {
 
     #[test]
     fn all_null_columns_keep_their_declared_type() {
-        let schema: Schema = vec![("id", Kind::Text), ("n", Kind::Int), ("ok", Kind::Bool), ("tags", Kind::TextList), ("x", Kind::Float)];
+        let schema: Schema = vec![
+            ("id", Kind::Text),
+            ("n", Kind::Int),
+            ("ok", Kind::Bool),
+            ("tags", Kind::TextList),
+            ("x", Kind::Float),
+        ];
         let rows: Vec<Map<String, Value>> = vec![
-            json!({"id": "a", "n": 1, "tags": ["p", "q"], "x": 0.5}).as_object().unwrap().clone(),
-            json!({"id": "b", "n": null, "tags": []}).as_object().unwrap().clone(),
+            json!({"id": "a", "n": 1, "tags": ["p", "q"], "x": 0.5})
+                .as_object()
+                .unwrap()
+                .clone(),
+            json!({"id": "b", "n": null, "tags": []})
+                .as_object()
+                .unwrap()
+                .clone(),
         ];
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("t.parquet");
         write_parquet(&p, &schema, &rows).unwrap();
         let df = read_columns(&p, &["id", "n", "ok", "tags", "x"]).unwrap();
         assert_eq!(df.column("ok").unwrap().dtype(), &DataType::Boolean);
-        assert_eq!(df.column("tags").unwrap().dtype(), &DataType::List(Box::new(DataType::String)));
+        assert_eq!(
+            df.column("tags").unwrap().dtype(),
+            &DataType::List(Box::new(DataType::String))
+        );
         assert_eq!(int_column(&df, &p, "n").unwrap(), vec![Some(1), None]);
-        assert_eq!(text_column(&df, &p, "id").unwrap(), vec![Some("a".into()), Some("b".into())]);
+        assert_eq!(
+            text_column(&df, &p, "id").unwrap(),
+            vec![Some("a".into()), Some("b".into())]
+        );
     }
 }

@@ -31,7 +31,9 @@ use crate::teacher::retry::RequestCountsSnapshot;
 use crate::teacher::{Answer, Sampling, Teacher, TeacherError};
 
 const RECORDS: Layout = Layout::Parts { prefix: "part" };
-const REJECTS: Layout = Layout::Single { file: "rejects.parquet" };
+const REJECTS: Layout = Layout::Single {
+    file: "rejects.parquet",
+};
 const MANIFEST_FORMAT: u32 = 1;
 
 #[derive(Debug, Clone)]
@@ -55,10 +57,20 @@ pub enum GenerateError {
     #[error(transparent)]
     Table(#[from] table::TableError),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: this directory holds `{field}` = {found}, but this run has {expected}; its ids would not match — repeat the original flags or choose a new --out")]
-    ManifestMismatch { path: PathBuf, field: &'static str, found: String, expected: String },
-    #[error("{path}: not a phigen manifest ({message}); is --out pointing at the right directory?")]
+    ManifestMismatch {
+        path: PathBuf,
+        field: &'static str,
+        found: String,
+        expected: String,
+    },
+    #[error(
+        "{path}: not a phigen manifest ({message}); is --out pointing at the right directory?"
+    )]
     BadManifest { path: PathBuf, message: String },
     #[error("stopped: {0}")]
     Teacher(#[from] TeacherError),
@@ -102,11 +114,20 @@ impl RunState {
     }
 
     pub fn dropped_total(&self) -> u64 {
-        self.dropped.lock().unwrap_or_else(|e| e.into_inner()).values().sum()
+        self.dropped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .sum()
     }
 
     fn count_drop(&self, reason: DropReason) {
-        *self.dropped.lock().unwrap_or_else(|e| e.into_inner()).entry(reason).or_default() += 1;
+        *self
+            .dropped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(reason)
+            .or_default() += 1;
     }
 }
 
@@ -129,20 +150,38 @@ impl Manifest {
         let path = dir.join("manifest.json");
         match std::fs::read(&path) {
             Ok(bytes) => {
-                let found: Manifest = serde_json::from_slice(&bytes)
-                    .map_err(|e| GenerateError::BadManifest { path: path.clone(), message: e.to_string() })?;
-                let mismatch = |field, found: String, expected: String| GenerateError::ManifestMismatch {
-                    path: path.clone(),
-                    field,
-                    found,
-                    expected,
-                };
+                let found: Manifest =
+                    serde_json::from_slice(&bytes).map_err(|e| GenerateError::BadManifest {
+                        path: path.clone(),
+                        message: e.to_string(),
+                    })?;
+                let mismatch =
+                    |field, found: String, expected: String| GenerateError::ManifestMismatch {
+                        path: path.clone(),
+                        field,
+                        found,
+                        expected,
+                    };
                 let pairs: [(&'static str, String, String); 6] = [
                     ("kind", found.kind.clone(), self.kind.clone()),
                     ("model", found.model.clone(), self.model.clone()),
                     ("seed", found.seed.to_string(), self.seed.to_string()),
-                    ("template", format!("{} v{} ({})", found.template_id, found.template_version, found.template_hash), format!("{} v{} ({})", self.template_id, self.template_version, self.template_hash)),
-                    ("sampling", format!("{:?}", found.sampling), format!("{:?}", self.sampling)),
+                    (
+                        "template",
+                        format!(
+                            "{} v{} ({})",
+                            found.template_id, found.template_version, found.template_hash
+                        ),
+                        format!(
+                            "{} v{} ({})",
+                            self.template_id, self.template_version, self.template_hash
+                        ),
+                    ),
+                    (
+                        "sampling",
+                        format!("{:?}", found.sampling),
+                        format!("{:?}", self.sampling),
+                    ),
                     ("format", found.format.to_string(), self.format.to_string()),
                 ];
                 match pairs.into_iter().find(|(_, f, e)| f != e) {
@@ -152,7 +191,8 @@ impl Manifest {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 if write {
-                    atomic::write_json(&path, self).map_err(|source| GenerateError::Io { path, source })?;
+                    atomic::write_json(&path, self)
+                        .map_err(|source| GenerateError::Io { path, source })?;
                 }
                 Ok(())
             }
@@ -192,15 +232,29 @@ impl Resume {
             let attempts = table::int_column(&df, &path, "attempt")?;
             let reasons = table::text_column(&df, &path, "reason")?;
             for i in 0..df.height() {
-                let (Some(id), Some(slot), Some(attempt), Some(reason)) = (&ids[i], slots[i], attempts[i], &reasons[i]) else { continue };
+                let (Some(id), Some(slot), Some(attempt), Some(reason)) =
+                    (&ids[i], slots[i], attempts[i], &reasons[i])
+                else {
+                    continue;
+                };
                 if seen_rejects.insert(id.clone()) {
                     r.note_reject(slot as u64, attempt as u32, reason);
                 }
             }
         }
         for row in shards::read_journal_rows(&out.join("rejects.journal.jsonl"))? {
-            let id = row.get("id").and_then(Value::as_str).unwrap_or_default().to_string();
-            let (Some(slot), Some(attempt), Some(reason)) = (row.get("slot").and_then(Value::as_u64), row.get("attempt").and_then(Value::as_u64), row.get("reason").and_then(Value::as_str)) else { continue };
+            let id = row
+                .get("id")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            let (Some(slot), Some(attempt), Some(reason)) = (
+                row.get("slot").and_then(Value::as_u64),
+                row.get("attempt").and_then(Value::as_u64),
+                row.get("reason").and_then(Value::as_str),
+            ) else {
+                continue;
+            };
             if seen_rejects.insert(id) {
                 r.note_reject(slot, attempt as u32, reason);
             }
@@ -209,7 +263,10 @@ impl Resume {
     }
 
     fn note_reject(&mut self, slot: u64, attempt: u32, reason: &str) {
-        *self.rejects_by_reason.entry(reason.to_string()).or_default() += 1;
+        *self
+            .rejects_by_reason
+            .entry(reason.to_string())
+            .or_default() += 1;
         // A failed request did not see an answer: the same attempt is sent again later.
         if DropReason::parse(reason) != Some(DropReason::RequestFailed) {
             let next = self.next_attempt.entry(slot).or_default();
@@ -234,7 +291,11 @@ fn record_rows(out: &Path) -> Result<Vec<(String, i64, String)>, GenerateError> 
     }
     for row in shards::read_journal_rows(&out.join("records.journal.jsonl"))? {
         let get = |k: &str| row.get(k).cloned().unwrap_or(Value::Null);
-        if let (Some(id), Some(slot), Some(text)) = (get("id").as_str(), get("slot").as_i64(), get("text").as_str()) {
+        if let (Some(id), Some(slot), Some(text)) = (
+            get("id").as_str(),
+            get("slot").as_i64(),
+            get("text").as_str(),
+        ) {
             rows.push((id.to_string(), slot, text.to_string()));
         }
     }
@@ -273,9 +334,24 @@ impl<C: Corpus> Plan<C> {
         let values: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let template = self.corpus.template();
         let prompt = template.render(&values)?;
-        let identity = json!([template.id, template.version, constraints, slot, attempt, self.seed, self.model, self.sampling]);
+        let identity = json!([
+            template.id,
+            template.version,
+            constraints,
+            slot,
+            attempt,
+            self.seed,
+            self.model,
+            self.sampling
+        ]);
         let id = blake3::hash(identity.to_string().as_bytes()).to_hex()[..32].to_string();
-        Ok(Job { slot, attempt, id, prompt, constraints })
+        Ok(Job {
+            slot,
+            attempt,
+            id,
+            prompt,
+            constraints,
+        })
     }
 
     fn record_schema(&self) -> Schema {
@@ -304,10 +380,22 @@ impl<C: Corpus> Plan<C> {
         m.insert("temperature".into(), json!(self.sampling.temperature));
         m.insert("top_p".into(), json!(self.sampling.top_p));
         m.insert("max_tokens".into(), json!(self.sampling.max_tokens));
-        m.insert("prompt_tokens".into(), json!(answer.map(|a| a.usage.prompt_tokens)));
-        m.insert("completion_tokens".into(), json!(answer.map(|a| a.usage.completion_tokens)));
-        m.insert("finish_reason".into(), json!(answer.map(|a| a.finish_reason.as_str())));
-        m.insert("created_at".into(), json!(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)));
+        m.insert(
+            "prompt_tokens".into(),
+            json!(answer.map(|a| a.usage.prompt_tokens)),
+        );
+        m.insert(
+            "completion_tokens".into(),
+            json!(answer.map(|a| a.usage.completion_tokens)),
+        );
+        m.insert(
+            "finish_reason".into(),
+            json!(answer.map(|a| a.finish_reason.as_str())),
+        );
+        m.insert(
+            "created_at".into(),
+            json!(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+        );
         m
     }
 }
@@ -344,7 +432,9 @@ fn reject_schema() -> Schema {
 
 /// Merges a serde struct's fields into a row.
 fn extend_row(row: &mut Map<String, Value>, value: &impl Serialize) {
-    if let Value::Object(fields) = serde_json::to_value(value).expect("corpus columns always serialize") {
+    if let Value::Object(fields) =
+        serde_json::to_value(value).expect("corpus columns always serialize")
+    {
         row.extend(fields);
     }
 }
@@ -352,7 +442,8 @@ fn extend_row(row: &mut Map<String, Value>, value: &impl Serialize) {
 /// Estimates prompt tokens with the model's tiktoken encoding (cl100k_base for unknown models).
 fn prompt_tokens(model: &str, prompt: &str) -> u64 {
     let name = model.rsplit('/').next().unwrap_or(model);
-    let bpe = tiktoken_rs::bpe_for_model(name).unwrap_or_else(|_| tiktoken_rs::cl100k_base_singleton());
+    let bpe =
+        tiktoken_rs::bpe_for_model(name).unwrap_or_else(|_| tiktoken_rs::cl100k_base_singleton());
     bpe.encode_ordinary(prompt).len() as u64
 }
 
@@ -389,8 +480,19 @@ fn pending_slots(resume: &Resume, opts: &GenerateOptions) -> (Vec<(u64, u32)>, u
 }
 
 /// Counts what a run would send, without sending or writing anything.
-pub fn dry_run<C: Corpus>(corpus: Arc<C>, model: &str, sampling: Sampling, price: Option<Price>, opts: &GenerateOptions) -> Result<DryRun, GenerateError> {
-    let plan = Plan { corpus: corpus.clone(), model: model.to_string(), sampling, seed: opts.seed };
+pub fn dry_run<C: Corpus>(
+    corpus: Arc<C>,
+    model: &str,
+    sampling: Sampling,
+    price: Option<Price>,
+    opts: &GenerateOptions,
+) -> Result<DryRun, GenerateError> {
+    let plan = Plan {
+        corpus: corpus.clone(),
+        model: model.to_string(),
+        sampling,
+        seed: opts.seed,
+    };
     let resume = if opts.out.exists() {
         manifest(&plan).reconcile(&opts.out, false)?;
         Resume::scan(&opts.out)?
@@ -403,7 +505,10 @@ pub fn dry_run<C: Corpus>(corpus: Arc<C>, model: &str, sampling: Sampling, price
         tokens += prompt_tokens(model, &plan.job(slot, attempt)?.prompt);
     }
     let prompts = pending.len() as u64;
-    let expected = prompts * corpus.typical_completion_tokens().min(sampling.max_tokens as u64);
+    let expected = prompts
+        * corpus
+            .typical_completion_tokens()
+            .min(sampling.max_tokens as u64);
     let max = prompts * sampling.max_tokens as u64;
     Ok(DryRun {
         requested: opts.n,
@@ -488,7 +593,11 @@ impl<C: Corpus, T: Teacher> Worker<C, T> {
                 return Ok(());
             }
             let job = self.plan.job(slot, attempt)?;
-            let estimate = if self.count_prompt_tokens { prompt_tokens(&self.plan.model, &job.prompt) } else { 0 };
+            let estimate = if self.count_prompt_tokens {
+                prompt_tokens(&self.plan.model, &job.prompt)
+            } else {
+                0
+            };
             let Some(reservation) = self.reserve(estimate).await else {
                 self.state.stop(StopReason::Budget);
                 return Ok(());
@@ -499,15 +608,27 @@ impl<C: Corpus, T: Teacher> Worker<C, T> {
                     self.ledger.release(reservation);
                     if e.is_fatal() {
                         self.state.stop(StopReason::Fatal);
-                        self.state.fatal.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
+                        self.state
+                            .fatal
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get_or_insert(e);
                         return Ok(());
                     }
                     self.state.failed.fetch_add(1, Ordering::Relaxed);
-                    self.reject(&job, None, Drop::new(DropReason::RequestFailed, e.to_string()));
+                    self.reject(
+                        &job,
+                        None,
+                        Drop::new(DropReason::RequestFailed, e.to_string()),
+                    );
                     return Ok(());
                 }
             };
-            self.ledger.settle(reservation, answer.usage.prompt_tokens, answer.usage.completion_tokens);
+            self.ledger.settle(
+                reservation,
+                answer.usage.prompt_tokens,
+                answer.usage.completion_tokens,
+            );
             match self.check(&job, &answer) {
                 Ok(row) => {
                     self.state.written.fetch_add(1, Ordering::Relaxed);
@@ -525,7 +646,10 @@ impl<C: Corpus, T: Teacher> Worker<C, T> {
     /// may free room, so this waits for them; it gives up only when nothing else is reserved.
     async fn reserve(&self, prompt_tokens: u64) -> Option<Reservation> {
         loop {
-            if let Some(r) = self.ledger.reserve(prompt_tokens, self.plan.sampling.max_tokens as u64) {
+            if let Some(r) = self
+                .ledger
+                .reserve(prompt_tokens, self.plan.sampling.max_tokens as u64)
+            {
                 return Some(r);
             }
             if self.ledger.snapshot().in_flight == 0 || self.state.stopped().is_some() {
@@ -539,9 +663,16 @@ impl<C: Corpus, T: Teacher> Worker<C, T> {
         let corpus = &self.plan.corpus;
         common_checks(&answer.text, answer.finish_reason, corpus.word_bounds())?;
         let checks = corpus.check(&job.constraints, &answer.text)?;
-        let fresh = self.texts.lock().unwrap_or_else(|e| e.into_inner()).insert(normalized_text_hash(&answer.text));
+        let fresh = self
+            .texts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(normalized_text_hash(&answer.text));
         if !fresh {
-            return Err(Drop::new(DropReason::Duplicate, "the same text was already kept"));
+            return Err(Drop::new(
+                DropReason::Duplicate,
+                "the same text was already kept",
+            ));
         }
         let mut row = Map::new();
         row.insert("id".into(), json!(job.id));
@@ -582,16 +713,39 @@ pub async fn generate<C: Corpus, T: Teacher>(
     opts: &GenerateOptions,
 ) -> Result<Stats, GenerateError> {
     let started = Instant::now();
-    let plan = Plan { corpus: corpus.clone(), model: teacher.model().to_string(), sampling: teacher.sampling(), seed: opts.seed };
-    std::fs::create_dir_all(&opts.out).map_err(|source| GenerateError::Io { path: opts.out.clone(), source })?;
+    let plan = Plan {
+        corpus: corpus.clone(),
+        model: teacher.model().to_string(),
+        sampling: teacher.sampling(),
+        seed: opts.seed,
+    };
+    std::fs::create_dir_all(&opts.out).map_err(|source| GenerateError::Io {
+        path: opts.out.clone(),
+        source,
+    })?;
     manifest(&plan).reconcile(&opts.out, true)?;
-    let mut records = ShardWriter::open(&opts.out, "records", RECORDS, plan.record_schema(), opts.shard_size)?;
-    let mut rejects = ShardWriter::open(&opts.out, "rejects", REJECTS, reject_schema(), usize::MAX)?;
+    let mut records = ShardWriter::open(
+        &opts.out,
+        "records",
+        RECORDS,
+        plan.record_schema(),
+        opts.shard_size,
+    )?;
+    let mut rejects =
+        ShardWriter::open(&opts.out, "rejects", REJECTS, reject_schema(), usize::MAX)?;
     let resume = Resume::scan(&opts.out)?;
     let (pending, given_up_before) = pending_slots(&resume, opts);
     state.total.store(opts.n, Ordering::Relaxed);
-    state.done_before.store(resume.done_slots.len().min(opts.n as usize) as u64, Ordering::Relaxed);
-    tracing::info!(pending = pending.len(), done = resume.done_slots.len(), given_up = given_up_before, "starting");
+    state.done_before.store(
+        resume.done_slots.len().min(opts.n as usize) as u64,
+        Ordering::Relaxed,
+    );
+    tracing::info!(
+        pending = pending.len(),
+        done = resume.done_slots.len(),
+        given_up = given_up_before,
+        "starting"
+    );
 
     let (tx, mut rx) = mpsc::unbounded_channel::<Output>();
     let writer_state = state.clone();
@@ -639,7 +793,9 @@ pub async fn generate<C: Corpus, T: Teacher>(
     }
     drop(results);
     drop(worker); // closes the channel: the writer drains it and packs the last shard
-    writer.join().unwrap_or_else(|_| panic!("the shard writer panicked"))?;
+    writer
+        .join()
+        .unwrap_or_else(|_| panic!("the shard writer panicked"))?;
     if let Some(e) = first_error {
         return Err(e);
     }
@@ -647,8 +803,20 @@ pub async fn generate<C: Corpus, T: Teacher>(
         return Err(e.into());
     }
 
-    let stats = finish_stats(corpus.as_ref(), teacher.as_ref(), &ledger, &state, opts, started)?;
-    atomic::write_json(&opts.out.join("stats.json"), &stats).map_err(|source| GenerateError::Io { path: opts.out.join("stats.json"), source })?;
+    let stats = finish_stats(
+        corpus.as_ref(),
+        teacher.as_ref(),
+        &ledger,
+        &state,
+        opts,
+        started,
+    )?;
+    atomic::write_json(&opts.out.join("stats.json"), &stats).map_err(|source| {
+        GenerateError::Io {
+            path: opts.out.join("stats.json"),
+            source,
+        }
+    })?;
     Ok(stats)
 }
 
@@ -670,9 +838,14 @@ fn finish_stats<C: Corpus, T: Teacher>(
     for path in shards::list_files(&opts.out, &RECORDS)? {
         frames.push(table::read_columns(&path, &wanted)?);
     }
-    let frame = frames.into_iter().reduce(|a, b| a.vstack(&b).expect("shards of one directory share a schema"));
+    let frame = frames.into_iter().reduce(|a, b| {
+        a.vstack(&b)
+            .expect("shards of one directory share a schema")
+    });
     let corpus_summary = frame.map_or(Value::Null, |f| corpus.summarize(&f));
-    let done = (0..opts.n).filter(|s| resume.done_slots.contains(s)).count() as u64;
+    let done = (0..opts.n)
+        .filter(|s| resume.done_slots.contains(s))
+        .count() as u64;
     Ok(Stats {
         kind: corpus.kind().to_string(),
         model: teacher.model().to_string(),
@@ -682,10 +855,20 @@ fn finish_stats<C: Corpus, T: Teacher>(
         stopped: state.stopped(),
         run: RunStats {
             wall_seconds: wall,
-            requests_per_second: if wall > 0.0 { requests.sent as f64 / wall } else { 0.0 },
+            requests_per_second: if wall > 0.0 {
+                requests.sent as f64 / wall
+            } else {
+                0.0
+            },
             written: state.written.load(Ordering::Relaxed),
             skipped_done: state.done_before.load(Ordering::Relaxed),
-            dropped: state.dropped.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(k, v)| (k.as_str().to_string(), *v)).collect(),
+            dropped: state
+                .dropped
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|(k, v)| (k.as_str().to_string(), *v))
+                .collect(),
             failed_requests: state.failed.load(Ordering::Relaxed),
             given_up_slots: state.exhausted.load(Ordering::Relaxed),
             requests,

@@ -49,11 +49,9 @@ impl DropReason {
         }
     }
 
+    /// The reason named `s` (its `as_str` / serde name).
     pub fn parse(s: &str) -> Option<DropReason> {
-        use DropReason::*;
-        [Empty, Truncated, TooShort, TooLong, Duplicate, Refused, MissingWords, RequestFailed]
-            .into_iter()
-            .find(|r| r.as_str() == s)
+        serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
     }
 }
 
@@ -66,7 +64,10 @@ pub struct Drop {
 
 impl Drop {
     pub fn new(reason: DropReason, detail: impl Into<String>) -> Drop {
-        Drop { reason, detail: detail.into() }
+        Drop {
+            reason,
+            detail: detail.into(),
+        }
     }
 }
 
@@ -110,19 +111,38 @@ pub fn common_checks(
         return Err(Drop::new(DropReason::Empty, "empty answer"));
     }
     match finish {
-        FinishReason::Length => return Err(Drop::new(DropReason::Truncated, "finish_reason=length: raise --max-tokens")),
-        FinishReason::ContentFilter => return Err(Drop::new(DropReason::Refused, "finish_reason=content_filter")),
+        FinishReason::Length => {
+            return Err(Drop::new(
+                DropReason::Truncated,
+                "finish_reason=length: raise --max-tokens",
+            ))
+        }
+        FinishReason::ContentFilter => {
+            return Err(Drop::new(
+                DropReason::Refused,
+                "finish_reason=content_filter",
+            ))
+        }
         FinishReason::Stop | FinishReason::Other => {}
     }
     if let Some(opening) = refusal_opening(trimmed) {
-        return Err(Drop::new(DropReason::Refused, format!("answer opens with \"{opening}\"")));
+        return Err(Drop::new(
+            DropReason::Refused,
+            format!("answer opens with \"{opening}\""),
+        ));
     }
     let words = trimmed.split_whitespace().count();
     if words < min_words {
-        return Err(Drop::new(DropReason::TooShort, format!("{words} words < {min_words}")));
+        return Err(Drop::new(
+            DropReason::TooShort,
+            format!("{words} words < {min_words}"),
+        ));
     }
     if words > max_words {
-        return Err(Drop::new(DropReason::TooLong, format!("{words} words > {max_words}")));
+        return Err(Drop::new(
+            DropReason::TooLong,
+            format!("{words} words > {max_words}"),
+        ));
     }
     Ok(())
 }
@@ -131,8 +151,17 @@ pub fn common_checks(
 /// "I'm sorry" in its dialogue.
 fn refusal_opening(text: &str) -> Option<&'static str> {
     const OPENINGS: &[&str] = &[
-        "i'm sorry", "i’m sorry", "i am sorry", "sorry, but", "i cannot", "i can't", "i can’t",
-        "as an ai", "i apologize", "i won't", "i will not",
+        "i'm sorry",
+        "i’m sorry",
+        "i am sorry",
+        "sorry, but",
+        "i cannot",
+        "i can't",
+        "i can’t",
+        "as an ai",
+        "i apologize",
+        "i won't",
+        "i will not",
     ];
     let head: String = text.chars().take(40).collect::<String>().to_lowercase();
     OPENINGS.iter().copied().find(|o| head.starts_with(o))
@@ -161,24 +190,52 @@ mod tests {
         let reason = |t: &str, f| common_checks(t, f, (3, 10)).err().map(|d| d.reason);
         assert_eq!(reason(ok, FinishReason::Stop), None);
         assert_eq!(reason("  \n", FinishReason::Stop), Some(DropReason::Empty));
-        assert_eq!(reason(ok, FinishReason::Length), Some(DropReason::Truncated));
-        assert_eq!(reason(ok, FinishReason::ContentFilter), Some(DropReason::Refused));
-        assert_eq!(reason("I'm sorry, but I can't write that.", FinishReason::Stop), Some(DropReason::Refused));
-        assert_eq!(reason("one two", FinishReason::Stop), Some(DropReason::TooShort));
-        assert_eq!(reason(&"w ".repeat(11), FinishReason::Stop), Some(DropReason::TooLong));
+        assert_eq!(
+            reason(ok, FinishReason::Length),
+            Some(DropReason::Truncated)
+        );
+        assert_eq!(
+            reason(ok, FinishReason::ContentFilter),
+            Some(DropReason::Refused)
+        );
+        assert_eq!(
+            reason("I'm sorry, but I can't write that.", FinishReason::Stop),
+            Some(DropReason::Refused)
+        );
+        assert_eq!(
+            reason("one two", FinishReason::Stop),
+            Some(DropReason::TooShort)
+        );
+        assert_eq!(
+            reason(&"w ".repeat(11), FinishReason::Stop),
+            Some(DropReason::TooLong)
+        );
         // Dialogue inside a story is not a refusal.
-        assert_eq!(reason("Tom said, \"I'm sorry, Mom.\" She smiled.", FinishReason::Stop), None);
+        assert_eq!(
+            reason(
+                "Tom said, \"I'm sorry, Mom.\" She smiled.",
+                FinishReason::Stop
+            ),
+            None
+        );
     }
 
     #[test]
     fn duplicate_hash_ignores_whitespace_only() {
-        assert_eq!(normalized_text_hash("a  b\nc"), normalized_text_hash(" a b c "));
+        assert_eq!(
+            normalized_text_hash("a  b\nc"),
+            normalized_text_hash(" a b c ")
+        );
         assert_ne!(normalized_text_hash("a b c"), normalized_text_hash("a b C"));
     }
 
     #[test]
     fn drop_reasons_round_trip_through_their_names() {
-        for r in [DropReason::Empty, DropReason::Duplicate, DropReason::RequestFailed] {
+        for r in [
+            DropReason::Empty,
+            DropReason::Duplicate,
+            DropReason::RequestFailed,
+        ] {
             assert_eq!(DropReason::parse(r.as_str()), Some(r));
             assert_eq!(serde_json::to_value(r).unwrap(), r.as_str());
         }

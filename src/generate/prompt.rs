@@ -16,7 +16,10 @@ use std::path::Path;
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
     #[error("{source_name}: {message} — expected a header of `id:`, `version:` and `vars:` lines, then `---`, then the prompt body")]
-    Header { source_name: String, message: String },
+    Header {
+        source_name: String,
+        message: String,
+    },
     #[error("{source_name}: the body uses `{{{var}}}` but the header's `vars:` line does not declare it — add it to `vars:` or fix the name")]
     Undeclared { source_name: String, var: String },
     #[error("{source_name}: `vars:` declares `{var}` but the body never uses it — remove it or use `{{{var}}}` in the body")]
@@ -24,7 +27,10 @@ pub enum TemplateError {
     #[error("{source_name}: unbalanced `{{` or `}}` at byte {at} — write `{{{{` or `}}}}` for a literal brace")]
     Brace { source_name: String, at: usize },
     #[error("{path}: could not read the prompt template: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("template `{id}` was rendered without a value for `{var}` (a bug in the corpus code)")]
     MissingValue { id: String, var: String },
 }
@@ -63,7 +69,11 @@ impl Template {
             .split_once("\n---\n")
             .ok_or_else(|| header_err("no `---` line after the header".into()))?;
         let (mut id, mut version, mut vars) = (None, None, None);
-        for line in header.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        for line in header
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
             let (key, value) = line
                 .split_once(':')
                 .ok_or_else(|| header_err(format!("header line `{line}` is not `key: value`")))?;
@@ -71,9 +81,18 @@ impl Template {
             match key.trim() {
                 "id" => id = Some(value.to_string()),
                 "version" => {
-                    version = Some(value.parse::<u32>().map_err(|_| header_err(format!("version `{value}` is not a whole number")))?)
+                    version = Some(value.parse::<u32>().map_err(|_| {
+                        header_err(format!("version `{value}` is not a whole number"))
+                    })?)
                 }
-                "vars" => vars = Some(value.split_whitespace().map(str::to_string).collect::<Vec<_>>()),
+                "vars" => {
+                    vars = Some(
+                        value
+                            .split_whitespace()
+                            .map(str::to_string)
+                            .collect::<Vec<_>>(),
+                    )
+                }
                 other => return Err(header_err(format!("unknown header key `{other}`"))),
             }
         }
@@ -90,10 +109,16 @@ impl Template {
             })
             .collect();
         if let Some(var) = used.iter().find(|v| !vars.iter().any(|d| d == *v)) {
-            return Err(TemplateError::Undeclared { source_name: source_name.into(), var: var.to_string() });
+            return Err(TemplateError::Undeclared {
+                source_name: source_name.into(),
+                var: var.to_string(),
+            });
         }
         if let Some(var) = vars.iter().find(|d| !used.contains(d.as_str())) {
-            return Err(TemplateError::Unused { source_name: source_name.into(), var: var.clone() });
+            return Err(TemplateError::Unused {
+                source_name: source_name.into(),
+                var: var.clone(),
+            });
         }
         Ok(Template {
             id,
@@ -115,9 +140,11 @@ impl Template {
             match piece {
                 Piece::Text(t) => out.push_str(t),
                 Piece::Var(v) => {
-                    let value = values.iter().find(|(k, _)| k == v).ok_or_else(|| TemplateError::MissingValue {
-                        id: self.id.clone(),
-                        var: v.clone(),
+                    let value = values.iter().find(|(k, _)| k == v).ok_or_else(|| {
+                        TemplateError::MissingValue {
+                            id: self.id.clone(),
+                            var: v.clone(),
+                        }
                     })?;
                     out.push_str(value.1);
                 }
@@ -128,7 +155,10 @@ impl Template {
 }
 
 fn parse_body(source_name: &str, body: &str) -> Result<Vec<Piece>, TemplateError> {
-    let brace = |at| TemplateError::Brace { source_name: source_name.into(), at };
+    let brace = |at| TemplateError::Brace {
+        source_name: source_name.into(),
+        at,
+    };
     let mut pieces = Vec::new();
     let mut text = String::new();
     let mut chars = body.char_indices().peekable();
@@ -179,13 +209,18 @@ mod tests {
     fn renders_declared_variables_and_literal_braces() {
         let t = Template::parse("t.txt", OK).unwrap();
         assert_eq!((t.id.as_str(), t.version), ("t", 2));
-        assert_eq!(t.render(&[("a", "x"), ("b", "y")]).unwrap(), "Use x and y, literally {a}.");
+        assert_eq!(
+            t.render(&[("a", "x"), ("b", "y")]).unwrap(),
+            "Use x and y, literally {a}."
+        );
     }
 
     #[test]
     fn undeclared_and_unused_variables_are_load_errors() {
         let undeclared = "id: t\nversion: 1\nvars: a\n---\n{a} {c}\n";
-        let err = Template::parse("p.txt", undeclared).unwrap_err().to_string();
+        let err = Template::parse("p.txt", undeclared)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("p.txt") && err.contains("{c}"), "{err}");
         let unused = "id: t\nversion: 1\nvars: a b\n---\n{a}\n";
         let err = Template::parse("p.txt", unused).unwrap_err().to_string();

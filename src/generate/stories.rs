@@ -36,9 +36,16 @@ pub enum StoriesError {
     #[error(transparent)]
     Template(#[from] TemplateError),
     #[error("{path}:{line}: expected `name | instruction`, found `{text}`")]
-    BadFeature { path: String, line: usize, text: String },
+    BadFeature {
+        path: String,
+        line: usize,
+        text: String,
+    },
     #[error("{path}: could not read: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -66,10 +73,16 @@ impl Vocabulary {
     pub fn load(dir: Option<&Path>) -> Result<Vocabulary, StoriesError> {
         let read = |name: &str, builtin: &'static str| -> Result<(String, String), StoriesError> {
             match dir {
-                None => Ok((format!("<built-in seeds/tinystories/{name}>"), builtin.to_string())),
+                None => Ok((
+                    format!("<built-in seeds/tinystories/{name}>"),
+                    builtin.to_string(),
+                )),
                 Some(d) => {
                     let p = d.join(name);
-                    let text = std::fs::read_to_string(&p).map_err(|source| StoriesError::Io { path: p.display().to_string(), source })?;
+                    let text = std::fs::read_to_string(&p).map_err(|source| StoriesError::Io {
+                        path: p.display().to_string(),
+                        source,
+                    })?;
                     Ok((p.display().to_string(), text))
                 }
             }
@@ -88,7 +101,13 @@ impl Vocabulary {
             .into_iter()
             .flat_map(|l| l.all_forms())
             .collect();
-        Ok(Vocabulary { verbs, nouns, adjectives, features, known })
+        Ok(Vocabulary {
+            verbs,
+            nouns,
+            adjectives,
+            features,
+            known,
+        })
     }
 }
 
@@ -100,11 +119,21 @@ fn parse_features(path: &str, text: &str) -> Result<Vec<Feature>, StoriesError> 
             continue;
         }
         match line.split_once('|') {
-            Some((name, instruction)) if !name.trim().is_empty() && !instruction.trim().is_empty() => out.push(Feature {
-                name: name.trim().to_string(),
-                instruction: instruction.trim().to_string(),
-            }),
-            _ => return Err(StoriesError::BadFeature { path: path.into(), line: i + 1, text: raw.into() }),
+            Some((name, instruction))
+                if !name.trim().is_empty() && !instruction.trim().is_empty() =>
+            {
+                out.push(Feature {
+                    name: name.trim().to_string(),
+                    instruction: instruction.trim().to_string(),
+                })
+            }
+            _ => {
+                return Err(StoriesError::BadFeature {
+                    path: path.into(),
+                    line: i + 1,
+                    text: raw.into(),
+                })
+            }
         }
     }
     Ok(out)
@@ -118,8 +147,18 @@ pub struct Stories {
 }
 
 impl Stories {
-    pub fn new(template: Template, vocab: Vocabulary, max_features: usize, strict_words: bool) -> Stories {
-        Stories { template, vocab, max_features, strict_words }
+    pub fn new(
+        template: Template,
+        vocab: Vocabulary,
+        max_features: usize,
+        strict_words: bool,
+    ) -> Stories {
+        Stories {
+            template,
+            vocab,
+            max_features,
+            strict_words,
+        }
     }
 }
 
@@ -165,14 +204,24 @@ impl Corpus for Stories {
     }
 
     fn sample(&self, rng: &mut ChaCha8Rng) -> StoryConstraints {
-        let pick = |list: &WordList, rng: &mut ChaCha8Rng| list.words.choose(rng).expect("word lists are never empty").clone();
+        let pick = |list: &WordList, rng: &mut ChaCha8Rng| {
+            list.words
+                .choose(rng)
+                .expect("word lists are never empty")
+                .clone()
+        };
         let verb = pick(&self.vocab.verbs, rng);
         let noun = pick(&self.vocab.nouns, rng);
         let adjective = pick(&self.vocab.adjectives, rng);
         let k = rng.random_range(0..=self.max_features.min(self.vocab.features.len()));
         let mut chosen: Vec<&Feature> = self.vocab.features.choose_multiple(rng, k).collect();
         chosen.shuffle(rng);
-        StoryConstraints { verb, noun, adjective, features: chosen.iter().map(|f| f.name.clone()).collect() }
+        StoryConstraints {
+            verb,
+            noun,
+            adjective,
+            features: chosen.iter().map(|f| f.name.clone()).collect(),
+        }
     }
 
     fn prompt_vars(&self, c: &StoryConstraints) -> Vec<(&'static str, String)> {
@@ -185,7 +234,10 @@ impl Corpus for Stories {
         let features = if instructions.is_empty() {
             String::new()
         } else {
-            format!(" The story should have the following features: {}.", instructions.join(", "))
+            format!(
+                " The story should have the following features: {}.",
+                instructions.join(", ")
+            )
         };
         vec![
             ("verb", c.verb.clone()),
@@ -198,23 +250,42 @@ impl Corpus for Stories {
     fn check(&self, c: &StoryConstraints, text: &str) -> Result<StoryChecks, Drop> {
         let all: Vec<String> = words::tokens(text).collect();
         let tokens: HashSet<String> = all.iter().cloned().collect();
-        let missing_words: Vec<String> = [(&self.vocab.verbs, &c.verb), (&self.vocab.nouns, &c.noun), (&self.vocab.adjectives, &c.adjective)]
-            .into_iter()
-            .filter(|(list, w)| !words::uses(&tokens, list, w))
-            .map(|(_, w)| w.clone())
-            .collect();
+        let missing_words: Vec<String> = [
+            (&self.vocab.verbs, &c.verb),
+            (&self.vocab.nouns, &c.noun),
+            (&self.vocab.adjectives, &c.adjective),
+        ]
+        .into_iter()
+        .filter(|(list, w)| !words::uses(&tokens, list, w))
+        .map(|(_, w)| w.clone())
+        .collect();
         if self.strict_words && !missing_words.is_empty() {
-            return Err(Drop::new(DropReason::MissingWords, format!("does not use {}", missing_words.join(", "))));
+            return Err(Drop::new(
+                DropReason::MissingWords,
+                format!("does not use {}", missing_words.join(", ")),
+            ));
         }
-        let oov = all.iter().filter(|t| !self.vocab.known.contains(*t)).count();
+        let oov = all
+            .iter()
+            .filter(|t| !self.vocab.known.contains(*t))
+            .count();
         Ok(StoryChecks {
             words_used: missing_words.is_empty(),
             missing_words,
             dialogue_requested: c.features.iter().any(|f| f == DIALOGUE),
             has_dialogue: has_dialogue(text),
-            oov_share: if all.is_empty() { 0.0 } else { oov as f64 / all.len() as f64 },
+            oov_share: if all.is_empty() {
+                0.0
+            } else {
+                oov as f64 / all.len() as f64
+            },
             word_count: text.split_whitespace().count() as u64,
-            opening: text.split_whitespace().take(3).collect::<Vec<_>>().join(" ").to_lowercase(),
+            opening: text
+                .split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+                .to_lowercase(),
         })
     }
 
@@ -244,7 +315,14 @@ impl Corpus for Stories {
     }
 
     fn summary_columns(&self) -> Vec<&'static str> {
-        vec!["words_used", "dialogue_requested", "has_dialogue", "oov_share", "word_count", "opening"]
+        vec![
+            "words_used",
+            "dialogue_requested",
+            "has_dialogue",
+            "oov_share",
+            "word_count",
+            "opening",
+        ]
     }
 
     fn summarize(&self, df: &DataFrame) -> Value {
@@ -304,21 +382,48 @@ mod tests {
         let total = v.verbs.words.len() + v.nouns.words.len() + v.adjectives.words.len();
         assert!((1400..=1700).contains(&total), "{total} words");
         assert!(v.features.iter().any(|f| f.name == DIALOGUE));
-        let unique: HashSet<&String> = v.verbs.words.iter().chain(&v.nouns.words).chain(&v.adjectives.words).collect();
-        assert!(unique.len() as f64 > 0.97 * total as f64, "lists should barely overlap");
+        let unique: HashSet<&String> = v
+            .verbs
+            .words
+            .iter()
+            .chain(&v.nouns.words)
+            .chain(&v.adjectives.words)
+            .collect();
+        assert!(
+            unique.len() as f64 > 0.97 * total as f64,
+            "lists should barely overlap"
+        );
     }
 
     #[test]
     fn the_prompt_names_the_three_words_and_the_features() {
         let s = stories();
-        let c = StoryConstraints { verb: "decorate".into(), noun: "thunder".into(), adjective: "ancient".into(), features: vec!["dialogue".into(), "bad_ending".into()] };
+        let c = StoryConstraints {
+            verb: "decorate".into(),
+            noun: "thunder".into(),
+            adjective: "ancient".into(),
+            features: vec!["dialogue".into(), "bad_ending".into()],
+        };
         let vars = s.prompt_vars(&c);
         let values: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let prompt = s.template().render(&values).unwrap();
         // The paper's example prompt (TinyStories §2, quoted in ../shared/seeds) has these parts.
-        assert!(prompt.contains("the verb \"decorate\", the noun \"thunder\" and the adjective \"ancient\""), "{prompt}");
-        assert!(prompt.contains("the story should contain at least one dialogue, the story has a bad ending."), "{prompt}");
-        assert!(prompt.ends_with("Remember to only use simple words!"), "{prompt}");
+        assert!(
+            prompt.contains(
+                "the verb \"decorate\", the noun \"thunder\" and the adjective \"ancient\""
+            ),
+            "{prompt}"
+        );
+        assert!(
+            prompt.contains(
+                "the story should contain at least one dialogue, the story has a bad ending."
+            ),
+            "{prompt}"
+        );
+        assert!(
+            prompt.ends_with("Remember to only use simple words!"),
+            "{prompt}"
+        );
     }
 
     #[test]
@@ -326,15 +431,29 @@ mod tests {
         let s = stories();
         let a = s.sample(&mut ChaCha8Rng::seed_from_u64(7));
         let b = s.sample(&mut ChaCha8Rng::seed_from_u64(7));
-        assert_eq!((a.verb.clone(), a.noun.clone(), a.features.clone()), (b.verb, b.noun, b.features));
-        let distinct: HashSet<String> = (0..200).map(|i| s.sample(&mut ChaCha8Rng::seed_from_u64(i)).noun).collect();
-        assert!(distinct.len() > 150, "200 draws should give many different nouns, got {}", distinct.len());
+        assert_eq!(
+            (a.verb.clone(), a.noun.clone(), a.features.clone()),
+            (b.verb, b.noun, b.features)
+        );
+        let distinct: HashSet<String> = (0..200)
+            .map(|i| s.sample(&mut ChaCha8Rng::seed_from_u64(i)).noun)
+            .collect();
+        assert!(
+            distinct.len() > 150,
+            "200 draws should give many different nouns, got {}",
+            distinct.len()
+        );
     }
 
     #[test]
     fn checks_find_inflected_words_dialogue_and_unknown_words() {
         let s = stories();
-        let c = StoryConstraints { verb: "decorate".into(), noun: "tree".into(), adjective: "happy".into(), features: vec!["dialogue".into()] };
+        let c = StoryConstraints {
+            verb: "decorate".into(),
+            noun: "tree".into(),
+            adjective: "happy".into(),
+            features: vec!["dialogue".into()],
+        };
         let text = "Once upon a time, Tim decorated a big tree. \"It is pretty!\" she said. She was happier than ever. Zyxwv.";
         let k = s.check(&c, text).unwrap();
         assert!(k.words_used && k.missing_words.is_empty());
@@ -344,7 +463,15 @@ mod tests {
         assert_eq!(words::tokens(text).count(), 20);
         assert!((k.oov_share - 2.0 / 20.0).abs() < 1e-9, "{}", k.oov_share);
         let strict = Stories::new(s.template.clone(), s.vocab.clone(), 3, true);
-        let drop = strict.check(&StoryConstraints { verb: "swim".into(), ..c }, text).unwrap_err();
+        let drop = strict
+            .check(
+                &StoryConstraints {
+                    verb: "swim".into(),
+                    ..c
+                },
+                text,
+            )
+            .unwrap_err();
         assert_eq!(drop.reason, DropReason::MissingWords);
     }
 }

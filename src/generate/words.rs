@@ -10,9 +10,16 @@ use std::path::Path;
 #[derive(Debug, thiserror::Error)]
 pub enum WordsError {
     #[error("{path}: could not read the word list: {source} — expected a text file with one word a line")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}:{line}: `{text}` is not a word (expected lowercase letters, optionally `word: irregular forms`)")]
-    BadLine { path: String, line: usize, text: String },
+    BadLine {
+        path: String,
+        line: usize,
+        text: String,
+    },
     #[error("{path}: the list is empty — it needs at least one word")]
     Empty { path: String },
 }
@@ -25,13 +32,20 @@ pub struct WordList {
 
 impl WordList {
     pub fn load(path: &Path) -> Result<WordList, WordsError> {
-        let text = std::fs::read_to_string(path).map_err(|source| WordsError::Io { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| WordsError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
         WordList::parse(&path.display().to_string(), &text)
     }
 
     pub fn parse(path: &str, text: &str) -> Result<WordList, WordsError> {
         let mut list = WordList::default();
-        let is_word = |w: &str| !w.is_empty() && w.chars().all(|c| c.is_ascii_lowercase() || c == '-' || c == '\'');
+        let is_word = |w: &str| {
+            !w.is_empty()
+                && w.chars()
+                    .all(|c| c.is_ascii_lowercase() || c == '-' || c == '\'')
+        };
         for (i, raw) in text.lines().enumerate() {
             let line = raw.split('#').next().unwrap_or("").trim();
             if line.is_empty() {
@@ -41,7 +55,11 @@ impl WordList {
             let word = word.trim();
             let extra: Vec<String> = extra.split_whitespace().map(str::to_string).collect();
             if !is_word(word) || !extra.iter().all(|w| is_word(w)) {
-                return Err(WordsError::BadLine { path: path.into(), line: i + 1, text: raw.to_string() });
+                return Err(WordsError::BadLine {
+                    path: path.into(),
+                    line: i + 1,
+                    text: raw.to_string(),
+                });
             }
             if !extra.is_empty() {
                 list.irregular.insert(word.to_string(), extra);
@@ -93,7 +111,12 @@ pub fn regular_forms(w: &str) -> Vec<String> {
         }
     }
     // consonant-vowel-consonant: stop → stopped, big → bigger, run → running
-    if n >= 3 && !is_vowel(chars[n - 1]) && is_vowel(chars[n - 2]) && !is_vowel(chars[n - 3]) && !"wxy".contains(chars[n - 1]) {
+    if n >= 3
+        && !is_vowel(chars[n - 1])
+        && is_vowel(chars[n - 2])
+        && !is_vowel(chars[n - 3])
+        && !"wxy".contains(chars[n - 1])
+    {
         for suffix in ["ed", "ing", "er", "est", "y"] {
             f.push(format!("{w}{}{suffix}", chars[n - 1]));
         }
@@ -106,7 +129,10 @@ pub fn tokens(text: &str) -> impl Iterator<Item = String> + '_ {
     text.split(|c: char| !(c.is_alphabetic() || c == '\'' || c == '’'))
         .map(|t| {
             let t = t.trim_matches(|c| c == '\'' || c == '’');
-            let t = t.strip_suffix("'s").or_else(|| t.strip_suffix("’s")).unwrap_or(t);
+            let t = t
+                .strip_suffix("'s")
+                .or_else(|| t.strip_suffix("’s"))
+                .unwrap_or(t);
             t.to_lowercase()
         })
         .filter(|t| !t.is_empty())
@@ -126,9 +152,17 @@ mod tests {
         // decorate/decorated/decorating is the example; the rest are standard English.
         let has = |w: &str, form: &str| regular_forms(w).iter().any(|f| f == form);
         for (w, form) in [
-            ("decorate", "decorated"), ("decorate", "decorating"), ("decorate", "decorates"),
-            ("stop", "stopped"), ("run", "running"), ("big", "bigger"), ("happy", "happier"),
-            ("cry", "cried"), ("box", "boxes"), ("play", "played"), ("jump", "jumping"),
+            ("decorate", "decorated"),
+            ("decorate", "decorating"),
+            ("decorate", "decorates"),
+            ("stop", "stopped"),
+            ("run", "running"),
+            ("big", "bigger"),
+            ("happy", "happier"),
+            ("cry", "cried"),
+            ("box", "boxes"),
+            ("play", "played"),
+            ("jump", "jumping"),
         ] {
             assert!(has(w, form), "{w} → {form}");
         }
@@ -146,7 +180,9 @@ mod tests {
 
     #[test]
     fn bad_lines_are_errors_naming_file_and_line() {
-        let err = WordList::parse("nouns.txt", "cat\nDog House\n").unwrap_err().to_string();
+        let err = WordList::parse("nouns.txt", "cat\nDog House\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("nouns.txt:2"), "{err}");
         assert!(WordList::parse("x.txt", "# only a comment\n").is_err());
     }
@@ -154,6 +190,9 @@ mod tests {
     #[test]
     fn tokens_drop_punctuation_and_possessives() {
         let t: Vec<String> = tokens("\"Look!\" said Lily's mom. It's a DOG-house").collect();
-        assert_eq!(t, ["look", "said", "lily", "mom", "it", "a", "dog", "house"]);
+        assert_eq!(
+            t,
+            ["look", "said", "lily", "mom", "it", "a", "dog", "house"]
+        );
     }
 }

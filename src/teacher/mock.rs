@@ -85,10 +85,15 @@ impl MockServer {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let log = Arc::new(MockLog::default());
-        let state = Arc::new(State { faults, log: log.clone() });
+        let state = Arc::new(State {
+            faults,
+            log: log.clone(),
+        });
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let state = state.clone();
                 tokio::spawn(async move {
@@ -129,7 +134,10 @@ type Body = Full<Bytes>;
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, Dropped> {
     let path = req.uri().path().to_string();
     if req.method() == hyper::Method::GET && path.ends_with("/models") {
-        return Ok(json(StatusCode::OK, &serde_json::json!({"object": "list", "data": [{"id": "mock", "object": "model"}]})));
+        return Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({"object": "list", "data": [{"id": "mock", "object": "model"}]}),
+        ));
     }
     if !path.ends_with("/chat/completions") {
         return Ok(json(StatusCode::NOT_FOUND, &error_body("no such route")));
@@ -142,7 +150,12 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
     state.log.requests.fetch_add(1, Ordering::Relaxed);
     let request: serde_json::Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
-        Err(e) => return Ok(json(StatusCode::BAD_REQUEST, &error_body(&format!("body is not JSON: {e}")))),
+        Err(e) => {
+            return Ok(json(
+                StatusCode::BAD_REQUEST,
+                &error_body(&format!("body is not JSON: {e}")),
+            ))
+        }
     };
     let Some(prompt) = request["messages"]
         .as_array()
@@ -150,24 +163,37 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         .and_then(|m| m["content"].as_str())
         .map(str::to_string)
     else {
-        return Ok(json(StatusCode::BAD_REQUEST, &error_body("messages[-1].content missing")));
+        return Ok(json(
+            StatusCode::BAD_REQUEST,
+            &error_body("messages[-1].content missing"),
+        ));
     };
     let model = request["model"].as_str().unwrap_or("mock").to_string();
     if model == MISSING_MODEL {
-        return Ok(json(StatusCode::NOT_FOUND, &error_body(&format!("The model `{model}` does not exist"))));
+        return Ok(json(
+            StatusCode::NOT_FOUND,
+            &error_body(&format!("The model `{model}` does not exist")),
+        ));
     }
     let max_tokens = request["max_completion_tokens"]
         .as_u64()
         .or(request["max_tokens"].as_u64())
         .unwrap_or(u64::MAX);
     let seen = {
-        let mut per = state.log.per_prompt.lock().unwrap_or_else(|e| e.into_inner());
+        let mut per = state
+            .log
+            .per_prompt
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let n = per.entry(prompt.clone()).or_insert(0);
         *n += 1;
         *n
     };
     if f.unauthorized {
-        return Ok(json(StatusCode::UNAUTHORIZED, &error_body("Incorrect API key provided")));
+        return Ok(json(
+            StatusCode::UNAUTHORIZED,
+            &error_body("Incorrect API key provided"),
+        ));
     }
     if f.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(f.latency_ms)).await;
@@ -184,13 +210,25 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         }
     };
     if hit(f.rate_429) {
-        return Ok(with_retry_after(json(StatusCode::TOO_MANY_REQUESTS, &error_body("Rate limit reached")), f.retry_after_secs));
+        return Ok(with_retry_after(
+            json(
+                StatusCode::TOO_MANY_REQUESTS,
+                &error_body("Rate limit reached"),
+            ),
+            f.retry_after_secs,
+        ));
     }
     if hit(f.rate_500) {
-        return Ok(json(StatusCode::INTERNAL_SERVER_ERROR, &error_body("internal error")));
+        return Ok(json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &error_body("internal error"),
+        ));
     }
     if hit(f.rate_503) {
-        return Ok(with_retry_after(json(StatusCode::SERVICE_UNAVAILABLE, &error_body("overloaded")), f.retry_after_secs));
+        return Ok(with_retry_after(
+            json(StatusCode::SERVICE_UNAVAILABLE, &error_body("overloaded")),
+            f.retry_after_secs,
+        ));
     }
     if hit(f.rate_drop) {
         return Err(Dropped);
@@ -199,14 +237,19 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         return Ok(Response::builder()
             .status(StatusCode::OK)
             .header("content-type", "application/json")
-            .body(Full::new(Bytes::from_static(b"{\"id\": \"x\", \"choices\": [")))
+            .body(Full::new(Bytes::from_static(
+                b"{\"id\": \"x\", \"choices\": [",
+            )))
             .expect("static response is valid"));
     }
     if hit(f.rate_slow) {
         tokio::time::sleep(Duration::from_secs_f64(f.slow_secs)).await;
     }
     let (mut text, mut finish) = if hit(f.rate_refuse) {
-        ("I'm sorry, but I can't help with that request.".to_string(), "stop")
+        (
+            "I'm sorry, but I can't help with that request.".to_string(),
+            "stop",
+        )
     } else if hit(f.rate_duplicate) {
         (DUPLICATE_ANSWER.to_string(), "stop")
     } else {
@@ -215,7 +258,11 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
     let mut completion_tokens = text.split_whitespace().count() as u64;
     if hit(f.rate_length) || completion_tokens > max_tokens {
         let keep = (completion_tokens / 2).min(max_tokens) as usize;
-        text = text.split_whitespace().take(keep).collect::<Vec<_>>().join(" ");
+        text = text
+            .split_whitespace()
+            .take(keep)
+            .collect::<Vec<_>>()
+            .join(" ");
         completion_tokens = keep as u64;
         finish = "length";
     }
@@ -254,12 +301,26 @@ pub const MISSING_MODEL: &str = "missing-model";
 
 const DUPLICATE_ANSWER: &str = "Once upon a time there was a little cat. The cat sat in the warm sun all day. \"I like the sun,\" said the cat. A bird came to play with the cat. They ran and jumped in the green grass. Then they took a long nap together under a big tree. The end.";
 
-const OPENINGS: &[&str] = &["Once upon a time,", "One sunny day,", "Long ago,", "There was once", "Every morning,"];
+const OPENINGS: &[&str] = &[
+    "Once upon a time,",
+    "One sunny day,",
+    "Long ago,",
+    "There was once",
+    "Every morning,",
+];
 const FILLER: &[&str] = &[
-    "the dog ran to the park", "a little bird sang a song", "mom made a big cake",
-    "the sun was warm and bright", "they played with a red ball", "the boy found a shiny stone",
-    "the girl had a soft toy", "a friendly frog jumped high", "the tree was tall and green",
-    "they shared the food", "the cat took a long nap", "a small boat went on the lake",
+    "the dog ran to the park",
+    "a little bird sang a song",
+    "mom made a big cake",
+    "the sun was warm and bright",
+    "they played with a red ball",
+    "the boy found a shiny stone",
+    "the girl had a soft toy",
+    "a friendly frog jumped high",
+    "the tree was tall and green",
+    "they shared the food",
+    "the cat took a long nap",
+    "a small boat went on the lake",
 ];
 
 /// A deterministic answer that uses every double-quoted word of the prompt.
@@ -280,7 +341,10 @@ fn answer_for(prompt: &str) -> String {
         let f = FILLER[((h >> (i * 5)) % FILLER.len() as u64) as usize];
         parts.push(format!("Then {f}."));
     }
-    parts.push(format!("It was day {} and everyone was happy.", h % 100_000));
+    parts.push(format!(
+        "It was day {} and everyone was happy.",
+        h % 100_000
+    ));
     parts.join(" ")
 }
 
@@ -290,7 +354,11 @@ fn hash64(prompt: &str, n: u64, salt: u8) -> u64 {
     h.update(&n.to_le_bytes());
     h.update(prompt.as_bytes());
     let bytes = h.finalize();
-    u64::from_le_bytes(bytes.as_bytes()[..8].try_into().expect("blake3 gives 32 bytes"))
+    u64::from_le_bytes(
+        bytes.as_bytes()[..8]
+            .try_into()
+            .expect("blake3 gives 32 bytes"),
+    )
 }
 
 fn unit(prompt: &str, n: u64, salt: u8) -> f64 {
@@ -317,8 +385,9 @@ fn with_retry_after(mut response: Response<Body>, secs: f64) -> Response<Body> {
     } else {
         httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs_f64(-secs))
     };
-    response
-        .headers_mut()
-        .insert("retry-after", value.parse().expect("a number or date is a valid header"));
+    response.headers_mut().insert(
+        "retry-after",
+        value.parse().expect("a number or date is a valid header"),
+    );
     response
 }

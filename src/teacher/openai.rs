@@ -8,14 +8,16 @@ use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime};
 
 use async_openai::types::chat::{
-    ChatCompletionRequestMessage, ChatCompletionRequestUserMessage, CreateChatCompletionRequest, CreateChatCompletionResponse,
-    FinishReason as WireFinishReason,
+    ChatCompletionRequestMessage, ChatCompletionRequestUserMessage, CreateChatCompletionRequest,
+    CreateChatCompletionResponse, FinishReason as WireFinishReason,
 };
 use reqwest::header::{HeaderMap, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::StatusCode;
 
 use super::retry::{parse_retry_after, RequestCounters, Throttle};
-use super::{Answer, FinishReason, HttpSettings, MaxTokensField, Sampling, Teacher, TeacherError, Usage};
+use super::{
+    Answer, FinishReason, HttpSettings, MaxTokensField, Sampling, Teacher, TeacherError, Usage,
+};
 
 /// The API key, read from the environment once; its `Debug` never shows it.
 struct ApiKey(String);
@@ -62,7 +64,9 @@ impl OpenAiTeacher {
     pub fn new(settings: HttpSettings) -> Result<Self, SetupError> {
         let base = settings.base_url.trim_end_matches('/');
         if !(base.starts_with("http://") || base.starts_with("https://")) {
-            return Err(SetupError::BadUrl { url: settings.base_url.clone() });
+            return Err(SetupError::BadUrl {
+                url: settings.base_url.clone(),
+            });
         }
         let url = format!("{base}/chat/completions");
         let key = std::env::var(&settings.api_key_env)
@@ -99,7 +103,8 @@ impl OpenAiTeacher {
     }
 
     fn body(&self, prompt: &str) -> String {
-        let messages: Vec<ChatCompletionRequestMessage> = vec![ChatCompletionRequestUserMessage::from(prompt).into()];
+        let messages: Vec<ChatCompletionRequestMessage> =
+            vec![ChatCompletionRequestUserMessage::from(prompt).into()];
         let messages = serde_json::to_string(&messages).expect("chat messages always serialize");
         format!("{{\"messages\":{messages},{}", self.body_tail)
     }
@@ -128,12 +133,18 @@ impl OpenAiTeacher {
         }
         let retry_after = retry_after(response.headers());
         match status {
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Exchange::Fatal(TeacherError::Auth {
-                url: self.settings.base_url.clone(),
-                status: status.as_u16(),
-                key_var: self.settings.api_key_env.clone(),
-                hint: if self.key.is_none() { " (it is not set)" } else { "" },
-            }),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                Exchange::Fatal(TeacherError::Auth {
+                    url: self.settings.base_url.clone(),
+                    status: status.as_u16(),
+                    key_var: self.settings.api_key_env.clone(),
+                    hint: if self.key.is_none() {
+                        " (it is not set)"
+                    } else {
+                        ""
+                    },
+                })
+            }
             StatusCode::TOO_MANY_REQUESTS => {
                 RequestCounters::bump(&self.counters.throttled);
                 Exchange::Retry {
@@ -168,7 +179,11 @@ impl OpenAiTeacher {
             &self.counters.connection_errors
         };
         RequestCounters::bump(counter);
-        let kind = if e.is_timeout() { "timed out" } else { "connection failed" };
+        let kind = if e.is_timeout() {
+            "timed out"
+        } else {
+            "connection failed"
+        };
         Exchange::Retry {
             reason: format!("{kind}: {e}"),
             overload: None,
@@ -225,11 +240,17 @@ fn request_body_tail(model: &str, sampling: Sampling, field: MaxTokensField) -> 
         ..Default::default()
     };
     match field {
-        MaxTokensField::MaxCompletionTokens => request.max_completion_tokens = Some(sampling.max_tokens),
-        MaxTokensField::MaxTokens | MaxTokensField::Auto => request.max_tokens = Some(sampling.max_tokens),
+        MaxTokensField::MaxCompletionTokens => {
+            request.max_completion_tokens = Some(sampling.max_tokens)
+        }
+        MaxTokensField::MaxTokens | MaxTokensField::Auto => {
+            request.max_tokens = Some(sampling.max_tokens)
+        }
     }
     let mut value = serde_json::to_value(&request).expect("chat request always serializes");
-    let object = value.as_object_mut().expect("a request serializes to an object");
+    let object = value
+        .as_object_mut()
+        .expect("a request serializes to an object");
     object.remove("messages");
     let tail = serde_json::to_string(&value).expect("json value always serializes");
     tail[1..].to_string()
@@ -301,7 +322,11 @@ mod tests {
 
     #[test]
     fn request_body_is_valid_openai_json_with_the_chosen_limit_field() {
-        let s = Sampling { temperature: 0.7, top_p: 0.95, max_tokens: 321 };
+        let s = Sampling {
+            temperature: 0.7,
+            top_p: 0.95,
+            max_tokens: 321,
+        };
         for (field, key) in [
             (MaxTokensField::MaxTokens, "max_tokens"),
             (MaxTokensField::MaxCompletionTokens, "max_completion_tokens"),

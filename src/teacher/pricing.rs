@@ -17,7 +17,8 @@ pub struct Price {
 
 impl Price {
     pub fn cost(&self, prompt_tokens: u64, completion_tokens: u64) -> f64 {
-        (prompt_tokens as f64 * self.input_per_m + completion_tokens as f64 * self.output_per_m) / 1e6
+        (prompt_tokens as f64 * self.input_per_m + completion_tokens as f64 * self.output_per_m)
+            / 1e6
     }
 }
 
@@ -141,22 +142,37 @@ mod tests {
     #[test]
     fn dated_snapshots_get_their_family_price() {
         // Expected values are the table rows above: the longest matching prefix wins.
-        assert_eq!(default_price("gpt-4o-mini-2024-07-18").unwrap().input_per_m, 0.15);
-        assert_eq!(default_price("gpt-4o-2024-08-06").unwrap().input_per_m, 2.50);
-        assert_eq!(default_price("openai/gpt-4.1-nano").unwrap().output_per_m, 0.40);
+        assert_eq!(
+            default_price("gpt-4o-mini-2024-07-18").unwrap().input_per_m,
+            0.15
+        );
+        assert_eq!(
+            default_price("gpt-4o-2024-08-06").unwrap().input_per_m,
+            2.50
+        );
+        assert_eq!(
+            default_price("openai/gpt-4.1-nano").unwrap().output_per_m,
+            0.40
+        );
         assert_eq!(default_price("llama3.1:8b"), None);
     }
 
     #[test]
     fn the_budget_is_never_exceeded_even_with_requests_in_flight() {
         // $1/M in and out: a request of 100k prompt + 100k output tokens costs $0.20 at worst.
-        let price = Price { input_per_m: 1.0, output_per_m: 1.0 };
+        let price = Price {
+            input_per_m: 1.0,
+            output_per_m: 1.0,
+        };
         let ledger = Ledger::new(Some(price), Some(0.5));
         let a = ledger.reserve(100_000, 100_000).unwrap();
         let b = ledger.reserve(100_000, 100_000).unwrap();
         assert!(ledger.reserve(100_000, 100_000).is_none(), "0.6 > 0.5");
         ledger.settle(a, 100_000, 10_000); // really cost 0.11
-        assert!(ledger.reserve(100_000, 100_000).is_none(), "0.11 + 0.2 in flight + 0.2 > 0.5");
+        assert!(
+            ledger.reserve(100_000, 100_000).is_none(),
+            "0.11 + 0.2 in flight + 0.2 > 0.5"
+        );
         ledger.release(b);
         let c = ledger.reserve(100_000, 100_000).unwrap(); // 0.11 + 0.2 ≤ 0.5
         ledger.release(c);

@@ -208,7 +208,10 @@ mod tests {
         // Both forms are defined in RFC 9110 §10.2.3; the date is the RFC's own example.
         let now = httpdate::parse_http_date("Wed, 21 Oct 2015 07:27:50 GMT").unwrap();
         assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
-        assert_eq!(parse_retry_after(" 1.5 ", now), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            parse_retry_after(" 1.5 ", now),
+            Some(Duration::from_millis(1500))
+        );
         assert_eq!(
             parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now),
             Some(Duration::from_secs(10))
@@ -228,9 +231,20 @@ mod tests {
             max_delay: Duration::from_millis(1000),
             ..RetryPolicy::default()
         };
-        for (attempt, full) in [(1, 100), (2, 200), (3, 400), (4, 800), (5, 1000), (30, 1000)] {
+        for (attempt, full) in [
+            (1, 100),
+            (2, 200),
+            (3, 400),
+            (4, 800),
+            (5, 1000),
+            (30, 1000),
+        ] {
             let d = p.backoff(attempt).as_millis() as u64;
-            assert!(d >= full / 2 && d <= full, "attempt {attempt}: {d} ms not in [{}, {full}]", full / 2);
+            assert!(
+                d >= full / 2 && d <= full,
+                "attempt {attempt}: {d} ms not in [{}, {full}]",
+                full / 2
+            );
         }
     }
 
@@ -246,7 +260,11 @@ mod tests {
         for _ in 0..1 + 2 + 3 {
             t.on_success();
         }
-        assert_eq!(t.limit(), 4, "additive increase: one more after `limit` successes");
+        assert_eq!(
+            t.limit(),
+            4,
+            "additive increase: one more after `limit` successes"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -269,8 +287,14 @@ mod tests {
             let _p = t2.acquire().await;
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!waiter.is_finished(), "a fourth request must wait for a free slot");
+        assert!(
+            !waiter.is_finished(),
+            "a fourth request must wait for a free slot"
+        );
         drop(p1);
-        tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }
