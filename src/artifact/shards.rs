@@ -188,6 +188,12 @@ impl ShardWriter {
         Ok(())
     }
 
+    /// Packs what is pending and removes the (then empty) journal.
+    pub fn close(mut self) -> Result<(), ShardError> {
+        self.flush()?;
+        fs::remove_file(&self.journal_path).map_err(io_err(&self.journal_path))
+    }
+
     fn remove_stale_temps(&self) -> Result<(), ShardError> {
         for entry in fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
             let path = entry.map_err(io_err(&self.dir))?.path();

@@ -763,8 +763,13 @@ pub async fn generate<C: Corpus, T: Teacher>(
             writer_state.stop(StopReason::Fatal);
         }
         // Whatever happened, pack what reached the journals.
-        let flushed = records.flush().and(rejects.flush());
-        result.and(flushed)
+        match result {
+            Ok(()) => records.close().and(rejects.close()),
+            Err(e) => {
+                let _ = records.flush().and(rejects.flush());
+                Err(e)
+            }
+        }
     });
 
     let worker = Arc::new(Worker {

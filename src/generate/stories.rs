@@ -180,7 +180,7 @@ pub struct StoryChecks {
     /// Share of word tokens that are not a form of a vocabulary or function word.
     pub oov_share: f64,
     pub word_count: u64,
-    /// The first three words, lowercased.
+    /// The first three words, lowercased, without punctuation.
     pub opening: String,
 }
 
@@ -280,12 +280,7 @@ impl Corpus for Stories {
                 oov as f64 / all.len() as f64
             },
             word_count: text.split_whitespace().count() as u64,
-            opening: text
-                .split_whitespace()
-                .take(3)
-                .collect::<Vec<_>>()
-                .join(" ")
-                .to_lowercase(),
+            opening: all.iter().take(3).cloned().collect::<Vec<_>>().join(" "),
         })
     }
 
