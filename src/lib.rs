@@ -7,4 +7,5 @@
 pub mod artifact;
 pub mod cli;
 pub mod generate;
+pub mod sandbox;
 pub mod teacher;
