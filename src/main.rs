@@ -2,6 +2,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+// Generation allocates many small strings per record; mimalloc is measurably faster than glibc's here.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = phigen::cli::Cli::parse();
     phigen::cli::init_logging(&cli);

@@ -62,11 +62,8 @@ fn shard_records(out: &Path) -> Vec<(String, i64, String)> {
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .starts_with("part-")
+            let name = p.file_name().unwrap().to_str().unwrap();
+            name.starts_with("part-") && name.ends_with(".parquet") // not a `.tmp` a kill left behind
         })
         .collect();
     parts.sort();

@@ -121,15 +121,22 @@ impl ShardWriter {
         Ok(ids)
     }
 
-    /// Makes `row` durable against a crash of this process, and packs a Parquet file when due.
-    pub fn append(&mut self, row: Map<String, Value>) -> Result<(), ShardError> {
-        let mut line = serde_json::to_vec(&row).expect("a JSON map always serializes");
-        line.push(b'\n');
-        // One write per line: a killed process leaves whole lines (the OS keeps what was written).
+    /// Makes `rows` durable against a crash of this process (one `write` for all of them), and
+    /// packs a Parquet file when due.
+    pub fn append(&mut self, rows: Vec<Map<String, Value>>) -> Result<(), ShardError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut lines = Vec::new();
+        for row in &rows {
+            serde_json::to_writer(&mut lines, row).expect("a JSON map always serializes");
+            lines.push(b'\n');
+        }
+        // A killed process leaves whole lines, or a torn last one that recovery skips.
         self.journal
-            .write_all(&line)
+            .write_all(&lines)
             .map_err(io_err(&self.journal_path))?;
-        self.pending.push(row);
+        self.pending.extend(rows);
         if self.pending.len() >= self.flush_every {
             self.flush()?;
         }
@@ -304,7 +311,7 @@ mod tests {
             )
             .unwrap();
             for id in ["a", "b", "c"] {
-                w.append(row(id)).unwrap(); // a, b → part-00000; c stays in the journal
+                w.append(vec![row(id)]).unwrap(); // a, b → part-00000; c stays in the journal
             }
             // simulate kill -9: no flush; plus a torn half line at the end
             let mut j = OpenOptions::new()
@@ -379,9 +386,9 @@ mod tests {
             100,
         )
         .unwrap();
-        w.append(row("x")).unwrap();
+        w.append(vec![row("x")]).unwrap();
         w.flush().unwrap();
-        w.append(row("y")).unwrap();
+        w.append(vec![row("y")]).unwrap();
         w.flush().unwrap();
         assert_eq!(w.ids().unwrap().len(), 2);
     }

@@ -751,11 +751,18 @@ pub async fn generate<C: Corpus, T: Teacher>(
     let writer_state = state.clone();
     let writer = std::thread::spawn(move || -> Result<(), ShardError> {
         let result = (|| {
-            while let Some(out) = rx.blocking_recv() {
-                match out {
-                    Output::Record(row) => records.append(row)?,
-                    Output::Reject(row) => rejects.append(row)?,
+            // Everything already waiting is written in one go: one syscall, not one per record.
+            let mut batch = Vec::new();
+            while rx.blocking_recv_many(&mut batch, 1024) > 0 {
+                let (mut kept, mut dropped) = (Vec::new(), Vec::new());
+                for out in batch.drain(..) {
+                    match out {
+                        Output::Record(row) => kept.push(row),
+                        Output::Reject(row) => dropped.push(row),
+                    }
                 }
+                records.append(kept)?;
+                rejects.append(dropped)?;
             }
             Ok(())
         })();

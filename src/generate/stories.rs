@@ -6,7 +6,7 @@
 //! for, and for the share of words outside the vocabulary; `stats.json` summarises these and the
 //! most common openings (the "Once upon a time" problem).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use polars::prelude::{ChunkAgg, DataFrame};
@@ -63,8 +63,9 @@ pub struct Vocabulary {
     pub nouns: WordList,
     pub adjectives: WordList,
     pub features: Vec<Feature>,
-    /// Every form of every word a 3–4 year old knows: the three lists plus function words.
-    known: HashSet<String>,
+    /// Every form of every word a 3–4 year old knows (the three lists plus function words),
+    /// mapped to the words it is a form of.
+    lemmas: HashMap<String, Vec<String>>,
 }
 
 impl Vocabulary {
@@ -97,16 +98,23 @@ impl Vocabulary {
         let function_words = list("function_words.txt", BUILTIN_FUNCTION_WORDS)?;
         let (path, text) = read("features.txt", BUILTIN_FEATURES)?;
         let features = parse_features(&path, &text)?;
-        let known = [&verbs, &nouns, &adjectives, &function_words]
-            .into_iter()
-            .flat_map(|l| l.all_forms())
-            .collect();
+        let mut lemmas: HashMap<String, Vec<String>> = HashMap::new();
+        for list in [&verbs, &nouns, &adjectives, &function_words] {
+            for word in &list.words {
+                for form in list.forms(word) {
+                    let entry = lemmas.entry(form).or_default();
+                    if !entry.contains(word) {
+                        entry.push(word.clone());
+                    }
+                }
+            }
+        }
         Ok(Vocabulary {
             verbs,
             nouns,
             adjectives,
             features,
-            known,
+            lemmas,
         })
     }
 }
@@ -249,26 +257,21 @@ impl Corpus for Stories {
 
     fn check(&self, c: &StoryConstraints, text: &str) -> Result<StoryChecks, Drop> {
         let all: Vec<String> = words::tokens(text).collect();
-        let tokens: HashSet<String> = all.iter().cloned().collect();
-        let missing_words: Vec<String> = [
-            (&self.vocab.verbs, &c.verb),
-            (&self.vocab.nouns, &c.noun),
-            (&self.vocab.adjectives, &c.adjective),
-        ]
-        .into_iter()
-        .filter(|(list, w)| !words::uses(&tokens, list, w))
-        .map(|(_, w)| w.clone())
-        .collect();
+        let lemmas: Vec<Option<&Vec<String>>> =
+            all.iter().map(|t| self.vocab.lemmas.get(t)).collect();
+        let used = |w: &String| lemmas.iter().flatten().any(|ls| ls.contains(w));
+        let missing_words: Vec<String> = [&c.verb, &c.noun, &c.adjective]
+            .into_iter()
+            .filter(|w| !used(w))
+            .cloned()
+            .collect();
         if self.strict_words && !missing_words.is_empty() {
             return Err(Drop::new(
                 DropReason::MissingWords,
                 format!("does not use {}", missing_words.join(", ")),
             ));
         }
-        let oov = all
-            .iter()
-            .filter(|t| !self.vocab.known.contains(*t))
-            .count();
+        let oov = lemmas.iter().filter(|l| l.is_none()).count();
         Ok(StoryChecks {
             words_used: missing_words.is_empty(),
             missing_words,
