@@ -17,6 +17,7 @@ use crate::generate::engine::{
 };
 use crate::generate::prompt::Template;
 use crate::generate::stories::{self, Stories, Vocabulary};
+use crate::generate::textbooks::{self, Textbooks};
 use crate::generate::Corpus;
 use crate::teacher::mock::{Faults, MockServer};
 use crate::teacher::openai::OpenAiTeacher;
@@ -45,6 +46,8 @@ pub struct Cli {
 pub enum Command {
     /// Write a TinyStories corpus: short stories in the words a 3-4 year old understands.
     Stories(StoriesArgs),
+    /// Write a CodeTextbook corpus: textbook sections mixing explanation with Python (topic × audience × style).
+    Textbooks(TextbooksArgs),
     /// Serve a deterministic fake OpenAI-compatible API on loopback (tests, benchmarks, trying a pipeline offline).
     MockServer(MockServerArgs),
 }
@@ -141,6 +144,29 @@ pub struct StoriesArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct TextbooksArgs {
+    /// Topics file: one `topic` or `topic > subtopic` a line, `#` comments (e.g. seeds/topics.txt).
+    #[arg(long)]
+    pub topics: PathBuf,
+    /// Audiences file, one a line [default: the built-in seeds/audiences.txt].
+    #[arg(long)]
+    pub audiences: Option<PathBuf>,
+    /// Styles file, one a line [default: the built-in seeds/styles.txt].
+    #[arg(long)]
+    pub styles: Option<PathBuf>,
+    /// Prompt template file [default: the built-in prompts/textbook.txt].
+    #[arg(long)]
+    pub prompt: Option<PathBuf>,
+    /// Output directory.
+    #[arg(long, default_value = "data/textbooks")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub output: OutputArgs,
+    #[command(flatten)]
+    pub teacher: TeacherArgs,
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct MockServerArgs {
     /// Address to listen on (loopback only; port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:8089")]
@@ -222,6 +248,39 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 &args.output,
                 args.out.clone(),
                 1024,
+                cli.quiet,
+            )
+            .await
+        }
+        Command::Textbooks(args) => {
+            let template = match &args.prompt {
+                Some(p) => Template::load(p)?,
+                None => Template::parse(
+                    "<built-in prompts/textbook.txt>",
+                    textbooks::BUILTIN_TEMPLATE,
+                )?,
+            };
+            let (path, text) = textbooks::read_list(Some(&args.topics), "", "topics.txt")?;
+            let topics = textbooks::parse_topics(&path, &text)?;
+            let (path, text) = textbooks::read_list(
+                args.audiences.as_deref(),
+                textbooks::BUILTIN_AUDIENCES,
+                "audiences.txt",
+            )?;
+            let audiences = textbooks::parse_plain(&path, &text)?;
+            let (path, text) = textbooks::read_list(
+                args.styles.as_deref(),
+                textbooks::BUILTIN_STYLES,
+                "styles.txt",
+            )?;
+            let styles = textbooks::parse_plain(&path, &text)?;
+            let corpus = Arc::new(Textbooks::new(template, topics, audiences, styles));
+            run_corpus(
+                corpus,
+                &args.teacher,
+                &args.output,
+                args.out.clone(),
+                2048,
                 cli.quiet,
             )
             .await

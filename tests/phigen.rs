@@ -30,8 +30,13 @@ async fn mock(faults: Faults) -> MockServer {
 
 /// `phigen stories` against `server`, with test-friendly defaults; `extra` may override them.
 fn stories_cmd(server: &MockServer, out: &Path, n: u64, extra: &[&str]) -> Command {
+    generate_cmd("stories", server, out, n, extra)
+}
+
+/// `phigen <corpus>` against `server`.
+fn generate_cmd(corpus: &str, server: &MockServer, out: &Path, n: u64, extra: &[&str]) -> Command {
     let mut c = Command::new(BIN);
-    c.args(["--quiet", "stories", "--base-url", &server.base_url()])
+    c.args(["--quiet", corpus, "--base-url", &server.base_url()])
         .args(["--out", out.to_str().unwrap(), "--n", &n.to_string()])
         .args(extra)
         .args(if extra.contains(&"--model") {
@@ -540,4 +545,78 @@ async fn timeouts_and_dropped_connections_are_retried() {
         assert!(!a.text.is_empty());
     }
     assert!(t.counters().snapshot().connection_errors > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn textbooks_keep_only_sections_whose_code_parses() {
+    let server = mock(Faults {
+        rate_bad_code: 0.2,
+        rate_no_code: 0.1,
+        ..Faults::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tb");
+    let topics = concat!(env!("CARGO_MANIFEST_DIR"), "/seeds/topics.txt");
+    let o = run(generate_cmd(
+        "textbooks",
+        &server,
+        &out,
+        30,
+        &["--topics", topics, "--max-attempts", "8"],
+    ))
+    .await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_exactly_slots(&out, 30);
+    let s = stats(&out);
+    assert_eq!(s["kind"], "textbook");
+    for reason in ["syntax_error", "no_code"] {
+        assert!(
+            s["run"]["dropped"][reason].as_u64().unwrap_or(0) > 0,
+            "expected {reason} drops: {}",
+            s["run"]
+        );
+    }
+    let per_topic: u64 = s["corpus"]["per_topic"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(per_topic, 30);
+    assert!(s["corpus"]["per_audience"].as_object().unwrap().len() > 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_or_empty_topics_file_is_a_clear_error() {
+    let server = mock(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.txt");
+    let o = run(generate_cmd(
+        "textbooks",
+        &server,
+        &dir.path().join("o"),
+        5,
+        &["--topics", missing.to_str().unwrap()],
+    ))
+    .await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("nope.txt"), "{}", stderr(&o));
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "# only comments\n\n").unwrap();
+    let o = run(generate_cmd(
+        "textbooks",
+        &server,
+        &dir.path().join("o"),
+        5,
+        &["--topics", empty.to_str().unwrap()],
+    ))
+    .await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("empty.txt") && stderr(&o).contains("no entries"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(server.log.requests.load(Ordering::SeqCst), 0);
 }

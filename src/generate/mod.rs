@@ -7,7 +7,9 @@
 
 pub mod engine;
 pub mod prompt;
+pub mod python;
 pub mod stories;
+pub mod textbooks;
 pub mod words;
 
 use rand_chacha::ChaCha8Rng;
@@ -31,6 +33,10 @@ pub enum DropReason {
     Refused,
     /// A story that does not use its required words (only with `--strict-words`).
     MissingWords,
+    /// A section without any Python code block.
+    NoCode,
+    /// A Python code block that does not parse.
+    SyntaxError,
     /// The request failed after all retries; the prompt is sent again by a later run.
     RequestFailed,
 }
@@ -45,6 +51,8 @@ impl DropReason {
             DropReason::Duplicate => "duplicate",
             DropReason::Refused => "refused",
             DropReason::MissingWords => "missing_words",
+            DropReason::NoCode => "no_code",
+            DropReason::SyntaxError => "syntax_error",
             DropReason::RequestFailed => "request_failed",
         }
     }
@@ -169,14 +177,8 @@ fn refusal_opening(text: &str) -> Option<&'static str> {
 
 /// Whitespace-normalized text, for exact-duplicate detection.
 pub fn normalized_text_hash(text: &str) -> [u8; 32] {
-    let mut h = blake3::Hasher::new();
-    for (i, w) in text.split_whitespace().enumerate() {
-        if i > 0 {
-            h.update(b" ");
-        }
-        h.update(w.as_bytes());
-    }
-    *h.finalize().as_bytes()
+    let normalized = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    *blake3::hash(normalized.as_bytes()).as_bytes()
 }
 
 #[cfg(test)]

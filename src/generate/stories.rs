@@ -6,7 +6,7 @@
 //! for, and for the share of words outside the vocabulary; `stats.json` summarises these and the
 //! most common openings (the "Once upon a time" problem).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use polars::prelude::{ChunkAgg, DataFrame};
@@ -368,6 +368,7 @@ fn summarize_stories(df: &DataFrame) -> polars::prelude::PolarsResult<Value> {
 mod tests {
     use super::*;
     use rand::SeedableRng;
+    use std::collections::HashSet;
 
     fn stories() -> Stories {
         let template = Template::parse("tinystories.txt", BUILTIN_TEMPLATE).unwrap();

@@ -54,6 +54,12 @@ pub struct Faults {
     /// Share of requests answered with one fixed text (exact duplicates of each other).
     #[arg(long, default_value_t = 0.0)]
     pub rate_duplicate: f64,
+    /// For prompts that ask for Python: share of answers whose code block does not parse.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate_bad_code: f64,
+    /// For prompts that ask for Python: share of answers without any code block.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate_no_code: f64,
     /// Answer every request 401 (a revoked key).
     #[arg(long)]
     pub unauthorized: bool,
@@ -253,7 +259,16 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
     } else if hit(f.rate_duplicate) {
         (DUPLICATE_ANSWER.to_string(), "stop")
     } else {
-        (answer_for(&prompt), "stop")
+        let code = if !prompt.contains("Python") {
+            Code::None
+        } else if hit(f.rate_bad_code) {
+            Code::Broken
+        } else if hit(f.rate_no_code) {
+            Code::None
+        } else {
+            Code::Good
+        };
+        (answer_for(&prompt, code), "stop")
     };
     let mut completion_tokens = text.split_whitespace().count() as u64;
     if hit(f.rate_length) || completion_tokens > max_tokens {
@@ -324,7 +339,17 @@ const FILLER: &[&str] = &[
 ];
 
 /// A deterministic answer that uses every double-quoted word of the prompt.
-fn answer_for(prompt: &str) -> String {
+/// The Python an answer carries.
+#[derive(Clone, Copy, PartialEq)]
+enum Code {
+    None,
+    Good,
+    Broken,
+}
+
+/// A deterministic answer that uses every double-quoted word of the prompt; prompts that ask for
+/// Python get a longer, textbook-like answer with a code block.
+fn answer_for(prompt: &str, code: Code) -> String {
     let quoted: Vec<&str> = prompt
         .split(['"', '“', '”'])
         .skip(1)
@@ -345,6 +370,22 @@ fn answer_for(prompt: &str) -> String {
         "It was day {} and everyone was happy.",
         h % 100_000
     ));
+    if prompt.contains("Python") {
+        for i in 0..18u64 {
+            let f = FILLER[((h >> (i * 3)) % FILLER.len() as u64) as usize];
+            parts.push(format!("In the next example {f}."));
+        }
+    }
+    let n = h % 1000;
+    match code {
+        Code::None => {}
+        Code::Good => parts.push(format!(
+            "\n\n```python\ndef step_{n}(x):\n    return x + {n}\n\nprint(step_{n}(1))\n```\n"
+        )),
+        Code::Broken => parts.push(format!(
+            "\n\n```python\nfor i in range({n})\n    print(i)\n```\n"
+        )),
+    }
     parts.join(" ")
 }
 

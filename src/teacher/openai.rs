@@ -40,7 +40,8 @@ pub enum SetupError {
 
 pub struct OpenAiTeacher {
     settings: HttpSettings,
-    url: String,
+    /// `{base_url}/chat/completions`, parsed once.
+    url: reqwest::Url,
     key: Option<ApiKey>,
     client: reqwest::Client,
     throttle: Throttle,
@@ -68,7 +69,11 @@ impl OpenAiTeacher {
                 url: settings.base_url.clone(),
             });
         }
-        let url = format!("{base}/chat/completions");
+        let url = reqwest::Url::parse(&format!("{base}/chat/completions")).map_err(|_| {
+            SetupError::BadUrl {
+                url: settings.base_url.clone(),
+            }
+        })?;
         let key = std::env::var(&settings.api_key_env)
             .ok()
             .filter(|k| !k.trim().is_empty())
@@ -112,7 +117,7 @@ impl OpenAiTeacher {
     async fn exchange(&self, body: String) -> Exchange {
         let mut request = self
             .client
-            .post(&self.url)
+            .post(self.url.clone())
             .header(CONTENT_TYPE, "application/json")
             .timeout(self.settings.timeout)
             .body(body);
@@ -164,7 +169,7 @@ impl OpenAiTeacher {
                 let body = response.text().await.unwrap_or_default();
                 let body: String = body.chars().take(500).collect();
                 Exchange::Fatal(TeacherError::Rejected {
-                    url: self.url.clone(),
+                    url: self.url.to_string(),
                     status: s.as_u16(),
                     body,
                 })
