@@ -15,10 +15,12 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::generate::engine::{
     self, DryRun, GenerateError, GenerateOptions, RunState, Stats, StopReason,
 };
+use crate::generate::exercises::{self, Exercises};
 use crate::generate::prompt::Template;
 use crate::generate::stories::{self, Stories, Vocabulary};
 use crate::generate::textbooks::{self, Textbooks};
 use crate::generate::Corpus;
+use crate::sandbox::{Limits, Sandbox};
 use crate::teacher::mock::{Faults, MockServer};
 use crate::teacher::openai::OpenAiTeacher;
 use crate::teacher::pricing::{default_price, Ledger, Price};
@@ -48,6 +50,8 @@ pub enum Command {
     Stories(StoriesArgs),
     /// Write a CodeTextbook corpus: textbook sections mixing explanation with Python (topic × audience × style).
     Textbooks(TextbooksArgs),
+    /// Write a CodeExercises corpus: function exercises with solutions and asserts, kept only if the asserts pass in the sandbox.
+    Exercises(ExercisesArgs),
     /// Serve a deterministic fake OpenAI-compatible API on loopback (tests, benchmarks, trying a pipeline offline).
     MockServer(MockServerArgs),
 }
@@ -159,6 +163,35 @@ pub struct TextbooksArgs {
     pub prompt: Option<PathBuf>,
     /// Output directory.
     #[arg(long, default_value = "data/textbooks")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub output: OutputArgs,
+    #[command(flatten)]
+    pub teacher: TeacherArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ExercisesArgs {
+    /// Topics file (`topic` or `topic > subtopic` a line) [default: the built-in seeds/topics.txt].
+    #[arg(long)]
+    pub topics: Option<PathBuf>,
+    /// Directory with verbs.txt and objects.txt, the halves of function names [default: the built-in seeds/exercises].
+    #[arg(long)]
+    pub names: Option<PathBuf>,
+    /// Prompt template file [default: the built-in prompts/exercises.txt].
+    #[arg(long)]
+    pub prompt: Option<PathBuf>,
+    /// Python interpreter for the sandbox [default: python3 on PATH, then /usr/bin/python3].
+    #[arg(long)]
+    pub python: Option<PathBuf>,
+    /// Programs run in the sandbox at once.
+    #[arg(long, default_value_t = 2)]
+    pub sandbox_workers: usize,
+    /// Wall-clock seconds a program may run (the HumanEval harness uses 3).
+    #[arg(long, default_value_t = 3.0)]
+    pub exec_timeout: f64,
+    /// Output directory.
+    #[arg(long, default_value = "data/exercises")]
     pub out: PathBuf,
     #[command(flatten)]
     pub output: OutputArgs,
@@ -281,6 +314,47 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 &args.output,
                 args.out.clone(),
                 2048,
+                cli.quiet,
+            )
+            .await
+        }
+        Command::Exercises(args) => {
+            let template = match &args.prompt {
+                Some(p) => Template::load(p)?,
+                None => Template::parse(
+                    "<built-in prompts/exercises.txt>",
+                    exercises::BUILTIN_TEMPLATE,
+                )?,
+            };
+            let (path, text) = textbooks::read_list(
+                args.topics.as_deref(),
+                textbooks::BUILTIN_TOPICS,
+                "topics.txt",
+            )?;
+            let topics = textbooks::parse_topics(&path, &text)?;
+            let names = |file: &str, builtin| -> anyhow::Result<Vec<String>> {
+                let p = args.names.as_ref().map(|d| d.join(file));
+                let (path, text) =
+                    textbooks::read_list(p.as_deref(), builtin, &format!("exercises/{file}"))?;
+                Ok(textbooks::parse_plain(&path, &text)?)
+            };
+            let verbs = names("verbs.txt", exercises::BUILTIN_VERBS)?;
+            let objects = names("objects.txt", exercises::BUILTIN_OBJECTS)?;
+            let limits = Limits {
+                wall: Duration::from_secs_f64(args.exec_timeout.max(0.1)),
+                cpu_secs: args.exec_timeout.ceil().max(1.0) as u64,
+                ..Limits::default()
+            };
+            let sandbox =
+                Arc::new(Sandbox::new(args.python.as_deref(), limits, args.sandbox_workers).await?);
+            tracing::info!(python = %sandbox.python().display(), isolation = ?sandbox.isolation(), "sandbox ready");
+            let corpus = Arc::new(Exercises::new(template, topics, verbs, objects, sandbox));
+            run_corpus(
+                corpus,
+                &args.teacher,
+                &args.output,
+                args.out.clone(),
+                1024,
                 cli.quiet,
             )
             .await

@@ -620,3 +620,62 @@ async fn a_missing_or_empty_topics_file_is_a_clear_error() {
     );
     assert_eq!(server.log.requests.load(Ordering::SeqCst), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exercises_are_kept_only_when_their_asserts_pass_in_the_sandbox() {
+    let server = mock(Faults {
+        rate_bad_code: 0.1,
+        rate_no_code: 0.1,
+        rate_failing_tests: 0.2,
+        ..Faults::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ex");
+    let o = run(generate_cmd(
+        "exercises",
+        &server,
+        &out,
+        20,
+        &["--max-attempts", "10"],
+    ))
+    .await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_exactly_slots(&out, 20);
+    let s = stats(&out);
+    assert_eq!(s["kind"], "exercise");
+    for reason in ["syntax_error", "no_code", "tests_failed"] {
+        assert!(
+            s["run"]["dropped"][reason].as_u64().unwrap_or(0) > 0,
+            "expected {reason} drops: {}",
+            s["run"]
+        );
+    }
+    // Every kept record defines its required function and passed.
+    let p = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_str().unwrap().ends_with("part-00000.parquet"))
+        .unwrap();
+    let df = table::read_columns(&p, &["function_name", "code", "outcome"]).unwrap();
+    let names = table::text_column(&df, &p, "function_name").unwrap();
+    let codes = table::text_column(&df, &p, "code").unwrap();
+    let outcomes = table::text_column(&df, &p, "outcome").unwrap();
+    for i in 0..df.height() {
+        assert!(codes[i]
+            .as_ref()
+            .unwrap()
+            .contains(&format!("def {}(", names[i].as_ref().unwrap())));
+        assert_eq!(outcomes[i].as_deref(), Some("passed"));
+    }
+    // The failing asserts are auditable in the rejects with the sandbox's verdict and error.
+    let rejects = table::read_columns(&out.join("rejects.parquet"), &["reason", "detail"]).unwrap();
+    let details = table::text_column(&rejects, &out, "detail").unwrap();
+    assert!(
+        details
+            .iter()
+            .flatten()
+            .any(|d| d.starts_with("failed: AssertionError")),
+        "{details:?}"
+    );
+}

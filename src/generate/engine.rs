@@ -629,7 +629,7 @@ impl<C: Corpus, T: Teacher> Worker<C, T> {
                 answer.usage.prompt_tokens,
                 answer.usage.completion_tokens,
             );
-            match self.check(&job, &answer) {
+            match self.check(&job, &answer).await {
                 Ok(row) => {
                     self.state.written.fetch_add(1, Ordering::Relaxed);
                     let _ = self.tx.send(Output::Record(row));
@@ -659,10 +659,10 @@ impl<C: Corpus, T: Teacher> Worker<C, T> {
         }
     }
 
-    fn check(&self, job: &Job<C>, answer: &Answer) -> Result<Map<String, Value>, Drop> {
+    async fn check(&self, job: &Job<C>, answer: &Answer) -> Result<Map<String, Value>, Drop> {
         let corpus = &self.plan.corpus;
         common_checks(&answer.text, answer.finish_reason, corpus.word_bounds())?;
-        let checks = corpus.check(&job.constraints, &answer.text)?;
+        let checks = corpus.check(&job.constraints, &answer.text).await?;
         let fresh = self
             .texts
             .lock()

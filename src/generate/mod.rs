@@ -6,6 +6,7 @@
 //! dropped prompts, budget, shards, rejects and `stats.json` — the same way for every corpus.
 
 pub mod engine;
+pub mod exercises;
 pub mod prompt;
 pub mod python;
 pub mod stories;
@@ -37,6 +38,12 @@ pub enum DropReason {
     NoCode,
     /// A Python code block that does not parse.
     SyntaxError,
+    /// An exercise that does not define the function it was asked for.
+    WrongName,
+    /// An exercise without `assert` tests.
+    NoTests,
+    /// An exercise whose asserts failed, timed out or crashed in the sandbox.
+    TestsFailed,
     /// The request failed after all retries; the prompt is sent again by a later run.
     RequestFailed,
 }
@@ -53,6 +60,9 @@ impl DropReason {
             DropReason::MissingWords => "missing_words",
             DropReason::NoCode => "no_code",
             DropReason::SyntaxError => "syntax_error",
+            DropReason::WrongName => "wrong_name",
+            DropReason::NoTests => "no_tests",
+            DropReason::TestsFailed => "tests_failed",
             DropReason::RequestFailed => "request_failed",
         }
     }
@@ -94,7 +104,12 @@ pub trait Corpus: Send + Sync + 'static {
     /// The template's variables for these constraints.
     fn prompt_vars(&self, constraints: &Self::Constraints) -> Vec<(&'static str, String)>;
     /// Checks an answer beyond the common checks (empty, truncated, refused, length, duplicate).
-    fn check(&self, constraints: &Self::Constraints, text: &str) -> Result<Self::Checks, Drop>;
+    /// Async because some checks run code (CodeExercises executes its asserts in the sandbox).
+    fn check(
+        &self,
+        constraints: &Self::Constraints,
+        text: &str,
+    ) -> impl std::future::Future<Output = Result<Self::Checks, Drop>> + Send;
     /// Word-count bounds of a good answer.
     fn word_bounds(&self) -> (usize, usize);
     /// Typical completion tokens of a good answer, for `--dry-run` estimates.

@@ -199,6 +199,41 @@ fn has_dialogue(text: &str) -> bool {
     straight || curly
 }
 
+impl Stories {
+    /// The checks of one answer (see [`Corpus::check`]).
+    pub fn verify(&self, c: &StoryConstraints, text: &str) -> Result<StoryChecks, Drop> {
+        let all: Vec<String> = words::tokens(text).collect();
+        let lemmas: Vec<Option<&Vec<String>>> =
+            all.iter().map(|t| self.vocab.lemmas.get(t)).collect();
+        let used = |w: &String| lemmas.iter().flatten().any(|ls| ls.contains(w));
+        let missing_words: Vec<String> = [&c.verb, &c.noun, &c.adjective]
+            .into_iter()
+            .filter(|w| !used(w))
+            .cloned()
+            .collect();
+        if self.strict_words && !missing_words.is_empty() {
+            return Err(Drop::new(
+                DropReason::MissingWords,
+                format!("does not use {}", missing_words.join(", ")),
+            ));
+        }
+        let oov = lemmas.iter().filter(|l| l.is_none()).count();
+        Ok(StoryChecks {
+            words_used: missing_words.is_empty(),
+            missing_words,
+            dialogue_requested: c.features.iter().any(|f| f == DIALOGUE),
+            has_dialogue: has_dialogue(text),
+            oov_share: if all.is_empty() {
+                0.0
+            } else {
+                oov as f64 / all.len() as f64
+            },
+            word_count: text.split_whitespace().count() as u64,
+            opening: all.iter().take(3).cloned().collect::<Vec<_>>().join(" "),
+        })
+    }
+}
+
 impl Corpus for Stories {
     type Constraints = StoryConstraints;
     type Checks = StoryChecks;
@@ -255,36 +290,12 @@ impl Corpus for Stories {
         ]
     }
 
-    fn check(&self, c: &StoryConstraints, text: &str) -> Result<StoryChecks, Drop> {
-        let all: Vec<String> = words::tokens(text).collect();
-        let lemmas: Vec<Option<&Vec<String>>> =
-            all.iter().map(|t| self.vocab.lemmas.get(t)).collect();
-        let used = |w: &String| lemmas.iter().flatten().any(|ls| ls.contains(w));
-        let missing_words: Vec<String> = [&c.verb, &c.noun, &c.adjective]
-            .into_iter()
-            .filter(|w| !used(w))
-            .cloned()
-            .collect();
-        if self.strict_words && !missing_words.is_empty() {
-            return Err(Drop::new(
-                DropReason::MissingWords,
-                format!("does not use {}", missing_words.join(", ")),
-            ));
-        }
-        let oov = lemmas.iter().filter(|l| l.is_none()).count();
-        Ok(StoryChecks {
-            words_used: missing_words.is_empty(),
-            missing_words,
-            dialogue_requested: c.features.iter().any(|f| f == DIALOGUE),
-            has_dialogue: has_dialogue(text),
-            oov_share: if all.is_empty() {
-                0.0
-            } else {
-                oov as f64 / all.len() as f64
-            },
-            word_count: text.split_whitespace().count() as u64,
-            opening: all.iter().take(3).cloned().collect::<Vec<_>>().join(" "),
-        })
+    fn check(
+        &self,
+        c: &StoryConstraints,
+        text: &str,
+    ) -> impl std::future::Future<Output = Result<StoryChecks, Drop>> + Send {
+        std::future::ready(self.verify(c, text))
     }
 
     fn word_bounds(&self) -> (usize, usize) {
@@ -454,7 +465,7 @@ mod tests {
             features: vec!["dialogue".into()],
         };
         let text = "Once upon a time, Tim decorated a big tree. \"It is pretty!\" she said. She was happier than ever. Zyxwv.";
-        let k = s.check(&c, text).unwrap();
+        let k = s.verify(&c, text).unwrap();
         assert!(k.words_used && k.missing_words.is_empty());
         assert!(k.dialogue_requested && k.has_dialogue);
         assert_eq!(k.opening, "once upon a");
@@ -463,7 +474,7 @@ mod tests {
         assert!((k.oov_share - 2.0 / 20.0).abs() < 1e-9, "{}", k.oov_share);
         let strict = Stories::new(s.template.clone(), s.vocab.clone(), 3, true);
         let drop = strict
-            .check(
+            .verify(
                 &StoryConstraints {
                     verb: "swim".into(),
                     ..c

@@ -23,6 +23,7 @@ use crate::artifact::table::{Kind, Schema};
 pub const BUILTIN_TEMPLATE: &str = include_str!("../../prompts/textbook.txt");
 pub const BUILTIN_AUDIENCES: &str = include_str!("../../seeds/audiences.txt");
 pub const BUILTIN_STYLES: &str = include_str!("../../seeds/styles.txt");
+pub const BUILTIN_TOPICS: &str = include_str!("../../seeds/topics.txt");
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeedListError {
@@ -140,6 +141,30 @@ pub struct TextbookChecks {
     pub word_count: u64,
 }
 
+impl Textbooks {
+    /// The checks of one answer (see [`Corpus::check`]).
+    pub fn verify(&self, _: &TextbookConstraints, text: &str) -> Result<TextbookChecks, Drop> {
+        let blocks = python::python_blocks(text);
+        if blocks.is_empty() {
+            return Err(Drop::new(DropReason::NoCode, "no ```python code block"));
+        }
+        for (i, b) in blocks.iter().enumerate() {
+            if let Err(e) = python::parse(&b.code) {
+                let line = b.line + e.line - 1;
+                return Err(Drop::new(
+                    DropReason::SyntaxError,
+                    format!("code block {} (answer line {line}): {}", i + 1, e.message),
+                ));
+            }
+        }
+        Ok(TextbookChecks {
+            code_blocks: blocks.len() as u64,
+            code_lines: blocks.iter().map(|b| b.code.lines().count() as u64).sum(),
+            word_count: text.split_whitespace().count() as u64,
+        })
+    }
+}
+
 impl Corpus for Textbooks {
     type Constraints = TextbookConstraints;
     type Checks = TextbookChecks;
@@ -187,25 +212,12 @@ impl Corpus for Textbooks {
         ]
     }
 
-    fn check(&self, _: &TextbookConstraints, text: &str) -> Result<TextbookChecks, Drop> {
-        let blocks = python::python_blocks(text);
-        if blocks.is_empty() {
-            return Err(Drop::new(DropReason::NoCode, "no ```python code block"));
-        }
-        for (i, b) in blocks.iter().enumerate() {
-            if let Err(e) = python::parse(&b.code) {
-                let line = b.line + e.line - 1;
-                return Err(Drop::new(
-                    DropReason::SyntaxError,
-                    format!("code block {} (answer line {line}): {}", i + 1, e.message),
-                ));
-            }
-        }
-        Ok(TextbookChecks {
-            code_blocks: blocks.len() as u64,
-            code_lines: blocks.iter().map(|b| b.code.lines().count() as u64).sum(),
-            word_count: text.split_whitespace().count() as u64,
-        })
+    fn check(
+        &self,
+        c: &TextbookConstraints,
+        text: &str,
+    ) -> impl std::future::Future<Output = Result<TextbookChecks, Drop>> + Send {
+        std::future::ready(self.verify(c, text))
     }
 
     fn word_bounds(&self) -> (usize, usize) {
@@ -293,7 +305,7 @@ mod tests {
 
     #[test]
     fn the_shipped_topics_cover_hundreds_of_lines() {
-        let t = parse_topics("seeds/topics.txt", include_str!("../../seeds/topics.txt")).unwrap();
+        let t = parse_topics("seeds/topics.txt", BUILTIN_TOPICS).unwrap();
         assert!(t.len() >= 300, "{}", t.len());
     }
 
@@ -307,14 +319,14 @@ mod tests {
             style: "y".into(),
         };
         let good = "Recursion calls itself.\n\n```python\ndef fact(n):\n    return 1 if n == 0 else n * fact(n - 1)\n```\n";
-        assert_eq!(c.check(&k, good).unwrap().code_blocks, 1);
+        assert_eq!(c.verify(&k, good).unwrap().code_blocks, 1);
         assert_eq!(
-            c.check(&k, "Only prose, no code.").unwrap_err().reason,
+            c.verify(&k, "Only prose, no code.").unwrap_err().reason,
             DropReason::NoCode
         );
         let bad =
             "Text\n```python\nx = 1\n```\nMore\n```python\nfor i in range(3)\n    print(i)\n```\n";
-        let d = c.check(&k, bad).unwrap_err();
+        let d = c.verify(&k, bad).unwrap_err();
         assert_eq!(d.reason, DropReason::SyntaxError);
         assert!(
             d.detail.contains("code block 2") && d.detail.contains("answer line 7"),

@@ -60,6 +60,9 @@ pub struct Faults {
     /// For prompts that ask for Python: share of answers without any code block.
     #[arg(long, default_value_t = 0.0)]
     pub rate_no_code: f64,
+    /// For exercise prompts: share of answers whose asserts fail when run.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate_failing_tests: f64,
     /// Answer every request 401 (a revoked key).
     #[arg(long)]
     pub unauthorized: bool,
@@ -265,6 +268,8 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
             Code::Broken
         } else if hit(f.rate_no_code) {
             Code::None
+        } else if hit(f.rate_failing_tests) {
+            Code::Failing
         } else {
             Code::Good
         };
@@ -345,6 +350,8 @@ enum Code {
     None,
     Good,
     Broken,
+    /// Parses, but its asserts fail (exercise prompts only).
+    Failing,
 }
 
 /// A deterministic answer that uses every double-quoted word of the prompt; prompts that ask for
@@ -377,9 +384,25 @@ fn answer_for(prompt: &str, code: Code) -> String {
         }
     }
     let n = h % 1000;
+    // Exercise prompts quote the function name and ask for asserts.
+    if let Some(name) = quoted
+        .iter()
+        .find(|q| q.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|_| prompt.contains("`assert`"))
+    {
+        let expected = if code == Code::Failing { n + 2 } else { n + 1 };
+        match code {
+            Code::None => {}
+            Code::Broken => parts.push(format!("\n\n```python\ndef {name}(x)\n    return x + 1\n```\n")),
+            Code::Good | Code::Failing => parts.push(format!(
+                "\n\n```python\ndef {name}(x):\n    \"\"\"Return x plus one, e.g. {name}(1) == 2.\"\"\"\n    return x + 1\n\nassert {name}(1) == 2\nassert {name}({n}) == {expected}\n```\n"
+            )),
+        }
+        return parts.join(" ");
+    }
     match code {
         Code::None => {}
-        Code::Good => parts.push(format!(
+        Code::Good | Code::Failing => parts.push(format!(
             "\n\n```python\ndef step_{n}(x):\n    return x + {n}\n\nprint(step_{n}(1))\n```\n"
         )),
         Code::Broken => parts.push(format!(

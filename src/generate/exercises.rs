@@ -1,0 +1,249 @@
+//! CodeExercises (phi-1 §2.2): a function signature with a docstring (the exercise), its solution and
+//! `assert` tests. Diversity comes from constraining the function name — a verb × object pool from
+//! `seeds/exercises/` — together with a topic and a difficulty.
+//!
+//! An answer is kept only if its code parses, defines the required function, has top-level asserts,
+//! and passes them when executed in the sandbox (`crate::sandbox`).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use polars::prelude::DataFrame;
+use rand::seq::IndexedRandom;
+use rand_chacha::ChaCha8Rng;
+use rustpython_parser::ast::Stmt;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::prompt::Template;
+use super::python;
+use super::textbooks::Topic;
+use super::{Corpus, Drop, DropReason};
+use crate::artifact::table::{Kind, Schema};
+use crate::sandbox::{Sandbox, Verdict};
+
+pub const BUILTIN_TEMPLATE: &str = include_str!("../../prompts/exercises.txt");
+pub const BUILTIN_VERBS: &str = include_str!("../../seeds/exercises/verbs.txt");
+pub const BUILTIN_OBJECTS: &str = include_str!("../../seeds/exercises/objects.txt");
+const DIFFICULTIES: &[&str] = &["easy", "medium", "hard"];
+
+pub struct Exercises {
+    template: Template,
+    topics: Vec<Topic>,
+    verbs: Vec<String>,
+    objects: Vec<String>,
+    sandbox: Arc<Sandbox>,
+}
+
+impl Exercises {
+    pub fn new(
+        template: Template,
+        topics: Vec<Topic>,
+        verbs: Vec<String>,
+        objects: Vec<String>,
+        sandbox: Arc<Sandbox>,
+    ) -> Exercises {
+        Exercises {
+            template,
+            topics,
+            verbs,
+            objects,
+            sandbox,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ExerciseConstraints {
+    pub function_name: String,
+    pub topic: String,
+    pub difficulty: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ExerciseChecks {
+    /// The Python block that was executed: signature, docstring, solution, asserts.
+    pub code: String,
+    pub asserts: u64,
+    /// `passed` for every kept record; drops carry `failed` / `timed_out` / `crashed` in rejects.
+    pub outcome: Verdict,
+    pub exec_seconds: f64,
+}
+
+/// Static checks: the block that defines `name`, parsed, with its number of top-level asserts.
+fn exercise_block(name: &str, text: &str) -> Result<(String, u64), Drop> {
+    let blocks = python::python_blocks(text);
+    if blocks.is_empty() {
+        return Err(Drop::new(DropReason::NoCode, "no ```python code block"));
+    }
+    let mut defined = Vec::new();
+    for b in &blocks {
+        let module = python::parse(&b.code).map_err(|e| {
+            Drop::new(
+                DropReason::SyntaxError,
+                format!("answer line {}: {}", b.line + e.line - 1, e.message),
+            )
+        })?;
+        let names = python::function_names(&module);
+        if names.iter().any(|n| n == name) {
+            let asserts = module
+                .iter()
+                .filter(|s| matches!(s, Stmt::Assert(_)))
+                .count() as u64;
+            if asserts == 0 {
+                return Err(Drop::new(DropReason::NoTests, "no top-level assert"));
+            }
+            return Ok((b.code.clone(), asserts));
+        }
+        defined.extend(names);
+    }
+    Err(Drop::new(
+        DropReason::WrongName,
+        format!("no function `{name}` (defines: {})", defined.join(", ")),
+    ))
+}
+
+impl Corpus for Exercises {
+    type Constraints = ExerciseConstraints;
+    type Checks = ExerciseChecks;
+
+    fn kind(&self) -> &'static str {
+        "exercise"
+    }
+
+    fn template(&self) -> &Template {
+        &self.template
+    }
+
+    fn sample(&self, rng: &mut ChaCha8Rng) -> ExerciseConstraints {
+        let verb = self.verbs.choose(rng).expect("verb lists are never empty");
+        let object = self
+            .objects
+            .choose(rng)
+            .expect("object lists are never empty");
+        let t = self
+            .topics
+            .choose(rng)
+            .expect("topic lists are never empty");
+        let topic = t
+            .subtopic
+            .as_ref()
+            .map_or(t.topic.clone(), |s| format!("{} ({s})", t.topic));
+        ExerciseConstraints {
+            function_name: format!("{verb}_{object}"),
+            topic,
+            difficulty: DIFFICULTIES.choose(rng).expect("non-empty").to_string(),
+        }
+    }
+
+    fn prompt_vars(&self, c: &ExerciseConstraints) -> Vec<(&'static str, String)> {
+        vec![
+            ("function_name", c.function_name.clone()),
+            ("topic", c.topic.clone()),
+            ("difficulty", c.difficulty.clone()),
+        ]
+    }
+
+    fn check(
+        &self,
+        c: &ExerciseConstraints,
+        text: &str,
+    ) -> impl Future<Output = Result<ExerciseChecks, Drop>> + Send {
+        let block = exercise_block(&c.function_name, text);
+        async move {
+            let (code, asserts) = block?;
+            let run = self
+                .sandbox
+                .run(&code)
+                .await
+                .map_err(|e| Drop::new(DropReason::TestsFailed, format!("sandbox: {e}")))?;
+            if run.verdict != Verdict::Passed {
+                let outcome = serde_json::to_value(run.verdict).expect("verdicts serialize");
+                return Err(Drop::new(
+                    DropReason::TestsFailed,
+                    format!("{}: {}", outcome.as_str().unwrap_or("failed"), run.error),
+                ));
+            }
+            Ok(ExerciseChecks {
+                code,
+                asserts,
+                outcome: run.verdict,
+                exec_seconds: run.wall_seconds,
+            })
+        }
+    }
+
+    fn word_bounds(&self) -> (usize, usize) {
+        (15, 3000)
+    }
+
+    fn typical_completion_tokens(&self) -> u64 {
+        // phi-1's CodeExercises: ~180M tokens over ~1M exercises ≈ 200–300 tokens each.
+        300
+    }
+
+    fn columns(&self) -> Schema {
+        vec![
+            ("function_name", Kind::Text),
+            ("topic", Kind::Text),
+            ("difficulty", Kind::Text),
+            ("code", Kind::Text),
+            ("asserts", Kind::Int),
+            ("outcome", Kind::Text),
+            ("exec_seconds", Kind::Float),
+        ]
+    }
+
+    fn summary_columns(&self) -> Vec<&'static str> {
+        vec!["difficulty", "asserts", "exec_seconds"]
+    }
+
+    fn summarize(&self, df: &DataFrame) -> Value {
+        summarize_exercises(df, self.sandbox.isolation())
+            .unwrap_or_else(|e| json!({ "error": e.to_string() }))
+    }
+}
+
+fn summarize_exercises(
+    df: &DataFrame,
+    isolation: crate::sandbox::Isolation,
+) -> polars::prelude::PolarsResult<Value> {
+    use polars::prelude::ChunkAgg;
+    let mut per_difficulty: BTreeMap<String, u64> = BTreeMap::new();
+    for d in df.column("difficulty")?.str()?.iter().flatten() {
+        *per_difficulty.entry(d.to_string()).or_default() += 1;
+    }
+    Ok(json!({
+        "exercises": df.height(),
+        "mean_asserts": df.column("asserts")?.i64()?.mean(),
+        "mean_exec_seconds": df.column("exec_seconds")?.f64()?.mean(),
+        "per_difficulty": per_difficulty,
+        "sandbox_isolation": isolation,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn static_checks_name_the_reason() {
+        let good = "```python\ndef add_pairs(a, b):\n    \"\"\"Add.\"\"\"\n    return a + b\n\nassert add_pairs(1, 2) == 3\n```";
+        assert_eq!(exercise_block("add_pairs", good).unwrap().1, 1);
+        let reason = |text: &str| exercise_block("add_pairs", text).unwrap_err().reason;
+        assert_eq!(reason("no code"), DropReason::NoCode);
+        assert_eq!(
+            reason("```python\ndef add_pairs(a, b)\n    return a\n```"),
+            DropReason::SyntaxError
+        );
+        assert_eq!(
+            reason("```python\ndef other(a):\n    return a\nassert other(1) == 1\n```"),
+            DropReason::WrongName
+        );
+        assert_eq!(
+            reason("```python\ndef add_pairs(a, b):\n    return a + b\n```"),
+            DropReason::NoTests
+        );
+    }
+}
