@@ -651,6 +651,16 @@ async fn exercises_are_kept_only_when_their_asserts_pass_in_the_sandbox() {
             s["run"]
         );
     }
+    // The pass rate is what was kept of what was checked (no request failed here).
+    let checked = s["answers_checked"].as_u64().unwrap();
+    let dropped: u64 = s["rejects_total"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(checked, 20 + dropped);
+    assert!((s["keep_rate"].as_f64().unwrap() - 20.0 / checked as f64).abs() < 1e-12);
     // Every kept record defines its required function and passed.
     let p = std::fs::read_dir(&out)
         .unwrap()
@@ -678,4 +688,25 @@ async fn exercises_are_kept_only_when_their_asserts_pass_in_the_sandbox() {
             .any(|d| d.starts_with("failed: AssertionError")),
         "{details:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exercises_without_a_usable_python_fail_at_start_up() {
+    let server = mock(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let o = run(generate_cmd(
+        "exercises",
+        &server,
+        &dir.path().join("o"),
+        5,
+        &["--python", "/nonexistent/python3"],
+    ))
+    .await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("/nonexistent/python3") && stderr(&o).contains("install Python 3"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(server.log.requests.load(Ordering::SeqCst), 0);
 }

@@ -550,6 +550,12 @@ pub struct Stats {
     pub run: RunStats,
     /// Drops by reason over every run into this directory.
     pub rejects_total: BTreeMap<String, u64>,
+    /// Answers that reached the checks (kept + dropped, failed requests excluded), all runs.
+    pub answers_checked: u64,
+    /// Share of checked answers kept (e.g. the pass rate of exercises).
+    pub keep_rate: f64,
+    /// Share of checked answers dropped, by reason (e.g. `syntax_error` = 1 − the parse rate).
+    pub drop_rates: BTreeMap<String, f64>,
     pub corpus: Value,
 }
 
@@ -858,6 +864,19 @@ fn finish_stats<C: Corpus, T: Teacher>(
     let done = (0..opts.n)
         .filter(|s| resume.done_slots.contains(s))
         .count() as u64;
+    let failed_requests = resume
+        .rejects_by_reason
+        .get(DropReason::RequestFailed.as_str())
+        .copied()
+        .unwrap_or(0);
+    let checked = resume.records + resume.rejects_by_reason.values().sum::<u64>() - failed_requests;
+    let share = |count: u64| {
+        if checked == 0 {
+            0.0
+        } else {
+            count as f64 / checked as f64
+        }
+    };
     Ok(Stats {
         kind: corpus.kind().to_string(),
         model: teacher.model().to_string(),
@@ -889,6 +908,14 @@ fn finish_stats<C: Corpus, T: Teacher>(
             cost_usd: ledger.price().map(|_| spend.spent),
             price: ledger.price(),
         },
+        answers_checked: checked,
+        keep_rate: share(resume.records),
+        drop_rates: resume
+            .rejects_by_reason
+            .iter()
+            .filter(|(r, _)| r.as_str() != DropReason::RequestFailed.as_str())
+            .map(|(r, &c)| (r.clone(), share(c)))
+            .collect(),
         rejects_total: resume.rejects_by_reason,
         corpus: corpus_summary,
     })

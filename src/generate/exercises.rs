@@ -5,7 +5,6 @@
 //! An answer is kept only if its code parses, defines the required function, has top-level asserts,
 //! and passes them when executed in the sandbox (`crate::sandbox`).
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -18,7 +17,7 @@ use serde_json::{json, Value};
 
 use super::prompt::Template;
 use super::python;
-use super::textbooks::Topic;
+use super::textbooks::{counts, Topic};
 use super::{Corpus, Drop, DropReason};
 use crate::artifact::table::{Kind, Schema};
 use crate::sandbox::{Sandbox, Verdict};
@@ -196,7 +195,7 @@ impl Corpus for Exercises {
     }
 
     fn summary_columns(&self) -> Vec<&'static str> {
-        vec!["difficulty", "asserts", "exec_seconds"]
+        vec!["topic", "difficulty", "asserts", "exec_seconds"]
     }
 
     fn summarize(&self, df: &DataFrame) -> Value {
@@ -210,15 +209,12 @@ fn summarize_exercises(
     isolation: crate::sandbox::Isolation,
 ) -> polars::prelude::PolarsResult<Value> {
     use polars::prelude::ChunkAgg;
-    let mut per_difficulty: BTreeMap<String, u64> = BTreeMap::new();
-    for d in df.column("difficulty")?.str()?.iter().flatten() {
-        *per_difficulty.entry(d.to_string()).or_default() += 1;
-    }
     Ok(json!({
         "exercises": df.height(),
         "mean_asserts": df.column("asserts")?.i64()?.mean(),
         "mean_exec_seconds": df.column("exec_seconds")?.f64()?.mean(),
-        "per_difficulty": per_difficulty,
+        "per_difficulty": counts(df, "difficulty")?,
+        "per_topic": counts(df, "topic")?,
         "sandbox_isolation": isolation,
     }))
 }

@@ -250,7 +250,11 @@ impl Corpus for Textbooks {
     }
 }
 
-fn counts(df: &DataFrame, column: &str) -> polars::prelude::PolarsResult<BTreeMap<String, u64>> {
+/// Records per value of a text column.
+pub(crate) fn counts(
+    df: &DataFrame,
+    column: &str,
+) -> polars::prelude::PolarsResult<BTreeMap<String, u64>> {
     let mut m = BTreeMap::new();
     for v in df.column(column)?.str()?.iter().flatten() {
         *m.entry(v.to_string()).or_default() += 1;
