@@ -261,13 +261,11 @@ pub fn init_logging(cli: &Cli) {
 pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     match cli.command {
         Command::Stories(args) => {
-            let template = match &args.prompt {
-                Some(p) => Template::load(p)?,
-                None => Template::parse(
-                    "<built-in prompts/tinystories.txt>",
-                    stories::BUILTIN_TEMPLATE,
-                )?,
-            };
+            let template = Template::load_or_builtin(
+                args.prompt.as_deref(),
+                "tinystories.txt",
+                stories::BUILTIN_TEMPLATE,
+            )?;
             let vocab = Vocabulary::load(args.words.as_deref())?;
             let corpus = Arc::new(Stories::new(
                 template,
@@ -286,27 +284,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             .await
         }
         Command::Textbooks(args) => {
-            let template = match &args.prompt {
-                Some(p) => Template::load(p)?,
-                None => Template::parse(
-                    "<built-in prompts/textbook.txt>",
-                    textbooks::BUILTIN_TEMPLATE,
-                )?,
-            };
-            let (path, text) = textbooks::read_list(Some(&args.topics), "", "topics.txt")?;
-            let topics = textbooks::parse_topics(&path, &text)?;
-            let (path, text) = textbooks::read_list(
+            let template = Template::load_or_builtin(
+                args.prompt.as_deref(),
+                "textbook.txt",
+                textbooks::BUILTIN_TEMPLATE,
+            )?;
+            let topics = textbooks::load_topics(Some(&args.topics))?;
+            let audiences = textbooks::load_plain(
                 args.audiences.as_deref(),
                 textbooks::BUILTIN_AUDIENCES,
                 "audiences.txt",
             )?;
-            let audiences = textbooks::parse_plain(&path, &text)?;
-            let (path, text) = textbooks::read_list(
+            let styles = textbooks::load_plain(
                 args.styles.as_deref(),
                 textbooks::BUILTIN_STYLES,
                 "styles.txt",
             )?;
-            let styles = textbooks::parse_plain(&path, &text)?;
             let corpus = Arc::new(Textbooks::new(template, topics, audiences, styles));
             run_corpus(
                 corpus,
@@ -319,24 +312,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             .await
         }
         Command::Exercises(args) => {
-            let template = match &args.prompt {
-                Some(p) => Template::load(p)?,
-                None => Template::parse(
-                    "<built-in prompts/exercises.txt>",
-                    exercises::BUILTIN_TEMPLATE,
-                )?,
-            };
-            let (path, text) = textbooks::read_list(
-                args.topics.as_deref(),
-                textbooks::BUILTIN_TOPICS,
-                "topics.txt",
+            let template = Template::load_or_builtin(
+                args.prompt.as_deref(),
+                "exercises.txt",
+                exercises::BUILTIN_TEMPLATE,
             )?;
-            let topics = textbooks::parse_topics(&path, &text)?;
+            let topics = textbooks::load_topics(args.topics.as_deref())?;
             let names = |file: &str, builtin| -> anyhow::Result<Vec<String>> {
                 let p = args.names.as_ref().map(|d| d.join(file));
-                let (path, text) =
-                    textbooks::read_list(p.as_deref(), builtin, &format!("exercises/{file}"))?;
-                Ok(textbooks::parse_plain(&path, &text)?)
+                Ok(textbooks::load_plain(
+                    p.as_deref(),
+                    builtin,
+                    &format!("exercises/{file}"),
+                )?)
             };
             let verbs = names("verbs.txt", exercises::BUILTIN_VERBS)?;
             let objects = names("objects.txt", exercises::BUILTIN_OBJECTS)?;

@@ -60,6 +60,18 @@ impl Template {
         Template::parse(&path.display().to_string(), &text)
     }
 
+    /// Loads `path`, or parses the built-in copy of `prompts/{name}` when `path` is `None`.
+    pub fn load_or_builtin(
+        path: Option<&Path>,
+        name: &str,
+        builtin: &str,
+    ) -> Result<Template, TemplateError> {
+        match path {
+            Some(p) => Template::load(p),
+            None => Template::parse(&format!("<built-in prompts/{name}>"), builtin),
+        }
+    }
+
     pub fn parse(source_name: &str, text: &str) -> Result<Template, TemplateError> {
         let header_err = |message: String| TemplateError::Header {
             source_name: source_name.to_string(),

@@ -57,7 +57,7 @@ fn entries(path: &str, text: &str) -> Result<Vec<(usize, String)>, SeedListError
 }
 
 /// Reads a seed list from `path`, or the built-in copy when `path` is `None`.
-pub fn read_list(
+fn read_list(
     path: Option<&Path>,
     builtin: &'static str,
     name: &str,
@@ -101,6 +101,22 @@ pub fn parse_topics(path: &str, text: &str) -> Result<Vec<Topic>, SeedListError>
 
 pub fn parse_plain(path: &str, text: &str) -> Result<Vec<String>, SeedListError> {
     Ok(entries(path, text)?.into_iter().map(|(_, l)| l).collect())
+}
+
+/// Reads and parses a topics file (`path`, or the built-in `seeds/topics.txt`).
+pub fn load_topics(path: Option<&Path>) -> Result<Vec<Topic>, SeedListError> {
+    let (name, text) = read_list(path, BUILTIN_TOPICS, "topics.txt")?;
+    parse_topics(&name, &text)
+}
+
+/// Reads and parses a one-entry-a-line list (`path`, or the built-in `seeds/{name}`).
+pub fn load_plain(
+    path: Option<&Path>,
+    builtin: &'static str,
+    name: &str,
+) -> Result<Vec<String>, SeedListError> {
+    let (name, text) = read_list(path, builtin, name)?;
+    parse_plain(&name, &text)
 }
 
 pub struct Textbooks {
