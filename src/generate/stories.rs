@@ -65,7 +65,7 @@ pub struct Vocabulary {
     pub features: Vec<Feature>,
     /// Every form of every word a 3–4 year old knows (the three lists plus function words),
     /// mapped to the words it is a form of.
-    lemmas: HashMap<String, Vec<String>>,
+    lemmas: HashMap<String, Vec<String>, foldhash::fast::RandomState>,
 }
 
 impl Vocabulary {
@@ -98,7 +98,9 @@ impl Vocabulary {
         let function_words = list("function_words.txt", BUILTIN_FUNCTION_WORDS)?;
         let (path, text) = read("features.txt", BUILTIN_FEATURES)?;
         let features = parse_features(&path, &text)?;
-        let mut lemmas: HashMap<String, Vec<String>> = HashMap::new();
+        // Looked up for every word of every story: a fast hasher (keys are our own word lists).
+        let mut lemmas: HashMap<String, Vec<String>, _> =
+            HashMap::with_hasher(foldhash::fast::RandomState::default());
         for list in [&verbs, &nouns, &adjectives, &function_words] {
             for word in &list.words {
                 for form in list.forms(word) {
