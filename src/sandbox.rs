@@ -376,6 +376,10 @@ fn confine(limits: &Limits, isolation: Isolation, dir: &std::ffi::CStr) -> std::
 mod tests {
     use super::*;
 
+    /// The fork bomb fills the `nobody` process limit for a few seconds, during which other
+    /// sandboxed programs cannot start; the tests of this module therefore run one at a time.
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
     async fn sandbox() -> Sandbox {
         Sandbox::new(
             None,
@@ -400,6 +404,7 @@ mod tests {
 
     #[tokio::test]
     async fn verdicts_follow_exit_status_and_limits() {
+        let _serial = ONE_AT_A_TIME.lock().await;
         let s = sandbox().await;
         let e = s.run("assert 1 + 1 == 2\nprint('hi')").await.unwrap();
         assert_eq!((e.verdict, e.stdout.as_str()), (Verdict::Passed, "hi\n"));
@@ -424,6 +429,7 @@ mod tests {
 
     #[tokio::test]
     async fn huge_allocations_and_floods_only_hurt_the_program() {
+        let _serial = ONE_AT_A_TIME.lock().await;
         let s = sandbox().await;
         let e = s.run("x = bytearray(10 * 1024**3)").await.unwrap();
         assert_eq!(e.verdict, Verdict::Failed);
@@ -438,6 +444,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_fork_bomb_leaves_nothing_behind() {
+        let _serial = ONE_AT_A_TIME.lock().await;
         let s = sandbox().await;
         let e = s.run("import os, time\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        time.sleep(0.01)").await.unwrap();
         assert_eq!(e.verdict, Verdict::TimedOut);
@@ -447,6 +454,7 @@ mod tests {
     #[tokio::test]
     async fn the_environment_is_empty_and_the_directory_is_private() {
         std::env::set_var("PHIGEN_SANDBOX_SECRET", "sk-should-not-leak");
+        let _serial = ONE_AT_A_TIME.lock().await;
         let s = sandbox().await;
         let e = s.run("import os\nassert 'PHIGEN_SANDBOX_SECRET' not in os.environ, dict(os.environ)\nopen('scratch.txt', 'w').write('ok')\nprint(os.getcwd())").await.unwrap();
         assert_eq!(e.verdict, Verdict::Passed, "{}", e.stderr);
@@ -458,6 +466,7 @@ mod tests {
 
     #[tokio::test]
     async fn files_outside_and_the_network_are_out_of_reach_when_isolated() {
+        let _serial = ONE_AT_A_TIME.lock().await;
         let s = sandbox().await;
         if s.isolation() != Isolation::Namespaces {
             eprintln!("not root: namespaces unavailable, skipping the isolation checks");
