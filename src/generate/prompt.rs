@@ -47,7 +47,6 @@ pub struct Template {
     pub version: u32,
     /// blake3 of the whole file, recorded with every record so prompt edits are traceable.
     pub hash: String,
-    vars: Vec<String>,
     pieces: Vec<Piece>,
 }
 
@@ -136,13 +135,8 @@ impl Template {
             id,
             version,
             hash: blake3::hash(text.as_bytes()).to_hex()[..16].to_string(),
-            vars,
             pieces,
         })
-    }
-
-    pub fn vars(&self) -> &[String] {
-        &self.vars
     }
 
     /// Fills the template; `values` must cover every declared variable.

@@ -78,8 +78,6 @@ pub struct MockLog {
     pub answered: AtomicU64,
     /// How often each prompt was received (all requests, faults included).
     pub per_prompt: Mutex<HashMap<String, u64>>,
-    /// How often each prompt received a good 200 answer.
-    pub answered_per_prompt: Mutex<HashMap<String, u64>>,
 }
 
 pub struct MockServer {
@@ -287,13 +285,6 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         finish = "length";
     }
     state.log.answered.fetch_add(1, Ordering::Relaxed);
-    *state
-        .log
-        .answered_per_prompt
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .entry(prompt.clone())
-        .or_insert(0) += 1;
     let prompt_tokens = prompt.split_whitespace().count() as u64;
     Ok(json(
         StatusCode::OK,
