@@ -8,6 +8,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod model;
+
 use anyhow::{bail, Context};
 use clap::{ArgAction, Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -54,6 +56,10 @@ pub enum Command {
     Exercises(ExercisesArgs),
     /// Serve a deterministic fake OpenAI-compatible API on loopback (tests, benchmarks, trying a pipeline offline).
     MockServer(MockServerArgs),
+    /// Generate text from a checkpoint (phi-1/1.5/2, phi-3 or llama layout, Hugging Face format).
+    Sample(model::SampleArgs),
+    /// Write a randomly initialised checkpoint of a preset size (training from scratch, benchmarks).
+    Init(model::InitArgs),
 }
 
 /// How to reach the teacher and what to pay it; shared by every generating command.
@@ -347,6 +353,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             )
             .await
         }
+        Command::Sample(args) => model::sample(&args).map(|_| Outcome::Complete),
+        Command::Init(args) => model::init(&args).map(|_| Outcome::Complete),
         Command::MockServer(args) => {
             if !args.addr.ip().is_loopback() {
                 bail!("--addr {} is not a loopback address: the mock server only listens on 127.0.0.0/8 or [::1]", args.addr);

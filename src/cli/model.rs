@@ -1,0 +1,233 @@
+//! `phigen sample` and `phigen init`: the model commands of the CLI.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device};
+use clap::{Args, ValueEnum};
+
+use crate::model::config::{PhiConfig, PRESETS};
+use crate::model::sample::{generate, Finish, SamplingParams, TextStream};
+use crate::model::tokenizer::{self, Encoding, Tokenizer};
+use crate::model::{checkpoint, Decoder};
+
+/// Number format of weights in memory (sampling) or on disk (init).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DTypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl From<DTypeArg> for DType {
+    fn from(d: DTypeArg) -> DType {
+        match d {
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::Bf16 => DType::BF16,
+            DTypeArg::F16 => DType::F16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SampleArgs {
+    /// Checkpoint directory in the Hugging Face layout (config.json + model.safetensors).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Prompt text; repeat for a batch (left-padded, generated together).
+    #[arg(
+        long,
+        required_unless_present = "prompt_ids",
+        conflicts_with = "prompt_ids"
+    )]
+    pub prompt: Vec<String>,
+    /// Prompt as token ids, e.g. 1,2,3; the output is then the generated ids as JSON.
+    #[arg(long, value_delimiter = ',')]
+    pub prompt_ids: Option<Vec<u32>>,
+    /// Most tokens generated per prompt.
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature (0 is greedy).
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f64,
+    /// Keep only the K most likely tokens [default: all].
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Keep the most likely tokens up to this probability mass (1 = off).
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f64,
+    /// Penalise tokens already in the text (1 = off; 1.1–1.3 is typical).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f64,
+    /// Seed of the sampler: the same seed gives the same text.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Always take the most likely token (ignores temperature, top-k, top-p).
+    #[arg(long)]
+    pub greedy: bool,
+    /// Stop a row when its text contains this string (not printed); repeatable.
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Tokenizer to use when the checkpoint has neither tokenizer.json nor phigen.json.
+    #[arg(long, value_enum)]
+    pub tokenizer: Option<Encoding>,
+    /// Number format of the weights in memory.
+    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+    pub dtype: DTypeArg,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct InitArgs {
+    /// Model size: phi-1, phi-1-small, phi-1.5, phi-2, phi-3-mini, or a tiny test size.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(PRESETS.iter().copied()))]
+    pub preset: String,
+    /// Output checkpoint directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Seed of the initial weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Tokenizer recorded in phigen.json; its vocabulary must fit the preset's vocab_size.
+    #[arg(long, value_enum, default_value_t = Encoding::Gpt2)]
+    pub tokenizer: Encoding,
+    /// Number format on disk.
+    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+    pub dtype: DTypeArg,
+    /// Replace an existing checkpoint in --out.
+    #[arg(long)]
+    pub force: bool,
+}
+
+pub fn init(args: &InitArgs) -> anyhow::Result<()> {
+    if args.out.join(checkpoint::CONFIG_FILE).exists() && !args.force {
+        bail!(
+            "{} already holds a checkpoint; pass --force to replace it",
+            args.out.display()
+        );
+    }
+    let cfg = PhiConfig::preset(&args.preset)?;
+    let weights = Decoder::init_weights(&cfg, args.seed, DType::F32, &Device::Cpu)?;
+    checkpoint::save(&args.out, &cfg, &weights, args.dtype.into())?;
+    tokenizer::write_phigen_file(&args.out, args.tokenizer)?;
+    tracing::info!(
+        "wrote {} ({}, {:.1}M parameters) to {}",
+        args.preset,
+        format!("{:?}", args.dtype).to_lowercase(),
+        cfg.parameter_count() as f64 / 1e6,
+        args.out.display()
+    );
+    Ok(())
+}
+
+pub fn sample(args: &SampleArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let model = checkpoint::load(&args.checkpoint, args.dtype.into(), &Device::Cpu)?;
+    tracing::info!(
+        "loaded {} ({:.1}M parameters) in {:.1}s",
+        args.checkpoint.display(),
+        model.config().parameter_count() as f64 / 1e6,
+        started.elapsed().as_secs_f64()
+    );
+    let params = SamplingParams {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: (args.top_p < 1.0).then_some(args.top_p),
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
+        greedy: args.greedy,
+    };
+    let eos = model.config().eos_ids();
+    if let Some(ids) = &args.prompt_ids {
+        let started = Instant::now();
+        let out = generate(&model, std::slice::from_ref(ids), &params, &eos, |_, _| {
+            true
+        })?;
+        log_speed(&out, started);
+        println!(
+            "{}",
+            serde_json::json!({ "ids": out.ids[0], "finish": finish_name(out.finish[0]) })
+        );
+        return Ok(());
+    }
+    let tokenizer = match (Tokenizer::for_checkpoint(&args.checkpoint), args.tokenizer) {
+        (Ok(t), _) => t,
+        (Err(_), Some(encoding)) => Tokenizer::Tiktoken(encoding),
+        (Err(e), None) => return Err(e.into()),
+    };
+    let prompts = args
+        .prompt
+        .iter()
+        .map(|p| tokenizer.encode(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut streams: Vec<TextStream> = prompts
+        .iter()
+        .map(|_| TextStream::new(&tokenizer, &args.stop))
+        .collect();
+    let mut texts = vec![String::new(); prompts.len()];
+    let streaming = prompts.len() == 1;
+    let mut stdout = std::io::stdout().lock();
+    let mut write_error = None;
+    let started = Instant::now();
+    let out = generate(&model, &prompts, &params, &eos, |row, ids| {
+        match streams[row].push(ids) {
+            Ok((piece, stop)) => {
+                if streaming {
+                    if let Err(e) = stdout
+                        .write_all(piece.as_bytes())
+                        .and_then(|_| stdout.flush())
+                    {
+                        write_error = Some(e);
+                        return false;
+                    }
+                }
+                texts[row].push_str(&piece);
+                !stop
+            }
+            Err(_) => true,
+        }
+    })?;
+    if let Some(e) = write_error {
+        return Err(e).context("writing to stdout");
+    }
+    for (row, ids) in out.ids.iter().enumerate() {
+        let rest = streams[row].finish(ids)?;
+        texts[row].push_str(&rest);
+        if streaming {
+            writeln!(stdout, "{rest}")?;
+        } else {
+            writeln!(
+                stdout,
+                "=== {}\n{}{}",
+                row + 1,
+                args.prompt[row],
+                texts[row]
+            )?;
+        }
+    }
+    log_speed(&out, started);
+    Ok(())
+}
+
+fn log_speed(out: &crate::model::sample::Generation, started: Instant) {
+    let generated: usize = out.ids.iter().map(Vec::len).sum();
+    let secs = started.elapsed().as_secs_f64();
+    tracing::info!(
+        "generated {generated} tokens in {secs:.3}s ({:.2} tokens/s); finished: {:?}",
+        generated as f64 / secs,
+        out.finish
+            .iter()
+            .map(|f| finish_name(*f))
+            .collect::<Vec<_>>()
+    );
+}
+
+fn finish_name(f: Finish) -> &'static str {
+    match f {
+        Finish::Length => "length",
+        Finish::EndOfSequence => "eos",
+        Finish::Stopped => "stop",
+    }
+}

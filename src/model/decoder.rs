@@ -1,0 +1,575 @@
+//! The decoder: embedding, N blocks, final norm, a head. Follows transformers'
+//! `modeling_phi.py` (parallel block), `modeling_phi3.py` and `modeling_llama.py` (sequential
+//! block); which one is decided by the config, never by a copied file.
+//!
+//! Two modes: training uses only composed candle ops (every one has a backward) and applies
+//! dropout; inference uses candle's fused softmax / norm / rotary kernels, which have no backward.
+//!
+//! Symbols: B batch, T new tokens, S keys (past + T), C hidden, H heads, K kv heads, D head_dim,
+//! I intermediate, V vocab (or labels).
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::Linear;
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal};
+
+use super::config::{Activation, BlockLayout, HeadKind, MlpKind, NormKind, PhiConfig};
+use super::names::{parameter_table, Init};
+use super::rope::{Positions, Rope};
+use super::ModelError;
+
+/// The tensors a decoder is built from, by phigen name (see `names.rs`).
+pub type Weights = HashMap<String, Tensor>;
+
+fn take(w: &Weights, name: &str) -> std::result::Result<Tensor, ModelError> {
+    w.get(name)
+        .cloned()
+        .ok_or_else(|| ModelError::MissingParameter(name.to_string()))
+}
+
+fn linear(w: &Weights, prefix: &str, bias: bool) -> std::result::Result<Linear, ModelError> {
+    let b = if bias {
+        Some(take(w, &format!("{prefix}.bias"))?)
+    } else {
+        None
+    };
+    Ok(Linear::new(take(w, &format!("{prefix}.weight"))?, b))
+}
+
+fn dropout(x: &Tensor, p: f64, training: bool) -> Result<Tensor> {
+    if training && p > 0.0 {
+        candle_nn::ops::dropout(x, p as f32)
+    } else {
+        Ok(x.clone())
+    }
+}
+
+/// LayerNorm (weight + bias) or RMSNorm (weight) over the last dimension, computed in f32.
+#[derive(Clone, Debug)]
+struct Norm {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    eps: f64,
+}
+
+impl Norm {
+    fn new(
+        w: &Weights,
+        prefix: &str,
+        kind: NormKind,
+        eps: f64,
+    ) -> std::result::Result<Self, ModelError> {
+        let bias = match kind {
+            NormKind::Layer => Some(take(w, &format!("{prefix}.bias"))?),
+            NormKind::Rms => None,
+        };
+        Ok(Norm {
+            weight: take(w, &format!("{prefix}.weight"))?,
+            bias,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, training: bool) -> Result<Tensor> {
+        let dtype = x.dtype();
+        if !training {
+            let x = x.contiguous()?;
+            return match &self.bias {
+                Some(b) => candle_nn::ops::layer_norm(&x, &self.weight, b, self.eps as f32),
+                None => candle_nn::ops::rms_norm(&x, &self.weight, self.eps as f32),
+            };
+        }
+        let x = x.to_dtype(DType::F32)?;
+        let x = match &self.bias {
+            Some(_) => x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?,
+            None => x,
+        };
+        let scale = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?;
+        let y = x
+            .broadcast_div(&scale)?
+            .to_dtype(dtype)?
+            .broadcast_mul(&self.weight)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Keys and values of the positions seen so far, one pair per layer; owned by the caller.
+pub struct KvCache {
+    layers: Vec<candle_nn::kv_cache::KvCache>,
+    seen: usize,
+    /// Pad tokens at the start of each row of a left-padded batch: never attended to.
+    left_pad: Option<Vec<usize>>,
+}
+
+impl KvCache {
+    pub fn new(cfg: &PhiConfig) -> Self {
+        let chunk = cfg.max_position_embeddings.min(512);
+        KvCache {
+            layers: (0..cfg.num_hidden_layers)
+                .map(|_| candle_nn::kv_cache::KvCache::new(2, chunk))
+                .collect(),
+            seen: 0,
+            left_pad: None,
+        }
+    }
+
+    /// A cache for a batch whose row r starts with `left_pad[r]` pad tokens.
+    pub fn with_left_padding(cfg: &PhiConfig, left_pad: Vec<usize>) -> Self {
+        KvCache {
+            left_pad: Some(left_pad),
+            ..Self::new(cfg)
+        }
+    }
+
+    /// Positions written so far (pads included).
+    pub fn len(&self) -> usize {
+        self.seen
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen == 0
+    }
+}
+
+/// Additive mask (rows, 1, T, S), rows = B when padded else 1; `None` when nothing is masked.
+/// A key is visible if it is not in the future, not a left pad, and (with a sliding window)
+/// fewer than `window` positions back, as transformers' `sliding_window_overlay`.
+fn attention_mask(
+    b: usize,
+    t: usize,
+    past: usize,
+    left_pad: Option<&[usize]>,
+    window: Option<usize>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    let s = past + t;
+    let padded = left_pad.is_some_and(|p| p.iter().any(|&n| n > 0));
+    if t == 1 && !padded && window.is_none_or(|w| s <= w) {
+        return Ok(None);
+    }
+    let rows = if padded { b } else { 1 };
+    let mut mask = vec![0f32; rows * t * s];
+    for r in 0..rows {
+        let pad = if padded {
+            left_pad.map_or(0, |p| p[r])
+        } else {
+            0
+        };
+        for i in 0..t {
+            let q = past + i;
+            for k in 0..s {
+                // A pad query sees itself only, so its softmax row is never empty.
+                let visible = k == q || (k < q && k >= pad && window.is_none_or(|w| q - k < w));
+                if !visible {
+                    mask[(r * t + i) * s + k] = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(mask, (rows, 1, t, s), device)?
+        .to_dtype(dtype)
+        .map(Some)
+}
+
+struct Attention {
+    qkv: Linear,
+    out: Linear,
+    q_norm: Option<Norm>,
+    k_norm: Option<Norm>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    dropout: f64,
+}
+
+/// What every layer of one forward pass shares.
+struct Step<'a> {
+    rope: &'a Rope,
+    cos: Tensor,
+    sin: Tensor,
+    mask: Option<Tensor>,
+    training: bool,
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        step: &Step,
+        cache: Option<&mut candle_nn::kv_cache::KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (h, k, d) = (self.heads, self.kv_heads, self.head_dim);
+        let qkv = self.qkv.forward(x)?; //                                          (B, T, (H+2K)D)
+        let q = qkv.narrow(2, 0, h * d)?.reshape((b, t, h, d))?;
+        let key = qkv.narrow(2, h * d, k * d)?.reshape((b, t, k, d))?;
+        let value = qkv.narrow(2, (h + k) * d, k * d)?.reshape((b, t, k, d))?;
+        let (q, key) = match (&self.q_norm, &self.k_norm) {
+            (Some(qn), Some(kn)) => (
+                qn.forward(&q, step.training)?,
+                kn.forward(&key, step.training)?,
+            ),
+            _ => (q, key),
+        };
+        let fused = !step.training;
+        let q = step.rope.apply(
+            &q.transpose(1, 2)?.contiguous()?,
+            &step.cos,
+            &step.sin,
+            fused,
+        )?; // (B, H, T, D)
+        let key = step.rope.apply(
+            &key.transpose(1, 2)?.contiguous()?,
+            &step.cos,
+            &step.sin,
+            fused,
+        )?; // (B, K, T, D)
+        let value = value.transpose(1, 2)?.contiguous()?;
+        let (key, value) = match cache {
+            Some(c) => c.append(&key.contiguous()?, &value)?, //                                   (B, K, S, D)
+            None => (key, value),
+        };
+        let s = key.dim(2)?;
+        // Grouped-query attention without copying K/V: the H/K query heads of a group share rows.
+        let rep = h / k;
+        let q = q.reshape((b, k, rep * t, d))?;
+        let scores = (q.matmul(&key.t()?)? * (d as f64).powf(-0.5))?.reshape((b, h, t, s))?; // (B, H, T, S)
+        let scores = match &step.mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let scores = scores.to_dtype(DType::F32)?;
+        let probs = if step.training {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
+        let probs = dropout(&probs.to_dtype(x.dtype())?, self.dropout, step.training)?;
+        let y = probs.reshape((b, k, rep * t, s))?.matmul(&value)?; //               (B, K, rep·T, D)
+        let y = y
+            .reshape((b, h, t, d))?
+            .transpose(1, 2)?
+            .reshape((b, t, h * d))?; // (B, T, H·D)
+        self.out.forward(&y)
+    }
+}
+
+struct Mlp {
+    up: Linear,
+    down: Linear,
+    kind: MlpKind,
+    act: Activation,
+    inter: usize,
+}
+
+impl Mlp {
+    fn act(&self, x: &Tensor) -> Result<Tensor> {
+        match self.act {
+            Activation::GeluTanh => x.gelu(),
+            Activation::Gelu => x.gelu_erf(),
+            Activation::Silu => x.silu(),
+            Activation::Relu => x.relu(),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let up = self.up.forward(x)?; //                                  (B, T, I) or (B, T, 2I)
+        let hidden = match self.kind {
+            MlpKind::Plain => self.act(&up)?,
+            MlpKind::Gated => {
+                let gate = up.narrow(D::Minus1, 0, self.inter)?;
+                let up = up.narrow(D::Minus1, self.inter, self.inter)?;
+                (self.act(&gate)? * up)?
+            }
+        };
+        self.down.forward(&hidden)
+    }
+}
+
+struct Block {
+    input_norm: Norm,
+    /// Sequential blocks normalise again before the MLP.
+    post_norm: Option<Norm>,
+    attn: Attention,
+    mlp: Mlp,
+    resid_dropout: f64,
+}
+
+impl Block {
+    fn forward(
+        &self,
+        x: &Tensor,
+        step: &Step,
+        cache: Option<&mut candle_nn::kv_cache::KvCache>,
+    ) -> Result<Tensor> {
+        let drop = |y: &Tensor| dropout(y, self.resid_dropout, step.training);
+        let h = self.input_norm.forward(x, step.training)?;
+        let attn = drop(&self.attn.forward(&h, step, cache)?)?;
+        match &self.post_norm {
+            // phi: x + attn(ln(x)) + mlp(ln(x))
+            None => (attn + drop(&self.mlp.forward(&h)?)?)? + x,
+            // phi-3, llama: x += attn(norm(x)); x += mlp(norm(x))
+            Some(post) => {
+                let x = (x + attn)?;
+                let m = drop(&self.mlp.forward(&post.forward(&x, step.training)?)?)?;
+                x + m
+            }
+        }
+    }
+}
+
+pub struct Decoder {
+    cfg: PhiConfig,
+    head_kind: HeadKind,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Norm,
+    /// `None` when the LM head is tied to the embedding.
+    head: Option<Linear>,
+    rope: Rope,
+    training: bool,
+}
+
+impl Decoder {
+    /// Builds the decoder from tensors named as in `names::parameter_table`, all of one dtype.
+    pub fn new(cfg: &PhiConfig, w: &Weights) -> std::result::Result<Self, ModelError> {
+        cfg.validate()?;
+        let embed = take(w, "model.embed_tokens.weight")?;
+        let (dtype, device) = (embed.dtype(), embed.device().clone());
+        let (norm_kind, eps) = (cfg.norm_kind(), cfg.norm_eps());
+        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let qk_norm = |which: &str| -> std::result::Result<Option<Norm>, ModelError> {
+                cfg.qk_layernorm
+                    .then(|| Norm::new(w, &format!("{p}.self_attn.{which}"), NormKind::Layer, eps))
+                    .transpose()
+            };
+            blocks.push(Block {
+                input_norm: Norm::new(w, &format!("{p}.input_layernorm"), norm_kind, eps)?,
+                post_norm: match cfg.layout() {
+                    BlockLayout::Parallel => None,
+                    BlockLayout::Sequential => Some(Norm::new(
+                        w,
+                        &format!("{p}.post_attention_layernorm"),
+                        norm_kind,
+                        eps,
+                    )?),
+                },
+                attn: Attention {
+                    qkv: linear(w, &format!("{p}.self_attn.qkv_proj"), cfg.attention_bias())?,
+                    out: linear(w, &format!("{p}.self_attn.o_proj"), cfg.attention_bias())?,
+                    q_norm: qk_norm("q_layernorm")?,
+                    k_norm: qk_norm("k_layernorm")?,
+                    heads: cfg.num_attention_heads,
+                    kv_heads: cfg.kv_heads(),
+                    head_dim: cfg.head_dim(),
+                    dropout: cfg.attention_dropout,
+                },
+                mlp: Mlp {
+                    up: linear(w, &format!("{p}.mlp.up_proj"), cfg.mlp_bias())?,
+                    down: linear(w, &format!("{p}.mlp.down_proj"), cfg.mlp_bias())?,
+                    kind: cfg.mlp_kind(),
+                    act: cfg.hidden_act,
+                    inter: cfg.intermediate_size,
+                },
+                resid_dropout: cfg.resid_pdrop,
+            });
+        }
+        let head_kind = cfg.head()?;
+        let head = match head_kind {
+            HeadKind::CausalLm if cfg.tie_word_embeddings => None,
+            HeadKind::CausalLm => Some(linear(w, "lm_head", cfg.lm_head_bias())?),
+            HeadKind::SequenceClassification { .. } => Some(linear(w, "score", false)?),
+            HeadKind::TokenClassification { .. } => Some(linear(w, "score", true)?),
+        };
+        Ok(Decoder {
+            cfg: cfg.clone(),
+            head_kind,
+            embed,
+            blocks,
+            norm: Norm::new(w, "model.norm", norm_kind, eps)?,
+            head,
+            rope: Rope::new(&cfg.rotary()?, cfg.max_position_embeddings, dtype, &device)?,
+            training: false,
+        })
+    }
+
+    /// Fresh weights as transformers initialises them (normal(0, initializer_range) for
+    /// matrices, zero biases, unit norms), from `seed`.
+    pub fn init_weights(
+        cfg: &PhiConfig,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> std::result::Result<Weights, ModelError> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let normal = Normal::new(0.0f32, cfg.initializer_range as f32)
+            .map_err(|e| ModelError::Config(format!("initializer_range: {e}")))?;
+        let mut w = Weights::new();
+        for p in parameter_table(cfg)? {
+            let tensor = match p.init {
+                Init::Normal => {
+                    let n = p.shape.iter().product();
+                    let values: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
+                    Tensor::from_vec(values, p.shape.as_slice(), device)?.to_dtype(dtype)?
+                }
+                Init::Zeros => Tensor::zeros(p.shape.as_slice(), dtype, device)?,
+                Init::Ones => Tensor::ones(p.shape.as_slice(), dtype, device)?,
+            };
+            w.insert(p.name, tensor);
+        }
+        Ok(w)
+    }
+
+    pub fn config(&self) -> &PhiConfig {
+        &self.cfg
+    }
+
+    pub fn head_kind(&self) -> HeadKind {
+        self.head_kind
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed.dtype()
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed.device()
+    }
+
+    /// LongRoPE's original context: positions beyond it use the long factors. `None` otherwise.
+    pub fn long_rope_from(&self) -> Option<usize> {
+        self.rope.long_from()
+    }
+
+    /// Training mode: dropout on, composed (differentiable) ops only.
+    pub fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+
+    /// ids: (B, T) u32 → logits (B, T, V) at every position (V = labels for classifier heads).
+    /// Pass a cache only when sampling: it supplies the past and records this step.
+    pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let hidden = self.hidden_states(ids, cache)?;
+        self.head_forward(&hidden)
+    }
+
+    /// The final-norm hidden states (B, T, C): the input of every head, and the embedding the
+    /// classifier stage uses.
+    pub fn hidden_states(&self, ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let device = self.embed.device();
+        let past = cache.as_ref().map_or(0, |c| c.seen);
+        let left_pad = cache.as_ref().and_then(|c| c.left_pad.clone());
+        let positions = match &left_pad {
+            Some(pad) if pad.iter().any(|&n| n > 0) => {
+                if pad.len() != b {
+                    candle_core::bail!(
+                        "the cache was made for {} rows, this batch has {b}",
+                        pad.len()
+                    );
+                }
+                let ids: Vec<u32> = (0..b)
+                    .flat_map(|r| (0..t).map(move |i| (past + i).saturating_sub(pad[r]) as u32))
+                    .collect();
+                let max = *ids.iter().max().unwrap_or(&0) as usize;
+                Positions::PerRow {
+                    ids: Tensor::from_vec(ids, (b, t), device)?,
+                    max,
+                }
+            }
+            _ => Positions::Range {
+                start: past,
+                len: t,
+            },
+        };
+        let (cos, sin) = self.rope.tables(&positions)?;
+        let mask = attention_mask(
+            b,
+            t,
+            past,
+            left_pad.as_deref(),
+            self.cfg.sliding_window,
+            self.dtype(),
+            device,
+        )?;
+        let step = Step {
+            rope: &self.rope,
+            cos,
+            sin,
+            mask,
+            training: self.training,
+        };
+        let x = self
+            .embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, ()))?; // (B, T, C)
+        let mut x = dropout(&x, self.cfg.embd_pdrop, self.training)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let layer = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = block.forward(&x, &step, layer)?;
+        }
+        if let Some(c) = cache {
+            c.seen += t;
+        }
+        self.norm.forward(&x, self.training)
+    }
+
+    /// hidden (B, T, C) → (B, T, V) through the head (the embedding when tied).
+    pub fn head_forward(&self, hidden: &Tensor) -> Result<Tensor> {
+        match &self.head {
+            Some(head) => head.forward(hidden),
+            None => hidden.broadcast_matmul(&self.embed.t()?),
+        }
+    }
+
+    /// A sequence classifier's logits (B, labels), read at each row's last non-pad token as
+    /// transformers' `GenericForSequenceClassification` does.
+    pub fn sequence_logits(&self, ids: &Tensor) -> Result<Tensor> {
+        let logits = self.forward(ids, None)?; //                                          (B, T, L)
+        let rows = ids.to_vec2::<u32>()?;
+        let picked = rows
+            .iter()
+            .enumerate()
+            .map(|(r, row)| {
+                let last = match self.cfg.pad_token_id {
+                    Some(pad) => row.iter().rposition(|&id| id != pad).unwrap_or(0),
+                    None => row.len() - 1,
+                };
+                logits.get(r)?.get(last)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::stack(&picked, 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The mask's rule, checked by hand on a 3-token step after 2 cached tokens, window 3, one
+    /// left pad in row 1: key k is visible from query q iff k == q or (pad ≤ k < q and q - k < 3).
+    #[test]
+    fn mask_follows_causality_padding_and_window() {
+        let m = attention_mask(2, 3, 2, Some(&[0, 1]), Some(3), DType::F32, &Device::Cpu)
+            .unwrap()
+            .unwrap();
+        let m: Vec<Vec<Vec<f32>>> = m.squeeze(1).unwrap().to_vec3().unwrap();
+        let vis = |row: &Vec<f32>| row.iter().map(|v| u8::from(*v == 0.0)).collect::<Vec<_>>();
+        assert_eq!(vis(&m[0][0]), [1, 1, 1, 0, 0]); // q=2 sees 0,1,2
+        assert_eq!(vis(&m[0][2]), [0, 0, 1, 1, 1]); // q=4 sees 2,3,4 (window 3)
+        assert_eq!(vis(&m[1][0]), [0, 1, 1, 0, 0]); // row 1: key 0 is a pad
+        assert!(
+            attention_mask(1, 1, 5, None, None, DType::F32, &Device::Cpu)
+                .unwrap()
+                .is_none()
+        );
+    }
+}
