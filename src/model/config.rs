@@ -177,11 +177,14 @@ pub struct PhiConfig {
     pub attention_dropout: f64,
     #[serde(default = "default_initializer_range")]
     pub initializer_range: f64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Written as `null` when unset: transformers would otherwise fill in its own default.
+    #[serde(default)]
     pub bos_token_id: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Written as `null` when unset: transformers would otherwise fill in its own default.
+    #[serde(default)]
     pub eos_token_id: Option<TokenIds>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Written as `null` when unset: transformers would otherwise fill in its own default.
+    #[serde(default)]
     pub pad_token_id: Option<u32>,
     /// Class names of a classification head, `{"0": "LABEL_0", …}` as transformers writes them.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -377,7 +377,7 @@ mod tests {
         }
         for (c, expected) in counts.iter().zip([0.6, 0.3, 0.1]) {
             let mean = 2000.0 * expected;
-            let sd = (2000.0 * expected * (1.0 - expected) as f64).sqrt();
+            let sd = (2000.0_f64 * expected * (1.0 - expected)).sqrt();
             assert!((*c as f64 - mean).abs() < 4.0 * sd, "{counts:?}");
         }
     }
