@@ -11,3 +11,5 @@ pub mod generate;
 pub mod model;
 pub mod sandbox;
 pub mod teacher;
+pub mod tokenize;
+pub mod train;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod model;
+mod train;
 
 use anyhow::{bail, Context};
 use clap::{ArgAction, Args, Parser, Subcommand};
@@ -60,6 +61,13 @@ pub enum Command {
     Sample(model::SampleArgs),
     /// Write a randomly initialised checkpoint of a preset size (training from scratch, benchmarks).
     Init(model::InitArgs),
+    /// Turn corpus shards (Parquet, jsonl, text) into token shards for training.
+    Tokenize(train::TokenizeArgs),
+    /// Look inside token shards.
+    #[command(subcommand)]
+    Shards(train::ShardsCommand),
+    /// Train a phi-family model with a recipe (stages, data mixture, AdamW, schedule); resumable.
+    Train(train::TrainArgs),
 }
 
 /// How to reach the teacher and what to pay it; shared by every generating command.
@@ -355,6 +363,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         }
         Command::Sample(args) => model::sample(&args).map(|_| Outcome::Complete),
         Command::Init(args) => model::init(&args).map(|_| Outcome::Complete),
+        Command::Tokenize(args) => train::tokenize(&args, cli.quiet),
+        Command::Shards(cmd) => train::shards(&cmd),
+        Command::Train(args) => train::train(&args, cli.quiet),
         Command::MockServer(args) => {
             if !args.addr.ip().is_loopback() {
                 bail!("--addr {} is not a loopback address: the mock server only listens on 127.0.0.0/8 or [::1]", args.addr);

@@ -26,7 +26,7 @@ pub enum Encoding {
 }
 
 impl Encoding {
-    fn bpe(self) -> &'static CoreBPE {
+    pub fn bpe(self) -> &'static CoreBPE {
         match self {
             Encoding::Gpt2 => tiktoken_rs::r50k_base_singleton(),
             Encoding::P50kBase => tiktoken_rs::p50k_base_singleton(),

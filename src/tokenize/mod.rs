@@ -1,0 +1,669 @@
+//! `phigen tokenize`: corpus shards (Parquet from the generate / filter stages, jsonl, plain text)
+//! → token shards for the trainer.
+//!
+//! Reads: every `*.parquet` (column `text`, `id` when present; `rejects.parquet` is skipped),
+//! `*.jsonl` (field `text`, `id` when present) and `*.txt` (documents split at `<|endoftext|>`)
+//! under the inputs, in sorted path order.
+//! Writes: `OUT/train-00000.bin …`, `OUT/val-00000.bin …` (see [`shard`]) and `OUT/meta.json` last,
+//! so a directory with a `meta.json` is complete. Each document is its ordinary tokens (special
+//! tokens are plain text, as tiktoken's `encode_ordinary`) followed by the end-of-text token. A
+//! document goes to validation when the hash of its id falls under `--val-fraction`, so the split
+//! does not depend on order or on the other documents; the same inputs give byte-identical shards.
+
+pub mod shard;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::artifact::atomic;
+use crate::artifact::table::{self, TableError};
+use crate::model::tokenizer::Encoding;
+use shard::{Shard, ShardFileError, ShardWriter, TokenWidth, FORMAT_VERSION};
+
+pub const META_FILE: &str = "meta.json";
+/// Documents encoded together (in parallel) before they are written in order.
+const BATCH_DOCS: usize = 4096;
+const EOT_TEXT: &str = "<|endoftext|>";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizeError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Table(#[from] TableError),
+    #[error(transparent)]
+    Shard(#[from] ShardFileError),
+    #[error("{path}:{line}: expected a JSON object with a string `text` field: {reason}")]
+    Jsonl {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+    #[error("no .parquet, .jsonl or .txt files under {0:?}; point --input at corpus directories or files")]
+    NoInputs(Vec<PathBuf>),
+    #[error("{path}: holds tokens of other inputs or settings ({reason}); pass --force to replace them, or another --out")]
+    OtherRun { path: PathBuf, reason: String },
+    #[error("{path}: {reason}")]
+    BadMeta { path: PathBuf, reason: String },
+    #[error("{path}: tokenized with `{found}`, this model uses `{expected}` — re-run `phigen tokenize --tokenizer {expected}` or pick a matching model")]
+    TokenizerMismatch {
+        path: PathBuf,
+        expected: String,
+        found: String,
+    },
+    #[error("--val-fraction must be in [0, 1), found {0}")]
+    ValFraction(f64),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TokenizeError + '_ {
+    move |source| TokenizeError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    Train,
+    Val,
+}
+
+impl std::fmt::Display for Split {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Split {
+    fn name(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Val => "val",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Source {
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub blake3: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SplitMeta {
+    pub documents: u64,
+    pub tokens: u64,
+    pub shards: Vec<String>,
+}
+
+/// `meta.json`: what the shards hold and where they came from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Meta {
+    pub format_version: u32,
+    pub tokenizer: Encoding,
+    pub vocab_size: usize,
+    pub end_of_text: u32,
+    pub token_width: TokenWidth,
+    pub val_fraction: f64,
+    pub sources: Vec<Source>,
+    pub splits: BTreeMap<Split, SplitMeta>,
+}
+
+pub struct TokenizeOptions {
+    pub inputs: Vec<PathBuf>,
+    pub out: PathBuf,
+    pub encoding: Encoding,
+    pub val_fraction: f64,
+    /// A new shard is started once one holds this many tokens.
+    pub shard_tokens: u64,
+    pub force: bool,
+}
+
+/// One document: its id (for the split) and its text.
+struct Doc {
+    id: String,
+    text: String,
+}
+
+/// Every input file under `inputs`, sorted.
+fn input_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, TokenizeError> {
+    fn walk(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), TokenizeError> {
+        if path.is_dir() {
+            for entry in std::fs::read_dir(path).map_err(io_err(path))? {
+                walk(&entry.map_err(io_err(path))?.path(), out)?;
+            }
+        } else if !path.exists() {
+            return Err(TokenizeError::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no such file or directory",
+                ),
+            });
+        } else {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let wanted = [".parquet", ".jsonl", ".txt"]
+                .iter()
+                .any(|e| name.ends_with(e));
+            if wanted && name != "rejects.parquet" {
+                out.push(path.to_path_buf());
+            }
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    for input in inputs {
+        walk(input, &mut files)?;
+    }
+    files.sort();
+    files.dedup();
+    if files.is_empty() {
+        return Err(TokenizeError::NoInputs(inputs.to_vec()));
+    }
+    Ok(files)
+}
+
+fn describe(path: &Path) -> Result<Source, TokenizeError> {
+    let file = File::open(path).map_err(io_err(path))?;
+    let bytes = file.metadata().map_err(io_err(path))?.len();
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_reader(file).map_err(io_err(path))?;
+    Ok(Source {
+        path: path.to_path_buf(),
+        bytes,
+        blake3: hasher.finalize().to_hex().to_string(),
+    })
+}
+
+/// Calls `each` with batches of at most [`BATCH_DOCS`] documents of one file, in file order.
+fn read_documents(
+    path: &Path,
+    mut each: impl FnMut(Vec<Doc>) -> Result<(), TokenizeError>,
+) -> Result<(), TokenizeError> {
+    let name = path.display().to_string();
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    match ext {
+        "parquet" => {
+            let has_id = table::read_columns(path, &["id"]).is_ok();
+            let columns: &[&str] = if has_id { &["id", "text"] } else { &["text"] };
+            let df = table::read_columns(path, columns)?;
+            let texts = table::text_column(&df, path, "text")?;
+            let ids = if has_id {
+                table::text_column(&df, path, "id")?
+            } else {
+                vec![None; texts.len()]
+            };
+            let docs: Vec<Doc> = texts
+                .into_iter()
+                .zip(ids)
+                .enumerate()
+                .filter_map(|(i, (text, id))| {
+                    Some(Doc {
+                        id: id.unwrap_or_else(|| format!("{name}:{i}")),
+                        text: text?,
+                    })
+                })
+                .collect();
+            for batch in docs.chunks(BATCH_DOCS) {
+                each(
+                    batch
+                        .iter()
+                        .map(|d| Doc {
+                            id: d.id.clone(),
+                            text: d.text.clone(),
+                        })
+                        .collect(),
+                )?;
+            }
+        }
+        "jsonl" => {
+            let reader = BufReader::new(File::open(path).map_err(io_err(path))?);
+            let mut batch = Vec::with_capacity(BATCH_DOCS);
+            for (i, line) in reader.lines().enumerate() {
+                let line = line.map_err(io_err(path))?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                #[derive(Deserialize)]
+                struct Row {
+                    text: String,
+                    #[serde(default)]
+                    id: Option<serde_json::Value>,
+                }
+                let row: Row = serde_json::from_str(&line).map_err(|e| TokenizeError::Jsonl {
+                    path: path.to_path_buf(),
+                    line: i + 1,
+                    reason: e.to_string(),
+                })?;
+                let id = match row.id {
+                    Some(serde_json::Value::String(s)) => s,
+                    Some(other) => other.to_string(),
+                    None => format!("{name}:{i}"),
+                };
+                batch.push(Doc { id, text: row.text });
+                if batch.len() == BATCH_DOCS {
+                    each(std::mem::take(&mut batch))?;
+                }
+            }
+            if !batch.is_empty() {
+                each(batch)?;
+            }
+        }
+        _ => {
+            let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+            let docs: Vec<Doc> = text
+                .split(EOT_TEXT)
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .enumerate()
+                .map(|(i, t)| Doc {
+                    id: format!("{name}:{i}"),
+                    text: t.to_string(),
+                })
+                .collect();
+            for batch in docs.chunks(BATCH_DOCS) {
+                each(
+                    batch
+                        .iter()
+                        .map(|d| Doc {
+                            id: d.id.clone(),
+                            text: d.text.clone(),
+                        })
+                        .collect(),
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Validation iff the id's hash, as a fraction of the hash space, is below `val_fraction`.
+fn split_of(id: &str, val_fraction: f64) -> Split {
+    let hash = blake3::hash(id.as_bytes());
+    let x = u64::from_le_bytes(hash.as_bytes()[..8].try_into().expect("8 bytes")) as f64
+        / u64::MAX as f64;
+    if x < val_fraction {
+        Split::Val
+    } else {
+        Split::Train
+    }
+}
+
+/// The rolling shard files of one split.
+struct SplitWriter {
+    split: Split,
+    dir: PathBuf,
+    width: TokenWidth,
+    shard_tokens: u64,
+    current: Option<ShardWriter>,
+    meta: SplitMeta,
+}
+
+impl SplitWriter {
+    fn push(&mut self, ids: &[u32]) -> Result<(), TokenizeError> {
+        if self.current.is_none() {
+            let name = format!("{}-{:05}.bin", self.split.name(), self.meta.shards.len());
+            self.current = Some(ShardWriter::create(&self.dir.join(&name), self.width)?);
+            self.meta.shards.push(name);
+        }
+        let w = self.current.as_mut().expect("opened above");
+        w.push_document(ids)?;
+        self.meta.documents += 1;
+        self.meta.tokens += ids.len() as u64;
+        if w.tokens() >= self.shard_tokens {
+            self.current.take().expect("open").finish()?;
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<SplitMeta, TokenizeError> {
+        if let Some(w) = self.current.take() {
+            w.finish()?;
+        }
+        Ok(self.meta)
+    }
+}
+
+pub fn vocab_size(encoding: Encoding) -> usize {
+    // tiktoken's `n_vocab` (largest id + 1, special tokens included).
+    match encoding {
+        Encoding::Gpt2 => 50_257,
+        Encoding::P50kBase => 50_281,
+        Encoding::Cl100kBase => 100_277,
+        Encoding::O200kBase => 200_019,
+    }
+}
+
+/// What `run` did.
+pub enum Outcome {
+    Written(Meta),
+    /// `meta.json` already describes these inputs and settings: nothing to do.
+    UpToDate(Meta),
+}
+
+pub fn run(
+    opts: &TokenizeOptions,
+    mut progress: impl FnMut(u64),
+) -> Result<Outcome, TokenizeError> {
+    if !(0.0..1.0).contains(&opts.val_fraction) {
+        return Err(TokenizeError::ValFraction(opts.val_fraction));
+    }
+    let files = input_files(&opts.inputs)?;
+    let sources = files
+        .iter()
+        .map(|f| describe(f))
+        .collect::<Result<Vec<_>, _>>()?;
+    std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
+    let meta_path = opts.out.join(META_FILE);
+    if meta_path.exists() {
+        let old = read_meta(&opts.out)?;
+        let same = old.sources == sources
+            && old.tokenizer == opts.encoding
+            && old.val_fraction == opts.val_fraction;
+        if same && !opts.force {
+            return Ok(Outcome::UpToDate(old));
+        }
+        if !opts.force {
+            return Err(TokenizeError::OtherRun {
+                path: opts.out.clone(),
+                reason: format!(
+                    "its meta.json lists {} sources tokenized with `{:?}`, val_fraction {}",
+                    old.sources.len(),
+                    old.tokenizer,
+                    old.val_fraction
+                ),
+            });
+        }
+        std::fs::remove_file(&meta_path).map_err(io_err(&meta_path))?;
+    }
+    // Shards from an earlier (crashed or replaced) run: all are rewritten.
+    for entry in std::fs::read_dir(&opts.out).map_err(io_err(&opts.out))? {
+        let path = entry.map_err(io_err(&opts.out))?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let ours = (name.starts_with("train-") || name.starts_with("val-"))
+            && (name.ends_with(".bin") || name.ends_with(".bin.tmp"));
+        if ours {
+            std::fs::remove_file(&path).map_err(io_err(&path))?;
+        }
+    }
+    let vocab = vocab_size(opts.encoding);
+    let width = TokenWidth::for_vocab(vocab);
+    let eot = opts.encoding.end_of_text();
+    let bpe = opts.encoding.bpe();
+    let writer = |split| SplitWriter {
+        split,
+        dir: opts.out.clone(),
+        width,
+        shard_tokens: opts.shard_tokens.max(1),
+        current: None,
+        meta: SplitMeta::default(),
+    };
+    let (mut train, mut val) = (writer(Split::Train), writer(Split::Val));
+    for file in &files {
+        read_documents(file, |docs| {
+            let encoded: Vec<(Split, Vec<u32>)> = docs
+                .par_iter()
+                .map(|d| {
+                    let mut ids = bpe.encode_ordinary(&d.text);
+                    ids.push(eot);
+                    (split_of(&d.id, opts.val_fraction), ids)
+                })
+                .collect();
+            for (split, ids) in encoded {
+                progress(ids.len() as u64);
+                match split {
+                    Split::Train => train.push(&ids)?,
+                    Split::Val => val.push(&ids)?,
+                }
+            }
+            Ok(())
+        })?;
+    }
+    let meta = Meta {
+        format_version: FORMAT_VERSION,
+        tokenizer: opts.encoding,
+        vocab_size: vocab,
+        end_of_text: eot,
+        token_width: width,
+        val_fraction: opts.val_fraction,
+        sources,
+        splits: BTreeMap::from([(Split::Train, train.finish()?), (Split::Val, val.finish()?)]),
+    };
+    atomic::write_json(&meta_path, &meta).map_err(io_err(&meta_path))?;
+    Ok(Outcome::Written(meta))
+}
+
+pub fn read_meta(dir: &Path) -> Result<Meta, TokenizeError> {
+    let path = dir.join(META_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|source| TokenizeError::Io {
+        path: path.clone(),
+        source: std::io::Error::new(
+            source.kind(),
+            format!("{source} (is this a `phigen tokenize` output? run it first)"),
+        ),
+    })?;
+    serde_json::from_str(&text).map_err(|e| TokenizeError::BadMeta {
+        path,
+        reason: format!("not a phigen token meta.json (format version {FORMAT_VERSION}): {e}"),
+    })
+}
+
+/// A tokenized directory, opened for reading: its meta and memory-mapped shards.
+pub struct TokenDir {
+    pub dir: PathBuf,
+    pub meta: Meta,
+    pub train: Vec<Shard>,
+    pub val: Vec<Shard>,
+}
+
+impl TokenDir {
+    /// Opens `dir`; with `expected`, a different tokenizer is an error naming both.
+    pub fn open(dir: &Path, expected: Option<Encoding>) -> Result<Self, TokenizeError> {
+        let meta = read_meta(dir)?;
+        if let Some(expected) = expected.filter(|e| *e != meta.tokenizer) {
+            return Err(TokenizeError::TokenizerMismatch {
+                path: dir.join(META_FILE),
+                expected: encoding_name(expected),
+                found: encoding_name(meta.tokenizer),
+            });
+        }
+        let open = |split: Split| -> Result<Vec<Shard>, TokenizeError> {
+            let names = meta
+                .splits
+                .get(&split)
+                .map(|s| s.shards.clone())
+                .unwrap_or_default();
+            names
+                .iter()
+                .map(|n| Shard::open(&dir.join(n)).map_err(Into::into))
+                .collect()
+        };
+        Ok(TokenDir {
+            dir: dir.to_path_buf(),
+            train: open(Split::Train)?,
+            val: open(Split::Val)?,
+            meta,
+        })
+    }
+
+    pub fn shards(&self, split: Split) -> &[Shard] {
+        match split {
+            Split::Train => &self.train,
+            Split::Val => &self.val,
+        }
+    }
+
+    /// Tokens `offset .. offset + len` of a split, read across shard boundaries.
+    pub fn read(&self, split: Split, mut offset: usize, len: usize) -> Vec<u32> {
+        let mut out = Vec::with_capacity(len);
+        for shard in self.shards(split) {
+            if out.len() == len {
+                break;
+            }
+            if offset >= shard.tokens {
+                offset -= shard.tokens;
+                continue;
+            }
+            out.extend(shard.slice(offset, len - out.len()));
+            offset = 0;
+        }
+        out
+    }
+}
+
+pub fn encoding_name(e: Encoding) -> String {
+    serde_json::to_value(e)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(path: &Path, text: &str) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    fn opts(input: &Path, out: &Path) -> TokenizeOptions {
+        TokenizeOptions {
+            inputs: vec![input.to_path_buf()],
+            out: out.to_path_buf(),
+            encoding: Encoding::Gpt2,
+            val_fraction: 0.3,
+            shard_tokens: 64,
+            force: false,
+        }
+    }
+
+    /// Every document comes back, whole and in order, from the two splits together; the same
+    /// inputs give byte-identical shards; ids are GPT-2's (`Hello world` = 15496, 995 in the
+    /// published GPT-2 vocabulary; 50256 is `<|endoftext|>`).
+    #[test]
+    fn documents_round_trip_through_the_splits() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("corpus");
+        let docs: Vec<String> = (0..200)
+            .map(|i| format!("Story {i}: Lily saw a red ball."))
+            .collect();
+        let jsonl: String = docs
+            .iter()
+            .enumerate()
+            .map(|(i, t)| format!("{{\"id\":\"d{i}\",\"text\":\"{t}\"}}\n"))
+            .collect();
+        write(&input.join("a.jsonl"), &jsonl);
+        write(&input.join("b.txt"), "Hello world<|endoftext|>Second one");
+        let out = dir.path().join("tok");
+        let Outcome::Written(meta) = run(&opts(&input, &out), |_| {}).unwrap() else {
+            panic!("fresh run writes")
+        };
+        let (train, val) = (&meta.splits[&Split::Train], &meta.splits[&Split::Val]);
+        assert_eq!(train.documents + val.documents, 202);
+        assert!(
+            val.documents > 30 && val.documents < 100,
+            "about 30% in val: {}",
+            val.documents
+        );
+        assert!(train.shards.len() > 1, "64-token shards roll over");
+        let tokens = TokenDir::open(&out, Some(Encoding::Gpt2)).unwrap();
+        let bpe = Encoding::Gpt2.bpe();
+        let mut expected: BTreeMap<Split, Vec<u32>> = BTreeMap::new();
+        let all = docs
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (format!("d{i}"), t.clone()))
+            .chain([
+                (
+                    format!("{}:0", input.join("b.txt").display()),
+                    "Hello world".to_string(),
+                ),
+                (
+                    format!("{}:1", input.join("b.txt").display()),
+                    "Second one".to_string(),
+                ),
+            ]);
+        for (id, text) in all {
+            let e = expected.entry(split_of(&id, 0.3)).or_default();
+            e.extend(bpe.encode_ordinary(&text));
+            e.push(50_256);
+        }
+        for split in [Split::Train, Split::Val] {
+            let n = meta.splits[&split].tokens as usize;
+            assert_eq!(tokens.read(split, 0, n), expected[&split], "{split:?}");
+        }
+        let tail = &expected[&split_of(&format!("{}:0", input.join("b.txt").display()), 0.3)];
+        assert!(tail.windows(3).any(|w| w == [15496, 995, 50256]));
+        // Same inputs again with --force: byte-identical shards.
+        let before: Vec<Vec<u8>> = train
+            .shards
+            .iter()
+            .map(|s| std::fs::read(out.join(s)).unwrap())
+            .collect();
+        let again = TokenizeOptions {
+            force: true,
+            ..opts(&input, &out)
+        };
+        run(&again, |_| {}).unwrap();
+        let after: Vec<Vec<u8>> = train
+            .shards
+            .iter()
+            .map(|s| std::fs::read(out.join(s)).unwrap())
+            .collect();
+        assert_eq!(before, after);
+        // Unchanged inputs without --force: nothing to do.
+        assert!(matches!(
+            run(&opts(&input, &out), |_| {}).unwrap(),
+            Outcome::UpToDate(_)
+        ));
+    }
+
+    #[test]
+    fn bad_inputs_and_mismatches_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("corpus");
+        write(
+            &input.join("a.jsonl"),
+            "{\"text\": \"ok\"}\n{\"body\": 3}\n",
+        );
+        let out = dir.path().join("tok");
+        let err = run(&opts(&input, &out), |_| {}).err().unwrap().to_string();
+        assert!(err.contains("a.jsonl:2") && err.contains("text"), "{err}");
+        write(&input.join("a.jsonl"), "{\"text\": \"ok\"}\n");
+        run(&opts(&input, &out), |_| {}).unwrap();
+        let err = TokenDir::open(&out, Some(Encoding::Cl100kBase))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("`gpt2`") && err.contains("`cl100k_base`"),
+            "{err}"
+        );
+        // Changed inputs: refused without --force, nothing deleted.
+        write(&input.join("a.jsonl"), "{\"text\": \"changed\"}\n");
+        let err = run(&opts(&input, &out), |_| {}).err().unwrap().to_string();
+        assert!(err.contains("--force"), "{err}");
+        assert!(out.join("train-00000.bin").exists() || out.join("val-00000.bin").exists());
+        let empty = dir.path().join("empty");
+        std::fs::create_dir_all(&empty).unwrap();
+        assert!(run(&opts(&empty, &out), |_| {})
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("no .parquet"));
+    }
+}

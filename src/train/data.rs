@@ -1,0 +1,153 @@
+//! Batches from a weighted mixture of token directories.
+//!
+//! A training row is `seq_len + 1` consecutive tokens at a random place: a directory drawn by
+//! weight, a shard by its token count, an offset uniformly. The random stream of (seed, stage, step,
+//! micro-batch) alone decides it, so the data order needs no saved position: a resumed run draws
+//! exactly the batches the uninterrupted one would have. Validation rows are the first
+//! non-overlapping windows of each directory's validation split, the same at every evaluation.
+
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::model::tokenizer::Encoding;
+use crate::tokenize::{Split, TokenDir, TokenizeError};
+
+pub struct Mixture {
+    dirs: Vec<TokenDir>,
+    /// Cumulative normalised weights of the directories that have training tokens.
+    cumulative: Vec<f64>,
+    seq_len: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error(transparent)]
+    Tokens(#[from] TokenizeError),
+    #[error("{path}: the train split has no shard with more than {need} tokens (seq_len + 1); tokenize more text or lower seq_len")]
+    TooShort { path: PathBuf, need: usize },
+    #[error("{path}: token ids go up to {vocab} (`{tokenizer:?}`), beyond the model's vocab_size {model_vocab}; raise model.vocab_size")]
+    Vocab {
+        path: PathBuf,
+        tokenizer: Encoding,
+        vocab: usize,
+        model_vocab: usize,
+    },
+}
+
+impl Mixture {
+    pub fn open(
+        data: &[(PathBuf, f64)],
+        tokenizer: Encoding,
+        model_vocab: usize,
+        seq_len: usize,
+    ) -> Result<Self, DataError> {
+        let mut dirs = Vec::new();
+        let mut cumulative = Vec::new();
+        let total: f64 = data.iter().map(|(_, w)| w).sum();
+        let mut acc = 0.0;
+        for (path, weight) in data {
+            let dir = TokenDir::open(path, Some(tokenizer))?;
+            if dir.meta.vocab_size > model_vocab {
+                return Err(DataError::Vocab {
+                    path: path.clone(),
+                    tokenizer,
+                    vocab: dir.meta.vocab_size,
+                    model_vocab,
+                });
+            }
+            if !dir.train.iter().any(|s| s.tokens > seq_len + 1) {
+                return Err(DataError::TooShort {
+                    path: path.clone(),
+                    need: seq_len + 1,
+                });
+            }
+            acc += weight / total;
+            cumulative.push(acc);
+            dirs.push(dir);
+        }
+        Ok(Mixture {
+            dirs,
+            cumulative,
+            seq_len,
+        })
+    }
+
+    /// `rows` training rows (rows, seq_len + 1) for one micro-batch.
+    pub fn train_batch(
+        &self,
+        seed: u64,
+        stage: usize,
+        step: usize,
+        micro: usize,
+        rows: usize,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let key = blake3::hash(format!("{seed}/{stage}/{step}/{micro}").as_bytes());
+        let mut rng = ChaCha8Rng::from_seed(*key.as_bytes());
+        let n = self.seq_len + 1;
+        let mut ids = Vec::with_capacity(rows * n);
+        for _ in 0..rows {
+            let x: f64 = rng.random();
+            let d = self
+                .cumulative
+                .iter()
+                .position(|&c| x < c)
+                .unwrap_or(self.dirs.len() - 1);
+            let shards: Vec<_> = self.dirs[d].train.iter().filter(|s| s.tokens > n).collect();
+            let total: usize = shards.iter().map(|s| s.tokens - n).sum();
+            let mut at = rng.random_range(0..total);
+            let shard = shards
+                .iter()
+                .find(|s| {
+                    let span = s.tokens - n;
+                    if at < span {
+                        true
+                    } else {
+                        at -= span;
+                        false
+                    }
+                })
+                .expect("offset drawn within the total span");
+            ids.extend(shard.slice(at, n));
+        }
+        Tensor::from_vec(ids, (rows, n), device)
+    }
+
+    /// Up to `batches` validation micro-batches of `rows` rows, the same every time.
+    pub fn val_batches(
+        &self,
+        batches: usize,
+        rows: usize,
+        device: &Device,
+    ) -> candle_core::Result<Vec<Tensor>> {
+        let n = self.seq_len + 1;
+        let mut windows: Vec<Vec<u32>> = Vec::new();
+        // Round-robin over directories so each contributes.
+        let totals: Vec<usize> = self
+            .dirs
+            .iter()
+            .map(|d| {
+                d.meta
+                    .splits
+                    .get(&Split::Val)
+                    .map_or(0, |s| s.tokens as usize)
+            })
+            .collect();
+        let mut k = 0;
+        while windows.len() < batches * rows && totals.iter().any(|&t| (k + 1) * n <= t) {
+            for (d, &t) in self.dirs.iter().zip(&totals) {
+                if (k + 1) * n <= t && windows.len() < batches * rows {
+                    windows.push(d.read(Split::Val, k * n, n));
+                }
+            }
+            k += 1;
+        }
+        windows
+            .chunks(rows)
+            .map(|c| Tensor::from_vec(c.concat(), (c.len(), n), device))
+            .collect()
+    }
+}

@@ -1,0 +1,653 @@
+//! `phigen train --recipe R`: runs a recipe's stages on token shards with the candle decoder.
+//!
+//! Run directory (`--out`, default `runs/NAME`):
+//! - `recipe.toml`: the effective recipe (after `--set`);
+//! - `metrics.jsonl`: one line per optimizer step (and per evaluation) — step, tokens, train loss,
+//!   val loss, lr, grad norm, tokens/s, TFLOP/s, MFU when the peak is known;
+//! - `loss.png`: the loss curve, redrawn at each evaluation;
+//! - `STAGE/step-NNNNNN/`: checkpoints in the Hugging Face layout (`config.json`,
+//!   `model.safetensors`, `phigen.json`) plus `optimizer.safetensors` (fp32 masters' moments) and
+//!   `trainer.json`; each written under a temp name and renamed; the last `keep_last` and the best
+//!   validation one are kept.
+//!
+//! Resume (`--resume`) continues from the newest checkpoint: the data order is a function of the
+//! step (see [`data`]), so the resumed curve equals the uninterrupted one. A stop request
+//! (SIGINT / SIGTERM) writes a checkpoint after the current step.
+
+pub mod data;
+pub mod optim;
+pub mod plot;
+pub mod recipe;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::artifact::atomic;
+use crate::model::{checkpoint, tokenizer, Decoder, ModelError, PhiConfig, Weights};
+use data::{DataError, Mixture};
+use optim::{AdamW, Hyper};
+use recipe::{Init, Recipe, Stage};
+
+pub const METRICS_FILE: &str = "metrics.jsonl";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const TRAINER_FILE: &str = "trainer.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Resume(String),
+    #[error("{0}")]
+    Memory(String),
+    #[error("{path}: {reason}")]
+    BadState { path: PathBuf, reason: String },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+pub struct TrainOptions {
+    pub recipe: Recipe,
+    pub out: PathBuf,
+    pub resume: bool,
+    pub device: Device,
+    /// The dtype the model computes in; masters and moments are always fp32.
+    pub dtype: DType,
+    /// The device's peak TFLOP/s in `dtype`, for the MFU estimate.
+    pub peak_tflops: Option<f64>,
+    /// Set by a signal handler: checkpoint after the current step and return.
+    pub stop: Arc<AtomicBool>,
+    /// Stop (with a checkpoint) after this many optimizer steps in this invocation (tests, probes).
+    pub max_steps_this_run: Option<usize>,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Metrics {
+    pub stage: String,
+    pub step: usize,
+    pub tokens: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub train_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
+    pub lr: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_norm: Option<f64>,
+    pub tokens_per_sec: f64,
+    pub tflops: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mfu: Option<f64>,
+}
+
+/// What the loop reports to its caller (progress bar, logs).
+pub enum Event<'a> {
+    StageStart {
+        stage: &'a Stage,
+        index: usize,
+        start_step: usize,
+        params: usize,
+        memory_gb: f64,
+    },
+    Step(&'a Metrics),
+    Eval(&'a Metrics),
+    Checkpoint(&'a Path),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Finished,
+    /// Stopped early (signal or `max_steps_this_run`); a checkpoint was written: `--resume` goes on.
+    Stopped,
+}
+
+/// `trainer.json`: where a checkpoint sits in the run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrainerState {
+    recipe: String,
+    stage: String,
+    stage_index: usize,
+    /// Optimizer steps completed in this stage.
+    step: usize,
+    tokens: u64,
+    adam_t: u64,
+    val_loss: Option<f64>,
+}
+
+/// Training FLOPs per token: 6 per weight that multiplies (the input embedding is a lookup unless
+/// tied to the head) plus attention's 12 · layers · context · hidden (PaLM, appendix B).
+pub fn flops_per_token(cfg: &PhiConfig, seq_len: usize) -> f64 {
+    let mut n = cfg.parameter_count();
+    if !cfg.tie_word_embeddings {
+        n -= cfg.vocab_size * cfg.hidden_size;
+    }
+    6.0 * n as f64
+        + 12.0 * (cfg.num_hidden_layers * seq_len * cfg.num_attention_heads * cfg.head_dim()) as f64
+}
+
+/// Bytes one training step needs: fp32 masters, gradients and two moments, a compute copy when
+/// not fp32, and one micro-batch's activations (Korthikanti et al. 2022, doubled for fp32) and
+/// logits.
+pub fn memory_estimate(cfg: &PhiConfig, stage: &Stage, dtype: DType) -> f64 {
+    let n = cfg.parameter_count() as f64;
+    let compute_copy = if dtype == DType::F32 {
+        0.0
+    } else {
+        dtype.size_in_bytes() as f64
+    };
+    let (b, t) = (stage.raw.micro_batch as f64, stage.raw.seq_len as f64);
+    let (c, h, l) = (
+        cfg.hidden_size as f64,
+        cfg.num_attention_heads as f64,
+        cfg.num_hidden_layers as f64,
+    );
+    let act_scale = dtype.size_in_bytes() as f64 / 2.0;
+    let activations = l * t * b * c * (34.0 + 5.0 * h * t / c) * act_scale;
+    let logits = 3.0 * b * t * cfg.vocab_size as f64 * 4.0;
+    n * (16.0 + compute_copy) + activations + logits
+}
+
+fn available_memory() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024.0)
+}
+
+/// Mean next-token cross-entropy of a batch of rows (B, T + 1).
+pub fn next_token_loss(model: &Decoder, batch: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, t) = batch.dims2()?;
+    let logits = model.forward(&batch.narrow(1, 0, t - 1)?, None)?; //              (B, T, V)
+    let v = logits.dim(2)?;
+    let targets = batch.narrow(1, 1, t - 1)?.flatten_all()?;
+    candle_nn::loss::cross_entropy(
+        &logits.to_dtype(DType::F32)?.reshape((b * (t - 1), v))?,
+        &targets,
+    )
+}
+
+fn step_dir(out: &Path, stage: &str, step: usize) -> PathBuf {
+    out.join(stage).join(format!("step-{step:06}"))
+}
+
+/// Complete checkpoints of a stage, oldest first.
+fn checkpoints(out: &Path, stage: &str) -> Result<Vec<(usize, PathBuf)>, TrainError> {
+    let dir = out.join(stage);
+    if !dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
+        let path = entry.map_err(io_err(&dir))?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if let Some(step) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<usize>().ok())
+        {
+            if path.join(TRAINER_FILE).is_file() {
+                found.push((step, path));
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+fn read_state(dir: &Path) -> Result<TrainerState, TrainError> {
+    let path = dir.join(TRAINER_FILE);
+    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+    serde_json::from_str(&text).map_err(|e| TrainError::BadState {
+        path,
+        reason: format!("not a phigen trainer.json: {e}"),
+    })
+}
+
+/// Weights of `cfg`'s shapes tiled from a smaller checkpoint of the same layout: each tensor is
+/// repeated along every dimension and cut to size; layer i takes the small model's layer i mod L.
+fn tile_weights(cfg: &PhiConfig, dir: &Path) -> Result<Weights, TrainError> {
+    let (small_cfg, small) = checkpoint::load_weights(dir, DType::F32, &Device::Cpu)?;
+    if small_cfg.model_type != cfg.model_type {
+        return Err(ModelError::Config(format!(
+            "{}: tiling needs the same layout; it is {:?}, the recipe's model is {:?}",
+            dir.display(),
+            small_cfg.model_type,
+            cfg.model_type
+        ))
+        .into());
+    }
+    let mut out = Weights::new();
+    for p in crate::model::names::parameter_table(cfg)? {
+        let source = match p
+            .name
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split_once('.'))
+        {
+            Some((i, rest)) => {
+                let i: usize = i.parse().expect("layer names are numbered");
+                format!("model.layers.{}.{rest}", i % small_cfg.num_hidden_layers)
+            }
+            None => p.name.clone(),
+        };
+        let mut t = small
+            .get(&source)
+            .ok_or_else(|| ModelError::MissingParameter(source.clone()))?
+            .clone();
+        if t.rank() != p.shape.len() {
+            return Err(ModelError::Config(format!(
+                "{source}: rank {} cannot tile to {:?}",
+                t.rank(),
+                p.shape
+            ))
+            .into());
+        }
+        for (d, &want) in p.shape.iter().enumerate() {
+            let have = t.dim(d)?;
+            let mut reps = vec![1; t.rank()];
+            reps[d] = want.div_ceil(have);
+            t = t.repeat(reps)?.narrow(d, 0, want)?;
+        }
+        out.insert(p.name, t.contiguous()?);
+    }
+    Ok(out)
+}
+
+struct Run<'a> {
+    opts: &'a TrainOptions,
+    cfg: PhiConfig,
+    metrics: Vec<Metrics>,
+}
+
+impl Run<'_> {
+    fn append_metrics(&mut self, m: Metrics) -> Result<(), TrainError> {
+        let path = self.opts.out.join(METRICS_FILE);
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        let mut line = serde_json::to_vec(&m).expect("metrics serialize");
+        line.push(b'\n');
+        f.write_all(&line).map_err(io_err(&path))?;
+        self.metrics.push(m);
+        Ok(())
+    }
+
+    /// Keeps only metric lines up to (stage, step) — what a checkpoint had seen.
+    fn truncate_metrics(&mut self, stage_index: usize, step: usize) -> Result<(), TrainError> {
+        let path = self.opts.out.join(METRICS_FILE);
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let order: HashMap<&str, usize> = self
+            .opts
+            .recipe
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.raw.name.as_str(), i))
+            .collect();
+        self.metrics = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Metrics>(l).ok())
+            .filter(|m| {
+                let si = order.get(m.stage.as_str()).copied().unwrap_or(usize::MAX);
+                si < stage_index || (si == stage_index && m.step <= step)
+            })
+            .collect();
+        let mut bytes = Vec::new();
+        for m in &self.metrics {
+            bytes.extend(serde_json::to_vec(m).expect("metrics serialize"));
+            bytes.push(b'\n');
+        }
+        atomic::write_bytes(&path, &bytes).map_err(io_err(&path))
+    }
+
+    fn save(
+        &self,
+        stage: &Stage,
+        opt: &AdamW,
+        state: &TrainerState,
+    ) -> Result<PathBuf, TrainError> {
+        let out = &self.opts.out;
+        let dir = step_dir(out, &stage.raw.name, state.step);
+        let tmp = atomic::temp_path(&dir);
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+        }
+        let weights = opt.weights(DType::F32)?;
+        checkpoint::save(&tmp, &self.cfg, &weights, DType::F32)?;
+        tokenizer::write_phigen_file(&tmp, self.opts.recipe.raw.model.tokenizer)?;
+        let mut moments: Vec<(String, Tensor)> = Vec::new();
+        for s in &opt.slots {
+            moments.push((format!("{}.exp_avg", s.name), s.m.clone()));
+            moments.push((format!("{}.exp_avg_sq", s.name), s.v.clone()));
+        }
+        let opt_path = tmp.join(OPTIMIZER_FILE);
+        safetensors::serialize_to_file(
+            moments.iter().map(|(n, t)| (n.as_str(), t)),
+            None,
+            &opt_path,
+        )
+        .map_err(|e| TrainError::BadState {
+            path: opt_path.clone(),
+            reason: format!("writing: {e}"),
+        })?;
+        let state_path = tmp.join(TRAINER_FILE);
+        atomic::write_json(&state_path, state).map_err(io_err(&state_path))?;
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+        }
+        std::fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
+        self.prune(stage)?;
+        Ok(dir)
+    }
+
+    /// Keeps the last `keep_last` checkpoints of the stage and its best validation one.
+    fn prune(&self, stage: &Stage) -> Result<(), TrainError> {
+        let all = checkpoints(&self.opts.out, &stage.raw.name)?;
+        let best = all
+            .iter()
+            .filter_map(|(step, dir)| {
+                read_state(dir)
+                    .ok()
+                    .and_then(|s| s.val_loss)
+                    .map(|v| (v, *step))
+            })
+            .min_by(|a, b| a.0.total_cmp(&b.0))
+            .map(|(_, step)| step);
+        let keep_from = all.len().saturating_sub(stage.raw.keep_last.max(1));
+        for (i, (step, dir)) in all.iter().enumerate() {
+            if i < keep_from && Some(*step) != best {
+                std::fs::remove_dir_all(dir).map_err(io_err(dir))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn load_optimizer(&self, dir: &Path, opt: &mut AdamW, t: u64) -> Result<(), TrainError> {
+        let path = dir.join(OPTIMIZER_FILE);
+        let tensors = candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| {
+            TrainError::BadState {
+                path: path.clone(),
+                reason: format!("unreadable: {e}"),
+            }
+        })?;
+        for s in &mut opt.slots {
+            for (suffix, target) in [("exp_avg", &mut s.m), ("exp_avg_sq", &mut s.v)] {
+                let name = format!("{}.{suffix}", s.name);
+                let t = tensors.get(&name).ok_or_else(|| TrainError::BadState {
+                    path: path.clone(),
+                    reason: format!("no `{name}`; the checkpoint is from another model"),
+                })?;
+                *target = t.to_device(&self.opts.device)?;
+            }
+        }
+        opt.t = t;
+        Ok(())
+    }
+
+    /// Weights a stage starts from.
+    fn initial_weights(&self, stage: &Stage, index: usize) -> Result<Weights, TrainError> {
+        let cpu = Device::Cpu;
+        let weights = match &stage.init {
+            Init::Random => {
+                Decoder::init_weights(&self.cfg, self.opts.recipe.raw.seed, DType::F32, &cpu)?
+            }
+            Init::Checkpoint(dir) => checkpoint::load_weights(dir, DType::F32, &cpu)?.1,
+            Init::Tile(dir) => tile_weights(&self.cfg, dir)?,
+            Init::Previous => {
+                let prev = &self.opts.recipe.stages[index - 1].raw.name;
+                let (_, dir) = checkpoints(&self.opts.out, prev)?.pop().ok_or_else(|| {
+                    TrainError::Resume(format!(
+                        "stage `{}` starts from `{prev}`, which has no checkpoint yet",
+                        stage.raw.name
+                    ))
+                })?;
+                checkpoint::load_weights(&dir, DType::F32, &cpu)?.1
+            }
+        };
+        weights
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.to_device(&self.opts.device)?)))
+            .collect()
+    }
+
+    fn evaluate(&self, opt: &AdamW, val: &[Tensor]) -> Result<Option<f64>, TrainError> {
+        if val.is_empty() {
+            return Ok(None);
+        }
+        let model = Decoder::new(&self.cfg, &opt.weights(self.opts.dtype)?)?;
+        let mut sum = 0.0;
+        for batch in val {
+            sum += next_token_loss(&model, batch)?.to_scalar::<f32>()? as f64;
+        }
+        Ok(Some(sum / val.len() as f64))
+    }
+}
+
+/// Runs (or resumes) every stage of the recipe.
+pub fn run(opts: &TrainOptions, mut on_event: impl FnMut(Event)) -> Result<Outcome, TrainError> {
+    let recipe = &opts.recipe;
+    std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
+    let mut run = Run {
+        opts,
+        cfg: recipe.model.clone(),
+        metrics: Vec::new(),
+    };
+    // Where to begin: (stage index, checkpoint to continue from).
+    let mut start: (usize, Option<(PathBuf, TrainerState)>) = (0, None);
+    let existing: Vec<_> = recipe
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(i, s)| checkpoints(&opts.out, &s.raw.name).map(|c| (i, c)))
+        .collect::<Result<_, _>>()?;
+    let latest = existing
+        .iter()
+        .rev()
+        .find_map(|(i, c)| c.last().map(|(_, d)| (*i, d.clone())));
+    match (&latest, opts.resume) {
+        (Some(_), false) => return Err(TrainError::Resume(format!(
+            "{} already holds a run of this recipe; pass --resume to continue it, or another --out",
+            opts.out.display()
+        ))),
+        (None, true) => {
+            return Err(TrainError::Resume(format!(
+                "--resume: no checkpoint under {}; run without --resume to start",
+                opts.out.display()
+            )))
+        }
+        (Some((i, dir)), true) => {
+            let state = read_state(dir)?;
+            if state.recipe != recipe.raw.name {
+                return Err(TrainError::Resume(format!(
+                    "{}: checkpoint of recipe `{}`, not `{}`",
+                    dir.display(),
+                    state.recipe,
+                    recipe.raw.name
+                )));
+            }
+            run.truncate_metrics(*i, state.step)?;
+            start = if state.step >= recipe.stages[*i].steps {
+                (*i + 1, None)
+            } else {
+                (*i, Some((dir.clone(), state)))
+            };
+        }
+        (None, false) => {
+            let _ = std::fs::remove_file(opts.out.join(METRICS_FILE));
+        }
+    }
+    let recipe_path = opts.out.join("recipe.toml");
+    atomic::write_bytes(&recipe_path, recipe.to_toml().as_bytes()).map_err(io_err(&recipe_path))?;
+
+    let mut steps_this_run = 0;
+    for (index, stage) in recipe.stages.iter().enumerate().skip(start.0) {
+        let s = &stage.raw;
+        run.cfg.embd_pdrop = s.dropout;
+        run.cfg.resid_pdrop = s.dropout;
+        run.cfg.attention_dropout = s.dropout;
+        let need = memory_estimate(&run.cfg, stage, opts.dtype);
+        if opts.device.is_cpu() {
+            if let Some(avail) = available_memory().filter(|&a| need > 0.9 * a) {
+                return Err(TrainError::Memory(format!(
+                    "stage `{}` needs about {:.1} GB (weights, gradients, AdamW moments, activations of micro_batch {} × seq_len {}), {:.1} GB are free; lower micro_batch (raise grad_accum to keep the batch) or seq_len",
+                    s.name, need / 1e9, s.micro_batch, s.seq_len, avail / 1e9
+                )));
+            }
+        }
+        let mixture = Mixture::open(
+            &stage.data,
+            recipe.raw.model.tokenizer,
+            run.cfg.vocab_size,
+            s.seq_len,
+        )?;
+        let val = mixture.val_batches(s.eval_batches, s.micro_batch, &opts.device)?;
+        let resumed = if index == start.0 {
+            start.1.take()
+        } else {
+            None
+        };
+        let (mut opt, mut step, mut tokens) = match &resumed {
+            Some((dir, state)) => {
+                let weights = checkpoint::load_weights(dir, DType::F32, &opts.device)?.1;
+                let mut opt = AdamW::new(&weights)?;
+                run.load_optimizer(dir, &mut opt, state.adam_t)?;
+                (opt, state.step, state.tokens)
+            }
+            None => (AdamW::new(&run.initial_weights(stage, index)?)?, 0, 0),
+        };
+        on_event(Event::StageStart {
+            stage,
+            index,
+            start_step: step,
+            params: run.cfg.parameter_count(),
+            memory_gb: need / 1e9,
+        });
+        let flops = flops_per_token(&run.cfg, s.seq_len);
+        let mut last_val = None;
+        while step < stage.steps {
+            let started = Instant::now();
+            let lr = recipe::learning_rate(stage, step);
+            let mut model = Decoder::new(&run.cfg, &opt.weights(opts.dtype)?)?;
+            model.set_training(true);
+            let mut grads: HashMap<String, Tensor> = HashMap::new();
+            let mut loss_sum = 0.0;
+            for micro in 0..s.grad_accum {
+                let batch = mixture.train_batch(
+                    recipe.raw.seed,
+                    index,
+                    step,
+                    micro,
+                    s.micro_batch,
+                    &opts.device,
+                )?;
+                let loss = next_token_loss(&model, &batch)?;
+                loss_sum += loss.to_scalar::<f32>()? as f64;
+                let store = (loss / s.grad_accum as f64)?.backward()?;
+                for slot in &opt.slots {
+                    if let Some(g) = store.get(slot.var.as_tensor()) {
+                        let g = g.to_dtype(DType::F32)?;
+                        let sum = match grads.remove(&slot.name) {
+                            Some(acc) => (acc + g)?,
+                            None => g,
+                        };
+                        grads.insert(slot.name.clone(), sum);
+                    }
+                }
+            }
+            drop(model);
+            let grad_norm = optim::clip_grad_norm(&mut grads, s.grad_clip)?;
+            let hyper = Hyper {
+                lr,
+                beta1: s.beta1,
+                beta2: s.beta2,
+                eps: s.eps,
+                weight_decay: s.weight_decay,
+            };
+            opt.step(&grads, hyper)?;
+            step += 1;
+            steps_this_run += 1;
+            let step_tokens = stage.tokens_per_step() as u64;
+            tokens += step_tokens;
+            let secs = started.elapsed().as_secs_f64();
+            let tflops = flops * step_tokens as f64 / secs / 1e12;
+            let m = Metrics {
+                stage: s.name.clone(),
+                step,
+                tokens,
+                train_loss: Some(loss_sum / s.grad_accum as f64),
+                val_loss: None,
+                lr,
+                grad_norm: Some(grad_norm),
+                tokens_per_sec: step_tokens as f64 / secs,
+                tflops,
+                mfu: opts.peak_tflops.map(|p| tflops / p),
+            };
+            on_event(Event::Step(&m));
+            run.append_metrics(m.clone())?;
+            let last = step == stage.steps;
+            if step % s.eval_every == 0 || last {
+                last_val = run.evaluate(&opt, &val)?;
+                if let Some(v) = last_val {
+                    let e = Metrics {
+                        train_loss: None,
+                        grad_norm: None,
+                        val_loss: Some(v),
+                        ..m
+                    };
+                    on_event(Event::Eval(&e));
+                    run.append_metrics(e)?;
+                    plot::draw(&opts.out.join("loss.png"), &run.metrics).unwrap_or_else(|e| {
+                        tracing::warn!("loss.png: {e}");
+                    });
+                }
+            }
+            let stop = opts.stop.load(Ordering::SeqCst)
+                || opts.max_steps_this_run.is_some_and(|n| steps_this_run >= n);
+            if step % s.checkpoint_every == 0 || last || stop {
+                let state = TrainerState {
+                    recipe: recipe.raw.name.clone(),
+                    stage: s.name.clone(),
+                    stage_index: index,
+                    step,
+                    tokens,
+                    adam_t: opt.t,
+                    val_loss: if step % s.eval_every == 0 || last {
+                        last_val
+                    } else {
+                        None
+                    },
+                };
+                let dir = run.save(stage, &opt, &state)?;
+                on_event(Event::Checkpoint(&dir));
+            }
+            if stop && !(last && index + 1 == recipe.stages.len()) {
+                return Ok(Outcome::Stopped);
+            }
+        }
+    }
+    Ok(Outcome::Finished)
+}

@@ -1,0 +1,528 @@
+//! Recipes: a TOML file naming the model, its initialisation, the data mixture and every
+//! optimisation setting, in one or more stages (pretrain, then finetune from its last checkpoint).
+//!
+//! Parse, then resolve: the raw TOML (`deny_unknown_fields`, so a typo is an error) becomes a
+//! validated [`Recipe`] once; `--set key=value` edits the TOML before that, so overrides are
+//! checked exactly like the file.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::tokenizer::Encoding;
+use crate::model::PhiConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecipeError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Toml { path: PathBuf, message: String },
+    #[error("{path}: `{key}` {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+    #[error("--set {0}: expected KEY=VALUE with a dotted key, e.g. stage.0.lr=3e-4 or model.preset=tiny-phi")]
+    BadSet(String),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecipeToml {
+    pub name: String,
+    #[serde(default)]
+    pub seed: u64,
+    pub model: ModelToml,
+    #[serde(rename = "stage")]
+    pub stages: Vec<StageToml>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelToml {
+    /// A preset name (`phi-1-small`, `tiny-phi`, …) …
+    #[serde(default)]
+    pub preset: Option<String>,
+    /// … or a `config.json` path (or its directory).
+    #[serde(default)]
+    pub config: Option<PathBuf>,
+    /// Tokenizer of the shards and of the saved checkpoints.
+    #[serde(default = "default_tokenizer")]
+    pub tokenizer: Encoding,
+    /// Context length override (`max_position_embeddings`).
+    #[serde(default)]
+    pub max_position_embeddings: Option<usize>,
+    /// Vocabulary override (e.g. the tokenizer's exact size for a small model).
+    #[serde(default)]
+    pub vocab_size: Option<usize>,
+}
+
+fn default_tokenizer() -> Encoding {
+    Encoding::Gpt2
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decay {
+    Linear,
+    Cosine,
+    Constant,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataToml {
+    /// A `phigen tokenize` output directory (relative to the working directory, as every path here).
+    pub path: PathBuf,
+    #[serde(default = "one")]
+    pub weight: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageToml {
+    pub name: String,
+    /// `random`, `previous` (the last checkpoint of the stage before), `checkpoint:DIR`, or
+    /// `tile:DIR` (a smaller checkpoint's weights tiled to this model's shapes).
+    #[serde(default = "random")]
+    pub init: String,
+    pub data: Vec<DataToml>,
+    pub seq_len: usize,
+    pub micro_batch: usize,
+    #[serde(default = "one_usize")]
+    pub grad_accum: usize,
+    /// Optimizer steps; or give `tokens` and the steps follow from the batch.
+    #[serde(default)]
+    pub steps: Option<usize>,
+    #[serde(default)]
+    pub tokens: Option<u64>,
+    pub lr: f64,
+    #[serde(default)]
+    pub min_lr: f64,
+    #[serde(default)]
+    pub warmup: usize,
+    #[serde(default = "linear")]
+    pub decay: Decay,
+    #[serde(default = "beta1")]
+    pub beta1: f64,
+    #[serde(default = "beta2")]
+    pub beta2: f64,
+    #[serde(default = "eps")]
+    pub eps: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this (0 = off).
+    #[serde(default = "clip")]
+    pub grad_clip: f64,
+    /// Embedding, residual and attention dropout.
+    #[serde(default)]
+    pub dropout: f64,
+    #[serde(default = "eval_every")]
+    pub eval_every: usize,
+    #[serde(default = "eval_batches")]
+    pub eval_batches: usize,
+    #[serde(default = "checkpoint_every")]
+    pub checkpoint_every: usize,
+    /// Checkpoints kept besides the best-validation one.
+    #[serde(default = "keep_last")]
+    pub keep_last: usize,
+}
+
+fn random() -> String {
+    "random".into()
+}
+fn one_usize() -> usize {
+    1
+}
+fn linear() -> Decay {
+    Decay::Linear
+}
+fn beta1() -> f64 {
+    0.9
+}
+fn beta2() -> f64 {
+    0.95
+}
+fn eps() -> f64 {
+    1e-8
+}
+fn clip() -> f64 {
+    1.0
+}
+fn eval_every() -> usize {
+    100
+}
+fn eval_batches() -> usize {
+    8
+}
+fn checkpoint_every() -> usize {
+    500
+}
+fn keep_last() -> usize {
+    2
+}
+
+/// Where a stage's weights come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Init {
+    Random,
+    Previous,
+    Checkpoint(PathBuf),
+    Tile(PathBuf),
+}
+
+/// A validated stage: paths resolved against the recipe's directory, steps known.
+#[derive(Debug, Clone)]
+pub struct Stage {
+    pub raw: StageToml,
+    pub init: Init,
+    pub data: Vec<(PathBuf, f64)>,
+    pub steps: usize,
+}
+
+impl Stage {
+    pub fn tokens_per_step(&self) -> usize {
+        self.raw.seq_len * self.raw.micro_batch * self.raw.grad_accum
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Recipe {
+    pub raw: RecipeToml,
+    pub path: PathBuf,
+    pub model: PhiConfig,
+    pub stages: Vec<Stage>,
+}
+
+/// Sets `key` (dotted, numeric parts index arrays; `stage` is the list of stages) to `value`
+/// (read as a TOML value, else as a string) in `doc`.
+fn apply_set(doc: &mut toml::Table, assignment: &str) -> Result<(), RecipeError> {
+    let bad = || RecipeError::BadSet(assignment.to_string());
+    let (key, value) = assignment.split_once('=').ok_or_else(bad)?;
+    let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    let (first, rest) = parts.split_first().ok_or_else(bad)?;
+    if rest.is_empty() {
+        doc.insert(first.to_string(), value);
+        return Ok(());
+    }
+    let mut node = doc.get_mut(*first).ok_or_else(bad)?;
+    for (i, part) in rest.iter().enumerate() {
+        let last = i + 1 == rest.len();
+        node = match node {
+            toml::Value::Array(items) => items
+                .get_mut(part.parse::<usize>().map_err(|_| bad())?)
+                .ok_or_else(bad)?,
+            toml::Value::Table(t) => {
+                // A key the file left at its default may be set.
+                if last && !t.contains_key(*part) {
+                    t.insert(part.to_string(), toml::Value::Boolean(false));
+                }
+                t.get_mut(*part).ok_or_else(bad)?
+            }
+            _ => return Err(bad()),
+        };
+    }
+    *node = value;
+    Ok(())
+}
+
+impl Recipe {
+    pub fn load(path: &Path, sets: &[String]) -> Result<Self, RecipeError> {
+        let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path, sets)
+    }
+
+    pub fn parse(text: &str, path: &Path, sets: &[String]) -> Result<Self, RecipeError> {
+        let toml_err = |e: toml::de::Error| RecipeError::Toml {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
+        let mut doc: toml::Table = toml::from_str(text).map_err(toml_err)?;
+        for s in sets {
+            apply_set(&mut doc, s)?;
+        }
+        let raw: RecipeToml = toml::Table::try_into(doc).map_err(toml_err)?;
+        Self::resolve(raw, path)
+    }
+
+    fn resolve(raw: RecipeToml, path: &Path) -> Result<Self, RecipeError> {
+        let invalid = |key: &str, message: String| RecipeError::Invalid {
+            path: path.to_path_buf(),
+            key: key.into(),
+            message,
+        };
+        let mut model = match (&raw.model.preset, &raw.model.config) {
+            (Some(p), None) => {
+                PhiConfig::preset(p).map_err(|e| invalid("model.preset", e.to_string()))?
+            }
+            (None, Some(c)) => {
+                let dir = if c.is_file() {
+                    c.parent().unwrap_or(Path::new(".")).to_path_buf()
+                } else {
+                    c.clone()
+                };
+                crate::model::checkpoint::read_config(&dir)
+                    .map_err(|e| invalid("model.config", e.to_string()))?
+            }
+            _ => {
+                return Err(invalid(
+                    "model",
+                    "give exactly one of `preset` or `config`".into(),
+                ))
+            }
+        };
+        if let Some(n) = raw.model.max_position_embeddings {
+            model.max_position_embeddings = n;
+        }
+        if let Some(v) = raw.model.vocab_size {
+            model.vocab_size = v;
+        }
+        let vocab = crate::tokenize::vocab_size(raw.model.tokenizer);
+        if model.vocab_size < vocab {
+            return Err(invalid(
+                "model.vocab_size",
+                format!(
+                    "{} is smaller than the `{:?}` tokenizer's {vocab} tokens",
+                    model.vocab_size, raw.model.tokenizer
+                ),
+            ));
+        }
+        if raw.stages.is_empty() {
+            return Err(invalid(
+                "stage",
+                "a recipe needs at least one [[stage]]".into(),
+            ));
+        }
+        let mut stages = Vec::new();
+        for (i, s) in raw.stages.iter().enumerate() {
+            let key = |k: &str| format!("stage.{i}.{k}");
+            let init = match s.init.split_once(':') {
+                None if s.init == "random" => Init::Random,
+                None if s.init == "previous" && i > 0 => Init::Previous,
+                Some(("checkpoint", dir)) => Init::Checkpoint(dir.into()),
+                Some(("tile", dir)) => Init::Tile(dir.into()),
+                _ => {
+                    return Err(invalid(
+                        &key("init"),
+                        format!("`{}`: expected random, previous (not in the first stage), checkpoint:DIR or tile:DIR", s.init),
+                    ))
+                }
+            };
+            if s.data.is_empty() || s.data.iter().any(|d| !(d.weight > 0.0)) {
+                return Err(invalid(
+                    &key("data"),
+                    "needs at least one { path, weight > 0 }".into(),
+                ));
+            }
+            for (k, v) in [
+                ("seq_len", s.seq_len),
+                ("micro_batch", s.micro_batch),
+                ("grad_accum", s.grad_accum),
+            ] {
+                if v == 0 {
+                    return Err(invalid(&key(k), "must be at least 1".into()));
+                }
+            }
+            if s.seq_len > model.max_position_embeddings {
+                return Err(invalid(
+                    &key("seq_len"),
+                    format!(
+                        "{} exceeds the model's context of {}",
+                        s.seq_len, model.max_position_embeddings
+                    ),
+                ));
+            }
+            let per_step = (s.seq_len * s.micro_batch * s.grad_accum) as u64;
+            let steps = match (s.steps, s.tokens) {
+                (Some(n), None) => n,
+                (None, Some(t)) => t.div_ceil(per_step) as usize,
+                _ => {
+                    return Err(invalid(
+                        &key("steps"),
+                        "give exactly one of `steps` or `tokens`".into(),
+                    ))
+                }
+            };
+            if steps == 0 {
+                return Err(invalid(&key("steps"), "must be at least 1".into()));
+            }
+            if s.warmup >= steps && s.warmup > 0 {
+                return Err(invalid(
+                    &key("warmup"),
+                    format!("{} must be < steps ({steps})", s.warmup),
+                ));
+            }
+            if !(s.lr > 0.0) || s.min_lr < 0.0 || s.min_lr > s.lr {
+                return Err(invalid(
+                    &key("lr"),
+                    format!(
+                        "need 0 <= min_lr ({}) <= lr ({}) and lr > 0",
+                        s.min_lr, s.lr
+                    ),
+                ));
+            }
+            if !(0.0..1.0).contains(&s.beta1) || !(0.0..1.0).contains(&s.beta2) || !(s.eps > 0.0) {
+                return Err(invalid(
+                    &key("beta1"),
+                    "betas must be in [0, 1) and eps > 0".into(),
+                ));
+            }
+            if !(0.0..1.0).contains(&s.dropout) {
+                return Err(invalid(
+                    &key("dropout"),
+                    format!("must be in [0, 1), found {}", s.dropout),
+                ));
+            }
+            for (k, v) in [
+                ("eval_every", s.eval_every),
+                ("checkpoint_every", s.checkpoint_every),
+            ] {
+                if v == 0 {
+                    return Err(invalid(&key(k), "must be at least 1".into()));
+                }
+            }
+            let data = s.data.iter().map(|d| (d.path.clone(), d.weight)).collect();
+            stages.push(Stage {
+                raw: s.clone(),
+                init,
+                data,
+                steps,
+            });
+        }
+        let names: std::collections::HashSet<&str> =
+            raw.stages.iter().map(|s| s.name.as_str()).collect();
+        if names.len() != raw.stages.len() {
+            return Err(invalid("stage.name", "stage names must be unique".into()));
+        }
+        Ok(Recipe {
+            path: path.to_path_buf(),
+            model,
+            stages,
+            raw,
+        })
+    }
+
+    /// The effective recipe (after `--set`), as TOML, for the run directory.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(&self.raw).unwrap_or_default()
+    }
+}
+
+/// The learning rate at optimizer step `step` (0-based): linear warmup from 0 to `lr` over `warmup`
+/// steps, then linear or cosine decay to `min_lr` at the last step (or constant).
+pub fn learning_rate(stage: &Stage, step: usize) -> f64 {
+    let s = &stage.raw;
+    if step < s.warmup {
+        return s.lr * (step + 1) as f64 / s.warmup as f64;
+    }
+    let span = (stage.steps - s.warmup).max(1) as f64;
+    let progress = ((step - s.warmup) as f64 / span).min(1.0);
+    match s.decay {
+        Decay::Constant => s.lr,
+        Decay::Linear => s.lr - (s.lr - s.min_lr) * progress,
+        Decay::Cosine => {
+            s.min_lr + 0.5 * (s.lr - s.min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RECIPE: &str = r#"
+name = "t"
+[model]
+preset = "tiny-phi"
+vocab_size = 50304
+[[stage]]
+name = "pretrain"
+data = [{ path = "tok" }]
+seq_len = 32
+micro_batch = 4
+grad_accum = 2
+steps = 110
+lr = 1e-3
+min_lr = 1e-4
+warmup = 10
+decay = "cosine"
+"#;
+
+    fn parse(sets: &[&str]) -> Result<Recipe, RecipeError> {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        Recipe::parse(RECIPE, Path::new("recipes/t.toml"), &sets)
+    }
+
+    /// Schedule values worked by hand: warmup step 0 → lr/10; step 9 → lr; cosine midpoint (step
+    /// 60 of 10 + 100) → (lr + min_lr) / 2; linear at the midpoint the same; last step → near min_lr.
+    #[test]
+    fn schedule_at_known_steps() {
+        let r = parse(&[]).unwrap();
+        let s = &r.stages[0];
+        assert!((learning_rate(s, 0) - 1e-4).abs() < 1e-12);
+        assert!((learning_rate(s, 9) - 1e-3).abs() < 1e-12);
+        assert!((learning_rate(s, 60) - 5.5e-4).abs() < 1e-12);
+        assert!((learning_rate(s, 110) - 1e-4).abs() < 1e-12);
+        let r = parse(&["stage.0.decay=\"linear\""]).unwrap();
+        assert!((learning_rate(&r.stages[0], 60) - 5.5e-4).abs() < 1e-12);
+        assert!((learning_rate(&r.stages[0], 35) - (1e-3 - 9e-4 * 0.25)).abs() < 1e-12);
+        let r = parse(&["stage.0.decay=constant"]).unwrap();
+        assert_eq!(learning_rate(&r.stages[0], 100), 1e-3);
+    }
+
+    #[test]
+    fn sets_and_typos() {
+        let r = parse(&[
+            "stage.0.steps=7",
+            "model.preset=tiny-phi3",
+            "stage.0.warmup=0",
+            "seed=3",
+        ])
+        .unwrap();
+        assert_eq!((r.stages[0].steps, r.raw.seed), (7, 3));
+        assert_eq!(r.model.model_type, crate::model::ModelType::Phi3);
+        assert_eq!(r.stages[0].data[0].0, PathBuf::from("tok"));
+        let r = parse(&["stage.0.tokens=1000", "stage.0.steps=nothing"]);
+        assert!(r.is_err());
+        let err = Recipe::parse(
+            &RECIPE.replace("micro_batch", "micro_bach"),
+            Path::new("r.toml"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("r.toml") && err.contains("micro_bach"),
+            "{err}"
+        );
+        let err = parse(&["stage.0.warmup=200"]).unwrap_err().to_string();
+        assert!(
+            err.contains("stage.0.warmup") && err.contains("110"),
+            "{err}"
+        );
+        let err = parse(&["stage.0.init=previous"]).unwrap_err().to_string();
+        assert!(err.contains("not in the first stage"), "{err}");
+        let err = parse(&["model.vocab_size=100"]).unwrap_err().to_string();
+        assert!(err.contains("50257"), "{err}");
+        assert!(parse(&["nonsense"])
+            .unwrap_err()
+            .to_string()
+            .contains("KEY=VALUE"));
+    }
+}
