@@ -5,6 +5,10 @@ transformers, with the logits and greedy generations transformers computes for t
 
 Writes tests/fixtures/hf/<case>/{config.json, model.safetensors, expected.safetensors,
 expected.json}. The tests in `src/model/tests.rs` load each directory with phigen and compares.
+Also tests/fixtures/hf/phi_adamw/: the `phi` model after two `torch.optim.AdamW` steps (weight decay
+on matrices but not the embedding, norms or biases; `clip_grad_norm_`) on a fixed batch, with the
+losses and gradient norms in adamw.json, for the trainer's optimizer test (`--only adamw` redoes
+just this one from the committed `phi` weights).
 Weights are drawn with a fixed seed, wider than transformers' init (std 0.3, norms 1 ± 0.3) so
 every component moves the logits.
 """
@@ -94,5 +98,40 @@ def main():
         print(name, sum(p.numel() for p in model.parameters()), "parameters")
 
 
+def adamw():
+    """Two AdamW steps on the committed `phi` fixture, as phigen's trainer takes them."""
+    src = OUT / "phi"
+    model = PhiForCausalLM.from_pretrained(src, dtype=torch.float32).train()
+    g = torch.Generator().manual_seed(7)
+    batch = torch.randint(3, model.config.vocab_size, (3, 11), generator=g)
+    # eps 1e-4, not 1e-8: some gradients are zero up to rounding (the un-rotated half of the key
+    # bias cannot change any softmax), and Adam turns rounding noise of 1e-9 into steps of size
+    # lr when eps is tiny. With 1e-4 those stay below 1e-7 while eps still shapes real updates.
+    hyper = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-4, weight_decay=0.1, clip=0.5)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and n != "model.embed_tokens.weight"]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and n != "model.embed_tokens.weight")]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": hyper["weight_decay"]},
+                             {"params": rest, "weight_decay": 0.0}],
+                            lr=hyper["lr"], betas=hyper["betas"], eps=hyper["eps"])
+    losses, norms = [], []
+    for _ in range(2):
+        opt.zero_grad()
+        # labels = inputs: transformers shifts them, so this is the mean next-token loss.
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), hyper["clip"]).item())
+        opt.step()
+        losses.append(loss.item())
+    d = OUT / "phi_adamw"
+    d.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(d, safe_serialization=True)
+    info = dict(hyper, betas=list(hyper["betas"]), batch=batch.tolist(), losses=losses, grad_norms=norms)
+    (d / "adamw.json").write_text(json.dumps(info, indent=1) + "\n")
+    print("phi_adamw", losses, norms)
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+    if sys.argv[1:] != ["--only", "adamw"]:
+        main()
+    adamw()

@@ -190,6 +190,42 @@ pub fn next_token_loss(model: &Decoder, batch: &Tensor) -> candle_core::Result<T
     )
 }
 
+/// One optimizer step over micro-batches (gradients averaged): returns the mean loss and the
+/// gradient norm before clipping.
+pub fn train_step(
+    cfg: &PhiConfig,
+    opt: &mut AdamW,
+    batches: &[Tensor],
+    grad_clip: f64,
+    hyper: Hyper,
+    dtype: DType,
+) -> candle_core::Result<(f64, f64)> {
+    let mut model = Decoder::new(cfg, &opt.weights(dtype)?)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    model.set_training(true);
+    let mut grads: HashMap<String, Tensor> = HashMap::new();
+    let mut loss_sum = 0.0;
+    for batch in batches {
+        let loss = next_token_loss(&model, batch)?;
+        loss_sum += loss.to_scalar::<f32>()? as f64;
+        let store = (loss / batches.len() as f64)?.backward()?;
+        for slot in &opt.slots {
+            if let Some(g) = store.get(slot.var.as_tensor()) {
+                let g = g.to_dtype(DType::F32)?;
+                let sum = match grads.remove(&slot.name) {
+                    Some(acc) => (acc + g)?,
+                    None => g,
+                };
+                grads.insert(slot.name.clone(), sum);
+            }
+        }
+    }
+    drop(model);
+    let grad_norm = optim::clip_grad_norm(&mut grads, grad_clip)?;
+    opt.step(&grads, hyper)?;
+    Ok((loss_sum / batches.len() as f64, grad_norm))
+}
+
 fn step_dir(out: &Path, stage: &str, step: usize) -> PathBuf {
     out.join(stage).join(format!("step-{step:06}"))
 }
@@ -469,10 +505,12 @@ pub fn run(opts: &TrainOptions, mut on_event: impl FnMut(Event)) -> Result<Outco
         .rev()
         .find_map(|(i, c)| c.last().map(|(_, d)| (*i, d.clone())));
     match (&latest, opts.resume) {
-        (Some(_), false) => return Err(TrainError::Resume(format!(
+        (Some(_), false) => {
+            return Err(TrainError::Resume(format!(
             "{} already holds a run of this recipe; pass --resume to continue it, or another --out",
             opts.out.display()
-        ))),
+        )))
+        }
         (None, true) => {
             return Err(TrainError::Resume(format!(
                 "--resume: no checkpoint under {}; run without --resume to start",
@@ -551,35 +589,18 @@ pub fn run(opts: &TrainOptions, mut on_event: impl FnMut(Event)) -> Result<Outco
         while step < stage.steps {
             let started = Instant::now();
             let lr = recipe::learning_rate(stage, step);
-            let mut model = Decoder::new(&run.cfg, &opt.weights(opts.dtype)?)?;
-            model.set_training(true);
-            let mut grads: HashMap<String, Tensor> = HashMap::new();
-            let mut loss_sum = 0.0;
-            for micro in 0..s.grad_accum {
-                let batch = mixture.train_batch(
-                    recipe.raw.seed,
-                    index,
-                    step,
-                    micro,
-                    s.micro_batch,
-                    &opts.device,
-                )?;
-                let loss = next_token_loss(&model, &batch)?;
-                loss_sum += loss.to_scalar::<f32>()? as f64;
-                let store = (loss / s.grad_accum as f64)?.backward()?;
-                for slot in &opt.slots {
-                    if let Some(g) = store.get(slot.var.as_tensor()) {
-                        let g = g.to_dtype(DType::F32)?;
-                        let sum = match grads.remove(&slot.name) {
-                            Some(acc) => (acc + g)?,
-                            None => g,
-                        };
-                        grads.insert(slot.name.clone(), sum);
-                    }
-                }
-            }
-            drop(model);
-            let grad_norm = optim::clip_grad_norm(&mut grads, s.grad_clip)?;
+            let batches = (0..s.grad_accum)
+                .map(|micro| {
+                    mixture.train_batch(
+                        recipe.raw.seed,
+                        index,
+                        step,
+                        micro,
+                        s.micro_batch,
+                        &opts.device,
+                    )
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
             let hyper = Hyper {
                 lr,
                 beta1: s.beta1,
@@ -587,7 +608,8 @@ pub fn run(opts: &TrainOptions, mut on_event: impl FnMut(Event)) -> Result<Outco
                 eps: s.eps,
                 weight_decay: s.weight_decay,
             };
-            opt.step(&grads, hyper)?;
+            let (loss, grad_norm) =
+                train_step(&run.cfg, &mut opt, &batches, s.grad_clip, hyper, opts.dtype)?;
             step += 1;
             steps_this_run += 1;
             let step_tokens = stage.tokens_per_step() as u64;
@@ -598,7 +620,7 @@ pub fn run(opts: &TrainOptions, mut on_event: impl FnMut(Event)) -> Result<Outco
                 stage: s.name.clone(),
                 step,
                 tokens,
-                train_loss: Some(loss_sum / s.grad_accum as f64),
+                train_loss: Some(loss),
                 val_loss: None,
                 lr,
                 grad_norm: Some(grad_norm),

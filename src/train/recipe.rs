@@ -324,7 +324,7 @@ impl Recipe {
                     ))
                 }
             };
-            if s.data.is_empty() || s.data.iter().any(|d| !(d.weight > 0.0)) {
+            if s.data.is_empty() || s.data.iter().any(|d| d.weight.is_nan() || d.weight <= 0.0) {
                 return Err(invalid(
                     &key("data"),
                     "needs at least one { path, weight > 0 }".into(),
@@ -368,7 +368,7 @@ impl Recipe {
                     format!("{} must be < steps ({steps})", s.warmup),
                 ));
             }
-            if !(s.lr > 0.0) || s.min_lr < 0.0 || s.min_lr > s.lr {
+            if s.lr.is_nan() || s.lr <= 0.0 || s.min_lr < 0.0 || s.min_lr > s.lr {
                 return Err(invalid(
                     &key("lr"),
                     format!(
@@ -377,7 +377,11 @@ impl Recipe {
                     ),
                 ));
             }
-            if !(0.0..1.0).contains(&s.beta1) || !(0.0..1.0).contains(&s.beta2) || !(s.eps > 0.0) {
+            if !(0.0..1.0).contains(&s.beta1)
+                || !(0.0..1.0).contains(&s.beta2)
+                || s.eps.is_nan()
+                || s.eps <= 0.0
+            {
                 return Err(invalid(
                     &key("beta1"),
                     "betas must be in [0, 1) and eps > 0".into(),
