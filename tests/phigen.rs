@@ -826,3 +826,128 @@ fn init_then_sample_text() {
         stderr(&missing)
     );
 }
+
+/// The whole path of the user's third command on a small scale: stories from the mock teacher →
+/// `phigen tokenize` (Parquet shards in) → `phigen shards inspect|decode` → `phigen train` with the
+/// shipped tiny recipe (a few steps) → `phigen sample` from the checkpoint it wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stories_tokenize_train_sample() {
+    let server = mock(Faults::default()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let stories = tmp.path().join("stories");
+    let out = run(stories_cmd(&server, &stories, 60, &[])).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let tok = tmp.path().join("tok");
+    let cmd = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .current_dir(tmp.path())
+            .output()
+            .unwrap()
+    };
+    let out = cmd(&[
+        "--quiet",
+        "tokenize",
+        "--input",
+        "stories",
+        "--out",
+        "tok",
+        "--val-fraction",
+        "0.2",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tok.join("meta.json")).unwrap()).unwrap();
+    let docs = meta["splits"]["train"]["documents"].as_u64().unwrap()
+        + meta["splits"]["val"]["documents"].as_u64().unwrap();
+    assert_eq!(docs, 60, "every story is one document");
+    let out = cmd(&["shards", "inspect", "tok", "--top", "3"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("tokenizer gpt2") && text.contains("train-00000.bin"),
+        "{text}"
+    );
+    let out = cmd(&["shards", "decode", "tok", "--len", "400"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("<|endoftext|>"));
+    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/tinystories-tiny.toml");
+    let train = |extra: &[&str]| {
+        let mut args = vec![
+            "--quiet",
+            "train",
+            "--recipe",
+            recipe.to_str().unwrap(),
+            "--out",
+            "run",
+        ];
+        args.extend_from_slice(&[
+            "--set",
+            "stage.0.data=[{path=\"tok\"}]",
+            "--set",
+            "stage.0.seq_len=32",
+        ]);
+        args.extend_from_slice(&[
+            "--set",
+            "stage.0.micro_batch=2",
+            "--set",
+            "stage.0.steps=4",
+            "--set",
+            "stage.0.warmup=1",
+        ]);
+        args.extend_from_slice(&[
+            "--set",
+            "stage.0.eval_every=2",
+            "--set",
+            "stage.0.eval_batches=1",
+        ]);
+        args.extend_from_slice(extra);
+        cmd(&args)
+    };
+    let out = train(&["--max-steps", "2"]);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "stopped early with a checkpoint: {}",
+        stderr(&out)
+    );
+    let out = train(&[]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("--resume"),
+        "{}",
+        stderr(&out)
+    );
+    let out = train(&["--resume"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines = std::fs::read_to_string(tmp.path().join("run/metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = lines
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|m| m.get("train_loss").is_some())
+        .map(|m| m["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [1, 2, 3, 4]);
+    assert!(
+        tmp.path().join("run/loss.png").is_file() && tmp.path().join("run/recipe.toml").is_file()
+    );
+    let ckpt = tmp.path().join("run/pretrain/step-000004");
+    let out = cmd(&[
+        "sample",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--prompt",
+        "Once upon a time",
+        "--max-new-tokens",
+        "8",
+    ]);
+    assert!(
+        out.status.success() && stderr(&out).contains("generated"),
+        "{}",
+        stderr(&out)
+    );
+    // A typo in an override is an error naming the key.
+    let out = train(&["--set", "stage.0.lr_max=3"]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("lr_max"),
+        "{}",
+        stderr(&out)
+    );
+}

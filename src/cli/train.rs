@@ -226,7 +226,10 @@ pub fn train(args: &TrainArgs, quiet: bool) -> anyhow::Result<Outcome> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs").join(&recipe.raw.name));
     let stop = Arc::new(AtomicBool::new(false));
+    // The first SIGINT / SIGTERM asks for a checkpoint after the current step; a second exits at once.
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&stop))
+            .context("installing the signal handler")?;
         signal_hook::flag::register(signal, Arc::clone(&stop))
             .context("installing the signal handler")?;
     }

@@ -15,6 +15,7 @@
 //! (SIGINT / SIGTERM) writes a checkpoint after the current step.
 
 pub mod data;
+pub mod loss;
 pub mod optim;
 pub mod plot;
 pub mod recipe;
@@ -184,10 +185,7 @@ pub fn next_token_loss(model: &Decoder, batch: &Tensor) -> candle_core::Result<T
     let logits = model.forward(&batch.narrow(1, 0, t - 1)?, None)?; //              (B, T, V)
     let v = logits.dim(2)?;
     let targets = batch.narrow(1, 1, t - 1)?.flatten_all()?;
-    candle_nn::loss::cross_entropy(
-        &logits.to_dtype(DType::F32)?.reshape((b * (t - 1), v))?,
-        &targets,
-    )
+    loss::cross_entropy(&logits.reshape((b * (t - 1), v))?, &targets)
 }
 
 /// One optimizer step over micro-batches (gradients averaged): returns the mean loss and the

@@ -530,3 +530,44 @@ decay = "cosine"
             .contains("KEY=VALUE"));
     }
 }
+
+#[cfg(test)]
+mod shipped {
+    use super::*;
+
+    /// Every recipe in recipes/ parses; phi-1's carries the paper's numbers (phi-1 model card and
+    /// "Textbooks Are All You Need" §2: batch 1024 × 2048 tokens, lr 1e-3, warmup 750, wd 0.1,
+    /// 36k steps; finetune batch 256, lr 1e-4, warmup 50, wd 0.01, 6k steps; dropout 0.1).
+    #[test]
+    fn shipped_recipes_parse_with_the_papers_settings() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            Recipe::load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
+            seen += 1;
+        }
+        assert!(seen >= 4);
+        for name in ["phi-1.toml", "phi-1-small.toml"] {
+            let r = Recipe::load(&dir.join(name), &[]).unwrap();
+            let (pre, ft) = (&r.stages[0], &r.stages[1]);
+            assert_eq!(pre.tokens_per_step(), 1024 * 2048);
+            assert_eq!(
+                (pre.steps, pre.raw.warmup, pre.raw.lr, pre.raw.weight_decay),
+                (36_000, 750, 1e-3, 0.1)
+            );
+            assert_eq!(ft.tokens_per_step(), 256 * 2048);
+            assert_eq!(
+                (ft.steps, ft.raw.warmup, ft.raw.lr, ft.raw.weight_decay),
+                (6_000, 50, 1e-4, 0.01)
+            );
+            assert_eq!((pre.raw.dropout, ft.init.clone()), (0.1, Init::Previous));
+        }
+        let r = Recipe::load(&dir.join("phi-1.5.toml"), &[]).unwrap();
+        // 150B tokens at 2048 × 2048 per step.
+        assert_eq!(
+            r.stages[0].steps,
+            150_000_000_000u64.div_ceil(2048 * 2048) as usize
+        );
+    }
+}
