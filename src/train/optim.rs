@@ -7,7 +7,8 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Result, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor, Var};
+use rayon::prelude::*;
 
 /// One trainable tensor: its fp32 master copy and moments.
 pub struct Slot {
@@ -84,9 +85,37 @@ impl AdamW {
             let Some(g) = grads.get(&s.name) else {
                 continue;
             };
+            let wd = if s.decay { h.weight_decay } else { 0.0 };
+            if s.var.device().is_cpu() {
+                // In place, no temporaries: the moments and the parameter are each read and written once.
+                let g = g.contiguous()?;
+                s.m.inplace_op2(
+                    &g,
+                    &Moment {
+                        beta: h.beta1 as f32,
+                        square: false,
+                    },
+                )?;
+                s.v.inplace_op2(
+                    &g,
+                    &Moment {
+                        beta: h.beta2 as f32,
+                        square: true,
+                    },
+                )?;
+                let update = Update {
+                    lr: h.lr,
+                    wd,
+                    bc1,
+                    bc2,
+                    eps: h.eps,
+                };
+                s.var.as_tensor().inplace_op3(&s.m, &s.v, &update)?;
+                continue;
+            }
             let mut p = s.var.as_tensor().clone();
-            if s.decay && h.weight_decay > 0.0 {
-                p = (p * (1.0 - h.lr * h.weight_decay))?;
+            if wd > 0.0 {
+                p = (p * (1.0 - h.lr * wd))?;
             }
             s.m = ((&s.m * h.beta1)? + (g * (1.0 - h.beta1))?)?;
             s.v = ((&s.v * h.beta2)? + (g.sqr()? * (1.0 - h.beta2))?)?;
@@ -94,6 +123,87 @@ impl AdamW {
             let update = (s.m.div(&denom)? * (h.lr / bc1))?;
             s.var.set(&(p - update)?)?;
         }
+        Ok(())
+    }
+}
+
+fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("AdamW needs contiguous tensors".into()))?;
+    match s {
+        CpuStorage::F32(v) => Ok(&mut v[start..end]),
+        _ => candle_core::bail!("AdamW state is fp32"),
+    }
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("AdamW needs contiguous tensors".into()))?;
+    Ok(&s.as_slice::<f32>()?[start..end])
+}
+
+/// m ← β m + (1 − β) g, or v ← β v + (1 − β) g² (`square`).
+struct Moment {
+    beta: f32,
+    square: bool,
+}
+
+impl InplaceOp2 for Moment {
+    fn name(&self) -> &'static str {
+        "adamw-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let (m, g) = (slice_mut(s1, l1)?, slice(s2, l2)?);
+        let (b, square) = (self.beta, self.square);
+        m.par_iter_mut().zip(g.par_iter()).for_each(|(m, &g)| {
+            *m = b * *m + (1.0 - b) * if square { g * g } else { g };
+        });
+        Ok(())
+    }
+}
+
+/// p ← p (1 − lr·wd) − lr · (m / bc1) / (√(v / bc2) + ε), as torch's AdamW.
+struct Update {
+    lr: f64,
+    wd: f64,
+    bc1: f64,
+    bc2: f64,
+    eps: f64,
+}
+
+impl InplaceOp3 for Update {
+    fn name(&self) -> &'static str {
+        "adamw-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let (p, m, v) = (slice_mut(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let decay = (1.0 - self.lr * self.wd) as f32;
+        let step = (self.lr / self.bc1) as f32;
+        let sqrt_bc2 = self.bc2.sqrt() as f32;
+        let eps = self.eps as f32;
+        p.par_iter_mut()
+            .zip(m.par_iter().zip(v.par_iter()))
+            .for_each(|(p, (&m, &v))| {
+                *p = *p * decay - step * m / (v.sqrt() / sqrt_bc2 + eps);
+            });
         Ok(())
     }
 }
