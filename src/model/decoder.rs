@@ -530,6 +530,14 @@ impl Decoder {
         }
     }
 
+    /// The head's weight (V, C) and bias: the embedding and no bias when tied.
+    pub fn head_parts(&self) -> (&Tensor, Option<&Tensor>) {
+        match &self.head {
+            Some(head) => (head.weight(), head.bias()),
+            None => (&self.embed, None),
+        }
+    }
+
     /// A sequence classifier's logits (B, labels), read at each row's last non-pad token as
     /// transformers' `GenericForSequenceClassification` does.
     pub fn sequence_logits(&self, ids: &Tensor) -> Result<Tensor> {

@@ -182,10 +182,10 @@ fn available_memory() -> Option<f64> {
 /// Mean next-token cross-entropy of a batch of rows (B, T + 1).
 pub fn next_token_loss(model: &Decoder, batch: &Tensor) -> candle_core::Result<Tensor> {
     let (b, t) = batch.dims2()?;
-    let logits = model.forward(&batch.narrow(1, 0, t - 1)?, None)?; //              (B, T, V)
-    let v = logits.dim(2)?;
+    let hidden = model.hidden_states(&batch.narrow(1, 0, t - 1)?, None)?; //        (B, T, C)
     let targets = batch.narrow(1, 1, t - 1)?.flatten_all()?;
-    loss::cross_entropy(&logits.reshape((b * (t - 1), v))?, &targets)
+    let (weight, bias) = model.head_parts();
+    loss::linear_cross_entropy(&hidden.reshape((b * (t - 1), ()))?, weight, bias, &targets)
 }
 
 /// One optimizer step over micro-batches (gradients averaged): returns the mean loss and the
