@@ -7,6 +7,7 @@
 
 pub mod artifact;
 pub mod cli;
+pub mod dedup;
 pub mod generate;
 pub mod model;
 pub mod sandbox;

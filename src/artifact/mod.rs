@@ -2,5 +2,6 @@
 //! crash-safe shard writer that gives generation its exactly-once output.
 
 pub mod atomic;
+pub mod docs;
 pub mod shards;
 pub mod table;

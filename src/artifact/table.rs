@@ -98,10 +98,15 @@ pub fn write_parquet(
         source,
     };
     let mut df = frame(schema, rows).map_err(write_err)?;
+    write_frame(path, &mut df)
+}
+
+/// Writes a frame to `path` atomically as zstd-compressed Parquet.
+pub fn write_frame(path: &Path, df: &mut DataFrame) -> Result<(), TableError> {
     atomic::write_with(path, |file| {
         ParquetWriter::new(file)
             .with_compression(ParquetCompression::Zstd(None))
-            .finish(&mut df)
+            .finish(df)
             .map_err(std::io::Error::other)
     })
     .map_err(|source| TableError::Io {
@@ -113,12 +118,17 @@ pub fn write_parquet(
 
 /// Reads the named columns of a Parquet file.
 pub fn read_columns(path: &Path, columns: &[&str]) -> Result<DataFrame, TableError> {
+    read_frame(path, Some(columns))
+}
+
+/// Reads a Parquet file: the named columns, or all of them.
+pub fn read_frame(path: &Path, columns: Option<&[&str]>) -> Result<DataFrame, TableError> {
     let file = File::open(path).map_err(|source| TableError::Io {
         path: path.to_path_buf(),
         source,
     })?;
     ParquetReader::new(file)
-        .with_columns(Some(columns.iter().map(|c| c.to_string()).collect()))
+        .with_columns(columns.map(|cs| cs.iter().map(|c| c.to_string()).collect()))
         .finish()
         .map_err(|source| TableError::Read {
             path: path.to_path_buf(),

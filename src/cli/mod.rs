@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod clean;
 mod model;
 mod train;
 
@@ -68,6 +69,10 @@ pub enum Command {
     Shards(train::ShardsCommand),
     /// Train a phi-family model with a recipe (stages, data mixture, AdamW, schedule); resumable.
     Train(train::TrainArgs),
+    /// Remove exact and near duplicates (MinHash-LSH) from corpus files; incremental with --index, shardable with --shard.
+    Dedup(clean::DedupArgs),
+    /// Find documents sharing n-grams with HumanEval / MBPP problems; drop or flag them.
+    Decontaminate(clean::DecontaminateArgs),
 }
 
 /// How to reach the teacher and what to pay it; shared by every generating command.
@@ -366,6 +371,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Tokenize(args) => train::tokenize(&args, cli.quiet),
         Command::Shards(cmd) => train::shards(&cmd),
         Command::Train(args) => train::train(&args, cli.quiet),
+        Command::Dedup(args) => clean::dedup(&args, cli.quiet),
+        Command::Decontaminate(args) => clean::decontaminate(&args, cli.quiet),
         Command::MockServer(args) => {
             if !args.addr.ip().is_loopback() {
                 bail!("--addr {} is not a loopback address: the mock server only listens on 127.0.0.0/8 or [::1]", args.addr);

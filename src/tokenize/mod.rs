@@ -14,21 +14,18 @@ pub mod shard;
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::artifact::atomic;
-use crate::artifact::table::{self, TableError};
+use crate::artifact::docs::{self, DocsError};
+use crate::artifact::table::TableError;
 use crate::model::tokenizer::Encoding;
 use shard::{Shard, ShardFileError, ShardWriter, TokenWidth, FORMAT_VERSION};
 
 pub const META_FILE: &str = "meta.json";
-/// Documents encoded together (in parallel) before they are written in order.
-const BATCH_DOCS: usize = 4096;
-const EOT_TEXT: &str = "<|endoftext|>";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizeError {
@@ -41,14 +38,8 @@ pub enum TokenizeError {
     Table(#[from] TableError),
     #[error(transparent)]
     Shard(#[from] ShardFileError),
-    #[error("{path}:{line}: expected a JSON object with a string `text` field: {reason}")]
-    Jsonl {
-        path: PathBuf,
-        line: usize,
-        reason: String,
-    },
-    #[error("no .parquet, .jsonl or .txt files under {0:?}; point --input at corpus directories or files")]
-    NoInputs(Vec<PathBuf>),
+    #[error(transparent)]
+    Docs(#[from] DocsError),
     #[error("{path}: holds tokens of other inputs or settings ({reason}); pass --force to replace them, or another --out")]
     OtherRun { path: PathBuf, reason: String },
     #[error("{path}: {reason}")]
@@ -132,50 +123,6 @@ pub struct TokenizeOptions {
     pub force: bool,
 }
 
-/// One document: its id (for the split) and its text.
-struct Doc {
-    id: String,
-    text: String,
-}
-
-/// Every input file under `inputs`, sorted.
-fn input_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, TokenizeError> {
-    fn walk(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), TokenizeError> {
-        if path.is_dir() {
-            for entry in std::fs::read_dir(path).map_err(io_err(path))? {
-                walk(&entry.map_err(io_err(path))?.path(), out)?;
-            }
-        } else if !path.exists() {
-            return Err(TokenizeError::Io {
-                path: path.to_path_buf(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "no such file or directory",
-                ),
-            });
-        } else {
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            let wanted = [".parquet", ".jsonl", ".txt"]
-                .iter()
-                .any(|e| name.ends_with(e));
-            if wanted && name != "rejects.parquet" {
-                out.push(path.to_path_buf());
-            }
-        }
-        Ok(())
-    }
-    let mut files = Vec::new();
-    for input in inputs {
-        walk(input, &mut files)?;
-    }
-    files.sort();
-    files.dedup();
-    if files.is_empty() {
-        return Err(TokenizeError::NoInputs(inputs.to_vec()));
-    }
-    Ok(files)
-}
-
 fn describe(path: &Path) -> Result<Source, TokenizeError> {
     let file = File::open(path).map_err(io_err(path))?;
     let bytes = file.metadata().map_err(io_err(path))?.len();
@@ -186,108 +133,6 @@ fn describe(path: &Path) -> Result<Source, TokenizeError> {
         bytes,
         blake3: hasher.finalize().to_hex().to_string(),
     })
-}
-
-/// Calls `each` with batches of at most [`BATCH_DOCS`] documents of one file, in file order.
-fn read_documents(
-    path: &Path,
-    mut each: impl FnMut(Vec<Doc>) -> Result<(), TokenizeError>,
-) -> Result<(), TokenizeError> {
-    let name = path.display().to_string();
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-    match ext {
-        "parquet" => {
-            let has_id = table::read_columns(path, &["id"]).is_ok();
-            let columns: &[&str] = if has_id { &["id", "text"] } else { &["text"] };
-            let df = table::read_columns(path, columns)?;
-            let texts = table::text_column(&df, path, "text")?;
-            let ids = if has_id {
-                table::text_column(&df, path, "id")?
-            } else {
-                vec![None; texts.len()]
-            };
-            let docs: Vec<Doc> = texts
-                .into_iter()
-                .zip(ids)
-                .enumerate()
-                .filter_map(|(i, (text, id))| {
-                    Some(Doc {
-                        id: id.unwrap_or_else(|| format!("{name}:{i}")),
-                        text: text?,
-                    })
-                })
-                .collect();
-            for batch in docs.chunks(BATCH_DOCS) {
-                each(
-                    batch
-                        .iter()
-                        .map(|d| Doc {
-                            id: d.id.clone(),
-                            text: d.text.clone(),
-                        })
-                        .collect(),
-                )?;
-            }
-        }
-        "jsonl" => {
-            let reader = BufReader::new(File::open(path).map_err(io_err(path))?);
-            let mut batch = Vec::with_capacity(BATCH_DOCS);
-            for (i, line) in reader.lines().enumerate() {
-                let line = line.map_err(io_err(path))?;
-                if line.trim().is_empty() {
-                    continue;
-                }
-                #[derive(Deserialize)]
-                struct Row {
-                    text: String,
-                    #[serde(default)]
-                    id: Option<serde_json::Value>,
-                }
-                let row: Row = serde_json::from_str(&line).map_err(|e| TokenizeError::Jsonl {
-                    path: path.to_path_buf(),
-                    line: i + 1,
-                    reason: e.to_string(),
-                })?;
-                let id = match row.id {
-                    Some(serde_json::Value::String(s)) => s,
-                    Some(other) => other.to_string(),
-                    None => format!("{name}:{i}"),
-                };
-                batch.push(Doc { id, text: row.text });
-                if batch.len() == BATCH_DOCS {
-                    each(std::mem::take(&mut batch))?;
-                }
-            }
-            if !batch.is_empty() {
-                each(batch)?;
-            }
-        }
-        _ => {
-            let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-            let docs: Vec<Doc> = text
-                .split(EOT_TEXT)
-                .map(str::trim)
-                .filter(|t| !t.is_empty())
-                .enumerate()
-                .map(|(i, t)| Doc {
-                    id: format!("{name}:{i}"),
-                    text: t.to_string(),
-                })
-                .collect();
-            for batch in docs.chunks(BATCH_DOCS) {
-                each(
-                    batch
-                        .iter()
-                        .map(|d| Doc {
-                            id: d.id.clone(),
-                            text: d.text.clone(),
-                        })
-                        .collect(),
-                )?;
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Validation iff the id's hash, as a fraction of the hash space, is below `val_fraction`.
@@ -361,7 +206,10 @@ pub fn run(
     if !(0.0..1.0).contains(&opts.val_fraction) {
         return Err(TokenizeError::ValFraction(opts.val_fraction));
     }
-    let files = input_files(&opts.inputs)?;
+    let files: Vec<PathBuf> = docs::input_files(&opts.inputs)?
+        .into_iter()
+        .map(|f| f.path)
+        .collect();
     let sources = files
         .iter()
         .map(|f| describe(f))
@@ -413,8 +261,8 @@ pub fn run(
     };
     let (mut train, mut val) = (writer(Split::Train), writer(Split::Val));
     for file in &files {
-        read_documents(file, |docs| {
-            let encoded: Vec<(Split, Vec<u32>)> = docs
+        docs::read_documents(file, |batch| {
+            let encoded: Vec<(Split, Vec<u32>)> = batch
                 .par_iter()
                 .map(|d| {
                     let mut ids = bpe.encode_ordinary(&d.text);
@@ -429,7 +277,7 @@ pub fn run(
                     Split::Val => val.push(&ids)?,
                 }
             }
-            Ok(())
+            Ok::<(), TokenizeError>(())
         })?;
     }
     let meta = Meta {

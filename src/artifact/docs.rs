@@ -1,0 +1,369 @@
+//! Documents of a corpus, as every stage after generation reads them, and subsets of them written
+//! back in the same format.
+//!
+//! Inputs are files or directory trees of `*.parquet` (column `text`, `id` when present; other
+//! columns are carried along by [`write_subset`]), `*.jsonl` (field `text`, `id` when present) and
+//! `*.txt` (documents separated by `<|endoftext|>`), read in sorted path order. The reports stages
+//! write next to their data ([`REPORT_FILES`]) and generation's crash journals are not documents.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use polars::prelude::{BooleanChunked, NewChunkedArray};
+use serde::Deserialize;
+
+use super::atomic;
+use super::table::{self, TableError};
+
+/// Documents handed over at once by [`read_documents`].
+pub const BATCH_DOCS: usize = 4096;
+pub const EOT_TEXT: &str = "<|endoftext|>";
+/// Files stages write next to their output that hold no documents.
+pub const REPORT_FILES: [&str; 3] = ["rejects.parquet", "removed.parquet", "contaminated.parquet"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DocsError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Table(#[from] TableError),
+    #[error("{path}:{line}: expected a JSON object with a string `text` field: {reason}")]
+    Jsonl {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+    #[error("no .parquet, .jsonl or .txt files under {0:?}; point --input at corpus directories or files")]
+    NoInputs(Vec<PathBuf>),
+    #[error("{a} and {b} would both be written as {rel:?}; give inputs with distinct names")]
+    SameName {
+        a: PathBuf,
+        b: PathBuf,
+        rel: PathBuf,
+    },
+}
+
+pub fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DocsError + '_ {
+    move |source| DocsError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// One document: its id (from the file, else `PATH:ROW`), its text and its row in the file
+/// (Parquet row, jsonl line or `.txt` piece), which [`write_subset`] selects by.
+#[derive(Clone, Debug)]
+pub struct Doc {
+    pub id: String,
+    pub text: String,
+    pub row: usize,
+}
+
+/// An input file and where a stage writes its version of it under an output directory: the path
+/// below the named input directory, prefixed by that directory's name (a named file: its name).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct InputFile {
+    pub path: PathBuf,
+    pub rel: PathBuf,
+}
+
+/// Every document file under `inputs`, sorted by path.
+pub fn input_files(inputs: &[PathBuf]) -> Result<Vec<InputFile>, DocsError> {
+    fn walk(path: &Path, rel: PathBuf, out: &mut Vec<InputFile>) -> Result<(), DocsError> {
+        if path.is_dir() {
+            for entry in std::fs::read_dir(path).map_err(io_err(path))? {
+                let child = entry.map_err(io_err(path))?.path();
+                let name = child.file_name().expect("read_dir yields named entries");
+                walk(&child, rel.join(name), out)?;
+            }
+        } else if !path.exists() {
+            let source =
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory");
+            return Err(io_err(path)(source));
+        } else {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let wanted = [".parquet", ".jsonl", ".txt"]
+                .iter()
+                .any(|e| name.ends_with(e));
+            if wanted && !REPORT_FILES.contains(&name) && !name.ends_with(".journal.jsonl") {
+                out.push(InputFile {
+                    path: path.to_path_buf(),
+                    rel,
+                });
+            }
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    for input in inputs {
+        let base = input
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("input"));
+        walk(input, base, &mut files)?;
+    }
+    files.sort();
+    files.dedup();
+    if files.is_empty() {
+        return Err(DocsError::NoInputs(inputs.to_vec()));
+    }
+    let mut seen: BTreeMap<&Path, &Path> = BTreeMap::new();
+    for f in &files {
+        if let Some(a) = seen.insert(&f.rel, &f.path) {
+            return Err(DocsError::SameName {
+                a: a.to_path_buf(),
+                b: f.path.clone(),
+                rel: f.rel.clone(),
+            });
+        }
+    }
+    Ok(files)
+}
+
+/// Calls `each` with batches of at most [`BATCH_DOCS`] documents of one file, in file order.
+/// Parquet rows with a null `text` and blank jsonl lines are not documents.
+pub fn read_documents<E: From<DocsError>>(
+    path: &Path,
+    mut each: impl FnMut(Vec<Doc>) -> Result<(), E>,
+) -> Result<(), E> {
+    let name = path.display().to_string();
+    let mut batch = Vec::with_capacity(BATCH_DOCS);
+    let mut push = |doc: Doc, batch: &mut Vec<Doc>| {
+        batch.push(doc);
+        if batch.len() == BATCH_DOCS {
+            each(std::mem::take(batch))
+        } else {
+            Ok(())
+        }
+    };
+    match path.extension().and_then(|e| e.to_str()).unwrap_or("") {
+        "parquet" => {
+            let has_id = table::read_columns(path, &["id"]).is_ok();
+            let columns: &[&str] = if has_id { &["id", "text"] } else { &["text"] };
+            let df = table::read_columns(path, columns).map_err(DocsError::from)?;
+            let texts = table::text_column(&df, path, "text").map_err(DocsError::from)?;
+            let ids = if has_id {
+                table::text_column(&df, path, "id").map_err(DocsError::from)?
+            } else {
+                vec![None; texts.len()]
+            };
+            for (row, (text, id)) in texts.into_iter().zip(ids).enumerate() {
+                if let Some(text) = text {
+                    let id = id.unwrap_or_else(|| format!("{name}:{row}"));
+                    push(Doc { id, text, row }, &mut batch)?;
+                }
+            }
+        }
+        "jsonl" => {
+            let reader = BufReader::new(File::open(path).map_err(io_err(path))?);
+            for (row, line) in reader.lines().enumerate() {
+                let line = line.map_err(io_err(path))?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                #[derive(Deserialize)]
+                struct Row {
+                    text: String,
+                    #[serde(default)]
+                    id: Option<serde_json::Value>,
+                }
+                let parsed: Row = serde_json::from_str(&line).map_err(|e| DocsError::Jsonl {
+                    path: path.to_path_buf(),
+                    line: row + 1,
+                    reason: e.to_string(),
+                })?;
+                let id = match parsed.id {
+                    Some(serde_json::Value::String(s)) => s,
+                    Some(other) => other.to_string(),
+                    None => format!("{name}:{row}"),
+                };
+                push(
+                    Doc {
+                        id,
+                        text: parsed.text,
+                        row,
+                    },
+                    &mut batch,
+                )?;
+            }
+        }
+        _ => {
+            let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+            for (row, piece) in text_pieces(&text).enumerate() {
+                let id = format!("{name}:{row}");
+                push(
+                    Doc {
+                        id,
+                        text: piece.to_string(),
+                        row,
+                    },
+                    &mut batch,
+                )?;
+            }
+        }
+    }
+    if batch.is_empty() {
+        Ok(())
+    } else {
+        each(batch)
+    }
+}
+
+fn text_pieces(text: &str) -> impl Iterator<Item = &str> {
+    text.split(EOT_TEXT)
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Writes `src` to `dst` (atomically, same format, every column) without the document rows
+/// `drop` names. Parquet rows with a null `text` are kept; blank jsonl lines are not.
+pub fn write_subset(src: &Path, dst: &Path, drop: impl Fn(usize) -> bool) -> Result<(), DocsError> {
+    if let Some(parent) = dst.parent() {
+        std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+    }
+    match src.extension().and_then(|e| e.to_str()).unwrap_or("") {
+        "parquet" => {
+            let df = table::read_frame(src, None)?;
+            let mask: Vec<bool> = (0..df.height()).map(|row| !drop(row)).collect();
+            let mut kept = df
+                .filter(&BooleanChunked::from_slice("keep".into(), &mask))
+                .map_err(|source| TableError::Read {
+                    path: src.to_path_buf(),
+                    source,
+                })?;
+            table::write_frame(dst, &mut kept)?;
+        }
+        "jsonl" => {
+            let reader = BufReader::new(File::open(src).map_err(io_err(src))?);
+            atomic::write_with(dst, |out| {
+                let mut out = std::io::BufWriter::new(out);
+                for (row, line) in reader.lines().enumerate() {
+                    let line = line?;
+                    if !line.trim().is_empty() && !drop(row) {
+                        writeln!(out, "{line}")?;
+                    }
+                }
+                out.flush()
+            })
+            .map_err(io_err(dst))?;
+        }
+        _ => {
+            let text = std::fs::read_to_string(src).map_err(io_err(src))?;
+            let mut kept = String::with_capacity(text.len());
+            for (row, piece) in text_pieces(&text).enumerate() {
+                if !drop(row) {
+                    kept.push_str(piece);
+                    kept.push('\n');
+                    kept.push_str(EOT_TEXT);
+                    kept.push('\n');
+                }
+            }
+            atomic::write_bytes(dst, kept.as_bytes()).map_err(io_err(dst))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn docs_of(path: &Path) -> Vec<(String, String, usize)> {
+        let mut all = Vec::new();
+        read_documents(path, |batch| {
+            all.extend(batch.into_iter().map(|d| (d.id, d.text, d.row)));
+            Ok::<(), DocsError>(())
+        })
+        .unwrap();
+        all
+    }
+
+    /// Each format drops exactly the named rows and keeps every other column and document as it was.
+    #[test]
+    fn subsets_keep_format_and_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let jsonl = dir.path().join("a.jsonl");
+        std::fs::write(
+            &jsonl,
+            "{\"text\":\"one\",\"k\":1}\n\n{\"text\":\"two\",\"k\":2}\n{\"text\":\"three\"}\n",
+        )
+        .unwrap();
+        write_subset(&jsonl, &dir.path().join("out/a.jsonl"), |row| row == 2).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("out/a.jsonl")).unwrap(),
+            "{\"text\":\"one\",\"k\":1}\n{\"text\":\"three\"}\n"
+        );
+        let txt = dir.path().join("b.txt");
+        std::fs::write(&txt, "first<|endoftext|>\n\nsecond<|endoftext|>third").unwrap();
+        write_subset(&txt, &dir.path().join("out/b.txt"), |row| row == 1).unwrap();
+        let texts: Vec<String> = docs_of(&dir.path().join("out/b.txt"))
+            .into_iter()
+            .map(|d| d.1)
+            .collect();
+        assert_eq!(texts, ["first", "third"]);
+
+        let pq = dir.path().join("c.parquet");
+        let rows: Vec<serde_json::Map<String, serde_json::Value>> = ["x", "y", "z"]
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                serde_json::json!({"id": format!("id{i}"), "text": t, "n": i})
+                    .as_object()
+                    .unwrap()
+                    .clone()
+            })
+            .collect();
+        let schema = vec![
+            ("id", table::Kind::Text),
+            ("text", table::Kind::Text),
+            ("n", table::Kind::Int),
+        ];
+        table::write_parquet(&pq, &schema, &rows).unwrap();
+        write_subset(&pq, &dir.path().join("out/c.parquet"), |row| row == 0).unwrap();
+        let out = table::read_frame(&dir.path().join("out/c.parquet"), None).unwrap();
+        let p = dir.path().join("out/c.parquet");
+        assert_eq!(
+            table::int_column(&out, &p, "n").unwrap(),
+            vec![Some(1), Some(2)]
+        );
+        assert_eq!(
+            docs_of(&p).into_iter().map(|d| d.0).collect::<Vec<_>>(),
+            ["id1", "id2"]
+        );
+    }
+
+    #[test]
+    fn inputs_skip_reports_and_journals_and_refuse_name_clashes() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in [
+            "d/part-00000.parquet",
+            "d/removed.parquet",
+            "d/records.journal.jsonl",
+            "d/x.jsonl",
+            "d/notes.md",
+        ] {
+            let p = dir.path().join(f);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, "").unwrap();
+        }
+        let files = input_files(&[dir.path().join("d")]).unwrap();
+        let rels: Vec<_> = files.iter().map(|f| f.rel.clone()).collect();
+        assert_eq!(
+            rels,
+            [
+                PathBuf::from("d/part-00000.parquet"),
+                PathBuf::from("d/x.jsonl")
+            ]
+        );
+        std::fs::create_dir_all(dir.path().join("e/d")).unwrap();
+        std::fs::write(dir.path().join("e/d/x.jsonl"), "").unwrap();
+        let err = input_files(&[dir.path().join("d"), dir.path().join("e/d")]).unwrap_err();
+        assert!(err.to_string().contains("distinct names"), "{err}");
+    }
+}

@@ -1,0 +1,417 @@
+//! `phigen decontaminate`: documents that share long n-grams with evaluation problems.
+//!
+//! Texts become tokens — runs of letters, digits, `_` and non-ASCII bytes, and single punctuation
+//! characters, ASCII-lowercased; whitespace and layout are ignored — so re-indented or re-wrapped
+//! copies still match. A document is contaminated by a task when it shares one token n-gram
+//! (13 by default, as phi-1 §5) with the task's prompt + canonical solution.
+//!
+//! A second, code-aware check catches solutions copied with renamed identifiers, which share no
+//! long n-gram with the original: every identifier that is not a Python keyword becomes one
+//! placeholder token, and a document that contains at least `identifier_share` of the distinct
+//! placeholder n-grams (10 by default) of a task's canonical solution is a hit too.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+
+use super::{io_err, DedupError};
+use crate::artifact::atomic;
+use crate::artifact::docs::{self, Doc};
+use crate::artifact::table::{self, Kind, Schema};
+
+pub const HITS_FILE: &str = "contaminated.parquet";
+pub const REPORT_FILE: &str = "contamination.json";
+
+const PYTHON_KEYWORDS: [&str; 35] = [
+    "false", "none", "true", "and", "as", "assert", "async", "await", "break", "class", "continue",
+    "def", "del", "elif", "else", "except", "finally", "for", "from", "global", "if", "import",
+    "in", "is", "lambda", "nonlocal", "not", "or", "pass", "raise", "return", "try", "while",
+    "with", "yield",
+];
+
+/// One evaluation problem.
+#[derive(Clone, Debug)]
+pub struct Task {
+    pub benchmark: String,
+    pub id: String,
+    /// Everything a model would be shown or asked to write.
+    pub text: String,
+    /// The reference solution (code only), for the identifier-renaming check.
+    pub solution: String,
+}
+
+/// Reads HumanEval (`task_id`, `prompt`, `canonical_solution`) or MBPP (`task_id`, `text`, `code`)
+/// problems from `.jsonl` or `.jsonl.gz`; the benchmark is named after the file.
+pub fn load_benchmark(path: &Path) -> Result<Vec<Task>, DedupError> {
+    let file = std::fs::File::open(path).map_err(io_err(path))?;
+    let reader: Box<dyn Read> = if path.extension().is_some_and(|e| e == "gz") {
+        Box::new(flate2::read::GzDecoder::new(file))
+    } else {
+        Box::new(file)
+    };
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("benchmark");
+    let benchmark = name
+        .trim_end_matches(".gz")
+        .trim_end_matches(".jsonl")
+        .trim_end_matches(".json")
+        .to_string();
+    let bad = |line: usize, reason: String| {
+        DedupError::Damaged {
+        path: path.to_path_buf(),
+        reason: format!(
+            "line {line}: {reason}; expected HumanEval jsonl (task_id, prompt, canonical_solution) or MBPP jsonl (task_id, text, code)"
+        ),
+    }
+    };
+    let mut tasks = Vec::new();
+    for (i, line) in BufReader::new(reader).lines().enumerate() {
+        let line = line.map_err(io_err(path))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let row: Map<String, Value> =
+            serde_json::from_str(&line).map_err(|e| bad(i + 1, e.to_string()))?;
+        let field = |k: &str| row.get(k).and_then(Value::as_str).map(str::to_string);
+        let id = match row.get("task_id") {
+            Some(Value::String(s)) => s.clone(),
+            Some(v @ Value::Number(_)) => v.to_string(),
+            _ => return Err(bad(i + 1, "no task_id".into())),
+        };
+        let (text, solution) = match (
+            field("prompt"),
+            field("canonical_solution"),
+            field("text"),
+            field("code"),
+        ) {
+            (Some(prompt), Some(solution), _, _) => (format!("{prompt}{solution}"), solution),
+            (_, _, Some(text), Some(code)) => (format!("{text}\n{code}"), code),
+            _ => {
+                let keys: Vec<&String> = row.keys().collect();
+                return Err(bad(i + 1, format!("found fields {keys:?}")));
+            }
+        };
+        tasks.push(Task {
+            benchmark: benchmark.clone(),
+            id,
+            text,
+            solution,
+        });
+    }
+    if tasks.is_empty() {
+        return Err(bad(0, "no problems in the file".into()));
+    }
+    Ok(tasks)
+}
+
+/// Byte span and hash of each token of `text` (see the module documentation).
+fn tokens(text: &str, placeholders: bool) -> Vec<(u32, u32, u64)> {
+    let bytes = text.as_bytes();
+    let word = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80;
+    let placeholder = xxh3_64(b"\0identifier");
+    let mut out = Vec::with_capacity(bytes.len() / 4);
+    let mut lower = Vec::with_capacity(32);
+    let mut i = 0;
+    while i < bytes.len() {
+        let c = bytes[i];
+        if c.is_ascii_whitespace() {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        if word(c) {
+            while i < bytes.len() && word(bytes[i]) {
+                i += 1;
+            }
+        } else {
+            i += 1;
+        }
+        lower.clear();
+        lower.extend(bytes[start..i].iter().map(u8::to_ascii_lowercase));
+        let identifier = !c.is_ascii_digit() && word(c);
+        let keyword = || std::str::from_utf8(&lower).is_ok_and(|w| PYTHON_KEYWORDS.contains(&w));
+        let hash = if placeholders && identifier && !keyword() {
+            placeholder
+        } else {
+            xxh3_64(&lower)
+        };
+        out.push((start as u32, i as u32, hash));
+    }
+    out
+}
+
+/// The hash of each window of `n` tokens, with the window's start.
+fn ngrams(tokens: &[(u32, u32, u64)], n: usize) -> impl Iterator<Item = (usize, u64)> + '_ {
+    let hashes: Vec<u64> = tokens.iter().map(|t| t.2).collect();
+    (0..tokens.len().saturating_sub(n - 1))
+        .filter(move |_| tokens.len() >= n)
+        .map(move |s| {
+            let window: Vec<u8> = hashes[s..s + n]
+                .iter()
+                .flat_map(|h| h.to_le_bytes())
+                .collect();
+            (s, xxh3_64_with_seed(&window, n as u64))
+        })
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Leave contaminated documents out of the output.
+    Drop,
+    /// Keep every document; only report.
+    Flag,
+}
+
+pub struct DecontaminateOptions {
+    pub inputs: Vec<PathBuf>,
+    pub out: PathBuf,
+    pub benchmarks: Vec<PathBuf>,
+    pub ngram: usize,
+    /// n of the identifier-placeholder check; `None` turns it off.
+    pub identifier_ngram: Option<usize>,
+    pub identifier_share: f64,
+    pub mode: Mode,
+}
+
+/// The n-grams of every task, ready to scan documents with.
+pub struct Index {
+    tasks: Vec<Task>,
+    ngram: usize,
+    exact: HashMap<u64, Vec<u32>>,
+    identifier_ngram: usize,
+    renamed: HashMap<u64, Vec<u32>>,
+    /// Distinct placeholder n-grams of each task's solution.
+    renamed_sizes: Vec<usize>,
+    identifier_share: f64,
+}
+
+/// One document × task hit.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Hit {
+    pub task: usize,
+    /// `ngram` or `identifiers`.
+    pub check: &'static str,
+    pub matched: String,
+    pub matches: usize,
+}
+
+impl Index {
+    pub fn new(
+        tasks: Vec<Task>,
+        ngram: usize,
+        identifier_ngram: Option<usize>,
+        identifier_share: f64,
+    ) -> Self {
+        let (mut exact, mut renamed): (HashMap<u64, Vec<u32>>, HashMap<u64, Vec<u32>>) =
+            Default::default();
+        let mut renamed_sizes = Vec::with_capacity(tasks.len());
+        let n_id = identifier_ngram.unwrap_or(0);
+        for (t, task) in tasks.iter().enumerate() {
+            let toks = tokens(&task.text, false);
+            for (_, h) in ngrams(&toks, ngram.max(1)) {
+                let list = exact.entry(h).or_default();
+                if list.last() != Some(&(t as u32)) {
+                    list.push(t as u32);
+                }
+            }
+            let distinct: HashSet<u64> = if n_id > 0 {
+                ngrams(&tokens(&task.solution, true), n_id)
+                    .map(|(_, h)| h)
+                    .collect()
+            } else {
+                HashSet::new()
+            };
+            renamed_sizes.push(distinct.len());
+            for h in distinct {
+                renamed.entry(h).or_default().push(t as u32);
+            }
+        }
+        Index {
+            tasks,
+            ngram: ngram.max(1),
+            exact,
+            identifier_ngram: n_id,
+            renamed,
+            renamed_sizes,
+            identifier_share,
+        }
+    }
+
+    pub fn tasks(&self) -> &[Task] {
+        &self.tasks
+    }
+
+    /// Every task `text` hits, in task order.
+    pub fn scan(&self, text: &str) -> Vec<Hit> {
+        let span = |toks: &[(u32, u32, u64)], s: usize, n: usize| {
+            text[toks[s].0 as usize..toks[s + n - 1].1 as usize].to_string()
+        };
+        let mut hits: BTreeMap<usize, Hit> = BTreeMap::new();
+        let toks = tokens(text, false);
+        for (s, h) in ngrams(&toks, self.ngram) {
+            for &t in self.exact.get(&h).into_iter().flatten() {
+                hits.entry(t as usize)
+                    .or_insert_with(|| Hit {
+                        task: t as usize,
+                        check: "ngram",
+                        matched: span(&toks, s, self.ngram),
+                        matches: 0,
+                    })
+                    .matches += 1;
+            }
+        }
+        if self.identifier_ngram > 0 {
+            let toks = tokens(text, true);
+            let mut found: HashMap<u32, (HashSet<u64>, usize)> = HashMap::new();
+            for (s, h) in ngrams(&toks, self.identifier_ngram) {
+                for &t in self.renamed.get(&h).into_iter().flatten() {
+                    found
+                        .entry(t)
+                        .or_insert_with(|| (HashSet::new(), s))
+                        .0
+                        .insert(h);
+                }
+            }
+            for (t, (set, first)) in found {
+                let size = self.renamed_sizes[t as usize];
+                if size >= 3 && set.len() as f64 >= self.identifier_share * size as f64 {
+                    hits.entry(t as usize).or_insert_with(|| Hit {
+                        task: t as usize,
+                        check: "identifiers",
+                        matched: span(&toks, first, self.identifier_ngram),
+                        matches: set.len(),
+                    });
+                }
+            }
+        }
+        hits.into_values().collect()
+    }
+}
+
+/// `contamination.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Report {
+    pub ngram: usize,
+    pub identifier_ngram: Option<usize>,
+    pub mode: Mode,
+    pub documents: usize,
+    pub bytes: u64,
+    pub contaminated_documents: usize,
+    pub seconds: f64,
+    /// Per benchmark: problems, and documents hitting each problem (problems with none left out).
+    pub benchmarks: BTreeMap<String, BenchmarkReport>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct BenchmarkReport {
+    pub tasks: usize,
+    pub tasks_hit: usize,
+    pub documents_per_task: BTreeMap<String, usize>,
+}
+
+pub fn run(
+    opts: &DecontaminateOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Report, DedupError> {
+    if opts.benchmarks.is_empty() {
+        return Err(DedupError::Settings(
+            "no --bench files: give HumanEval.jsonl.gz and/or MBPP jsonl".into(),
+        ));
+    }
+    if opts.ngram == 0 {
+        return Err(DedupError::Settings("--ngram must be at least 1".into()));
+    }
+    super::check_out(&opts.out, &opts.inputs)?;
+    let mut tasks = Vec::new();
+    for b in &opts.benchmarks {
+        tasks.extend(load_benchmark(b)?);
+    }
+    let index = Index::new(
+        tasks,
+        opts.ngram,
+        opts.identifier_ngram,
+        opts.identifier_share,
+    );
+    let files = docs::input_files(&opts.inputs)?;
+    let started = Instant::now();
+    let (mut rows, mut documents, mut bytes) = (Vec::new(), 0usize, 0u64);
+    let mut per_task: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut contaminated = 0usize;
+    for file in &files {
+        let mut drop: HashSet<usize> = HashSet::new();
+        docs::read_documents(&file.path, |batch: Vec<Doc>| {
+            let found: Vec<Vec<Hit>> = batch.par_iter().map(|d| index.scan(&d.text)).collect();
+            let batch_bytes: u64 = batch.iter().map(|d| d.text.len() as u64).sum();
+            progress(batch_bytes);
+            bytes += batch_bytes;
+            documents += batch.len();
+            for (doc, hits) in batch.iter().zip(found) {
+                if hits.is_empty() {
+                    continue;
+                }
+                contaminated += 1;
+                drop.insert(doc.row);
+                for hit in hits {
+                    *per_task.entry(hit.task).or_default() += 1;
+                    let task = &index.tasks()[hit.task];
+                    let row = json!({
+                        "id": doc.id, "file": file.path.display().to_string(), "row": doc.row,
+                        "benchmark": task.benchmark, "task_id": task.id, "check": hit.check,
+                        "matched": hit.matched, "matches": hit.matches,
+                    });
+                    rows.push(row.as_object().expect("object").clone());
+                }
+            }
+            Ok::<(), DedupError>(())
+        })?;
+        let dst = opts.out.join(&file.rel);
+        docs::write_subset(&file.path, &dst, |r| {
+            opts.mode == Mode::Drop && drop.contains(&r)
+        })?;
+    }
+    let schema: Schema = vec![
+        ("id", Kind::Text),
+        ("file", Kind::Text),
+        ("row", Kind::Int),
+        ("benchmark", Kind::Text),
+        ("task_id", Kind::Text),
+        ("check", Kind::Text),
+        ("matched", Kind::Text),
+        ("matches", Kind::Int),
+    ];
+    table::write_parquet(&opts.out.join(HITS_FILE), &schema, &rows)?;
+    let mut benchmarks: BTreeMap<String, BenchmarkReport> = BTreeMap::new();
+    for task in index.tasks() {
+        benchmarks.entry(task.benchmark.clone()).or_default().tasks += 1;
+    }
+    for (t, n) in per_task {
+        let task = &index.tasks()[t];
+        let b = benchmarks
+            .get_mut(&task.benchmark)
+            .expect("every task's benchmark is listed");
+        b.tasks_hit += 1;
+        b.documents_per_task.insert(task.id.clone(), n);
+    }
+    let report = Report {
+        ngram: opts.ngram,
+        identifier_ngram: opts.identifier_ngram,
+        mode: opts.mode,
+        documents,
+        bytes,
+        contaminated_documents: contaminated,
+        seconds: started.elapsed().as_secs_f64(),
+        benchmarks,
+    };
+    let path = opts.out.join(REPORT_FILE);
+    atomic::write_json(&path, &report).map_err(io_err(&path))?;
+    Ok(report)
+}

@@ -1,0 +1,275 @@
+//! Shingles, MinHash signatures and LSH band keys.
+//!
+//! A document's shingles are its word n-grams (words: maximal runs of ASCII letters, digits, `_`
+//! and non-ASCII bytes, ASCII-lowercased) or, for code, its byte n-grams after whitespace runs are
+//! collapsed. Each shingle is hashed once to 64 bits (xxh3); permutation `i` maps a hash `x` to
+//! `aᵢ·x + bᵢ mod 2⁶⁴` (`aᵢ` odd, so a bijection; `aᵢ, bᵢ` from the seed), and the signature keeps
+//! each permutation's minimum. Band `j` is keyed by the xxh3 of its `rows` minima, so two documents
+//! share a band key with probability `J^rows` and become candidates with `1 − (1 − J^rows)^bands`.
+
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::{xxh3_128, xxh3_64, xxh3_64_with_seed};
+
+/// What a shingle is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Shingles {
+    /// Word n-grams (datatrove's default: 5).
+    Words(usize),
+    /// Byte n-grams of the whitespace-collapsed text (for code).
+    Chars(usize),
+}
+
+/// The MinHash-LSH settings; a signature file or an index is only reused under equal settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Params {
+    pub shingles: Shingles,
+    pub bands: usize,
+    pub rows: usize,
+    pub seed: u64,
+}
+
+impl Default for Params {
+    /// datatrove's MinhashConfig: 5-gram words, 14 bands × 8 rows, 64-bit hashes.
+    fn default() -> Self {
+        Params {
+            shingles: Shingles::Words(5),
+            bands: 14,
+            rows: 8,
+            seed: 1,
+        }
+    }
+}
+
+impl Params {
+    pub fn num_perm(&self) -> usize {
+        self.bands * self.rows
+    }
+}
+
+/// The seeded permutations of one [`Params`].
+pub struct MinHasher {
+    params: Params,
+    a: Vec<u64>,
+    b: Vec<u64>,
+}
+
+/// Word characters: ASCII alphanumerics, `_`, and every byte of a non-ASCII character.
+fn is_word_byte(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80
+}
+
+/// Calls `each` with the 64-bit hash of every word of `text` (ASCII-lowercased).
+pub fn word_hashes(text: &str, mut each: impl FnMut(u64)) {
+    let bytes = text.as_bytes();
+    let mut buf: Vec<u8> = Vec::with_capacity(64);
+    let mut i = 0;
+    while i < bytes.len() {
+        if !is_word_byte(bytes[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < bytes.len() && is_word_byte(bytes[i]) {
+            i += 1;
+        }
+        let word = &bytes[start..i];
+        if word.iter().any(u8::is_ascii_uppercase) {
+            buf.clear();
+            buf.extend(word.iter().map(u8::to_ascii_lowercase));
+            each(xxh3_64(&buf));
+        } else {
+            each(xxh3_64(word));
+        }
+    }
+}
+
+impl MinHasher {
+    pub fn new(params: Params) -> Self {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(params.seed);
+        let n = params.num_perm();
+        let a = (0..n).map(|_| rng.random::<u64>() | 1).collect();
+        let b = (0..n).map(|_| rng.random::<u64>()).collect();
+        MinHasher { params, a, b }
+    }
+
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
+    /// Calls `each` with the hash of every shingle of `text` (repeats included). A text shorter
+    /// than one shingle is one shingle; an empty text has none.
+    pub fn shingle_hashes(&self, text: &str, mut each: impl FnMut(u64)) {
+        match self.params.shingles {
+            Shingles::Words(n) => {
+                let n = n.max(1);
+                let mut window: Vec<u64> = Vec::with_capacity(n);
+                let mut emitted = false;
+                word_hashes(text, |h| {
+                    if window.len() == n {
+                        window.remove(0);
+                    }
+                    window.push(h);
+                    if window.len() == n {
+                        each(xxh3_64_with_seed(words_as_bytes(&window), n as u64));
+                        emitted = true;
+                    }
+                });
+                if !emitted && !window.is_empty() {
+                    each(xxh3_64_with_seed(words_as_bytes(&window), n as u64));
+                }
+            }
+            Shingles::Chars(n) => {
+                let collapsed = collapse_whitespace(text);
+                let bytes = collapsed.as_bytes();
+                let n = n.max(1);
+                if bytes.len() <= n {
+                    if !bytes.is_empty() {
+                        each(xxh3_64(bytes));
+                    }
+                } else {
+                    bytes.windows(n).for_each(|w| each(xxh3_64(w)));
+                }
+            }
+        }
+    }
+
+    /// The signature: per permutation, the least permuted shingle hash (`u64::MAX` for no shingles).
+    pub fn signature(&self, text: &str) -> Vec<u64> {
+        let mut sig = vec![u64::MAX; self.params.num_perm()];
+        self.shingle_hashes(text, |x| {
+            for ((s, &a), &b) in sig.iter_mut().zip(&self.a).zip(&self.b) {
+                *s = (*s).min(a.wrapping_mul(x).wrapping_add(b));
+            }
+        });
+        sig
+    }
+
+    /// The sorted, distinct shingle hashes of `text` (for exact Jaccard).
+    pub fn shingle_set(&self, text: &str) -> Vec<u64> {
+        let mut set = Vec::new();
+        self.shingle_hashes(text, |h| set.push(h));
+        set.sort_unstable();
+        set.dedup();
+        set
+    }
+
+    /// The LSH key of band `j` of a signature.
+    pub fn band_key(&self, sig: &[u64], j: usize) -> u64 {
+        let r = self.params.rows;
+        xxh3_64_with_seed(words_as_bytes(&sig[j * r..(j + 1) * r]), j as u64)
+    }
+}
+
+fn words_as_bytes(words: &[u64]) -> &[u8] {
+    // SAFETY: u64 has no padding and any byte pattern is a valid u8; the length is exact.
+    unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), std::mem::size_of_val(words)) }
+}
+
+/// `true` when every signature entry is `u64::MAX`: the document had no shingles.
+pub fn is_empty(sig: &[u64]) -> bool {
+    sig.iter().all(|&v| v == u64::MAX)
+}
+
+/// The share of equal entries: MinHash's estimate of the Jaccard similarity.
+pub fn estimated_similarity(a: &[u64], b: &[u64]) -> f64 {
+    let same = a.iter().zip(b).filter(|(x, y)| x == y).count();
+    same as f64 / a.len().max(1) as f64
+}
+
+/// |A ∩ B| / |A ∪ B| of two sorted, distinct sets.
+pub fn jaccard(a: &[u64], b: &[u64]) -> f64 {
+    let (mut i, mut j, mut both) = (0, 0, 0usize);
+    while i < a.len() && j < b.len() {
+        match a[i].cmp(&b[j]) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                both += 1;
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    let union = a.len() + b.len() - both;
+    if union == 0 {
+        1.0
+    } else {
+        both as f64 / union as f64
+    }
+}
+
+/// Whitespace runs become one space; leading and trailing whitespace go.
+pub fn collapse_whitespace(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// How texts are normalised before the exact-duplicate hash.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Normalize {
+    pub whitespace: bool,
+    pub case: bool,
+}
+
+/// 128-bit hash of the normalised text: equal hashes mean exact duplicates.
+pub fn exact_hash(text: &str, norm: Normalize) -> u128 {
+    match (norm.whitespace, norm.case) {
+        (false, false) => xxh3_128(text.as_bytes()),
+        (true, false) => xxh3_128(collapse_whitespace(text).as_bytes()),
+        (false, true) => xxh3_128(text.to_lowercase().as_bytes()),
+        (true, true) => xxh3_128(collapse_whitespace(&text.to_lowercase()).as_bytes()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_are_split_lowercased_and_shingled() {
+        let mut words = Vec::new();
+        word_hashes("Hello, wörld_1 (x)", |h| words.push(h));
+        let expected: Vec<u64> = ["hello", "wörld_1", "x"]
+            .iter()
+            .map(|w| xxh3_64(w.as_bytes()))
+            .collect();
+        assert_eq!(words, expected);
+        let m = MinHasher::new(Params {
+            shingles: Shingles::Words(2),
+            ..Params::default()
+        });
+        let mut n = 0;
+        m.shingle_hashes("a b c d", |_| n += 1);
+        assert_eq!(n, 3, "4 words give 3 bigrams");
+        let mut short = 0;
+        m.shingle_hashes("alone", |_| short += 1);
+        assert_eq!(short, 1, "a text shorter than a shingle is one shingle");
+        assert!(is_empty(&m.signature("  ... ")));
+    }
+
+    #[test]
+    fn jaccard_of_sorted_sets() {
+        assert_eq!(jaccard(&[1, 2, 3, 4], &[3, 4, 5, 6]), 2.0 / 6.0);
+        assert_eq!(jaccard(&[], &[]), 1.0);
+    }
+
+    #[test]
+    fn exact_hash_normalisation() {
+        let ws = Normalize {
+            whitespace: true,
+            case: false,
+        };
+        assert_eq!(exact_hash("a  b\n", ws), exact_hash("a b", ws));
+        assert_ne!(exact_hash("A b", ws), exact_hash("a b", ws));
+        let both = Normalize {
+            whitespace: true,
+            case: true,
+        };
+        assert_eq!(exact_hash("A  b", both), exact_hash("a b", both));
+        assert_ne!(
+            exact_hash("a  b", Normalize::default()),
+            exact_hash("a b", Normalize::default())
+        );
+    }
+}

@@ -1,0 +1,716 @@
+//! `phigen dedup`: exact and MinHash-LSH near-duplicate removal over corpus files.
+//!
+//! 1. **Signatures** (parallel over documents; `--shard K/N` does input files `i ≡ K mod N` only):
+//!    each document's exact hash (of its normalised text) and MinHash signature go to
+//!    `OUT/signatures/slice-K-of-N.{bin,ids,json}` (the `.json` is written last and marks the slice
+//!    complete; a later run reuses a complete slice of the same inputs and settings).
+//! 2. **Clusters** (one process, once every slice of a set is there): documents are ordered by
+//!    (input file in sorted path order, row); documents of `--index` come before all of them.
+//!    Equal exact hashes are joined; so are documents sharing any LSH band key (each with the
+//!    least document of the bucket; with `--verify-jaccard T` only when their exact shingle-set
+//!    Jaccard is ≥ T). A union-find whose root is always the least member makes the first document
+//!    of each cluster its kept representative: the result does not depend on thread count, input
+//!    argument order or slicing.
+//! 3. **Outputs**: each input file minus its removed rows, same format and columns, at the same
+//!    relative path under `OUT`; `removed.parquet` (id, file, row, cluster, kept id, reason,
+//!    estimated and exact similarity); `stats.json` last. With `--index DIR` the kept documents are
+//!    added to the index, so a later run removes what duplicates them.
+
+pub mod decontaminate;
+pub mod minhash;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use crate::artifact::atomic;
+use crate::artifact::docs::{self, DocsError, InputFile};
+use crate::artifact::table::{self, Kind, Schema, TableError};
+use minhash::{MinHasher, Normalize, Params};
+
+pub const STATS_FILE: &str = "stats.json";
+pub const REMOVED_FILE: &str = "removed.parquet";
+const FORMAT_VERSION: u32 = 1;
+/// Per document in a signature table: file index, row, exact hash (2 words), then the signature.
+const HEAD: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DedupError {
+    #[error(transparent)]
+    Docs(#[from] DocsError),
+    #[error(transparent)]
+    Table(#[from] TableError),
+    #[error("{path}: {reason}")]
+    Damaged { path: PathBuf, reason: String },
+    #[error("{path}: made with other MinHash settings ({found}); this run uses {expected} — use a new --index directory or the same settings")]
+    OtherSettings {
+        path: PathBuf,
+        expected: String,
+        found: String,
+    },
+    #[error("--out {out:?} is inside --input {input:?}; the output would be read as input, pick another directory")]
+    OutInsideInput { out: PathBuf, input: PathBuf },
+    #[error("--shard {0}: expected K/N with 0 ≤ K < N")]
+    Shard(String),
+    #[error("{0}")]
+    Settings(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DedupError + '_ {
+    move |e| DocsError::from(docs::io_err(path)(e)).into()
+}
+
+/// One slice of a `--shard K/N` job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Slice {
+    pub k: usize,
+    pub n: usize,
+}
+
+impl std::str::FromStr for Slice {
+    type Err = DedupError;
+    fn from_str(s: &str) -> Result<Self, DedupError> {
+        let (k, n) = s
+            .split_once('/')
+            .ok_or_else(|| DedupError::Shard(s.into()))?;
+        let (k, n): (usize, usize) = match (k.trim().parse(), n.trim().parse()) {
+            (Ok(k), Ok(n)) if k < n => (k, n),
+            _ => return Err(DedupError::Shard(s.into())),
+        };
+        Ok(Slice { k, n })
+    }
+}
+
+pub struct DedupOptions {
+    pub inputs: Vec<PathBuf>,
+    pub out: PathBuf,
+    pub params: Params,
+    pub exact: Normalize,
+    pub verify_jaccard: Option<f64>,
+    pub index: Option<PathBuf>,
+    /// Only compute this slice's signatures.
+    pub shard: Option<Slice>,
+}
+
+/// An input file as a signature slice or `stats.json` records it (to tell stale results apart).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Source {
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub modified_unix_ns: u128,
+}
+
+fn source_of(path: &Path) -> Result<Source, DedupError> {
+    let meta = std::fs::metadata(path).map_err(io_err(path))?;
+    let modified = meta.modified().map_err(io_err(path))?;
+    Ok(Source {
+        path: path.to_path_buf(),
+        bytes: meta.len(),
+        modified_unix_ns: modified
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    })
+}
+
+/// What a signature table was made from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TableMeta {
+    format_version: u32,
+    params: Params,
+    exact: Normalize,
+    /// Every input file of the run (slices index into it), or none for an index.
+    sources: Vec<Source>,
+    slice: Option<Slice>,
+    docs: usize,
+    /// Bumped on each update of an index; its files are `index-G.bin` / `index-G.ids`.
+    generation: u64,
+}
+
+/// Documents' ids and signature records (`HEAD + num_perm` words each).
+#[derive(Default)]
+struct SigTable {
+    ids: Vec<String>,
+    words: Vec<u64>,
+}
+
+impl SigTable {
+    fn write(&self, bin: &Path, ids: &Path) -> Result<(), DedupError> {
+        let bytes: Vec<u8> = self.words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        atomic::write_bytes(bin, &bytes).map_err(io_err(bin))?;
+        let mut text = String::new();
+        for id in &self.ids {
+            text.push_str(&serde_json::to_string(id).expect("a string serialises"));
+            text.push('\n');
+        }
+        atomic::write_bytes(ids, text.as_bytes()).map_err(io_err(ids))
+    }
+
+    fn read(bin: &Path, ids: &Path, docs: usize, stride: usize) -> Result<Self, DedupError> {
+        let damaged = |path: &Path, reason: String| DedupError::Damaged {
+            path: path.to_path_buf(),
+            reason: format!("{reason}; delete it (and its .json) and run again"),
+        };
+        let bytes = std::fs::read(bin).map_err(io_err(bin))?;
+        if bytes.len() != docs * stride * 8 {
+            let reason = format!(
+                "expected {} bytes for {docs} documents, found {}",
+                docs * stride * 8,
+                bytes.len()
+            );
+            return Err(damaged(bin, reason));
+        }
+        let words = bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        let text = std::fs::read_to_string(ids).map_err(io_err(ids))?;
+        let ids: Vec<String> = text
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()
+            .map_err(|e| damaged(ids, e.to_string()))?;
+        if ids.len() != docs {
+            return Err(damaged(
+                bin,
+                format!("expected {docs} ids, found {}", ids.len()),
+            ));
+        }
+        Ok(SigTable { ids, words })
+    }
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, DedupError> {
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    serde_json::from_str(&text).map_err(|e| DedupError::Damaged {
+        path: path.to_path_buf(),
+        reason: format!("{e}; delete it and run again"),
+    })
+}
+
+/// Computes (or reuses) the signatures of one slice of `files`.
+fn slice_table(
+    files: &[InputFile],
+    sources: &[Source],
+    slice: Slice,
+    opts: &DedupOptions,
+    hasher: &MinHasher,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<SigTable, DedupError> {
+    let dir = opts.out.join("signatures");
+    std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    let stem = dir.join(format!("slice-{}-of-{}", slice.k, slice.n));
+    let (meta_path, bin, ids) = (
+        stem.with_extension("json"),
+        stem.with_extension("bin"),
+        stem.with_extension("ids"),
+    );
+    let stride = HEAD + opts.params.num_perm();
+    if meta_path.exists() {
+        let old: TableMeta = read_json(&meta_path)?;
+        if old.params == opts.params
+            && old.exact == opts.exact
+            && old.sources == sources
+            && old.format_version == FORMAT_VERSION
+        {
+            return SigTable::read(&bin, &ids, old.docs, stride);
+        }
+        std::fs::remove_file(&meta_path).map_err(io_err(&meta_path))?;
+    }
+    let mut table = SigTable::default();
+    for (f, file) in files
+        .iter()
+        .enumerate()
+        .filter(|(f, _)| f % slice.n == slice.k)
+    {
+        docs::read_documents(&file.path, |batch| {
+            let records: Vec<Vec<u64>> = batch
+                .par_iter()
+                .map(|d| {
+                    let exact = minhash::exact_hash(&d.text, opts.exact);
+                    let mut rec = vec![f as u64, d.row as u64, exact as u64, (exact >> 64) as u64];
+                    rec.extend(hasher.signature(&d.text));
+                    rec
+                })
+                .collect();
+            progress(batch.iter().map(|d| d.text.len() as u64).sum());
+            table.words.extend(records.into_iter().flatten());
+            table.ids.extend(batch.into_iter().map(|d| d.id));
+            Ok::<(), DedupError>(())
+        })?;
+    }
+    table.write(&bin, &ids)?;
+    let meta = TableMeta {
+        format_version: FORMAT_VERSION,
+        params: opts.params,
+        exact: opts.exact,
+        sources: sources.to_vec(),
+        slice: Some(slice),
+        docs: table.ids.len(),
+        generation: 0,
+    };
+    atomic::write_json(&meta_path, &meta).map_err(io_err(&meta_path))?;
+    Ok(table)
+}
+
+/// A union-find whose root is always the least member.
+struct Clusters {
+    parent: Vec<u32>,
+}
+
+impl Clusters {
+    fn new(n: usize) -> Self {
+        Clusters {
+            parent: (0..n as u32).collect(),
+        }
+    }
+
+    fn find(&mut self, mut x: u32) -> u32 {
+        while self.parent[x as usize] != x {
+            let grand = self.parent[self.parent[x as usize] as usize];
+            self.parent[x as usize] = grand;
+            x = grand;
+        }
+        x
+    }
+
+    fn union(&mut self, a: u32, b: u32) {
+        let (ra, rb) = (self.find(a), self.find(b));
+        let (lo, hi) = (ra.min(rb), ra.max(rb));
+        self.parent[hi as usize] = lo;
+    }
+}
+
+/// What a run found; written as `stats.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    pub format_version: u32,
+    pub params: Params,
+    pub exact_normalize: Normalize,
+    pub verify_jaccard: Option<f64>,
+    pub sources: Vec<Source>,
+    pub documents: usize,
+    pub bytes: u64,
+    pub kept: usize,
+    pub removed_exact: usize,
+    pub removed_near: usize,
+    /// Clusters with at least one removed document.
+    pub clusters: usize,
+    /// Documents that matched an index document.
+    pub removed_by_index: usize,
+    pub candidate_pairs: u64,
+    pub rejected_by_verify: u64,
+    pub index_documents: usize,
+    /// The index generation this run writes (None without --index).
+    pub index_generation: Option<u64>,
+    pub signature_seconds: f64,
+    pub cluster_seconds: f64,
+    pub write_seconds: f64,
+    pub threads: usize,
+}
+
+#[derive(Debug)]
+pub enum Outcome {
+    /// `--shard`: this slice's signatures are written.
+    Slice {
+        slice: Slice,
+        documents: usize,
+    },
+    Done(Stats),
+    UpToDate(Stats),
+}
+
+/// Runs dedup as the module documentation describes; `progress` is called with bytes hashed.
+pub fn run(opts: &DedupOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<Outcome, DedupError> {
+    if let Some(t) = opts.verify_jaccard {
+        if !(0.0..=1.0).contains(&t) {
+            return Err(DedupError::Settings(format!(
+                "--verify-jaccard must be in [0, 1], found {t}"
+            )));
+        }
+    }
+    if opts.params.bands == 0 || opts.params.rows == 0 {
+        return Err(DedupError::Settings(
+            "--bands and --rows must be at least 1".into(),
+        ));
+    }
+    check_out(&opts.out, &opts.inputs)?;
+    let files = docs::input_files(&opts.inputs)?;
+    let sources = files
+        .iter()
+        .map(|f| source_of(&f.path))
+        .collect::<Result<Vec<_>, _>>()?;
+    let hasher = MinHasher::new(opts.params);
+    let started = Instant::now();
+    if let Some(slice) = opts.shard {
+        let table = slice_table(&files, &sources, slice, opts, &hasher, progress)?;
+        return Ok(Outcome::Slice {
+            slice,
+            documents: table.ids.len(),
+        });
+    }
+    let stats_path = opts.out.join(STATS_FILE);
+    if stats_path.exists() {
+        let old: Stats = read_json(&stats_path)?;
+        if old.sources == sources
+            && old.params == opts.params
+            && old.exact_normalize == opts.exact
+            && old.verify_jaccard == opts.verify_jaccard
+        {
+            if let (Some(dir), Some(generation)) = (&opts.index, old.index_generation) {
+                commit_index(dir, &opts.params, opts.exact, generation)?;
+            }
+            return Ok(Outcome::UpToDate(old));
+        }
+        std::fs::remove_file(&stats_path).map_err(io_err(&stats_path))?;
+    }
+    // A complete set of slices from `--shard` jobs, else one slice of everything.
+    let n = complete_slice_set(&opts.out, &sources, opts)?.unwrap_or(1);
+    let mut table = SigTable::default();
+    for k in 0..n {
+        let part = slice_table(&files, &sources, Slice { k, n }, opts, &hasher, progress)?;
+        table.ids.extend(part.ids);
+        table.words.extend(part.words);
+    }
+    let signature_seconds = started.elapsed().as_secs_f64();
+    let stride = HEAD + opts.params.num_perm();
+    // Document order: (file, row).
+    let mut order: Vec<usize> = (0..table.ids.len()).collect();
+    order.sort_by_key(|&i| (table.words[i * stride], table.words[i * stride + 1]));
+
+    let (index_meta, index) = match &opts.index {
+        Some(dir) => load_index(dir, &opts.params, opts.exact, stride)?,
+        None => (None, SigTable::default()),
+    };
+    let m = index.ids.len();
+    let total = m + order.len();
+    // Position p < m is index document p; p ≥ m is new document order[p - m].
+    let record = |p: usize| -> &[u64] {
+        if p < m {
+            &index.words[p * stride..(p + 1) * stride]
+        } else {
+            let i = order[p - m];
+            &table.words[i * stride..(i + 1) * stride]
+        }
+    };
+    let id_of = |p: usize| -> &str {
+        if p < m {
+            &index.ids[p]
+        } else {
+            &table.ids[order[p - m]]
+        }
+    };
+    let exact_of = |p: usize| (record(p)[2], record(p)[3]);
+    let sets: Option<Vec<Vec<u64>>> = match opts.verify_jaccard {
+        Some(_) => Some(shingle_sets(
+            &files,
+            &hasher,
+            (m..total).map(|p| (record(p)[0], record(p)[1])),
+        )?),
+        None => None,
+    };
+
+    let cluster_started = Instant::now();
+    let mut clusters = Clusters::new(total);
+    let mut first_exact: HashMap<(u64, u64), u32> = HashMap::new();
+    for p in 0..total {
+        let first = *first_exact.entry(exact_of(p)).or_insert(p as u32);
+        clusters.union(first, p as u32);
+    }
+    let (mut candidate_pairs, mut rejected) = (0u64, 0u64);
+    let mut verified: HashMap<(u32, u32), bool> = HashMap::new();
+    let live: Vec<u32> = (0..total as u32)
+        .filter(|&p| !minhash::is_empty(&record(p as usize)[HEAD..]))
+        .collect();
+    for j in 0..opts.params.bands {
+        let mut keys: Vec<(u64, u32)> = live
+            .par_iter()
+            .map(|&p| (hasher.band_key(&record(p as usize)[HEAD..], j), p))
+            .collect();
+        keys.par_sort_unstable();
+        for run in keys.chunk_by(|a, b| a.0 == b.0) {
+            let first = run[0].1;
+            for &(_, p) in &run[1..] {
+                candidate_pairs += 1;
+                let similar = match (&sets, opts.verify_jaccard) {
+                    (Some(sets), Some(t)) => *verified.entry((first, p)).or_insert_with(|| {
+                        let (a, b) = (first as usize, p as usize);
+                        if a < m {
+                            // An index document's text is gone: its signature is the best evidence.
+                            minhash::estimated_similarity(&record(a)[HEAD..], &record(b)[HEAD..])
+                                >= t
+                        } else {
+                            minhash::jaccard(&sets[a - m], &sets[b - m]) >= t
+                        }
+                    }),
+                    _ => true,
+                };
+                if similar {
+                    clusters.union(first, p);
+                } else {
+                    rejected += 1;
+                }
+            }
+        }
+    }
+    let cluster_seconds = cluster_started.elapsed().as_secs_f64();
+
+    // Removed documents per file, and their rows for removed.parquet.
+    let write_started = Instant::now();
+    let mut drop: Vec<HashSet<usize>> = vec![HashSet::new(); files.len()];
+    let mut cluster_no: HashMap<u32, usize> = HashMap::new();
+    let (mut removed_rows, mut removed_exact, mut removed_near, mut by_index) =
+        (Vec::new(), 0, 0, 0);
+    for p in m..total {
+        let rep = clusters.find(p as u32) as usize;
+        if rep == p {
+            continue;
+        }
+        let rec = record(p);
+        drop[rec[0] as usize].insert(rec[1] as usize);
+        let next = cluster_no.len();
+        let cluster = *cluster_no.entry(rep as u32).or_insert(next);
+        let exact = exact_of(p) == exact_of(rep);
+        if exact {
+            removed_exact += 1;
+        } else {
+            removed_near += 1;
+        }
+        by_index += usize::from(rep < m);
+        let exact_similarity = match &sets {
+            Some(sets) if rep >= m => json!(minhash::jaccard(&sets[p - m], &sets[rep - m])),
+            _ => Value::Null,
+        };
+        let row = json!({
+            "id": id_of(p),
+            "file": files[rec[0] as usize].path.display().to_string(),
+            "row": rec[1],
+            "cluster": cluster,
+            "kept_id": id_of(rep),
+            "reason": if exact { "exact" } else { "near" },
+            "estimated_similarity": minhash::estimated_similarity(&rec[HEAD..], &record(rep)[HEAD..]),
+            "exact_similarity": exact_similarity,
+        });
+        removed_rows.push(row.as_object().expect("an object").clone());
+    }
+    files.par_iter().zip(&drop).try_for_each(|(file, rows)| {
+        docs::write_subset(&file.path, &opts.out.join(&file.rel), |r| rows.contains(&r))
+    })?;
+    let schema: Schema = vec![
+        ("id", Kind::Text),
+        ("file", Kind::Text),
+        ("row", Kind::Int),
+        ("cluster", Kind::Int),
+        ("kept_id", Kind::Text),
+        ("reason", Kind::Text),
+        ("estimated_similarity", Kind::Float),
+        ("exact_similarity", Kind::Float),
+    ];
+    table::write_parquet(&opts.out.join(REMOVED_FILE), &schema, &removed_rows)?;
+
+    // The index's next generation: its documents plus this run's kept ones.
+    let index_generation = match &opts.index {
+        Some(dir) => {
+            let generation = index_meta.as_ref().map_or(0, |meta| meta.generation) + 1;
+            let mut next = SigTable {
+                ids: index.ids.clone(),
+                words: index.words.clone(),
+            };
+            for p in m..total {
+                if clusters.find(p as u32) as usize == p {
+                    next.ids.push(table.ids[order[p - m]].clone());
+                    next.words.extend_from_slice(record(p));
+                }
+            }
+            std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+            next.write(
+                &dir.join(format!("index-{generation}.bin")),
+                &dir.join(format!("index-{generation}.ids")),
+            )?;
+            Some(generation)
+        }
+        None => None,
+    };
+    let stats = Stats {
+        format_version: FORMAT_VERSION,
+        params: opts.params,
+        exact_normalize: opts.exact,
+        verify_jaccard: opts.verify_jaccard,
+        bytes: sources.iter().map(|s| s.bytes).sum(),
+        sources,
+        documents: total - m,
+        kept: total - m - removed_exact - removed_near,
+        removed_exact,
+        removed_near,
+        clusters: cluster_no.len(),
+        removed_by_index: by_index,
+        candidate_pairs,
+        rejected_by_verify: rejected,
+        index_documents: m,
+        index_generation,
+        signature_seconds,
+        cluster_seconds,
+        write_seconds: write_started.elapsed().as_secs_f64(),
+        threads: rayon::current_num_threads(),
+    };
+    atomic::write_json(&stats_path, &stats).map_err(io_err(&stats_path))?;
+    if let (Some(dir), Some(generation)) = (&opts.index, index_generation) {
+        commit_index(dir, &opts.params, opts.exact, generation)?;
+    }
+    Ok(Outcome::Done(stats))
+}
+
+/// Creates `out` and makes sure it is not inside an input (its files would be read back).
+pub(crate) fn check_out(out: &Path, inputs: &[PathBuf]) -> Result<(), DedupError> {
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    let out = out.canonicalize().map_err(io_err(out))?;
+    for input in inputs {
+        if let Ok(input) = input.canonicalize() {
+            if out.starts_with(&input) {
+                return Err(DedupError::OutInsideInput { out, input });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The slice count of a complete set of slices made from these inputs and settings, if any.
+fn complete_slice_set(
+    out: &Path,
+    sources: &[Source],
+    opts: &DedupOptions,
+) -> Result<Option<usize>, DedupError> {
+    let dir = out.join("signatures");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(None);
+    };
+    let mut counts: HashMap<usize, HashSet<usize>> = HashMap::new();
+    for entry in entries {
+        let path = entry.map_err(io_err(&dir))?.path();
+        if path.extension().is_some_and(|e| e == "json") {
+            let meta: TableMeta = read_json(&path)?;
+            if let Some(s) = meta.slice.filter(|_| {
+                meta.sources == sources && meta.params == opts.params && meta.exact == opts.exact
+            }) {
+                counts.entry(s.n).or_default().insert(s.k);
+            }
+        }
+    }
+    Ok(counts
+        .into_iter()
+        .filter(|(n, ks)| ks.len() == *n)
+        .map(|(n, _)| n)
+        .min())
+}
+
+/// The shingle sets of the given (file, row) documents, in that order.
+fn shingle_sets(
+    files: &[InputFile],
+    hasher: &MinHasher,
+    wanted: impl Iterator<Item = (u64, u64)>,
+) -> Result<Vec<Vec<u64>>, DedupError> {
+    let wanted: Vec<(u64, u64)> = wanted.collect();
+    let mut sets: HashMap<(u64, u64), Vec<u64>> = HashMap::with_capacity(wanted.len());
+    for (f, file) in files.iter().enumerate() {
+        docs::read_documents(&file.path, |batch| {
+            let done: Vec<((u64, u64), Vec<u64>)> = batch
+                .par_iter()
+                .map(|d| ((f as u64, d.row as u64), hasher.shingle_set(&d.text)))
+                .collect();
+            sets.extend(done);
+            Ok::<(), DedupError>(())
+        })?;
+    }
+    Ok(wanted
+        .iter()
+        .map(|k| sets.remove(k).unwrap_or_default())
+        .collect())
+}
+
+fn index_meta_path(dir: &Path) -> PathBuf {
+    dir.join("index.json")
+}
+
+fn load_index(
+    dir: &Path,
+    params: &Params,
+    exact: Normalize,
+    stride: usize,
+) -> Result<(Option<TableMeta>, SigTable), DedupError> {
+    let path = index_meta_path(dir);
+    if !path.exists() {
+        return Ok((None, SigTable::default()));
+    }
+    let meta: TableMeta = read_json(&path)?;
+    if meta.params != *params || meta.exact != exact {
+        return Err(DedupError::OtherSettings {
+            path,
+            expected: format!("{params:?}, exact {exact:?}"),
+            found: format!("{:?}, exact {:?}", meta.params, meta.exact),
+        });
+    }
+    let g = meta.generation;
+    let table = SigTable::read(
+        &dir.join(format!("index-{g}.bin")),
+        &dir.join(format!("index-{g}.ids")),
+        meta.docs,
+        stride,
+    )?;
+    Ok((Some(meta), table))
+}
+
+/// Points `index.json` at generation `g` (its files are written) and removes older generations.
+fn commit_index(dir: &Path, params: &Params, exact: Normalize, g: u64) -> Result<(), DedupError> {
+    let path = index_meta_path(dir);
+    if path.exists() && read_json::<TableMeta>(&path)?.generation >= g {
+        return Ok(());
+    }
+    let ids = std::fs::read_to_string(dir.join(format!("index-{g}.ids"))).map_err(io_err(dir))?;
+    let meta = TableMeta {
+        format_version: FORMAT_VERSION,
+        params: *params,
+        exact,
+        sources: Vec::new(),
+        slice: None,
+        docs: ids.lines().count(),
+        generation: g,
+    };
+    atomic::write_json(&path, &meta).map_err(io_err(&path))?;
+    for old in 0..g {
+        for ext in ["bin", "ids"] {
+            let p = dir.join(format!("index-{old}.{ext}"));
+            if p.exists() {
+                std::fs::remove_file(&p).map_err(io_err(&p))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Kept rows of a finished run, for callers that want them as JSON (tests, reports).
+pub fn removed_rows(out: &Path) -> Result<Vec<Map<String, Value>>, DedupError> {
+    let path = out.join(REMOVED_FILE);
+    let df = table::read_columns(&path, &["id", "kept_id", "reason"])?;
+    let ids = table::text_column(&df, &path, "id")?;
+    let kept = table::text_column(&df, &path, "kept_id")?;
+    let reason = table::text_column(&df, &path, "reason")?;
+    Ok(ids
+        .into_iter()
+        .zip(kept)
+        .zip(reason)
+        .map(|((id, kept), reason)| {
+            json!({"id": id, "kept_id": kept, "reason": reason})
+                .as_object()
+                .expect("object")
+                .clone()
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,418 @@
+use std::collections::BTreeSet;
+use std::io::Write;
+
+use super::decontaminate::{self, DecontaminateOptions, Mode};
+use super::minhash::{Normalize, Params, Shingles};
+use super::*;
+
+fn write_jsonl(path: &Path, docs: &[(String, String)]) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let text: String = docs
+        .iter()
+        .map(|(id, t)| json!({"id": id, "text": t}).to_string() + "\n")
+        .collect();
+    std::fs::write(path, text).unwrap();
+}
+
+fn options(inputs: Vec<PathBuf>, out: PathBuf) -> DedupOptions {
+    DedupOptions {
+        inputs,
+        out,
+        params: Params::default(),
+        exact: Normalize {
+            whitespace: true,
+            case: true,
+        },
+        verify_jaccard: None,
+        index: None,
+        shard: None,
+    }
+}
+
+fn done(opts: &DedupOptions) -> Stats {
+    match run(opts, &|_| ()).unwrap() {
+        Outcome::Done(s) => s,
+        _ => panic!("expected a finished run"),
+    }
+}
+
+/// (removed id → kept id) of a finished run.
+fn removed(out: &Path) -> BTreeMap<String, String> {
+    removed_rows(out)
+        .unwrap()
+        .into_iter()
+        .map(|r| {
+            (
+                r["id"].as_str().unwrap().to_string(),
+                r["kept_id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+use std::collections::BTreeMap;
+
+/// Pairs of planted documents with known Jaccard J are caught at the rate LSH theory gives,
+/// 1 − (1 − J^rows)^bands (computed here from the settings, not by the code under test). Each
+/// document is 100 distinct one-word shingles; the pair shares k of them, so J = k / (200 − k).
+#[test]
+fn planted_pairs_follow_the_s_curve() {
+    let dir = tempfile::tempdir().unwrap();
+    let pairs_per_level = 250;
+    let levels = [50usize, 64, 75, 82, 90]; // k shared of 100 → J = 0.333, 0.471, 0.6, 0.695, 0.818
+    let mut docs = Vec::new();
+    for (l, &k) in levels.iter().enumerate() {
+        for p in 0..pairs_per_level {
+            let word = |i: usize| format!("l{l}p{p}w{i}");
+            let a: Vec<String> = (0..100).map(word).collect();
+            let b: Vec<String> = (0..100)
+                .map(|i| if i < k { word(i) } else { word(100 + i) })
+                .collect();
+            docs.push((format!("l{l}p{p}a"), a.join(" ")));
+            docs.push((format!("l{l}p{p}b"), b.join(" ")));
+        }
+    }
+    write_jsonl(&dir.path().join("in/docs.jsonl"), &docs);
+    let mut opts = options(vec![dir.path().join("in")], dir.path().join("out"));
+    opts.params.shingles = Shingles::Words(1);
+    done(&opts);
+    let removed = removed(&opts.out);
+    for (l, &k) in levels.iter().enumerate() {
+        let j = k as f64 / (200 - k) as f64;
+        let p = 1.0 - (1.0 - j.powi(8)).powi(14);
+        let caught = (0..pairs_per_level)
+            .filter(|p| removed.get(&format!("l{l}p{p}b")) == Some(&format!("l{l}p{p}a")))
+            .count();
+        let rate = caught as f64 / pairs_per_level as f64;
+        let sigma = (p * (1.0 - p) / pairs_per_level as f64).sqrt();
+        assert!(
+            (rate - p).abs() <= 4.0 * sigma + 0.01,
+            "J = {j:.3}: caught {rate:.3}, theory {p:.3} ± {sigma:.3}"
+        );
+    }
+    assert!(
+        removed.keys().all(|id| id.ends_with('b')),
+        "the first of each pair is the one kept"
+    );
+}
+
+fn story(seed: usize, variant: usize) -> String {
+    use rand::{Rng, SeedableRng};
+    let words = [
+        "the", "cat", "sat", "on", "a", "warm", "mat", "and", "dreamed", "of", "fish", "under",
+        "blue", "sky",
+    ];
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed as u64);
+    let mut out: Vec<String> = (0..120)
+        .map(|_| {
+            format!(
+                "{}{}",
+                words[rng.random_range(0..words.len())],
+                rng.random_range(0..1000)
+            )
+        })
+        .collect();
+    if variant > 0 {
+        out[10 + variant] = format!("changed{variant}");
+    }
+    out.join(" ")
+}
+
+/// A corpus of unique stories, near copies (one word changed) and exact copies in two files.
+fn messy_corpus(dir: &Path) -> Vec<PathBuf> {
+    let mut a = Vec::new();
+    let mut b = Vec::new();
+    for s in 0..60 {
+        a.push((format!("s{s}"), story(s, 0)));
+        if s % 3 == 0 {
+            b.push((format!("s{s}-near"), story(s, 1)));
+        }
+        if s % 5 == 0 {
+            b.push((format!("s{s}-copy"), story(s, 0).to_uppercase()));
+        }
+    }
+    write_jsonl(&dir.join("a/part.jsonl"), &a);
+    write_jsonl(&dir.join("b/part.jsonl"), &b);
+    vec![dir.join("b"), dir.join("a")]
+}
+
+/// The same documents are removed for the same representatives whatever the thread count, the
+/// order of --input, or whether signatures were computed in --shard slices.
+#[test]
+fn result_is_independent_of_threads_order_and_slicing() {
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = messy_corpus(dir.path());
+    let mut results = Vec::new();
+    for (threads, reverse, slices) in [(1, false, 0), (3, true, 0), (2, false, 2)] {
+        let out = dir.path().join(format!("out-{threads}-{reverse}-{slices}"));
+        let mut ins = inputs.clone();
+        if reverse {
+            ins.reverse();
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut opts = options(ins, out.clone());
+            for k in 0..slices {
+                opts.shard = Some(Slice { k, n: slices });
+                assert!(matches!(
+                    run(&opts, &|_| ()).unwrap(),
+                    Outcome::Slice { .. }
+                ));
+            }
+            opts.shard = None;
+            done(&opts);
+        });
+        let kept_b = std::fs::read_to_string(out.join("b/part.jsonl")).unwrap();
+        results.push((removed(&out), kept_b));
+    }
+    // Files sort as a/ before b/: every copy in b/ is removed in favour of its original in a/.
+    let expected: BTreeMap<String, String> = (0..60)
+        .flat_map(|s| {
+            let near = (s % 3 == 0).then(|| (format!("s{s}-near"), format!("s{s}")));
+            let copy = (s % 5 == 0).then(|| (format!("s{s}-copy"), format!("s{s}")));
+            near.into_iter().chain(copy)
+        })
+        .collect();
+    assert_eq!(results[0].0, expected);
+    assert!(results.iter().all(|r| r == &results[0]));
+    assert_eq!(results[0].1, "", "b/ holds only copies");
+}
+
+/// Exact duplicates are found through the configured normalisation; a second run of the same
+/// inputs is recognised as done.
+#[test]
+fn exact_duplicates_and_reruns() {
+    let dir = tempfile::tempdir().unwrap();
+    let docs = vec![
+        ("x".to_string(), "Hello  World".to_string()),
+        ("y".to_string(), "hello world".to_string()),
+    ];
+    write_jsonl(&dir.path().join("in/d.jsonl"), &docs);
+    let opts = options(vec![dir.path().join("in")], dir.path().join("out"));
+    let stats = done(&opts);
+    assert_eq!(
+        (stats.removed_exact, stats.removed_near, stats.kept),
+        (1, 0, 1)
+    );
+    assert!(matches!(run(&opts, &|_| ()).unwrap(), Outcome::UpToDate(_)));
+    let mut raw = options(vec![dir.path().join("in")], dir.path().join("out-raw"));
+    raw.exact = Normalize::default();
+    let stats = done(&raw);
+    assert_eq!(
+        (stats.removed_exact, stats.removed_near),
+        (0, 1),
+        "same shingles, different bytes"
+    );
+}
+
+/// --verify-jaccard rejects candidates below the threshold and records exact similarities.
+#[test]
+fn verification_uses_true_jaccard() {
+    let dir = tempfile::tempdir().unwrap();
+    let base: Vec<String> = (0..100).map(|i| format!("w{i}")).collect();
+    let with = |k: usize| -> String {
+        (0..100)
+            .map(|i| {
+                if i < k {
+                    base[i].clone()
+                } else {
+                    format!("v{k}x{i}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    // J(base, k shared) = k / (200 - k): 90 → 0.818, 70 → 0.538.
+    let docs = vec![
+        ("a".into(), with(100)),
+        ("b".into(), with(90)),
+        ("c".into(), with(70)),
+    ];
+    write_jsonl(&dir.path().join("in/d.jsonl"), &docs);
+    let mut opts = options(vec![dir.path().join("in")], dir.path().join("out"));
+    opts.params = Params {
+        shingles: Shingles::Words(1),
+        bands: 40,
+        rows: 1,
+        seed: 3,
+    };
+    opts.verify_jaccard = Some(0.75);
+    let stats = done(&opts);
+    assert_eq!(
+        removed(&opts.out).into_iter().collect::<Vec<_>>(),
+        [("b".to_string(), "a".to_string())]
+    );
+    assert!(
+        stats.rejected_by_verify > 0,
+        "c was a candidate (40 one-row bands) and was rejected"
+    );
+    let path = opts.out.join(REMOVED_FILE);
+    let df = table::read_columns(&path, &["exact_similarity"]).unwrap();
+    let sim = df
+        .column("exact_similarity")
+        .unwrap()
+        .f64()
+        .unwrap()
+        .get(0)
+        .unwrap();
+    assert!((sim - 90.0 / 110.0).abs() < 1e-9, "{sim}");
+}
+
+/// A later run with the same --index removes documents that duplicate earlier runs' kept ones.
+#[test]
+fn index_carries_over_between_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    write_jsonl(
+        &dir.path().join("one/d.jsonl"),
+        &[("old".into(), story(1, 0)), ("other".into(), story(2, 0))],
+    );
+    write_jsonl(
+        &dir.path().join("two/d.jsonl"),
+        &[
+            ("new".into(), story(1, 2)),
+            ("fresh".into(), story(3, 0)),
+            ("fresh2".into(), story(3, 0)),
+        ],
+    );
+    let index = dir.path().join("index");
+    let mut first = options(vec![dir.path().join("one")], dir.path().join("out1"));
+    first.index = Some(index.clone());
+    assert_eq!(done(&first).index_generation, Some(1));
+    let mut second = options(vec![dir.path().join("two")], dir.path().join("out2"));
+    second.index = Some(index.clone());
+    let stats = done(&second);
+    assert_eq!((stats.index_documents, stats.removed_by_index), (2, 1));
+    let expected = BTreeMap::from([
+        ("new".to_string(), "old".to_string()),
+        ("fresh2".to_string(), "fresh".to_string()),
+    ]);
+    assert_eq!(removed(&second.out), expected);
+    let meta: TableMeta = read_json(&index.join("index.json")).unwrap();
+    assert_eq!((meta.generation, meta.docs), (2, 3));
+    assert!(
+        !index.join("index-1.bin").exists(),
+        "older generations are removed"
+    );
+    let mut other = options(vec![dir.path().join("two")], dir.path().join("out3"));
+    other.index = Some(index);
+    other.params.bands = 7;
+    assert!(run(&other, &|_| ())
+        .unwrap_err()
+        .to_string()
+        .contains("other MinHash settings"));
+}
+
+#[test]
+fn output_inside_input_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write_jsonl(
+        &dir.path().join("in/d.jsonl"),
+        &[("a".into(), "text".into())],
+    );
+    let opts = options(vec![dir.path().join("in")], dir.path().join("in/out"));
+    let err = run(&opts, &|_| ()).unwrap_err().to_string();
+    assert!(err.contains("inside --input"), "{err}");
+}
+
+fn humaneval_file(dir: &Path) -> PathBuf {
+    // Three problems in the HumanEval layout, written for this test.
+    let tasks = [
+        ("Test/0", "def running_max(numbers):\n    \"\"\" Return the list of maxima of every prefix of numbers.\n    >>> running_max([1, 3, 2])\n    [1, 3, 3]\n    \"\"\"\n",
+         "    result = []\n    best = None\n    for value in numbers:\n        if best is None or value > best:\n            best = value\n        result.append(best)\n    return result\n"),
+        ("Test/1", "def count_vowels(word):\n    \"\"\" Count the vowels a, e, i, o, u in a lowercase word.\n    >>> count_vowels('banana')\n    3\n    \"\"\"\n",
+         "    total = 0\n    for letter in word:\n        if letter in 'aeiou':\n            total += 1\n    return total\n"),
+        ("Test/2", "def pairwise_sums(xs, ys):\n    \"\"\" Sum two lists element by element.\n    >>> pairwise_sums([1, 2], [3, 4])\n    [4, 6]\n    \"\"\"\n",
+         "    return [x + y for x, y in zip(xs, ys)]\n"),
+    ];
+    let path = dir.join("HumanEval.jsonl.gz");
+    let mut gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(&path).unwrap(),
+        flate2::Compression::default(),
+    );
+    for (id, prompt, solution) in tasks {
+        let line = json!({"task_id": id, "prompt": prompt, "canonical_solution": solution, "test": "", "entry_point": ""});
+        writeln!(gz, "{line}").unwrap();
+    }
+    gz.finish().unwrap();
+    path
+}
+
+/// Verbatim, re-indented and identifier-renamed copies of a solution are caught; unrelated code
+/// and code that only shares short common phrases are not.
+#[test]
+fn decontamination_catches_copies_and_spares_unrelated_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let bench = humaneval_file(dir.path());
+    let verbatim = "Here is a neat trick.\n\ndef running_max(numbers):\n    result = []\n    best = None\n    for value in numbers:\n        if best is None or value > best:\n            best = value\n        result.append(best)\n    return result\n";
+    let reindented = "def running_max(numbers):\n  result = []\n  best = None\n  for value in numbers:\n    if best is None or value > best: best = value\n    result.append(best)\n  return result";
+    let renamed = "def prefix_peaks(seq):\n    out = []\n    top = None\n    for item in seq:\n        if top is None or item > top:\n            top = item\n        out.append(top)\n    return out\n";
+    let unrelated = "def mean(values):\n    total = 0\n    for value in values:\n        total += value\n    return total / len(values)\n\nprint(mean([1, 2, 3]))\n";
+    let docs: Vec<(String, String)> = [
+        ("verbatim", verbatim),
+        ("reindented", reindented),
+        ("renamed", renamed),
+        ("unrelated", unrelated),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    write_jsonl(&dir.path().join("in/d.jsonl"), &docs);
+    let opts = DecontaminateOptions {
+        inputs: vec![dir.path().join("in")],
+        out: dir.path().join("out"),
+        benchmarks: vec![bench],
+        ngram: 13,
+        identifier_ngram: Some(10),
+        identifier_share: 0.5,
+        mode: Mode::Drop,
+    };
+    let report = decontaminate::run(&opts, &|_| ()).unwrap();
+    let path = opts.out.join(decontaminate::HITS_FILE);
+    let df = table::read_columns(&path, &["id", "task_id", "check"]).unwrap();
+    let rows: BTreeSet<(String, String, String)> = table::text_column(&df, &path, "id")
+        .unwrap()
+        .into_iter()
+        .zip(table::text_column(&df, &path, "task_id").unwrap())
+        .zip(table::text_column(&df, &path, "check").unwrap())
+        .map(|((a, b), c)| (a.unwrap(), b.unwrap(), c.unwrap()))
+        .collect();
+    let expected: BTreeSet<(String, String, String)> = [
+        ("verbatim", "ngram"),
+        ("reindented", "ngram"),
+        ("renamed", "identifiers"),
+    ]
+    .iter()
+    .map(|(id, check)| (id.to_string(), "Test/0".to_string(), check.to_string()))
+    .collect();
+    assert_eq!(rows, expected);
+    assert_eq!(report.contaminated_documents, 3);
+    assert_eq!(
+        report.benchmarks["HumanEval"].documents_per_task["Test/0"],
+        3
+    );
+    let kept = std::fs::read_to_string(opts.out.join("in/d.jsonl")).unwrap();
+    assert!(
+        kept.contains("unrelated") && !kept.contains("verbatim"),
+        "{kept}"
+    );
+}
+
+#[test]
+fn unknown_benchmark_format_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bench.jsonl");
+    std::fs::write(&path, "{\"task_id\": 1, \"question\": \"?\"}\n").unwrap();
+    let err = decontaminate::load_benchmark(&path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("bench.jsonl")
+            && err.contains("line 1")
+            && err.contains("canonical_solution")
+            && err.contains("question"),
+        "{err}"
+    );
+}
