@@ -10,7 +10,9 @@
 //! placeholder token, and a document that contains at least `identifier_share` of the distinct
 //! placeholder n-grams (10 by default) of a task's canonical solution is a hit too.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
+
+use foldhash::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -18,9 +20,9 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
-use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+use xxhash_rust::xxh3::xxh3_64;
 
-use super::{io_err, DedupError};
+use super::{io_err, minhash, DedupError};
 use crate::artifact::atomic;
 use crate::artifact::docs::{self, Doc};
 use crate::artifact::table::{self, Kind, Schema};
@@ -28,12 +30,47 @@ use crate::artifact::table::{self, Kind, Schema};
 pub const HITS_FILE: &str = "contaminated.parquet";
 pub const REPORT_FILE: &str = "contamination.json";
 
-const PYTHON_KEYWORDS: [&str; 35] = [
-    "false", "none", "true", "and", "as", "assert", "async", "await", "break", "class", "continue",
-    "def", "del", "elif", "else", "except", "finally", "for", "from", "global", "if", "import",
-    "in", "is", "lambda", "nonlocal", "not", "or", "pass", "raise", "return", "try", "while",
-    "with", "yield",
-];
+/// Python's keywords (lowercased, as tokens are): they stay themselves under identifier renaming.
+fn is_keyword(word: &[u8]) -> bool {
+    matches!(
+        word,
+        b"false"
+            | b"none"
+            | b"true"
+            | b"and"
+            | b"as"
+            | b"assert"
+            | b"async"
+            | b"await"
+            | b"break"
+            | b"class"
+            | b"continue"
+            | b"def"
+            | b"del"
+            | b"elif"
+            | b"else"
+            | b"except"
+            | b"finally"
+            | b"for"
+            | b"from"
+            | b"global"
+            | b"if"
+            | b"import"
+            | b"in"
+            | b"is"
+            | b"lambda"
+            | b"nonlocal"
+            | b"not"
+            | b"or"
+            | b"pass"
+            | b"raise"
+            | b"return"
+            | b"try"
+            | b"while"
+            | b"with"
+            | b"yield"
+    )
+}
 
 /// One evaluation problem.
 #[derive(Clone, Debug)]
@@ -112,11 +149,19 @@ pub fn load_benchmark(path: &Path) -> Result<Vec<Task>, DedupError> {
     Ok(tasks)
 }
 
-/// Byte span and hash of each token of `text` (see the module documentation).
-fn tokens(text: &str, placeholders: bool) -> Vec<(u32, u32, u64)> {
+/// One token: its byte span, its hash, and whether it is a renamable identifier.
+#[derive(Clone, Copy)]
+struct Token {
+    start: u32,
+    end: u32,
+    hash: u64,
+    identifier: bool,
+}
+
+/// The tokens of `text` (see the module documentation).
+fn tokens(text: &str) -> Vec<Token> {
     let bytes = text.as_bytes();
-    let word = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80;
-    let placeholder = xxh3_64(b"\0identifier");
+    let word = |c: u8| minhash::CLASS[c as usize] != 0;
     let mut out = Vec::with_capacity(bytes.len() / 4);
     let mut lower = Vec::with_capacity(32);
     let mut i = 0;
@@ -127,39 +172,65 @@ fn tokens(text: &str, placeholders: bool) -> Vec<(u32, u32, u64)> {
             continue;
         }
         let start = i;
+        i += 1;
         if word(c) {
             while i < bytes.len() && word(bytes[i]) {
                 i += 1;
             }
-        } else {
-            i += 1;
         }
-        lower.clear();
-        lower.extend(bytes[start..i].iter().map(u8::to_ascii_lowercase));
-        let identifier = !c.is_ascii_digit() && word(c);
-        let keyword = || std::str::from_utf8(&lower).is_ok_and(|w| PYTHON_KEYWORDS.contains(&w));
-        let hash = if placeholders && identifier && !keyword() {
-            placeholder
+        let raw = &bytes[start..i];
+        let text = if raw.iter().any(u8::is_ascii_uppercase) {
+            lower.clear();
+            lower.extend(raw.iter().map(u8::to_ascii_lowercase));
+            &lower[..]
         } else {
-            xxh3_64(&lower)
+            raw
         };
-        out.push((start as u32, i as u32, hash));
+        out.push(Token {
+            start: start as u32,
+            end: i as u32,
+            hash: xxh3_64(text),
+            identifier: word(c) && !c.is_ascii_digit() && !is_keyword(text),
+        });
     }
     out
 }
 
-/// The hash of each window of `n` tokens, with the window's start.
-fn ngrams(tokens: &[(u32, u32, u64)], n: usize) -> impl Iterator<Item = (usize, u64)> + '_ {
-    let hashes: Vec<u64> = tokens.iter().map(|t| t.2).collect();
-    (0..tokens.len().saturating_sub(n - 1))
-        .filter(move |_| tokens.len() >= n)
-        .map(move |s| {
-            let window: Vec<u8> = hashes[s..s + n]
-                .iter()
-                .flat_map(|h| h.to_le_bytes())
-                .collect();
-            (s, xxh3_64_with_seed(&window, n as u64))
+/// The token hashes, with every renamable identifier replaced by one placeholder when asked.
+fn token_hashes(tokens: &[Token], placeholders: bool) -> Vec<u64> {
+    let placeholder = xxh3_64(b"\0identifier");
+    tokens
+        .iter()
+        .map(|t| {
+            if placeholders && t.identifier {
+                placeholder
+            } else {
+                t.hash
+            }
         })
+        .collect()
+}
+
+/// The hash of each window of `n` token hashes, with the window's start: a polynomial rolling
+/// hash (one multiply-add per step), finished with murmur3's 64-bit mixer.
+fn ngrams(hashes: &[u64], n: usize) -> impl Iterator<Item = (usize, u64)> + '_ {
+    const P: u64 = 0x9e37_79b9_7f4a_7c15;
+    let top = (1..n).fold(1u64, |acc, _| acc.wrapping_mul(P)); // P^(n-1)
+    let mut rolling = hashes
+        .iter()
+        .take(n.saturating_sub(1))
+        .fold(0u64, |acc, &h| acc.wrapping_mul(P).wrapping_add(h));
+    let count = (hashes.len() + 1).saturating_sub(n);
+    (0..count).map(move |s| {
+        rolling = rolling.wrapping_mul(P).wrapping_add(hashes[s + n - 1]);
+        let mut h = rolling ^ n as u64;
+        rolling = rolling.wrapping_sub(hashes[s].wrapping_mul(top));
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        (s, h ^ (h >> 33))
+    })
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -216,19 +287,18 @@ impl Index {
         let mut renamed_sizes = Vec::with_capacity(tasks.len());
         let n_id = identifier_ngram.unwrap_or(0);
         for (t, task) in tasks.iter().enumerate() {
-            let toks = tokens(&task.text, false);
-            for (_, h) in ngrams(&toks, ngram.max(1)) {
+            let hashes = token_hashes(&tokens(&task.text), false);
+            for (_, h) in ngrams(&hashes, ngram.max(1)) {
                 let list = exact.entry(h).or_default();
                 if list.last() != Some(&(t as u32)) {
                     list.push(t as u32);
                 }
             }
             let distinct: HashSet<u64> = if n_id > 0 {
-                ngrams(&tokens(&task.solution, true), n_id)
-                    .map(|(_, h)| h)
-                    .collect()
+                let hashes = token_hashes(&tokens(&task.solution), true);
+                ngrams(&hashes, n_id).map(|(_, h)| h).collect()
             } else {
-                HashSet::new()
+                HashSet::default()
             };
             renamed_sizes.push(distinct.len());
             for h in distinct {
@@ -252,31 +322,30 @@ impl Index {
 
     /// Every task `text` hits, in task order.
     pub fn scan(&self, text: &str) -> Vec<Hit> {
-        let span = |toks: &[(u32, u32, u64)], s: usize, n: usize| {
-            text[toks[s].0 as usize..toks[s + n - 1].1 as usize].to_string()
+        let toks = tokens(text);
+        let span = |s: usize, n: usize| {
+            text[toks[s].start as usize..toks[s + n - 1].end as usize].to_string()
         };
         let mut hits: BTreeMap<usize, Hit> = BTreeMap::new();
-        let toks = tokens(text, false);
-        for (s, h) in ngrams(&toks, self.ngram) {
+        for (s, h) in ngrams(&token_hashes(&toks, false), self.ngram) {
             for &t in self.exact.get(&h).into_iter().flatten() {
                 hits.entry(t as usize)
                     .or_insert_with(|| Hit {
                         task: t as usize,
                         check: "ngram",
-                        matched: span(&toks, s, self.ngram),
+                        matched: span(s, self.ngram),
                         matches: 0,
                     })
                     .matches += 1;
             }
         }
         if self.identifier_ngram > 0 {
-            let toks = tokens(text, true);
-            let mut found: HashMap<u32, (HashSet<u64>, usize)> = HashMap::new();
-            for (s, h) in ngrams(&toks, self.identifier_ngram) {
+            let mut found: HashMap<u32, (HashSet<u64>, usize)> = HashMap::default();
+            for (s, h) in ngrams(&token_hashes(&toks, true), self.identifier_ngram) {
                 for &t in self.renamed.get(&h).into_iter().flatten() {
                     found
                         .entry(t)
-                        .or_insert_with(|| (HashSet::new(), s))
+                        .or_insert_with(|| (HashSet::default(), s))
                         .0
                         .insert(h);
                 }
@@ -287,7 +356,7 @@ impl Index {
                     hits.entry(t as usize).or_insert_with(|| Hit {
                         task: t as usize,
                         check: "identifiers",
-                        matched: span(&toks, first, self.identifier_ngram),
+                        matched: span(first, self.identifier_ngram),
                         matches: set.len(),
                     });
                 }
@@ -347,7 +416,7 @@ pub fn run(
     let mut per_task: BTreeMap<usize, usize> = BTreeMap::new();
     let mut contaminated = 0usize;
     for file in &files {
-        let mut drop: HashSet<usize> = HashSet::new();
+        let mut drop: HashSet<usize> = HashSet::default();
         docs::read_documents(&file.path, |batch: Vec<Doc>| {
             let found: Vec<Vec<Hit>> = batch.par_iter().map(|d| index.scan(&d.text)).collect();
             let batch_bytes: u64 = batch.iter().map(|d| d.text.len() as u64).sum();
@@ -414,4 +483,25 @@ pub fn run(
     let path = opts.out.join(REPORT_FILE);
     atomic::write_json(&path, &report).map_err(io_err(&path))?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rolling hash of each window equals the one computed from scratch for that window alone,
+    /// so a match does not depend on where the n-gram sits in the document.
+    #[test]
+    fn rolling_ngram_hash_depends_only_on_the_window() {
+        let hashes: Vec<u64> = (0..40u64).map(|i| xxh3_64(&i.to_le_bytes())).collect();
+        for n in [1, 3, 13] {
+            let rolled: Vec<(usize, u64)> = ngrams(&hashes, n).collect();
+            assert_eq!(rolled.len(), 40 - n + 1);
+            for &(s, h) in &rolled {
+                assert_eq!(ngrams(&hashes[s..s + n], n).next(), Some((0, h)));
+            }
+            assert_ne!(rolled[0].1, rolled[1].1);
+        }
+        assert_eq!(ngrams(&hashes[..5], 13).count(), 0);
+    }
 }

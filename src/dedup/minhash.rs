@@ -55,10 +55,31 @@ pub struct MinHasher {
     b: Vec<u64>,
 }
 
-/// Word characters: ASCII alphanumerics, `_`, and every byte of a non-ASCII character.
-fn is_word_byte(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80
+thread_local! {
+    // Per-thread scratch buffers: a document's word and shingle hashes (no page faults per document).
+    static WORDS: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SHINGLES: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
+    static NORMALISED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
+
+/// Byte classes: 0 separates words; word bytes (ASCII alphanumerics, `_`, every byte of a
+/// non-ASCII character) are 1, or 2 for ASCII capitals.
+pub(crate) const CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        t[c] = if b.is_ascii_uppercase() {
+            2
+        } else if b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80 {
+            1
+        } else {
+            0
+        };
+        c += 1;
+    }
+    t
+};
 
 /// Calls `each` with the 64-bit hash of every word of `text` (ASCII-lowercased).
 pub fn word_hashes(text: &str, mut each: impl FnMut(u64)) {
@@ -66,16 +87,21 @@ pub fn word_hashes(text: &str, mut each: impl FnMut(u64)) {
     let mut buf: Vec<u8> = Vec::with_capacity(64);
     let mut i = 0;
     while i < bytes.len() {
-        if !is_word_byte(bytes[i]) {
+        if CLASS[bytes[i] as usize] == 0 {
             i += 1;
             continue;
         }
-        let start = i;
-        while i < bytes.len() && is_word_byte(bytes[i]) {
+        let (start, mut capitals) = (i, 0);
+        while let Some(&c) = bytes.get(i) {
+            let class = CLASS[c as usize];
+            if class == 0 {
+                break;
+            }
+            capitals |= class;
             i += 1;
         }
         let word = &bytes[start..i];
-        if word.iter().any(u8::is_ascii_uppercase) {
+        if capitals & 2 != 0 {
             buf.clear();
             buf.extend(word.iter().map(u8::to_ascii_lowercase));
             each(xxh3_64(&buf));
@@ -102,24 +128,16 @@ impl MinHasher {
     /// than one shingle is one shingle; an empty text has none.
     pub fn shingle_hashes(&self, text: &str, mut each: impl FnMut(u64)) {
         match self.params.shingles {
-            Shingles::Words(n) => {
-                let n = n.max(1);
-                let mut window: Vec<u64> = Vec::with_capacity(n);
-                let mut emitted = false;
-                word_hashes(text, |h| {
-                    if window.len() == n {
-                        window.remove(0);
+            Shingles::Words(n) => WORDS.with_borrow_mut(|words| {
+                words.clear();
+                word_hashes(text, |h| words.push(h));
+                let n = n.max(1).min(words.len().max(1));
+                if !words.is_empty() {
+                    for w in words.windows(n) {
+                        each(xxh3_64_with_seed(words_as_bytes(w), n as u64));
                     }
-                    window.push(h);
-                    if window.len() == n {
-                        each(xxh3_64_with_seed(words_as_bytes(&window), n as u64));
-                        emitted = true;
-                    }
-                });
-                if !emitted && !window.is_empty() {
-                    each(xxh3_64_with_seed(words_as_bytes(&window), n as u64));
                 }
-            }
+            }),
             Shingles::Chars(n) => {
                 let collapsed = collapse_whitespace(text);
                 let bytes = collapsed.as_bytes();
@@ -137,12 +155,36 @@ impl MinHasher {
 
     /// The signature: per permutation, the least permuted shingle hash (`u64::MAX` for no shingles).
     pub fn signature(&self, text: &str) -> Vec<u64> {
+        SHINGLES.with_borrow_mut(|hashes| {
+            hashes.clear();
+            self.shingle_hashes(text, |x| hashes.push(x));
+            self.signature_of(hashes)
+        })
+    }
+
+    fn signature_of(&self, hashes: &[u64]) -> Vec<u64> {
         let mut sig = vec![u64::MAX; self.params.num_perm()];
-        self.shingle_hashes(text, |x| {
-            for ((s, &a), &b) in sig.iter_mut().zip(&self.a).zip(&self.b) {
-                *s = (*s).min(a.wrapping_mul(x).wrapping_add(b));
+        // Eight permutations at a time over all shingles: the minima stay in registers and the
+        // eight multiply-add-min chains are independent, so the loop runs at multiplier speed.
+        let chunks = sig
+            .chunks_mut(LANES)
+            .zip(self.a.chunks(LANES))
+            .zip(self.b.chunks(LANES));
+        for ((sig, a), b) in chunks {
+            if let (Ok(sig), Ok(a), Ok(b)) = (
+                <&mut [u64; LANES]>::try_from(&mut *sig),
+                <&[u64; LANES]>::try_from(a),
+                <&[u64; LANES]>::try_from(b),
+            ) {
+                min_block_dispatch(sig, a, b, hashes);
+            } else {
+                for ((s, &a), &b) in sig.iter_mut().zip(a).zip(b) {
+                    *s = hashes
+                        .iter()
+                        .fold(*s, |m, &x| m.min(a.wrapping_mul(x).wrapping_add(b)));
+                }
             }
-        });
+        }
         sig
     }
 
@@ -162,7 +204,35 @@ impl MinHasher {
     }
 }
 
-fn words_as_bytes(words: &[u64]) -> &[u8] {
+const LANES: usize = 8;
+
+/// `sig[k] = min(sig[k], min over x of a[k]·x + b[k])` for eight permutations.
+#[inline(always)]
+fn min_block(sig: &mut [u64; LANES], a: &[u64; LANES], b: &[u64; LANES], hashes: &[u64]) {
+    let mut acc = *sig;
+    for &x in hashes {
+        for k in 0..LANES {
+            acc[k] = acc[k].min(a[k].wrapping_mul(x).wrapping_add(b[k]));
+        }
+    }
+    *sig = acc;
+}
+
+/// [`min_block`] compiled for AVX2 where the CPU has it (checked once per call, cached by std).
+fn min_block_dispatch(sig: &mut [u64; LANES], a: &[u64; LANES], b: &[u64; LANES], hashes: &[u64]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2(sig: &mut [u64; LANES], a: &[u64; LANES], b: &[u64; LANES], hashes: &[u64]) {
+            min_block(sig, a, b, hashes)
+        }
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { avx2(sig, a, b, hashes) };
+    }
+    min_block(sig, a, b, hashes)
+}
+
+pub(crate) fn words_as_bytes(words: &[u64]) -> &[u8] {
     // SAFETY: u64 has no padding and any byte pattern is a valid u8; the length is exact.
     unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), std::mem::size_of_val(words)) }
 }
@@ -212,14 +282,37 @@ pub struct Normalize {
     pub case: bool,
 }
 
-/// 128-bit hash of the normalised text: equal hashes mean exact duplicates.
+/// 128-bit hash of the normalised text: equal hashes mean exact duplicates. Whitespace
+/// normalisation collapses runs of ASCII whitespace to one space and trims the ends; case
+/// normalisation lowercases ASCII letters.
 pub fn exact_hash(text: &str, norm: Normalize) -> u128 {
-    match (norm.whitespace, norm.case) {
-        (false, false) => xxh3_128(text.as_bytes()),
-        (true, false) => xxh3_128(collapse_whitespace(text).as_bytes()),
-        (false, true) => xxh3_128(text.to_lowercase().as_bytes()),
-        (true, true) => xxh3_128(collapse_whitespace(&text.to_lowercase()).as_bytes()),
+    if !norm.whitespace && !norm.case {
+        return xxh3_128(text.as_bytes());
     }
+    NORMALISED.with_borrow_mut(|out| {
+        out.clear();
+        if norm.whitespace {
+            out.reserve(text.len());
+            let mut space = false;
+            for &c in text.as_bytes() {
+                if c.is_ascii_whitespace() {
+                    space = true;
+                } else {
+                    if space && !out.is_empty() {
+                        out.push(b' ');
+                    }
+                    space = false;
+                    out.push(c);
+                }
+            }
+        } else {
+            out.extend_from_slice(text.as_bytes());
+        }
+        if norm.case {
+            out.make_ascii_lowercase();
+        }
+        xxh3_128(out)
+    })
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@
 pub mod decontaminate;
 pub mod minhash;
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -417,13 +417,13 @@ pub fn run(opts: &DedupOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<Outco
 
     let cluster_started = Instant::now();
     let mut clusters = Clusters::new(total);
-    let mut first_exact: HashMap<(u64, u64), u32> = HashMap::new();
+    let mut first_exact: HashMap<(u64, u64), u32> = HashMap::default();
     for p in 0..total {
         let first = *first_exact.entry(exact_of(p)).or_insert(p as u32);
         clusters.union(first, p as u32);
     }
     let (mut candidate_pairs, mut rejected) = (0u64, 0u64);
-    let mut verified: HashMap<(u32, u32), bool> = HashMap::new();
+    let mut verified: HashMap<(u32, u32), bool> = HashMap::default();
     let live: Vec<u32> = (0..total as u32)
         .filter(|&p| !minhash::is_empty(&record(p as usize)[HEAD..]))
         .collect();
@@ -462,8 +462,8 @@ pub fn run(opts: &DedupOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<Outco
 
     // Removed documents per file, and their rows for removed.parquet.
     let write_started = Instant::now();
-    let mut drop: Vec<HashSet<usize>> = vec![HashSet::new(); files.len()];
-    let mut cluster_no: HashMap<u32, usize> = HashMap::new();
+    let mut drop: Vec<HashSet<usize>> = vec![HashSet::default(); files.len()];
+    let mut cluster_no: HashMap<u32, usize> = HashMap::default();
     let (mut removed_rows, mut removed_exact, mut removed_near, mut by_index) =
         (Vec::new(), 0, 0, 0);
     for p in m..total {
@@ -589,7 +589,7 @@ fn complete_slice_set(
     let Ok(entries) = std::fs::read_dir(&dir) else {
         return Ok(None);
     };
-    let mut counts: HashMap<usize, HashSet<usize>> = HashMap::new();
+    let mut counts: HashMap<usize, HashSet<usize>> = HashMap::default();
     for entry in entries {
         let path = entry.map_err(io_err(&dir))?.path();
         if path.extension().is_some_and(|e| e == "json") {
@@ -615,7 +615,8 @@ fn shingle_sets(
     wanted: impl Iterator<Item = (u64, u64)>,
 ) -> Result<Vec<Vec<u64>>, DedupError> {
     let wanted: Vec<(u64, u64)> = wanted.collect();
-    let mut sets: HashMap<(u64, u64), Vec<u64>> = HashMap::with_capacity(wanted.len());
+    let mut sets: HashMap<(u64, u64), Vec<u64>> =
+        HashMap::with_capacity_and_hasher(wanted.len(), Default::default());
     for (f, file) in files.iter().enumerate() {
         docs::read_documents(&file.path, |batch| {
             let done: Vec<((u64, u64), Vec<u64>)> = batch
