@@ -211,28 +211,6 @@ fn token_hashes(tokens: &[Token], placeholders: bool) -> Vec<u64> {
         .collect()
 }
 
-/// The hash of each window of `n` token hashes, with the window's start: a polynomial rolling
-/// hash (one multiply-add per step), finished with murmur3's 64-bit mixer.
-fn ngrams(hashes: &[u64], n: usize) -> impl Iterator<Item = (usize, u64)> + '_ {
-    const P: u64 = 0x9e37_79b9_7f4a_7c15;
-    let top = (1..n).fold(1u64, |acc, _| acc.wrapping_mul(P)); // P^(n-1)
-    let mut rolling = hashes
-        .iter()
-        .take(n.saturating_sub(1))
-        .fold(0u64, |acc, &h| acc.wrapping_mul(P).wrapping_add(h));
-    let count = (hashes.len() + 1).saturating_sub(n);
-    (0..count).map(move |s| {
-        rolling = rolling.wrapping_mul(P).wrapping_add(hashes[s + n - 1]);
-        let mut h = rolling ^ n as u64;
-        rolling = rolling.wrapping_sub(hashes[s].wrapping_mul(top));
-        h ^= h >> 33;
-        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-        h ^= h >> 33;
-        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-        (s, h ^ (h >> 33))
-    })
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
@@ -288,7 +266,7 @@ impl Index {
         let n_id = identifier_ngram.unwrap_or(0);
         for (t, task) in tasks.iter().enumerate() {
             let hashes = token_hashes(&tokens(&task.text), false);
-            for (_, h) in ngrams(&hashes, ngram.max(1)) {
+            for (_, h) in minhash::window_hashes(&hashes, ngram.max(1)) {
                 let list = exact.entry(h).or_default();
                 if list.last() != Some(&(t as u32)) {
                     list.push(t as u32);
@@ -296,7 +274,9 @@ impl Index {
             }
             let distinct: HashSet<u64> = if n_id > 0 {
                 let hashes = token_hashes(&tokens(&task.solution), true);
-                ngrams(&hashes, n_id).map(|(_, h)| h).collect()
+                minhash::window_hashes(&hashes, n_id)
+                    .map(|(_, h)| h)
+                    .collect()
             } else {
                 HashSet::default()
             };
@@ -327,7 +307,7 @@ impl Index {
             text[toks[s].start as usize..toks[s + n - 1].end as usize].to_string()
         };
         let mut hits: BTreeMap<usize, Hit> = BTreeMap::new();
-        for (s, h) in ngrams(&token_hashes(&toks, false), self.ngram) {
+        for (s, h) in minhash::window_hashes(&token_hashes(&toks, false), self.ngram) {
             for &t in self.exact.get(&h).into_iter().flatten() {
                 hits.entry(t as usize)
                     .or_insert_with(|| Hit {
@@ -341,7 +321,8 @@ impl Index {
         }
         if self.identifier_ngram > 0 {
             let mut found: HashMap<u32, (HashSet<u64>, usize)> = HashMap::default();
-            for (s, h) in ngrams(&token_hashes(&toks, true), self.identifier_ngram) {
+            for (s, h) in minhash::window_hashes(&token_hashes(&toks, true), self.identifier_ngram)
+            {
                 for &t in self.renamed.get(&h).into_iter().flatten() {
                     found
                         .entry(t)
@@ -483,25 +464,4 @@ pub fn run(
     let path = opts.out.join(REPORT_FILE);
     atomic::write_json(&path, &report).map_err(io_err(&path))?;
     Ok(report)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The rolling hash of each window equals the one computed from scratch for that window alone,
-    /// so a match does not depend on where the n-gram sits in the document.
-    #[test]
-    fn rolling_ngram_hash_depends_only_on_the_window() {
-        let hashes: Vec<u64> = (0..40u64).map(|i| xxh3_64(&i.to_le_bytes())).collect();
-        for n in [1, 3, 13] {
-            let rolled: Vec<(usize, u64)> = ngrams(&hashes, n).collect();
-            assert_eq!(rolled.len(), 40 - n + 1);
-            for &(s, h) in &rolled {
-                assert_eq!(ngrams(&hashes[s..s + n], n).next(), Some((0, h)));
-            }
-            assert_ne!(rolled[0].1, rolled[1].1);
-        }
-        assert_eq!(ngrams(&hashes[..5], 13).count(), 0);
-    }
 }

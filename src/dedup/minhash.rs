@@ -64,6 +64,7 @@ thread_local! {
 
 /// Byte classes: 0 separates words; word bytes (ASCII alphanumerics, `_`, every byte of a
 /// non-ASCII character) are 1, or 2 for ASCII capitals.
+
 pub(crate) const CLASS: [u8; 256] = {
     let mut t = [0u8; 256];
     let mut c = 0;
@@ -111,6 +112,33 @@ pub fn word_hashes(text: &str, mut each: impl FnMut(u64)) {
     }
 }
 
+/// The hash of each window of `n` word or token hashes, with the window's start: a polynomial rolling
+/// hash (one multiply-add per step), finished with murmur3's 64-bit mixer.
+pub fn window_hashes(hashes: &[u64], n: usize) -> impl Iterator<Item = (usize, u64)> + '_ {
+    const P: u64 = 0x9e37_79b9_7f4a_7c15;
+    let top = (1..n).fold(1u64, |acc, _| acc.wrapping_mul(P)); // P^(n-1)
+    let mut rolling = hashes
+        .iter()
+        .take(n.saturating_sub(1))
+        .fold(0u64, |acc, &h| acc.wrapping_mul(P).wrapping_add(h));
+    // No windows of zero tokens, nor of more tokens than there are.
+    let count = if n == 0 {
+        0
+    } else {
+        (hashes.len() + 1).saturating_sub(n)
+    };
+    (0..count).map(move |s| {
+        rolling = rolling.wrapping_mul(P).wrapping_add(hashes[s + n - 1]);
+        let mut h = rolling ^ n as u64;
+        rolling = rolling.wrapping_sub(hashes[s].wrapping_mul(top));
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        (s, h ^ (h >> 33))
+    })
+}
+
 impl MinHasher {
     pub fn new(params: Params) -> Self {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(params.seed);
@@ -131,12 +159,8 @@ impl MinHasher {
             Shingles::Words(n) => WORDS.with_borrow_mut(|words| {
                 words.clear();
                 word_hashes(text, |h| words.push(h));
-                let n = n.max(1).min(words.len().max(1));
-                if !words.is_empty() {
-                    for w in words.windows(n) {
-                        each(xxh3_64_with_seed(words_as_bytes(w), n as u64));
-                    }
-                }
+                let n = n.max(1).min(words.len());
+                window_hashes(words, n).for_each(|(_, h)| each(h));
             }),
             Shingles::Chars(n) => {
                 let collapsed = collapse_whitespace(text);
@@ -207,7 +231,6 @@ impl MinHasher {
 const LANES: usize = 8;
 
 /// `sig[k] = min(sig[k], min over x of a[k]·x + b[k])` for eight permutations.
-#[inline(always)]
 fn min_block(sig: &mut [u64; LANES], a: &[u64; LANES], b: &[u64; LANES], hashes: &[u64]) {
     let mut acc = *sig;
     for &x in hashes {
@@ -218,18 +241,69 @@ fn min_block(sig: &mut [u64; LANES], a: &[u64; LANES], b: &[u64; LANES], hashes:
     *sig = acc;
 }
 
-/// [`min_block`] compiled for AVX2 where the CPU has it (checked once per call, cached by std).
+/// [`min_block`], with AVX2 where the CPU has it (checked per call; std caches the answer).
 fn min_block_dispatch(sig: &mut [u64; LANES], a: &[u64; LANES], b: &[u64; LANES], hashes: &[u64]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
-        #[target_feature(enable = "avx2")]
-        unsafe fn avx2(sig: &mut [u64; LANES], a: &[u64; LANES], b: &[u64; LANES], hashes: &[u64]) {
-            min_block(sig, a, b, hashes)
-        }
         // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { avx2(sig, a, b, hashes) };
+        return unsafe { min_block_avx2(sig, a, b, hashes) };
     }
     min_block(sig, a, b, hashes)
+}
+
+/// [`min_block`] in AVX2: two vectors of four permutations. AVX2 has no 64-bit multiply, so
+/// `a·x mod 2⁶⁴ = lo(a)·lo(x) + ((hi(a)·lo(x) + lo(a)·hi(x)) << 32)` from three 32×32→64 products,
+/// and no unsigned 64-bit compare, so values are kept with their top bit flipped (adding 2⁶³
+/// to `b`) and compared signed.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn min_block_avx2(
+    sig: &mut [u64; LANES],
+    a: &[u64; LANES],
+    b: &[u64; LANES],
+    hashes: &[u64],
+) {
+    use std::arch::x86_64::*;
+    const FLIP: u64 = 1 << 63;
+    let load = |v: [u64; 4]| _mm256_loadu_si256(v.as_ptr().cast());
+    let half = |v: &[u64; LANES], h: usize, f: fn(u64) -> u64| {
+        load([
+            f(v[4 * h]),
+            f(v[4 * h + 1]),
+            f(v[4 * h + 2]),
+            f(v[4 * h + 3]),
+        ])
+    };
+    let a_lo = [half(a, 0, |v| v), half(a, 1, |v| v)];
+    let a_hi = [half(a, 0, |v| v >> 32), half(a, 1, |v| v >> 32)];
+    let b_flip = [
+        half(b, 0, |v| v.wrapping_add(FLIP)),
+        half(b, 1, |v| v.wrapping_add(FLIP)),
+    ];
+    let mut acc = [half(sig, 0, |v| v ^ FLIP), half(sig, 1, |v| v ^ FLIP)];
+    for &x in hashes {
+        let x_lo = _mm256_set1_epi64x(x as i64);
+        let x_hi = _mm256_set1_epi64x((x >> 32) as i64);
+        for h in 0..2 {
+            let low = _mm256_mul_epu32(a_lo[h], x_lo);
+            let cross = _mm256_add_epi64(
+                _mm256_mul_epu32(a_hi[h], x_lo),
+                _mm256_mul_epu32(a_lo[h], x_hi),
+            );
+            let v = _mm256_add_epi64(
+                _mm256_add_epi64(low, _mm256_slli_epi64::<32>(cross)),
+                b_flip[h],
+            );
+            let smaller = _mm256_cmpgt_epi64(acc[h], v);
+            acc[h] = _mm256_blendv_epi8(acc[h], v, smaller);
+        }
+    }
+    let mut out = [0u64; LANES];
+    _mm256_storeu_si256(out.as_mut_ptr().cast(), acc[0]);
+    _mm256_storeu_si256(out.as_mut_ptr().add(4).cast(), acc[1]);
+    for (s, o) in sig.iter_mut().zip(out) {
+        *s = o ^ FLIP;
+    }
 }
 
 pub(crate) fn words_as_bytes(words: &[u64]) -> &[u8] {
@@ -290,28 +364,35 @@ pub fn exact_hash(text: &str, norm: Normalize) -> u128 {
         return xxh3_128(text.as_bytes());
     }
     NORMALISED.with_borrow_mut(|out| {
-        out.clear();
-        if norm.whitespace {
-            out.reserve(text.len());
-            let mut space = false;
-            for &c in text.as_bytes() {
-                if c.is_ascii_whitespace() {
-                    space = true;
-                } else {
-                    if space && !out.is_empty() {
-                        out.push(b' ');
-                    }
-                    space = false;
-                    out.push(c);
-                }
-            }
-        } else {
-            out.extend_from_slice(text.as_bytes());
-        }
-        if norm.case {
+        let bytes = text.as_bytes();
+        if !norm.whitespace {
+            out.clear();
+            out.extend_from_slice(bytes);
             out.make_ascii_lowercase();
+            return xxh3_128(out);
         }
-        xxh3_128(out)
+        // Branch-free: every byte is written at `len`; `len` advances past a non-space byte and
+        // past the first space of a run, so runs collapse (code alternates too often to predict).
+        if out.len() < bytes.len() {
+            out.resize(bytes.len(), 0);
+        }
+        let buf = &mut out[..bytes.len()];
+        let (mut len, mut after_space) = (0usize, true);
+        for &c in bytes {
+            let space = c.is_ascii_whitespace();
+            let lowered = if norm.case && c.is_ascii_uppercase() {
+                c | 0x20
+            } else {
+                c
+            };
+            buf[len] = if space { b' ' } else { lowered };
+            len += usize::from(!space || !after_space);
+            after_space = space;
+        }
+        if after_space && len > 0 {
+            len -= 1;
+        }
+        xxh3_128(&buf[..len])
     })
 }
 
@@ -354,6 +435,12 @@ mod tests {
             case: false,
         };
         assert_eq!(exact_hash("a  b\n", ws), exact_hash("a b", ws));
+        assert_eq!(exact_hash(" \t Ab \r\n\n c\t", ws), xxh3_128(b"Ab c"));
+        let case = Normalize {
+            whitespace: false,
+            case: true,
+        };
+        assert_eq!(exact_hash(" Ab\n", case), xxh3_128(b" ab\n"));
         assert_ne!(exact_hash("A b", ws), exact_hash("a b", ws));
         let both = Normalize {
             whitespace: true,
@@ -364,5 +451,43 @@ mod tests {
             exact_hash("a  b", Normalize::default()),
             exact_hash("a b", Normalize::default())
         );
+    }
+
+    /// The rolling hash of each window equals the one computed from scratch for that window alone,
+    /// so a match does not depend on where the n-gram sits in the document.
+    #[test]
+    fn rolling_window_hash_depends_only_on_the_window() {
+        let hashes: Vec<u64> = (0..40u64).map(|i| xxh3_64(&i.to_le_bytes())).collect();
+        for n in [1, 3, 13] {
+            let rolled: Vec<(usize, u64)> = window_hashes(&hashes, n).collect();
+            assert_eq!(rolled.len(), 40 - n + 1);
+            for &(s, h) in &rolled {
+                assert_eq!(window_hashes(&hashes[s..s + n], n).next(), Some((0, h)));
+            }
+            assert_ne!(rolled[0].1, rolled[1].1);
+        }
+        assert_eq!(window_hashes(&hashes[..5], 13).count(), 0);
+    }
+
+    /// The AVX2 kernel computes exactly the scalar definition min(a·x + b mod 2⁶⁴).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_kernel_equals_the_scalar_definition() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        for len in [0, 1, 5, 300] {
+            let hashes: Vec<u64> = (0..len).map(|_| rng.random()).collect();
+            let a: [u64; LANES] = std::array::from_fn(|_| rng.random::<u64>() | 1);
+            let b: [u64; LANES] = std::array::from_fn(|_| rng.random());
+            let start: [u64; LANES] =
+                std::array::from_fn(|k| if k % 2 == 0 { u64::MAX } else { rng.random() });
+            let (mut scalar, mut simd) = (start, start);
+            min_block(&mut scalar, &a, &b, &hashes);
+            // SAFETY: AVX2 is present (checked above).
+            unsafe { min_block_avx2(&mut simd, &a, &b, &hashes) };
+            assert_eq!(scalar, simd, "{len} hashes");
+        }
     }
 }
