@@ -1,14 +1,16 @@
 //! `phigen decontaminate`: documents that share long n-grams with evaluation problems.
 //!
-//! Texts become tokens — runs of letters, digits, `_` and non-ASCII bytes, and single punctuation
-//! characters, ASCII-lowercased; whitespace and layout are ignored — so re-indented or re-wrapped
-//! copies still match. A document is contaminated by a task when it shares one token n-gram
-//! (13 by default, as phi-1 §5) with the task's prompt + canonical solution.
+//! The n-gram check: texts become words — runs of letters, digits, `_` and non-ASCII bytes,
+//! ASCII-lowercased; punctuation, whitespace and layout are ignored, so re-indented or
+//! re-wrapped copies still match — and a document is contaminated by a task when it shares one
+//! 13-word n-gram (phi-1 §5) with the task's prompt + canonical solution. A task's n-grams that are
+//! mostly numbers or one-letter names (list literals such as `[1, 2, 3, 4, …]`) are not used.
 //!
 //! A second, code-aware check catches solutions copied with renamed identifiers, which share no
-//! long n-gram with the original: every identifier that is not a Python keyword becomes one
-//! placeholder token, and a document that contains at least `identifier_share` of the distinct
-//! placeholder n-grams (10 by default) of a task's canonical solution is a hit too.
+//! long n-gram with the original: over all tokens (punctuation included), every identifier that is
+//! not a Python keyword becomes one placeholder, and a document that contains at least
+//! `identifier_share` of the distinct placeholder n-grams (10 tokens by default) of a task's
+//! canonical solution is a hit too — for solutions long enough to be distinctive.
 
 use std::collections::BTreeMap;
 
@@ -26,6 +28,10 @@ use super::{io_err, minhash, DedupError};
 use crate::artifact::atomic;
 use crate::artifact::docs::{self, Doc};
 use crate::artifact::table::{self, Kind, Schema};
+
+/// Solutions with fewer distinct placeholder n-grams (about 30 tokens) are too generic for the
+/// renamed-identifier check: `return [ID for ID in ID if ID in ID]` is in every code base.
+const MIN_RENAMED_NGRAMS: usize = 20;
 
 pub const HITS_FILE: &str = "contaminated.parquet";
 pub const REPORT_FILE: &str = "contamination.json";
@@ -155,31 +161,50 @@ struct Token {
     start: u32,
     end: u32,
     hash: u64,
+    /// Letters, digits, `_` (not punctuation).
+    word: bool,
+    /// A word of two or more characters that is not a number.
+    informative: bool,
     identifier: bool,
 }
 
 /// The tokens of `text` (see the module documentation).
 fn tokens(text: &str) -> Vec<Token> {
+    // Punctuation tokens are single bytes: their hashes are looked up, not computed.
+    static SINGLE: std::sync::LazyLock<[u64; 256]> =
+        std::sync::LazyLock::new(|| std::array::from_fn(|c| xxh3_64(&[c as u8])));
     let bytes = text.as_bytes();
-    let word = |c: u8| minhash::CLASS[c as usize] != 0;
     let mut out = Vec::with_capacity(bytes.len() / 4);
     let mut lower = Vec::with_capacity(32);
     let mut i = 0;
     while i < bytes.len() {
         let c = bytes[i];
-        if c.is_ascii_whitespace() {
-            i += 1;
-            continue;
-        }
         let start = i;
         i += 1;
-        if word(c) {
-            while i < bytes.len() && word(bytes[i]) {
-                i += 1;
+        let mut capitals = minhash::CLASS[c as usize];
+        if capitals == 0 {
+            if !c.is_ascii_whitespace() {
+                out.push(Token {
+                    start: start as u32,
+                    end: i as u32,
+                    hash: SINGLE[c as usize],
+                    word: false,
+                    informative: false,
+                    identifier: false,
+                });
             }
+            continue;
+        }
+        while let Some(&d) = bytes.get(i) {
+            let class = minhash::CLASS[d as usize];
+            if class == 0 {
+                break;
+            }
+            capitals |= class;
+            i += 1;
         }
         let raw = &bytes[start..i];
-        let text = if raw.iter().any(u8::is_ascii_uppercase) {
+        let text = if capitals & 2 != 0 {
             lower.clear();
             lower.extend(raw.iter().map(u8::to_ascii_lowercase));
             &lower[..]
@@ -190,7 +215,9 @@ fn tokens(text: &str) -> Vec<Token> {
             start: start as u32,
             end: i as u32,
             hash: xxh3_64(text),
-            identifier: word(c) && !c.is_ascii_digit() && !is_keyword(text),
+            word: true,
+            informative: i - start >= 2 && !c.is_ascii_digit(),
+            identifier: !c.is_ascii_digit() && !is_keyword(text),
         });
     }
     out
@@ -231,13 +258,41 @@ pub struct DecontaminateOptions {
     pub mode: Mode,
 }
 
+/// n-gram hash → tasks, behind a bit set of the hashes' top bits: almost every window of a
+/// document is in no task, and one bit test turns it away before the hash-map lookup.
+struct NgramMap {
+    bits: Vec<u64>,
+    tasks: HashMap<u64, Vec<u32>>,
+}
+
+impl NgramMap {
+    const BITS_LOG2: u32 = 20;
+
+    fn new(tasks: HashMap<u64, Vec<u32>>) -> Self {
+        let mut bits = vec![0u64; 1 << (Self::BITS_LOG2 - 6)];
+        for &h in tasks.keys() {
+            let i = h >> (64 - Self::BITS_LOG2);
+            bits[(i >> 6) as usize] |= 1 << (i & 63);
+        }
+        NgramMap { bits, tasks }
+    }
+
+    fn get(&self, h: u64) -> &[u32] {
+        let i = h >> (64 - Self::BITS_LOG2);
+        if self.bits[(i >> 6) as usize] & (1 << (i & 63)) == 0 {
+            return &[];
+        }
+        self.tasks.get(&h).map_or(&[], Vec::as_slice)
+    }
+}
+
 /// The n-grams of every task, ready to scan documents with.
 pub struct Index {
     tasks: Vec<Task>,
     ngram: usize,
-    exact: HashMap<u64, Vec<u32>>,
+    exact: NgramMap,
     identifier_ngram: usize,
-    renamed: HashMap<u64, Vec<u32>>,
+    renamed: NgramMap,
     /// Distinct placeholder n-grams of each task's solution.
     renamed_sizes: Vec<usize>,
     identifier_share: f64,
@@ -265,8 +320,16 @@ impl Index {
         let mut renamed_sizes = Vec::with_capacity(tasks.len());
         let n_id = identifier_ngram.unwrap_or(0);
         for (t, task) in tasks.iter().enumerate() {
-            let hashes = token_hashes(&tokens(&task.text), false);
-            for (_, h) in minhash::window_hashes(&hashes, ngram.max(1)) {
+            let words: Vec<Token> = tokens(&task.text).into_iter().filter(|t| t.word).collect();
+            let mut informative = vec![0usize; words.len() + 1]; // prefix sums
+            for (k, w) in words.iter().enumerate() {
+                informative[k + 1] = informative[k] + usize::from(w.informative);
+            }
+            let n = ngram.max(1);
+            for (s, h) in minhash::window_hashes(&token_hashes(&words, false), n) {
+                if 2 * (informative[s + n] - informative[s]) < n {
+                    continue; // mostly numbers and one-letter names: `[1, 2, 3, …]` is everywhere
+                }
                 let list = exact.entry(h).or_default();
                 if list.last() != Some(&(t as u32)) {
                     list.push(t as u32);
@@ -288,9 +351,9 @@ impl Index {
         Index {
             tasks,
             ngram: ngram.max(1),
-            exact,
+            exact: NgramMap::new(exact),
             identifier_ngram: n_id,
-            renamed,
+            renamed: NgramMap::new(renamed),
             renamed_sizes,
             identifier_share,
         }
@@ -303,17 +366,18 @@ impl Index {
     /// Every task `text` hits, in task order.
     pub fn scan(&self, text: &str) -> Vec<Hit> {
         let toks = tokens(text);
-        let span = |s: usize, n: usize| {
+        let words: Vec<Token> = toks.iter().copied().filter(|t| t.word).collect();
+        let span = |toks: &[Token], s: usize, n: usize| {
             text[toks[s].start as usize..toks[s + n - 1].end as usize].to_string()
         };
         let mut hits: BTreeMap<usize, Hit> = BTreeMap::new();
-        for (s, h) in minhash::window_hashes(&token_hashes(&toks, false), self.ngram) {
-            for &t in self.exact.get(&h).into_iter().flatten() {
+        for (s, h) in minhash::window_hashes(&token_hashes(&words, false), self.ngram) {
+            for &t in self.exact.get(h) {
                 hits.entry(t as usize)
                     .or_insert_with(|| Hit {
                         task: t as usize,
                         check: "ngram",
-                        matched: span(s, self.ngram),
+                        matched: span(&words, s, self.ngram),
                         matches: 0,
                     })
                     .matches += 1;
@@ -323,7 +387,7 @@ impl Index {
             let mut found: HashMap<u32, (HashSet<u64>, usize)> = HashMap::default();
             for (s, h) in minhash::window_hashes(&token_hashes(&toks, true), self.identifier_ngram)
             {
-                for &t in self.renamed.get(&h).into_iter().flatten() {
+                for &t in self.renamed.get(h) {
                     found
                         .entry(t)
                         .or_insert_with(|| (HashSet::default(), s))
@@ -333,11 +397,13 @@ impl Index {
             }
             for (t, (set, first)) in found {
                 let size = self.renamed_sizes[t as usize];
-                if size >= 3 && set.len() as f64 >= self.identifier_share * size as f64 {
+                if size >= MIN_RENAMED_NGRAMS
+                    && set.len() as f64 >= self.identifier_share * size as f64
+                {
                     hits.entry(t as usize).or_insert_with(|| Hit {
                         task: t as usize,
                         check: "identifiers",
-                        matched: span(first, self.identifier_ngram),
+                        matched: span(&toks, first, self.identifier_ngram),
                         matches: set.len(),
                     });
                 }

@@ -324,7 +324,7 @@ fn humaneval_file(dir: &Path) -> PathBuf {
          "    result = []\n    best = None\n    for value in numbers:\n        if best is None or value > best:\n            best = value\n        result.append(best)\n    return result\n"),
         ("Test/1", "def count_vowels(word):\n    \"\"\" Count the vowels a, e, i, o, u in a lowercase word.\n    >>> count_vowels('banana')\n    3\n    \"\"\"\n",
          "    total = 0\n    for letter in word:\n        if letter in 'aeiou':\n            total += 1\n    return total\n"),
-        ("Test/2", "def pairwise_sums(xs, ys):\n    \"\"\" Sum two lists element by element.\n    >>> pairwise_sums([1, 2], [3, 4])\n    [4, 6]\n    \"\"\"\n",
+        ("Test/2", "def pairwise_sums(xs, ys):\n    \"\"\" Sum two lists element by element.\n    >>> pairwise_sums([1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7])\n    [2, 4, 6, 8, 10, 12, 14]\n    \"\"\"\n",
          "    return [x + y for x, y in zip(xs, ys)]\n"),
     ];
     let path = dir.join("HumanEval.jsonl.gz");
@@ -341,7 +341,7 @@ fn humaneval_file(dir: &Path) -> PathBuf {
 }
 
 /// Verbatim, re-indented and identifier-renamed copies of a solution are caught; unrelated code
-/// and code that only shares short common phrases are not.
+/// is not, even where it shares a 14-token list literal with a problem's docstring.
 #[test]
 fn decontamination_catches_copies_and_spares_unrelated_code() {
     let dir = tempfile::tempdir().unwrap();
@@ -349,7 +349,7 @@ fn decontamination_catches_copies_and_spares_unrelated_code() {
     let verbatim = "Here is a neat trick.\n\ndef running_max(numbers):\n    result = []\n    best = None\n    for value in numbers:\n        if best is None or value > best:\n            best = value\n        result.append(best)\n    return result\n";
     let reindented = "def running_max(numbers):\n  result = []\n  best = None\n  for value in numbers:\n    if best is None or value > best: best = value\n    result.append(best)\n  return result";
     let renamed = "def prefix_peaks(seq):\n    out = []\n    top = None\n    for item in seq:\n        if top is None or item > top:\n            top = item\n        out.append(top)\n    return out\n";
-    let unrelated = "def mean(values):\n    total = 0\n    for value in values:\n        total += value\n    return total / len(values)\n\nprint(mean([1, 2, 3]))\n";
+    let unrelated = "def mean(values):\n    total = 0\n    for value in values:\n        total += value\n    return total / len(values)\n\nprint(mean([1, 2, 3, 4, 5, 6, 7, 1, 2, 3, 4, 5, 6, 7]))\n";
     let docs: Vec<(String, String)> = [
         ("verbatim", verbatim),
         ("reindented", reindented),
