@@ -951,3 +951,97 @@ async fn stories_tokenize_train_sample() {
         stderr(&out)
     );
 }
+
+/// The cleaning stages chain through the binary: `dedup` drops a copy, `decontaminate` drops a
+/// document holding an MBPP solution, and `tokenize` reads the result without mistaking the
+/// reports written next to the data (removed.parquet, contaminated.parquet, *.json) for documents.
+#[test]
+fn dedup_then_decontaminate_then_tokenize() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |s: &str| tmp.path().join(s);
+    std::fs::create_dir_all(p("raw")).unwrap();
+    let solution = "def remove_odd_numbers(values):\n    kept = []\n    for value in values:\n        if value % 2 == 0:\n            kept.append(value)\n    return kept\n";
+    let docs = [
+        (
+            "a",
+            "Once upon a time a small dog found a red ball in the tall green grass by the river.",
+        ),
+        (
+            "b",
+            "Once upon a time a small dog found a red ball in the tall green grass by the river.",
+        ),
+        (
+            "c",
+            "A cat sat on the warm mat and watched the rain fall on the quiet street all day long.",
+        ),
+        ("d", solution),
+    ];
+    let jsonl: String = docs
+        .iter()
+        .map(|(id, t)| serde_json::json!({"id": id, "text": t}).to_string() + "\n")
+        .collect();
+    std::fs::write(p("raw/part.jsonl"), jsonl).unwrap();
+    let mbpp = serde_json::json!({"task_id": 7, "text": "Write a function to remove odd numbers from a list.", "code": solution, "test_list": []});
+    std::fs::write(p("mbpp.jsonl"), mbpp.to_string() + "\n").unwrap();
+    let phigen = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .arg("--quiet")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    };
+    let s = |path: std::path::PathBuf| path.to_str().unwrap().to_string();
+    phigen(&["dedup", "--input", &s(p("raw")), "--out", &s(p("dedup"))]);
+    phigen(&[
+        "decontaminate",
+        "--input",
+        &s(p("dedup")),
+        "--bench",
+        &s(p("mbpp.jsonl")),
+        "--out",
+        &s(p("clean")),
+    ]);
+    let kept = std::fs::read_to_string(p("clean/dedup/raw/part.jsonl")).unwrap();
+    let ids: Vec<String> = kept
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(ids, ["a", "c"]);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p("clean/contamination.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["benchmarks"]["mbpp"]["documents_per_task"]["7"], 1);
+    phigen(&[
+        "tokenize",
+        "--input",
+        &s(p("clean")),
+        "--out",
+        &s(p("tok")),
+        "--val-fraction",
+        "0",
+    ]);
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p("tok/meta.json")).unwrap()).unwrap();
+    assert_eq!(meta["splits"]["train"]["documents"], 2);
+    let bad = Command::new(BIN)
+        .args([
+            "--quiet",
+            "decontaminate",
+            "--input",
+            &s(p("raw")),
+            "--bench",
+            &s(p("nope.jsonl")),
+            "--out",
+            &s(p("x")),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(stderr(&bad).contains("nope.jsonl"), "{}", stderr(&bad));
+}

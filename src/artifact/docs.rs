@@ -221,6 +221,16 @@ fn text_pieces(text: &str) -> impl Iterator<Item = &str> {
         .filter(|t| !t.is_empty())
 }
 
+/// Copies `src` to `dst` atomically: the subset that drops nothing.
+pub fn copy_whole(src: &Path, dst: &Path) -> Result<(), DocsError> {
+    if let Some(parent) = dst.parent() {
+        std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+    }
+    let mut from = File::open(src).map_err(io_err(src))?;
+    atomic::write_with(dst, |to| std::io::copy(&mut from, to)).map_err(io_err(dst))?;
+    Ok(())
+}
+
 /// Writes `src` to `dst` (atomically, same format, every column) without the document rows
 /// `drop` names. Parquet rows with a null `text` are kept; blank jsonl lines are not.
 pub fn write_subset(src: &Path, dst: &Path, drop: impl Fn(usize) -> bool) -> Result<(), DocsError> {

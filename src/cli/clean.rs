@@ -66,7 +66,7 @@ pub struct DecontaminateArgs {
     #[arg(long, default_value_t = 10)]
     pub identifier_ngram: usize,
     /// Share of a solution's identifier-placeholder n-grams a document must contain to be a hit.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.8)]
     pub identifier_share: f64,
     /// drop: leave contaminated documents out; flag: keep them and only report.
     #[arg(long, value_enum, default_value = "drop")]

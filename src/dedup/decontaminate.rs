@@ -490,9 +490,11 @@ pub fn run(
             Ok::<(), DedupError>(())
         })?;
         let dst = opts.out.join(&file.rel);
-        docs::write_subset(&file.path, &dst, |r| {
-            opts.mode == Mode::Drop && drop.contains(&r)
-        })?;
+        if opts.mode == Mode::Flag || drop.is_empty() {
+            docs::copy_whole(&file.path, &dst)?;
+        } else {
+            docs::write_subset(&file.path, &dst, |r| drop.contains(&r))?;
+        }
     }
     let schema: Schema = vec![
         ("id", Kind::Text),

@@ -499,7 +499,12 @@ pub fn run(opts: &DedupOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<Outco
         removed_rows.push(row.as_object().expect("an object").clone());
     }
     files.par_iter().zip(&drop).try_for_each(|(file, rows)| {
-        docs::write_subset(&file.path, &opts.out.join(&file.rel), |r| rows.contains(&r))
+        let dst = opts.out.join(&file.rel);
+        if rows.is_empty() {
+            docs::copy_whole(&file.path, &dst)
+        } else {
+            docs::write_subset(&file.path, &dst, |r| rows.contains(&r))
+        }
     })?;
     let schema: Schema = vec![
         ("id", Kind::Text),

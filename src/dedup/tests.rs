@@ -366,7 +366,7 @@ fn decontamination_catches_copies_and_spares_unrelated_code() {
         benchmarks: vec![bench],
         ngram: 13,
         identifier_ngram: Some(10),
-        identifier_share: 0.5,
+        identifier_share: 0.8,
         mode: Mode::Drop,
     };
     let report = decontaminate::run(&opts, &|_| ()).unwrap();
