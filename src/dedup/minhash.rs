@@ -64,7 +64,6 @@ thread_local! {
 
 /// Byte classes: 0 separates words; word bytes (ASCII alphanumerics, `_`, every byte of a
 /// non-ASCII character) are 1, or 2 for ASCII capitals.
-
 pub(crate) const CLASS: [u8; 256] = {
     let mut t = [0u8; 256];
     let mut c = 0;

@@ -61,7 +61,7 @@ pub enum DedupError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DedupError + '_ {
-    move |e| DocsError::from(docs::io_err(path)(e)).into()
+    move |e| docs::io_err(path)(e).into()
 }
 
 /// One slice of a `--shard K/N` job.
