@@ -329,7 +329,7 @@ impl<C: Corpus> Plan<C> {
         }
         seed.copy_from_slice(h.finalize().as_bytes());
         let mut rng = ChaCha8Rng::from_seed(seed);
-        let constraints = self.corpus.sample(&mut rng);
+        let constraints = self.corpus.sample(slot, &mut rng);
         let vars = self.corpus.prompt_vars(&constraints);
         let values: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let template = self.corpus.template();
@@ -669,11 +669,12 @@ impl<C: Corpus, T: Teacher> Worker<C, T> {
         let corpus = &self.plan.corpus;
         common_checks(&answer.text, answer.finish_reason, corpus.word_bounds())?;
         let checks = corpus.check(&job.constraints, &answer.text).await?;
-        let fresh = self
-            .texts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(normalized_text_hash(&answer.text));
+        let fresh = !corpus.unique_answers()
+            || self
+                .texts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(normalized_text_hash(&answer.text));
         if !fresh {
             return Err(Drop::new(
                 DropReason::Duplicate,

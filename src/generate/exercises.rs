@@ -115,7 +115,7 @@ impl Corpus for Exercises {
         &self.template
     }
 
-    fn sample(&self, rng: &mut ChaCha8Rng) -> ExerciseConstraints {
+    fn sample(&self, _slot: u64, rng: &mut ChaCha8Rng) -> ExerciseConstraints {
         let verb = self.verbs.choose(rng).expect("verb lists are never empty");
         let object = self
             .objects

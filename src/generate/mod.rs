@@ -44,6 +44,8 @@ pub enum DropReason {
     NoTests,
     /// An exercise whose asserts failed, timed out or crashed in the sandbox.
     TestsFailed,
+    /// A rating without a score in the format the prompt asks for.
+    Unparseable,
     /// The request failed after all retries; the prompt is sent again by a later run.
     RequestFailed,
 }
@@ -63,6 +65,7 @@ impl DropReason {
             DropReason::WrongName => "wrong_name",
             DropReason::NoTests => "no_tests",
             DropReason::TestsFailed => "tests_failed",
+            DropReason::Unparseable => "unparseable",
             DropReason::RequestFailed => "request_failed",
         }
     }
@@ -99,8 +102,9 @@ pub trait Corpus: Send + Sync + 'static {
     /// The `kind` column and the name in `stats.json`, e.g. `"tinystories"`.
     fn kind(&self) -> &'static str;
     fn template(&self) -> &Template;
-    /// Draws the constraints of one attempt. `rng` is derived from (seed, slot, attempt) only.
-    fn sample(&self, rng: &mut ChaCha8Rng) -> Self::Constraints;
+    /// Draws the constraints of one attempt of `slot`. `rng` is derived from (seed, slot, attempt)
+    /// only.
+    fn sample(&self, slot: u64, rng: &mut ChaCha8Rng) -> Self::Constraints;
     /// The template's variables for these constraints.
     fn prompt_vars(&self, constraints: &Self::Constraints) -> Vec<(&'static str, String)>;
     /// Checks an answer beyond the common checks (empty, truncated, refused, length, duplicate).
@@ -110,6 +114,11 @@ pub trait Corpus: Send + Sync + 'static {
         constraints: &Self::Constraints,
         text: &str,
     ) -> impl std::future::Future<Output = Result<Self::Checks, Drop>> + Send;
+    /// Whether an answer that repeats a kept one (up to whitespace) is dropped as a duplicate:
+    /// yes for corpora, no for labels, where equal answers are expected.
+    fn unique_answers(&self) -> bool {
+        true
+    }
     /// Word-count bounds of a good answer.
     fn word_bounds(&self) -> (usize, usize);
     /// Typical completion tokens of a good answer, for `--dry-run` estimates.

@@ -248,7 +248,7 @@ impl Corpus for Stories {
         &self.template
     }
 
-    fn sample(&self, rng: &mut ChaCha8Rng) -> StoryConstraints {
+    fn sample(&self, _slot: u64, rng: &mut ChaCha8Rng) -> StoryConstraints {
         let pick = |list: &WordList, rng: &mut ChaCha8Rng| {
             list.words
                 .choose(rng)
@@ -441,14 +441,14 @@ mod tests {
     #[test]
     fn sampling_is_a_function_of_the_rng_seed() {
         let s = stories();
-        let a = s.sample(&mut ChaCha8Rng::seed_from_u64(7));
-        let b = s.sample(&mut ChaCha8Rng::seed_from_u64(7));
+        let a = s.sample(0, &mut ChaCha8Rng::seed_from_u64(7));
+        let b = s.sample(0, &mut ChaCha8Rng::seed_from_u64(7));
         assert_eq!(
             (a.verb.clone(), a.noun.clone(), a.features.clone()),
             (b.verb, b.noun, b.features)
         );
         let distinct: HashSet<String> = (0..200)
-            .map(|i| s.sample(&mut ChaCha8Rng::seed_from_u64(i)).noun)
+            .map(|i| s.sample(0, &mut ChaCha8Rng::seed_from_u64(i)).noun)
             .collect();
         assert!(
             distinct.len() > 150,

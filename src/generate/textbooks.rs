@@ -193,7 +193,7 @@ impl Corpus for Textbooks {
         &self.template
     }
 
-    fn sample(&self, rng: &mut ChaCha8Rng) -> TextbookConstraints {
+    fn sample(&self, _slot: u64, rng: &mut ChaCha8Rng) -> TextbookConstraints {
         let t = self
             .topics
             .choose(rng)

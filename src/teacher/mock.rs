@@ -348,6 +348,9 @@ enum Code {
 /// A deterministic answer that uses every double-quoted word of the prompt; prompts that ask for
 /// Python get a longer, textbook-like answer with a code block.
 fn answer_for(prompt: &str, code: Code) -> String {
+    if prompt.contains("educational value") {
+        return rate_code(prompt);
+    }
     let quoted: Vec<&str> = prompt
         .split(['"', '“', '”'])
         .skip(1)
@@ -401,6 +404,18 @@ fn answer_for(prompt: &str, code: Code) -> String {
         )),
     }
     parts.join(" ")
+}
+
+/// A rating prompt (`phigen annotate`) gets a rule-of-thumb rating of the fenced code: 4 with a
+/// docstring and a function, 2 with a function only, else 0.
+fn rate_code(prompt: &str) -> String {
+    let code = prompt.split("```").nth(1).unwrap_or("");
+    let (score, reason) = match (code.contains("\"\"\""), code.contains("def ")) {
+        (true, true) => (4, "Documented functions a student can follow."),
+        (false, true) => (2, "Working functions without explanation."),
+        _ => (0, "Data or generated code with no logic to learn from."),
+    };
+    format!("{reason}\nScore: {score}")
 }
 
 fn hash64(prompt: &str, n: u64, salt: u8) -> u64 {

@@ -1,0 +1,503 @@
+//! Feature vectors of code files, which the forest learns from.
+//!
+//! Two embedders: [`Hashed`], model-free and fast (hashed token uni- and bigram frequencies plus
+//! code statistics), the offline default; and [`LmEmbedder`], the mean of the last hidden states of
+//! any causal LM phigen loads (phi-1 used a pretrained code model's embeddings this way).
+//! A model embedder's vectors are cached on disk by content hash ([`Cache`]).
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::{xxh3_128, xxh3_64_with_seed};
+
+use super::ClassifyError;
+use crate::model::tokenizer::Tokenizer;
+use crate::model::{checkpoint, Decoder};
+
+/// What a saved classifier needs to rebuild its embedder.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EmbedderSpec {
+    Hashed {
+        buckets: usize,
+    },
+    Lm {
+        checkpoint: PathBuf,
+        /// Tokens embedded per file (the head of the file).
+        max_tokens: usize,
+        batch: usize,
+    },
+}
+
+pub trait Embedder: Send + Sync {
+    /// Names the features: equal ids give equal vectors for equal text.
+    fn id(&self) -> String;
+    fn dim(&self) -> usize;
+    /// One vector per text, in order.
+    fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, ClassifyError>;
+    /// Whether vectors are worth caching on disk (slower to compute than to read).
+    fn cacheable(&self) -> bool;
+}
+
+impl EmbedderSpec {
+    pub fn load(&self) -> Result<Box<dyn Embedder>, ClassifyError> {
+        Ok(match self {
+            EmbedderSpec::Hashed { buckets } => Box::new(Hashed { buckets: *buckets }),
+            EmbedderSpec::Lm {
+                checkpoint,
+                max_tokens,
+                batch,
+            } => Box::new(LmEmbedder::load(checkpoint, *max_tokens, *batch)?),
+        })
+    }
+}
+
+/// Hashed token n-gram frequencies and code statistics.
+///
+/// Tokens are identifiers/words, numbers (all one token) and single punctuation characters;
+/// unigrams and bigrams are hashed into `buckets` and divided by the token count. The statistics
+/// ([`STATS`]) are what separates a documented function from minified, generated or data files.
+pub struct Hashed {
+    pub buckets: usize,
+}
+
+/// Names of the statistics that follow the hashed buckets, in order.
+pub const STATS: [&str; 22] = [
+    "log2_bytes",
+    "log2_lines",
+    "mean_line_length",
+    "log2_max_line_length",
+    "long_line_share",
+    "blank_line_share",
+    "comment_line_share",
+    "docstrings_per_line",
+    "defs_per_line",
+    "classes_per_line",
+    "imports_per_line",
+    "asserts_per_line",
+    "indented_line_share",
+    "alpha_share",
+    "digit_share",
+    "whitespace_share",
+    "non_ascii_share",
+    "uppercase_share",
+    "mean_identifier_length",
+    "distinct_identifier_share",
+    "number_token_share",
+    "log2_longest_word",
+];
+
+const NUMBER: u64 = 0x6e75_6d62_6572;
+
+impl Hashed {
+    fn features(&self, text: &str, out: &mut [f32]) {
+        let (grams, stats) = out.split_at_mut(self.buckets);
+        let b = text.as_bytes();
+        let mut prev: Option<u64> = None;
+        let mut tokens = 0usize;
+        let mut identifiers = 0usize;
+        let mut identifier_bytes = 0usize;
+        let mut numbers = 0usize;
+        let mut distinct = std::collections::HashSet::new();
+        let mut i = 0;
+        while i < b.len() {
+            let c = b[i];
+            let start = i;
+            let h = if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 {
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] >= 0x80)
+                {
+                    i += 1;
+                }
+                identifiers += 1;
+                identifier_bytes += i - start;
+                let h = xxh3_64_with_seed(&b[start..i], 1);
+                distinct.insert(h);
+                h
+            } else if c.is_ascii_digit() {
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'.') {
+                    i += 1;
+                }
+                numbers += 1;
+                NUMBER
+            } else if c.is_ascii_whitespace() {
+                i += 1;
+                continue;
+            } else {
+                i += 1;
+                xxh3_64_with_seed(&b[start..i], 2)
+            };
+            tokens += 1;
+            grams[(h % self.buckets as u64) as usize] += 1.0;
+            if let Some(p) = prev {
+                let bigram = p.rotate_left(17) ^ h.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                grams[(bigram % self.buckets as u64) as usize] += 1.0;
+            }
+            prev = Some(h);
+        }
+        let norm = tokens.max(1) as f32;
+        grams.iter_mut().for_each(|g| *g /= norm);
+
+        let lines: Vec<&str> = text.lines().collect();
+        let n_lines = lines.len().max(1) as f32;
+        let share =
+            |pred: &dyn Fn(&str) -> bool| lines.iter().filter(|l| pred(l)).count() as f32 / n_lines;
+        let starts = |prefixes: &'static [&'static str]| {
+            move |l: &str| {
+                let t = l.trim_start();
+                prefixes.iter().any(|p| t.starts_with(p))
+            }
+        };
+        let max_line = lines.iter().map(|l| l.len()).max().unwrap_or(0);
+        let chars = text.chars().count().max(1) as f32;
+        let count = |pred: fn(&char) -> bool| text.chars().filter(pred).count() as f32;
+        let letters = count(char::is_ascii_alphabetic).max(1.0);
+        let longest_word = text.split_whitespace().map(str::len).max().unwrap_or(0);
+        let values = [
+            (b.len() as f32 + 1.0).log2(),
+            (n_lines + 1.0).log2(),
+            b.len() as f32 / n_lines,
+            (max_line as f32 + 1.0).log2(),
+            share(&|l| l.len() > 100),
+            share(&|l| l.trim().is_empty()),
+            share(&starts(&["#", "//"])),
+            (text.matches("\"\"\"").count() + text.matches("'''").count()) as f32 / 2.0 / n_lines,
+            share(&starts(&["def ", "async def "])),
+            share(&starts(&["class "])),
+            share(&starts(&["import ", "from "])),
+            share(&starts(&["assert ", "self.assert"])),
+            share(&|l| l.starts_with(' ') || l.starts_with('\t')),
+            count(char::is_ascii_alphabetic) / chars,
+            count(char::is_ascii_digit) / chars,
+            count(|c| c.is_whitespace()) / chars,
+            count(|c| !c.is_ascii()) / chars,
+            count(char::is_ascii_uppercase) / letters,
+            identifier_bytes as f32 / identifiers.max(1) as f32,
+            distinct.len() as f32 / identifiers.max(1) as f32,
+            numbers as f32 / norm,
+            (longest_word as f32 + 1.0).log2(),
+        ];
+        stats.copy_from_slice(&values);
+    }
+}
+
+impl Embedder for Hashed {
+    fn id(&self) -> String {
+        format!("hashed-v1:{}", self.buckets)
+    }
+
+    fn dim(&self) -> usize {
+        self.buckets + STATS.len()
+    }
+
+    fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, ClassifyError> {
+        Ok(texts
+            .par_iter()
+            .map(|t| {
+                let mut v = vec![0.0; self.dim()];
+                self.features(t, &mut v);
+                v
+            })
+            .collect())
+    }
+
+    fn cacheable(&self) -> bool {
+        false
+    }
+}
+
+/// Mean-pooled last hidden states of a causal LM checkpoint.
+pub struct LmEmbedder {
+    model: Decoder,
+    tokenizer: Tokenizer,
+    max_tokens: usize,
+    batch: usize,
+    pad: u32,
+    id: String,
+}
+
+impl LmEmbedder {
+    pub fn load(dir: &Path, max_tokens: usize, batch: usize) -> Result<LmEmbedder, ClassifyError> {
+        let model = checkpoint::load(dir, DType::F32, &Device::Cpu)?;
+        let tokenizer = Tokenizer::for_checkpoint(dir)?;
+        // The weights identify the features: hash config.json and the safetensors files.
+        let mut h = blake3::Hasher::new();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|source| ClassifyError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                n == "config.json" || n.ends_with(".safetensors")
+            })
+            .collect();
+        files.sort();
+        for f in &files {
+            let mut file = File::open(f).map_err(|source| ClassifyError::Io {
+                path: f.clone(),
+                source,
+            })?;
+            std::io::copy(&mut file, &mut h).map_err(|source| ClassifyError::Io {
+                path: f.clone(),
+                source,
+            })?;
+        }
+        let pad = model.config().eos_ids().first().copied().unwrap_or(0);
+        let id = format!("lm-mean-v1:{}:{max_tokens}", &h.finalize().to_hex()[..16]);
+        Ok(LmEmbedder {
+            model,
+            tokenizer,
+            max_tokens: max_tokens.max(1),
+            batch: batch.max(1),
+            pad,
+            id,
+        })
+    }
+}
+
+impl Embedder for LmEmbedder {
+    fn id(&self) -> String {
+        self.id.clone()
+    }
+
+    fn dim(&self) -> usize {
+        self.model.config().hidden_size
+    }
+
+    fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, ClassifyError> {
+        let mut ids: Vec<Vec<u32>> = texts
+            .iter()
+            .map(|t| {
+                let mut ids = self.tokenizer.encode(t)?;
+                ids.truncate(self.max_tokens);
+                let vocab = self.model.config().vocab_size;
+                if let Some(&big) = ids.iter().find(|&&i| i as usize >= vocab) {
+                    return Err(ClassifyError::Model(crate::model::ModelError::Tokenizer(format!(
+                        "token id {big} is beyond the model's vocab_size {vocab}: the checkpoint's tokenizer does not belong to its weights"
+                    ))));
+                }
+                if ids.is_empty() {
+                    ids.push(self.pad);
+                }
+                Ok(ids)
+            })
+            .collect::<Result<_, ClassifyError>>()?;
+        // Batches of similar lengths waste little on padding; results go back in input order.
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_by_key(|&i| ids[i].len());
+        let mut out = vec![Vec::new(); ids.len()];
+        for chunk in order.chunks(self.batch) {
+            let t = chunk.iter().map(|&i| ids[i].len()).max().unwrap_or(1);
+            let mut flat = Vec::with_capacity(chunk.len() * t);
+            let mut mask = Vec::with_capacity(chunk.len() * t);
+            for &i in chunk {
+                let row = std::mem::take(&mut ids[i]);
+                mask.extend((0..t).map(|k| if k < row.len() { 1f32 } else { 0.0 }));
+                flat.extend(
+                    row.iter()
+                        .copied()
+                        .chain(std::iter::repeat(self.pad))
+                        .take(t),
+                );
+            }
+            let dev = self.model.device();
+            let input = Tensor::from_vec(flat, (chunk.len(), t), dev)?;
+            let mask = Tensor::from_vec(mask, (chunk.len(), t, 1), dev)?;
+            // Right padding under a causal mask: real positions never see the pads.
+            let hidden = self
+                .model
+                .hidden_states(&input, None)?
+                .to_dtype(DType::F32)?;
+            let pooled = hidden
+                .broadcast_mul(&mask)?
+                .sum(1)?
+                .broadcast_div(&mask.sum(1)?)?;
+            for (&i, v) in chunk.iter().zip(pooled.to_vec2::<f32>()?) {
+                out[i] = v;
+            }
+        }
+        Ok(out)
+    }
+
+    fn cacheable(&self) -> bool {
+        true
+    }
+}
+
+/// Vectors of one embedder on disk: `DIR/<embedder id hash>.bin`, records of a 16-byte content
+/// hash followed by `dim` little-endian f32. Appended as computed; a torn last record (a crash
+/// mid-write) is cut off when the file is opened.
+pub struct Cache {
+    path: PathBuf,
+    dim: usize,
+    map: HashMap<u128, Vec<f32>>,
+    file: File,
+}
+
+impl Cache {
+    pub fn open(dir: &Path, embedder: &dyn Embedder) -> Result<Cache, ClassifyError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ClassifyError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let name = blake3::hash(embedder.id().as_bytes()).to_hex()[..16].to_string();
+        let path = dir.join(format!("{name}.bin"));
+        let dim = embedder.dim();
+        let record = 16 + 4 * dim;
+        let mut bytes = Vec::new();
+        if path.exists() {
+            File::open(&path)
+                .and_then(|mut f| f.read_to_end(&mut bytes))
+                .map_err(io(&path))?;
+        }
+        let whole = bytes.len() / record * record;
+        let mut map = HashMap::new();
+        for rec in bytes[..whole].chunks_exact(record) {
+            let key = u128::from_le_bytes(rec[..16].try_into().expect("16 bytes"));
+            let v = rec[16..]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect();
+            map.insert(key, v);
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        if whole != bytes.len() {
+            file.set_len(whole as u64).map_err(io(&path))?;
+        }
+        Ok(Cache {
+            path,
+            dim,
+            map,
+            file,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    fn insert(&mut self, key: u128, v: Vec<f32>) -> Result<(), ClassifyError> {
+        debug_assert_eq!(v.len(), self.dim);
+        let mut rec = Vec::with_capacity(16 + 4 * v.len());
+        rec.extend_from_slice(&key.to_le_bytes());
+        v.iter()
+            .for_each(|x| rec.extend_from_slice(&x.to_le_bytes()));
+        self.file
+            .write_all(&rec)
+            .map_err(|source| ClassifyError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        self.map.insert(key, v);
+        Ok(())
+    }
+}
+
+/// Vectors of `texts`, from `cache` where it has them (and adding the rest to it).
+pub fn embed_all(
+    embedder: &dyn Embedder,
+    texts: &[&str],
+    cache: Option<&mut Cache>,
+) -> Result<Vec<Vec<f32>>, ClassifyError> {
+    let Some(cache) = cache else {
+        return embedder.embed(texts);
+    };
+    let keys: Vec<u128> = texts.iter().map(|t| xxh3_128(t.as_bytes())).collect();
+    let mut wanted = std::collections::HashSet::new();
+    let missing: Vec<usize> = (0..texts.len())
+        .filter(|&i| !cache.map.contains_key(&keys[i]) && wanted.insert(keys[i]))
+        .collect();
+    let fresh = embedder.embed(&missing.iter().map(|&i| texts[i]).collect::<Vec<_>>())?;
+    for (&i, v) in missing.iter().zip(fresh) {
+        cache.insert(keys[i], v)?;
+    }
+    Ok(keys.iter().map(|k| cache.map[k].clone()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Statistics counted by hand: 3 lines (1 comment, 1 def, 1 indented); tokens `#` `add` `def`
+    /// `f` `(` `x` `)` `:` `return` `x` (10), of which 6 identifiers, 5 distinct; bucket
+    /// frequencies sum to (10 unigrams + 9 bigrams) / 10 tokens.
+    #[test]
+    fn hashed_features_match_hand_counts() {
+        let h = Hashed { buckets: 64 };
+        let text = "# add\ndef f(x):\n    return x\n";
+        let v = &h.embed(&[text]).unwrap()[0];
+        let stat = |name: &str| v[64 + STATS.iter().position(|s| *s == name).unwrap()];
+        assert_eq!(stat("comment_line_share"), 1.0 / 3.0);
+        assert_eq!(stat("defs_per_line"), 1.0 / 3.0);
+        assert_eq!(stat("indented_line_share"), 1.0 / 3.0);
+        assert_eq!(stat("distinct_identifier_share"), 5.0 / 6.0);
+        let sum: f32 = v[..64].iter().sum();
+        assert!((sum - (10.0 + 9.0) / 10.0).abs() < 1e-5, "{sum}");
+        assert_eq!(v.len(), h.dim());
+    }
+
+    struct Counting(std::sync::atomic::AtomicUsize);
+    impl Embedder for Counting {
+        fn id(&self) -> String {
+            "counting".into()
+        }
+        fn dim(&self) -> usize {
+            2
+        }
+        fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, ClassifyError> {
+            self.0
+                .fetch_add(texts.len(), std::sync::atomic::Ordering::SeqCst);
+            Ok(texts.iter().map(|t| vec![t.len() as f32, 1.0]).collect())
+        }
+        fn cacheable(&self) -> bool {
+            true
+        }
+    }
+
+    /// A second pass computes nothing; a torn record is dropped and recomputed.
+    #[test]
+    fn the_cache_saves_work_and_survives_a_torn_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Counting(Default::default());
+        let texts = ["a", "bb", "a"];
+        let mut cache = Cache::open(dir.path(), &e).unwrap();
+        let v = embed_all(&e, &texts, Some(&mut cache)).unwrap();
+        assert_eq!(v, vec![vec![1.0, 1.0], vec![2.0, 1.0], vec![1.0, 1.0]]);
+        drop(cache);
+        let calls = e.0.load(std::sync::atomic::Ordering::SeqCst);
+        let file = std::fs::read_dir(dir.path())
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let len = std::fs::metadata(&file).unwrap().len();
+        assert_eq!(len, 2 * (16 + 8));
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&file)
+            .unwrap()
+            .write_all(&[1, 2, 3])
+            .unwrap();
+        let mut cache = Cache::open(dir.path(), &e).unwrap();
+        assert_eq!(cache.len(), 2);
+        assert_eq!(embed_all(&e, &texts, Some(&mut cache)).unwrap(), v);
+        assert_eq!(e.0.load(std::sync::atomic::Ordering::SeqCst), calls);
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), len);
+    }
+}

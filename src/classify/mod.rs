@@ -1,0 +1,579 @@
+//! The educational-value filter of phi-1 (§2.1): a teacher rates a sample of web code files
+//! ([`annotate`]), a random forest over file embeddings ([`embed`], [`forest`]) learns the ratings
+//! ([`train`]), and every file of the dump is scored and kept or not ([`filter`]).
+//!
+//! Reads: code files ([`input`]) and labels. Writes: a classifier file (JSON: embedder, forest,
+//! threshold) with `*.metrics.json` beside it, and a filter directory `OUT/` with `scored/` (every
+//! input row with `score`, `kept`, `skip`), `kept/` (kept rows only, content as `text`, ready for
+//! dedup and tokenize), `progress-K-of-N.jsonl` (finished parts) and `stats.json`.
+
+pub mod annotate;
+pub mod embed;
+pub mod forest;
+pub mod input;
+pub mod metrics;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use polars::prelude::{BooleanChunked, IntoColumn, NamedFrom, NewChunkedArray, Series};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+use crate::artifact::atomic;
+use crate::artifact::table::{self, TableError};
+use embed::{embed_all, Cache, Embedder, EmbedderSpec};
+use forest::{Forest, ForestError, ForestParams, Samples};
+use input::{Part, Skip};
+use metrics::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClassifyError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Table(#[from] TableError),
+    #[error(transparent)]
+    Shards(#[from] crate::artifact::shards::ShardError),
+    #[error("{path}:{line}: expected a JSON object: {reason}")]
+    Jsonl {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+    #[error(
+        "{path}: expected a `content` (or `text`) column with the code, found columns {found:?}"
+    )]
+    NoContentColumn { path: PathBuf, found: Vec<String> },
+    #[error("no code files under {inputs:?}: expected .parquet, .jsonl(.gz) or files ending in {extensions:?} (change --ext)")]
+    NoInputs {
+        inputs: Vec<PathBuf>,
+        extensions: Vec<String>,
+    },
+    #[error("{a} and {b} would both be written as {rel:?}; give inputs with distinct names")]
+    SameName {
+        a: PathBuf,
+        b: PathBuf,
+        rel: PathBuf,
+    },
+    #[error("{path}: {reason}")]
+    Bad { path: PathBuf, reason: String },
+    #[error("{path}: {detail}; the inputs changed since this sample was rated: use a new --out, or restore the inputs")]
+    SampleChanged { path: PathBuf, detail: String },
+    #[error("none of the {labels} labeled files is in --input (labels name e.g. {label_example:?}, the input has e.g. {input_example:?}); ids are paths below the input's parent directory, or a table's `id` column, else FILE:ROW")]
+    NoLabeledFiles {
+        labels: usize,
+        label_example: String,
+        input_example: String,
+    },
+    #[error("{model}: this classifier was trained on embedder `{trained}`, but its embedder now is `{now}` (weights changed?); retrain it")]
+    EmbedderChanged {
+        model: PathBuf,
+        trained: String,
+        now: String,
+    },
+    #[error("--out {out} is inside --input {input}: its outputs would be read as input by the next run; choose an --out outside the inputs")]
+    OutInsideInput { out: PathBuf, input: PathBuf },
+    #[error(transparent)]
+    Forest(#[from] ForestError),
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ClassifyError + '_ {
+    move |source| ClassifyError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Everything needed to score files without retraining.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Classifier {
+    pub format: u32,
+    pub embedder: EmbedderSpec,
+    /// [`Embedder::id`] at training time; scoring checks it.
+    pub embedder_id: String,
+    /// Ratings at or above this are positive (0–5 scores).
+    pub positive_at: f64,
+    /// Files scoring at or above this are kept.
+    pub threshold: f32,
+    pub params: ForestParams,
+    pub forest: Forest,
+}
+
+const CLASSIFIER_FORMAT: u32 = 1;
+
+impl Classifier {
+    pub fn load(path: &Path) -> Result<Classifier, ClassifyError> {
+        let bytes = std::fs::read(path).map_err(io_err(path))?;
+        let c: Classifier = serde_json::from_slice(&bytes).map_err(|e| ClassifyError::Bad {
+            path: path.to_path_buf(),
+            reason: format!(
+                "not a phigen classifier ({e}); train one with `phigen classify train`"
+            ),
+        })?;
+        if c.format != CLASSIFIER_FORMAT {
+            return Err(ClassifyError::Bad {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "classifier format {} (this phigen reads {CLASSIFIER_FORMAT}); retrain it",
+                    c.format
+                ),
+            });
+        }
+        Ok(c)
+    }
+
+    /// A short hash that names this classifier and threshold in progress files.
+    fn fingerprint(&self, threshold: f32) -> String {
+        let bytes = serde_json::to_vec(self).expect("classifiers serialize");
+        let mut h = blake3::Hasher::new();
+        h.update(&bytes);
+        h.update(&threshold.to_le_bytes());
+        h.finalize().to_hex()[..16].to_string()
+    }
+}
+
+/// Where the code files are and how they are read.
+#[derive(Clone, Debug)]
+pub struct InputOptions {
+    pub inputs: Vec<PathBuf>,
+    /// Extensions of loose source files (without dots).
+    pub extensions: Vec<String>,
+    /// Larger files are skipped as oversized.
+    pub max_bytes: u64,
+}
+
+impl InputOptions {
+    pub fn parts(&self) -> Result<Vec<Part>, ClassifyError> {
+        input::parts(&self.inputs, &self.extensions)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    pub labels: PathBuf,
+    pub input: InputOptions,
+    pub out: PathBuf,
+    pub embedder: EmbedderSpec,
+    pub cache: Option<PathBuf>,
+    pub forest: ForestParams,
+    /// Share of labeled files held out for `metrics.json` (chosen by a hash of the id).
+    pub holdout: f64,
+    pub positive_at: f64,
+    pub threshold: f32,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainReport {
+    pub labels: usize,
+    pub found: usize,
+    pub train: usize,
+    pub held_out: usize,
+    pub positives: usize,
+    pub embed_seconds: f64,
+    pub fit_seconds: f64,
+    pub metrics: Option<Metrics>,
+    pub metrics_path: PathBuf,
+}
+
+/// The model's metrics file: `models/edu.rf` → `models/edu.metrics.json`.
+pub fn metrics_path(model: &Path) -> PathBuf {
+    let stem = model
+        .file_stem()
+        .map_or("classifier".into(), |s| s.to_string_lossy().into_owned());
+    model.with_file_name(format!("{stem}.metrics.json"))
+}
+
+fn open_cache(dir: Option<&Path>, embedder: &dyn Embedder) -> Result<Option<Cache>, ClassifyError> {
+    match dir {
+        Some(d) if embedder.cacheable() => Ok(Some(Cache::open(d, embedder)?)),
+        _ => Ok(None),
+    }
+}
+
+/// Trains a classifier on the labeled files found in the inputs and writes it with its metrics.
+pub fn train(opts: &TrainOptions) -> Result<TrainReport, ClassifyError> {
+    let labels = annotate::load_labels(&opts.labels)?;
+    let mut ids = Vec::new();
+    let mut texts = Vec::new();
+    let mut input_example = String::new();
+    for part in opts.input.parts()? {
+        for code in input::load(&part, opts.input.max_bytes)?.rows {
+            if input_example.is_empty() {
+                input_example = code.id.clone();
+            }
+            if let (Some(label), Ok(text)) = (labels.get(&code.id), code.content) {
+                ids.push((code.id, label.positive(opts.positive_at)));
+                texts.push(text);
+            }
+        }
+    }
+    if ids.is_empty() {
+        return Err(ClassifyError::NoLabeledFiles {
+            labels: labels.len(),
+            label_example: labels.keys().min().cloned().unwrap_or_default(),
+            input_example,
+        });
+    }
+    if ids.len() < labels.len() {
+        tracing::warn!(
+            "{} of {} labeled files are not in --input (or not readable); training on {}",
+            labels.len() - ids.len(),
+            labels.len(),
+            ids.len()
+        );
+    }
+    let embedder = opts.embedder.load()?;
+    let started = std::time::Instant::now();
+    let mut cache = open_cache(opts.cache.as_deref(), embedder.as_ref())?;
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let vectors = embed_all(embedder.as_ref(), &refs, cache.as_mut())?;
+    let embed_seconds = started.elapsed().as_secs_f64();
+    let held = |id: &str| {
+        (xxh3_64_with_seed(id.as_bytes(), 0x686f_6c64) as f64 / u64::MAX as f64) < opts.holdout
+    };
+    let (mut train_x, mut train_y, mut test_x, mut test_y) = (vec![], vec![], vec![], vec![]);
+    for ((id, y), v) in ids.iter().zip(&vectors) {
+        if held(id) {
+            test_x.extend_from_slice(v);
+            test_y.push(*y);
+        } else {
+            train_x.extend_from_slice(v);
+            train_y.push(*y);
+        }
+    }
+    let dim = embedder.dim();
+    let started = std::time::Instant::now();
+    let forest = Forest::fit(
+        &Samples {
+            rows: &train_x,
+            features: dim,
+        },
+        &train_y,
+        &opts.forest,
+    )?;
+    let fit_seconds = started.elapsed().as_secs_f64();
+    let metrics = if test_y.iter().any(|&y| y) && test_y.iter().any(|&y| !y) {
+        let scores = forest.score_all(&Samples {
+            rows: &test_x,
+            features: dim,
+        })?;
+        Some(Metrics::new(&scores, &test_y, opts.threshold))
+    } else {
+        tracing::warn!("the held-out files are not of both classes: no metrics (label more files or raise --holdout)");
+        None
+    };
+    let classifier = Classifier {
+        format: CLASSIFIER_FORMAT,
+        embedder: opts.embedder.clone(),
+        embedder_id: embedder.id(),
+        positive_at: opts.positive_at,
+        threshold: opts.threshold,
+        params: opts.forest.clone(),
+        forest,
+    };
+    if let Some(parent) = opts.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+    }
+    atomic::write_json(&opts.out, &classifier).map_err(io_err(&opts.out))?;
+    let report = TrainReport {
+        labels: labels.len(),
+        found: ids.len(),
+        train: train_y.len(),
+        held_out: test_y.len(),
+        positives: ids.iter().filter(|(_, y)| *y).count(),
+        embed_seconds,
+        fit_seconds,
+        metrics,
+        metrics_path: metrics_path(&opts.out),
+    };
+    atomic::write_json(&report.metrics_path, &report).map_err(io_err(&report.metrics_path))?;
+    Ok(report)
+}
+
+#[derive(Clone, Debug)]
+pub struct FilterOptions {
+    pub input: InputOptions,
+    pub out: PathBuf,
+    pub model: PathBuf,
+    /// Overrides the classifier's threshold.
+    pub threshold: Option<f32>,
+    /// (K, N): this run does parts K, K+N, K+2N, … (0-based K).
+    pub shard: (usize, usize),
+    pub cache: Option<PathBuf>,
+    /// Texts embedded at once.
+    pub batch: usize,
+}
+
+/// What one finished part contributed; a line of the progress file.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PartStats {
+    pub rel: PathBuf,
+    pub fingerprint: String,
+    pub classifier: String,
+    pub files: u64,
+    pub scored: u64,
+    pub kept: u64,
+    pub skipped: BTreeMap<Skip, u64>,
+    pub bytes_scored: u64,
+    pub bytes_kept: u64,
+    pub tokens_kept: u64,
+    /// Scores in 20 bins of width 0.05.
+    pub histogram: Vec<u64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct FilterStats {
+    pub model: PathBuf,
+    pub threshold: f32,
+    pub parts: usize,
+    pub parts_done: usize,
+    pub files: u64,
+    pub scored: u64,
+    pub kept: u64,
+    pub kept_share: f64,
+    pub skipped: BTreeMap<Skip, u64>,
+    pub bytes_scored: u64,
+    pub bytes_kept: u64,
+    /// GPT-2 tokens (phi-1's tokenizer family) of the kept files.
+    pub tokens_kept: u64,
+    pub histogram: Vec<u64>,
+    /// Parts finished by this run (the others were done before or belong to other shards).
+    pub parts_this_run: usize,
+    pub wall_seconds: f64,
+}
+
+fn check_out(out: &Path, inputs: &[PathBuf]) -> Result<(), ClassifyError> {
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    let out = out.canonicalize().map_err(io_err(out))?;
+    for input in inputs {
+        if let Ok(input) = input.canonicalize() {
+            if out.starts_with(&input) {
+                return Err(ClassifyError::OutInsideInput { out, input });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Finished parts recorded in every progress file under `out`, latest line per part.
+fn finished_parts(out: &Path) -> Result<HashMap<PathBuf, PartStats>, ClassifyError> {
+    let mut done = HashMap::new();
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return Ok(done);
+    };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("progress") && n.ends_with(".jsonl"))
+        })
+        .collect();
+    files.sort();
+    for f in files {
+        let text = std::fs::read_to_string(&f).map_err(io_err(&f))?;
+        // A torn last line (a crash mid-append) is ignored; that part is simply redone.
+        for line in text.lines() {
+            if let Ok(s) = serde_json::from_str::<PartStats>(line) {
+                done.insert(s.rel.clone(), s);
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// Scores every file of this shard's parts that is not done yet, then writes `stats.json` over all
+/// parts finished so far. `progress` is told the files of each finished part.
+pub fn filter(
+    opts: &FilterOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<FilterStats, ClassifyError> {
+    let started = std::time::Instant::now();
+    check_out(&opts.out, &opts.input.inputs)?;
+    let classifier = Classifier::load(&opts.model)?;
+    let threshold = opts.threshold.unwrap_or(classifier.threshold);
+    let embedder = classifier.embedder.load()?;
+    if embedder.id() != classifier.embedder_id {
+        return Err(ClassifyError::EmbedderChanged {
+            model: opts.model.clone(),
+            trained: classifier.embedder_id.clone(),
+            now: embedder.id(),
+        });
+    }
+    let mut cache = open_cache(opts.cache.as_deref(), embedder.as_ref())?;
+    let fingerprint = classifier.fingerprint(threshold);
+    let parts = opts.input.parts()?;
+    let (k, n) = opts.shard;
+    let done = finished_parts(&opts.out)?;
+    let progress_path = opts.out.join(if n == 1 {
+        "progress.jsonl".to_string()
+    } else {
+        format!("progress-{k}-of-{n}.jsonl")
+    });
+    let mut journal = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&progress_path)
+        .map_err(io_err(&progress_path))?;
+    let bpe = tiktoken_rs::r50k_base_singleton();
+    let mut this_run = 0;
+    for part in parts.iter().skip(k).step_by(n) {
+        let part_fp = part.fingerprint();
+        if done
+            .get(&part.rel)
+            .is_some_and(|d| d.fingerprint == part_fp && d.classifier == fingerprint)
+        {
+            continue;
+        }
+        let loaded = input::load(part, opts.input.max_bytes)?;
+        let ok: Vec<usize> = (0..loaded.rows.len())
+            .filter(|&i| loaded.rows[i].content.is_ok())
+            .collect();
+        let mut scores: Vec<Option<f32>> = vec![None; loaded.rows.len()];
+        for chunk in ok.chunks(opts.batch.max(1)) {
+            let texts: Vec<&str> = chunk
+                .iter()
+                .map(|&i| loaded.rows[i].content.as_deref().expect("filtered to Ok"))
+                .collect();
+            let vectors = embed_all(embedder.as_ref(), &texts, cache.as_mut())?;
+            let flat: Vec<f32> = vectors.concat();
+            let s = classifier.forest.score_all(&Samples {
+                rows: &flat,
+                features: embedder.dim(),
+            })?;
+            for (&i, s) in chunk.iter().zip(s) {
+                scores[i] = Some(s);
+            }
+        }
+        let kept: Vec<bool> = scores
+            .iter()
+            .map(|s| s.is_some_and(|s| s >= threshold))
+            .collect();
+        let mut stats = PartStats {
+            rel: part.rel.clone(),
+            fingerprint: part_fp,
+            classifier: fingerprint.clone(),
+            files: loaded.rows.len() as u64,
+            histogram: vec![0; 20],
+            ..PartStats::default()
+        };
+        for (i, code) in loaded.rows.iter().enumerate() {
+            match (&code.content, scores[i]) {
+                (Ok(text), Some(s)) => {
+                    stats.scored += 1;
+                    stats.bytes_scored += text.len() as u64;
+                    stats.histogram[((s * 20.0) as usize).min(19)] += 1;
+                    if kept[i] {
+                        stats.kept += 1;
+                        stats.bytes_kept += text.len() as u64;
+                    }
+                }
+                (Err(skip), _) => *stats.skipped.entry(*skip).or_default() += 1,
+                (Ok(_), None) => unreachable!("every readable row is scored"),
+            }
+        }
+        stats.tokens_kept = (0..loaded.rows.len())
+            .into_par_iter()
+            .filter(|&i| kept[i])
+            .map(|i| {
+                let text = loaded.rows[i]
+                    .content
+                    .as_deref()
+                    .expect("kept rows are readable");
+                bpe.encode_with_special_tokens(text).len() as u64
+            })
+            .sum();
+        let mut frame = loaded.frame;
+        let skip: Vec<Option<&str>> = loaded
+            .rows
+            .iter()
+            .map(|c| c.content.as_ref().err().map(|s| s.as_str()))
+            .collect();
+        for column in [
+            Series::new("score".into(), &scores).into_column(),
+            Series::new("kept".into(), &kept).into_column(),
+            Series::new("skip".into(), skip).into_column(),
+        ] {
+            let name = column.name().clone();
+            if frame.column(&name).is_ok() {
+                frame.drop_in_place(&name).map_err(|e| bad_frame(part, e))?;
+            }
+            frame.with_column(column).map_err(|e| bad_frame(part, e))?;
+        }
+        let scored_path = opts.out.join("scored").join(&part.rel);
+        let kept_path = opts.out.join("kept").join(&part.rel);
+        for p in [&scored_path, &kept_path] {
+            let dir = p.parent().expect("output paths have a parent");
+            std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        }
+        let mut kept_frame = frame
+            .filter(&BooleanChunked::from_slice("kept".into(), &kept))
+            .map_err(|e| bad_frame(part, e))?;
+        table::write_frame(&scored_path, &mut frame)?;
+        kept_frame = kept_frame.drop_many(["score", "kept", "skip"]);
+        if loaded.content_column != "text" && kept_frame.column("text").is_err() {
+            kept_frame
+                .rename(&loaded.content_column, "text".into())
+                .map_err(|e| bad_frame(part, e))?;
+        }
+        table::write_frame(&kept_path, &mut kept_frame)?;
+        let line = serde_json::to_string(&stats).expect("stats serialize");
+        writeln!(journal, "{line}")
+            .and_then(|_| journal.sync_data())
+            .map_err(io_err(&progress_path))?;
+        progress(stats.files);
+        this_run += 1;
+    }
+    let done = finished_parts(&opts.out)?;
+    let mut total = FilterStats {
+        model: opts.model.clone(),
+        threshold,
+        parts: parts.len(),
+        histogram: vec![0; 20],
+        parts_this_run: this_run,
+        ..FilterStats::default()
+    };
+    for part in &parts {
+        let Some(s) = done.get(&part.rel).filter(|s| s.classifier == fingerprint) else {
+            continue;
+        };
+        total.parts_done += 1;
+        total.files += s.files;
+        total.scored += s.scored;
+        total.kept += s.kept;
+        total.bytes_scored += s.bytes_scored;
+        total.bytes_kept += s.bytes_kept;
+        total.tokens_kept += s.tokens_kept;
+        for (r, c) in &s.skipped {
+            *total.skipped.entry(*r).or_default() += c;
+        }
+        for (h, c) in total.histogram.iter_mut().zip(&s.histogram) {
+            *h += c;
+        }
+    }
+    total.kept_share = total.kept as f64 / total.scored.max(1) as f64;
+    total.wall_seconds = started.elapsed().as_secs_f64();
+    let stats_path = opts.out.join("stats.json");
+    atomic::write_json(&stats_path, &total).map_err(io_err(&stats_path))?;
+    Ok(total)
+}
+
+fn bad_frame(part: &Part, e: polars::prelude::PolarsError) -> ClassifyError {
+    ClassifyError::Bad {
+        path: part.paths()[0].to_path_buf(),
+        reason: format!("could not add the score columns: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests;
