@@ -1045,3 +1045,71 @@ fn dedup_then_decontaminate_then_tokenize() {
     assert_eq!(bad.status.code(), Some(1));
     assert!(stderr(&bad).contains("nope.jsonl"), "{}", stderr(&bad));
 }
+
+/// `phigen filter --input stack/` with no classifier runs phi-1's recipe through the binary: the
+/// mock teacher rates a sample (4 for a documented function, 0 for data, see `src/teacher/mock.rs`),
+/// a forest learns the ratings, every file is scored. Documented files are kept and data files are
+/// not (the truth is how each file was written); a re-run sends no request and redoes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn filter_recipe_rates_trains_and_scores_through_the_binary() {
+    let server = mock(Faults::default()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let stack = tmp.path().join("stack");
+    std::fs::create_dir_all(&stack).unwrap();
+    for i in 0..300 {
+        let text = if i % 2 == 0 {
+            format!("def add_{i}(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"\n    # Add them.\n    return a + b\n")
+        } else {
+            format!(
+                "DATA_{i} = [{}]\n",
+                (0..60)
+                    .map(|k| (k * i % 997).to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        std::fs::write(stack.join(format!("f{i:03}.py")), text).unwrap();
+    }
+    let out = tmp.path().join("filtered");
+    let cmd = || {
+        let mut c = Command::new(BIN);
+        c.args(["--quiet", "filter", "--input", stack.to_str().unwrap()])
+            .args(["--out", out.to_str().unwrap(), "--sample", "80"])
+            .args(["--base-url", &server.base_url(), "--teacher-model", "mock"])
+            .args(["--price-input", "0", "--price-output", "0", "--trees", "30"])
+            .env_remove("OPENAI_API_KEY")
+            .env_remove("OPENAI_BASE_URL")
+            .env_remove("PHIGEN_MODEL");
+        c
+    };
+    let o = run(cmd()).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stats = stats(&out);
+    assert_eq!(
+        (stats["files"].as_u64(), stats["kept"].as_u64()),
+        (Some(300), Some(150))
+    );
+    let kept =
+        phigen::artifact::table::read_frame(&out.join("kept/stack/files-00000.parquet"), None)
+            .unwrap();
+    let ids = phigen::artifact::table::text_column(&kept, &out, "id").unwrap();
+    assert!(ids.iter().all(|id| {
+        let n: usize = id
+            .as_ref()
+            .unwrap()
+            .trim_start_matches("stack/f")
+            .trim_end_matches(".py")
+            .parse()
+            .unwrap();
+        n % 2 == 0
+    }));
+    let sent = server.log.requests.load(Ordering::SeqCst);
+    let o = run(cmd()).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(sent, 80);
+    assert_eq!(
+        server.log.requests.load(Ordering::SeqCst),
+        sent,
+        "a re-run rates nothing again"
+    );
+}

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod clean;
+mod filter;
 mod model;
 mod train;
 
@@ -73,6 +74,14 @@ pub enum Command {
     Dedup(clean::DedupArgs),
     /// Find documents sharing n-grams with HumanEval / MBPP problems; drop or flag them.
     Decontaminate(clean::DecontaminateArgs),
+    /// Have the teacher rate a deterministic sample of code files for educational value (0-5).
+    Annotate(filter::AnnotateArgs),
+    /// Train the educational-value classifier (random forest over file embeddings).
+    #[command(subcommand)]
+    Classify(filter::ClassifyCommand),
+    /// Score every code file with the classifier and keep the educational ones; without --model, first rates a sample and trains one (phi-1's filter).
+    #[command(mut_arg("model", |a| a.long("teacher-model").help("Teacher model name as the server knows it (for the recipe's ratings)")))]
+    Filter(Box<filter::FilterArgs>),
 }
 
 /// How to reach the teacher and what to pay it; shared by every generating command.
@@ -373,6 +382,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Train(args) => train::train(&args, cli.quiet),
         Command::Dedup(args) => clean::dedup(&args, cli.quiet),
         Command::Decontaminate(args) => clean::decontaminate(&args, cli.quiet),
+        Command::Annotate(args) => filter::annotate(&args, cli.quiet).await,
+        Command::Classify(cmd) => filter::classify(&cmd),
+        Command::Filter(args) => filter::filter(&args, cli.quiet).await,
         Command::MockServer(args) => {
             if !args.addr.ip().is_loopback() {
                 bail!("--addr {} is not a loopback address: the mock server only listens on 127.0.0.0/8 or [::1]", args.addr);
