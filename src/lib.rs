@@ -9,6 +9,7 @@ pub mod artifact;
 pub mod classify;
 pub mod cli;
 pub mod dedup;
+pub mod eval;
 pub mod generate;
 pub mod model;
 pub mod sandbox;

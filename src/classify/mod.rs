@@ -300,6 +300,34 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport, ClassifyError> {
     Ok(report)
 }
 
+/// Feature vectors of every readable file: a frame with `id` and one `f0`, `f1`, … column per
+/// dimension (`phigen classify embed`, for inspection and for the forest benchmark).
+pub fn embed_files(
+    input: &InputOptions,
+    spec: &EmbedderSpec,
+    cache_dir: Option<&Path>,
+) -> Result<polars::prelude::DataFrame, ClassifyError> {
+    let embedder = spec.load()?;
+    let mut cache = open_cache(cache_dir, embedder.as_ref())?;
+    let (mut ids, mut vectors) = (Vec::new(), Vec::new());
+    for part in input.parts()? {
+        let rows = input::load(&part, input.max_bytes)?.rows;
+        let ok: Vec<&input::Code> = rows.iter().filter(|c| c.content.is_ok()).collect();
+        let texts: Vec<&str> = ok.iter().map(|c| c.content.as_deref().expect("Ok")).collect();
+        vectors.extend(embed_all(embedder.as_ref(), &texts, cache.as_mut())?);
+        ids.extend(ok.iter().map(|c| c.id.clone()));
+    }
+    let mut columns = vec![Series::new("id".into(), &ids).into_column()];
+    for d in 0..embedder.dim() {
+        let col: Vec<f32> = vectors.iter().map(|v| v[d]).collect();
+        columns.push(Series::new(format!("f{d}").into(), col).into_column());
+    }
+    polars::prelude::DataFrame::new(ids.len(), columns).map_err(|e| ClassifyError::Bad {
+        path: PathBuf::from("features"),
+        reason: e.to_string(),
+    })
+}
+
 #[derive(Clone, Debug)]
 pub struct FilterOptions {
     pub input: InputOptions,

@@ -186,6 +186,19 @@ impl ModelArgs {
 pub enum ClassifyCommand {
     /// Train the educational-value classifier on labels (`phigen annotate` output or a path,label CSV / Parquet).
     Train(ClassifyTrainArgs),
+    /// Write the feature vector of every readable input file to Parquet (`id`, `f0`, `f1`, …).
+    Embed(ClassifyEmbedArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ClassifyEmbedArgs {
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// The Parquet file to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -281,7 +294,26 @@ pub async fn annotate(args: &AnnotateArgs, quiet: bool) -> anyhow::Result<Outcom
 }
 
 pub fn classify(cmd: &ClassifyCommand) -> anyhow::Result<Outcome> {
-    let ClassifyCommand::Train(args) = cmd;
+    let args = match cmd {
+        ClassifyCommand::Train(args) => args,
+        ClassifyCommand::Embed(args) => {
+            let started = std::time::Instant::now();
+            let mut df = classify::embed_files(
+                &args.input.options(),
+                &args.model.spec()?,
+                Some(&args.model.embed_cache),
+            )?;
+            crate::artifact::table::write_frame(&args.out, &mut df)?;
+            println!(
+                "{} files embedded ({} features) in {:.2}s: {}",
+                df.height(),
+                df.width() - 1,
+                started.elapsed().as_secs_f64(),
+                args.out.display()
+            );
+            return Ok(Outcome::Complete);
+        }
+    };
     let opts =
         args.model
             .train_options(args.labels.clone(), args.input.options(), args.out.clone())?;

