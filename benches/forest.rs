@@ -11,7 +11,10 @@ use phigen::classify::forest::{Engine, Forest, ForestParams, Samples};
 use phigen::classify::metrics::roc_auc;
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
     let [x, y, features, train_rows, trees] = &args[..] else {
         eprintln!("usage: forest X.f32 Y.u8 FEATURES TRAIN_ROWS TREES");
         std::process::exit(2);
@@ -25,16 +28,29 @@ fn main() {
     let f: usize = features.parse().unwrap();
     let n: usize = train_rows.parse().unwrap();
     let trees: usize = trees.parse().unwrap();
-    let train = Samples { rows: &x[..n * f], features: f };
-    let test = Samples { rows: &x[n * f..], features: f };
+    let train = Samples {
+        rows: &x[..n * f],
+        features: f,
+    };
+    let test = Samples {
+        rows: &x[n * f..],
+        features: f,
+    };
     let mut out = serde_json::Map::new();
     for (name, engine, threads, trees) in [
         ("hist_1_thread", Engine::Hist, 1, trees),
         ("hist_all_threads", Engine::Hist, 0, trees),
         ("linfa_all_threads", Engine::Linfa, 0, trees),
     ] {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-        let params = ForestParams { trees, engine, ..ForestParams::default() };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let params = ForestParams {
+            trees,
+            engine,
+            ..ForestParams::default()
+        };
         let (fit, forest) = pool.install(|| {
             let t = Instant::now();
             let forest = Forest::fit(&train, &y[..n], &params).unwrap();

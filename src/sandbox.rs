@@ -229,14 +229,18 @@ impl Sandbox {
             (child.wait().await, out, err)
         })
         .await;
+        if waited.is_err() {
+            // Reap the killed child first: a zombie still counts as a member of its group, so
+            // waiting for an empty group before reaping it would wait in vain.
+            // SAFETY: a signal to our own child's process group.
+            unsafe { libc::kill(-(pid as libc::pid_t), libc::SIGKILL) };
+            let _ = child.wait().await;
+        }
         // Whatever happened, nothing of the program outlives this call.
         kill_group(pid).await;
         let (status, stdout, stderr, timed_out) = match waited {
             Ok((status, out, err)) => (Some(status?), out, err, false),
-            Err(_) => {
-                let _ = child.wait().await;
-                (None, String::new(), String::new(), true)
-            }
+            Err(_) => (None, String::new(), String::new(), true),
         };
         use std::os::unix::process::ExitStatusExt;
         let exit_code = status.and_then(|s| s.code());

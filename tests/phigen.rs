@@ -1113,3 +1113,100 @@ async fn filter_recipe_rates_trains_and_scores_through_the_binary() {
         "a re-run rates nothing again"
     );
 }
+
+/// `phigen eval humaneval --samples` through the binary on problems written here: pass@1 is the
+/// share of correct samples per problem, averaged (1/2 and 0/2 → 0.25), and the per-sample results
+/// say why each failed.
+#[test]
+fn eval_humaneval_scores_a_samples_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let problems = tmp.path().join("problems.jsonl");
+    let rows = [
+        serde_json::json!({"task_id": "X/0", "prompt": "def inc(x):\n", "canonical_solution": "    return x + 1\n", "test": "def check(f):\n    assert f(1) == 2\n", "entry_point": "inc"}),
+        serde_json::json!({"task_id": "X/1", "prompt": "def neg(x):\n", "canonical_solution": "    return -x\n", "test": "def check(f):\n    assert f(3) == -3\n", "entry_point": "neg"}),
+    ];
+    std::fs::write(
+        &problems,
+        rows.iter()
+            .map(|r| r.to_string() + "\n")
+            .collect::<String>(),
+    )
+    .unwrap();
+    let samples = tmp.path().join("samples.jsonl");
+    let s =
+        |id: &str, c: &str| serde_json::json!({"task_id": id, "completion": c}).to_string() + "\n";
+    std::fs::write(
+        &samples,
+        [
+            s("X/0", "    return x + 1\n"),
+            s("X/0", "    return x\n"),
+            s("X/1", "    return x\n"),
+            s("X/1", "    raise KeyError('k')\n"),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let out = tmp.path().join("eval");
+    let o = Command::new(BIN)
+        .args([
+            "--quiet",
+            "eval",
+            "humaneval",
+            "--problems",
+            problems.to_str().unwrap(),
+        ])
+        .args([
+            "--samples",
+            samples.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--k",
+            "1,2",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["pass_at_k"]["pass@1"].as_f64(), Some(0.25));
+    // pass@2 with n = 2: a problem passes if either sample does → (1 + 0) / 2.
+    assert_eq!(summary["pass_at_k"]["pass@2"].as_f64(), Some(0.5));
+    let results: Vec<serde_json::Value> = std::fs::read_to_string(out.join("results.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let verdicts: Vec<&str> = results
+        .iter()
+        .map(|r| r["result"].as_str().unwrap())
+        .collect();
+    assert_eq!(verdicts[0], "passed");
+    assert!(
+        verdicts[1].starts_with("failed: AssertionError"),
+        "{verdicts:?}"
+    );
+    assert!(verdicts[3].contains("KeyError"), "{verdicts:?}");
+    // A sample for a task that is not in the problems file is an error that names it.
+    std::fs::write(&samples, s("Y/9", "    pass\n")).unwrap();
+    let o = Command::new(BIN)
+        .args([
+            "--quiet",
+            "eval",
+            "humaneval",
+            "--problems",
+            problems.to_str().unwrap(),
+        ])
+        .args([
+            "--samples",
+            samples.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !o.status.success() && stderr(&o).contains("Y/9"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -72,6 +72,21 @@ pub struct InputFile {
     pub rel: PathBuf,
 }
 
+/// Creates `out` and returns `(out, input)` if it lies inside one of `inputs`: its files would be
+/// read back as input by the next run.
+pub fn out_inside_input(
+    out: &Path,
+    inputs: &[PathBuf],
+) -> std::io::Result<Option<(PathBuf, PathBuf)>> {
+    std::fs::create_dir_all(out)?;
+    let out = out.canonicalize()?;
+    Ok(inputs
+        .iter()
+        .filter_map(|i| i.canonicalize().ok())
+        .find(|i| out.starts_with(i))
+        .map(|i| (out, i)))
+}
+
 /// Every document file under `inputs`, sorted by path.
 pub fn input_files(inputs: &[PathBuf]) -> Result<Vec<InputFile>, DocsError> {
     fn walk(path: &Path, rel: PathBuf, out: &mut Vec<InputFile>) -> Result<(), DocsError> {

