@@ -416,7 +416,7 @@ mod tests {
         for i in 0..20 {
             std::fs::write(src.join(format!("f{i}.py")), format!("x = {i}\n")).unwrap();
         }
-        let parts = input::parts(&[src.clone()], &["py".into()]).unwrap();
+        let parts = input::parts(std::slice::from_ref(&src), &["py".into()]).unwrap();
         let five = draw_sample(&parts, 5, 1, 1 << 20, 100).unwrap();
         let three = draw_sample(&parts, 3, 1, 1 << 20, 100).unwrap();
         assert_eq!(five[..3], three[..]);

@@ -384,7 +384,7 @@ mod tests {
         std::fs::write(stack.join("empty.py"), " \n\n").unwrap();
         std::fs::write(stack.join("big.py"), "x = 1\n".repeat(100)).unwrap();
         std::fs::write(stack.join("notes.md"), "not code").unwrap();
-        let parts = parts(&[stack.clone()], &["py".into()]).unwrap();
+        let parts = parts(std::slice::from_ref(&stack), &["py".into()]).unwrap();
         assert_eq!(parts.len(), 1);
         assert_eq!(parts[0].rel, PathBuf::from("stack/files-00000.parquet"));
         let loaded = load(&parts[0], 200).unwrap();

@@ -52,7 +52,10 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EvalError + '_ {
     }
 }
 
-fn read_jsonl(path: &Path) -> Result<Vec<(usize, Map<String, Value>)>, EvalError> {
+/// A jsonl row and its line number.
+type Row = (usize, Map<String, Value>);
+
+fn read_jsonl(path: &Path) -> Result<Vec<Row>, EvalError> {
     let file = File::open(path).map_err(io_err(path))?;
     let reader: Box<dyn Read> = if path.extension().is_some_and(|e| e == "gz") {
         Box::new(flate2::read::MultiGzDecoder::new(file))
