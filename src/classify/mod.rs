@@ -8,6 +8,7 @@
 //! dedup and tokenize), `progress-K-of-N.jsonl` (finished parts) and `stats.json`.
 
 pub mod annotate;
+pub mod bert;
 pub mod embed;
 pub mod forest;
 pub mod input;

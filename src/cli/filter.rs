@@ -79,6 +79,8 @@ pub enum EmbedderKind {
     Hashed,
     /// Mean-pooled last hidden states of a causal LM checkpoint (--checkpoint), as phi-1 did.
     Lm,
+    /// A BERT-family sentence encoder (--bert-model), e.g. all-MiniLM-L6-v2.
+    Bert,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -92,10 +94,13 @@ pub struct ModelArgs {
     /// Checkpoint directory of the LM embedder (any model `phigen sample` loads).
     #[arg(long, required_if_eq("embedder", "lm"))]
     pub checkpoint: Option<PathBuf>,
-    /// Tokens of each file the LM embeds (its head).
+    /// Sentence encoder of `--embedder bert`: a directory, or a model id in the Hugging Face cache.
+    #[arg(long, default_value = "sentence-transformers/all-MiniLM-L6-v2")]
+    pub bert_model: String,
+    /// Tokens of each file the LM or encoder embeds (its head; at most what the encoder was trained for).
     #[arg(long, default_value_t = 512)]
     pub embed_tokens: usize,
-    /// Files the LM embeds per forward pass.
+    /// Files the LM or encoder embeds per forward pass.
     #[arg(long, default_value_t = 8)]
     pub embed_batch: usize,
     /// Where LM embeddings are cached by content hash.
@@ -144,6 +149,11 @@ impl ModelArgs {
                     .checkpoint
                     .clone()
                     .context("--embedder lm needs --checkpoint DIR")?,
+                max_tokens: self.embed_tokens,
+                batch: self.embed_batch,
+            },
+            EmbedderKind::Bert => EmbedderSpec::Bert {
+                model: self.bert_model.clone(),
                 max_tokens: self.embed_tokens,
                 batch: self.embed_batch,
             },
