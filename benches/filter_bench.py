@@ -40,6 +40,8 @@ def main():
     ap.add_argument("--forest-bin", required=True)
     ap.add_argument("--corpus", default=os.path.dirname(os.path.dirname(os.__file__)))
     ap.add_argument("--trees", type=int, default=100)
+    ap.add_argument("--minilm", help="all-MiniLM-L6-v2 directory: also time `classify embed --embedder bert`")
+    ap.add_argument("--minilm-files", type=int, default=400)
     args = ap.parse_args()
     print("load:", uptime())
     with tempfile.TemporaryDirectory() as tmp:
@@ -100,6 +102,20 @@ def main():
             a, b = ours[mine], sk[theirs]
             print(f"  ratio {mine} vs {theirs}: fit {b['fit_s'] / a['fit_s']:.2f}x faster, "
                   f"predict {b['predict_s'] / a['predict_s']:.2f}x faster")
+
+        if args.minilm:
+            sub = os.path.join(tmp, "sub", "stack")
+            os.makedirs(sub)
+            for fid in ids[:args.minilm_files]:
+                src = os.path.join(os.path.dirname(corpus), fid)
+                with open(src, "rb") as a, open(os.path.join(sub, fid.replace("/", "_")), "wb") as b:
+                    b.write(a.read())
+            t = time.time()
+            subprocess.run([args.bin, "--quiet", "classify", "embed", "--input", sub, "--out",
+                            os.path.join(tmp, "bert.parquet"), "--embedder", "bert", "--bert-model", args.minilm,
+                            "--embed-cache", os.path.join(tmp, "cache")], check=True)
+            secs = time.time() - t
+            print(f"features: MiniLM (256 tokens per file) {args.minilm_files / secs:.1f} files/s over {args.minilm_files} files, model load included")
 
         labels = os.path.join(tmp, "labels.csv")
         with open(labels, "w") as f:
