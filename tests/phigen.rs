@@ -1210,3 +1210,62 @@ fn eval_humaneval_scores_a_samples_file() {
         stderr(&o)
     );
 }
+
+/// `phigen eval stories` through the binary: a tiny random model continues the 20 shipped
+/// beginnings, the mock teacher grades them (grades from a hash, 1–10, see `src/teacher/mock.rs`),
+/// and `stories.json` has a mean and interval per metric. A re-run reuses every grade (no request).
+#[tokio::test(flavor = "multi_thread")]
+async fn eval_stories_grades_continuations_and_reuses_grades() {
+    use phigen::model::{checkpoint, tokenizer, Decoder, PhiConfig};
+    let server = mock(Faults::default()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tmp.path().join("tiny");
+    let cfg = PhiConfig {
+        vocab_size: 50304,
+        ..PhiConfig::preset("tiny-phi").unwrap()
+    };
+    let w =
+        Decoder::init_weights(&cfg, 1, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    checkpoint::save(&ckpt, &cfg, &w, candle_core::DType::F32).unwrap();
+    tokenizer::write_phigen_file(&ckpt, tokenizer::Encoding::Gpt2).unwrap();
+    let out = tmp.path().join("stories");
+    let cmd = || {
+        let mut c = Command::new(BIN);
+        c.args([
+            "--quiet",
+            "eval",
+            "stories",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+        ])
+        .args(["--out", out.to_str().unwrap(), "--max-new-tokens", "16"])
+        .args(["--base-url", &server.base_url(), "--model", "mock"])
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("OPENAI_BASE_URL")
+        .env_remove("PHIGEN_MODEL");
+        c
+    };
+    let o = run(cmd()).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("stories.json")).unwrap()).unwrap();
+    assert_eq!(
+        (s["stories"].as_u64(), s["graded"].as_u64()),
+        (Some(20), Some(20))
+    );
+    for m in ["grammar", "creativity", "consistency", "plot"] {
+        let mean = s["metrics"][m]["mean"].as_f64().unwrap();
+        assert!((1.0..=10.0).contains(&mean), "{m}: {mean}");
+        assert!(s["metrics"][m]["ci95"].as_f64().unwrap() > 0.0);
+    }
+    assert_eq!(s["judge"], "mock");
+    let sent = server.log.requests.load(Ordering::SeqCst);
+    assert_eq!(sent, 20);
+    let o = run(cmd()).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        server.log.requests.load(Ordering::SeqCst),
+        sent,
+        "grades are reused"
+    );
+}

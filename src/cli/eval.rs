@@ -24,6 +24,36 @@ pub enum EvalCommand {
     Mbpp(CodeEvalArgs),
     /// Validation loss and perplexity of a checkpoint on token shards (`phigen tokenize` output).
     Loss(LossArgs),
+    /// Continue story beginnings with a checkpoint and have a teacher grade them (TinyStories rubric).
+    Stories(Box<StoriesArgs>),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StoriesArgs {
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Story beginnings, one a line [default: the built-in seeds/story-beginnings.txt].
+    #[arg(long)]
+    pub beginnings: Option<PathBuf>,
+    /// Grading prompt [default: the built-in prompts/story-grade.txt].
+    #[arg(long)]
+    pub rubric: Option<PathBuf>,
+    /// Output directory: continuations.jsonl, grades/<judge>-v<rubric>/, stories.json.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Tokens the model writes after each beginning.
+    #[arg(long, default_value_t = 200)]
+    pub max_new_tokens: usize,
+    /// The model's sampling temperature (0: greedy).
+    #[arg(long, default_value_t = 0.8)]
+    pub gen_temperature: f64,
+    /// The model's nucleus top-p.
+    #[arg(long, default_value_t = 0.95)]
+    pub gen_top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub teacher: super::TeacherArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -116,6 +146,7 @@ fn bar(quiet: bool, len: usize, what: &str) -> ProgressBar {
 pub async fn eval(cmd: &EvalCommand, quiet: bool) -> anyhow::Result<Outcome> {
     let args = match cmd {
         EvalCommand::Humaneval(args) | EvalCommand::Mbpp(args) => args,
+        EvalCommand::Stories(a) => return stories(a, quiet).await,
         EvalCommand::Loss(a) => {
             let r = crate::eval::validation_loss(
                 &a.checkpoint,
@@ -215,4 +246,76 @@ pub async fn eval(cmd: &EvalCommand, quiet: bool) -> anyhow::Result<Outcome> {
         println!("  results: {}", args.out.join("results.jsonl").display());
     }
     Ok(Outcome::Complete)
+}
+
+async fn stories(a: &StoriesArgs, quiet: bool) -> anyhow::Result<Outcome> {
+    use crate::eval::stories::{self, Grade};
+    use crate::generate::prompt::Template;
+    let beginnings = match &a.beginnings {
+        Some(p) => stories::parse_beginnings(
+            &std::fs::read_to_string(p)
+                .with_context(|| format!("could not read {}", p.display()))?,
+        ),
+        None => stories::parse_beginnings(stories::BUILTIN_BEGINNINGS),
+    };
+    if beginnings.is_empty() {
+        bail!("no story beginnings (one a line, # for comments)");
+    }
+    let template = Template::load_or_builtin(
+        a.rubric.as_deref(),
+        "story-grade.txt",
+        stories::BUILTIN_TEMPLATE,
+    )?;
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("could not create {}", a.out.display()))?;
+    let model = checkpoint::load(&a.checkpoint, candle_core::DType::F32, &Device::Cpu)?;
+    let tokenizer = Tokenizer::for_checkpoint(&a.checkpoint)?;
+    let params = SamplingParams {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.gen_temperature,
+        top_k: None,
+        top_p: (a.gen_top_p < 1.0).then_some(a.gen_top_p),
+        repetition_penalty: 1.0,
+        seed: a.seed,
+        greedy: a.gen_temperature <= 0.0,
+    };
+    let continuations = stories::continue_stories(
+        &model,
+        &tokenizer,
+        &beginnings,
+        &params,
+        &a.out.join("continuations.jsonl"),
+    )?;
+    let grade = Arc::new(Grade::new(template.clone(), &continuations));
+    let dir = stories::grades_dir(&a.out, &a.teacher.model, &template);
+    let output = super::OutputArgs {
+        n: grade.len() as u64,
+        seed: 0,
+        max_attempts: 3,
+        shard_size: 1000,
+    };
+    let outcome =
+        super::run_corpus(grade.clone(), &a.teacher, &output, dir.clone(), 512, quiet).await?;
+    if a.teacher.dry_run {
+        return Ok(outcome);
+    }
+    let summary = stories::summarize_grades(&dir, &grade, &a.teacher.model, &template)?;
+    let path = stories::write_summary(&a.out, &summary)?;
+    if !quiet {
+        let m: Vec<String> = summary
+            .metrics
+            .iter()
+            .map(|(k, v)| format!("{k} {:.2} ± {:.2}", v.mean, v.ci95))
+            .collect();
+        println!(
+            "stories: {} of {} graded by {}: {} (95% intervals); age groups {:?}\n  {}",
+            summary.graded,
+            summary.stories,
+            summary.judge,
+            m.join(", "),
+            summary.age_groups,
+            path.display()
+        );
+    }
+    Ok(outcome)
 }

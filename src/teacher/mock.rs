@@ -351,6 +351,9 @@ fn answer_for(prompt: &str, code: Code) -> String {
     if prompt.contains("educational value") {
         return rate_code(prompt);
     }
+    if prompt.contains("grade the student's completion") {
+        return grade_story(prompt);
+    }
     let quoted: Vec<&str> = prompt
         .split(['"', '“', '”'])
         .skip(1)
@@ -416,6 +419,18 @@ fn rate_code(prompt: &str) -> String {
         _ => (0, "Data or generated code with no logic to learn from."),
     };
     format!("{reason}\nScore: {score}")
+}
+
+/// A story-grading prompt (`phigen eval stories`) gets grades from a hash of the prompt (1–10) and
+/// an age group, in the rubric's five lines.
+fn grade_story(prompt: &str) -> String {
+    let h = hash64(prompt, 0, 3);
+    let g = |i: u64| 1 + (h >> (8 * i)) % 10;
+    let age = ["A", "B", "C", "D", "E", "F"][((h >> 40) % 6) as usize];
+    format!(
+        "The completion continues the story.\nGrammar: {}/10\nCreativity: {}/10\nConsistency: {}/10\nPlot: {}/10\nAge group: {age}",
+        g(0), g(1), g(2), g(3)
+    )
 }
 
 fn hash64(prompt: &str, n: u64, salt: u8) -> u64 {
