@@ -218,7 +218,12 @@ pub async fn eval(cmd: &EvalCommand, quiet: bool) -> anyhow::Result<Outcome> {
     })
     .await?;
     b.finish_and_clear();
+    let benchmark = match cmd {
+        EvalCommand::Mbpp(_) => "mbpp",
+        _ => "humaneval",
+    };
     let summary = code::summarize(
+        benchmark,
         &problems,
         &outcomes,
         &args.k,
@@ -318,4 +323,36 @@ async fn stories(a: &StoriesArgs, quiet: bool) -> anyhow::Result<Outcome> {
         );
     }
     Ok(outcome)
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ScoreboardArgs {
+    /// Run directories: a training run and/or `phigen eval` output directories.
+    #[arg(required = true)]
+    pub runs: Vec<PathBuf>,
+    /// Print JSON instead of Markdown.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn scoreboard(args: &ScoreboardArgs) -> anyhow::Result<Outcome> {
+    use crate::eval::scoreboard;
+    let runs = args
+        .runs
+        .iter()
+        .map(|d| scoreboard::collect(d))
+        .collect::<Result<Vec<_>, _>>()?;
+    if args.json {
+        let anchors: Vec<_> = scoreboard::ANCHORS
+            .iter()
+            .map(|(m, k, v)| serde_json::json!({"model": m, "metric": k, "value": v}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"runs": runs, "anchors": anchors}))?
+        );
+    } else {
+        print!("{}", scoreboard::markdown(&runs));
+    }
+    Ok(Outcome::Complete)
 }

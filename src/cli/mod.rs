@@ -86,6 +86,8 @@ pub enum Command {
     /// Evaluate a model: HumanEval / MBPP functional correctness with pass@k (sandboxed execution).
     #[command(subcommand)]
     Eval(eval::EvalCommand),
+    /// A table of each run's numbers (size, tokens, val loss, pass@k, story grades) next to the published phi-1 / TinyStories anchors.
+    Scoreboard(eval::ScoreboardArgs),
 }
 
 /// How to reach the teacher and what to pay it; shared by every generating command.
@@ -390,6 +392,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Classify(cmd) => filter::classify(&cmd),
         Command::Filter(args) => filter::filter(&args, cli.quiet).await,
         Command::Eval(cmd) => eval::eval(&cmd, cli.quiet).await,
+        Command::Scoreboard(args) => eval::scoreboard(&args),
         Command::MockServer(args) => {
             if !args.addr.ip().is_loopback() {
                 bail!("--addr {} is not a loopback address: the mock server only listens on 127.0.0.0/8 or [::1]", args.addr);

@@ -299,8 +299,10 @@ pub async fn execute(
     Ok(outcomes)
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Summary {
+    /// `humaneval` or `mbpp`.
+    pub benchmark: String,
     pub problems: usize,
     pub problems_with_samples: usize,
     pub samples: usize,
@@ -313,6 +315,7 @@ pub struct Summary {
 
 /// pass@k averaged over the problems that have samples.
 pub fn summarize(
+    benchmark: &str,
     problems: &[Problem],
     outcomes: &[Outcome],
     ks: &[usize],
@@ -338,6 +341,7 @@ pub fn summarize(
         })
         .collect();
     Summary {
+        benchmark: benchmark.to_string(),
         problems: problems.len(),
         problems_with_samples: per_task.len(),
         samples: outcomes.len(),
@@ -464,7 +468,7 @@ mod tests {
             assert!(!out[8].passed && !out[9].passed, "{:?}", &out[8..]);
             assert!(canary.path().exists());
         }
-        let s = summarize(&p, &out, &[1, 2, 10], 0.0);
+        let s = summarize("humaneval", &p, &out, &[1, 2, 10], 0.0);
         assert_eq!(s.samples, 10);
         assert!(!s.pass_at_k.contains_key("pass@10"));
     }
@@ -491,7 +495,7 @@ mod tests {
             o("T/2", true),
             o("T/2", true),
         ];
-        let s = summarize(&p, &out, &[1, 2], 0.0);
+        let s = summarize("humaneval", &p, &out, &[1, 2], 0.0);
         // (1/2 + 0 + 1) / 3 for pass@1; pass@2: (1 + 0 + 1) / 3.
         assert!((s.pass_at_k["pass@1"] - 0.5).abs() < 1e-12);
         assert!((s.pass_at_k["pass@2"] - 2.0 / 3.0).abs() < 1e-12);

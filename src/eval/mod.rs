@@ -7,6 +7,7 @@
 //! resumes), `results.jsonl` (task id, completion, passed, result) and `summary.json` (pass@k).
 
 pub mod code;
+pub mod scoreboard;
 pub mod stories;
 
 use std::path::{Path, PathBuf};
