@@ -157,6 +157,10 @@ pub async fn eval(cmd: &EvalCommand, quiet: bool) -> anyhow::Result<Outcome> {
             )?;
             let json = serde_json::to_string_pretty(&r)?;
             if let Some(out) = &a.out {
+                if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("could not create {}", dir.display()))?;
+                }
                 crate::artifact::atomic::write_bytes(out, json.as_bytes())
                     .with_context(|| format!("could not write {}", out.display()))?;
             }

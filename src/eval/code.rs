@@ -212,13 +212,26 @@ pub fn generate_samples(
             .samples_per_task
             .saturating_sub(counts.get(&problem.task_id).copied().unwrap_or(0));
         let ids = tokenizer.encode(&problem.prompt)?;
+        // The completion gets what room the context has left after the prompt.
+        let room = model
+            .config()
+            .max_position_embeddings
+            .saturating_sub(ids.len());
         let mut new = Vec::new();
+        if room == 0 && missing > 0 {
+            tracing::warn!(task = %problem.task_id, prompt_tokens = ids.len(), "the prompt fills the model's context: empty completions (they fail)");
+            new.extend((0..missing).map(|_| Sample {
+                task_id: problem.task_id.clone(),
+                completion: String::new(),
+            }));
+        }
         while new.len() < missing {
             let rows = (missing - new.len()).min(settings.batch.max(1));
             let prompts = vec![ids.clone(); rows];
             // Each batch gets its own seed so that samples differ; greedy rows are all the same.
             let params = SamplingParams {
                 seed: settings.params.seed ^ ((i as u64) << 32) ^ new.len() as u64,
+                max_new_tokens: settings.params.max_new_tokens.min(room),
                 ..settings.params.clone()
             };
             let out = generate(model, &prompts, &params, &eos, |_, row_ids| {

@@ -83,11 +83,16 @@ pub fn continue_stories(
             continue;
         }
         let ids = tokenizer.encode(beginning)?;
+        let room = model
+            .config()
+            .max_position_embeddings
+            .saturating_sub(ids.len());
         let out = generate(
             model,
             &[ids],
             &SamplingParams {
                 seed: params.seed ^ index as u64,
+                max_new_tokens: params.max_new_tokens.min(room),
                 ..params.clone()
             },
             &eos,

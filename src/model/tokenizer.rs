@@ -101,13 +101,24 @@ impl Tokenizer {
 
     /// The text of `ids`. A character whose bytes are split across tokens appears once complete:
     /// the text stops before an incomplete trailing character (other invalid bytes become U+FFFD).
+    /// Ids a tiktoken encoding does not have (the padding rows of a model's embedding, e.g.
+    /// 50,257–50,303 for GPT-2, which an untrained model may sample) decode to nothing.
     pub fn decode(&self, ids: &[u32]) -> Result<String, ModelError> {
         match self {
             Tokenizer::Tiktoken(e) => {
-                let bytes = e
-                    .bpe()
-                    .decode_bytes(ids)
-                    .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+                let bpe = e.bpe();
+                let bytes = match bpe.decode_bytes(ids) {
+                    Ok(b) => b,
+                    Err(_) => {
+                        let known: Vec<u32> = ids
+                            .iter()
+                            .copied()
+                            .filter(|&i| bpe.decode_bytes(&[i]).is_ok())
+                            .collect();
+                        bpe.decode_bytes(&known)
+                            .map_err(|e| ModelError::Tokenizer(e.to_string()))?
+                    }
+                };
                 Ok(String::from_utf8_lossy(&bytes[..complete_prefix(&bytes)]).into_owned())
             }
             Tokenizer::HuggingFace(t) => t
@@ -141,6 +152,17 @@ fn complete_prefix(bytes: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The padding rows of a model's embedding (GPT-2 has 50,257 tokens, models 50,304 rows) are
+    /// not tokens: they decode to nothing, and "Hello world" ([15496, 995]) stays itself.
+    #[test]
+    fn ids_past_the_encoding_decode_to_nothing() {
+        let t = Tokenizer::Tiktoken(Encoding::Gpt2);
+        assert_eq!(
+            t.decode(&[15496, 50275, 995, 50303]).unwrap(),
+            "Hello world"
+        );
+    }
 
     /// GPT-2 ids from OpenAI's published encoder: "Hello world" = [15496, 995], and
     /// `<|endoftext|>` = 50256.
