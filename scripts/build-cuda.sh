@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Builds phigen with `--features cuda` on a machine without a GPU (and without a CUDA install):
+# nvcc and the CUDA headers come from PyPI, pinned to one CUDA release (13.0); the result is one
+# stripped binary for H100/H200 (compute capability 9.0) that needs, where it runs, only the
+# NVIDIA driver (libcuda.so.1) and cuBLAS / cuRAND (e.g. a PyTorch install's nvidia/cu13/lib on
+# LD_LIBRARY_PATH). The recipe and its reasons: ../shared/cuda-build.md.
+#
+#   scripts/build-cuda.sh            # → target-cuda/release/phigen (stripped)
+#
+# Env: CUDA_VENV (default .cuda-venv, git-ignored), CUDA_COMPUTE_CAP (90), CUDAFORGE_THREADS (2),
+# CARGO_TARGET_DIR (default: $HOME/.cache/phigen-target, shared with the CPU release build so only
+# candle, its kernels and phigen are rebuilt). Takes 15-25 minutes on 2 cores the first time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${CUDA_VENV:-.cuda-venv}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/phigen-target}"
+if [ ! -x "$VENV/bin/pip" ]; then
+  python3 -m venv "$VENV"
+fi
+"$VENV/bin/pip" install --quiet nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 \
+  nvidia-nvvm==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85
+CU="$(cd "$(echo "$VENV"/lib/python3*/site-packages/nvidia/cu13)" && pwd)"
+export PATH="$CU/bin:$PATH" CUDA_ROOT="$CU" CUDA_PATH="$CU"
+export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}" CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-2}"
+export PHIGEN_CUDART_STATIC="$CU/lib/libcudart_static.a"
+nvcc --version | tail -2
+
+# candle-core 0.11.1 links the CUDA libraries at build time (cudarc `dynamic-linking`), which a
+# machine without a GPU does not have: build against a copy that loads them at run time instead.
+SRC="$(ls -d "$HOME"/.cargo/registry/src/*/candle-core-0.11.1 2>/dev/null | head -1)"
+if [ -z "$SRC" ]; then
+  cargo fetch --locked
+  SRC="$(ls -d "$HOME"/.cargo/registry/src/*/candle-core-0.11.1 | head -1)"
+fi
+PATCHED="$CARGO_TARGET_DIR/candle-core-0.11.1-dynamic-loading"
+rm -rf "$PATCHED"
+cp -r "$SRC" "$PATCHED"
+sed -i 's/"dynamic-linking",/"dynamic-loading",/' "$PATCHED/Cargo.toml"
+grep -q '"dynamic-loading"' "$PATCHED/Cargo.toml"
+
+# The patch rewrites Cargo.lock's entry for candle-core; the committed lock file is put back after.
+cp Cargo.lock "$CARGO_TARGET_DIR/Cargo.lock.cpu"
+trap 'cp "$CARGO_TARGET_DIR/Cargo.lock.cpu" Cargo.lock' EXIT
+cargo build --release --features cuda \
+  --config "patch.crates-io.candle-core.path=\"$PATCHED\""
+mkdir -p target-cuda/release
+cp "$CARGO_TARGET_DIR/release/phigen" target-cuda/release/phigen
+strip target-cuda/release/phigen
+ls -la target-cuda/release/phigen
+echo "built target-cuda/release/phigen (sm_${CUDA_COMPUTE_CAP}); run it where libcuda.so.1 and cuBLAS are found"
