@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -74,9 +74,27 @@ pub enum DeviceArg {
 pub fn device(arg: DeviceArg) -> anyhow::Result<Device> {
     match arg {
         DeviceArg::Cpu => Ok(Device::Cpu),
-        DeviceArg::Cuda => Device::new_cuda(0).context(
-            "--device cuda: this phigen was built without `--features cuda`, or no GPU is visible",
-        ),
+        DeviceArg::Cuda => {
+            // cudarc panics when it cannot load the driver; say it plainly instead.
+            if cfg!(feature = "cuda") && !cuda_driver_present() {
+                bail!("--device cuda: the NVIDIA driver library (libcuda.so.1) was not found; run on a machine with an NVIDIA GPU and its driver, or add the driver's directory to LD_LIBRARY_PATH");
+            }
+            Device::new_cuda(0).context(
+                "--device cuda: this phigen was built without `--features cuda` (scripts/build-cuda.sh), or no GPU is visible",
+            )
+        }
+    }
+}
+
+fn cuda_driver_present() -> bool {
+    // SAFETY: dlopen/dlclose of a system library by a constant name; the handle is not used.
+    unsafe {
+        let handle = libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_LAZY);
+        if handle.is_null() {
+            return false;
+        }
+        libc::dlclose(handle);
+        true
     }
 }
 
