@@ -33,16 +33,22 @@ if [ -z "$SRC" ]; then
   SRC="$(ls -d "$HOME"/.cargo/registry/src/*/candle-core-0.11.1 | head -1)"
 fi
 PATCHED="$CARGO_TARGET_DIR/candle-core-0.11.1-dynamic-loading"
-rm -rf "$PATCHED"
-cp -r "$SRC" "$PATCHED"
-sed -i 's/"dynamic-linking",/"dynamic-loading",/' "$PATCHED/Cargo.toml"
+if [ ! -d "$PATCHED" ]; then
+  cp -r "$SRC" "$PATCHED.tmp"
+  sed -i 's/"dynamic-linking",/"dynamic-loading",/' "$PATCHED.tmp/Cargo.toml"
+  mv "$PATCHED.tmp" "$PATCHED"
+fi
 grep -q '"dynamic-loading"' "$PATCHED/Cargo.toml"
 
-# The patch rewrites Cargo.lock's entry for candle-core; the committed lock file is put back after.
-cp Cargo.lock "$CARGO_TARGET_DIR/Cargo.lock.cpu"
-trap 'cp "$CARGO_TARGET_DIR/Cargo.lock.cpu" Cargo.lock' EXIT
-cargo build --release --features cuda \
-  --config "patch.crates-io.candle-core.path=\"$PATCHED\""
+# The patch rewrites Cargo.lock's entry for candle-core, so the build runs on a copy of the working
+# tree: the repository (and its committed lock file) is never touched.
+COPY="$CARGO_TARGET_DIR/phigen-cuda-src"
+rm -rf "$COPY"
+mkdir -p "$COPY"
+tar -cf - --exclude=./target --exclude=./.git --exclude=./.cuda-venv --exclude=./target-cuda \
+  --exclude=./data --exclude=./runs . | tar -xf - -C "$COPY"
+(cd "$COPY" && cargo build --release --features cuda \
+  --config "patch.crates-io.candle-core.path=\"$PATCHED\"")
 mkdir -p target-cuda/release
 cp "$CARGO_TARGET_DIR/release/phigen" target-cuda/release/phigen
 strip target-cuda/release/phigen
