@@ -72,6 +72,16 @@ pub struct InputFile {
     pub rel: PathBuf,
 }
 
+/// Opens `path` for reading, decompressing it when its name ends in `.gz` (one or more gzip members).
+pub fn open_maybe_gz(path: &Path) -> std::io::Result<Box<dyn std::io::Read>> {
+    let file = File::open(path)?;
+    Ok(if path.extension().is_some_and(|e| e == "gz") {
+        Box::new(flate2::read::MultiGzDecoder::new(file))
+    } else {
+        Box::new(file)
+    })
+}
+
 /// Creates `out` and returns `(out, input)` if it lies inside one of `inputs`: its files would be
 /// read back as input by the next run.
 pub fn out_inside_input(

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use super::input::{self, Part};
-use super::ClassifyError;
+use super::{io_err, ClassifyError};
 use crate::artifact::atomic;
 use crate::artifact::shards::{self, Layout};
 use crate::artifact::table::{self, Kind, Schema};
@@ -112,10 +112,7 @@ pub fn record_sample(out: &Path, seed: u64, sample: &[Sampled]) -> Result<(), Cl
             });
         }
     }
-    std::fs::create_dir_all(out).map_err(|source| ClassifyError::Io {
-        path: out.to_path_buf(),
-        source,
-    })?;
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
     atomic::write_json(
         &path,
         &Recorded {
@@ -123,7 +120,7 @@ pub fn record_sample(out: &Path, seed: u64, sample: &[Sampled]) -> Result<(), Cl
             files: sample.to_vec(),
         },
     )
-    .map_err(|source| ClassifyError::Io { path, source })
+    .map_err(io_err(&path))
 }
 
 /// The annotation corpus of the generation engine.
@@ -316,10 +313,7 @@ pub fn load_labels(path: &Path) -> Result<HashMap<String, Label>, ClassifyError>
             .collect();
         (ids, values)
     } else {
-        let text = std::fs::read_to_string(path).map_err(|source| ClassifyError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(io_err(path))?;
         let mut lines = text.lines().filter(|l| !l.trim().is_empty());
         let header: Vec<String> = lines
             .next()

@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, Module, VarBuilder};
 use serde::Deserialize;
 
-use super::ClassifyError;
+use super::{io_err, ClassifyError};
 
 #[derive(Debug, Clone, Deserialize)]
 struct BertConfig {
@@ -81,13 +81,8 @@ impl Bert {
         };
         let config_path = read("config.json")?;
         let cfg: BertConfig =
-            serde_json::from_slice(&std::fs::read(&config_path).map_err(|source| {
-                ClassifyError::Io {
-                    path: config_path.clone(),
-                    source,
-                }
-            })?)
-            .map_err(|e| bad(&config_path, format!("not a BERT config.json: {e}")))?;
+            serde_json::from_slice(&std::fs::read(&config_path).map_err(io_err(&config_path))?)
+                .map_err(|e| bad(&config_path, format!("not a BERT config.json: {e}")))?;
         if cfg.hidden_act != "gelu" {
             return Err(bad(
                 &config_path,

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{xxh3_128, xxh3_64_with_seed};
 
 use super::bert::Bert;
-use super::ClassifyError;
+use super::{io_err, ClassifyError};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::{checkpoint, Decoder};
 
@@ -330,12 +330,8 @@ impl Embedder for LmEmbedder {
 /// A short hash of a model directory's `config.json` and `*.safetensors`: the weights identify
 /// the features.
 fn weights_id(dir: &Path) -> Result<String, ClassifyError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| ClassifyError::Io { path, source }
-    };
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(io(dir))?
+        .map_err(io_err(dir))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
@@ -345,8 +341,8 @@ fn weights_id(dir: &Path) -> Result<String, ClassifyError> {
     files.sort();
     let mut h = blake3::Hasher::new();
     for f in &files {
-        let mut file = File::open(f).map_err(io(f))?;
-        std::io::copy(&mut file, &mut h).map_err(io(f))?;
+        let mut file = File::open(f).map_err(io_err(f))?;
+        std::io::copy(&mut file, &mut h).map_err(io_err(f))?;
     }
     Ok(h.finalize().to_hex()[..16].to_string())
 }
@@ -426,11 +422,7 @@ pub struct Cache {
 
 impl Cache {
     pub fn open(dir: &Path, embedder: &dyn Embedder) -> Result<Cache, ClassifyError> {
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| ClassifyError::Io { path, source }
-        };
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         let name = blake3::hash(embedder.id().as_bytes()).to_hex()[..16].to_string();
         let path = dir.join(format!("{name}.bin"));
         let dim = embedder.dim();
@@ -439,7 +431,7 @@ impl Cache {
         if path.exists() {
             File::open(&path)
                 .and_then(|mut f| f.read_to_end(&mut bytes))
-                .map_err(io(&path))?;
+                .map_err(io_err(&path))?;
         }
         let whole = bytes.len() / record * record;
         let mut map = HashMap::new();
@@ -455,9 +447,9 @@ impl Cache {
             .create(true)
             .append(true)
             .open(&path)
-            .map_err(io(&path))?;
+            .map_err(io_err(&path))?;
         if whole != bytes.len() {
-            file.set_len(whole as u64).map_err(io(&path))?;
+            file.set_len(whole as u64).map_err(io_err(&path))?;
         }
         Ok(Cache {
             path,
@@ -481,12 +473,7 @@ impl Cache {
         rec.extend_from_slice(&key.to_le_bytes());
         v.iter()
             .for_each(|x| rec.extend_from_slice(&x.to_le_bytes()));
-        self.file
-            .write_all(&rec)
-            .map_err(|source| ClassifyError::Io {
-                path: self.path.clone(),
-                source,
-            })?;
+        self.file.write_all(&rec).map_err(io_err(&self.path))?;
         self.map.insert(key, v);
         Ok(())
     }

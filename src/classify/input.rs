@@ -10,8 +10,7 @@
 //! Files that cannot be code are not errors: each gets a [`Skip`] reason that is counted.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use polars::prelude::{Column, DataFrame, IntoColumn, NamedFrom, Series};
@@ -21,7 +20,7 @@ use serde_json::{Map, Value};
 use crate::artifact::docs::REPORT_FILES;
 use crate::artifact::table;
 
-use super::ClassifyError;
+use super::{io_err, ClassifyError};
 
 /// Loose source files in one part.
 pub const FILES_PER_PART: usize = 1024;
@@ -107,13 +106,6 @@ pub struct Loaded {
     pub frame: DataFrame,
     pub content_column: String,
     pub rows: Vec<Code>,
-}
-
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ClassifyError + '_ {
-    move |source| ClassifyError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 fn is_jsonl(name: &str) -> bool {
@@ -308,12 +300,7 @@ fn id_column(frame: &DataFrame, path: &Path, n: usize) -> Result<Vec<String>, Cl
 }
 
 fn load_jsonl(path: &Path, max_bytes: u64) -> Result<Loaded, ClassifyError> {
-    let file = File::open(path).map_err(io_err(path))?;
-    let reader: Box<dyn Read> = if path.to_string_lossy().ends_with(".gz") {
-        Box::new(flate2::read::MultiGzDecoder::new(file))
-    } else {
-        Box::new(file)
-    };
+    let reader = crate::artifact::docs::open_maybe_gz(path).map_err(io_err(path))?;
     let mut objects: Vec<Map<String, Value>> = Vec::new();
     let mut names: Vec<String> = Vec::new();
     for (line_no, line) in BufReader::new(reader).lines().enumerate() {
@@ -410,7 +397,8 @@ mod tests {
     fn tables_keep_their_columns() {
         let dir = tempfile::tempdir().unwrap();
         let gz = dir.path().join("data.jsonl.gz");
-        let mut enc = flate2::write::GzEncoder::new(File::create(&gz).unwrap(), Default::default());
+        let mut enc =
+            flate2::write::GzEncoder::new(std::fs::File::create(&gz).unwrap(), Default::default());
         writeln!(
             enc,
             r#"{{"content": "print(1)\n", "repo": "a/b", "stars": 3}}"#

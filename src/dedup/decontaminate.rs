@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 
 use foldhash::{HashMap, HashSet};
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -92,12 +92,7 @@ pub struct Task {
 /// Reads HumanEval (`task_id`, `prompt`, `canonical_solution`) or MBPP (`task_id`, `text`, `code`)
 /// problems from `.jsonl` or `.jsonl.gz`; the benchmark is named after the file.
 pub fn load_benchmark(path: &Path) -> Result<Vec<Task>, DedupError> {
-    let file = std::fs::File::open(path).map_err(io_err(path))?;
-    let reader: Box<dyn Read> = if path.extension().is_some_and(|e| e == "gz") {
-        Box::new(flate2::read::GzDecoder::new(file))
-    } else {
-        Box::new(file)
-    };
+    let reader = crate::artifact::docs::open_maybe_gz(path).map_err(io_err(path))?;
     let name = path
         .file_name()
         .and_then(|n| n.to_str())

@@ -8,8 +8,7 @@
 //! process exits 0 within the time limit.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -17,7 +16,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::{pass_at_k, EvalError};
+use super::{io_err, pass_at_k, EvalError};
 use crate::artifact::atomic;
 use crate::model::sample::{generate, SamplingParams};
 use crate::model::tokenizer::Tokenizer;
@@ -45,23 +44,11 @@ impl Problem {
     }
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EvalError + '_ {
-    move |source| EvalError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 /// A jsonl row and its line number.
 type Row = (usize, Map<String, Value>);
 
 fn read_jsonl(path: &Path) -> Result<Vec<Row>, EvalError> {
-    let file = File::open(path).map_err(io_err(path))?;
-    let reader: Box<dyn Read> = if path.extension().is_some_and(|e| e == "gz") {
-        Box::new(flate2::read::MultiGzDecoder::new(file))
-    } else {
-        Box::new(file)
-    };
+    let reader = crate::artifact::docs::open_maybe_gz(path).map_err(io_err(path))?;
     let mut rows = Vec::new();
     for (i, line) in BufReader::new(reader).lines().enumerate() {
         let line = line.map_err(io_err(path))?;

@@ -111,6 +111,13 @@ pub fn validation_loss(
     })
 }
 
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EvalError + '_ {
+    move |source| EvalError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 /// The unbiased pass@k estimator of Chen et al. (2021): the probability that at least one of k
 /// samples drawn without replacement from `n` samples, `c` of them correct, is correct:
 /// 1 − C(n−c, k) / C(n, k), computed as a product to stay exact for large n.

@@ -16,7 +16,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::EvalError;
+use super::{io_err, EvalError};
 use crate::artifact::shards::{self, Layout};
 use crate::artifact::table::{self, Kind, Schema};
 use crate::generate::prompt::Template;
@@ -44,13 +44,6 @@ pub struct Continuation {
     pub index: usize,
     pub beginning: String,
     pub completion: String,
-}
-
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EvalError + '_ {
-    move |source| EvalError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// Continues every beginning once, appending to `path` as it goes; beginnings already continued
