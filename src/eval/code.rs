@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 
 use super::{io_err, pass_at_k, EvalError};
 use crate::artifact::atomic;
-use crate::model::sample::{generate, SamplingParams};
+use crate::model::sample::{first_stop, generate, SamplingParams};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::Decoder;
 use crate::sandbox::{Sandbox, Verdict};
@@ -153,12 +153,7 @@ pub fn load_samples(path: &Path) -> Result<Vec<Sample>, EvalError> {
 
 /// The completion cut at the first stop sequence.
 pub fn truncate_at_stops(text: &str, stops: &[String]) -> String {
-    let end = stops
-        .iter()
-        .filter_map(|s| text.find(s.as_str()))
-        .min()
-        .unwrap_or(text.len());
-    text[..end].to_string()
+    text[..first_stop(text, stops).unwrap_or(text.len())].to_string()
 }
 
 pub struct GenerateSettings {
@@ -223,7 +218,7 @@ pub fn generate_samples(
             };
             let out = generate(model, &prompts, &params, &eos, |_, row_ids| {
                 let text = tokenizer.decode(row_ids).unwrap_or_default();
-                !settings.stops.iter().any(|s| text.contains(s.as_str()))
+                first_stop(&text, &settings.stops).is_none()
             })?;
             for row in out.ids {
                 let mut row = row;

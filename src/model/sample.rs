@@ -219,6 +219,11 @@ pub fn generate(
     })
 }
 
+/// Where the earliest of `stops` begins in `text`, if any does.
+pub fn first_stop(text: &str, stops: &[String]) -> Option<usize> {
+    stops.iter().filter_map(|s| text.find(s.as_str())).min()
+}
+
 /// Turns one row's growing ids into text to print: cuts at the first stop string (never printed)
 /// and holds back a tail that could still become one.
 pub struct TextStream<'a> {
@@ -239,12 +244,7 @@ impl<'a> TextStream<'a> {
     /// The new text after `ids` (all new ids so far) and whether a stop string was reached.
     pub fn push(&mut self, ids: &[u32]) -> Result<(String, bool), ModelError> {
         let text = self.tokenizer.decode(ids)?;
-        if let Some(cut) = self
-            .stops
-            .iter()
-            .filter_map(|s| text.find(s.as_str()))
-            .min()
-        {
+        if let Some(cut) = first_stop(&text, self.stops) {
             return Ok((self.take(&text, cut), true));
         }
         let hold = self
@@ -263,12 +263,7 @@ impl<'a> TextStream<'a> {
     /// Whatever was held back, once the row is finished.
     pub fn finish(&mut self, ids: &[u32]) -> Result<String, ModelError> {
         let text = self.tokenizer.decode(ids)?;
-        let end = self
-            .stops
-            .iter()
-            .filter_map(|s| text.find(s.as_str()))
-            .min()
-            .unwrap_or(text.len());
+        let end = first_stop(&text, self.stops).unwrap_or(text.len());
         Ok(self.take(&text, end))
     }
 
