@@ -7,10 +7,11 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, Module, VarBuilder};
 use serde::Deserialize;
 
+use super::embed::{masked_mean, padded};
 use super::{io_err, ClassifyError};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -181,18 +182,10 @@ impl Bert {
     }
 
     /// L2-normalised mean of the last hidden states over the real tokens of each row.
-    pub fn embed_ids(&self, rows: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, ClassifyError> {
+    pub fn embed_ids(&self, rows: &[impl AsRef<[u32]>]) -> Result<Vec<Vec<f32>>, ClassifyError> {
         let dev = Device::Cpu;
-        let t = rows.iter().map(Vec::len).max().unwrap_or(1).max(1);
-        let b = rows.len();
-        let mut flat = Vec::with_capacity(b * t);
-        let mut mask = Vec::with_capacity(b * t);
-        for r in rows {
-            flat.extend(r.iter().copied().chain(std::iter::repeat(self.pad)).take(t));
-            mask.extend((0..t).map(|k| if k < r.len() { 1f32 } else { 0.0 }));
-        }
-        let ids = Tensor::from_vec(flat, (b, t), &dev)?;
-        let mask = Tensor::from_vec(mask, (b, t), &dev)?;
+        let (ids, mask) = padded(rows, self.pad, &dev)?;
+        let (b, t) = ids.dims2()?;
         let positions = Tensor::arange(0u32, t as u32, &dev)?
             .unsqueeze(0)?
             .broadcast_as((b, t))?;
@@ -221,8 +214,7 @@ impl Bert {
             let ff = l.output.forward(&l.intermediate.forward(&x)?.gelu_erf()?)?;
             x = l.out_norm.forward(&(ff + &x)?)?;
         }
-        let m = mask.unsqueeze(D::Minus1)?;
-        let pooled = x.broadcast_mul(&m)?.sum(1)?.broadcast_div(&m.sum(1)?)?;
+        let pooled = masked_mean(&x, &mask)?;
         let norm = pooled
             .sqr()?
             .sum_keepdim(1)?

@@ -268,7 +268,7 @@ impl Embedder for LmEmbedder {
     }
 
     fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, ClassifyError> {
-        let mut ids: Vec<Vec<u32>> = texts
+        let ids: Vec<Vec<u32>> = texts
             .iter()
             .map(|t| {
                 let mut ids = self.tokenizer.encode(t)?;
@@ -285,46 +285,70 @@ impl Embedder for LmEmbedder {
                 Ok(ids)
             })
             .collect::<Result<_, ClassifyError>>()?;
-        // Batches of similar lengths waste little on padding; results go back in input order.
-        let mut order: Vec<usize> = (0..ids.len()).collect();
-        order.sort_by_key(|&i| ids[i].len());
-        let mut out = vec![Vec::new(); ids.len()];
-        for chunk in order.chunks(self.batch) {
-            let t = chunk.iter().map(|&i| ids[i].len()).max().unwrap_or(1);
-            let mut flat = Vec::with_capacity(chunk.len() * t);
-            let mut mask = Vec::with_capacity(chunk.len() * t);
-            for &i in chunk {
-                let row = std::mem::take(&mut ids[i]);
-                mask.extend((0..t).map(|k| if k < row.len() { 1f32 } else { 0.0 }));
-                flat.extend(
-                    row.iter()
-                        .copied()
-                        .chain(std::iter::repeat(self.pad))
-                        .take(t),
-                );
-            }
-            let dev = self.model.device();
-            let input = Tensor::from_vec(flat, (chunk.len(), t), dev)?;
-            let mask = Tensor::from_vec(mask, (chunk.len(), t, 1), dev)?;
+        by_length(&ids, self.batch, |rows| {
+            let (input, mask) = padded(rows, self.pad, self.model.device())?;
             // Right padding under a causal mask: real positions never see the pads.
             let hidden = self
                 .model
                 .hidden_states(&input, None)?
                 .to_dtype(DType::F32)?;
-            let pooled = hidden
-                .broadcast_mul(&mask)?
-                .sum(1)?
-                .broadcast_div(&mask.sum(1)?)?;
-            for (&i, v) in chunk.iter().zip(pooled.to_vec2::<f32>()?) {
-                out[i] = v;
-            }
-        }
-        Ok(out)
+            Ok(masked_mean(&hidden, &mask)?.to_vec2::<f32>()?)
+        })
     }
 
     fn cacheable(&self) -> bool {
         true
     }
+}
+
+/// Embeds token rows in batches of similar length (little padding), `batch` rows at a time;
+/// the vectors come back in input order.
+fn by_length(
+    ids: &[Vec<u32>],
+    batch: usize,
+    mut embed: impl FnMut(&[&[u32]]) -> Result<Vec<Vec<f32>>, ClassifyError>,
+) -> Result<Vec<Vec<f32>>, ClassifyError> {
+    let mut order: Vec<usize> = (0..ids.len()).collect();
+    order.sort_by_key(|&i| ids[i].len());
+    let mut out = vec![Vec::new(); ids.len()];
+    for chunk in order.chunks(batch.max(1)) {
+        let rows: Vec<&[u32]> = chunk.iter().map(|&i| ids[i].as_slice()).collect();
+        for (&i, v) in chunk.iter().zip(embed(&rows)?) {
+            out[i] = v;
+        }
+    }
+    Ok(out)
+}
+
+/// Right-padded ids (B, T) of `rows` and their mask (B, T): 1 on real tokens, 0 on padding.
+pub(super) fn padded(
+    rows: &[impl AsRef<[u32]>],
+    pad: u32,
+    dev: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let t = rows
+        .iter()
+        .map(|r| r.as_ref().len())
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let mut flat = Vec::with_capacity(rows.len() * t);
+    let mut mask = Vec::with_capacity(rows.len() * t);
+    for r in rows {
+        let r = r.as_ref();
+        flat.extend(r.iter().copied().chain(std::iter::repeat(pad)).take(t));
+        mask.extend((0..t).map(|k| if k < r.len() { 1f32 } else { 0.0 }));
+    }
+    Ok((
+        Tensor::from_vec(flat, (rows.len(), t), dev)?,
+        Tensor::from_vec(mask, (rows.len(), t), dev)?,
+    ))
+}
+
+/// The mean of `hidden` (B, T, H) over the positions where `mask` (B, T) is 1.
+pub(super) fn masked_mean(hidden: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    let m = mask.unsqueeze(candle_core::D::Minus1)?;
+    hidden.broadcast_mul(&m)?.sum(1)?.broadcast_div(&m.sum(1)?)
 }
 
 /// A short hash of a model directory's `config.json` and `*.safetensors`: the weights identify
@@ -393,16 +417,7 @@ impl Embedder for BertEmbedder {
             .par_iter()
             .map(|t| self.bert.encode(t, self.max_tokens))
             .collect::<Result<_, _>>()?;
-        let mut order: Vec<usize> = (0..ids.len()).collect();
-        order.sort_by_key(|&i| ids[i].len());
-        let mut out = vec![Vec::new(); ids.len()];
-        for chunk in order.chunks(self.batch) {
-            let rows: Vec<Vec<u32>> = chunk.iter().map(|&i| ids[i].clone()).collect();
-            for (&i, v) in chunk.iter().zip(self.bert.embed_ids(&rows)?) {
-                out[i] = v;
-            }
-        }
-        Ok(out)
+        by_length(&ids, self.batch, |rows| self.bert.embed_ids(rows))
     }
 
     fn cacheable(&self) -> bool {
