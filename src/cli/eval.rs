@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use candle_core::Device;
 use clap::{Args, Subcommand};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::ProgressBar;
 
 use super::Outcome;
 use crate::eval::code::{self, GenerateSettings, HUMANEVAL_STOPS};
@@ -125,22 +125,27 @@ pub struct CodeEvalArgs {
     pub python: Option<PathBuf>,
 }
 
+/// The sampler of a model under evaluation: temperature 0 is greedy, top-p 1 is off.
+fn sampling(max_new_tokens: usize, temperature: f64, top_p: f64, seed: u64) -> SamplingParams {
+    SamplingParams {
+        max_new_tokens,
+        temperature,
+        top_k: None,
+        top_p: (top_p < 1.0).then_some(top_p),
+        repetition_penalty: 1.0,
+        seed,
+        greedy: temperature <= 0.0,
+    }
+}
+
 fn bar(quiet: bool, len: usize, what: &str) -> ProgressBar {
-    let bar = ProgressBar::with_draw_target(
+    super::progress_bar(
+        quiet,
         Some(len as u64),
-        if quiet {
-            ProgressDrawTarget::hidden()
-        } else {
-            ProgressDrawTarget::stderr()
-        },
-    );
-    bar.set_style(
-        ProgressStyle::with_template(&format!(
+        &format!(
             "{{spinner}} {what} {{pos}}/{{len}} [{{elapsed_precise}} < {{eta_precise}}] {{per_sec}}"
-        ))
-        .expect("the template is valid"),
-    );
-    bar
+        ),
+    )
 }
 
 pub async fn eval(cmd: &EvalCommand, quiet: bool) -> anyhow::Result<Outcome> {
@@ -181,15 +186,7 @@ pub async fn eval(cmd: &EvalCommand, quiet: bool) -> anyhow::Result<Outcome> {
             let tokenizer = Tokenizer::for_checkpoint(dir)?;
             let settings = GenerateSettings {
                 samples_per_task: args.samples_per_task,
-                params: SamplingParams {
-                    max_new_tokens: args.max_new_tokens,
-                    temperature: args.temperature,
-                    top_k: None,
-                    top_p: (args.top_p < 1.0).then_some(args.top_p),
-                    repetition_penalty: 1.0,
-                    seed: args.seed,
-                    greedy: args.temperature <= 0.0,
-                },
+                params: sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed),
                 stops: HUMANEVAL_STOPS.iter().map(|s| s.to_string()).collect(),
                 batch: args.batch,
             };
@@ -279,15 +276,7 @@ async fn stories(a: &StoriesArgs, quiet: bool) -> anyhow::Result<Outcome> {
         .with_context(|| format!("could not create {}", a.out.display()))?;
     let model = checkpoint::load(&a.checkpoint, candle_core::DType::F32, &Device::Cpu)?;
     let tokenizer = Tokenizer::for_checkpoint(&a.checkpoint)?;
-    let params = SamplingParams {
-        max_new_tokens: a.max_new_tokens,
-        temperature: a.gen_temperature,
-        top_k: None,
-        top_p: (a.gen_top_p < 1.0).then_some(a.gen_top_p),
-        repetition_penalty: 1.0,
-        seed: a.seed,
-        greedy: a.gen_temperature <= 0.0,
-    };
+    let params = sampling(a.max_new_tokens, a.gen_temperature, a.gen_top_p, a.seed);
     let continuations = stories::continue_stories(
         &model,
         &tokenizer,

@@ -6,17 +6,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::{print_dry_run, resolve_price, run_corpus, Outcome, OutputArgs, TeacherArgs};
+use super::{run_corpus, Outcome, OutputArgs, TeacherArgs};
 use crate::classify::annotate::{self, Annotate};
 use crate::classify::embed::EmbedderSpec;
 use crate::classify::forest::{Engine, ForestParams};
 use crate::classify::{self, FilterOptions, InputOptions, TrainOptions};
 use crate::dedup::Slice;
-use crate::generate::engine;
 use crate::generate::prompt::Template;
-use crate::teacher::Sampling;
 
 #[derive(Debug, Clone, Args)]
 pub struct InputArgs {
@@ -376,19 +373,10 @@ pub async fn filter(args: &FilterArgs, quiet: bool) -> anyhow::Result<Outcome> {
         cache: Some(args.model_args.embed_cache.clone()),
         batch: args.batch,
     };
-    let bar = ProgressBar::with_draw_target(
+    let bar = super::progress_bar(
+        quiet,
         None,
-        if quiet {
-            ProgressDrawTarget::hidden()
-        } else {
-            ProgressDrawTarget::stderr()
-        },
-    );
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} scoring: {pos} files [{elapsed_precise}] {per_sec}",
-        )
-        .expect("the template is valid"),
+        "{spinner} scoring: {pos} files [{elapsed_precise}] {per_sec}",
     );
     bar.enable_steady_tick(Duration::from_millis(200));
     let stats = classify::filter(&opts, &|files| bar.inc(files))?;
@@ -434,24 +422,6 @@ async fn recipe_steps(
     let rated = annotate::load_labels(labels).map(|l| l.len()).unwrap_or(0);
     if rated < args.sample.sample {
         let (corpus, output) = prepare(input, &args.sample, labels)?;
-        let estimate = engine::dry_run(
-            corpus.clone(),
-            &t.model,
-            Sampling {
-                temperature: t.temperature,
-                top_p: t.top_p,
-                max_tokens: t.max_tokens.unwrap_or(RATING_MAX_TOKENS),
-            },
-            resolve_price(t)?,
-            &engine::GenerateOptions {
-                out: labels.to_path_buf(),
-                n: output.n,
-                seed: output.seed,
-                max_attempts: output.max_attempts,
-                shard_size: output.shard_size,
-                concurrency: 1,
-            },
-        )?;
         println!(
             "filter recipe, step 1 of 3: rating a sample of {} files with {}{}",
             output.n,
@@ -459,19 +429,25 @@ async fn recipe_steps(
             t.max_cost
                 .map_or(String::new(), |m| format!(" (stopping before ${m:.2})")),
         );
-        print_dry_run(&estimate, &t.model);
-        if t.dry_run {
-            return Ok(());
-        }
-        let outcome = run_corpus(
-            corpus,
-            t,
+        // The estimate first, as `--dry-run` prints it; then, unless that was asked for, the run.
+        let preview = TeacherArgs {
+            dry_run: true,
+            ..t.clone()
+        };
+        let dir = labels.to_path_buf();
+        run_corpus(
+            corpus.clone(),
+            &preview,
             &output,
-            labels.to_path_buf(),
+            dir.clone(),
             RATING_MAX_TOKENS,
             quiet,
         )
         .await?;
+        if t.dry_run {
+            return Ok(());
+        }
+        let outcome = run_corpus(corpus, t, &output, dir, RATING_MAX_TOKENS, quiet).await?;
         match outcome {
             Outcome::Interrupted => {
                 bail!("interrupted while rating: re-run the same command to continue")

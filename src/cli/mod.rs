@@ -469,7 +469,11 @@ async fn run_corpus<C: Corpus>(
     })?);
     let ledger = Arc::new(Ledger::new(price, t.max_cost));
     let state = Arc::new(RunState::default());
-    let bar = progress_bar(quiet);
+    let bar = progress_bar(
+        quiet,
+        Some(0),
+        "{spinner} {pos}/{len} [{elapsed_precise} < {eta_precise}] {per_sec} {msg}",
+    );
     let ticker = tokio::spawn(tick(
         bar.clone(),
         state.clone(),
@@ -499,21 +503,18 @@ async fn run_corpus<C: Corpus>(
     })
 }
 
-fn progress_bar(quiet: bool) -> ProgressBar {
+/// A progress bar on stderr (hidden with `--quiet`) of `len` steps (`None`: unknown) drawn with
+/// an indicatif `template`.
+fn progress_bar(quiet: bool, len: Option<u64>, template: &str) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(
-        Some(0),
+        len,
         if quiet {
             ProgressDrawTarget::hidden()
         } else {
             ProgressDrawTarget::stderr()
         },
     );
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} {pos}/{len} [{elapsed_precise} < {eta_precise}] {per_sec} {msg}",
-        )
-        .expect("the template is valid"),
-    );
+    bar.set_style(ProgressStyle::with_template(template).expect("the template is valid"));
     bar
 }
 
