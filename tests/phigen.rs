@@ -1216,7 +1216,7 @@ fn eval_humaneval_scores_a_samples_file() {
 /// and `stories.json` has a mean and interval per metric. A re-run reuses every grade (no request).
 #[tokio::test(flavor = "multi_thread")]
 async fn eval_stories_grades_continuations_and_reuses_grades() {
-    use phigen::model::{checkpoint, tokenizer, Decoder, PhiConfig};
+    use phigen::model::{checkpoint, tokenizer::Encoding, PhiConfig};
     let server = mock(Faults::default()).await;
     let tmp = tempfile::tempdir().unwrap();
     let ckpt = tmp.path().join("tiny");
@@ -1224,10 +1224,7 @@ async fn eval_stories_grades_continuations_and_reuses_grades() {
         vocab_size: 50304,
         ..PhiConfig::preset("tiny-phi").unwrap()
     };
-    let w =
-        Decoder::init_weights(&cfg, 1, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
-    checkpoint::save(&ckpt, &cfg, &w, candle_core::DType::F32).unwrap();
-    tokenizer::write_phigen_file(&ckpt, tokenizer::Encoding::Gpt2).unwrap();
+    checkpoint::save_random(&ckpt, &cfg, 1, candle_core::DType::F32, Encoding::Gpt2).unwrap();
     let out = tmp.path().join("stories");
     let cmd = || {
         let mut c = Command::new(BIN);

@@ -8,10 +8,10 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
 
+use crate::model::checkpoint;
 use crate::model::config::{PhiConfig, PRESETS};
 use crate::model::sample::{generate, Finish, SamplingParams, TextStream};
-use crate::model::tokenizer::{self, Encoding, Tokenizer};
-use crate::model::{checkpoint, Decoder};
+use crate::model::tokenizer::{Encoding, Tokenizer};
 
 /// Number format of weights in memory (sampling) or on disk (init).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -108,9 +108,13 @@ pub fn init(args: &InitArgs) -> anyhow::Result<()> {
         );
     }
     let cfg = PhiConfig::preset(&args.preset)?;
-    let weights = Decoder::init_weights(&cfg, args.seed, DType::F32, &Device::Cpu)?;
-    checkpoint::save(&args.out, &cfg, &weights, args.dtype.into())?;
-    tokenizer::write_phigen_file(&args.out, args.tokenizer)?;
+    checkpoint::save_random(
+        &args.out,
+        &cfg,
+        args.seed,
+        args.dtype.into(),
+        args.tokenizer,
+    )?;
     tracing::info!(
         "wrote {} ({}, {:.1}M parameters) to {}",
         args.preset,

@@ -548,17 +548,14 @@ mod tests {
     /// holds a stop sequence, and a second call generates nothing (it resumes from the file).
     #[test]
     fn generation_writes_resumable_samples() {
-        use crate::model::{checkpoint, tokenizer, PhiConfig};
+        use crate::model::{checkpoint, tokenizer::Encoding, PhiConfig};
         let dir = tempfile::tempdir().unwrap();
         let ckpt = dir.path().join("tiny");
         let cfg = PhiConfig {
             vocab_size: 50304,
             ..PhiConfig::preset("tiny-phi").unwrap()
         };
-        let w = Decoder::init_weights(&cfg, 3, candle_core::DType::F32, &candle_core::Device::Cpu)
-            .unwrap();
-        checkpoint::save(&ckpt, &cfg, &w, candle_core::DType::F32).unwrap();
-        tokenizer::write_phigen_file(&ckpt, tokenizer::Encoding::Gpt2).unwrap();
+        checkpoint::save_random(&ckpt, &cfg, 3, candle_core::DType::F32, Encoding::Gpt2).unwrap();
         let model =
             checkpoint::load(&ckpt, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
         let tok = Tokenizer::for_checkpoint(&ckpt).unwrap();

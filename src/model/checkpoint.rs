@@ -154,6 +154,20 @@ fn dtype_name(dtype: DType) -> &'static str {
     }
 }
 
+/// Writes a randomly initialised checkpoint of `cfg` (weights drawn with `seed`, stored in
+/// `dtype`) that records the tiktoken `encoding` as its tokenizer: `phigen init`, and tests.
+pub fn save_random(
+    dir: &Path,
+    cfg: &PhiConfig,
+    seed: u64,
+    dtype: DType,
+    encoding: super::tokenizer::Encoding,
+) -> Result<(), ModelError> {
+    let weights = Decoder::init_weights(cfg, seed, DType::F32, &Device::Cpu)?;
+    save(dir, cfg, &weights, dtype)?;
+    super::tokenizer::write_phigen_file(dir, encoding)
+}
+
 /// Writes `config.json` + `model.safetensors` in the transformers layout (fused tensors split
 /// back into the names of `cfg.model_type`), in `dtype`. Each file goes to a temp name first.
 pub fn save(
