@@ -1147,24 +1147,17 @@ fn eval_humaneval_scores_a_samples_file() {
     )
     .unwrap();
     let out = tmp.path().join("eval");
-    let o = Command::new(BIN)
-        .args([
-            "--quiet",
-            "eval",
-            "humaneval",
-            "--problems",
-            problems.to_str().unwrap(),
-        ])
-        .args([
-            "--samples",
-            samples.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--k",
-            "1,2",
-        ])
-        .output()
-        .unwrap();
+    let eval = |extra: &[&str]| {
+        Command::new(BIN)
+            .args(["--quiet", "eval", "humaneval"])
+            .args(["--problems", problems.to_str().unwrap()])
+            .args(["--samples", samples.to_str().unwrap()])
+            .args(["--out", out.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = eval(&["--k", "1,2"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
@@ -1188,22 +1181,7 @@ fn eval_humaneval_scores_a_samples_file() {
     assert!(verdicts[3].contains("KeyError"), "{verdicts:?}");
     // A sample for a task that is not in the problems file is an error that names it.
     std::fs::write(&samples, s("Y/9", "    pass\n")).unwrap();
-    let o = Command::new(BIN)
-        .args([
-            "--quiet",
-            "eval",
-            "humaneval",
-            "--problems",
-            problems.to_str().unwrap(),
-        ])
-        .args([
-            "--samples",
-            samples.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let o = eval(&[]);
     assert!(
         !o.status.success() && stderr(&o).contains("Y/9"),
         "{}",
