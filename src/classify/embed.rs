@@ -173,9 +173,18 @@ impl Hashed {
             }
         };
         let max_line = lines.iter().map(|l| l.len()).max().unwrap_or(0);
-        let chars = text.chars().count().max(1) as f32;
-        let count = |pred: fn(&char) -> bool| text.chars().filter(pred).count() as f32;
-        let letters = count(char::is_ascii_alphabetic).max(1.0);
+        // Character classes in one pass over the text.
+        let [mut chars, mut alpha, mut digit, mut space, mut non_ascii, mut upper] = [0usize; 6];
+        for c in text.chars() {
+            chars += 1;
+            alpha += usize::from(c.is_ascii_alphabetic());
+            upper += usize::from(c.is_ascii_uppercase());
+            digit += usize::from(c.is_ascii_digit());
+            space += usize::from(c.is_whitespace());
+            non_ascii += usize::from(!c.is_ascii());
+        }
+        let chars = chars.max(1) as f32;
+        let letters = (alpha as f32).max(1.0);
         let longest_word = text.split_whitespace().map(str::len).max().unwrap_or(0);
         let values = [
             (b.len() as f32 + 1.0).log2(),
@@ -191,11 +200,11 @@ impl Hashed {
             share(&starts(&["import ", "from "])),
             share(&starts(&["assert ", "self.assert"])),
             share(&|l| l.starts_with(' ') || l.starts_with('\t')),
-            count(char::is_ascii_alphabetic) / chars,
-            count(char::is_ascii_digit) / chars,
-            count(|c| c.is_whitespace()) / chars,
-            count(|c| !c.is_ascii()) / chars,
-            count(char::is_ascii_uppercase) / letters,
+            alpha as f32 / chars,
+            digit as f32 / chars,
+            space as f32 / chars,
+            non_ascii as f32 / chars,
+            upper as f32 / letters,
             identifier_bytes as f32 / identifiers.max(1) as f32,
             distinct.len() as f32 / identifiers.max(1) as f32,
             numbers as f32 / norm,
