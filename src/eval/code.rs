@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 
 use super::{io_err, pass_at_k, EvalError};
 use crate::artifact::atomic;
-use crate::model::sample::{first_stop, generate, SamplingParams};
+use crate::model::sample::{context_room, first_stop, generate, SamplingParams};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::Decoder;
 use crate::sandbox::{Sandbox, Verdict};
@@ -195,10 +195,7 @@ pub fn generate_samples(
             .saturating_sub(counts.get(&problem.task_id).copied().unwrap_or(0));
         let ids = tokenizer.encode(&problem.prompt)?;
         // The completion gets what room the context has left after the prompt.
-        let room = model
-            .config()
-            .max_position_embeddings
-            .saturating_sub(ids.len());
+        let room = context_room(model, ids.len());
         let mut new = Vec::new();
         if room == 0 && missing > 0 {
             tracing::warn!(task = %problem.task_id, prompt_tokens = ids.len(), "the prompt fills the model's context: empty completions (they fail)");

@@ -21,7 +21,7 @@ use crate::artifact::shards::{self, Layout};
 use crate::artifact::table::{self, Kind, Schema};
 use crate::generate::prompt::Template;
 use crate::generate::{Corpus, Drop, DropReason};
-use crate::model::sample::{generate, SamplingParams};
+use crate::model::sample::{context_room, generate, SamplingParams};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::Decoder;
 
@@ -76,10 +76,7 @@ pub fn continue_stories(
             continue;
         }
         let ids = tokenizer.encode(beginning)?;
-        let room = model
-            .config()
-            .max_position_embeddings
-            .saturating_sub(ids.len());
+        let room = context_room(model, ids.len());
         let out = generate(
             model,
             &[ids],

@@ -23,6 +23,14 @@ pub struct SamplingParams {
     pub greedy: bool,
 }
 
+/// New tokens that still fit in `model`'s context after a prompt of `prompt_len` tokens.
+pub fn context_room(model: &Decoder, prompt_len: usize) -> usize {
+    model
+        .config()
+        .max_position_embeddings
+        .saturating_sub(prompt_len)
+}
+
 impl Default for SamplingParams {
     fn default() -> Self {
         SamplingParams {
