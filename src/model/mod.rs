@@ -3,9 +3,11 @@
 //! sequence- and token-classification heads, Hugging Face checkpoints, tokenizers and sampling.
 //! Shared by the trainer, the classifier's embedder and the in-process teacher.
 
+pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod decoder;
+pub mod gguf;
 pub mod names;
 pub mod rope;
 pub mod sample;

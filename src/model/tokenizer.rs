@@ -99,6 +99,18 @@ impl Tokenizer {
         }
     }
 
+    /// Ids of text that already holds its special tokens (a rendered chat template): nothing is
+    /// added around it, as transformers' `apply_chat_template` tokenizes.
+    pub fn encode_rendered(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        match self {
+            Tokenizer::Tiktoken(_) => self.encode(text),
+            Tokenizer::HuggingFace(t) => t
+                .encode(text, false)
+                .map(|enc| enc.get_ids().to_vec())
+                .map_err(|e| ModelError::Tokenizer(e.to_string())),
+        }
+    }
+
     /// The text of `ids`. A character whose bytes are split across tokens appears once complete:
     /// the text stops before an incomplete trailing character (other invalid bytes become U+FFFD).
     /// Ids a tiktoken encoding does not have (the padding rows of a model's embedding, e.g.
