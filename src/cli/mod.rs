@@ -27,6 +27,7 @@ use crate::generate::stories::{self, Stories, Vocabulary};
 use crate::generate::textbooks::{self, Textbooks};
 use crate::generate::Corpus;
 use crate::sandbox::{Limits, Sandbox};
+use crate::teacher::local::{self, Engine, LocalModel, LocalTeacher};
 use crate::teacher::mock::{Faults, MockServer};
 use crate::teacher::openai::OpenAiTeacher;
 use crate::teacher::pricing::{default_price, Ledger, Price};
@@ -60,6 +61,8 @@ pub enum Command {
     Exercises(ExercisesArgs),
     /// Serve a deterministic fake OpenAI-compatible API on loopback (tests, benchmarks, trying a pipeline offline).
     MockServer(MockServerArgs),
+    /// Serve a model (a checkpoint directory phigen trained or from Hugging Face, a .gguf file, or a Hub id) as an OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models.
+    Serve(ServeArgs),
     /// Generate text from a checkpoint (phi-1/1.5/2, phi-3 or llama layout, Hugging Face format).
     Sample(model::SampleArgs),
     /// Write a randomly initialised checkpoint of a preset size (training from scratch, benchmarks).
@@ -93,13 +96,12 @@ pub enum Command {
 /// How to reach the teacher and what to pay it; shared by every generating command.
 #[derive(Debug, Clone, Args)]
 pub struct TeacherArgs {
-    /// Base URL of an OpenAI-compatible API: OpenAI, vLLM (http://HOST:8000/v1), llama.cpp server (http://HOST:8080/v1), Ollama (http://localhost:11434/v1).
-    #[arg(
-        long,
-        env = "OPENAI_BASE_URL",
-        default_value = "https://api.openai.com/v1"
-    )]
-    pub base_url: String,
+    /// Who writes the data: `http` (the OpenAI-compatible API at --base-url) or `local:SPEC`, a model run inside phigen: SPEC is a checkpoint directory (config.json, model.safetensors, tokenizer.json), a .gguf file, or a Hugging Face id fetched into the Hugging Face cache on first use. [default: http when --base-url or the key variable is set, else local:HuggingFaceTB/SmolLM2-135M-Instruct, a 135M model for trying the pipeline]
+    #[arg(long, env = "PHIGEN_TEACHER")]
+    pub teacher: Option<String>,
+    /// Base URL of an OpenAI-compatible API: OpenAI (https://api.openai.com/v1, the default), vLLM (http://HOST:8000/v1), llama.cpp server (http://HOST:8080/v1), Ollama (http://localhost:11434/v1), `phigen serve` (http://127.0.0.1:8000/v1).
+    #[arg(long, env = "OPENAI_BASE_URL")]
+    pub base_url: Option<String>,
     /// Model name as the server knows it.
     #[arg(long, env = "PHIGEN_MODEL", default_value = "gpt-4o-mini")]
     pub model: String,
@@ -121,7 +123,7 @@ pub struct TeacherArgs {
     /// Seconds before one request is abandoned (and retried).
     #[arg(long, default_value_t = 120.0)]
     pub timeout: f64,
-    /// Requests in flight at most; the pool shrinks by itself when the server answers 429/503.
+    /// Requests in flight at most (for a local teacher: sequences generated together); the pool shrinks by itself when the server answers 429/503.
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
     /// Retries of one request after 429, 5xx, timeouts, dropped connections or malformed bodies.
@@ -240,6 +242,28 @@ pub struct MockServerArgs {
     pub addr: SocketAddr,
     #[command(flatten)]
     pub faults: Faults,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// The model: a checkpoint directory (config.json, model.safetensors, tokenizer), a .gguf file, or a Hugging Face id.
+    #[arg(long)]
+    pub checkpoint: String,
+    /// Port to listen on (0 picks a free one; the address is printed).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Address to bind. The server has no authentication: keep it on loopback unless the network is trusted.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: std::net::IpAddr,
+    /// The model name in /v1/models and in answers [default: local:CHECKPOINT].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Sequences generated together (requests waiting beyond this queue up).
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 /// How a successful command ended.
@@ -393,6 +417,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Filter(args) => filter::filter(&args, cli.quiet).await,
         Command::Eval(cmd) => eval::eval(&cmd, cli.quiet).await,
         Command::Scoreboard(args) => eval::scoreboard(&args),
+        Command::Serve(args) => {
+            let engine = local_engine(&args.checkpoint, args.batch, args.seed).await?;
+            let addr = SocketAddr::new(args.host, args.port);
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("could not listen on {addr}"))?;
+            let addr = listener.local_addr()?;
+            let name = args
+                .name
+                .clone()
+                .unwrap_or_else(|| engine.model().name.clone());
+            let _server = crate::teacher::serve::start(listener, engine, name.clone());
+            println!("serving {name} on http://{addr}/v1 (Ctrl-C stops)");
+            tokio::signal::ctrl_c().await?;
+            Ok(Outcome::Complete)
+        }
         Command::MockServer(args) => {
             if !args.addr.ip().is_loopback() {
                 bail!("--addr {} is not a loopback address: the mock server only listens on 127.0.0.0/8 or [::1]", args.addr);
@@ -407,11 +447,43 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     }
 }
 
-fn resolve_price(t: &TeacherArgs) -> anyhow::Result<Option<Price>> {
-    let price = match (t.price_input, t.price_output) {
-        (Some(input_per_m), Some(output_per_m)) => Some(Price {
+/// Which teacher a generating command uses.
+enum Backend {
+    Http { base_url: String },
+    Local { spec: String },
+}
+
+const OPENAI_URL: &str = "https://api.openai.com/v1";
+
+impl TeacherArgs {
+    fn backend(&self) -> anyhow::Result<Backend> {
+        let http = || Backend::Http {
+            base_url: self.base_url.clone().unwrap_or_else(|| OPENAI_URL.into()),
+        };
+        match self.teacher.as_deref() {
+            Some("http") => Ok(http()),
+            Some(t) => match t.strip_prefix("local:") {
+                Some(spec) if !spec.is_empty() => Ok(Backend::Local { spec: spec.into() }),
+                _ => bail!("--teacher {t:?}: expected `http` or `local:SPEC` (SPEC: a checkpoint directory, a .gguf file or a Hugging Face id such as {})", local::DEFAULT_MODEL),
+            },
+            None if self.base_url.is_some() || std::env::var_os(&self.api_key_env).is_some() => Ok(http()),
+            None => {
+                eprintln!("no --base-url and no ${} set: using the local teacher {} (--teacher local:SPEC picks another; {})", self.api_key_env, local::DEFAULT_MODEL, local::SMALL_TEACHER_NOTE);
+                Ok(Backend::Local { spec: local::DEFAULT_MODEL.into() })
+            }
+        }
+    }
+}
+
+fn resolve_price(t: &TeacherArgs, backend: &Backend) -> anyhow::Result<Option<Price>> {
+    let price = match (t.price_input, t.price_output, backend) {
+        (Some(input_per_m), Some(output_per_m), _) => Some(Price {
             input_per_m,
             output_per_m,
+        }),
+        (_, _, Backend::Local { .. }) => Some(Price {
+            input_per_m: 0.0,
+            output_per_m: 0.0,
         }),
         _ => default_price(&t.model),
     };
@@ -440,7 +512,8 @@ async fn run_corpus<C: Corpus>(
         top_p: t.top_p,
         max_tokens: t.max_tokens.unwrap_or(default_max_tokens),
     };
-    let price = resolve_price(t)?;
+    let backend = t.backend()?;
+    let price = resolve_price(t, &backend)?;
     let opts = GenerateOptions {
         out,
         n: o.n,
@@ -449,25 +522,67 @@ async fn run_corpus<C: Corpus>(
         shard_size: o.shard_size,
         concurrency: t.concurrency.max(1),
     };
+    let model = match &backend {
+        Backend::Http { .. } => t.model.clone(),
+        Backend::Local { spec } => format!("local:{spec}"),
+    };
     if t.dry_run {
-        let plan = engine::dry_run(corpus, &t.model, sampling, price, &opts)?;
-        print_dry_run(&plan, &t.model);
+        let plan = engine::dry_run(corpus, &model, sampling, price, &opts)?;
+        print_dry_run(&plan, &model);
         return Ok(Outcome::Complete);
     }
-    let teacher = Arc::new(OpenAiTeacher::new(HttpSettings {
-        base_url: t.base_url.clone(),
-        model: t.model.clone(),
-        api_key_env: t.api_key_env.clone(),
-        sampling,
-        timeout: Duration::from_secs_f64(t.timeout.max(0.001)),
-        concurrency: t.concurrency.max(1),
-        retry: RetryPolicy {
-            max_attempts: t.retries + 1,
-            ..RetryPolicy::default()
-        },
-        max_tokens_field: t.max_tokens_field,
-    })?);
     let ledger = Arc::new(Ledger::new(price, t.max_cost));
+    match backend {
+        Backend::Http { base_url } => {
+            let teacher = OpenAiTeacher::new(HttpSettings {
+                base_url,
+                model: t.model.clone(),
+                api_key_env: t.api_key_env.clone(),
+                sampling,
+                timeout: Duration::from_secs_f64(t.timeout.max(0.001)),
+                concurrency: t.concurrency.max(1),
+                retry: RetryPolicy {
+                    max_attempts: t.retries + 1,
+                    ..RetryPolicy::default()
+                },
+                max_tokens_field: t.max_tokens_field,
+            })?;
+            drive(corpus, Arc::new(teacher), ledger, &opts, quiet).await
+        }
+        Backend::Local { spec } => {
+            let engine = local_engine(&spec, t.concurrency, o.seed).await?;
+            let teacher = LocalTeacher::new(engine, sampling);
+            drive(corpus, Arc::new(teacher), ledger, &opts, quiet).await
+        }
+    }
+}
+
+/// Loads a local model (downloading it first if it is a Hub id not yet cached) and starts its
+/// batching engine.
+async fn local_engine(spec: &str, max_batch: usize, seed: u64) -> anyhow::Result<Arc<Engine>> {
+    let owned = spec.to_string();
+    let model =
+        tokio::task::spawn_blocking(move || LocalModel::load(&owned, candle_core::DType::F32))
+            .await?
+            .with_context(|| format!("could not load the local teacher `{spec}`"))?;
+    tracing::info!(
+        "local teacher {} ({} parameters, context {}, {} at a time)",
+        model.name,
+        model.decoder.config().parameter_count(),
+        model.context(),
+        max_batch
+    );
+    Ok(Arc::new(Engine::start(Arc::new(model), max_batch, seed)))
+}
+
+/// Runs the generation engine with `teacher`, drawing the progress bar and the summary.
+async fn drive<C: Corpus, T: Teacher>(
+    corpus: Arc<C>,
+    teacher: Arc<T>,
+    ledger: Arc<Ledger>,
+    opts: &GenerateOptions,
+    quiet: bool,
+) -> anyhow::Result<Outcome> {
     let state = Arc::new(RunState::default());
     let bar = progress_bar(
         quiet,
@@ -481,20 +596,14 @@ async fn run_corpus<C: Corpus>(
         ledger.clone(),
     ));
     let interrupt = tokio::spawn(watch_interrupt(state.clone()));
-    let result = engine::generate(
-        corpus,
-        teacher.clone(),
-        ledger.clone(),
-        state.clone(),
-        &opts,
-    )
-    .await;
+    let result =
+        engine::generate(corpus, teacher.clone(), ledger.clone(), state.clone(), opts).await;
     ticker.abort();
     interrupt.abort();
     bar.finish_and_clear();
     let stats = result?;
     if !quiet {
-        print_summary(&stats, &opts);
+        print_summary(&stats, opts);
     }
     Ok(match stats.stopped {
         Some(StopReason::Interrupted) => Outcome::Interrupted,
@@ -580,6 +689,9 @@ fn print_dry_run(d: &DryRun, model: &str) {
 }
 
 fn print_summary(s: &Stats, opts: &GenerateOptions) {
+    if let Some(note) = &s.teacher_note {
+        println!("note: {note}");
+    }
     let r = &s.run;
     println!(
         "{}: {} new records in {} ({} in all of {} requested) in {:.1}s, {:.0} requests/s",

@@ -542,6 +542,10 @@ fn manifest<C: Corpus>(plan: &Plan<C>) -> Manifest {
 pub struct Stats {
     pub kind: String,
     pub model: String,
+    /// What the reader of this corpus should know about the teacher (e.g. that a tiny local
+    /// model wrote it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub teacher_note: Option<String>,
     pub requested: u64,
     /// Records in the output directory, earlier runs included.
     pub records: u64,
@@ -881,6 +885,7 @@ fn finish_stats<C: Corpus, T: Teacher>(
     Ok(Stats {
         kind: corpus.kind().to_string(),
         model: teacher.model().to_string(),
+        teacher_note: teacher.note().map(str::to_string),
         requested: opts.n,
         records: resume.records,
         complete: done == opts.n,

@@ -101,6 +101,11 @@ impl ChatTemplate {
             })
     }
 
+    /// The text of the end-of-sequence token the template writes after each turn (may be empty).
+    pub fn eos_token(&self) -> &str {
+        &self.eos_token
+    }
+
     /// The prompt text for `messages`; with `add_generation_prompt` it ends where the assistant's
     /// answer begins.
     pub fn render(

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::Linear;
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
@@ -36,6 +36,27 @@ fn linear(w: &Weights, prefix: &str, bias: bool) -> std::result::Result<Linear, 
         None
     };
     Ok(Linear::new(take(w, &format!("{prefix}.weight"))?, b))
+}
+
+/// `x @ wᵀ (+ b)` over the last dimension with every leading dimension folded into the rows: one
+/// matrix product instead of candle's per-batch-item products over a broadcast weight, which
+/// read the whole weight once per row when decoding a batch.
+fn project(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims();
+    let c = dims[dims.len() - 1];
+    let rows = x.elem_count() / c;
+    let y = x.reshape((rows, c))?.matmul(&weight.t()?)?;
+    let y = match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out = dims.to_vec();
+    *out.last_mut().expect("x has dimensions") = y.dim(1)?;
+    y.reshape(out)
+}
+
+fn apply(l: &Linear, x: &Tensor) -> Result<Tensor> {
+    project(x, l.weight(), l.bias())
 }
 
 fn dropout(x: &Tensor, p: f64, training: bool) -> Result<Tensor> {
@@ -206,7 +227,7 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, k, d) = (self.heads, self.kv_heads, self.head_dim);
-        let qkv = self.qkv.forward(x)?; //                                          (B, T, (H+2K)D)
+        let qkv = apply(&self.qkv, x)?; //                                          (B, T, (H+2K)D)
         let q = qkv.narrow(2, 0, h * d)?.reshape((b, t, h, d))?;
         let key = qkv.narrow(2, h * d, k * d)?.reshape((b, t, k, d))?;
         let value = qkv.narrow(2, (h + k) * d, k * d)?.reshape((b, t, k, d))?;
@@ -256,7 +277,7 @@ impl Attention {
             .reshape((b, h, t, d))?
             .transpose(1, 2)?
             .reshape((b, t, h * d))?; // (B, T, H·D)
-        self.out.forward(&y)
+        apply(&self.out, &y)
     }
 }
 
@@ -279,7 +300,7 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let up = self.up.forward(x)?; //                                  (B, T, I) or (B, T, 2I)
+        let up = apply(&self.up, x)?; //                                  (B, T, I) or (B, T, 2I)
         let hidden = match self.kind {
             MlpKind::Plain => self.act(&up)?,
             MlpKind::Gated => {
@@ -288,7 +309,7 @@ impl Mlp {
                 (self.act(&gate)? * up)?
             }
         };
-        self.down.forward(&hidden)
+        apply(&self.down, &hidden)
     }
 }
 
@@ -525,8 +546,8 @@ impl Decoder {
     /// hidden (B, T, C) → (B, T, V) through the head (the embedding when tied).
     pub fn head_forward(&self, hidden: &Tensor) -> Result<Tensor> {
         match &self.head {
-            Some(head) => head.forward(hidden),
-            None => hidden.broadcast_matmul(&self.embed.t()?),
+            Some(head) => apply(head, hidden),
+            None => project(hidden, &self.embed, None),
         }
     }
 

@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod decoder;
 pub mod gguf;
+pub mod hub;
 pub mod names;
 pub mod rope;
 pub mod sample;

@@ -91,19 +91,54 @@ fn pick(logits: &mut [f32], context: &[u32], params: &SamplingParams, rng: &mut 
         return argmax(logits);
     }
     let t = params.temperature as f32;
-    // Candidates by descending logit; top-k and top-p cut the list.
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    if let Some(k) = params.top_k {
-        order.truncate(k.max(1));
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let weight = |l: f32| f64::from((l - max) / t).exp();
+    if params.top_k.is_none() && params.top_p.is_none() {
+        // The whole softmax: no order needed.
+        let total: f64 = logits.iter().map(|&l| weight(l)).sum();
+        let mut u = rng.random::<f64>() * total;
+        for (i, &l) in logits.iter().enumerate() {
+            let w = weight(l);
+            if u < w {
+                return i as u32;
+            }
+            u -= w;
+        }
+        return argmax(logits);
     }
-    let max = logits[order[0]] / t;
-    let mut probs: Vec<f64> = order
+    // Candidates by descending logit; top-k and top-p cut the list. Sorting a 50k vocabulary per
+    // token costs more than a small model's forward pass, so the best CANDIDATES are sorted first
+    // and the rest only when they do not reach the top-p mass.
+    const CANDIDATES: usize = 64;
+    let total: f64 = logits.iter().map(|&l| weight(l)).sum();
+    let by_logit = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]);
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    let head = params
+        .top_k
+        .unwrap_or(CANDIDATES)
+        .clamp(1, CANDIDATES.max(params.top_k.unwrap_or(0)))
+        .min(order.len());
+    if head < order.len() {
+        order.select_nth_unstable_by(head - 1, by_logit);
+    }
+    order[..head].sort_unstable_by(by_logit);
+    let head_mass: f64 = order[..head]
         .iter()
-        .map(|&i| f64::from(logits[i] / t - max).exp())
-        .collect();
-    let total: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= total);
+        .map(|&i| weight(logits[i]))
+        .sum::<f64>()
+        / total;
+    let top_p = params.top_p.unwrap_or(1.0);
+    match params.top_k {
+        Some(k) => order.truncate(k.max(1)),
+        None if head_mass >= top_p => order.truncate(head),
+        None => order.sort_unstable_by(by_logit),
+    }
+    let mut probs: Vec<f64> = order.iter().map(|&i| weight(logits[i]) / total).collect();
+    if params.top_k.is_some() {
+        // Renormalise over the k kept, as transformers' TopKLogitsWarper does before top-p.
+        let kept: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= kept);
+    }
     if let Some(top_p) = params.top_p {
         // Keep the smallest prefix whose mass reaches top_p (at least one token).
         let mut mass = 0.0;

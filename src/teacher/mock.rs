@@ -16,7 +16,6 @@ use std::time::Duration;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
-use serde::Serialize;
 use tokio::net::TcpListener;
 
 /// Probabilities (0–1) of each fault per request, and how the faults behave.
@@ -96,22 +95,8 @@ impl MockServer {
             faults,
             log: log.clone(),
         });
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                let state = state.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| handle(state.clone(), req));
-                    // A service error (the "drop" fault) makes hyper close the connection unanswered.
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
+        // A handler error (the "drop" fault) makes hyper close the connection unanswered.
+        let task = super::serve::listen(listener, move |req| handle(state.clone(), req));
         Ok(MockServer { addr, log, task })
     }
 
@@ -136,7 +121,7 @@ struct State {
 #[error("connection dropped on purpose")]
 struct Dropped;
 
-type Body = Full<Bytes>;
+use super::serve::{json, Body};
 
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, Dropped> {
     let path = req.uri().path().to_string();
@@ -452,15 +437,6 @@ fn unit(prompt: &str, n: u64, salt: u8) -> f64 {
 
 fn error_body(message: &str) -> serde_json::Value {
     serde_json::json!({"error": {"message": message, "type": "mock_error"}})
-}
-
-fn json(status: StatusCode, value: &impl Serialize) -> Response<Body> {
-    let body = serde_json::to_vec(value).expect("json value always serializes");
-    Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .expect("static response parts are valid")
 }
 
 /// Adds `Retry-After`: delta-seconds when `secs >= 0`, else an HTTP date `|secs|` from now.

@@ -5,10 +5,12 @@
 //! worker pool and token accounting live here so every corpus gets them for free; the generation
 //! engine (`crate::generate`) only sees a finished answer or a typed failure.
 
+pub mod local;
 pub mod mock;
 pub mod openai;
 pub mod pricing;
 pub mod retry;
+pub mod serve;
 
 use std::future::Future;
 use std::time::Duration;
@@ -83,12 +85,15 @@ pub enum TeacherError {
     /// Retryable failures (429, 5xx, timeouts, dropped connections, malformed bodies) that kept failing.
     #[error("gave up after {attempts} attempts: {last}")]
     Exhausted { attempts: u32, last: String },
+    /// The in-process model failed; it would fail the same way for every other request.
+    #[error("the local teacher {model} failed: {reason}")]
+    Local { model: String, reason: String },
 }
 
 impl TeacherError {
     /// Errors after which no other request can succeed either: stop the whole run.
     pub fn is_fatal(&self) -> bool {
-        matches!(self, TeacherError::Auth { .. })
+        matches!(self, TeacherError::Auth { .. } | TeacherError::Local { .. })
     }
 }
 
@@ -99,6 +104,10 @@ pub trait Teacher: Send + Sync + 'static {
     fn sampling(&self) -> Sampling;
     /// Sends one user prompt and waits for the complete answer.
     fn chat(&self, prompt: &str) -> impl Future<Output = Result<Answer, TeacherError>> + Send;
+    /// A caveat about the data this teacher writes, recorded in `stats.json`.
+    fn note(&self) -> Option<&str> {
+        None
+    }
     /// Counters of what the backend did (requests, retries, throttling) for progress and stats.
     fn counters(&self) -> &retry::RequestCounters;
 }
