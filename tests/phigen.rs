@@ -1301,7 +1301,7 @@ fn tiny_chat_model(dir: &Path) {
 
 fn local_engine(dir: &Path, batch: usize) -> std::sync::Arc<phigen::teacher::local::Engine> {
     use phigen::teacher::local::{Engine, LocalModel};
-    let model = LocalModel::load(dir.to_str().unwrap(), candle_core::DType::F32).unwrap();
+    let model = LocalModel::load(dir.to_str().unwrap(), candle_core::DType::F32, true).unwrap();
     std::sync::Arc::new(Engine::start(std::sync::Arc::new(model), batch, 0))
 }
 

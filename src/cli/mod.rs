@@ -102,6 +102,9 @@ pub struct TeacherArgs {
     /// Base URL of an OpenAI-compatible API: OpenAI (https://api.openai.com/v1, the default), vLLM (http://HOST:8000/v1), llama.cpp server (http://HOST:8080/v1), Ollama (http://localhost:11434/v1), `phigen serve` (http://127.0.0.1:8000/v1).
     #[arg(long, env = "OPENAI_BASE_URL")]
     pub base_url: Option<String>,
+    /// Run a local GGUF teacher in float32 instead of the file's quantized types (slower; the numbers transformers computes when it loads the file).
+    #[arg(long)]
+    pub dequantize: bool,
     /// Model name as the server knows it.
     #[arg(long, env = "PHIGEN_MODEL", default_value = "gpt-4o-mini")]
     pub model: String,
@@ -264,6 +267,9 @@ pub struct ServeArgs {
     /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Run a GGUF model in float32 instead of the file's quantized types.
+    #[arg(long)]
+    pub dequantize: bool,
 }
 
 /// How a successful command ended.
@@ -418,7 +424,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Eval(cmd) => eval::eval(&cmd, cli.quiet).await,
         Command::Scoreboard(args) => eval::scoreboard(&args),
         Command::Serve(args) => {
-            let engine = local_engine(&args.checkpoint, args.batch, args.seed).await?;
+            let engine =
+                local_engine(&args.checkpoint, !args.dequantize, args.batch, args.seed).await?;
             let addr = SocketAddr::new(args.host, args.port);
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
@@ -550,7 +557,7 @@ async fn run_corpus<C: Corpus>(
             drive(corpus, Arc::new(teacher), ledger, &opts, quiet).await
         }
         Backend::Local { spec } => {
-            let engine = local_engine(&spec, t.concurrency, o.seed).await?;
+            let engine = local_engine(&spec, !t.dequantize, t.concurrency, o.seed).await?;
             let teacher = LocalTeacher::new(engine, sampling);
             drive(corpus, Arc::new(teacher), ledger, &opts, quiet).await
         }
@@ -559,12 +566,18 @@ async fn run_corpus<C: Corpus>(
 
 /// Loads a local model (downloading it first if it is a Hub id not yet cached) and starts its
 /// batching engine.
-async fn local_engine(spec: &str, max_batch: usize, seed: u64) -> anyhow::Result<Arc<Engine>> {
+async fn local_engine(
+    spec: &str,
+    quantized: bool,
+    max_batch: usize,
+    seed: u64,
+) -> anyhow::Result<Arc<Engine>> {
     let owned = spec.to_string();
-    let model =
-        tokio::task::spawn_blocking(move || LocalModel::load(&owned, candle_core::DType::F32))
-            .await?
-            .with_context(|| format!("could not load the local teacher `{spec}`"))?;
+    let model = tokio::task::spawn_blocking(move || {
+        LocalModel::load(&owned, candle_core::DType::F32, quantized)
+    })
+    .await?
+    .with_context(|| format!("could not load the local teacher `{spec}`"))?;
     tracing::info!(
         "local teacher {} ({} parameters, context {}, {} at a time)",
         model.name,

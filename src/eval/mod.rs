@@ -69,7 +69,9 @@ pub fn validation_loss(
     batches: usize,
     rows: usize,
 ) -> Result<LossReport, EvalError> {
-    let model = checkpoint::load(dir, DType::F32, &Device::Cpu)?;
+    // The trainer's own layout, so the loss is the one it logged for this checkpoint.
+    let (cfg, weights) = checkpoint::load_weights(dir, DType::F32, &Device::Cpu)?;
+    let model = crate::model::Decoder::new(&cfg, &weights)?;
     let encoding = match Tokenizer::for_checkpoint(dir)? {
         Tokenizer::Tiktoken(e) => e,
         Tokenizer::HuggingFace(_) => {

@@ -154,10 +154,11 @@ pub fn assemble(
     Ok(weights)
 }
 
-/// Loads a checkpoint directory as a ready decoder (inference mode).
+/// Loads a checkpoint directory as a ready decoder (inference only; train from
+/// [`load_weights`]).
 pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Decoder, ModelError> {
     let (cfg, weights) = load_weights(dir, dtype, device)?;
-    Decoder::new(&cfg, &weights)
+    Decoder::frozen(&cfg, &weights, &Default::default())
 }
 
 fn dtype_name(dtype: DType) -> &'static str {

@@ -10,7 +10,10 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::Linear;
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
@@ -29,13 +32,59 @@ fn take(w: &Weights, name: &str) -> std::result::Result<Tensor, ModelError> {
         .ok_or_else(|| ModelError::MissingParameter(name.to_string()))
 }
 
-fn linear(w: &Weights, prefix: &str, bias: bool) -> std::result::Result<Linear, ModelError> {
+/// Quantized weight matrices (from a GGUF file) by phigen name; they take the place of the dense
+/// weights of the same name. Inference only: quantized matmuls have no backward.
+pub type QuantizedWeights = HashMap<String, Arc<QTensor>>;
+
+/// A projection `x Wᵀ + b`.
+#[derive(Clone, Debug)]
+enum Proj {
+    /// Trainable: the weight as stored, (out, in).
+    Dense(Linear),
+    /// Inference only: the weight transposed to (in, out) and contiguous, which candle's matmul
+    /// multiplies about twice as fast for batches of rows, and optionally a quantized copy (GGUF),
+    /// faster for a few rows because it reads a quarter of the bytes.
+    Frozen {
+        wt: Tensor,
+        bias: Option<Tensor>,
+        quantized: Option<QMatMul>,
+    },
+}
+
+/// Up to this many rows go through the quantized copy of a projection, more through the dense
+/// one (measured on candle's CPU kernels: Q8_0 is 3.7× faster for one row, 1.9× slower for 8).
+const QUANTIZED_ROWS: usize = 3;
+
+impl Proj {
+    fn freeze(self, quantized: Option<&Arc<QTensor>>) -> Result<Proj> {
+        let quantized = quantized
+            .map(|q| QMatMul::from_arc(q.clone()))
+            .transpose()?;
+        Ok(match self {
+            Proj::Dense(l) => Proj::Frozen {
+                wt: l.weight().t()?.contiguous()?,
+                bias: l.bias().cloned(),
+                quantized,
+            },
+            Proj::Frozen { wt, bias, .. } => Proj::Frozen {
+                wt,
+                bias,
+                quantized,
+            },
+        })
+    }
+}
+
+fn linear(w: &Weights, prefix: &str, bias: bool) -> std::result::Result<Proj, ModelError> {
     let b = if bias {
         Some(take(w, &format!("{prefix}.bias"))?)
     } else {
         None
     };
-    Ok(Linear::new(take(w, &format!("{prefix}.weight"))?, b))
+    Ok(Proj::Dense(Linear::new(
+        take(w, &format!("{prefix}.weight"))?,
+        b,
+    )))
 }
 
 /// `x @ wᵀ (+ b)` over the last dimension with every leading dimension folded into the rows: one
@@ -55,8 +104,30 @@ fn project(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor>
     y.reshape(out)
 }
 
-fn apply(l: &Linear, x: &Tensor) -> Result<Tensor> {
-    project(x, l.weight(), l.bias())
+fn apply(p: &Proj, x: &Tensor) -> Result<Tensor> {
+    match p {
+        Proj::Dense(l) => project(x, l.weight(), l.bias()),
+        Proj::Frozen {
+            wt,
+            bias,
+            quantized,
+        } => {
+            let dims = x.dims();
+            let c = dims[dims.len() - 1];
+            let rows = x.elem_count() / c;
+            let y = match quantized {
+                Some(q) if rows <= QUANTIZED_ROWS => q.forward(&x.reshape((rows, c))?)?,
+                _ => x.reshape((rows, c))?.matmul(wt)?,
+            };
+            let y = match bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            };
+            let mut out = dims.to_vec();
+            *out.last_mut().expect("x has dimensions") = y.dim(1)?;
+            y.reshape(out)
+        }
+    }
 }
 
 fn dropout(x: &Tensor, p: f64, training: bool) -> Result<Tensor> {
@@ -147,6 +218,31 @@ impl KvCache {
         }
     }
 
+    /// Keeps only the batch rows `rows` (in that order): a finished sequence leaves the batch, so
+    /// later steps stop computing it.
+    pub fn keep_rows(&mut self, rows: &[usize]) -> Result<()> {
+        for layer in &mut self.layers {
+            let (Some(k), Some(v)) = (layer.k()?, layer.v()?) else {
+                continue;
+            };
+            let index = Tensor::new(
+                rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+                k.device(),
+            )?;
+            let chunk = layer.k_cache().max_seq_len();
+            let mut kept = candle_nn::kv_cache::KvCache::new(2, chunk);
+            kept.append(
+                &k.contiguous()?.index_select(&index, 0)?,
+                &v.contiguous()?.index_select(&index, 0)?,
+            )?;
+            *layer = kept;
+        }
+        if let Some(pad) = &mut self.left_pad {
+            *pad = rows.iter().map(|&r| pad[r]).collect();
+        }
+        Ok(())
+    }
+
     /// Positions written so far (pads included).
     pub fn len(&self) -> usize {
         self.seen
@@ -199,8 +295,8 @@ fn attention_mask(
 }
 
 struct Attention {
-    qkv: Linear,
-    out: Linear,
+    qkv: Proj,
+    out: Proj,
     q_norm: Option<Norm>,
     k_norm: Option<Norm>,
     heads: usize,
@@ -282,8 +378,8 @@ impl Attention {
 }
 
 struct Mlp {
-    up: Linear,
-    down: Linear,
+    up: Proj,
+    down: Proj,
     kind: MlpKind,
     act: Activation,
     inter: usize,
@@ -351,10 +447,12 @@ pub struct Decoder {
     embed: Tensor,
     blocks: Vec<Block>,
     norm: Norm,
-    /// `None` when the LM head is tied to the embedding.
-    head: Option<Linear>,
+    /// `None` when the LM head is tied to the embedding (and no quantized copy of it is given).
+    head: Option<Proj>,
     rope: Rope,
     training: bool,
+    /// Built by [`Decoder::frozen`]: inference only.
+    frozen: bool,
 }
 
 impl Decoder {
@@ -419,7 +517,44 @@ impl Decoder {
             head,
             rope: Rope::new(&cfg.rotary()?, cfg.max_position_embeddings, dtype, &device)?,
             training: false,
+            frozen: false,
         })
+    }
+
+    /// An inference-only decoder (see [`Proj::Frozen`]): projections named in `quantized` also
+    /// get that quantized copy; a quantized `lm_head.weight` serves a head tied to the embedding.
+    pub fn frozen(
+        cfg: &PhiConfig,
+        w: &Weights,
+        quantized: &QuantizedWeights,
+    ) -> std::result::Result<Self, ModelError> {
+        let mut d = Self::new(cfg, w)?;
+        let q = |name: String| quantized.get(&name);
+        for (i, block) in d.blocks.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &mut block.attn;
+            a.qkv = a
+                .qkv
+                .clone()
+                .freeze(q(format!("{p}.self_attn.qkv_proj.weight")))?;
+            a.out = a
+                .out
+                .clone()
+                .freeze(q(format!("{p}.self_attn.o_proj.weight")))?;
+            let m = &mut block.mlp;
+            m.up = m.up.clone().freeze(q(format!("{p}.mlp.up_proj.weight")))?;
+            m.down = m
+                .down
+                .clone()
+                .freeze(q(format!("{p}.mlp.down_proj.weight")))?;
+        }
+        let head = match d.head.take() {
+            Some(h) => h,
+            None => Proj::Dense(Linear::new(d.embed.clone(), None)),
+        };
+        d.head = Some(head.freeze(q("lm_head.weight".into()).or(q("score.weight".into())))?);
+        d.frozen = true;
+        Ok(d)
     }
 
     /// Fresh weights as transformers initialises them (normal(0, initializer_range) for
@@ -472,6 +607,10 @@ impl Decoder {
 
     /// Training mode: dropout on, composed (differentiable) ops only.
     pub fn set_training(&mut self, training: bool) {
+        assert!(
+            !(training && self.frozen),
+            "an inference-only decoder cannot be trained"
+        );
         self.training = training;
     }
 
@@ -551,11 +690,14 @@ impl Decoder {
         }
     }
 
-    /// The head's weight (V, C) and bias: the embedding and no bias when tied.
-    pub fn head_parts(&self) -> (&Tensor, Option<&Tensor>) {
+    /// The head's weight (V, C) and bias: the embedding and no bias when tied (training only).
+    pub fn head_parts(&self) -> Result<(&Tensor, Option<&Tensor>)> {
         match &self.head {
-            Some(head) => (head.weight(), head.bias()),
-            None => (&self.embed, None),
+            None => Ok((&self.embed, None)),
+            Some(Proj::Dense(head)) => Ok((head.weight(), head.bias())),
+            Some(Proj::Frozen { .. }) => {
+                candle_core::bail!("an inference-only decoder has no trainable head")
+            }
         }
     }
 

@@ -8,19 +8,22 @@
 //! (`tokenizer.ggml.model = gpt2`) is rebuilt from the metadata; for SentencePiece (`llama`) put
 //! the model's `tokenizer.json` next to the file.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufReader;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
 use super::chat::ChatTemplate;
 use super::checkpoint::assemble;
 use super::config::PhiConfig;
-use super::decoder::Decoder;
+use super::decoder::{Decoder, QuantizedWeights};
 use super::tokenizer::{Tokenizer, HF_TOKENIZER_FILE};
 use super::ModelError;
 
@@ -251,8 +254,41 @@ fn bpe_tokenizer(meta: &Meta) -> Result<Tokenizer, ModelError> {
     Ok(Tokenizer::HuggingFace(Box::new(t)))
 }
 
-/// Reads the GGUF file at `path` with weights in `dtype` on `device`.
-pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<GgufModel, ModelError> {
+/// Row order of a llama.cpp-permuted `q_proj`/`k_proj` weight of `rows` rows and `heads` heads,
+/// as transformers has it: transformers' row (head h, half j, pair i) is GGUF row h·d + 2i + j.
+fn unpermuted_rows(rows: usize, heads: usize) -> Vec<usize> {
+    let d = rows / heads;
+    let half = d / 2;
+    (0..heads)
+        .flat_map(|h| (0..2).flat_map(move |j| (0..half).map(move |i| h * d + 2 * i + j)))
+        .collect()
+}
+
+/// F32/F16/BF16 tensors are dense; the rest are quantized.
+fn is_quantized(dtype: GgmlDType) -> bool {
+    !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
+/// The type a quantized projection runs in: its own where candle has a SIMD dot product for it,
+/// else Q8_0 (Q4_1, Q5_0 and Q5_1 only have a scalar one, slower than float32 matmul; 8 bits
+/// represent their 4–5-bit values almost exactly).
+fn run_type(dtype: GgmlDType) -> GgmlDType {
+    match dtype {
+        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_1 => GgmlDType::Q8_0,
+        other => other,
+    }
+}
+
+/// Reads the GGUF file at `path` on `device`, every tensor dequantized to `dtype`. With
+/// `quantized` the projections also keep a quantized copy (the file's type, or Q8_0 where candle
+/// has no fast kernel for it), which decoding a few rows uses: a quarter of the bytes to read,
+/// activations quantized to 8 bits as llama.cpp does.
+pub fn load(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+    quantized: bool,
+) -> Result<GgufModel, ModelError> {
     let io = |source| ModelError::Io {
         path: path.to_path_buf(),
         source,
@@ -288,17 +324,87 @@ pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<GgufModel, Mod
     let kv_heads = cfg.kv_heads();
     let heads = cfg.num_attention_heads;
     let llama = cfg.model_type == super::ModelType::Llama;
+    let permuted = |hf: &str| match hf.rsplit('.').nth(1) {
+        Some("q_proj") if llama => Some(heads),
+        Some("k_proj") if llama => Some(kv_heads),
+        _ => None,
+    };
+    // Projections whose parts are all stored in one quantized type stay quantized, fused into
+    // one tensor by concatenating rows (each row is its own run of blocks).
+    let mut q_weights = QuantizedWeights::new();
+    if quantized {
+        for param in super::names::parameter_table(&cfg)? {
+            let linear = param.shape.len() == 2 && param.name != "model.embed_tokens.weight";
+            let dtypes: Vec<Option<GgmlDType>> = param
+                .parts
+                .iter()
+                .map(|(hf, _)| {
+                    gguf_of
+                        .get(hf)
+                        .map(|g: &String| content.tensor_infos[g].ggml_dtype)
+                })
+                .collect();
+            let Some(Some(dtype0)) = dtypes.first().copied() else {
+                continue;
+            };
+            if !linear || !is_quantized(dtype0) || dtypes.iter().any(|d| *d != Some(dtype0)) {
+                continue;
+            }
+            let qt = if run_type(dtype0) == dtype0 {
+                let mut bytes = Vec::new();
+                for (hf, rows) in &param.parts {
+                    let q = content.tensor(&mut reader, &gguf_of[hf], device)?;
+                    let data = q.data()?;
+                    match permuted(hf) {
+                        Some(h) => {
+                            let row = data.len() / rows;
+                            for r in unpermuted_rows(*rows, h) {
+                                bytes.extend_from_slice(&data[r * row..(r + 1) * row]);
+                            }
+                        }
+                        None => bytes.extend_from_slice(&data),
+                    }
+                }
+                let storage = QStorage::from_data(Cow::Owned(bytes), device, dtype0)?;
+                QTensor::new(storage, param.shape.as_slice())?
+            } else {
+                let mut parts = Vec::new();
+                for (hf, _) in &param.parts {
+                    let w = content
+                        .tensor(&mut reader, &gguf_of[hf], device)?
+                        .dequantize(device)?;
+                    parts.push(match permuted(hf) {
+                        Some(h) => unpermute(&w, h)?,
+                        None => w,
+                    });
+                }
+                QTensor::quantize(&Tensor::cat(&parts, 0)?, run_type(dtype0))?
+            };
+            q_weights.insert(param.name.clone(), Arc::new(qt));
+        }
+        // A tied head reads the (quantized) embedding table as a projection.
+        if cfg.tie_word_embeddings {
+            if let Some(info) = content.tensor_infos.get("token_embd.weight") {
+                if is_quantized(info.ggml_dtype) {
+                    let mut q = content.tensor(&mut reader, "token_embd.weight", device)?;
+                    if run_type(info.ggml_dtype) != info.ggml_dtype {
+                        q = QTensor::quantize(&q.dequantize(device)?, run_type(info.ggml_dtype))?;
+                    }
+                    q_weights.insert("lm_head.weight".into(), Arc::new(q));
+                }
+            }
+        }
+    }
     let weights = assemble(&cfg, path, &available, |hf| {
         let q = content.tensor(&mut reader, &gguf_of[hf], device)?;
         let w = q.dequantize(device)?;
-        let w = match hf.rsplit('.').nth(1) {
-            Some("q_proj") if llama => unpermute(&w, heads)?,
-            Some("k_proj") if llama => unpermute(&w, kv_heads)?,
-            _ => w,
+        let w = match permuted(hf) {
+            Some(h) => unpermute(&w, h)?,
+            None => w,
         };
         Ok(w.to_dtype(dtype)?)
     })?;
-    let decoder = Decoder::new(&cfg, &weights)?;
+    let decoder = Decoder::frozen(&cfg, &weights, &q_weights)?;
     let beside = path.with_file_name(HF_TOKENIZER_FILE);
     let tokenizer = if beside.is_file() {
         Tokenizer::for_checkpoint(path.parent().unwrap_or(Path::new(".")))?
@@ -417,7 +523,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tiny.gguf");
         write_tiny_gguf(&path);
-        let g = load(&path, DType::F32, &Device::Cpu).unwrap();
+        let g = load(&path, DType::F32, &Device::Cpu, false).unwrap();
         let st_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/llama_tied");
         let reference = super::super::checkpoint::load(&st_dir, DType::F32, &Device::Cpu).unwrap();
         assert_eq!(g.decoder.config().eos_ids(), vec![95]);
@@ -454,7 +560,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.gguf");
         std::fs::write(&path, b"not a gguf file at all").unwrap();
-        let err = load(&path, DType::F32, &Device::Cpu)
+        let err = load(&path, DType::F32, &Device::Cpu, false)
             .err()
             .unwrap()
             .to_string();
@@ -465,7 +571,7 @@ mod tests {
         let mut f = File::create(&path).unwrap();
         let arch = gguf_file::Value::String("mamba".into());
         gguf_file::write(&mut f, &[("general.architecture", &arch)], &[]).unwrap();
-        let err = load(&path, DType::F32, &Device::Cpu)
+        let err = load(&path, DType::F32, &Device::Cpu, false)
             .err()
             .unwrap()
             .to_string();
@@ -498,7 +604,7 @@ mod tests {
                 .map(|x| x.as_u64().unwrap() as u32)
                 .collect()
         };
-        let g = load(&path, DType::F32, &Device::Cpu).unwrap();
+        let g = load(&path, DType::F32, &Device::Cpu, false).unwrap();
         for t in want["texts"].as_array().unwrap() {
             let got = g
                 .tokenizer

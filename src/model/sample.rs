@@ -214,44 +214,61 @@ pub fn generate(
     }
     // Every id fed so far (pads included), to rebuild the cache when LongRoPE switches tables.
     let mut fed = Tensor::zeros((b, 0), DType::U32, model.device())?;
-    while finish.iter().any(Option::is_none) {
+    // The rows still generating, in batch order: finished rows leave the batch.
+    let mut active: Vec<usize> = (0..b).collect();
+    while !active.is_empty() {
+        let n = active.len();
         if let Some(original_max) = model.long_rope_from() {
             let (past, t) = (cache.len(), input.dim(1)?);
             // The cached keys were rotated with the short factors; the whole sequence is about to
             // need the long ones. Recompute from scratch, as transformers' Phi-3 generate does.
             if past > 0 && past <= original_max && past + t > original_max {
                 input = Tensor::cat(&[&fed, &input], 1)?;
-                fed = Tensor::zeros((b, 0), DType::U32, model.device())?;
+                fed = Tensor::zeros((n, 0), DType::U32, model.device())?;
                 cache = new_cache();
+                if n < b {
+                    cache.keep_rows(&active)?;
+                }
             }
         }
         fed = Tensor::cat(&[&fed, &input], 1)?;
-        let hidden = model.hidden_states(&input, Some(&mut cache))?; //            (B, T, C)
+        let hidden = model.hidden_states(&input, Some(&mut cache))?; //            (n, T, C)
         let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?;
         let logits = model
             .head_forward(&last)?
             .squeeze(1)?
-            .to_dtype(DType::F32)?; // (B, V)
+            .to_dtype(DType::F32)?; // (n, V)
         let mut rows: Vec<Vec<f32>> = logits.to_vec2()?;
-        let mut next = Vec::with_capacity(b);
-        for r in 0..b {
-            if finish[r].is_some() {
-                next.push(*contexts[r].last().expect("prompts are not empty"));
-                continue;
-            }
-            let id = pick(&mut rows[r], &contexts[r], params, &mut rng);
+        let mut next = Vec::with_capacity(n);
+        let mut keep = Vec::with_capacity(n);
+        for (i, &r) in active.iter().enumerate() {
+            let id = pick(&mut rows[i], &contexts[r], params, &mut rng);
             contexts[r].push(id);
             out[r].push(id);
-            next.push(id);
             if !on_token(r, &out[r]) {
                 finish[r] = Some(Finish::Stopped);
             } else if eos_ids.contains(&id) {
                 finish[r] = Some(Finish::EndOfSequence);
             } else if out[r].len() >= params.max_new_tokens {
                 finish[r] = Some(Finish::Length);
+            } else {
+                keep.push(i);
+                next.push(id);
             }
         }
-        input = Tensor::from_vec(next, (b, 1), model.device())?;
+        if keep.is_empty() {
+            break;
+        }
+        if keep.len() < n {
+            cache.keep_rows(&keep)?;
+            let index = Tensor::new(
+                keep.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                model.device(),
+            )?;
+            fed = fed.index_select(&index, 0)?;
+            active = keep.iter().map(|&i| active[i]).collect();
+        }
+        input = Tensor::from_vec(next, (active.len(), 1), model.device())?;
     }
     Ok(Generation {
         ids: out,

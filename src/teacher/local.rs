@@ -57,8 +57,9 @@ fn eos_in(path: &Path) -> Vec<u32> {
 }
 
 impl LocalModel {
-    /// Loads SPEC (see the module documentation) with weights in `dtype` on the CPU.
-    pub fn load(spec: &str, dtype: DType) -> Result<Self, ModelError> {
+    /// Loads SPEC (see the module documentation) with weights in `dtype` on the CPU; a GGUF
+    /// file's projections stay in their quantized types when `quantized`.
+    pub fn load(spec: &str, dtype: DType, quantized: bool) -> Result<Self, ModelError> {
         let device = Device::Cpu;
         let path = Path::new(spec);
         let gguf_file = if path.is_file() {
@@ -88,7 +89,7 @@ impl LocalModel {
         };
         let (decoder, tokenizer, chat, extra_eos) = match &gguf_file {
             Some(file) => {
-                let g = gguf::load(file, dtype, &device)?;
+                let g = gguf::load(file, dtype, &device, quantized)?;
                 (g.decoder, g.tokenizer, g.chat, Vec::new())
             }
             None => {

@@ -184,7 +184,7 @@ pub fn next_token_loss(model: &Decoder, batch: &Tensor) -> candle_core::Result<T
     let (b, t) = batch.dims2()?;
     let hidden = model.hidden_states(&batch.narrow(1, 0, t - 1)?, None)?; //        (B, T, C)
     let targets = batch.narrow(1, 1, t - 1)?.flatten_all()?;
-    let (weight, bias) = model.head_parts();
+    let (weight, bias) = model.head_parts()?;
     loss::linear_cross_entropy(&hidden.reshape((b * (t - 1), ()))?, weight, bias, &targets)
 }
 
