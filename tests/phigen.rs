@@ -1322,7 +1322,8 @@ fn request(
 
 /// Concurrent requests share batches (fewer batches than requests), every one gets exactly its
 /// `max_tokens` with `ignore_eos`, and a greedy answer is the same whether its prompt ran alone
-/// or left-padded beside longer prompts (padding must not leak into attention).
+/// or left-padded beside longer prompts whose rows finish and leave the batch before it (neither
+/// padding nor the shrinking batch may leak into its attention).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_local_engine_batches_requests_without_changing_answers() {
     use phigen::model::chat::Message;
@@ -1347,10 +1348,13 @@ async fn the_local_engine_batches_requests_without_changing_answers() {
     assert_eq!(solo.completion_tokens, 12);
     assert_eq!(solo.finish, phigen::teacher::FinishReason::Length);
     let batches_before = engine.batches.load(Ordering::Relaxed);
+    // The others stop after 2–7 tokens and leave the batch while the first goes on.
+    let limits = [12, 2, 3, 5, 7, 4];
     let together = futures::future::join_all(
         prompts
             .iter()
-            .map(|p| engine.complete(request(p.clone(), 12, true))),
+            .zip(limits)
+            .map(|(p, n)| engine.complete(request(p.clone(), n, true))),
     )
     .await;
     let batches = engine.batches.load(Ordering::Relaxed) - batches_before;
@@ -1358,8 +1362,8 @@ async fn the_local_engine_batches_requests_without_changing_answers() {
         batches < 6,
         "6 concurrent requests ran in {batches} batches"
     );
-    for c in &together {
-        assert_eq!(c.as_ref().unwrap().completion_tokens, 12);
+    for (c, n) in together.iter().zip(limits) {
+        assert_eq!(c.as_ref().unwrap().completion_tokens, n as u64);
     }
     assert_eq!(together[0].as_ref().unwrap().text, solo.text);
     // A prompt as long as the context is refused with the numbers.
