@@ -1451,26 +1451,22 @@ async fn serve_answers_the_openai_api() {
     assert!(!answer.text.is_empty());
     assert!(answer.usage.completion_tokens > 0 && answer.usage.prompt_tokens == 10);
     let client = reqwest::Client::new();
-    let r: serde_json::Value = client
-        .post(format!("{base}/completions"))
-        .json(&serde_json::json!({"prompt": "the cat", "max_tokens": 5, "ignore_eos": true, "temperature": 0}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let json = |req: reqwest::RequestBuilder| async move {
+        req.send()
+            .await
+            .unwrap()
+            .json::<serde_json::Value>()
+            .await
+            .unwrap()
+    };
+    let r = json(client.post(format!("{base}/completions")).json(
+        &serde_json::json!({"prompt": "the cat", "max_tokens": 5, "ignore_eos": true, "temperature": 0}),
+    ))
+    .await;
     assert_eq!(r["object"], "text_completion");
     assert_eq!(r["usage"]["completion_tokens"], 5);
     assert_eq!(r["choices"][0]["finish_reason"], "length");
-    let models: serde_json::Value = client
-        .get(format!("{base}/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = json(client.get(format!("{base}/models"))).await;
     assert_eq!(models["data"][0]["id"], "tiny");
     let refused = client
         .post(format!("{base}/chat/completions"))
