@@ -6,6 +6,8 @@
 # LD_LIBRARY_PATH). The recipe and its reasons: ../shared/cuda-build.md.
 #
 #   scripts/build-cuda.sh            # → target-cuda/release/phigen (stripped)
+#   scripts/build-cuda.sh --tests    # also → target-cuda/release/phigen-tests, the library's unit
+#                                    #   tests with the `cuda` ones (run it with `cuda` as filter)
 #
 # Env: CUDA_VENV (default .cuda-venv, git-ignored), CUDA_COMPUTE_CAP (90), CUDAFORGE_THREADS (2),
 # CARGO_TARGET_DIR (default: $HOME/.cache/phigen-target, shared with the CPU release build so only
@@ -52,5 +54,19 @@ tar -cf - --exclude=./target --exclude=./.git --exclude=./.cuda-venv --exclude=.
 mkdir -p target-cuda/release
 cp "$CARGO_TARGET_DIR/release/phigen" target-cuda/release/phigen
 strip target-cuda/release/phigen
+if [ "${1:-}" = "--tests" ]; then
+  # The tests find their fixtures under the path they were compiled in ($COPY): where they run,
+  # link that path to a checkout (scripts/gpu-check.sh does).
+  TESTS="$(cd "$COPY" && cargo test --release --features cuda --lib --no-run --message-format=json \
+    --config "patch.crates-io.candle-core.path=\"$PATCHED\"" \
+    | python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "phigen":
+        print(m["executable"])')"
+  cp "$TESTS" target-cuda/release/phigen-tests
+  strip target-cuda/release/phigen-tests
+  echo "$COPY" > target-cuda/release/phigen-tests.manifest-dir
+fi
 ls -la target-cuda/release/phigen
 echo "built target-cuda/release/phigen (sm_${CUDA_COMPUTE_CAP}); run it where libcuda.so.1 and cuBLAS are found"

@@ -61,12 +61,18 @@ const CASES: [&str; 5] = [
 /// and in training mode (composed ops; the fixtures have no dropout).
 #[test]
 fn logits_match_transformers() {
+    check_logits(&Device::Cpu, DType::F32, 1e-4);
+}
+
+/// The fixtures' logits on `device` in `dtype` within `tol` of transformers' f32 logits (scaled
+/// by the largest expected magnitude when that is above 1), in both modes.
+fn check_logits(device: &Device, dtype: DType, tol: f32) {
     for case in CASES {
         let dir = fixture(case);
-        let (cfg, weights) = checkpoint::load_weights(&dir, DType::F32, &Device::Cpu).unwrap();
+        let (cfg, weights) = checkpoint::load_weights(&dir, dtype, device).unwrap();
         let mut model = Decoder::new(&cfg, &weights).unwrap();
         let expected =
-            candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
+            candle_core::safetensors::load(dir.join("expected.safetensors"), device).unwrap();
         let mut checked = 0;
         for training in [false, true] {
             model.set_training(training);
@@ -81,16 +87,44 @@ fn logits_match_transformers() {
                     _ => model.forward(&ids, None).unwrap(),
                 };
                 assert_eq!(got.dims(), want.dims(), "{case}");
+                let got = got.to_dtype(DType::F32).unwrap();
+                let scale = want
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    .max(1.0);
                 let diff = max_abs_diff(&got, want);
                 assert!(
-                    diff < 1e-4,
-                    "{case} input {i} training={training}: max |Δ| = {diff}"
+                    diff < tol * scale,
+                    "{case} {dtype:?} on {device:?} input {i} training={training}: max |Δ| = {diff} (scale {scale})"
                 );
                 checked += 1;
             }
         }
         assert!(checked >= 2, "{case}: no inputs in the fixture");
     }
+}
+
+/// On the GPU: the same fixtures within 1e-4 in f32 and 2e-2 in bf16 (bf16 keeps 8 bits of
+/// mantissa: 2^-8 ≈ 4e-3 per rounding, a few roundings deep).
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_logits_match_transformers() {
+    let gpu = Device::new_cuda(0).unwrap();
+    check_logits(&gpu, DType::F32, 1e-4);
+    check_logits(&gpu, DType::BF16, 2e-2);
+}
+
+/// On the GPU: greedy generation (KV cache, fused inference kernels) gives transformers' ids.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_greedy_generation_matches_transformers() {
+    check_greedy(&Device::new_cuda(0).unwrap());
 }
 
 fn greedy(n: usize) -> SamplingParams {
@@ -106,9 +140,13 @@ fn greedy(n: usize) -> SamplingParams {
 /// `original_max_position_embeddings` (transformers switches to the long factors mid-run).
 #[test]
 fn greedy_generation_matches_transformers() {
+    check_greedy(&Device::Cpu);
+}
+
+fn check_greedy(device: &Device) {
     for case in ["phi", "phi_qk_layernorm", "phi3_gqa_longrope", "llama_tied"] {
         let dir = fixture(case);
-        let model = checkpoint::load(&dir, DType::F32, &Device::Cpu).unwrap();
+        let model = checkpoint::load(&dir, DType::F32, device).unwrap();
         let text = std::fs::read_to_string(dir.join("expected.json")).unwrap();
         let expected: Expected = serde_json::from_str(&text).unwrap();
         let single = expected.single.unwrap();
@@ -240,6 +278,7 @@ fn lm_loss(model: &Decoder, batch: &Tensor) -> Tensor {
         .forward(&batch.narrow(1, 0, t - 1).unwrap(), None)
         .unwrap();
     let v = logits.dim(2).unwrap();
+    let logits = logits.to_dtype(DType::F32).unwrap();
     let targets = batch.narrow(1, 1, t - 1).unwrap().flatten_all().unwrap();
     candle_nn::loss::cross_entropy(&logits.reshape((b * (t - 1), v)).unwrap(), &targets).unwrap()
 }
@@ -248,6 +287,19 @@ fn lm_loss(model: &Decoder, batch: &Tensor) -> Tensor {
 /// none), in all layouts, with qk-layernorm and tied embeddings included.
 #[test]
 fn every_parameter_gets_a_gradient() {
+    check_gradients(&Device::Cpu, DType::F32);
+}
+
+/// The same on the GPU, in f32 and in bf16.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_every_parameter_gets_a_gradient() {
+    let gpu = Device::new_cuda(0).unwrap();
+    check_gradients(&gpu, DType::F32);
+    check_gradients(&gpu, DType::BF16);
+}
+
+fn check_gradients(device: &Device, dtype: DType) {
     let mut qk = PhiConfig::preset("tiny-phi").unwrap();
     qk.qk_layernorm = true;
     qk.num_key_value_heads = Some(2);
@@ -257,11 +309,11 @@ fn every_parameter_gets_a_gradient() {
         .chain([("tiny-phi+qk".to_string(), qk)])
         .collect();
     for (name, cfg) in cases {
-        let w = Decoder::init_weights(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
+        let w = Decoder::init_weights(&cfg, 3, dtype, device).unwrap();
         let (vars, model) = trainable(&cfg, &w);
         let batch = Tensor::new(
             &[[5u32, 9, 200, 31, 7, 64, 2, 11], [1, 2, 3, 4, 5, 6, 7, 8]],
-            &Device::Cpu,
+            device,
         )
         .unwrap();
         let grads = lm_loss(&model, &batch).backward().unwrap();
@@ -270,8 +322,19 @@ fn every_parameter_gets_a_gradient() {
             let g = grads
                 .get(var.as_tensor())
                 .unwrap_or_else(|| panic!("{name}: no gradient for {pname}"));
-            let norm: f32 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
-            assert!(norm > 0.0, "{name}: zero gradient for {pname}");
+            let norm: f32 = g
+                .to_dtype(DType::F32)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(
+                norm > 0.0,
+                "{name} {dtype:?} on {device:?}: zero gradient for {pname}"
+            );
         }
     }
 }

@@ -261,6 +261,18 @@ fn stages_chain_through_checkpoints() {
 /// weight after the steps within 1e-5.
 #[test]
 fn adamw_steps_match_pytorch() {
+    check_adamw(&Device::Cpu, 1e-5);
+}
+
+/// The same on the GPU (the AdamW there is composed from tensor ops, the loss is unfused), within
+/// 1e-4: cuBLAS sums in another order.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_adamw_steps_match_pytorch() {
+    check_adamw(&Device::new_cuda(0).unwrap(), 1e-4);
+}
+
+fn check_adamw(device: &Device, tol: f64) {
     #[derive(serde::Deserialize)]
     struct Fixture {
         lr: f64,
@@ -277,13 +289,12 @@ fn adamw_steps_match_pytorch() {
         serde_json::from_str(&std::fs::read_to_string(root.join("phi_adamw/adamw.json")).unwrap())
             .unwrap();
     let (cfg, before) =
-        crate::model::checkpoint::load_weights(&root.join("phi"), DType::F32, &Device::Cpu)
-            .unwrap();
+        crate::model::checkpoint::load_weights(&root.join("phi"), DType::F32, device).unwrap();
     let (_, after) =
-        crate::model::checkpoint::load_weights(&root.join("phi_adamw"), DType::F32, &Device::Cpu)
+        crate::model::checkpoint::load_weights(&root.join("phi_adamw"), DType::F32, device)
             .unwrap();
     let mut opt = optim::AdamW::new(&before).unwrap();
-    let batch = candle_core::Tensor::new(f.batch, &Device::Cpu).unwrap();
+    let batch = candle_core::Tensor::new(f.batch, device).unwrap();
     let hyper = optim::Hyper {
         lr: f.lr,
         beta1: f.betas[0],
@@ -302,12 +313,12 @@ fn adamw_steps_match_pytorch() {
         )
         .unwrap();
         assert!(
-            (loss - f.losses[i]).abs() < 1e-5,
+            (loss - f.losses[i]).abs() < tol,
             "step {i}: loss {loss} vs {}",
             f.losses[i]
         );
         assert!(
-            (norm - f.grad_norms[i]).abs() < 1e-4,
+            (norm - f.grad_norms[i]).abs() < 10.0 * tol,
             "step {i}: grad norm {norm} vs {}",
             f.grad_norms[i]
         );
@@ -322,6 +333,49 @@ fn adamw_steps_match_pytorch() {
             .unwrap()
             .to_scalar()
             .unwrap();
-        assert!(diff < 1e-5, "{name}: differs by {diff}");
+        assert!((diff as f64) < tol, "{name}: differs by {diff}");
+    }
+}
+
+/// On the GPU the tiny recipe's loss curve follows the CPU one: f32 within 0.02 at every step
+/// (the same batches and initial weights; only summation order differs), bf16 within 0.15 and
+/// its last validation loss within 5% of the CPU's.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_loss_curve_follows_the_cpu_one() {
+    let root = tempfile::tempdir().unwrap();
+    let tok = tokens(root.path());
+    let sets = ["stage.0.steps=30", "stage.0.eval_every=10"];
+    let curve = |device: Device, dtype: DType, name: &str| {
+        let out = root.path().join(name);
+        let opts = TrainOptions {
+            device,
+            dtype,
+            ..options(recipe(&tok, "", &sets), &out)
+        };
+        assert_eq!(run(&opts, |_| {}).unwrap(), Outcome::Finished);
+        metrics(&out)
+    };
+    let gpu = Device::new_cuda(0).unwrap();
+    let cpu = curve(Device::Cpu, DType::F32, "cpu");
+    for (dtype, tol) in [(DType::F32, 0.02), (DType::BF16, 0.15)] {
+        let other = curve(gpu.clone(), dtype, &format!("{dtype:?}"));
+        assert_eq!(cpu.len(), other.len());
+        for (c, g) in cpu.iter().zip(&other) {
+            assert_eq!((c.step, c.tokens), (g.step, g.tokens));
+            if let (Some(lc), Some(lg)) = (c.train_loss, g.train_loss) {
+                assert!(
+                    (lc - lg).abs() < tol,
+                    "{dtype:?} step {}: cpu {lc} vs cuda {lg}",
+                    c.step
+                );
+            }
+        }
+        let last = |m: &[Metrics]| m.iter().rev().find_map(|m| m.val_loss).unwrap();
+        let (c, g) = (last(&cpu), last(&other));
+        assert!(
+            (c - g).abs() < 0.05 * c,
+            "{dtype:?} last val loss: cpu {c} vs cuda {g}"
+        );
     }
 }
