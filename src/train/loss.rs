@@ -8,9 +8,9 @@
 //! so they only need scaling by its incoming gradient later): no logits-sized tensor ever exists,
 //! and the FLOPs are those of the unfused head. Other devices and dtypes use composed ops.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Rows of logits per chunk: 256 × 50,304 floats ≈ 51 MB.
@@ -33,46 +33,7 @@ pub fn linear_cross_entropy(
         };
         return candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, targets);
     }
-    let targets = targets.to_vec1::<u32>()?;
-    let (n, _) = hidden.dims2()?;
-    let (h, w) = (hidden.detach(), weight.detach());
-    let scale = 1.0 / n.max(1) as f32;
-    let (mut loss, mut grad_h, mut grad_w, mut grad_b) =
-        (0.0f64, Vec::new(), None::<Tensor>, None::<Tensor>);
-    for start in (0..n).step_by(CHUNK_ROWS) {
-        let k = CHUNK_ROWS.min(n - start);
-        let hc = h.narrow(0, start, k)?; //                                                  (k, C)
-        let mut logits = hc.matmul(&w.t()?)?; //                                              (k, V)
-        if let Some(b) = bias {
-            logits = logits.broadcast_add(&b.detach())?;
-        }
-        let op = SoftmaxMinusOneHot {
-            targets: targets[start..start + k].to_vec(),
-            scale,
-            loss: Mutex::new(0.0),
-        };
-        let g = logits.apply_op1_no_bwd(&op)?; //                      (k, V): ∂loss/∂logits
-        loss += *op.loss.lock().expect("not poisoned");
-        grad_h.push(g.matmul(&w)?); //                                                      (k, C)
-        let gw = g.t()?.matmul(&hc)?; //                                                    (V, C)
-        grad_w = Some(match grad_w {
-            Some(acc) => (acc + gw)?,
-            None => gw,
-        });
-        if bias.is_some() {
-            let gb = g.sum(0)?;
-            grad_b = Some(match grad_b {
-                Some(acc) => (acc + gb)?,
-                None => gb,
-            });
-        }
-    }
-    let grads = Grads {
-        loss: (loss / n.max(1) as f64) as f32,
-        hidden: Tensor::cat(&grad_h, 0)?,
-        weight: grad_w.expect("at least one row"),
-        bias: grad_b,
-    };
+    let grads = fused_cpu(hidden, weight, bias, &targets.to_vec1::<u32>()?)?;
     // The op's forward only returns the loss computed above; its backward hands out the gradients.
     let zero_bias;
     let b = match bias {
@@ -92,55 +53,210 @@ pub fn linear_cross_entropy(
     )
 }
 
-/// (softmax(row) − one_hot(target)) · scale for each row; the summed row losses go to `loss`.
-struct SoftmaxMinusOneHot {
-    targets: Vec<u32>,
-    scale: f32,
-    loss: Mutex<f64>,
+/// The loss and its gradients, chunk by chunk, with gemm writing straight into three buffers made
+/// once (the chunk's logits, reused; ∂hidden, row block by row block; ∂weight, accumulated in place).
+fn fused_cpu(
+    hidden: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    targets: &[u32],
+) -> Result<Grads> {
+    let (n, c) = hidden.dims2()?;
+    let (v, wc) = weight.dims2()?;
+    if wc != c || targets.len() != n {
+        candle_core::bail!(
+            "cross-entropy: hidden {n}×{c}, head {v}×{wc}, {} targets",
+            targets.len()
+        );
+    }
+    if let Some(t) = targets.iter().find(|&&t| t as usize >= v) {
+        candle_core::bail!("cross-entropy: target {t} is beyond the {v} logits");
+    }
+    let bias_values = bias.map(|b| b.to_vec1::<f32>()).transpose()?;
+    let (hidden, weight) = (hidden.contiguous()?, weight.contiguous()?);
+    let (h_storage, h_layout) = hidden.storage_and_layout();
+    let (w_storage, w_layout) = weight.storage_and_layout();
+    let (h, w) = match (&*h_storage, &*w_storage) {
+        (Storage::Cpu(hs), Storage::Cpu(ws)) => {
+            (cpu_slice(hs, h_layout)?, cpu_slice(ws, w_layout)?)
+        }
+        _ => candle_core::bail!("the fused cross-entropy runs on the CPU"),
+    };
+    let scale = 1.0 / n.max(1) as f32;
+    let mut logits = vec![0f32; CHUNK_ROWS.min(n) * v];
+    let (mut grad_h, mut grad_w) = (vec![0f32; n * c], vec![0f32; v * c]);
+    let mut grad_b = vec![0f32; if bias.is_some() { v } else { 0 }];
+    let mut loss = 0.0f64;
+    for start in (0..n).step_by(CHUNK_ROWS) {
+        let k = CHUNK_ROWS.min(n - start);
+        let (hc, g) = (&h[start * c..(start + k) * c], &mut logits[..k * v]);
+        // SAFETY (each call): every pointer spans its matrix's rows × columns at the given
+        // strides, and the destination overlaps neither operand.
+        unsafe {
+            matmul(
+                k,
+                v,
+                c,
+                g.as_mut_ptr(),
+                v,
+                false,
+                hc.as_ptr(),
+                (1, c),
+                w.as_ptr(),
+                (c, 1),
+            )
+        }; // hc · wᵀ
+        let (chunk_loss, column_sums) = softmax_minus_one_hot(
+            g,
+            v,
+            &targets[start..start + k],
+            bias_values.as_deref(),
+            scale,
+        );
+        loss += chunk_loss;
+        for (acc, s) in grad_b.iter_mut().zip(column_sums) {
+            *acc += s;
+        }
+        let gh = grad_h[start * c..(start + k) * c].as_mut_ptr();
+        unsafe {
+            matmul(
+                k,
+                c,
+                v,
+                gh,
+                c,
+                false,
+                g.as_ptr(),
+                (1, v),
+                w.as_ptr(),
+                (1, c),
+            )
+        }; // g · w
+        let gw = grad_w.as_mut_ptr();
+        unsafe {
+            matmul(
+                v,
+                c,
+                k,
+                gw,
+                c,
+                start > 0,
+                g.as_ptr(),
+                (v, 1),
+                hc.as_ptr(),
+                (1, c),
+            )
+        }; // gᵀ · hc
+    }
+    let device = hidden.device();
+    Ok(Grads {
+        loss: (loss / n.max(1) as f64) as f32,
+        hidden: Tensor::from_vec(grad_h, (n, c), device)?,
+        weight: Tensor::from_vec(grad_w, (v, c), device)?,
+        bias: match bias {
+            Some(_) => Some(Tensor::from_vec(grad_b, v, device)?),
+            None => None,
+        },
+    })
 }
 
-impl CustomOp1 for SoftmaxMinusOneHot {
-    fn name(&self) -> &'static str {
-        "softmax-minus-one-hot"
-    }
+fn cpu_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("cross-entropy needs contiguous tensors".into()))?;
+    Ok(&s.as_slice::<f32>()?[start..end])
+}
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, v) = l.shape().dims2()?;
-        if n != self.targets.len() {
-            candle_core::bail!(
-                "cross-entropy: {n} rows of logits, {} targets",
-                self.targets.len()
-            );
-        }
-        if let Some(t) = self.targets.iter().find(|&&t| t as usize >= v) {
-            candle_core::bail!("cross-entropy: target {t} is beyond the {v} logits");
-        }
-        let (start, end) = l.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg("cross-entropy needs contiguous logits".into())
-        })?;
-        let x = &s.as_slice::<f32>()?[start..end];
-        let mut out = vec![0f32; x.len()];
-        let loss: f64 = out
-            .par_chunks_mut(v)
-            .zip(x.par_chunks(v))
-            .zip(self.targets.par_iter())
-            .map(|((g, row), &t)| {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0f32;
-                for (gi, &xi) in g.iter_mut().zip(row) {
-                    *gi = (xi - max).exp();
-                    sum += *gi;
-                }
-                let lse = max + sum.ln();
-                let inv = self.scale / sum;
-                g.iter_mut().for_each(|gi| *gi *= inv);
-                g[t as usize] -= self.scale;
-                (lse - row[t as usize]) as f64
-            })
-            .sum();
-        *self.loss.lock().expect("not poisoned") = loss;
-        Ok((CpuStorage::F32(out), l.shape().clone()))
+/// `dst (m×n, row-major, row stride dst_rs) = [dst +] lhs (m×k) · rhs (k×n)`, the operands given by
+/// pointer and (column stride, row stride), on candle's thread count.
+///
+/// # Safety
+/// Each pointer must be valid for its matrix at its strides, and `dst` must not overlap the others.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const f32,
+    (lhs_cs, lhs_rs): (usize, usize),
+    rhs: *const f32,
+    (rhs_cs, rhs_rs): (usize, usize),
+) {
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // gemm computes dst = alpha·dst + beta·lhs·rhs, reading dst only when asked to.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs,
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
     }
+}
+
+/// Turns each row of logits (plus `bias`) into (softmax(row) − one_hot(target)) · scale in place.
+/// Returns the summed row losses and the column sums of the result (the bias gradient).
+fn softmax_minus_one_hot(
+    logits: &mut [f32],
+    v: usize,
+    targets: &[u32],
+    bias: Option<&[f32]>,
+    scale: f32,
+) -> (f64, Vec<f32>) {
+    let columns = if bias.is_some() { v } else { 0 };
+    logits
+        .par_chunks_mut(v)
+        .zip(targets.par_iter())
+        .fold(
+            || (0.0f64, vec![0f32; columns]),
+            |(loss, mut sums), (row, &t)| {
+                if let Some(b) = bias {
+                    row.iter_mut().zip(b).for_each(|(x, b)| *x += b);
+                }
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let target_logit = row[t as usize];
+                let mut sum = 0.0f32;
+                for x in row.iter_mut() {
+                    *x = (*x - max).exp();
+                    sum += *x;
+                }
+                let inv = scale / sum;
+                row.iter_mut().for_each(|x| *x *= inv);
+                row[t as usize] -= scale;
+                sums.iter_mut().zip(row.iter()).for_each(|(s, x)| *s += x);
+                (loss + (max + sum.ln() - target_logit) as f64, sums)
+            },
+        )
+        .reduce(
+            || (0.0f64, vec![0f32; columns]),
+            |(la, mut sa), (lb, sb)| {
+                sa.iter_mut().zip(sb).for_each(|(a, b)| *a += b);
+                (la + lb, sa)
+            },
+        )
 }
 
 struct Grads {
@@ -200,51 +316,62 @@ mod tests {
     use candle_core::{Device, Var};
 
     /// The fused head + loss against candle's composed ops (matmul, bias, log-softmax, gather) on
-    /// 600 rows (three chunks, the last partial): same loss, same gradients for hidden, weight, bias.
+    /// 600 rows (three chunks, the last partial), with and without a bias: same loss, same
+    /// gradients for hidden, weight and bias.
     #[test]
     fn fused_equals_composed_forward_and_backward() {
         let dev = Device::Cpu;
-        let var = |shape: (usize, usize)| {
+        let var = |shape: &[usize]| {
             Var::from_tensor(&Tensor::randn(0f32, 0.5, shape, &dev).unwrap()).unwrap()
         };
-        let (h, w) = (var((600, 24)), var((101, 24)));
-        let b = Var::from_tensor(&Tensor::randn(0f32, 0.5, 101, &dev).unwrap()).unwrap();
+        let (h, w, b) = (var(&[600, 24]), var(&[101, 24]), var(&[101]));
         let t = Tensor::from_vec(
             (0..600u32).map(|i| (i * 13) % 101).collect::<Vec<_>>(),
             600,
             &dev,
         )
         .unwrap();
-        let fused =
-            linear_cross_entropy(h.as_tensor(), w.as_tensor(), Some(b.as_tensor()), &t).unwrap();
-        let logits = h
-            .as_tensor()
-            .matmul(&w.as_tensor().t().unwrap())
-            .unwrap()
-            .broadcast_add(b.as_tensor())
+        for bias in [Some(&b), None] {
+            let fused = linear_cross_entropy(
+                h.as_tensor(),
+                w.as_tensor(),
+                bias.map(|b| b.as_tensor()),
+                &t,
+            )
             .unwrap();
-        let composed = candle_nn::loss::cross_entropy(&logits, &t).unwrap();
-        let (x, y) = (
-            fused.to_scalar::<f32>().unwrap(),
-            composed.to_scalar::<f32>().unwrap(),
-        );
-        assert!((x - y).abs() < 1e-5, "{x} vs {y}");
-        let mut ga = (fused * 2.0).unwrap().backward().unwrap();
-        let mut gb = (composed * 2.0).unwrap().backward().unwrap();
-        for v in [&h, &w, &b] {
-            let (a, c) = (
-                ga.remove(v.as_tensor()).unwrap(),
-                gb.remove(v.as_tensor()).unwrap(),
+            let mut logits = h.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
+            if let Some(b) = bias {
+                logits = logits.broadcast_add(b.as_tensor()).unwrap();
+            }
+            let composed = candle_nn::loss::cross_entropy(&logits, &t).unwrap();
+            let (x, y) = (
+                fused.to_scalar::<f32>().unwrap(),
+                composed.to_scalar::<f32>().unwrap(),
             );
-            let diff: f32 = (a - c)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
-            assert!(diff < 1e-6, "gradients differ by {diff}");
+            assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+            let mut ga = (fused * 2.0).unwrap().backward().unwrap();
+            let mut gb = (composed * 2.0).unwrap().backward().unwrap();
+            let vars = if bias.is_some() {
+                vec![&h, &w, &b]
+            } else {
+                vec![&h, &w]
+            };
+            for v in vars {
+                let (a, c) = (
+                    ga.remove(v.as_tensor()).unwrap(),
+                    gb.remove(v.as_tensor()).unwrap(),
+                );
+                let diff: f32 = (a - c)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap();
+                assert!(diff < 1e-6, "gradients differ by {diff}");
+            }
+            assert!(bias.is_some() || ga.get(b.as_tensor()).is_none());
         }
     }
 }
