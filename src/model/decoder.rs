@@ -363,7 +363,7 @@ impl Attention {
         };
         let scores = scores.to_dtype(DType::F32)?;
         let probs = if step.training {
-            candle_nn::ops::softmax(&scores, D::Minus1)?
+            super::ops::softmax_last_dim(&scores)?
         } else {
             candle_nn::ops::softmax_last_dim(&scores)?
         };
@@ -388,7 +388,7 @@ struct Mlp {
 impl Mlp {
     fn act(&self, x: &Tensor) -> Result<Tensor> {
         match self.act {
-            Activation::GeluTanh => x.gelu(),
+            Activation::GeluTanh => super::ops::gelu_tanh(x),
             Activation::Gelu => x.gelu_erf(),
             Activation::Silu => x.silu(),
             Activation::Relu => x.relu(),

@@ -10,6 +10,7 @@ pub mod decoder;
 pub mod gguf;
 pub mod hub;
 pub mod names;
+pub mod ops;
 pub mod rope;
 pub mod sample;
 pub mod tokenizer;

@@ -13,6 +13,8 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+use crate::model::ops::cpu_f32;
+
 /// Rows of logits per chunk: 256 × 50,304 floats ≈ 51 MB.
 const CHUNK_ROWS: usize = 256;
 
@@ -77,9 +79,7 @@ fn fused_cpu(
     let (h_storage, h_layout) = hidden.storage_and_layout();
     let (w_storage, w_layout) = weight.storage_and_layout();
     let (h, w) = match (&*h_storage, &*w_storage) {
-        (Storage::Cpu(hs), Storage::Cpu(ws)) => {
-            (cpu_slice(hs, h_layout)?, cpu_slice(ws, w_layout)?)
-        }
+        (Storage::Cpu(hs), Storage::Cpu(ws)) => (cpu_f32(hs, h_layout)?, cpu_f32(ws, w_layout)?),
         _ => candle_core::bail!("the fused cross-entropy runs on the CPU"),
     };
     let scale = 1.0 / n.max(1) as f32;
@@ -158,13 +158,6 @@ fn fused_cpu(
             None => None,
         },
     })
-}
-
-fn cpu_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("cross-entropy needs contiguous tensors".into()))?;
-    Ok(&s.as_slice::<f32>()?[start..end])
 }
 
 /// `dst (m×n, row-major, row stride dst_rs) = [dst +] lhs (m×k) · rhs (k×n)`, the operands given by

@@ -10,6 +10,8 @@ use std::collections::HashMap;
 use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor, Var};
 use rayon::prelude::*;
 
+use crate::model::ops::cpu_f32;
+
 /// One trainable tensor: its fp32 master copy and moments.
 pub struct Slot {
     pub name: String,
@@ -137,13 +139,6 @@ fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
     }
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("AdamW needs contiguous tensors".into()))?;
-    Ok(&s.as_slice::<f32>()?[start..end])
-}
-
 /// m ← β m + (1 − β) g, or v ← β v + (1 − β) g² (`square`).
 struct Moment {
     beta: f32,
@@ -162,7 +157,7 @@ impl InplaceOp2 for Moment {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<()> {
-        let (m, g) = (slice_mut(s1, l1)?, slice(s2, l2)?);
+        let (m, g) = (slice_mut(s1, l1)?, cpu_f32(s2, l2)?);
         let (b, square) = (self.beta, self.square);
         m.par_iter_mut().zip(g.par_iter()).for_each(|(m, &g)| {
             *m = b * *m + (1.0 - b) * if square { g * g } else { g };
@@ -194,7 +189,7 @@ impl InplaceOp3 for Update {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<()> {
-        let (p, m, v) = (slice_mut(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (p, m, v) = (slice_mut(s1, l1)?, cpu_f32(s2, l2)?, cpu_f32(s3, l3)?);
         let decay = (1.0 - self.lr * self.wd) as f32;
         let step = (self.lr / self.bc1) as f32;
         let sqrt_bc2 = self.bc2.sqrt() as f32;
