@@ -165,7 +165,6 @@ impl Norm {
     }
 
     fn forward(&self, x: &Tensor, training: bool) -> Result<Tensor> {
-        let dtype = x.dtype();
         if !training {
             let x = x.contiguous()?;
             return match &self.bias {
@@ -173,19 +172,13 @@ impl Norm {
                 None => candle_nn::ops::rms_norm(&x, &self.weight, self.eps as f32),
             };
         }
-        let x = x.to_dtype(DType::F32)?;
-        let x = match &self.bias {
-            Some(_) => x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?,
-            None => x,
-        };
-        let scale = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?;
-        let y = x
-            .broadcast_div(&scale)?
-            .to_dtype(dtype)?
-            .broadcast_mul(&self.weight)?;
+        if let Some(y) = super::ops::norm(x, &self.weight, self.bias.as_ref(), self.eps)? {
+            return Ok(y);
+        }
+        let eps = self.eps as f32;
         match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
+            Some(b) => candle_nn::ops::layer_norm_slow(x, &self.weight, b, eps),
+            None => candle_nn::ops::rms_norm_slow(x, &self.weight, eps),
         }
     }
 }

@@ -1,12 +1,14 @@
-//! Softmax over the last dimension and gelu_new (tanh approximation) as one-pass CPU kernels that
-//! carry their own backward.
+//! Softmax over the last dimension, gelu_new (tanh approximation) and LayerNorm / RMSNorm as
+//! one-pass CPU kernels that carry their own backward.
 //!
 //! candle's fused softmax has no backward, and its composed softmax and gelu backward take about a
 //! dozen passes over the tensor (each a fresh allocation): for a small phi these were a tenth of a
 //! training step. Here each direction is one pass. Other devices and dtypes use candle's composed
 //! ops, which compute the same functions.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
+};
 use rayon::prelude::*;
 
 /// Elements per rayon task: big enough that splitting costs nothing next to the work.
@@ -164,6 +166,188 @@ impl CustomOp2 for GeluGrad {
     }
 }
 
+/// LayerNorm (`bias` given: centred, then scaled and shifted) or RMSNorm (no bias) over the last
+/// dimension, `None` where the fused kernel does not apply (not all CPU f32): the caller composes.
+pub fn norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Option<Tensor>> {
+    if !(is_cpu_f32(x) && is_cpu_f32(weight) && bias.is_none_or(is_cpu_f32)) {
+        return Ok(None);
+    }
+    let zero;
+    let b = match bias {
+        Some(b) => b,
+        None => {
+            zero = weight.zeros_like()?;
+            &zero
+        }
+    };
+    let op = Norm {
+        centre: bias.is_some(),
+        eps: eps as f32,
+    };
+    Ok(Some(x.contiguous()?.apply_op3(weight, b, op)?))
+}
+
+struct Norm {
+    /// LayerNorm: subtract the mean and add a bias; RMSNorm: neither.
+    centre: bool,
+    eps: f32,
+}
+
+impl Norm {
+    /// The normalised row (x − mean)·rstd (mean 0 for RMSNorm) written to `out`; returns rstd.
+    fn normalise(&self, x: &[f32], out: &mut [f32]) -> f32 {
+        let c = x.len() as f32;
+        let mean = if self.centre {
+            x.iter().sum::<f32>() / c
+        } else {
+            0.0
+        };
+        let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / c;
+        let rstd = 1.0 / (var + self.eps).sqrt();
+        out.iter_mut()
+            .zip(x)
+            .for_each(|(o, v)| *o = (v - mean) * rstd);
+        rstd
+    }
+}
+
+impl CustomOp3 for Norm {
+    fn name(&self) -> &'static str {
+        "phigen-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let c = last_dim(xl);
+        let (x, w, b) = (cpu_f32(xs, xl)?, cpu_f32(ws, wl)?, cpu_f32(bs, bl)?);
+        if w.len() != c || b.len() != c {
+            candle_core::bail!(
+                "norm over {c} features with {} weights, {} biases",
+                w.len(),
+                b.len()
+            );
+        }
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(c)
+            .zip(x.par_chunks(c))
+            .with_min_len(GRAIN / c)
+            .for_each(|(y, x)| {
+                self.normalise(x, y);
+                for ((y, w), b) in y.iter_mut().zip(w).zip(b) {
+                    *y = *y * w + b;
+                }
+            });
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let c = weight.elem_count();
+        let n = x.elem_count() / c;
+        let op = NormGrad {
+            norm: Norm {
+                centre: self.centre,
+                eps: self.eps,
+            },
+        };
+        // One buffer: ∂x (n·c), then ∂weight (c), then ∂bias (c).
+        let all = x.apply_op3_no_bwd(weight, &grad.contiguous()?, &op)?;
+        let dx = all.narrow(0, 0, n * c)?.reshape(x.shape())?;
+        let dw = all.narrow(0, n * c, c)?.reshape(weight.shape())?;
+        let db = all.narrow(0, n * c + c, c)?.reshape(weight.shape())?;
+        Ok((Some(dx), Some(dw), self.centre.then_some(db)))
+    }
+}
+
+/// Per row, with x̂ the normalised row and ĝ = ∂y ⊙ weight:
+/// ∂x = rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ ⊙ x̂)) (RMSNorm: without the mean(ĝ) term);
+/// ∂weight = Σ_rows ∂y ⊙ x̂; ∂bias = Σ_rows ∂y.
+struct NormGrad {
+    norm: Norm,
+}
+
+impl CustomOp3 for NormGrad {
+    fn name(&self) -> &'static str {
+        "phigen-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let c = last_dim(xl);
+        let (x, w, g) = (cpu_f32(xs, xl)?, cpu_f32(ws, wl)?, cpu_f32(gs, gl)?);
+        let mut out = vec![0f32; x.len() + 2 * c];
+        let (dx, _) = out.split_at_mut(x.len());
+        let (dw, db) = dx
+            .par_chunks_mut(c)
+            .zip(x.par_chunks(c).zip(g.par_chunks(c)))
+            .with_min_len(GRAIN / c)
+            .fold(
+                || (vec![0f32; c], vec![0f32; c]),
+                |(mut dw, mut db), (dx, (x, g))| {
+                    let rstd = self.norm.normalise(x, dx); // dx holds x̂ for now
+                    let (mut mean_g, mut mean_gx) = (0.0f32, 0.0f32);
+                    for i in 0..c {
+                        dw[i] += g[i] * dx[i];
+                        db[i] += g[i];
+                        let gh = g[i] * w[i];
+                        mean_g += gh;
+                        mean_gx += gh * dx[i];
+                    }
+                    let (mean_g, mean_gx) = (
+                        if self.norm.centre {
+                            mean_g / c as f32
+                        } else {
+                            0.0
+                        },
+                        mean_gx / c as f32,
+                    );
+                    for i in 0..c {
+                        dx[i] = rstd * (g[i] * w[i] - mean_g - dx[i] * mean_gx);
+                    }
+                    (dw, db)
+                },
+            )
+            .reduce(
+                || (vec![0f32; c], vec![0f32; c]),
+                |(mut dw, mut db), (dw2, db2)| {
+                    dw.iter_mut().zip(dw2).for_each(|(a, b)| *a += b);
+                    db.iter_mut().zip(db2).for_each(|(a, b)| *a += b);
+                    (dw, db)
+                },
+            );
+        let n = x.len();
+        out[n..n + c].copy_from_slice(&dw);
+        out[n + c..].copy_from_slice(&db);
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,6 +413,68 @@ mod tests {
                 "gradient differs by {}",
                 max_diff(ga, gb)
             );
+        }
+    }
+
+    /// The fused LayerNorm and RMSNorm against candle-nn's composed `layer_norm_slow` /
+    /// `rms_norm_slow` (with their backward): outputs and the gradients of x, weight and bias.
+    #[test]
+    fn norm_equals_candle_composed_norms() {
+        let dev = Device::Cpu;
+        let var = |shape: &[usize], mean: f32| {
+            Var::from_tensor(&Tensor::randn(mean, 2.0, shape, &dev).unwrap()).unwrap()
+        };
+        let (x, w, b) = (var(&[4, 9, 48], 1.5), var(&[48], 1.0), var(&[48], 0.0));
+        let weights = Tensor::randn(0f32, 1.0, (4, 9, 48), &dev).unwrap();
+        for bias in [Some(&b), None] {
+            let ours = norm(
+                x.as_tensor(),
+                w.as_tensor(),
+                bias.map(|b| b.as_tensor()),
+                1e-5,
+            )
+            .unwrap()
+            .expect("CPU f32 is fused");
+            let theirs = match bias {
+                Some(b) => candle_nn::ops::layer_norm_slow(
+                    x.as_tensor(),
+                    w.as_tensor(),
+                    b.as_tensor(),
+                    1e-5,
+                ),
+                None => candle_nn::ops::rms_norm_slow(x.as_tensor(), w.as_tensor(), 1e-5),
+            }
+            .unwrap();
+            assert!(max_diff(&ours, &theirs) < 1e-5, "forward differs");
+            let ga = (ours * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gb = (theirs * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let vars = if bias.is_some() {
+                vec![&x, &w, &b]
+            } else {
+                vec![&x, &w]
+            };
+            for v in vars {
+                let (a, c) = (
+                    ga.get(v.as_tensor()).unwrap(),
+                    gb.get(v.as_tensor()).unwrap(),
+                );
+                assert!(
+                    max_diff(a, c) < 1e-4,
+                    "gradient differs by {}",
+                    max_diff(a, c)
+                );
+            }
+            assert!(bias.is_some() || ga.get(b.as_tensor()).is_none());
         }
     }
 }
