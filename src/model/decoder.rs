@@ -2,8 +2,9 @@
 //! `modeling_phi.py` (parallel block), `modeling_phi3.py` and `modeling_llama.py` (sequential
 //! block); which one is decided by the config, never by a copied file.
 //!
-//! Two modes: training uses only composed candle ops (every one has a backward) and applies
-//! dropout; inference uses candle's fused softmax / norm / rotary kernels, which have no backward.
+//! Two modes: training uses only ops with a backward (composed candle ops, or on the CPU the
+//! one-pass kernels of `ops.rs` that carry their own) and applies dropout; inference uses candle's
+//! fused softmax / norm / rotary kernels, which have no backward.
 //!
 //! Symbols: B batch, T new tokens, S keys (past + T), C hidden, H heads, K kv heads, D head_dim,
 //! I intermediate, V vocab (or labels).
@@ -598,7 +599,7 @@ impl Decoder {
         self.rope.long_from()
     }
 
-    /// Training mode: dropout on, composed (differentiable) ops only.
+    /// Training mode: dropout on, differentiable ops only.
     pub fn set_training(&mut self, training: bool) {
         assert!(
             !(training && self.frozen),
