@@ -399,7 +399,7 @@ mod tests {
             (gelu_tanh, |x| x.gelu(), &finite),
         ];
         for (ours, theirs, input) in cases {
-            let (a, b) = (ours(&input).unwrap(), theirs(&input).unwrap());
+            let (a, b) = (ours(input).unwrap(), theirs(input).unwrap());
             assert!(max_diff(&a, &b) < 1e-5, "forward differs");
             let ga = (a * &weights)
                 .unwrap()
@@ -413,7 +413,7 @@ mod tests {
                 .unwrap()
                 .backward()
                 .unwrap();
-            let (ga, gb) = (ga.get(&input).unwrap(), gb.get(&input).unwrap());
+            let (ga, gb) = (ga.get(input).unwrap(), gb.get(input).unwrap());
             assert!(
                 max_diff(ga, gb) < 1e-4,
                 "gradient differs by {}",
