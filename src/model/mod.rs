@@ -55,4 +55,4 @@ pub enum ModelError {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -359,18 +359,7 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
+    use crate::model::tests::max_abs_diff as max_diff;
 
     /// Each kernel against candle's composed ops (the oracle: candle's own softmax and gelu with
     /// their backward), forward values and the gradient of a weighted sum, on a (3, 5, 7, 40)

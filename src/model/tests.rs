@@ -17,10 +17,13 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
+/// The largest absolute elementwise difference (shared by the numeric tests of the crate).
+pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    max_abs(&(a - b).unwrap())
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
         .unwrap()
         .flatten_all()
         .unwrap()
@@ -88,16 +91,7 @@ fn check_logits(device: &Device, dtype: DType, tol: f32) {
                 };
                 assert_eq!(got.dims(), want.dims(), "{case}");
                 let got = got.to_dtype(DType::F32).unwrap();
-                let scale = want
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-                    .max(1.0);
+                let scale = max_abs(want).max(1.0);
                 let diff = max_abs_diff(&got, want);
                 assert!(
                     diff < tol * scale,

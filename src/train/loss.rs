@@ -354,14 +354,7 @@ mod tests {
                     ga.remove(v.as_tensor()).unwrap(),
                     gb.remove(v.as_tensor()).unwrap(),
                 );
-                let diff: f32 = (a - c)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar()
-                    .unwrap();
+                let diff = crate::model::tests::max_abs_diff(&a, &c);
                 assert!(diff < 1e-6, "gradients differ by {diff}");
             }
             assert!(bias.is_some() || ga.get(b.as_tensor()).is_none());
