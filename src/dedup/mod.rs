@@ -137,6 +137,8 @@ struct TableMeta {
 struct SigTable {
     ids: Vec<String>,
     words: Vec<u64>,
+    /// CPU seconds spent in shingling + signatures, summed over documents (0 for a table read back).
+    minhash_seconds: f64,
 }
 
 impl SigTable {
@@ -181,7 +183,11 @@ impl SigTable {
                 format!("expected {docs} ids, found {}", ids.len()),
             ));
         }
-        Ok(SigTable { ids, words })
+        Ok(SigTable {
+            ids,
+            words,
+            minhash_seconds: 0.0,
+        })
     }
 }
 
@@ -223,6 +229,7 @@ fn slice_table(
         std::fs::remove_file(&meta_path).map_err(io_err(&meta_path))?;
     }
     let mut table = SigTable::default();
+    let minhash_nanos = std::sync::atomic::AtomicU64::new(0);
     for (f, file) in files
         .iter()
         .enumerate()
@@ -234,7 +241,10 @@ fn slice_table(
                 .map(|d| {
                     let exact = minhash::exact_hash(&d.text, opts.exact);
                     let mut rec = vec![f as u64, d.row as u64, exact as u64, (exact >> 64) as u64];
+                    let started = Instant::now();
                     rec.extend(hasher.signature(&d.text));
+                    let nanos = started.elapsed().as_nanos() as u64;
+                    minhash_nanos.fetch_add(nanos, std::sync::atomic::Ordering::Relaxed);
                     rec
                 })
                 .collect();
@@ -244,6 +254,7 @@ fn slice_table(
             Ok::<(), DedupError>(())
         })?;
     }
+    table.minhash_seconds = minhash_nanos.into_inner() as f64 * 1e-9;
     table.write(&bin, &ids)?;
     let meta = TableMeta {
         format_version: FORMAT_VERSION,
@@ -309,6 +320,10 @@ pub struct Stats {
     /// The index generation this run writes (None without --index).
     pub index_generation: Option<u64>,
     pub signature_seconds: f64,
+    /// CPU seconds in shingling + MinHash alone (no reading, no exact hash), summed over
+    /// documents and threads: the per-core signature speed is bytes / this.
+    #[serde(default)]
+    pub minhash_cpu_seconds: f64,
     pub cluster_seconds: f64,
     pub write_seconds: f64,
     pub threads: usize,
@@ -376,6 +391,7 @@ pub fn run(opts: &DedupOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<Outco
         let part = slice_table(&files, &sources, Slice { k, n }, opts, &hasher, progress)?;
         table.ids.extend(part.ids);
         table.words.extend(part.words);
+        table.minhash_seconds += part.minhash_seconds;
     }
     let signature_seconds = started.elapsed().as_secs_f64();
     let stride = HEAD + opts.params.num_perm();
@@ -525,6 +541,7 @@ pub fn run(opts: &DedupOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<Outco
             let mut next = SigTable {
                 ids: index.ids.clone(),
                 words: index.words.clone(),
+                ..SigTable::default()
             };
             for p in m..total {
                 if clusters.find(p as u32) as usize == p {
@@ -559,6 +576,7 @@ pub fn run(opts: &DedupOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<Outco
         index_documents: m,
         index_generation,
         signature_seconds,
+        minhash_cpu_seconds: table.minhash_seconds,
         cluster_seconds,
         write_seconds: write_started.elapsed().as_secs_f64(),
         threads: rayon::current_num_threads(),
