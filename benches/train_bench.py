@@ -24,6 +24,52 @@ import torch
 from transformers import PhiConfig, PhiForCausalLM
 
 
+
+def write_run(tmp, cfg_dir, n, seq, batch, steps, extra=""):
+    """Token shards of `n` random ids in phigen's format (32-byte header, then uint16) under
+    `tmp/tok`, and a one-stage recipe over them (lr 1e-3, weight decay 0.1, no eval or checkpoint
+    during the run, `extra` lines appended); returns the recipe's path."""
+    tok = os.path.join(tmp, "tok")
+    os.makedirs(tok)
+    ids = np.random.default_rng(0).integers(0, 50257, n, dtype=np.uint16)
+    with open(os.path.join(tok, "train-00000.bin"), "wb") as f:
+        f.write(b"PHIGTOKS" + (1).to_bytes(4, "little") + (2).to_bytes(4, "little")
+                + n.to_bytes(8, "little") + (1).to_bytes(8, "little"))
+        ids.tofile(f)
+    meta = {"format_version": 1, "tokenizer": "gpt2", "vocab_size": 50257, "end_of_text": 50256,
+            "token_width": "u16", "val_fraction": 0.0, "sources": [],
+            "splits": {"train": {"documents": 1, "tokens": n, "shards": ["train-00000.bin"]},
+                       "val": {"documents": 0, "tokens": 0, "shards": []}}}
+    json.dump(meta, open(os.path.join(tok, "meta.json"), "w"))
+    recipe = os.path.join(tmp, "bench.toml")
+    open(recipe, "w").write(f"""
+name = "bench"
+[model]
+config = "{cfg_dir}"
+[[stage]]
+name = "s"
+data = [{{ path = "{tok}" }}]
+seq_len = {seq}
+micro_batch = {batch}
+steps = {steps}
+lr = 1e-3
+weight_decay = 0.1
+eval_every = {steps * 10}
+checkpoint_every = {steps * 10}
+{extra}""")
+    return recipe
+
+
+def torch_adamw(model, **options):
+    """`torch.optim.AdamW` with phigen's recipe defaults: lr 1e-3, betas (0.9, 0.95), weight decay
+    0.1 on matrices other than the embedding, none elsewhere."""
+    decays = lambda n, p: p.dim() >= 2 and "embed_tokens" not in n
+    decay = [p for n, p in model.named_parameters() if decays(n, p)]
+    rest = [p for n, p in model.named_parameters() if not decays(n, p)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                             lr=1e-3, betas=(0.9, 0.95), **options)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default="target/release/phigen")
@@ -44,36 +90,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         cfg_dir = os.path.join(tmp, "config")
         cfg.save_pretrained(cfg_dir)
-        # Token shards of random ids (phigen's format: 32-byte header, then uint16).
-        tok = os.path.join(tmp, "tok")
-        os.makedirs(tok)
-        n = 2_000_000
-        ids = np.random.default_rng(0).integers(0, 50257, n, dtype=np.uint16)
-        with open(os.path.join(tok, "train-00000.bin"), "wb") as f:
-            f.write(b"PHIGTOKS" + (1).to_bytes(4, "little") + (2).to_bytes(4, "little")
-                    + n.to_bytes(8, "little") + (1).to_bytes(8, "little"))
-            ids.tofile(f)
-        meta = {"format_version": 1, "tokenizer": "gpt2", "vocab_size": 50257, "end_of_text": 50256,
-                "token_width": "u16", "val_fraction": 0.0, "sources": [],
-                "splits": {"train": {"documents": 1, "tokens": n, "shards": ["train-00000.bin"]},
-                           "val": {"documents": 0, "tokens": 0, "shards": []}}}
-        json.dump(meta, open(os.path.join(tok, "meta.json"), "w"))
-        recipe = os.path.join(tmp, "bench.toml")
-        open(recipe, "w").write(f"""
-name = "bench"
-[model]
-config = "{cfg_dir}"
-[[stage]]
-name = "s"
-data = [{{ path = "{tok}" }}]
-seq_len = {args.seq}
-micro_batch = {args.batch}
-steps = {args.steps}
-lr = 1e-3
-weight_decay = 0.1
-eval_every = {args.steps * 10}
-checkpoint_every = {args.steps * 10}
-""")
+        recipe = write_run(tmp, cfg_dir, 2_000_000, args.seq, args.batch, args.steps)
 
         def phigen():
             out = os.path.join(tmp, "run")
@@ -86,10 +103,7 @@ checkpoint_every = {args.steps * 10}
         def pytorch():
             torch.manual_seed(0)
             model = PhiForCausalLM(cfg).train()
-            decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed_tokens" not in n]
-            rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed_tokens" not in n)]
-            opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                                    lr=1e-3, betas=(0.9, 0.95))
+            opt = torch_adamw(model)
             speeds, first = [], None
             for _ in range(args.steps):
                 batch = torch.randint(0, 50257, (args.batch, args.seq + 1))

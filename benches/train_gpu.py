@@ -23,9 +23,10 @@ import tempfile
 import threading
 import time
 
-import numpy as np
 import torch
 from transformers import PhiConfig, PhiForCausalLM
+
+from train_bench import torch_adamw, write_run  # benches/ is on sys.path when run as a script
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -88,36 +89,7 @@ def main():
         head_dim = cfg.hidden_size // cfg.num_attention_heads
         flops = 6.0 * n_flops + 12.0 * cfg.num_hidden_layers * args.seq * cfg.num_attention_heads * head_dim
 
-        tok = os.path.join(tmp, "tok")
-        os.makedirs(tok)
-        n = 4_000_000
-        ids = np.random.default_rng(0).integers(0, 50257, n, dtype=np.uint16)
-        with open(os.path.join(tok, "train-00000.bin"), "wb") as f:
-            f.write(b"PHIGTOKS" + (1).to_bytes(4, "little") + (2).to_bytes(4, "little")
-                    + n.to_bytes(8, "little") + (1).to_bytes(8, "little"))
-            ids.tofile(f)
-        meta = {"format_version": 1, "tokenizer": "gpt2", "vocab_size": 50257, "end_of_text": 50256,
-                "token_width": "u16", "val_fraction": 0.0, "sources": [],
-                "splits": {"train": {"documents": 1, "tokens": n, "shards": ["train-00000.bin"]},
-                           "val": {"documents": 0, "tokens": 0, "shards": []}}}
-        json.dump(meta, open(os.path.join(tok, "meta.json"), "w"))
-        recipe = os.path.join(tmp, "bench.toml")
-        open(recipe, "w").write(f"""
-name = "bench"
-[model]
-config = "{cfg_dir}"
-[[stage]]
-name = "s"
-data = [{{ path = "{tok}" }}]
-seq_len = {args.seq}
-micro_batch = {args.batch}
-steps = {args.steps}
-lr = 1e-3
-weight_decay = 0.1
-dropout = 0.0
-eval_every = {args.steps * 10}
-checkpoint_every = {args.steps * 10}
-""")
+        recipe = write_run(tmp, cfg_dir, 4_000_000, args.seq, args.batch, args.steps, "dropout = 0.0\n")
         results = {}
 
         def phigen():
@@ -133,10 +105,7 @@ checkpoint_every = {args.steps * 10}
         def pytorch(compiled):
             torch.manual_seed(0)
             model = PhiForCausalLM._from_config(cfg, attn_implementation="sdpa").cuda().train()
-            decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed_tokens" not in n]
-            rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed_tokens" not in n)]
-            opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                                    lr=1e-3, fused=True)
+            opt = torch_adamw(model, fused=True)
             fwd = torch.compile(model) if compiled else model
             speeds, first = [], None
             try:

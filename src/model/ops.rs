@@ -48,6 +48,25 @@ fn last_dim(l: &Layout) -> usize {
     l.dims().last().copied().unwrap_or(1).max(1)
 }
 
+/// `row ← scale · softmax(row)`; returns the row's max and Σ exp(x − max), so its log-sum-exp is
+/// `max + ln(sum)`.
+pub(crate) fn softmax_in_place(row: &mut [f32], scale: f32) -> (f32, f32) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f32;
+    for x in row.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    let inv = scale / sum;
+    row.iter_mut().for_each(|x| *x *= inv);
+    (max, sum)
+}
+
+/// `acc += x`, elementwise.
+pub(crate) fn add_assign(acc: &mut [f32], x: &[f32]) {
+    acc.iter_mut().zip(x).for_each(|(a, b)| *a += b);
+}
+
 struct Softmax;
 
 impl CustomOp1 for Softmax {
@@ -61,14 +80,7 @@ impl CustomOp1 for Softmax {
         out.par_chunks_mut(v)
             .with_min_len(GRAIN / v)
             .for_each(|row| {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0f32;
-                for x in row.iter_mut() {
-                    *x = (*x - max).exp();
-                    sum += *x;
-                }
-                let inv = 1.0 / sum;
-                row.iter_mut().for_each(|x| *x *= inv);
+                softmax_in_place(row, 1.0);
             });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
@@ -198,6 +210,7 @@ pub fn norm(
     Ok(Some(x.contiguous()?.apply_op3(weight, b, op)?))
 }
 
+#[derive(Clone, Copy)]
 struct Norm {
     /// LayerNorm: subtract the mean and add a bias; RMSNorm: neither.
     centre: bool,
@@ -268,12 +281,7 @@ impl CustomOp3 for Norm {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let c = weight.elem_count();
         let n = x.elem_count() / c;
-        let op = NormGrad {
-            norm: Norm {
-                centre: self.centre,
-                eps: self.eps,
-            },
-        };
+        let op = NormGrad { norm: *self };
         // One buffer: ∂x (n·c), then ∂weight (c), then ∂bias (c).
         let all = x.apply_op3_no_bwd(weight, &grad.contiguous()?, &op)?;
         let dx = all.narrow(0, 0, n * c)?.reshape(x.shape())?;
@@ -341,8 +349,8 @@ impl CustomOp3 for NormGrad {
             .reduce(
                 || (vec![0f32; c], vec![0f32; c]),
                 |(mut dw, mut db), (dw2, db2)| {
-                    dw.iter_mut().zip(dw2).for_each(|(a, b)| *a += b);
-                    db.iter_mut().zip(db2).for_each(|(a, b)| *a += b);
+                    add_assign(&mut dw, &dw2);
+                    add_assign(&mut db, &db2);
                     (dw, db)
                 },
             );

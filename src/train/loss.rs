@@ -13,7 +13,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use crate::model::ops::cpu_f32;
+use crate::model::ops::{add_assign, cpu_f32, softmax_in_place};
 
 /// Rows of logits per chunk: 256 × 50,304 floats ≈ 51 MB.
 const CHUNK_ROWS: usize = 256;
@@ -90,22 +90,7 @@ fn fused_cpu(
     for start in (0..n).step_by(CHUNK_ROWS) {
         let k = CHUNK_ROWS.min(n - start);
         let (hc, g) = (&h[start * c..(start + k) * c], &mut logits[..k * v]);
-        // SAFETY (each call): every pointer spans its matrix's rows × columns at the given
-        // strides, and the destination overlaps neither operand.
-        unsafe {
-            matmul(
-                k,
-                v,
-                c,
-                g.as_mut_ptr(),
-                v,
-                false,
-                hc.as_ptr(),
-                (1, c),
-                w.as_ptr(),
-                (c, 1),
-            )
-        }; // hc · wᵀ
+        matmul((k, v, c), g, false, (hc, 1, c), (w, c, 1)); //                           hc · wᵀ
         let (chunk_loss, column_sums) = softmax_minus_one_hot(
             g,
             v,
@@ -114,39 +99,10 @@ fn fused_cpu(
             scale,
         );
         loss += chunk_loss;
-        for (acc, s) in grad_b.iter_mut().zip(column_sums) {
-            *acc += s;
-        }
-        let gh = grad_h[start * c..(start + k) * c].as_mut_ptr();
-        unsafe {
-            matmul(
-                k,
-                c,
-                v,
-                gh,
-                c,
-                false,
-                g.as_ptr(),
-                (1, v),
-                w.as_ptr(),
-                (1, c),
-            )
-        }; // g · w
-        let gw = grad_w.as_mut_ptr();
-        unsafe {
-            matmul(
-                v,
-                c,
-                k,
-                gw,
-                c,
-                start > 0,
-                g.as_ptr(),
-                (v, 1),
-                hc.as_ptr(),
-                (1, c),
-            )
-        }; // gᵀ · hc
+        add_assign(&mut grad_b, &column_sums);
+        let gh = &mut grad_h[start * c..(start + k) * c];
+        matmul((k, c, v), gh, false, (g, 1, v), (w, 1, c)); //                             g · w
+        matmul((v, c, k), &mut grad_w, start > 0, (g, v, 1), (hc, 1, c)); //           gᵀ · hc
     }
     let device = hidden.device();
     Ok(Grads {
@@ -160,44 +116,43 @@ fn fused_cpu(
     })
 }
 
-/// `dst (m×n, row-major, row stride dst_rs) = [dst +] lhs (m×k) · rhs (k×n)`, the operands given by
-/// pointer and (column stride, row stride), on candle's thread count.
-///
-/// # Safety
-/// Each pointer must be valid for its matrix at its strides, and `dst` must not overlap the others.
-#[allow(clippy::too_many_arguments)]
-unsafe fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: usize,
+/// `dst (m×n, row-major) = [dst +] lhs (m×k) · rhs (k×n)`, each operand given as
+/// (values, column stride, row stride), on candle's thread count.
+fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
     accumulate: bool,
-    lhs: *const f32,
-    (lhs_cs, lhs_rs): (usize, usize),
-    rhs: *const f32,
-    (rhs_cs, rhs_rs): (usize, usize),
+    (lhs, lhs_cs, lhs_rs): (&[f32], usize, usize),
+    (rhs, rhs_cs, rhs_rs): (&[f32], usize, usize),
 ) {
+    // The last element each operand is read or written at must lie inside its slice.
+    let last = |rows: usize, cols: usize, cs: usize, rs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(m > 0 && n > 0 && k > 0);
+    assert!(last(m, n, 1, n) < dst.len());
+    assert!(last(m, k, lhs_cs, lhs_rs) < lhs.len());
+    assert!(last(k, n, rhs_cs, rhs_rs) < rhs.len());
     let threads = candle_core::utils::get_num_threads();
     let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
     };
-    // gemm computes dst = alpha·dst + beta·lhs·rhs, reading dst only when asked to.
+    // SAFETY: the assertions above keep every access inside its slice, and `dst` is a unique
+    // borrow, so it overlaps neither operand. gemm computes dst = alpha·dst + beta·lhs·rhs,
+    // reading dst only when asked to.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst,
+            dst.as_mut_ptr(),
             1,
-            dst_rs as isize,
+            n as isize,
             accumulate,
-            lhs,
+            lhs.as_ptr(),
             lhs_cs as isize,
             lhs_rs as isize,
-            rhs,
+            rhs.as_ptr(),
             rhs_cs as isize,
             rhs_rs as isize,
             1.0,
@@ -229,24 +184,17 @@ fn softmax_minus_one_hot(
                 if let Some(b) = bias {
                     row.iter_mut().zip(b).for_each(|(x, b)| *x += b);
                 }
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let target_logit = row[t as usize];
-                let mut sum = 0.0f32;
-                for x in row.iter_mut() {
-                    *x = (*x - max).exp();
-                    sum += *x;
-                }
-                let inv = scale / sum;
-                row.iter_mut().for_each(|x| *x *= inv);
+                let (max, sum) = softmax_in_place(row, scale);
                 row[t as usize] -= scale;
-                sums.iter_mut().zip(row.iter()).for_each(|(s, x)| *s += x);
+                add_assign(&mut sums, row);
                 (loss + (max + sum.ln() - target_logit) as f64, sums)
             },
         )
         .reduce(
             || (0.0f64, vec![0f32; columns]),
             |(la, mut sa), (lb, sb)| {
-                sa.iter_mut().zip(sb).for_each(|(a, b)| *a += b);
+                add_assign(&mut sa, &sb);
                 (la + lb, sa)
             },
         )
