@@ -11,6 +11,8 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{xxh3_128, xxh3_64, xxh3_64_with_seed};
 
+use super::words::{self, Piece};
+
 /// What a shingle is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -62,53 +64,13 @@ thread_local! {
     static NORMALISED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Byte classes: 0 separates words; word bytes (ASCII alphanumerics, `_`, every byte of a
-/// non-ASCII character) are 1, or 2 for ASCII capitals.
-pub(crate) const CLASS: [u8; 256] = {
-    let mut t = [0u8; 256];
-    let mut c = 0;
-    while c < 256 {
-        let b = c as u8;
-        t[c] = if b.is_ascii_uppercase() {
-            2
-        } else if b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80 {
-            1
-        } else {
-            0
-        };
-        c += 1;
-    }
-    t
-};
-
 /// Calls `each` with the 64-bit hash of every word of `text` (ASCII-lowercased).
 pub fn word_hashes(text: &str, mut each: impl FnMut(u64)) {
     let bytes = text.as_bytes();
-    let mut buf: Vec<u8> = Vec::with_capacity(64);
-    let mut i = 0;
-    while i < bytes.len() {
-        if CLASS[bytes[i] as usize] == 0 {
-            i += 1;
-            continue;
-        }
-        let (start, mut capitals) = (i, 0);
-        while let Some(&c) = bytes.get(i) {
-            let class = CLASS[c as usize];
-            if class == 0 {
-                break;
-            }
-            capitals |= class;
-            i += 1;
-        }
-        let word = &bytes[start..i];
-        if capitals & 2 != 0 {
-            buf.clear();
-            buf.extend(word.iter().map(u8::to_ascii_lowercase));
-            each(xxh3_64(&buf));
-        } else {
-            each(xxh3_64(word));
-        }
-    }
+    words::each_piece(bytes, false, |start, end, piece| {
+        let capitals = piece == (Piece::Word { capitals: true });
+        each(words::word_hash(&bytes[start..end], capitals));
+    });
 }
 
 /// The hash of each window of `n` word or token hashes, with the window's start: a polynomial rolling

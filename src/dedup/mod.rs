@@ -18,6 +18,7 @@
 
 pub mod decontaminate;
 pub mod minhash;
+mod words;
 
 use foldhash::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
