@@ -314,13 +314,19 @@ pub fn write_subset(src: &Path, dst: &Path, drop: impl Fn(usize) -> bool) -> Res
             table::write_frame(dst, &mut kept)?;
         }
         "jsonl" => {
-            let reader = BufReader::new(File::open(src).map_err(io_err(src))?);
+            let mut reader = BufReader::new(File::open(src).map_err(io_err(src))?);
             atomic::write_with(dst, |out| {
-                let mut out = std::io::BufWriter::new(out);
-                for (row, line) in reader.lines().enumerate() {
-                    let line = line?;
-                    if !line.trim().is_empty() && !drop(row) {
-                        writeln!(out, "{line}")?;
+                let mut out = std::io::BufWriter::with_capacity(1 << 20, out);
+                let mut line = Vec::new();
+                for row in 0.. {
+                    line.clear();
+                    if reader.read_until(b'\n', &mut line)? == 0 {
+                        break;
+                    }
+                    if !line.trim_ascii().is_empty() && !drop(row) {
+                        let text = line.strip_suffix(b"\n").unwrap_or(&line);
+                        out.write_all(text.strip_suffix(b"\r").unwrap_or(text))?;
+                        out.write_all(b"\n")?;
                     }
                 }
                 out.flush()
