@@ -17,18 +17,55 @@ pub fn temp_path(path: &Path) -> PathBuf {
 
 /// Writes `path` atomically with whatever `fill` writes into the file.
 pub fn write_with<T>(path: &Path, fill: impl FnOnce(&mut File) -> io::Result<T>) -> io::Result<T> {
-    let tmp = temp_path(path);
-    let mut file = File::create(&tmp)?;
+    let (staged, out) = stage_with(path, fill)?;
+    staged.commit()?;
+    Ok(out)
+}
+
+/// A complete, fsynced file under `path`'s temp name, not yet in place: [`Staged::commit`] renames
+/// it over `path`; dropping it uncommitted removes it. For work done before it is known to be
+/// wanted (a copy that a scan running meanwhile may turn out not to need).
+pub struct Staged {
+    tmp: PathBuf,
+    path: PathBuf,
+    committed: bool,
+}
+
+/// Writes `path`'s temp file with whatever `fill` writes and fsyncs it.
+pub fn stage_with<T>(
+    path: &Path,
+    fill: impl FnOnce(&mut File) -> io::Result<T>,
+) -> io::Result<(Staged, T)> {
+    let staged = Staged {
+        tmp: temp_path(path),
+        path: path.to_path_buf(),
+        committed: false,
+    };
+    let mut file = File::create(&staged.tmp)?;
     let out = fill(&mut file)?;
     file.flush()?;
     file.sync_all()?;
-    drop(file);
-    fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        // Makes the rename itself durable; not supported on every platform, hence best effort.
-        let _ = File::open(dir).and_then(|d| d.sync_all());
+    Ok((staged, out))
+}
+
+impl Staged {
+    pub fn commit(mut self) -> io::Result<()> {
+        fs::rename(&self.tmp, &self.path)?;
+        self.committed = true;
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            // Makes the rename itself durable; not supported on every platform, hence best effort.
+            let _ = File::open(dir).and_then(|d| d.sync_all());
+        }
+        Ok(())
     }
-    Ok(out)
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 pub fn write_bytes(path: &Path, bytes: &[u8]) -> io::Result<()> {

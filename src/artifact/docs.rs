@@ -287,12 +287,18 @@ fn text_pieces(text: &str) -> impl Iterator<Item = &str> {
 
 /// Copies `src` to `dst` atomically: the subset that drops nothing.
 pub fn copy_whole(src: &Path, dst: &Path) -> Result<(), DocsError> {
+    stage_whole(src, dst)?.commit().map_err(io_err(dst))
+}
+
+/// Copies `src` to `dst`'s temp name (fsynced), to be put in place by [`atomic::Staged::commit`].
+pub fn stage_whole(src: &Path, dst: &Path) -> Result<atomic::Staged, DocsError> {
     if let Some(parent) = dst.parent() {
         std::fs::create_dir_all(parent).map_err(io_err(parent))?;
     }
     let mut from = File::open(src).map_err(io_err(src))?;
-    atomic::write_with(dst, |to| std::io::copy(&mut from, to)).map_err(io_err(dst))?;
-    Ok(())
+    let (staged, _) =
+        atomic::stage_with(dst, |to| std::io::copy(&mut from, to)).map_err(io_err(dst))?;
+    Ok(staged)
 }
 
 /// Writes `src` to `dst` (atomically, same format, every column) without the document rows

@@ -519,37 +519,46 @@ pub fn run(
     let mut per_task: BTreeMap<usize, usize> = BTreeMap::new();
     let mut contaminated = 0usize;
     for file in &files {
-        let mut drop: HashSet<usize> = HashSet::default();
-        docs::read_documents(&file.path, |batch: Vec<Doc>| {
-            let found: Vec<Vec<Hit>> = batch.par_iter().map(|d| index.scan(&d.text)).collect();
-            let batch_bytes: u64 = batch.iter().map(|d| d.text.len() as u64).sum();
-            progress(batch_bytes);
-            bytes += batch_bytes;
-            documents += batch.len();
-            for (doc, hits) in batch.iter().zip(found) {
-                if hits.is_empty() {
-                    continue;
-                }
-                contaminated += 1;
-                drop.insert(doc.row);
-                for hit in hits {
-                    *per_task.entry(hit.task).or_default() += 1;
-                    let task = &index.tasks()[hit.task];
-                    let row = json!({
-                        "id": doc.id, "file": file.path.display().to_string(), "row": doc.row,
-                        "benchmark": task.benchmark, "task_id": task.id, "check": hit.check,
-                        "matched": hit.matched, "matches": hit.matches,
-                    });
-                    rows.push(row.as_object().expect("object").clone());
-                }
-            }
-            Ok::<(), DedupError>(())
-        })?;
         let dst = opts.out.join(&file.rel);
-        if opts.mode == Mode::Flag || drop.is_empty() {
-            docs::copy_whole(&file.path, &dst)?;
+        let mut dropped: HashSet<usize> = HashSet::default();
+        // The copy that a clean file (and every file under --mode flag) ends up as is written and
+        // fsynced while the file is scanned: most files hold no contamination, and the copy is
+        // mostly waiting for the disk. It is put in place only once the scan says so.
+        let copy = std::thread::scope(|scope| {
+            let copy = scope.spawn(|| docs::stage_whole(&file.path, &dst));
+            let scanned = docs::read_documents(&file.path, |batch: Vec<Doc>| {
+                let found: Vec<Vec<Hit>> = batch.par_iter().map(|d| index.scan(&d.text)).collect();
+                let batch_bytes: u64 = batch.iter().map(|d| d.text.len() as u64).sum();
+                progress(batch_bytes);
+                bytes += batch_bytes;
+                documents += batch.len();
+                for (doc, hits) in batch.iter().zip(found) {
+                    if hits.is_empty() {
+                        continue;
+                    }
+                    contaminated += 1;
+                    dropped.insert(doc.row);
+                    for hit in hits {
+                        *per_task.entry(hit.task).or_default() += 1;
+                        let task = &index.tasks()[hit.task];
+                        let row = json!({
+                            "id": doc.id, "file": file.path.display().to_string(), "row": doc.row,
+                            "benchmark": task.benchmark, "task_id": task.id, "check": hit.check,
+                            "matched": hit.matched, "matches": hit.matches,
+                        });
+                        rows.push(row.as_object().expect("object").clone());
+                    }
+                }
+                Ok::<(), DedupError>(())
+            });
+            let copy = copy.join().expect("copying a file does not panic");
+            scanned.map(|()| copy)
+        })?;
+        if opts.mode == Mode::Flag || dropped.is_empty() {
+            copy?.commit().map_err(io_err(&dst))?;
         } else {
-            docs::write_subset(&file.path, &dst, |r| drop.contains(&r))?;
+            std::mem::drop(copy); // removes the staged copy before the subset takes its temp name
+            docs::write_subset(&file.path, &dst, |r| dropped.contains(&r))?;
         }
     }
     let schema: Schema = vec![

@@ -398,6 +398,12 @@ fn decontamination_catches_copies_and_spares_unrelated_code() {
         kept.contains("unrelated") && !kept.contains("verbatim"),
         "{kept}"
     );
+    // The copy staged during the scan (not wanted: the file had hits) left nothing behind.
+    let out_files: BTreeSet<String> = std::fs::read_dir(opts.out.join("in"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(out_files, BTreeSet::from(["d.jsonl".to_string()]));
 }
 
 #[test]
