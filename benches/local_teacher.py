@@ -11,7 +11,10 @@ Three measurements, each best of --rounds, phigen and transformers alternating:
    way the generation engine sends them); transformers as one left-padded `generate` batch.
    Tokens/s counts the tokens each answer really has (up to and including its end token).
 2. fixed: the same prompts, exactly --max-tokens each (`ignore_eos` / `min_new_tokens`).
-3. single stream: one request of --max-tokens tokens; milliseconds per token.
+3. stream: 3 × --requests story prompts, --requests at a time, the way `phigen stories` sends a
+   corpus: phigen gets them from that many client threads (a finished row's slot goes to the next
+   request at once); transformers generates them as consecutive batches of --requests.
+4. single stream: one request of --max-tokens tokens; milliseconds per token.
 transformers dequantizes the file to float32; phigen runs its default (float32 for many rows,
 the file's weights quantized for 1-3 rows). Threads: both use every core.
 It also checks that the OpenAI Python client gets an answer from `phigen serve`.
@@ -60,9 +63,9 @@ class Phigen:
         with urllib.request.urlopen(req, timeout=3600) as r:
             return json.loads(r.read())
 
-    def run(self, texts, max_tokens, ignore_eos):
+    def run(self, texts, max_tokens, ignore_eos, at_once=None):
         t = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(len(texts)) as pool:
+        with concurrent.futures.ThreadPoolExecutor(at_once or len(texts)) as pool:
             out = list(pool.map(lambda p: self.chat(p, max_tokens, ignore_eos), texts))
         dt = time.perf_counter() - t
         return sum(o["usage"]["completion_tokens"] for o in out), dt
@@ -80,7 +83,15 @@ class Transformers:
         self.model = AutoModelForCausalLM.from_pretrained(
             folder, gguf_file=name, dtype=torch.float32).eval()
 
-    def run(self, texts, max_tokens, ignore_eos):
+    def run(self, texts, max_tokens, ignore_eos, at_once=None):
+        step = at_once or len(texts)
+        tokens, dt = 0, 0.0
+        for i in range(0, len(texts), step):
+            n, t = self.run_batch(texts[i:i + step], max_tokens, ignore_eos)
+            tokens, dt = tokens + n, dt + t
+        return tokens, dt
+
+    def run_batch(self, texts, max_tokens, ignore_eos):
         chats = [self.tok.apply_chat_template([{"role": "user", "content": p}],
                                               add_generation_prompt=True, tokenize=False)
                  for p in texts]
@@ -129,11 +140,13 @@ def main():
     except ImportError:
         print("openai client: not installed, skipped")
     rows = []
-    for name, ignore_eos in [("stories", False), ("fixed", True)]:
+    stream = prompts(3 * a.requests)
+    for name, ignore_eos, work in [("stories", False, texts), ("fixed", True, texts),
+                                   ("stream", False, stream)]:
         best = {"phigen": 0.0, "transformers": 0.0}
         for _ in range(a.rounds):
             for sysname, sysobj in [("phigen", phigen), ("transformers", hf)]:
-                tokens, dt = sysobj.run(texts, a.max_tokens, ignore_eos)
+                tokens, dt = sysobj.run(work, a.max_tokens, ignore_eos, a.requests)
                 best[sysname] = max(best[sysname], tokens / dt)
         rows.append((name, best["phigen"], best["transformers"]))
     single = {"phigen": float("inf"), "transformers": float("inf")}

@@ -1374,6 +1374,59 @@ async fn the_local_engine_batches_requests_without_changing_answers() {
     assert!(err.to_string().contains("1024"), "{err}");
 }
 
+/// Continuous batching: requests that arrive while another is generating join its batch and are
+/// answered before it ends (a static batch would make them wait for all of its 600 tokens), and
+/// every greedy answer equals the answer its prompt gets alone — for a newcomer whose prompt is
+/// shorter than what the running row has seen (it is left-padded) and for one whose prompt is
+/// longer (the running row is).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_join_a_running_batch_without_changing_answers() {
+    use phigen::model::chat::Message;
+    let dir = tempfile::tempdir().unwrap();
+    tiny_chat_model(dir.path());
+    let engine = local_engine(dir.path(), 8);
+    let prompt = |words: usize| {
+        let text = "the dog saw a big red ball in the park ".repeat(words);
+        engine.model().prompt_ids(&[Message::user(&text)]).unwrap()
+    };
+    // The running row: 15 prompt tokens + 600 new. Newcomers: 25 prompt tokens (fewer than
+    // the running row has seen once it has made a few), and 805 (more than it ever reaches).
+    let (long_run, short, long) = (prompt(1), prompt(2), prompt(80));
+    let started = std::time::Instant::now();
+    let mut solo = vec![engine
+        .complete(request(long_run.clone(), 600, true))
+        .await
+        .unwrap()];
+    let alone = started.elapsed();
+    for (p, n) in [(&short, 9), (&long, 11)] {
+        solo.push(engine.complete(request(p.clone(), n, true)).await.unwrap());
+    }
+    let before = engine.batches.load(Ordering::Relaxed);
+    let running = {
+        let engine = engine.clone();
+        let p = long_run.clone();
+        tokio::spawn(async move { engine.complete(request(p, 600, true)).await })
+    };
+    // Wait until the running row has been admitted, then send the newcomers.
+    while engine.batches.load(Ordering::Relaxed) == before {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    tokio::time::sleep(alone / 10).await;
+    let (a, b) = tokio::join!(
+        engine.complete(request(short.clone(), 9, true)),
+        engine.complete(request(long.clone(), 11, true)),
+    );
+    assert!(
+        !running.is_finished(),
+        "the newcomers waited for the running row to end"
+    );
+    let first = running.await.unwrap().unwrap();
+    assert_eq!(first.completion_tokens, 600);
+    assert_eq!(first.text, solo[0].text);
+    assert_eq!(a.unwrap().text, solo[1].text);
+    assert_eq!(b.unwrap().text, solo[2].text);
+}
+
 /// `phigen stories --teacher local:DIR` end to end: records written with the local model's name,
 /// usage in tokens, cost 0, and the small-teacher note in stats.json.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,8 +18,11 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::Linear;
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
+use rayon::prelude::*;
 
+use super::attention;
 use super::config::{Activation, BlockLayout, HeadKind, MlpKind, NormKind, PhiConfig};
+use super::int8::{self, Int8Weight};
 use super::names::{parameter_table, Init};
 use super::rope::{Positions, Rope};
 use super::ModelError;
@@ -49,6 +52,9 @@ enum Proj {
         wt: Tensor,
         bias: Option<Tensor>,
         quantized: Option<QMatMul>,
+        /// 8-bit codes of a quantized projection, for more rows than [`QUANTIZED_ROWS`] on CPUs
+        /// with AVX-512 VNNI (see [`super::int8`]).
+        int8: Option<Arc<Int8Weight>>,
     },
 }
 
@@ -58,20 +64,28 @@ const QUANTIZED_ROWS: usize = 3;
 
 impl Proj {
     fn freeze(self, quantized: Option<&Arc<QTensor>>) -> Result<Proj> {
+        let (wt, bias) = match self {
+            Proj::Dense(l) => (l.weight().t()?.contiguous()?, l.bias().cloned()),
+            Proj::Frozen { wt, bias, .. } => (wt, bias),
+        };
+        // Only weights that were quantized already get 8-bit codes: a dense checkpoint keeps
+        // its exact f32 products.
+        let int8 = match quantized {
+            Some(_) if wt.device().is_cpu() && int8::supported() => {
+                let (inp, out) = wt.dims2()?;
+                let w: Vec<f32> = wt.t()?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                Int8Weight::new(&w, out, inp).map(Arc::new)
+            }
+            _ => None,
+        };
         let quantized = quantized
             .map(|q| QMatMul::from_arc(q.clone()))
             .transpose()?;
-        Ok(match self {
-            Proj::Dense(l) => Proj::Frozen {
-                wt: l.weight().t()?.contiguous()?,
-                bias: l.bias().cloned(),
-                quantized,
-            },
-            Proj::Frozen { wt, bias, .. } => Proj::Frozen {
-                wt,
-                bias,
-                quantized,
-            },
+        Ok(Proj::Frozen {
+            wt,
+            bias,
+            quantized,
+            int8,
         })
     }
 }
@@ -112,13 +126,16 @@ fn apply(p: &Proj, x: &Tensor) -> Result<Tensor> {
             wt,
             bias,
             quantized,
+            int8,
         } => {
             let dims = x.dims();
             let c = dims[dims.len() - 1];
             let rows = x.elem_count() / c;
-            let y = match quantized {
-                Some(q) if rows <= QUANTIZED_ROWS => q.forward(&x.reshape((rows, c))?)?,
-                _ => x.reshape((rows, c))?.matmul(wt)?,
+            let x2 = x.reshape((rows, c))?;
+            let y = match (quantized, int8) {
+                (Some(q), _) if rows <= QUANTIZED_ROWS => q.forward(&x2)?,
+                (_, Some(w)) if x.dtype() == DType::F32 => int8::forward(w, &x2)?,
+                _ => x2.matmul(wt)?,
             };
             let y = match bias {
                 Some(b) => y.broadcast_add(b)?,
@@ -186,20 +203,59 @@ impl Norm {
 
 /// Keys and values of the positions seen so far, one pair per layer; owned by the caller.
 pub struct KvCache {
-    layers: Vec<candle_nn::kv_cache::KvCache>,
+    layers: Vec<LayerCache>,
     seen: usize,
+    /// Positions a layer's buffers grow by when full.
+    chunk: usize,
     /// Pad tokens at the start of each row of a left-padded batch: never attended to.
     left_pad: Option<Vec<usize>>,
 }
 
+/// One layer's keys and values: (B, K, capacity, D) buffers filled up to `len` positions.
+#[derive(Default)]
+struct LayerCache {
+    kv: Option<[Tensor; 2]>,
+    len: usize,
+}
+
+impl LayerCache {
+    /// Appends (B, K, T, D) keys and values; returns all of them so far, (B, K, len, D).
+    fn append(&mut self, k: &Tensor, v: &Tensor, chunk: usize) -> Result<(Tensor, Tensor)> {
+        let t = k.dim(2)?;
+        let cap = match &self.kv {
+            Some([kb, _]) => kb.dim(2)?,
+            None => 0,
+        };
+        if self.len + t > cap {
+            let grow = (self.len + t - cap).div_ceil(chunk) * chunk;
+            let more = |x: &Tensor| {
+                let (b, h, _, d) = x.dims4()?;
+                Tensor::zeros((b, h, grow, d), x.dtype(), x.device())
+            };
+            self.kv = Some(match self.kv.take() {
+                Some([kb, vb]) => [
+                    Tensor::cat(&[&kb, &more(k)?], 2)?,
+                    Tensor::cat(&[&vb, &more(v)?], 2)?,
+                ],
+                None => [more(k)?, more(v)?],
+            });
+        }
+        let [kb, vb] = self.kv.as_ref().expect("allocated above");
+        kb.slice_set(k, 2, self.len)?;
+        vb.slice_set(v, 2, self.len)?;
+        self.len += t;
+        Ok((kb.narrow(2, 0, self.len)?, vb.narrow(2, 0, self.len)?))
+    }
+}
+
 impl KvCache {
     pub fn new(cfg: &PhiConfig) -> Self {
-        let chunk = cfg.max_position_embeddings.min(512);
         KvCache {
             layers: (0..cfg.num_hidden_layers)
-                .map(|_| candle_nn::kv_cache::KvCache::new(2, chunk))
+                .map(|_| LayerCache::default())
                 .collect(),
             seen: 0,
+            chunk: cfg.max_position_embeddings.clamp(1, 512),
             left_pad: None,
         }
     }
@@ -215,25 +271,59 @@ impl KvCache {
     /// Keeps only the batch rows `rows` (in that order): a finished sequence leaves the batch, so
     /// later steps stop computing it.
     pub fn keep_rows(&mut self, rows: &[usize]) -> Result<()> {
-        for layer in &mut self.layers {
-            let (Some(k), Some(v)) = (layer.k()?, layer.v()?) else {
+        self.regroup(rows, None)
+    }
+
+    /// Keeps the rows `keep` of this cache (in that order) and appends the rows `join.1` of
+    /// another cache `join.0` (a prefill of new prompts) after them, in one copy: continuous
+    /// batching. Every row ends at the same position, so the side with fewer positions is
+    /// left-padded, and pad positions that no row needs any more are cut away: the cache is as
+    /// long as its longest row.
+    pub fn regroup(&mut self, keep: &[usize], join: Option<(&KvCache, &[usize])>) -> Result<()> {
+        let mut sides: Vec<Side> = Vec::new();
+        for (cache, rows) in std::iter::once((&*self, keep)).chain(join) {
+            if rows.is_empty() {
                 continue;
-            };
-            let index = Tensor::new(
-                rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
-                k.device(),
-            )?;
-            let chunk = layer.k_cache().max_seq_len();
-            let mut kept = candle_nn::kv_cache::KvCache::new(2, chunk);
-            kept.append(
-                &k.contiguous()?.index_select(&index, 0)?,
-                &v.contiguous()?.index_select(&index, 0)?,
-            )?;
-            *layer = kept;
+            }
+            let pads: Vec<usize> = rows
+                .iter()
+                .map(|&r| cache.left_pad.as_ref().map_or(0, |p| p[r]))
+                .collect();
+            let cut = pads.iter().copied().min().unwrap_or(0);
+            sides.push(Side {
+                cache,
+                rows,
+                pads,
+                cut,
+                len: cache.seen - cut,
+            });
         }
-        if let Some(pad) = &mut self.left_pad {
-            *pad = rows.iter().map(|&r| pad[r]).collect();
-        }
+        let seen = sides.iter().map(|s| s.len).max().unwrap_or(0);
+        let capacity = seen + self.chunk;
+        let layers = (0..self.layers.len())
+            .map(|l| {
+                let parts: Vec<(&[Tensor; 2], &Side)> = sides
+                    .iter()
+                    .filter_map(|s| s.cache.layers[l].kv.as_ref().map(|kv| (kv, s)))
+                    .collect();
+                if parts.is_empty() {
+                    return Ok(LayerCache::default());
+                }
+                let k = gather(&parts, 0, seen, capacity)?;
+                let v = gather(&parts, 1, seen, capacity)?;
+                Ok(LayerCache {
+                    kv: Some([k, v]),
+                    len: seen,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let left_pad: Vec<usize> = sides
+            .iter()
+            .flat_map(|s| s.pads.iter().map(move |p| p - s.cut + (seen - s.len)))
+            .collect();
+        self.layers = layers;
+        self.seen = seen;
+        self.left_pad = Some(left_pad);
         Ok(())
     }
 
@@ -245,6 +335,71 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.seen == 0
     }
+}
+
+/// Rows of one cache that go into a regrouped one: positions `cut..cut + len` of each.
+struct Side<'a> {
+    cache: &'a KvCache,
+    rows: &'a [usize],
+    pads: Vec<usize>,
+    cut: usize,
+    len: usize,
+}
+
+/// The regrouped buffer (rows, K, capacity, D) of keys (`which` 0) or values (1): each side's
+/// rows, their positions right-aligned to end at `seen`, zeros before and after.
+fn gather(
+    parts: &[(&[Tensor; 2], &Side)],
+    which: usize,
+    seen: usize,
+    capacity: usize,
+) -> Result<Tensor> {
+    let first = &parts[0].0[which];
+    let (_, heads, _, d) = first.dims4()?;
+    let rows: usize = parts.iter().map(|(_, s)| s.rows.len()).sum();
+    if first.device().is_cpu() && first.dtype() == DType::F32 {
+        // One pass, straight from the old buffers into the new one.
+        let mut out = vec![0f32; rows * heads * capacity * d];
+        let mut at = 0;
+        for (kv, side) in parts {
+            let buf = &kv[which];
+            let (storage, layout) = buf.storage_and_layout();
+            let candle_core::Storage::Cpu(cpu) = &*storage else {
+                candle_core::bail!("expected a CPU buffer");
+            };
+            let src = &cpu.as_slice::<f32>()?[layout.start_offset()..];
+            let src_cap = buf.dim(2)?;
+            let dst_at = seen - side.len;
+            let block = side.len * d;
+            out[at * heads * capacity * d..][..side.rows.len() * heads * capacity * d]
+                .par_chunks_mut(capacity * d)
+                .enumerate()
+                .for_each(|(i, dst)| {
+                    let (row, head) = (side.rows[i / heads], i % heads);
+                    let from = ((row * heads + head) * src_cap + side.cut) * d;
+                    dst[dst_at * d..][..block].copy_from_slice(&src[from..from + block]);
+                });
+            at += side.rows.len();
+        }
+        return Tensor::from_vec(out, (rows, heads, capacity, d), first.device());
+    }
+    // Other devices and dtypes: the same with tensor ops.
+    let mut blocks = Vec::with_capacity(parts.len());
+    for (kv, side) in parts {
+        let buf = &kv[which];
+        let index = Tensor::new(
+            side.rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+            buf.device(),
+        )?;
+        let n = side.rows.len();
+        let zeros = |len| Tensor::zeros((n, heads, len, d), buf.dtype(), buf.device());
+        let kept = buf.index_select(&index, 0)?.narrow(2, side.cut, side.len)?;
+        blocks.push(Tensor::cat(
+            &[&zeros(seen - side.len)?, &kept, &zeros(capacity - seen)?],
+            2,
+        )?);
+    }
+    Tensor::cat(&blocks, 0)
 }
 
 /// Additive mask (rows, 1, T, S), rows = B when padded else 1; `None` when nothing is masked.
@@ -306,6 +461,9 @@ struct Step<'a> {
     sin: Tensor,
     mask: Option<Tensor>,
     training: bool,
+    /// Decoding one position per row on the CPU (f32, with a cache): each row's first visible
+    /// key, for [`attention::decode`] in place of the mask.
+    decode_from: Option<Vec<usize>>,
 }
 
 impl Attention {
@@ -313,7 +471,7 @@ impl Attention {
         &self,
         x: &Tensor,
         step: &Step,
-        cache: Option<&mut candle_nn::kv_cache::KvCache>,
+        cache: Option<(&mut LayerCache, usize)>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, k, d) = (self.heads, self.kv_heads, self.head_dim);
@@ -343,9 +501,13 @@ impl Attention {
         )?; // (B, K, T, D)
         let value = value.transpose(1, 2)?.contiguous()?;
         let (key, value) = match cache {
-            Some(c) => c.append(&key.contiguous()?, &value)?, //                                   (B, K, S, D)
+            Some((c, chunk)) => c.append(&key.contiguous()?, &value, chunk)?, //                                   (B, K, S, D)
             None => (key, value),
         };
+        if let Some(first) = &step.decode_from {
+            let y = attention::decode(&q, &key, &value, first, (d as f32).powf(-0.5))?;
+            return apply(&self.out, &y);
+        }
         let s = key.dim(2)?;
         // Grouped-query attention without copying K/V: the H/K query heads of a group share rows.
         let rep = h / k;
@@ -417,7 +579,7 @@ impl Block {
         &self,
         x: &Tensor,
         step: &Step,
-        cache: Option<&mut candle_nn::kv_cache::KvCache>,
+        cache: Option<(&mut LayerCache, usize)>,
     ) -> Result<Tensor> {
         let drop = |y: &Tensor| dropout(y, self.resid_dropout, step.training);
         let h = self.input_norm.forward(x, step.training)?;
@@ -654,12 +816,23 @@ impl Decoder {
             self.dtype(),
             device,
         )?;
+        let decoding = t == 1 && cache.is_some() && !self.training;
+        let decode_from = (decoding && device.is_cpu() && self.dtype() == DType::F32).then(|| {
+            let window_start = self
+                .cfg
+                .sliding_window
+                .map_or(0, |w| (past + 1).saturating_sub(w));
+            (0..b)
+                .map(|r| left_pad.as_ref().map_or(0, |p| p[r]).max(window_start))
+                .collect()
+        });
         let step = Step {
             rope: &self.rope,
             cos,
             sin,
-            mask,
+            mask: if decode_from.is_some() { None } else { mask },
             training: self.training,
+            decode_from,
         };
         let x = self
             .embed
@@ -667,7 +840,7 @@ impl Decoder {
             .reshape((b, t, ()))?; // (B, T, C)
         let mut x = dropout(&x, self.cfg.embd_pdrop, self.training)?;
         for (i, block) in self.blocks.iter().enumerate() {
-            let layer = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let layer = cache.as_deref_mut().map(|c| (&mut c.layers[i], c.chunk));
             x = block.forward(&x, &step, layer)?;
         }
         if let Some(c) = cache {

@@ -3,12 +3,14 @@
 //! sequence- and token-classification heads, Hugging Face checkpoints, tokenizers and sampling.
 //! Shared by the trainer, the classifier's embedder and the in-process teacher.
 
+pub mod attention;
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod decoder;
 pub mod gguf;
 pub mod hub;
+pub mod int8;
 pub mod names;
 pub mod ops;
 pub mod rope;

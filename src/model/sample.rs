@@ -64,7 +64,12 @@ pub struct Generation {
 }
 
 /// Chooses the next id from one row's logits.
-fn pick(logits: &mut [f32], context: &[u32], params: &SamplingParams, rng: &mut ChaCha8Rng) -> u32 {
+pub(crate) fn pick(
+    logits: &mut [f32],
+    context: &[u32],
+    params: &SamplingParams,
+    rng: &mut ChaCha8Rng,
+) -> u32 {
     if params.repetition_penalty != 1.0 {
         let r = params.repetition_penalty as f32;
         let mut seen = std::collections::HashSet::new();

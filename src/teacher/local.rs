@@ -3,23 +3,28 @@
 //!
 //! SPEC is a checkpoint directory (Hugging Face layout with `tokenizer.json`, and the chat template
 //! from `tokenizer_config.json`), a `.gguf` file, or a Hub id fetched into the Hugging Face cache.
-//! Requests from all workers go to one [`Engine`] thread that batches them: whatever is waiting
-//! when a batch starts is generated together, sharing every forward pass (one KV cache row per
-//! sequence); a row that finishes leaves the batch. The same engine serves `phigen serve`.
+//! Requests from all workers go to one [`Engine`] thread that batches them continuously: every
+//! row of the batch shares each forward pass (one KV cache row per sequence); a row that finishes
+//! leaves, and a request that arrives while others are generating joins at the next step (its
+//! prompt runs as a prefill of its own, then its cache rows are merged in). The same engine
+//! serves `phigen serve`.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 use super::retry::RequestCounters;
 use super::{Answer, FinishReason, Sampling, Teacher, TeacherError, Usage};
 use crate::model::chat::{ChatTemplate, Message};
 use crate::model::sample::{self, first_stop, Finish, SamplingParams};
 use crate::model::tokenizer::Tokenizer;
-use crate::model::{checkpoint, gguf, hub, Decoder, ModelError};
+use crate::model::{checkpoint, gguf, hub, Decoder, KvCache, ModelError};
 
 /// The teacher used when none is configured: small enough for a laptop, and an instruct model.
 /// It writes simple, imperfect text: for trying the pipeline, not for training a phi-1.
@@ -237,11 +242,272 @@ impl Engine {
     }
 }
 
-/// How long the thread waits for more requests once one arrived: workers that were answered by
-/// the same batch send their next requests within moments of each other.
+/// How long the thread waits for more requests once one arrived and nothing is running:
+/// workers that were answered together send their next requests within moments of each other.
 const GATHER: Duration = Duration::from_millis(5);
 
 fn run(
+    model: &LocalModel,
+    rx: &mpsc::Receiver<Job>,
+    max_batch: usize,
+    seed: u64,
+    generated: &AtomicU64,
+    batches: &AtomicU64,
+) {
+    if model.decoder.long_rope_from().is_some() {
+        return run_static(model, rx, max_batch, seed, generated, batches);
+    }
+    let mut live: Vec<Row> = Vec::new();
+    let mut cache: Option<KvCache> = None;
+    let mut admitted = 0u64;
+    loop {
+        // Requests join whenever there is room: at once while rows are generating, after a
+        // short gathering wait when nothing is.
+        let mut joining: Vec<Job> = Vec::new();
+        if live.is_empty() {
+            match rx.recv() {
+                Ok(job) => joining.push(job),
+                Err(_) => return,
+            }
+            let deadline = Instant::now() + GATHER;
+            while joining.len() < max_batch {
+                match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                    Ok(job) => joining.push(job),
+                    Err(_) => break,
+                }
+            }
+        } else {
+            let room = max_batch.saturating_sub(live.iter().filter(|r| r.ended.is_none()).count());
+            while joining.len() < room {
+                match rx.try_recv() {
+                    Ok(job) => joining.push(job),
+                    Err(_) => break,
+                }
+            }
+        }
+        let mut rows: Vec<Row> = Vec::new();
+        let mut joined: Option<KvCache> = None;
+        if !joining.is_empty() {
+            batches.fetch_add(1, Ordering::Relaxed);
+            rows = joining
+                .into_iter()
+                .map(|job| {
+                    admitted += 1;
+                    Row::new(job, model, seed.wrapping_add(admitted))
+                })
+                .collect();
+            match prefill(model, &mut rows) {
+                Ok(c) => joined = Some(c),
+                Err(e) => fail(&mut rows, &e),
+            }
+            rows.iter_mut().for_each(|r| r.answer(model, generated));
+        }
+        // One copy of the cache: the rows still generating, then the newcomers still going on.
+        let keep: Vec<usize> = (0..live.len())
+            .filter(|&i| live[i].ended.is_none())
+            .collect();
+        let going_on: Vec<usize> = (0..rows.len())
+            .filter(|&i| rows[i].ended.is_none())
+            .collect();
+        if keep.len() < live.len() || !going_on.is_empty() {
+            let join = joined.as_ref().map(|c| (c, going_on.as_slice()));
+            let regrouped = match &mut cache {
+                Some(c) => c.regroup(&keep, join),
+                None => {
+                    let mut fresh = KvCache::new(model.decoder.config());
+                    let r = fresh.regroup(&[], join);
+                    cache = Some(fresh);
+                    r
+                }
+            };
+            live.retain(|r| r.ended.is_none());
+            live.extend(rows.into_iter().filter(|r| r.ended.is_none()));
+            if let Err(e) = regrouped {
+                fail(&mut live, &e);
+            }
+        }
+        if live.iter().all(|r| r.ended.is_some()) {
+            live.clear();
+            cache = None;
+            continue;
+        }
+        let c = cache.as_mut().expect("a cache while rows generate");
+        if let Err(e) = decode_step(model, c, &mut live) {
+            fail(&mut live, &e);
+        }
+        live.iter_mut().for_each(|r| r.answer(model, generated));
+    }
+}
+
+/// Ends every row still going with `error`.
+fn fail(rows: &mut [Row], error: &candle_core::Error) {
+    for row in rows.iter_mut().filter(|r| r.ended.is_none()) {
+        row.ended = Some(Finish::Stopped);
+        if let Some(reply) = row.reply.take() {
+            let _ = reply.send(Err(EngineError::Failed(error.to_string())));
+        }
+    }
+}
+
+/// One sequence being generated.
+struct Row {
+    request: Request,
+    /// Taken when the answer is sent.
+    reply: Option<tokio::sync::oneshot::Sender<Result<Completion, EngineError>>>,
+    /// New tokens allowed (the request's, within the context left).
+    limit: usize,
+    params: SamplingParams,
+    rng: ChaCha8Rng,
+    /// Prompt and new ids (repetition penalty looks at both).
+    context: Vec<u32>,
+    out: Vec<u32>,
+    ended: Option<Finish>,
+}
+
+impl Row {
+    fn new(job: Job, model: &LocalModel, seed: u64) -> Row {
+        let r = &job.request;
+        let limit = r.max_tokens.min(model.context() - r.prompt.len()).max(1);
+        let params = SamplingParams {
+            max_new_tokens: limit,
+            temperature: f64::from(r.temperature),
+            top_k: None,
+            top_p: (r.top_p < 1.0).then_some(f64::from(r.top_p)),
+            repetition_penalty: 1.0,
+            seed,
+            greedy: r.temperature <= 0.0,
+        };
+        Row {
+            limit,
+            params,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            context: r.prompt.clone(),
+            out: Vec::new(),
+            ended: None,
+            request: job.request,
+            reply: Some(job.reply),
+        }
+    }
+
+    /// Sends the answer of a row that has ended (once).
+    fn answer(&mut self, model: &LocalModel, generated: &AtomicU64) {
+        if self.ended.is_none() {
+            return;
+        }
+        if let Some(reply) = self.reply.take() {
+            let result = self.completion(model);
+            if let Ok(c) = &result {
+                generated.fetch_add(c.completion_tokens, Ordering::Relaxed);
+            }
+            let _ = reply.send(result);
+        }
+    }
+
+    /// Samples the next id from this row's logits and decides whether the row goes on.
+    fn take(&mut self, logits: &mut [f32], model: &LocalModel) {
+        let id = sample::pick(logits, &self.context, &self.params, &mut self.rng);
+        self.context.push(id);
+        self.out.push(id);
+        let request = &self.request;
+        if !request.ignore_eos && model.eos.contains(&id) {
+            self.ended = Some(Finish::EndOfSequence);
+        } else if !request.stop.is_empty()
+            && first_stop(
+                &model.tokenizer.decode(&self.out).unwrap_or_default(),
+                &request.stop,
+            )
+            .is_some()
+        {
+            self.ended = Some(Finish::Stopped);
+        } else if self.out.len() >= self.limit {
+            self.ended = Some(Finish::Length);
+        }
+    }
+
+    fn completion(&self, model: &LocalModel) -> Result<Completion, EngineError> {
+        let mut ids = self.out.clone();
+        let finish = match self.ended {
+            Some(Finish::EndOfSequence) => {
+                ids.pop();
+                FinishReason::Stop
+            }
+            Some(Finish::Stopped) => FinishReason::Stop,
+            _ => FinishReason::Length,
+        };
+        let mut text = model
+            .tokenizer
+            .decode(&ids)
+            .map_err(|e| EngineError::Failed(e.to_string()))?;
+        if let Some(cut) = first_stop(&text, &self.request.stop) {
+            text.truncate(cut);
+        }
+        Ok(Completion {
+            text,
+            finish,
+            prompt_tokens: self.request.prompt.len() as u64,
+            completion_tokens: self.out.len() as u64,
+        })
+    }
+}
+
+/// Runs the prompts of `rows` (left-padded into one batch) and samples each row's first id;
+/// returns their cache.
+fn prefill(model: &LocalModel, rows: &mut [Row]) -> candle_core::Result<KvCache> {
+    let longest = rows
+        .iter()
+        .map(|r| r.request.prompt.len())
+        .max()
+        .unwrap_or(0);
+    let pads: Vec<usize> = rows
+        .iter()
+        .map(|r| longest - r.request.prompt.len())
+        .collect();
+    let pad_id = model.decoder.config().pad_token_id.unwrap_or(0);
+    let ids: Vec<u32> = rows
+        .iter()
+        .zip(&pads)
+        .flat_map(|(r, &n)| std::iter::repeat_n(pad_id, n).chain(r.request.prompt.iter().copied()))
+        .collect();
+    let mut cache = KvCache::with_left_padding(model.decoder.config(), pads);
+    let input = Tensor::from_vec(ids, (rows.len(), longest), model.decoder.device())?;
+    let hidden = model.decoder.hidden_states(&input, Some(&mut cache))?;
+    sample_next(model, &hidden.narrow(1, longest - 1, 1)?, rows)?;
+    Ok(cache)
+}
+
+/// Feeds every row its last id and samples the next.
+fn decode_step(
+    model: &LocalModel,
+    cache: &mut KvCache,
+    rows: &mut [Row],
+) -> candle_core::Result<()> {
+    let last: Vec<u32> = rows
+        .iter()
+        .map(|r| *r.out.last().expect("rows have an id"))
+        .collect();
+    let input = Tensor::from_vec(last, (rows.len(), 1), model.decoder.device())?;
+    let hidden = model.decoder.hidden_states(&input, Some(cache))?;
+    sample_next(model, &hidden, rows)
+}
+
+/// hidden (n, 1, C) of the rows' last positions → one new id per row (rows in parallel, each
+/// with its own sampler).
+fn sample_next(model: &LocalModel, hidden: &Tensor, rows: &mut [Row]) -> candle_core::Result<()> {
+    let logits = model
+        .decoder
+        .head_forward(hidden)?
+        .squeeze(1)?
+        .to_dtype(DType::F32)?;
+    let mut logits: Vec<Vec<f32>> = logits.to_vec2()?;
+    rows.par_iter_mut()
+        .zip(logits.par_iter_mut())
+        .for_each(|(row, l)| row.take(l, model));
+    Ok(())
+}
+
+/// Static batches, for models whose rotary tables change with the length (LongRoPE): whatever
+/// is waiting when a batch starts is generated together; a row that finishes leaves the batch.
+fn run_static(
     model: &LocalModel,
     rx: &mpsc::Receiver<Job>,
     max_batch: usize,
