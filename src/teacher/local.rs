@@ -167,6 +167,25 @@ pub struct Request {
     pub ignore_eos: bool,
 }
 
+impl Request {
+    /// New tokens allowed: the request's, within the `context` left after the prompt.
+    fn limit(&self, context: usize) -> usize {
+        self.max_tokens.min(context - self.prompt.len()).max(1)
+    }
+
+    fn sampling(&self, max_new_tokens: usize, seed: u64) -> SamplingParams {
+        SamplingParams {
+            max_new_tokens,
+            temperature: f64::from(self.temperature),
+            top_k: None,
+            top_p: (self.top_p < 1.0).then_some(f64::from(self.top_p)),
+            repetition_penalty: 1.0,
+            seed,
+            greedy: self.temperature <= 0.0,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Completion {
     pub text: String,
@@ -265,16 +284,8 @@ fn run(
         // short gathering wait when nothing is.
         let mut joining: Vec<Job> = Vec::new();
         if live.is_empty() {
-            match rx.recv() {
-                Ok(job) => joining.push(job),
-                Err(_) => return,
-            }
-            let deadline = Instant::now() + GATHER;
-            while joining.len() < max_batch {
-                match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                    Ok(job) => joining.push(job),
-                    Err(_) => break,
-                }
+            if !gather(rx, &mut joining, max_batch) {
+                return;
             }
         } else {
             let room = max_batch.saturating_sub(live.iter().filter(|r| r.ended.is_none()).count());
@@ -339,6 +350,25 @@ fn run(
     }
 }
 
+/// Waits for a job when `jobs` is empty, then up to [`GATHER`] for more, up to `max_batch` in all.
+/// False once every sender is gone and nothing is waiting.
+fn gather(rx: &mpsc::Receiver<Job>, jobs: &mut Vec<Job>, max_batch: usize) -> bool {
+    if jobs.is_empty() {
+        match rx.recv() {
+            Ok(job) => jobs.push(job),
+            Err(_) => return false,
+        }
+    }
+    let deadline = Instant::now() + GATHER;
+    while jobs.len() < max_batch {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(job) => jobs.push(job),
+            Err(_) => break,
+        }
+    }
+    true
+}
+
 /// Ends every row still going with `error`.
 fn fail(rows: &mut [Row], error: &candle_core::Error) {
     for row in rows.iter_mut().filter(|r| r.ended.is_none()) {
@@ -367,16 +397,8 @@ struct Row {
 impl Row {
     fn new(job: Job, model: &LocalModel, seed: u64) -> Row {
         let r = &job.request;
-        let limit = r.max_tokens.min(model.context() - r.prompt.len()).max(1);
-        let params = SamplingParams {
-            max_new_tokens: limit,
-            temperature: f64::from(r.temperature),
-            top_k: None,
-            top_p: (r.top_p < 1.0).then_some(f64::from(r.top_p)),
-            repetition_penalty: 1.0,
-            seed,
-            greedy: r.temperature <= 0.0,
-        };
+        let limit = r.limit(model.context());
+        let params = r.sampling(limit, seed);
         Row {
             limit,
             params,
@@ -425,28 +447,7 @@ impl Row {
     }
 
     fn completion(&self, model: &LocalModel) -> Result<Completion, EngineError> {
-        let mut ids = self.out.clone();
-        let finish = match self.ended {
-            Some(Finish::EndOfSequence) => {
-                ids.pop();
-                FinishReason::Stop
-            }
-            Some(Finish::Stopped) => FinishReason::Stop,
-            _ => FinishReason::Length,
-        };
-        let mut text = model
-            .tokenizer
-            .decode(&ids)
-            .map_err(|e| EngineError::Failed(e.to_string()))?;
-        if let Some(cut) = first_stop(&text, &self.request.stop) {
-            text.truncate(cut);
-        }
-        Ok(Completion {
-            text,
-            finish,
-            prompt_tokens: self.request.prompt.len() as u64,
-            completion_tokens: self.out.len() as u64,
-        })
+        completion(model, &self.request, &self.out, self.ended)
     }
 }
 
@@ -517,18 +518,8 @@ fn run_static(
 ) {
     let mut waiting: Vec<Job> = Vec::new();
     loop {
-        if waiting.is_empty() {
-            match rx.recv() {
-                Ok(job) => waiting.push(job),
-                Err(_) => return,
-            }
-        }
-        let deadline = Instant::now() + GATHER;
-        while waiting.len() < max_batch {
-            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(job) => waiting.push(job),
-                Err(_) => break,
-            }
+        if !gather(rx, &mut waiting, max_batch) {
+            return;
         }
         // One batch shares one sampler setting: the first job's; others wait for the next batch.
         let key = |j: &Job| (j.request.temperature.to_bits(), j.request.top_p.to_bits());
@@ -559,26 +550,12 @@ fn generate_batch(
     jobs: &[Job],
     seed: u64,
 ) -> Vec<Result<Completion, EngineError>> {
-    let context = model.context();
     let limits: Vec<usize> = jobs
         .iter()
-        .map(|j| {
-            j.request
-                .max_tokens
-                .min(context - j.request.prompt.len())
-                .max(1)
-        })
+        .map(|j| j.request.limit(model.context()))
         .collect();
-    let r0 = &jobs[0].request;
-    let params = SamplingParams {
-        max_new_tokens: *limits.iter().max().expect("a batch is not empty"),
-        temperature: f64::from(r0.temperature),
-        top_k: None,
-        top_p: (r0.top_p < 1.0).then_some(f64::from(r0.top_p)),
-        repetition_penalty: 1.0,
-        seed,
-        greedy: r0.temperature <= 0.0,
-    };
+    let longest = *limits.iter().max().expect("a batch is not empty");
+    let params = jobs[0].request.sampling(longest, seed);
     let prompts: Vec<Vec<u32>> = jobs.iter().map(|j| j.request.prompt.clone()).collect();
     // Why a row stopped early, decided here per row (end-of-sequence is per row too).
     let mut ended = vec![None; jobs.len()];
@@ -610,31 +587,35 @@ fn generate_batch(
     };
     jobs.iter()
         .enumerate()
-        .map(|(row, job)| {
-            let mut ids = generation.ids[row].clone();
-            let finish = match ended[row] {
-                Some(Finish::EndOfSequence) => {
-                    ids.pop();
-                    FinishReason::Stop
-                }
-                Some(_) => FinishReason::Stop,
-                None => FinishReason::Length,
-            };
-            let mut text = model
-                .tokenizer
-                .decode(&ids)
-                .map_err(|e| EngineError::Failed(e.to_string()))?;
-            if let Some(cut) = first_stop(&text, &job.request.stop) {
-                text.truncate(cut);
-            }
-            Ok(Completion {
-                text,
-                finish,
-                prompt_tokens: job.request.prompt.len() as u64,
-                completion_tokens: generation.ids[row].len() as u64,
-            })
-        })
+        .map(|(row, job)| completion(model, &job.request, &generation.ids[row], ended[row]))
         .collect()
+}
+
+/// The answer to `request` whose new ids are `out`, ended for `ended` (`None`: its length).
+fn completion(
+    model: &LocalModel,
+    request: &Request,
+    out: &[u32],
+    ended: Option<Finish>,
+) -> Result<Completion, EngineError> {
+    let (ids, finish) = match ended {
+        Some(Finish::EndOfSequence) => (&out[..out.len().saturating_sub(1)], FinishReason::Stop),
+        Some(Finish::Stopped) => (out, FinishReason::Stop),
+        Some(Finish::Length) | None => (out, FinishReason::Length),
+    };
+    let mut text = model
+        .tokenizer
+        .decode(ids)
+        .map_err(|e| EngineError::Failed(e.to_string()))?;
+    if let Some(cut) = first_stop(&text, &request.stop) {
+        text.truncate(cut);
+    }
+    Ok(Completion {
+        text,
+        finish,
+        prompt_tokens: request.prompt.len() as u64,
+        completion_tokens: out.len() as u64,
+    })
 }
 
 /// A [`Teacher`] backed by an in-process [`Engine`]: the same records, stats and resume as the
