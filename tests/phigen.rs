@@ -1096,7 +1096,7 @@ async fn filter_recipe_rates_trains_and_scores_through_the_binary() {
             .trim_end_matches(".py")
             .parse()
             .unwrap();
-        n % 2 == 0
+        n.is_multiple_of(2)
     }));
     let sent = server.log.requests.load(Ordering::SeqCst);
     let o = run(cmd()).await;
@@ -1467,23 +1467,14 @@ async fn stories_with_a_local_teacher_end_to_end() {
     }
 }
 
-/// `phigen serve` answers phigen's own HTTP teacher (the real client) on /v1/chat/completions,
-/// and /v1/completions, /v1/models and a refused `stream` as the OpenAI API does.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serve_answers_the_openai_api() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny-chat");
+/// `phigen serve --name tiny` on a tiny chat model made in `dir`, on a free port; returns the
+/// process and its base URL (`http://127.0.0.1:PORT/v1`).
+fn serve_tiny(dir: &Path) -> (std::process::Child, String) {
+    let model = dir.join("tiny-chat");
     tiny_chat_model(&model);
     let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--checkpoint",
-            model.to_str().unwrap(),
-            "--port",
-            "0",
-            "--name",
-            "tiny",
-        ])
+        .args(["serve", "--checkpoint", model.to_str().unwrap()])
+        .args(["--port", "0", "--name", "tiny"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -1499,6 +1490,67 @@ async fn serve_answers_the_openai_api() {
         .find(|w| w.starts_with("http://"))
         .unwrap_or_else(|| panic!("no address in {line:?}"))
         .to_string();
+    (child, base)
+}
+
+/// The OpenAI Python client (the `openai` package, where it is importable: `.ci/run` installs it
+/// and names its folder in PHIGEN_OPENAI_PYTHONPATH) gets answers from `phigen serve` on both
+/// endpoints: the requested number of tokens (greedy, vLLM's `ignore_eos` as an extra field),
+/// `length` as the finish reason and the text, in the shapes the client parses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_answers_the_openai_python_client() {
+    let pythonpath = std::env::var("PHIGEN_OPENAI_PYTHONPATH").unwrap_or_default();
+    let has_openai = std::process::Command::new("python3")
+        .args(["-c", "import openai"])
+        .env("PYTHONPATH", &pythonpath)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_openai {
+        eprintln!("skipped: the openai Python package is not importable (pip install openai, or set PHIGEN_OPENAI_PYTHONPATH)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, base) = serve_tiny(dir.path());
+    let script = r#"
+import json, sys
+from openai import OpenAI
+c = OpenAI(base_url=sys.argv[1], api_key="unused")
+chat = c.chat.completions.create(model="tiny", temperature=0, max_tokens=6,
+    messages=[{"role": "user", "content": "the cat and the dog"}], extra_body={"ignore_eos": True})
+text = c.completions.create(model="tiny", prompt="the cat", temperature=0, max_tokens=5,
+    extra_body={"ignore_eos": True})
+print(json.dumps({"chat": chat.choices[0].message.content, "chat_tokens": chat.usage.completion_tokens,
+    "chat_finish": chat.choices[0].finish_reason, "text_tokens": text.usage.completion_tokens,
+    "text_finish": text.choices[0].finish_reason, "text": text.choices[0].text}))
+"#;
+    let out = tokio::process::Command::new("python3")
+        .args(["-c", script, &base])
+        .env("PYTHONPATH", &pythonpath)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got["chat_tokens"], 6, "{got}");
+    assert_eq!(got["chat_finish"], "length");
+    assert_eq!(got["text_tokens"], 5);
+    assert_eq!(got["text_finish"], "length");
+    // The random tiny model may pick special tokens, which decode to nothing: only the type.
+    assert!(got["text"].is_string() && got["chat"].is_string(), "{got}");
+    child.kill().unwrap();
+    let _ = child.wait();
+}
+
+/// `phigen serve` answers phigen's own HTTP teacher (the real client) on /v1/chat/completions,
+/// and /v1/completions, /v1/models and a refused `stream` as the OpenAI API does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_answers_the_openai_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, base) = serve_tiny(dir.path());
     let t = teacher(&base, "tiny", Duration::from_secs(30), 2);
     let answer = t.chat("the cat and the dog").await.unwrap();
     assert!(!answer.text.is_empty());

@@ -54,7 +54,12 @@ impl Int8Weight {
     /// Codes for `w`, row-major (out, inp); `None` where the CPU lacks VNNI or `inp` is not a
     /// multiple of 32 (the caller keeps its f32 product then).
     pub fn new(w: &[f32], out: usize, inp: usize) -> Option<Self> {
-        if !supported() || out == 0 || inp == 0 || inp % BLOCK != 0 || w.len() != out * inp {
+        if !supported()
+            || out == 0
+            || inp == 0
+            || !inp.is_multiple_of(BLOCK)
+            || w.len() != out * inp
+        {
             return None;
         }
         let blocks = inp / BLOCK;
