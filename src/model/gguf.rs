@@ -661,9 +661,9 @@ mod tests {
         assert_eq!(out.ids[0], ids(&want["greedy_ids"]));
     }
 
-    /// The 8-bit path (what the local teacher runs for more than 3 rows on CPUs with VNNI) is
+    /// The 8-bit path (what the local teacher runs for more than one row on CPUs with VNNI) is
     /// no further from float32 than candle's kernels on the file's own 4-bit weights with 8-bit
-    /// activations (llama.cpp's scheme, which the teacher runs for 1–3 rows): the 40-token chat
+    /// activations (llama.cpp's scheme, which the teacher runs for one row): the 40-token chat
     /// prompt as one 40-row prefill (8-bit codes) vs fed one token at a time (candle's kernels),
     /// each against the float32 decoder, whose logits match transformers' (test above).
     /// Quantization moves near-ties, so the arg-max is only required to stay in the top 5.

@@ -11,7 +11,8 @@
 //! where `Σ u·q` is exact integer arithmetic: one `vpdpbusd` multiplies 16 output features × 4
 //! inputs, four times the products of an f32 FMA, and the weights are a quarter of the bytes.
 //! Many rows at once (a batch of sequences decoding, a prompt) is where this beats an f32 matrix
-//! product; one to three rows stay on candle's quantized kernels, which read the 4-bit codes.
+//! product and candle's quantized kernels (which re-read the weights for every row); a single row
+//! stays on candle's kernels, which read the file's 4-bit codes.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
