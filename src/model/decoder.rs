@@ -504,7 +504,7 @@ impl Attention {
         )?; // (B, K, T, D)
         let value = value.transpose(1, 2)?.contiguous()?;
         let (key, value) = match cache {
-            Some((c, chunk)) => c.append(&key.contiguous()?, &value, chunk)?, //                                   (B, K, S, D)
+            Some((c, chunk)) => c.append(&key.contiguous()?, &value, chunk)?, // (B, K, S, D)
             None => (key, value),
         };
         if let Some(first) = &step.decode_from {
@@ -810,30 +810,35 @@ impl Decoder {
             },
         };
         let (cos, sin) = self.rope.tables(&positions)?;
-        let mask = attention_mask(
-            b,
-            t,
-            past,
-            left_pad.as_deref(),
-            self.cfg.sliding_window,
-            self.dtype(),
-            device,
-        )?;
         let decoding = t == 1 && cache.is_some() && !self.training;
-        let decode_from = (decoding && device.is_cpu() && self.dtype() == DType::F32).then(|| {
-            let window_start = self
-                .cfg
-                .sliding_window
-                .map_or(0, |w| (past + 1).saturating_sub(w));
-            (0..b)
-                .map(|r| left_pad.as_ref().map_or(0, |p| p[r]).max(window_start))
-                .collect()
-        });
+        let decode_from: Option<Vec<usize>> =
+            (decoding && device.is_cpu() && self.dtype() == DType::F32).then(|| {
+                let window_start = self
+                    .cfg
+                    .sliding_window
+                    .map_or(0, |w| (past + 1).saturating_sub(w));
+                (0..b)
+                    .map(|r| left_pad.as_ref().map_or(0, |p| p[r]).max(window_start))
+                    .collect()
+            });
+        // The decode kernel reads each row's visible range instead: no mask to build.
+        let mask = match decode_from {
+            Some(_) => None,
+            None => attention_mask(
+                b,
+                t,
+                past,
+                left_pad.as_deref(),
+                self.cfg.sliding_window,
+                self.dtype(),
+                device,
+            )?,
+        };
         let step = Step {
             rope: &self.rope,
             cos,
             sin,
-            mask: if decode_from.is_some() { None } else { mask },
+            mask,
             training: self.training,
             decode_from,
         };

@@ -322,15 +322,9 @@ fn run(
             .collect();
         if keep.len() < live.len() || !going_on.is_empty() {
             let join = joined.as_ref().map(|c| (c, going_on.as_slice()));
-            let regrouped = match &mut cache {
-                Some(c) => c.regroup(&keep, join),
-                None => {
-                    let mut fresh = KvCache::new(model.decoder.config());
-                    let r = fresh.regroup(&[], join);
-                    cache = Some(fresh);
-                    r
-                }
-            };
+            let regrouped = cache
+                .get_or_insert_with(|| KvCache::new(model.decoder.config()))
+                .regroup(&keep, join);
             live.retain(|r| r.ended.is_none());
             live.extend(rows.into_iter().filter(|r| r.ended.is_none()));
             if let Err(e) = regrouped {
@@ -384,8 +378,6 @@ struct Row {
     request: Request,
     /// Taken when the answer is sent.
     reply: Option<tokio::sync::oneshot::Sender<Result<Completion, EngineError>>>,
-    /// New tokens allowed (the request's, within the context left).
-    limit: usize,
     params: SamplingParams,
     rng: ChaCha8Rng,
     /// Prompt and new ids (repetition penalty looks at both).
@@ -397,10 +389,8 @@ struct Row {
 impl Row {
     fn new(job: Job, model: &LocalModel, seed: u64) -> Row {
         let r = &job.request;
-        let limit = r.limit(model.context());
-        let params = r.sampling(limit, seed);
+        let params = r.sampling(r.limit(model.context()), seed);
         Row {
-            limit,
             params,
             rng: ChaCha8Rng::seed_from_u64(seed),
             context: r.prompt.clone(),
@@ -441,7 +431,7 @@ impl Row {
             .is_some()
         {
             self.ended = Some(Finish::Stopped);
-        } else if self.out.len() >= self.limit {
+        } else if self.out.len() >= self.params.max_new_tokens {
             self.ended = Some(Finish::Length);
         }
     }
