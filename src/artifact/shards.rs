@@ -13,6 +13,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use polars::prelude::*;
+use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::{Map, Value};
 
 use super::atomic;
@@ -59,7 +60,22 @@ pub struct ShardWriter {
     flush_every: usize,
     journal_path: PathBuf,
     journal: File,
-    pending: Vec<Map<String, Value>>,
+    pending: Vec<Vec<Value>>,
+}
+
+/// A row as the journal line it is written as: `{"column": cell, …}` without the null cells.
+struct Named<'a>(&'a Schema, &'a [Value]);
+
+impl Serialize for Named<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(None)?;
+        for ((name, _), cell) in self.0.iter().zip(self.1) {
+            if !cell.is_null() {
+                map.serialize_entry(name, cell)?;
+            }
+        }
+        map.end()
+    }
 }
 
 impl ShardWriter {
@@ -92,12 +108,17 @@ impl ShardWriter {
         writer.remove_stale_temps()?;
         if !recovered.is_empty() {
             let written = writer.ids()?;
+            let schema = &writer.schema;
             writer.pending = recovered
                 .into_iter()
                 .filter(|r| {
                     r.get("id")
                         .and_then(Value::as_str)
                         .is_none_or(|id| !written.contains(id))
+                })
+                .map(|mut r| {
+                    let mut take = |name: &str| r.remove(name).unwrap_or(Value::Null);
+                    schema.iter().map(|(name, _)| take(name)).collect()
                 })
                 .collect();
             tracing::info!(rows = writer.pending.len(), journal = %writer.journal_path.display(), "recovered rows from an interrupted run");
@@ -121,15 +142,17 @@ impl ShardWriter {
         Ok(ids)
     }
 
-    /// Makes `rows` durable against a crash of this process (one `write` for all of them), and
-    /// packs a Parquet file when due.
-    pub fn append(&mut self, rows: Vec<Map<String, Value>>) -> Result<(), ShardError> {
+    /// Makes `rows` (cells in schema order) durable against a crash of this process (one `write`
+    /// for all of them), and packs a Parquet file when due.
+    pub fn append(&mut self, rows: Vec<Vec<Value>>) -> Result<(), ShardError> {
         if rows.is_empty() {
             return Ok(());
         }
         let mut lines = Vec::new();
         for row in &rows {
-            serde_json::to_writer(&mut lines, row).expect("a JSON map always serializes");
+            debug_assert_eq!(row.len(), self.schema.len(), "a row of {}", self.name);
+            serde_json::to_writer(&mut lines, &Named(&self.schema, row))
+                .expect("JSON values always serialize");
             lines.push(b'\n');
         }
         // A killed process leaves whole lines, or a torn last one that recovery skips.
@@ -287,11 +310,14 @@ mod tests {
     use crate::artifact::table::Kind;
     use serde_json::json;
 
-    fn row(id: &str) -> Map<String, Value> {
-        json!({"id": id, "text": format!("text of {id}")})
-            .as_object()
-            .unwrap()
-            .clone()
+    /// A row of `schema()`: cells in column order.
+    fn row(id: &str) -> Vec<Value> {
+        vec![json!(id), json!(format!("text of {id}"))]
+    }
+
+    /// The journal line of `row(id)`, keys in another order than the schema's.
+    fn line(id: &str) -> String {
+        format!("{{\"text\":\"text of {id}\",\"id\":\"{id}\"}}")
     }
 
     fn schema() -> Schema {
@@ -324,9 +350,9 @@ mod tests {
         fs::write(
             dir.path().join("records.journal.jsonl"),
             [
-                serde_json::to_string(&row("a")).unwrap(),
-                serde_json::to_string(&row("b")).unwrap(),
-                serde_json::to_string(&row("c")).unwrap(),
+                line("a"),
+                line("b"),
+                line("c"),
                 "{\"id\": \"d\", \"te".to_string(),
             ]
             .join("\n"),
@@ -345,11 +371,45 @@ mod tests {
         let mut ids: Vec<String> = w.ids().unwrap().into_iter().collect();
         ids.sort();
         assert_eq!(ids, ["a", "b", "c"]);
+        // The recovered row's cells land in their columns although its line listed them in
+        // another order.
+        let df = table::read_columns(&files[1], &["id", "text"]).unwrap();
+        assert_eq!(
+            table::text_column(&df, &files[1], "text").unwrap(),
+            [Some("text of c".to_string())]
+        );
         assert_eq!(
             fs::metadata(dir.path().join("records.journal.jsonl"))
                 .unwrap()
                 .len(),
             0
+        );
+    }
+
+    #[test]
+    fn journal_lines_name_their_columns_and_leave_out_null_cells() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = ShardWriter::open(
+            dir.path(),
+            "records",
+            Layout::Parts { prefix: "part" },
+            schema(),
+            10,
+        )
+        .unwrap();
+        w.append(vec![vec![json!("a"), Value::Null], row("b")])
+            .unwrap();
+        let journal = dir.path().join("records.journal.jsonl");
+        assert_eq!(
+            fs::read_to_string(&journal).unwrap(),
+            "{\"id\":\"a\"}\n{\"id\":\"b\",\"text\":\"text of b\"}\n"
+        );
+        w.close().unwrap();
+        let path = dir.path().join("part-00000.parquet");
+        let df = table::read_columns(&path, &["id", "text"]).unwrap();
+        assert_eq!(
+            table::text_column(&df, &path, "text").unwrap(),
+            [None, Some("text of b".to_string())]
         );
     }
 

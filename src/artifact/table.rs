@@ -42,12 +42,33 @@ pub enum TableError {
     },
 }
 
-/// Builds a frame with one column per schema entry from JSON objects (missing keys are null).
-pub fn frame(schema: &Schema, rows: &[Map<String, Value>]) -> PolarsResult<DataFrame> {
+/// A row [`frame`] can read: a JSON object (cells by name) or cells in schema order.
+pub trait Row {
+    fn cell(&self, column: usize, name: &str) -> Option<&Value>;
+}
+
+impl Row for Map<String, Value> {
+    fn cell(&self, _column: usize, name: &str) -> Option<&Value> {
+        self.get(name)
+    }
+}
+
+/// Cells in the order of the schema the row was built for (no lookups by name).
+impl Row for Vec<Value> {
+    fn cell(&self, column: usize, _name: &str) -> Option<&Value> {
+        self.get(column)
+    }
+}
+
+/// Builds a frame with one column per schema entry (missing cells are null).
+pub fn frame<R: Row>(schema: &Schema, rows: &[R]) -> PolarsResult<DataFrame> {
     let columns = schema
         .iter()
-        .map(|&(name, kind)| {
-            let cells = rows.iter().map(|r| r.get(name).filter(|v| !v.is_null()));
+        .enumerate()
+        .map(|(column, &(name, kind))| {
+            let cells = rows
+                .iter()
+                .map(|r| r.cell(column, name).filter(|v| !v.is_null()));
             let series = match kind {
                 Kind::Bool => Series::new(
                     name.into(),
@@ -88,11 +109,7 @@ pub fn frame(schema: &Schema, rows: &[Map<String, Value>]) -> PolarsResult<DataF
 }
 
 /// Writes `rows` to `path` atomically as zstd-compressed Parquet.
-pub fn write_parquet(
-    path: &Path,
-    schema: &Schema,
-    rows: &[Map<String, Value>],
-) -> Result<(), TableError> {
+pub fn write_parquet<R: Row>(path: &Path, schema: &Schema, rows: &[R]) -> Result<(), TableError> {
     let write_err = |source| TableError::Write {
         path: path.to_path_buf(),
         source,
@@ -208,5 +225,19 @@ mod tests {
             text_column(&df, &p, "id").unwrap(),
             vec![Some("a".into()), Some("b".into())]
         );
+        // The same rows with their cells in schema order make the same frame.
+        let positional: Vec<Vec<Value>> = rows
+            .iter()
+            .map(|r| {
+                schema
+                    .iter()
+                    .map(|(n, _)| r.get(*n).cloned().unwrap_or(Value::Null))
+                    .collect()
+            })
+            .collect();
+        let by_name = frame(&schema, &rows).unwrap();
+        assert!(frame(&schema, &positional)
+            .unwrap()
+            .equals_missing(&by_name));
     }
 }

@@ -368,38 +368,27 @@ impl<C: Corpus> Plan<C> {
         schema
     }
 
-    /// The columns every record and reject shares: prompt, teacher, sampling, usage.
-    fn provenance(&self, job: &Job<C>, answer: Option<&Answer>) -> Map<String, Value> {
+    /// The cells of [`provenance_schema`], in its order: prompt, teacher, sampling, usage.
+    fn provenance(&self, job: &Job<C>, answer: Option<&Answer>) -> [Value; 12] {
         let t = self.corpus.template();
-        let mut m = Map::new();
-        m.insert("template_id".into(), json!(t.id));
-        m.insert("template_version".into(), json!(t.version));
-        m.insert("template_hash".into(), json!(t.hash));
-        m.insert("prompt".into(), json!(job.prompt));
-        m.insert("model".into(), json!(self.model));
-        m.insert("temperature".into(), json!(self.sampling.temperature));
-        m.insert("top_p".into(), json!(self.sampling.top_p));
-        m.insert("max_tokens".into(), json!(self.sampling.max_tokens));
-        m.insert(
-            "prompt_tokens".into(),
+        [
+            json!(t.id),
+            json!(t.version),
+            json!(t.hash),
+            json!(job.prompt),
+            json!(self.model),
+            json!(self.sampling.temperature),
+            json!(self.sampling.top_p),
+            json!(self.sampling.max_tokens),
             json!(answer.map(|a| a.usage.prompt_tokens)),
-        );
-        m.insert(
-            "completion_tokens".into(),
             json!(answer.map(|a| a.usage.completion_tokens)),
-        );
-        m.insert(
-            "finish_reason".into(),
             json!(answer.map(|a| a.finish_reason.as_str())),
-        );
-        m.insert(
-            "created_at".into(),
             json!(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
-        );
-        m
+        ]
     }
 }
 
+/// The columns every record and reject shares, in the order [`Plan::provenance`] fills them.
 fn provenance_schema() -> Schema {
     vec![
         ("template_id", Kind::Text),
@@ -430,12 +419,11 @@ fn reject_schema() -> Schema {
     schema
 }
 
-/// Merges a serde struct's fields into a row.
-fn extend_row(row: &mut Map<String, Value>, value: &impl Serialize) {
-    if let Value::Object(fields) =
-        serde_json::to_value(value).expect("corpus columns always serialize")
-    {
-        row.extend(fields);
+/// A serde struct's fields by name.
+fn fields(value: &impl Serialize) -> Map<String, Value> {
+    match serde_json::to_value(value).expect("corpus columns always serialize") {
+        Value::Object(fields) => fields,
+        _ => Map::new(),
     }
 }
 
@@ -579,9 +567,10 @@ pub struct RunStats {
     pub price: Option<Price>,
 }
 
+/// A row for the shard writer: cells in the order of `record_schema` / `reject_schema`.
 enum Output {
-    Record(Map<String, Value>),
-    Reject(Map<String, Value>),
+    Record(Vec<Value>),
+    Reject(Vec<Value>),
 }
 
 struct Worker<C: Corpus, T: Teacher> {
@@ -591,6 +580,8 @@ struct Worker<C: Corpus, T: Teacher> {
     state: Arc<RunState>,
     texts: Mutex<HashSet<[u8; 32]>>,
     tx: mpsc::UnboundedSender<Output>,
+    /// `corpus.columns()`, asked once.
+    corpus_columns: Schema,
     max_attempts: u32,
     count_prompt_tokens: bool,
 }
@@ -669,7 +660,7 @@ impl<C: Corpus, T: Teacher> Worker<C, T> {
         }
     }
 
-    async fn check(&self, job: &Job<C>, answer: &Answer) -> Result<Map<String, Value>, Drop> {
+    async fn check(&self, job: &Job<C>, answer: &Answer) -> Result<Vec<Value>, Drop> {
         let corpus = &self.plan.corpus;
         common_checks(&answer.text, answer.finish_reason, corpus.word_bounds())?;
         let checks = corpus.check(&job.constraints, &answer.text).await?;
@@ -685,15 +676,18 @@ impl<C: Corpus, T: Teacher> Worker<C, T> {
                 "the same text was already kept",
             ));
         }
-        let mut row = Map::new();
-        row.insert("id".into(), json!(job.id));
-        row.insert("kind".into(), json!(corpus.kind()));
-        row.insert("slot".into(), json!(job.slot));
-        row.insert("attempt".into(), json!(job.attempt));
-        row.insert("seed".into(), json!(self.plan.seed));
-        row.insert("text".into(), json!(answer.text));
-        extend_row(&mut row, &job.constraints);
-        extend_row(&mut row, &checks);
+        let mut row = vec![
+            json!(job.id),
+            json!(corpus.kind()),
+            json!(job.slot),
+            json!(job.attempt),
+            json!(self.plan.seed),
+            json!(answer.text),
+        ];
+        let mut named = fields(&job.constraints);
+        named.extend(fields(&checks));
+        let mut cell = |name: &str| named.remove(name).unwrap_or(Value::Null);
+        row.extend(self.corpus_columns.iter().map(|(name, _)| cell(name)));
         row.extend(self.plan.provenance(job, Some(answer)));
         Ok(row)
     }
@@ -703,13 +697,14 @@ impl<C: Corpus, T: Teacher> Worker<C, T> {
         if drop.reason != DropReason::RequestFailed {
             self.state.count_drop(drop.reason);
         }
-        let mut row = Map::new();
-        row.insert("id".into(), json!(job.id));
-        row.insert("slot".into(), json!(job.slot));
-        row.insert("attempt".into(), json!(job.attempt));
-        row.insert("reason".into(), json!(drop.reason.as_str()));
-        row.insert("detail".into(), json!(drop.detail));
-        row.insert("text".into(), json!(answer.map(|a| a.text.as_str())));
+        let mut row = vec![
+            json!(job.id),
+            json!(job.slot),
+            json!(job.attempt),
+            json!(drop.reason.as_str()),
+            json!(drop.detail),
+            json!(answer.map(|a| a.text.as_str())),
+        ];
         row.extend(self.plan.provenance(job, answer));
         let _ = self.tx.send(Output::Reject(row));
     }
@@ -744,7 +739,7 @@ pub async fn generate<C: Corpus, T: Teacher>(
     )?;
     let mut rejects =
         ShardWriter::open(&opts.out, "rejects", REJECTS, reject_schema(), usize::MAX)?;
-    let resume = Resume::scan(&opts.out)?;
+    let mut resume = Resume::scan(&opts.out)?;
     let (pending, given_up_before) = pending_slots(&resume, opts);
     state.total.store(opts.n, Ordering::Relaxed);
     state.done_before.store(
@@ -792,11 +787,12 @@ pub async fn generate<C: Corpus, T: Teacher>(
 
     let worker = Arc::new(Worker {
         count_prompt_tokens: ledger.price().is_some(),
+        corpus_columns: corpus.columns(),
         plan,
         teacher: teacher.clone(),
         ledger: ledger.clone(),
         state: state.clone(),
-        texts: Mutex::new(resume.text_hashes),
+        texts: Mutex::new(std::mem::take(&mut resume.text_hashes)),
         tx,
         max_attempts: opts.max_attempts,
     });
@@ -833,6 +829,7 @@ pub async fn generate<C: Corpus, T: Teacher>(
         &state,
         opts,
         started,
+        resume,
     )?;
     atomic::write_json(&opts.out.join("stats.json"), &stats).map_err(|source| {
         GenerateError::Io {
@@ -850,8 +847,29 @@ fn finish_stats<C: Corpus, T: Teacher>(
     state: &RunState,
     opts: &GenerateOptions,
     started: Instant,
+    before: Resume,
 ) -> Result<Stats, GenerateError> {
-    let resume = Resume::scan(&opts.out)?;
+    // The directory now holds what the scan before the run found plus this run's rows: each
+    // written record filled a slot that was pending, each drop and failed request is one reject.
+    let written = state.written.load(Ordering::Relaxed);
+    let records = before.records + written;
+    let done = before.done_slots.iter().filter(|&&s| s < opts.n).count() as u64 + written;
+    let dropped: BTreeMap<String, u64> = state
+        .dropped
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(reason, &count)| (reason.as_str().to_string(), count))
+        .collect();
+    let failed = state.failed.load(Ordering::Relaxed);
+    let mut rejects_by_reason = before.rejects_by_reason;
+    let this_run = dropped
+        .iter()
+        .map(|(reason, &count)| (reason.as_str(), count))
+        .chain([(DropReason::RequestFailed.as_str(), failed)]);
+    for (reason, count) in this_run.filter(|&(_, count)| count > 0) {
+        *rejects_by_reason.entry(reason.to_string()).or_default() += count;
+    }
     let wall = started.elapsed().as_secs_f64();
     let requests = teacher.counters().snapshot();
     let spend = ledger.snapshot();
@@ -866,15 +884,11 @@ fn finish_stats<C: Corpus, T: Teacher>(
             .expect("shards of one directory share a schema")
     });
     let corpus_summary = frame.map_or(Value::Null, |f| corpus.summarize(&f));
-    let done = (0..opts.n)
-        .filter(|s| resume.done_slots.contains(s))
-        .count() as u64;
-    let failed_requests = resume
-        .rejects_by_reason
+    let failed_requests = rejects_by_reason
         .get(DropReason::RequestFailed.as_str())
         .copied()
         .unwrap_or(0);
-    let checked = resume.records + resume.rejects_by_reason.values().sum::<u64>() - failed_requests;
+    let checked = records + rejects_by_reason.values().sum::<u64>() - failed_requests;
     let share = |count: u64| {
         if checked == 0 {
             0.0
@@ -887,7 +901,7 @@ fn finish_stats<C: Corpus, T: Teacher>(
         model: teacher.model().to_string(),
         teacher_note: teacher.note().map(str::to_string),
         requested: opts.n,
-        records: resume.records,
+        records,
         complete: done == opts.n,
         stopped: state.stopped(),
         run: RunStats {
@@ -897,16 +911,10 @@ fn finish_stats<C: Corpus, T: Teacher>(
             } else {
                 0.0
             },
-            written: state.written.load(Ordering::Relaxed),
+            written,
             skipped_done: state.done_before.load(Ordering::Relaxed),
-            dropped: state
-                .dropped
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .map(|(k, v)| (k.as_str().to_string(), *v))
-                .collect(),
-            failed_requests: state.failed.load(Ordering::Relaxed),
+            dropped,
+            failed_requests: failed,
             given_up_slots: state.exhausted.load(Ordering::Relaxed),
             requests,
             prompt_tokens: spend.prompt_tokens,
@@ -915,14 +923,13 @@ fn finish_stats<C: Corpus, T: Teacher>(
             price: ledger.price(),
         },
         answers_checked: checked,
-        keep_rate: share(resume.records),
-        drop_rates: resume
-            .rejects_by_reason
+        keep_rate: share(records),
+        drop_rates: rejects_by_reason
             .iter()
             .filter(|(r, _)| r.as_str() != DropReason::RequestFailed.as_str())
             .map(|(r, &c)| (r.clone(), share(c)))
             .collect(),
-        rejects_total: resume.rejects_by_reason,
+        rejects_total: rejects_by_reason,
         corpus: corpus_summary,
     })
 }

@@ -201,7 +201,13 @@ fn refusal_opening(text: &str) -> Option<&'static str> {
 
 /// Whitespace-normalized text, for exact-duplicate detection.
 pub fn normalized_text_hash(text: &str) -> [u8; 32] {
-    let normalized = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let mut normalized = String::with_capacity(text.len());
+    for word in text.split_whitespace() {
+        if !normalized.is_empty() {
+            normalized.push(' ');
+        }
+        normalized.push_str(word);
+    }
     *blake3::hash(normalized.as_bytes()).as_bytes()
 }
 

@@ -6,6 +6,7 @@
 //! for, and for the share of words outside the vocabulary; `stats.json` summarises these and the
 //! most common openings (the "Once upon a time" problem).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -204,14 +205,30 @@ fn has_dialogue(text: &str) -> bool {
 impl Stories {
     /// The checks of one answer (see [`Corpus::check`]).
     pub fn verify(&self, c: &StoryConstraints, text: &str) -> Result<StoryChecks, Drop> {
-        let all: Vec<String> = words::tokens(text).collect();
-        let lemmas: Vec<Option<&Vec<String>>> =
-            all.iter().map(|t| self.vocab.lemmas.get(t)).collect();
-        let used = |w: &String| lemmas.iter().flatten().any(|ls| ls.contains(w));
-        let missing_words: Vec<String> = [&c.verb, &c.noun, &c.adjective]
+        // One pass over the words: required words seen, words outside the vocabulary, opening.
+        let required = [&c.verb, &c.noun, &c.adjective];
+        let mut used = [false; 3];
+        let (mut tokens, mut oov) = (0usize, 0usize);
+        let mut opening: Vec<Cow<str>> = Vec::with_capacity(3);
+        for token in words::tokens(text) {
+            tokens += 1;
+            match self.vocab.lemmas.get(token.as_ref()) {
+                Some(lemmas) => {
+                    for (used, word) in used.iter_mut().zip(required) {
+                        *used |= lemmas.contains(word);
+                    }
+                }
+                None => oov += 1,
+            }
+            if opening.len() < 3 {
+                opening.push(token);
+            }
+        }
+        let missing_words: Vec<String> = required
             .into_iter()
-            .filter(|w| !used(w))
-            .cloned()
+            .zip(used)
+            .filter(|&(_, used)| !used)
+            .map(|(word, _)| word.clone())
             .collect();
         if self.strict_words && !missing_words.is_empty() {
             return Err(Drop::new(
@@ -219,19 +236,18 @@ impl Stories {
                 format!("does not use {}", missing_words.join(", ")),
             ));
         }
-        let oov = lemmas.iter().filter(|l| l.is_none()).count();
         Ok(StoryChecks {
             words_used: missing_words.is_empty(),
             missing_words,
             dialogue_requested: c.features.iter().any(|f| f == DIALOGUE),
             has_dialogue: has_dialogue(text),
-            oov_share: if all.is_empty() {
+            oov_share: if tokens == 0 {
                 0.0
             } else {
-                oov as f64 / all.len() as f64
+                oov as f64 / tokens as f64
             },
             word_count: text.split_whitespace().count() as u64,
-            opening: all.iter().take(3).cloned().collect::<Vec<_>>().join(" "),
+            opening: opening.join(" "),
         })
     }
 }

@@ -4,6 +4,7 @@
 //! Regular forms are generated: -s/-es/-ies, -ed/-d/-ied, -ing (dropping a final e), -er/-est,
 //! -ly, and a doubled final consonant (stop → stopped, big → bigger).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -120,7 +121,8 @@ pub fn regular_forms(w: &str) -> Vec<String> {
 }
 
 /// Lowercase word tokens of a text: letters only, possessive `'s` and other apostrophes dropped.
-pub fn tokens(text: &str) -> impl Iterator<Item = String> + '_ {
+/// Words already in lower case (most of a story's) are borrowed, not copied.
+pub fn tokens(text: &str) -> impl Iterator<Item = Cow<'_, str>> + '_ {
     text.split(|c: char| !(c.is_alphabetic() || c == '\'' || c == '’'))
         .map(|t| {
             let t = t.trim_matches(|c| c == '\'' || c == '’');
@@ -128,7 +130,11 @@ pub fn tokens(text: &str) -> impl Iterator<Item = String> + '_ {
                 .strip_suffix("'s")
                 .or_else(|| t.strip_suffix("’s"))
                 .unwrap_or(t);
-            t.to_lowercase()
+            if t.chars().any(|c| !c.is_lowercase() && c.is_alphabetic()) {
+                Cow::Owned(t.to_lowercase())
+            } else {
+                Cow::Borrowed(t)
+            }
         })
         .filter(|t| !t.is_empty())
 }
@@ -178,7 +184,9 @@ mod tests {
 
     #[test]
     fn tokens_drop_punctuation_and_possessives() {
-        let t: Vec<String> = tokens("\"Look!\" said Lily's mom. It's a DOG-house").collect();
+        let t: Vec<String> = tokens("\"Look!\" said Lily's mom. It's a DOG-house")
+            .map(Cow::into_owned)
+            .collect();
         assert_eq!(
             t,
             ["look", "said", "lily", "mom", "it", "a", "dog", "house"]

@@ -11,6 +11,7 @@ use async_openai::types::chat::{
     ChatCompletionRequestMessage, ChatCompletionRequestUserMessage, CreateChatCompletionRequest,
     CreateChatCompletionResponse, FinishReason as WireFinishReason,
 };
+use hyper::body::Bytes;
 use reqwest::header::{HeaderMap, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::StatusCode;
 
@@ -114,7 +115,7 @@ impl OpenAiTeacher {
         format!("{{\"messages\":{messages},{}", self.body_tail)
     }
 
-    async fn exchange(&self, body: String) -> Exchange {
+    async fn exchange(&self, body: Bytes) -> Exchange {
         let mut request = self
             .client
             .post(self.url.clone())
@@ -281,7 +282,8 @@ impl Teacher for OpenAiTeacher {
 
     async fn chat(&self, prompt: &str) -> Result<Answer, TeacherError> {
         let policy = self.settings.retry;
-        let body = self.body(prompt);
+        // Shared, not copied, by the retries.
+        let body = Bytes::from(self.body(prompt));
         let mut last = String::new();
         for attempt in 1..=policy.max_attempts {
             let outcome = {
