@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use futures::StreamExt;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -309,6 +308,8 @@ struct Job<C: Corpus> {
     id: String,
     prompt: String,
     constraints: C::Constraints,
+    /// The constraints as JSON fields (serialized once: for the id and for the record's columns).
+    fields: Map<String, Value>,
 }
 
 /// What is the same for every job of a run.
@@ -316,10 +317,22 @@ struct Plan<C: Corpus> {
     corpus: Arc<C>,
     model: String,
     sampling: Sampling,
+    /// `sampling` as JSON fields, for the ids.
+    sampling_fields: Map<String, Value>,
     seed: u64,
 }
 
 impl<C: Corpus> Plan<C> {
+    fn new(corpus: Arc<C>, model: &str, sampling: Sampling, seed: u64) -> Plan<C> {
+        Plan {
+            corpus,
+            model: model.to_string(),
+            sampling,
+            sampling_fields: fields(&sampling),
+            seed,
+        }
+    }
+
     fn job(&self, slot: u64, attempt: u32) -> Result<Job<C>, GenerateError> {
         let mut seed = [0u8; 32];
         let mut h = blake3::Hasher::new();
@@ -334,23 +347,28 @@ impl<C: Corpus> Plan<C> {
         let values: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let template = self.corpus.template();
         let prompt = template.render(&values)?;
-        let identity = json!([
-            template.id,
+        let fields = fields(&constraints);
+        // The JSON array [template id, version, constraints, slot, attempt, seed, model,
+        // sampling], structs as objects with sorted keys (as `serde_json::Value` writes them).
+        let identity = serde_json::to_vec(&(
+            &template.id,
             template.version,
-            constraints,
+            &fields,
             slot,
             attempt,
             self.seed,
-            self.model,
-            self.sampling
-        ]);
-        let id = blake3::hash(identity.to_string().as_bytes()).to_hex()[..32].to_string();
+            &self.model,
+            &self.sampling_fields,
+        ))
+        .expect("JSON values always serialize");
+        let id = blake3::hash(&identity).to_hex()[..32].to_string();
         Ok(Job {
             slot,
             attempt,
             id,
             prompt,
             constraints,
+            fields,
         })
     }
 
@@ -369,13 +387,13 @@ impl<C: Corpus> Plan<C> {
     }
 
     /// The cells of [`provenance_schema`], in its order: prompt, teacher, sampling, usage.
-    fn provenance(&self, job: &Job<C>, answer: Option<&Answer>) -> [Value; 12] {
+    fn provenance(&self, prompt: String, answer: Option<&Answer>) -> [Value; 12] {
         let t = self.corpus.template();
         [
             json!(t.id),
             json!(t.version),
             json!(t.hash),
-            json!(job.prompt),
+            Value::String(prompt),
             json!(self.model),
             json!(self.sampling.temperature),
             json!(self.sampling.top_p),
@@ -421,7 +439,7 @@ fn reject_schema() -> Schema {
 
 /// A serde struct's fields by name.
 fn fields(value: &impl Serialize) -> Map<String, Value> {
-    match serde_json::to_value(value).expect("corpus columns always serialize") {
+    match serde_json::to_value(value).expect("constraints, checks and sampling always serialize") {
         Value::Object(fields) => fields,
         _ => Map::new(),
     }
@@ -475,12 +493,7 @@ pub fn dry_run<C: Corpus>(
     price: Option<Price>,
     opts: &GenerateOptions,
 ) -> Result<DryRun, GenerateError> {
-    let plan = Plan {
-        corpus: corpus.clone(),
-        model: model.to_string(),
-        sampling,
-        seed: opts.seed,
-    };
+    let plan = Plan::new(corpus.clone(), model, sampling, opts.seed);
     let resume = if opts.out.exists() {
         manifest(&plan).reconcile(&opts.out, false)?;
         Resume::scan(&opts.out)?
@@ -618,7 +631,7 @@ impl<C: Corpus, T: Teacher> Worker<C, T> {
                     }
                     self.state.failed.fetch_add(1, Ordering::Relaxed);
                     self.reject(
-                        &job,
+                        job,
                         None,
                         Drop::new(DropReason::RequestFailed, e.to_string()),
                     );
@@ -631,12 +644,14 @@ impl<C: Corpus, T: Teacher> Worker<C, T> {
                 answer.usage.completion_tokens,
             );
             match self.check(&job, &answer).await {
-                Ok(row) => {
+                Ok(checks) => {
                     self.state.written.fetch_add(1, Ordering::Relaxed);
-                    let _ = self.tx.send(Output::Record(row));
+                    let _ = self
+                        .tx
+                        .send(Output::Record(self.record(job, answer, &checks)));
                     return Ok(());
                 }
-                Err(drop) => self.reject(&job, Some(&answer), drop),
+                Err(drop) => self.reject(job, Some(&answer), drop),
             }
         }
         self.state.exhausted.fetch_add(1, Ordering::Relaxed);
@@ -660,7 +675,7 @@ impl<C: Corpus, T: Teacher> Worker<C, T> {
         }
     }
 
-    async fn check(&self, job: &Job<C>, answer: &Answer) -> Result<Vec<Value>, Drop> {
+    async fn check(&self, job: &Job<C>, answer: &Answer) -> Result<C::Checks, Drop> {
         let corpus = &self.plan.corpus;
         common_checks(&answer.text, answer.finish_reason, corpus.word_bounds())?;
         let checks = corpus.check(&job.constraints, &answer.text).await?;
@@ -676,36 +691,41 @@ impl<C: Corpus, T: Teacher> Worker<C, T> {
                 "the same text was already kept",
             ));
         }
+        Ok(checks)
+    }
+
+    /// The row of a kept answer, in the order of `record_schema`.
+    fn record(&self, job: Job<C>, mut answer: Answer, checks: &C::Checks) -> Vec<Value> {
         let mut row = vec![
-            json!(job.id),
-            json!(corpus.kind()),
+            Value::String(job.id),
+            json!(self.plan.corpus.kind()),
             json!(job.slot),
             json!(job.attempt),
             json!(self.plan.seed),
-            json!(answer.text),
+            Value::String(std::mem::take(&mut answer.text)),
         ];
-        let mut named = fields(&job.constraints);
-        named.extend(fields(&checks));
+        let mut named = job.fields;
+        named.extend(fields(checks));
         let mut cell = |name: &str| named.remove(name).unwrap_or(Value::Null);
         row.extend(self.corpus_columns.iter().map(|(name, _)| cell(name)));
-        row.extend(self.plan.provenance(job, Some(answer)));
-        Ok(row)
+        row.extend(self.plan.provenance(job.prompt, Some(&answer)));
+        row
     }
 
-    fn reject(&self, job: &Job<C>, answer: Option<&Answer>, drop: Drop) {
+    fn reject(&self, job: Job<C>, answer: Option<&Answer>, drop: Drop) {
         tracing::debug!(slot = job.slot, attempt = job.attempt, reason = drop.reason.as_str(), detail = %drop.detail, "dropped");
         if drop.reason != DropReason::RequestFailed {
             self.state.count_drop(drop.reason);
         }
         let mut row = vec![
-            json!(job.id),
+            Value::String(job.id),
             json!(job.slot),
             json!(job.attempt),
             json!(drop.reason.as_str()),
             json!(drop.detail),
             json!(answer.map(|a| a.text.as_str())),
         ];
-        row.extend(self.plan.provenance(job, answer));
+        row.extend(self.plan.provenance(job.prompt, answer));
         let _ = self.tx.send(Output::Reject(row));
     }
 }
@@ -719,12 +739,12 @@ pub async fn generate<C: Corpus, T: Teacher>(
     opts: &GenerateOptions,
 ) -> Result<Stats, GenerateError> {
     let started = Instant::now();
-    let plan = Plan {
-        corpus: corpus.clone(),
-        model: teacher.model().to_string(),
-        sampling: teacher.sampling(),
-        seed: opts.seed,
-    };
+    let plan = Plan::new(
+        corpus.clone(),
+        teacher.model(),
+        teacher.sampling(),
+        opts.seed,
+    );
     std::fs::create_dir_all(&opts.out).map_err(|source| GenerateError::Io {
         path: opts.out.clone(),
         source,
@@ -796,21 +816,34 @@ pub async fn generate<C: Corpus, T: Teacher>(
         tx,
         max_attempts: opts.max_attempts,
     });
-    let mut results = futures::stream::iter(pending)
-        .map(|(slot, attempt)| {
-            let worker = worker.clone();
-            tokio::spawn(async move { worker.fill(slot, attempt).await })
+    // `concurrency` long-lived tasks, each taking the next pending slot when it is done with one:
+    // no task per slot, and this thread is not woken per slot.
+    let queue = Arc::new(Mutex::new(pending.into_iter()));
+    let tasks: Vec<_> = (0..opts.concurrency.max(1))
+        .map(|_| {
+            let (worker, queue) = (worker.clone(), queue.clone());
+            tokio::spawn(async move {
+                while worker.state.stopped().is_none() {
+                    let next = queue.lock().unwrap_or_else(|e| e.into_inner()).next();
+                    let Some((slot, attempt)) = next else { break };
+                    if let Err(e) = worker.fill(slot, attempt).await {
+                        worker.state.stop(StopReason::Fatal);
+                        return Err(e);
+                    }
+                }
+                Ok(())
+            })
         })
-        .buffer_unordered(opts.concurrency.max(1));
+        .collect();
     let mut first_error = None;
-    while let Some(joined) = results.next().await {
-        let outcome = joined.unwrap_or_else(|e| panic!("a generation task panicked: {e}"));
+    for task in tasks {
+        let outcome = task
+            .await
+            .unwrap_or_else(|e| panic!("a generation task panicked: {e}"));
         if let Err(e) = outcome {
-            state.stop(StopReason::Fatal);
             first_error.get_or_insert(e);
         }
     }
-    drop(results);
     drop(worker); // closes the channel: the writer drains it and packs the last shard
     writer
         .join()

@@ -65,8 +65,13 @@ pub struct Vocabulary {
     pub adjectives: WordList,
     pub features: Vec<Feature>,
     /// Every form of every word a 3–4 year old knows (the three lists plus function words),
-    /// mapped to the words it is a form of.
-    lemmas: HashMap<String, Vec<String>, foldhash::fast::RandomState>,
+    /// mapped to the words it is a form of: a range of `form_lemmas`, which holds word ids.
+    /// Looked up for every word of every story, so kept compact (ids, not strings) and hashed
+    /// with a fast hasher (the keys are our own word lists).
+    forms: HashMap<Box<str>, (u32, u32), foldhash::fast::RandomState>,
+    form_lemmas: Vec<u32>,
+    /// The id of every word of the lists.
+    word_ids: HashMap<String, u32, foldhash::fast::RandomState>,
 }
 
 impl Vocabulary {
@@ -99,26 +104,42 @@ impl Vocabulary {
         let function_words = list("function_words.txt", BUILTIN_FUNCTION_WORDS)?;
         let (path, text) = read("features.txt", BUILTIN_FEATURES)?;
         let features = parse_features(&path, &text)?;
-        // Looked up for every word of every story: a fast hasher (keys are our own word lists).
-        let mut lemmas: HashMap<String, Vec<String>, _> =
-            HashMap::with_hasher(foldhash::fast::RandomState::default());
+        let mut word_ids: HashMap<String, u32, _> = HashMap::default();
+        let mut lemmas: HashMap<String, Vec<u32>> = HashMap::new();
         for list in [&verbs, &nouns, &adjectives, &function_words] {
             for word in &list.words {
+                let next = word_ids.len() as u32;
+                let id = *word_ids.entry(word.clone()).or_insert(next);
                 for form in list.forms(word) {
                     let entry = lemmas.entry(form).or_default();
-                    if !entry.contains(word) {
-                        entry.push(word.clone());
+                    if !entry.contains(&id) {
+                        entry.push(id);
                     }
                 }
             }
+        }
+        let mut form_lemmas = Vec::new();
+        let mut forms = HashMap::default();
+        for (form, ids) in lemmas {
+            let start = form_lemmas.len() as u32;
+            form_lemmas.extend(ids);
+            forms.insert(form.into_boxed_str(), (start, form_lemmas.len() as u32));
         }
         Ok(Vocabulary {
             verbs,
             nouns,
             adjectives,
             features,
-            lemmas,
+            forms,
+            form_lemmas,
+            word_ids,
         })
+    }
+
+    /// The ids of the words `form` is a form of (`None`: not a word a young child knows).
+    fn lemmas_of(&self, form: &str) -> Option<&[u32]> {
+        let &(start, end) = self.forms.get(form)?;
+        Some(&self.form_lemmas[start as usize..end as usize])
     }
 }
 
@@ -207,15 +228,16 @@ impl Stories {
     pub fn verify(&self, c: &StoryConstraints, text: &str) -> Result<StoryChecks, Drop> {
         // One pass over the words: required words seen, words outside the vocabulary, opening.
         let required = [&c.verb, &c.noun, &c.adjective];
+        let ids = required.map(|w| self.vocab.word_ids.get(w.as_str()).copied());
         let mut used = [false; 3];
         let (mut tokens, mut oov) = (0usize, 0usize);
         let mut opening: Vec<Cow<str>> = Vec::with_capacity(3);
         for token in words::tokens(text) {
             tokens += 1;
-            match self.vocab.lemmas.get(token.as_ref()) {
+            match self.vocab.lemmas_of(&token) {
                 Some(lemmas) => {
-                    for (used, word) in used.iter_mut().zip(required) {
-                        *used |= lemmas.contains(word);
+                    for (used, id) in used.iter_mut().zip(ids) {
+                        *used |= id.is_some_and(|id| lemmas.contains(&id));
                     }
                 }
                 None => oov += 1,
