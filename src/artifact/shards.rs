@@ -324,18 +324,22 @@ mod tests {
         vec![("id", Kind::Text), ("text", Kind::Text)]
     }
 
+    /// The `records` table of `dir` in parts, packed every `flush_every` rows.
+    fn records(dir: &Path, flush_every: usize) -> Result<ShardWriter, ShardError> {
+        ShardWriter::open(
+            dir,
+            "records",
+            Layout::Parts { prefix: "part" },
+            schema(),
+            flush_every,
+        )
+    }
+
     #[test]
     fn a_crashed_journal_is_packed_once_and_a_torn_line_ignored() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let mut w = ShardWriter::open(
-                dir.path(),
-                "records",
-                Layout::Parts { prefix: "part" },
-                schema(),
-                2,
-            )
-            .unwrap();
+            let mut w = records(dir.path(), 2).unwrap();
             for id in ["a", "b", "c"] {
                 w.append(vec![row(id)]).unwrap(); // a, b → part-00000; c stays in the journal
             }
@@ -358,14 +362,7 @@ mod tests {
             .join("\n"),
         )
         .unwrap();
-        let w = ShardWriter::open(
-            dir.path(),
-            "records",
-            Layout::Parts { prefix: "part" },
-            schema(),
-            2,
-        )
-        .unwrap();
+        let w = records(dir.path(), 2).unwrap();
         let files = w.files().unwrap();
         assert_eq!(files.len(), 2, "{files:?}");
         let mut ids: Vec<String> = w.ids().unwrap().into_iter().collect();
@@ -389,14 +386,7 @@ mod tests {
     #[test]
     fn journal_lines_name_their_columns_and_leave_out_null_cells() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = ShardWriter::open(
-            dir.path(),
-            "records",
-            Layout::Parts { prefix: "part" },
-            schema(),
-            10,
-        )
-        .unwrap();
+        let mut w = records(dir.path(), 10).unwrap();
         w.append(vec![vec![json!("a"), Value::Null], row("b")])
             .unwrap();
         let journal = dir.path().join("records.journal.jsonl");
@@ -421,15 +411,7 @@ mod tests {
             "garbage\n{\"id\": \"a\"}\n",
         )
         .unwrap();
-        let err = ShardWriter::open(
-            dir.path(),
-            "records",
-            Layout::Parts { prefix: "part" },
-            schema(),
-            2,
-        )
-        .err()
-        .unwrap();
+        let err = records(dir.path(), 2).err().unwrap();
         assert!(err.to_string().contains("records.journal.jsonl:1"), "{err}");
     }
 
