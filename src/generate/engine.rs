@@ -347,13 +347,13 @@ impl<C: Corpus> Plan<C> {
         let values: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let template = self.corpus.template();
         let prompt = template.render(&values)?;
-        let fields = fields(&constraints);
+        let value = serde_json::to_value(&constraints).expect("constraints always serialize");
         // The JSON array [template id, version, constraints, slot, attempt, seed, model,
         // sampling], structs as objects with sorted keys (as `serde_json::Value` writes them).
         let identity = serde_json::to_vec(&(
             &template.id,
             template.version,
-            &fields,
+            &value,
             slot,
             attempt,
             self.seed,
@@ -362,6 +362,10 @@ impl<C: Corpus> Plan<C> {
         ))
         .expect("JSON values always serialize");
         let id = blake3::hash(&identity).to_hex()[..32].to_string();
+        let fields = match value {
+            Value::Object(fields) => fields,
+            _ => Map::new(),
+        };
         Ok(Job {
             slot,
             attempt,
@@ -439,7 +443,7 @@ fn reject_schema() -> Schema {
 
 /// A serde struct's fields by name.
 fn fields(value: &impl Serialize) -> Map<String, Value> {
-    match serde_json::to_value(value).expect("constraints, checks and sampling always serialize") {
+    match serde_json::to_value(value).expect("checks and sampling always serialize") {
         Value::Object(fields) => fields,
         _ => Map::new(),
     }
