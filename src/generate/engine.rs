@@ -766,10 +766,11 @@ pub async fn generate<C: Corpus, T: Teacher>(
     let mut resume = Resume::scan(&opts.out)?;
     let (pending, given_up_before) = pending_slots(&resume, opts);
     state.total.store(opts.n, Ordering::Relaxed);
-    state.done_before.store(
-        resume.done_slots.len().min(opts.n as usize) as u64,
-        Ordering::Relaxed,
-    );
+    // Slots of 0..n already filled (an earlier run with a larger --n may have filled more).
+    let done_before = resume.done_slots.iter().filter(|&&s| s < opts.n).count();
+    state
+        .done_before
+        .store(done_before as u64, Ordering::Relaxed);
     tracing::info!(
         pending = pending.len(),
         done = resume.done_slots.len(),
@@ -890,7 +891,7 @@ fn finish_stats<C: Corpus, T: Teacher>(
     // written record filled a slot that was pending, each drop and failed request is one reject.
     let written = state.written.load(Ordering::Relaxed);
     let records = before.records + written;
-    let done = before.done_slots.iter().filter(|&&s| s < opts.n).count() as u64 + written;
+    let done = state.done_before.load(Ordering::Relaxed) + written;
     let dropped: BTreeMap<String, u64> = state
         .dropped
         .lock()
