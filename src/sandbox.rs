@@ -1,27 +1,48 @@
-//! Runs untrusted Python (generated exercises, model completions) in a separate, limited process.
+//! Runs untrusted Python (generated exercises, model completions) in a separate, confined process.
 //!
-//! One `python3 -I -B main.py` process per program, in a fresh temp directory that is removed
-//! afterwards, with an empty environment and closed stdin. Limits (setrlimit): CPU seconds,
-//! address space, file size, open files, no core dumps; a wall-clock timeout kills the whole
-//! process group. When phigen runs as root (CI, containers) the child also gets its own network
-//! namespace (no network at all, not even loopback), its own mount namespace with `/` remounted
-//! read-only except the temp directory, and drops to the `nobody` user, so the process-count limit
-//! applies and it cannot delete or change anyone's files. Without root only the rlimits, the
-//! process group and the temp directory apply; [`Sandbox::isolation`] says which, and the README
-//! documents both.
+//! Each program runs as `main.py` in a fresh temp directory (removed afterwards), under a harness
+//! that decides the verdict, with an empty environment, rlimits (CPU seconds, address space, file
+//! size, open files, processes, no core dumps) and a wall-clock timeout.
+//!
+//! **Isolation** ([`Isolation::Namespaces`], the default) comes from bubblewrap (`bwrap`, the
+//! layer Flatpak uses), driven by phigen: the program gets its own user, PID, network, IPC and UTS
+//! namespaces and a mount namespace whose root holds only `/usr` (and its `/lib`, `/bin` links), the
+//! Python install read-only and its own directory as `/tmp`, the only writable place. So it has no
+//! network of any kind (loopback and unix sockets on disk included: none is in its view), sees no
+//! other process (its `/proc` is its own PID namespace), cannot read the user's files or phigen's
+//! environment, and cannot create further user namespaces. Its PID namespace dies with its first
+//! process: whatever it forked or `setsid`, nothing outlives the run. When phigen runs as root,
+//! the program also gets a uid of its own (one per run, from a range no account uses) before the
+//! namespaces are made, so no two programs share a process count or can signal each other.
+//!
+//! Without bubblewrap, or where the kernel refuses unprivileged user namespaces, [`Sandbox::new`]
+//! refuses with an error that says what to install; [`Isolation::Unsafe`] (the CLI's
+//! `--unsafe-sandbox`) runs the program as the calling user with only the rlimits, the process group
+//! and the temp directory, and stats record that.
+//!
+//! **Verdicts.** Exit status 0 alone means nothing (`sys.exit(0)` or `os._exit(0)` before the
+//! asserts would pass). The harness reads a random nonce from stdin (then points stdin at
+//! `/dev/null`), runs `main.py` in a fresh `__main__` module, and only when that returns writes the
+//! nonce to fd 3, a pipe phigen reads. A program passes only if it exits 0 *and* fd 3 carried exactly
+//! the nonce. The nonce is never in the program's file, environment or arguments; like the
+//! reference harness (which also runs the program in its own process) this does not hold against
+//! a program that deliberately searches the harness's memory for it.
 
+use std::ffi::OsString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-use tokio::io::AsyncReadExt;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Wall-clock time before the process group is killed (the HumanEval harness uses 3 s).
+    /// Wall-clock time before the program is killed (the HumanEval harness uses 3 s).
     pub wall: Duration,
     /// CPU seconds per process.
     pub cpu_secs: u64,
@@ -31,8 +52,8 @@ pub struct Limits {
     pub max_output: usize,
     /// Largest file the program may write.
     pub max_file_bytes: u64,
-    /// Processes of the sandbox user at once (only enforced when not running as root, i.e. after
-    /// the drop to `nobody`).
+    /// Processes (threads included) the program may have at once. Counted inside its own user
+    /// namespace, so other programs and the user's other processes do not count.
     pub max_processes: u64,
 }
 
@@ -49,22 +70,25 @@ impl Default for Limits {
     }
 }
 
-/// What protects the machine from the program, beyond rlimits, process group and temp dir.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// What protects the machine from the program, beyond rlimits, the timeout and the temp dir.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Isolation {
-    /// Own network and mount namespaces, read-only `/`, user `nobody`.
+    /// bubblewrap: own user, PID, network, IPC, UTS and mount namespaces, a read-only view of
+    /// `/usr` and the Python install, the program's directory as the only writable place.
+    #[default]
     Namespaces,
-    /// Not root: rlimits, process group and temp dir only; the program can reach the network.
-    RlimitsOnly,
+    /// `--unsafe-sandbox`: the program runs as the calling user and can read what that user can
+    /// and reach the network. Only for programs you would run yourself.
+    Unsafe,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
-    /// Exit status 0.
+    /// The program ran to its end: the harness saw it return, and the process exited 0.
     Passed,
-    /// Exited non-zero: an exception, a failed assert.
+    /// An exception, a failed assert, or an exit before the end of the program.
     Failed,
     /// Killed for running past the wall-clock or CPU limit.
     TimedOut,
@@ -77,12 +101,13 @@ pub struct Execution {
     pub verdict: Verdict,
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
-    /// The last line of stderr for a failure (e.g. `AssertionError: …`), empty otherwise.
+    /// Why a failed program failed: the last line of stderr (e.g. `AssertionError: …`), or that it
+    /// exited before its end. Empty otherwise.
     pub error: String,
     pub stdout: String,
     pub stderr: String,
     pub wall_seconds: f64,
-    /// Process (and process group) id of the run; the group is empty once `run` returns.
+    /// Process (and process group) id of the run's first process; gone once `run` returns.
     pub pid: u32,
 }
 
@@ -90,8 +115,8 @@ pub struct Execution {
 pub enum SandboxError {
     #[error("no usable python3 for the sandbox (tried {tried}): install Python 3 (`apt-get install python3`) or pass its path with --python")]
     NoPython { tried: String },
-    #[error("sandbox: the user `nobody` kept {limit} or more processes for {waited} s, so no program could start: look for processes of `nobody` left on this machine (`ps -u nobody`) or raise the process limit")]
-    NoProcessRoom { limit: u64, waited: u64 },
+    #[error("sandbox: {detail}. Generated code only runs isolated: install bubblewrap (`apt-get install bubblewrap`, `dnf install bubblewrap`) on a kernel that allows unprivileged user namespaces, or, only on a machine you trust with these programs, pass --unsafe-sandbox (the run's stats record it)")]
+    NoIsolation { detail: String },
     #[error("sandbox: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -99,25 +124,83 @@ pub enum SandboxError {
 pub struct Sandbox {
     python: PathBuf,
     limits: Limits,
-    isolation: Isolation,
+    /// `bwrap` and its arguments up to the program's directory ([`Isolation::Namespaces`] only).
+    bwrap: Option<(PathBuf, Vec<OsString>)>,
     workers: Semaphore,
 }
 
-const NOBODY: libc::uid_t = 65534;
+/// Runs `main.py` in a fresh `__main__` and, only if it returns, writes the nonce read from stdin
+/// to fd 3. The process limit is set here, inside the program's user namespace, where it counts
+/// the program's processes only (set before the namespace it would count all of the user's).
+const HARNESS: &str = r#"import os, sys
+def _phigen_harness(path, nproc):
+    import resource, types
+    nonce = b""
+    while True:
+        chunk = os.read(0, 64)
+        if not chunk:
+            break
+        nonce += chunk
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+    if hard != resource.RLIM_INFINITY:
+        nproc = min(nproc, hard)
+    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+    with open(path, "rb") as f:
+        code = compile(f.read(), path, "exec")
+    main = types.ModuleType("__main__")
+    main.__file__ = path
+    main.__builtins__ = __builtins__
+    sys.modules["__main__"] = main
+    sys.argv[:] = [path]
+    exec(code, main.__dict__)
+    os.write(3, nonce)
+_phigen_harness(os.path.abspath("main.py"), MAX_PROCESSES)
+"#;
+
+/// Sandboxed programs started as root run as `UID_BASE + n`: one uid per run, cycling through
+/// `UID_SPAN` uids far above any account's or subordinate range's.
+const UID_BASE: u32 = 0x6C00_0000;
+const UID_SPAN: u32 = 1 << 16;
+static NEXT_UID: AtomicU32 = AtomicU32::new(0);
+
+impl Isolation {
+    /// What a command's `--unsafe-sandbox` flag asks for.
+    pub fn requested(unsafe_sandbox: bool) -> Isolation {
+        match unsafe_sandbox {
+            true => Isolation::Unsafe,
+            false => Isolation::Namespaces,
+        }
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
 
 impl Sandbox {
     /// Finds a Python 3 that runs in the sandbox (`python` if given, else `python3` on PATH, then
-    /// `/usr/bin/python3`) and allows `workers` programs at once.
+    /// `/usr/bin/python3`) and allows `workers` programs at once. With
+    /// [`Isolation::Namespaces`] it fails, saying what to install, where bubblewrap is missing or
+    /// cannot make the namespaces.
     pub async fn new(
         python: Option<&Path>,
         limits: Limits,
         workers: usize,
+        isolation: Isolation,
     ) -> Result<Sandbox, SandboxError> {
-        // SAFETY: geteuid has no preconditions.
-        let isolation = if unsafe { libc::geteuid() } == 0 {
-            Isolation::Namespaces
-        } else {
-            Isolation::RlimitsOnly
+        let bwrap = match isolation {
+            Isolation::Namespaces => {
+                Some(
+                    find_on_path("bwrap").ok_or_else(|| SandboxError::NoIsolation {
+                        detail: "bubblewrap (`bwrap`) is not on PATH".into(),
+                    })?,
+                )
+            }
+            Isolation::Unsafe => None,
         };
         let candidates: Vec<PathBuf> = match python {
             Some(p) => vec![p.to_path_buf()],
@@ -137,11 +220,20 @@ impl Sandbox {
             }
         };
         let mut tried = Vec::new();
+        let mut bwrap_failed = false;
         for candidate in &candidates {
+            let bwrap = match (&bwrap, python_dirs(candidate).await) {
+                (_, Err(why)) => {
+                    tried.push(format!("{} ({why})", candidate.display()));
+                    continue;
+                }
+                (Some(b), Ok(dirs)) => Some((b.clone(), bwrap_args(&dirs))),
+                (None, Ok(_)) => None,
+            };
             let sandbox = Sandbox {
                 python: candidate.clone(),
                 limits,
-                isolation,
+                bwrap,
                 workers: Semaphore::new(workers.max(1)),
             };
             let why = match sandbox
@@ -151,21 +243,29 @@ impl Sandbox {
                 Ok(e) if e.verdict == Verdict::Passed && e.stdout.trim() == "ok" => {
                     return Ok(sandbox)
                 }
-                Ok(e) => format!(
-                    "{:?}: {}",
-                    e.verdict,
-                    e.stderr.lines().last().unwrap_or_default()
-                ),
+                Ok(e) => {
+                    let last = e.stderr.lines().last().unwrap_or_default();
+                    bwrap_failed |= last.starts_with("bwrap:");
+                    format!("{:?}: {last}", e.verdict)
+                }
                 Err(e) => e.to_string(),
             };
             tried.push(format!("{} ({why})", candidate.display()));
         }
         let tried = tried.join(", ");
+        if bwrap_failed {
+            return Err(SandboxError::NoIsolation {
+                detail: format!("bubblewrap could not run Python in the sandbox (tried {tried})"),
+            });
+        }
         Err(SandboxError::NoPython { tried })
     }
 
     pub fn isolation(&self) -> Isolation {
-        self.isolation
+        match self.bwrap {
+            Some(_) => Isolation::Namespaces,
+            None => Isolation::Unsafe,
+        }
     }
 
     pub fn python(&self) -> &Path {
@@ -183,59 +283,56 @@ impl Sandbox {
             .prefix("phigen-sandbox-")
             .tempdir()?;
         std::fs::write(dir.path().join("main.py"), program)?;
-        if self.isolation == Isolation::Namespaces {
-            // SAFETY: plain chown calls on paths we just created.
+        let uid = (self.bwrap.is_some() && is_root())
+            .then(|| UID_BASE + NEXT_UID.fetch_add(1, Ordering::Relaxed) % UID_SPAN);
+        if let Some(uid) = uid {
             for p in [dir.path().to_path_buf(), dir.path().join("main.py")] {
-                let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
-                    .map_err(std::io::Error::other)?;
-                if unsafe { libc::chown(c.as_ptr(), NOBODY, NOBODY) } != 0 {
-                    return Err(std::io::Error::last_os_error().into());
-                }
+                std::os::unix::fs::chown(&p, Some(uid), Some(uid))?;
             }
         }
-        let mut cmd = std::process::Command::new(&self.python);
-        cmd.args(["-I", "-B", "main.py"])
+        let (mut cmd, home) = match &self.bwrap {
+            Some((bwrap, args)) => {
+                let mut cmd = std::process::Command::new(bwrap);
+                cmd.args(args)
+                    .arg("--bind")
+                    .arg(dir.path())
+                    .args(["/tmp", "--chdir", "/tmp", "--"])
+                    .arg(&self.python);
+                (cmd, Path::new("/tmp"))
+            }
+            None => (std::process::Command::new(&self.python), dir.path()),
+        };
+        let harness = HARNESS.replace("MAX_PROCESSES", &self.limits.max_processes.to_string());
+        cmd.args(["-I", "-B", "-c", &harness])
             .current_dir(dir.path())
             .env_clear()
-            .env("HOME", dir.path())
-            .env("TMPDIR", dir.path())
+            .env("HOME", home)
+            .env("TMPDIR", home)
             .env("PATH", "/usr/bin:/bin")
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        let (result_read, result_write) = pipe()?;
+        let result_fd = result_write.as_raw_fd();
         let limits = self.limits;
-        let isolation = self.isolation;
-        let dir_c = std::ffi::CString::new(dir.path().as_os_str().as_encoded_bytes())
-            .map_err(std::io::Error::other)?;
         // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
-        // system calls (setsid, unshare, mount, setrlimit, setgroups, setgid, setuid) on data
-        // prepared before the fork.
+        // system calls (setsid, dup2, fcntl, setrlimit, setgroups, setgid, setuid) on data prepared
+        // before the fork.
         unsafe {
-            cmd.pre_exec(move || confine(&limits, isolation, &dir_c));
+            cmd.pre_exec(move || confine(&limits, uid, result_fd));
         }
         let mut cmd = tokio::process::Command::from(cmd);
         cmd.kill_on_drop(true);
-        // The process-count limit is per user, and every sandboxed program runs as `nobody`: while
-        // another program (a fork bomb, say) holds all of its processes, exec fails with EAGAIN.
-        // That program is killed within its wall-clock limit, so wait for room rather than fail.
-        let waiting_since = Instant::now();
-        let mut child = loop {
-            match cmd.spawn() {
-                Ok(child) => break child,
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
-                    if waiting_since.elapsed() > 2 * limits.wall + Duration::from_secs(2) {
-                        return Err(SandboxError::NoProcessRoom {
-                            limit: limits.max_processes,
-                            waited: waiting_since.elapsed().as_secs(),
-                        });
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
+        let mut child = cmd.spawn()?;
+        // Only the child may hold the write end, or the read below would never see its end.
+        drop(result_write);
         let started = Instant::now();
         let pid = child.id().expect("a just-spawned child has a pid");
+        let nonce = nonce()?;
+        let mut stdin = child.stdin.take().expect("stdin is piped");
+        // 32 bytes fit any pipe buffer; a program that already died makes this fail, harmlessly.
+        let _ = stdin.write_all(nonce.as_bytes()).await;
+        drop(stdin);
         let out = read_capped(
             child.stdout.take().expect("stdout is piped"),
             limits.max_output,
@@ -244,9 +341,13 @@ impl Sandbox {
             child.stderr.take().expect("stderr is piped"),
             limits.max_output,
         );
+        let result = read_capped(
+            tokio::net::unix::pipe::Receiver::from_owned_fd(result_read)?,
+            nonce.len() + 1,
+        );
         let waited = tokio::time::timeout(limits.wall, async {
-            let (out, err) = tokio::join!(out, err);
-            (child.wait().await, out, err)
+            let (out, err, result) = tokio::join!(out, err, result);
+            (child.wait().await, out, err, result)
         })
         .await;
         if waited.is_err() {
@@ -256,31 +357,38 @@ impl Sandbox {
             unsafe { libc::kill(-(pid as libc::pid_t), libc::SIGKILL) };
             let _ = child.wait().await;
         }
-        // Whatever happened, nothing of the program outlives this call.
+        // Whatever happened, nothing of the program outlives this call: bwrap's PID namespace
+        // dies with its first process, which dies with bwrap (`--die-with-parent`).
         kill_group(pid).await;
-        let (status, stdout, stderr, timed_out) = match waited {
-            Ok((status, out, err)) => (Some(status?), out, err, false),
-            Err(_) => (None, String::new(), String::new(), true),
+        let (status, stdout, stderr, result, timed_out) = match waited {
+            Ok((status, out, err, result)) => (Some(status?), out, err, result, false),
+            Err(_) => (None, String::new(), String::new(), String::new(), true),
         };
         use std::os::unix::process::ExitStatusExt;
-        let exit_code = status.and_then(|s| s.code());
-        let signal = status.and_then(|s| s.signal());
+        let (exit_code, signal) = match (status.and_then(|s| s.code()), status) {
+            // bwrap reports a program killed by signal N as exit status 128 + N.
+            (Some(code @ 129..=192), _) if self.bwrap.is_some() => (None, Some(code - 128)),
+            (code, status) => (code, status.and_then(|s| s.signal())),
+        };
         let verdict = match (timed_out, exit_code, signal) {
             (true, _, _) => Verdict::TimedOut,
-            (_, Some(0), _) => Verdict::Passed,
+            (_, Some(0), _) if result == nonce => Verdict::Passed,
             (_, Some(_), _) => Verdict::Failed,
             (_, None, Some(libc::SIGXCPU | libc::SIGKILL)) => Verdict::TimedOut,
             _ => Verdict::Crashed,
         };
-        let error = if verdict == Verdict::Failed {
-            stderr
+        let error = match (verdict, exit_code) {
+            (Verdict::Failed, Some(0)) => {
+                "exited with status 0 before the end of the program (its tests did not all run)"
+                    .to_string()
+            }
+            (Verdict::Failed, _) => stderr
                 .lines()
                 .rev()
                 .find(|l| !l.trim().is_empty())
                 .unwrap_or_default()
-                .to_string()
-        } else {
-            String::new()
+                .to_string(),
+            _ => String::new(),
         };
         Ok(Execution {
             verdict,
@@ -293,6 +401,106 @@ impl Sandbox {
             pid,
         })
     }
+}
+
+/// `name` in the directories of `PATH`.
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// The directories outside `/usr` that `python` needs (its prefixes and its executable's real
+/// directory), asked of the interpreter itself, with nothing of the user's code.
+async fn python_dirs(python: &Path) -> Result<Vec<PathBuf>, String> {
+    const ASK: &str = "import json, sys; print(json.dumps([sys.executable, sys.prefix, \
+                       sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]))";
+    let out = tokio::process::Command::new(python)
+        .args(["-I", "-c", ASK])
+        .env_clear()
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), out)
+        .await
+        .map_err(|_| "did not answer within 30 s".to_string())?
+        .map_err(|e| e.to_string())?;
+    let paths: Vec<String> = serde_json::from_slice(&out.stdout)
+        .map_err(|_| format!("not a Python 3: {}", String::from_utf8_lossy(&out.stderr)))?;
+    let mut dirs: Vec<PathBuf> = paths
+        .iter()
+        .filter_map(|p| std::fs::canonicalize(p).ok())
+        .map(|p| match p.is_file() {
+            true => p.parent().map(Path::to_path_buf).unwrap_or(p),
+            false => p,
+        })
+        .filter(|p| !p.starts_with("/usr") && p != Path::new("/"))
+        .collect();
+    dirs.sort();
+    dirs.dedup_by(|later, earlier| later.starts_with(earlier));
+    Ok(dirs)
+}
+
+/// bwrap's arguments for a view of `/usr`, the merged-`/usr` links, and the `python_dirs`.
+fn bwrap_args(python_dirs: &[PathBuf]) -> Vec<OsString> {
+    let mut a: Vec<OsString> = [
+        "--unshare-all",
+        "--unshare-user",
+        "--disable-userns",
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop",
+        "ALL",
+        "--uid",
+        "65534",
+        "--gid",
+        "65534",
+        "--ro-bind",
+        "/usr",
+        "/usr",
+    ]
+    .map(OsString::from)
+    .into();
+    for top in ["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"] {
+        match std::fs::read_link(top) {
+            Ok(target) => a.extend(["--symlink".into(), target.into(), top.into()]),
+            Err(_) if Path::new(top).is_dir() => a.extend(["--ro-bind", top, top].map(Into::into)),
+            Err(_) => {}
+        }
+    }
+    for file in ["/etc/ld.so.cache", "/etc/localtime", "/etc/alternatives"] {
+        a.extend(["--ro-bind-try", file, file].map(Into::into));
+    }
+    for dir in python_dirs {
+        a.extend(["--ro-bind".into(), dir.into(), dir.into()]);
+    }
+    a.extend(["--proc", "/proc", "--dev", "/dev"].map(Into::into));
+    a
+}
+
+/// A pipe whose ends close on exec (the child gets the write end as fd 3 by `dup2`).
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two new descriptors into `fds`, which we then own.
+    unsafe {
+        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok((OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])))
+    }
+}
+
+/// 128 bits from the kernel's CSPRNG, as hex. Not from the run's seed on purpose: it proves the
+/// harness reached its end, so the program must not be able to predict it.
+fn nonce() -> std::io::Result<String> {
+    let mut bytes = [0u8; 16];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Kills the process group `pgid` and waits (up to 2 s) until none of its processes is left.
@@ -319,10 +527,11 @@ async fn read_capped(pipe: impl tokio::io::AsyncRead + Unpin, cap: usize) -> Str
     String::from_utf8_lossy(&buf).into_owned()
 }
 
-/// In the child, between fork and exec.
-fn confine(limits: &Limits, isolation: Isolation, dir: &std::ffi::CStr) -> std::io::Result<()> {
+/// In the child, between fork and exec: its own session, the result pipe as fd 3, the rlimits,
+/// and (as root) the run's own uid.
+fn confine(limits: &Limits, uid: Option<u32>, result_fd: RawFd) -> std::io::Result<()> {
     let check = |rc: libc::c_int| {
-        if rc == 0 {
+        if rc >= 0 {
             Ok(())
         } else {
             Err(std::io::Error::last_os_error())
@@ -330,47 +539,11 @@ fn confine(limits: &Limits, isolation: Isolation, dir: &std::ffi::CStr) -> std::
     };
     // SAFETY: async-signal-safe system calls with valid, pre-built arguments.
     unsafe {
-        check(if libc::setsid() < 0 { -1 } else { 0 })?;
-        if isolation == Isolation::Namespaces {
-            check(libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWNS))?;
-            let none = std::ptr::null();
-            let root = c"/".as_ptr();
-            check(libc::mount(
-                none,
-                root,
-                none,
-                libc::MS_REC | libc::MS_PRIVATE,
-                std::ptr::null(),
-            ))?;
-            // The temp dir becomes its own mount so it stays writable when `/` goes read-only.
-            check(libc::mount(
-                dir.as_ptr(),
-                dir.as_ptr(),
-                none,
-                libc::MS_BIND,
-                std::ptr::null(),
-            ))?;
-            check(libc::mount(
-                none,
-                root,
-                none,
-                libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY,
-                std::ptr::null(),
-            ))?;
-            // World-writable places that are mounts of their own stay writable under a read-only
-            // `/`: make them read-only too (EINVAL where one is not a mount point is fine). The temp
-            // dir is a separate mount below them and stays writable.
-            for place in [c"/dev/shm", c"/tmp", c"/var/tmp", c"/run/lock"] {
-                let _ = libc::mount(
-                    none,
-                    place.as_ptr(),
-                    none,
-                    libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY,
-                    std::ptr::null(),
-                );
-            }
-            // std changed directory before this hook ran, i.e. into the old (now read-only) mount.
-            check(libc::chdir(dir.as_ptr()))?;
+        check(libc::setsid())?;
+        if result_fd == 3 {
+            check(libc::fcntl(3, libc::F_SETFD, 0))?;
+        } else {
+            check(libc::dup2(result_fd, 3))?;
         }
         let limit = |resource, value: u64| {
             check(libc::setrlimit(
@@ -386,11 +559,10 @@ fn confine(limits: &Limits, isolation: Isolation, dir: &std::ffi::CStr) -> std::
         limit(libc::RLIMIT_FSIZE, limits.max_file_bytes)?;
         limit(libc::RLIMIT_NOFILE, 64)?;
         limit(libc::RLIMIT_CORE, 0)?;
-        limit(libc::RLIMIT_NPROC, limits.max_processes)?;
-        if isolation == Isolation::Namespaces {
+        if let Some(uid) = uid {
             check(libc::setgroups(0, std::ptr::null()))?;
-            check(libc::setgid(NOBODY))?;
-            check(libc::setuid(NOBODY))?;
+            check(libc::setgid(uid))?;
+            check(libc::setuid(uid))?;
         }
     }
     Ok(())
@@ -400,18 +572,18 @@ fn confine(limits: &Limits, isolation: Isolation, dir: &std::ffi::CStr) -> std::
 mod tests {
     use super::*;
 
+    fn limits() -> Limits {
+        Limits {
+            wall: Duration::from_secs(3),
+            cpu_secs: 2,
+            ..Limits::default()
+        }
+    }
+
     async fn sandbox() -> Sandbox {
-        Sandbox::new(
-            None,
-            Limits {
-                wall: Duration::from_secs(3),
-                cpu_secs: 2,
-                ..Limits::default()
-            },
-            2,
-        )
-        .await
-        .unwrap()
+        Sandbox::new(None, limits(), 2, Isolation::Namespaces)
+            .await
+            .unwrap()
     }
 
     fn group_is_gone(pid: u32) -> bool {
@@ -422,8 +594,21 @@ mod tests {
         }
     }
 
+    /// Host processes whose command line holds `marker`.
+    fn processes_with(marker: &str) -> Vec<String> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+                if String::from_utf8_lossy(&cmdline).contains(marker) {
+                    found.push(entry.file_name().to_string_lossy().into_owned());
+                }
+            }
+        }
+        found
+    }
+
     #[tokio::test]
-    async fn verdicts_follow_exit_status_and_limits() {
+    async fn verdicts_follow_the_program_and_the_limits() {
         let s = sandbox().await;
         let e = s.run("assert 1 + 1 == 2\nprint('hi')").await.unwrap();
         assert_eq!((e.verdict, e.stdout.as_str()), (Verdict::Passed, "hi\n"));
@@ -444,6 +629,40 @@ mod tests {
             (e.verdict, e.signal),
             (Verdict::Crashed, Some(libc::SIGSEGV))
         );
+        // The program's own `__main__`, as `python3 main.py` would give it.
+        let e = s
+            .run("import sys\nif __name__ == '__main__':\n    print(sys.argv[0].endswith('main.py'))")
+            .await
+            .unwrap();
+        assert_eq!((e.verdict, e.stdout.trim()), (Verdict::Passed, "True"));
+    }
+
+    /// Exit status 0 before the end is a failure however it is reached (the attack: a completion
+    /// that exits before the asserts, which `python3 main.py` reports as a success), and so is
+    /// printing a made-up nonce; in both isolation modes.
+    #[tokio::test]
+    async fn exiting_early_with_status_zero_fails() {
+        let unsafe_mode = Sandbox::new(None, limits(), 2, Isolation::Unsafe)
+            .await
+            .unwrap();
+        for s in [sandbox().await, unsafe_mode] {
+            for program in [
+                "import sys; sys.exit(0)\nassert False",
+                "import os; os._exit(0)\nassert False",
+                "raise SystemExit\nassert False",
+                "import os, sys\nsys.stdout.flush()\nos.write(3, b'0' * 32)\nos._exit(0)",
+            ] {
+                let e = s.run(program).await.unwrap();
+                assert_eq!(e.verdict, Verdict::Failed, "{program}: {e:?}");
+                assert_eq!(e.exit_code, Some(0), "{program}");
+                assert!(e.error.contains("before the end"), "{}", e.error);
+            }
+            // Closing the harness's pipe only makes the harness fail.
+            let e = s.run("import os\nos.close(3)").await.unwrap();
+            assert_eq!(e.verdict, Verdict::Failed, "{e:?}");
+            let e = s.run("x = 1\nassert x == 1").await.unwrap();
+            assert_eq!(e.verdict, Verdict::Passed, "{e:?}");
+        }
     }
 
     #[tokio::test]
@@ -461,13 +680,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_fork_bomb_leaves_nothing_behind_and_only_delays_others() {
+    async fn a_fork_bomb_leaves_nothing_behind_and_does_not_stop_others() {
         let s = sandbox().await;
         let bomb = s.run("import os, time\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        time.sleep(0.01)");
-        // Four programs start while the bomb holds every process `nobody` may have. The first
-        // takes the kernel past the limit (root forks, then drops to `nobody`), so exec fails with
-        // EAGAIN for the others: they wait for room and pass (CI once failed here).
-        let others = Sandbox::new(None, Limits::default(), 4).await.unwrap();
+        let others = Sandbox::new(None, Limits::default(), 4, Isolation::Namespaces)
+            .await
+            .unwrap();
         let others = async {
             tokio::time::sleep(Duration::from_millis(800)).await;
             let run = |_| others.run("import time; time.sleep(0.3); print('ok')");
@@ -484,25 +702,67 @@ mod tests {
         }
     }
 
+    /// The attack: a double fork plus `setsid` left a process (PPID 1) after the process-group
+    /// kill. In a PID namespace nothing survives the program, whether it ends or times out.
     #[tokio::test]
-    async fn the_environment_is_empty_and_the_directory_is_private() {
-        std::env::set_var("PHIGEN_SANDBOX_SECRET", "sk-should-not-leak");
+    async fn a_double_forked_daemon_does_not_survive() {
         let s = sandbox().await;
-        let e = s.run("import os\nassert 'PHIGEN_SANDBOX_SECRET' not in os.environ, dict(os.environ)\nopen('scratch.txt', 'w').write('ok')\nprint(os.getcwd())").await.unwrap();
-        assert_eq!(e.verdict, Verdict::Passed, "{}", e.stderr);
-        assert!(
-            !Path::new(e.stdout.trim()).exists(),
-            "the temp dir must be removed afterwards"
-        );
+        for (tail, verdict) in [
+            ("", Verdict::Passed),
+            ("\ntime.sleep(60)", Verdict::TimedOut),
+        ] {
+            let marker = format!("phigen-survivor-{}", nonce().unwrap());
+            let program = format!(
+                "import os, sys, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', '{marker}'])\n    os._exit(0)\ntime.sleep(0.5){tail}"
+            );
+            let e = s.run(&program).await.unwrap();
+            assert_eq!(e.verdict, verdict, "{e:?}");
+            // The kernel tears the namespace down as its first process exits; allow it a moment.
+            let mut left = processes_with(&marker);
+            for _ in 0..100 {
+                if left.is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                left = processes_with(&marker);
+            }
+            assert!(left.is_empty(), "daemon survived: pids {left:?}");
+        }
     }
 
+    /// The attacks without root: reading phigen's environment through `/proc/<pid>/environ`, and
+    /// the user's files. The program sees neither phigen's process nor the host's files.
     #[tokio::test]
-    async fn files_outside_and_the_network_are_out_of_reach_when_isolated() {
+    async fn the_environment_and_the_users_files_are_out_of_reach() {
+        std::env::set_var("PHIGEN_SANDBOX_SECRET", "sk-should-not-leak");
         let s = sandbox().await;
-        if s.isolation() != Isolation::Namespaces {
-            eprintln!("not root: namespaces unavailable, skipping the isolation checks");
-            return;
-        }
+        let host_file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(host_file.path(), "secret").unwrap();
+        let program = format!(
+            "import os\nassert 'PHIGEN_SANDBOX_SECRET' not in os.environ, dict(os.environ)\n\
+             pids = [p for p in os.listdir('/proc') if p.isdigit()]\n\
+             assert len(pids) <= 3, pids\n\
+             for p in pids:\n    assert b'sk-should-not-leak' not in open(f'/proc/{{p}}/environ', 'rb').read()\n\
+             for path in [{:?}, '/etc/passwd', '/root', '/home']:\n    assert not os.path.exists(path), path\n\
+             open('scratch.txt', 'w').write('ok')\n",
+            host_file.path().to_str().unwrap()
+        );
+        let e = s.run(&program).await.unwrap();
+        assert_eq!(e.verdict, Verdict::Passed, "{}", e.stderr);
+        // Each program gets a fresh directory.
+        let e = s
+            .run("import os\nassert not os.path.exists('scratch.txt')")
+            .await
+            .unwrap();
+        assert_eq!(e.verdict, Verdict::Passed, "{}", e.stderr);
+    }
+
+    /// Writing or deleting outside, TCP to loopback, and unix sockets (a path on disk and an
+    /// abstract name) all fail.
+    #[tokio::test]
+    async fn files_outside_and_every_kind_of_socket_are_out_of_reach() {
+        use std::os::linux::net::SocketAddrExt;
+        let s = sandbox().await;
         let dir = tempfile::tempdir().unwrap();
         let victim = dir.path().join("victim.txt");
         std::fs::write(&victim, "keep me").unwrap();
@@ -533,11 +793,24 @@ mod tests {
             ))
             .await
             .unwrap();
-        assert_eq!(
-            e.verdict,
-            Verdict::Failed,
-            "the program reached the network"
-        );
+        assert_eq!(e.verdict, Verdict::Failed, "reached TCP on loopback");
+        let socket_path = dir.path().join("daemon.sock");
+        let _unix = std::os::unix::net::UnixListener::bind(&socket_path).unwrap();
+        let name = format!("phigen-test-{}", nonce().unwrap());
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        let _abstract = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
+        for target in [
+            format!("{:?}", socket_path.to_str().unwrap()),
+            format!("'\\0{name}'"),
+        ] {
+            let e = s
+                .run(&format!(
+                    "import socket\ns = socket.socket(socket.AF_UNIX)\ns.settimeout(1)\ns.connect({target})"
+                ))
+                .await
+                .unwrap();
+            assert_eq!(e.verdict, Verdict::Failed, "reached unix socket {target}");
+        }
     }
 
     #[tokio::test]
@@ -546,6 +819,7 @@ mod tests {
             Some(Path::new("/nonexistent/python3")),
             Limits::default(),
             1,
+            Isolation::Namespaces,
         )
         .await
         .err()
@@ -555,5 +829,44 @@ mod tests {
                 && err.to_string().contains("install Python 3"),
             "{err}"
         );
+    }
+
+    /// `.ci/run` runs as root; the sandbox must hold for an unprivileged user too. As root, this
+    /// runs this module's tests again as `nobody` (setpriv), from a copy of this test binary that
+    /// `nobody` can read. Under CI a missing setpriv fails.
+    #[test]
+    fn the_sandbox_tests_also_pass_without_root() {
+        if !is_root() {
+            return; // this run is the unprivileged one
+        }
+        let Some(setpriv) = find_on_path("setpriv") else {
+            assert!(
+                std::env::var("CI").is_err(),
+                "setpriv (util-linux) is needed to run the sandbox tests as nobody"
+            );
+            eprintln!("skipped: setpriv not found, the sandbox tests did not run as nobody");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("tests");
+        std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let out = std::process::Command::new(setpriv)
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(&exe)
+            .args(["sandbox::tests::", "--test-threads=2"])
+            .current_dir(dir.path())
+            .env("HOME", dir.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "as nobody:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Every test of this module ran (this one returns at once when not root).
+        assert!(stdout.contains("test result: ok. 9 passed"), "{stdout}");
     }
 }

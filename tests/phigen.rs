@@ -1731,3 +1731,113 @@ async fn serve_answers_the_openai_api() {
     child.kill().unwrap();
     let _ = child.wait();
 }
+
+/// The sandbox attacks of issue 23 through `phigen eval humaneval`, as root and as `nobody`
+/// (setpriv; CI runs as root): each hostile sample is *correct* only if its attack works — it
+/// reads the API key from another process's environment, reads a file outside, or reaches a
+/// loopback listener — so any leak shows up as a pass. Samples that exit 0 before `check` runs
+/// fail, as in the reference harness. Without bubblewrap on PATH the command refuses, naming the
+/// package and `--unsafe-sandbox`; with that flag it runs and summary.json records it.
+#[test]
+fn eval_sandbox_attacks_fail_as_root_and_as_nobody() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let problems = tmp.path().join("problems.jsonl");
+    let row = serde_json::json!({"task_id": "X/0", "prompt": "def inc(x):\n", "canonical_solution": "    return x + 1\n", "test": "def check(f):\n    assert f(1) == 2\n", "entry_point": "inc"});
+    std::fs::write(&problems, row.to_string() + "\n").unwrap();
+    let secret_file = tmp.path().join("id_rsa");
+    std::fs::write(&secret_file, "PRIVATE").unwrap();
+    std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let key = "sk-phigen-sandbox-test-4f1c";
+    let if_leaks = |cond: &str| {
+        format!(
+            "    import os, glob, socket\n    leaked = {cond}\n    return x + 1 if leaked else x\n"
+        )
+    };
+    let completions = [
+        "    return x + 1\n".to_string(),
+        "    return x\nimport sys; sys.exit(0)\n".into(),
+        "    return x\nimport os; os._exit(0)\n".into(),
+        if_leaks(&format!("any(b'{key}' in open(p, 'rb').read() for p in glob.glob('/proc/*/environ') if os.access(p, os.R_OK))")),
+        if_leaks(&format!("os.path.exists({:?})", secret_file.to_str().unwrap())),
+        if_leaks(&format!("socket.socket().connect_ex(('127.0.0.1', {port})) == 0")),
+    ];
+    let samples = tmp.path().join("samples.jsonl");
+    let body: String = completions
+        .iter()
+        .map(|c| serde_json::json!({"task_id": "X/0", "completion": c}).to_string() + "\n")
+        .collect();
+    std::fs::write(&samples, body).unwrap();
+    let setpriv = ["--reuid=65534", "--regid=65534", "--clear-groups", "--"];
+    // `nobody` cannot reach the build directory (under root's home): run a copy.
+    let bin = tmp.path().join("phigen");
+    std::fs::copy(BIN, &bin).unwrap();
+    let as_root = unsafe { libc::geteuid() } == 0;
+    for (i, nobody) in [false, true].into_iter().enumerate() {
+        if nobody && !as_root {
+            continue; // already unprivileged
+        }
+        let out = tmp.path().join(format!("eval-{i}"));
+        let mut c = Command::new(if nobody { "setpriv" } else { BIN });
+        if nobody {
+            c.args(setpriv).arg(&bin);
+            std::fs::create_dir(&out).unwrap();
+            std::os::unix::fs::chown(&out, Some(65534), Some(65534)).unwrap();
+        }
+        let o = c
+            .args(["--quiet", "eval", "humaneval"])
+            .args(["--problems", problems.to_str().unwrap()])
+            .args(["--samples", samples.to_str().unwrap()])
+            .args(["--out", out.to_str().unwrap()])
+            .env("OPENAI_API_KEY", key)
+            .current_dir(tmp.path())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "nobody={nobody}: {}", stderr(&o));
+        let results: Vec<serde_json::Value> = std::fs::read_to_string(out.join("results.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let passed: Vec<bool> = results.iter().map(|r| r["passed"] == true).collect();
+        assert_eq!(
+            passed,
+            [true, false, false, false, false, false],
+            "nobody={nobody}: {results:#?}"
+        );
+        let summary: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+        assert_eq!(summary["sandbox_isolation"], "namespaces");
+    }
+    // No bubblewrap: a refusal that says what to do, and nothing is run.
+    let bare = tmp.path().join("bare-path");
+    std::fs::create_dir(&bare).unwrap();
+    let eval_without_bwrap = |extra: &[&str]| {
+        Command::new(BIN)
+            .args(["--quiet", "eval", "humaneval"])
+            .args(["--problems", problems.to_str().unwrap()])
+            .args(["--samples", samples.to_str().unwrap()])
+            .args(["--out", tmp.path().join("eval-bare").to_str().unwrap()])
+            .args(extra)
+            .env("PATH", &bare)
+            .output()
+            .unwrap()
+    };
+    let o = eval_without_bwrap(&[]);
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("apt-get install bubblewrap") && err.contains("--unsafe-sandbox"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("eval-bare/results.jsonl").exists());
+    let o = eval_without_bwrap(&["--unsafe-sandbox"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("eval-bare/summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["sandbox_isolation"], "unsafe");
+}

@@ -14,7 +14,7 @@ use crate::eval::code::{self, GenerateSettings, HUMANEVAL_STOPS};
 use crate::model::checkpoint;
 use crate::model::sample::SamplingParams;
 use crate::model::tokenizer::Tokenizer;
-use crate::sandbox::{Limits, Sandbox};
+use crate::sandbox::{Isolation, Limits, Sandbox};
 
 #[derive(Debug, Subcommand)]
 pub enum EvalCommand {
@@ -123,6 +123,11 @@ pub struct CodeEvalArgs {
     /// Python interpreter [default: python3 on PATH, then /usr/bin/python3].
     #[arg(long)]
     pub python: Option<PathBuf>,
+    /// Run programs without the bubblewrap namespaces, as the calling user (they can read your
+    /// files and reach the network). Only for completions you would run yourself; recorded in
+    /// summary.json.
+    #[arg(long)]
+    pub unsafe_sandbox: bool,
 }
 
 /// The sampler of a model under evaluation: temperature 0 is greedy, top-p 1 is off.
@@ -210,8 +215,15 @@ pub async fn eval(cmd: &EvalCommand, quiet: bool) -> anyhow::Result<Outcome> {
         memory_bytes: args.memory_mb << 20,
         ..Limits::default()
     };
-    let sandbox =
-        Arc::new(Sandbox::new(args.python.as_deref(), limits, args.workers.max(1)).await?);
+    let sandbox = Arc::new(
+        Sandbox::new(
+            args.python.as_deref(),
+            limits,
+            args.workers.max(1),
+            Isolation::requested(args.unsafe_sandbox),
+        )
+        .await?,
+    );
     let b = bar(quiet, samples.len(), "executing");
     let started = Instant::now();
     let outcomes = code::execute(&problems, &samples, sandbox.clone(), |n| {
@@ -223,13 +235,14 @@ pub async fn eval(cmd: &EvalCommand, quiet: bool) -> anyhow::Result<Outcome> {
         EvalCommand::Mbpp(_) => "mbpp",
         _ => "humaneval",
     };
-    let summary = code::summarize(
+    let mut summary = code::summarize(
         benchmark,
         &problems,
         &outcomes,
         &args.k,
         started.elapsed().as_secs_f64(),
     );
+    summary.sandbox_isolation = Some(sandbox.isolation());
     code::write_results(&args.out, &outcomes, &summary)?;
     if !quiet {
         let scores: Vec<String> = summary

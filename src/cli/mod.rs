@@ -226,6 +226,10 @@ pub struct ExercisesArgs {
     /// Programs run in the sandbox at once.
     #[arg(long, default_value_t = 2)]
     pub sandbox_workers: usize,
+    /// Run exercises without the bubblewrap namespaces, as the calling user (they can read your
+    /// files and reach the network). Only where you trust the teacher's code; stats.json records it.
+    #[arg(long)]
+    pub unsafe_sandbox: bool,
     /// Wall-clock seconds a program may run (the HumanEval harness uses 3).
     #[arg(long, default_value_t = 3.0)]
     pub exec_timeout: f64,
@@ -397,8 +401,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 cpu_secs: args.exec_timeout.ceil().max(1.0) as u64,
                 ..Limits::default()
             };
-            let sandbox =
-                Arc::new(Sandbox::new(args.python.as_deref(), limits, args.sandbox_workers).await?);
+            let sandbox = Arc::new(
+                Sandbox::new(
+                    args.python.as_deref(),
+                    limits,
+                    args.sandbox_workers,
+                    crate::sandbox::Isolation::requested(args.unsafe_sandbox),
+                )
+                .await?,
+            );
             tracing::info!(python = %sandbox.python().display(), isolation = ?sandbox.isolation(), "sandbox ready");
             let corpus = Arc::new(Exercises::new(template, topics, verbs, objects, sandbox));
             run_corpus(

@@ -303,6 +303,10 @@ pub struct Summary {
     /// `pass@k` for each requested k no larger than the fewest samples of a problem.
     pub pass_at_k: BTreeMap<String, f64>,
     pub execution_seconds: f64,
+    /// How the programs were confined (`unsafe` under `--unsafe-sandbox`); absent in summaries
+    /// written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox_isolation: Option<crate::sandbox::Isolation>,
 }
 
 /// pass@k averaged over the problems that have samples.
@@ -341,6 +345,7 @@ pub fn summarize(
         timed_out: outcomes.iter().filter(|o| o.result == "timed out").count(),
         pass_at_k: pass,
         execution_seconds: seconds,
+        sandbox_isolation: None,
     }
 }
 
@@ -365,7 +370,7 @@ pub fn samples_path(out: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sandbox::Limits;
+    use crate::sandbox::{Isolation, Limits};
 
     /// Three problems in the HumanEval format, written for this test.
     fn problems() -> Vec<Problem> {
@@ -413,7 +418,9 @@ mod tests {
 
     /// Canonical solutions pass, wrong ones fail, and hostile completions — an endless loop, a fork
     /// bomb, a huge allocation, deleting a file outside the sandbox, opening a socket — are
-    /// contained and reported as failures; the file survives.
+    /// contained and reported as failures; the file survives. Wrong completions that exit with
+    /// status 0 before `check` runs (the attack that scored 3/3 as passed) fail, as in the
+    /// reference harness.
     #[tokio::test(flavor = "multi_thread")]
     async fn verdicts_and_containment() {
         let p = problems();
@@ -428,6 +435,9 @@ mod tests {
             sample("T/1", "    x = ' ' * (10 ** 11)\n    return x\n"),
             sample("T/2", &format!("    import os\n    os.remove({canary_path:?})\n    return 120\n")),
             sample("T/1", "    import socket\n    socket.create_connection(('1.1.1.1', 53), timeout=1)\n    return s[::-1]\n"),
+            sample("T/0", "    return a - b\nimport sys; sys.exit(0)\n"),
+            sample("T/1", "    return s\nimport os; os._exit(0)\n"),
+            sample("T/2", "    return 0\nraise SystemExit(0)\n"),
         ]);
         let sandbox = Arc::new(
             Sandbox::new(
@@ -437,11 +447,11 @@ mod tests {
                     ..Limits::default()
                 },
                 2,
+                Isolation::Namespaces,
             )
             .await
             .unwrap(),
         );
-        let isolation = sandbox.isolation();
         let out = execute(&p, &samples, sandbox, |_| {}).await.unwrap();
         let passed: Vec<bool> = out.iter().map(|o| o.passed).collect();
         assert_eq!(&passed[..3], &[true, true, true], "{out:?}");
@@ -452,16 +462,15 @@ mod tests {
         );
         assert!(out[4].result.contains("ValueError"), "{:?}", out[4]);
         assert_eq!(out[5].result, "timed out");
-        for o in &out[6..8] {
+        for o in &out[6..] {
             assert!(!o.passed, "{o:?}");
         }
-        if isolation == crate::sandbox::Isolation::Namespaces {
-            // Root: read-only `/` and no network, so both fail; without root only rlimits apply.
-            assert!(!out[8].passed && !out[9].passed, "{:?}", &out[8..]);
-            assert!(canary.path().exists());
+        assert!(canary.path().exists());
+        for o in &out[10..] {
+            assert!(o.result.contains("before the end"), "{o:?}");
         }
         let s = summarize("humaneval", &p, &out, &[1, 2, 10], 0.0);
-        assert_eq!(s.samples, 10);
+        assert_eq!(s.samples, 13);
         assert!(!s.pass_at_k.contains_key("pass@10"));
     }
 
@@ -535,7 +544,11 @@ mod tests {
         let p = load_problems(&path).unwrap();
         assert_eq!(p.len(), 164);
         let samples: Vec<Sample> = p.iter().map(|p| sample(&p.task_id, &p.canonical)).collect();
-        let sandbox = Arc::new(Sandbox::new(None, Limits::default(), 2).await.unwrap());
+        let sandbox = Arc::new(
+            Sandbox::new(None, Limits::default(), 2, Isolation::Namespaces)
+                .await
+                .unwrap(),
+        );
         let out = execute(&p, &samples, sandbox, |_| {}).await.unwrap();
         let failed: Vec<&Outcome> = out.iter().filter(|o| !o.passed).collect();
         assert!(failed.is_empty(), "{failed:?}");

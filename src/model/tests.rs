@@ -427,3 +427,44 @@ fn bad_checkpoints_are_explained() {
         .to_string();
     assert!(err.contains("config.json") && err.contains("gpt2"), "{err}");
 }
+
+/// Dropout masks come from the seed the trainer sets (not candle's unseeded thread RNG): with
+/// dropout 0.1 at every site, the same seed gives identical logits, another seed other logits,
+/// and inference ignores dropout altogether.
+#[test]
+fn dropout_is_a_function_of_the_seed() {
+    for preset in PRESETS {
+        let (mut cfg, w) = tiny(preset);
+        cfg.embd_pdrop = 0.1;
+        cfg.resid_pdrop = 0.1;
+        cfg.attention_dropout = 0.1;
+        let mut model = Decoder::new(&cfg, &w).unwrap();
+        let x = ids(&(0..12).map(|i| (i * 37 + 5) % 512).collect::<Vec<u32>>());
+        let eval = model.forward(&x, None).unwrap();
+        model.set_training(true);
+        let pass = |model: &mut Decoder, seed| {
+            model.set_dropout_seed(seed);
+            model.forward(&x, None).unwrap()
+        };
+        let (a, b, c) = (
+            pass(&mut model, 1),
+            pass(&mut model, 1),
+            pass(&mut model, 2),
+        );
+        assert_eq!(
+            max_abs_diff(&a, &b),
+            0.0,
+            "{preset}: same seed, other masks"
+        );
+        assert!(
+            max_abs_diff(&a, &c) > 1e-4,
+            "{preset}: the seed changed nothing"
+        );
+        assert!(
+            max_abs_diff(&a, &eval) > 1e-4,
+            "{preset}: dropout did nothing"
+        );
+        model.set_training(false);
+        assert_eq!(max_abs_diff(&model.forward(&x, None).unwrap(), &eval), 0.0);
+    }
+}

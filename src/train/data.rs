@@ -75,7 +75,9 @@ impl Mixture {
         })
     }
 
-    /// `rows` training rows (rows, seq_len + 1) for one micro-batch.
+    /// `rows` training rows (rows, seq_len + 1) for micro-batch `micro` of `step` in stage
+    /// `stage`: a function of these and the seed alone, so a resumed run reads what an
+    /// uninterrupted one would.
     pub fn train_batch(
         &self,
         seed: u64,
@@ -150,4 +152,13 @@ impl Mixture {
             .map(|c| Tensor::from_vec(c.concat(), (c.len(), n), device))
             .collect()
     }
+}
+
+/// The dropout seed of micro-batch `micro` of `step` in stage `stage`, derived like its rows, so
+/// dropout masks too are the same in two runs and after a resume.
+pub fn dropout_seed(seed: u64, stage: usize, step: usize, micro: usize) -> u64 {
+    let key = blake3::hash(format!("dropout/{seed}/{stage}/{step}/{micro}").as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&key.as_bytes()[..8]);
+    u64::from_le_bytes(first)
 }

@@ -188,12 +188,18 @@ pub fn next_token_loss(model: &Decoder, batch: &Tensor) -> candle_core::Result<T
     loss::linear_cross_entropy(&hidden.reshape((b * (t - 1), ()))?, weight, bias, &targets)
 }
 
+/// One micro-batch of token ids (B, T+1) and the seed of its dropout masks.
+pub struct MicroBatch {
+    pub ids: Tensor,
+    pub dropout_seed: u64,
+}
+
 /// One optimizer step over micro-batches (gradients averaged): returns the mean loss and the
 /// gradient norm before clipping.
 pub fn train_step(
     cfg: &PhiConfig,
     opt: &mut AdamW,
-    batches: &[Tensor],
+    batches: &[MicroBatch],
     grad_clip: f64,
     hyper: Hyper,
     dtype: DType,
@@ -204,7 +210,8 @@ pub fn train_step(
     let mut grads: HashMap<String, Tensor> = HashMap::new();
     let mut loss_sum = 0.0;
     for batch in batches {
-        let loss = next_token_loss(&model, batch)?;
+        model.set_dropout_seed(batch.dropout_seed);
+        let loss = next_token_loss(&model, &batch.ids)?;
         loss_sum += loss.to_scalar::<f32>()? as f64;
         let store = (loss / batches.len() as f64)?.backward()?;
         for slot in &opt.slots {
@@ -589,14 +596,17 @@ pub fn run(opts: &TrainOptions, mut on_event: impl FnMut(Event)) -> Result<Outco
             let lr = recipe::learning_rate(stage, step);
             let batches = (0..s.grad_accum)
                 .map(|micro| {
-                    mixture.train_batch(
-                        recipe.raw.seed,
-                        index,
-                        step,
-                        micro,
-                        s.micro_batch,
-                        &opts.device,
-                    )
+                    Ok(MicroBatch {
+                        ids: mixture.train_batch(
+                            recipe.raw.seed,
+                            index,
+                            step,
+                            micro,
+                            s.micro_batch,
+                            &opts.device,
+                        )?,
+                        dropout_seed: data::dropout_seed(recipe.raw.seed, index, step, micro),
+                    })
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
             let hyper = Hyper {
