@@ -1732,9 +1732,10 @@ async fn serve_answers_the_openai_api() {
     let _ = child.wait();
 }
 
-/// `phigen ARGS` with no teacher settings from the environment.
-fn phigen(args: &[&str]) -> Output {
+/// `phigen ARGS` run in `cwd`, with no teacher settings from the environment.
+fn phigen(cwd: &Path, args: &[&str]) -> Output {
     Command::new(BIN)
+        .current_dir(cwd)
         .args(args)
         .env_remove("OPENAI_API_KEY")
         .env_remove("OPENAI_BASE_URL")
@@ -1750,6 +1751,8 @@ fn phigen(args: &[&str]) -> Output {
 /// expected; the ranges are the ones the flags document in `src/cli`.
 #[test]
 fn numeric_flags_out_of_range_are_usage_errors() {
+    // Relative paths below land here, should a check be missing and a command start work.
+    let dir = tempfile::tempdir().unwrap();
     let gen = |flag_args: &[&'static str]| {
         let mut a = vec![
             "stories",
@@ -2042,7 +2045,7 @@ fn numeric_flags_out_of_range_are_usage_errors() {
         ),
     ];
     for (args, flag, value, expected) in cases {
-        let o = phigen(&args);
+        let o = phigen(dir.path(), &args);
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
         assert!(
@@ -2178,15 +2181,18 @@ fn bad_recipe_values_and_stage_names_stop_before_training() {
             "`stage.0.micro_batch` must be at most",
         ),
     ] {
-        let o = phigen(&[
-            "train",
-            "--recipe",
-            recipe.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--set",
-            set,
-        ]);
+        let o = phigen(
+            dir.path(),
+            &[
+                "train",
+                "--recipe",
+                recipe.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--set",
+                set,
+            ],
+        );
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(1), "{set}: {err}");
         assert!(
