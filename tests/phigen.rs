@@ -1733,7 +1733,7 @@ async fn serve_answers_the_openai_api() {
 }
 
 /// `phigen ARGS` run in `cwd`, with no teacher settings from the environment.
-fn phigen(cwd: &Path, args: &[&str]) -> Output {
+fn phigen_in(cwd: &Path, args: &[&str]) -> Output {
     Command::new(BIN)
         .current_dir(cwd)
         .args(args)
@@ -1753,7 +1753,7 @@ fn phigen(cwd: &Path, args: &[&str]) -> Output {
 fn numeric_flags_out_of_range_are_usage_errors() {
     // Relative paths below land here, should a check be missing and a command start work.
     let dir = tempfile::tempdir().unwrap();
-    let gen = |flag_args: &[&'static str]| {
+    let stories = |flag_args: &[&'static str]| {
         let mut a = vec![
             "stories",
             "--base-url",
@@ -1766,91 +1766,91 @@ fn numeric_flags_out_of_range_are_usage_errors() {
     };
     let cases: Vec<(Vec<&str>, &str, &str, &str)> = vec![
         (
-            gen(&["--price-input", "nan", "--price-output", "1"]),
+            stories(&["--price-input", "nan", "--price-output", "1"]),
             "--price-input",
             "nan",
             "must be a finite number in [0, 1000000]",
         ),
         (
-            gen(&["--price-input=-1", "--price-output", "1"]),
+            stories(&["--price-input=-1", "--price-output", "1"]),
             "--price-input",
             "-1",
             "must be a finite number in [0, 1000000]",
         ),
         (
-            gen(&["--price-input", "1", "--price-output", "inf"]),
+            stories(&["--price-input", "1", "--price-output", "inf"]),
             "--price-output",
             "inf",
             "must be a finite number in [0, 1000000]",
         ),
         (
-            gen(&["--max-cost", "nan"]),
+            stories(&["--max-cost", "nan"]),
             "--max-cost",
             "nan",
             "must be a finite number >= 0",
         ),
         (
-            gen(&["--max-cost=-5"]),
+            stories(&["--max-cost=-5"]),
             "--max-cost",
             "-5",
             "must be a finite number >= 0",
         ),
         (
-            gen(&["--timeout", "1e20"]),
+            stories(&["--timeout", "1e20"]),
             "--timeout",
             "1e20",
             "must be a finite number in (0, 86400]",
         ),
         (
-            gen(&["--timeout", "inf"]),
+            stories(&["--timeout", "inf"]),
             "--timeout",
             "inf",
             "must be a finite number in (0, 86400]",
         ),
         (
-            gen(&["--timeout", "0"]),
+            stories(&["--timeout", "0"]),
             "--timeout",
             "0",
             "must be a finite number in (0, 86400]",
         ),
         (
-            gen(&["--temperature", "nan"]),
+            stories(&["--temperature", "nan"]),
             "--temperature",
             "nan",
             "must be a finite number in [0, 10]",
         ),
         (
-            gen(&["--top-p", "0"]),
+            stories(&["--top-p", "0"]),
             "--top-p",
             "0",
             "must be a finite number in (0, 1]",
         ),
         (
-            gen(&["--retries", "4294967295"]),
+            stories(&["--retries", "4294967295"]),
             "--retries",
             "4294967295",
             "must be an integer in [0, 100]",
         ),
         (
-            gen(&["--concurrency", "0"]),
+            stories(&["--concurrency", "0"]),
             "--concurrency",
             "0",
             "must be an integer in [1, 10000]",
         ),
         (
-            gen(&["--n", "0"]),
+            stories(&["--n", "0"]),
             "--n",
             "0",
             "must be an integer in [1, 100000000]",
         ),
         (
-            gen(&["--n", "18446744073709551615"]),
+            stories(&["--n", "18446744073709551615"]),
             "--n",
             "18446744073709551615",
             "must be an integer in [1, 100000000]",
         ),
         (
-            gen(&["--shard-size", "0"]),
+            stories(&["--shard-size", "0"]),
             "--shard-size",
             "0",
             "must be an integer in [1, 10000000]",
@@ -2045,7 +2045,7 @@ fn numeric_flags_out_of_range_are_usage_errors() {
         ),
     ];
     for (args, flag, value, expected) in cases {
-        let o = phigen(dir.path(), &args);
+        let o = phigen_in(dir.path(), &args);
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
         assert!(
@@ -2181,7 +2181,7 @@ fn bad_recipe_values_and_stage_names_stop_before_training() {
             "`stage.0.micro_batch` must be at most",
         ),
     ] {
-        let o = phigen(
+        let o = phigen_in(
             dir.path(),
             &[
                 "train",

@@ -314,6 +314,9 @@ fn credential_spans(text: &str) -> Vec<(usize, usize)> {
         }
     }
     for (at, _) in lower.match_indices("bearer") {
+        if at > 0 && b[at - 1].is_ascii_alphanumeric() {
+            continue; // the end of a longer word
+        }
         let start = skip(at + "bearer".len(), &|c| c == b' ' || c == b'\t');
         if start == at + "bearer".len() {
             continue; // `bearer` as a word inside other text, not a scheme before a token
@@ -328,7 +331,7 @@ fn credential_spans(text: &str) -> Vec<(usize, usize)> {
             if at > 0 && is_key_byte(b[at - 1]) {
                 continue; // inside a longer word, e.g. `task_`
             }
-            let end = skip(at + prefix.len(), &|c| is_key_byte(c));
+            let end = skip(at + prefix.len(), &is_key_byte);
             if end - at - prefix.len() >= 8 {
                 spans.push((at, end));
             }
@@ -507,6 +510,7 @@ mod tests {
         for text in [
             "unknown model `gpt-5`: see sk-learn, the Authorization header and task_sk-1",
             "Bearer",
+            "a forbearer of errors",
             "http://127.0.0.1:8000/v1 said 404 — ünïcode stays",
         ] {
             assert_eq!(redact(text, None), text);
