@@ -190,6 +190,55 @@ mod tests {
         assert_eq!(temperature(" 0.7 "), Ok(0.7));
     }
 
+    /// A default outside its own flag's range would only fail when the flag is left out: every
+    /// subcommand parses with nothing but its required arguments.
+    #[test]
+    fn every_default_is_in_its_range() {
+        use clap::Parser;
+        for args in [
+            &["stories"][..],
+            &["textbooks", "--topics", "t"],
+            &["exercises"],
+            &["serve", "--checkpoint", "c"],
+            &["sample", "--checkpoint", "c", "--prompt", "p"],
+            &["tokenize", "--input", "i", "--out", "o"],
+            &["shards", "inspect", "d"],
+            &["shards", "decode", "d"],
+            &["train", "--recipe", "r"],
+            &["dedup", "--input", "i", "--out", "o"],
+            &[
+                "decontaminate",
+                "--input",
+                "i",
+                "--out",
+                "o",
+                "--bench",
+                "b",
+            ],
+            &["annotate", "--input", "i"],
+            &["classify", "train", "--labels", "l", "--input", "i"],
+            &["classify", "embed", "--input", "i", "--out", "o"],
+            &["filter", "--input", "i"],
+            &[
+                "eval",
+                "humaneval",
+                "--problems",
+                "p",
+                "--samples",
+                "s",
+                "--out",
+                "o",
+            ],
+            &["eval", "loss", "--checkpoint", "c", "--shards", "s"],
+            &["eval", "stories", "--checkpoint", "c", "--out", "o"],
+        ] {
+            let argv = std::iter::once("phigen").chain(args.iter().copied());
+            if let Err(e) = crate::cli::Cli::try_parse_from(argv) {
+                panic!("{args:?}: {e}");
+            }
+        }
+    }
+
     #[test]
     fn integers_are_in_range() {
         let retries = int_in(0u32, 100);
