@@ -1841,3 +1841,474 @@ fn eval_sandbox_attacks_fail_as_root_and_as_nobody() {
             .unwrap();
     assert_eq!(summary["sandbox_isolation"], "unsafe");
 }
+
+/// `phigen ARGS` run in `cwd`, with no teacher settings from the environment.
+fn phigen_in(cwd: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .current_dir(cwd)
+        .args(args)
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("OPENAI_BASE_URL")
+        .env_remove("PHIGEN_MODEL")
+        .env_remove("PHIGEN_TEACHER")
+        .output()
+        .unwrap()
+}
+
+/// Issue 23's attack on the binary: each of these values was accepted (and bypassed the budget,
+/// wrote an unusable manifest, trained nothing) or crashed it. Each must now be a usage error
+/// (clap's exit code 2) before any work, naming the flag, the value found and the range
+/// expected; the ranges are the ones the flags document in `src/cli`.
+#[test]
+fn numeric_flags_out_of_range_are_usage_errors() {
+    // Relative paths below land here, should a check be missing and a command start work.
+    let dir = tempfile::tempdir().unwrap();
+    let stories = |flag_args: &[&'static str]| {
+        let mut a = vec![
+            "stories",
+            "--base-url",
+            "http://127.0.0.1:9/v1",
+            "--model",
+            "m",
+        ];
+        a.extend_from_slice(flag_args);
+        a
+    };
+    let cases: Vec<(Vec<&str>, &str, &str, &str)> = vec![
+        (
+            stories(&["--price-input", "nan", "--price-output", "1"]),
+            "--price-input",
+            "nan",
+            "must be a finite number in [0, 1000000]",
+        ),
+        (
+            stories(&["--price-input=-1", "--price-output", "1"]),
+            "--price-input",
+            "-1",
+            "must be a finite number in [0, 1000000]",
+        ),
+        (
+            stories(&["--price-input", "1", "--price-output", "inf"]),
+            "--price-output",
+            "inf",
+            "must be a finite number in [0, 1000000]",
+        ),
+        (
+            stories(&["--max-cost", "nan"]),
+            "--max-cost",
+            "nan",
+            "must be a finite number >= 0",
+        ),
+        (
+            stories(&["--max-cost=-5"]),
+            "--max-cost",
+            "-5",
+            "must be a finite number >= 0",
+        ),
+        (
+            stories(&["--timeout", "1e20"]),
+            "--timeout",
+            "1e20",
+            "must be a finite number in (0, 86400]",
+        ),
+        (
+            stories(&["--timeout", "inf"]),
+            "--timeout",
+            "inf",
+            "must be a finite number in (0, 86400]",
+        ),
+        (
+            stories(&["--timeout", "0"]),
+            "--timeout",
+            "0",
+            "must be a finite number in (0, 86400]",
+        ),
+        (
+            stories(&["--temperature", "nan"]),
+            "--temperature",
+            "nan",
+            "must be a finite number in [0, 10]",
+        ),
+        (
+            stories(&["--top-p", "0"]),
+            "--top-p",
+            "0",
+            "must be a finite number in (0, 1]",
+        ),
+        (
+            stories(&["--retries", "4294967295"]),
+            "--retries",
+            "4294967295",
+            "must be an integer in [0, 100]",
+        ),
+        (
+            stories(&["--concurrency", "0"]),
+            "--concurrency",
+            "0",
+            "must be an integer in [1, 10000]",
+        ),
+        (
+            stories(&["--n", "0"]),
+            "--n",
+            "0",
+            "must be an integer in [1, 100000000]",
+        ),
+        (
+            stories(&["--n", "18446744073709551615"]),
+            "--n",
+            "18446744073709551615",
+            "must be an integer in [1, 100000000]",
+        ),
+        (
+            stories(&["--shard-size", "0"]),
+            "--shard-size",
+            "0",
+            "must be an integer in [1, 10000000]",
+        ),
+        (
+            vec!["exercises", "--exec-timeout", "inf"],
+            "--exec-timeout",
+            "inf",
+            "must be a finite number in (0, 86400]",
+        ),
+        (
+            vec!["exercises", "--exec-timeout", "1e20"],
+            "--exec-timeout",
+            "1e20",
+            "must be a finite number in (0, 86400]",
+        ),
+        (
+            vec!["shards", "decode", "tok", "--len", "18446744073709551615"],
+            "--len",
+            "18446744073709551615",
+            "must be an integer in [1, 16777216]",
+        ),
+        (
+            vec![
+                "eval",
+                "humaneval",
+                "--problems",
+                "p.jsonl",
+                "--samples",
+                "s.jsonl",
+                "--out",
+                "o",
+                "--memory-mb",
+                "0",
+            ],
+            "--memory-mb",
+            "0",
+            "must be an integer in [64, 1048576]",
+        ),
+        (
+            vec![
+                "eval",
+                "humaneval",
+                "--problems",
+                "p.jsonl",
+                "--samples",
+                "s.jsonl",
+                "--out",
+                "o",
+                "--timeout",
+                "inf",
+            ],
+            "--timeout",
+            "inf",
+            "must be a finite number in (0, 86400]",
+        ),
+        (
+            vec![
+                "eval",
+                "humaneval",
+                "--problems",
+                "p.jsonl",
+                "--samples",
+                "s.jsonl",
+                "--out",
+                "o",
+                "--k",
+                "1,0",
+            ],
+            "--k",
+            "0",
+            "must be an integer in [1, 100000]",
+        ),
+        (
+            vec!["dedup", "--input", "in", "--out", "o", "--char-ngrams", "0"],
+            "--char-ngrams",
+            "0",
+            "must be an integer in [3, 10000]",
+        ),
+        (
+            vec![
+                "dedup",
+                "--input",
+                "in",
+                "--out",
+                "o",
+                "--verify-jaccard",
+                "nan",
+            ],
+            "--verify-jaccard",
+            "nan",
+            "must be a finite number in [0, 1]",
+        ),
+        (
+            vec![
+                "decontaminate",
+                "--input",
+                "in",
+                "--out",
+                "o",
+                "--bench",
+                "b",
+                "--identifier-share",
+                "0",
+            ],
+            "--identifier-share",
+            "0",
+            "must be a finite number in (0, 1]",
+        ),
+        (
+            vec![
+                "classify", "train", "--labels", "l", "--input", "in", "--trees", "0",
+            ],
+            "--trees",
+            "0",
+            "must be an integer in [1, 100000]",
+        ),
+        (
+            vec![
+                "classify",
+                "train",
+                "--labels",
+                "l",
+                "--input",
+                "in",
+                "--holdout",
+                "1",
+            ],
+            "--holdout",
+            "1",
+            "must be a finite number in [0, 1)",
+        ),
+        (
+            vec!["filter", "--input", "in", "--threshold", "nan"],
+            "--threshold",
+            "nan",
+            "must be a finite number in [0, 1]",
+        ),
+        (
+            vec![
+                "sample",
+                "--checkpoint",
+                "c",
+                "--prompt",
+                "p",
+                "--top-p",
+                "nan",
+            ],
+            "--top-p",
+            "nan",
+            "must be a finite number in (0, 1]",
+        ),
+        (
+            vec![
+                "sample",
+                "--checkpoint",
+                "c",
+                "--prompt",
+                "p",
+                "--repetition-penalty",
+                "0",
+            ],
+            "--repetition-penalty",
+            "0",
+            "must be a finite number in (0, 10]",
+        ),
+        (
+            vec![
+                "tokenize",
+                "--input",
+                "in",
+                "--out",
+                "o",
+                "--val-fraction",
+                "1",
+            ],
+            "--val-fraction",
+            "1",
+            "must be a finite number in [0, 1)",
+        ),
+        (
+            vec!["train", "--recipe", "r.toml", "--peak-tflops", "0"],
+            "--peak-tflops",
+            "0",
+            "must be a finite number > 0",
+        ),
+        (
+            vec!["train", "--recipe", "r.toml", "--max-steps", "0"],
+            "--max-steps",
+            "0",
+            "must be an integer >= 1",
+        ),
+    ];
+    for (args, flag, value, expected) in cases {
+        let o = phigen_in(dir.path(), &args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!("invalid value '{value}' for '{flag} <"))
+                && err.contains(expected),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+/// A server whose 400 answer echoes the request headers, as some proxies and debug servers do:
+/// raw in a JSON string and as a JSON object. Answers every connection on `listener` until the
+/// test ends.
+fn echo_headers_with_400(listener: std::net::TcpListener) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let (mut head, mut headers, mut length) = (String::new(), serde_json::Map::new(), 0);
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some((name, value)) = line.trim_end().split_once(": ") {
+                    if name.eq_ignore_ascii_case("content-length") {
+                        length = value.parse().unwrap();
+                    }
+                    headers.insert(name.to_string(), value.into());
+                }
+                head.push_str(&line);
+            }
+            let mut body = vec![0; length];
+            let _ = reader.read_exact(&mut body);
+            let answer = serde_json::json!({
+                "error": {"message": "invalid request", "type": "invalid_request_error"},
+                "request": head,
+                "headers": headers,
+            })
+            .to_string();
+            let _ = write!(
+                stream,
+                "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                answer.len()
+            );
+        }
+    });
+}
+
+/// Issue 23: a 4xx body that echoes the request put `Bearer sk-…` into `rejects.parquet`. With
+/// a real loopback server echoing every header, the stored errors, the debug log and every file
+/// of the output keep the failure (HTTP 400, the server's message) but neither the key nor the
+/// bearer token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_4xx_body_echoing_the_key_is_redacted_in_rejects_and_logs() {
+    const KEY: &str = "sk-test-secret-4567";
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    echo_headers_with_400(listener);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("s");
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "-v",
+        "stories",
+        "--base-url",
+        &url,
+        "--model",
+        "m",
+        "--n",
+        "3",
+    ])
+    .args(["--out", out.to_str().unwrap(), "--concurrency", "1"])
+    .args(["--api-key-env", "PHIGEN_TEST_ECHO_KEY"])
+    .env("PHIGEN_TEST_ECHO_KEY", KEY)
+    .env_remove("OPENAI_API_KEY")
+    .env_remove("OPENAI_BASE_URL");
+    let o = run(cmd).await;
+    let log = format!("{}{}", String::from_utf8_lossy(&o.stdout), stderr(&o));
+    // 4: incomplete, every request was rejected (a 400 is not retried, nor fatal).
+    assert_eq!(o.status.code(), Some(4), "{log}");
+    let leaked = |text: &str| text.contains("secret-4567") || text.contains("Bearer sk-");
+    assert!(
+        log.contains("HTTP 400") && log.contains("[redacted]"),
+        "{log}"
+    );
+    assert!(!leaked(&log), "the key leaked into the log: {log}");
+    let path = out.join("rejects.parquet");
+    let df = table::read_columns(&path, &["reason", "detail"]).unwrap();
+    let details = table::text_column(&df, &path, "detail").unwrap();
+    assert_eq!(details.len(), 3, "one failed request per record");
+    for detail in details.iter().flatten() {
+        assert!(
+            detail.contains("HTTP 400") && detail.contains("invalid request"),
+            "{detail}"
+        );
+        assert!(
+            !leaked(detail),
+            "the key leaked into rejects.parquet: {detail}"
+        );
+    }
+    for entry in std::fs::read_dir(&out).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        assert!(!leaked(&String::from_utf8_lossy(&bytes)));
+    }
+}
+
+/// Issue 23: recipe values and stage names are checked when the recipe is read, before anything
+/// is written: `lr = inf` (trained NaN) and a stage named `../../x` (checkpoints outside --out)
+/// are errors naming the file and the key, and nothing appears outside --out.
+#[test]
+fn bad_recipe_values_and_stage_names_stop_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/tinystories-tiny.toml"),
+    )
+    .unwrap();
+    let recipe = dir.path().join("r.toml");
+    std::fs::write(&recipe, &shipped).unwrap();
+    let out = dir.path().join("a/b/run");
+    for (set, key) in [
+        (
+            "stage.0.lr=inf",
+            "`stage.0.lr` must be a finite number > 0, found inf",
+        ),
+        (
+            "stage.0.name=\"../../x\"",
+            "`stage.0.name` `../../x` is not a plain name",
+        ),
+        (
+            "stage.0.micro_batch=4611686018427387904",
+            "`stage.0.micro_batch` must be at most",
+        ),
+    ] {
+        let o = phigen_in(
+            dir.path(),
+            &[
+                "train",
+                "--recipe",
+                recipe.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--set",
+                set,
+            ],
+        );
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{set}: {err}");
+        assert!(
+            err.contains(&format!("{}: {key}", recipe.display())),
+            "{set}: {err}"
+        );
+    }
+    assert!(!dir.path().join("x").exists() && !dir.path().join("a").exists());
+}

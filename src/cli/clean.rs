@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use super::numbers::{self, f64_in, int_in};
 use super::Outcome;
 use crate::dedup::decontaminate::{self, DecontaminateOptions, Mode};
 use crate::dedup::minhash::{Normalize, Params, Shingles};
@@ -20,16 +21,16 @@ pub struct DedupArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Words per shingle.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = int_in(1usize, 1000))]
     pub shingle: usize,
-    /// Shingles of this many bytes (of the whitespace-collapsed text) instead of words: for code.
-    #[arg(long, conflicts_with = "shingle")]
+    /// Shingles of this many bytes (of the whitespace-collapsed text) instead of words: for code. At least 3: shorter byte strings are shared by almost any two texts, so nearly everything would look like a near duplicate.
+    #[arg(long, conflicts_with = "shingle", value_parser = int_in(3usize, 10_000))]
     pub char_ngrams: Option<usize>,
     /// LSH bands; documents are candidates when all rows of one band agree.
-    #[arg(long, default_value_t = 14)]
+    #[arg(long, default_value_t = 14, value_parser = int_in(1usize, 1024))]
     pub bands: usize,
     /// MinHash values per band (bands × rows permutations in all).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = int_in(1usize, 1024))]
     pub rows: usize,
     /// Seed of the permutations.
     #[arg(long, default_value_t = 1)]
@@ -37,8 +38,8 @@ pub struct DedupArgs {
     /// Normalisation before the exact-duplicate hash: whitespace, case (comma-separated), or none.
     #[arg(long, default_value = "whitespace,case")]
     pub exact_normalize: String,
-    /// Join candidates only when their exact shingle-set Jaccard reaches this (re-reads the inputs).
-    #[arg(long)]
+    /// Join candidates only when their exact shingle-set Jaccard reaches this, 0 to 1 (re-reads the inputs).
+    #[arg(long, value_parser = f64_in(numbers::UNIT))]
     pub verify_jaccard: Option<f64>,
     /// An LSH index directory: documents duplicating its documents are removed too, and the kept ones are added to it.
     #[arg(long)]
@@ -60,13 +61,13 @@ pub struct DecontaminateArgs {
     #[arg(long = "bench", required = true)]
     pub benchmarks: Vec<PathBuf>,
     /// Tokens per n-gram (phi-1 used 13).
-    #[arg(long, default_value_t = 13)]
+    #[arg(long, default_value_t = 13, value_parser = int_in(1usize, 1000))]
     pub ngram: usize,
     /// Tokens per n-gram of the renamed-identifier check (0 turns the check off).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = int_in(0usize, 1000))]
     pub identifier_ngram: usize,
-    /// Share of a solution's identifier-placeholder n-grams a document must contain to be a hit.
-    #[arg(long, default_value_t = 0.8)]
+    /// Share of a solution's identifier-placeholder n-grams a document must contain to be a hit: above 0 (else every document is one), at most 1.
+    #[arg(long, default_value_t = 0.8, value_parser = f64_in(numbers::above(0.0, 1.0)))]
     pub identifier_share: f64,
     /// drop: leave contaminated documents out; flag: keep them and only report.
     #[arg(long, value_enum, default_value = "drop")]

@@ -9,6 +9,7 @@ use candle_core::Device;
 use clap::{Args, Subcommand};
 use indicatif::ProgressBar;
 
+use super::numbers::{self, f64_in, int_in};
 use super::Outcome;
 use crate::eval::code::{self, GenerateSettings, HUMANEVAL_STOPS};
 use crate::model::checkpoint;
@@ -42,13 +43,13 @@ pub struct StoriesArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Tokens the model writes after each beginning.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = int_in(1usize, 1 << 20))]
     pub max_new_tokens: usize,
-    /// The model's sampling temperature (0: greedy).
-    #[arg(long, default_value_t = 0.8)]
+    /// The model's sampling temperature, 0 (greedy) to 10.
+    #[arg(long, default_value_t = 0.8, value_parser = f64_in(numbers::TEMPERATURE))]
     pub gen_temperature: f64,
-    /// The model's nucleus top-p.
-    #[arg(long, default_value_t = 0.95)]
+    /// The model's nucleus top-p, above 0 and at most 1 (1 = off).
+    #[arg(long, default_value_t = 0.95, value_parser = f64_in(numbers::TOP_P))]
     pub gen_top_p: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -64,12 +65,13 @@ pub struct LossArgs {
     #[arg(long)]
     pub shards: PathBuf,
     /// Tokens of context per row.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = int_in(1usize, 1 << 20))]
     pub seq_len: usize,
     /// Batches of --rows rows (fewer if the split is smaller).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = int_in(1usize, 1 << 20))]
     pub batches: usize,
-    #[arg(long, default_value_t = 8)]
+    /// Rows per batch.
+    #[arg(long, default_value_t = 8, value_parser = int_in(1usize, 1 << 16))]
     pub rows: usize,
     /// Also write the report here (JSON).
     #[arg(long)]
@@ -91,34 +93,34 @@ pub struct CodeEvalArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Completions per problem.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = int_in(1usize, 100_000))]
     pub samples_per_task: usize,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    /// Sampling temperature, 0 (greedy) to 10.
+    #[arg(long, default_value_t = 0.0, value_parser = f64_in(numbers::TEMPERATURE))]
     pub temperature: f64,
-    /// Nucleus sampling top-p.
-    #[arg(long, default_value_t = 0.95)]
+    /// Nucleus sampling top-p, above 0 and at most 1 (1 = off).
+    #[arg(long, default_value_t = 0.95, value_parser = f64_in(numbers::TOP_P))]
     pub top_p: f64,
     /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Token limit of a completion.
-    #[arg(long, default_value_t = 384)]
+    #[arg(long, default_value_t = 384, value_parser = int_in(1usize, 1 << 20))]
     pub max_new_tokens: usize,
     /// Completions decoded at once.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = int_in(1usize, 1 << 16))]
     pub batch: usize,
     /// pass@k reported for each k (those up to --samples-per-task).
-    #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
+    #[arg(long, value_delimiter = ',', default_value = "1,10,100", value_parser = int_in(1usize, 100_000))]
     pub k: Vec<usize>,
     /// Programs run at once.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = int_in(1usize, 1024))]
     pub workers: usize,
-    /// Wall-clock seconds per program (the reference harness uses 3).
-    #[arg(long, default_value_t = 3.0)]
+    /// Wall-clock seconds per program (the reference harness uses 3); at most a day.
+    #[arg(long, default_value_t = 3.0, value_parser = f64_in(numbers::SECONDS))]
     pub timeout: f64,
-    /// Address-space limit per program, MiB.
-    #[arg(long, default_value_t = 1024)]
+    /// Address-space limit per program, MiB: at least 64 (below that not even the Python interpreter starts), at most 1048576 (1 TiB).
+    #[arg(long, default_value_t = 1024, value_parser = int_in(64u64, 1 << 20))]
     pub memory_mb: u64,
     /// Python interpreter [default: python3 on PATH, then /usr/bin/python3].
     #[arg(long)]

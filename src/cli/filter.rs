@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 
+use super::numbers::{self, f32_in, f64_in, int_at_least, int_in};
 use super::{run_corpus, Outcome, OutputArgs, TeacherArgs};
 use crate::classify::annotate::{self, Annotate};
 use crate::classify::embed::EmbedderSpec;
@@ -24,7 +25,7 @@ pub struct InputArgs {
     #[arg(long, default_value = "py", value_delimiter = ',')]
     pub ext: Vec<String>,
     /// Files larger than this many bytes are skipped (counted as oversized).
-    #[arg(long, default_value_t = 1 << 20)]
+    #[arg(long, default_value_t = 1 << 20, value_parser = int_at_least(1u64))]
     pub max_bytes: u64,
 }
 
@@ -41,19 +42,19 @@ impl InputArgs {
 #[derive(Debug, Clone, Args)]
 pub struct SampleArgs {
     /// Files the teacher rates (a deterministic sample; a larger N later extends it).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = int_in(1usize, 100_000_000))]
     pub sample: usize,
     /// Seed of the sample.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Characters of each file the teacher sees (its head).
-    #[arg(long, default_value_t = 6000)]
+    #[arg(long, default_value_t = 6000, value_parser = int_at_least(1usize))]
     pub max_chars: usize,
     /// Prompt template file [default: the built-in prompts/educational-value.txt].
     #[arg(long)]
     pub prompt: Option<PathBuf>,
     /// Attempts per file before its rating is given up (unparseable answers are asked again).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = int_in(1u32, 1000))]
     pub max_attempts: u32,
 }
 
@@ -86,7 +87,7 @@ pub struct ModelArgs {
     #[arg(long, value_enum, default_value = "hashed")]
     pub embedder: EmbedderKind,
     /// Hash buckets of the hashed embedder (n-gram features; 22 statistics are added).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = int_in(1usize, 1 << 20))]
     pub buckets: usize,
     /// Checkpoint directory of the LM embedder (any model `phigen sample` loads).
     #[arg(long, required_if_eq("embedder", "lm"))]
@@ -95,25 +96,25 @@ pub struct ModelArgs {
     #[arg(long, default_value = "sentence-transformers/all-MiniLM-L6-v2")]
     pub bert_model: String,
     /// Tokens of each file the LM or encoder embeds (its head; at most what the encoder was trained for).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = int_in(1usize, 1 << 20))]
     pub embed_tokens: usize,
     /// Files the LM or encoder embeds per forward pass.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = int_in(1usize, 1 << 16))]
     pub embed_batch: usize,
     /// Where LM embeddings are cached by content hash.
     #[arg(long, default_value = "data/cache/embeddings")]
     pub embed_cache: PathBuf,
     /// Trees in the forest.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = int_in(1usize, 100_000))]
     pub trees: usize,
     /// Deepest tree level [default: unlimited].
-    #[arg(long)]
+    #[arg(long, value_parser = int_in(1usize, 1000))]
     pub max_depth: Option<usize>,
     /// Features tried at each split [default 0: √features].
     #[arg(long, default_value_t = 0)]
     pub max_features: usize,
     /// Fewest files in a leaf.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = int_at_least(1usize))]
     pub min_samples_leaf: usize,
     /// Do not reweight classes to equal total weight.
     #[arg(long)]
@@ -124,14 +125,14 @@ pub struct ModelArgs {
     /// Seed of the bootstrap samples and feature choices.
     #[arg(long, default_value_t = 0)]
     pub forest_seed: u64,
-    /// Share of labeled files held out for metrics.
-    #[arg(long, default_value_t = 0.2)]
+    /// Share of labeled files held out for metrics: at least 0, below 1 (something must be left to train on).
+    #[arg(long, default_value_t = 0.2, value_parser = f64_in(numbers::below(0.0, 1.0)))]
     pub holdout: f64,
     /// Ratings (0-5) at or above this are positive.
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(long, default_value_t = 3.0, value_parser = f64_in(numbers::closed(0.0, 5.0)))]
     pub positive_at: f64,
-    /// Score at or above which a file is kept (stored in the model; the sweep in metrics.json helps choose).
-    #[arg(long, default_value_t = 0.5)]
+    /// Score (0 to 1) at or above which a file is kept (stored in the model; the sweep in metrics.json helps choose).
+    #[arg(long, default_value_t = 0.5, value_parser = f32_in(numbers::UNIT))]
     pub keep_at: f32,
 }
 
@@ -232,14 +233,14 @@ pub struct FilterArgs {
     /// Output directory: scored/ (every row with score, kept, skip), kept/ (kept rows, content as `text`), stats.json.
     #[arg(long, default_value = "data/filtered")]
     pub out: PathBuf,
-    /// Keep files scoring at or above this [default: the classifier's].
-    #[arg(long)]
+    /// Keep files scoring at or above this, 0 to 1 [default: the classifier's].
+    #[arg(long, value_parser = f32_in(numbers::UNIT))]
     pub threshold: Option<f32>,
     /// Only score parts K, K+N, … (0-based), e.g. a Slurm array task; stats.json covers every part finished so far.
     #[arg(long)]
     pub shard: Option<Slice>,
     /// Files embedded and scored at once.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = int_in(1usize, 1 << 20))]
     pub batch: usize,
     #[command(flatten)]
     pub sample: SampleArgs,

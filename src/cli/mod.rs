@@ -12,11 +12,14 @@ mod clean;
 mod eval;
 mod filter;
 mod model;
+mod numbers;
 mod train;
 
 use anyhow::{bail, Context};
 use clap::{ArgAction, Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use numbers::{f32_in, f64_in, int_in};
 
 use crate::generate::engine::{
     self, DryRun, GenerateError, GenerateOptions, RunState, Stats, StopReason,
@@ -111,35 +114,35 @@ pub struct TeacherArgs {
     /// Environment variable that holds the API key (the key is never written to logs or outputs). Local servers need none.
     #[arg(long, default_value = "OPENAI_API_KEY")]
     pub api_key_env: String,
-    /// Sampling temperature.
-    #[arg(long, default_value_t = 1.0)]
+    /// Sampling temperature, 0 to 10.
+    #[arg(long, default_value_t = 1.0, value_parser = f32_in(numbers::TEMPERATURE))]
     pub temperature: f32,
-    /// Nucleus sampling top-p.
-    #[arg(long, default_value_t = 1.0)]
+    /// Nucleus sampling top-p, above 0 and at most 1.
+    #[arg(long, default_value_t = 1.0, value_parser = f32_in(numbers::TOP_P))]
     pub top_p: f32,
     /// Output token limit per answer [default: the corpus's, e.g. 1024 for stories].
-    #[arg(long)]
+    #[arg(long, value_parser = int_in(1u32, 10_000_000))]
     pub max_tokens: Option<u32>,
     /// Which request field carries the limit: auto = max_completion_tokens for api.openai.com, max_tokens elsewhere.
     #[arg(long, value_enum, default_value = "auto")]
     pub max_tokens_field: MaxTokensField,
-    /// Seconds before one request is abandoned (and retried).
-    #[arg(long, default_value_t = 120.0)]
+    /// Seconds before one request is abandoned (and retried); at most a day.
+    #[arg(long, default_value_t = 120.0, value_parser = f64_in(numbers::SECONDS))]
     pub timeout: f64,
     /// Requests in flight at most (for a local teacher: sequences generated together); the pool shrinks by itself when the server answers 429/503.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = int_in(1usize, 10_000))]
     pub concurrency: usize,
-    /// Retries of one request after 429, 5xx, timeouts, dropped connections or malformed bodies.
-    #[arg(long, default_value_t = 7)]
+    /// Retries of one request after 429, 5xx, timeouts, dropped connections or malformed bodies (at most 100).
+    #[arg(long, default_value_t = 7, value_parser = int_in(0u32, 100))]
     pub retries: u32,
     /// USD per 1M input tokens [default: the list price of known models, see the README].
-    #[arg(long, requires = "price_output")]
+    #[arg(long, requires = "price_output", value_parser = f64_in(numbers::PRICE))]
     pub price_input: Option<f64>,
     /// USD per 1M output tokens [default: the list price of known models].
-    #[arg(long, requires = "price_input")]
+    #[arg(long, requires = "price_input", value_parser = f64_in(numbers::PRICE))]
     pub price_output: Option<f64>,
     /// Stop cleanly before this run's spend in USD would exceed this (requests in flight included).
-    #[arg(long)]
+    #[arg(long, value_parser = f64_in(numbers::NON_NEGATIVE))]
     pub max_cost: Option<f64>,
     /// Print how many prompts would be sent, their tokens and cost, and send nothing.
     #[arg(long)]
@@ -149,17 +152,17 @@ pub struct TeacherArgs {
 /// Where the records go and how many; shared by every generating command.
 #[derive(Debug, Clone, Args)]
 pub struct OutputArgs {
-    /// Good records wanted in the output directory (records already there count; a larger N adds only the missing ones).
-    #[arg(long, default_value_t = 100)]
+    /// Good records wanted in the output directory (records already there count; a larger N adds only the missing ones). At most 100,000,000 (a run holds its slots in memory).
+    #[arg(long, default_value_t = 100, value_parser = int_in(1u64, 100_000_000))]
     pub n: u64,
     /// Seed of the constraint sampler; the same seed gives the same prompts.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Attempts per record before giving up on it (each dropped answer costs one).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = int_in(1u32, 1000))]
     pub max_attempts: u32,
     /// Records per Parquet shard.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = int_in(1usize, 10_000_000))]
     pub shard_size: usize,
 }
 
@@ -175,7 +178,7 @@ pub struct StoriesArgs {
     #[arg(long)]
     pub prompt: Option<PathBuf>,
     /// At most this many story features per prompt (a random subset of 0..=N).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = int_in(0usize, 1000))]
     pub max_features: usize,
     /// Drop stories that do not use all three required words (default: keep them and record it).
     #[arg(long)]
@@ -224,14 +227,14 @@ pub struct ExercisesArgs {
     #[arg(long)]
     pub python: Option<PathBuf>,
     /// Programs run in the sandbox at once.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = int_in(1usize, 1024))]
     pub sandbox_workers: usize,
     /// Run exercises without the bubblewrap namespaces, as the calling user (they can read your
     /// files and reach the network). Only where you trust the teacher's code; stats.json records it.
     #[arg(long)]
     pub unsafe_sandbox: bool,
-    /// Wall-clock seconds a program may run (the HumanEval harness uses 3).
-    #[arg(long, default_value_t = 3.0)]
+    /// Wall-clock seconds a program may run (the HumanEval harness uses 3); at most a day.
+    #[arg(long, default_value_t = 3.0, value_parser = f64_in(numbers::SECONDS))]
     pub exec_timeout: f64,
     /// Output directory.
     #[arg(long, default_value = "data/exercises")]
@@ -266,7 +269,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub name: Option<String>,
     /// Sequences generated together (requests waiting beyond this queue up).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = int_in(1usize, 10_000))]
     pub batch: usize,
     /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]

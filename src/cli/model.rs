@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
 
+use super::numbers::{self, f64_in, int_in};
 use crate::model::checkpoint;
 use crate::model::config::{PhiConfig, PRESETS};
 use crate::model::sample::{generate, Finish, SamplingParams, TextStream};
@@ -47,19 +48,19 @@ pub struct SampleArgs {
     #[arg(long, value_delimiter = ',')]
     pub prompt_ids: Option<Vec<u32>>,
     /// Most tokens generated per prompt.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = int_in(1usize, 1 << 20))]
     pub max_new_tokens: usize,
-    /// Sampling temperature (0 is greedy).
-    #[arg(long, default_value_t = 0.8)]
+    /// Sampling temperature, 0 (greedy) to 10.
+    #[arg(long, default_value_t = 0.8, value_parser = f64_in(numbers::TEMPERATURE))]
     pub temperature: f64,
     /// Keep only the K most likely tokens [default: all].
-    #[arg(long)]
+    #[arg(long, value_parser = int_in(1usize, 1 << 24))]
     pub top_k: Option<usize>,
-    /// Keep the most likely tokens up to this probability mass (1 = off).
-    #[arg(long, default_value_t = 0.95)]
+    /// Keep the most likely tokens up to this probability mass, above 0 (1 = off).
+    #[arg(long, default_value_t = 0.95, value_parser = f64_in(numbers::TOP_P))]
     pub top_p: f64,
-    /// Penalise tokens already in the text (1 = off; 1.1–1.3 is typical).
-    #[arg(long, default_value_t = 1.0)]
+    /// Penalise tokens already in the text (1 = off; 1.1–1.3 is typical; above 0, at most 10).
+    #[arg(long, default_value_t = 1.0, value_parser = f64_in(numbers::above(0.0, 10.0)))]
     pub repetition_penalty: f64,
     /// Seed of the sampler: the same seed gives the same text.
     #[arg(long, default_value_t = 0)]

@@ -12,6 +12,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::model::DTypeArg;
+use super::numbers::{self, f64_in, int_at_least, int_in};
 use super::Outcome;
 use crate::model::tokenizer::Encoding;
 use crate::tokenize::{self, Split, TokenDir, TokenizeOptions};
@@ -29,11 +30,11 @@ pub struct TokenizeArgs {
     /// tiktoken encoding.
     #[arg(long, value_enum, default_value = "gpt2")]
     pub tokenizer: Encoding,
-    /// Share of documents (by hash of their id) held out for validation.
-    #[arg(long, default_value_t = 0.01)]
+    /// Share of documents (by hash of their id) held out for validation: at least 0, below 1 (something must be left to train on).
+    #[arg(long, default_value_t = 0.01, value_parser = f64_in(numbers::below(0.0, 1.0)))]
     pub val_fraction: f64,
     /// Tokens per shard file before a new one is started.
-    #[arg(long, default_value_t = 100_000_000)]
+    #[arg(long, default_value_t = 100_000_000, value_parser = int_in(1u64, 1 << 40))]
     pub shard_tokens: u64,
     /// Replace shards made from other inputs or settings.
     #[arg(long)]
@@ -47,7 +48,7 @@ pub enum ShardsCommand {
         /// A `phigen tokenize` output directory.
         dir: PathBuf,
         /// How many of the most frequent tokens to list.
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value_t = 20, value_parser = int_in(0usize, 1 << 24))]
         top: usize,
     },
     /// Print the text of a token range of one split.
@@ -58,8 +59,8 @@ pub enum ShardsCommand {
         /// First token (counted across the split's shards).
         #[arg(long, default_value_t = 0)]
         offset: usize,
-        /// Number of tokens.
-        #[arg(long, default_value_t = 256)]
+        /// Number of tokens (at most 16,777,216; decode a longer range in pieces).
+        #[arg(long, default_value_t = 256, value_parser = int_in(1usize, 1 << 24))]
         len: usize,
     },
 }
@@ -118,10 +119,10 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DTypeArg,
     /// Peak TFLOP/s of the device in the compute dtype, for the MFU column (e.g. 989 for an H100 in bf16).
-    #[arg(long)]
+    #[arg(long, value_parser = f64_in(numbers::above(0.0, f64::INFINITY)))]
     pub peak_tflops: Option<f64>,
     /// Stop with a checkpoint after this many steps in this invocation (`--resume` goes on).
-    #[arg(long)]
+    #[arg(long, value_parser = int_at_least(1usize))]
     pub max_steps: Option<usize>,
 }
 

@@ -141,7 +141,7 @@ impl OpenAiTeacher {
         match status {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
                 Exchange::Fatal(TeacherError::Auth {
-                    url: self.settings.base_url.clone(),
+                    url: self.redact(&self.settings.base_url),
                     status: status.as_u16(),
                     key_var: self.settings.api_key_env.clone(),
                     hint: if self.key.is_none() {
@@ -167,10 +167,11 @@ impl OpenAiTeacher {
                 }
             }
             s => {
-                let body = response.text().await.unwrap_or_default();
+                // Redacted before it is cut: a cut could split a key and leave its head readable.
+                let body = self.redact(&response.text().await.unwrap_or_default());
                 let body: String = body.chars().take(500).collect();
                 Exchange::Fatal(TeacherError::Rejected {
-                    url: self.url.to_string(),
+                    url: self.redact(self.url.as_str()),
                     status: s.as_u16(),
                     body,
                 })
@@ -191,9 +192,15 @@ impl OpenAiTeacher {
             "connection failed"
         };
         Exchange::Retry {
-            reason: format!("{kind}: {e}"),
+            reason: self.redact(&format!("{kind}: {e}")),
             overload: None,
         }
+    }
+
+    /// What the server (or the transport) said, fit to keep: every error string this backend
+    /// makes passes here before it reaches a log, an error or `rejects.parquet`.
+    fn redact(&self, text: &str) -> String {
+        redact(text, self.key.as_ref().map(|k| k.0.as_str()))
     }
 
     fn parse_answer(&self, bytes: &[u8]) -> Exchange {
@@ -234,6 +241,112 @@ impl OpenAiTeacher {
             attempts: 0,
         })
     }
+}
+
+/// What replaces a credential in stored and logged text.
+pub const REDACTED: &str = "[redacted]";
+
+/// `text` with anything that looks like a credential replaced by [`REDACTED`]: the value of
+/// `key` (the configured API key) wherever it appears, the value of an `Authorization` header
+/// (`Authorization: Bearer …`, `"authorization": "…"`), the token after `Bearer`, keys shaped like
+/// `sk-…` / `sk_…` / `hf_…` / `gsk_…` / `xai-…`, and the user and password of a URL
+/// (`https://user:pass@host`). A server that echoes the request in a 4xx body would otherwise put
+/// the key into `rejects.parquet` and the logs.
+pub fn redact(text: &str, key: Option<&str>) -> String {
+    // Shorter "keys" are placeholders local servers ignore (`x`, `none`); replacing them would
+    // garble every message without hiding anything.
+    let text = match key.map(str::trim) {
+        Some(k) if k.len() >= 4 => text.replace(k, REDACTED),
+        _ => text.to_string(),
+    };
+    let mut spans = credential_spans(&text);
+    if spans.is_empty() {
+        return text;
+    }
+    spans.sort_unstable();
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    let mut spans = spans.into_iter().peekable();
+    while let Some((start, mut end)) = spans.next() {
+        // Overlapping spans (`Authorization: Bearer sk-…` matches three ways) become one.
+        while let Some((_, e)) = spans.next_if(|&(s, _)| s <= end) {
+            end = end.max(e);
+        }
+        out.push_str(&text[at..start]);
+        out.push_str(REDACTED);
+        at = end;
+    }
+    out.push_str(&text[at..]);
+    out
+}
+
+/// Prefixes of API keys in common use; a key is the prefix and at least 8 more key characters.
+const KEY_PREFIXES: &[&str] = &["sk-", "sk_", "hf_", "gsk_", "xai-"];
+
+/// Byte ranges of `text` to hide. Every range starts and ends at an ASCII byte or at the end of
+/// `text`, so each is a valid `str` range.
+fn credential_spans(text: &str) -> Vec<(usize, usize)> {
+    let lower = text.to_ascii_lowercase();
+    let b = lower.as_bytes();
+    let is_key_byte = |c: u8| c.is_ascii_alphanumeric() || c == b'-' || c == b'_';
+    // Where a header value or a token ends: quotes, escapes and separators of JSON, Python reprs
+    // and header lists, or the end of the line.
+    let ends_value = |c: u8| matches!(c, b'"' | b'\'' | b'\\' | b',' | b';' | b'}' | b'\r' | b'\n');
+    let skip = |mut i: usize, what: &dyn Fn(u8) -> bool| {
+        while i < b.len() && what(b[i]) {
+            i += 1;
+        }
+        i
+    };
+    let mut spans = Vec::new();
+    let quote_or_space = |c: u8| matches!(c, b'"' | b'\'' | b' ' | b'\t');
+    for (at, _) in lower.match_indices("authorization") {
+        // A header (`Authorization: …`, `"authorization": "…"`, `('authorization', '…')`), not
+        // the word in a sentence.
+        let sep = skip(at + "authorization".len(), &quote_or_space);
+        if !matches!(b.get(sep), Some(b':' | b'=' | b',')) {
+            continue;
+        }
+        let start = skip(sep + 1, &quote_or_space);
+        let end = skip(start, &|c| !ends_value(c));
+        if end > start {
+            spans.push((start, end));
+        }
+    }
+    for (at, _) in lower.match_indices("bearer") {
+        if at > 0 && b[at - 1].is_ascii_alphanumeric() {
+            continue; // the end of a longer word
+        }
+        let start = skip(at + "bearer".len(), &|c| c == b' ' || c == b'\t');
+        if start == at + "bearer".len() {
+            continue; // `bearer` as a word inside other text, not a scheme before a token
+        }
+        let end = skip(start, &|c| !ends_value(c) && !c.is_ascii_whitespace());
+        if end > start {
+            spans.push((start, end));
+        }
+    }
+    for prefix in KEY_PREFIXES {
+        for (at, _) in lower.match_indices(prefix) {
+            if at > 0 && is_key_byte(b[at - 1]) {
+                continue; // inside a longer word, e.g. `task_`
+            }
+            let end = skip(at + prefix.len(), &is_key_byte);
+            if end - at - prefix.len() >= 8 {
+                spans.push((at, end));
+            }
+        }
+    }
+    for (at, _) in lower.match_indices("://") {
+        let start = at + 3;
+        let end = skip(start, &|c| {
+            !matches!(c, b'/' | b'@' | b'"' | b'\'') && !c.is_ascii_whitespace()
+        });
+        if b.get(end) == Some(&b'@') && end > start {
+            spans.push((start, end));
+        }
+    }
+    spans
 }
 
 /// The request body after `messages`, e.g. `"model":"gpt-4o-mini","max_tokens":800,…}`.
@@ -347,6 +460,67 @@ mod tests {
             let raw: serde_json::Value = serde_json::from_str(&body).unwrap();
             assert_eq!(raw[key], 321, "{body}");
         }
+    }
+
+    /// Bodies as servers echo a request back (raw headers, JSON, a Python repr), with the key
+    /// `sk-proj-abcdef123456`: none keeps the key, the token after `Bearer`, or a URL password;
+    /// the words around them stay readable.
+    #[test]
+    fn credentials_are_redacted_from_server_text() {
+        let key = "sk-proj-abcdef123456";
+        for (text, expected) in [
+            (
+                "Authorization: Bearer sk-proj-abcdef123456\r\nHost: x",
+                "Authorization: [redacted]\r\nHost: x",
+            ),
+            (
+                r#"{"error":"bad model","headers":{"authorization":"Bearer sk-proj-abcdef123456","accept":"*/*"}}"#,
+                r#"{"error":"bad model","headers":{"authorization":"[redacted]","accept":"*/*"}}"#,
+            ),
+            (
+                "[('authorization', 'tok-1234'), ('host', 'x')]",
+                "[('authorization', '[redacted]'), ('host', 'x')]",
+            ),
+            (
+                "invalid token: Bearer abc.def-ghi",
+                "invalid token: Bearer [redacted]",
+            ),
+            (
+                "key sk-proj-abcdef123456 is revoked",
+                "key [redacted] is revoked",
+            ),
+            (
+                "other key sk-otherkey0000000 is revoked",
+                "other key [redacted] is revoked",
+            ),
+            (
+                "hf_abcdefghijklmnop and gsk_ABCDEFGH12",
+                "[redacted] and [redacted]",
+            ),
+            (
+                "error sending request for url (http://user:pa55@127.0.0.1:9/v1)",
+                "error sending request for url (http://[redacted]@127.0.0.1:9/v1)",
+            ),
+            // The raw key wherever it appears, even without a recognisable shape around it.
+            ("x=sk-proj-abcdef123456=y", "x=[redacted]=y"),
+        ] {
+            assert_eq!(redact(text, Some(key)), expected, "{text}");
+        }
+        // Ordinary text is left alone: words that only resemble the patterns, and no key set.
+        for text in [
+            "unknown model `gpt-5`: see sk-learn, the Authorization header and task_sk-1",
+            "Bearer",
+            "a forbearer of errors",
+            "http://127.0.0.1:8000/v1 said 404 — ünïcode stays",
+        ] {
+            assert_eq!(redact(text, None), text);
+        }
+        // A configured key without a known shape is still hidden; a placeholder is not.
+        assert_eq!(
+            redact("echo: my-own-key-42", Some("my-own-key-42")),
+            "echo: [redacted]"
+        );
+        assert_eq!(redact("a b", Some("a")), "a b");
     }
 
     #[test]

@@ -98,13 +98,18 @@ impl Ledger {
     }
 
     /// Sets aside the worst-case cost of a request, or `None` when it would break the budget.
+    ///
+    /// With a budget, the check fails closed: a cost or a limit that is NaN or negative (prices
+    /// the CLI refuses, but a library caller could pass) stops the run instead of letting every
+    /// request through, as a plain `>` comparison with NaN would.
     pub fn reserve(&self, prompt_tokens: u64, max_completion_tokens: u64) -> Option<Reservation> {
         let amount = self
             .price
             .map_or(0.0, |p| p.cost(prompt_tokens, max_completion_tokens));
         let mut s = self.lock();
         if let Some(max) = self.max_cost {
-            if s.spent + s.reserved + amount > max {
+            let within = amount >= 0.0 && s.spent + s.reserved + amount <= max;
+            if !within {
                 return None;
             }
         }
@@ -179,5 +184,29 @@ mod tests {
         let s = ledger.snapshot();
         assert!((s.spent - 0.11).abs() < 1e-12 && s.reserved.abs() < 1e-12);
         assert_eq!((s.prompt_tokens, s.completion_tokens), (100_000, 10_000));
+    }
+
+    /// Issue 23: `--price-input nan`, negative prices and `--max-cost nan` let every request
+    /// through a `>` check. The ledger itself refuses them once a budget is set.
+    #[test]
+    fn nan_or_negative_numbers_never_pass_the_budget() {
+        let price = |input_per_m| Price {
+            input_per_m,
+            output_per_m: 1.0,
+        };
+        for (p, max) in [
+            (price(f64::NAN), 100.0),
+            (price(-1.0), 100.0),
+            (price(1.0), f64::NAN),
+            (price(f64::INFINITY), 100.0),
+        ] {
+            let ledger = Ledger::new(Some(p), Some(max));
+            // 1000 prompt tokens and 10 of output: negative with the negative input price.
+            assert!(ledger.reserve(1000, 10).is_none(), "{p:?} with max {max}");
+        }
+        // Without a budget there is nothing to protect: requests go through.
+        assert!(Ledger::new(Some(price(f64::NAN)), None)
+            .reserve(1000, 1000)
+            .is_some());
     }
 }

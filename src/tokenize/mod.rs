@@ -354,8 +354,13 @@ impl TokenDir {
         }
     }
 
-    /// Tokens `offset .. offset + len` of a split, read across shard boundaries.
+    /// Tokens `offset .. offset + len` of a split, read across shard boundaries (fewer when the
+    /// split ends first).
     pub fn read(&self, split: Split, mut offset: usize, len: usize) -> Vec<u32> {
+        // At most what the split holds: a huge `len` must not reserve memory for tokens that do
+        // not exist (a capacity overflow aborts).
+        let available: usize = self.shards(split).iter().map(|s| s.tokens).sum();
+        let len = len.min(available.saturating_sub(offset));
         let mut out = Vec::with_capacity(len);
         for shard in self.shards(split) {
             if out.len() == len {
@@ -454,6 +459,13 @@ mod tests {
             let n = meta.splits[&split].tokens as usize;
             assert_eq!(tokens.read(split, 0, n), expected[&split], "{split:?}");
         }
+        // A range past the end comes back short, even one no memory could hold (issue 23:
+        // `shards decode --len 18446744073709551615` aborted on a capacity overflow).
+        let train_tokens = &expected[&Split::Train];
+        assert_eq!(tokens.read(Split::Train, 5, usize::MAX), train_tokens[5..]);
+        assert!(tokens
+            .read(Split::Train, train_tokens.len() + 1, usize::MAX)
+            .is_empty());
         let tail = &expected[&split_of(&format!("{}:0", input.join("b.txt").display()), 0.3)];
         assert!(tail.windows(3).any(|w| w == [15496, 995, 50256]));
         // Same inputs again with --force: byte-identical shards.

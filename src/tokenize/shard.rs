@@ -206,7 +206,7 @@ impl Shard {
 
     /// Tokens `start .. start + len` (clamped to the shard).
     pub fn slice(&self, start: usize, len: usize) -> Vec<u32> {
-        let end = (start + len).min(self.tokens);
+        let end = start.saturating_add(len).min(self.tokens);
         let start = start.min(end);
         let w = self.width.bytes();
         let bytes = &self.map[HEADER_BYTES + start * w..HEADER_BYTES + end * w];

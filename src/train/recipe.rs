@@ -203,6 +203,52 @@ pub struct Recipe {
     pub stages: Vec<Stage>,
 }
 
+/// Longest context a recipe may give a model (`max_position_embeddings`): 16M positions.
+const MAX_CONTEXT: usize = 1 << 24;
+/// Largest vocabulary: 16M tokens (the largest in use have about 256k).
+const MAX_VOCAB: usize = 1 << 24;
+/// Largest `micro_batch`, `grad_accum` and `eval_batches`: 1M each.
+const MAX_BATCH: usize = 1 << 20;
+
+/// Why `name` cannot name a directory: it must be one plain path component (letters, digits,
+/// `.`, `_`, `-`, not starting with `.`), so that what is written under it stays inside the run
+/// directory.
+fn plain_name(name: &str) -> Result<(), String> {
+    let why = if name.is_empty() {
+        "it is empty"
+    } else if name.starts_with('.') {
+        "it starts with `.`"
+    } else if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        "use only letters, digits, `.`, `_` and `-`"
+    } else {
+        return Ok(());
+    };
+    Err(format!("is not a plain name ({why})"))
+}
+
+/// `value` must be finite and satisfy `ok`, which `expected` describes for the error.
+fn check_float(value: f64, ok: impl Fn(f64) -> bool, expected: &str) -> Result<(), String> {
+    if value.is_finite() && ok(value) {
+        Ok(())
+    } else {
+        Err(format!("must be a finite number {expected}, found {value}"))
+    }
+}
+
+/// `value` must be a count in `[min, max]`.
+fn check_count(value: usize, min: usize, max: usize) -> Result<(), String> {
+    if value < min {
+        Err(format!("must be at least {min}, found {value}"))
+    } else if value > max {
+        Err(format!("must be at most {max}, found {value}"))
+    } else {
+        Ok(())
+    }
+}
+
 /// Sets `key` (dotted, numeric parts index arrays; `stage` is the list of stages) to `value`
 /// (read as a TOML value, else as a string) in `doc`.
 fn apply_set(doc: &mut toml::Table, assignment: &str) -> Result<(), RecipeError> {
@@ -267,6 +313,15 @@ impl Recipe {
             key: key.into(),
             message,
         };
+        if let Err(why) = plain_name(&raw.name) {
+            return Err(invalid(
+                "name",
+                format!(
+                    "`{}` {why}: it names the default run directory runs/NAME; use e.g. `phi-1`",
+                    raw.name
+                ),
+            ));
+        }
         let mut model = match (&raw.model.preset, &raw.model.config) {
             (Some(p), None) => {
                 PhiConfig::preset(p).map_err(|e| invalid("model.preset", e.to_string()))?
@@ -293,6 +348,17 @@ impl Recipe {
         if let Some(v) = raw.model.vocab_size {
             model.vocab_size = v;
         }
+        // The model's sizes decide its tensors' shapes; beyond these no weights fit in memory.
+        for (k, v, max) in [
+            (
+                "model.max_position_embeddings",
+                model.max_position_embeddings,
+                MAX_CONTEXT,
+            ),
+            ("model.vocab_size", model.vocab_size, MAX_VOCAB),
+        ] {
+            check_count(v, 1, max).map_err(|m| invalid(k, m))?;
+        }
         let vocab = crate::tokenize::vocab_size(raw.model.tokenizer);
         if model.vocab_size < vocab {
             return Err(invalid(
@@ -312,6 +378,15 @@ impl Recipe {
         let mut stages = Vec::new();
         for (i, s) in raw.stages.iter().enumerate() {
             let key = |k: &str| format!("stage.{i}.{k}");
+            if let Err(why) = plain_name(&s.name) {
+                return Err(invalid(
+                    &key("name"),
+                    format!(
+                        "`{}` {why}: it names the stage's checkpoint directory inside the run directory; use e.g. `pretrain`",
+                        s.name
+                    ),
+                ));
+            }
             let init = match s.init.split_once(':') {
                 None if s.init == "random" => Init::Random,
                 None if s.init == "previous" && i > 0 => Init::Previous,
@@ -324,20 +399,15 @@ impl Recipe {
                     ))
                 }
             };
-            if s.data.is_empty() || s.data.iter().any(|d| d.weight.is_nan() || d.weight <= 0.0) {
+            if s.data.is_empty() {
                 return Err(invalid(
                     &key("data"),
                     "needs at least one { path, weight > 0 }".into(),
                 ));
             }
-            for (k, v) in [
-                ("seq_len", s.seq_len),
-                ("micro_batch", s.micro_batch),
-                ("grad_accum", s.grad_accum),
-            ] {
-                if v == 0 {
-                    return Err(invalid(&key(k), "must be at least 1".into()));
-                }
+            for (j, d) in s.data.iter().enumerate() {
+                let k = key(&format!("data.{j}.weight"));
+                check_float(d.weight, |w| w > 0.0, "> 0").map_err(|m| invalid(&k, m))?;
             }
             if s.seq_len > model.max_position_embeddings {
                 return Err(invalid(
@@ -348,10 +418,42 @@ impl Recipe {
                     ),
                 ));
             }
-            let per_step = (s.seq_len * s.micro_batch * s.grad_accum) as u64;
+            for (k, v, min, max) in [
+                ("seq_len", s.seq_len, 1, MAX_CONTEXT),
+                ("micro_batch", s.micro_batch, 1, MAX_BATCH),
+                ("grad_accum", s.grad_accum, 1, MAX_BATCH),
+                ("eval_batches", s.eval_batches, 0, MAX_BATCH),
+                ("eval_every", s.eval_every, 1, usize::MAX),
+                ("checkpoint_every", s.checkpoint_every, 1, usize::MAX),
+                ("keep_last", s.keep_last, 1, usize::MAX),
+            ] {
+                check_count(v, min, max).map_err(|m| invalid(&key(k), m))?;
+            }
+            // Checked: a wrapped product could be 0 tokens per step (a division by zero below).
+            let per_step = s
+                .seq_len
+                .checked_mul(s.micro_batch)
+                .and_then(|n| n.checked_mul(s.grad_accum))
+                .ok_or_else(|| {
+                    invalid(
+                        &key("micro_batch"),
+                        format!(
+                            "seq_len {} × micro_batch {} × grad_accum {} tokens per step do not fit in memory",
+                            s.seq_len, s.micro_batch, s.grad_accum
+                        ),
+                    )
+                })?;
             let steps = match (s.steps, s.tokens) {
                 (Some(n), None) => n,
-                (None, Some(t)) => t.div_ceil(per_step) as usize,
+                (None, Some(0)) => {
+                    return Err(invalid(
+                        &key("tokens"),
+                        "must be at least 1, found 0".into(),
+                    ))
+                }
+                (None, Some(t)) => {
+                    usize::try_from(t.div_ceil(per_step as u64)).unwrap_or(usize::MAX)
+                }
                 _ => {
                     return Err(invalid(
                         &key("steps"),
@@ -360,7 +462,14 @@ impl Recipe {
                 }
             };
             if steps == 0 {
-                return Err(invalid(&key("steps"), "must be at least 1".into()));
+                return Err(invalid(&key("steps"), "must be at least 1, found 0".into()));
+            }
+            // Tokens seen are counted in a u64 (metrics, checkpoints): the whole stage must fit.
+            if (steps as u64).checked_mul(per_step as u64).is_none() {
+                return Err(invalid(
+                    &key("steps"),
+                    format!("{steps} steps of {per_step} tokens are more tokens than can be counted (2^64); lower steps or the batch"),
+                ));
             }
             if s.warmup >= steps && s.warmup > 0 {
                 return Err(invalid(
@@ -368,39 +477,23 @@ impl Recipe {
                     format!("{} must be < steps ({steps})", s.warmup),
                 ));
             }
-            if s.lr.is_nan() || s.lr <= 0.0 || s.min_lr < 0.0 || s.min_lr > s.lr {
-                return Err(invalid(
-                    &key("lr"),
-                    format!(
-                        "need 0 <= min_lr ({}) <= lr ({}) and lr > 0",
-                        s.min_lr, s.lr
-                    ),
-                ));
+            check_float(s.lr, |v| v > 0.0, "> 0").map_err(|m| invalid(&key("lr"), m))?;
+            check_float(
+                s.min_lr,
+                |v| (0.0..=s.lr).contains(&v),
+                &format!("in [0, lr = {}]", s.lr),
+            )
+            .map_err(|m| invalid(&key("min_lr"), m))?;
+            for (k, v) in [("beta1", s.beta1), ("beta2", s.beta2)] {
+                check_float(v, |b| (0.0..1.0).contains(&b), "in [0, 1)")
+                    .map_err(|m| invalid(&key(k), m))?;
             }
-            if !(0.0..1.0).contains(&s.beta1)
-                || !(0.0..1.0).contains(&s.beta2)
-                || s.eps.is_nan()
-                || s.eps <= 0.0
-            {
-                return Err(invalid(
-                    &key("beta1"),
-                    "betas must be in [0, 1) and eps > 0".into(),
-                ));
+            check_float(s.eps, |v| v > 0.0, "> 0").map_err(|m| invalid(&key("eps"), m))?;
+            for (k, v) in [("weight_decay", s.weight_decay), ("grad_clip", s.grad_clip)] {
+                check_float(v, |x| x >= 0.0, ">= 0").map_err(|m| invalid(&key(k), m))?;
             }
-            if !(0.0..1.0).contains(&s.dropout) {
-                return Err(invalid(
-                    &key("dropout"),
-                    format!("must be in [0, 1), found {}", s.dropout),
-                ));
-            }
-            for (k, v) in [
-                ("eval_every", s.eval_every),
-                ("checkpoint_every", s.checkpoint_every),
-            ] {
-                if v == 0 {
-                    return Err(invalid(&key(k), "must be at least 1".into()));
-                }
-            }
+            check_float(s.dropout, |v| (0.0..1.0).contains(&v), "in [0, 1)")
+                .map_err(|m| invalid(&key("dropout"), m))?;
             let data = s.data.iter().map(|d| (d.path.clone(), d.weight)).collect();
             stages.push(Stage {
                 raw: s.clone(),
@@ -528,6 +621,154 @@ decay = "cosine"
             .unwrap_err()
             .to_string()
             .contains("KEY=VALUE"));
+    }
+
+    /// Issue 23: values a recipe (or `--set`) can carry that would train NaN, divide by zero,
+    /// overflow or allocate without bound are refused, naming the file, the key and the value.
+    /// Each row is one attack; the expected text is the range `resolve` documents for the key.
+    #[test]
+    fn out_of_range_numbers_name_the_file_key_and_value() {
+        for (set, key, expected) in [
+            (
+                "stage.0.lr=inf",
+                "stage.0.lr",
+                "must be a finite number > 0, found inf",
+            ),
+            ("stage.0.lr=nan", "stage.0.lr", "found NaN"),
+            ("stage.0.lr=-1e-3", "stage.0.lr", "found -0.001"),
+            ("stage.0.lr=0", "stage.0.lr", "found 0"),
+            (
+                "stage.0.min_lr=nan",
+                "stage.0.min_lr",
+                "in [0, lr = 0.001], found NaN",
+            ),
+            ("stage.0.min_lr=-1e-4", "stage.0.min_lr", "found -0.0001"),
+            ("stage.0.min_lr=1", "stage.0.min_lr", "found 1"),
+            ("stage.0.eps=inf", "stage.0.eps", "found inf"),
+            ("stage.0.eps=0", "stage.0.eps", "found 0"),
+            (
+                "stage.0.weight_decay=nan",
+                "stage.0.weight_decay",
+                "found NaN",
+            ),
+            (
+                "stage.0.weight_decay=-0.1",
+                "stage.0.weight_decay",
+                ">= 0, found -0.1",
+            ),
+            ("stage.0.grad_clip=-inf", "stage.0.grad_clip", "found -inf"),
+            ("stage.0.grad_clip=inf", "stage.0.grad_clip", "found inf"),
+            ("stage.0.beta1=nan", "stage.0.beta1", "in [0, 1), found NaN"),
+            ("stage.0.beta2=1", "stage.0.beta2", "found 1"),
+            ("stage.0.dropout=nan", "stage.0.dropout", "found NaN"),
+            ("stage.0.dropout=1", "stage.0.dropout", "found 1"),
+            (
+                "stage.0.data.0.weight=inf",
+                "stage.0.data.0.weight",
+                "found inf",
+            ),
+            (
+                "stage.0.data.0.weight=0",
+                "stage.0.data.0.weight",
+                "> 0, found 0",
+            ),
+            (
+                "stage.0.micro_batch=0",
+                "stage.0.micro_batch",
+                "at least 1, found 0",
+            ),
+            (
+                "stage.0.micro_batch=4611686018427387904",
+                "stage.0.micro_batch",
+                "at most 1048576, found 4611686018427387904",
+            ),
+            (
+                "stage.0.grad_accum=9223372036854775807",
+                "stage.0.grad_accum",
+                "at most 1048576",
+            ),
+            ("stage.0.seq_len=0", "stage.0.seq_len", "found 0"),
+            ("stage.0.eval_every=0", "stage.0.eval_every", "found 0"),
+            (
+                "stage.0.checkpoint_every=0",
+                "stage.0.checkpoint_every",
+                "found 0",
+            ),
+            ("stage.0.keep_last=0", "stage.0.keep_last", "found 0"),
+            (
+                "stage.0.eval_batches=2000000",
+                "stage.0.eval_batches",
+                "at most 1048576",
+            ),
+            ("stage.0.steps=0", "stage.0.steps", "found 0"),
+            (
+                "model.vocab_size=9223372036854775807",
+                "model.vocab_size",
+                "at most 16777216",
+            ),
+            (
+                "model.max_position_embeddings=0",
+                "model.max_position_embeddings",
+                "at least 1, found 0",
+            ),
+        ] {
+            let err = parse(&[set]).unwrap_err().to_string();
+            assert!(
+                err.starts_with("recipes/t.toml: ")
+                    && err.contains(&format!("`{key}`"))
+                    && err.contains(expected),
+                "{set}: {err}"
+            );
+        }
+        // The largest batch allowed still resolves: the limits sit above every real recipe.
+        let r = parse(&["stage.0.micro_batch=1048576", "stage.0.grad_accum=1048576"]).unwrap();
+        assert_eq!(r.stages[0].tokens_per_step(), 32 << 40);
+        // 2^40 steps of 2^45 tokens pass 2^64 tokens: no counter could hold the stage.
+        let err = parse(&[
+            "stage.0.micro_batch=1048576",
+            "stage.0.grad_accum=1048576",
+            "stage.0.steps=1099511627776",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("stage.0.steps") && err.contains("2^64"),
+            "{err}"
+        );
+    }
+
+    /// Issue 23: a stage name is a directory under `--out` (and the recipe name one under
+    /// runs/), so `../../x` would write checkpoints outside it. Only plain names pass.
+    #[test]
+    fn names_must_be_plain() {
+        for bad in [
+            "../../x",
+            "..",
+            ".hidden",
+            "",
+            "a/b",
+            "a\\b",
+            "/abs",
+            "two words",
+            "é",
+        ] {
+            let value = format!("{bad:?}"); // a TOML basic string, quotes and escapes included
+            let err = parse(&[&format!("stage.0.name={value}")])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("recipes/t.toml: `stage.0.name`")
+                    && err.contains(&format!("`{bad}`")),
+                "{bad:?}: {err}"
+            );
+            let err = parse(&[&format!("name={value}")]).unwrap_err().to_string();
+            assert!(err.starts_with("recipes/t.toml: `name`"), "{bad:?}: {err}");
+        }
+        let r = parse(&["stage.0.name=\"pre-train_2.v1\"", "name=\"run.1\""]).unwrap();
+        assert_eq!(
+            (r.stages[0].raw.name.as_str(), r.raw.name.as_str()),
+            ("pre-train_2.v1", "run.1")
+        );
     }
 }
 
