@@ -839,8 +839,7 @@ fn init_then_sample_text() {
         "{}",
         stderr(&again)
     );
-    // tiny-phi has 512 tokens; GPT-2 ids of plain lowercase words fit only partly, so use ids < 512:
-    // the bytes ' ', 'a'..'z' are ids 220 and 64..89 in GPT-2.
+    // init sizes tiny-phi's embedding to GPT-2's ids, so any text is a valid prompt.
     let sample = |seed: &str, extra: &[&str]| {
         Command::new(BIN)
             .args([
@@ -1730,4 +1729,60 @@ async fn serve_answers_the_openai_api() {
         .contains("stream"));
     child.kill().unwrap();
     let _ = child.wait();
+}
+
+/// `phigen init` never writes a checkpoint its tokenizer cannot feed: tiny-phi's 512 token
+/// embeddings become 50,304 (GPT-2's 50,257 ids rounded up to a multiple of 64, as nanoGPT pads
+/// them), and that checkpoint samples any text; an explicit `--vocab-size` below the tokenizer's
+/// size is refused with the flag, the tokenizer's largest id and a size that works.
+#[test]
+fn init_sizes_the_vocabulary_to_its_tokenizer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tmp.path().join("tiny");
+    let init = |extra: &[&str]| {
+        Command::new(BIN)
+            .args([
+                "init",
+                "--preset",
+                "tiny-phi",
+                "--out",
+                ckpt.to_str().unwrap(),
+            ])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let refused = init(&["--vocab-size", "512"]);
+    assert!(!refused.status.success());
+    for part in ["--vocab-size 512", "gpt2", "50256", "--vocab-size 50304"] {
+        assert!(
+            stderr(&refused).contains(part),
+            "{part}: {}",
+            stderr(&refused)
+        );
+    }
+    assert!(!ckpt.join("config.json").exists(), "nothing written");
+
+    let out = init(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("50304"),
+        "init says so: {}",
+        stderr(&out)
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["vocab_size"], 50_304);
+    let sample = Command::new(BIN)
+        .args(["--quiet", "sample", "--checkpoint", ckpt.to_str().unwrap()])
+        .args(["--prompt", "Hello, World! Zebras.", "--max-new-tokens", "4"])
+        .output()
+        .unwrap();
+    assert!(sample.status.success(), "{}", stderr(&sample));
+
+    let wide = init(&["--force", "--vocab-size", "60000"]);
+    assert!(wide.status.success(), "{}", stderr(&wide));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["vocab_size"], 60_000);
 }
