@@ -3,7 +3,8 @@
 //!
 //! Routes: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (non-streaming;
 //! `n` = 1). Requests are batched by the local teacher's [`Engine`]. Also the HTTP plumbing the
-//! mock server shares: [`listen`] and [`json`].
+//! mock server shares: [`listen`], which holds every client within [`Limits`] (body size, time to
+//! send a request or read an answer, connections at once), and [`json`] / [`error`].
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
