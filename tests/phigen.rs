@@ -839,8 +839,7 @@ fn init_then_sample_text() {
         "{}",
         stderr(&again)
     );
-    // tiny-phi has 512 tokens; GPT-2 ids of plain lowercase words fit only partly, so use ids < 512:
-    // the bytes ' ', 'a'..'z' are ids 220 and 64..89 in GPT-2.
+    // init sizes tiny-phi's embedding to GPT-2's ids, so any text is a valid prompt.
     let sample = |seed: &str, extra: &[&str]| {
         Command::new(BIN)
             .args([
@@ -2311,4 +2310,165 @@ fn bad_recipe_values_and_stage_names_stop_before_training() {
         );
     }
     assert!(!dir.path().join("x").exists() && !dir.path().join("a").exists());
+}
+
+/// `phigen init` never writes a checkpoint its tokenizer cannot feed: tiny-phi's 512 token
+/// embeddings become 50,304 (GPT-2's 50,257 ids rounded up to a multiple of 64, as nanoGPT pads
+/// them), and that checkpoint samples any text; an explicit `--vocab-size` below the tokenizer's
+/// size is refused with the flag, the tokenizer's largest id and a size that works.
+#[test]
+fn init_sizes_the_vocabulary_to_its_tokenizer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tmp.path().join("tiny");
+    let init = |extra: &[&str]| {
+        Command::new(BIN)
+            .args([
+                "init",
+                "--preset",
+                "tiny-phi",
+                "--out",
+                ckpt.to_str().unwrap(),
+            ])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let refused = init(&["--vocab-size", "512"]);
+    assert!(!refused.status.success());
+    for part in ["--vocab-size 512", "gpt2", "50256", "--vocab-size 50304"] {
+        assert!(
+            stderr(&refused).contains(part),
+            "{part}: {}",
+            stderr(&refused)
+        );
+    }
+    assert!(!ckpt.join("config.json").exists(), "nothing written");
+
+    let out = init(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("50304"),
+        "init says so: {}",
+        stderr(&out)
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["vocab_size"], 50_304);
+    let sample = Command::new(BIN)
+        .args(["--quiet", "sample", "--checkpoint", ckpt.to_str().unwrap()])
+        .args(["--prompt", "Hello, World! Zebras.", "--max-new-tokens", "4"])
+        .output()
+        .unwrap();
+    assert!(sample.status.success(), "{}", stderr(&sample));
+
+    let wide = init(&["--force", "--vocab-size", "60000"]);
+    assert!(wide.status.success(), "{}", stderr(&wide));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["vocab_size"], 60_000);
+}
+
+/// CPU seconds (user + system) process `pid` has used, from /proc/PID/stat.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start at field 3; utime and stime are
+    // fields 14 and 15, in clock ticks.
+    let rest: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: f64 = rest[11].parse::<f64>().unwrap() + rest[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf only reads a constant.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// A `phigen mock-server` that runs out of file descriptors (its own limit set to 48 here, the
+/// test process's untouched) neither spins nor stops: while accept fails it backs off (less than
+/// 0.5 CPU s in 1.5 s; a retry loop burns a whole core), and once the clients close it answers.
+#[test]
+fn mock_server_out_of_file_descriptors_backs_off_and_recovers() {
+    use std::io::{BufRead, Read, Write};
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(BIN);
+    cmd.args(["mock-server", "--addr", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: setrlimit is async-signal-safe; it only lowers the child's own limit.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 48,
+                rlim_max: 48,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr: SocketAddr = line
+        .trim()
+        .trim_start_matches("listening on http://")
+        .trim_end_matches("/v1")
+        .parse()
+        .unwrap_or_else(|e| panic!("{line:?}: {e}"));
+    let models = |s: &mut std::net::TcpStream| -> String {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n")
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    // Half the limit is served (the default cap), answered connections hold their place; more
+    // connections than descriptors are left then wait, unanswered, in the listen backlog.
+    let mut clients = Vec::new();
+    for _ in 0..24 {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        assert!(models(&mut s).starts_with("HTTP/1.1 200"));
+        clients.push(s);
+    }
+    for _ in 0..60 {
+        clients.push(std::net::TcpStream::connect(addr).unwrap());
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let before = cpu_secs(child.id());
+    std::thread::sleep(Duration::from_millis(1500));
+    let used = cpu_secs(child.id()) - before;
+    drop(clients);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = std::net::TcpStream::connect(addr).map(|mut s| models(&mut s));
+        if answer
+            .as_deref()
+            .is_ok_and(|a| a.starts_with("HTTP/1.1 200"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not serving 10 s after the clients closed: {answer:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+    let mut log = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(
+        log.contains("cannot accept connections"),
+        "descriptors never ran out: {log}"
+    );
+    assert!(
+        used < 0.5,
+        "{used:.2} CPU s in 1.5 s while out of descriptors"
+    );
 }

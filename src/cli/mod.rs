@@ -449,7 +449,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 .name
                 .clone()
                 .unwrap_or_else(|| engine.model().name.clone());
-            let _server = crate::teacher::serve::start(listener, engine, name.clone());
+            let _server =
+                crate::teacher::serve::start(listener, engine, name.clone(), Default::default())?;
             println!("serving {name} on http://{addr}/v1 (Ctrl-C stops)");
             tokio::signal::ctrl_c().await?;
             Ok(Outcome::Complete)

@@ -90,9 +90,13 @@ pub struct InitArgs {
     /// Seed of the initial weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Tokenizer recorded in phigen.json; its vocabulary must fit the preset's vocab_size.
+    /// Tokenizer recorded in phigen.json. A preset with fewer token embeddings than the
+    /// tokenizer has ids gets the tokenizer's size, rounded up to a multiple of 64.
     #[arg(long, value_enum, default_value_t = Encoding::Gpt2)]
     pub tokenizer: Encoding,
+    /// Token embeddings (vocab_size) instead of the preset's; at least the tokenizer's size.
+    #[arg(long)]
+    pub vocab_size: Option<usize>,
     /// Number format on disk.
     #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
     pub dtype: DTypeArg,
@@ -108,7 +112,13 @@ pub fn init(args: &InitArgs) -> anyhow::Result<()> {
             args.out.display()
         );
     }
-    let cfg = PhiConfig::preset(&args.preset)?;
+    let mut cfg = PhiConfig::preset(&args.preset)?;
+    cfg.vocab_size = vocab_size(
+        &args.preset,
+        cfg.vocab_size,
+        args.tokenizer,
+        args.vocab_size,
+    )?;
     checkpoint::save_random(
         &args.out,
         &cfg,
@@ -124,6 +134,35 @@ pub fn init(args: &InitArgs) -> anyhow::Result<()> {
         args.out.display()
     );
     Ok(())
+}
+
+/// The vocab_size `init` writes: `explicit` if the tokenizer's ids fit in it (else an error), the
+/// preset's if they fit in that, else the tokenizer's size rounded up to a multiple of 64 (as
+/// GPT-2's 50,257 becomes 50,304 in nanoGPT) — a checkpoint whose tokenizer makes ids it cannot
+/// embed fails on the first prompt that holds one.
+fn vocab_size(
+    preset: &str,
+    preset_size: usize,
+    encoding: Encoding,
+    explicit: Option<usize>,
+) -> anyhow::Result<usize> {
+    let needed = checkpoint::tokenizer_size(&Tokenizer::Tiktoken(encoding));
+    let name = checkpoint::tokenizer_name(encoding);
+    let rounded = needed.next_multiple_of(64);
+    match explicit {
+        Some(n) if n < needed => bail!(
+            "--vocab-size {n} is smaller than the {name} tokenizer, whose ids go up to {}: the model could not embed them. Pass --vocab-size {rounded} (its {needed} ids rounded up to a multiple of 64) or more, or leave --vocab-size out to let init choose",
+            needed - 1
+        ),
+        Some(n) => Ok(n),
+        None if preset_size >= needed => Ok(preset_size),
+        None => {
+            tracing::info!(
+                "vocab_size {rounded} instead of {preset}'s {preset_size}: the {name} tokenizer has {needed} ids (rounded up to a multiple of 64); pass --vocab-size to choose"
+            );
+            Ok(rounded)
+        }
+    }
 }
 
 pub fn sample(args: &SampleArgs) -> anyhow::Result<()> {

@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use super::config::PhiConfig;
 use super::decoder::{Decoder, Weights};
 use super::names::{is_ignorable, parameter_table};
+use super::tokenizer::{Encoding, Tokenizer};
 use super::ModelError;
 use crate::artifact::atomic;
 
@@ -169,6 +170,41 @@ fn dtype_name(dtype: DType) -> &'static str {
     }
 }
 
+/// How many ids `tokenizer` produces: its largest id + 1, special tokens included. A model needs
+/// at least this many token embeddings (`vocab_size`) to take every text as input.
+pub fn tokenizer_size(tokenizer: &Tokenizer) -> usize {
+    match tokenizer {
+        Tokenizer::Tiktoken(encoding) => {
+            // tiktoken-rs has no size accessor. The special tokens sit at or near the top of
+            // every encoding; ordinary ranks may go on above them (p50k_base's whitespace runs).
+            let bpe = encoding.bpe();
+            let top = bpe
+                .special_tokens()
+                .iter()
+                .filter_map(|s| bpe.encode_with_special_tokens(s).first().copied())
+                .max()
+                .unwrap_or(0);
+            let mut size = top + 1;
+            while bpe.decode_bytes(&[size]).is_ok() {
+                size += 1;
+            }
+            size as usize
+        }
+        Tokenizer::HuggingFace(t) => t
+            .get_vocab(true)
+            .values()
+            .max()
+            .map_or(0, |&id| id as usize + 1),
+    }
+}
+
+/// The name `--tokenizer` takes for `encoding`.
+pub fn tokenizer_name(encoding: Encoding) -> String {
+    clap::ValueEnum::to_possible_value(&encoding)
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_else(|| format!("{encoding:?}"))
+}
+
 /// Writes a randomly initialised checkpoint of `cfg` (weights drawn with `seed`, stored in
 /// `dtype`) that records the tiktoken `encoding` as its tokenizer: `phigen init`, and tests.
 pub fn save_random(
@@ -176,7 +212,7 @@ pub fn save_random(
     cfg: &PhiConfig,
     seed: u64,
     dtype: DType,
-    encoding: super::tokenizer::Encoding,
+    encoding: Encoding,
 ) -> Result<(), ModelError> {
     let weights = Decoder::init_weights(cfg, seed, DType::F32, &Device::Cpu)?;
     save(dir, cfg, &weights, dtype)?;
@@ -225,4 +261,27 @@ pub fn save(
     let config_path = dir.join(CONFIG_FILE);
     atomic::write_json(&config_path, &config).map_err(io_error(&config_path))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sizes are tiktoken's own `n_vocab` (Python: `tiktoken.get_encoding(name).n_vocab`):
+    /// r50k_base 50,257, p50k_base 50,281 (ordinary ranks above `<|endoftext|>`), cl100k_base
+    /// 100,277, o200k_base 200,019.
+    #[test]
+    fn tokenizer_sizes_match_tiktoken() {
+        let sizes: Vec<usize> = [
+            Encoding::Gpt2,
+            Encoding::P50kBase,
+            Encoding::Cl100kBase,
+            Encoding::O200kBase,
+        ]
+        .into_iter()
+        .map(|e| tokenizer_size(&Tokenizer::Tiktoken(e)))
+        .collect();
+        assert_eq!(sizes, [50_257, 50_281, 100_277, 200_019]);
+        assert_eq!(tokenizer_name(Encoding::P50kBase), "p50k_base");
+    }
 }

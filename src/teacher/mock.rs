@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
+use http_body_util::Full;
+use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
 use tokio::net::TcpListener;
 
@@ -86,8 +86,18 @@ pub struct MockServer {
 }
 
 impl MockServer {
-    /// Binds `addr` (use port 0 for a free one) and serves in the background.
+    /// Binds `addr` (use port 0 for a free one) and serves in the background, within the
+    /// default [`Limits`] of `phigen serve`.
     pub async fn start(addr: SocketAddr, faults: Faults) -> std::io::Result<MockServer> {
+        Self::start_with_limits(addr, faults, Limits::default()).await
+    }
+
+    /// [`MockServer::start`] within `limits`.
+    pub async fn start_with_limits(
+        addr: SocketAddr,
+        faults: Faults,
+        limits: Limits,
+    ) -> std::io::Result<MockServer> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let log = Arc::new(MockLog::default());
@@ -96,7 +106,7 @@ impl MockServer {
             log: log.clone(),
         });
         // A handler error (the "drop" fault) makes hyper close the connection unanswered.
-        let task = super::serve::listen(listener, move |req| handle(state.clone(), req));
+        let task = super::serve::listen(listener, limits, move |req| handle(state.clone(), req));
         Ok(MockServer { addr, log, task })
     }
 
@@ -121,9 +131,9 @@ struct State {
 #[error("connection dropped on purpose")]
 struct Dropped;
 
-use super::serve::{json, Body};
+use super::serve::{json, Body, Limits};
 
-async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, Dropped> {
+async fn handle(state: Arc<State>, req: Request<Bytes>) -> Result<Response<Body>, Dropped> {
     let path = req.uri().path().to_string();
     if req.method() == hyper::Method::GET && path.ends_with("/models") {
         return Ok(json(
@@ -135,10 +145,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         return Ok(json(StatusCode::NOT_FOUND, &error_body("no such route")));
     }
     let f = &state.faults;
-    let body = match req.into_body().collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => return Err(Dropped),
-    };
+    let body = req.into_body();
     state.log.requests.fetch_add(1, Ordering::Relaxed);
     let request: serde_json::Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
@@ -451,4 +458,49 @@ fn with_retry_after(mut response: Response<Body>, secs: f64) -> Response<Body> {
         value.parse().expect("a number or date is a valid header"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The mock server shares `phigen serve`'s limits: a body over the cap is answered 413 in
+    /// JSON, and a body under it is still answered.
+    #[tokio::test]
+    async fn the_mock_server_refuses_a_body_over_the_cap() {
+        let limits = Limits {
+            max_body_bytes: 1024,
+            ..Limits::default()
+        };
+        let server = MockServer::start_with_limits(
+            "127.0.0.1:0".parse().unwrap(),
+            Faults::default(),
+            limits,
+        )
+        .await
+        .unwrap();
+        let client = reqwest::Client::new();
+        let url = format!("{}/chat/completions", server.base_url());
+        let long = "word ".repeat(1000);
+        let refused = client
+            .post(&url)
+            .json(&serde_json::json!({"messages": [{"role": "user", "content": long}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 413);
+        let body: serde_json::Value = refused.json().await.unwrap();
+        assert!(body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("1024 bytes"));
+        let answered = client
+            .post(&url)
+            .json(&serde_json::json!({"messages": [{"role": "user", "content": "a \"cat\""}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answered.status(), 200);
+        assert_eq!(server.log.requests.load(Ordering::Relaxed), 1);
+    }
 }
