@@ -85,6 +85,7 @@ fn input(stack: &Path) -> InputOptions {
         inputs: vec![stack.to_path_buf()],
         extensions: vec!["py".into()],
         max_bytes: 1 << 20,
+        follow_symlinks: false,
     }
 }
 
@@ -237,6 +238,19 @@ fn unreadable_files_are_counted_not_fatal() {
     let model = train_on(dir.path(), &stack, &truth, 200);
     std::fs::write(stack.join("repo/zz_binary.py"), b"\x00\x01\x02").unwrap();
     std::fs::write(stack.join("repo/zz_empty.py"), "").unwrap();
+    // The cases: a symlink to a file outside the input ended up in the output, and a
+    // FIFO or a /dev/zero symlink hung the reader. None is read; each is counted.
+    std::fs::write(
+        dir.path().join("secret.py"),
+        "API_KEY = 'sk-not-for-the-corpus'\n",
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(dir.path().join("secret.py"), stack.join("repo/zz_leak.py"))
+        .unwrap();
+    std::os::unix::fs::symlink("/dev/zero", stack.join("repo/zz_zero.py")).unwrap();
+    let fifo = std::ffi::CString::new(stack.join("repo/zz_pipe.py").to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
     let stats = filter(
         &FilterOptions {
             input: input(&stack),
@@ -251,6 +265,10 @@ fn unreadable_files_are_counted_not_fatal() {
     )
     .unwrap();
     assert_eq!((stats.files, stats.scored), (202, 200));
+    assert_eq!(
+        stats.skipped_inputs,
+        BTreeMap::from([(InputSkip::SymlinkOutside, 1), (InputSkip::SpecialFile, 2)])
+    );
     assert_eq!(stats.skipped.get(&Skip::Binary), Some(&1));
     assert_eq!(stats.skipped.get(&Skip::Empty), Some(&1));
 }
@@ -274,7 +292,18 @@ fn bad_setups_are_refused() {
         &opts(stack.join("out"), dir.path().join("not-a-model.rf")),
         &|_| {},
     );
-    assert!(matches!(e, Err(ClassifyError::OutInsideInput { .. })));
+    assert!(matches!(
+        e,
+        Err(ClassifyError::OutDir(OutDirError::Overlap { .. }))
+    ));
+    // Above the input: kept/stack/… would land on the input's own files.
+    let e = filter(
+        &opts(dir.path().to_path_buf(), dir.path().join("not-a-model.rf")),
+        &|_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("above (a parent of) --input"), "{e}");
     let e = filter(
         &opts(dir.path().join("out"), dir.path().join("not-a-model.rf")),
         &|_| {},
