@@ -1745,7 +1745,7 @@ async fn a_second_run_on_one_out_fails_at_once_naming_the_first() {
     .await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("stories");
-    let mut first = stories_cmd(&server, &out, 3, &["--concurrency", "1"])
+    let first = stories_cmd(&server, &out, 3, &["--concurrency", "1"])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
