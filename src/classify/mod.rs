@@ -6,8 +6,8 @@
 //! threshold) with `*.metrics.json` beside it, and a filter directory `OUT/` with `scored/` (every
 //! input row with `score`, `kept`, `skip`), `kept/` (kept rows only, content as `text`, ready for
 //! dedup and tokenize), `progress-K-of-N.jsonl` (finished parts) and `stats.json`. One run (or
-//! one run per `--shard K/N` slice) writes a filter directory at a time, and it may be neither an
-//! input nor inside or above one.
+//! one run per `--shard K/N` slice) writes a filter directory at a time, it may be neither an
+//! input nor inside or above one, and files in it that phigen did not write are never replaced.
 
 pub mod annotate;
 pub mod bert;
@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::artifact::atomic;
-use crate::artifact::outdir::{self, DirLock, OutDirError};
+use crate::artifact::outdir::{self, DirLock, OutDirError, Written};
 use crate::artifact::table::{self, TableError};
 use crate::artifact::walk::{InputSkip, WalkError, WalkOptions};
 use embed::{embed_all, Cache, Embedder, EmbedderSpec};
@@ -440,11 +440,12 @@ pub fn filter(
     // Checked before anything is created: the lock file would be written into the input.
     outdir::check_apart(&opts.out, &opts.input.inputs)?;
     let (k, n) = opts.shard;
-    let _lock = if n > 1 {
+    let lock = if n > 1 {
         DirLock::slice(&opts.out, k, n)?
     } else {
         DirLock::exclusive(&opts.out)?
     };
+    let mut written = Written::open(&opts.out, &lock)?;
     let classifier = Classifier::load(&opts.model)?;
     let threshold = opts.threshold.unwrap_or(classifier.threshold);
     let embedder = classifier.embedder.load()?;
@@ -459,6 +460,22 @@ pub fn filter(
     let fingerprint = classifier.fingerprint(threshold);
     let (parts, skipped_inputs) = opts.input.parts_and_skips()?;
     let done = finished_parts(&opts.out)?;
+    // The files this run writes, before the work: one phigen did not write stops it now. A part a
+    // progress line records was written by phigen (before it listed its files, perhaps).
+    let outputs = |rel: &Path| [Path::new("scored").join(rel), Path::new("kept").join(rel)];
+    for part in parts.iter().skip(k).step_by(n) {
+        for rel in outputs(&part.rel) {
+            if done.contains_key(&part.rel) && !written.contains(&rel) {
+                written.adopt(&rel)?;
+            }
+            written.claim(&rel)?;
+        }
+    }
+    let stats_rel = Path::new("stats.json");
+    if !done.is_empty() && !written.contains(stats_rel) {
+        written.adopt(stats_rel)?;
+    }
+    written.claim(stats_rel)?;
     let progress_path = opts.out.join(if n == 1 {
         "progress.jsonl".to_string()
     } else {

@@ -230,6 +230,38 @@ fn shards_split_the_parts() {
     );
 }
 
+/// A file already in --out where the filter would write, that phigen did not write, stops the
+/// run before any work and is left as it was; the filter's own outputs it rewrites freely.
+#[test]
+fn files_phigen_did_not_write_are_not_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let (stack, truth) = corpus(dir.path(), 50, 5);
+    let model = train_on(dir.path(), &stack, &truth, 50);
+    let out = dir.path().join("out");
+    let theirs = out.join("kept/stack/files-00000.parquet");
+    std::fs::create_dir_all(theirs.parent().unwrap()).unwrap();
+    std::fs::write(&theirs, "someone else's").unwrap();
+    let opts = FilterOptions {
+        input: input(&stack),
+        out: out.clone(),
+        model,
+        threshold: None,
+        shard: (0, 1),
+        cache: None,
+        batch: 64,
+    };
+    let e = filter(&opts, &|_| {}).unwrap_err().to_string();
+    assert!(
+        e.contains("files-00000.parquet") && e.contains("not written by phigen"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read_to_string(&theirs).unwrap(), "someone else's");
+    std::fs::remove_file(&theirs).unwrap();
+    filter(&opts, &|_| {}).unwrap();
+    std::fs::write(stack.join("repo/f0000.py"), "x = 1\n").unwrap();
+    assert_eq!(filter(&opts, &|_| {}).unwrap().parts_this_run, 1);
+}
+
 /// Skipped files are counted by reason and kept out of both outputs' scores.
 #[test]
 fn unreadable_files_are_counted_not_fatal() {
