@@ -4,8 +4,8 @@
 //! Inputs are files or directory trees of `*.parquet` (column `text`, `id` when present; other
 //! columns are carried along by [`write_subset`]), `*.jsonl` (field `text`, `id` when present) and
 //! `*.txt` (documents separated by `<|endoftext|>`), read in sorted path order; regular files only,
-//! as [`walk`] finds them. The reports stages
-//! write next to their data ([`REPORT_FILES`]) and generation's crash journals are not documents.
+//! as [`walk`] finds them. The reports stages write next to their data ([`REPORT_FILES`]) and
+//! generation's crash journals are not documents.
 
 use std::collections::BTreeMap;
 use std::fs::File;
