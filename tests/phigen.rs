@@ -2472,3 +2472,51 @@ fn mock_server_out_of_file_descriptors_backs_off_and_recovers() {
         "{used:.2} CPU s in 1.5 s while out of descriptors"
     );
 }
+
+/// Two `phigen stories` runs on one --out wrote 138 duplicate ids. Now, while run A holds the
+/// directory (its answers are slow, so it is still running), run B exits at once with an error
+/// naming the directory and A's PID; A finishes with exactly its N records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_run_on_one_out_fails_at_once_naming_the_first() {
+    let server = mock(Faults {
+        rate_slow: 1.0,
+        slow_secs: 2.0,
+        ..Faults::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("stories");
+    let first = stories_cmd(&server, &out, 3, &["--concurrency", "1"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = first.id();
+    let lock = out.join(".phigen.lock");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(&lock)
+        .ok()
+        .map(|s| s.trim().to_string())
+        != Some(pid.to_string())
+    {
+        assert!(Instant::now() < deadline, "run A never took the lock");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let started = Instant::now();
+    let second = run(stories_cmd(&server, &out, 3, &[])).await;
+    assert!(!second.status.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "B must not wait"
+    );
+    let err = stderr(&second);
+    assert!(
+        err.contains(&format!("another phigen run (pid {pid}) is writing"))
+            && err.contains(out.to_str().unwrap()),
+        "{err}"
+    );
+    let first = tokio::task::spawn_blocking(move || first.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert_exactly_slots(&out, 3);
+}

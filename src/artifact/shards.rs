@@ -224,10 +224,20 @@ impl ShardWriter {
         fs::remove_file(&self.journal_path).map_err(io_err(&self.journal_path))
     }
 
+    /// Temp files of this table a crash left behind; only names of its own scheme are touched.
     fn remove_stale_temps(&self) -> Result<(), ShardError> {
         for entry in fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
             let path = entry.map_err(io_err(&self.dir))?.path();
-            let is_ours = path.to_str().is_some_and(|p| p.ends_with(".parquet.tmp"));
+            let is_ours = path
+                .to_str()
+                .and_then(|p| p.strip_suffix(".tmp"))
+                .is_some_and(|p| {
+                    let p = Path::new(p);
+                    match &self.layout {
+                        Layout::Parts { prefix } => part_number(p, prefix).is_some(),
+                        Layout::Single { file } => p.file_name().is_some_and(|n| n == *file),
+                    }
+                });
             if is_ours {
                 fs::remove_file(&path).map_err(io_err(&path))?;
             }

@@ -81,7 +81,16 @@ pub fn draw_sample(
 }
 
 /// Checks `OUT/sample.json` against a fresh sample (which must extend it) and records the latter.
-pub fn record_sample(out: &Path, seed: u64, sample: &[Sampled]) -> Result<(), ClassifyError> {
+/// `OUT` may be neither one of `inputs` nor inside or above one, and is locked while it is written
+/// (the ratings themselves are written under the generation engine's lock).
+pub fn record_sample(
+    out: &Path,
+    inputs: &[PathBuf],
+    seed: u64,
+    sample: &[Sampled],
+) -> Result<(), ClassifyError> {
+    crate::artifact::outdir::check_apart(out, inputs)?;
+    let _lock = crate::artifact::outdir::DirLock::exclusive(out)?;
     let path = out.join("sample.json");
     #[derive(Serialize, Deserialize)]
     struct Recorded {
@@ -410,13 +419,14 @@ mod tests {
         for i in 0..20 {
             std::fs::write(src.join(format!("f{i}.py")), format!("x = {i}\n")).unwrap();
         }
-        let parts = input::parts(std::slice::from_ref(&src), &["py".into()]).unwrap();
+        let walk = crate::artifact::walk::WalkOptions::default();
+        let (parts, _) = input::parts(std::slice::from_ref(&src), &["py".into()], walk).unwrap();
         let five = draw_sample(&parts, 5, 1, 1 << 20, 100).unwrap();
         let three = draw_sample(&parts, 3, 1, 1 << 20, 100).unwrap();
         assert_eq!(five[..3], three[..]);
         let out = dir.path().join("labels");
-        record_sample(&out, 1, &three).unwrap();
-        record_sample(&out, 1, &five).unwrap();
+        record_sample(&out, &[src.clone()], 1, &three).unwrap();
+        record_sample(&out, &[src.clone()], 1, &five).unwrap();
         std::fs::write(
             src.join(format!(
                 "{}.py",
@@ -429,7 +439,14 @@ mod tests {
         )
         .unwrap();
         let changed = draw_sample(&parts, 5, 1, 1 << 20, 100).unwrap();
-        let e = record_sample(&out, 1, &changed).unwrap_err().to_string();
+        let e = record_sample(&out, &[src.clone()], 1, &changed)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("sample.json"), "{e}");
+        // Labels written into the code they rate would be read back as code.
+        let e = record_sample(&src.join("labels"), &[src.clone()], 1, &five)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("inside --input"), "{e}");
     }
 }

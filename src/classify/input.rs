@@ -8,6 +8,8 @@
 //! largest input file (or part), never by the corpus.
 //!
 //! Files that cannot be code are not errors: each gets a [`Skip`] reason that is counted.
+//! Directories are walked as [`walk`] does for every stage: regular files only, symlinks out of
+//! the input tree only with `--follow-symlinks`.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -19,6 +21,7 @@ use serde_json::{Map, Value};
 
 use crate::artifact::docs::REPORT_FILES;
 use crate::artifact::table;
+use crate::artifact::walk::{self, InputSkip, WalkOptions};
 
 use super::{io_err, ClassifyError};
 
@@ -113,66 +116,62 @@ fn is_jsonl(name: &str) -> bool {
 }
 
 /// Every part under `inputs`, sorted; `extensions` are the loose files wanted (without dots).
-pub fn parts(inputs: &[PathBuf], extensions: &[String]) -> Result<Vec<Part>, ClassifyError> {
+/// Also the input entries that were not read, by reason.
+pub fn parts(
+    inputs: &[PathBuf],
+    extensions: &[String],
+    opts: WalkOptions,
+) -> Result<(Vec<Part>, BTreeMap<InputSkip, u64>), ClassifyError> {
     let mut parts = Vec::new();
-    for input in inputs {
-        let base = input
-            .canonicalize()
-            .map_err(io_err(input))?
-            .file_name()
-            .map_or_else(|| PathBuf::from("input"), PathBuf::from);
-        let mut loose: BTreeMap<PathBuf, Vec<(PathBuf, String)>> = BTreeMap::new();
-        let mut stack = vec![(input.clone(), base.clone())];
-        while let Some((path, rel)) = stack.pop() {
-            if path.is_dir() {
-                for entry in std::fs::read_dir(&path).map_err(io_err(&path))? {
-                    let child = entry.map_err(io_err(&path))?.path();
-                    let name = child.file_name().expect("read_dir yields named entries");
-                    stack.push((child.clone(), rel.join(name)));
-                }
-                continue;
-            }
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if REPORT_FILES.contains(&name) || name.ends_with(".journal.jsonl") {
-                continue;
-            }
-            let rel_parquet = |r: &Path| {
-                let s = r.to_string_lossy();
-                let stem = s
-                    .strip_suffix(".gz")
-                    .unwrap_or(&s)
-                    .trim_end_matches(".jsonl")
-                    .trim_end_matches(".parquet")
-                    .to_string();
-                PathBuf::from(stem + ".parquet")
-            };
-            if name.ends_with(".parquet") {
-                parts.push(Part {
-                    rel: rel_parquet(&rel),
-                    source: Source::Parquet(path),
-                });
-            } else if is_jsonl(name) {
-                parts.push(Part {
-                    rel: rel_parquet(&rel),
-                    source: Source::Jsonl(path),
-                });
-            } else if path
-                .extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| extensions.iter().any(|x| x.trim_start_matches('.') == e))
-            {
-                let id = rel.to_string_lossy().into_owned();
-                loose.entry(base.clone()).or_default().push((path, id));
-            }
+    let found = walk::walk(inputs, opts)?;
+    let mut loose: BTreeMap<(usize, PathBuf), Vec<(PathBuf, String)>> = BTreeMap::new();
+    for walk::Found { path, rel, input } in found.files {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if REPORT_FILES.contains(&name) || name.ends_with(".journal.jsonl") {
+            continue;
         }
-        for (dir, mut files) in loose {
-            files.sort();
-            for (k, chunk) in files.chunks(FILES_PER_PART).enumerate() {
-                parts.push(Part {
-                    rel: dir.join(format!("files-{k:05}.parquet")),
-                    source: Source::Files(chunk.to_vec()),
-                });
-            }
+        let rel_parquet = |r: &Path| {
+            let s = r.to_string_lossy();
+            let stem = s
+                .strip_suffix(".gz")
+                .unwrap_or(&s)
+                .trim_end_matches(".jsonl")
+                .trim_end_matches(".parquet")
+                .to_string();
+            PathBuf::from(stem + ".parquet")
+        };
+        if name.ends_with(".parquet") {
+            parts.push(Part {
+                rel: rel_parquet(&rel),
+                source: Source::Parquet(path),
+            });
+        } else if is_jsonl(name) {
+            parts.push(Part {
+                rel: rel_parquet(&rel),
+                source: Source::Jsonl(path),
+            });
+        } else if path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| extensions.iter().any(|x| x.trim_start_matches('.') == e))
+        {
+            // Loose files are grouped by the input they were found under, named by its name
+            // (the first component of `rel`).
+            let base = rel
+                .components()
+                .next()
+                .map_or_else(PathBuf::new, |c| PathBuf::from(c.as_os_str()));
+            let id = rel.to_string_lossy().into_owned();
+            loose.entry((input, base)).or_default().push((path, id));
+        }
+    }
+    for ((_, dir), mut files) in loose {
+        files.sort();
+        for (k, chunk) in files.chunks(FILES_PER_PART).enumerate() {
+            parts.push(Part {
+                rel: dir.join(format!("files-{k:05}.parquet")),
+                source: Source::Files(chunk.to_vec()),
+            });
         }
     }
     parts.sort();
@@ -192,7 +191,7 @@ pub fn parts(inputs: &[PathBuf], extensions: &[String]) -> Result<Vec<Part>, Cla
             extensions: extensions.to_vec(),
         });
     }
-    Ok(parts)
+    Ok((parts, found.skipped))
 }
 
 /// The text of a file's bytes, or why it is not code.
@@ -371,7 +370,13 @@ mod tests {
         std::fs::write(stack.join("empty.py"), " \n\n").unwrap();
         std::fs::write(stack.join("big.py"), "x = 1\n".repeat(100)).unwrap();
         std::fs::write(stack.join("notes.md"), "not code").unwrap();
-        let parts = parts(std::slice::from_ref(&stack), &["py".into()]).unwrap();
+        let parts = parts(
+            std::slice::from_ref(&stack),
+            &["py".into()],
+            WalkOptions::default(),
+        )
+        .unwrap()
+        .0;
         assert_eq!(parts.len(), 1);
         assert_eq!(parts[0].rel, PathBuf::from("stack/files-00000.parquet"));
         let loaded = load(&parts[0], 200).unwrap();
@@ -415,7 +420,13 @@ mod tests {
         )
         .unwrap();
         table::write_frame(&dir.path().join("t.parquet"), &mut df).unwrap();
-        let parts = parts(&[dir.path().to_path_buf()], &["py".into()]).unwrap();
+        let parts = parts(
+            &[dir.path().to_path_buf()],
+            &["py".into()],
+            WalkOptions::default(),
+        )
+        .unwrap()
+        .0;
         assert_eq!(parts.len(), 2);
         let j = load(&parts[0], 1 << 20).unwrap();
         assert_eq!(j.content_column, "content");
@@ -432,7 +443,13 @@ mod tests {
     fn a_table_without_content_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("x.jsonl"), "{\"code\": \"a\"}\n").unwrap();
-        let parts = parts(&[dir.path().to_path_buf()], &["py".into()]).unwrap();
+        let parts = parts(
+            &[dir.path().to_path_buf()],
+            &["py".into()],
+            WalkOptions::default(),
+        )
+        .unwrap()
+        .0;
         let err = load(&parts[0], 100).err().unwrap().to_string();
         assert!(
             err.contains("x.jsonl") && err.contains("content") && err.contains("code"),

@@ -5,7 +5,9 @@
 //! Reads: code files ([`input`]) and labels. Writes: a classifier file (JSON: embedder, forest,
 //! threshold) with `*.metrics.json` beside it, and a filter directory `OUT/` with `scored/` (every
 //! input row with `score`, `kept`, `skip`), `kept/` (kept rows only, content as `text`, ready for
-//! dedup and tokenize), `progress-K-of-N.jsonl` (finished parts) and `stats.json`.
+//! dedup and tokenize), `progress-K-of-N.jsonl` (finished parts) and `stats.json`. One run (or
+//! one run per `--shard K/N` slice) writes a filter directory at a time, it may be neither an
+//! input nor inside or above one, and files in it that phigen did not write are never replaced.
 
 pub mod annotate;
 pub mod bert;
@@ -24,7 +26,9 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::artifact::atomic;
+use crate::artifact::outdir::{self, DirLock, OutDirError, Written};
 use crate::artifact::table::{self, TableError};
+use crate::artifact::walk::{InputSkip, WalkError, WalkOptions};
 use embed::{embed_all, Cache, Embedder, EmbedderSpec};
 use forest::{Forest, ForestError, ForestParams, Samples};
 use input::{Part, Skip};
@@ -78,8 +82,10 @@ pub enum ClassifyError {
         trained: String,
         now: String,
     },
-    #[error("--out {out} is inside --input {input}: its outputs would be read as input by the next run; choose an --out outside the inputs")]
-    OutInsideInput { out: PathBuf, input: PathBuf },
+    #[error(transparent)]
+    OutDir(#[from] OutDirError),
+    #[error(transparent)]
+    Walk(#[from] WalkError),
     #[error(transparent)]
     Forest(#[from] ForestError),
     #[error(transparent)]
@@ -151,11 +157,21 @@ pub struct InputOptions {
     pub extensions: Vec<String>,
     /// Larger files are skipped as oversized.
     pub max_bytes: u64,
+    /// Read symlinks that lead out of the input trees.
+    pub follow_symlinks: bool,
 }
 
 impl InputOptions {
     pub fn parts(&self) -> Result<Vec<Part>, ClassifyError> {
-        input::parts(&self.inputs, &self.extensions)
+        Ok(self.parts_and_skips()?.0)
+    }
+
+    /// The parts, and the input entries not read (by reason).
+    pub fn parts_and_skips(&self) -> Result<(Vec<Part>, BTreeMap<InputSkip, u64>), ClassifyError> {
+        let walk = WalkOptions {
+            follow_symlinks: self.follow_symlinks,
+        };
+        input::parts(&self.inputs, &self.extensions, walk)
     }
 }
 
@@ -382,13 +398,9 @@ pub struct FilterStats {
     /// Parts finished by this run (the others were done before or belong to other shards).
     pub parts_this_run: usize,
     pub wall_seconds: f64,
-}
-
-fn check_out(out: &Path, inputs: &[PathBuf]) -> Result<(), ClassifyError> {
-    match crate::artifact::docs::out_inside_input(out, inputs).map_err(io_err(out))? {
-        Some((out, input)) => Err(ClassifyError::OutInsideInput { out, input }),
-        None => Ok(()),
-    }
+    /// Input entries not read (symlinks out of the tree, FIFOs, devices …), by reason.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub skipped_inputs: BTreeMap<InputSkip, u64>,
 }
 
 /// Finished parts recorded in every progress file under `out`, latest line per part.
@@ -425,7 +437,15 @@ pub fn filter(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<FilterStats, ClassifyError> {
     let started = std::time::Instant::now();
-    check_out(&opts.out, &opts.input.inputs)?;
+    // Checked before anything is created: the lock file would be written into the input.
+    outdir::check_apart(&opts.out, &opts.input.inputs)?;
+    let (k, n) = opts.shard;
+    let lock = if n > 1 {
+        DirLock::slice(&opts.out, k, n)?
+    } else {
+        DirLock::exclusive(&opts.out)?
+    };
+    let mut written = Written::open(&opts.out, &lock)?;
     let classifier = Classifier::load(&opts.model)?;
     let threshold = opts.threshold.unwrap_or(classifier.threshold);
     let embedder = classifier.embedder.load()?;
@@ -438,9 +458,24 @@ pub fn filter(
     }
     let mut cache = open_cache(opts.cache.as_deref(), embedder.as_ref())?;
     let fingerprint = classifier.fingerprint(threshold);
-    let parts = opts.input.parts()?;
-    let (k, n) = opts.shard;
+    let (parts, skipped_inputs) = opts.input.parts_and_skips()?;
     let done = finished_parts(&opts.out)?;
+    // The files this run writes, before the work: one phigen did not write stops it now. A part a
+    // progress line records was written by phigen (before it listed its files, perhaps).
+    let outputs = |rel: &Path| [Path::new("scored").join(rel), Path::new("kept").join(rel)];
+    for part in parts.iter().skip(k).step_by(n) {
+        for rel in outputs(&part.rel) {
+            if done.contains_key(&part.rel) && !written.contains(&rel) {
+                written.adopt(&rel)?;
+            }
+            written.claim(&rel)?;
+        }
+    }
+    let stats_rel = Path::new("stats.json");
+    if !done.is_empty() && !written.contains(stats_rel) {
+        written.adopt(stats_rel)?;
+    }
+    written.claim(stats_rel)?;
     let progress_path = opts.out.join(if n == 1 {
         "progress.jsonl".to_string()
     } else {
@@ -567,6 +602,7 @@ pub fn filter(
         parts: parts.len(),
         histogram: vec![0; 20],
         parts_this_run: this_run,
+        skipped_inputs,
         ..FilterStats::default()
     };
     for part in &parts {

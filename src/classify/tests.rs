@@ -85,6 +85,7 @@ fn input(stack: &Path) -> InputOptions {
         inputs: vec![stack.to_path_buf()],
         extensions: vec!["py".into()],
         max_bytes: 1 << 20,
+        follow_symlinks: false,
     }
 }
 
@@ -229,6 +230,38 @@ fn shards_split_the_parts() {
     );
 }
 
+/// A file already in --out where the filter would write, that phigen did not write, stops the
+/// run before any work and is left as it was; the filter's own outputs it rewrites freely.
+#[test]
+fn files_phigen_did_not_write_are_not_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let (stack, truth) = corpus(dir.path(), 50, 5);
+    let model = train_on(dir.path(), &stack, &truth, 50);
+    let out = dir.path().join("out");
+    let theirs = out.join("kept/stack/files-00000.parquet");
+    std::fs::create_dir_all(theirs.parent().unwrap()).unwrap();
+    std::fs::write(&theirs, "someone else's").unwrap();
+    let opts = FilterOptions {
+        input: input(&stack),
+        out: out.clone(),
+        model,
+        threshold: None,
+        shard: (0, 1),
+        cache: None,
+        batch: 64,
+    };
+    let e = filter(&opts, &|_| {}).unwrap_err().to_string();
+    assert!(
+        e.contains("files-00000.parquet") && e.contains("not written by phigen"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read_to_string(&theirs).unwrap(), "someone else's");
+    std::fs::remove_file(&theirs).unwrap();
+    filter(&opts, &|_| {}).unwrap();
+    std::fs::write(stack.join("repo/f0000.py"), "x = 1\n").unwrap();
+    assert_eq!(filter(&opts, &|_| {}).unwrap().parts_this_run, 1);
+}
+
 /// Skipped files are counted by reason and kept out of both outputs' scores.
 #[test]
 fn unreadable_files_are_counted_not_fatal() {
@@ -237,6 +270,19 @@ fn unreadable_files_are_counted_not_fatal() {
     let model = train_on(dir.path(), &stack, &truth, 200);
     std::fs::write(stack.join("repo/zz_binary.py"), b"\x00\x01\x02").unwrap();
     std::fs::write(stack.join("repo/zz_empty.py"), "").unwrap();
+    // The cases: a symlink to a file outside the input ended up in the output, and a
+    // FIFO or a /dev/zero symlink hung the reader. None is read; each is counted.
+    std::fs::write(
+        dir.path().join("secret.py"),
+        "API_KEY = 'sk-not-for-the-corpus'\n",
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(dir.path().join("secret.py"), stack.join("repo/zz_leak.py"))
+        .unwrap();
+    std::os::unix::fs::symlink("/dev/zero", stack.join("repo/zz_zero.py")).unwrap();
+    let fifo = std::ffi::CString::new(stack.join("repo/zz_pipe.py").to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
     let stats = filter(
         &FilterOptions {
             input: input(&stack),
@@ -251,6 +297,10 @@ fn unreadable_files_are_counted_not_fatal() {
     )
     .unwrap();
     assert_eq!((stats.files, stats.scored), (202, 200));
+    assert_eq!(
+        stats.skipped_inputs,
+        BTreeMap::from([(InputSkip::SymlinkOutside, 1), (InputSkip::SpecialFile, 2)])
+    );
     assert_eq!(stats.skipped.get(&Skip::Binary), Some(&1));
     assert_eq!(stats.skipped.get(&Skip::Empty), Some(&1));
 }
@@ -274,7 +324,18 @@ fn bad_setups_are_refused() {
         &opts(stack.join("out"), dir.path().join("not-a-model.rf")),
         &|_| {},
     );
-    assert!(matches!(e, Err(ClassifyError::OutInsideInput { .. })));
+    assert!(matches!(
+        e,
+        Err(ClassifyError::OutDir(OutDirError::Overlap { .. }))
+    ));
+    // Above the input: kept/stack/… would land on the input's own files.
+    let e = filter(
+        &opts(dir.path().to_path_buf(), dir.path().join("not-a-model.rf")),
+        &|_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("above (a parent of) --input"), "{e}");
     let e = filter(
         &opts(dir.path().join("out"), dir.path().join("not-a-model.rf")),
         &|_| {},

@@ -47,6 +47,9 @@ pub struct DedupArgs {
     /// Only compute the signatures of slice K of N (input files i with i mod N = K), e.g. a Slurm array task; run again without --shard to cluster and write.
     #[arg(long)]
     pub shard: Option<Slice>,
+    /// Read symlinks that lead out of the input directories (by default they are skipped and counted).
+    #[arg(long)]
+    pub follow_symlinks: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -72,6 +75,9 @@ pub struct DecontaminateArgs {
     /// drop: leave contaminated documents out; flag: keep them and only report.
     #[arg(long, value_enum, default_value = "drop")]
     pub mode: Mode,
+    /// Read symlinks that lead out of the input directories (by default they are skipped and counted).
+    #[arg(long)]
+    pub follow_symlinks: bool,
 }
 
 fn byte_bar(quiet: bool) -> ProgressBar {
@@ -120,6 +126,7 @@ pub fn dedup(args: &DedupArgs, quiet: bool) -> anyhow::Result<Outcome> {
         verify_jaccard: args.verify_jaccard,
         index: args.index.clone(),
         shard: args.shard,
+        follow_symlinks: args.follow_symlinks,
     };
     let bar = byte_bar(quiet);
     let outcome = dedup::run(&opts, &|n| bar.inc(n))?;
@@ -165,6 +172,7 @@ pub fn decontaminate(args: &DecontaminateArgs, quiet: bool) -> anyhow::Result<Ou
         identifier_ngram: (args.identifier_ngram > 0).then_some(args.identifier_ngram),
         identifier_share: args.identifier_share,
         mode: args.mode,
+        follow_symlinks: args.follow_symlinks,
     };
     let bar = byte_bar(quiet);
     let report = decontaminate::run(&opts, &|n| bar.inc(n))?;

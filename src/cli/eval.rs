@@ -186,6 +186,7 @@ pub async fn eval(cmd: &EvalCommand, quiet: bool) -> anyhow::Result<Outcome> {
     let problems = code::load_problems(&args.problems)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("could not create {}", args.out.display()))?;
+    let _lock = crate::artifact::outdir::DirLock::exclusive(&args.out)?;
     let samples = match (&args.samples, &args.checkpoint) {
         (Some(path), _) => code::load_samples(path)?,
         (None, Some(dir)) => {
@@ -289,6 +290,7 @@ async fn stories(a: &StoriesArgs, quiet: bool) -> anyhow::Result<Outcome> {
     )?;
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("could not create {}", a.out.display()))?;
+    let _lock = crate::artifact::outdir::DirLock::exclusive(&a.out)?;
     let model = checkpoint::load(&a.checkpoint, candle_core::DType::F32, &Device::Cpu)?;
     let tokenizer = Tokenizer::for_checkpoint(&a.checkpoint)?;
     let params = sampling(a.max_new_tokens, a.gen_temperature, a.gen_top_p, a.seed);

@@ -27,6 +27,9 @@ pub struct InputArgs {
     /// Files larger than this many bytes are skipped (counted as oversized).
     #[arg(long, default_value_t = 1 << 20, value_parser = int_at_least(1u64))]
     pub max_bytes: u64,
+    /// Read symlinks that lead out of the input directories (by default they are skipped and counted).
+    #[arg(long)]
+    pub follow_symlinks: bool,
 }
 
 impl InputArgs {
@@ -35,6 +38,7 @@ impl InputArgs {
             inputs: self.input.clone(),
             extensions: self.ext.clone(),
             max_bytes: self.max_bytes,
+            follow_symlinks: self.follow_symlinks,
         }
     }
 }
@@ -276,7 +280,7 @@ fn prepare(
     if sample.len() < s.sample {
         tracing::warn!("only {} readable files: rating all of them", sample.len());
     }
-    annotate::record_sample(out, s.seed, &sample)?;
+    annotate::record_sample(out, &input.inputs, s.seed, &sample)?;
     let output = OutputArgs {
         n: sample.len() as u64,
         seed: s.seed,
@@ -486,9 +490,16 @@ async fn recipe_steps(
     Ok(())
 }
 
+/// The newest file of `dir`; its lock and file list (rewritten by every run) are not labels.
 fn newest_mtime(dir: &Path) -> Option<std::time::SystemTime> {
     std::fs::read_dir(dir)
         .ok()?
-        .filter_map(|e| e.ok()?.metadata().ok()?.modified().ok())
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            !e.file_name()
+                .to_str()
+                .is_some_and(crate::artifact::outdir::is_control_file)
+        })
+        .filter_map(|e| e.metadata().ok()?.modified().ok())
         .max()
 }

@@ -39,6 +39,9 @@ pub struct TokenizeArgs {
     /// Replace shards made from other inputs or settings.
     #[arg(long)]
     pub force: bool,
+    /// Read symlinks that lead out of the input directories (by default they are skipped and counted).
+    #[arg(long)]
+    pub follow_symlinks: bool,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -134,6 +137,7 @@ pub fn tokenize(args: &TokenizeArgs, quiet: bool) -> anyhow::Result<Outcome> {
         val_fraction: args.val_fraction,
         shard_tokens: args.shard_tokens,
         force: args.force,
+        follow_symlinks: args.follow_symlinks,
     };
     let bar = if quiet {
         ProgressBar::hidden()

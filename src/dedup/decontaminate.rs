@@ -28,7 +28,9 @@ use super::words::{self, Piece};
 use super::{io_err, minhash, DedupError};
 use crate::artifact::atomic;
 use crate::artifact::docs::{self, Doc};
+use crate::artifact::outdir::{self, DirLock, Written};
 use crate::artifact::table::{self, Kind, Schema};
+use crate::artifact::walk::{InputSkip, WalkOptions};
 
 /// Solutions with fewer distinct placeholder n-grams (about 30 tokens) are too generic for the
 /// renamed-identifier check: `return [ID for ID in ID if ID in ID]` is in every code base.
@@ -258,6 +260,8 @@ pub struct DecontaminateOptions {
     pub identifier_ngram: Option<usize>,
     pub identifier_share: f64,
     pub mode: Mode,
+    /// Read symlinks that lead out of the input trees.
+    pub follow_symlinks: bool,
 }
 
 /// n-gram hash → tasks, behind a two-probe Bloom filter of the hashes: almost every window of a
@@ -481,6 +485,9 @@ pub struct Report {
     pub seconds: f64,
     /// Per benchmark: problems, and documents hitting each problem (problems with none left out).
     pub benchmarks: BTreeMap<String, BenchmarkReport>,
+    /// Input entries not read (symlinks out of the tree, FIFOs, devices …), by reason.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub skipped_inputs: BTreeMap<InputSkip, u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -502,7 +509,10 @@ pub fn run(
     if opts.ngram == 0 {
         return Err(DedupError::Settings("--ngram must be at least 1".into()));
     }
-    super::check_out(&opts.out, &opts.inputs)?;
+    // Checked before anything is created: the lock file would be written into the input.
+    outdir::check_apart(&opts.out, &opts.inputs)?;
+    let lock = DirLock::exclusive(&opts.out)?;
+    let mut written = Written::open(&opts.out, &lock)?;
     let mut tasks = Vec::new();
     for b in &opts.benchmarks {
         tasks.extend(load_benchmark(b)?);
@@ -513,7 +523,21 @@ pub fn run(
         opts.identifier_ngram,
         opts.identifier_share,
     );
-    let files = docs::input_files(&opts.inputs)?;
+    let inputs = docs::input_files(
+        &opts.inputs,
+        WalkOptions {
+            follow_symlinks: opts.follow_symlinks,
+        },
+    )?;
+    let files = inputs.files;
+    // Everything this run writes, before the work: a file phigen did not write stops it now.
+    for rel in files
+        .iter()
+        .map(|f| f.rel.as_path())
+        .chain([Path::new(HITS_FILE), Path::new(REPORT_FILE)])
+    {
+        written.claim(rel)?;
+    }
     let started = Instant::now();
     let (mut rows, mut documents, mut bytes) = (Vec::new(), 0usize, 0u64);
     let mut per_task: BTreeMap<usize, usize> = BTreeMap::new();
@@ -593,6 +617,7 @@ pub fn run(
         contaminated_documents: contaminated,
         seconds: started.elapsed().as_secs_f64(),
         benchmarks,
+        skipped_inputs: inputs.skipped,
     };
     let path = opts.out.join(REPORT_FILE);
     atomic::write_json(&path, &report).map_err(io_err(&path))?;

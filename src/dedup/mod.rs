@@ -15,6 +15,10 @@
 //!    relative path under `OUT`; `removed.parquet` (id, file, row, cluster, kept id, reason,
 //!    estimated and exact similarity); `stats.json` last. With `--index DIR` the kept documents are
 //!    added to the index, so a later run removes what duplicates them.
+//!
+//! One run at a time writes `OUT` (`--shard` tasks: one per slice, side by side), and `OUT` may be
+//! neither an input nor inside or above one. A file already in `OUT` is replaced only when phigen
+//! wrote it (`OUT/.phigen.written` lists it).
 
 pub mod decontaminate;
 pub mod minhash;
@@ -30,7 +34,9 @@ use serde_json::{json, Map, Value};
 
 use crate::artifact::atomic;
 use crate::artifact::docs::{self, DocsError, InputFile};
+use crate::artifact::outdir::{self, DirLock, OutDirError, Written};
 use crate::artifact::table::{self, Kind, Schema, TableError};
+use crate::artifact::walk::{InputSkip, WalkOptions};
 use minhash::{MinHasher, Normalize, Params};
 
 pub const STATS_FILE: &str = "stats.json";
@@ -53,8 +59,8 @@ pub enum DedupError {
         expected: String,
         found: String,
     },
-    #[error("--out {out:?} is inside --input {input:?}; the output would be read as input, pick another directory")]
-    OutInsideInput { out: PathBuf, input: PathBuf },
+    #[error(transparent)]
+    OutDir(#[from] OutDirError),
     #[error("--shard {0}: expected K/N with 0 ≤ K < N")]
     Shard(String),
     #[error("{0}")]
@@ -95,6 +101,8 @@ pub struct DedupOptions {
     pub index: Option<PathBuf>,
     /// Only compute this slice's signatures.
     pub shard: Option<Slice>,
+    /// Read symlinks that lead out of the input trees.
+    pub follow_symlinks: bool,
 }
 
 /// An input file as a signature slice or `stats.json` records it (to tell stale results apart).
@@ -207,16 +215,14 @@ fn slice_table(
     slice: Slice,
     opts: &DedupOptions,
     hasher: &MinHasher,
+    written: &mut Written,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<SigTable, DedupError> {
     let dir = opts.out.join("signatures");
     std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-    let stem = dir.join(format!("slice-{}-of-{}", slice.k, slice.n));
-    let (meta_path, bin, ids) = (
-        stem.with_extension("json"),
-        stem.with_extension("bin"),
-        stem.with_extension("ids"),
-    );
+    let stem = format!("signatures/slice-{}-of-{}", slice.k, slice.n);
+    let rels = ["json", "bin", "ids"].map(|ext| PathBuf::from(format!("{stem}.{ext}")));
+    let [meta_path, bin, ids] = rels.clone().map(|rel| opts.out.join(rel));
     let stride = HEAD + opts.params.num_perm();
     if meta_path.exists() {
         let old: TableMeta = read_json(&meta_path)?;
@@ -227,7 +233,16 @@ fn slice_table(
         {
             return SigTable::read(&bin, &ids, old.docs, stride);
         }
+        if !written.contains(&rels[0]) {
+            // Written before phigen listed its files; the table's own meta shows it is ours.
+            for rel in &rels {
+                written.adopt(rel)?;
+            }
+        }
         std::fs::remove_file(&meta_path).map_err(io_err(&meta_path))?;
+    }
+    for rel in &rels {
+        written.claim(rel)?;
     }
     let mut table = SigTable::default();
     let minhash_nanos = std::sync::atomic::AtomicU64::new(0);
@@ -328,6 +343,9 @@ pub struct Stats {
     pub cluster_seconds: f64,
     pub write_seconds: f64,
     pub threads: usize,
+    /// Input entries not read (symlinks out of the tree, FIFOs, devices …), by reason.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub skipped_inputs: std::collections::BTreeMap<InputSkip, u64>,
 }
 
 #[derive(Debug)]
@@ -355,8 +373,24 @@ pub fn run(opts: &DedupOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<Outco
             "--bands and --rows must be at least 1".into(),
         ));
     }
-    check_out(&opts.out, &opts.inputs)?;
-    let files = docs::input_files(&opts.inputs)?;
+    // Checked before anything is created: the lock file would be written into the input.
+    outdir::check_apart(&opts.out, &opts.inputs)?;
+    let lock = match opts.shard {
+        Some(s) => DirLock::slice(&opts.out, s.k, s.n)?,
+        None => DirLock::exclusive(&opts.out)?,
+    };
+    let _index_lock = match &opts.index {
+        Some(dir) if opts.shard.is_none() && !same_dir(dir, &opts.out) => {
+            Some(DirLock::exclusive(dir)?)
+        }
+        _ => None,
+    };
+    let mut written = Written::open(&opts.out, &lock)?;
+    let walk = WalkOptions {
+        follow_symlinks: opts.follow_symlinks,
+    };
+    let inputs = docs::input_files(&opts.inputs, walk)?;
+    let files = inputs.files;
     let sources = files
         .iter()
         .map(|f| source_of(&f.path))
@@ -364,7 +398,15 @@ pub fn run(opts: &DedupOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<Outco
     let hasher = MinHasher::new(opts.params);
     let started = Instant::now();
     if let Some(slice) = opts.shard {
-        let table = slice_table(&files, &sources, slice, opts, &hasher, progress)?;
+        let table = slice_table(
+            &files,
+            &sources,
+            slice,
+            opts,
+            &hasher,
+            &mut written,
+            progress,
+        )?;
         return Ok(Outcome::Slice {
             slice,
             documents: table.ids.len(),
@@ -383,13 +425,30 @@ pub fn run(opts: &DedupOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<Outco
             }
             return Ok(Outcome::UpToDate(old));
         }
+        written.claim(Path::new(STATS_FILE))?;
         std::fs::remove_file(&stats_path).map_err(io_err(&stats_path))?;
+    }
+    // Everything this run writes, before the work: a file phigen did not write stops it now.
+    for rel in files
+        .iter()
+        .map(|f| f.rel.as_path())
+        .chain([Path::new(REMOVED_FILE), Path::new(STATS_FILE)])
+    {
+        written.claim(rel)?;
     }
     // A complete set of slices from `--shard` jobs, else one slice of everything.
     let n = complete_slice_set(&opts.out, &sources, opts)?.unwrap_or(1);
     let mut table = SigTable::default();
     for k in 0..n {
-        let part = slice_table(&files, &sources, Slice { k, n }, opts, &hasher, progress)?;
+        let part = slice_table(
+            &files,
+            &sources,
+            Slice { k, n },
+            opts,
+            &hasher,
+            &mut written,
+            progress,
+        )?;
         table.ids.extend(part.ids);
         table.words.extend(part.words);
         table.minhash_seconds += part.minhash_seconds;
@@ -581,6 +640,7 @@ pub fn run(opts: &DedupOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<Outco
         cluster_seconds,
         write_seconds: write_started.elapsed().as_secs_f64(),
         threads: rayon::current_num_threads(),
+        skipped_inputs: inputs.skipped,
     };
     atomic::write_json(&stats_path, &stats).map_err(io_err(&stats_path))?;
     if let (Some(dir), Some(generation)) = (&opts.index, index_generation) {
@@ -589,12 +649,9 @@ pub fn run(opts: &DedupOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<Outco
     Ok(Outcome::Done(stats))
 }
 
-/// Creates `out` and makes sure it is not inside an input (its files would be read back).
-pub(crate) fn check_out(out: &Path, inputs: &[PathBuf]) -> Result<(), DedupError> {
-    match docs::out_inside_input(out, inputs).map_err(io_err(out))? {
-        Some((out, input)) => Err(DedupError::OutInsideInput { out, input }),
-        None => Ok(()),
-    }
+/// Whether two directories are one (an --index given as the --out itself is locked once).
+fn same_dir(a: &Path, b: &Path) -> bool {
+    matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b)
 }
 
 /// The slice count of a complete set of slices made from these inputs and settings, if any.

@@ -4,6 +4,7 @@ use std::io::Write;
 use super::decontaminate::{self, DecontaminateOptions, Mode};
 use super::minhash::{Normalize, Params, Shingles};
 use super::*;
+use crate::artifact::outdir::DirLock;
 
 fn write_jsonl(path: &Path, docs: &[(String, String)]) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -26,6 +27,7 @@ fn options(inputs: Vec<PathBuf>, out: PathBuf) -> DedupOptions {
         verify_jaccard: None,
         index: None,
         shard: None,
+        follow_symlinks: false,
     }
 }
 
@@ -305,16 +307,84 @@ fn index_carries_over_between_runs() {
         .contains("other MinHash settings"));
 }
 
+/// The case `dedup --input P/corpus --out P` rewrote the input in place: an --out equal
+/// to, inside or above an input is refused before anything is written, and the input is unchanged.
 #[test]
-fn output_inside_input_is_refused() {
+fn output_inside_equal_to_or_above_the_input_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("p/corpus");
+    let docs = [("a".into(), "text".into()), ("b".into(), "text".into())];
+    write_jsonl(&corpus.join("d.jsonl"), &docs);
+    let before = std::fs::read(corpus.join("d.jsonl")).unwrap();
+    for (out, relation) in [
+        (corpus.join("out"), "inside --input"),
+        (corpus.clone(), "the same directory as --input"),
+        (dir.path().join("p"), "above (a parent of) --input"),
+    ] {
+        let err = run(&options(vec![corpus.clone()], out.clone()), &|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(relation), "{err}");
+        assert!(
+            !out.join(".phigen.lock").exists(),
+            "nothing written in {out:?}"
+        );
+        // Decontaminate shares the check (it comes before the benchmark is read).
+        let decon = DecontaminateOptions {
+            inputs: vec![corpus.clone()],
+            out,
+            benchmarks: vec![dir.path().join("unread.jsonl")],
+            ngram: 13,
+            identifier_ngram: None,
+            identifier_share: 0.8,
+            mode: Mode::Drop,
+            follow_symlinks: false,
+        };
+        let err = decontaminate::run(&decon, &|_| ()).unwrap_err().to_string();
+        assert!(err.contains(relation), "{err}");
+    }
+    assert_eq!(std::fs::read(corpus.join("d.jsonl")).unwrap(), before);
+    let names: BTreeSet<String> = std::fs::read_dir(&corpus)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, BTreeSet::from(["d.jsonl".to_string()]));
+}
+
+/// A second run on a directory another run holds fails at once, naming that run's PID (here this
+/// process's, which holds the lock); a file in --out that phigen did not write is never replaced.
+#[test]
+fn a_held_directory_and_foreign_files_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     write_jsonl(
         &dir.path().join("in/d.jsonl"),
         &[("a".into(), "text".into())],
     );
-    let opts = options(vec![dir.path().join("in")], dir.path().join("in/out"));
+    let out = dir.path().join("out");
+    let opts = options(vec![dir.path().join("in")], out.clone());
+    let held = DirLock::exclusive(&out).unwrap();
     let err = run(&opts, &|_| ()).unwrap_err().to_string();
-    assert!(err.contains("inside --input"), "{err}");
+    assert!(
+        err.contains(&format!("pid {}", std::process::id())) && err.contains("another phigen run"),
+        "{err}"
+    );
+    drop(held);
+    std::fs::create_dir_all(out.join("in")).unwrap();
+    std::fs::write(out.join("in/d.jsonl"), "theirs").unwrap();
+    let err = run(&opts, &|_| ()).unwrap_err().to_string();
+    assert!(err.contains("not written by phigen"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("in/d.jsonl")).unwrap(),
+        "theirs"
+    );
+    std::fs::remove_file(out.join("in/d.jsonl")).unwrap();
+    done(&opts);
+    // Its own outputs it may rewrite: a changed input is deduplicated again into the same --out.
+    write_jsonl(
+        &dir.path().join("in/d.jsonl"),
+        &[("a".into(), "text".into()), ("b".into(), "other".into())],
+    );
+    assert_eq!(done(&opts).kept, 2);
 }
 
 fn humaneval_file(dir: &Path) -> PathBuf {
@@ -368,6 +438,7 @@ fn decontamination_catches_copies_and_spares_unrelated_code() {
         identifier_ngram: Some(10),
         identifier_share: 0.8,
         mode: Mode::Drop,
+        follow_symlinks: false,
     };
     let report = decontaminate::run(&opts, &|_| ()).unwrap();
     let path = opts.out.join(decontaminate::HITS_FILE);

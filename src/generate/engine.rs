@@ -75,6 +75,8 @@ pub enum GenerateError {
     Teacher(#[from] TeacherError),
     #[error("{0}")]
     Template(#[from] super::prompt::TemplateError),
+    #[error(transparent)]
+    OutDir(#[from] crate::artifact::outdir::OutDirError),
 }
 
 /// Why a run ended before every slot was filled.
@@ -753,6 +755,8 @@ pub async fn generate<C: Corpus, T: Teacher>(
         path: opts.out.clone(),
         source,
     })?;
+    // One run per directory: two would write the same slots twice.
+    let _lock = crate::artifact::outdir::DirLock::exclusive(&opts.out)?;
     manifest(&plan).reconcile(&opts.out, true)?;
     let mut records = ShardWriter::open(
         &opts.out,

@@ -9,6 +9,8 @@
 //! tokens are plain text, as tiktoken's `encode_ordinary`) followed by the end-of-text token. A
 //! document goes to validation when the hash of its id falls under `--val-fraction`, so the split
 //! does not depend on order or on the other documents; the same inputs give byte-identical shards.
+//! One run at a time writes `OUT`; it replaces only shards phigen wrote there (listed in
+//! `OUT/.phigen.written`, see [`outdir`]), so other files in `OUT` are left as they are.
 
 pub mod shard;
 
@@ -21,7 +23,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::artifact::atomic;
 use crate::artifact::docs::{self, DocsError};
+use crate::artifact::outdir::{self, DirLock, OutDirError, Written};
 use crate::artifact::table::TableError;
+use crate::artifact::walk::{InputSkip, WalkOptions};
 use crate::model::tokenizer::Encoding;
 use shard::{Shard, ShardFileError, ShardWriter, TokenWidth, FORMAT_VERSION};
 
@@ -40,6 +44,8 @@ pub enum TokenizeError {
     Shard(#[from] ShardFileError),
     #[error(transparent)]
     Docs(#[from] DocsError),
+    #[error(transparent)]
+    OutDir(#[from] OutDirError),
     #[error("{path}: holds tokens of other inputs or settings ({reason}); pass --force to replace them, or another --out")]
     OtherRun { path: PathBuf, reason: String },
     #[error("{path}: {reason}")]
@@ -111,6 +117,9 @@ pub struct Meta {
     pub val_fraction: f64,
     pub sources: Vec<Source>,
     pub splits: BTreeMap<Split, SplitMeta>,
+    /// Input entries not read (symlinks out of the tree, FIFOs, devices …), by reason.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub skipped_inputs: BTreeMap<InputSkip, u64>,
 }
 
 pub struct TokenizeOptions {
@@ -121,6 +130,8 @@ pub struct TokenizeOptions {
     /// A new shard is started once one holds this many tokens.
     pub shard_tokens: u64,
     pub force: bool,
+    /// Read symlinks that lead out of the input trees.
+    pub follow_symlinks: bool,
 }
 
 fn describe(path: &Path) -> Result<Source, TokenizeError> {
@@ -157,10 +168,21 @@ struct SplitWriter {
     meta: SplitMeta,
 }
 
+/// Whether `name` is a shard name of this stage: `train-00000.bin`, `val-00012.bin`, ….
+fn is_shard_name(name: &str) -> bool {
+    let digits = |s: &str| s.len() >= 5 && s.bytes().all(|b| b.is_ascii_digit());
+    ["train-", "val-"].iter().any(|p| {
+        name.strip_prefix(p)
+            .and_then(|s| s.strip_suffix(".bin"))
+            .is_some_and(digits)
+    })
+}
+
 impl SplitWriter {
-    fn push(&mut self, ids: &[u32]) -> Result<(), TokenizeError> {
+    fn push(&mut self, ids: &[u32], written: &mut Written) -> Result<(), TokenizeError> {
         if self.current.is_none() {
             let name = format!("{}-{:05}.bin", self.split.name(), self.meta.shards.len());
+            written.claim(Path::new(&name))?;
             self.current = Some(ShardWriter::create(&self.dir.join(&name), self.width)?);
             self.meta.shards.push(name);
         }
@@ -206,18 +228,31 @@ pub fn run(
     if !(0.0..1.0).contains(&opts.val_fraction) {
         return Err(TokenizeError::ValFraction(opts.val_fraction));
     }
-    let files: Vec<PathBuf> = docs::input_files(&opts.inputs)?
-        .into_iter()
-        .map(|f| f.path)
-        .collect();
+    // Before anything is created: an --out inside an input would get its lock file written there.
+    outdir::check_apart(&opts.out, &opts.inputs)?;
+    let lock = DirLock::exclusive(&opts.out)?;
+    let walk = WalkOptions {
+        follow_symlinks: opts.follow_symlinks,
+    };
+    let inputs = docs::input_files(&opts.inputs, walk)?;
+    let files: Vec<PathBuf> = inputs.files.into_iter().map(|f| f.path).collect();
     let sources = files
         .iter()
         .map(|f| describe(f))
         .collect::<Result<Vec<_>, _>>()?;
-    std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
+    let mut written = Written::open(&opts.out, &lock)?;
     let meta_path = opts.out.join(META_FILE);
     if meta_path.exists() {
         let old = read_meta(&opts.out)?;
+        if !written.contains(Path::new(META_FILE)) {
+            // Written before phigen listed its files: the meta names what that run wrote.
+            written.adopt(Path::new(META_FILE))?;
+            for name in old.splits.values().flat_map(|s| &s.shards) {
+                if is_shard_name(name) {
+                    written.adopt(Path::new(name))?;
+                }
+            }
+        }
         let same = old.sources == sources
             && old.tokenizer == opts.encoding
             && old.val_fraction == opts.val_fraction;
@@ -237,14 +272,18 @@ pub fn run(
         }
         std::fs::remove_file(&meta_path).map_err(io_err(&meta_path))?;
     }
-    // Shards from an earlier (crashed or replaced) run: all are rewritten.
-    for entry in std::fs::read_dir(&opts.out).map_err(io_err(&opts.out))? {
-        let path = entry.map_err(io_err(&opts.out))?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        let ours = (name.starts_with("train-") || name.starts_with("val-"))
-            && (name.ends_with(".bin") || name.ends_with(".bin.tmp"));
-        if ours {
-            std::fs::remove_file(&path).map_err(io_err(&path))?;
+    // Shards of an earlier (crashed or replaced) run: all are rewritten. Only shards phigen
+    // listed are removed; anything else in the directory is not this stage's.
+    let stale: Vec<PathBuf> = written
+        .paths()
+        .filter(|p| p.to_str().is_some_and(is_shard_name))
+        .map(|p| opts.out.join(p))
+        .collect();
+    for path in stale {
+        for p in [atomic::temp_path(&path), path] {
+            if std::fs::symlink_metadata(&p).is_ok() {
+                std::fs::remove_file(&p).map_err(io_err(&p))?;
+            }
         }
     }
     let vocab = vocab_size(opts.encoding);
@@ -273,8 +312,8 @@ pub fn run(
             for (split, ids) in encoded {
                 progress(ids.len() as u64);
                 match split {
-                    Split::Train => train.push(&ids)?,
-                    Split::Val => val.push(&ids)?,
+                    Split::Train => train.push(&ids, &mut written)?,
+                    Split::Val => val.push(&ids, &mut written)?,
                 }
             }
             Ok::<(), TokenizeError>(())
@@ -289,7 +328,9 @@ pub fn run(
         val_fraction: opts.val_fraction,
         sources,
         splits: BTreeMap::from([(Split::Train, train.finish()?), (Split::Val, val.finish()?)]),
+        skipped_inputs: inputs.skipped,
     };
+    written.claim(Path::new(META_FILE))?;
     atomic::write_json(&meta_path, &meta).map_err(io_err(&meta_path))?;
     Ok(Outcome::Written(meta))
 }
@@ -401,6 +442,7 @@ mod tests {
             val_fraction: 0.3,
             shard_tokens: 64,
             force: false,
+            follow_symlinks: false,
         }
     }
 
@@ -525,5 +567,130 @@ mod tests {
             .unwrap()
             .to_string()
             .contains("no .parquet"));
+    }
+
+    /// The data loss: `tokenize --out DIR` deleted `train-images.bin` and
+    /// `val-labels.bin` that were already in DIR. Files phigen did not write survive a run and a
+    /// --force re-run byte for byte, and one named exactly like a shard is refused, not replaced.
+    #[test]
+    fn files_phigen_did_not_write_are_never_replaced_or_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("corpus");
+        write(
+            &input.join("a.txt"),
+            "One story.<|endoftext|>Another story.",
+        );
+        let out = dir.path().join("tok");
+        let theirs = [
+            ("train-images.bin", "mnist images"),
+            ("val-labels.bin", "mnist labels"),
+            ("train-00000.bin.bak", "a backup"),
+        ];
+        for (name, text) in theirs {
+            write(&out.join(name), text);
+        }
+        run(&opts(&input, &out), |_| {}).unwrap();
+        write(&input.join("a.txt"), "Changed story.");
+        let force = TokenizeOptions {
+            force: true,
+            ..opts(&input, &out)
+        };
+        run(&force, |_| {}).unwrap();
+        for (name, text) in theirs {
+            assert_eq!(std::fs::read_to_string(out.join(name)).unwrap(), text);
+        }
+        // A file that only looks like a shard: refused by name, left as it was.
+        let other = dir.path().join("other");
+        for name in ["train-00000.bin", "val-00000.bin"] {
+            write(&other.join(name), "not ours");
+        }
+        let err = run(&opts(&input, &other), |_| {})
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("-00000.bin") && err.contains("not written by phigen"),
+            "{err}"
+        );
+        for name in ["train-00000.bin", "val-00000.bin"] {
+            assert_eq!(
+                std::fs::read_to_string(other.join(name)).unwrap(),
+                "not ours"
+            );
+        }
+    }
+
+    /// Two runs on one directory left a shard `shards inspect` rejects: while one run holds
+    /// `--out`, another fails at once naming its PID (the holder here is this test process).
+    /// An --out that holds the input is refused too.
+    #[test]
+    fn a_held_or_overlapping_out_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("p/corpus");
+        write(&input.join("a.txt"), "One story.");
+        let out = dir.path().join("tok");
+        let held = DirLock::exclusive(&out).unwrap();
+        let err = run(&opts(&input, &out), |_| {}).err().unwrap().to_string();
+        assert!(
+            err.contains(&format!("another phigen run (pid {})", std::process::id()))
+                && err.contains(&out.display().to_string()),
+            "{err}"
+        );
+        drop(held);
+        run(&opts(&input, &out), |_| {}).unwrap();
+        let err = run(&opts(&input, &dir.path().join("p")), |_| {})
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("above (a parent of) --input"), "{err}");
+    }
+
+    /// A FIFO and a symlink to /dev/zero hung tokenize; a symlink out of the tree was read. Now
+    /// none is opened, each is counted in meta.json, and only the regular file is tokenized.
+    #[test]
+    fn special_files_and_symlinks_out_of_the_tree_are_skipped_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("corpus");
+        write(&input.join("a.txt"), "Hello world");
+        write(&dir.path().join("outside.txt"), "not part of the corpus");
+        std::os::unix::fs::symlink(dir.path().join("outside.txt"), input.join("b.txt")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", input.join("zero.txt")).unwrap();
+        let fifo = std::ffi::CString::new(input.join("pipe.jsonl").to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let out = dir.path().join("tok");
+        let o = opts(&input, &out);
+        // On a thread, so that a regression fails the test instead of hanging it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(run(&o, |_| {}).map(|outcome| match outcome {
+                Outcome::Written(m) | Outcome::UpToDate(m) => m,
+            }));
+        });
+        let meta = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("tokenize returns")
+            .unwrap();
+        assert_eq!(meta.sources.len(), 1);
+        assert_eq!(
+            meta.skipped_inputs,
+            BTreeMap::from([(InputSkip::SymlinkOutside, 1), (InputSkip::SpecialFile, 2)])
+        );
+        let docs: u64 = meta.splits.values().map(|s| s.documents).sum();
+        assert_eq!(docs, 1);
+        // With --follow-symlinks the outside file is read; the special files still are not.
+        let follow = TokenizeOptions {
+            follow_symlinks: true,
+            force: true,
+            ..opts(&input, &out)
+        };
+        let Outcome::Written(meta) = run(&follow, |_| {}).unwrap() else {
+            panic!("--force writes")
+        };
+        assert_eq!(meta.sources.len(), 2);
+        assert_eq!(
+            meta.skipped_inputs,
+            BTreeMap::from([(InputSkip::SpecialFile, 2)])
+        );
     }
 }

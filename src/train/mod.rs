@@ -55,6 +55,8 @@ pub enum TrainError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    OutDir(#[from] crate::artifact::outdir::OutDirError),
     #[error("{0}")]
     Resume(String),
     #[error("{0}")]
@@ -492,6 +494,8 @@ impl Run<'_> {
 pub fn run(opts: &TrainOptions, mut on_event: impl FnMut(Event)) -> Result<Outcome, TrainError> {
     let recipe = &opts.recipe;
     std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
+    // One run per run directory: two would write the same checkpoints and metrics.
+    let _lock = crate::artifact::outdir::DirLock::exclusive(&opts.out)?;
     let mut run = Run {
         opts,
         cfg: recipe.model.clone(),

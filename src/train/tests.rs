@@ -52,6 +52,7 @@ fn tokens(root: &Path) -> std::path::PathBuf {
         val_fraction: 0.1,
         shard_tokens: 1 << 20,
         force: false,
+        follow_symlinks: false,
     };
     tokenize::run(&opts, |_| {}).unwrap();
     out
