@@ -292,10 +292,9 @@ mod tests {
         y
     }
 
-    /// The kernel's tests on an x86-64 CPU without VNNI, where the kernel never runs (decoding
-    /// keeps the f32 product): skipped locally, but CI's CPU has VNNI, so there a CPU without it
+    /// The kernel's tests on a CPU without VNNI, where the kernel never runs (decoding keeps the
+    /// f32 product): skipped locally, but CI runs on a CPU with VNNI, so there a CPU without it
     /// means the kernel went untested, and the test fails.
-    #[cfg(target_arch = "x86_64")]
     fn no_vnni() {
         crate::artifact::skip_unless_ci(
             "this CPU has no AVX-512 VNNI (avx512_vnni in /proc/cpuinfo), so the int8 kernel \
@@ -307,7 +306,6 @@ mod tests {
     /// Weights on a 4-bit grid per block (as a Q4_1 file's are): their codes are exact, so the
     /// only error left is the activations' 8-bit rounding, bounded per block by
     /// Σ|w|·s/2 (each activation is off by at most half its block's step s = max|a|/127).
-    #[cfg(target_arch = "x86_64")]
     #[test]
     fn matches_the_f32_product_within_the_activation_rounding() {
         if !supported() {
@@ -360,7 +358,6 @@ mod tests {
 
     /// Arbitrary f32 weights (a checkpoint's, not on any grid) keep the product close to f32:
     /// relative error of the whole output under 1%, as for llama.cpp's Q8 types.
-    #[cfg(target_arch = "x86_64")]
     #[test]
     fn arbitrary_weights_stay_close() {
         if !supported() {
