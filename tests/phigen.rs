@@ -1907,6 +1907,18 @@ fn numeric_flags_out_of_range_are_usage_errors() {
             "must be a finite number in [0, 1000000]",
         ),
         (
+            vec!["mock-server", "--slow-secs", "inf"],
+            "--slow-secs",
+            "inf",
+            "must be a finite number in [0, 86400]",
+        ),
+        (
+            vec!["mock-server", "--rate-429", "1.5"],
+            "--rate-429",
+            "1.5",
+            "must be a finite number in [0, 1]",
+        ),
+        (
             stories(&["--max-cost", "nan"]),
             "--max-cost",
             "nan",

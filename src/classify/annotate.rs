@@ -425,8 +425,8 @@ mod tests {
         let three = draw_sample(&parts, 3, 1, 1 << 20, 100).unwrap();
         assert_eq!(five[..3], three[..]);
         let out = dir.path().join("labels");
-        record_sample(&out, &[src.clone()], 1, &three).unwrap();
-        record_sample(&out, &[src.clone()], 1, &five).unwrap();
+        record_sample(&out, std::slice::from_ref(&src), 1, &three).unwrap();
+        record_sample(&out, std::slice::from_ref(&src), 1, &five).unwrap();
         std::fs::write(
             src.join(format!(
                 "{}.py",
@@ -439,12 +439,12 @@ mod tests {
         )
         .unwrap();
         let changed = draw_sample(&parts, 5, 1, 1 << 20, 100).unwrap();
-        let e = record_sample(&out, &[src.clone()], 1, &changed)
+        let e = record_sample(&out, std::slice::from_ref(&src), 1, &changed)
             .unwrap_err()
             .to_string();
         assert!(e.contains("sample.json"), "{e}");
         // Labels written into the code they rate would be read back as code.
-        let e = record_sample(&src.join("labels"), &[src.clone()], 1, &five)
+        let e = record_sample(&src.join("labels"), std::slice::from_ref(&src), 1, &five)
             .unwrap_err()
             .to_string();
         assert!(e.contains("inside --input"), "{e}");

@@ -12,7 +12,7 @@ mod clean;
 mod eval;
 mod filter;
 mod model;
-mod numbers;
+pub(crate) mod numbers;
 mod train;
 
 use anyhow::{bail, Context};

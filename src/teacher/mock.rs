@@ -18,55 +18,58 @@ use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
 use tokio::net::TcpListener;
 
+use crate::cli::numbers::{self, f64_in, int_in, MAX_SECONDS};
+
 /// Probabilities (0–1) of each fault per request, and how the faults behave.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct Faults {
     /// Share of requests answered 429 with a `Retry-After` header.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = f64_in(numbers::UNIT))]
     pub rate_429: f64,
     /// `Retry-After` sent with 429/503, in seconds (a number) or as an HTTP date when negative.
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, value_parser = f64_in(numbers::closed(-MAX_SECONDS, MAX_SECONDS)))]
     pub retry_after_secs: f64,
     /// Share of requests answered 500.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = f64_in(numbers::UNIT))]
     pub rate_500: f64,
     /// Share of requests answered 503 with `Retry-After`.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = f64_in(numbers::UNIT))]
     pub rate_503: f64,
     /// Share of requests answered only after `--slow-secs` (to trip client timeouts).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = f64_in(numbers::UNIT))]
     pub rate_slow: f64,
-    #[arg(long, default_value_t = 5.0)]
+    /// How long a slow answer waits, in seconds.
+    #[arg(long, default_value_t = 5.0, value_parser = f64_in(numbers::closed(0.0, MAX_SECONDS)))]
     pub slow_secs: f64,
     /// Share of requests answered 200 with a body that is not JSON.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = f64_in(numbers::UNIT))]
     pub rate_malformed: f64,
     /// Share of requests whose answer is cut short with `finish_reason: "length"`.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = f64_in(numbers::UNIT))]
     pub rate_length: f64,
     /// Share of requests whose connection is closed without any response.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = f64_in(numbers::UNIT))]
     pub rate_drop: f64,
     /// Share of requests answered with a refusal ("I'm sorry, but I can't…").
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = f64_in(numbers::UNIT))]
     pub rate_refuse: f64,
     /// Share of requests answered with one fixed text (exact duplicates of each other).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = f64_in(numbers::UNIT))]
     pub rate_duplicate: f64,
     /// For prompts that ask for Python: share of answers whose code block does not parse.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = f64_in(numbers::UNIT))]
     pub rate_bad_code: f64,
     /// For prompts that ask for Python: share of answers without any code block.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = f64_in(numbers::UNIT))]
     pub rate_no_code: f64,
     /// For exercise prompts: share of answers whose asserts fail when run.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = f64_in(numbers::UNIT))]
     pub rate_failing_tests: f64,
     /// Answer every request 401 (a revoked key).
     #[arg(long)]
     pub unauthorized: bool,
     /// Fixed delay before every answer, in milliseconds (0 = answer at once).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = int_in(0u64, 86_400_000))]
     pub latency_ms: u64,
 }
 
