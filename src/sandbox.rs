@@ -24,9 +24,12 @@
 //! asserts would pass). The harness reads a random nonce from stdin (then points stdin at
 //! `/dev/null`), runs `main.py` in a fresh `__main__` module, and only when that returns writes the
 //! nonce to fd 3, a pipe phigen reads. A program passes only if it exits 0 *and* fd 3 carried exactly
-//! the nonce. The nonce is never in the program's file, environment or arguments; like the
-//! reference harness (which also runs the program in its own process) this does not hold against
-//! a program that deliberately searches the harness's memory for it.
+//! the nonce. The nonce is never in the program's file, environment or arguments, so an early
+//! `sys.exit(0)` / `os._exit(0)` / `raise SystemExit` fails. It is in the harness's frame, though:
+//! a program written to attack the harness (`sys._getframe(1).f_locals`) can still forge a pass, as
+//! it can against the reference harness, which also runs the program in its own process. The
+//! harness also writes `S` to fd 3 before the program: a run without it never started (bwrap or
+//! Python failed), which is an error, not a failed sample.
 
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -53,8 +56,11 @@ pub struct Limits {
     /// Largest file the program may write.
     pub max_file_bytes: u64,
     /// Processes (threads included) the program may have at once. Counted inside its own user
-    /// namespace, so other programs and the user's other processes do not count.
+    /// namespace, so other programs and the user's other processes do not count (kernels from
+    /// 5.14; on older ones the limit would count all of the user's processes and is not set).
     pub max_processes: u64,
+    /// Size of the program's writable `/tmp` (a tmpfs, [`Isolation::Namespaces`] only).
+    pub max_dir_bytes: u64,
 }
 
 impl Default for Limits {
@@ -66,6 +72,7 @@ impl Default for Limits {
             max_output: 64 << 10,
             max_file_bytes: 16 << 20,
             max_processes: 64,
+            max_dir_bytes: 64 << 20,
         }
     }
 }
@@ -117,6 +124,8 @@ pub enum SandboxError {
     NoPython { tried: String },
     #[error("sandbox: {detail}. Generated code only runs isolated: install bubblewrap (`apt-get install bubblewrap`, `dnf install bubblewrap`) on a kernel that allows unprivileged user namespaces, or, only on a machine you trust with these programs, pass --unsafe-sandbox (the run's stats record it)")]
     NoIsolation { detail: String },
+    #[error("sandbox: the program could not be started ({detail}); nothing of it ran")]
+    NotStarted { detail: String },
     #[error("sandbox: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -124,17 +133,22 @@ pub enum SandboxError {
 pub struct Sandbox {
     python: PathBuf,
     limits: Limits,
+    /// Each program's own uid (as root, where this namespace maps the range), see [`UID_BASE`].
+    fresh_uids: bool,
+    /// Whether `RLIMIT_NPROC` counts per user namespace here (Linux 5.14+).
+    nproc_per_namespace: bool,
     /// `bwrap` and its arguments up to the program's directory ([`Isolation::Namespaces`] only).
     bwrap: Option<(PathBuf, Vec<OsString>)>,
     workers: Semaphore,
 }
 
-/// Runs `main.py` in a fresh `__main__` and, only if it returns, writes the nonce read from stdin
-/// to fd 3. The process limit is set here, inside the program's user namespace, where it counts
+/// Writes `S` (started) to fd 3, runs `main.py` in a fresh `__main__` and, only if it returns,
+/// writes the nonce read from stdin to fd 3. The process limit is set here, inside the program's user namespace, where it counts
 /// the program's processes only (set before the namespace it would count all of the user's).
 const HARNESS: &str = r#"import os, sys
 def _phigen_harness(path, nproc):
     import resource, types
+    os.write(3, b"S")
     nonce = b""
     while True:
         chunk = os.read(0, 64)
@@ -144,10 +158,11 @@ def _phigen_harness(path, nproc):
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
-    hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
-    if hard != resource.RLIM_INFINITY:
-        nproc = min(nproc, hard)
-    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+    if nproc is not None:
+        hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+        if hard != resource.RLIM_INFINITY:
+            nproc = min(nproc, hard)
+        resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
     with open(path, "rb") as f:
         code = compile(f.read(), path, "exec")
     main = types.ModuleType("__main__")
@@ -174,6 +189,33 @@ impl Isolation {
             false => Isolation::Namespaces,
         }
     }
+}
+
+/// Whether this process's user namespace maps uids `first..first + count` (not so for root in
+/// a rootless container, where only its own range exists).
+fn maps_uids(first: u32, count: u32) -> bool {
+    let Ok(map) = std::fs::read_to_string("/proc/self/uid_map") else {
+        return false;
+    };
+    map.lines().any(|line| {
+        let f: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        f.len() == 3
+            && f[0] <= u64::from(first)
+            && u64::from(first) + u64::from(count) <= f[0] + f[2]
+    })
+}
+
+/// Whether the running kernel is at least `major.minor`.
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
 }
 
 fn is_root() -> bool {
@@ -230,9 +272,16 @@ impl Sandbox {
                 (Some(b), Ok(dirs)) => Some((b.clone(), bwrap_args(&dirs))),
                 (None, Ok(_)) => None,
             };
-            let sandbox = Sandbox {
+            // The probe gets time enough whatever the programs' limit (bwrap and Python start).
+            let mut sandbox = Sandbox {
                 python: candidate.clone(),
-                limits,
+                limits: Limits {
+                    wall: limits.wall.max(Duration::from_secs(30)),
+                    cpu_secs: limits.cpu_secs.max(30),
+                    ..limits
+                },
+                fresh_uids: bwrap.is_some() && is_root() && maps_uids(UID_BASE, UID_SPAN),
+                nproc_per_namespace: kernel_at_least(5, 14),
                 bwrap,
                 workers: Semaphore::new(workers.max(1)),
             };
@@ -241,12 +290,17 @@ impl Sandbox {
                 .await
             {
                 Ok(e) if e.verdict == Verdict::Passed && e.stdout.trim() == "ok" => {
-                    return Ok(sandbox)
+                    sandbox.limits = limits;
+                    return Ok(sandbox);
                 }
-                Ok(e) => {
-                    let last = e.stderr.lines().last().unwrap_or_default();
-                    bwrap_failed |= last.starts_with("bwrap:");
-                    format!("{:?}: {last}", e.verdict)
+                Ok(e) => format!(
+                    "{:?}: {}",
+                    e.verdict,
+                    e.stderr.lines().last().unwrap_or_default()
+                ),
+                Err(SandboxError::NotStarted { detail }) => {
+                    bwrap_failed |= detail.starts_with("bwrap:");
+                    detail
                 }
                 Err(e) => e.to_string(),
             };
@@ -283,7 +337,8 @@ impl Sandbox {
             .prefix("phigen-sandbox-")
             .tempdir()?;
         std::fs::write(dir.path().join("main.py"), program)?;
-        let uid = (self.bwrap.is_some() && is_root())
+        let uid = self
+            .fresh_uids
             .then(|| UID_BASE + NEXT_UID.fetch_add(1, Ordering::Relaxed) % UID_SPAN);
         if let Some(uid) = uid {
             for p in [dir.path().to_path_buf(), dir.path().join("main.py")] {
@@ -292,17 +347,23 @@ impl Sandbox {
         }
         let (mut cmd, home) = match &self.bwrap {
             Some((bwrap, args)) => {
+                // The program's directory is a tmpfs of its own size, holding `main.py`.
                 let mut cmd = std::process::Command::new(bwrap);
                 cmd.args(args)
-                    .arg("--bind")
-                    .arg(dir.path())
-                    .args(["/tmp", "--chdir", "/tmp", "--"])
+                    .args(["--size", &self.limits.max_dir_bytes.to_string()])
+                    .args(["--tmpfs", "/tmp", "--ro-bind"])
+                    .arg(dir.path().join("main.py"))
+                    .args(["/tmp/main.py", "--chdir", "/tmp", "--"])
                     .arg(&self.python);
                 (cmd, Path::new("/tmp"))
             }
             None => (std::process::Command::new(&self.python), dir.path()),
         };
-        let harness = HARNESS.replace("MAX_PROCESSES", &self.limits.max_processes.to_string());
+        let nproc = match self.nproc_per_namespace || self.bwrap.is_none() {
+            true => self.limits.max_processes.to_string(),
+            false => "None".to_string(),
+        };
+        let harness = HARNESS.replace("MAX_PROCESSES", &nproc);
         cmd.args(["-I", "-B", "-c", &harness])
             .current_dir(dir.path())
             .env_clear()
@@ -343,7 +404,7 @@ impl Sandbox {
         );
         let result = read_capped(
             tokio::net::unix::pipe::Receiver::from_owned_fd(result_read)?,
-            nonce.len() + 1,
+            nonce.len() + 2,
         );
         let waited = tokio::time::timeout(limits.wall, async {
             let (out, err, result) = tokio::join!(out, err, result);
@@ -365,6 +426,18 @@ impl Sandbox {
             Err(_) => (None, String::new(), String::new(), String::new(), true),
         };
         use std::os::unix::process::ExitStatusExt;
+        // The harness writes `S` before the program: without it, bwrap or Python never started
+        // (a run killed at its time limit is a verdict whatever it wrote).
+        let result = match result.strip_prefix('S') {
+            Some(rest) => rest,
+            None if timed_out => "",
+            None => {
+                let last = stderr.lines().rev().find(|l| !l.trim().is_empty());
+                return Err(SandboxError::NotStarted {
+                    detail: last.unwrap_or("no message").to_string(),
+                });
+            }
+        };
         let (exit_code, signal) = match (status.and_then(|s| s.code()), status) {
             // bwrap reports a program killed by signal N as exit status 128 + N.
             (Some(code @ 129..=192), _) if self.bwrap.is_some() => (None, Some(code - 128)),
@@ -527,8 +600,8 @@ async fn read_capped(pipe: impl tokio::io::AsyncRead + Unpin, cap: usize) -> Str
     String::from_utf8_lossy(&buf).into_owned()
 }
 
-/// In the child, between fork and exec: its own session, the result pipe as fd 3, the rlimits,
-/// and (as root) the run's own uid.
+/// In the child, between fork and exec: its own session, the result pipe as fd 3 and no other
+/// descriptor above it, the rlimits, and (as root) the run's own uid.
 fn confine(limits: &Limits, uid: Option<u32>, result_fd: RawFd) -> std::io::Result<()> {
     let check = |rc: libc::c_int| {
         if rc >= 0 {
@@ -544,6 +617,13 @@ fn confine(limits: &Limits, uid: Option<u32>, result_fd: RawFd) -> std::io::Resu
             check(libc::fcntl(3, libc::F_SETFD, 0))?;
         } else {
             check(libc::dup2(result_fd, 3))?;
+        }
+        // Descriptors phigen inherited without close-on-exec (a CI runner's, a shell's
+        // `5<secret`) must not reach the program: close all above 3.
+        if libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32) != 0 {
+            for fd in 4..1024 {
+                libc::close(fd);
+            }
         }
         let limit = |resource, value: u64| {
             check(libc::setrlimit(
@@ -785,6 +865,25 @@ mod tests {
             .unwrap();
         assert_eq!(e.verdict, Verdict::Failed);
         assert!(!outside.exists());
+        // A descriptor phigen inherited without close-on-exec does not reach the program.
+        let secret = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(secret.path(), "secret").unwrap();
+        let file = std::fs::File::open(secret.path()).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+        // SAFETY: clears FD_CLOEXEC on a descriptor this test owns.
+        assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, 0);
+        let e = s
+            .run(&format!("import os\nassert os.read({fd}, 6) != b'secret'"))
+            .await
+            .unwrap();
+        assert!(e.error.contains("Bad file descriptor"), "{e:?}");
+        drop(file);
+        // The writable directory has its own size limit (64 MiB by default).
+        let e = s
+            .run("for i in range(6):\n    open(f'f{i}', 'wb').write(b'x' * (15 << 20))")
+            .await
+            .unwrap();
+        assert!(e.error.contains("No space left"), "{e:?}");
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let e = s

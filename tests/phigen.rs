@@ -537,6 +537,8 @@ fn teacher(base_url: &str, model: &str, timeout: Duration, max_attempts: u32) ->
             temperature: 1.0,
             top_p: 1.0,
             max_tokens: 500,
+            top_k: None,
+            min_p: None,
         },
         timeout,
         concurrency: 4,
@@ -1388,6 +1390,8 @@ fn request(
         max_tokens,
         temperature: 0.0,
         top_p: 1.0,
+        top_k: None,
+        min_p: None,
         stop: Vec::new(),
         ignore_eos,
     }

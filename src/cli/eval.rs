@@ -139,6 +139,7 @@ fn sampling(max_new_tokens: usize, temperature: f64, top_p: f64, seed: u64) -> S
         temperature,
         top_k: None,
         top_p: (top_p < 1.0).then_some(top_p),
+        min_p: None,
         repetition_penalty: 1.0,
         seed,
         greedy: temperature <= 0.0,

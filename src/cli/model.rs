@@ -59,6 +59,9 @@ pub struct SampleArgs {
     /// Keep the most likely tokens up to this probability mass, above 0 (1 = off).
     #[arg(long, default_value_t = 0.95, value_parser = f64_in(numbers::TOP_P))]
     pub top_p: f64,
+    /// Drop tokens less likely than this share of the most likely one [default: off].
+    #[arg(long, value_parser = f64_in(numbers::UNIT))]
+    pub min_p: Option<f64>,
     /// Penalise tokens already in the text (1 = off; 1.1–1.3 is typical; above 0, at most 10).
     #[arg(long, default_value_t = 1.0, value_parser = f64_in(numbers::above(0.0, 10.0)))]
     pub repetition_penalty: f64,
@@ -95,7 +98,7 @@ pub struct InitArgs {
     #[arg(long, value_enum, default_value_t = Encoding::Gpt2)]
     pub tokenizer: Encoding,
     /// Token embeddings (vocab_size) instead of the preset's; at least the tokenizer's size.
-    #[arg(long)]
+    #[arg(long, value_parser = int_in(1usize, 1 << 24))]
     pub vocab_size: Option<usize>,
     /// Number format on disk.
     #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
@@ -179,6 +182,7 @@ pub fn sample(args: &SampleArgs) -> anyhow::Result<()> {
         temperature: args.temperature,
         top_k: args.top_k,
         top_p: (args.top_p < 1.0).then_some(args.top_p),
+        min_p: args.min_p,
         repetition_penalty: args.repetition_penalty,
         seed: args.seed,
         greedy: args.greedy,

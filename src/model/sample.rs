@@ -17,6 +17,9 @@ pub struct SamplingParams {
     pub temperature: f64,
     pub top_k: Option<usize>,
     pub top_p: Option<f64>,
+    /// Min-p: drop tokens whose probability is below `min_p` times the most likely one's
+    /// (transformers' MinPLogitsWarper, llama.cpp's `min_p`; applied after top-k and top-p).
+    pub min_p: Option<f64>,
     /// > 1 discourages tokens already present (1 = off).
     pub repetition_penalty: f64,
     pub seed: u64,
@@ -38,6 +41,7 @@ impl Default for SamplingParams {
             temperature: 0.8,
             top_k: None,
             top_p: Some(0.95),
+            min_p: None,
             repetition_penalty: 1.0,
             seed: 0,
             greedy: false,
@@ -98,12 +102,19 @@ pub(crate) fn pick(
     let t = params.temperature as f32;
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     let weight = |l: f32| f64::from((l - max) / t).exp();
+    // A token's weight is its probability relative to the most likely one's: min-p drops the
+    // tokens whose weight is below it (after top-k and top-p, as transformers orders them).
+    let min_p = params.min_p.unwrap_or(0.0);
     if params.top_k.is_none() && params.top_p.is_none() {
         // The whole softmax: no order needed.
-        let total: f64 = logits.iter().map(|&l| weight(l)).sum();
+        let kept = |l: f32| match weight(l) {
+            w if w < min_p => 0.0,
+            w => w,
+        };
+        let total: f64 = logits.iter().map(|&l| kept(l)).sum();
         let mut u = rng.random::<f64>() * total;
         for (i, &l) in logits.iter().enumerate() {
-            let w = weight(l);
+            let w = kept(l);
             if u < w {
                 return i as u32;
             }
@@ -157,6 +168,14 @@ pub(crate) fn pick(
         probs.truncate(keep);
         order.truncate(keep);
     }
+    // Sorted by weight, so the tokens min-p keeps are a prefix (the first has weight 1).
+    let keep = order
+        .iter()
+        .position(|&i| weight(logits[i]) < min_p)
+        .unwrap_or(order.len())
+        .max(1);
+    probs.truncate(keep);
+    order.truncate(keep);
     let total: f64 = probs.iter().sum();
     let mut u = rng.random::<f64>() * total;
     for (p, &i) in probs.iter().zip(&order) {
@@ -392,6 +411,46 @@ mod tests {
             };
             assert_eq!(pick(&mut l.clone(), &[], &p, &mut rng), 0);
         }
+    }
+
+    /// Min-p 0.25 over probabilities (0.5, 0.3, 0.15, 0.05): tokens below 0.25 × 0.5 = 0.125 are
+    /// dropped, so only ids 0, 1 and 2 can be drawn, in proportion 0.5 : 0.3 : 0.15; with top-p
+    /// 0.7 as well, top-p keeps ids 0 and 1 first. Hand-computed from transformers'
+    /// MinPLogitsWarper definition.
+    #[test]
+    fn min_p_drops_tokens_below_its_share_of_the_best() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let l: Vec<f32> = [0.5f32, 0.3, 0.15, 0.05].iter().map(|p| p.ln()).collect();
+        let draw = |p: &SamplingParams, rng: &mut ChaCha8Rng| {
+            let mut counts = [0usize; 4];
+            for _ in 0..4000 {
+                counts[pick(&mut l.clone(), &[], p, rng) as usize] += 1;
+            }
+            counts
+        };
+        let p = SamplingParams {
+            min_p: Some(0.25),
+            temperature: 1.0,
+            top_k: None,
+            top_p: None,
+            ..params(false)
+        };
+        let c = draw(&p, &mut rng);
+        assert_eq!(c[3], 0, "{c:?}");
+        // 0.5 / 0.95 of 4000 ≈ 2105, σ ≈ 32: within 5σ.
+        assert!((c[0] as f64 - 4000.0 * 0.5 / 0.95).abs() < 160.0, "{c:?}");
+        assert!(c[2] > 0, "{c:?}");
+        let p = SamplingParams {
+            top_p: Some(0.7),
+            ..p
+        };
+        let c = draw(&p, &mut rng);
+        assert_eq!((c[2], c[3]), (0, 0), "{c:?}");
+        let p = SamplingParams {
+            min_p: Some(0.9),
+            ..p
+        };
+        assert_eq!(draw(&p, &mut rng), [4000, 0, 0, 0]);
     }
 
     /// Streaming "Hello world\n\ndef" token by token with stop "\n\n": the pieces printed are

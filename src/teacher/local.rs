@@ -161,6 +161,8 @@ pub struct Request {
     /// 0 = greedy.
     pub temperature: f32,
     pub top_p: f32,
+    pub top_k: Option<u32>,
+    pub min_p: Option<f32>,
     /// Text at which the answer ends (not included).
     pub stop: Vec<String>,
     /// Go on past end-of-sequence tokens until `max_tokens` (benchmarks; vLLM's extension).
@@ -177,8 +179,9 @@ impl Request {
         SamplingParams {
             max_new_tokens,
             temperature: f64::from(self.temperature),
-            top_k: None,
+            top_k: self.top_k.map(|k| k as usize),
             top_p: (self.top_p < 1.0).then_some(f64::from(self.top_p)),
+            min_p: self.min_p.filter(|&p| p > 0.0).map(f64::from),
             repetition_penalty: 1.0,
             seed,
             greedy: self.temperature <= 0.0,
@@ -512,7 +515,11 @@ fn run_static(
             return;
         }
         // One batch shares one sampler setting: the first job's; others wait for the next batch.
-        let key = |j: &Job| (j.request.temperature.to_bits(), j.request.top_p.to_bits());
+        let key = |j: &Job| {
+            let r = &j.request;
+            let min_p = r.min_p.map(f32::to_bits);
+            (r.temperature.to_bits(), r.top_p.to_bits(), r.top_k, min_p)
+        };
         let first = key(&waiting[0]);
         let (batch, rest): (Vec<Job>, Vec<Job>) =
             waiting.into_iter().partition(|j| key(j) == first);
@@ -650,6 +657,8 @@ impl Teacher for LocalTeacher {
             max_tokens: self.sampling.max_tokens as usize,
             temperature: self.sampling.temperature,
             top_p: self.sampling.top_p,
+            top_k: Some(self.sampling.top_k.unwrap_or(super::LOCAL_TOP_K)),
+            min_p: Some(self.sampling.min_p.unwrap_or(super::LOCAL_MIN_P)),
             stop: Vec::new(),
             ignore_eos: false,
         };

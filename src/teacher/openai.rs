@@ -371,6 +371,14 @@ fn request_body_tail(model: &str, sampling: Sampling, field: MaxTokensField) -> 
         .as_object_mut()
         .expect("a request serializes to an object");
     object.remove("messages");
+    // Not in OpenAI's API; vLLM, llama.cpp's server and `phigen serve` read them. Sent only when
+    // asked for, so OpenAI itself never sees them.
+    if let Some(k) = sampling.top_k {
+        object.insert("top_k".into(), k.into());
+    }
+    if let Some(p) = sampling.min_p {
+        object.insert("min_p".into(), p.into());
+    }
     let tail = serde_json::to_string(&value).expect("json value always serializes");
     tail[1..].to_string()
 }
@@ -446,6 +454,8 @@ mod tests {
             temperature: 0.7,
             top_p: 0.95,
             max_tokens: 321,
+            top_k: None,
+            min_p: None,
         };
         for (field, key) in [
             (MaxTokensField::MaxTokens, "max_tokens"),
@@ -459,7 +469,20 @@ mod tests {
             assert_eq!(parsed.temperature, Some(0.7));
             let raw: serde_json::Value = serde_json::from_str(&body).unwrap();
             assert_eq!(raw[key], 321, "{body}");
+            assert!(raw.get("top_k").is_none() && raw.get("min_p").is_none());
         }
+        // Top-k and min-p go out only when asked for, under vLLM's names.
+        let s = Sampling {
+            top_k: Some(40),
+            min_p: Some(0.25),
+            ..s
+        };
+        let tail = request_body_tail("m", s, MaxTokensField::MaxTokens);
+        let raw: serde_json::Value = serde_json::from_str(&format!("{{{tail}")).unwrap();
+        assert_eq!(
+            (raw["top_k"].as_u64(), raw["min_p"].as_f64()),
+            (Some(40), Some(0.25))
+        );
     }
 
     /// Bodies as servers echo a request back (raw headers, JSON, a Python repr), with the key

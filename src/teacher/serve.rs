@@ -422,6 +422,11 @@ struct Common {
     temperature: Option<f32>,
     #[serde(default)]
     top_p: Option<f32>,
+    /// vLLM's and llama.cpp's extensions (absent: the whole distribution, as OpenAI).
+    #[serde(default)]
+    top_k: Option<u32>,
+    #[serde(default)]
+    min_p: Option<f32>,
     #[serde(default)]
     stop: Stop,
     #[serde(default)]
@@ -616,6 +621,9 @@ impl Server {
         if prompt.is_empty() {
             return Err(bad("the prompt is empty".into()));
         }
+        if let Some(p) = common.min_p.filter(|p| !(0.0..=1.0).contains(p)) {
+            return Err(bad(format!("`min_p` must be in [0, 1], found {p}")));
+        }
         let request = super::local::Request {
             prompt,
             max_tokens: common
@@ -624,6 +632,9 @@ impl Server {
                 .unwrap_or(DEFAULT_MAX_TOKENS),
             temperature: common.temperature.unwrap_or(1.0),
             top_p: common.top_p.unwrap_or(1.0),
+            // vLLM reads 0 and -1 as "off"; a negative number does not parse as u32 here.
+            top_k: common.top_k.filter(|&k| k > 0),
+            min_p: common.min_p,
             stop: match common.stop {
                 Stop::None => Vec::new(),
                 Stop::One(s) => vec![s],
