@@ -139,6 +139,8 @@ pub struct Sandbox {
     nproc_per_namespace: bool,
     /// `bwrap` and its arguments up to the program's directory ([`Isolation::Namespaces`] only).
     bwrap: Option<(PathBuf, Vec<OsString>)>,
+    /// The seccomp program bwrap loads from fd 4 (see [`seccomp_filter`]).
+    seccomp: Option<Vec<u8>>,
     workers: Semaphore,
 }
 
@@ -282,6 +284,7 @@ impl Sandbox {
                 },
                 fresh_uids: bwrap.is_some() && is_root() && maps_uids(UID_BASE, UID_SPAN),
                 nproc_per_namespace: kernel_at_least(5, 14),
+                seccomp: bwrap.as_ref().and_then(|_| seccomp_filter()),
                 bwrap,
                 workers: Semaphore::new(workers.max(1)),
             };
@@ -350,6 +353,11 @@ impl Sandbox {
                 // The program's directory is a tmpfs of its own size, holding `main.py`.
                 let mut cmd = std::process::Command::new(bwrap);
                 cmd.args(args)
+                    .args(if self.seccomp.is_some() {
+                        &["--seccomp", "4"][..]
+                    } else {
+                        &[]
+                    })
                     .args(["--size", &self.limits.max_dir_bytes.to_string()])
                     .args(["--tmpfs", "/tmp", "--ro-bind"])
                     .arg(dir.path().join("main.py"))
@@ -375,18 +383,29 @@ impl Sandbox {
             .stderr(Stdio::piped());
         let (result_read, result_write) = pipe()?;
         let result_fd = result_write.as_raw_fd();
+        // The filter goes to bwrap through a pipe that holds all of it (a few hundred bytes).
+        let seccomp = match &self.seccomp {
+            Some(program) => {
+                let (read, write) = pipe()?;
+                std::io::Write::write_all(&mut std::fs::File::from(write), program)?;
+                Some(read)
+            }
+            None => None,
+        };
+        let seccomp_fd = seccomp.as_ref().map(|fd| fd.as_raw_fd());
         let limits = self.limits;
         // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
         // system calls (setsid, dup2, fcntl, setrlimit, setgroups, setgid, setuid) on data prepared
         // before the fork.
         unsafe {
-            cmd.pre_exec(move || confine(&limits, uid, result_fd));
+            cmd.pre_exec(move || confine(&limits, uid, result_fd, seccomp_fd));
         }
         let mut cmd = tokio::process::Command::from(cmd);
         cmd.kill_on_drop(true);
         let mut child = cmd.spawn()?;
         // Only the child may hold the write end, or the read below would never see its end.
         drop(result_write);
+        drop(seccomp);
         let started = Instant::now();
         let pid = child.id().expect("a just-spawned child has a pid");
         let nonce = nonce()?;
@@ -552,6 +571,82 @@ fn bwrap_args(python_dirs: &[PathBuf]) -> Vec<OsString> {
     a
 }
 
+/// The seccomp filter bwrap installs (`--seccomp`): the system calls a test program has no use
+/// for and that widen the kernel's attack surface or reach outside — tracing other processes,
+/// eBPF, perf, userfaultfd, the key ring, modules, kexec, mounts and namespaces, io_uring,
+/// swap and reboot, and `socket(AF_UNIX)` — fail with EPERM; a foreign ABI (x32, a 32-bit
+/// binary on a 64-bit kernel) is killed. Classic BPF over `seccomp_data` (nr at 0, arch at 4,
+/// the first argument at 16), as `seccomp(2)` describes. `None` on other architectures.
+fn seccomp_filter() -> Option<Vec<u8>> {
+    #[cfg(target_arch = "x86_64")]
+    const ARCH: u32 = 0xC000_003E; // AUDIT_ARCH_X86_64
+    #[cfg(target_arch = "aarch64")]
+    const ARCH: u32 = 0xC000_00B7; // AUDIT_ARCH_AARCH64
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    return None;
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    {
+        const LD_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+        const JEQ: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+        const JGE: u16 = 0x35; // BPF_JMP | BPF_JGE | BPF_K
+        const RET: u16 = 0x06; // BPF_RET | BPF_K
+        const KILL_PROCESS: u32 = 0x8000_0000;
+        const ALLOW: u32 = 0x7FFF_0000;
+        const ERRNO: u32 = 0x0005_0000;
+        let denied = [
+            libc::SYS_ptrace,
+            libc::SYS_process_vm_readv,
+            libc::SYS_process_vm_writev,
+            libc::SYS_bpf,
+            libc::SYS_perf_event_open,
+            libc::SYS_userfaultfd,
+            libc::SYS_keyctl,
+            libc::SYS_add_key,
+            libc::SYS_request_key,
+            libc::SYS_init_module,
+            libc::SYS_finit_module,
+            libc::SYS_delete_module,
+            libc::SYS_kexec_load,
+            libc::SYS_kexec_file_load,
+            libc::SYS_mount,
+            libc::SYS_umount2,
+            libc::SYS_pivot_root,
+            libc::SYS_setns,
+            libc::SYS_unshare,
+            libc::SYS_io_uring_setup,
+            libc::SYS_swapon,
+            libc::SYS_swapoff,
+            libc::SYS_reboot,
+        ];
+        // (code, jump if true, jump if false, k); jumps count instructions skipped.
+        let mut p: Vec<(u16, u8, u8, u32)> = vec![(LD_ABS, 0, 0, 4), (JEQ, 1, 0, ARCH)];
+        p.push((RET, 0, 0, KILL_PROCESS));
+        p.push((LD_ABS, 0, 0, 0));
+        // Tail: [socket check: 3] [ALLOW] [ERRNO]; a check at i jumps to ERRNO over the rest.
+        let checks = denied.len() + usize::from(cfg!(target_arch = "x86_64"));
+        let to_errno = |i: usize| (checks - i + 3) as u8;
+        if cfg!(target_arch = "x86_64") {
+            p.push((JGE, to_errno(0), 0, 0x4000_0000)); // x32 system calls
+        }
+        let first = checks - denied.len();
+        for (i, nr) in denied.iter().enumerate() {
+            p.push((JEQ, to_errno(first + i), 0, *nr as u32));
+        }
+        p.push((JEQ, 0, 2, libc::SYS_socket as u32));
+        p.push((LD_ABS, 0, 0, 16));
+        p.push((JEQ, 1, 0, libc::AF_UNIX as u32));
+        p.push((RET, 0, 0, ALLOW));
+        p.push((RET, 0, 0, ERRNO | libc::EPERM as u32));
+        let mut bytes = Vec::with_capacity(p.len() * 8);
+        for (code, jt, jf, k) in p {
+            bytes.extend(code.to_ne_bytes());
+            bytes.extend([jt, jf]);
+            bytes.extend(k.to_ne_bytes());
+        }
+        Some(bytes)
+    }
+}
+
 /// A pipe whose ends close on exec (the child gets the write end as fd 3 by `dup2`).
 fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
@@ -602,7 +697,12 @@ async fn read_capped(pipe: impl tokio::io::AsyncRead + Unpin, cap: usize) -> Str
 
 /// In the child, between fork and exec: its own session, the result pipe as fd 3 and no other
 /// descriptor above it, the rlimits, and (as root) the run's own uid.
-fn confine(limits: &Limits, uid: Option<u32>, result_fd: RawFd) -> std::io::Result<()> {
+fn confine(
+    limits: &Limits,
+    uid: Option<u32>,
+    result_fd: RawFd,
+    seccomp_fd: Option<RawFd>,
+) -> std::io::Result<()> {
     let check = |rc: libc::c_int| {
         if rc >= 0 {
             Ok(())
@@ -610,18 +710,32 @@ fn confine(limits: &Limits, uid: Option<u32>, result_fd: RawFd) -> std::io::Resu
             Err(std::io::Error::last_os_error())
         }
     };
+    let check_fd = |fd: libc::c_int| {
+        if fd >= 0 {
+            Ok(fd)
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
     // SAFETY: async-signal-safe system calls with valid, pre-built arguments.
     unsafe {
         check(libc::setsid())?;
-        if result_fd == 3 {
-            check(libc::fcntl(3, libc::F_SETFD, 0))?;
-        } else {
-            check(libc::dup2(result_fd, 3))?;
+        // fd 3: the result pipe; fd 4: the seccomp program for bwrap. Move them out of the way
+        // first, so that neither overwrites the other.
+        let result_fd = check_fd(libc::fcntl(result_fd, libc::F_DUPFD, 10))?;
+        let seccomp_fd = match seccomp_fd {
+            Some(fd) => Some(check_fd(libc::fcntl(fd, libc::F_DUPFD, 10))?),
+            None => None,
+        };
+        check(libc::dup2(result_fd, 3))?;
+        if let Some(fd) = seccomp_fd {
+            check(libc::dup2(fd, 4))?;
         }
         // Descriptors phigen inherited without close-on-exec (a CI runner's, a shell's
-        // `5<secret`) must not reach the program: close all above 3.
-        if libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32) != 0 {
-            for fd in 4..1024 {
+        // `5<secret`) must not reach the program: close all above those two.
+        let first = if seccomp_fd.is_some() { 5 } else { 4 };
+        if libc::syscall(libc::SYS_close_range, first as u32, u32::MAX, 0u32) != 0 {
+            for fd in first..1024 {
                 libc::close(fd);
             }
         }
@@ -884,6 +998,26 @@ mod tests {
             .await
             .unwrap();
         assert!(e.error.contains("No space left"), "{e:?}");
+        // The seccomp filter: tracing, eBPF, mounts and unix sockets are refused (EPERM), while
+        // threads, a socket pair and fork still work.
+        for call in [
+            "ctypes.CDLL(None, use_errno=True).ptrace(16, 1, 0, 0)", // PTRACE_ATTACH to pid 1
+            "ctypes.CDLL(None, use_errno=True).unshare(0x10000000)", // CLONE_NEWUSER
+            "__import__('socket').socket(1).close() or -1",          // AF_UNIX
+        ] {
+            let e = s
+                .run(&format!(
+                    "import ctypes, errno\ntry:\n    rc = {call}\nexcept PermissionError:\n    rc = -2\nassert rc in (-1, -2), rc\nassert rc == -2 or ctypes.get_errno() == errno.EPERM, ctypes.get_errno()"
+                ))
+                .await
+                .unwrap();
+            assert_eq!(e.verdict, Verdict::Passed, "{call}: {e:?}");
+        }
+        let e = s
+            .run("import os, socket, threading\nassert 'Seccomp:\\t2' in open('/proc/self/status').read()\na, b = socket.socketpair()\nt = threading.Thread(target=lambda: None)\nt.start(); t.join()\npid = os.fork()\nos._exit(0) if pid == 0 else os.waitpid(pid, 0)")
+            .await
+            .unwrap();
+        assert_eq!(e.verdict, Verdict::Passed, "{e:?}");
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let e = s

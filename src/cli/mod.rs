@@ -120,12 +120,12 @@ pub struct TeacherArgs {
     /// Nucleus sampling top-p, above 0 and at most 1.
     #[arg(long, default_value_t = 1.0, value_parser = f32_in(numbers::TOP_P))]
     pub top_p: f32,
-    /// Sample only from the k most likely tokens [default: none for an HTTP teacher (sent only when
-    /// given; vLLM and llama.cpp servers read it), 40 for the local teacher].
+    /// Sample only from the k most likely tokens [default: all; sent to an HTTP teacher only when
+    /// given (vLLM and llama.cpp servers read it)].
     #[arg(long, value_parser = int_in(1u32, 1_000_000))]
     pub top_k: Option<u32>,
-    /// Drop tokens less likely than this share of the most likely one [default: none for an HTTP
-    /// teacher, 0.05 for the local teacher].
+    /// Drop tokens less likely than this share of the most likely one [default: off; sent to an
+    /// HTTP teacher only when given].
     #[arg(long, value_parser = f32_in(numbers::UNIT))]
     pub min_p: Option<f32>,
     /// Output token limit per answer [default: the corpus's, e.g. 1024 for stories].

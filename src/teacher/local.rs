@@ -657,8 +657,8 @@ impl Teacher for LocalTeacher {
             max_tokens: self.sampling.max_tokens as usize,
             temperature: self.sampling.temperature,
             top_p: self.sampling.top_p,
-            top_k: Some(self.sampling.top_k.unwrap_or(super::LOCAL_TOP_K)),
-            min_p: Some(self.sampling.min_p.unwrap_or(super::LOCAL_MIN_P)),
+            top_k: self.sampling.top_k,
+            min_p: self.sampling.min_p,
             stop: Vec::new(),
             ignore_eos: false,
         };

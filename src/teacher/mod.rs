@@ -23,20 +23,14 @@ pub struct Sampling {
     pub temperature: f32,
     pub top_p: f32,
     pub max_tokens: u32,
-    /// Top-k and min-p where asked for (`--top-k`, `--min-p`). `None` leaves them to the teacher:
-    /// the HTTP teacher sends nothing (the server's defaults), the local teacher cuts the tail as
-    /// llama.cpp does by default ([`LOCAL_TOP_K`], [`LOCAL_MIN_P`]). Absent from the record ids
-    /// when `None`, so ids of runs without them are unchanged.
+    /// Top-k and min-p where asked for (`--top-k`, `--min-p`). `None`: the HTTP teacher sends
+    /// nothing (the server's defaults), the local teacher samples the whole distribution. Absent
+    /// from the record ids when `None`, so ids of runs without them are unchanged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_k: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_p: Option<f32>,
 }
-
-/// The local teacher's top-k and min-p when none is asked for: llama.cpp's defaults. A 135M
-/// model's tail is noise: sampled in full at temperature 1 it writes words that are not English.
-pub const LOCAL_TOP_K: u32 = 40;
-pub const LOCAL_MIN_P: f32 = 0.05;
 
 /// Why the model stopped, as reported by the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
