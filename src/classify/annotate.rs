@@ -11,7 +11,7 @@ use std::collections::{BinaryHeap, HashMap};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 
-use polars::prelude::DataFrame;
+use polars::prelude::{DataFrame, PolarsResult};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -21,20 +21,24 @@ use super::input::{self, Part};
 use super::{io_err, ClassifyError};
 use crate::artifact::atomic;
 use crate::artifact::shards::{self, Layout};
-use crate::artifact::table::{self, Kind, Schema};
+use crate::artifact::table::{self, row};
 use crate::generate::prompt::Template;
 use crate::generate::{Corpus, Drop, DropReason};
 
 pub const BUILTIN_TEMPLATE: &str = include_str!("../../prompts/educational-value.txt");
 const RECORDS: Layout = Layout::Parts { prefix: "part" };
 
-/// A file chosen for rating: its id, a hash of its full text and its head as the teacher sees it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Sampled {
-    pub file_id: String,
-    pub content_hash: String,
-    #[serde(skip)]
-    pub head: String,
+row! {
+    /// A file chosen for rating: its id, a hash of its full text and its head as the teacher sees
+    /// it (in the prompt, not in the record).
+    #[derive(Clone, Debug, Serialize, Deserialize)]
+    pub struct Sampled {
+        pub file_id: String,
+        pub content_hash: String,
+    } not columns {
+        #[serde(skip)]
+        pub head: String,
+    }
 }
 
 /// The same file with the same content (the head is not recorded in `sample.json`).
@@ -144,10 +148,12 @@ impl Annotate {
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
-pub struct Rating {
-    pub score: i64,
-    pub reason: String,
+row! {
+    #[derive(Clone, Debug)]
+    pub struct Rating {
+        pub score: i64,
+        pub reason: String,
+    }
 }
 
 /// The score of an answer: the last line that reads `Score: N` (any case, `**` allowed), N in 0..=5;
@@ -218,27 +224,16 @@ impl Corpus for Annotate {
         60
     }
 
-    fn columns(&self) -> Schema {
-        vec![
-            ("file_id", Kind::Text),
-            ("content_hash", Kind::Text),
-            ("score", Kind::Int),
-            ("reason", Kind::Text),
-        ]
-    }
-
     fn summary_columns(&self) -> Vec<&'static str> {
         vec!["score"]
     }
 
-    fn summarize(&self, df: &DataFrame) -> Value {
+    fn summarize(&self, df: &DataFrame) -> PolarsResult<Value> {
         let mut hist = [0u64; 6];
-        if let Ok(scores) = df.column("score").and_then(|c| c.i64().cloned()) {
-            for s in scores.iter().flatten() {
-                hist[s.clamp(0, 5) as usize] += 1;
-            }
+        for s in df.column("score")?.i64()?.iter().flatten() {
+            hist[s.clamp(0, 5) as usize] += 1;
         }
-        json!({ "rated": df.height(), "score_histogram": hist })
+        Ok(json!({ "rated": df.height(), "score_histogram": hist }))
     }
 }
 

@@ -11,14 +11,14 @@ use std::future::Future;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use polars::prelude::DataFrame;
+use polars::prelude::{DataFrame, PolarsResult};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{io_err, EvalError};
 use crate::artifact::shards::{self, Layout};
-use crate::artifact::table::{self, Kind, Schema};
+use crate::artifact::table::{self, row};
 use crate::generate::prompt::Template;
 use crate::generate::{Corpus, Drop, DropReason};
 use crate::model::sample::{context_room, generate, SamplingParams};
@@ -107,15 +107,18 @@ pub fn continue_stories(
     Ok(have.into_values().collect())
 }
 
-/// One story to grade; the text is in the prompt, its hash in the record.
-#[derive(Clone, Debug, Serialize)]
-pub struct Story {
-    pub index: usize,
-    pub story_hash: String,
-    #[serde(skip)]
-    beginning: String,
-    #[serde(skip)]
-    completion: String,
+row! {
+    /// One story to grade; the text is in the prompt, its hash in the record.
+    #[derive(Clone, Debug, Serialize)]
+    pub struct Story {
+        pub index: usize,
+        pub story_hash: String,
+    } not columns {
+        #[serde(skip)]
+        beginning: String,
+        #[serde(skip)]
+        completion: String,
+    }
 }
 
 impl Story {
@@ -130,14 +133,16 @@ impl Story {
     }
 }
 
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct Grades {
-    pub grammar: i64,
-    pub creativity: i64,
-    pub consistency: i64,
-    pub plot: i64,
-    /// A (3 or under) … F (13–16), as in the TinyStories rubric.
-    pub age_group: String,
+row! {
+    #[derive(Clone, Debug, Serialize, PartialEq)]
+    pub struct Grades {
+        pub grammar: i64,
+        pub creativity: i64,
+        pub consistency: i64,
+        pub plot: i64,
+        /// A (3 or under) … F (13–16), as in the TinyStories rubric.
+        pub age_group: String,
+    }
 }
 
 /// The five labelled lines of a grading answer (the last occurrence of each counts).
@@ -245,24 +250,12 @@ impl Corpus for Grade {
         150
     }
 
-    fn columns(&self) -> Schema {
-        vec![
-            ("index", Kind::Int),
-            ("story_hash", Kind::Text),
-            ("grammar", Kind::Int),
-            ("creativity", Kind::Int),
-            ("consistency", Kind::Int),
-            ("plot", Kind::Int),
-            ("age_group", Kind::Text),
-        ]
-    }
-
     fn summary_columns(&self) -> Vec<&'static str> {
         vec!["grammar", "creativity", "consistency", "plot", "age_group"]
     }
 
-    fn summarize(&self, df: &DataFrame) -> Value {
-        json!({ "graded": df.height() })
+    fn summarize(&self, df: &DataFrame) -> PolarsResult<Value> {
+        Ok(json!({ "graded": df.height() }))
     }
 }
 

@@ -18,13 +18,13 @@ use std::time::Instant;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
 use super::{common_checks, normalized_text_hash, Corpus, Drop, DropReason};
 use crate::artifact::atomic;
 use crate::artifact::shards::{self, Layout, ShardError, ShardWriter};
-use crate::artifact::table::{self, Kind, Schema};
+use crate::artifact::table::{self, row, Row, Schema};
 use crate::teacher::pricing::{Ledger, Price, Reservation};
 use crate::teacher::retry::RequestCountsSnapshot;
 use crate::teacher::{Answer, Sampling, Teacher, TeacherError};
@@ -77,6 +77,17 @@ pub enum GenerateError {
     Template(#[from] super::prompt::TemplateError),
     #[error(transparent)]
     OutDir(#[from] crate::artifact::outdir::OutDirError),
+    #[error("{path}: {source}; expected one of the names phigen writes (`too_short`, `duplicate`, …) — was this file written by another tool or a newer phigen? Move it away to start the rejects afresh")]
+    BadReject {
+        path: PathBuf,
+        source: super::UnknownDropReason,
+    },
+    #[error("{path}: could not summarise the {kind} records for stats.json: {source}; the records themselves are written — this is a bug in phigen, please report it")]
+    Summary {
+        path: PathBuf,
+        kind: &'static str,
+        source: polars::prelude::PolarsError,
+    },
 }
 
 /// Why a run ended before every slot was filled.
@@ -209,7 +220,7 @@ struct Resume {
     next_attempt: HashMap<u64, u32>,
     text_hashes: HashSet<[u8; 32]>,
     records: u64,
-    rejects_by_reason: BTreeMap<String, u64>,
+    rejects_by_reason: BTreeMap<DropReason, u64>,
 }
 
 impl Resume {
@@ -239,11 +250,12 @@ impl Resume {
                     continue;
                 };
                 if seen_rejects.insert(id.clone()) {
-                    r.note_reject(slot as u64, attempt as u32, reason);
+                    r.note_reject(slot as u64, attempt as u32, parse_reason(reason, &path)?);
                 }
             }
         }
-        for row in shards::read_journal_rows(&out.join("rejects.journal.jsonl"))? {
+        let journal = out.join("rejects.journal.jsonl");
+        for row in shards::read_journal_rows(&journal)? {
             let id = row
                 .get("id")
                 .and_then(Value::as_str)
@@ -257,23 +269,28 @@ impl Resume {
                 continue;
             };
             if seen_rejects.insert(id) {
-                r.note_reject(slot, attempt as u32, reason);
+                r.note_reject(slot, attempt as u32, parse_reason(reason, &journal)?);
             }
         }
         Ok(r)
     }
 
-    fn note_reject(&mut self, slot: u64, attempt: u32, reason: &str) {
-        *self
-            .rejects_by_reason
-            .entry(reason.to_string())
-            .or_default() += 1;
+    fn note_reject(&mut self, slot: u64, attempt: u32, reason: DropReason) {
+        *self.rejects_by_reason.entry(reason).or_default() += 1;
         // A failed request did not see an answer: the same attempt is sent again later.
-        if DropReason::parse(reason) != Some(DropReason::RequestFailed) {
+        if reason != DropReason::RequestFailed {
             let next = self.next_attempt.entry(slot).or_default();
             *next = (*next).max(attempt + 1);
         }
     }
+}
+
+/// The `reason` cell of a reject read from `path`.
+fn parse_reason(reason: &str, path: &Path) -> Result<DropReason, GenerateError> {
+    reason.parse().map_err(|source| GenerateError::BadReject {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// (id, slot, text) of every record in Parquet and in the journal.
@@ -310,8 +327,6 @@ struct Job<C: Corpus> {
     id: String,
     prompt: String,
     constraints: C::Constraints,
-    /// The constraints as JSON fields (serialized once: for the id and for the record's columns).
-    fields: Map<String, Value>,
 }
 
 /// What is the same for every job of a run.
@@ -364,88 +379,116 @@ impl<C: Corpus> Plan<C> {
         ))
         .expect("JSON values always serialize");
         let id = blake3::hash(&identity).to_hex()[..32].to_string();
-        let fields = match value {
-            Value::Object(fields) => fields,
-            _ => Map::new(),
-        };
         Ok(Job {
             slot,
             attempt,
             id,
             prompt,
             constraints,
-            fields,
         })
     }
 
-    fn record_schema(&self) -> Schema {
-        let mut schema: Schema = vec![
-            ("id", Kind::Text),
-            ("kind", Kind::Text),
-            ("slot", Kind::Int),
-            ("attempt", Kind::Int),
-            ("seed", Kind::Int),
-            ("text", Kind::Text),
-        ];
-        schema.extend(self.corpus.columns());
-        schema.extend(provenance_schema());
-        schema
-    }
-
-    /// The cells of [`provenance_schema`], in its order: prompt, teacher, sampling, usage.
-    fn provenance(&self, prompt: String, answer: Option<&Answer>) -> [Value; 12] {
+    /// Prompt, teacher, sampling and usage of one answer (or of a failed request: `None`).
+    fn provenance(&self, prompt: String, answer: Option<&Answer>) -> Provenance {
         let t = self.corpus.template();
-        [
-            json!(t.id),
-            json!(t.version),
-            json!(t.hash),
-            Value::String(prompt),
-            json!(self.model),
-            json!(self.sampling.temperature),
-            json!(self.sampling.top_p),
-            json!(self.sampling.max_tokens),
-            json!(answer.map(|a| a.usage.prompt_tokens)),
-            json!(answer.map(|a| a.usage.completion_tokens)),
-            json!(answer.map(|a| a.finish_reason.as_str())),
-            json!(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
-        ]
+        Provenance {
+            template_id: t.id.clone(),
+            template_version: t.version,
+            template_hash: t.hash.clone(),
+            prompt,
+            model: self.model.clone(),
+            temperature: self.sampling.temperature,
+            top_p: self.sampling.top_p,
+            max_tokens: self.sampling.max_tokens,
+            prompt_tokens: answer.map(|a| a.usage.prompt_tokens),
+            completion_tokens: answer.map(|a| a.usage.completion_tokens),
+            finish_reason: answer.map(|a| a.finish_reason.as_str()),
+            created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        }
     }
 }
 
-/// The columns every record and reject shares, in the order [`Plan::provenance`] fills them.
-fn provenance_schema() -> Schema {
-    vec![
-        ("template_id", Kind::Text),
-        ("template_version", Kind::Int),
-        ("template_hash", Kind::Text),
-        ("prompt", Kind::Text),
-        ("model", Kind::Text),
-        ("temperature", Kind::Float),
-        ("top_p", Kind::Float),
-        ("max_tokens", Kind::Int),
-        ("prompt_tokens", Kind::Int),
-        ("completion_tokens", Kind::Int),
-        ("finish_reason", Kind::Text),
-        ("created_at", Kind::Text),
+row! {
+    /// The columns every record starts with; the corpus's constraint and check columns follow.
+    struct RecordHead {
+        id: String,
+        kind: &'static str,
+        slot: u64,
+        attempt: u32,
+        seed: u64,
+        text: String,
+    }
+}
+
+row! {
+    /// The columns every reject starts with (`text` is null for a failed request).
+    struct RejectHead {
+        id: String,
+        slot: u64,
+        attempt: u32,
+        reason: DropReason,
+        detail: String,
+        text: Option<String>,
+    }
+}
+
+row! {
+    /// The columns every record and reject ends with.
+    struct Provenance {
+        template_id: String,
+        template_version: u32,
+        template_hash: String,
+        prompt: String,
+        model: String,
+        temperature: f32,
+        top_p: f32,
+        max_tokens: u32,
+        prompt_tokens: Option<u64>,
+        completion_tokens: Option<u64>,
+        finish_reason: Option<&'static str>,
+        created_at: String,
+    }
+}
+
+/// The columns of `part-*.parquet` for corpus `C`, in the order [`record_cells`] fills them.
+fn record_schema<C: Corpus>() -> Schema {
+    [
+        RecordHead::COLUMNS,
+        C::Constraints::COLUMNS,
+        C::Checks::COLUMNS,
+        Provenance::COLUMNS,
     ]
+    .concat()
 }
 
+/// The cells of one record, in the order of [`record_schema`]: each part fills its own columns.
+fn record_cells<C: Corpus>(
+    head: RecordHead,
+    constraints: C::Constraints,
+    checks: C::Checks,
+    provenance: Provenance,
+) -> Vec<Value> {
+    let mut row = Vec::with_capacity(
+        RecordHead::COLUMNS.len()
+            + C::Constraints::COLUMNS.len()
+            + C::Checks::COLUMNS.len()
+            + Provenance::COLUMNS.len(),
+    );
+    head.push_cells(&mut row);
+    constraints.push_cells(&mut row);
+    checks.push_cells(&mut row);
+    provenance.push_cells(&mut row);
+    row
+}
+
+/// The columns of `rejects.parquet`, in the order [`Worker::reject`] fills them.
 fn reject_schema() -> Schema {
-    let mut schema: Schema = vec![
-        ("id", Kind::Text),
-        ("slot", Kind::Int),
-        ("attempt", Kind::Int),
-        ("reason", Kind::Text),
-        ("detail", Kind::Text),
-        ("text", Kind::Text),
-    ];
-    schema.extend(provenance_schema());
-    schema
+    [RejectHead::COLUMNS, Provenance::COLUMNS].concat()
 }
 
-/// A serde struct's fields by name.
-fn fields(value: &impl Serialize) -> Map<String, Value> {
-    match serde_json::to_value(value).expect("checks and sampling always serialize") {
+/// The sampling settings' fields by name (part of every id).
+fn fields(sampling: &Sampling) -> Map<String, Value> {
+    match serde_json::to_value(sampling).expect("sampling always serializes") {
         Value::Object(fields) => fields,
         _ => Map::new(),
     }
@@ -560,13 +603,13 @@ pub struct Stats {
     pub stopped: Option<StopReason>,
     pub run: RunStats,
     /// Drops by reason over every run into this directory.
-    pub rejects_total: BTreeMap<String, u64>,
+    pub rejects_total: BTreeMap<DropReason, u64>,
     /// Answers that reached the checks (kept + dropped, failed requests excluded), all runs.
     pub answers_checked: u64,
     /// Share of checked answers kept (e.g. the pass rate of exercises).
     pub keep_rate: f64,
     /// Share of checked answers dropped, by reason (e.g. `syntax_error` = 1 − the parse rate).
-    pub drop_rates: BTreeMap<String, f64>,
+    pub drop_rates: BTreeMap<DropReason, f64>,
     pub corpus: Value,
 }
 
@@ -576,7 +619,7 @@ pub struct RunStats {
     pub requests_per_second: f64,
     pub written: u64,
     pub skipped_done: u64,
-    pub dropped: BTreeMap<String, u64>,
+    pub dropped: BTreeMap<DropReason, u64>,
     pub failed_requests: u64,
     pub given_up_slots: u64,
     pub requests: RequestCountsSnapshot,
@@ -599,8 +642,6 @@ struct Worker<C: Corpus, T: Teacher> {
     state: Arc<RunState>,
     texts: Mutex<HashSet<[u8; 32]>>,
     tx: mpsc::UnboundedSender<Output>,
-    /// `corpus.columns()`, asked once.
-    corpus_columns: Schema,
     max_attempts: u32,
     count_prompt_tokens: bool,
 }
@@ -654,7 +695,7 @@ impl<C: Corpus, T: Teacher> Worker<C, T> {
                     self.state.written.fetch_add(1, Ordering::Relaxed);
                     let _ = self
                         .tx
-                        .send(Output::Record(self.record(job, answer, &checks)));
+                        .send(Output::Record(self.record(job, answer, checks)));
                     return Ok(());
                 }
                 Err(drop) => self.reject(job, Some(&answer), drop),
@@ -700,38 +741,38 @@ impl<C: Corpus, T: Teacher> Worker<C, T> {
         Ok(checks)
     }
 
-    /// The row of a kept answer, in the order of `record_schema`.
-    fn record(&self, job: Job<C>, mut answer: Answer, checks: &C::Checks) -> Vec<Value> {
-        let mut row = vec![
-            Value::String(job.id),
-            json!(self.plan.corpus.kind()),
-            json!(job.slot),
-            json!(job.attempt),
-            json!(self.plan.seed),
-            Value::String(std::mem::take(&mut answer.text)),
-        ];
-        let mut named = job.fields;
-        named.extend(fields(checks));
-        let mut cell = |name: &str| named.remove(name).unwrap_or(Value::Null);
-        row.extend(self.corpus_columns.iter().map(|(name, _)| cell(name)));
-        row.extend(self.plan.provenance(job.prompt, Some(&answer)));
-        row
+    /// The row of a kept answer, in the order of [`record_schema`].
+    fn record(&self, job: Job<C>, mut answer: Answer, checks: C::Checks) -> Vec<Value> {
+        let head = RecordHead {
+            id: job.id,
+            kind: self.plan.corpus.kind(),
+            slot: job.slot,
+            attempt: job.attempt,
+            seed: self.plan.seed,
+            text: std::mem::take(&mut answer.text),
+        };
+        let provenance = self.plan.provenance(job.prompt, Some(&answer));
+        record_cells::<C>(head, job.constraints, checks, provenance)
     }
 
     fn reject(&self, job: Job<C>, answer: Option<&Answer>, drop: Drop) {
-        tracing::debug!(slot = job.slot, attempt = job.attempt, reason = drop.reason.as_str(), detail = %drop.detail, "dropped");
+        tracing::debug!(slot = job.slot, attempt = job.attempt, reason = %drop.reason, detail = %drop.detail, "dropped");
         if drop.reason != DropReason::RequestFailed {
             self.state.count_drop(drop.reason);
         }
-        let mut row = vec![
-            Value::String(job.id),
-            json!(job.slot),
-            json!(job.attempt),
-            json!(drop.reason.as_str()),
-            json!(drop.detail),
-            json!(answer.map(|a| a.text.as_str())),
-        ];
-        row.extend(self.plan.provenance(job.prompt, answer));
+        let mut row = Vec::with_capacity(RejectHead::COLUMNS.len() + Provenance::COLUMNS.len());
+        RejectHead {
+            id: job.id,
+            slot: job.slot,
+            attempt: job.attempt,
+            reason: drop.reason,
+            detail: drop.detail,
+            text: answer.map(|a| a.text.clone()),
+        }
+        .push_cells(&mut row);
+        self.plan
+            .provenance(job.prompt, answer)
+            .push_cells(&mut row);
         let _ = self.tx.send(Output::Reject(row));
     }
 }
@@ -762,7 +803,7 @@ pub async fn generate<C: Corpus, T: Teacher>(
         &opts.out,
         "records",
         RECORDS,
-        plan.record_schema(),
+        record_schema::<C>(),
         opts.shard_size,
     )?;
     let mut rejects =
@@ -816,7 +857,6 @@ pub async fn generate<C: Corpus, T: Teacher>(
 
     let worker = Arc::new(Worker {
         count_prompt_tokens: ledger.price().is_some(),
-        corpus_columns: corpus.columns(),
         plan,
         teacher: teacher.clone(),
         ledger: ledger.clone(),
@@ -896,21 +936,19 @@ fn finish_stats<C: Corpus, T: Teacher>(
     let written = state.written.load(Ordering::Relaxed);
     let records = before.records + written;
     let done = state.done_before.load(Ordering::Relaxed) + written;
-    let dropped: BTreeMap<String, u64> = state
+    let dropped = state
         .dropped
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .iter()
-        .map(|(reason, &count)| (reason.as_str().to_string(), count))
-        .collect();
+        .clone();
     let failed = state.failed.load(Ordering::Relaxed);
     let mut rejects_by_reason = before.rejects_by_reason;
     let this_run = dropped
         .iter()
-        .map(|(reason, &count)| (reason.as_str(), count))
-        .chain([(DropReason::RequestFailed.as_str(), failed)]);
+        .map(|(&reason, &count)| (reason, count))
+        .chain([(DropReason::RequestFailed, failed)]);
     for (reason, count) in this_run.filter(|&(_, count)| count > 0) {
-        *rejects_by_reason.entry(reason.to_string()).or_default() += count;
+        *rejects_by_reason.entry(reason).or_default() += count;
     }
     let wall = started.elapsed().as_secs_f64();
     let requests = teacher.counters().snapshot();
@@ -925,9 +963,18 @@ fn finish_stats<C: Corpus, T: Teacher>(
         a.vstack(&b)
             .expect("shards of one directory share a schema")
     });
-    let corpus_summary = frame.map_or(Value::Null, |f| corpus.summarize(&f));
+    let corpus_summary = match frame {
+        None => Value::Null,
+        Some(f) => corpus
+            .summarize(&f)
+            .map_err(|source| GenerateError::Summary {
+                path: opts.out.clone(),
+                kind: corpus.kind(),
+                source,
+            })?,
+    };
     let failed_requests = rejects_by_reason
-        .get(DropReason::RequestFailed.as_str())
+        .get(&DropReason::RequestFailed)
         .copied()
         .unwrap_or(0);
     let checked = records + rejects_by_reason.values().sum::<u64>() - failed_requests;
@@ -968,10 +1015,409 @@ fn finish_stats<C: Corpus, T: Teacher>(
         keep_rate: share(records),
         drop_rates: rejects_by_reason
             .iter()
-            .filter(|(r, _)| r.as_str() != DropReason::RequestFailed.as_str())
-            .map(|(r, &c)| (r.clone(), share(c)))
+            .filter(|&(&r, _)| r != DropReason::RequestFailed)
+            .map(|(&r, &c)| (r, share(c)))
             .collect(),
         rejects_total: rejects_by_reason,
         corpus: corpus_summary,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::artifact::table::{cell_fits, Kind};
+    use crate::classify::annotate::{self, Annotate, Rating, Sampled};
+    use crate::eval::stories::{self as grading, Continuation, Grade, Grades};
+    use crate::generate::exercises::{ExerciseChecks, ExerciseConstraints, Exercises};
+    use crate::generate::prompt::Template;
+    use crate::generate::stories::{self, Stories, StoryChecks, StoryConstraints, Vocabulary};
+    use crate::generate::textbooks::{self, TextbookChecks, TextbookConstraints, Textbooks};
+    use crate::sandbox::Verdict;
+    use serde_json::json;
+
+    /// The corpus columns each `Corpus::columns()` listed before rows were typed (commit
+    /// 3f8779c): the Parquet schema of existing directories, which new shards must match.
+    fn corpus_columns_of_earlier_versions(kind: &str) -> Schema {
+        use Kind::*;
+        match kind {
+            "tinystories" => vec![
+                ("verb", Text),
+                ("noun", Text),
+                ("adjective", Text),
+                ("features", TextList),
+                ("words_used", Bool),
+                ("missing_words", TextList),
+                ("dialogue_requested", Bool),
+                ("has_dialogue", Bool),
+                ("oov_share", Float),
+                ("word_count", Int),
+                ("opening", Text),
+            ],
+            "textbook" => vec![
+                ("topic", Text),
+                ("subtopic", Text),
+                ("audience", Text),
+                ("style", Text),
+                ("code_blocks", Int),
+                ("code_lines", Int),
+                ("word_count", Int),
+            ],
+            "exercise" => vec![
+                ("function_name", Text),
+                ("topic", Text),
+                ("difficulty", Text),
+                ("code", Text),
+                ("asserts", Int),
+                ("outcome", Text),
+                ("exec_seconds", Float),
+            ],
+            "educational_value" => vec![
+                ("file_id", Text),
+                ("content_hash", Text),
+                ("score", Int),
+                ("reason", Text),
+            ],
+            "story_grade" => vec![
+                ("index", Int),
+                ("story_hash", Text),
+                ("grammar", Int),
+                ("creativity", Int),
+                ("consistency", Int),
+                ("plot", Int),
+                ("age_group", Text),
+            ],
+            _ => panic!("no pinned schema for {kind}"),
+        }
+    }
+
+    /// The record schema of commit 3f8779c: its fixed head, the corpus columns, its provenance.
+    fn record_schema_of_earlier_versions(kind: &str) -> Schema {
+        use Kind::*;
+        let mut schema = vec![
+            ("id", Text),
+            ("kind", Text),
+            ("slot", Int),
+            ("attempt", Int),
+            ("seed", Int),
+            ("text", Text),
+        ];
+        schema.extend(corpus_columns_of_earlier_versions(kind));
+        schema.extend(provenance_of_earlier_versions());
+        schema
+    }
+
+    fn provenance_of_earlier_versions() -> Schema {
+        use Kind::*;
+        vec![
+            ("template_id", Text),
+            ("template_version", Int),
+            ("template_hash", Text),
+            ("prompt", Text),
+            ("model", Text),
+            ("temperature", Float),
+            ("top_p", Float),
+            ("max_tokens", Int),
+            ("prompt_tokens", Int),
+            ("completion_tokens", Int),
+            ("finish_reason", Text),
+            ("created_at", Text),
+        ]
+    }
+
+    #[test]
+    fn record_and_reject_schemas_are_those_earlier_versions_wrote() {
+        for (kind, schema) in [
+            ("tinystories", record_schema::<Stories>()),
+            ("textbook", record_schema::<Textbooks>()),
+            ("exercise", record_schema::<Exercises>()),
+            ("educational_value", record_schema::<Annotate>()),
+            ("story_grade", record_schema::<Grade>()),
+        ] {
+            assert_eq!(schema, record_schema_of_earlier_versions(kind), "{kind}");
+        }
+        let mut rejects = vec![
+            ("id", Kind::Text),
+            ("slot", Kind::Int),
+            ("attempt", Kind::Int),
+            ("reason", Kind::Text),
+            ("detail", Kind::Text),
+            ("text", Kind::Text),
+        ];
+        rejects.extend(provenance_of_earlier_versions());
+        assert_eq!(reject_schema(), rejects);
+    }
+
+    fn provenance(answered: bool) -> Provenance {
+        Provenance {
+            template_id: "t".into(),
+            template_version: 2,
+            template_hash: "h".into(),
+            prompt: "p".into(),
+            model: "m".into(),
+            temperature: 0.7,
+            top_p: 0.9,
+            max_tokens: 100,
+            prompt_tokens: answered.then_some(11),
+            completion_tokens: answered.then_some(22),
+            finish_reason: answered.then_some("stop"),
+            created_at: "2026-01-01T00:00:00.000Z".into(),
+        }
+    }
+
+    /// One record of corpus `C` as `part-*.parquet` holds it, by column name, after checking that
+    /// there is one cell per column and each cell is of its column's type (a cell of another type
+    /// would be stored as null).
+    fn record<C: Corpus>(constraints: C::Constraints, checks: C::Checks) -> Map<String, Value> {
+        let head = RecordHead {
+            id: "0123".into(),
+            kind: "k",
+            slot: 4,
+            attempt: 1,
+            seed: 7,
+            text: "the answer".into(),
+        };
+        let cells = record_cells::<C>(head, constraints, checks, provenance(true));
+        let schema = record_schema::<C>();
+        assert_eq!(cells.len(), schema.len());
+        for ((name, kind), cell) in schema.iter().zip(&cells) {
+            assert!(
+                cell_fits(*kind, cell),
+                "{name} is {kind:?} but holds {cell}"
+            );
+            assert!(!cell.is_null(), "{name} is null in a record that sets it");
+        }
+        schema
+            .iter()
+            .map(|(n, _)| n.to_string())
+            .zip(cells)
+            .collect()
+    }
+
+    /// Summarises one record with the corpus's own `summarize`, over the columns it asks for.
+    fn summary<C: Corpus>(corpus: &C, record: &Map<String, Value>) -> Value {
+        let schema = record_schema::<C>();
+        let df = table::frame(&schema, std::slice::from_ref(record)).unwrap();
+        let df = df.select(corpus.summary_columns()).unwrap();
+        corpus.summarize(&df).unwrap()
+    }
+
+    fn template(name: &str, text: &str) -> Template {
+        Template::parse(name, text).unwrap()
+    }
+
+    /// Each corpus's values land under their own column names: the fields given here come back
+    /// by name, and the corpus's summary (which reads its columns by name) sees them.
+    #[test]
+    fn record_cells_line_up_with_their_columns() {
+        let r = record::<Stories>(
+            StoryConstraints {
+                verb: "jump".into(),
+                noun: "ball".into(),
+                adjective: "red".into(),
+                features: vec!["Dialogue".into()],
+            },
+            StoryChecks {
+                words_used: false,
+                missing_words: vec!["ball".into()],
+                dialogue_requested: true,
+                has_dialogue: true,
+                oov_share: 0.25,
+                word_count: 120,
+                opening: "once upon a".into(),
+            },
+        );
+        assert_eq!(
+            (&r["id"], &r["slot"], &r["seed"], &r["text"]),
+            (&json!("0123"), &json!(4), &json!(7), &json!("the answer"))
+        );
+        assert_eq!(
+            (&r["noun"], &r["features"], &r["missing_words"]),
+            (&json!("ball"), &json!(["Dialogue"]), &json!(["ball"]))
+        );
+        assert_eq!(
+            (&r["oov_share"], &r["word_count"], &r["opening"]),
+            (&json!(0.25), &json!(120), &json!("once upon a"))
+        );
+        assert_eq!(
+            (&r["temperature"], &r["prompt_tokens"], &r["finish_reason"]),
+            (&json!(0.7f32), &json!(11), &json!("stop"))
+        );
+        let corpus = Stories::new(
+            template("tinystories.txt", stories::BUILTIN_TEMPLATE),
+            Vocabulary::load(None).unwrap(),
+            3,
+            false,
+        );
+        let s = summary(&corpus, &r);
+        assert_eq!(
+            (&s["stories"], &s["words_used_share"], &s["mean_word_count"]),
+            (&json!(1), &json!(0.0), &json!(120.0))
+        );
+
+        let r = record::<Textbooks>(
+            TextbookConstraints {
+                topic: "loops".into(),
+                subtopic: Some("while".into()),
+                audience: "beginners".into(),
+                style: "terse".into(),
+            },
+            TextbookChecks {
+                code_blocks: 2,
+                code_lines: 9,
+                word_count: 300,
+            },
+        );
+        assert_eq!(
+            (&r["subtopic"], &r["style"], &r["code_lines"]),
+            (&json!("while"), &json!("terse"), &json!(9))
+        );
+        let corpus = Textbooks::new(
+            template("textbook.txt", textbooks::BUILTIN_TEMPLATE),
+            vec![],
+            vec![],
+            vec![],
+        );
+        let s = summary(&corpus, &r);
+        assert_eq!(
+            (&s["mean_code_blocks"], &s["per_audience"]),
+            (&json!(2.0), &json!({"beginners": 1}))
+        );
+
+        let r = record::<Exercises>(
+            ExerciseConstraints {
+                function_name: "add_pairs".into(),
+                topic: "lists".into(),
+                difficulty: "easy".into(),
+            },
+            ExerciseChecks {
+                code: "assert True".into(),
+                asserts: 1,
+                outcome: Verdict::Passed,
+                exec_seconds: 0.5,
+            },
+        );
+        assert_eq!(
+            (&r["function_name"], &r["outcome"], &r["exec_seconds"]),
+            (&json!("add_pairs"), &json!("passed"), &json!(0.5))
+        );
+
+        let r = record::<Annotate>(
+            Sampled {
+                file_id: "src/a.py".into(),
+                content_hash: "abcd".into(),
+                head: "print(1)".into(),
+            },
+            Rating {
+                score: 4,
+                reason: "clear".into(),
+            },
+        );
+        assert!(!r.contains_key("head"), "the head is in the prompt only");
+        assert_eq!(
+            (&r["file_id"], &r["score"], &r["reason"]),
+            (&json!("src/a.py"), &json!(4), &json!("clear"))
+        );
+        let corpus = Annotate::new(
+            template("educational-value.txt", annotate::BUILTIN_TEMPLATE),
+            vec![],
+        );
+        assert_eq!(
+            summary(&corpus, &r)["score_histogram"],
+            json!([0, 0, 0, 0, 1, 0])
+        );
+
+        let story = grading::Story::new(&Continuation {
+            index: 3,
+            beginning: "Once".into(),
+            completion: " upon a time.".into(),
+        });
+        let hash = story.story_hash.clone();
+        let r = record::<Grade>(
+            story,
+            Grades {
+                grammar: 8,
+                creativity: 6,
+                consistency: 9,
+                plot: 7,
+                age_group: "B".into(),
+            },
+        );
+        assert_eq!(
+            (&r["index"], &r["story_hash"], &r["plot"], &r["age_group"]),
+            (&json!(3), &json!(hash), &json!(7), &json!("B"))
+        );
+        assert!(!r.contains_key("beginning") && !r.contains_key("completion"));
+    }
+
+    /// A reject of a failed request has nulls where there was no answer; every other cell is of
+    /// its column's type, and the reason is stored under its name.
+    #[test]
+    fn reject_cells_line_up_with_their_columns() {
+        let mut cells = Vec::new();
+        RejectHead {
+            id: "0123".into(),
+            slot: 2,
+            attempt: 0,
+            reason: DropReason::RequestFailed,
+            detail: "HTTP 500".into(),
+            text: None,
+        }
+        .push_cells(&mut cells);
+        provenance(false).push_cells(&mut cells);
+        let schema = reject_schema();
+        assert_eq!(cells.len(), schema.len());
+        let r: Map<String, Value> = schema
+            .iter()
+            .zip(cells)
+            .map(|((name, kind), cell)| {
+                assert!(cell_fits(*kind, &cell), "{name}: {cell}");
+                (name.to_string(), cell)
+            })
+            .collect();
+        assert_eq!(r["reason"], json!("request_failed"));
+        assert!(r["text"].is_null() && r["finish_reason"].is_null());
+    }
+
+    /// A summary that cannot read its columns is an error, not an `{"error": …}` inside stats.json.
+    #[test]
+    fn a_summary_that_fails_is_an_error() {
+        let corpus = Textbooks::new(
+            template("textbook.txt", textbooks::BUILTIN_TEMPLATE),
+            vec![],
+            vec![],
+            vec![],
+        );
+        let df = table::frame(&vec![("topic", Kind::Text)], &Vec::<Vec<Value>>::new()).unwrap();
+        assert!(corpus.summarize(&df).is_err());
+    }
+
+    /// Reasons read back from the rejects are typed; one phigen never writes stops the scan with
+    /// the file's path instead of being counted under an unknown name.
+    #[test]
+    fn rejects_are_read_back_as_typed_reasons() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = dir.path().join("rejects.journal.jsonl");
+        let line = |id: &str, attempt: u32, reason: &str| {
+            json!({"id": id, "slot": 5, "attempt": attempt, "reason": reason}).to_string() + "\n"
+        };
+        std::fs::write(
+            &journal,
+            line("a", 0, "too_short") + &line("b", 1, "request_failed"),
+        )
+        .unwrap();
+        let r = Resume::scan(dir.path()).unwrap();
+        assert_eq!(
+            r.rejects_by_reason,
+            BTreeMap::from([(DropReason::TooShort, 1), (DropReason::RequestFailed, 1)])
+        );
+        // The failed request's attempt is sent again; the dropped answer's is not.
+        assert_eq!(r.next_attempt[&5], 1);
+        std::fs::write(&journal, line("c", 0, "too-short")).unwrap();
+        let e = Resume::scan(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("rejects.journal.jsonl") && e.contains("`too-short`"),
+            "{e}"
+        );
+    }
 }

@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use polars::prelude::DataFrame;
+use polars::prelude::{DataFrame, PolarsResult};
 use rand::seq::IndexedRandom;
 use rand_chacha::ChaCha8Rng;
 use rustpython_parser::ast::Stmt;
@@ -19,7 +19,7 @@ use super::prompt::Template;
 use super::python;
 use super::textbooks::{counts, Topic};
 use super::{Corpus, Drop, DropReason};
-use crate::artifact::table::{Kind, Schema};
+use crate::artifact::table::{row, Cell, Kind};
 use crate::sandbox::{Sandbox, Verdict};
 
 pub const BUILTIN_TEMPLATE: &str = include_str!("../../prompts/exercises.txt");
@@ -53,21 +53,33 @@ impl Exercises {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct ExerciseConstraints {
-    pub function_name: String,
-    pub topic: String,
-    pub difficulty: String,
+row! {
+    #[derive(Debug, Clone, Serialize)]
+    pub struct ExerciseConstraints {
+        pub function_name: String,
+        pub topic: String,
+        pub difficulty: String,
+    }
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct ExerciseChecks {
-    /// The Python block that was executed: signature, docstring, solution, asserts.
-    pub code: String,
-    pub asserts: u64,
-    /// `passed` for every kept record; drops carry `failed` / `timed_out` / `crashed` in rejects.
-    pub outcome: Verdict,
-    pub exec_seconds: f64,
+row! {
+    #[derive(Debug, Clone)]
+    pub struct ExerciseChecks {
+        /// The Python block that was executed: signature, docstring, solution, asserts.
+        pub code: String,
+        pub asserts: u64,
+        /// `passed` for every kept record; drops carry `failed` / `timed_out` / `crashed` in rejects.
+        pub outcome: Verdict,
+        pub exec_seconds: f64,
+    }
+}
+
+/// A verdict is a text column holding its serde name (`passed`, …).
+impl Cell for Verdict {
+    const KIND: Kind = Kind::Text;
+    fn into_cell(self) -> Value {
+        serde_json::to_value(self).expect("verdicts serialize as their names")
+    }
 }
 
 /// Static checks: the block that defines `name`, parsed, with its number of top-level asserts.
@@ -182,41 +194,21 @@ impl Corpus for Exercises {
         300
     }
 
-    fn columns(&self) -> Schema {
-        vec![
-            ("function_name", Kind::Text),
-            ("topic", Kind::Text),
-            ("difficulty", Kind::Text),
-            ("code", Kind::Text),
-            ("asserts", Kind::Int),
-            ("outcome", Kind::Text),
-            ("exec_seconds", Kind::Float),
-        ]
-    }
-
     fn summary_columns(&self) -> Vec<&'static str> {
         vec!["topic", "difficulty", "asserts", "exec_seconds"]
     }
 
-    fn summarize(&self, df: &DataFrame) -> Value {
-        summarize_exercises(df, self.sandbox.isolation())
-            .unwrap_or_else(|e| json!({ "error": e.to_string() }))
+    fn summarize(&self, df: &DataFrame) -> PolarsResult<Value> {
+        use polars::prelude::ChunkAgg;
+        Ok(json!({
+            "exercises": df.height(),
+            "mean_asserts": df.column("asserts")?.i64()?.mean(),
+            "mean_exec_seconds": df.column("exec_seconds")?.f64()?.mean(),
+            "per_difficulty": counts(df, "difficulty")?,
+            "per_topic": counts(df, "topic")?,
+            "sandbox_isolation": self.sandbox.isolation(),
+        }))
     }
-}
-
-fn summarize_exercises(
-    df: &DataFrame,
-    isolation: crate::sandbox::Isolation,
-) -> polars::prelude::PolarsResult<Value> {
-    use polars::prelude::ChunkAgg;
-    Ok(json!({
-        "exercises": df.height(),
-        "mean_asserts": df.column("asserts")?.i64()?.mean(),
-        "mean_exec_seconds": df.column("exec_seconds")?.f64()?.mean(),
-        "per_difficulty": counts(df, "difficulty")?,
-        "per_topic": counts(df, "topic")?,
-        "sandbox_isolation": isolation,
-    }))
 }
 
 #[cfg(test)]

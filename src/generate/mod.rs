@@ -16,11 +16,13 @@ pub mod words;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::artifact::table::Schema;
+use crate::artifact::table::{Cell, Kind, Row};
 use prompt::Template;
 
-/// Why an answer was not kept. Every drop is counted and written to `rejects.parquet`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// Why an answer was not kept. Every drop is counted and written to `rejects.parquet`; its name
+/// ([`DropReason::as_str`], also its serde name and its `Display`) is what `rejects.parquet` and
+/// `stats.json` hold. Ordered by name, so maps keyed by reason list them alphabetically.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DropReason {
     Empty,
@@ -69,10 +71,45 @@ impl DropReason {
             DropReason::RequestFailed => "request_failed",
         }
     }
+}
 
-    /// The reason named `s` (its `as_str` / serde name).
-    pub fn parse(s: &str) -> Option<DropReason> {
-        serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
+impl std::fmt::Display for DropReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialOrd for DropReason {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for DropReason {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
+/// A `reason` cell that names no [`DropReason`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a drop reason phigen writes")]
+pub struct UnknownDropReason(pub String);
+
+/// The reason named `s` (the name [`DropReason::as_str`] gives, which is also its serde name).
+impl std::str::FromStr for DropReason {
+    type Err = UnknownDropReason;
+    fn from_str(s: &str) -> Result<DropReason, UnknownDropReason> {
+        serde_json::from_value(serde_json::Value::String(s.to_string()))
+            .map_err(|_| UnknownDropReason(s.to_string()))
+    }
+}
+
+/// A reason is one text column of the rejects table.
+impl Cell for DropReason {
+    const KIND: Kind = Kind::Text;
+    fn into_cell(self) -> serde_json::Value {
+        self.as_str().into_cell()
     }
 }
 
@@ -94,10 +131,11 @@ impl Drop {
 
 /// One kind of synthetic corpus.
 pub trait Corpus: Send + Sync + 'static {
-    /// Constraints of one prompt; serialized as columns of the record (see [`Corpus::columns`]).
-    type Constraints: Serialize + Send + Sync + 'static;
-    /// What the corpus-specific checks measured on a kept answer; also columns.
-    type Checks: Serialize + Send + 'static;
+    /// Constraints of one prompt: columns of the record, and (serialized) part of its id.
+    type Constraints: Row + Serialize + Send + Sync + 'static;
+    /// What the corpus-specific checks measured on a kept answer; the columns after the
+    /// constraints'.
+    type Checks: Row + Send + 'static;
 
     /// The `kind` column and the name in `stats.json`, e.g. `"tinystories"`.
     fn kind(&self) -> &'static str;
@@ -123,12 +161,14 @@ pub trait Corpus: Send + Sync + 'static {
     fn word_bounds(&self) -> (usize, usize);
     /// Typical completion tokens of a good answer, for `--dry-run` estimates.
     fn typical_completion_tokens(&self) -> u64;
-    /// Names and types of the constraint and check columns, in order.
-    fn columns(&self) -> Schema;
     /// The columns [`Corpus::summarize`] needs.
     fn summary_columns(&self) -> Vec<&'static str>;
-    /// The corpus section of `stats.json`, computed over every record in the output.
-    fn summarize(&self, frame: &polars::prelude::DataFrame) -> serde_json::Value;
+    /// The corpus section of `stats.json`, computed over every record in the output. An error
+    /// (a column missing or of another type) fails the run's statistics rather than hiding in them.
+    fn summarize(
+        &self,
+        frame: &polars::prelude::DataFrame,
+    ) -> polars::prelude::PolarsResult<serde_json::Value>;
 }
 
 /// The checks every corpus shares, in the order they are applied.
@@ -261,15 +301,74 @@ mod tests {
         assert_ne!(normalized_text_hash("a b c"), normalized_text_hash("a b C"));
     }
 
+    /// Every reason, as `rejects.parquet` and `stats.json` name it (the names phigen has always
+    /// written; a new reason needs a line here, or the match below stops compiling).
+    const NAMES: [(DropReason, &str); 14] = [
+        (DropReason::Empty, "empty"),
+        (DropReason::Truncated, "truncated"),
+        (DropReason::TooShort, "too_short"),
+        (DropReason::TooLong, "too_long"),
+        (DropReason::Duplicate, "duplicate"),
+        (DropReason::Refused, "refused"),
+        (DropReason::MissingWords, "missing_words"),
+        (DropReason::NoCode, "no_code"),
+        (DropReason::SyntaxError, "syntax_error"),
+        (DropReason::WrongName, "wrong_name"),
+        (DropReason::NoTests, "no_tests"),
+        (DropReason::TestsFailed, "tests_failed"),
+        (DropReason::Unparseable, "unparseable"),
+        (DropReason::RequestFailed, "request_failed"),
+    ];
+
     #[test]
     fn drop_reasons_round_trip_through_their_names() {
-        for r in [
-            DropReason::Empty,
-            DropReason::Duplicate,
-            DropReason::RequestFailed,
-        ] {
-            assert_eq!(DropReason::parse(r.as_str()), Some(r));
-            assert_eq!(serde_json::to_value(r).unwrap(), r.as_str());
+        for (i, (r, name)) in NAMES.into_iter().enumerate() {
+            // Exhaustive: a variant missing from NAMES is a compile error here.
+            let listed = match r {
+                DropReason::Empty => 0,
+                DropReason::Truncated => 1,
+                DropReason::TooShort => 2,
+                DropReason::TooLong => 3,
+                DropReason::Duplicate => 4,
+                DropReason::Refused => 5,
+                DropReason::MissingWords => 6,
+                DropReason::NoCode => 7,
+                DropReason::SyntaxError => 8,
+                DropReason::WrongName => 9,
+                DropReason::NoTests => 10,
+                DropReason::TestsFailed => 11,
+                DropReason::Unparseable => 12,
+                DropReason::RequestFailed => 13,
+            };
+            assert_eq!(listed, i);
+            assert_eq!(r.to_string(), name);
+            assert_eq!(name.parse::<DropReason>(), Ok(r));
+            assert_eq!(serde_json::to_value(r).unwrap(), name);
+            assert_eq!(r.into_cell(), name);
         }
+        assert_eq!(
+            "Empty".parse::<DropReason>(),
+            Err(UnknownDropReason("Empty".into()))
+        );
+    }
+
+    /// Maps keyed by reason serialize in name order, as the `BTreeMap<String, _>` of earlier
+    /// versions did (stats.json keeps its key order).
+    #[test]
+    fn reasons_sort_by_name() {
+        let mut by_enum: Vec<DropReason> = NAMES.iter().map(|(r, _)| *r).collect();
+        by_enum.sort();
+        let mut by_name: Vec<&str> = NAMES.iter().map(|(_, n)| *n).collect();
+        by_name.sort();
+        assert_eq!(
+            by_enum.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
+            by_name
+        );
+        let map: std::collections::BTreeMap<DropReason, u64> =
+            [(DropReason::TooShort, 1), (DropReason::Duplicate, 2)].into();
+        assert_eq!(
+            serde_json::to_string(&map).unwrap(),
+            r#"{"duplicate":2,"too_short":1}"#
+        );
     }
 }

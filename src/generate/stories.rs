@@ -10,7 +10,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use polars::prelude::{ChunkAgg, DataFrame};
+use polars::prelude::{ChunkAgg, DataFrame, PolarsResult};
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use super::prompt::{Template, TemplateError};
 use super::words::{self, WordList, WordsError};
 use super::{Corpus, Drop, DropReason};
-use crate::artifact::table::{Kind, Schema};
+use crate::artifact::table::row;
 
 /// The built-in prompt and vocabulary (the repository's `prompts/` and `seeds/` files).
 pub const BUILTIN_TEMPLATE: &str = include_str!("../../prompts/tinystories.txt");
@@ -194,26 +194,30 @@ impl Stories {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct StoryConstraints {
-    pub verb: String,
-    pub noun: String,
-    pub adjective: String,
-    pub features: Vec<String>,
+row! {
+    #[derive(Debug, Clone, Serialize)]
+    pub struct StoryConstraints {
+        pub verb: String,
+        pub noun: String,
+        pub adjective: String,
+        pub features: Vec<String>,
+    }
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct StoryChecks {
-    /// All three required words appear (in some inflection).
-    pub words_used: bool,
-    pub missing_words: Vec<String>,
-    pub dialogue_requested: bool,
-    pub has_dialogue: bool,
-    /// Share of word tokens that are not a form of a vocabulary or function word.
-    pub oov_share: f64,
-    pub word_count: u64,
-    /// The first three words, lowercased, without punctuation.
-    pub opening: String,
+row! {
+    #[derive(Debug, Clone)]
+    pub struct StoryChecks {
+        /// All three required words appear (in some inflection).
+        pub words_used: bool,
+        pub missing_words: Vec<String>,
+        pub dialogue_requested: bool,
+        pub has_dialogue: bool,
+        /// Share of word tokens that are not a form of a vocabulary or function word.
+        pub oov_share: f64,
+        pub word_count: u64,
+        /// The first three words, lowercased, without punctuation.
+        pub opening: String,
+    }
 }
 
 /// Quoted speech: a pair of straight or curly double quotes around something.
@@ -347,22 +351,6 @@ impl Corpus for Stories {
         350
     }
 
-    fn columns(&self) -> Schema {
-        vec![
-            ("verb", Kind::Text),
-            ("noun", Kind::Text),
-            ("adjective", Kind::Text),
-            ("features", Kind::TextList),
-            ("words_used", Kind::Bool),
-            ("missing_words", Kind::TextList),
-            ("dialogue_requested", Kind::Bool),
-            ("has_dialogue", Kind::Bool),
-            ("oov_share", Kind::Float),
-            ("word_count", Kind::Int),
-            ("opening", Kind::Text),
-        ]
-    }
-
     fn summary_columns(&self) -> Vec<&'static str> {
         vec![
             "words_used",
@@ -374,12 +362,12 @@ impl Corpus for Stories {
         ]
     }
 
-    fn summarize(&self, df: &DataFrame) -> Value {
-        summarize_stories(df).unwrap_or_else(|e| json!({ "error": e.to_string() }))
+    fn summarize(&self, df: &DataFrame) -> PolarsResult<Value> {
+        summarize_stories(df)
     }
 }
 
-fn summarize_stories(df: &DataFrame) -> polars::prelude::PolarsResult<Value> {
+fn summarize_stories(df: &DataFrame) -> PolarsResult<Value> {
     let n = df.height();
     let used = df.column("words_used")?.bool()?.clone();
     let asked = df.column("dialogue_requested")?.bool()?.clone();

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use polars::prelude::DataFrame;
+use polars::prelude::{DataFrame, PolarsResult};
 use rand::seq::IndexedRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use super::prompt::Template;
 use super::python;
 use super::{Corpus, Drop, DropReason};
-use crate::artifact::table::{Kind, Schema};
+use crate::artifact::table::row;
 
 pub const BUILTIN_TEMPLATE: &str = include_str!("../../prompts/textbook.txt");
 pub const BUILTIN_AUDIENCES: &str = include_str!("../../seeds/audiences.txt");
@@ -142,19 +142,23 @@ impl Textbooks {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct TextbookConstraints {
-    pub topic: String,
-    pub subtopic: Option<String>,
-    pub audience: String,
-    pub style: String,
+row! {
+    #[derive(Debug, Clone, Serialize)]
+    pub struct TextbookConstraints {
+        pub topic: String,
+        pub subtopic: Option<String>,
+        pub audience: String,
+        pub style: String,
+    }
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct TextbookChecks {
-    pub code_blocks: u64,
-    pub code_lines: u64,
-    pub word_count: u64,
+row! {
+    #[derive(Debug, Clone)]
+    pub struct TextbookChecks {
+        pub code_blocks: u64,
+        pub code_lines: u64,
+        pub word_count: u64,
+    }
 }
 
 impl Textbooks {
@@ -245,49 +249,30 @@ impl Corpus for Textbooks {
         1000
     }
 
-    fn columns(&self) -> Schema {
-        vec![
-            ("topic", Kind::Text),
-            ("subtopic", Kind::Text),
-            ("audience", Kind::Text),
-            ("style", Kind::Text),
-            ("code_blocks", Kind::Int),
-            ("code_lines", Kind::Int),
-            ("word_count", Kind::Int),
-        ]
-    }
-
     fn summary_columns(&self) -> Vec<&'static str> {
         vec!["topic", "audience", "style", "code_blocks", "word_count"]
     }
 
-    fn summarize(&self, df: &DataFrame) -> Value {
-        summarize_textbooks(df).unwrap_or_else(|e| json!({ "error": e.to_string() }))
+    fn summarize(&self, df: &DataFrame) -> PolarsResult<Value> {
+        use polars::prelude::ChunkAgg;
+        Ok(json!({
+            "sections": df.height(),
+            "mean_code_blocks": df.column("code_blocks")?.i64()?.mean(),
+            "mean_word_count": df.column("word_count")?.i64()?.mean(),
+            "per_topic": counts(df, "topic")?,
+            "per_audience": counts(df, "audience")?,
+            "per_style": counts(df, "style")?,
+        }))
     }
 }
 
 /// Records per value of a text column.
-pub(crate) fn counts(
-    df: &DataFrame,
-    column: &str,
-) -> polars::prelude::PolarsResult<BTreeMap<String, u64>> {
+pub(crate) fn counts(df: &DataFrame, column: &str) -> PolarsResult<BTreeMap<String, u64>> {
     let mut m = BTreeMap::new();
     for v in df.column(column)?.str()?.iter().flatten() {
         *m.entry(v.to_string()).or_default() += 1;
     }
     Ok(m)
-}
-
-fn summarize_textbooks(df: &DataFrame) -> polars::prelude::PolarsResult<Value> {
-    use polars::prelude::ChunkAgg;
-    Ok(json!({
-        "sections": df.height(),
-        "mean_code_blocks": df.column("code_blocks")?.i64()?.mean(),
-        "mean_word_count": df.column("word_count")?.i64()?.mean(),
-        "per_topic": counts(df, "topic")?,
-        "per_audience": counts(df, "audience")?,
-        "per_style": counts(df, "style")?,
-    }))
 }
 
 #[cfg(test)]
