@@ -337,7 +337,6 @@ mod tests {
 
     row! {
         /// One field of every cell type, and one that is not a column.
-        #[derive(Clone)]
         struct Every {
             flag: bool,
             count: u64,

@@ -1388,7 +1388,8 @@ mod tests {
             vec![],
             vec![],
         );
-        let df = table::frame(&vec![("topic", Kind::Text)], &Vec::<Vec<Value>>::new()).unwrap();
+        let only_topic: Schema = vec![("topic", Kind::Text)];
+        let df = table::frame(&only_topic, &Vec::<Vec<Value>>::new()).unwrap();
         assert!(corpus.summarize(&df).is_err());
     }
 
