@@ -1,8 +1,7 @@
 //! `phigen eval humaneval` and `phigen eval mbpp`.
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{bail, Context};
 use candle_core::Device;
@@ -11,11 +10,10 @@ use indicatif::ProgressBar;
 
 use super::numbers::{self, f64_in, int_in};
 use super::Outcome;
-use crate::eval::code::{self, GenerateSettings, HUMANEVAL_STOPS};
+use crate::eval::code::{self, Benchmark, CodeEvalProgress, CodeEvalSettings};
+use crate::eval::sampling;
 use crate::model::checkpoint;
-use crate::model::sample::SamplingParams;
 use crate::model::tokenizer::Tokenizer;
-use crate::sandbox::{Isolation, Limits, Sandbox};
 
 #[derive(Debug, Subcommand)]
 pub enum EvalCommand {
@@ -132,20 +130,6 @@ pub struct CodeEvalArgs {
     pub unsafe_sandbox: bool,
 }
 
-/// The sampler of a model under evaluation: temperature 0 is greedy, top-p 1 is off.
-fn sampling(max_new_tokens: usize, temperature: f64, top_p: f64, seed: u64) -> SamplingParams {
-    SamplingParams {
-        max_new_tokens,
-        temperature,
-        top_k: None,
-        top_p: (top_p < 1.0).then_some(top_p),
-        min_p: None,
-        repetition_penalty: 1.0,
-        seed,
-        greedy: temperature <= 0.0,
-    }
-}
-
 fn bar(quiet: bool, len: usize, what: &str) -> ProgressBar {
     super::progress_bar(
         quiet,
@@ -156,9 +140,34 @@ fn bar(quiet: bool, len: usize, what: &str) -> ProgressBar {
     )
 }
 
+impl CodeEvalArgs {
+    fn settings(&self, benchmark: Benchmark) -> CodeEvalSettings {
+        CodeEvalSettings {
+            benchmark,
+            problems: self.problems.clone(),
+            checkpoint: self.checkpoint.clone(),
+            samples: self.samples.clone(),
+            out: self.out.clone(),
+            samples_per_task: self.samples_per_task,
+            k: self.k.clone(),
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            seed: self.seed,
+            batch: self.batch,
+            python: self.python.clone(),
+            workers: self.workers,
+            timeout: self.timeout,
+            memory_mb: self.memory_mb,
+            unsafe_sandbox: self.unsafe_sandbox,
+        }
+    }
+}
+
 pub async fn eval(cmd: &EvalCommand, quiet: bool) -> anyhow::Result<Outcome> {
-    let args = match cmd {
-        EvalCommand::Humaneval(args) | EvalCommand::Mbpp(args) => args,
+    let (args, benchmark) = match cmd {
+        EvalCommand::Humaneval(args) => (args, Benchmark::HumanEval),
+        EvalCommand::Mbpp(args) => (args, Benchmark::Mbpp),
         EvalCommand::Stories(a) => return stories(a, quiet).await,
         EvalCommand::Loss(a) => {
             let r = crate::eval::validation_loss(
@@ -168,86 +177,36 @@ pub async fn eval(cmd: &EvalCommand, quiet: bool) -> anyhow::Result<Outcome> {
                 a.batches,
                 a.rows,
             )?;
-            let json = serde_json::to_string_pretty(&r)?;
             if let Some(out) = &a.out {
-                if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(dir)
-                        .with_context(|| format!("could not create {}", dir.display()))?;
-                }
-                crate::artifact::atomic::write_bytes(out, json.as_bytes())
-                    .with_context(|| format!("could not write {}", out.display()))?;
+                crate::eval::write_loss_report(out, &r)?;
             }
-            println!("{json}");
+            println!("{}", serde_json::to_string_pretty(&r)?);
             return Ok(Outcome::Complete);
         }
     };
-    if args.samples_per_task == 0 {
-        bail!("--samples-per-task must be at least 1");
+    // A bar per phase, made at its first report; the generating one closes when execution starts.
+    let (generating, executing) = (OnceLock::new(), OnceLock::new());
+    let progress = |p: CodeEvalProgress| match p {
+        CodeEvalProgress::Generating { done, total } => generating
+            .get_or_init(|| bar(quiet, total, "generating"))
+            .set_position(done as u64),
+        CodeEvalProgress::Executing { done, total } => executing
+            .get_or_init(|| {
+                if let Some(b) = generating.get() {
+                    b.finish_and_clear();
+                }
+                bar(quiet, total, "executing")
+            })
+            .set_position(done as u64),
+    };
+    let summary = code::run(&args.settings(benchmark), &progress).await;
+    for b in [&generating, &executing]
+        .into_iter()
+        .filter_map(OnceLock::get)
+    {
+        b.finish_and_clear();
     }
-    let problems = code::load_problems(&args.problems)?;
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("could not create {}", args.out.display()))?;
-    let _lock = crate::artifact::outdir::DirLock::exclusive(&args.out)?;
-    let samples = match (&args.samples, &args.checkpoint) {
-        (Some(path), _) => code::load_samples(path)?,
-        (None, Some(dir)) => {
-            let model = checkpoint::load(dir, candle_core::DType::F32, &Device::Cpu)?;
-            let tokenizer = Tokenizer::for_checkpoint(dir)?;
-            let settings = GenerateSettings {
-                samples_per_task: args.samples_per_task,
-                params: sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed),
-                stops: HUMANEVAL_STOPS.iter().map(|s| s.to_string()).collect(),
-                batch: args.batch,
-            };
-            let b = bar(quiet, problems.len(), "generating");
-            let s = code::generate_samples(
-                &model,
-                &tokenizer,
-                &problems,
-                &settings,
-                &code::samples_path(&args.out),
-                |done| b.set_position(done as u64),
-            )?;
-            b.finish_and_clear();
-            s
-        }
-        (None, None) => bail!("pass --checkpoint DIR or --samples FILE"),
-    };
-    let limits = Limits {
-        wall: Duration::from_secs_f64(args.timeout.max(0.1)),
-        cpu_secs: args.timeout.ceil().max(1.0) as u64,
-        memory_bytes: args.memory_mb << 20,
-        ..Limits::default()
-    };
-    let sandbox = Arc::new(
-        Sandbox::new(
-            args.python.as_deref(),
-            limits,
-            args.workers.max(1),
-            Isolation::requested(args.unsafe_sandbox),
-        )
-        .await?,
-    );
-    let b = bar(quiet, samples.len(), "executing");
-    let started = Instant::now();
-    let outcomes = code::execute(&problems, &samples, sandbox.clone(), |n| {
-        b.set_position(n as u64)
-    })
-    .await?;
-    b.finish_and_clear();
-    let benchmark = match cmd {
-        EvalCommand::Mbpp(_) => "mbpp",
-        _ => "humaneval",
-    };
-    let mut summary = code::summarize(
-        benchmark,
-        &problems,
-        &outcomes,
-        &args.k,
-        started.elapsed().as_secs_f64(),
-    );
-    summary.sandbox_isolation = Some(sandbox.isolation());
-    code::write_results(&args.out, &outcomes, &summary)?;
+    let summary = summary?;
     if !quiet {
         let scores: Vec<String> = summary
             .pass_at_k
@@ -264,7 +223,7 @@ pub async fn eval(cmd: &EvalCommand, quiet: bool) -> anyhow::Result<Outcome> {
             scores.join(", "),
             summary.execution_seconds,
             args.workers.max(1),
-            sandbox.isolation()
+            summary.sandbox_isolation.unwrap_or_default()
         );
         println!("  results: {}", args.out.join("results.jsonl").display());
     }

