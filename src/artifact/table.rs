@@ -1,6 +1,6 @@
 //! Typed rows ⇄ Parquet (polars).
 //!
-//! Records are serde structs; a table's [`Schema`] names each column and its type, so a column
+//! Rows are JSON cells (a `Vec<Value>` in schema order, or an object by name); a table's [`Schema`] names each column and its type, so a column
 //! that happens to be all-null in one shard still gets the same Parquet type as in the others.
 
 use std::fs::File;
