@@ -377,7 +377,8 @@ pub fn samples_path(out: &Path) -> PathBuf {
 
 /// Which benchmark a problems file holds; it names the summary (`summary.json`'s `benchmark`).
 /// The file's format is told by its fields, so both read through [`load_problems`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Benchmark {
     HumanEval,
     Mbpp,
@@ -393,7 +394,7 @@ impl Benchmark {
 }
 
 /// One HumanEval or MBPP evaluation; the fields are `phigen eval humaneval|mbpp`'s flags.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize)]
 pub struct CodeEvalSettings {
     pub benchmark: Benchmark,
     /// The problems file; nothing is downloaded.
@@ -855,6 +856,11 @@ mod tests {
         assert_eq!((summary.samples, summary.passed), (4, 3));
         assert!((summary.pass_at_k["pass@1"] - 2.5 / 3.0).abs() < 1e-12);
         assert_eq!(summary.benchmark, "humaneval");
+        // The name in the summary is the one settings serialize to (a manifest can record them).
+        assert_eq!(
+            serde_json::to_value(Benchmark::Mbpp).unwrap(),
+            Benchmark::Mbpp.name()
+        );
         let seen = seen.into_inner().unwrap();
         assert_eq!(
             seen.first(),
