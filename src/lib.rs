@@ -1,8 +1,16 @@
 //! phigen: reproduce the Phi / TinyStories recipe end to end.
 //!
-//! Stages read and write artifacts on disk (see `../shared/design.md`): `generate` writes
-//! synthetic corpora with a `teacher`; `classify` is the educational-value filter; `model` is the phi decoder family (checkpoints, sampling);
-//! `artifact` is the record layer every stage shares.
+//! Stages read and write artifacts on disk (README.md describes each command and its files):
+//! - `generate` writes synthetic corpora (stories, textbooks, exercises) with a `teacher` (an
+//!   OpenAI-compatible HTTP server, a mock one, or a local model);
+//! - `classify` is the educational-value filter (embeddings and a random forest);
+//! - `dedup` removes exact and near duplicates and decontaminates against benchmarks;
+//! - `tokenize` turns corpora into token shards;
+//! - `model` is the phi decoder family (checkpoints, tokenizers, sampling), `train` its trainer;
+//! - `eval` scores checkpoints (HumanEval / MBPP pass@k, validation loss, graded stories), running
+//!   generated code in the `sandbox`;
+//! - `artifact` is the record layer every stage shares (atomic writes, Parquet, output dirs).
+//!
 //! `cli` is the command-line front door; `main.rs` only calls it.
 
 pub mod artifact;

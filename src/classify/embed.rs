@@ -1,8 +1,10 @@
 //! Feature vectors of code files, which the forest learns from.
 //!
-//! Two embedders: [`Hashed`], model-free and fast (hashed token uni- and bigram frequencies plus
-//! code statistics), the offline default; and [`LmEmbedder`], the mean of the last hidden states of
-//! any causal LM phigen loads (phi-1 used a pretrained code model's embeddings this way).
+//! Three embedders: [`Hashed`], model-free and fast (hashed token uni- and bigram frequencies plus
+//! code statistics), the offline default; [`LmEmbedder`], the mean of the last hidden states of
+//! any causal LM phigen loads (phi-1 used a pretrained code model's embeddings this way); and
+//! [`BertEmbedder`], a BERT-family sentence encoder's mean-pooled, normalised embeddings (as
+//! sentence-transformers computes them).
 //! A model embedder's vectors are cached on disk by content hash ([`Cache`]).
 
 use std::collections::HashMap;

@@ -30,7 +30,7 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use crate::artifact::atomic;
 use crate::artifact::docs::{self, DocsError, InputFile};
@@ -766,26 +766,6 @@ fn commit_index(dir: &Path, params: &Params, exact: Normalize, g: u64) -> Result
         }
     }
     Ok(())
-}
-
-/// Kept rows of a finished run, for callers that want them as JSON (tests, reports).
-pub fn removed_rows(out: &Path) -> Result<Vec<Map<String, Value>>, DedupError> {
-    let path = out.join(REMOVED_FILE);
-    let df = table::read_columns(&path, &["id", "kept_id", "reason"])?;
-    let ids = table::text_column(&df, &path, "id")?;
-    let kept = table::text_column(&df, &path, "kept_id")?;
-    let reason = table::text_column(&df, &path, "reason")?;
-    Ok(ids
-        .into_iter()
-        .zip(kept)
-        .zip(reason)
-        .map(|((id, kept), reason)| {
-            json!({"id": id, "kept_id": kept, "reason": reason})
-                .as_object()
-                .expect("object")
-                .clone()
-        })
-        .collect())
 }
 
 #[cfg(test)]

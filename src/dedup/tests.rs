@@ -38,17 +38,15 @@ fn done(opts: &DedupOptions) -> Stats {
     }
 }
 
-/// (removed id → kept id) of a finished run.
+/// (removed id → kept id) of a finished run, read from its rejects file.
 fn removed(out: &Path) -> BTreeMap<String, String> {
-    removed_rows(out)
-        .unwrap()
-        .into_iter()
-        .map(|r| {
-            (
-                r["id"].as_str().unwrap().to_string(),
-                r["kept_id"].as_str().unwrap().to_string(),
-            )
-        })
+    let path = out.join(REMOVED_FILE);
+    let df = table::read_columns(&path, &["id", "kept_id"]).unwrap();
+    let ids = table::text_column(&df, &path, "id").unwrap();
+    let kept = table::text_column(&df, &path, "kept_id").unwrap();
+    ids.into_iter()
+        .zip(kept)
+        .map(|(id, kept)| (id.unwrap(), kept.unwrap()))
         .collect()
 }
 

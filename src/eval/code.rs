@@ -377,7 +377,8 @@ pub fn samples_path(out: &Path) -> PathBuf {
 
 /// Which benchmark a problems file holds; it names the summary (`summary.json`'s `benchmark`).
 /// The file's format is told by its fields, so both read through [`load_problems`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Benchmark {
     HumanEval,
     Mbpp,
@@ -393,7 +394,7 @@ impl Benchmark {
 }
 
 /// One HumanEval or MBPP evaluation; the fields are `phigen eval humaneval|mbpp`'s flags.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize)]
 pub struct CodeEvalSettings {
     pub benchmark: Benchmark,
     /// The problems file; nothing is downloaded.
@@ -748,6 +749,20 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 6);
     }
 
+    /// [`problems`] as a HumanEval jsonl file in `dir`.
+    fn problems_file(dir: &Path) -> PathBuf {
+        let path = dir.join("he.jsonl");
+        let body: String = problems()
+            .iter()
+            .map(|p| {
+                let (test, entry) = p.tail.trim_start().split_once("\ncheck(").unwrap();
+                serde_json::json!({"task_id": p.task_id, "prompt": p.prompt, "canonical_solution": p.canonical, "test": test, "entry_point": entry.trim_end_matches(')')}).to_string() + "\n"
+            })
+            .collect();
+        std::fs::write(&path, body).unwrap();
+        path
+    }
+
     /// The settings `phigen eval humaneval` passes by default, on `problems` and `out`.
     fn settings(problems: &Path, out: &Path) -> CodeEvalSettings {
         CodeEvalSettings {
@@ -802,14 +817,10 @@ mod tests {
         }
         assert!(!out.exists());
         // The source checks come after the problems are read, so give it a problems file.
-        let p = problems();
-        let body: String = p
-            .iter()
-            .map(|p| {
-                serde_json::json!({"task_id": p.task_id, "prompt": p.prompt, "canonical_solution": p.canonical, "test": "", "entry_point": "f"}).to_string() + "\n"
-            })
-            .collect();
-        std::fs::write(&base.problems, body).unwrap();
+        let base = CodeEvalSettings {
+            problems: problems_file(dir.path()),
+            ..base
+        };
         let e = run(&base, &|_| {}).await.unwrap_err();
         assert!(matches!(e, EvalError::NoSource), "{e}");
         let both = CodeEvalSettings {
@@ -827,16 +838,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn run_scores_a_samples_file_and_reports_progress() {
         let dir = tempfile::tempdir().unwrap();
-        let p = problems();
-        let problems_path = dir.path().join("he.jsonl");
-        let body: String = p
-            .iter()
-            .map(|p| {
-                let (test, entry) = p.tail.trim_start().split_once("\ncheck(").unwrap();
-                serde_json::json!({"task_id": p.task_id, "prompt": p.prompt, "canonical_solution": p.canonical, "test": test, "entry_point": entry.trim_end_matches(')')}).to_string() + "\n"
-            })
-            .collect();
-        std::fs::write(&problems_path, body).unwrap();
+        let problems_path = problems_file(dir.path());
+        let p = load_problems(&problems_path).unwrap();
         let samples_path = dir.path().join("samples.jsonl");
         let mut samples: Vec<Sample> = p.iter().map(|p| sample(&p.task_id, &p.canonical)).collect();
         samples.push(sample("T/0", "    return a - b\n"));
@@ -855,6 +858,11 @@ mod tests {
         assert_eq!((summary.samples, summary.passed), (4, 3));
         assert!((summary.pass_at_k["pass@1"] - 2.5 / 3.0).abs() < 1e-12);
         assert_eq!(summary.benchmark, "humaneval");
+        // The name in the summary is the one settings serialize to (a manifest can record them).
+        assert_eq!(
+            serde_json::to_value(Benchmark::Mbpp).unwrap(),
+            Benchmark::Mbpp.name()
+        );
         let seen = seen.into_inner().unwrap();
         assert_eq!(
             seen.first(),
@@ -874,6 +882,44 @@ mod tests {
                 .count(),
             4
         );
+    }
+
+    /// With a checkpoint, a run generates first (progress over problems, then over samples),
+    /// writes `samples.jsonl`, and a second run resumes from it instead of generating again.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn run_generates_with_a_checkpoint_and_resumes() {
+        use crate::model::{tokenizer::Encoding, PhiConfig};
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = dir.path().join("tiny");
+        let cfg = PhiConfig {
+            vocab_size: 50304,
+            ..PhiConfig::preset("tiny-phi").unwrap()
+        };
+        checkpoint::save_random(&ckpt, &cfg, 3, DType::F32, Encoding::Gpt2).unwrap();
+        let problems_path = problems_file(dir.path());
+        let out = dir.path().join("out");
+        let s = CodeEvalSettings {
+            checkpoint: Some(ckpt),
+            max_new_tokens: 8,
+            ..settings(&problems_path, &out)
+        };
+        for _ in 0..2 {
+            let seen = std::sync::Mutex::new(Vec::new());
+            let summary = run(&s, &|p| seen.lock().unwrap().push(p)).await.unwrap();
+            assert_eq!(summary.samples, 3);
+            let seen = seen.into_inner().unwrap();
+            let executing = seen
+                .iter()
+                .position(|p| matches!(p, CodeEvalProgress::Executing { .. }))
+                .unwrap();
+            assert_eq!(
+                seen[executing - 1],
+                CodeEvalProgress::Generating { done: 3, total: 3 }
+            );
+            assert_eq!(seen[0], CodeEvalProgress::Generating { done: 0, total: 3 });
+            let lines = std::fs::read_to_string(samples_path(&out)).unwrap();
+            assert_eq!(lines.lines().count(), 3);
+        }
     }
 
     /// The recipe runner spawns evaluations on tokio's threads: the future must be `Send`.

@@ -67,10 +67,6 @@ pub enum HeadKind {
     SequenceClassification {
         num_labels: usize,
     },
-    /// One label per token.
-    TokenClassification {
-        num_labels: usize,
-    },
 }
 
 /// The rotary frequencies after resolving every spelling of the settings.
@@ -418,38 +414,11 @@ impl PhiConfig {
             Ok(HeadKind::CausalLm)
         } else if arch.ends_with("ForSequenceClassification") {
             Ok(HeadKind::SequenceClassification { num_labels })
-        } else if arch.ends_with("ForTokenClassification") {
-            Ok(HeadKind::TokenClassification { num_labels })
         } else {
             Err(ModelError::Config(format!(
-                "architecture `{arch}` is not supported; phigen runs *ForCausalLM, *ForSequenceClassification and *ForTokenClassification"
+                "architecture `{arch}` is not supported; phigen runs *ForCausalLM and *ForSequenceClassification"
             )))
         }
-    }
-
-    /// Put a head on this config: sets `architectures` and, for classifiers, `id2label`.
-    pub fn with_head(mut self, head: HeadKind) -> Self {
-        let prefix = match self.model_type {
-            ModelType::Phi => "Phi",
-            ModelType::Phi3 => "Phi3",
-            ModelType::Llama => "Llama",
-        };
-        let (suffix, labels) = match head {
-            HeadKind::CausalLm => ("ForCausalLM", None),
-            HeadKind::SequenceClassification { num_labels } => {
-                ("ForSequenceClassification", Some(num_labels))
-            }
-            HeadKind::TokenClassification { num_labels } => {
-                ("ForTokenClassification", Some(num_labels))
-            }
-        };
-        self.architectures = Some(vec![format!("{prefix}{suffix}")]);
-        self.id2label = labels.map(|n| {
-            (0..n)
-                .map(|i| (i.to_string(), format!("LABEL_{i}")))
-                .collect()
-        });
-        self
     }
 
     /// The rotary settings from whichever keys the file used.

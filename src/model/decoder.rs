@@ -710,7 +710,6 @@ impl Decoder {
             HeadKind::CausalLm if cfg.tie_word_embeddings => None,
             HeadKind::CausalLm => Some(linear(w, "lm_head", cfg.lm_head_bias())?),
             HeadKind::SequenceClassification { .. } => Some(linear(w, "score", false)?),
-            HeadKind::TokenClassification { .. } => Some(linear(w, "score", true)?),
         };
         Ok(Decoder {
             cfg: cfg.clone(),

@@ -103,10 +103,6 @@ impl Int8Weight {
         })
     }
 
-    pub fn out_features(&self) -> usize {
-        self.out
-    }
-
     /// `x Wᵀ` for `x` (rows, inp), f32 row-major; returns (rows, out) row-major.
     pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
         assert_eq!(x.len(), rows * self.inp, "x is (rows, inp)");

@@ -183,9 +183,6 @@ pub fn parameter_table(cfg: &PhiConfig) -> Result<Vec<Param>, ModelError> {
         HeadKind::SequenceClassification { num_labels } => {
             linear(&mut out, "score", &[("score".into(), num_labels)], c, false)
         }
-        HeadKind::TokenClassification { num_labels } => {
-            linear(&mut out, "score", &[("score".into(), num_labels)], c, true)
-        }
     }
     Ok(out)
 }
