@@ -77,6 +77,8 @@ pub enum GenerateError {
     Template(#[from] super::prompt::TemplateError),
     #[error(transparent)]
     OutDir(#[from] crate::artifact::outdir::OutDirError),
+    #[error(transparent)]
+    Setup(#[from] super::run::SetupError),
 }
 
 /// Why a run ended before every slot was filled.
