@@ -468,3 +468,57 @@ impl CorpusSettings {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A recipe names a corpus by `corpus = "…"` with the flags' names and defaults; a misspelt
+    /// key is an error, not a silent default.
+    #[test]
+    fn corpus_settings_read_from_a_recipe_table() {
+        let s: CorpusSettings =
+            toml::from_str("corpus = \"stories\"\nstrict_words = true\n").unwrap();
+        assert_eq!(
+            s,
+            CorpusSettings::Stories(StoriesSettings {
+                strict_words: true,
+                ..StoriesSettings::default()
+            })
+        );
+        assert_eq!(s.default_max_tokens(), 1024);
+        let s: CorpusSettings = toml::from_str("corpus = \"exercises\"\n").unwrap();
+        assert_eq!(s, CorpusSettings::Exercises(ExercisesSettings::default()));
+        let e = toml::from_str::<CorpusSettings>("corpus = \"stories\"\nmax_feature = 2\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_feature"), "{e}");
+        assert!(toml::from_str::<CorpusSettings>("corpus = \"textbooks\"\n").is_err());
+    }
+
+    /// The checks `phigen stories` made before it sent anything are the library's now.
+    #[test]
+    fn options_that_would_generate_nothing_are_refused() {
+        let ok = GenerateOptions {
+            out: PathBuf::from("o"),
+            n: 1,
+            seed: 0,
+            max_attempts: 1,
+            shard_size: 1,
+            concurrency: 1,
+        };
+        check_options(&ok).unwrap();
+        let msg = |o: GenerateOptions| check_options(&o).unwrap_err().to_string();
+        assert!(msg(GenerateOptions { n: 0, ..ok.clone() }).starts_with("--n 0"));
+        assert!(msg(GenerateOptions {
+            max_attempts: 0,
+            ..ok.clone()
+        })
+        .starts_with("--max-attempts 0"));
+        assert!(msg(GenerateOptions {
+            shard_size: 0,
+            ..ok
+        })
+        .starts_with("--shard-size 0"));
+    }
+}
