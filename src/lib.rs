@@ -20,6 +20,7 @@ pub mod dedup;
 pub mod eval;
 pub mod generate;
 pub mod model;
+pub mod range;
 pub mod sandbox;
 pub mod teacher;
 pub mod tokenize;

@@ -15,6 +15,7 @@ pub mod embed;
 pub mod forest;
 pub mod input;
 pub mod metrics;
+pub mod pipeline;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;

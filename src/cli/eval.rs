@@ -231,52 +231,30 @@ pub async fn eval(cmd: &EvalCommand, quiet: bool) -> anyhow::Result<Outcome> {
 }
 
 async fn stories(a: &StoriesArgs, quiet: bool) -> anyhow::Result<Outcome> {
-    use crate::eval::stories::{self, Grade};
-    use crate::generate::prompt::Template;
-    let beginnings = match &a.beginnings {
-        Some(p) => stories::parse_beginnings(
-            &std::fs::read_to_string(p)
-                .with_context(|| format!("could not read {}", p.display()))?,
-        ),
-        None => stories::parse_beginnings(stories::BUILTIN_BEGINNINGS),
+    use crate::eval::stories::{self, StorySettings};
+    let (cfg, resolved) = a.teacher.resolve()?;
+    let settings = StorySettings {
+        checkpoint: a.checkpoint.clone(),
+        beginnings: a.beginnings.clone(),
+        rubric: a.rubric.clone(),
+        out: a.out.clone(),
+        max_new_tokens: a.max_new_tokens,
+        gen_temperature: a.gen_temperature,
+        gen_top_p: a.gen_top_p,
+        seed: a.seed,
     };
-    if beginnings.is_empty() {
-        bail!("no story beginnings (one a line, # for comments)");
-    }
-    let template = Template::load_or_builtin(
-        a.rubric.as_deref(),
-        "story-grade.txt",
-        stories::BUILTIN_TEMPLATE,
-    )?;
-    std::fs::create_dir_all(&a.out)
-        .with_context(|| format!("could not create {}", a.out.display()))?;
-    let _lock = crate::artifact::outdir::DirLock::exclusive(&a.out)?;
-    let model = checkpoint::load(&a.checkpoint, candle_core::DType::F32, &Device::Cpu)?;
-    let tokenizer = Tokenizer::for_checkpoint(&a.checkpoint)?;
-    let params = sampling(a.max_new_tokens, a.gen_temperature, a.gen_top_p, a.seed);
-    let continuations = stories::continue_stories(
-        &model,
-        &tokenizer,
-        &beginnings,
-        &params,
-        &a.out.join("continuations.jsonl"),
-    )?;
-    let grade = Arc::new(Grade::new(template.clone(), &continuations));
-    let dir = stories::grades_dir(&a.out, &a.teacher.model, &template);
-    let output = super::OutputArgs {
-        n: grade.len() as u64,
-        seed: 0,
-        max_attempts: 3,
-        shard_size: 1000,
-    };
-    let outcome =
-        super::run_corpus(grade.clone(), &a.teacher, &output, dir.clone(), 512, quiet).await?;
     if a.teacher.dry_run {
-        return Ok(outcome);
+        let plan = stories::dry_run(&settings, &cfg)?;
+        super::print_dry_run(&plan, &resolved.model);
+        return Ok(Outcome::Complete);
     }
-    let summary = stories::summarize_grades(&dir, &grade, &a.teacher.model, &template)?;
-    let path = stories::write_summary(&a.out, &summary)?;
+    let live = super::Live::start(quiet);
+    let result = stories::run(&settings, &cfg, live.state.clone(), &|p| live.show(p)).await;
+    live.finish();
+    let r = result?;
+    let outcome = super::finished(&r.grading, &r.grades, quiet);
     if !quiet {
+        let summary = &r.summary;
         let m: Vec<String> = summary
             .metrics
             .iter()
@@ -289,7 +267,7 @@ async fn stories(a: &StoriesArgs, quiet: bool) -> anyhow::Result<Outcome> {
             summary.judge,
             m.join(", "),
             summary.age_groups,
-            path.display()
+            r.summary_path.display()
         );
     }
     Ok(outcome)

@@ -1,20 +1,22 @@
 //! `phigen annotate`, `phigen classify train` and `phigen filter`.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use super::numbers::{self, f32_in, f64_in, int_at_least, int_in};
-use super::{run_corpus, Outcome, OutputArgs, TeacherArgs};
-use crate::classify::annotate::{self, Annotate};
+use super::{finished, print_dry_run, Live, Outcome, TeacherArgs};
 use crate::classify::embed::EmbedderSpec;
 use crate::classify::forest::{Engine, ForestParams};
-use crate::classify::{self, FilterOptions, InputOptions, TrainOptions};
+use crate::classify::pipeline::{
+    self, FilterDryRun, FilterRecipe, ModelSettings, PipelineProgress, SampleSettings,
+};
+use crate::classify::{self, InputOptions, TrainReport};
 use crate::dedup::Slice;
-use crate::generate::prompt::Template;
+use crate::generate::engine::RunState;
 
 #[derive(Debug, Clone, Args)]
 pub struct InputArgs {
@@ -33,7 +35,7 @@ pub struct InputArgs {
 }
 
 impl InputArgs {
-    fn options(&self) -> InputOptions {
+    pub(super) fn options(&self) -> InputOptions {
         InputOptions {
             inputs: self.input.clone(),
             extensions: self.ext.clone(),
@@ -60,6 +62,18 @@ pub struct SampleArgs {
     /// Attempts per file before its rating is given up (unparseable answers are asked again).
     #[arg(long, default_value_t = 3, value_parser = int_in(1u32, 1000))]
     pub max_attempts: u32,
+}
+
+impl SampleArgs {
+    fn settings(&self) -> SampleSettings {
+        SampleSettings {
+            sample: self.sample,
+            seed: self.seed,
+            max_chars: self.max_chars,
+            max_attempts: self.max_attempts,
+            prompt: self.prompt.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -162,19 +176,8 @@ impl ModelArgs {
         })
     }
 
-    fn train_options(
-        &self,
-        labels: PathBuf,
-        input: InputOptions,
-        out: PathBuf,
-    ) -> anyhow::Result<TrainOptions> {
-        if !(0.0..1.0).contains(&self.holdout) {
-            bail!("--holdout {} must be at least 0 and below 1", self.holdout);
-        }
-        Ok(TrainOptions {
-            labels,
-            input,
-            out,
+    fn settings(&self) -> anyhow::Result<ModelSettings> {
+        Ok(ModelSettings {
             embedder: self.spec()?,
             cache: Some(self.embed_cache.clone()),
             forest: ForestParams {
@@ -254,55 +257,22 @@ pub struct FilterArgs {
     pub teacher: TeacherArgs,
 }
 
-fn template(path: Option<&Path>) -> anyhow::Result<Template> {
-    Ok(Template::load_or_builtin(
-        path,
-        "educational-value.txt",
-        annotate::BUILTIN_TEMPLATE,
-    )?)
-}
-
-/// Draws (or re-draws and checks) the sample recorded in `out`: the corpus to rate and its size.
-fn prepare(
-    input: &InputOptions,
-    s: &SampleArgs,
-    out: &Path,
-) -> anyhow::Result<(Arc<Annotate>, OutputArgs)> {
-    if s.sample == 0 {
-        bail!("--sample 0: nothing to rate");
-    }
-    let template = template(s.prompt.as_deref())?;
-    let parts = input.parts()?;
-    let sample = annotate::draw_sample(&parts, s.sample, s.seed, input.max_bytes, s.max_chars)?;
-    if sample.is_empty() {
-        bail!("no readable code files in {:?} to rate", input.inputs);
-    }
-    if sample.len() < s.sample {
-        tracing::warn!("only {} readable files: rating all of them", sample.len());
-    }
-    annotate::record_sample(out, &input.inputs, s.seed, &sample)?;
-    let output = OutputArgs {
-        n: sample.len() as u64,
-        seed: s.seed,
-        max_attempts: s.max_attempts,
-        shard_size: 1000,
-    };
-    Ok((Arc::new(Annotate::new(template, sample)), output))
-}
-
-const RATING_MAX_TOKENS: u32 = 256;
-
 pub async fn annotate(args: &AnnotateArgs, quiet: bool) -> anyhow::Result<Outcome> {
-    let (corpus, output) = prepare(&args.input.options(), &args.sample, &args.out)?;
-    run_corpus(
-        corpus,
-        &args.teacher,
-        &output,
-        args.out.clone(),
-        RATING_MAX_TOKENS,
-        quiet,
-    )
-    .await
+    let (cfg, resolved) = args.teacher.resolve()?;
+    let input = args.input.options();
+    let sample = args.sample.settings();
+    if args.teacher.dry_run {
+        let plan = pipeline::annotate_dry_run(&input, &sample, &args.out, &cfg)?;
+        print_dry_run(&plan, &resolved.model);
+        return Ok(Outcome::Complete);
+    }
+    let live = Live::start(quiet);
+    let result = pipeline::annotate(&input, &sample, &args.out, &cfg, live.state.clone(), &|p| {
+        live.show(p)
+    })
+    .await;
+    live.finish();
+    Ok(finished(&result?, &args.out, quiet))
 }
 
 pub fn classify(cmd: &ClassifyCommand) -> anyhow::Result<Outcome> {
@@ -326,17 +296,20 @@ pub fn classify(cmd: &ClassifyCommand) -> anyhow::Result<Outcome> {
             return Ok(Outcome::Complete);
         }
     };
-    let opts =
-        args.model
-            .train_options(args.labels.clone(), args.input.options(), args.out.clone())?;
-    train(&opts)
+    let opts = args.model.settings()?.train_options(
+        args.labels.clone(),
+        args.input.options(),
+        args.out.clone(),
+    )?;
+    let report = classify::train(&opts)?;
+    print_train_report(&opts.out, &report);
+    Ok(Outcome::Complete)
 }
 
-fn train(opts: &TrainOptions) -> anyhow::Result<Outcome> {
-    let r = classify::train(opts)?;
+fn print_train_report(out: &Path, r: &TrainReport) {
     println!(
         "classifier {}: {} labeled files found of {} ({} positive), {} trained on, {} held out; embed {:.1}s, fit {:.2}s",
-        opts.out.display(),
+        out.display(),
         r.found,
         r.labels,
         r.positives,
@@ -352,40 +325,97 @@ fn train(opts: &TrainOptions) -> anyhow::Result<Outcome> {
         );
     }
     println!("  metrics: {}", r.metrics_path.display());
-    Ok(Outcome::Complete)
+}
+
+/// The recipe's first line, as the rating starts (or would, in a dry run).
+fn print_rating(files: u64, model: &str, max_cost: Option<f64>) {
+    println!(
+        "filter recipe, step 1 of 3: rating a sample of {files} files with {model}{}",
+        max_cost.map_or(String::new(), |m| format!(" (stopping before ${m:.2})")),
+    );
 }
 
 pub async fn filter(args: &FilterArgs, quiet: bool) -> anyhow::Result<Outcome> {
-    let input = args.input.options();
-    let model = match &args.classifier {
-        Some(m) => m.clone(),
-        None => {
-            let (labels, model) = annotate::recipe_paths(&args.out);
-            recipe_steps(args, &input, &labels, &model, quiet).await?;
-            if args.teacher.dry_run {
-                return Ok(Outcome::Complete);
-            }
-            model
-        }
-    };
-    let slice = args.shard.unwrap_or(Slice { k: 0, n: 1 });
-    let opts = FilterOptions {
-        input,
-        out: args.out.clone(),
-        model,
+    let (cfg, resolved) = args.teacher.resolve()?;
+    let recipe = FilterRecipe {
+        input: args.input.options(),
+        sample: args.sample.settings(),
+        model: args.model_args.settings()?,
         threshold: args.threshold,
-        shard: (slice.k, slice.n),
-        cache: Some(args.model_args.embed_cache.clone()),
+        shard: args.shard.map(|s| (s.k, s.n)),
         batch: args.batch,
+        out: args.out.clone(),
+        classifier: args.classifier.clone(),
     };
-    let bar = super::progress_bar(
+    let in_recipe = args.classifier.is_none();
+    if in_recipe && args.teacher.dry_run {
+        match pipeline::dry_run(&recipe, &cfg)? {
+            FilterDryRun::Rate {
+                files,
+                model,
+                max_cost,
+                plan,
+            } => {
+                print_rating(files, &model, max_cost);
+                print_dry_run(&plan, &resolved.model);
+            }
+            FilterDryRun::AlreadyRated { files } => {
+                println!("dry run: {files} files are rated already; nothing would be sent")
+            }
+        }
+        return Ok(Outcome::Complete);
+    }
+    let state = Arc::new(RunState::default());
+    // The rating's bar and Ctrl-C watcher live while the teacher is asked, as for `annotate`.
+    let rating: Mutex<Option<Live>> = Mutex::new(None);
+    let scoring = super::progress_bar(
         quiet,
         None,
         "{spinner} scoring: {pos} files [{elapsed_precise}] {per_sec}",
     );
-    bar.enable_steady_tick(Duration::from_millis(200));
-    let stats = classify::filter(&opts, &|files| bar.inc(files))?;
-    bar.finish_and_clear();
+    let show = |event: PipelineProgress| match event {
+        PipelineProgress::Rating {
+            files,
+            model,
+            max_cost,
+            plan,
+        } => {
+            print_rating(files, model, max_cost);
+            print_dry_run(plan, model);
+            *rating.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(Live::watch(state.clone(), quiet));
+        }
+        PipelineProgress::Generation(p) => {
+            if let Some(live) = rating.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                live.show(p);
+            }
+        }
+        PipelineProgress::Rated { stats, labels } => {
+            if let Some(live) = rating.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                live.finish();
+            }
+            finished(stats, labels, quiet);
+        }
+        PipelineProgress::Training => {
+            if !quiet {
+                println!("filter recipe, step 2 of 3: training the classifier");
+            }
+        }
+        PipelineProgress::Trained { classifier, report } => print_train_report(classifier, report),
+        PipelineProgress::Scoring => {
+            if in_recipe && !quiet {
+                println!("filter recipe, step 3 of 3: scoring every file");
+            }
+            scoring.enable_steady_tick(Duration::from_millis(200));
+        }
+        PipelineProgress::Scored { files } => scoring.inc(files),
+    };
+    let result = pipeline::run(&recipe, &cfg, state.clone(), &show).await;
+    if let Some(live) = rating.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        live.finish();
+    }
+    scoring.finish_and_clear();
+    let stats = result?;
     if !quiet {
         let skipped: u64 = stats.skipped.values().sum();
         println!(
@@ -413,93 +443,4 @@ pub async fn filter(args: &FilterArgs, quiet: bool) -> anyhow::Result<Outcome> {
     } else {
         Outcome::Incomplete
     })
-}
-
-/// The recipe's first two steps in `OUT/labels` and `OUT/model.rf`, each skipped when done.
-async fn recipe_steps(
-    args: &FilterArgs,
-    input: &InputOptions,
-    labels: &Path,
-    model: &Path,
-    quiet: bool,
-) -> anyhow::Result<()> {
-    let t = &args.teacher;
-    let rated = annotate::load_labels(labels).map(|l| l.len()).unwrap_or(0);
-    if rated < args.sample.sample {
-        let (corpus, output) = prepare(input, &args.sample, labels)?;
-        println!(
-            "filter recipe, step 1 of 3: rating a sample of {} files with {}{}",
-            output.n,
-            t.model,
-            t.max_cost
-                .map_or(String::new(), |m| format!(" (stopping before ${m:.2})")),
-        );
-        // The estimate first, as `--dry-run` prints it; then, unless that was asked for, the run.
-        let preview = TeacherArgs {
-            dry_run: true,
-            ..t.clone()
-        };
-        let dir = labels.to_path_buf();
-        run_corpus(
-            corpus.clone(),
-            &preview,
-            &output,
-            dir.clone(),
-            RATING_MAX_TOKENS,
-            quiet,
-        )
-        .await?;
-        if t.dry_run {
-            return Ok(());
-        }
-        let outcome = run_corpus(corpus, t, &output, dir, RATING_MAX_TOKENS, quiet).await?;
-        match outcome {
-            Outcome::Interrupted => {
-                bail!("interrupted while rating: re-run the same command to continue")
-            }
-            Outcome::Incomplete => tracing::warn!(
-                "not every sampled file got a rating; training on those that did (re-run to rate the rest)"
-            ),
-            Outcome::Complete => {}
-        }
-    } else if t.dry_run {
-        println!("dry run: {rated} files are rated already; nothing would be sent");
-        return Ok(());
-    }
-    let newest_label = newest_mtime(labels);
-    let model_time = std::fs::metadata(model).and_then(|m| m.modified()).ok();
-    if model_time.is_none() || model_time < newest_label {
-        if !quiet {
-            println!("filter recipe, step 2 of 3: training the classifier");
-        }
-        let opts = args.model_args.train_options(
-            labels.to_path_buf(),
-            input.clone(),
-            model.to_path_buf(),
-        )?;
-        train(&opts)?;
-    } else {
-        tracing::info!(
-            "classifier {} is newer than the labels: reused",
-            model.display()
-        );
-    }
-    if !quiet {
-        println!("filter recipe, step 3 of 3: scoring every file");
-    }
-    Ok(())
-}
-
-/// The newest file of `dir`; its lock and file list (rewritten by every run) are not labels.
-fn newest_mtime(dir: &Path) -> Option<std::time::SystemTime> {
-    std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(|e| e.ok())
-        .filter(|e| {
-            !e.file_name()
-                .to_str()
-                .is_some_and(crate::artifact::outdir::is_control_file)
-        })
-        .filter_map(|e| e.metadata().ok()?.modified().ok())
-        .max()
 }

@@ -2,11 +2,9 @@
 //! Everything user-facing that is not an artifact lives here; the library below never prints.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 mod decontaminate;
 mod dedup;
@@ -21,23 +19,17 @@ use anyhow::{bail, Context};
 use clap::{ArgAction, Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use numbers::{f32_in, f64_in, int_in};
+use numbers::{f32_in, f64_in, int_in, ints};
 
 use crate::generate::engine::{
-    self, DryRun, GenerateError, GenerateOptions, RunState, Stats, StopReason,
+    DryRun, GenerateError, GenerateOptions, RunState, Stats, StopReason,
 };
-use crate::generate::exercises::{self, Exercises};
-use crate::generate::prompt::Template;
-use crate::generate::stories::{self, Stories, Vocabulary};
-use crate::generate::textbooks::{self, Textbooks};
-use crate::generate::Corpus;
-use crate::sandbox::{Limits, Sandbox};
-use crate::teacher::local::{self, Engine, LocalModel, LocalTeacher};
+use crate::generate::run::{
+    CorpusSettings, ExercisesSettings, Progress, StoriesSettings, TextbooksSettings,
+};
+use crate::teacher::factory::{self, ResolvedTeacher, TeacherConfig, TeacherSpec};
 use crate::teacher::mock::{Faults, MockServer};
-use crate::teacher::openai::OpenAiTeacher;
-use crate::teacher::pricing::{default_price, Ledger, Price};
-use crate::teacher::retry::RetryPolicy;
-use crate::teacher::{HttpSettings, MaxTokensField, Sampling, Teacher, TeacherError};
+use crate::teacher::{MaxTokensField, TeacherError};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -103,7 +95,7 @@ pub enum Command {
 pub struct TeacherArgs {
     /// Who writes the data: `http` (the OpenAI-compatible API at --base-url) or `local:SPEC`, a model run inside phigen: SPEC is a checkpoint directory (config.json, model.safetensors, tokenizer.json), a .gguf file, or a Hugging Face id fetched into the Hugging Face cache on first use. [default: http when --base-url or the key variable is set, else local:HuggingFaceTB/SmolLM2-135M-Instruct, a 135M model for trying the pipeline]
     #[arg(long, env = "PHIGEN_TEACHER")]
-    pub teacher: Option<String>,
+    pub teacher: Option<TeacherSpec>,
     /// Base URL of an OpenAI-compatible API: OpenAI (https://api.openai.com/v1, the default), vLLM (http://HOST:8000/v1), llama.cpp server (http://HOST:8080/v1), Ollama (http://localhost:11434/v1), `phigen serve` (http://127.0.0.1:8000/v1).
     #[arg(long, env = "OPENAI_BASE_URL")]
     pub base_url: Option<String>,
@@ -124,14 +116,14 @@ pub struct TeacherArgs {
     pub top_p: f32,
     /// Sample only from the k most likely tokens [default: all; sent to an HTTP teacher only when
     /// given (vLLM and llama.cpp servers read it)].
-    #[arg(long, value_parser = int_in(1u32, 1_000_000))]
+    #[arg(long, value_parser = ints(factory::TOP_K))]
     pub top_k: Option<u32>,
     /// Drop tokens less likely than this share of the most likely one [default: off; sent to an
     /// HTTP teacher only when given].
     #[arg(long, value_parser = f32_in(numbers::UNIT))]
     pub min_p: Option<f32>,
     /// Output token limit per answer [default: the corpus's, e.g. 1024 for stories].
-    #[arg(long, value_parser = int_in(1u32, 10_000_000))]
+    #[arg(long, value_parser = ints(factory::MAX_TOKENS))]
     pub max_tokens: Option<u32>,
     /// Which request field carries the limit: auto = max_completion_tokens for api.openai.com, max_tokens elsewhere.
     #[arg(long, value_enum, default_value = "auto")]
@@ -140,10 +132,10 @@ pub struct TeacherArgs {
     #[arg(long, default_value_t = 120.0, value_parser = f64_in(numbers::SECONDS))]
     pub timeout: f64,
     /// Requests in flight at most (for a local teacher: sequences generated together); the pool shrinks by itself when the server answers 429/503.
-    #[arg(long, default_value_t = 32, value_parser = int_in(1usize, 10_000))]
+    #[arg(long, default_value_t = 32, value_parser = ints(factory::CONCURRENCY))]
     pub concurrency: usize,
     /// Retries of one request after 429, 5xx, timeouts, dropped connections or malformed bodies (at most 100).
-    #[arg(long, default_value_t = 7, value_parser = int_in(0u32, 100))]
+    #[arg(long, default_value_t = 7, value_parser = ints(factory::RETRIES))]
     pub retries: u32,
     /// USD per 1M input tokens [default: the list price of known models, see the README].
     #[arg(long, requires = "price_output", value_parser = f64_in(numbers::PRICE))]
@@ -157,6 +149,42 @@ pub struct TeacherArgs {
     /// Print how many prompts would be sent, their tokens and cost, and send nothing.
     #[arg(long)]
     pub dry_run: bool,
+}
+
+impl From<&TeacherArgs> for TeacherConfig {
+    fn from(t: &TeacherArgs) -> TeacherConfig {
+        TeacherConfig {
+            teacher: t.teacher.clone(),
+            base_url: t.base_url.clone(),
+            model: t.model.clone(),
+            api_key_env: t.api_key_env.clone(),
+            dequantize: t.dequantize,
+            temperature: t.temperature,
+            top_p: t.top_p,
+            top_k: t.top_k,
+            min_p: t.min_p,
+            max_tokens: t.max_tokens,
+            max_tokens_field: t.max_tokens_field,
+            timeout_secs: t.timeout,
+            concurrency: t.concurrency,
+            retries: t.retries,
+            price_input: t.price_input,
+            price_output: t.price_output,
+            max_cost: t.max_cost,
+        }
+    }
+}
+
+impl TeacherArgs {
+    /// The teacher's settings, resolved; prints the note on a teacher chosen by default.
+    fn resolve(&self) -> anyhow::Result<(TeacherConfig, ResolvedTeacher)> {
+        let cfg = TeacherConfig::from(self);
+        let resolved = cfg.resolve()?;
+        if let Some(note) = &resolved.note {
+            eprintln!("{note}");
+        }
+        Ok((cfg, resolved))
+    }
 }
 
 /// Where the records go and how many; shared by every generating command.
@@ -174,6 +202,19 @@ pub struct OutputArgs {
     /// Records per Parquet shard.
     #[arg(long, default_value_t = 1000, value_parser = int_in(1usize, 10_000_000))]
     pub shard_size: usize,
+}
+
+impl OutputArgs {
+    fn options(&self, out: &Path, t: &TeacherArgs) -> GenerateOptions {
+        GenerateOptions {
+            out: out.to_path_buf(),
+            n: self.n,
+            seed: self.seed,
+            max_attempts: self.max_attempts,
+            shard_size: self.shard_size,
+            concurrency: t.concurrency,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -310,14 +351,18 @@ impl Outcome {
 
 /// 3: the teacher refused the credentials; 1: any other error. (2 is clap's usage error.)
 pub fn error_exit_code(e: &anyhow::Error) -> ExitCode {
+    // The library's stage errors wrap the engine's transparently: ask each kind.
     let auth = e.chain().any(|c| {
-        matches!(
-            c.downcast_ref::<GenerateError>(),
-            Some(GenerateError::Teacher(TeacherError::Auth { .. }))
-        ) || matches!(
-            c.downcast_ref::<TeacherError>(),
-            Some(TeacherError::Auth { .. })
-        )
+        c.downcast_ref::<GenerateError>()
+            .is_some_and(GenerateError::is_auth)
+            || matches!(
+                c.downcast_ref::<TeacherError>(),
+                Some(TeacherError::Auth { .. })
+            )
+            || c.downcast_ref::<crate::classify::pipeline::PipelineError>()
+                .is_some_and(|e| e.is_auth())
+            || c.downcast_ref::<crate::eval::EvalError>()
+                .is_some_and(|e| e.is_auth())
     });
     ExitCode::from(if auth { 3 } else { 1 })
 }
@@ -342,98 +387,34 @@ pub fn init_logging(cli: &Cli) {
 pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     match cli.command {
         Command::Stories(args) => {
-            let template = Template::load_or_builtin(
-                args.prompt.as_deref(),
-                "tinystories.txt",
-                stories::BUILTIN_TEMPLATE,
-            )?;
-            let vocab = Vocabulary::load(args.words.as_deref())?;
-            let corpus = Arc::new(Stories::new(
-                template,
-                vocab,
-                args.max_features,
-                args.strict_words,
-            ));
-            run_corpus(
-                corpus,
-                &args.teacher,
-                &args.output,
-                args.out.clone(),
-                1024,
-                cli.quiet,
-            )
-            .await
+            let settings = CorpusSettings::Stories(StoriesSettings {
+                words: args.words,
+                prompt: args.prompt,
+                max_features: args.max_features,
+                strict_words: args.strict_words,
+            });
+            generate(&settings, &args.out, &args.output, &args.teacher, cli.quiet).await
         }
         Command::Textbooks(args) => {
-            let template = Template::load_or_builtin(
-                args.prompt.as_deref(),
-                "textbook.txt",
-                textbooks::BUILTIN_TEMPLATE,
-            )?;
-            let topics = textbooks::load_topics(Some(&args.topics))?;
-            let audiences = textbooks::load_plain(
-                args.audiences.as_deref(),
-                textbooks::BUILTIN_AUDIENCES,
-                "audiences.txt",
-            )?;
-            let styles = textbooks::load_plain(
-                args.styles.as_deref(),
-                textbooks::BUILTIN_STYLES,
-                "styles.txt",
-            )?;
-            let corpus = Arc::new(Textbooks::new(template, topics, audiences, styles));
-            run_corpus(
-                corpus,
-                &args.teacher,
-                &args.output,
-                args.out.clone(),
-                2048,
-                cli.quiet,
-            )
-            .await
+            let settings = CorpusSettings::Textbooks(TextbooksSettings {
+                topics: args.topics,
+                audiences: args.audiences,
+                styles: args.styles,
+                prompt: args.prompt,
+            });
+            generate(&settings, &args.out, &args.output, &args.teacher, cli.quiet).await
         }
         Command::Exercises(args) => {
-            let template = Template::load_or_builtin(
-                args.prompt.as_deref(),
-                "exercises.txt",
-                exercises::BUILTIN_TEMPLATE,
-            )?;
-            let topics = textbooks::load_topics(args.topics.as_deref())?;
-            let names = |file: &str, builtin| -> anyhow::Result<Vec<String>> {
-                let p = args.names.as_ref().map(|d| d.join(file));
-                Ok(textbooks::load_plain(
-                    p.as_deref(),
-                    builtin,
-                    &format!("exercises/{file}"),
-                )?)
-            };
-            let verbs = names("verbs.txt", exercises::BUILTIN_VERBS)?;
-            let objects = names("objects.txt", exercises::BUILTIN_OBJECTS)?;
-            let limits = Limits {
-                wall: Duration::from_secs_f64(args.exec_timeout.max(0.1)),
-                cpu_secs: args.exec_timeout.ceil().max(1.0) as u64,
-                ..Limits::default()
-            };
-            let sandbox = Arc::new(
-                Sandbox::new(
-                    args.python.as_deref(),
-                    limits,
-                    args.sandbox_workers,
-                    crate::sandbox::Isolation::requested(args.unsafe_sandbox),
-                )
-                .await?,
-            );
-            tracing::info!(python = %sandbox.python().display(), isolation = ?sandbox.isolation(), "sandbox ready");
-            let corpus = Arc::new(Exercises::new(template, topics, verbs, objects, sandbox));
-            run_corpus(
-                corpus,
-                &args.teacher,
-                &args.output,
-                args.out.clone(),
-                1024,
-                cli.quiet,
-            )
-            .await
+            let settings = CorpusSettings::Exercises(ExercisesSettings {
+                topics: args.topics,
+                names: args.names,
+                prompt: args.prompt,
+                python: args.python,
+                sandbox_workers: args.sandbox_workers,
+                unsafe_sandbox: args.unsafe_sandbox,
+                exec_timeout: args.exec_timeout,
+            });
+            generate(&settings, &args.out, &args.output, &args.teacher, cli.quiet).await
         }
         Command::Sample(args) => model::sample(&args).map(|_| Outcome::Complete),
         Command::Init(args) => model::init(&args).map(|_| Outcome::Complete),
@@ -449,7 +430,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Scoreboard(args) => eval::scoreboard(&args),
         Command::Serve(args) => {
             let engine =
-                local_engine(&args.checkpoint, !args.dequantize, args.batch, args.seed).await?;
+                factory::local_engine(&args.checkpoint, !args.dequantize, args.batch, args.seed)
+                    .await?;
             let addr = SocketAddr::new(args.host, args.port);
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
@@ -479,177 +461,88 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     }
 }
 
-/// Which teacher a generating command uses.
-enum Backend {
-    Http { base_url: String },
-    Local { spec: String },
-}
-
-const OPENAI_URL: &str = "https://api.openai.com/v1";
-
-impl TeacherArgs {
-    fn backend(&self) -> anyhow::Result<Backend> {
-        let http = || Backend::Http {
-            base_url: self.base_url.clone().unwrap_or_else(|| OPENAI_URL.into()),
-        };
-        match self.teacher.as_deref() {
-            Some("http") => Ok(http()),
-            Some(t) => match t.strip_prefix("local:") {
-                Some(spec) if !spec.is_empty() => Ok(Backend::Local { spec: spec.into() }),
-                _ => bail!("--teacher {t:?}: expected `http` or `local:SPEC` (SPEC: a checkpoint directory, a .gguf file or a Hugging Face id such as {})", local::DEFAULT_MODEL),
-            },
-            None if self.base_url.is_some() || std::env::var_os(&self.api_key_env).is_some() => Ok(http()),
-            None => {
-                eprintln!("no --base-url and no ${} set: using the local teacher {} (--teacher local:SPEC picks another; {})", self.api_key_env, local::DEFAULT_MODEL, local::SMALL_TEACHER_NOTE);
-                Ok(Backend::Local { spec: local::DEFAULT_MODEL.into() })
-            }
-        }
-    }
-}
-
-fn resolve_price(t: &TeacherArgs, backend: &Backend) -> anyhow::Result<Option<Price>> {
-    let price = match (t.price_input, t.price_output, backend) {
-        (Some(input_per_m), Some(output_per_m), _) => Some(Price {
-            input_per_m,
-            output_per_m,
-        }),
-        (_, _, Backend::Local { .. }) => Some(Price {
-            input_per_m: 0.0,
-            output_per_m: 0.0,
-        }),
-        _ => default_price(&t.model),
-    };
-    if t.max_cost.is_some() && price.is_none() {
-        bail!("--max-cost needs the price of `{}`, which phigen does not know: pass --price-input and --price-output (USD per 1M tokens; 0 for a local server)", t.model);
-    }
-    Ok(price)
-}
-
-async fn run_corpus<C: Corpus>(
-    corpus: Arc<C>,
+/// `phigen stories`, `textbooks` or `exercises`: the dry run's estimate, or the run with a
+/// progress bar and its summary.
+async fn generate(
+    settings: &CorpusSettings,
+    out: &Path,
+    output: &OutputArgs,
     t: &TeacherArgs,
-    o: &OutputArgs,
-    out: PathBuf,
-    default_max_tokens: u32,
     quiet: bool,
 ) -> anyhow::Result<Outcome> {
-    if o.n == 0 {
-        bail!("--n 0: nothing to generate; pass the number of records wanted");
-    }
-    if o.max_attempts == 0 {
-        bail!("--max-attempts must be at least 1");
-    }
-    let sampling = Sampling {
-        temperature: t.temperature,
-        top_p: t.top_p,
-        max_tokens: t.max_tokens.unwrap_or(default_max_tokens),
-        top_k: t.top_k,
-        min_p: t.min_p,
-    };
-    let backend = t.backend()?;
-    let price = resolve_price(t, &backend)?;
-    let opts = GenerateOptions {
-        out,
-        n: o.n,
-        seed: o.seed,
-        max_attempts: o.max_attempts,
-        shard_size: o.shard_size,
-        concurrency: t.concurrency.max(1),
-    };
-    let model = match &backend {
-        Backend::Http { .. } => t.model.clone(),
-        Backend::Local { spec } => format!("local:{spec}"),
-    };
+    let (cfg, resolved) = t.resolve()?;
+    let opts = output.options(out, t);
     if t.dry_run {
-        let plan = engine::dry_run(corpus, &model, sampling, price, &opts)?;
-        print_dry_run(&plan, &model);
+        let plan = settings.dry_run(&cfg, &opts).await?;
+        print_dry_run(&plan, &resolved.model);
         return Ok(Outcome::Complete);
     }
-    let ledger = Arc::new(Ledger::new(price, t.max_cost));
-    match backend {
-        Backend::Http { base_url } => {
-            let teacher = OpenAiTeacher::new(HttpSettings {
-                base_url,
-                model: t.model.clone(),
-                api_key_env: t.api_key_env.clone(),
-                sampling,
-                timeout: Duration::from_secs_f64(t.timeout.max(0.001)),
-                concurrency: t.concurrency.max(1),
-                retry: RetryPolicy {
-                    max_attempts: t.retries + 1,
-                    ..RetryPolicy::default()
-                },
-                max_tokens_field: t.max_tokens_field,
-            })?;
-            drive(corpus, Arc::new(teacher), ledger, &opts, quiet).await
-        }
-        Backend::Local { spec } => {
-            let engine = local_engine(&spec, !t.dequantize, t.concurrency, o.seed).await?;
-            let teacher = LocalTeacher::new(engine, sampling);
-            drive(corpus, Arc::new(teacher), ledger, &opts, quiet).await
-        }
-    }
+    let live = Live::start(quiet);
+    let result = settings
+        .run(&cfg, &opts, live.state.clone(), &|p| live.show(p))
+        .await;
+    live.finish();
+    Ok(finished(&result?, out, quiet))
 }
 
-/// Loads a local model (downloading it first if it is a Hub id not yet cached) and starts its
-/// batching engine.
-async fn local_engine(
-    spec: &str,
-    quantized: bool,
-    max_batch: usize,
-    seed: u64,
-) -> anyhow::Result<Arc<Engine>> {
-    let owned = spec.to_string();
-    let model = tokio::task::spawn_blocking(move || {
-        LocalModel::load(&owned, candle_core::DType::F32, quantized)
-    })
-    .await?
-    .with_context(|| format!("could not load the local teacher `{spec}`"))?;
-    tracing::info!(
-        "local teacher {} ({} parameters, context {}, {} at a time)",
-        model.name,
-        model.decoder.config().parameter_count(),
-        model.context(),
-        max_batch
-    );
-    Ok(Arc::new(Engine::start(Arc::new(model), max_batch, seed)))
-}
-
-/// Runs the generation engine with `teacher`, drawing the progress bar and the summary.
-async fn drive<C: Corpus, T: Teacher>(
-    corpus: Arc<C>,
-    teacher: Arc<T>,
-    ledger: Arc<Ledger>,
-    opts: &GenerateOptions,
-    quiet: bool,
-) -> anyhow::Result<Outcome> {
-    let state = Arc::new(RunState::default());
-    let bar = progress_bar(
-        quiet,
-        Some(0),
-        "{spinner} {pos}/{len} [{elapsed_precise} < {eta_precise}] {per_sec} {msg}",
-    );
-    let ticker = tokio::spawn(tick(
-        bar.clone(),
-        state.clone(),
-        teacher.clone(),
-        ledger.clone(),
-    ));
-    let interrupt = tokio::spawn(watch_interrupt(state.clone()));
-    let result =
-        engine::generate(corpus, teacher.clone(), ledger.clone(), state.clone(), opts).await;
-    ticker.abort();
-    interrupt.abort();
-    bar.finish_and_clear();
-    let stats = result?;
+/// Prints a finished generation's summary (unless `quiet`) and says how it ended.
+fn finished(stats: &Stats, out: &Path, quiet: bool) -> Outcome {
     if !quiet {
-        print_summary(&stats, opts);
+        print_summary(stats, out);
     }
-    Ok(match stats.stopped {
+    match stats.stopped {
         Some(StopReason::Interrupted) => Outcome::Interrupted,
         _ if stats.complete => Outcome::Complete,
         _ => Outcome::Incomplete,
-    })
+    }
+}
+
+/// A generation under way: its progress bar, and Ctrl-C stopping it cleanly once it has started
+/// (before, as while a model loads or writes continuations, Ctrl-C quits at once).
+struct Live {
+    state: Arc<RunState>,
+    bar: ProgressBar,
+    interrupt: std::sync::OnceLock<tokio::task::JoinHandle<()>>,
+}
+
+impl Live {
+    fn start(quiet: bool) -> Live {
+        Live::watch(Arc::new(RunState::default()), quiet)
+    }
+
+    /// A bar for the run `state` belongs to.
+    fn watch(state: Arc<RunState>, quiet: bool) -> Live {
+        let bar = progress_bar(
+            quiet,
+            Some(0),
+            "{spinner} {pos}/{len} [{elapsed_precise} < {eta_precise}] {per_sec} {msg}",
+        );
+        Live {
+            state,
+            bar,
+            interrupt: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Draws `p`; the first call (the run has started) hands Ctrl-C to the run.
+    fn show(&self, p: &Progress) {
+        self.interrupt
+            .get_or_init(|| tokio::spawn(watch_interrupt(self.state.clone())));
+        self.bar.set_length(p.total);
+        self.bar.set_position(p.done);
+        let cost = p.spent_usd.map_or(String::new(), |c| format!(" · ${c:.4}"));
+        self.bar.set_message(format!(
+            "retries {} · failed {} · dropped {} · tokens {}/{}{cost}",
+            p.retries, p.failed, p.dropped, p.prompt_tokens, p.completion_tokens,
+        ));
+    }
+
+    fn finish(self) {
+        if let Some(interrupt) = self.interrupt.get() {
+            interrupt.abort();
+        }
+        self.bar.finish_and_clear();
+    }
 }
 
 /// A progress bar on stderr (hidden with `--quiet`) of `len` steps (`None`: unknown) drawn with
@@ -665,34 +558,6 @@ fn progress_bar(quiet: bool, len: Option<u64>, template: &str) -> ProgressBar {
     );
     bar.set_style(ProgressStyle::with_template(template).expect("the template is valid"));
     bar
-}
-
-async fn tick<T: Teacher>(
-    bar: ProgressBar,
-    state: Arc<RunState>,
-    teacher: Arc<T>,
-    ledger: Arc<Ledger>,
-) {
-    loop {
-        let r = teacher.counters().snapshot();
-        let spend = ledger.snapshot();
-        bar.set_length(state.total.load(Ordering::Relaxed));
-        bar.set_position(
-            state.done_before.load(Ordering::Relaxed) + state.written.load(Ordering::Relaxed),
-        );
-        let cost = ledger
-            .price()
-            .map_or(String::new(), |_| format!(" · ${:.4}", spend.spent));
-        bar.set_message(format!(
-            "retries {} · failed {} · dropped {} · tokens {}/{}{cost}",
-            r.retries,
-            state.failed.load(Ordering::Relaxed),
-            state.dropped_total(),
-            spend.prompt_tokens,
-            spend.completion_tokens,
-        ));
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 async fn watch_interrupt(state: Arc<RunState>) {
@@ -728,7 +593,7 @@ fn print_dry_run(d: &DryRun, model: &str) {
     println!("  cost                     ~{} expected, {} at most (first attempts only; dropped answers cost more)", usd(d.expected_cost_usd), usd(d.max_cost_usd));
 }
 
-fn print_summary(s: &Stats, opts: &GenerateOptions) {
+fn print_summary(s: &Stats, out: &Path) {
     if let Some(note) = &s.teacher_note {
         println!("note: {note}");
     }
@@ -737,7 +602,7 @@ fn print_summary(s: &Stats, opts: &GenerateOptions) {
         "{}: {} new records in {} ({} in all of {} requested) in {:.1}s, {:.0} requests/s",
         s.kind,
         r.written,
-        opts.out.display(),
+        out.display(),
         s.records,
         s.requested,
         r.wall_seconds,
@@ -765,5 +630,5 @@ fn print_summary(s: &Stats, opts: &GenerateOptions) {
         None if !s.complete => println!("  incomplete: {} requests failed after retries (re-run to send them again), {} records gave up after --max-attempts drops (raise it to try them again)", r.failed_requests, r.given_up_slots),
         None => {}
     }
-    println!("  stats: {}", opts.out.join("stats.json").display());
+    println!("  stats: {}", out.join("stats.json").display());
 }

@@ -4,95 +4,14 @@
 //! found and the range expected, e.g.
 //! `invalid value 'nan' for '--temperature <TEMPERATURE>': must be a finite number in [0, 10]`.
 
-use std::fmt::{self, Display};
+use std::fmt::Display;
 use std::str::FromStr;
 
-/// Longest wall-clock limit a timeout flag takes: one day. Beyond it a "timeout" is a typo, and
-/// `Duration::from_secs_f64` panics on values it cannot hold.
-pub const MAX_SECONDS: f64 = 86_400.0;
-
-/// The interval a float flag must lie in; `Display` writes it as the error shows it.
-#[derive(Debug, Clone, Copy)]
-pub struct Range {
-    min: f64,
-    min_open: bool,
-    max: f64,
-    max_open: bool,
-}
-
-/// `[min, max]`; an infinite `max` means no upper bound (the value must still be finite).
-pub const fn closed(min: f64, max: f64) -> Range {
-    Range {
-        min,
-        min_open: false,
-        max,
-        max_open: false,
-    }
-}
-
-/// `(min, max]`: strictly above `min`, e.g. a top-p or a timeout.
-pub const fn above(min: f64, max: f64) -> Range {
-    Range {
-        min,
-        min_open: true,
-        max,
-        max_open: false,
-    }
-}
-
-/// `[min, max)`: strictly below `max`, e.g. a share that must leave something over.
-pub const fn below(min: f64, max: f64) -> Range {
-    Range {
-        min,
-        min_open: false,
-        max,
-        max_open: true,
-    }
-}
-
-/// Finite and at least 0: prices, budgets.
-pub const NON_NEGATIVE: Range = closed(0.0, f64::INFINITY);
-/// USD per 1M tokens: finite, at least 0, and at most $1M (today's dearest models cost under $600),
-/// so that any token count times the price stays a finite cost.
-pub const PRICE: Range = closed(0.0, 1_000_000.0);
-/// A probability or a share: `[0, 1]`.
-pub const UNIT: Range = closed(0.0, 1.0);
-/// A sampling temperature: 0 (greedy) to 10 (far beyond any useful randomness).
-pub const TEMPERATURE: Range = closed(0.0, 10.0);
-/// A nucleus top-p: above 0 (nothing would be left to sample), at most 1 (off).
-pub const TOP_P: Range = above(0.0, 1.0);
-/// A timeout in seconds: above 0, at most a day.
-pub const SECONDS: Range = above(0.0, MAX_SECONDS);
-
-impl Range {
-    fn contains(self, x: f64) -> bool {
-        let low = if self.min_open {
-            x > self.min
-        } else {
-            x >= self.min
-        };
-        let high = if self.max_open {
-            x < self.max
-        } else {
-            x <= self.max
-        };
-        low && high
-    }
-}
-
-impl Display for Range {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let low = if self.min_open { ">" } else { ">=" };
-        if self.max.is_infinite() {
-            return write!(f, "{low} {}", self.min);
-        }
-        let (open, close) = (
-            if self.min_open { '(' } else { '[' },
-            if self.max_open { ')' } else { ']' },
-        );
-        write!(f, "in {open}{}, {}{close}", self.min, self.max)
-    }
-}
+// The ranges live in the library, which checks settings read from recipes against the same ones.
+pub use crate::range::{
+    above, below, closed, Ints, Range, MAX_SECONDS, NON_NEGATIVE, PRICE, SECONDS, TEMPERATURE,
+    TOP_P, UNIT,
+};
 
 /// A finite `f64` in `range`.
 pub fn f64_in(
@@ -103,11 +22,7 @@ pub fn f64_in(
             .trim()
             .parse()
             .map_err(|_| format!("must be a finite number {range}"))?;
-        if x.is_finite() && range.contains(x) {
-            Ok(x)
-        } else {
-            Err(format!("must be a finite number {range}"))
-        }
+        range.check(x)
     }
 }
 
@@ -132,6 +47,14 @@ where
         Ok(x) if x >= min && x <= max => Ok(x),
         _ => Err(format!("must be an integer in [{min}, {max}]")),
     }
+}
+
+/// An integer in `range` (a range the library also checks, e.g. `teacher::factory::RETRIES`).
+pub fn ints<T>(range: Ints<T>) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static
+where
+    T: FromStr + PartialOrd + Display + Copy + Send + Sync + 'static,
+{
+    int_in(range.min, range.max)
 }
 
 /// An integer of at least `min`, with no upper bound but its type's.

@@ -62,6 +62,21 @@ pub enum EvalError {
     Data(#[from] crate::train::data::DataError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[error("{source_name}: no story beginnings; expected one a line (`#` starts a comment)")]
+    NoBeginnings { source_name: String },
+    #[error(transparent)]
+    Template(#[from] crate::generate::prompt::TemplateError),
+    #[error(transparent)]
+    OutDir(#[from] crate::artifact::outdir::OutDirError),
+    #[error(transparent)]
+    Generate(#[from] crate::generate::engine::GenerateError),
+}
+
+impl EvalError {
+    /// Whether the teacher refused the credentials (the CLI exits 3 then).
+    pub fn is_auth(&self) -> bool {
+        matches!(self, EvalError::Generate(e) if e.is_auth())
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]

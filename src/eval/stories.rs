@@ -10,20 +10,27 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use candle_core::Device;
 use polars::prelude::{DataFrame, PolarsResult};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{io_err, EvalError};
+use crate::artifact::outdir::DirLock;
 use crate::artifact::shards::{self, Layout};
 use crate::artifact::table::{self, row};
+use crate::generate::engine::{DryRun, GenerateOptions, RunState, Stats};
 use crate::generate::prompt::Template;
+use crate::generate::run::{dry_run_corpus, run_corpus, Progress};
 use crate::generate::{Corpus, Drop, DropReason};
+use crate::model::checkpoint;
 use crate::model::sample::{context_room, generate, SamplingParams};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::Decoder;
+use crate::teacher::factory::TeacherConfig;
 
 pub const BUILTIN_TEMPLATE: &str = include_str!("../../prompts/story-grade.txt");
 pub const BUILTIN_BEGINNINGS: &str = include_str!("../../seeds/story-beginnings.txt");
@@ -371,6 +378,150 @@ pub fn write_summary(out: &Path, s: &StorySummary) -> Result<PathBuf, EvalError>
     let path = out.join("stories.json");
     crate::artifact::atomic::write_json(&path, s).map_err(io_err(&path))?;
     Ok(path)
+}
+
+fn default_max_new_tokens() -> usize {
+    200
+}
+
+fn default_gen_temperature() -> f64 {
+    0.8
+}
+
+fn default_gen_top_p() -> f64 {
+    0.95
+}
+
+/// `phigen eval stories`: which model continues which beginnings, graded with which rubric, and
+/// where it all goes (field = flag name with `_`, defaults = the flags').
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorySettings {
+    /// The model under evaluation (a checkpoint directory).
+    pub checkpoint: PathBuf,
+    /// Story beginnings, one a line [default: the built-in seeds/story-beginnings.txt].
+    #[serde(default)]
+    pub beginnings: Option<PathBuf>,
+    /// Grading prompt [default: the built-in prompts/story-grade.txt].
+    #[serde(default)]
+    pub rubric: Option<PathBuf>,
+    /// Output directory: continuations.jsonl, grades/<judge>-v<rubric>/, stories.json.
+    pub out: PathBuf,
+    /// Tokens the model writes after each beginning.
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: usize,
+    /// The model's sampling temperature (0: greedy).
+    #[serde(default = "default_gen_temperature")]
+    pub gen_temperature: f64,
+    /// The model's nucleus top-p (1: off).
+    #[serde(default = "default_gen_top_p")]
+    pub gen_top_p: f64,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+/// A finished grading: the engine's stats of the grading run, where the grades are, and the
+/// summary written to `stories.json` (over the stories graded so far when the run stopped early).
+#[derive(Debug, Clone)]
+pub struct StoryGrading {
+    pub grading: Stats,
+    pub grades: PathBuf,
+    pub summary: StorySummary,
+    pub summary_path: PathBuf,
+}
+
+/// Output tokens of one grade: four scores, an age group and a sentence or two.
+const GRADE_MAX_TOKENS: u32 = 512;
+
+/// The continued stories as a grading corpus, and where its grades go. The lock on `out` is held
+/// as long as the returned guard lives.
+fn prepare(
+    s: &StorySettings,
+    teacher: &TeacherConfig,
+) -> Result<(Arc<Grade>, Template, GenerateOptions, DirLock), EvalError> {
+    let (source_name, beginnings) = match &s.beginnings {
+        Some(p) => (
+            p.display().to_string(),
+            parse_beginnings(&std::fs::read_to_string(p).map_err(io_err(p))?),
+        ),
+        None => (
+            "<built-in seeds/story-beginnings.txt>".to_string(),
+            parse_beginnings(BUILTIN_BEGINNINGS),
+        ),
+    };
+    if beginnings.is_empty() {
+        return Err(EvalError::NoBeginnings { source_name });
+    }
+    let template =
+        Template::load_or_builtin(s.rubric.as_deref(), "story-grade.txt", BUILTIN_TEMPLATE)?;
+    std::fs::create_dir_all(&s.out).map_err(io_err(&s.out))?;
+    let lock = DirLock::exclusive(&s.out)?;
+    let model = checkpoint::load(&s.checkpoint, candle_core::DType::F32, &Device::Cpu)?;
+    let tokenizer = Tokenizer::for_checkpoint(&s.checkpoint)?;
+    let params = SamplingParams {
+        max_new_tokens: s.max_new_tokens,
+        temperature: s.gen_temperature,
+        top_k: None,
+        top_p: (s.gen_top_p < 1.0).then_some(s.gen_top_p),
+        min_p: None,
+        repetition_penalty: 1.0,
+        seed: s.seed,
+        greedy: s.gen_temperature <= 0.0,
+    };
+    let continuations = continue_stories(
+        &model,
+        &tokenizer,
+        &beginnings,
+        &params,
+        &s.out.join("continuations.jsonl"),
+    )?;
+    let grade = Arc::new(Grade::new(template.clone(), &continuations));
+    let opts = GenerateOptions {
+        out: grades_dir(&s.out, &teacher.model, &template),
+        n: grade.len() as u64,
+        seed: 0,
+        max_attempts: 3,
+        shard_size: 1000,
+        concurrency: teacher.concurrency,
+    };
+    Ok((grade, template, opts, lock))
+}
+
+/// Continues every beginning with the checkpoint (resuming `continuations.jsonl`), has the
+/// teacher grade each continuation (grades already in `OUT/grades/<judge>-v<rubric>/` are reused)
+/// and writes the summary to `OUT/stories.json`. `state` stops the grading (Ctrl-C); `progress`
+/// follows it.
+pub async fn run(
+    settings: &StorySettings,
+    teacher: &TeacherConfig,
+    state: Arc<RunState>,
+    progress: &(dyn Fn(&Progress) + Send + Sync),
+) -> Result<StoryGrading, EvalError> {
+    let (grade, template, opts, _lock) = prepare(settings, teacher)?;
+    let grading = run_corpus(
+        grade.clone(),
+        teacher,
+        &opts,
+        GRADE_MAX_TOKENS,
+        state,
+        progress,
+    )
+    .await?;
+    let summary = summarize_grades(&opts.out, &grade, &teacher.model, &template)?;
+    let summary_path = write_summary(&settings.out, &summary)?;
+    Ok(StoryGrading {
+        grading,
+        grades: opts.out,
+        summary,
+        summary_path,
+    })
+}
+
+/// What [`run`] would send to the teacher. The continuations are written (they cost no teacher
+/// tokens), as a run would.
+pub fn dry_run(settings: &StorySettings, teacher: &TeacherConfig) -> Result<DryRun, EvalError> {
+    let (grade, _, opts, _lock) = prepare(settings, teacher)?;
+    Ok(dry_run_corpus(grade, teacher, &opts, GRADE_MAX_TOKENS)?)
 }
 
 #[cfg(test)]

@@ -88,6 +88,8 @@ pub enum GenerateError {
         kind: &'static str,
         source: polars::prelude::PolarsError,
     },
+    #[error(transparent)]
+    Setup(#[from] super::run::SetupError),
 }
 
 /// Why a run ended before every slot was filled.

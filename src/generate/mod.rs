@@ -9,6 +9,7 @@ pub mod engine;
 pub mod exercises;
 pub mod prompt;
 pub mod python;
+pub mod run;
 pub mod stories;
 pub mod textbooks;
 pub mod words;

@@ -5,6 +5,7 @@
 //! worker pool and token accounting live here so every corpus gets them for free; the generation
 //! engine (`crate::generate`) only sees a finished answer or a typed failure.
 
+pub mod factory;
 pub mod local;
 pub mod mock;
 pub mod openai;
@@ -95,12 +96,40 @@ pub enum TeacherError {
     /// The in-process model failed; it would fail the same way for every other request.
     #[error("the local teacher {model} failed: {reason}")]
     Local { model: String, reason: String },
+    // The variants below are set-up errors of [`factory`]: the teacher's settings, before any
+    // request is sent.
+    /// A setting outside its range (a recipe's; the CLI's value parsers refuse these earlier).
+    #[error("{flag} {found}: {expected}; pass a value in that range")]
+    Setting {
+        flag: &'static str,
+        found: String,
+        expected: String,
+    },
+    #[error("--teacher {found:?}: expected `http` or `local:SPEC` (SPEC: a checkpoint directory, a .gguf file or a Hugging Face id such as {})", local::DEFAULT_MODEL)]
+    BadSpec { found: String },
+    #[error("{given} was given without {missing}: pass both (USD per 1M input and output tokens) or neither")]
+    HalfPrice {
+        given: &'static str,
+        missing: &'static str,
+    },
+    #[error("--max-cost needs the price of `{model}`, which phigen does not know: pass --price-input and --price-output (USD per 1M tokens; 0 for a local server)")]
+    UnknownPrice { model: String },
+    #[error("could not load the local teacher `{spec}`: {source}")]
+    Load {
+        spec: String,
+        source: crate::model::ModelError,
+    },
+    #[error(transparent)]
+    Http(#[from] openai::SetupError),
 }
 
 impl TeacherError {
     /// Errors after which no other request can succeed either: stop the whole run.
     pub fn is_fatal(&self) -> bool {
-        matches!(self, TeacherError::Auth { .. } | TeacherError::Local { .. })
+        !matches!(
+            self,
+            TeacherError::Rejected { .. } | TeacherError::Exhausted { .. }
+        )
     }
 }
 
@@ -135,8 +164,10 @@ pub struct HttpSettings {
 }
 
 /// Which request field carries the output limit: OpenAI's current API wants `max_completion_tokens`,
-/// older servers (and some local ones) only read `max_tokens`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+/// older servers (and some local ones) only read `max_tokens`. Recipes name it as the CLI does
+/// (`auto`, `max-tokens`, `max-completion-tokens`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum MaxTokensField {
     /// `max_completion_tokens` for api.openai.com, `max_tokens` elsewhere.
     Auto,

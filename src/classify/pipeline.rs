@@ -1,0 +1,413 @@
+//! phi-1's filter as one library call ([`run`]): a teacher rates a deterministic sample of the
+//! code files (`OUT/labels/`, an [`annotate`] corpus of the generation engine), a classifier is
+//! trained on the ratings (`OUT/model.rf`), and every file is scored (`OUT/scored/`, `OUT/kept/`).
+//! Each step is skipped when its output is done: ratings already in `OUT/labels` are not asked
+//! again, and a classifier newer than every label file is reused. With a classifier given, only
+//! the scoring runs. [`annotate`] is the rating step alone (`phigen annotate`).
+//!
+//! Nothing here prints: the caller follows the steps through [`PipelineProgress`].
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::annotate::{self, Annotate};
+use super::embed::EmbedderSpec;
+use super::forest::ForestParams;
+use super::{ClassifyError, FilterOptions, FilterStats, InputOptions, TrainOptions, TrainReport};
+use crate::generate::engine::{
+    DryRun, GenerateError, GenerateOptions, RunState, Stats, StopReason,
+};
+use crate::generate::prompt::{Template, TemplateError};
+use crate::generate::run::{dry_run_corpus, run_corpus, Progress};
+use crate::teacher::factory::TeacherConfig;
+use crate::teacher::TeacherError;
+
+/// Output tokens of one rating: a score and a sentence or two of reason.
+pub const RATING_MAX_TOKENS: u32 = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("--sample 0: nothing to rate; pass the number of files the teacher should rate")]
+    NothingToRate,
+    #[error("no readable code files in {inputs:?} to rate: check --input and --ext")]
+    NoReadableFiles { inputs: Vec<PathBuf> },
+    #[error(
+        "--holdout {found}: must be at least 0 and below 1 (something must be left to train on)"
+    )]
+    Holdout { found: f64 },
+    #[error("interrupted {step}: re-run the same command to continue")]
+    Interrupted { step: &'static str },
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    #[error(transparent)]
+    Teacher(#[from] TeacherError),
+    #[error(transparent)]
+    Generate(#[from] GenerateError),
+    #[error(transparent)]
+    Classify(#[from] ClassifyError),
+}
+
+impl PipelineError {
+    /// Whether the teacher refused the credentials (the CLI exits 3 then).
+    pub fn is_auth(&self) -> bool {
+        match self {
+            PipelineError::Generate(e) => e.is_auth(),
+            PipelineError::Teacher(e) => matches!(e, TeacherError::Auth { .. }),
+            _ => false,
+        }
+    }
+}
+
+/// Which files the teacher rates and how (`phigen annotate`'s and `phigen filter`'s sample flags).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SampleSettings {
+    /// Files rated: a deterministic sample; a larger one later extends it.
+    pub sample: usize,
+    pub seed: u64,
+    /// Characters of each file the teacher sees (its head).
+    pub max_chars: usize,
+    /// Attempts per file before its rating is given up.
+    pub max_attempts: u32,
+    /// Prompt template [default: the built-in prompts/educational-value.txt].
+    pub prompt: Option<PathBuf>,
+}
+
+impl Default for SampleSettings {
+    fn default() -> Self {
+        SampleSettings {
+            sample: 1000,
+            seed: 0,
+            max_chars: 6000,
+            max_attempts: 3,
+            prompt: None,
+        }
+    }
+}
+
+/// How the classifier is trained: everything of [`TrainOptions`] but its files.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSettings {
+    pub embedder: EmbedderSpec,
+    /// Where embeddings are cached by content hash (for the embedders worth caching).
+    pub cache: Option<PathBuf>,
+    pub forest: ForestParams,
+    /// Share of labeled files held out for metrics, in `[0, 1)`.
+    pub holdout: f64,
+    /// Ratings at or above this are positive.
+    pub positive_at: f64,
+    /// Score at or above which a file is kept (stored in the classifier).
+    pub threshold: f32,
+}
+
+impl Default for ModelSettings {
+    fn default() -> Self {
+        ModelSettings {
+            embedder: EmbedderSpec::Hashed { buckets: 256 },
+            cache: Some(PathBuf::from("data/cache/embeddings")),
+            forest: ForestParams::default(),
+            holdout: 0.2,
+            positive_at: 3.0,
+            threshold: 0.5,
+        }
+    }
+}
+
+impl ModelSettings {
+    /// Training on the ratings in `labels` of the files in `input`, writing the classifier `out`.
+    pub fn train_options(
+        &self,
+        labels: PathBuf,
+        input: InputOptions,
+        out: PathBuf,
+    ) -> Result<TrainOptions, PipelineError> {
+        if !(0.0..1.0).contains(&self.holdout) {
+            return Err(PipelineError::Holdout {
+                found: self.holdout,
+            });
+        }
+        Ok(TrainOptions {
+            labels,
+            input,
+            out,
+            embedder: self.embedder.clone(),
+            cache: self.cache.clone(),
+            forest: self.forest.clone(),
+            holdout: self.holdout,
+            positive_at: self.positive_at,
+            threshold: self.threshold,
+        })
+    }
+}
+
+/// `phigen filter`: the files, the recipe's steps and the scoring.
+#[derive(Debug, Clone)]
+pub struct FilterRecipe {
+    pub input: InputOptions,
+    pub sample: SampleSettings,
+    pub model: ModelSettings,
+    /// Overrides the classifier's keep threshold.
+    pub threshold: Option<f32>,
+    /// (K, N): score only parts K, K+N, … [default: all].
+    pub shard: Option<(usize, usize)>,
+    /// Files embedded and scored at once.
+    pub batch: usize,
+    pub out: PathBuf,
+    /// A trained classifier: only the scoring runs. `None`: the whole recipe, in `out`.
+    pub classifier: Option<PathBuf>,
+}
+
+/// Where a filter run is, for the caller to show.
+#[derive(Debug)]
+pub enum PipelineProgress<'a> {
+    /// Step 1 of 3 starts: `files` sampled files go to the teacher `model`; `plan` is what that
+    /// will send and cost.
+    Rating {
+        files: u64,
+        model: &'a str,
+        max_cost: Option<f64>,
+        plan: &'a DryRun,
+    },
+    /// The rating run's progress.
+    Generation(&'a Progress),
+    /// The rating run ended (written to `labels`).
+    Rated { stats: &'a Stats, labels: &'a Path },
+    /// Step 2 of 3 starts.
+    Training,
+    /// The classifier was trained and written to `classifier`.
+    Trained {
+        classifier: &'a Path,
+        report: &'a TrainReport,
+    },
+    /// Scoring starts (step 3 of 3 in the recipe).
+    Scoring,
+    /// `files` more files were scored.
+    Scored { files: u64 },
+}
+
+/// What `phigen filter --dry-run` reports: what rating the sample would send, or that the sample
+/// is rated already.
+#[derive(Debug, Clone)]
+pub enum FilterDryRun {
+    Rate {
+        files: u64,
+        model: String,
+        max_cost: Option<f64>,
+        plan: DryRun,
+    },
+    AlreadyRated {
+        files: usize,
+    },
+}
+
+/// Draws (or re-draws and checks) the sample recorded in `out`: the corpus to rate and the
+/// generation options rating it.
+fn prepare(
+    input: &InputOptions,
+    s: &SampleSettings,
+    out: &Path,
+    teacher: &TeacherConfig,
+) -> Result<(Arc<Annotate>, GenerateOptions), PipelineError> {
+    if s.sample == 0 {
+        return Err(PipelineError::NothingToRate);
+    }
+    let template = Template::load_or_builtin(
+        s.prompt.as_deref(),
+        "educational-value.txt",
+        annotate::BUILTIN_TEMPLATE,
+    )?;
+    let parts = input.parts()?;
+    let sample = annotate::draw_sample(&parts, s.sample, s.seed, input.max_bytes, s.max_chars)?;
+    if sample.is_empty() {
+        return Err(PipelineError::NoReadableFiles {
+            inputs: input.inputs.clone(),
+        });
+    }
+    if sample.len() < s.sample {
+        tracing::warn!("only {} readable files: rating all of them", sample.len());
+    }
+    annotate::record_sample(out, &input.inputs, s.seed, &sample)?;
+    let opts = GenerateOptions {
+        out: out.to_path_buf(),
+        n: sample.len() as u64,
+        seed: s.seed,
+        max_attempts: s.max_attempts,
+        shard_size: 1000,
+        concurrency: teacher.concurrency,
+    };
+    Ok((Arc::new(Annotate::new(template, sample)), opts))
+}
+
+/// `phigen annotate`: the teacher rates the sample of `input` into `out`.
+pub async fn annotate(
+    input: &InputOptions,
+    sample: &SampleSettings,
+    out: &Path,
+    teacher: &TeacherConfig,
+    state: Arc<RunState>,
+    progress: &(dyn Fn(&Progress) + Send + Sync),
+) -> Result<Stats, PipelineError> {
+    let (corpus, opts) = prepare(input, sample, out, teacher)?;
+    Ok(run_corpus(corpus, teacher, &opts, RATING_MAX_TOKENS, state, progress).await?)
+}
+
+/// What [`annotate`] would send. The sample is drawn and recorded in `out` (`sample.json`), as a
+/// run would.
+pub fn annotate_dry_run(
+    input: &InputOptions,
+    sample: &SampleSettings,
+    out: &Path,
+    teacher: &TeacherConfig,
+) -> Result<DryRun, PipelineError> {
+    let (corpus, opts) = prepare(input, sample, out, teacher)?;
+    Ok(dry_run_corpus(corpus, teacher, &opts, RATING_MAX_TOKENS)?)
+}
+
+/// Runs the filter: the recipe's steps that are not done (none with a classifier given), then the
+/// scoring. `state` stops the rating (Ctrl-C), and an interrupted rating stops the run.
+pub async fn run(
+    recipe: &FilterRecipe,
+    teacher: &TeacherConfig,
+    state: Arc<RunState>,
+    progress: &(dyn Fn(PipelineProgress) + Send + Sync),
+) -> Result<FilterStats, PipelineError> {
+    let model = match &recipe.classifier {
+        Some(m) => m.clone(),
+        None => {
+            let (labels, model) = annotate::recipe_paths(&recipe.out);
+            rate(recipe, teacher, &labels, state.clone(), progress).await?;
+            if state.stopped() == Some(StopReason::Interrupted) {
+                return Err(PipelineError::Interrupted {
+                    step: "before training",
+                });
+            }
+            train(recipe, &labels, &model, progress)?;
+            model
+        }
+    };
+    progress(PipelineProgress::Scoring);
+    let opts = FilterOptions {
+        input: recipe.input.clone(),
+        out: recipe.out.clone(),
+        model,
+        threshold: recipe.threshold,
+        shard: recipe.shard.unwrap_or((0, 1)),
+        cache: recipe.model.cache.clone(),
+        batch: recipe.batch,
+    };
+    Ok(super::filter(&opts, &|files| {
+        progress(PipelineProgress::Scored { files })
+    })?)
+}
+
+/// What [`run`] would send to the teacher (the classifier and the scores cost nothing). Like a
+/// run, it draws and records the sample when the labels are not complete.
+pub fn dry_run(
+    recipe: &FilterRecipe,
+    teacher: &TeacherConfig,
+) -> Result<FilterDryRun, PipelineError> {
+    let (labels, _) = annotate::recipe_paths(&recipe.out);
+    let rated = rated(&labels);
+    if rated >= recipe.sample.sample {
+        return Ok(FilterDryRun::AlreadyRated { files: rated });
+    }
+    let (corpus, opts) = prepare(&recipe.input, &recipe.sample, &labels, teacher)?;
+    let plan = dry_run_corpus(corpus, teacher, &opts, RATING_MAX_TOKENS)?;
+    Ok(FilterDryRun::Rate {
+        files: opts.n,
+        model: teacher.resolve()?.model,
+        max_cost: teacher.max_cost,
+        plan,
+    })
+}
+
+/// Files rated in `labels` so far (0 when there are none yet).
+fn rated(labels: &Path) -> usize {
+    annotate::load_labels(labels).map(|l| l.len()).unwrap_or(0)
+}
+
+/// Step 1: rates the sample into `labels` unless every sampled file is rated.
+async fn rate(
+    recipe: &FilterRecipe,
+    teacher: &TeacherConfig,
+    labels: &Path,
+    state: Arc<RunState>,
+    progress: &(dyn Fn(PipelineProgress) + Send + Sync),
+) -> Result<(), PipelineError> {
+    if rated(labels) >= recipe.sample.sample {
+        return Ok(());
+    }
+    let (corpus, opts) = prepare(&recipe.input, &recipe.sample, labels, teacher)?;
+    let plan = dry_run_corpus(corpus.clone(), teacher, &opts, RATING_MAX_TOKENS)?;
+    progress(PipelineProgress::Rating {
+        files: opts.n,
+        model: &teacher.resolve()?.model,
+        max_cost: teacher.max_cost,
+        plan: &plan,
+    });
+    let stats = run_corpus(corpus, teacher, &opts, RATING_MAX_TOKENS, state, &|p| {
+        progress(PipelineProgress::Generation(p))
+    })
+    .await?;
+    progress(PipelineProgress::Rated {
+        stats: &stats,
+        labels,
+    });
+    match stats.stopped {
+        Some(StopReason::Interrupted) => Err(PipelineError::Interrupted {
+            step: "while rating",
+        }),
+        _ if !stats.complete => {
+            tracing::warn!("not every sampled file got a rating; training on those that did (re-run to rate the rest)");
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Step 2: trains the classifier `model` unless it is newer than every label file.
+fn train(
+    recipe: &FilterRecipe,
+    labels: &Path,
+    model: &Path,
+    progress: &(dyn Fn(PipelineProgress) + Send + Sync),
+) -> Result<(), PipelineError> {
+    let newest_label = newest_mtime(labels);
+    let model_time = std::fs::metadata(model).and_then(|m| m.modified()).ok();
+    if model_time.is_some() && model_time >= newest_label {
+        tracing::info!(
+            "classifier {} is newer than the labels: reused",
+            model.display()
+        );
+        return Ok(());
+    }
+    progress(PipelineProgress::Training);
+    let opts = recipe.model.train_options(
+        labels.to_path_buf(),
+        recipe.input.clone(),
+        model.to_path_buf(),
+    )?;
+    let report = super::train(&opts)?;
+    progress(PipelineProgress::Trained {
+        classifier: model,
+        report: &report,
+    });
+    Ok(())
+}
+
+/// The newest file of `dir`; its lock and file list (rewritten by every run) are not labels.
+fn newest_mtime(dir: &Path) -> Option<std::time::SystemTime> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            !e.file_name()
+                .to_str()
+                .is_some_and(crate::artifact::outdir::is_control_file)
+        })
+        .filter_map(|e| e.metadata().ok()?.modified().ok())
+        .max()
+}

@@ -1,0 +1,524 @@
+//! The generation driver: builds the teacher a [`TeacherConfig`] describes (the HTTP client or
+//! the local engine), runs the engine ([`super::engine::generate`]) with it and reports progress
+//! to the caller about every 200 ms. [`CorpusSettings`] names the three generating corpora as
+//! plain settings (the CLI's flags, or a recipe's step) and loads their templates and seed lists.
+//!
+//! Nothing here prints: the caller draws progress from [`Progress`] and summarises the returned
+//! [`Stats`]; stopping (Ctrl-C) is the caller's [`RunState::stop`].
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::engine::{self, DryRun, GenerateError, GenerateOptions, RunState, Stats};
+use super::exercises::{self, Exercises};
+use super::prompt::Template;
+use super::stories::{self, Stories, StoriesError, Vocabulary};
+use super::textbooks::{self, SeedListError, Textbooks};
+use super::Corpus;
+use crate::range;
+use crate::sandbox::{Isolation, Limits, Sandbox, SandboxError};
+use crate::teacher::factory::{local_engine, Backend, ResolvedTeacher, TeacherConfig};
+use crate::teacher::local::LocalTeacher;
+use crate::teacher::openai::OpenAiTeacher;
+use crate::teacher::pricing::Ledger;
+use crate::teacher::retry::RetryPolicy;
+use crate::teacher::{HttpSettings, Sampling, Teacher, TeacherError};
+
+/// A progress snapshot, sent about every 200 ms while a generation runs (and once at its end).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Progress {
+    /// Records wanted (known once the output directory has been read).
+    pub total: u64,
+    /// Records in the output directory: earlier runs' and this run's.
+    pub done: u64,
+    pub retries: u64,
+    /// Requests that failed after every retry.
+    pub failed: u64,
+    /// Answers dropped by a check (and asked again).
+    pub dropped: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// `None` when the teacher's price is unknown.
+    pub spent_usd: Option<f64>,
+}
+
+/// What stops a generation before its first request: the run's settings, the teacher's, the
+/// corpus's seed lists, the sandbox.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("--n 0: nothing to generate; pass the number of records wanted")]
+    NothingWanted,
+    #[error("--max-attempts 0: every record would be given up before its first request; pass at least 1")]
+    NoAttempts,
+    #[error("--shard-size 0: records are written in Parquet shards of that many; pass at least 1")]
+    NoShardSize,
+    /// A corpus setting outside its range (a recipe's; the CLI's value parsers refuse these earlier).
+    #[error("{flag} {found}: {expected}; pass a value in that range")]
+    Setting {
+        flag: &'static str,
+        found: String,
+        expected: String,
+    },
+    #[error(transparent)]
+    Teacher(TeacherError),
+    #[error(transparent)]
+    Stories(#[from] StoriesError),
+    #[error(transparent)]
+    Seeds(#[from] SeedListError),
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+}
+
+impl GenerateError {
+    /// Whether the teacher refused the credentials (the CLI exits 3 then).
+    pub fn is_auth(&self) -> bool {
+        matches!(self, GenerateError::Teacher(TeacherError::Auth { .. }))
+    }
+}
+
+fn check_options(opts: &GenerateOptions) -> Result<(), SetupError> {
+    if opts.n == 0 {
+        return Err(SetupError::NothingWanted);
+    }
+    if opts.max_attempts == 0 {
+        return Err(SetupError::NoAttempts);
+    }
+    if opts.shard_size == 0 {
+        return Err(SetupError::NoShardSize);
+    }
+    Ok(())
+}
+
+/// The sampling parameters of `cfg`, with the corpus's output limit unless `cfg` sets one.
+fn sampling(cfg: &TeacherConfig, default_max_tokens: u32) -> Sampling {
+    Sampling {
+        temperature: cfg.temperature,
+        top_p: cfg.top_p,
+        max_tokens: cfg.max_tokens.unwrap_or(default_max_tokens),
+        top_k: cfg.top_k,
+        min_p: cfg.min_p,
+    }
+}
+
+/// Checks the run's options and resolves the teacher.
+fn prepare(cfg: &TeacherConfig, opts: &GenerateOptions) -> Result<ResolvedTeacher, SetupError> {
+    check_options(opts)?;
+    cfg.resolve().map_err(SetupError::Teacher)
+}
+
+/// Generates until `opts.n` records of `corpus` are in `opts.out` (or the run stops), with the
+/// teacher `cfg` describes; `default_max_tokens` is the corpus's output limit when `cfg` has none.
+/// The prompts worked on at once are `cfg.concurrency` (`opts.concurrency` is not read). `state`
+/// lets the caller stop the run (its requests in flight are finished and written); `progress` is
+/// called about every 200 ms, from this task.
+pub async fn run_corpus<C: Corpus>(
+    corpus: Arc<C>,
+    cfg: &TeacherConfig,
+    opts: &GenerateOptions,
+    default_max_tokens: u32,
+    state: Arc<RunState>,
+    progress: &(dyn Fn(&Progress) + Send + Sync),
+) -> Result<Stats, GenerateError> {
+    let resolved = prepare(cfg, opts)?;
+    let sampling = sampling(cfg, default_max_tokens);
+    let opts = GenerateOptions {
+        concurrency: cfg.concurrency.max(1),
+        ..opts.clone()
+    };
+    let ledger = Arc::new(Ledger::new(resolved.price, cfg.max_cost));
+    match resolved.backend {
+        Backend::Http { base_url } => {
+            let teacher = OpenAiTeacher::new(HttpSettings {
+                base_url,
+                model: cfg.model.clone(),
+                api_key_env: cfg.api_key_env.clone(),
+                sampling,
+                timeout: Duration::from_secs_f64(cfg.timeout_secs.max(0.001)),
+                concurrency: cfg.concurrency.max(1),
+                retry: RetryPolicy {
+                    max_attempts: cfg.retries + 1,
+                    ..RetryPolicy::default()
+                },
+                max_tokens_field: cfg.max_tokens_field,
+            })
+            .map_err(|e| SetupError::Teacher(e.into()))?;
+            drive(corpus, Arc::new(teacher), ledger, state, &opts, progress).await
+        }
+        Backend::Local { spec } => {
+            let engine = local_engine(&spec, !cfg.dequantize, cfg.concurrency, opts.seed)
+                .await
+                .map_err(SetupError::Teacher)?;
+            let teacher = LocalTeacher::new(engine, sampling);
+            drive(corpus, Arc::new(teacher), ledger, state, &opts, progress).await
+        }
+    }
+}
+
+/// Counts what [`run_corpus`] would send (prompts, tokens, cost), sending and writing nothing.
+pub fn dry_run_corpus<C: Corpus>(
+    corpus: Arc<C>,
+    cfg: &TeacherConfig,
+    opts: &GenerateOptions,
+    default_max_tokens: u32,
+) -> Result<DryRun, GenerateError> {
+    let resolved = prepare(cfg, opts)?;
+    engine::dry_run(
+        corpus,
+        &resolved.model,
+        sampling(cfg, default_max_tokens),
+        resolved.price,
+        opts,
+    )
+}
+
+/// Runs the engine with `teacher`, reporting progress until it returns.
+async fn drive<C: Corpus, T: Teacher>(
+    corpus: Arc<C>,
+    teacher: Arc<T>,
+    ledger: Arc<Ledger>,
+    state: Arc<RunState>,
+    opts: &GenerateOptions,
+    progress: &(dyn Fn(&Progress) + Send + Sync),
+) -> Result<Stats, GenerateError> {
+    let show = || progress(&snapshot(&state, &*teacher, &ledger));
+    let run = engine::generate(corpus, teacher.clone(), ledger.clone(), state.clone(), opts);
+    tokio::pin!(run);
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let result = loop {
+        tokio::select! {
+            r = &mut run => break r,
+            _ = tick.tick() => show(),
+        }
+    };
+    show();
+    result
+}
+
+fn snapshot<T: Teacher>(state: &RunState, teacher: &T, ledger: &Ledger) -> Progress {
+    let spend = ledger.snapshot();
+    Progress {
+        total: state.total.load(Ordering::Relaxed),
+        done: state.done_before.load(Ordering::Relaxed) + state.written.load(Ordering::Relaxed),
+        retries: teacher.counters().snapshot().retries,
+        failed: state.failed.load(Ordering::Relaxed),
+        dropped: state.dropped_total(),
+        prompt_tokens: spend.prompt_tokens,
+        completion_tokens: spend.completion_tokens,
+        spent_usd: ledger.price().map(|_| spend.spent),
+    }
+}
+
+fn default_max_features() -> usize {
+    3
+}
+
+fn default_sandbox_workers() -> usize {
+    2
+}
+
+fn default_exec_timeout() -> f64 {
+    3.0
+}
+
+/// TinyStories (`phigen stories`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoriesSettings {
+    /// Directory of the word lists [default: the built-in seeds/tinystories].
+    #[serde(default)]
+    pub words: Option<PathBuf>,
+    /// Prompt template [default: the built-in prompts/tinystories.txt].
+    #[serde(default)]
+    pub prompt: Option<PathBuf>,
+    /// At most this many story features per prompt.
+    #[serde(default = "default_max_features")]
+    pub max_features: usize,
+    /// Drop stories that do not use all three required words.
+    #[serde(default)]
+    pub strict_words: bool,
+}
+
+impl Default for StoriesSettings {
+    fn default() -> Self {
+        StoriesSettings {
+            words: None,
+            prompt: None,
+            max_features: default_max_features(),
+            strict_words: false,
+        }
+    }
+}
+
+/// CodeTextbook (`phigen textbooks`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TextbooksSettings {
+    /// Topics file (`topic` or `topic > subtopic` a line).
+    pub topics: PathBuf,
+    /// [default: the built-in seeds/audiences.txt]
+    #[serde(default)]
+    pub audiences: Option<PathBuf>,
+    /// [default: the built-in seeds/styles.txt]
+    #[serde(default)]
+    pub styles: Option<PathBuf>,
+    /// [default: the built-in prompts/textbook.txt]
+    #[serde(default)]
+    pub prompt: Option<PathBuf>,
+}
+
+/// CodeExercises (`phigen exercises`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExercisesSettings {
+    /// [default: the built-in seeds/topics.txt]
+    #[serde(default)]
+    pub topics: Option<PathBuf>,
+    /// Directory with verbs.txt and objects.txt [default: the built-in seeds/exercises].
+    #[serde(default)]
+    pub names: Option<PathBuf>,
+    /// [default: the built-in prompts/exercises.txt]
+    #[serde(default)]
+    pub prompt: Option<PathBuf>,
+    /// Python of the sandbox [default: python3 on PATH, then /usr/bin/python3].
+    #[serde(default)]
+    pub python: Option<PathBuf>,
+    #[serde(default = "default_sandbox_workers")]
+    pub sandbox_workers: usize,
+    /// Run exercises without the bubblewrap namespaces (recorded in stats.json).
+    #[serde(default)]
+    pub unsafe_sandbox: bool,
+    /// Wall-clock seconds a program may run.
+    #[serde(default = "default_exec_timeout")]
+    pub exec_timeout: f64,
+}
+
+impl Default for ExercisesSettings {
+    fn default() -> Self {
+        ExercisesSettings {
+            topics: None,
+            names: None,
+            prompt: None,
+            python: None,
+            sandbox_workers: default_sandbox_workers(),
+            unsafe_sandbox: false,
+            exec_timeout: default_exec_timeout(),
+        }
+    }
+}
+
+/// One of the three generating corpora, with its settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "corpus", rename_all = "lowercase")]
+pub enum CorpusSettings {
+    Stories(StoriesSettings),
+    Textbooks(TextbooksSettings),
+    Exercises(ExercisesSettings),
+}
+
+impl StoriesSettings {
+    fn corpus(&self) -> Result<Stories, GenerateError> {
+        let template = Template::load_or_builtin(
+            self.prompt.as_deref(),
+            "tinystories.txt",
+            stories::BUILTIN_TEMPLATE,
+        )?;
+        let vocab = Vocabulary::load(self.words.as_deref()).map_err(SetupError::from)?;
+        Ok(Stories::new(
+            template,
+            vocab,
+            self.max_features,
+            self.strict_words,
+        ))
+    }
+}
+
+impl TextbooksSettings {
+    fn corpus(&self) -> Result<Textbooks, GenerateError> {
+        let template = Template::load_or_builtin(
+            self.prompt.as_deref(),
+            "textbook.txt",
+            textbooks::BUILTIN_TEMPLATE,
+        )?;
+        let seeds = || -> Result<_, SeedListError> {
+            let topics = textbooks::load_topics(Some(&self.topics))?;
+            let audiences = textbooks::load_plain(
+                self.audiences.as_deref(),
+                textbooks::BUILTIN_AUDIENCES,
+                "audiences.txt",
+            )?;
+            let styles = textbooks::load_plain(
+                self.styles.as_deref(),
+                textbooks::BUILTIN_STYLES,
+                "styles.txt",
+            )?;
+            Ok((topics, audiences, styles))
+        };
+        let (topics, audiences, styles) = seeds().map_err(SetupError::from)?;
+        Ok(Textbooks::new(template, topics, audiences, styles))
+    }
+}
+
+impl ExercisesSettings {
+    /// Loads the seed lists and starts the sandbox the asserts run in.
+    async fn corpus(&self) -> Result<Exercises, GenerateError> {
+        let template = Template::load_or_builtin(
+            self.prompt.as_deref(),
+            "exercises.txt",
+            exercises::BUILTIN_TEMPLATE,
+        )?;
+        let names = |file: &str, builtin| {
+            let p = self.names.as_ref().map(|d| d.join(file));
+            textbooks::load_plain(p.as_deref(), builtin, &format!("exercises/{file}"))
+        };
+        let seeds = || -> Result<_, SeedListError> {
+            Ok((
+                textbooks::load_topics(self.topics.as_deref())?,
+                names("verbs.txt", exercises::BUILTIN_VERBS)?,
+                names("objects.txt", exercises::BUILTIN_OBJECTS)?,
+            ))
+        };
+        let (topics, verbs, objects) = seeds().map_err(SetupError::from)?;
+        let setting = |flag, found: String, expected| SetupError::Setting {
+            flag,
+            found,
+            expected,
+        };
+        range::SECONDS
+            .check(self.exec_timeout)
+            .map_err(|e| setting("--exec-timeout", self.exec_timeout.to_string(), e))?;
+        range::Ints { min: 1, max: 1024 }
+            .check(self.sandbox_workers)
+            .map_err(|e| setting("--sandbox-workers", self.sandbox_workers.to_string(), e))?;
+        let limits = Limits {
+            wall: Duration::from_secs_f64(self.exec_timeout.max(0.1)),
+            cpu_secs: self.exec_timeout.ceil().max(1.0) as u64,
+            ..Limits::default()
+        };
+        let sandbox = Sandbox::new(
+            self.python.as_deref(),
+            limits,
+            self.sandbox_workers,
+            Isolation::requested(self.unsafe_sandbox),
+        )
+        .await
+        .map_err(SetupError::from)?;
+        tracing::info!(python = %sandbox.python().display(), isolation = ?sandbox.isolation(), "sandbox ready");
+        Ok(Exercises::new(
+            template,
+            topics,
+            verbs,
+            objects,
+            Arc::new(sandbox),
+        ))
+    }
+}
+
+impl CorpusSettings {
+    /// The corpus's output token limit per answer when the teacher config sets none.
+    pub fn default_max_tokens(&self) -> u32 {
+        match self {
+            CorpusSettings::Stories(_) => 1024,
+            CorpusSettings::Textbooks(_) => 2048,
+            CorpusSettings::Exercises(_) => 1024,
+        }
+    }
+
+    /// Loads the template and seed lists, builds the corpus (for exercises, with its sandbox) and
+    /// runs it with [`run_corpus`].
+    pub async fn run(
+        &self,
+        cfg: &TeacherConfig,
+        opts: &GenerateOptions,
+        state: Arc<RunState>,
+        progress: &(dyn Fn(&Progress) + Send + Sync),
+    ) -> Result<Stats, GenerateError> {
+        let max = self.default_max_tokens();
+        match self {
+            CorpusSettings::Stories(s) => {
+                run_corpus(Arc::new(s.corpus()?), cfg, opts, max, state, progress).await
+            }
+            CorpusSettings::Textbooks(s) => {
+                run_corpus(Arc::new(s.corpus()?), cfg, opts, max, state, progress).await
+            }
+            CorpusSettings::Exercises(s) => {
+                let corpus = Arc::new(s.corpus().await?);
+                run_corpus(corpus, cfg, opts, max, state, progress).await
+            }
+        }
+    }
+
+    /// What [`CorpusSettings::run`] would send; loads everything it loads (the exercises'
+    /// sandbox included, so a dry run also finds a missing Python).
+    pub async fn dry_run(
+        &self,
+        cfg: &TeacherConfig,
+        opts: &GenerateOptions,
+    ) -> Result<DryRun, GenerateError> {
+        let max = self.default_max_tokens();
+        match self {
+            CorpusSettings::Stories(s) => dry_run_corpus(Arc::new(s.corpus()?), cfg, opts, max),
+            CorpusSettings::Textbooks(s) => dry_run_corpus(Arc::new(s.corpus()?), cfg, opts, max),
+            CorpusSettings::Exercises(s) => {
+                dry_run_corpus(Arc::new(s.corpus().await?), cfg, opts, max)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A recipe names a corpus by `corpus = "…"` with the flags' names and defaults; a misspelt
+    /// key is an error, not a silent default.
+    #[test]
+    fn corpus_settings_read_from_a_recipe_table() {
+        let s: CorpusSettings =
+            toml::from_str("corpus = \"stories\"\nstrict_words = true\n").unwrap();
+        assert_eq!(
+            s,
+            CorpusSettings::Stories(StoriesSettings {
+                strict_words: true,
+                ..StoriesSettings::default()
+            })
+        );
+        assert_eq!(s.default_max_tokens(), 1024);
+        let s: CorpusSettings = toml::from_str("corpus = \"exercises\"\n").unwrap();
+        assert_eq!(s, CorpusSettings::Exercises(ExercisesSettings::default()));
+        let e = toml::from_str::<CorpusSettings>("corpus = \"stories\"\nmax_feature = 2\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_feature"), "{e}");
+        assert!(toml::from_str::<CorpusSettings>("corpus = \"textbooks\"\n").is_err());
+    }
+
+    /// The checks `phigen stories` made before it sent anything are the library's now.
+    #[test]
+    fn options_that_would_generate_nothing_are_refused() {
+        let ok = GenerateOptions {
+            out: PathBuf::from("o"),
+            n: 1,
+            seed: 0,
+            max_attempts: 1,
+            shard_size: 1,
+            concurrency: 1,
+        };
+        check_options(&ok).unwrap();
+        let msg = |o: GenerateOptions| check_options(&o).unwrap_err().to_string();
+        assert!(msg(GenerateOptions { n: 0, ..ok.clone() }).starts_with("--n 0"));
+        assert!(msg(GenerateOptions {
+            max_attempts: 0,
+            ..ok.clone()
+        })
+        .starts_with("--max-attempts 0"));
+        assert!(msg(GenerateOptions {
+            shard_size: 0,
+            ..ok
+        })
+        .starts_with("--shard-size 0"));
+    }
+}
