@@ -9,7 +9,9 @@
 //! - `model` is the phi decoder family (checkpoints, tokenizers, sampling), `train` its trainer;
 //! - `eval` scores checkpoints (HumanEval / MBPP pass@k, validation loss, graded stories), running
 //!   generated code in the `sandbox`;
-//! - `artifact` is the record layer every stage shares (atomic writes, Parquet, output dirs).
+//! - `artifact` is the record layer every stage shares (atomic writes, Parquet, output dirs);
+//! - `pipeline` runs a whole recipe (data steps → training → evals) with one manifest and one
+//!   done / stale / to-do rule for every step.
 //!
 //! `cli` is the command-line front door; `main.rs` only calls it.
 
@@ -20,6 +22,7 @@ pub mod dedup;
 pub mod eval;
 pub mod generate;
 pub mod model;
+pub mod pipeline;
 pub mod range;
 pub mod sandbox;
 pub mod teacher;

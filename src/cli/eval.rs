@@ -1,19 +1,14 @@
 //! `phigen eval humaneval` and `phigen eval mbpp`.
 
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
-use anyhow::{bail, Context};
-use candle_core::Device;
 use clap::{Args, Subcommand};
 use indicatif::ProgressBar;
 
 use super::numbers::{self, f64_in, int_in};
 use super::Outcome;
 use crate::eval::code::{self, Benchmark, CodeEvalProgress, CodeEvalSettings};
-use crate::eval::sampling;
-use crate::model::checkpoint;
-use crate::model::tokenizer::Tokenizer;
 
 #[derive(Debug, Subcommand)]
 pub enum EvalCommand {

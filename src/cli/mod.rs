@@ -12,6 +12,7 @@ mod eval;
 mod filter;
 mod model;
 pub(crate) mod numbers;
+mod recipe;
 mod tokenize;
 mod train;
 
@@ -69,8 +70,10 @@ pub enum Command {
     /// Look inside token shards.
     #[command(subcommand)]
     Shards(tokenize::ShardsCommand),
-    /// Train a phi-family model with a recipe (stages, data mixture, AdamW, schedule); resumable.
+    /// Train with a recipe: a training recipe (stages, data mixture, AdamW, schedule) or a whole-run recipe whose [[data]] and [[eval]] steps make the data and judge the model, run end to end; resumable.
     Train(train::TrainArgs),
+    /// Print the chain of steps behind a recipe run's artifact (a data step, training run, checkpoint or eval directory).
+    Lineage(recipe::LineageArgs),
     /// Remove exact and near duplicates (MinHash-LSH) from corpus files; incremental with --index, shardable with --shard.
     Dedup(dedup::DedupArgs),
     /// Find documents sharing n-grams with HumanEval / MBPP problems; drop or flag them.
@@ -420,7 +423,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Init(args) => model::init(&args).map(|_| Outcome::Complete),
         Command::Tokenize(args) => tokenize::tokenize(&args, cli.quiet),
         Command::Shards(cmd) => tokenize::shards(&cmd),
+        Command::Train(args) if crate::pipeline::Pipeline::is_whole_run(&args.recipe)? => {
+            recipe::run(&args, cli.quiet).await
+        }
         Command::Train(args) => train::train(&args, cli.quiet),
+        Command::Lineage(args) => recipe::lineage(&args),
         Command::Dedup(args) => dedup::dedup(&args, cli.quiet),
         Command::Decontaminate(args) => decontaminate::decontaminate(&args, cli.quiet),
         Command::Annotate(args) => filter::annotate(&args, cli.quiet).await,

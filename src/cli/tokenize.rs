@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::numbers::{self, f64_in, int_in};
 use super::Outcome;
 use crate::model::tokenizer::Encoding;
-use crate::tokenize::{self, Split, TokenDir, TokenizeOptions};
+use crate::tokenize::{self, Order, Split, TokenDir, TokenizeOptions};
 
 #[derive(Debug, Clone, Args)]
 pub struct TokenizeArgs {
@@ -35,6 +35,11 @@ pub struct TokenizeArgs {
     /// Read symlinks that lead out of the input directories (by default they are skipped and counted).
     #[arg(long)]
     pub follow_symlinks: bool,
+    /// Document order in the shards: `input` (files in path order, rows in file order) or `id`
+    /// (by the hash of each document's id: the same documents give the same shards wherever
+    /// they sit in the inputs; recipe runs use it).
+    #[arg(long, value_enum, default_value = "input")]
+    pub order: Order,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -70,6 +75,7 @@ pub fn tokenize(args: &TokenizeArgs, quiet: bool) -> anyhow::Result<Outcome> {
         shard_tokens: args.shard_tokens,
         force: args.force,
         follow_symlinks: args.follow_symlinks,
+        order: args.order,
     };
     let bar = if quiet {
         ProgressBar::hidden()

@@ -74,9 +74,28 @@ pub struct TrainArgs {
     /// Stop with a checkpoint after this many steps in this invocation (`--resume` goes on).
     #[arg(long, value_parser = int_at_least(1usize))]
     pub max_steps: Option<usize>,
+    /// Whole-run recipes (with [[data]] or [[eval]] steps): print every step's status and
+    /// estimates (records, tokens, teacher cost, FLOPs, memory, disk) and run nothing.
+    #[arg(long)]
+    pub plan: bool,
+    /// Whole-run recipes: run this step and the steps it needs, nothing after it.
+    #[arg(long, value_name = "STEP", conflicts_with = "only")]
+    pub until: Option<String>,
+    /// Whole-run recipes: run only this step (the steps it reads must be done).
+    #[arg(long, value_name = "STEP")]
+    pub only: Option<String>,
+    /// Whole-run recipes: a budget in USD for every paid teacher of this invocation together.
+    #[arg(long, value_parser = f64_in(numbers::NON_NEGATIVE))]
+    pub max_cost: Option<f64>,
 }
 
 pub fn train(args: &TrainArgs, quiet: bool) -> anyhow::Result<Outcome> {
+    if args.plan || args.until.is_some() || args.only.is_some() || args.max_cost.is_some() {
+        anyhow::bail!(
+            "--plan, --until, --only and --max-cost are for whole-run recipes; {} has no [[data]] or [[eval]] steps",
+            args.recipe.display()
+        );
+    }
     let recipe = Recipe::load(&args.recipe, &args.sets)?;
     let out = args
         .out

@@ -317,6 +317,29 @@ pub struct Normalize {
     pub case: bool,
 }
 
+impl Normalize {
+    /// `whitespace`, `case`, both comma-separated, or `none` (`--exact-normalize`).
+    pub fn parse(spec: &str) -> Result<Normalize, String> {
+        let mut n = Normalize::default();
+        for part in spec
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty() && *p != "none")
+        {
+            match part {
+                "whitespace" => n.whitespace = true,
+                "case" => n.case = true,
+                other => {
+                    return Err(format!(
+                        "exact normalisation `{other}` is unknown; use whitespace, case, both comma-separated, or none"
+                    ))
+                }
+            }
+        }
+        Ok(n)
+    }
+}
+
 /// 128-bit hash of the normalised text: equal hashes mean exact duplicates. Whitespace
 /// normalisation collapses runs of ASCII whitespace to one space and trims the ends; case
 /// normalisation lowercases ASCII letters.

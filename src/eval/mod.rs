@@ -67,8 +67,6 @@ pub enum EvalError {
     #[error(transparent)]
     Template(#[from] crate::generate::prompt::TemplateError),
     #[error(transparent)]
-    OutDir(#[from] crate::artifact::outdir::OutDirError),
-    #[error(transparent)]
     Generate(#[from] crate::generate::engine::GenerateError),
 }
 

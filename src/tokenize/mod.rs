@@ -13,6 +13,7 @@
 //! `OUT/.phigen.written`, see [`outdir`]), so other files in `OUT` are left as they are.
 
 pub mod shard;
+mod spill;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -105,6 +106,24 @@ pub struct SplitMeta {
     pub shards: Vec<String>,
 }
 
+/// The order documents are written in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Order {
+    /// As the inputs hold them (files in path order, rows in file order).
+    #[default]
+    Input,
+    /// By the hash of their ids: the same documents give the same shards wherever they sit in
+    /// the inputs (generation writes records in the order the teacher answers).
+    Id,
+}
+
+impl Order {
+    fn is_input(&self) -> bool {
+        *self == Order::Input
+    }
+}
+
 /// `meta.json`: what the shards hold and where they came from.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -115,6 +134,8 @@ pub struct Meta {
     pub end_of_text: u32,
     pub token_width: TokenWidth,
     pub val_fraction: f64,
+    #[serde(default, skip_serializing_if = "Order::is_input")]
+    pub order: Order,
     pub sources: Vec<Source>,
     pub splits: BTreeMap<Split, SplitMeta>,
     /// Input entries not read (symlinks out of the tree, FIFOs, devices …), by reason.
@@ -132,6 +153,7 @@ pub struct TokenizeOptions {
     pub force: bool,
     /// Read symlinks that lead out of the input trees.
     pub follow_symlinks: bool,
+    pub order: Order,
 }
 
 fn describe(path: &Path) -> Result<Source, TokenizeError> {
@@ -255,7 +277,8 @@ pub fn run(
         }
         let same = old.sources == sources
             && old.tokenizer == opts.encoding
-            && old.val_fraction == opts.val_fraction;
+            && old.val_fraction == opts.val_fraction
+            && old.order == opts.order;
         if same && !opts.force {
             return Ok(Outcome::UpToDate(old));
         }
@@ -299,6 +322,14 @@ pub fn run(
         meta: SplitMeta::default(),
     };
     let (mut train, mut val) = (writer(Split::Train), writer(Split::Val));
+    let spill_dir = opts.out.join(".phigen.spill");
+    let mut spill = match opts.order {
+        Order::Input => None,
+        Order::Id => Some(
+            spill::Spill::create(&spill_dir, sources.iter().map(|s| s.bytes).sum())
+                .map_err(io_err(&spill_dir))?,
+        ),
+    };
     for file in &files {
         docs::read_documents(file, |batch| {
             let encoded: Vec<(Split, Vec<u32>)> = batch
@@ -309,14 +340,25 @@ pub fn run(
                     (split_of(&d.id, opts.val_fraction), ids)
                 })
                 .collect();
-            for (split, ids) in encoded {
+            for ((split, ids), d) in encoded.into_iter().zip(batch) {
                 progress(ids.len() as u64);
-                match split {
-                    Split::Train => train.push(&ids, &mut written)?,
-                    Split::Val => val.push(&ids, &mut written)?,
+                match (&mut spill, split) {
+                    (Some(s), _) => s.push(&d.id, split, &ids).map_err(io_err(&spill_dir))?,
+                    (None, Split::Train) => train.push(&ids, &mut written)?,
+                    (None, Split::Val) => val.push(&ids, &mut written)?,
                 }
             }
             Ok::<(), TokenizeError>(())
+        })?;
+    }
+    if let Some(s) = spill {
+        let io = |source| TokenizeError::Io {
+            path: spill_dir.clone(),
+            source,
+        };
+        s.drain(io, |split, ids| match split {
+            Split::Train => train.push(ids, &mut written),
+            Split::Val => val.push(ids, &mut written),
         })?;
     }
     let meta = Meta {
@@ -326,6 +368,7 @@ pub fn run(
         end_of_text: eot,
         token_width: width,
         val_fraction: opts.val_fraction,
+        order: opts.order,
         sources,
         splits: BTreeMap::from([(Split::Train, train.finish()?), (Split::Val, val.finish()?)]),
         skipped_inputs: inputs.skipped,
@@ -443,6 +486,7 @@ mod tests {
             shard_tokens: 64,
             force: false,
             follow_symlinks: false,
+            order: Order::Input,
         }
     }
 
@@ -692,5 +736,55 @@ mod tests {
             meta.skipped_inputs,
             BTreeMap::from([(InputSkip::SpecialFile, 2)])
         );
+    }
+
+    /// `--order id`: the same documents give byte-identical shards however they are spread over
+    /// files and rows (as generation writes them in answer order), and no document is lost; the
+    /// default input order depends on the arrangement (the control).
+    #[test]
+    fn id_order_makes_shards_independent_of_where_documents_sit() {
+        let dir = tempfile::tempdir().unwrap();
+        let docs: Vec<String> = (0..40)
+            .map(|i| format!("{{\"id\": \"r{i}\", \"text\": \"record number {i} says hello\"}}"))
+            .collect();
+        // Arrangement A: one file in order; B: two files, reversed and interleaved.
+        let a = dir.path().join("a");
+        write(&a.join("all.jsonl"), &(docs.join("\n") + "\n"));
+        let b = dir.path().join("b");
+        let (even, odd): (Vec<_>, Vec<_>) =
+            docs.iter().rev().enumerate().partition(|(i, _)| i % 2 == 0);
+        let lines = |v: Vec<(usize, &String)>| {
+            v.into_iter()
+                .map(|(_, d)| d.clone())
+                .collect::<Vec<_>>()
+                .join("\n")
+                + "\n"
+        };
+        write(&b.join("part-1.jsonl"), &lines(even));
+        write(&b.join("part-0.jsonl"), &lines(odd));
+        let shards = |input: &Path, order: Order| -> Vec<Vec<u8>> {
+            let name = input.file_name().unwrap().to_str().unwrap();
+            let out = dir.path().join(format!("out-{name}-{order:?}"));
+            run(
+                &TokenizeOptions {
+                    order,
+                    ..opts(input, &out)
+                },
+                |_| {},
+            )
+            .unwrap();
+            assert!(
+                !out.join(".phigen.spill").exists(),
+                "the scratch buckets are gone"
+            );
+            let meta = read_meta(&out).unwrap();
+            assert_eq!(meta.splits.values().map(|s| s.documents).sum::<u64>(), 40);
+            meta.splits
+                .values()
+                .flat_map(|s| s.shards.iter().map(|f| std::fs::read(out.join(f)).unwrap()))
+                .collect()
+        };
+        assert_eq!(shards(&a, Order::Id), shards(&b, Order::Id));
+        assert_ne!(shards(&a, Order::Input), shards(&b, Order::Input));
     }
 }

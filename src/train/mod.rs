@@ -174,7 +174,8 @@ pub fn memory_estimate(cfg: &PhiConfig, stage: &Stage, dtype: DType) -> f64 {
     n * (16.0 + compute_copy) + activations + logits
 }
 
-fn available_memory() -> Option<f64> {
+/// Bytes of memory available now (Linux `MemAvailable`).
+pub fn available_memory() -> Option<f64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -237,8 +238,19 @@ fn step_dir(out: &Path, stage: &str, step: usize) -> PathBuf {
     out.join(stage).join(format!("step-{step:06}"))
 }
 
-/// Complete checkpoints of a stage, oldest first.
-fn checkpoints(out: &Path, stage: &str) -> Result<Vec<(usize, PathBuf)>, TrainError> {
+/// The newest complete checkpoint of any stage of `recipe` in run directory `out` (what `--resume`
+/// continues from).
+pub fn latest_checkpoint(out: &Path, recipe: &Recipe) -> Result<Option<PathBuf>, TrainError> {
+    for s in recipe.stages.iter().rev() {
+        if let Some((_, d)) = checkpoints(out, &s.raw.name)?.pop() {
+            return Ok(Some(d));
+        }
+    }
+    Ok(None)
+}
+
+/// Complete checkpoints of `stage` in run directory `out`, oldest first.
+pub fn checkpoints(out: &Path, stage: &str) -> Result<Vec<(usize, PathBuf)>, TrainError> {
     let dir = out.join(stage);
     if !dir.is_dir() {
         return Ok(Vec::new());

@@ -53,6 +53,7 @@ fn tokens(root: &Path) -> std::path::PathBuf {
         shard_tokens: 1 << 20,
         force: false,
         follow_symlinks: false,
+        order: tokenize::Order::Input,
     };
     tokenize::run(&opts, |_| {}).unwrap();
     out

@@ -1,0 +1,292 @@
+//! `phigen train --recipe R` for whole-run recipes (the plan, the progress of each step, the
+//! outcome) and `phigen lineage`.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use candle_core::DType;
+use clap::Args;
+use indicatif::ProgressBar;
+
+use super::train::TrainArgs;
+use super::Outcome;
+use crate::pipeline::manifest::Status;
+use crate::pipeline::plan::{Node, Plan};
+use crate::pipeline::{self, lineage, Event, Pipeline, PipelineError, RunOptions, RunOutcome};
+
+#[derive(Debug, Clone, Args)]
+pub struct LineageArgs {
+    /// A directory a recipe run wrote: a data step's, the training run's (or a checkpoint in
+    /// it), or an eval's.
+    pub dir: PathBuf,
+    /// Print the lineage as JSON instead of a tree.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn lineage(args: &LineageArgs) -> anyhow::Result<Outcome> {
+    let (path, l) = lineage::find(&args.dir)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&l)?);
+    } else {
+        println!("lineage of {} ({}):", args.dir.display(), path.display());
+        print!("{}", lineage::render(&l));
+    }
+    Ok(Outcome::Complete)
+}
+
+fn si(v: f64) -> String {
+    let (d, s) = [(1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")]
+        .into_iter()
+        .find(|(d, _)| v >= *d)
+        .unwrap_or((1.0, ""));
+    if d == 1.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{:.1}{s}", v / d)
+    }
+}
+
+fn bytes(v: f64) -> String {
+    format!("{}B", si(v))
+}
+
+/// The plan as a table, then totals and warnings.
+pub fn print_plan(plan: &Plan, max_cost: Option<f64>) {
+    println!(
+        "plan of {} (run directory {}):",
+        plan.recipe.display(),
+        plan.run_dir.display()
+    );
+    println!(
+        "  {:<16} {:<16} {:<8} {:>9} {:>9} {:>10} {:>9}  directory",
+        "step", "kind", "status", "records", "tokens", "cost", "disk"
+    );
+    for s in &plan.steps {
+        let e = &s.estimate;
+        let cost = match (e.cost_usd, s.paid) {
+            (Some(c), _) => format!("${c:.4}"),
+            (None, true) => "unknown".into(),
+            (None, false) => "–".into(),
+        };
+        let records = match (e.n, e.records) {
+            (Some(n), _) => si(n as f64),
+            (None, Some(r)) => format!("~{}", si(r as f64)),
+            _ => "–".into(),
+        };
+        println!(
+            "  {:<16} {:<16} {:<8} {:>9} {:>9} {:>10} {:>9}  {}",
+            s.name,
+            s.kind,
+            s.status.name(),
+            records,
+            e.tokens
+                .map_or("–".into(), |t| format!("~{}", si(t as f64))),
+            cost,
+            e.disk_bytes.map_or("–".into(), |b| bytes(b as f64)),
+            s.dir.display()
+        );
+        if s.node == Node::Train {
+            let memory = e.memory_bytes.unwrap_or(0.0);
+            let fits = match plan.device_memory_bytes {
+                Some(free) if memory > free => format!(
+                    "does NOT fit the {} available: lower micro_batch (raising grad_accum keeps the batch) or seq_len",
+                    bytes(free)
+                ),
+                Some(free) => format!("fits the {} available", bytes(free)),
+                None => "device memory not checked".into(),
+            };
+            println!(
+                "  {:<16} training: {} tokens, {} FLOPs; memory per step ~{} ({fits})",
+                "",
+                si(e.tokens.unwrap_or(0) as f64),
+                si(e.flops.unwrap_or(0.0)),
+                bytes(memory),
+            );
+        }
+        if let Some(basis) = e.basis {
+            if s.status != Status::Done {
+                println!("  {:<16} estimate from the {basis}", "");
+            }
+        }
+        for w in &s.warnings {
+            println!("  {:<16} warning: {w}", "");
+        }
+    }
+    let budget = max_cost.map_or(String::new(), |m| format!(" (--max-cost ${m:.2})"));
+    println!(
+        "  teacher cost still to come: ${:.4}{budget}{}",
+        plan.cost_usd,
+        if plan.unpriced.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; unknown for {} (give the teacher price_input and price_output)",
+                plan.unpriced.join(", ")
+            )
+        }
+    );
+    println!("  done steps are skipped; a changed setting or input re-runs its step and those after it in new directories (the old ones stay: delete them when no longer needed)");
+}
+
+/// A progress bar per step on stderr (none with --quiet).
+struct Bars {
+    quiet: bool,
+    bar: Mutex<ProgressBar>,
+}
+
+impl Bars {
+    fn replace(&self, bar: ProgressBar) -> ProgressBar {
+        let mut b = self.bar.lock().unwrap_or_else(|e| e.into_inner());
+        b.finish_and_clear();
+        *b = bar.clone();
+        bar
+    }
+
+    fn new_bar(&self, len: Option<u64>, template: &str) -> ProgressBar {
+        let bar = if self.quiet {
+            ProgressBar::hidden()
+        } else {
+            super::progress_bar(false, len, template)
+        };
+        self.replace(bar)
+    }
+
+    fn current(&self) -> ProgressBar {
+        self.bar.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn on_event(&self, event: Event) {
+        match event {
+            Event::Skip(s) => {
+                if !self.quiet {
+                    println!("{}: done, skipped ({})", s.name, s.dir.display());
+                }
+            }
+            Event::Start(s) => {
+                if !self.quiet {
+                    println!("{}: {} ({})", s.name, s.status.name(), s.dir.display());
+                }
+                let bar = self.new_bar(None, "{spinner} {prefix} {pos} [{elapsed_precise}] {msg}");
+                bar.set_prefix(s.name.clone());
+            }
+            Event::Finish(s, summary) => {
+                self.current().finish_and_clear();
+                if !self.quiet {
+                    println!("{}: finished {}", s.name, summary);
+                }
+            }
+            Event::Generate(g) => {
+                let bar = self.current();
+                bar.set_length(g.total);
+                bar.set_position(g.done);
+                bar.set_message(format!(
+                    "records · retries {} · failed {} · dropped {} · tokens {}/{}{}",
+                    g.retries,
+                    g.failed,
+                    g.dropped,
+                    g.prompt_tokens,
+                    g.completion_tokens,
+                    g.spent_usd.map_or(String::new(), |c| format!(" · ${c:.4}"))
+                ));
+            }
+            Event::Work(n) => self.current().inc(n),
+            Event::Train(e) => match e {
+                crate::train::Event::StageStart {
+                    stage, start_step, ..
+                } => {
+                    let bar = self.new_bar(
+                        Some(stage.steps as u64),
+                        "{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}",
+                    );
+                    bar.set_prefix(stage.raw.name.clone());
+                    bar.set_position(start_step as u64);
+                }
+                crate::train::Event::Step(m) => {
+                    let bar = self.current();
+                    bar.set_position(m.step as u64);
+                    bar.set_message(format!(
+                        "loss {:.4}  {:.0} tok/s",
+                        m.train_loss.unwrap_or(f64::NAN),
+                        m.tokens_per_sec
+                    ));
+                }
+                crate::train::Event::Eval(m) => self.current().println(format!(
+                    "step {}: val loss {:.4}",
+                    m.step,
+                    m.val_loss.unwrap_or(f64::NAN)
+                )),
+                crate::train::Event::Checkpoint(_) => {}
+            },
+        }
+    }
+}
+
+pub async fn run(args: &TrainArgs, quiet: bool) -> anyhow::Result<Outcome> {
+    let p = Pipeline::load(&args.recipe, &args.sets, args.out.as_deref())?;
+    let device = super::train::device(args.device)?;
+    let dtype: DType = args.dtype.into();
+    let plan = pipeline::plan(&p, dtype, device.is_cpu(), args.max_cost).await?;
+    if args.plan || !quiet {
+        print_plan(&plan, args.max_cost);
+    }
+    if !plan.unbudgeted.is_empty() {
+        eprintln!(
+            "error: {}",
+            PipelineError::NoBudget(plan.unbudgeted.clone())
+        );
+        return Ok(Outcome::Incomplete);
+    }
+    if args.plan {
+        return Ok(Outcome::Complete);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    // The first SIGINT / SIGTERM finishes the step in flight's current unit (requests in flight,
+    // the training step) and saves it; a second exits at once.
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&stop))
+            .context("installing the signal handler")?;
+        signal_hook::flag::register(signal, Arc::clone(&stop))
+            .context("installing the signal handler")?;
+    }
+    let opts = RunOptions {
+        until: args.until.clone(),
+        only: args.only.clone(),
+        max_cost: args.max_cost,
+        device,
+        dtype,
+        peak_tflops: args.peak_tflops,
+        stop: stop.clone(),
+        max_train_steps: args.max_steps,
+    };
+    let bars = Bars {
+        quiet,
+        bar: Mutex::new(ProgressBar::hidden()),
+    };
+    let outcome = pipeline::run(&p, &plan, &opts, &|e| bars.on_event(e)).await;
+    bars.current().finish_and_clear();
+    Ok(match outcome? {
+        RunOutcome::Complete { scoreboard } => {
+            if !quiet {
+                match scoreboard {
+                    Some(path) => println!("{}: complete; scoreboard {}", p.name, path.display()),
+                    None => println!("{}: the selected steps are done", p.name),
+                }
+            }
+            Outcome::Complete
+        }
+        RunOutcome::Incomplete { step, reason } => {
+            eprintln!("{step}: stopped before it finished: {reason}");
+            Outcome::Incomplete
+        }
+        RunOutcome::Interrupted { step } => {
+            eprintln!(
+                "{step}: interrupted; `phigen train --recipe {}` continues where it stopped",
+                args.recipe.display()
+            );
+            Outcome::Interrupted
+        }
+    })
+}

@@ -1,0 +1,590 @@
+//! The plan of a recipe run: every step (data steps, training, evals) with its id, directory,
+//! status and estimates (records, tokens, teacher cost, FLOPs, memory, disk), computed before
+//! anything runs and without sending anything.
+//!
+//! Estimates come from the recipe (requested records × the corpus's typical answer length and
+//! the price table) and, once a step has a pilot (an earlier, partial run), from what that run
+//! measured: tokens per answer and cost per kept record.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::DType;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::manifest::{fingerprint, Identity, Status, StepManifest};
+use super::recipe::{Action, DataKind, DataStep, EvalAction, EvalStep, Pipeline, Target};
+use super::PipelineError;
+use crate::generate::engine::GenerateOptions;
+use crate::generate::run::CorpusSettings;
+use crate::teacher::factory::{Backend, TeacherConfig};
+
+/// A source repeated more often than this in training gets a warning (phi-1 saw its data ~8
+/// times, but beyond ~4 epochs a repeated token is worth much less: Muennighoff et al. 2023).
+pub const MAX_EPOCHS: f64 = 4.0;
+
+/// Which part of the recipe a step is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Node {
+    Data(usize),
+    Train,
+    Eval(usize),
+}
+
+/// The step that trains: its name in plans, `--until` and `--only`.
+pub const TRAIN: &str = "train";
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Estimate {
+    /// Records a generate step asks for (from `n`, or from `tokens` and the tokens per record).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub n: Option<u64>,
+    /// Records (documents) the step's output holds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub records: Option<u64>,
+    /// Tokens its output holds (generate: completion tokens kept; training: tokens seen).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<u64>,
+    /// Teacher spend still to come, USD (`None`: the price is unknown).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+    /// Where the per-record numbers come from: `recipe` or `pilot`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub basis: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flops: Option<f64>,
+    /// Peak bytes of one training step, the largest over the stages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedStep {
+    pub name: String,
+    /// `textbooks`, `dedup`, …, `train`, `eval:humaneval`.
+    pub kind: String,
+    pub node: Node,
+    #[serde(skip)]
+    pub identity: Identity,
+    pub id: String,
+    pub dir: PathBuf,
+    pub status: Status,
+    /// Steps it reads.
+    pub upstream: Vec<String>,
+    /// A paid teacher writes for it.
+    pub paid: bool,
+    pub estimate: Estimate,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub recipe: PathBuf,
+    pub run_dir: PathBuf,
+    pub steps: Vec<PlannedStep>,
+    /// Teacher spend of the steps still to run, USD (known prices only).
+    pub cost_usd: f64,
+    /// Steps whose teacher's price is unknown.
+    pub unpriced: Vec<String>,
+    /// Paid steps still to run with neither a `max_cost` nor `--max-cost`.
+    pub unbudgeted: Vec<String>,
+    /// Bytes free for training on the device (CPU: available RAM; `None`: not known).
+    pub device_memory_bytes: Option<f64>,
+}
+
+impl Plan {
+    pub fn step(&self, name: &str) -> Option<&PlannedStep> {
+        self.steps.iter().find(|s| s.name == name)
+    }
+}
+
+/// Tokens a generated record has when nothing measured says otherwise: the corpus's typical
+/// answer (the same number `--dry-run` uses).
+fn typical_tokens(dry: &crate::generate::engine::DryRun) -> Option<f64> {
+    (dry.prompts > 0).then(|| dry.expected_completion_tokens as f64 / dry.prompts as f64)
+}
+
+/// What an earlier run of a generate step measured: (tokens per answer, USD per kept record).
+fn pilot(dir: &Path) -> Option<(f64, Option<f64>)> {
+    let v: Value = serde_json::from_slice(&std::fs::read(dir.join("stats.json")).ok()?).ok()?;
+    let run = &v["run"];
+    let written = run["written"].as_u64()?;
+    let dropped: u64 = run["dropped"]
+        .as_object()
+        .map_or(0, |d| d.values().filter_map(Value::as_u64).sum());
+    let answers = written + dropped;
+    if answers == 0 || written == 0 {
+        return None;
+    }
+    let tokens = run["completion_tokens"].as_u64()? as f64 / answers as f64;
+    let cost = run["cost_usd"].as_f64().map(|c| c / written as f64);
+    Some((tokens, cost))
+}
+
+/// Whether `cfg` costs money, and whether its price is known.
+fn paid(cfg: &TeacherConfig) -> Result<(bool, bool), PipelineError> {
+    let r = cfg.resolve()?;
+    Ok(match (&r.backend, r.price) {
+        (Backend::Local { .. }, _) => (false, true),
+        (_, Some(p)) => (p.input_per_m > 0.0 || p.output_per_m > 0.0, true),
+        (_, None) => (true, false),
+    })
+}
+
+/// The directory of data step `name` with id `id`.
+fn data_dir(run: &Path, name: &str, id: &str) -> PathBuf {
+    run.join("data").join(format!("{name}-{}", &id[..8]))
+}
+
+/// The files a corpus's settings name (seed lists, templates).
+fn corpus_files(c: &CorpusSettings) -> Vec<PathBuf> {
+    let opt = |p: &Option<PathBuf>| p.iter().cloned().collect::<Vec<_>>();
+    match c {
+        CorpusSettings::Stories(s) => [opt(&s.words), opt(&s.prompt)].concat(),
+        CorpusSettings::Textbooks(s) => [
+            vec![s.topics.clone()],
+            opt(&s.audiences),
+            opt(&s.styles),
+            opt(&s.prompt),
+        ]
+        .concat(),
+        CorpusSettings::Exercises(s) => [opt(&s.topics), opt(&s.names), opt(&s.prompt)].concat(),
+    }
+}
+
+/// Plans the run: ids, directories, statuses and estimates of every step, in execution order.
+pub async fn plan(
+    p: &Pipeline,
+    dtype: DType,
+    cpu: bool,
+    max_cost: Option<f64>,
+) -> Result<Plan, PipelineError> {
+    let mut steps: Vec<PlannedStep> = Vec::new();
+    let find = |steps: &[PlannedStep], name: &str| -> PlannedStep {
+        steps
+            .iter()
+            .find(|s| s.name == name)
+            .cloned()
+            .expect("upstream planned first")
+    };
+    for s in p.order() {
+        let index = p
+            .data
+            .iter()
+            .position(|d| d.name == s.name)
+            .expect("a step");
+        let upstream: Vec<PlannedStep> = s.from.iter().map(|f| find(&steps, f)).collect();
+        steps.push(plan_data(p, index, s, &upstream).await?);
+    }
+    let train = plan_train(p, &steps, dtype)?;
+    steps.push(train);
+    for (i, e) in p.evals.iter().enumerate() {
+        let t = find(&steps, TRAIN);
+        let data = match &e.action {
+            EvalAction::Loss(l) => {
+                let name = l.data.clone().or_else(|| first_stage_step(p, &e.stage));
+                name.map(|n| find(&steps, &n))
+            }
+            EvalAction::Code(..) => None,
+        };
+        steps.push(plan_eval(p, i, e, &t, data.as_ref())?);
+    }
+    let todo = |s: &&PlannedStep| s.status != Status::Done;
+    let cost_usd = steps
+        .iter()
+        .filter(todo)
+        .filter_map(|s| s.estimate.cost_usd)
+        .sum();
+    let unpriced = steps
+        .iter()
+        .filter(todo)
+        .filter(|s| s.paid && s.estimate.cost_usd.is_none())
+        .map(|s| s.name.clone())
+        .collect();
+    let unbudgeted = if max_cost.is_some() {
+        Vec::new()
+    } else {
+        steps
+            .iter()
+            .filter(todo)
+            .filter(|s| s.paid && teacher_of(p, s).and_then(|t| t.max_cost).is_none())
+            .map(|s| s.name.clone())
+            .collect()
+    };
+    Ok(Plan {
+        recipe: p.path.clone(),
+        run_dir: p.out.clone(),
+        steps,
+        cost_usd,
+        unpriced,
+        unbudgeted,
+        device_memory_bytes: if cpu {
+            crate::train::available_memory()
+        } else {
+            None
+        },
+    })
+}
+
+/// The teacher a step uses, if it uses one.
+pub fn teacher_of<'p>(p: &'p Pipeline, s: &PlannedStep) -> Option<&'p TeacherConfig> {
+    match s.node {
+        Node::Data(i) => match &p.data[i].action {
+            Action::Generate { teacher, .. } => p.teachers.get(teacher),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The first data step a stage reads.
+fn first_stage_step(p: &Pipeline, stage: &str) -> Option<String> {
+    let i = p.train.stages.iter().position(|s| s.raw.name == stage)?;
+    p.stage_refs[i].iter().flatten().next().cloned()
+}
+
+/// The effective output-token limit of a generate step.
+fn max_tokens(cfg: &TeacherConfig, corpus: &CorpusSettings) -> u32 {
+    cfg.max_tokens
+        .unwrap_or_else(|| corpus.default_max_tokens())
+}
+
+async fn plan_data(
+    p: &Pipeline,
+    index: usize,
+    s: &DataStep,
+    upstream: &[PlannedStep],
+) -> Result<PlannedStep, PipelineError> {
+    let known = StepManifest::read(&p.out, &s.name)?;
+    let known_inputs = known.as_ref().map_or(&[][..], |m| &m.inputs[..]);
+    let ups: BTreeMap<String, String> = upstream
+        .iter()
+        .map(|u| (u.name.clone(), u.id.clone()))
+        .collect();
+    let mut estimate = Estimate::default();
+    let mut warnings = Vec::new();
+    let mut is_paid = false;
+    let (identity, dir) = match &s.action {
+        Action::Generate {
+            target,
+            seed,
+            max_attempts,
+            shard_size: _,
+            teacher,
+            corpus,
+        } => {
+            let cfg = &p.teachers[teacher];
+            let resolved = cfg.resolve()?;
+            let files = corpus_files(corpus);
+            if let Some(missing) = files.iter().find(|f| !f.exists()) {
+                return Err(PipelineError::Usage(format!(
+                    "{}: data step `{}` ({}) reads `{}`, which does not exist (paths are relative to the working directory); fix the path",
+                    p.path.display(),
+                    s.name,
+                    s.kind.name(),
+                    missing.display(),
+                )));
+            }
+            let inputs = fingerprint(&files, known_inputs)?;
+            let mut corpus_json = serde_json::to_value(corpus).expect("settings serialize");
+            // How many programs run at once does not change what is kept.
+            if let Some(o) = corpus_json.as_object_mut() {
+                o.remove("sandbox_workers");
+            }
+            // The settings that decide record ids name the directory; the amount asked for does
+            // not, so a larger `n` adds records to the same directory.
+            let records_identity = json!({
+                "corpus": corpus_json,
+                "model": resolved.model,
+                "temperature": cfg.temperature,
+                "top_p": cfg.top_p,
+                "top_k": cfg.top_k,
+                "min_p": cfg.min_p,
+                "max_tokens": max_tokens(cfg, corpus),
+                "seed": seed,
+            });
+            let dir_identity = Identity::new(
+                s.kind.name(),
+                records_identity.clone(),
+                inputs.clone(),
+                BTreeMap::new(),
+            );
+            let dir = data_dir(&p.out, &s.name, &dir_identity.id);
+            let mut settings = records_identity;
+            settings["target"] = json!(target);
+            settings["max_attempts"] = json!(max_attempts);
+            let identity = Identity::new(s.kind.name(), settings, inputs, BTreeMap::new());
+            // Estimates: a dry run of the first attempts (nothing is sent), per-record numbers
+            // from a pilot when one exists.
+            let (paid_now, _) = paid(cfg)?;
+            is_paid = paid_now;
+            let measured = pilot(&dir);
+            let probe = |n: u64| GenerateOptions {
+                out: dir.clone(),
+                n,
+                seed: *seed,
+                max_attempts: *max_attempts,
+                shard_size: 1000,
+                concurrency: 1,
+            };
+            let per_record_typical = {
+                let dry = corpus.dry_run(cfg, &probe(1)).await?;
+                typical_tokens(&dry).unwrap_or(max_tokens(cfg, corpus) as f64 / 2.0)
+            };
+            let tokens_per_record = measured.map_or(per_record_typical, |m| m.0).max(1.0);
+            let n = match target {
+                Target::Records(n) => *n,
+                Target::Tokens(t) => ((*t as f64 / tokens_per_record).ceil() as u64).max(1),
+            };
+            let dry = corpus.dry_run(cfg, &probe(n)).await?;
+            let remaining = n.saturating_sub(dry.already_done);
+            estimate.n = Some(n);
+            estimate.records = Some(n);
+            estimate.tokens = Some((n as f64 * tokens_per_record) as u64);
+            estimate.basis = Some(if measured.is_some() {
+                "pilot"
+            } else {
+                "recipe"
+            });
+            estimate.cost_usd = match measured {
+                Some((_, Some(per_record))) => Some(per_record * remaining as f64),
+                _ => dry.expected_cost_usd,
+            };
+            // Parquet text: about 4 bytes a token, compressed about 2×.
+            estimate.disk_bytes = Some((n as f64 * tokens_per_record * 2.0) as u64);
+            if resolved.note.is_some() && matches!(resolved.backend, Backend::Local { .. }) {
+                warnings.push(format!(
+                    "no teacher configured: the local default {} writes this data",
+                    crate::teacher::local::DEFAULT_MODEL
+                ));
+            }
+            (identity, dir)
+        }
+        action => {
+            let mut settings = match action {
+                Action::Dedup(d) => serde_json::to_value(d),
+                Action::Decontaminate(d) => serde_json::to_value(d),
+                Action::Tokenize(t) => serde_json::to_value(t),
+                Action::Generate { .. } => unreachable!("above"),
+            }
+            .expect("settings serialize");
+            let mut files = s.paths.clone();
+            if let Action::Decontaminate(d) = action {
+                files.extend(d.benchmarks.iter().cloned());
+            }
+            if let Some(missing) = files.iter().find(|f| !f.exists()) {
+                return Err(PipelineError::Usage(format!(
+                    "{}: data step `{}` ({}) reads `{}`, which does not exist (paths are relative to the working directory, {}); fix the path or make it first",
+                    p.path.display(),
+                    s.name,
+                    s.kind.name(),
+                    missing.display(),
+                    std::env::current_dir().map_or("?".into(), |d| d.display().to_string())
+                )));
+            }
+            if let Action::Tokenize(t) = action {
+                settings["tokenizer"] = json!(t.tokenizer.unwrap_or(p.train.raw.model.tokenizer));
+            }
+            settings["paths"] = json!(s.paths);
+            let inputs = fingerprint(&files, known_inputs)?;
+            let identity = Identity::new(s.kind.name(), settings, inputs, ups.clone());
+            let dir = data_dir(&p.out, &s.name, &identity.id);
+            // Sizes flow down: what the inputs hold, or what a finished step measured.
+            let outside_bytes: u64 = identity
+                .inputs
+                .iter()
+                .filter(|f| s.paths.iter().any(|p| f.path.starts_with(p)))
+                .map(|f| f.bytes)
+                .sum();
+            let tokens_in = upstream
+                .iter()
+                .filter_map(|u| u.estimate.tokens)
+                .sum::<u64>()
+                + outside_bytes / 4;
+            let records_in = upstream
+                .iter()
+                .filter_map(|u| u.estimate.records)
+                .sum::<u64>();
+            estimate.records = Some(records_in);
+            estimate.tokens = Some(tokens_in);
+            // Token shards: 2 bytes a token (4 past 65,536 ids); text: about 2 bytes a token.
+            estimate.disk_bytes = Some(tokens_in * 2);
+            if s.kind == DataKind::Tokenize {
+                if let Ok(meta) = crate::tokenize::read_meta(&dir) {
+                    estimate.tokens = Some(meta.splits.values().map(|m| m.tokens).sum());
+                    estimate.records = Some(meta.splits.values().map(|m| m.documents).sum());
+                }
+            }
+            (identity, dir)
+        }
+    };
+    let status = Status::of(known.as_ref(), &identity.id, &dir);
+    if let (Status::Done, Some(m)) = (&status, &known) {
+        apply_measured(&mut estimate, &m.summary);
+        estimate.cost_usd = Some(0.0);
+    }
+    Ok(PlannedStep {
+        name: s.name.clone(),
+        kind: s.kind.name().into(),
+        node: Node::Data(index),
+        id: identity.id.clone(),
+        identity,
+        dir,
+        status,
+        upstream: s.from.clone(),
+        paid: is_paid,
+        estimate,
+        warnings,
+    })
+}
+
+/// Numbers a finished step recorded replace the estimates.
+fn apply_measured(e: &mut Estimate, summary: &Value) {
+    if let Some(r) = summary["records"].as_u64() {
+        e.records = Some(r);
+    }
+    if let Some(t) = summary["tokens"].as_u64() {
+        e.tokens = Some(t);
+    }
+}
+
+fn plan_train(
+    p: &Pipeline,
+    steps: &[PlannedStep],
+    dtype: DType,
+) -> Result<PlannedStep, PipelineError> {
+    let known = StepManifest::read(&p.out, TRAIN)?;
+    let known_inputs = known.as_ref().map_or(&[][..], |m| &m.inputs[..]);
+    let mut ups = BTreeMap::new();
+    let mut files = Vec::new();
+    let mut stages = Vec::new();
+    let mut estimate = Estimate::default();
+    let mut warnings = Vec::new();
+    let (mut flops, mut tokens, mut peak) = (0.0, 0u64, 0.0f64);
+    for (i, stage) in p.train.stages.iter().enumerate() {
+        let mut raw = serde_json::to_value(&stage.raw).expect("stage serializes");
+        let total_weight: f64 = stage.data.iter().map(|d| d.1).sum();
+        let stage_tokens = (stage.steps * stage.tokens_per_step()) as u64;
+        for (j, (path, weight)) in stage.data.iter().enumerate() {
+            let source_tokens = match &p.stage_refs[i][j] {
+                Some(name) => {
+                    let up = steps.iter().find(|s| &s.name == name).expect("planned");
+                    ups.insert(name.clone(), up.id.clone());
+                    raw["data"][j]["path"] = json!(super::recipe::placeholder(name));
+                    up.estimate.tokens
+                }
+                None => {
+                    files.push(path.clone());
+                    crate::tokenize::read_meta(path)
+                        .ok()
+                        .map(|m| m.splits.values().map(|s| s.tokens).sum())
+                }
+            };
+            if let Some(src) = source_tokens.filter(|&t| t > 0) {
+                let epochs = stage_tokens as f64 * weight / total_weight / src as f64;
+                if epochs > MAX_EPOCHS {
+                    warnings.push(format!(
+                        "stage `{}` repeats `{}` {epochs:.1} times (more than {MAX_EPOCHS}): make more of it or lower its weight",
+                        stage.raw.name,
+                        p.stage_refs[i][j].clone().unwrap_or_else(|| path.display().to_string())
+                    ));
+                }
+            }
+        }
+        if let crate::train::recipe::Init::Checkpoint(d) | crate::train::recipe::Init::Tile(d) =
+            &stage.init
+        {
+            files.push(d.clone());
+        }
+        flops +=
+            crate::train::flops_per_token(&p.train.model, stage.raw.seq_len) * stage_tokens as f64;
+        tokens += stage_tokens;
+        peak = peak.max(crate::train::memory_estimate(&p.train.model, stage, dtype));
+        stages.push(raw);
+    }
+    let settings = json!({
+        "model": p.train.model,
+        "tokenizer": p.train.raw.model.tokenizer,
+        "seed": p.train.raw.seed,
+        "stages": stages,
+        "dtype": format!("{dtype:?}"),
+    });
+    let inputs = fingerprint(&files, known_inputs)?;
+    let identity = Identity::new(TRAIN, settings, inputs, ups.clone());
+    let dir = p.out.join(format!("train-{}", &identity.id[..8]));
+    estimate.tokens = Some(tokens);
+    estimate.flops = Some(flops);
+    estimate.memory_bytes = Some(peak);
+    // Checkpoints: fp32 weights + two Adam moments, `keep_last` + the best per stage.
+    let params = p.train.model.parameter_count() as f64;
+    let kept: usize = p.train.stages.iter().map(|s| s.raw.keep_last + 1).sum();
+    estimate.disk_bytes = Some((params * 12.0 * kept as f64) as u64);
+    let status = Status::of(known.as_ref(), &identity.id, &dir);
+    Ok(PlannedStep {
+        name: TRAIN.into(),
+        kind: TRAIN.into(),
+        node: Node::Train,
+        id: identity.id.clone(),
+        identity,
+        dir,
+        status,
+        upstream: ups.keys().cloned().collect(),
+        paid: false,
+        estimate,
+        warnings,
+    })
+}
+
+fn plan_eval(
+    p: &Pipeline,
+    index: usize,
+    e: &EvalStep,
+    train: &PlannedStep,
+    data: Option<&PlannedStep>,
+) -> Result<PlannedStep, PipelineError> {
+    let known = StepManifest::read(&p.out, &e.name)?;
+    let known_inputs = known.as_ref().map_or(&[][..], |m| &m.inputs[..]);
+    let mut ups = BTreeMap::from([(TRAIN.to_string(), train.id.clone())]);
+    let (settings, files) = match &e.action {
+        EvalAction::Loss(l) => {
+            if let Some(d) = data {
+                ups.insert(d.name.clone(), d.id.clone());
+            }
+            (serde_json::to_value(l), Vec::new())
+        }
+        EvalAction::Code(_, c) => (serde_json::to_value(c), vec![c.problems.clone()]),
+    };
+    let mut settings = settings.expect("settings serialize");
+    settings["stage"] = json!(e.stage);
+    let kind = format!(
+        "eval:{}",
+        serde_json::to_value(e.kind)
+            .expect("kind")
+            .as_str()
+            .unwrap_or("")
+    );
+    let inputs = fingerprint(&files, known_inputs)?;
+    let identity = Identity::new(&kind, settings, inputs, ups.clone());
+    let dir = p
+        .out
+        .join("eval")
+        .join(format!("{}-{}", e.name, &identity.id[..8]));
+    let status = Status::of(known.as_ref(), &identity.id, &dir);
+    Ok(PlannedStep {
+        name: e.name.clone(),
+        kind,
+        node: Node::Eval(index),
+        id: identity.id.clone(),
+        identity,
+        dir,
+        status,
+        upstream: ups.keys().cloned().collect(),
+        paid: false,
+        estimate: Estimate::default(),
+        warnings: Vec::new(),
+    })
+}

@@ -1,0 +1,555 @@
+//! Runs a planned recipe: every selected step that is not done, in dependency order, each into
+//! its own directory, then the scoreboard.
+//!
+//! A step that stops early (killed, interrupted, over budget) leaves its directory as its stage
+//! leaves it, and no manifest: the same command continues it (generation resumes its slots, the
+//! trainer its last checkpoint, tokenize and the cleaners redo their output whole), so nothing
+//! answered and written is sent again.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::{DType, Device};
+use serde_json::{json, Value};
+
+use super::lineage;
+use super::manifest::{Status, StepManifest};
+use super::plan::{Node, Plan, PlannedStep, TRAIN};
+use super::recipe::{Action, EvalAction, Pipeline, Target};
+use super::PipelineError;
+use crate::artifact::outdir::DirLock;
+use crate::generate::engine::{GenerateOptions, RunState, StopReason};
+use crate::generate::run::Progress;
+
+pub struct RunOptions {
+    /// Run this step and what it needs, nothing after it.
+    pub until: Option<String>,
+    /// Run only this step (what it reads must be done).
+    pub only: Option<String>,
+    /// A budget for every paid teacher of this invocation together, USD.
+    pub max_cost: Option<f64>,
+    pub device: Device,
+    pub dtype: DType,
+    pub peak_tflops: Option<f64>,
+    /// Set by a signal handler: generation saves what is in flight, training checkpoints, and
+    /// the run stops after the current step.
+    pub stop: Arc<AtomicBool>,
+    /// Stop training with a checkpoint after this many optimizer steps in this invocation.
+    pub max_train_steps: Option<usize>,
+}
+
+/// What the runner reports to its caller (progress bars, logs).
+pub enum Event<'a> {
+    Skip(&'a PlannedStep),
+    Start(&'a PlannedStep),
+    Finish(&'a PlannedStep, &'a Value),
+    Generate(&'a Progress),
+    /// Bytes read by a cleaning step, tokens written by tokenize.
+    Work(u64),
+    Train(crate::train::Event<'a>),
+}
+
+#[derive(Debug, PartialEq)]
+pub enum RunOutcome {
+    /// Every selected step is done.
+    Complete {
+        scoreboard: Option<PathBuf>,
+    },
+    /// A step stopped before it finished (budget, failed requests); the same command continues.
+    Incomplete {
+        step: String,
+        reason: String,
+    },
+    Interrupted {
+        step: String,
+    },
+}
+
+/// The steps `opts` selects, by name, in plan order.
+pub fn selected(plan: &Plan, opts: &RunOptions) -> Result<Vec<String>, PipelineError> {
+    let exists = |name: &str| -> Result<(), PipelineError> {
+        plan.step(name).map(|_| ()).ok_or_else(|| {
+            let names: Vec<&str> = plan.steps.iter().map(|s| s.name.as_str()).collect();
+            PipelineError::Usage(format!(
+                "no step `{name}` in {}; its steps are: {}",
+                plan.recipe.display(),
+                names.join(", ")
+            ))
+        })
+    };
+    if let Some(only) = &opts.only {
+        exists(only)?;
+        return Ok(vec![only.clone()]);
+    }
+    let Some(until) = &opts.until else {
+        return Ok(plan.steps.iter().map(|s| s.name.clone()).collect());
+    };
+    exists(until)?;
+    // `until` and everything it reads, transitively.
+    let mut wanted: BTreeSet<String> = BTreeSet::from([until.clone()]);
+    for s in plan.steps.iter().rev() {
+        if wanted.contains(&s.name) {
+            wanted.extend(s.upstream.iter().cloned());
+        }
+    }
+    Ok(plan
+        .steps
+        .iter()
+        .filter(|s| wanted.contains(&s.name))
+        .map(|s| s.name.clone())
+        .collect())
+}
+
+pub async fn run(
+    p: &Pipeline,
+    plan: &Plan,
+    opts: &RunOptions,
+    on_event: &(dyn Fn(Event) + Send + Sync),
+) -> Result<RunOutcome, PipelineError> {
+    let names = selected(plan, opts)?;
+    let chosen: Vec<&PlannedStep> = plan
+        .steps
+        .iter()
+        .filter(|s| names.contains(&s.name))
+        .collect();
+    let unbudgeted: Vec<&String> = plan
+        .unbudgeted
+        .iter()
+        .filter(|n| names.contains(n))
+        .collect();
+    if !unbudgeted.is_empty() {
+        return Err(PipelineError::NoBudget(
+            unbudgeted.iter().map(|s| s.to_string()).collect(),
+        ));
+    }
+    if let Some(only) = &opts.only {
+        let s = plan.step(only).expect("selected");
+        let missing: Vec<&String> = s
+            .upstream
+            .iter()
+            .filter(|u| plan.step(u).is_some_and(|u| u.status != Status::Done))
+            .collect();
+        if !missing.is_empty() {
+            return Err(PipelineError::Usage(format!(
+                "--only {only}: it reads {}, which {} not done; run them first (e.g. --until {only})",
+                missing.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", "),
+                if missing.len() == 1 { "is" } else { "are" }
+            )));
+        }
+    }
+    std::fs::create_dir_all(&p.out).map_err(|source| PipelineError::Io {
+        path: p.out.clone(),
+        source,
+    })?;
+    // One recipe run per run directory; each stage also locks its own directory.
+    let _lock = DirLock::exclusive(&p.out)?;
+    crate::artifact::atomic::write_bytes(&p.out.join("recipe.toml"), p.train.to_toml().as_bytes())
+        .map_err(|source| PipelineError::Io {
+            path: p.out.join("recipe.toml"),
+            source,
+        })?;
+    let mut spent = 0.0;
+    for step in chosen {
+        if step.status == Status::Done {
+            on_event(Event::Skip(step));
+            continue;
+        }
+        if opts.stop.load(Ordering::SeqCst) {
+            return Ok(RunOutcome::Interrupted {
+                step: step.name.clone(),
+            });
+        }
+        on_event(Event::Start(step));
+        let summary = match step.node {
+            Node::Data(i) => run_data(p, plan, step, i, opts, &mut spent, on_event).await?,
+            Node::Train => run_train(p, plan, step, opts, on_event)?,
+            Node::Eval(i) => run_eval(p, plan, step, i).await?,
+        };
+        let summary = match summary {
+            StepResult::Done(v) => v,
+            StepResult::Incomplete(reason) => {
+                return Ok(RunOutcome::Incomplete {
+                    step: step.name.clone(),
+                    reason,
+                })
+            }
+            StepResult::Interrupted => {
+                return Ok(RunOutcome::Interrupted {
+                    step: step.name.clone(),
+                })
+            }
+        };
+        lineage::write(plan, step, &summary)?;
+        StepManifest::new(
+            &step.name,
+            &step.kind,
+            &step.identity,
+            &step.dir,
+            summary.clone(),
+        )
+        .write(&p.out)?;
+        on_event(Event::Finish(step, &summary));
+    }
+    let scoreboard = write_scoreboard(p, plan)?;
+    Ok(RunOutcome::Complete { scoreboard })
+}
+
+enum StepResult {
+    Done(Value),
+    Incomplete(String),
+    Interrupted,
+}
+
+/// The directories a data step reads: its upstream steps' outputs, then its paths.
+fn inputs(p: &Pipeline, plan: &Plan, i: usize) -> Vec<PathBuf> {
+    let s = &p.data[i];
+    s.from
+        .iter()
+        .map(|f| plan.step(f).expect("planned").dir.clone())
+        .chain(s.paths.iter().cloned())
+        .collect()
+}
+
+/// Runs blocking stage code on this thread without stalling the async runtime's other tasks.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+async fn run_data(
+    p: &Pipeline,
+    plan: &Plan,
+    step: &PlannedStep,
+    i: usize,
+    opts: &RunOptions,
+    spent: &mut f64,
+    on_event: &(dyn Fn(Event) + Send + Sync),
+) -> Result<StepResult, PipelineError> {
+    let dir = step.dir.clone();
+    let progress = |n: u64| on_event(Event::Work(n));
+    match &p.data[i].action {
+        Action::Generate {
+            target,
+            seed,
+            max_attempts,
+            shard_size,
+            teacher,
+            corpus,
+        } => {
+            let mut cfg = p.teachers[teacher].clone();
+            if let Some(total) = opts.max_cost {
+                let left = (total - *spent).max(0.0);
+                cfg.max_cost = Some(cfg.max_cost.map_or(left, |m| m.min(left)));
+            }
+            let n = match target {
+                Target::Records(n) => *n,
+                Target::Tokens(_) => step.estimate.n.expect("planned from the token target"),
+            };
+            let gen = GenerateOptions {
+                out: dir,
+                n,
+                seed: *seed,
+                max_attempts: *max_attempts,
+                shard_size: *shard_size,
+                concurrency: cfg.concurrency,
+            };
+            let state = Arc::new(RunState::default());
+            // The run's stop flag (a signal) stops generation the way Ctrl-C does.
+            let watcher = {
+                let (state, stop) = (state.clone(), opts.stop.clone());
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    state.stop(StopReason::Interrupted);
+                })
+            };
+            let progress = |g: &Progress| on_event(Event::Generate(g));
+            let stats = corpus.run(&cfg, &gen, state, &progress).await;
+            watcher.abort();
+            let stats = stats?;
+            let cost = stats.run.cost_usd.unwrap_or(0.0);
+            *spent += cost;
+            let answers = stats.run.written + stats.run.dropped.values().sum::<u64>();
+            let summary = json!({
+                "records": stats.records,
+                "tokens": (stats.records as f64 * stats.run.completion_tokens as f64 / answers.max(1) as f64) as u64,
+                "cost_usd_this_run": cost,
+                "requests": stats.run.requests.sent,
+                "keep_rate": stats.keep_rate,
+                "model": stats.model,
+            });
+            Ok(match stats.stopped {
+                Some(StopReason::Interrupted) => StepResult::Interrupted,
+                Some(StopReason::Budget) => StepResult::Incomplete(format!(
+                    "the budget ran out after {} of {n} records (${cost:.4} spent by this run): raise `max_cost` or --max-cost and run the same command again",
+                    stats.records
+                )),
+                _ if !stats.complete => StepResult::Incomplete(format!(
+                    "{} of {n} records: {} requests failed after retries and {} records gave up after max_attempts drops; run the same command again to retry them",
+                    stats.records, stats.run.failed_requests, stats.run.given_up_slots
+                )),
+                _ => StepResult::Done(summary),
+            })
+        }
+        Action::Dedup(d) => {
+            let opts = crate::dedup::DedupOptions {
+                inputs: inputs(p, plan, i),
+                out: dir,
+                params: d.params().map_err(PipelineError::Usage)?,
+                exact: d.normalize().map_err(PipelineError::Usage)?,
+                verify_jaccard: d.verify_jaccard,
+                index: None,
+                shard: None,
+                follow_symlinks: false,
+            };
+            let stats = match blocking(|| crate::dedup::run(&opts, &progress))? {
+                crate::dedup::Outcome::Done(s) | crate::dedup::Outcome::UpToDate(s) => s,
+                crate::dedup::Outcome::Slice { .. } => unreachable!("no --shard here"),
+            };
+            Ok(StepResult::Done(json!({
+                "records": stats.kept,
+                "documents_in": stats.documents,
+                "removed_exact": stats.removed_exact,
+                "removed_near": stats.removed_near,
+            })))
+        }
+        Action::Decontaminate(d) => {
+            let opts = crate::dedup::decontaminate::DecontaminateOptions {
+                inputs: inputs(p, plan, i),
+                out: dir,
+                benchmarks: d.benchmarks.clone(),
+                ngram: d.ngram,
+                identifier_ngram: (d.identifier_ngram > 0).then_some(d.identifier_ngram),
+                identifier_share: d.identifier_share,
+                mode: d.mode,
+                follow_symlinks: false,
+            };
+            let r = blocking(|| crate::dedup::decontaminate::run(&opts, &progress))?;
+            let kept = match d.mode {
+                crate::dedup::decontaminate::Mode::Drop => r.documents - r.contaminated_documents,
+                crate::dedup::decontaminate::Mode::Flag => r.documents,
+            };
+            Ok(StepResult::Done(json!({
+                "records": kept,
+                "documents_in": r.documents,
+                "contaminated": r.contaminated_documents,
+            })))
+        }
+        Action::Tokenize(t) => {
+            let opts = crate::tokenize::TokenizeOptions {
+                inputs: inputs(p, plan, i),
+                out: dir,
+                encoding: t.tokenizer.unwrap_or(p.train.raw.model.tokenizer),
+                val_fraction: t.val_fraction,
+                shard_tokens: t.shard_tokens,
+                force: false,
+                follow_symlinks: false,
+                // Generation writes records in answer order: id order makes the shards a
+                // function of the records alone (a resumed run gives the same bytes).
+                order: crate::tokenize::Order::Id,
+            };
+            let meta = match blocking(|| crate::tokenize::run(&opts, progress))? {
+                crate::tokenize::Outcome::Written(m) | crate::tokenize::Outcome::UpToDate(m) => m,
+            };
+            let split = |s| meta.splits.get(&s).map_or(0, |m| m.tokens);
+            Ok(StepResult::Done(json!({
+                "records": meta.splits.values().map(|s| s.documents).sum::<u64>(),
+                "tokens": split(crate::tokenize::Split::Train) + split(crate::tokenize::Split::Val),
+                "train_tokens": split(crate::tokenize::Split::Train),
+                "val_tokens": split(crate::tokenize::Split::Val),
+            })))
+        }
+    }
+}
+
+/// The training recipe with every `{ step = … }` pointing at that step's directory.
+fn resolved_recipe(p: &Pipeline, plan: &Plan) -> crate::train::recipe::Recipe {
+    let mut recipe = p.train.clone();
+    for (i, stage) in recipe.stages.iter_mut().enumerate() {
+        for (j, d) in stage.data.iter_mut().enumerate() {
+            if let Some(name) = &p.stage_refs[i][j] {
+                d.0 = plan.step(name).expect("planned").dir.clone();
+                stage.raw.data[j].path = d.0.clone();
+            }
+        }
+    }
+    recipe
+}
+
+fn run_train(
+    p: &Pipeline,
+    plan: &Plan,
+    step: &PlannedStep,
+    opts: &RunOptions,
+    on_event: &(dyn Fn(Event) + Send + Sync),
+) -> Result<StepResult, PipelineError> {
+    let recipe = resolved_recipe(p, plan);
+    // A run killed part way has checkpoints: continue from the last one.
+    let resume = crate::train::latest_checkpoint(&step.dir, &recipe)?.is_some();
+    let train_opts = crate::train::TrainOptions {
+        recipe,
+        out: step.dir.clone(),
+        resume,
+        device: opts.device.clone(),
+        dtype: opts.dtype,
+        peak_tflops: opts.peak_tflops,
+        stop: opts.stop.clone(),
+        max_steps_this_run: opts.max_train_steps,
+    };
+    let outcome = blocking(|| crate::train::run(&train_opts, |e| on_event(Event::Train(e))))?;
+    if outcome == crate::train::Outcome::Stopped {
+        return Ok(if opts.stop.load(Ordering::SeqCst) {
+            StepResult::Interrupted
+        } else {
+            StepResult::Incomplete(
+                "training stopped with a checkpoint after --max-steps; run the same command again to go on".into(),
+            )
+        });
+    }
+    let last = last_checkpoints(&step.dir, p)?;
+    Ok(StepResult::Done(json!({
+        "tokens": step.estimate.tokens,
+        "checkpoints": last,
+    })))
+}
+
+/// The last checkpoint of every stage.
+fn last_checkpoints(dir: &Path, p: &Pipeline) -> Result<Value, PipelineError> {
+    let mut out = serde_json::Map::new();
+    for s in &p.train.stages {
+        if let Some((_, d)) = crate::train::checkpoints(dir, &s.raw.name)?.last() {
+            out.insert(s.raw.name.clone(), json!(d));
+        }
+    }
+    Ok(Value::Object(out))
+}
+
+/// The last checkpoint of `stage` in the training step's directory.
+fn stage_checkpoint(plan: &Plan, stage: &str) -> Result<PathBuf, PipelineError> {
+    let train = plan.step(TRAIN).expect("planned");
+    crate::train::checkpoints(&train.dir, stage)?
+        .last()
+        .map(|(_, d)| d.clone())
+        .ok_or_else(|| {
+            PipelineError::Usage(format!(
+                "no checkpoint of stage `{stage}` in {}: run the training step first",
+                train.dir.display()
+            ))
+        })
+}
+
+async fn run_eval(
+    p: &Pipeline,
+    plan: &Plan,
+    step: &PlannedStep,
+    i: usize,
+) -> Result<StepResult, PipelineError> {
+    let e = &p.evals[i];
+    let checkpoint = stage_checkpoint(plan, &e.stage)?;
+    std::fs::create_dir_all(&step.dir).map_err(|source| PipelineError::Io {
+        path: step.dir.clone(),
+        source,
+    })?;
+    match &e.action {
+        EvalAction::Loss(l) => {
+            let stage = p
+                .train
+                .stages
+                .iter()
+                .find(|s| s.raw.name == e.stage)
+                .expect("checked");
+            let data = step
+                .upstream
+                .iter()
+                .find(|u| *u != TRAIN)
+                .and_then(|u| plan.step(u))
+                .map(|s| s.dir.clone())
+                .or_else(|| stage.data.first().map(|d| d.0.clone()))
+                .expect("a stage has data");
+            let seq_len = l.seq_len.unwrap_or(stage.raw.seq_len);
+            let (batches, rows) = (l.batches, l.rows);
+            let report = blocking(|| {
+                crate::eval::validation_loss(&checkpoint, &data, seq_len, batches, rows)
+            })?;
+            let path = step.dir.join("loss.json");
+            crate::artifact::atomic::write_json(&path, &report)
+                .map_err(|source| PipelineError::Io { path, source })?;
+            Ok(StepResult::Done(json!({
+                "loss": report.loss,
+                "perplexity": report.perplexity,
+                "checkpoint": checkpoint,
+            })))
+        }
+        EvalAction::Code(kind, c) => {
+            use crate::eval::code::{Benchmark, CodeEvalSettings};
+            let settings = CodeEvalSettings {
+                benchmark: match kind {
+                    super::recipe::EvalKind::Mbpp => Benchmark::Mbpp,
+                    _ => Benchmark::HumanEval,
+                },
+                problems: c.problems.clone(),
+                checkpoint: Some(checkpoint.clone()),
+                samples: None,
+                out: step.dir.clone(),
+                samples_per_task: c.samples_per_task,
+                k: c.k.clone(),
+                max_new_tokens: c.max_new_tokens,
+                temperature: c.temperature,
+                top_p: c.top_p,
+                seed: c.seed,
+                batch: c.batch,
+                python: c.python.clone(),
+                workers: c.workers,
+                timeout: c.timeout,
+                memory_mb: c.memory_mb,
+                unsafe_sandbox: c.unsafe_sandbox,
+            };
+            let summary = crate::eval::code::run(&settings, &|_| {}).await?;
+            Ok(StepResult::Done(json!({
+                "pass_at_k": summary.pass_at_k,
+                "samples": summary.samples,
+                "passed": summary.passed,
+                "checkpoint": checkpoint,
+            })))
+        }
+    }
+}
+
+/// `RUN/scoreboard.md`: the run's training and eval numbers next to the published anchors, once
+/// the training step is done.
+fn write_scoreboard(p: &Pipeline, plan: &Plan) -> Result<Option<PathBuf>, PipelineError> {
+    let train = plan.step(TRAIN).expect("planned");
+    if StepManifest::read(&p.out, TRAIN)?.is_none_or(|m| m.id != train.id) {
+        return Ok(None);
+    }
+    let mut run = crate::eval::scoreboard::collect(&train.dir)?;
+    for s in plan
+        .steps
+        .iter()
+        .filter(|s| matches!(s.node, Node::Eval(_)))
+    {
+        if !s.dir.is_dir() {
+            continue;
+        }
+        let e = crate::eval::scoreboard::collect(&s.dir)?;
+        run.code.extend(e.code);
+        run.stories.extend(e.stories);
+        if e.val_loss.is_some() {
+            run.val_loss = e.val_loss;
+        }
+    }
+    run.run = p.name.clone();
+    let path = p.out.join("scoreboard.md");
+    crate::artifact::atomic::write_bytes(
+        &path,
+        crate::eval::scoreboard::markdown(&[run]).as_bytes(),
+    )
+    .map_err(|source| PipelineError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(Some(path))
+}

@@ -1,0 +1,542 @@
+//! Whole-run recipes through the binary (`phigen train --recipe R`): every step against the
+//! loopback mock teacher, no network, no key.
+//!
+//! Expected values come from the recipe runner's contract (issue 24): a done step is skipped and
+//! sends nothing; a killed run continues and ends with the artifacts of an uninterrupted one
+//! (same record ids, same token-shard bytes, same losses); a changed setting re-runs exactly its
+//! step and those downstream; bad recipes are refused before anything is written; the plan's cost
+//! lies within 25% of what the run then spends.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use phigen::artifact::table;
+use phigen::teacher::mock::{Faults, MockServer};
+
+const BIN: &str = env!("CARGO_BIN_EXE_phigen");
+
+async fn mock(faults: Faults) -> MockServer {
+    let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    MockServer::start(addr, faults).await.unwrap()
+}
+
+/// A small whole run: mock stories → dedup → tokenize → a tiny phi → validation loss.
+fn mini_recipe(dir: &Path, server: &MockServer) -> PathBuf {
+    let text = format!(
+        r#"name = "mini"
+seed = 0
+
+[teacher]
+teacher = "http"
+base_url = "{}"
+model = "mock"
+price_input = 1.0
+price_output = 2.0
+max_cost = 100.0
+concurrency = 4
+
+[[data]]
+name = "stories"
+kind = "stories"
+n = 60
+
+[[data]]
+name = "dedup"
+kind = "dedup"
+from = ["stories"]
+
+[[data]]
+name = "tok"
+kind = "tokenize"
+from = ["dedup"]
+val_fraction = 0.2
+
+[model]
+preset = "tiny-phi"
+vocab_size = 50304
+max_position_embeddings = 64
+
+[[stage]]
+name = "pretrain"
+data = [{{ step = "tok" }}]
+seq_len = 32
+micro_batch = 4
+steps = 12
+lr = 1e-3
+warmup = 2
+eval_every = 6
+eval_batches = 1
+checkpoint_every = 4
+keep_last = 3
+
+[[eval]]
+name = "loss"
+kind = "loss"
+batches = 1
+rows = 2
+"#,
+        server.base_url()
+    );
+    let path = dir.join("mini.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn train_cmd(recipe: &Path, out: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(["train", "--recipe", recipe.to_str().unwrap()])
+        .args(["--out", out.to_str().unwrap()])
+        .args(extra)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("OPENAI_BASE_URL")
+        .env_remove("PHIGEN_TEACHER")
+        .env_remove("PHIGEN_MODEL");
+    c
+}
+
+async fn run(mut cmd: Command) -> Output {
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn manifest(out: &Path, step: &str) -> serde_json::Value {
+    let p = out.join("steps").join(format!("{step}.json"));
+    serde_json::from_slice(&std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
+        .unwrap()
+}
+
+fn step_dir(out: &Path, step: &str) -> PathBuf {
+    PathBuf::from(manifest(out, step)["dir"].as_str().unwrap())
+}
+
+/// The ids of every record in a generate step's directory.
+fn record_ids(dir: &Path) -> BTreeSet<String> {
+    let mut ids = BTreeSet::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_str().unwrap().to_string();
+        if name.starts_with("part-") && name.ends_with(".parquet") {
+            let df = table::read_columns(&p, &["id"]).unwrap();
+            ids.extend(
+                table::text_column(&df, &p, "id")
+                    .unwrap()
+                    .into_iter()
+                    .flatten(),
+            );
+        }
+    }
+    ids
+}
+
+/// Name → bytes of every token shard of a tokenize step.
+fn shard_bytes(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "bin"))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_str().unwrap().to_string(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// (step, val loss) of every eval line of a training run's metrics.
+fn val_losses(train_dir: &Path) -> Vec<(usize, f64)> {
+    std::fs::read_to_string(train_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            Some((v["step"].as_u64()? as usize, v["val_loss"].as_f64()?))
+        })
+        .collect()
+}
+
+fn requests(server: &MockServer) -> u64 {
+    server.log.requests.load(Ordering::SeqCst)
+}
+
+/// Waits (polling) until `ready`, then SIGKILLs the run; returns whether `ready` was seen.
+async fn kill_when(mut child: std::process::Child, ready: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seen = false;
+    while Instant::now() < deadline {
+        if ready() {
+            seen = true;
+            break;
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let _ = child.kill();
+    child.wait().unwrap();
+    seen
+}
+
+/// The first directory under `parent` whose name starts with `prefix`.
+fn dir_starting(parent: &Path, prefix: &str) -> Option<PathBuf> {
+    std::fs::read_dir(parent).ok()?.find_map(|e| {
+        let p = e.ok()?.path();
+        p.file_name()?.to_str()?.starts_with(prefix).then_some(p)
+    })
+}
+
+/// The shipped demo recipe (the whole phi-1 shape) runs end to end with the mock in place of the
+/// local teacher and fewer records and steps, ends with a scoreboard holding HumanEval pass@1 and
+/// the loss, records lineage back to the seeds; a second run skips every step and sends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_recipe_runs_end_to_end_then_skips_everything() {
+    let server = mock(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo");
+    let base = format!("teacher.base_url=\"{}\"", server.base_url());
+    let sets = [
+        "teacher.teacher=\"http\"",
+        base.as_str(),
+        "teacher.model=\"mock\"",
+        "data.0.n=12",
+        "data.1.n=12",
+        "stage.0.steps=6",
+        "stage.0.warmup=1",
+        "stage.0.eval_every=3",
+        "stage.0.checkpoint_every=3",
+        "stage.1.steps=4",
+        "stage.1.warmup=1",
+        "stage.1.eval_every=2",
+        "stage.1.checkpoint_every=2",
+        "eval.1.max_new_tokens=8",
+        "eval.1.workers=2",
+    ];
+    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/demo.toml");
+    let mut args: Vec<&str> = Vec::new();
+    for s in &sets {
+        args.extend(["--set", s]);
+    }
+    let o = run(train_cmd(&recipe, &out, &args)).await;
+    assert!(o.status.success(), "{}", text(&o));
+    let board = std::fs::read_to_string(out.join("scoreboard.md")).unwrap();
+    assert!(board.contains("demo"), "{board}");
+    assert!(
+        manifest(&out, "humaneval")["summary"]["pass_at_k"]["pass@1"].is_number(),
+        "{}",
+        manifest(&out, "humaneval")
+    );
+    assert!(manifest(&out, "loss")["summary"]["loss"].as_f64().unwrap() > 0.0);
+    // Lineage of the finetuned checkpoint reaches back to the generated textbooks and the
+    // benchmark file decontamination read.
+    let train = step_dir(&out, "train");
+    let ckpt = dir_starting(&train.join("finetune"), "step-").unwrap();
+    let l = run({
+        let mut c = Command::new(BIN);
+        c.args(["lineage", ckpt.to_str().unwrap()]);
+        c
+    })
+    .await;
+    let tree = text(&l);
+    assert!(l.status.success(), "{tree}");
+    for part in [
+        "textbooks",
+        "exercises",
+        "tok-textbooks",
+        "HumanEval.jsonl.gz",
+        "train",
+    ] {
+        assert!(tree.contains(part), "lineage lacks {part}:\n{tree}");
+    }
+    // Everything is done: the same command skips every step and sends nothing.
+    let sent = requests(&server);
+    let o = run(train_cmd(&recipe, &out, &args)).await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(requests(&server), sent, "a done step sent requests");
+    let skipped = text(&o).matches("done, skipped").count();
+    assert_eq!(skipped, 7 + 1 + 2, "{}", text(&o));
+}
+
+/// kill -9 during generation, during tokenize and during training, each followed by the same
+/// command: the final artifacts equal an uninterrupted run's (record ids, token-shard bytes,
+/// validation losses), and no prompt whose record was written is sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_any_step_then_the_same_command_ends_like_an_uninterrupted_run() {
+    let faults = Faults {
+        latency_ms: 20,
+        ..Faults::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // The reference: one uninterrupted run.
+    let a_server = mock(faults.clone()).await;
+    let a_recipe = mini_recipe(&dir.path().join("a-recipe"), &a_server);
+    let a = dir.path().join("a");
+    let o = run(train_cmd(&a_recipe, &a, &["--quiet"])).await;
+    assert!(o.status.success(), "{}", text(&o));
+
+    let server = mock(faults).await;
+    std::fs::create_dir_all(dir.path().join("b-recipe")).unwrap();
+    let recipe = mini_recipe(&dir.path().join("b-recipe"), &server);
+    let b = dir.path().join("b");
+    let spawn = || {
+        train_cmd(&recipe, &b, &["--quiet"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    // 1. During generation: after 20 of 60 answers.
+    assert!(kill_when(spawn(), || server.log.answered.load(Ordering::SeqCst) >= 20).await);
+    let sent_before: HashMap<String, u64> = server.log.per_prompt.lock().unwrap().clone();
+    // 2. As soon as tokenize has made its directory.
+    let data = b.join("data");
+    kill_when(spawn(), || dir_starting(&data, "tok-").is_some()).await;
+    // 3. During training: once its first checkpoint exists.
+    kill_when(spawn(), || {
+        dir_starting(&b, "train-")
+            .and_then(|t| dir_starting(&t.join("pretrain"), "step-"))
+            .is_some()
+    })
+    .await;
+    let o = run(train_cmd(&recipe, &b, &["--quiet"])).await;
+    assert!(o.status.success(), "{}", text(&o));
+
+    assert_eq!(
+        record_ids(&step_dir(&b, "stories")),
+        record_ids(&step_dir(&a, "stories"))
+    );
+    assert_eq!(record_ids(&step_dir(&b, "stories")).len(), 60);
+    assert_eq!(
+        shard_bytes(&step_dir(&b, "tok")),
+        shard_bytes(&step_dir(&a, "tok"))
+    );
+    let (la, lb) = (
+        val_losses(&step_dir(&a, "train")),
+        val_losses(&step_dir(&b, "train")),
+    );
+    assert_eq!(la.len(), lb.len(), "{la:?} vs {lb:?}");
+    for ((sa, va), (sb, vb)) in la.iter().zip(&lb) {
+        assert_eq!(sa, sb);
+        assert!((va - vb).abs() <= 1e-4 * va.abs(), "{la:?} vs {lb:?}");
+    }
+    // Prompts answered before the first kill were sent again only if they were in flight then
+    // (at most the concurrency, 4).
+    let sent_after = server.log.per_prompt.lock().unwrap().clone();
+    let again = sent_before
+        .iter()
+        .filter(|(p, n)| sent_after[*p] > **n)
+        .count();
+    assert!(
+        again <= 4,
+        "{again} prompts answered before the kill were sent again"
+    );
+}
+
+/// A changed dedup setting re-runs dedup and everything after it — and `--plan` says so first —
+/// while the stories are not generated again; the old directories stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_setting_reruns_exactly_its_step_and_its_dependants() {
+    let server = mock(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = mini_recipe(dir.path(), &server);
+    let out = dir.path().join("run");
+    let o = run(train_cmd(&recipe, &out, &["--quiet"])).await;
+    assert!(o.status.success(), "{}", text(&o));
+    let before: BTreeMap<&str, serde_json::Value> = ["stories", "dedup", "tok", "train", "loss"]
+        .into_iter()
+        .map(|s| (s, manifest(&out, s)))
+        .collect();
+    let sent = requests(&server);
+
+    let change = ["--set", "data.1.bands=10"];
+    let o = run(train_cmd(
+        &recipe,
+        &out,
+        &[&["--plan"][..], &change[..]].concat(),
+    ))
+    .await;
+    assert!(o.status.success(), "{}", text(&o));
+    let plan = text(&o);
+    let status = |step: &str| -> String {
+        let line = plan
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(step))
+            .unwrap_or_else(|| panic!("no row for {step}:\n{plan}"));
+        line.split_whitespace().nth(2).unwrap().to_string()
+    };
+    assert_eq!(status("stories"), "done", "{plan}");
+    for s in ["dedup", "tok", "train", "loss"] {
+        assert_eq!(status(s), "stale", "{s}:\n{plan}");
+    }
+    assert!(
+        !out.join("steps").join("dedup.json").exists()
+            || manifest(&out, "dedup") == before["dedup"],
+        "--plan wrote nothing"
+    );
+
+    let o = run(train_cmd(
+        &recipe,
+        &out,
+        &[&["--quiet"][..], &change[..]].concat(),
+    ))
+    .await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(requests(&server), sent, "the stories were generated again");
+    assert_eq!(manifest(&out, "stories"), before["stories"]);
+    for s in ["dedup", "tok", "train", "loss"] {
+        let now = manifest(&out, s);
+        assert_ne!(now["id"], before[s]["id"], "{s} did not re-run");
+        assert_ne!(now["dir"], before[s]["dir"]);
+        assert!(
+            Path::new(before[s]["dir"].as_str().unwrap()).exists(),
+            "the old {s} directory was removed"
+        );
+    }
+}
+
+/// Bad recipes are refused with the recipe file, the key and its line, and nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_recipes_are_refused_before_anything_is_written() {
+    let server = mock(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let good = std::fs::read_to_string(mini_recipe(dir.path(), &server)).unwrap();
+    let cases: [(&str, String, &[&str]); 4] = [
+        (
+            "unknown key",
+            good.replace("kind = \"dedup\"", "kind = \"dedup\"\nbandz = 3"),
+            &["bandz", "data.1.bandz", ":28"],
+        ),
+        (
+            "dangling reference",
+            good.replace("from = [\"dedup\"]", "from = [\"dedupe\"]"),
+            &["data.2.from.0", "`dedupe`", ":33"],
+        ),
+        (
+            "cycle",
+            good.replace("from = [\"stories\"]", "from = [\"tok\"]")
+                .replace(
+                    "from = [\"dedup\"]",
+                    "from = [\"dedup\"]\npaths = [\"seeds\"]",
+                ),
+            &["names `tok`, a tokenize step"],
+        ),
+        (
+            "missing input path",
+            good.replace("from = [\"stories\"]", "paths = [\"no/such/corpus\"]"),
+            &["no/such/corpus", "dedup"],
+        ),
+    ];
+    for (what, recipe_text, expected) in cases {
+        let recipe = dir.path().join(format!("{}.toml", what.replace(' ', "-")));
+        std::fs::write(&recipe, recipe_text).unwrap();
+        let out = dir.path().join(format!("out-{}", what.replace(' ', "-")));
+        let o = run(train_cmd(&recipe, &out, &["--quiet"])).await;
+        let msg = text(&o);
+        assert!(!o.status.success(), "{what}: accepted\n{msg}");
+        assert!(
+            msg.contains(recipe.to_str().unwrap()) || what == "missing input path",
+            "{what}: the message does not name the recipe: {msg}"
+        );
+        for e in expected {
+            assert!(msg.contains(e), "{what}: `{e}` not in: {msg}");
+        }
+        assert!(!out.exists(), "{what}: {} was created", out.display());
+    }
+    // A real cycle among generated-from steps: dedup ⇄ dedup2.
+    let cycle = good.replace(
+        "[[data]]\nname = \"tok\"",
+        "[[data]]\nname = \"dedup2\"\nkind = \"dedup\"\nfrom = [\"dedup\"]\n\n[[data]]\nname = \"tok\"",
+    )
+    .replace("from = [\"stories\"]", "from = [\"stories\", \"dedup2\"]");
+    let recipe = dir.path().join("cycle2.toml");
+    std::fs::write(&recipe, cycle).unwrap();
+    let out = dir.path().join("out-cycle2");
+    let o = run(train_cmd(&recipe, &out, &["--quiet"])).await;
+    let msg = text(&o);
+    assert!(!o.status.success());
+    assert!(msg.contains("cycle: dedup → dedup2 → dedup"), "{msg}");
+    assert!(!out.exists());
+}
+
+/// The plan's teacher cost for a generate step with a pilot (an earlier, smaller run of it) lies
+/// within 25% of what the run then reports spending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_planned_cost_is_within_a_quarter_of_the_spend() {
+    let server = mock(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = mini_recipe(dir.path(), &server);
+    let out = dir.path().join("run");
+    let pilot = ["--set", "data.0.n=20", "--until", "stories", "--quiet"];
+    let o = run(train_cmd(&recipe, &out, &pilot)).await;
+    assert!(o.status.success(), "{}", text(&o));
+    let full = ["--set", "data.0.n=120", "--until", "stories"];
+    let o = run(train_cmd(&recipe, &out, &[&full[..], &["--plan"]].concat())).await;
+    assert!(o.status.success(), "{}", text(&o));
+    let plan = text(&o);
+    let row = plan
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("stories"))
+        .unwrap();
+    let planned: f64 = row
+        .split_whitespace()
+        .find_map(|c| c.strip_prefix('$'))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(plan.contains("estimate from the pilot"), "{plan}");
+    let o = run(train_cmd(
+        &recipe,
+        &out,
+        &[&full[..], &["--quiet"]].concat(),
+    ))
+    .await;
+    assert!(o.status.success(), "{}", text(&o));
+    let spent = manifest(&out, "stories")["summary"]["cost_usd_this_run"]
+        .as_f64()
+        .unwrap();
+    assert!(spent > 0.0);
+    assert!(
+        (planned - spent).abs() <= 0.25 * spent,
+        "planned ${planned} vs spent ${spent}"
+    );
+}
+
+/// A paid teacher without a budget never spends: the plan is printed and the run exits 4 naming
+/// the flag to add; with --max-cost it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paid_teacher_without_a_budget_sends_nothing() {
+    let server = mock(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = mini_recipe(dir.path(), &server);
+    let text_no_budget = std::fs::read_to_string(&recipe)
+        .unwrap()
+        .replace("max_cost = 100.0\n", "");
+    std::fs::write(&recipe, text_no_budget).unwrap();
+    let out = dir.path().join("run");
+    let o = run(train_cmd(&recipe, &out, &["--until", "stories"])).await;
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(text(&o).contains("--max-cost"), "{}", text(&o));
+    assert_eq!(requests(&server), 0);
+    let o = run(train_cmd(
+        &recipe,
+        &out,
+        &["--until", "stories", "--max-cost", "5", "--quiet"],
+    ))
+    .await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(requests(&server) > 0);
+}
