@@ -81,6 +81,7 @@ rows = 2
 "#,
         server.base_url()
     );
+    std::fs::create_dir_all(dir).unwrap();
     let path = dir.join("mini.toml");
     std::fs::write(&path, text).unwrap();
     path
@@ -211,6 +212,8 @@ async fn the_demo_recipe_runs_end_to_end_then_skips_everything() {
     let base = format!("teacher.base_url=\"{}\"", server.base_url());
     let sets = [
         "teacher.teacher=\"http\"",
+        "teacher.price_input=0",
+        "teacher.price_output=0",
         base.as_str(),
         "teacher.model=\"mock\"",
         "data.0.n=12",
@@ -289,7 +292,6 @@ async fn kill_9_at_any_step_then_the_same_command_ends_like_an_uninterrupted_run
     assert!(o.status.success(), "{}", text(&o));
 
     let server = mock(faults).await;
-    std::fs::create_dir_all(dir.path().join("b-recipe")).unwrap();
     let recipe = mini_recipe(&dir.path().join("b-recipe"), &server);
     let b = dir.path().join("b");
     let spawn = || {
@@ -418,12 +420,12 @@ async fn bad_recipes_are_refused_before_anything_is_written() {
         (
             "unknown key",
             good.replace("kind = \"dedup\"", "kind = \"dedup\"\nbandz = 3"),
-            &["bandz", "data.1.bandz", ":28"],
+            &["bandz", "data.1.bandz", "toml:21:"],
         ),
         (
             "dangling reference",
             good.replace("from = [\"dedup\"]", "from = [\"dedupe\"]"),
-            &["data.2.from.0", "`dedupe`", ":33"],
+            &["data.2.from.0", "`dedupe`", "toml:26:"],
         ),
         (
             "cycle",

@@ -198,7 +198,8 @@ pub async fn plan(
         .iter()
         .filter(todo)
         .filter_map(|s| s.estimate.cost_usd)
-        .sum();
+        .sum::<f64>()
+        + 0.0; // an empty sum is -0.0
     let unpriced = steps
         .iter()
         .filter(todo)
