@@ -38,6 +38,9 @@ pub fn lineage(args: &LineageArgs) -> anyhow::Result<Outcome> {
 }
 
 fn si(v: f64) -> String {
+    if v >= 1e15 {
+        return format!("{v:.1e}");
+    }
     let (d, s) = [(1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")]
         .into_iter()
         .find(|(d, _)| v >= *d)
@@ -98,8 +101,17 @@ pub fn print_plan(plan: &Plan, max_cost: Option<f64>) {
                 Some(free) => format!("fits the {} available", bytes(free)),
                 None => "device memory not checked".into(),
             };
+            let time = match plan.train_seconds {
+                Some(t) => format!(
+                    ", ~{:.1} days at {:.0}% MFU of {} TFLOP/s",
+                    t / 86_400.0,
+                    100.0 * pipeline::plan::ASSUMED_MFU,
+                    plan.peak_tflops.unwrap_or(0.0)
+                ),
+                None => String::new(),
+            };
             println!(
-                "  {:<16} training: {} tokens, {} FLOPs; memory per step ~{} ({fits})",
+                "  {:<16} training: {} tokens, {} FLOPs{time}; memory per step ~{} ({fits})",
                 "",
                 si(e.tokens.unwrap_or(0) as f64),
                 si(e.flops.unwrap_or(0.0)),
@@ -228,7 +240,7 @@ pub async fn run(args: &TrainArgs, quiet: bool) -> anyhow::Result<Outcome> {
     let p = Pipeline::load(&args.recipe, &args.sets, args.out.as_deref())?;
     let device = super::train::device(args.device)?;
     let dtype: DType = args.dtype.into();
-    let plan = pipeline::plan(&p, dtype, device.is_cpu(), args.max_cost).await?;
+    let plan = pipeline::plan(&p, dtype, device.is_cpu(), args.max_cost, args.peak_tflops).await?;
     if args.plan || !quiet {
         print_plan(&plan, args.max_cost);
     }

@@ -40,6 +40,8 @@ pub enum PipelineError {
     #[error(transparent)]
     Generate(#[from] crate::generate::engine::GenerateError),
     #[error(transparent)]
+    Filter(#[from] crate::classify::pipeline::PipelineError),
+    #[error(transparent)]
     Dedup(#[from] crate::dedup::DedupError),
     #[error(transparent)]
     Tokenize(#[from] crate::tokenize::TokenizeError),

@@ -24,6 +24,10 @@ use crate::teacher::factory::{Backend, TeacherConfig};
 /// times, but beyond ~4 epochs a repeated token is worth much less: Muennighoff et al. 2023).
 pub const MAX_EPOCHS: f64 = 4.0;
 
+/// The model-FLOPs utilisation the time estimate assumes (llm.c reaches 45–50% on an H100;
+/// phigen's CUDA path is unmeasured).
+pub const ASSUMED_MFU: f64 = 0.4;
+
 /// Which part of the recipe a step is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -94,6 +98,10 @@ pub struct Plan {
     pub unbudgeted: Vec<String>,
     /// Bytes free for training on the device (CPU: available RAM; `None`: not known).
     pub device_memory_bytes: Option<f64>,
+    /// The device's peak TFLOP/s (`--peak-tflops`).
+    pub peak_tflops: Option<f64>,
+    /// Training time at [`ASSUMED_MFU`] of the peak.
+    pub train_seconds: Option<f64>,
 }
 
 impl Plan {
@@ -162,6 +170,7 @@ pub async fn plan(
     dtype: DType,
     cpu: bool,
     max_cost: Option<f64>,
+    peak_tflops: Option<f64>,
 ) -> Result<Plan, PipelineError> {
     let mut steps: Vec<PlannedStep> = Vec::new();
     let find = |steps: &[PlannedStep], name: &str| -> PlannedStep {
@@ -181,6 +190,7 @@ pub async fn plan(
         steps.push(plan_data(p, index, s, &upstream).await?);
     }
     let train = plan_train(p, &steps, dtype)?;
+    let train_flops = train.estimate.flops;
     steps.push(train);
     for (i, e) in p.evals.iter().enumerate() {
         let t = find(&steps, TRAIN);
@@ -189,7 +199,7 @@ pub async fn plan(
                 let name = l.data.clone().or_else(|| first_stage_step(p, &e.stage));
                 name.map(|n| find(&steps, &n))
             }
-            EvalAction::Code(..) => None,
+            EvalAction::Code(..) | EvalAction::Stories { .. } => None,
         };
         steps.push(plan_eval(p, i, e, &t, data.as_ref())?);
     }
@@ -228,18 +238,24 @@ pub async fn plan(
         } else {
             None
         },
+        peak_tflops,
+        train_seconds: peak_tflops
+            .zip(train_flops)
+            .map(|(peak, flops)| flops / (peak * 1e12 * ASSUMED_MFU)),
     })
 }
 
 /// The teacher a step uses, if it uses one.
 pub fn teacher_of<'p>(p: &'p Pipeline, s: &PlannedStep) -> Option<&'p TeacherConfig> {
-    match s.node {
-        Node::Data(i) => match &p.data[i].action {
-            Action::Generate { teacher, .. } => p.teachers.get(teacher),
+    let name = match s.node {
+        Node::Data(i) => p.data[i].action.teacher(),
+        Node::Eval(i) => match &p.evals[i].action {
+            EvalAction::Stories { teacher, .. } => Some(teacher.as_str()),
             _ => None,
         },
-        _ => None,
-    }
+        Node::Train => None,
+    };
+    name.and_then(|n| p.teachers.get(n))
 }
 
 /// The first data step a stage reads.
@@ -370,12 +386,41 @@ async fn plan_data(
                 Action::Dedup(d) => serde_json::to_value(d),
                 Action::Decontaminate(d) => serde_json::to_value(d),
                 Action::Tokenize(t) => serde_json::to_value(t),
+                Action::Filter { settings, .. } => serde_json::to_value(settings),
                 Action::Generate { .. } => unreachable!("above"),
             }
             .expect("settings serialize");
             let mut files = s.paths.clone();
             if let Action::Decontaminate(d) = action {
                 files.extend(d.benchmarks.iter().cloned());
+            }
+            if let Action::Filter {
+                teacher,
+                settings: f,
+            } = action
+            {
+                let cfg = &p.teachers[teacher];
+                let resolved = cfg.resolve()?;
+                // The ratings decide the classifier: who rates, and how.
+                settings["teacher"] = json!({
+                    "model": resolved.model,
+                    "temperature": cfg.temperature,
+                    "top_p": cfg.top_p,
+                    "top_k": cfg.top_k,
+                    "min_p": cfg.min_p,
+                });
+                files.extend(f.sample.prompt.iter().cloned());
+                is_paid = paid(cfg)?.0;
+                // The sample's prompts: the head of each file (max_chars, about 4 characters a
+                // token) plus the rubric; each answer a short rating.
+                let prompt = f.sample.sample as u64 * (f.sample.max_chars as u64 / 4 + 400);
+                let answers = f.sample.sample as u64 * 60;
+                estimate.cost_usd = match resolved.price {
+                    Some(price) => Some(price.cost(prompt, answers)),
+                    None if matches!(resolved.backend, Backend::Local { .. }) => Some(0.0),
+                    None => None,
+                };
+                estimate.basis = Some("recipe");
             }
             if let Some(missing) = files.iter().find(|f| !f.exists()) {
                 return Err(PipelineError::Usage(format!(
@@ -414,6 +459,19 @@ async fn plan_data(
             estimate.tokens = Some(tokens_in);
             // Token shards: 2 bytes a token (4 past 65,536 ids); text: about 2 bytes a token.
             estimate.disk_bytes = Some(tokens_in * 2);
+            if let Action::Filter { settings: f, .. } = action {
+                let is_code = |p: &Path| {
+                    p.extension()
+                        .and_then(|e| e.to_str())
+                        .is_some_and(|e| f.ext.iter().any(|x| x == e))
+                };
+                // Loose source files; Parquet/jsonl dumps hold many files each (unknown here).
+                let files = identity.inputs.iter().filter(|i| is_code(&i.path)).count() as u64;
+                estimate.records = Some(files);
+                if let Some(m) = &known {
+                    apply_measured(&mut estimate, &m.summary);
+                }
+            }
             if s.kind == DataKind::Tokenize {
                 if let Ok(meta) = crate::tokenize::read_meta(&dir) {
                     estimate.tokens = Some(meta.splits.values().map(|m| m.tokens).sum());
@@ -558,7 +616,43 @@ fn plan_eval(
             (serde_json::to_value(l), Vec::new())
         }
         EvalAction::Code(_, c) => (serde_json::to_value(c), vec![c.problems.clone()]),
+        EvalAction::Stories { settings, .. } => (
+            serde_json::to_value(settings),
+            [settings.beginnings.clone(), settings.rubric.clone()]
+                .into_iter()
+                .flatten()
+                .collect(),
+        ),
     };
+    let mut estimate = Estimate::default();
+    let mut is_paid = false;
+    if let EvalAction::Stories {
+        teacher,
+        settings: st,
+    } = &e.action
+    {
+        let cfg = &p.teachers[teacher];
+        let resolved = cfg.resolve()?;
+        is_paid = paid(cfg)?.0;
+        let beginnings = match &st.beginnings {
+            Some(path) => std::fs::read_to_string(path)
+                .map(|t| crate::eval::stories::parse_beginnings(&t).len())
+                .unwrap_or(0),
+            None => {
+                crate::eval::stories::parse_beginnings(crate::eval::stories::BUILTIN_BEGINNINGS)
+                    .len()
+            }
+        } as u64;
+        // Each grade: the rubric and the story (~ max_new_tokens + 400 tokens), ~150 out.
+        let prompt = beginnings * (st.max_new_tokens as u64 + 400);
+        estimate.records = Some(beginnings);
+        estimate.cost_usd = match resolved.price {
+            Some(price) => Some(price.cost(prompt, beginnings * 150)),
+            None if matches!(resolved.backend, Backend::Local { .. }) => Some(0.0),
+            None => None,
+        };
+        estimate.basis = Some("recipe");
+    }
     let mut settings = settings.expect("settings serialize");
     settings["stage"] = json!(e.stage);
     let kind = format!(
@@ -584,8 +678,8 @@ fn plan_eval(
         dir,
         status,
         upstream: ups.keys().cloned().collect(),
-        paid: false,
-        estimate: Estimate::default(),
+        paid: is_paid,
+        estimate,
         warnings: Vec::new(),
     })
 }

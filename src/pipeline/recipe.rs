@@ -31,6 +31,7 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::classify::pipeline::{ModelSettings, SampleSettings};
 use crate::dedup::decontaminate::Mode;
 use crate::generate::run::{CorpusSettings, ExercisesSettings, StoriesSettings, TextbooksSettings};
 use crate::model::tokenizer::Encoding;
@@ -269,6 +270,50 @@ fn shard_tokens() -> u64 {
     100_000_000
 }
 
+/// Options of a filter step: `phigen filter`'s flags (the teacher rates a sample, a forest over
+/// embeddings scores every file, the kept files go on).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterSettings {
+    /// Extensions of loose source files read.
+    #[serde(default = "py")]
+    pub ext: Vec<String>,
+    /// Larger files are skipped.
+    #[serde(default = "mib")]
+    pub max_bytes: u64,
+    /// Files embedded and scored at once.
+    #[serde(default = "batch")]
+    pub batch: usize,
+    /// What the teacher rates: `sample`, `seed`, `max_chars`, `max_attempts`, `prompt`.
+    #[serde(default)]
+    pub sample: SampleSettings,
+    /// The classifier: `embedder`, `cache`, `forest`, `holdout`, `positive_at`, `threshold`.
+    #[serde(default)]
+    pub model: ModelSettings,
+}
+
+fn py() -> Vec<String> {
+    vec!["py".into()]
+}
+fn mib() -> u64 {
+    1 << 20
+}
+fn batch() -> usize {
+    64
+}
+
+/// The keys of a filter step that are [`SampleSettings`] and [`ModelSettings`] fields, written
+/// flat in the step's table.
+const SAMPLE_KEYS: [&str; 5] = ["sample", "seed", "max_chars", "max_attempts", "prompt"];
+const MODEL_KEYS: [&str; 6] = [
+    "embedder",
+    "cache",
+    "forest",
+    "holdout",
+    "positive_at",
+    "threshold",
+];
+
 /// What one data step does, typed by its kind.
 #[derive(Debug, Clone)]
 pub enum Action {
@@ -280,9 +325,23 @@ pub enum Action {
         teacher: String,
         corpus: CorpusSettings,
     },
+    Filter {
+        teacher: String,
+        settings: FilterSettings,
+    },
     Dedup(DedupSettings),
     Decontaminate(DecontaminateSettings),
     Tokenize(TokenizeSettings),
+}
+
+impl Action {
+    /// The teacher the step asks, by name in the recipe.
+    pub fn teacher(&self) -> Option<&str> {
+        match self {
+            Action::Generate { teacher, .. } | Action::Filter { teacher, .. } => Some(teacher),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -303,6 +362,7 @@ pub enum EvalKind {
     Loss,
     Humaneval,
     Mbpp,
+    Stories,
 }
 
 /// A validation-loss eval: the last checkpoint of `stage` on the validation split of `data`.
@@ -381,10 +441,40 @@ fn memory_mb() -> u64 {
     1024
 }
 
+/// Teacher-graded story continuations of the last checkpoint of `stage`: `phigen eval
+/// stories`'s flags.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoriesEvalToml {
+    #[serde(default)]
+    pub beginnings: Option<PathBuf>,
+    #[serde(default)]
+    pub rubric: Option<PathBuf>,
+    #[serde(default = "two_hundred")]
+    pub max_new_tokens: usize,
+    #[serde(default = "gen_temperature")]
+    pub gen_temperature: f64,
+    #[serde(default = "top_p")]
+    pub gen_top_p: f64,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn two_hundred() -> usize {
+    200
+}
+fn gen_temperature() -> f64 {
+    0.8
+}
+
 #[derive(Debug, Clone)]
 pub enum EvalAction {
     Loss(LossSettings),
     Code(EvalKind, CodeEvalToml),
+    Stories {
+        teacher: String,
+        settings: StoriesEvalToml,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -481,7 +571,7 @@ impl Pipeline {
         let teachers = p.teachers(teacher, teachers)?;
         let data = p.data_steps(data, &teachers, train.raw.seed)?;
         let stage_names: Vec<String> = train.stages.iter().map(|s| s.raw.name.clone()).collect();
-        let evals = p.evals(evals, &stage_names)?;
+        let evals = p.evals(evals, &stage_names, &teachers)?;
         let pipeline = Pipeline {
             path: path.to_path_buf(),
             name: train.raw.name.clone(),
@@ -542,6 +632,21 @@ impl Pipeline {
     fn check_references(&self) -> Result<(), PipelineRecipeError> {
         let names: Vec<&str> = self.data.iter().map(|s| s.name.as_str()).collect();
         let list = names.join(", ");
+        // Data steps, the training step and evals share one namespace (plans, --until, --only).
+        for (i, e) in self.evals.iter().enumerate() {
+            if e.name == super::plan::TRAIN || names.contains(&e.name.as_str()) {
+                return Err(self.invalid(
+                    &[Key::Name("eval"), Key::Index(i), Key::Name("name")],
+                    format!("`{}` is already the name of a data step or the training step; eval names must differ", e.name),
+                ));
+            }
+        }
+        if let Some(i) = names.iter().position(|n| *n == super::plan::TRAIN) {
+            return Err(self.invalid(
+                &[Key::Name("data"), Key::Index(i), Key::Name("name")],
+                "`train` names the training step; pick another name".into(),
+            ));
+        }
         for (i, s) in self.data.iter().enumerate() {
             for (j, f) in s.from.iter().enumerate() {
                 let key = [
@@ -920,7 +1025,9 @@ impl Parser<'_> {
                 DataKind::Stories | DataKind::Textbooks | DataKind::Exercises => {
                     self.generate(kind, rest, &key, teachers, recipe_seed)?
                 }
-                DataKind::Dedup => Action::Dedup(self.typed(rest, &key, "name, kind, from, paths")?),
+                DataKind::Dedup => {
+                    Action::Dedup(self.typed(rest, &key, "name, kind, from, paths")?)
+                }
                 DataKind::Decontaminate => {
                     let s: DecontaminateSettings =
                         self.typed(rest, &key, "name, kind, from, paths")?;
@@ -942,12 +1049,7 @@ impl Parser<'_> {
                     }
                     Action::Tokenize(s)
                 }
-                DataKind::Filter => {
-                    return Err(self.invalid(
-                        &[key[0], key[1], Key::Name("kind")],
-                        "`filter` steps are not runnable from a recipe yet: run `phigen filter --input DIR --out DIR` and list its `kept` directory in a dedup step's `paths`".into(),
-                    ))
-                }
+                DataKind::Filter => self.filter(rest, &key, teachers)?,
             };
             steps.push(DataStep {
                 name,
@@ -1037,17 +1139,7 @@ impl Parser<'_> {
         if c.shard_size == 0 {
             return Err(self.invalid(&at("shard_size"), "must be at least 1".into()));
         }
-        let teacher = c.teacher.unwrap_or_else(|| DEFAULT_TEACHER.into());
-        if !teachers.contains_key(&teacher) {
-            let names: Vec<&str> = teachers.keys().map(String::as_str).collect();
-            return Err(self.invalid(
-                &at("teacher"),
-                format!(
-                    "names `{teacher}`, which is no teacher of this recipe (they are: {}; add [teachers.{teacher}])",
-                    names.join(", ")
-                ),
-            ));
-        }
+        let teacher = self.teacher_name(c.teacher, &at("teacher"), teachers)?;
         let also = "name, kind, n, tokens, seed, max_attempts, shard_size, teacher";
         let settings = toml::Value::Table(t);
         let corpus = match kind {
@@ -1072,10 +1164,87 @@ impl Parser<'_> {
         })
     }
 
+    /// The teacher named `name` (default: `[teacher]`), which must exist.
+    fn teacher_name(
+        &self,
+        name: Option<String>,
+        key: &[Key],
+        teachers: &BTreeMap<String, TeacherConfig>,
+    ) -> Result<String, PipelineRecipeError> {
+        let name = name.unwrap_or_else(|| DEFAULT_TEACHER.into());
+        if teachers.contains_key(&name) {
+            return Ok(name);
+        }
+        let names: Vec<&str> = teachers.keys().map(String::as_str).collect();
+        Err(self.invalid(
+            key,
+            format!(
+                "names `{name}`, which is no teacher of this recipe (they are: {}; add [teachers.{name}])",
+                names.join(", ")
+            ),
+        ))
+    }
+
+    /// An optional `teacher = "NAME"` key of `t`, resolved.
+    fn take_teacher(
+        &self,
+        t: &mut toml::Table,
+        key: &[Key],
+        teachers: &BTreeMap<String, TeacherConfig>,
+    ) -> Result<String, PipelineRecipeError> {
+        let mut k = key.to_vec();
+        k.push(Key::Name("teacher"));
+        let name = match t.remove("teacher") {
+            Some(v) => Some(self.typed::<String>(v, &k, "")?),
+            None => None,
+        };
+        self.teacher_name(name, &k, teachers)
+    }
+
+    fn filter(
+        &self,
+        rest: toml::Value,
+        key: &[Key],
+        teachers: &BTreeMap<String, TeacherConfig>,
+    ) -> Result<Action, PipelineRecipeError> {
+        let toml::Value::Table(mut t) = rest else {
+            unreachable!("a table")
+        };
+        let teacher = self.take_teacher(&mut t, key, teachers)?;
+        let mut group = |keys: &[&str]| -> toml::Value {
+            let mut g = toml::Table::new();
+            for k in keys {
+                if let Some(v) = t.remove(*k) {
+                    g.insert(k.to_string(), v);
+                }
+            }
+            toml::Value::Table(g)
+        };
+        let sample = group(&SAMPLE_KEYS);
+        let model = group(&MODEL_KEYS);
+        let mut settings: toml::Table = t;
+        settings.insert("sample".into(), sample);
+        settings.insert("model".into(), model);
+        let settings: FilterSettings = self.typed(
+            toml::Value::Table(settings),
+            key,
+            "name, kind, from, paths, teacher",
+        )?;
+        if settings.sample.sample == 0 {
+            return Err(self.invalid(
+                &[key[0], key[1], Key::Name("sample")],
+                "must be at least 1: the teacher rates that many files to train the classifier on"
+                    .into(),
+            ));
+        }
+        Ok(Action::Filter { teacher, settings })
+    }
+
     fn evals(
         &self,
         evals: Option<toml::Value>,
         stages: &[String],
+        teachers: &BTreeMap<String, TeacherConfig>,
     ) -> Result<Vec<EvalStep>, PipelineRecipeError> {
         let Some(evals) = evals else {
             return Ok(Vec::new());
@@ -1118,9 +1287,17 @@ impl Parser<'_> {
                     ),
                 ));
             }
+            let teacher = match kind {
+                EvalKind::Stories => Some(self.take_teacher(&mut t, &key, teachers)?),
+                _ => None,
+            };
             let rest = toml::Value::Table(t);
             let action = match kind {
                 EvalKind::Loss => EvalAction::Loss(self.typed(rest, &key, "name, kind, stage")?),
+                EvalKind::Stories => EvalAction::Stories {
+                    teacher: teacher.expect("taken above"),
+                    settings: self.typed(rest, &key, "name, kind, stage, teacher")?,
+                },
                 EvalKind::Humaneval | EvalKind::Mbpp => {
                     let c: CodeEvalToml = self.typed(rest, &key, "name, kind, stage")?;
                     if c.k.iter().any(|&k| k == 0) {

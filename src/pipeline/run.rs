@@ -23,6 +23,7 @@ use super::PipelineError;
 use crate::artifact::outdir::DirLock;
 use crate::generate::engine::{GenerateOptions, RunState, StopReason};
 use crate::generate::run::Progress;
+use crate::teacher::factory::TeacherConfig;
 
 pub struct RunOptions {
     /// Run this step and what it needs, nothing after it.
@@ -166,7 +167,7 @@ pub async fn run(
         let summary = match step.node {
             Node::Data(i) => run_data(p, plan, step, i, opts, &mut spent, on_event).await?,
             Node::Train => run_train(p, plan, step, opts, on_event)?,
-            Node::Eval(i) => run_eval(p, plan, step, i).await?,
+            Node::Eval(i) => run_eval(p, plan, step, i, opts, &mut spent, on_event).await?,
         };
         let summary = match summary {
             StepResult::Done(v) => v,
@@ -203,12 +204,40 @@ enum StepResult {
     Interrupted,
 }
 
+/// `cfg` with what is left of `--max-cost` (after `spent` by earlier steps) as its budget.
+fn budgeted(cfg: &TeacherConfig, opts: &RunOptions, spent: f64) -> TeacherConfig {
+    let mut cfg = cfg.clone();
+    if let Some(total) = opts.max_cost {
+        let left = (total - spent).max(0.0);
+        cfg.max_cost = Some(cfg.max_cost.map_or(left, |m| m.min(left)));
+    }
+    cfg
+}
+
+/// Stops a teacher run the way Ctrl-C does when the run's stop flag (a signal) is set.
+fn watch_stop(state: &Arc<RunState>, opts: &RunOptions) -> tokio::task::JoinHandle<()> {
+    let (state, stop) = (state.clone(), opts.stop.clone());
+    tokio::spawn(async move {
+        while !stop.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        state.stop(StopReason::Interrupted);
+    })
+}
+
 /// The directories a data step reads: its upstream steps' outputs, then its paths.
 fn inputs(p: &Pipeline, plan: &Plan, i: usize) -> Vec<PathBuf> {
     let s = &p.data[i];
     s.from
         .iter()
-        .map(|f| plan.step(f).expect("planned").dir.clone())
+        .map(|f| {
+            let dir = plan.step(f).expect("planned").dir.clone();
+            match p.step(f).map(|u| u.kind) {
+                // A filter's output is its kept files; `scored/` and the labels are reports.
+                Some(super::recipe::DataKind::Filter) => dir.join("kept"),
+                _ => dir,
+            }
+        })
         .chain(s.paths.iter().cloned())
         .collect()
 }
@@ -238,11 +267,7 @@ async fn run_data(
             teacher,
             corpus,
         } => {
-            let mut cfg = p.teachers[teacher].clone();
-            if let Some(total) = opts.max_cost {
-                let left = (total - *spent).max(0.0);
-                cfg.max_cost = Some(cfg.max_cost.map_or(left, |m| m.min(left)));
-            }
+            let cfg = budgeted(&p.teachers[teacher], opts, *spent);
             let n = match target {
                 Target::Records(n) => *n,
                 Target::Tokens(_) => step.estimate.n.expect("planned from the token target"),
@@ -256,16 +281,7 @@ async fn run_data(
                 concurrency: cfg.concurrency,
             };
             let state = Arc::new(RunState::default());
-            // The run's stop flag (a signal) stops generation the way Ctrl-C does.
-            let watcher = {
-                let (state, stop) = (state.clone(), opts.stop.clone());
-                tokio::spawn(async move {
-                    while !stop.load(Ordering::SeqCst) {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                    state.stop(StopReason::Interrupted);
-                })
-            };
+            let watcher = watch_stop(&state, opts);
             let progress = |g: &Progress| on_event(Event::Generate(g));
             let stats = corpus.run(&cfg, &gen, state, &progress).await;
             watcher.abort();
@@ -279,6 +295,7 @@ async fn run_data(
                 "cost_usd_this_run": cost,
                 "requests": stats.run.requests.sent,
                 "keep_rate": stats.keep_rate,
+                "given_up": stats.run.given_up_slots,
                 "model": stats.model,
             });
             Ok(match stats.stopped {
@@ -287,12 +304,59 @@ async fn run_data(
                     "the budget ran out after {} of {n} records (${cost:.4} spent by this run): raise `max_cost` or --max-cost and run the same command again",
                     stats.records
                 )),
-                _ if !stats.complete => StepResult::Incomplete(format!(
-                    "{} of {n} records: {} requests failed after retries and {} records gave up after max_attempts drops; run the same command again to retry them",
-                    stats.records, stats.run.failed_requests, stats.run.given_up_slots
+                // Failed requests are sent again by the next run; slots that gave up after
+                // max_attempts drops stay given up (a larger max_attempts retries them), so the
+                // step is as done as this recipe makes it.
+                _ if stats.run.failed_requests > 0 => StepResult::Incomplete(format!(
+                    "{} of {n} records: {} requests failed after retries; run the same command again to send them again",
+                    stats.records, stats.run.failed_requests
                 )),
                 _ => StepResult::Done(summary),
             })
+        }
+        Action::Filter { teacher, settings } => {
+            let cfg = budgeted(&p.teachers[teacher], opts, *spent);
+            let recipe = crate::classify::pipeline::FilterRecipe {
+                input: crate::classify::InputOptions {
+                    inputs: inputs(p, plan, i),
+                    extensions: settings.ext.clone(),
+                    max_bytes: settings.max_bytes,
+                    follow_symlinks: false,
+                },
+                sample: settings.sample.clone(),
+                model: settings.model.clone(),
+                threshold: None,
+                shard: None,
+                batch: settings.batch,
+                out: dir,
+                classifier: None,
+            };
+            let state = Arc::new(RunState::default());
+            let watcher = watch_stop(&state, opts);
+            let progress = |e: crate::classify::pipeline::PipelineProgress| {
+                use crate::classify::pipeline::PipelineProgress as P;
+                match e {
+                    P::Generation(g) => on_event(Event::Generate(g)),
+                    P::Scored { files } => on_event(Event::Work(files)),
+                    _ => {}
+                }
+            };
+            let stats =
+                crate::classify::pipeline::run(&recipe, &cfg, state.clone(), &progress).await;
+            watcher.abort();
+            let stats = match stats {
+                Err(crate::classify::pipeline::PipelineError::Interrupted { .. }) => {
+                    return Ok(StepResult::Interrupted)
+                }
+                other => other?,
+            };
+            Ok(StepResult::Done(json!({
+                "records": stats.kept,
+                "files_scored": stats.scored,
+                "kept_share": stats.kept_share,
+                "tokens": stats.tokens_kept,
+                "threshold": stats.threshold,
+            })))
         }
         Action::Dedup(d) => {
             let opts = crate::dedup::DedupOptions {
@@ -446,6 +510,9 @@ async fn run_eval(
     plan: &Plan,
     step: &PlannedStep,
     i: usize,
+    opts: &RunOptions,
+    spent: &mut f64,
+    on_event: &(dyn Fn(Event) + Send + Sync),
 ) -> Result<StepResult, PipelineError> {
     let e = &p.evals[i];
     let checkpoint = stage_checkpoint(plan, &e.stage)?;
@@ -512,6 +579,42 @@ async fn run_eval(
                 "pass_at_k": summary.pass_at_k,
                 "samples": summary.samples,
                 "passed": summary.passed,
+                "checkpoint": checkpoint,
+            })))
+        }
+        EvalAction::Stories {
+            teacher,
+            settings: st,
+        } => {
+            let cfg = budgeted(&p.teachers[teacher], opts, *spent);
+            let settings = crate::eval::stories::StorySettings {
+                checkpoint: checkpoint.clone(),
+                beginnings: st.beginnings.clone(),
+                rubric: st.rubric.clone(),
+                out: step.dir.clone(),
+                max_new_tokens: st.max_new_tokens,
+                gen_temperature: st.gen_temperature,
+                gen_top_p: st.gen_top_p,
+                seed: st.seed,
+            };
+            let state = Arc::new(RunState::default());
+            let watcher = watch_stop(&state, opts);
+            let progress = |g: &Progress| on_event(Event::Generate(g));
+            let graded = crate::eval::stories::run(&settings, &cfg, state, &progress).await;
+            watcher.abort();
+            let graded = graded?;
+            let cost = graded.grading.run.cost_usd.unwrap_or(0.0);
+            *spent += cost;
+            if graded.grading.stopped.is_some() || !graded.grading.complete {
+                return Ok(StepResult::Incomplete(format!(
+                    "{} of {} stories graded; run the same command again to grade the rest",
+                    graded.summary.graded, graded.summary.stories
+                )));
+            }
+            Ok(StepResult::Done(json!({
+                "records": graded.summary.graded,
+                "metrics": graded.summary.metrics,
+                "cost_usd_this_run": cost,
                 "checkpoint": checkpoint,
             })))
         }
