@@ -542,3 +542,47 @@ async fn a_paid_teacher_without_a_budget_sends_nothing() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(requests(&server) > 0);
 }
+
+/// A filter step in a recipe: the teacher rates a sample, a forest scores every file, and the
+/// steps after it read only the kept files (the CLI's filter test gives the expected 150 of 300:
+/// the mock rates the documented functions high and the data tables low).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_step_feeds_its_kept_files_downstream() {
+    let server = mock(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let stack = dir.path().join("stack");
+    std::fs::create_dir_all(&stack).unwrap();
+    for i in 0..300 {
+        let text = if i % 2 == 0 {
+            format!("def add_{i}(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"\n    # Add them.\n    return a + b\n")
+        } else {
+            let data: Vec<String> = (0..60).map(|k| (k * i % 997).to_string()).collect();
+            format!("DATA_{i} = [{}]\n", data.join(", "))
+        };
+        std::fs::write(stack.join(format!("f{i:03}.py")), text).unwrap();
+    }
+    let recipe = mini_recipe(dir.path(), &server);
+    let edited = std::fs::read_to_string(&recipe)
+        .unwrap()
+        .replace(
+            "[[data]]\nname = \"stories\"\nkind = \"stories\"\nn = 60\n",
+            &format!(
+                "[[data]]\nname = \"code\"\nkind = \"filter\"\npaths = [\"{}\"]\nsample = 80\nforest = {{ trees = 30 }}\n",
+                stack.display()
+            ),
+        )
+        .replace("from = [\"stories\"]", "from = [\"code\"]\nchar_ngrams = 10");
+    std::fs::write(&recipe, edited).unwrap();
+    let out = dir.path().join("run");
+    let o = run(train_cmd(&recipe, &out, &["--until", "tok", "--quiet"])).await;
+    assert!(o.status.success(), "{}", text(&o));
+    let filter = manifest(&out, "code");
+    assert_eq!(filter["summary"]["files_scored"], 300, "{filter}");
+    assert_eq!(filter["summary"]["records"], 150, "{filter}");
+    // Dedup read the kept files only: 150 documents, none of the data tables.
+    let dedup = manifest(&out, "dedup");
+    assert_eq!(dedup["summary"]["documents_in"], 150, "{dedup}");
+    assert!(manifest(&out, "tok")["summary"]["tokens"].as_u64().unwrap() > 0);
+    let lineage = std::fs::read_to_string(step_dir(&out, "tok").join("lineage.json")).unwrap();
+    assert!(lineage.contains("f299.py"), "the lineage lists the filtered files");
+}

@@ -26,6 +26,7 @@ pub enum Engine {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ForestParams {
     pub trees: usize,
     /// Deepest level a tree grows to (`None`: until leaves are pure or too small).
