@@ -584,5 +584,8 @@ async fn a_filter_step_feeds_its_kept_files_downstream() {
     assert_eq!(dedup["summary"]["documents_in"], 150, "{dedup}");
     assert!(manifest(&out, "tok")["summary"]["tokens"].as_u64().unwrap() > 0);
     let lineage = std::fs::read_to_string(step_dir(&out, "tok").join("lineage.json")).unwrap();
-    assert!(lineage.contains("f299.py"), "the lineage lists the filtered files");
+    assert!(
+        lineage.contains("f299.py"),
+        "the lineage lists the filtered files"
+    );
 }

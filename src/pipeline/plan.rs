@@ -270,6 +270,15 @@ fn max_tokens(cfg: &TeacherConfig, corpus: &CorpusSettings) -> u32 {
         .unwrap_or_else(|| corpus.default_max_tokens())
 }
 
+/// A data step's id, directory and estimates, before its status is known.
+struct Draft {
+    identity: Identity,
+    dir: PathBuf,
+    estimate: Estimate,
+    warnings: Vec<String>,
+    paid: bool,
+}
+
 async fn plan_data(
     p: &Pipeline,
     index: usize,
@@ -278,14 +287,13 @@ async fn plan_data(
 ) -> Result<PlannedStep, PipelineError> {
     let known = StepManifest::read(&p.out, &s.name)?;
     let known_inputs = known.as_ref().map_or(&[][..], |m| &m.inputs[..]);
-    let ups: BTreeMap<String, String> = upstream
-        .iter()
-        .map(|u| (u.name.clone(), u.id.clone()))
-        .collect();
-    let mut estimate = Estimate::default();
-    let mut warnings = Vec::new();
-    let mut is_paid = false;
-    let (identity, dir) = match &s.action {
+    let Draft {
+        identity,
+        dir,
+        mut estimate,
+        warnings,
+        paid: is_paid,
+    } = match &s.action {
         Action::Generate {
             target,
             seed,
@@ -294,192 +302,16 @@ async fn plan_data(
             teacher,
             corpus,
         } => {
-            let cfg = &p.teachers[teacher];
-            let resolved = cfg.resolve()?;
-            let files = corpus_files(corpus);
-            if let Some(missing) = files.iter().find(|f| !f.exists()) {
-                return Err(PipelineError::Usage(format!(
-                    "{}: data step `{}` ({}) reads `{}`, which does not exist (paths are relative to the working directory); fix the path",
-                    p.path.display(),
-                    s.name,
-                    s.kind.name(),
-                    missing.display(),
-                )));
-            }
-            let inputs = fingerprint(&files, known_inputs)?;
-            let mut corpus_json = serde_json::to_value(corpus).expect("settings serialize");
-            // How many programs run at once does not change what is kept.
-            if let Some(o) = corpus_json.as_object_mut() {
-                o.remove("sandbox_workers");
-            }
-            // The settings that decide record ids name the directory; the amount asked for does
-            // not, so a larger `n` adds records to the same directory.
-            let records_identity = json!({
-                "corpus": corpus_json,
-                "model": resolved.model,
-                "temperature": cfg.temperature,
-                "top_p": cfg.top_p,
-                "top_k": cfg.top_k,
-                "min_p": cfg.min_p,
-                "max_tokens": max_tokens(cfg, corpus),
-                "seed": seed,
-            });
-            let dir_identity = Identity::new(
-                s.kind.name(),
-                records_identity.clone(),
-                inputs.clone(),
-                BTreeMap::new(),
-            );
-            let dir = data_dir(&p.out, &s.name, &dir_identity.id);
-            let mut settings = records_identity;
-            settings["target"] = json!(target);
-            settings["max_attempts"] = json!(max_attempts);
-            let identity = Identity::new(s.kind.name(), settings, inputs, BTreeMap::new());
-            // Estimates: a dry run of the first attempts (nothing is sent), per-record numbers
-            // from a pilot when one exists.
-            let (paid_now, _) = paid(cfg)?;
-            is_paid = paid_now;
-            let measured = pilot(&dir);
-            let probe = |n: u64| GenerateOptions {
-                out: dir.clone(),
-                n,
+            let g = GenerateStep {
+                target,
                 seed: *seed,
                 max_attempts: *max_attempts,
-                shard_size: 1000,
-                concurrency: 1,
+                cfg: &p.teachers[teacher],
+                corpus,
             };
-            let per_record_typical = {
-                let dry = corpus.dry_run(cfg, &probe(1)).await?;
-                typical_tokens(&dry).unwrap_or(max_tokens(cfg, corpus) as f64 / 2.0)
-            };
-            let tokens_per_record = measured.map_or(per_record_typical, |m| m.0).max(1.0);
-            let n = match target {
-                Target::Records(n) => *n,
-                Target::Tokens(t) => ((*t as f64 / tokens_per_record).ceil() as u64).max(1),
-            };
-            let dry = corpus.dry_run(cfg, &probe(n)).await?;
-            let remaining = n.saturating_sub(dry.already_done);
-            estimate.n = Some(n);
-            estimate.records = Some(n);
-            estimate.tokens = Some((n as f64 * tokens_per_record) as u64);
-            estimate.basis = Some(if measured.is_some() {
-                "pilot"
-            } else {
-                "recipe"
-            });
-            estimate.cost_usd = match measured {
-                Some((_, Some(per_record))) => Some(per_record * remaining as f64),
-                _ => dry.expected_cost_usd,
-            };
-            // Parquet text: about 4 bytes a token, compressed about 2×.
-            estimate.disk_bytes = Some((n as f64 * tokens_per_record * 2.0) as u64);
-            if resolved.note.is_some() && matches!(resolved.backend, Backend::Local { .. }) {
-                warnings.push(format!(
-                    "no teacher configured: the local default {} writes this data",
-                    crate::teacher::local::DEFAULT_MODEL
-                ));
-            }
-            (identity, dir)
+            plan_generate(p, s, &g, known_inputs).await?
         }
-        action => {
-            let mut settings = match action {
-                Action::Dedup(d) => serde_json::to_value(d),
-                Action::Decontaminate(d) => serde_json::to_value(d),
-                Action::Tokenize(t) => serde_json::to_value(t),
-                Action::Filter { settings, .. } => serde_json::to_value(settings),
-                Action::Generate { .. } => unreachable!("above"),
-            }
-            .expect("settings serialize");
-            let mut files = s.paths.clone();
-            if let Action::Decontaminate(d) = action {
-                files.extend(d.benchmarks.iter().cloned());
-            }
-            if let Action::Filter {
-                teacher,
-                settings: f,
-            } = action
-            {
-                let cfg = &p.teachers[teacher];
-                let resolved = cfg.resolve()?;
-                // The ratings decide the classifier: who rates, and how.
-                settings["teacher"] = json!({
-                    "model": resolved.model,
-                    "temperature": cfg.temperature,
-                    "top_p": cfg.top_p,
-                    "top_k": cfg.top_k,
-                    "min_p": cfg.min_p,
-                });
-                files.extend(f.sample.prompt.iter().cloned());
-                is_paid = paid(cfg)?.0;
-                // The sample's prompts: the head of each file (max_chars, about 4 characters a
-                // token) plus the rubric; each answer a short rating.
-                let prompt = f.sample.sample as u64 * (f.sample.max_chars as u64 / 4 + 400);
-                let answers = f.sample.sample as u64 * 60;
-                estimate.cost_usd = match resolved.price {
-                    Some(price) => Some(price.cost(prompt, answers)),
-                    None if matches!(resolved.backend, Backend::Local { .. }) => Some(0.0),
-                    None => None,
-                };
-                estimate.basis = Some("recipe");
-            }
-            if let Some(missing) = files.iter().find(|f| !f.exists()) {
-                return Err(PipelineError::Usage(format!(
-                    "{}: data step `{}` ({}) reads `{}`, which does not exist (paths are relative to the working directory, {}); fix the path or make it first",
-                    p.path.display(),
-                    s.name,
-                    s.kind.name(),
-                    missing.display(),
-                    std::env::current_dir().map_or("?".into(), |d| d.display().to_string())
-                )));
-            }
-            if let Action::Tokenize(t) = action {
-                settings["tokenizer"] = json!(t.tokenizer.unwrap_or(p.train.raw.model.tokenizer));
-            }
-            settings["paths"] = json!(s.paths);
-            let inputs = fingerprint(&files, known_inputs)?;
-            let identity = Identity::new(s.kind.name(), settings, inputs, ups.clone());
-            let dir = data_dir(&p.out, &s.name, &identity.id);
-            // Sizes flow down: what the inputs hold, or what a finished step measured.
-            let outside_bytes: u64 = identity
-                .inputs
-                .iter()
-                .filter(|f| s.paths.iter().any(|p| f.path.starts_with(p)))
-                .map(|f| f.bytes)
-                .sum();
-            let tokens_in = upstream
-                .iter()
-                .filter_map(|u| u.estimate.tokens)
-                .sum::<u64>()
-                + outside_bytes / 4;
-            let records_in = upstream
-                .iter()
-                .filter_map(|u| u.estimate.records)
-                .sum::<u64>();
-            estimate.records = Some(records_in);
-            estimate.tokens = Some(tokens_in);
-            // Token shards: 2 bytes a token (4 past 65,536 ids); text: about 2 bytes a token.
-            estimate.disk_bytes = Some(tokens_in * 2);
-            if let Action::Filter { settings: f, .. } = action {
-                let is_code = |p: &Path| {
-                    p.extension()
-                        .and_then(|e| e.to_str())
-                        .is_some_and(|e| f.ext.iter().any(|x| x == e))
-                };
-                // Loose source files; Parquet/jsonl dumps hold many files each (unknown here).
-                let files = identity.inputs.iter().filter(|i| is_code(&i.path)).count() as u64;
-                estimate.records = Some(files);
-                if let Some(m) = &known {
-                    apply_measured(&mut estimate, &m.summary);
-                }
-            }
-            if s.kind == DataKind::Tokenize {
-                if let Ok(meta) = crate::tokenize::read_meta(&dir) {
-                    estimate.tokens = Some(meta.splits.values().map(|m| m.tokens).sum());
-                    estimate.records = Some(meta.splits.values().map(|m| m.documents).sum());
-                }
-            }
-            (identity, dir)
-        }
+        action => plan_transform(p, s, action, upstream, known.as_ref(), known_inputs)?,
     };
     let status = Status::of(known.as_ref(), &identity.id, &dir);
     if let (Status::Done, Some(m)) = (&status, &known) {
@@ -498,6 +330,245 @@ async fn plan_data(
         paid: is_paid,
         estimate,
         warnings,
+    })
+}
+
+/// A generate step's settings, as the planner reads them.
+struct GenerateStep<'a> {
+    target: &'a Target,
+    seed: u64,
+    max_attempts: u32,
+    cfg: &'a TeacherConfig,
+    corpus: &'a CorpusSettings,
+}
+
+async fn plan_generate(
+    p: &Pipeline,
+    s: &DataStep,
+    g: &GenerateStep<'_>,
+    known_inputs: &[super::manifest::FileFingerprint],
+) -> Result<Draft, PipelineError> {
+    let GenerateStep {
+        target,
+        seed,
+        max_attempts,
+        cfg,
+        corpus,
+    } = *g;
+    let (seed, max_attempts) = (&seed, &max_attempts);
+    let mut estimate = Estimate::default();
+    let mut warnings = Vec::new();
+    let is_paid;
+    let resolved = cfg.resolve()?;
+    let files = corpus_files(corpus);
+    if let Some(missing) = files.iter().find(|f| !f.exists()) {
+        return Err(PipelineError::Usage(format!(
+            "{}: data step `{}` ({}) reads `{}`, which does not exist (paths are relative to the working directory); fix the path",
+            p.path.display(),
+            s.name,
+            s.kind.name(),
+            missing.display(),
+        )));
+    }
+    let inputs = fingerprint(&files, known_inputs)?;
+    let mut corpus_json = serde_json::to_value(corpus).expect("settings serialize");
+    // How many programs run at once does not change what is kept.
+    if let Some(o) = corpus_json.as_object_mut() {
+        o.remove("sandbox_workers");
+    }
+    // The settings that decide record ids name the directory; the amount asked for does
+    // not, so a larger `n` adds records to the same directory.
+    let records_identity = json!({
+        "corpus": corpus_json,
+        "model": resolved.model,
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "top_k": cfg.top_k,
+        "min_p": cfg.min_p,
+        "max_tokens": max_tokens(cfg, corpus),
+        "seed": seed,
+    });
+    let dir_identity = Identity::new(
+        s.kind.name(),
+        records_identity.clone(),
+        inputs.clone(),
+        BTreeMap::new(),
+    );
+    let dir = data_dir(&p.out, &s.name, &dir_identity.id);
+    let mut settings = records_identity;
+    settings["target"] = json!(target);
+    settings["max_attempts"] = json!(max_attempts);
+    let identity = Identity::new(s.kind.name(), settings, inputs, BTreeMap::new());
+    // Estimates: a dry run of the first attempts (nothing is sent), per-record numbers
+    // from a pilot when one exists.
+    let (paid_now, _) = paid(cfg)?;
+    is_paid = paid_now;
+    let measured = pilot(&dir);
+    let probe = |n: u64| GenerateOptions {
+        out: dir.clone(),
+        n,
+        seed: *seed,
+        max_attempts: *max_attempts,
+        shard_size: 1000,
+        concurrency: 1,
+    };
+    let per_record_typical = {
+        let dry = corpus.dry_run(cfg, &probe(1)).await?;
+        typical_tokens(&dry).unwrap_or(max_tokens(cfg, corpus) as f64 / 2.0)
+    };
+    let tokens_per_record = measured.map_or(per_record_typical, |m| m.0).max(1.0);
+    let n = match target {
+        Target::Records(n) => *n,
+        Target::Tokens(t) => ((*t as f64 / tokens_per_record).ceil() as u64).max(1),
+    };
+    let dry = corpus.dry_run(cfg, &probe(n)).await?;
+    let remaining = n.saturating_sub(dry.already_done);
+    estimate.n = Some(n);
+    estimate.records = Some(n);
+    estimate.tokens = Some((n as f64 * tokens_per_record) as u64);
+    estimate.basis = Some(if measured.is_some() {
+        "pilot"
+    } else {
+        "recipe"
+    });
+    estimate.cost_usd = match measured {
+        Some((_, Some(per_record))) => Some(per_record * remaining as f64),
+        _ => dry.expected_cost_usd,
+    };
+    // Parquet text: about 4 bytes a token, compressed about 2×.
+    estimate.disk_bytes = Some((n as f64 * tokens_per_record * 2.0) as u64);
+    if resolved.note.is_some() && matches!(resolved.backend, Backend::Local { .. }) {
+        warnings.push(format!(
+            "no teacher configured: the local default {} writes this data",
+            crate::teacher::local::DEFAULT_MODEL
+        ));
+    }
+    Ok(Draft {
+        identity,
+        dir,
+        estimate,
+        warnings,
+        paid: is_paid,
+    })
+}
+
+/// A filter, dedup, decontaminate or tokenize step.
+fn plan_transform(
+    p: &Pipeline,
+    s: &DataStep,
+    action: &Action,
+    upstream: &[PlannedStep],
+    known: Option<&StepManifest>,
+    known_inputs: &[super::manifest::FileFingerprint],
+) -> Result<Draft, PipelineError> {
+    let ups: BTreeMap<String, String> = upstream
+        .iter()
+        .map(|u| (u.name.clone(), u.id.clone()))
+        .collect();
+    let mut estimate = Estimate::default();
+    let mut is_paid = false;
+    let mut settings = match action {
+        Action::Dedup(d) => serde_json::to_value(d),
+        Action::Decontaminate(d) => serde_json::to_value(d),
+        Action::Tokenize(t) => serde_json::to_value(t),
+        Action::Filter { settings, .. } => serde_json::to_value(settings),
+        Action::Generate { .. } => unreachable!("above"),
+    }
+    .expect("settings serialize");
+    let mut files = s.paths.clone();
+    if let Action::Decontaminate(d) = action {
+        files.extend(d.benchmarks.iter().cloned());
+    }
+    if let Action::Filter {
+        teacher,
+        settings: f,
+    } = action
+    {
+        let cfg = &p.teachers[teacher];
+        let resolved = cfg.resolve()?;
+        // The ratings decide the classifier: who rates, and how.
+        settings["teacher"] = json!({
+            "model": resolved.model,
+            "temperature": cfg.temperature,
+            "top_p": cfg.top_p,
+            "top_k": cfg.top_k,
+            "min_p": cfg.min_p,
+        });
+        files.extend(f.sample.prompt.iter().cloned());
+        is_paid = paid(cfg)?.0;
+        // The sample's prompts: the head of each file (max_chars, about 4 characters a
+        // token) plus the rubric; each answer a short rating.
+        let prompt = f.sample.sample as u64 * (f.sample.max_chars as u64 / 4 + 400);
+        let answers = f.sample.sample as u64 * 60;
+        estimate.cost_usd = match resolved.price {
+            Some(price) => Some(price.cost(prompt, answers)),
+            None if matches!(resolved.backend, Backend::Local { .. }) => Some(0.0),
+            None => None,
+        };
+        estimate.basis = Some("recipe");
+    }
+    if let Some(missing) = files.iter().find(|f| !f.exists()) {
+        return Err(PipelineError::Usage(format!(
+            "{}: data step `{}` ({}) reads `{}`, which does not exist (paths are relative to the working directory, {}); fix the path or make it first",
+            p.path.display(),
+            s.name,
+            s.kind.name(),
+            missing.display(),
+            std::env::current_dir().map_or("?".into(), |d| d.display().to_string())
+        )));
+    }
+    if let Action::Tokenize(t) = action {
+        settings["tokenizer"] = json!(t.tokenizer.unwrap_or(p.train.raw.model.tokenizer));
+    }
+    settings["paths"] = json!(s.paths);
+    let inputs = fingerprint(&files, known_inputs)?;
+    let identity = Identity::new(s.kind.name(), settings, inputs, ups.clone());
+    let dir = data_dir(&p.out, &s.name, &identity.id);
+    // Sizes flow down: what the inputs hold, or what a finished step measured.
+    let outside_bytes: u64 = identity
+        .inputs
+        .iter()
+        .filter(|f| s.paths.iter().any(|p| f.path.starts_with(p)))
+        .map(|f| f.bytes)
+        .sum();
+    let tokens_in = upstream
+        .iter()
+        .filter_map(|u| u.estimate.tokens)
+        .sum::<u64>()
+        + outside_bytes / 4;
+    let records_in = upstream
+        .iter()
+        .filter_map(|u| u.estimate.records)
+        .sum::<u64>();
+    estimate.records = Some(records_in);
+    estimate.tokens = Some(tokens_in);
+    // Token shards: 2 bytes a token (4 past 65,536 ids); text: about 2 bytes a token.
+    estimate.disk_bytes = Some(tokens_in * 2);
+    if let Action::Filter { settings: f, .. } = action {
+        let is_code = |p: &Path| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| f.ext.iter().any(|x| x == e))
+        };
+        // Loose source files; Parquet/jsonl dumps hold many files each (unknown here).
+        let files = identity.inputs.iter().filter(|i| is_code(&i.path)).count() as u64;
+        estimate.records = Some(files);
+        if let Some(m) = known {
+            apply_measured(&mut estimate, &m.summary);
+        }
+    }
+    if s.kind == DataKind::Tokenize {
+        if let Ok(meta) = crate::tokenize::read_meta(&dir) {
+            estimate.tokens = Some(meta.splits.values().map(|m| m.tokens).sum());
+            estimate.records = Some(meta.splits.values().map(|m| m.documents).sum());
+        }
+    }
+    Ok(Draft {
+        identity,
+        dir,
+        estimate,
+        warnings: Vec::new(),
+        paid: is_paid,
     })
 }
 

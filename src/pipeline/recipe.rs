@@ -495,8 +495,7 @@ pub struct Pipeline {
     /// The run directory every step writes under.
     pub out: PathBuf,
     pub teachers: BTreeMap<String, TeacherConfig>,
-    /// In the file's order, which is a valid execution order (checked: no step reads a later one
-    /// … or rather, ordered topologically by [`Pipeline::order`]).
+    /// In the file's order; [`Pipeline::order`] gives the execution order.
     pub data: Vec<DataStep>,
     /// The training part. Its stages' data naming a step hold the placeholder path
     /// `<step:NAME>` until the runner knows the step's directory ([`Pipeline::stage_refs`]).

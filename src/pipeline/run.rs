@@ -152,6 +152,12 @@ pub async fn run(
             path: p.out.join("recipe.toml"),
             source,
         })?;
+    let cx = Ctx {
+        p,
+        plan,
+        opts,
+        on_event,
+    };
     let mut spent = 0.0;
     for step in chosen {
         if step.status == Status::Done {
@@ -165,9 +171,9 @@ pub async fn run(
         }
         on_event(Event::Start(step));
         let summary = match step.node {
-            Node::Data(i) => run_data(p, plan, step, i, opts, &mut spent, on_event).await?,
-            Node::Train => run_train(p, plan, step, opts, on_event)?,
-            Node::Eval(i) => run_eval(p, plan, step, i, opts, &mut spent, on_event).await?,
+            Node::Data(i) => run_data(&cx, step, i, &mut spent).await?,
+            Node::Train => run_train(&cx, step)?,
+            Node::Eval(i) => run_eval(&cx, step, i, &mut spent).await?,
         };
         let summary = match summary {
             StepResult::Done(v) => v,
@@ -247,18 +253,21 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }
 
+/// What every step's runner reads.
+struct Ctx<'a> {
+    p: &'a Pipeline,
+    plan: &'a Plan,
+    opts: &'a RunOptions,
+    on_event: &'a (dyn Fn(Event) + Send + Sync),
+}
+
 async fn run_data(
-    p: &Pipeline,
-    plan: &Plan,
+    cx: &Ctx<'_>,
     step: &PlannedStep,
     i: usize,
-    opts: &RunOptions,
     spent: &mut f64,
-    on_event: &(dyn Fn(Event) + Send + Sync),
 ) -> Result<StepResult, PipelineError> {
-    let dir = step.dir.clone();
-    let progress = |n: u64| on_event(Event::Work(n));
-    match &p.data[i].action {
+    match &cx.p.data[i].action {
         Action::Generate {
             target,
             seed,
@@ -267,166 +276,215 @@ async fn run_data(
             teacher,
             corpus,
         } => {
-            let cfg = budgeted(&p.teachers[teacher], opts, *spent);
-            let n = match target {
-                Target::Records(n) => *n,
-                Target::Tokens(_) => step.estimate.n.expect("planned from the token target"),
-            };
             let gen = GenerateOptions {
-                out: dir,
-                n,
+                out: step.dir.clone(),
+                n: match target {
+                    Target::Records(n) => *n,
+                    Target::Tokens(_) => step.estimate.n.expect("planned from the token target"),
+                },
                 seed: *seed,
                 max_attempts: *max_attempts,
                 shard_size: *shard_size,
-                concurrency: cfg.concurrency,
+                concurrency: 1, // the teacher config's concurrency decides
             };
-            let state = Arc::new(RunState::default());
-            let watcher = watch_stop(&state, opts);
-            let progress = |g: &Progress| on_event(Event::Generate(g));
-            let stats = corpus.run(&cfg, &gen, state, &progress).await;
-            watcher.abort();
-            let stats = stats?;
-            let cost = stats.run.cost_usd.unwrap_or(0.0);
-            *spent += cost;
-            let answers = stats.run.written + stats.run.dropped.values().sum::<u64>();
-            let summary = json!({
-                "records": stats.records,
-                "tokens": (stats.records as f64 * stats.run.completion_tokens as f64 / answers.max(1) as f64) as u64,
-                "cost_usd_this_run": cost,
-                "requests": stats.run.requests.sent,
-                "keep_rate": stats.keep_rate,
-                "given_up": stats.run.given_up_slots,
-                "model": stats.model,
-            });
-            Ok(match stats.stopped {
-                Some(StopReason::Interrupted) => StepResult::Interrupted,
-                Some(StopReason::Budget) => StepResult::Incomplete(format!(
-                    "the budget ran out after {} of {n} records (${cost:.4} spent by this run): raise `max_cost` or --max-cost and run the same command again",
-                    stats.records
-                )),
-                // Failed requests are sent again by the next run; slots that gave up after
-                // max_attempts drops stay given up (a larger max_attempts retries them), so the
-                // step is as done as this recipe makes it.
-                _ if stats.run.failed_requests > 0 => StepResult::Incomplete(format!(
-                    "{} of {n} records: {} requests failed after retries; run the same command again to send them again",
-                    stats.records, stats.run.failed_requests
-                )),
-                _ => StepResult::Done(summary),
-            })
+            generate(cx, &cx.p.teachers[teacher], corpus, gen, spent).await
         }
         Action::Filter { teacher, settings } => {
-            let cfg = budgeted(&p.teachers[teacher], opts, *spent);
-            let recipe = crate::classify::pipeline::FilterRecipe {
-                input: crate::classify::InputOptions {
-                    inputs: inputs(p, plan, i),
-                    extensions: settings.ext.clone(),
-                    max_bytes: settings.max_bytes,
-                    follow_symlinks: false,
-                },
-                sample: settings.sample.clone(),
-                model: settings.model.clone(),
-                threshold: None,
-                shard: None,
-                batch: settings.batch,
-                out: dir,
-                classifier: None,
-            };
-            let state = Arc::new(RunState::default());
-            let watcher = watch_stop(&state, opts);
-            let progress = |e: crate::classify::pipeline::PipelineProgress| {
-                use crate::classify::pipeline::PipelineProgress as P;
-                match e {
-                    P::Generation(g) => on_event(Event::Generate(g)),
-                    P::Scored { files } => on_event(Event::Work(files)),
-                    _ => {}
-                }
-            };
-            let stats =
-                crate::classify::pipeline::run(&recipe, &cfg, state.clone(), &progress).await;
-            watcher.abort();
-            let stats = match stats {
-                Err(crate::classify::pipeline::PipelineError::Interrupted { .. }) => {
-                    return Ok(StepResult::Interrupted)
-                }
-                other => other?,
-            };
-            Ok(StepResult::Done(json!({
-                "records": stats.kept,
-                "files_scored": stats.scored,
-                "kept_share": stats.kept_share,
-                "tokens": stats.tokens_kept,
-                "threshold": stats.threshold,
-            })))
+            filter(cx, step, i, &cx.p.teachers[teacher], settings, *spent).await
         }
-        Action::Dedup(d) => {
-            let opts = crate::dedup::DedupOptions {
-                inputs: inputs(p, plan, i),
-                out: dir,
-                params: d.params().map_err(PipelineError::Usage)?,
-                exact: d.normalize().map_err(PipelineError::Usage)?,
-                verify_jaccard: d.verify_jaccard,
-                index: None,
-                shard: None,
-                follow_symlinks: false,
-            };
-            let stats = match blocking(|| crate::dedup::run(&opts, &progress))? {
-                crate::dedup::Outcome::Done(s) | crate::dedup::Outcome::UpToDate(s) => s,
-                crate::dedup::Outcome::Slice { .. } => unreachable!("no --shard here"),
-            };
-            Ok(StepResult::Done(json!({
-                "records": stats.kept,
-                "documents_in": stats.documents,
-                "removed_exact": stats.removed_exact,
-                "removed_near": stats.removed_near,
-            })))
-        }
-        Action::Decontaminate(d) => {
-            let opts = crate::dedup::decontaminate::DecontaminateOptions {
-                inputs: inputs(p, plan, i),
-                out: dir,
-                benchmarks: d.benchmarks.clone(),
-                ngram: d.ngram,
-                identifier_ngram: (d.identifier_ngram > 0).then_some(d.identifier_ngram),
-                identifier_share: d.identifier_share,
-                mode: d.mode,
-                follow_symlinks: false,
-            };
-            let r = blocking(|| crate::dedup::decontaminate::run(&opts, &progress))?;
-            let kept = match d.mode {
-                crate::dedup::decontaminate::Mode::Drop => r.documents - r.contaminated_documents,
-                crate::dedup::decontaminate::Mode::Flag => r.documents,
-            };
-            Ok(StepResult::Done(json!({
-                "records": kept,
-                "documents_in": r.documents,
-                "contaminated": r.contaminated_documents,
-            })))
-        }
-        Action::Tokenize(t) => {
-            let opts = crate::tokenize::TokenizeOptions {
-                inputs: inputs(p, plan, i),
-                out: dir,
-                encoding: t.tokenizer.unwrap_or(p.train.raw.model.tokenizer),
-                val_fraction: t.val_fraction,
-                shard_tokens: t.shard_tokens,
-                force: false,
-                follow_symlinks: false,
-                // Generation writes records in answer order: id order makes the shards a
-                // function of the records alone (a resumed run gives the same bytes).
-                order: crate::tokenize::Order::Id,
-            };
-            let meta = match blocking(|| crate::tokenize::run(&opts, progress))? {
-                crate::tokenize::Outcome::Written(m) | crate::tokenize::Outcome::UpToDate(m) => m,
-            };
-            let split = |s| meta.splits.get(&s).map_or(0, |m| m.tokens);
-            Ok(StepResult::Done(json!({
-                "records": meta.splits.values().map(|s| s.documents).sum::<u64>(),
-                "tokens": split(crate::tokenize::Split::Train) + split(crate::tokenize::Split::Val),
-                "train_tokens": split(crate::tokenize::Split::Train),
-                "val_tokens": split(crate::tokenize::Split::Val),
-            })))
-        }
+        Action::Dedup(d) => blocking(|| dedup(cx, step, i, d)),
+        Action::Decontaminate(d) => blocking(|| decontaminate(cx, step, i, d)),
+        Action::Tokenize(t) => blocking(|| tokenize(cx, step, i, t)),
     }
+}
+
+async fn generate(
+    cx: &Ctx<'_>,
+    teacher: &TeacherConfig,
+    corpus: &crate::generate::run::CorpusSettings,
+    gen: GenerateOptions,
+    spent: &mut f64,
+) -> Result<StepResult, PipelineError> {
+    let (opts, on_event) = (cx.opts, cx.on_event);
+    let n = gen.n;
+    let cfg = budgeted(teacher, opts, *spent);
+    let state = Arc::new(RunState::default());
+    let watcher = watch_stop(&state, opts);
+    let progress = |g: &Progress| on_event(Event::Generate(g));
+    let stats = corpus.run(&cfg, &gen, state, &progress).await;
+    watcher.abort();
+    let stats = stats?;
+    let cost = stats.run.cost_usd.unwrap_or(0.0);
+    *spent += cost;
+    let answers = stats.run.written + stats.run.dropped.values().sum::<u64>();
+    let summary = json!({
+        "records": stats.records,
+        "tokens": (stats.records as f64 * stats.run.completion_tokens as f64 / answers.max(1) as f64) as u64,
+        "cost_usd_this_run": cost,
+        "requests": stats.run.requests.sent,
+        "keep_rate": stats.keep_rate,
+        "given_up": stats.run.given_up_slots,
+        "model": stats.model,
+    });
+    Ok(match stats.stopped {
+        Some(StopReason::Interrupted) => StepResult::Interrupted,
+        Some(StopReason::Budget) => StepResult::Incomplete(format!(
+            "the budget ran out after {} of {n} records (${cost:.4} spent by this run): raise `max_cost` or --max-cost and run the same command again",
+            stats.records
+        )),
+        // Failed requests are sent again by the next run; slots that gave up after
+        // max_attempts drops stay given up (a larger max_attempts retries them), so the
+        // step is as done as this recipe makes it.
+        _ if stats.run.failed_requests > 0 => StepResult::Incomplete(format!(
+            "{} of {n} records: {} requests failed after retries; run the same command again to send them again",
+            stats.records, stats.run.failed_requests
+        )),
+        _ => StepResult::Done(summary),
+    })
+}
+
+async fn filter(
+    cx: &Ctx<'_>,
+    step: &PlannedStep,
+    i: usize,
+    teacher: &TeacherConfig,
+    settings: &super::recipe::FilterSettings,
+    spent: f64,
+) -> Result<StepResult, PipelineError> {
+    let (p, plan, opts, on_event) = (cx.p, cx.plan, cx.opts, cx.on_event);
+    let cfg = budgeted(teacher, opts, spent);
+    let recipe = crate::classify::pipeline::FilterRecipe {
+        input: crate::classify::InputOptions {
+            inputs: inputs(p, plan, i),
+            extensions: settings.ext.clone(),
+            max_bytes: settings.max_bytes,
+            follow_symlinks: false,
+        },
+        sample: settings.sample.clone(),
+        model: settings.model.clone(),
+        threshold: None,
+        shard: None,
+        batch: settings.batch,
+        out: step.dir.clone(),
+        classifier: None,
+    };
+    let state = Arc::new(RunState::default());
+    let watcher = watch_stop(&state, opts);
+    let progress = |e: crate::classify::pipeline::PipelineProgress| {
+        use crate::classify::pipeline::PipelineProgress as P;
+        match e {
+            P::Generation(g) => on_event(Event::Generate(g)),
+            P::Scored { files } => on_event(Event::Work(files)),
+            _ => {}
+        }
+    };
+    let stats = crate::classify::pipeline::run(&recipe, &cfg, state.clone(), &progress).await;
+    watcher.abort();
+    let stats = match stats {
+        Err(crate::classify::pipeline::PipelineError::Interrupted { .. }) => {
+            return Ok(StepResult::Interrupted)
+        }
+        other => other?,
+    };
+    Ok(StepResult::Done(json!({
+        "records": stats.kept,
+        "files_scored": stats.scored,
+        "kept_share": stats.kept_share,
+        "tokens": stats.tokens_kept,
+        "threshold": stats.threshold,
+    })))
+}
+
+fn dedup(
+    cx: &Ctx<'_>,
+    step: &PlannedStep,
+    i: usize,
+    d: &super::recipe::DedupSettings,
+) -> Result<StepResult, PipelineError> {
+    let (p, plan) = (cx.p, cx.plan);
+    let progress = |n: u64| (cx.on_event)(Event::Work(n));
+    let opts = crate::dedup::DedupOptions {
+        inputs: inputs(p, plan, i),
+        out: step.dir.clone(),
+        params: d.params().map_err(PipelineError::Usage)?,
+        exact: d.normalize().map_err(PipelineError::Usage)?,
+        verify_jaccard: d.verify_jaccard,
+        index: None,
+        shard: None,
+        follow_symlinks: false,
+    };
+    let stats = match crate::dedup::run(&opts, &progress)? {
+        crate::dedup::Outcome::Done(s) | crate::dedup::Outcome::UpToDate(s) => s,
+        crate::dedup::Outcome::Slice { .. } => unreachable!("no --shard here"),
+    };
+    Ok(StepResult::Done(json!({
+        "records": stats.kept,
+        "documents_in": stats.documents,
+        "removed_exact": stats.removed_exact,
+        "removed_near": stats.removed_near,
+    })))
+}
+
+fn decontaminate(
+    cx: &Ctx<'_>,
+    step: &PlannedStep,
+    i: usize,
+    d: &super::recipe::DecontaminateSettings,
+) -> Result<StepResult, PipelineError> {
+    let (p, plan) = (cx.p, cx.plan);
+    let progress = |n: u64| (cx.on_event)(Event::Work(n));
+    let opts = crate::dedup::decontaminate::DecontaminateOptions {
+        inputs: inputs(p, plan, i),
+        out: step.dir.clone(),
+        benchmarks: d.benchmarks.clone(),
+        ngram: d.ngram,
+        identifier_ngram: (d.identifier_ngram > 0).then_some(d.identifier_ngram),
+        identifier_share: d.identifier_share,
+        mode: d.mode,
+        follow_symlinks: false,
+    };
+    let r = crate::dedup::decontaminate::run(&opts, &progress)?;
+    let kept = match d.mode {
+        crate::dedup::decontaminate::Mode::Drop => r.documents - r.contaminated_documents,
+        crate::dedup::decontaminate::Mode::Flag => r.documents,
+    };
+    Ok(StepResult::Done(json!({
+        "records": kept,
+        "documents_in": r.documents,
+        "contaminated": r.contaminated_documents,
+    })))
+}
+
+fn tokenize(
+    cx: &Ctx<'_>,
+    step: &PlannedStep,
+    i: usize,
+    t: &super::recipe::TokenizeSettings,
+) -> Result<StepResult, PipelineError> {
+    let (p, plan) = (cx.p, cx.plan);
+    let progress = |n: u64| (cx.on_event)(Event::Work(n));
+    let opts = crate::tokenize::TokenizeOptions {
+        inputs: inputs(p, plan, i),
+        out: step.dir.clone(),
+        encoding: t.tokenizer.unwrap_or(p.train.raw.model.tokenizer),
+        val_fraction: t.val_fraction,
+        shard_tokens: t.shard_tokens,
+        force: false,
+        follow_symlinks: false,
+        // Generation writes records in answer order: id order makes the shards a
+        // function of the records alone (a resumed run gives the same bytes).
+        order: crate::tokenize::Order::Id,
+    };
+    let meta = match crate::tokenize::run(&opts, progress)? {
+        crate::tokenize::Outcome::Written(m) | crate::tokenize::Outcome::UpToDate(m) => m,
+    };
+    let split = |s| meta.splits.get(&s).map_or(0, |m| m.tokens);
+    Ok(StepResult::Done(json!({
+        "records": meta.splits.values().map(|s| s.documents).sum::<u64>(),
+        "tokens": split(crate::tokenize::Split::Train) + split(crate::tokenize::Split::Val),
+        "train_tokens": split(crate::tokenize::Split::Train),
+        "val_tokens": split(crate::tokenize::Split::Val),
+    })))
 }
 
 /// The training recipe with every `{ step = … }` pointing at that step's directory.
@@ -443,13 +501,8 @@ fn resolved_recipe(p: &Pipeline, plan: &Plan) -> crate::train::recipe::Recipe {
     recipe
 }
 
-fn run_train(
-    p: &Pipeline,
-    plan: &Plan,
-    step: &PlannedStep,
-    opts: &RunOptions,
-    on_event: &(dyn Fn(Event) + Send + Sync),
-) -> Result<StepResult, PipelineError> {
+fn run_train(cx: &Ctx<'_>, step: &PlannedStep) -> Result<StepResult, PipelineError> {
+    let (p, plan, opts, on_event) = (cx.p, cx.plan, cx.opts, cx.on_event);
     let recipe = resolved_recipe(p, plan);
     // A run killed part way has checkpoints: continue from the last one.
     let resume = crate::train::latest_checkpoint(&step.dir, &recipe)?.is_some();
@@ -506,14 +559,12 @@ fn stage_checkpoint(plan: &Plan, stage: &str) -> Result<PathBuf, PipelineError> 
 }
 
 async fn run_eval(
-    p: &Pipeline,
-    plan: &Plan,
+    cx: &Ctx<'_>,
     step: &PlannedStep,
     i: usize,
-    opts: &RunOptions,
     spent: &mut f64,
-    on_event: &(dyn Fn(Event) + Send + Sync),
 ) -> Result<StepResult, PipelineError> {
+    let (p, plan, opts, on_event) = (cx.p, cx.plan, cx.opts, cx.on_event);
     let e = &p.evals[i];
     let checkpoint = stage_checkpoint(plan, &e.stage)?;
     std::fs::create_dir_all(&step.dir).map_err(|source| PipelineError::Io {
