@@ -263,51 +263,8 @@ pub fn run(
         .map(|f| describe(f))
         .collect::<Result<Vec<_>, _>>()?;
     let mut written = Written::open(&opts.out, &lock)?;
-    let meta_path = opts.out.join(META_FILE);
-    if meta_path.exists() {
-        let old = read_meta(&opts.out)?;
-        if !written.contains(Path::new(META_FILE)) {
-            // Written before phigen listed its files: the meta names what that run wrote.
-            written.adopt(Path::new(META_FILE))?;
-            for name in old.splits.values().flat_map(|s| &s.shards) {
-                if is_shard_name(name) {
-                    written.adopt(Path::new(name))?;
-                }
-            }
-        }
-        let same = old.sources == sources
-            && old.tokenizer == opts.encoding
-            && old.val_fraction == opts.val_fraction
-            && old.order == opts.order;
-        if same && !opts.force {
-            return Ok(Outcome::UpToDate(old));
-        }
-        if !opts.force {
-            return Err(TokenizeError::OtherRun {
-                path: opts.out.clone(),
-                reason: format!(
-                    "its meta.json lists {} sources tokenized with `{:?}`, val_fraction {}",
-                    old.sources.len(),
-                    old.tokenizer,
-                    old.val_fraction
-                ),
-            });
-        }
-        std::fs::remove_file(&meta_path).map_err(io_err(&meta_path))?;
-    }
-    // Shards of an earlier (crashed or replaced) run: all are rewritten. Only shards phigen
-    // listed are removed; anything else in the directory is not this stage's.
-    let stale: Vec<PathBuf> = written
-        .paths()
-        .filter(|p| p.to_str().is_some_and(is_shard_name))
-        .map(|p| opts.out.join(p))
-        .collect();
-    for path in stale {
-        for p in [atomic::temp_path(&path), path] {
-            if std::fs::symlink_metadata(&p).is_ok() {
-                std::fs::remove_file(&p).map_err(io_err(&p))?;
-            }
-        }
+    if let Some(done) = previous_run(opts, &sources, &mut written)? {
+        return Ok(Outcome::UpToDate(done));
     }
     let vocab = vocab_size(opts.encoding);
     let width = TokenWidth::for_vocab(vocab);
@@ -374,8 +331,66 @@ pub fn run(
         skipped_inputs: inputs.skipped,
     };
     written.claim(Path::new(META_FILE))?;
+    let meta_path = opts.out.join(META_FILE);
     atomic::write_json(&meta_path, &meta).map_err(io_err(&meta_path))?;
     Ok(Outcome::Written(meta))
+}
+
+/// What an earlier run left in `opts.out`: its `meta.json` when it describes these inputs and
+/// settings (nothing to do); otherwise (with `--force`, or after a crash) its shards are removed —
+/// only those phigen listed — so they are all written again.
+fn previous_run(
+    opts: &TokenizeOptions,
+    sources: &[Source],
+    written: &mut Written,
+) -> Result<Option<Meta>, TokenizeError> {
+    let meta_path = opts.out.join(META_FILE);
+    if meta_path.exists() {
+        let old = read_meta(&opts.out)?;
+        if !written.contains(Path::new(META_FILE)) {
+            // Written before phigen listed its files: the meta names what that run wrote.
+            written.adopt(Path::new(META_FILE))?;
+            for name in old.splits.values().flat_map(|s| &s.shards) {
+                if is_shard_name(name) {
+                    written.adopt(Path::new(name))?;
+                }
+            }
+        }
+        let same = old.sources == sources
+            && old.tokenizer == opts.encoding
+            && old.val_fraction == opts.val_fraction
+            && old.order == opts.order;
+        if same && !opts.force {
+            return Ok(Some(old));
+        }
+        if !opts.force {
+            return Err(TokenizeError::OtherRun {
+                path: opts.out.clone(),
+                reason: format!(
+                    "its meta.json lists {} sources tokenized with `{:?}`, val_fraction {}",
+                    old.sources.len(),
+                    old.tokenizer,
+                    old.val_fraction
+                ),
+            });
+        }
+        std::fs::remove_file(&meta_path).map_err(io_err(&meta_path))?;
+    }
+    // Shards of an earlier (crashed or replaced) run: all are rewritten. Only shards phigen
+    // listed are removed; anything else in the directory is not this stage's.
+    let stale: Vec<PathBuf> = written
+        .paths()
+        .filter(|p| p.to_str().is_some_and(is_shard_name))
+        .map(|p| opts.out.join(p))
+        .collect();
+    for path in stale {
+        for p in [atomic::temp_path(&path), path] {
+            if std::fs::symlink_metadata(&p).is_ok() {
+                std::fs::remove_file(&p).map_err(io_err(&p))?;
+            }
+        }
+    }
+    Ok(None)
 }
 
 pub fn read_meta(dir: &Path) -> Result<Meta, TokenizeError> {
