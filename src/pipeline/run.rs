@@ -339,6 +339,18 @@ async fn generate(
             "{} of {n} records: {} requests failed after retries; run the same command again to send them again",
             stats.records, stats.run.failed_requests
         )),
+        // Nothing for the steps after it to read: say why here, not as an empty input there.
+        _ if stats.records == 0 => StepResult::Incomplete(format!(
+            "no record was kept: every slot gave up after max_attempts = {} drops ({}); the teacher \
+             does not write what the checks accept — use a stronger teacher or raise max_attempts",
+            gen.max_attempts,
+            stats
+                .rejects_total
+                .iter()
+                .map(|(r, c)| format!("{r} {c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
         _ => StepResult::Done(summary),
     })
 }
