@@ -31,6 +31,43 @@ pub struct Sampling {
     pub top_k: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_p: Option<f32>,
+    /// `--repetition-penalty` where asked for: sent to an HTTP teacher as `repetition_penalty`
+    /// (vLLM) and `repeat_penalty` (llama.cpp's server); the local teacher applies it to the
+    /// last [`local::REPEAT_LAST_N`] ids. Absent from the record ids when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repetition_penalty: Option<f32>,
+}
+
+impl Sampling {
+    /// How phigen's own decoder samples under these settings, seeded by `seed`: temperature 0 is
+    /// greedy; top-p 1, top-k 0 and min-p 0 are off (as the APIs read them).
+    pub fn decoding(&self, seed: u64) -> crate::model::sample::Sampling {
+        crate::model::sample::Sampling::new(
+            f64::from(self.temperature),
+            f64::from(self.top_p),
+            self.top_k.map(|k| k as usize),
+            self.min_p.map(f64::from),
+            seed,
+        )
+    }
+}
+
+/// The sampling seed of the request for the record `id` (its hex digest): the first 31 bits,
+/// so that every server's `seed` field holds it (llama.cpp reads a uint32, some servers an
+/// int32). The same record gets the same seed from every teacher and at any concurrency.
+pub fn request_seed(id: &str) -> u64 {
+    let head = id.get(..8).unwrap_or(id);
+    match u64::from_str_radix(head, 16) {
+        Ok(n) => n >> 1,
+        // Not hex: hash it instead (ids are always hex; this keeps the function total).
+        Err(_) => {
+            u64::from(u32::from_le_bytes(
+                blake3::hash(id.as_bytes()).as_bytes()[..4]
+                    .try_into()
+                    .expect("4 bytes"),
+            )) >> 1
+        }
+    }
 }
 
 /// Why the model stopped, as reported by the server.
@@ -138,8 +175,13 @@ pub trait Teacher: Send + Sync + 'static {
     /// The model name recorded with each record and used in its id.
     fn model(&self) -> &str;
     fn sampling(&self) -> Sampling;
-    /// Sends one user prompt and waits for the complete answer.
-    fn chat(&self, prompt: &str) -> impl Future<Output = Result<Answer, TeacherError>> + Send;
+    /// Sends one user prompt and waits for the complete answer, sampled with `seed` (see
+    /// [`request_seed`]) where the backend takes one.
+    fn chat(
+        &self,
+        prompt: &str,
+        seed: u64,
+    ) -> impl Future<Output = Result<Answer, TeacherError>> + Send;
     /// A caveat about the data this teacher writes, recorded in `stats.json`.
     fn note(&self) -> Option<&str> {
         None
