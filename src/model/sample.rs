@@ -676,9 +676,9 @@ mod tests {
             loop_stop: None,
         };
         let mut s = Sequence::new(vec![0, 1, 2], &params, &[]);
-        let mut logits = vec![2.0f32; 4];
+        let mut logits = [2.0f32; 4];
         s.clone().advance(&mut logits, |_| false);
-        assert_eq!(logits, vec![2.0, 1.0, 1.0, 2.0]);
+        assert_eq!(logits, [2.0, 1.0, 1.0, 2.0]);
         let e = std::f64::consts::E;
         let z = 2.0 * e * e + 2.0 * e;
         let expected = [e * e / z, e / z, e / z, e * e / z];
@@ -686,7 +686,7 @@ mod tests {
         let mut counts = vec![0usize; 4];
         for _ in 0..n {
             let mut row = s.clone();
-            let id = row.advance(&mut vec![2.0f32; 4], |_| false);
+            let id = row.advance(&mut [2.0f32; 4], |_| false);
             counts[id as usize] += 1;
             // The row's generator moves on: the next row draws the next number.
             s.rng = row.rng;
@@ -757,7 +757,7 @@ mod tests {
         };
         let mut s = Sequence::new(prompt.to_vec(), &params, &[]);
         for &id in ids {
-            let mut logits = vec![0.0f32; 32];
+            let mut logits = [0.0f32; 32];
             logits[id as usize] = 1.0;
             assert_eq!(s.advance(&mut logits, |_| false), id);
             if s.ended().is_some() {

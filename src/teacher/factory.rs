@@ -281,7 +281,7 @@ impl TeacherConfig {
 }
 
 /// Loads a local model (downloading it first if it is a Hub id not yet cached) and starts its
-/// batching engine: `max_batch` sequences at once, sampling seeded by `seed`.
+/// batching engine: `max_batch` sequences at once; `seed` as [`Engine::start`] takes it.
 pub async fn local_engine(
     spec: &str,
     quantized: bool,

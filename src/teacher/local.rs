@@ -251,8 +251,8 @@ pub struct Engine {
 
 impl Engine {
     /// Starts the batching thread: at most `max_batch` sequences share a forward pass. Every
-    /// request carries its own seed; `seed` is what [`Engine::seed`] gives to those that come
-    /// without one (`phigen serve`).
+    /// request carries its own seed; `phigen serve` derives the seeds of requests that bring
+    /// none from `seed` ([`Engine::seed`]).
     pub fn start(model: Arc<LocalModel>, max_batch: usize, seed: u64) -> Engine {
         let (tx, rx) = mpsc::channel::<Job>();
         let generated = Arc::new(AtomicU64::new(0));

@@ -649,9 +649,10 @@ impl Server {
             return Err(bad(format!("`min_p` must be in [0, 1], found {p}")));
         }
         let penalty = common.repetition_penalty.or(common.repeat_penalty);
-        if let Some(p) = penalty.filter(|p| !(*p > 0.0 && p.is_finite())) {
+        let range = crate::range::REPETITION_PENALTY;
+        if let Some(p) = penalty.filter(|&p| !range.contains(f64::from(p))) {
             return Err(bad(format!(
-                "`repetition_penalty` must be above 0 (1 = off), found {p}"
+                "`repetition_penalty` must be in {range} (1 = off), found {p}"
             )));
         }
         let max_tokens = common
