@@ -57,6 +57,8 @@ pub const PRICE: Range = closed(0.0, 1_000_000.0);
 pub const UNIT: Range = closed(0.0, 1.0);
 /// A sampling temperature: 0 (greedy) to 10 (far beyond any useful randomness).
 pub const TEMPERATURE: Range = closed(0.0, 10.0);
+/// A repetition penalty: above 0 (1 = off; above 1 discourages repeats), at most 10.
+pub const REPETITION_PENALTY: Range = above(0.0, 10.0);
 /// A nucleus top-p: above 0 (nothing would be left to sample), at most 1 (off).
 pub const TOP_P: Range = above(0.0, 1.0);
 /// A timeout in seconds: above 0, at most a day.

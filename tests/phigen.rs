@@ -539,6 +539,7 @@ fn teacher(base_url: &str, model: &str, timeout: Duration, max_attempts: u32) ->
             max_tokens: 500,
             top_k: None,
             min_p: None,
+            repetition_penalty: None,
         },
         timeout,
         concurrency: 4,
@@ -563,7 +564,7 @@ async fn retry_after_is_honoured_before_the_next_request() {
     .await;
     let t = teacher(&server.base_url(), "mock", Duration::from_secs(5), 3);
     let start = Instant::now();
-    let err = t.chat("hello").await.unwrap_err();
+    let err = t.chat("hello", 0).await.unwrap_err();
     assert!(
         matches!(err, TeacherError::Exhausted { attempts: 3, .. }),
         "{err}"
@@ -581,7 +582,7 @@ async fn retry_after_is_honoured_before_the_next_request() {
 async fn client_errors_are_not_retried() {
     let server = mock(Faults::default()).await;
     let t = teacher(&server.base_url(), MISSING_MODEL, Duration::from_secs(5), 5);
-    let err = t.chat("hello").await.unwrap_err();
+    let err = t.chat("hello", 0).await.unwrap_err();
     assert!(
         matches!(err, TeacherError::Rejected { status: 404, .. }),
         "{err}"
@@ -599,7 +600,7 @@ async fn timeouts_and_dropped_connections_are_retried() {
     .await;
     let t = teacher(&server.base_url(), "mock", Duration::from_millis(200), 2);
     assert!(matches!(
-        t.chat("hello").await,
+        t.chat("hello", 0).await,
         Err(TeacherError::Exhausted { .. })
     ));
     assert_eq!(t.counters().snapshot().timeouts, 2);
@@ -612,7 +613,7 @@ async fn timeouts_and_dropped_connections_are_retried() {
     .await;
     let t = teacher(&server.base_url(), "mock", Duration::from_secs(5), 20);
     for i in 0..20 {
-        let a = t.chat(&format!("prompt {i}")).await.unwrap();
+        let a = t.chat(&format!("prompt {i}"), 0).await.unwrap();
         assert!(!a.text.is_empty());
     }
     assert!(t.counters().snapshot().connection_errors > 0);
@@ -1388,10 +1389,9 @@ fn request(
     phigen::teacher::local::Request {
         prompt,
         max_tokens,
-        temperature: 0.0,
-        top_p: 1.0,
-        top_k: None,
-        min_p: None,
+        sampling: phigen::model::sample::Sampling::Greedy,
+        repetition_penalty: None,
+        loop_stop: None,
         stop: Vec::new(),
         ignore_eos,
     }
@@ -1712,7 +1712,7 @@ async fn serve_answers_the_openai_api() {
     let dir = tempfile::tempdir().unwrap();
     let (mut child, base) = serve_tiny(dir.path());
     let t = teacher(&base, "tiny", Duration::from_secs(30), 2);
-    let answer = t.chat("the cat and the dog").await.unwrap();
+    let answer = t.chat("the cat and the dog", 0).await.unwrap();
     assert!(!answer.text.is_empty());
     assert!(answer.usage.completion_tokens > 0 && answer.usage.prompt_tokens == 10);
     let client = reqwest::Client::new();
@@ -2562,4 +2562,97 @@ fn skip_unless_ci(missing: &str) {
         "{missing} (CI is set: a test whose data is missing fails in CI)"
     );
     eprintln!("skipped: {missing}");
+}
+
+/// (id, text) of every record in the Parquet shards of `out`, sorted by id.
+fn record_texts(out: &Path) -> Vec<(String, String)> {
+    let mut rows = Vec::new();
+    for entry in std::fs::read_dir(out).unwrap() {
+        let p = entry.unwrap().path();
+        let name = p.file_name().unwrap().to_str().unwrap().to_string();
+        if !(name.starts_with("part-") && name.ends_with(".parquet")) {
+            continue;
+        }
+        let df = table::read_columns(&p, &["id", "text"]).unwrap();
+        let ids = table::text_column(&df, &p, "id").unwrap();
+        let texts = table::text_column(&df, &p, "text").unwrap();
+        for i in 0..df.height() {
+            rows.push((ids[i].clone().unwrap(), texts[i].clone().unwrap()));
+        }
+    }
+    rows.sort();
+    rows
+}
+
+/// Issue 26.1: each request of the local teacher carries a seed derived from its record id, so
+/// `phigen stories --teacher local:DIR` at temperature 1 writes the same records (ids and texts,
+/// byte for byte) one request at a time as eight at a time, where rows join and leave batches
+/// in whatever order the workers send them. The rejects match too: every attempt's answer is
+/// the same, so the same attempts are kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_teacher_records_do_not_depend_on_concurrency() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny-chat");
+    tiny_chat_model(&model);
+    let mut results = Vec::new();
+    for concurrency in ["1", "8"] {
+        let out = dir.path().join(format!("stories-{concurrency}"));
+        let mut c = Command::new(BIN);
+        c.args(["--quiet", "stories", "--teacher"])
+            .arg(format!("local:{}", model.display()))
+            .args(["--out", out.to_str().unwrap(), "--n", "6"])
+            .args(["--max-attempts", "6", "--max-tokens", "400"])
+            .args(["--concurrency", concurrency, "--seed", "11"])
+            .env_remove("OPENAI_API_KEY")
+            .env_remove("OPENAI_BASE_URL");
+        let o = run(c).await;
+        assert!(o.status.success(), "{}", stderr(&o));
+        let rejects = out.join("rejects.parquet");
+        let mut rejected = if rejects.exists() {
+            let df = table::read_columns(&rejects, &["id"]).unwrap();
+            table::text_column(&df, &rejects, "id")
+                .unwrap()
+                .into_iter()
+                .flatten()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        rejected.sort();
+        results.push((record_texts(&out), rejected));
+    }
+    assert_eq!(results[0].0.len(), 6);
+    assert_eq!(results[0], results[1]);
+}
+
+/// `phigen serve` samples a request with its `seed`, and one without a seed with a seed derived
+/// from the server's seed and the request's content: the same request twice, even sent at once,
+/// gets the same text, and two seeds give two texts (40 tokens at temperature 1 from a random
+/// model over the test's vocabulary: equal by chance with negligible probability).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_samples_by_the_request_seed_or_its_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, base) = serve_tiny(dir.path());
+    let client = reqwest::Client::new();
+    let ask = |seed: Option<i64>| {
+        let mut body = serde_json::json!({"prompt": "the cat", "max_tokens": 40,
+            "ignore_eos": true, "temperature": 1.0});
+        if let Some(s) = seed {
+            body["seed"] = s.into();
+        }
+        let request = client.post(format!("{base}/completions")).json(&body);
+        async move {
+            let r: serde_json::Value = request.send().await.unwrap().json().await.unwrap();
+            r["choices"][0]["text"].as_str().unwrap().to_string()
+        }
+    };
+    let (a, b) = tokio::join!(ask(None), ask(None));
+    assert_eq!(a, b);
+    let (five, five_again, six) = tokio::join!(ask(Some(5)), ask(Some(5)), ask(Some(6)));
+    assert_eq!(five, five_again);
+    assert_ne!(five, six);
+    // llama.cpp's "random" seed (-1) is read as no seed.
+    assert_eq!(ask(Some(-1)).await, a);
+    child.kill().unwrap();
+    let _ = child.wait();
 }

@@ -125,6 +125,12 @@ pub struct TeacherArgs {
     /// HTTP teacher only when given].
     #[arg(long, value_parser = f32_in(numbers::UNIT))]
     pub min_p: Option<f32>,
+    /// Make tokens seen recently less likely: their logits are divided by this when positive and
+    /// multiplied when negative (above 0, at most 10; 1 = off; 1.1 is typical). The local teacher
+    /// looks at the last 64 tokens, as llama.cpp does [default: off; sent to an HTTP teacher only
+    /// when given, as `repetition_penalty` (vLLM) and `repeat_penalty` (llama.cpp)].
+    #[arg(long, value_parser = f32_in(numbers::REPETITION_PENALTY))]
+    pub repetition_penalty: Option<f32>,
     /// Output token limit per answer [default: the corpus's, e.g. 1024 for stories].
     #[arg(long, value_parser = ints(factory::MAX_TOKENS))]
     pub max_tokens: Option<u32>,
@@ -166,6 +172,7 @@ impl From<&TeacherArgs> for TeacherConfig {
             top_p: t.top_p,
             top_k: t.top_k,
             min_p: t.min_p,
+            repetition_penalty: t.repetition_penalty,
             max_tokens: t.max_tokens,
             max_tokens_field: t.max_tokens_field,
             timeout_secs: t.timeout,

@@ -11,7 +11,9 @@ use clap::{Args, ValueEnum};
 use super::numbers::{self, f64_in, int_in};
 use crate::model::checkpoint;
 use crate::model::config::{PhiConfig, PRESETS};
-use crate::model::sample::{generate, Finish, SamplingParams, TextStream};
+use crate::model::sample::{
+    generate, Finish, RepetitionPenalty, Sampling, SamplingParams, TextStream,
+};
 use crate::model::tokenizer::{Encoding, Tokenizer};
 
 /// Number format of weights in memory (sampling) or on disk (init).
@@ -177,15 +179,25 @@ pub fn sample(args: &SampleArgs) -> anyhow::Result<()> {
         model.config().parameter_count() as f64 / 1e6,
         started.elapsed().as_secs_f64()
     );
+    let sampling = if args.greedy {
+        Sampling::Greedy
+    } else {
+        Sampling::new(
+            args.temperature,
+            args.top_p,
+            args.top_k,
+            args.min_p,
+            args.seed,
+        )
+    };
     let params = SamplingParams {
         max_new_tokens: args.max_new_tokens,
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: (args.top_p < 1.0).then_some(args.top_p),
-        min_p: args.min_p,
-        repetition_penalty: args.repetition_penalty,
-        seed: args.seed,
-        greedy: args.greedy,
+        sampling,
+        repetition_penalty: (args.repetition_penalty != 1.0).then_some(RepetitionPenalty {
+            penalty: args.repetition_penalty,
+            last_n: None,
+        }),
+        loop_stop: None,
     };
     let eos = model.config().eos_ids();
     if let Some(ids) = &args.prompt_ids {
@@ -277,5 +289,6 @@ fn finish_name(f: Finish) -> &'static str {
         Finish::Length => "length",
         Finish::EndOfSequence => "eos",
         Finish::Stopped => "stop",
+        Finish::Looping => "loop",
     }
 }

@@ -9,8 +9,8 @@ use std::str::FromStr;
 
 // The ranges live in the library, which checks settings read from recipes against the same ones.
 pub use crate::range::{
-    above, below, closed, Ints, Range, MAX_SECONDS, NON_NEGATIVE, PRICE, SECONDS, TEMPERATURE,
-    TOP_P, UNIT,
+    above, below, closed, Ints, Range, MAX_SECONDS, NON_NEGATIVE, PRICE, REPETITION_PENALTY,
+    SECONDS, TEMPERATURE, TOP_P, UNIT,
 };
 
 /// A finite `f64` in `range`.

@@ -211,10 +211,13 @@ pub fn generate_samples(
             let rows = (missing - new.len()).min(settings.batch.max(1));
             let prompts = vec![ids.clone(); rows];
             // Each batch gets its own seed so that samples differ; greedy rows are all the same.
+            let p = &settings.params;
             let params = SamplingParams {
-                seed: settings.params.seed ^ ((i as u64) << 32) ^ new.len() as u64,
-                max_new_tokens: settings.params.max_new_tokens.min(room),
-                ..settings.params.clone()
+                sampling: p
+                    .sampling
+                    .with_seed(p.sampling.seed() ^ ((i as u64) << 32) ^ new.len() as u64),
+                max_new_tokens: p.max_new_tokens.min(room),
+                ..*p
             };
             let out = generate(model, &prompts, &params, &eos, |_, row_ids| {
                 let text = tokenizer.decode(row_ids).unwrap_or_default();
@@ -728,7 +731,7 @@ mod tests {
             samples_per_task: 2,
             params: SamplingParams {
                 max_new_tokens: 12,
-                greedy: true,
+                sampling: crate::model::sample::Sampling::Greedy,
                 ..SamplingParams::default()
             },
             stops: HUMANEVAL_STOPS.iter().map(|s| s.to_string()).collect(),

@@ -17,7 +17,7 @@ use candle_core::{DType, Device};
 use serde::Serialize;
 
 use crate::model::checkpoint;
-use crate::model::sample::SamplingParams;
+use crate::model::sample::{Sampling, SamplingParams};
 use crate::model::tokenizer::Tokenizer;
 use crate::train::data::Mixture;
 use crate::train::next_token_loss;
@@ -157,13 +157,8 @@ pub fn write_loss_report(out: &Path, report: &LossReport) -> Result<(), EvalErro
 pub fn sampling(max_new_tokens: usize, temperature: f64, top_p: f64, seed: u64) -> SamplingParams {
     SamplingParams {
         max_new_tokens,
-        temperature,
-        top_k: None,
-        top_p: (top_p < 1.0).then_some(top_p),
-        min_p: None,
-        repetition_penalty: 1.0,
-        seed,
-        greedy: temperature <= 0.0,
+        sampling: Sampling::new(temperature, top_p, None, None, seed),
+        ..SamplingParams::default()
     }
 }
 

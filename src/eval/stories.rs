@@ -88,9 +88,11 @@ pub fn continue_stories(
             model,
             &[ids],
             &SamplingParams {
-                seed: params.seed ^ index as u64,
+                sampling: params
+                    .sampling
+                    .with_seed(params.sampling.seed() ^ index as u64),
                 max_new_tokens: params.max_new_tokens.min(room),
-                ..params.clone()
+                ..*params
             },
             &eos,
             |_, _| true,
@@ -458,16 +460,7 @@ fn prepare(
     let lock = DirLock::exclusive(&s.out)?;
     let model = checkpoint::load(&s.checkpoint, candle_core::DType::F32, &Device::Cpu)?;
     let tokenizer = Tokenizer::for_checkpoint(&s.checkpoint)?;
-    let params = SamplingParams {
-        max_new_tokens: s.max_new_tokens,
-        temperature: s.gen_temperature,
-        top_k: None,
-        top_p: (s.gen_top_p < 1.0).then_some(s.gen_top_p),
-        min_p: None,
-        repetition_penalty: 1.0,
-        seed: s.seed,
-        greedy: s.gen_temperature <= 0.0,
-    };
+    let params = super::sampling(s.max_new_tokens, s.gen_temperature, s.gen_top_p, s.seed);
     let continuations = continue_stories(
         &model,
         &tokenizer,

@@ -27,7 +27,7 @@ use crate::artifact::shards::{self, Layout, ShardError, ShardWriter};
 use crate::artifact::table::{self, row, Row, Schema};
 use crate::teacher::pricing::{Ledger, Price, Reservation};
 use crate::teacher::retry::RequestCountsSnapshot;
-use crate::teacher::{Answer, Sampling, Teacher, TeacherError};
+use crate::teacher::{request_seed, Answer, Sampling, Teacher, TeacherError};
 
 const RECORDS: Layout = Layout::Parts { prefix: "part" };
 const REJECTS: Layout = Layout::Single {
@@ -665,7 +665,8 @@ impl<C: Corpus, T: Teacher> Worker<C, T> {
                 self.state.stop(StopReason::Budget);
                 return Ok(());
             };
-            let answer = match self.teacher.chat(&job.prompt).await {
+            let seed = request_seed(&job.id);
+            let answer = match self.teacher.chat(&job.prompt, seed).await {
                 Ok(a) => a,
                 Err(e) => {
                     self.ledger.release(reservation);

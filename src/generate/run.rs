@@ -101,6 +101,7 @@ fn sampling(cfg: &TeacherConfig, default_max_tokens: u32) -> Sampling {
         max_tokens: cfg.max_tokens.unwrap_or(default_max_tokens),
         top_k: cfg.top_k,
         min_p: cfg.min_p,
+        repetition_penalty: cfg.repetition_penalty,
     }
 }
 

@@ -651,7 +651,7 @@ mod tests {
         }
         let params = crate::model::sample::SamplingParams {
             max_new_tokens: 24,
-            greedy: true,
+            sampling: crate::model::sample::Sampling::Greedy,
             ..Default::default()
         };
         let out = crate::model::sample::generate(&g.decoder, &[prompt], &params, &[], |_, _| true)

@@ -1,6 +1,10 @@
 //! Batched generation with a KV cache. Logits are processed as transformers' `generate` does:
-//! repetition penalty over the prompt and what was generated, then temperature, top-k, top-p;
-//! greedy decoding takes the first arg-max. Prompts of different lengths are left-padded.
+//! repetition penalty over the recent ids, then temperature, top-k, top-p, min-p; greedy decoding
+//! takes the first arg-max. Prompts of different lengths are left-padded. Each row is a
+//! [`Sequence`] with its own sampler, so what a row gets does not depend on the rows beside it.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
 
 use candle_core::{DType, Tensor};
 use rand::{Rng, SeedableRng};
@@ -10,20 +14,109 @@ use super::decoder::{Decoder, KvCache};
 use super::tokenizer::Tokenizer;
 use super::ModelError;
 
-#[derive(Clone, Debug)]
+/// How the next id is chosen from a row's logits.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Sampling {
+    /// The first arg-max.
+    Greedy,
+    /// A draw from the softmax at `temperature`, cut by top-k, then top-p, then min-p (the
+    /// tokens below `min_p` times the most likely one's probability: transformers'
+    /// MinPLogitsWarper, llama.cpp's `min_p`), from a generator seeded by `seed`.
+    Random {
+        temperature: f64,
+        top_k: Option<usize>,
+        top_p: Option<f64>,
+        min_p: Option<f64>,
+        seed: u64,
+    },
+}
+
+impl Sampling {
+    /// The settings as APIs and flags take them: temperature 0 is greedy; top-p 1, top-k 0 and
+    /// min-p 0 are off.
+    pub fn new(
+        temperature: f64,
+        top_p: f64,
+        top_k: Option<usize>,
+        min_p: Option<f64>,
+        seed: u64,
+    ) -> Sampling {
+        if temperature <= 0.0 {
+            return Sampling::Greedy;
+        }
+        Sampling::Random {
+            temperature,
+            top_k: top_k.filter(|&k| k > 0),
+            top_p: (top_p < 1.0).then_some(top_p),
+            min_p: min_p.filter(|&p| p > 0.0),
+            seed,
+        }
+    }
+
+    /// The seed of a random sampler (0 for greedy, which draws nothing).
+    pub fn seed(&self) -> u64 {
+        match self {
+            Sampling::Greedy => 0,
+            Sampling::Random { seed, .. } => *seed,
+        }
+    }
+
+    /// The same sampler with another seed (greedy stays greedy).
+    pub fn with_seed(self, new: u64) -> Sampling {
+        match self {
+            Sampling::Greedy => Sampling::Greedy,
+            Sampling::Random {
+                temperature,
+                top_k,
+                top_p,
+                min_p,
+                ..
+            } => Sampling::Random {
+                temperature,
+                top_k,
+                top_p,
+                min_p,
+                seed: new,
+            },
+        }
+    }
+}
+
+/// CTRL's repetition penalty as transformers and llama.cpp apply it: the logit of every id seen
+/// in the window is divided by `penalty` when positive and multiplied by it when negative, so
+/// `penalty` > 1 makes seen ids less likely (1 = off).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RepetitionPenalty {
+    pub penalty: f64,
+    /// The last ids (prompt included) the penalty looks at; `None`: all of them (transformers).
+    /// llama.cpp's `repeat_last_n` is 64.
+    pub last_n: Option<usize>,
+}
+
+/// Stops a row that loops: once the last `window` new ids have appeared `times` times among its
+/// new ids (overlaps count, so one id repeated `window + times - 1` times is a loop too).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LoopStop {
+    pub window: usize,
+    pub times: usize,
+}
+
+impl LoopStop {
+    /// What the local teacher uses: a run of 32 ids seen a third time. A small model that loops
+    /// repeats a sentence or a paragraph verbatim until the token limit; text worth keeping
+    /// almost never repeats 32 ids three times, and a period-`p` loop is cut after `32 + 2p` ids.
+    pub const TEACHER: LoopStop = LoopStop {
+        window: 32,
+        times: 3,
+    };
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SamplingParams {
     pub max_new_tokens: usize,
-    /// Ignored when `greedy`.
-    pub temperature: f64,
-    pub top_k: Option<usize>,
-    pub top_p: Option<f64>,
-    /// Min-p: drop tokens whose probability is below `min_p` times the most likely one's
-    /// (transformers' MinPLogitsWarper, llama.cpp's `min_p`; applied after top-k and top-p).
-    pub min_p: Option<f64>,
-    /// > 1 discourages tokens already present (1 = off).
-    pub repetition_penalty: f64,
-    pub seed: u64,
-    pub greedy: bool,
+    pub sampling: Sampling,
+    pub repetition_penalty: Option<RepetitionPenalty>,
+    pub loop_stop: Option<LoopStop>,
 }
 
 /// New tokens that still fit in `model`'s context after a prompt of `prompt_len` tokens.
@@ -38,13 +131,9 @@ impl Default for SamplingParams {
     fn default() -> Self {
         SamplingParams {
             max_new_tokens: 256,
-            temperature: 0.8,
-            top_k: None,
-            top_p: Some(0.95),
-            min_p: None,
-            repetition_penalty: 1.0,
-            seed: 0,
-            greedy: false,
+            sampling: Sampling::new(0.8, 0.95, None, None, 0),
+            repetition_penalty: None,
+            loop_stop: None,
         }
     }
 }
@@ -58,6 +147,8 @@ pub enum Finish {
     EndOfSequence,
     /// The caller asked to stop (a stop string matched).
     Stopped,
+    /// The row was looping ([`LoopStop`]): cut short, as incomplete as a row at its limit.
+    Looping,
 }
 
 #[derive(Clone, Debug)]
@@ -67,45 +158,51 @@ pub struct Generation {
     pub finish: Vec<Finish>,
 }
 
-/// Chooses the next id from one row's logits.
-pub(crate) fn pick(
-    logits: &mut [f32],
-    context: &[u32],
-    params: &SamplingParams,
-    rng: &mut ChaCha8Rng,
-) -> u32 {
-    if params.repetition_penalty != 1.0 {
-        let r = params.repetition_penalty as f32;
-        let mut seen = std::collections::HashSet::new();
-        for &id in context {
-            if seen.insert(id) {
-                let l = &mut logits[id as usize];
-                *l = if *l > 0.0 { *l / r } else { *l * r };
-            }
+/// Applies `penalty` to the logits of the ids in `recent` (each id once).
+pub(crate) fn penalize(logits: &mut [f32], recent: &[u32], penalty: f64) {
+    let r = penalty as f32;
+    let mut seen = HashSet::new();
+    for &id in recent {
+        if seen.insert(id) {
+            let l = &mut logits[id as usize];
+            *l = if *l > 0.0 { *l / r } else { *l * r };
         }
     }
-    let argmax = |l: &[f32]| {
-        l.iter()
-            .enumerate()
-            .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
-                if v > best.1 {
-                    (i, v)
-                } else {
-                    best
-                }
-            })
-            .0 as u32
-    };
-    if params.greedy || params.temperature <= 0.0 {
+}
+
+fn argmax(logits: &[f32]) -> u32 {
+    logits
+        .iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+            if v > best.1 {
+                (i, v)
+            } else {
+                best
+            }
+        })
+        .0 as u32
+}
+
+/// Chooses the next id from one row's logits.
+pub(crate) fn pick(logits: &[f32], sampling: &Sampling, rng: &mut ChaCha8Rng) -> u32 {
+    let Sampling::Random {
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        ..
+    } = *sampling
+    else {
         return argmax(logits);
-    }
-    let t = params.temperature as f32;
+    };
+    let t = temperature as f32;
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     let weight = |l: f32| f64::from((l - max) / t).exp();
     // A token's weight is its probability relative to the most likely one's: min-p drops the
     // tokens whose weight is below it (after top-k and top-p, as transformers orders them).
-    let min_p = params.min_p.unwrap_or(0.0);
-    if params.top_k.is_none() && params.top_p.is_none() {
+    let min_p = min_p.unwrap_or(0.0);
+    if top_k.is_none() && top_p.is_none() {
         // The whole softmax: no order needed.
         let kept = |l: f32| match weight(l) {
             w if w < min_p => 0.0,
@@ -129,10 +226,9 @@ pub(crate) fn pick(
     let total: f64 = logits.iter().map(|&l| weight(l)).sum();
     let by_logit = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]);
     let mut order: Vec<usize> = (0..logits.len()).collect();
-    let head = params
-        .top_k
+    let head = top_k
         .unwrap_or(CANDIDATES)
-        .clamp(1, CANDIDATES.max(params.top_k.unwrap_or(0)))
+        .clamp(1, CANDIDATES.max(top_k.unwrap_or(0)))
         .min(order.len());
     if head < order.len() {
         order.select_nth_unstable_by(head - 1, by_logit);
@@ -143,19 +239,18 @@ pub(crate) fn pick(
         .map(|&i| weight(logits[i]))
         .sum::<f64>()
         / total;
-    let top_p = params.top_p.unwrap_or(1.0);
-    match params.top_k {
+    match top_k {
         Some(k) => order.truncate(k.max(1)),
-        None if head_mass >= top_p => order.truncate(head),
+        None if head_mass >= top_p.unwrap_or(1.0) => order.truncate(head),
         None => order.sort_unstable_by(by_logit),
     }
     let mut probs: Vec<f64> = order.iter().map(|&i| weight(logits[i]) / total).collect();
-    if params.top_k.is_some() {
+    if top_k.is_some() {
         // Renormalise over the k kept, as transformers' TopKLogitsWarper does before top-p.
         let kept: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= kept);
     }
-    if let Some(top_p) = params.top_p {
+    if let Some(top_p) = top_p {
         // Keep the smallest prefix whose mass reaches top_p (at least one token).
         let mut mass = 0.0;
         let keep = probs
@@ -187,9 +282,124 @@ pub(crate) fn pick(
     *order.last().expect("at least one candidate") as u32
 }
 
+/// Counts the windows of [`LoopStop`] a row has produced.
+#[derive(Clone, Debug)]
+struct LoopCounter {
+    stop: LoopStop,
+    /// Hash of a window of ids → how often it ended the row so far.
+    seen: HashMap<u64, usize>,
+}
+
+impl LoopCounter {
+    /// Counts the window that ends `out`; true once it has been seen `times` times.
+    fn push(&mut self, out: &[u32]) -> bool {
+        let w = self.stop.window.max(1);
+        if out.len() < w {
+            return false;
+        }
+        let mut h = DefaultHasher::new();
+        out[out.len() - w..].hash(&mut h);
+        let n = self.seen.entry(h.finish()).or_insert(0);
+        *n += 1;
+        *n >= self.stop.times.max(1)
+    }
+}
+
+/// One row being generated: its settings and sampler, the ids it has seen, and why it ended.
+#[derive(Clone, Debug)]
+pub struct Sequence {
+    params: SamplingParams,
+    eos: Vec<u32>,
+    rng: ChaCha8Rng,
+    /// The prompt, then the new ids (the repetition penalty looks at both).
+    context: Vec<u32>,
+    prompt_len: usize,
+    loops: Option<LoopCounter>,
+    ended: Option<Finish>,
+}
+
+impl Sequence {
+    /// A row that continues `prompt` under `params`, ending at any of `eos`, drawing from a
+    /// generator seeded by `params`' seed.
+    pub fn new(prompt: Vec<u32>, params: &SamplingParams, eos: &[u32]) -> Sequence {
+        Sequence::with_rng(
+            prompt,
+            params,
+            eos,
+            ChaCha8Rng::seed_from_u64(params.sampling.seed()),
+        )
+    }
+
+    fn with_rng(
+        prompt: Vec<u32>,
+        params: &SamplingParams,
+        eos: &[u32],
+        rng: ChaCha8Rng,
+    ) -> Sequence {
+        Sequence {
+            params: *params,
+            eos: eos.to_vec(),
+            rng,
+            prompt_len: prompt.len(),
+            context: prompt,
+            loops: params.loop_stop.map(|stop| LoopCounter {
+                stop,
+                seen: HashMap::new(),
+            }),
+            ended: (params.max_new_tokens == 0).then_some(Finish::Length),
+        }
+    }
+
+    pub fn prompt(&self) -> &[u32] {
+        &self.context[..self.prompt_len]
+    }
+
+    /// The new ids so far.
+    pub fn out(&self) -> &[u32] {
+        &self.context[self.prompt_len..]
+    }
+
+    /// Why the row ended; `None` while it goes on.
+    pub fn ended(&self) -> Option<Finish> {
+        self.ended
+    }
+
+    /// Ends the row from outside (a failure of the batch it is in).
+    pub fn end(&mut self, finish: Finish) {
+        self.ended.get_or_insert(finish);
+    }
+
+    /// Chooses the next id from `logits` (changed in place by the repetition penalty), appends
+    /// it and decides whether the row ends. The checks, in order: `stop(new ids)` (a stop
+    /// string; it sees every id, so a caller can stream from it), an end-of-sequence id, the
+    /// token limit, a loop.
+    pub fn advance(&mut self, logits: &mut [f32], stop: impl FnOnce(&[u32]) -> bool) -> u32 {
+        if let Some(r) = self.params.repetition_penalty {
+            let from = r.last_n.map_or(0, |n| self.context.len().saturating_sub(n));
+            penalize(logits, &self.context[from..], r.penalty);
+        }
+        let id = pick(logits, &self.params.sampling, &mut self.rng);
+        self.context.push(id);
+        let out = &self.context[self.prompt_len..];
+        self.ended = if stop(out) {
+            Some(Finish::Stopped)
+        } else if self.eos.contains(&id) {
+            Some(Finish::EndOfSequence)
+        } else if out.len() >= self.params.max_new_tokens {
+            Some(Finish::Length)
+        } else if self.loops.as_mut().is_some_and(|l| l.push(out)) {
+            Some(Finish::Looping)
+        } else {
+            None
+        };
+        id
+    }
+}
+
 /// Generates up to `params.max_new_tokens` ids after each prompt. `on_token(row, new_ids)` is
 /// called after every id a row receives and returns false to stop that row (stop strings).
-/// A row also stops at any of `eos_ids`.
+/// A row also stops at any of `eos_ids`. Row `r` draws from stream `r` of the generator seeded
+/// by `params`' seed, so rows of one prompt differ and a row does not depend on the others.
 pub fn generate(
     model: &Decoder,
     prompts: &[Vec<u32>],
@@ -197,9 +407,36 @@ pub fn generate(
     eos_ids: &[u32],
     mut on_token: impl FnMut(usize, &[u32]) -> bool,
 ) -> Result<Generation, ModelError> {
-    let b = prompts.len();
+    let rows = prompts
+        .iter()
+        .enumerate()
+        .map(|(r, p)| {
+            let mut rng = ChaCha8Rng::seed_from_u64(params.sampling.seed());
+            rng.set_stream(r as u64);
+            Sequence::with_rng(p.clone(), params, eos_ids, rng)
+        })
+        .collect();
+    let rows = generate_rows(model, rows, |r, ids| !on_token(r, ids))?;
+    Ok(Generation {
+        ids: rows.iter().map(|s| s.out().to_vec()).collect(),
+        finish: rows
+            .iter()
+            .map(|s| s.ended().expect("generate_rows ends every row"))
+            .collect(),
+    })
+}
+
+/// Runs `rows` (each with its own settings and sampler) to their ends, in one batch;
+/// `stop(row, new_ids)` says after each id whether a row stops there (see
+/// [`Sequence::advance`]). Returns the rows, all ended.
+pub fn generate_rows(
+    model: &Decoder,
+    mut rows: Vec<Sequence>,
+    mut stop: impl FnMut(usize, &[u32]) -> bool,
+) -> Result<Vec<Sequence>, ModelError> {
     let vocab = model.config().vocab_size;
-    for (r, p) in prompts.iter().enumerate() {
+    for (r, s) in rows.iter().enumerate() {
+        let p = s.prompt();
         if p.is_empty() {
             return Err(ModelError::Input(format!("prompt {r} has no tokens")));
         }
@@ -209,8 +446,23 @@ pub fn generate(
             )));
         }
     }
-    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let pads: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
+    // The rows still generating, in batch order: finished rows leave the batch.
+    let mut active: Vec<usize> = (0..rows.len())
+        .filter(|&r| rows[r].ended().is_none())
+        .collect();
+    if active.is_empty() {
+        return Ok(rows);
+    }
+    let b = active.len();
+    let longest = active
+        .iter()
+        .map(|&r| rows[r].prompt_len)
+        .max()
+        .unwrap_or(0);
+    let pads: Vec<usize> = active
+        .iter()
+        .map(|&r| longest - rows[r].prompt_len)
+        .collect();
     let pad_id = model.config().pad_token_id.unwrap_or(0);
     let new_cache = || {
         if pads.iter().any(|&n| n > 0) {
@@ -220,26 +472,17 @@ pub fn generate(
         }
     };
     let mut cache = new_cache();
-    let padded: Vec<u32> = prompts
+    let padded: Vec<u32> = active
         .iter()
         .zip(&pads)
-        .flat_map(|(p, &n)| std::iter::repeat_n(pad_id, n).chain(p.iter().copied()))
+        .flat_map(|(&r, &n)| std::iter::repeat_n(pad_id, n).chain(rows[r].prompt().iter().copied()))
         .collect();
     let mut input = Tensor::from_vec(padded, (b, longest), model.device())?;
-    let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
-    let mut contexts: Vec<Vec<u32>> = prompts.to_vec();
-    let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
-    let mut finish: Vec<Option<Finish>> = vec![None; b];
-    if params.max_new_tokens == 0 {
-        return Ok(Generation {
-            ids: out,
-            finish: vec![Finish::Length; b],
-        });
-    }
     // Every id fed so far (pads included), to rebuild the cache when LongRoPE switches tables.
     let mut fed = Tensor::zeros((b, 0), DType::U32, model.device())?;
-    // The rows still generating, in batch order: finished rows leave the batch.
-    let mut active: Vec<usize> = (0..b).collect();
+    // Positions in the first batch of the rows still in it (what `keep_rows` indexes after a
+    // rebuild).
+    let mut first_batch: Vec<usize> = (0..b).collect();
     while !active.is_empty() {
         let n = active.len();
         if let Some(original_max) = model.long_rope_from() {
@@ -251,7 +494,7 @@ pub fn generate(
                 fed = Tensor::zeros((n, 0), DType::U32, model.device())?;
                 cache = new_cache();
                 if n < b {
-                    cache.keep_rows(&active)?;
+                    cache.keep_rows(&first_batch)?;
                 }
             }
         }
@@ -262,20 +505,12 @@ pub fn generate(
             .head_forward(&last)?
             .squeeze(1)?
             .to_dtype(DType::F32)?; // (n, V)
-        let mut rows: Vec<Vec<f32>> = logits.to_vec2()?;
+        let mut logits: Vec<Vec<f32>> = logits.to_vec2()?;
         let mut next = Vec::with_capacity(n);
         let mut keep = Vec::with_capacity(n);
         for (i, &r) in active.iter().enumerate() {
-            let id = pick(&mut rows[i], &contexts[r], params, &mut rng);
-            contexts[r].push(id);
-            out[r].push(id);
-            if !on_token(r, &out[r]) {
-                finish[r] = Some(Finish::Stopped);
-            } else if eos_ids.contains(&id) {
-                finish[r] = Some(Finish::EndOfSequence);
-            } else if out[r].len() >= params.max_new_tokens {
-                finish[r] = Some(Finish::Length);
-            } else {
+            let id = rows[r].advance(&mut logits[i], |ids| stop(r, ids));
+            if rows[r].ended().is_none() {
                 keep.push(i);
                 next.push(id);
             }
@@ -291,16 +526,11 @@ pub fn generate(
             )?;
             fed = fed.index_select(&index, 0)?;
             active = keep.iter().map(|&i| active[i]).collect();
+            first_batch = keep.iter().map(|&i| first_batch[i]).collect();
         }
         input = Tensor::from_vec(next, (active.len(), 1), model.device())?;
     }
-    Ok(Generation {
-        ids: out,
-        finish: finish
-            .into_iter()
-            .map(|f| f.expect("loop ends when all rows finished"))
-            .collect(),
-    })
+    Ok(rows)
 }
 
 /// Where the earliest of `stops` begins in `text`, if any does.
@@ -365,25 +595,103 @@ impl<'a> TextStream<'a> {
 mod tests {
     use super::*;
 
-    fn params(greedy: bool) -> SamplingParams {
-        SamplingParams {
-            greedy,
-            ..SamplingParams::default()
+    fn random(temperature: f64) -> Sampling {
+        Sampling::Random {
+            temperature,
+            top_k: None,
+            top_p: None,
+            min_p: None,
+            seed: 0,
         }
+    }
+
+    /// Draws `n` ids from `logits` and counts each.
+    fn draw(logits: &[f32], s: &Sampling, n: usize, rng: &mut ChaCha8Rng) -> Vec<usize> {
+        let mut counts = vec![0usize; logits.len()];
+        for _ in 0..n {
+            counts[pick(logits, s, rng) as usize] += 1;
+        }
+        counts
+    }
+
+    /// Within 5 standard deviations of `n * p` for each probability of `expected`.
+    fn assert_near(counts: &[usize], expected: &[f64], n: usize) {
+        for (c, p) in counts.iter().zip(expected) {
+            let mean = n as f64 * p;
+            let sd = (n as f64 * p * (1.0 - p)).sqrt();
+            assert!(
+                (*c as f64 - mean).abs() <= 5.0 * sd,
+                "{counts:?} vs {expected:?}"
+            );
+        }
+    }
+
+    /// The settings as flags give them: temperature 0 is greedy whatever else is set; top-p 1,
+    /// top-k 0 and min-p 0 are off.
+    #[test]
+    fn sampling_from_api_settings() {
+        assert_eq!(
+            Sampling::new(0.0, 0.5, Some(4), Some(0.1), 9),
+            Sampling::Greedy
+        );
+        assert_eq!(
+            Sampling::new(0.7, 1.0, Some(0), Some(0.0), 9),
+            Sampling::Random {
+                temperature: 0.7,
+                top_k: None,
+                top_p: None,
+                min_p: None,
+                seed: 9
+            }
+        );
+        let s = Sampling::new(1.0, 0.9, Some(40), Some(0.05), 1);
+        assert_eq!(s.with_seed(2).seed(), 2);
+        assert_eq!(Sampling::Greedy.with_seed(2), Sampling::Greedy);
     }
 
     /// Hand-worked: penalty 2 halves a positive logit and doubles a negative one (transformers'
     /// RepetitionPenaltyLogitsProcessor), which moves the arg-max here from 0 to 2.
     #[test]
     fn repetition_penalty_follows_transformers() {
-        let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let p = SamplingParams {
-            repetition_penalty: 2.0,
-            ..params(true)
-        };
         let mut logits = vec![3.0, -1.0, 2.0];
-        assert_eq!(pick(&mut logits, &[0, 1, 0], &p, &mut rng), 2);
+        penalize(&mut logits, &[0, 1, 0], 2.0);
         assert_eq!(logits, vec![1.5, -2.0, 2.0]);
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        assert_eq!(pick(&logits, &Sampling::Greedy, &mut rng), 2);
+    }
+
+    /// llama.cpp's window: with `last_n` 2 over the context [0, 1, 2] only ids 1 and 2 are
+    /// penalized. By hand, with every logit 2: penalty 2 turns those of ids 1 and 2 into 1, so at
+    /// temperature 1 the probabilities of (0, 1, 2, 3) with logits (2, 1, 1, 2) are
+    /// (e², e, e, e²) / (2e² + 2e) = (0.3655, 0.1345, 0.1345, 0.3655).
+    #[test]
+    fn repetition_penalty_looks_at_the_last_n_ids() {
+        let params = SamplingParams {
+            max_new_tokens: 10,
+            sampling: random(1.0),
+            repetition_penalty: Some(RepetitionPenalty {
+                penalty: 2.0,
+                last_n: Some(2),
+            }),
+            loop_stop: None,
+        };
+        let mut s = Sequence::new(vec![0, 1, 2], &params, &[]);
+        let mut logits = [2.0f32; 4];
+        s.clone().advance(&mut logits, |_| false);
+        assert_eq!(logits, [2.0, 1.0, 1.0, 2.0]);
+        let e = std::f64::consts::E;
+        let z = 2.0 * e * e + 2.0 * e;
+        let expected = [e * e / z, e / z, e / z, e * e / z];
+        let n = 8000;
+        let mut counts = vec![0usize; 4];
+        for _ in 0..n {
+            let mut row = s.clone();
+            let id = row.advance(&mut [2.0f32; 4], |_| false);
+            counts[id as usize] += 1;
+            // The row's generator moves on: the next row draws the next number.
+            s.rng = row.rng;
+        }
+        assert_near(&counts, &expected, n);
     }
 
     /// With top-k 1 sampling can only return the arg-max; with top-p 0.5 over probabilities
@@ -391,26 +699,32 @@ mod tests {
     #[test]
     fn top_k_and_top_p_cut_the_candidates() {
         let mut rng = ChaCha8Rng::seed_from_u64(1);
-        let logits = [0.0f32, 5.0, 1.0, 4.0];
-        for _ in 0..50 {
-            let p = SamplingParams {
-                top_k: Some(1),
-                temperature: 2.0,
-                ..params(false)
-            };
-            assert_eq!(pick(&mut logits.clone(), &[], &p, &mut rng), 1);
-        }
-        let probs = [0.7f32, 0.2, 0.1];
-        let l: Vec<f32> = probs.iter().map(|p| p.ln()).collect();
-        for _ in 0..50 {
-            let p = SamplingParams {
-                top_p: Some(0.5),
-                temperature: 1.0,
-                top_k: None,
-                ..params(false)
-            };
-            assert_eq!(pick(&mut l.clone(), &[], &p, &mut rng), 0);
-        }
+        let top1 = Sampling::new(2.0, 1.0, Some(1), None, 0);
+        assert_eq!(draw(&[0.0, 5.0, 1.0, 4.0], &top1, 50, &mut rng)[1], 50);
+        let l: Vec<f32> = [0.7f32, 0.2, 0.1].iter().map(|p| p.ln()).collect();
+        let nucleus = Sampling::new(1.0, 0.5, None, None, 0);
+        assert_eq!(draw(&l, &nucleus, 50, &mut rng)[0], 50);
+    }
+
+    /// Top-k 2 over probabilities (0.5, 0.3, 0.15, 0.05) keeps ids 0 and 1, renormalised to
+    /// 0.5/0.8 = 0.625 and 0.3/0.8 = 0.375; top-k 3 with min-p 0.4 keeps (0.5, 0.3) too (0.15 <
+    /// 0.4 · 0.5); at temperature 2 top-k 2 draws in proportion √0.5 : √0.3 (= 0.5635 : 0.4365).
+    #[test]
+    fn top_k_draws_from_the_renormalised_head() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let l: Vec<f32> = [0.5f32, 0.3, 0.15, 0.05].iter().map(|p| p.ln()).collect();
+        let n = 8000;
+        let k2 = Sampling::new(1.0, 1.0, Some(2), None, 0);
+        let c = draw(&l, &k2, n, &mut rng);
+        assert_eq!((c[2], c[3]), (0, 0), "{c:?}");
+        assert_near(&c, &[0.625, 0.375], n);
+        let k3_min_p = Sampling::new(1.0, 1.0, Some(3), Some(0.4), 0);
+        let c = draw(&l, &k3_min_p, n, &mut rng);
+        assert_eq!((c[2], c[3]), (0, 0), "{c:?}");
+        assert_near(&c, &[0.625, 0.375], n);
+        let hot = Sampling::new(2.0, 1.0, Some(2), None, 0);
+        let (a, b) = (0.5f64.sqrt(), 0.3f64.sqrt());
+        assert_near(&draw(&l, &hot, n, &mut rng), &[a / (a + b), b / (a + b)], n);
     }
 
     /// Min-p 0.25 over probabilities (0.5, 0.3, 0.15, 0.05): tokens below 0.25 × 0.5 = 0.125 are
@@ -421,36 +735,62 @@ mod tests {
     fn min_p_drops_tokens_below_its_share_of_the_best() {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         let l: Vec<f32> = [0.5f32, 0.3, 0.15, 0.05].iter().map(|p| p.ln()).collect();
-        let draw = |p: &SamplingParams, rng: &mut ChaCha8Rng| {
-            let mut counts = [0usize; 4];
-            for _ in 0..4000 {
-                counts[pick(&mut l.clone(), &[], p, rng) as usize] += 1;
-            }
-            counts
-        };
-        let p = SamplingParams {
-            min_p: Some(0.25),
-            temperature: 1.0,
-            top_k: None,
-            top_p: None,
-            ..params(false)
-        };
-        let c = draw(&p, &mut rng);
+        let min_p = Sampling::new(1.0, 1.0, None, Some(0.25), 0);
+        let c = draw(&l, &min_p, 4000, &mut rng);
         assert_eq!(c[3], 0, "{c:?}");
-        // 0.5 / 0.95 of 4000 ≈ 2105, σ ≈ 32: within 5σ.
-        assert!((c[0] as f64 - 4000.0 * 0.5 / 0.95).abs() < 160.0, "{c:?}");
-        assert!(c[2] > 0, "{c:?}");
-        let p = SamplingParams {
-            top_p: Some(0.7),
-            ..p
-        };
-        let c = draw(&p, &mut rng);
+        assert_near(&c, &[0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95], 4000);
+        let with_top_p = Sampling::new(1.0, 0.7, None, Some(0.25), 0);
+        let c = draw(&l, &with_top_p, 4000, &mut rng);
         assert_eq!((c[2], c[3]), (0, 0), "{c:?}");
-        let p = SamplingParams {
-            min_p: Some(0.9),
-            ..p
+        let strict = Sampling::new(1.0, 0.7, None, Some(0.9), 0);
+        assert_eq!(draw(&l, &strict, 4000, &mut rng), [4000, 0, 0, 0]);
+    }
+
+    /// Feeds `ids` to a greedy row (one-hot logits) under `stop`; returns how many ids it took
+    /// and why it ended.
+    fn run_ids(prompt: &[u32], ids: &[u32], stop: LoopStop) -> (usize, Option<Finish>) {
+        let params = SamplingParams {
+            max_new_tokens: 1000,
+            sampling: Sampling::Greedy,
+            repetition_penalty: None,
+            loop_stop: Some(stop),
         };
-        assert_eq!(draw(&p, &mut rng), [4000, 0, 0, 0]);
+        let mut s = Sequence::new(prompt.to_vec(), &params, &[]);
+        for &id in ids {
+            let mut logits = [0.0f32; 32];
+            logits[id as usize] = 1.0;
+            assert_eq!(s.advance(&mut logits, |_| false), id);
+            if s.ended().is_some() {
+                break;
+            }
+        }
+        (s.out().len(), s.ended())
+    }
+
+    /// The loop stop by hand, window 3 seen 3 times: the period-3 run 1 2 3 1 2 3 1 2 3 ends at
+    /// its 9th id (3 + 2·3), when [1 2 3] ends the row for the third time; one id repeated ends
+    /// at the 5th (3 + 3 − 1); 1..=20 has no repeated window and runs out; a window that
+    /// appeared only in the prompt does not count, so the row ends at the same 9th id.
+    #[test]
+    fn loop_stop_ends_a_row_at_the_third_repeat() {
+        let stop = LoopStop {
+            window: 3,
+            times: 3,
+        };
+        let period: Vec<u32> = [1, 2, 3].repeat(5);
+        assert_eq!(run_ids(&[9], &period, stop), (9, Some(Finish::Looping)));
+        assert_eq!(run_ids(&[9], &[5; 10], stop), (5, Some(Finish::Looping)));
+        let distinct: Vec<u32> = (1..=20).collect();
+        assert_eq!(run_ids(&[9], &distinct, stop), (20, None));
+        let prompt = [1, 2, 3, 1, 2, 3, 1, 2, 3];
+        assert_eq!(run_ids(&prompt, &period, stop), (9, Some(Finish::Looping)));
+        // Window 4, twice: 1 2 3 4 1 2 3 4 ends at its 8th id.
+        let twice = LoopStop {
+            window: 4,
+            times: 2,
+        };
+        let p4: Vec<u32> = [1, 2, 3, 4].repeat(3);
+        assert_eq!(run_ids(&[9], &p4, twice), (8, Some(Finish::Looping)));
     }
 
     /// Streaming "Hello world\n\ndef" token by token with stop "\n\n": the pieces printed are
@@ -480,24 +820,15 @@ mod tests {
     }
 
     /// Sampling at temperature 1 draws in proportion to softmax: 2,000 draws over logits
-    /// ln(0.6), ln(0.3), ln(0.1) land within 4 standard deviations of 1200/600/200.
+    /// ln(0.6), ln(0.3), ln(0.1) land near 1200/600/200.
     #[test]
     fn sampling_follows_the_distribution() {
         let mut rng = ChaCha8Rng::seed_from_u64(2);
         let l: Vec<f32> = [0.6f32, 0.3, 0.1].iter().map(|p| p.ln()).collect();
-        let p = SamplingParams {
-            top_p: None,
-            temperature: 1.0,
-            ..params(false)
-        };
-        let mut counts = [0usize; 3];
-        for _ in 0..2000 {
-            counts[pick(&mut l.clone(), &[], &p, &mut rng) as usize] += 1;
-        }
-        for (c, expected) in counts.iter().zip([0.6, 0.3, 0.1]) {
-            let mean = 2000.0 * expected;
-            let sd = (2000.0_f64 * expected * (1.0 - expected)).sqrt();
-            assert!((*c as f64 - mean).abs() < 4.0 * sd, "{counts:?}");
-        }
+        assert_near(
+            &draw(&l, &random(1.0), 2000, &mut rng),
+            &[0.6, 0.3, 0.1],
+            2000,
+        );
     }
 }

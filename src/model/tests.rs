@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::Optimizer;
 use serde::Deserialize;
 
-use super::sample::{generate, SamplingParams};
+use super::sample::{generate, Sampling, SamplingParams};
 use super::*;
 
 fn fixture(name: &str) -> PathBuf {
@@ -124,7 +124,7 @@ fn cuda_greedy_generation_matches_transformers() {
 fn greedy(n: usize) -> SamplingParams {
     SamplingParams {
         max_new_tokens: n,
-        greedy: true,
+        sampling: Sampling::Greedy,
         ..SamplingParams::default()
     }
 }

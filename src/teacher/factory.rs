@@ -103,6 +103,8 @@ pub struct TeacherConfig {
     pub top_p: f32,
     pub top_k: Option<u32>,
     pub min_p: Option<f32>,
+    /// `None`: off (and not sent to an HTTP teacher).
+    pub repetition_penalty: Option<f32>,
     /// `None`: the corpus's limit (e.g. 1024 for stories).
     pub max_tokens: Option<u32>,
     pub max_tokens_field: MaxTokensField,
@@ -128,6 +130,7 @@ impl Default for TeacherConfig {
             top_p: 1.0,
             top_k: None,
             min_p: None,
+            repetition_penalty: None,
             max_tokens: None,
             max_tokens_field: MaxTokensField::Auto,
             timeout_secs: 120.0,
@@ -192,6 +195,9 @@ impl TeacherConfig {
         }
         if let Some(p) = self.min_p {
             float("--min-p", p as f64, range::UNIT)?;
+        }
+        if let Some(p) = self.repetition_penalty {
+            float("--repetition-penalty", p as f64, range::REPETITION_PENALTY)?;
         }
         if let Some(m) = self.max_tokens {
             int("--max-tokens", m, MAX_TOKENS)?;
@@ -275,7 +281,7 @@ impl TeacherConfig {
 }
 
 /// Loads a local model (downloading it first if it is a Hub id not yet cached) and starts its
-/// batching engine: `max_batch` sequences at once, sampling seeded by `seed`.
+/// batching engine: `max_batch` sequences at once; `seed` as [`Engine::start`] takes it.
 pub async fn local_engine(
     spec: &str,
     quantized: bool,
@@ -381,6 +387,13 @@ mod tests {
                     ..ok.clone()
                 },
                 "--min-p",
+            ),
+            (
+                TeacherConfig {
+                    repetition_penalty: Some(0.0),
+                    ..ok.clone()
+                },
+                "--repetition-penalty",
             ),
             (
                 TeacherConfig {

@@ -15,14 +15,14 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use super::retry::RequestCounters;
 use super::{Answer, FinishReason, Sampling, Teacher, TeacherError, Usage};
 use crate::model::chat::{ChatTemplate, Message};
-use crate::model::sample::{self, first_stop, Finish, SamplingParams};
+use crate::model::sample::{
+    self, first_stop, Finish, LoopStop, RepetitionPenalty, SamplingParams, Sequence,
+};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::{checkpoint, gguf, hub, Decoder, KvCache, ModelError};
 
@@ -153,16 +153,21 @@ impl LocalModel {
     }
 }
 
-/// One generation request.
+/// The ids the repetition penalty looks at (prompt included): llama.cpp's `repeat_last_n`
+/// default, so a penalty means here what it means there.
+pub const REPEAT_LAST_N: usize = 64;
+
+/// One generation request: it carries its own seed, so its answer does not depend on what else
+/// the engine is generating or in which order requests arrive.
 #[derive(Clone, Debug)]
 pub struct Request {
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
-    /// 0 = greedy.
-    pub temperature: f32,
-    pub top_p: f32,
-    pub top_k: Option<u32>,
-    pub min_p: Option<f32>,
+    pub sampling: sample::Sampling,
+    /// > 1 makes ids among the last [`REPEAT_LAST_N`] less likely (`None` or 1: off).
+    pub repetition_penalty: Option<f32>,
+    /// Cut the answer short (finish reason `length`) once it loops; `None`: never.
+    pub loop_stop: Option<LoopStop>,
     /// Text at which the answer ends (not included).
     pub stop: Vec<String>,
     /// Go on past end-of-sequence tokens until `max_tokens` (benchmarks; vLLM's extension).
@@ -170,22 +175,46 @@ pub struct Request {
 }
 
 impl Request {
+    /// A request for `prompt` under a teacher's settings, sampled with `seed`; no stop strings,
+    /// no loop stop.
+    pub fn new(prompt: Vec<u32>, settings: &Sampling, seed: u64) -> Request {
+        Request {
+            prompt,
+            max_tokens: settings.max_tokens as usize,
+            sampling: settings.decoding(seed),
+            repetition_penalty: settings.repetition_penalty,
+            loop_stop: None,
+            stop: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+
     /// New tokens allowed: the request's, within the `context` left after the prompt.
     fn limit(&self, context: usize) -> usize {
         self.max_tokens.min(context - self.prompt.len()).max(1)
     }
 
-    fn sampling(&self, max_new_tokens: usize, seed: u64) -> SamplingParams {
-        SamplingParams {
-            max_new_tokens,
-            temperature: f64::from(self.temperature),
-            top_k: self.top_k.map(|k| k as usize),
-            top_p: (self.top_p < 1.0).then_some(f64::from(self.top_p)),
-            min_p: self.min_p.filter(|&p| p > 0.0).map(f64::from),
-            repetition_penalty: 1.0,
-            seed,
-            greedy: self.temperature <= 0.0,
-        }
+    /// The row that generates this request's answer on `model`.
+    fn sequence(&self, model: &LocalModel) -> Sequence {
+        let params = SamplingParams {
+            max_new_tokens: self.limit(model.context()),
+            sampling: self.sampling,
+            repetition_penalty: self.repetition_penalty.filter(|&p| p != 1.0).map(|p| {
+                RepetitionPenalty {
+                    penalty: f64::from(p),
+                    last_n: Some(REPEAT_LAST_N),
+                }
+            }),
+            loop_stop: self.loop_stop,
+        };
+        let eos: &[u32] = if self.ignore_eos { &[] } else { &model.eos };
+        Sequence::new(self.prompt.clone(), &params, eos)
+    }
+
+    /// Whether the answer so far (`out`) has reached one of the stop strings.
+    fn stopped(&self, model: &LocalModel, out: &[u32]) -> bool {
+        !self.stop.is_empty()
+            && first_stop(&model.tokenizer.decode(out).unwrap_or_default(), &self.stop).is_some()
     }
 }
 
@@ -213,6 +242,7 @@ struct Job {
 /// Batches requests onto one model; cheap to share (`Arc`).
 pub struct Engine {
     model: Arc<LocalModel>,
+    seed: u64,
     jobs: std::sync::Mutex<mpsc::Sender<Job>>,
     /// Tokens generated and batches run, for benchmarks and logs.
     pub generated: Arc<AtomicU64>,
@@ -220,8 +250,9 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts the batching thread: at most `max_batch` sequences share a forward pass; `seed`
-    /// seeds the sampler (each batch draws from its own stream).
+    /// Starts the batching thread: at most `max_batch` sequences share a forward pass. Every
+    /// request carries its own seed; `phigen serve` derives the seeds of requests that bring
+    /// none from `seed` ([`Engine::seed`]).
     pub fn start(model: Arc<LocalModel>, max_batch: usize, seed: u64) -> Engine {
         let (tx, rx) = mpsc::channel::<Job>();
         let generated = Arc::new(AtomicU64::new(0));
@@ -229,14 +260,20 @@ impl Engine {
         let (m, g, b) = (model.clone(), generated.clone(), batches.clone());
         std::thread::Builder::new()
             .name("phigen-local-teacher".into())
-            .spawn(move || run(&m, &rx, max_batch.max(1), seed, &g, &b))
+            .spawn(move || run(&m, &rx, max_batch.max(1), &g, &b))
             .expect("a thread can be spawned");
         Engine {
             model,
+            seed,
             jobs: std::sync::Mutex::new(tx),
             generated,
             batches,
         }
+    }
+
+    /// The seed the engine was started with.
+    pub fn seed(&self) -> u64 {
+        self.seed
     }
 
     pub fn model(&self) -> &LocalModel {
@@ -272,16 +309,14 @@ fn run(
     model: &LocalModel,
     rx: &mpsc::Receiver<Job>,
     max_batch: usize,
-    seed: u64,
     generated: &AtomicU64,
     batches: &AtomicU64,
 ) {
     if model.decoder.long_rope_from().is_some() {
-        return run_static(model, rx, max_batch, seed, generated, batches);
+        return run_static(model, rx, max_batch, generated, batches);
     }
     let mut live: Vec<Row> = Vec::new();
     let mut cache: Option<KvCache> = None;
-    let mut admitted = 0u64;
     loop {
         // Requests join whenever there is room: at once while rows are generating, after a
         // short gathering wait when nothing is.
@@ -291,7 +326,7 @@ fn run(
                 return;
             }
         } else {
-            let room = max_batch.saturating_sub(live.iter().filter(|r| r.ended.is_none()).count());
+            let room = max_batch.saturating_sub(live.iter().filter(|r| r.going_on()).count());
             while joining.len() < room {
                 match rx.try_recv() {
                     Ok(job) => joining.push(job),
@@ -305,10 +340,7 @@ fn run(
             batches.fetch_add(1, Ordering::Relaxed);
             rows = joining
                 .into_iter()
-                .map(|job| {
-                    admitted += 1;
-                    Row::new(job, model, seed.wrapping_add(admitted))
-                })
+                .map(|job| Row::new(job, model))
                 .collect();
             match prefill(model, &mut rows) {
                 Ok(c) => joined = Some(c),
@@ -317,24 +349,20 @@ fn run(
             rows.iter_mut().for_each(|r| r.answer(model, generated));
         }
         // One copy of the cache: the rows still generating, then the newcomers still going on.
-        let keep: Vec<usize> = (0..live.len())
-            .filter(|&i| live[i].ended.is_none())
-            .collect();
-        let going_on: Vec<usize> = (0..rows.len())
-            .filter(|&i| rows[i].ended.is_none())
-            .collect();
+        let keep: Vec<usize> = (0..live.len()).filter(|&i| live[i].going_on()).collect();
+        let going_on: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].going_on()).collect();
         if keep.len() < live.len() || !going_on.is_empty() {
             let join = joined.as_ref().map(|c| (c, going_on.as_slice()));
             let regrouped = cache
                 .get_or_insert_with(|| KvCache::new(model.decoder.config()))
                 .regroup(&keep, join);
-            live.retain(|r| r.ended.is_none());
-            live.extend(rows.into_iter().filter(|r| r.ended.is_none()));
+            live.retain(Row::going_on);
+            live.extend(rows.into_iter().filter(Row::going_on));
             if let Err(e) = regrouped {
                 fail(&mut live, &e);
             }
         }
-        if live.iter().all(|r| r.ended.is_some()) {
+        if !live.iter().any(Row::going_on) {
             live.clear();
             cache = None;
             continue;
@@ -368,49 +396,42 @@ fn gather(rx: &mpsc::Receiver<Job>, jobs: &mut Vec<Job>, max_batch: usize) -> bo
 
 /// Ends every row still going with `error`.
 fn fail(rows: &mut [Row], error: &candle_core::Error) {
-    for row in rows.iter_mut().filter(|r| r.ended.is_none()) {
-        row.ended = Some(Finish::Stopped);
+    for row in rows.iter_mut().filter(|r| r.going_on()) {
+        row.seq.end(Finish::Stopped);
         if let Some(reply) = row.reply.take() {
             let _ = reply.send(Err(EngineError::Failed(error.to_string())));
         }
     }
 }
 
-/// One sequence being generated.
+/// One request being generated.
 struct Row {
     request: Request,
     /// Taken when the answer is sent.
     reply: Option<tokio::sync::oneshot::Sender<Result<Completion, EngineError>>>,
-    params: SamplingParams,
-    rng: ChaCha8Rng,
-    /// Prompt and new ids (repetition penalty looks at both).
-    context: Vec<u32>,
-    out: Vec<u32>,
-    ended: Option<Finish>,
+    seq: Sequence,
 }
 
 impl Row {
-    fn new(job: Job, model: &LocalModel, seed: u64) -> Row {
-        let r = &job.request;
-        let params = r.sampling(r.limit(model.context()), seed);
+    fn new(job: Job, model: &LocalModel) -> Row {
         Row {
-            params,
-            rng: ChaCha8Rng::seed_from_u64(seed),
-            context: r.prompt.clone(),
-            out: Vec::new(),
-            ended: None,
+            seq: job.request.sequence(model),
             request: job.request,
             reply: Some(job.reply),
         }
     }
 
+    fn going_on(&self) -> bool {
+        self.seq.ended().is_none()
+    }
+
     /// Sends the answer of a row that has ended (once).
     fn answer(&mut self, model: &LocalModel, generated: &AtomicU64) {
-        if self.ended.is_none() {
+        if self.going_on() {
             return;
         }
         if let Some(reply) = self.reply.take() {
-            let result = self.completion(model);
+            let result = completion(model, &self.request, &self.seq);
             if let Ok(c) = &result {
                 generated.fetch_add(c.completion_tokens, Ordering::Relaxed);
             }
@@ -420,47 +441,24 @@ impl Row {
 
     /// Samples the next id from this row's logits and decides whether the row goes on.
     fn take(&mut self, logits: &mut [f32], model: &LocalModel) {
-        let id = sample::pick(logits, &self.context, &self.params, &mut self.rng);
-        self.context.push(id);
-        self.out.push(id);
-        let request = &self.request;
-        if !request.ignore_eos && model.eos.contains(&id) {
-            self.ended = Some(Finish::EndOfSequence);
-        } else if !request.stop.is_empty()
-            && first_stop(
-                &model.tokenizer.decode(&self.out).unwrap_or_default(),
-                &request.stop,
-            )
-            .is_some()
-        {
-            self.ended = Some(Finish::Stopped);
-        } else if self.out.len() >= self.params.max_new_tokens {
-            self.ended = Some(Finish::Length);
-        }
-    }
-
-    fn completion(&self, model: &LocalModel) -> Result<Completion, EngineError> {
-        completion(model, &self.request, &self.out, self.ended)
+        let Row { request, seq, .. } = self;
+        seq.advance(logits, |out| request.stopped(model, out));
     }
 }
 
 /// Runs the prompts of `rows` (left-padded into one batch) and samples each row's first id;
 /// returns their cache.
 fn prefill(model: &LocalModel, rows: &mut [Row]) -> candle_core::Result<KvCache> {
-    let longest = rows
-        .iter()
-        .map(|r| r.request.prompt.len())
-        .max()
-        .unwrap_or(0);
+    let longest = rows.iter().map(|r| r.seq.prompt().len()).max().unwrap_or(0);
     let pads: Vec<usize> = rows
         .iter()
-        .map(|r| longest - r.request.prompt.len())
+        .map(|r| longest - r.seq.prompt().len())
         .collect();
     let pad_id = model.decoder.config().pad_token_id.unwrap_or(0);
     let ids: Vec<u32> = rows
         .iter()
         .zip(&pads)
-        .flat_map(|(r, &n)| std::iter::repeat_n(pad_id, n).chain(r.request.prompt.iter().copied()))
+        .flat_map(|(r, &n)| std::iter::repeat_n(pad_id, n).chain(r.seq.prompt().iter().copied()))
         .collect();
     let mut cache = KvCache::with_left_padding(model.decoder.config(), pads);
     let input = Tensor::from_vec(ids, (rows.len(), longest), model.decoder.device())?;
@@ -477,7 +475,7 @@ fn decode_step(
 ) -> candle_core::Result<()> {
     let last: Vec<u32> = rows
         .iter()
-        .map(|r| *r.out.last().expect("rows have an id"))
+        .map(|r| *r.seq.out().last().expect("rows have an id"))
         .collect();
     let input = Tensor::from_vec(last, (rows.len(), 1), model.decoder.device())?;
     let hidden = model.decoder.hidden_states(&input, Some(cache))?;
@@ -500,12 +498,12 @@ fn sample_next(model: &LocalModel, hidden: &Tensor, rows: &mut [Row]) -> candle_
 }
 
 /// Static batches, for models whose rotary tables change with the length (LongRoPE): whatever
-/// is waiting when a batch starts is generated together; a row that finishes leaves the batch.
+/// is waiting when a batch starts is generated together (each row with its own settings and
+/// sampler); a row that finishes leaves the batch.
 fn run_static(
     model: &LocalModel,
     rx: &mpsc::Receiver<Job>,
     max_batch: usize,
-    seed: u64,
     generated: &AtomicU64,
     batches: &AtomicU64,
 ) {
@@ -514,25 +512,10 @@ fn run_static(
         if !gather(rx, &mut waiting, max_batch) {
             return;
         }
-        // One batch shares one sampler setting: the first job's; others wait for the next batch.
-        let key = |j: &Job| {
-            let r = &j.request;
-            let min_p = r.min_p.map(f32::to_bits);
-            (r.temperature.to_bits(), r.top_p.to_bits(), r.top_k, min_p)
-        };
-        let first = key(&waiting[0]);
-        let (batch, rest): (Vec<Job>, Vec<Job>) =
-            waiting.into_iter().partition(|j| key(j) == first);
-        let (batch, overflow) = if batch.len() > max_batch {
-            let mut b = batch;
-            let o = b.split_off(max_batch);
-            (b, o)
-        } else {
-            (batch, Vec::new())
-        };
-        waiting = overflow.into_iter().chain(rest).collect();
-        let n = batches.fetch_add(1, Ordering::Relaxed);
-        let results = generate_batch(model, &batch, seed.wrapping_add(n));
+        let rest = waiting.split_off(waiting.len().min(max_batch));
+        let batch = std::mem::replace(&mut waiting, rest);
+        batches.fetch_add(1, Ordering::Relaxed);
+        let results = generate_batch(model, &batch);
         for (job, result) in batch.into_iter().zip(results) {
             if let Ok(c) = &result {
                 generated.fetch_add(c.completion_tokens, Ordering::Relaxed);
@@ -542,63 +525,37 @@ fn run_static(
     }
 }
 
-fn generate_batch(
-    model: &LocalModel,
-    jobs: &[Job],
-    seed: u64,
-) -> Vec<Result<Completion, EngineError>> {
-    let limits: Vec<usize> = jobs
-        .iter()
-        .map(|j| j.request.limit(model.context()))
-        .collect();
-    let longest = *limits.iter().max().expect("a batch is not empty");
-    let params = jobs[0].request.sampling(longest, seed);
-    let prompts: Vec<Vec<u32>> = jobs.iter().map(|j| j.request.prompt.clone()).collect();
-    // Why a row stopped early, decided here per row (end-of-sequence is per row too).
-    let mut ended = vec![None; jobs.len()];
-    let outcome = sample::generate(&model.decoder, &prompts, &params, &[], |row, ids| {
-        let request = &jobs[row].request;
-        let last = *ids.last().expect("called after each new id");
-        if !request.ignore_eos && model.eos.contains(&last) {
-            ended[row] = Some(Finish::EndOfSequence);
-            return false;
-        }
-        if !request.stop.is_empty() {
-            let text = model.tokenizer.decode(ids).unwrap_or_default();
-            if first_stop(&text, &request.stop).is_some() {
-                ended[row] = Some(Finish::Stopped);
-                return false;
-            }
-        }
-        ids.len() < limits[row]
-    });
-    let generation = match outcome {
-        Ok(g) => g,
+fn generate_batch(model: &LocalModel, jobs: &[Job]) -> Vec<Result<Completion, EngineError>> {
+    let rows = jobs.iter().map(|j| j.request.sequence(model)).collect();
+    match sample::generate_rows(&model.decoder, rows, |row, ids| {
+        jobs[row].request.stopped(model, ids)
+    }) {
+        Ok(rows) => jobs
+            .iter()
+            .zip(&rows)
+            .map(|(job, seq)| completion(model, &job.request, seq))
+            .collect(),
         Err(e) => {
             let reason = e.to_string();
-            return jobs
-                .iter()
+            jobs.iter()
                 .map(|_| Err(EngineError::Failed(reason.clone())))
-                .collect();
+                .collect()
         }
-    };
-    jobs.iter()
-        .enumerate()
-        .map(|(row, job)| completion(model, &job.request, &generation.ids[row], ended[row]))
-        .collect()
+    }
 }
 
-/// The answer to `request` whose new ids are `out`, ended for `ended` (`None`: its length).
+/// The answer to `request` from its ended row `seq`. A row cut short by the loop stop is
+/// reported as `length`: its text is as incomplete as one at the token limit.
 fn completion(
     model: &LocalModel,
     request: &Request,
-    out: &[u32],
-    ended: Option<Finish>,
+    seq: &Sequence,
 ) -> Result<Completion, EngineError> {
-    let (ids, finish) = match ended {
+    let out = seq.out();
+    let (ids, finish) = match seq.ended() {
         Some(Finish::EndOfSequence) => (&out[..out.len().saturating_sub(1)], FinishReason::Stop),
         Some(Finish::Stopped) => (out, FinishReason::Stop),
-        Some(Finish::Length) | None => (out, FinishReason::Length),
+        Some(Finish::Length | Finish::Looping) | None => (out, FinishReason::Length),
     };
     let mut text = model
         .tokenizer
@@ -642,7 +599,7 @@ impl Teacher for LocalTeacher {
         self.sampling
     }
 
-    async fn chat(&self, prompt: &str) -> Result<Answer, TeacherError> {
+    async fn chat(&self, prompt: &str, seed: u64) -> Result<Answer, TeacherError> {
         RequestCounters::bump(&self.counters.sent);
         let model = self.engine.model();
         let fail = |reason: String| TeacherError::Local {
@@ -653,14 +610,8 @@ impl Teacher for LocalTeacher {
             .prompt_ids(&[Message::user(prompt)])
             .map_err(|e| fail(e.to_string()))?;
         let request = Request {
-            prompt: ids,
-            max_tokens: self.sampling.max_tokens as usize,
-            temperature: self.sampling.temperature,
-            top_p: self.sampling.top_p,
-            top_k: self.sampling.top_k,
-            min_p: self.sampling.min_p,
-            stop: Vec::new(),
-            ignore_eos: false,
+            loop_stop: Some(LoopStop::TEACHER),
+            ..Request::new(ids, &self.sampling, seed)
         };
         match self.engine.complete(request).await {
             Ok(c) => Ok(Answer {

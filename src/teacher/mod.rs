@@ -31,6 +31,37 @@ pub struct Sampling {
     pub top_k: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_p: Option<f32>,
+    /// `--repetition-penalty` where asked for: sent to an HTTP teacher as `repetition_penalty`
+    /// (vLLM) and `repeat_penalty` (llama.cpp's server); the local teacher applies it to the
+    /// last [`local::REPEAT_LAST_N`] ids. Absent from the record ids when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repetition_penalty: Option<f32>,
+}
+
+impl Sampling {
+    /// How phigen's own decoder samples under these settings, seeded by `seed`: temperature 0 is
+    /// greedy; top-p 1, top-k 0 and min-p 0 are off (as the APIs read them).
+    pub fn decoding(&self, seed: u64) -> crate::model::sample::Sampling {
+        crate::model::sample::Sampling::new(
+            f64::from(self.temperature),
+            f64::from(self.top_p),
+            self.top_k.map(|k| k as usize),
+            self.min_p.map(f64::from),
+            seed,
+        )
+    }
+}
+
+/// The sampling seed of the request for the record `id`: 31 bits of its hash, so that every
+/// server's `seed` field holds it (llama.cpp reads a uint32, some servers an int32). The same
+/// record gets the same seed from every teacher and at any concurrency; the next attempt of a
+/// slot (another id) gets another.
+pub fn request_seed(id: &str) -> u64 {
+    let digest = blake3::hash(id.as_bytes());
+    let head: [u8; 4] = digest.as_bytes()[..4]
+        .try_into()
+        .expect("a digest has 32 bytes");
+    u64::from(u32::from_le_bytes(head) >> 1)
 }
 
 /// Why the model stopped, as reported by the server.
@@ -138,8 +169,13 @@ pub trait Teacher: Send + Sync + 'static {
     /// The model name recorded with each record and used in its id.
     fn model(&self) -> &str;
     fn sampling(&self) -> Sampling;
-    /// Sends one user prompt and waits for the complete answer.
-    fn chat(&self, prompt: &str) -> impl Future<Output = Result<Answer, TeacherError>> + Send;
+    /// Sends one user prompt and waits for the complete answer, sampled with `seed` (see
+    /// [`request_seed`]) where the backend takes one.
+    fn chat(
+        &self,
+        prompt: &str,
+        seed: u64,
+    ) -> impl Future<Output = Result<Answer, TeacherError>> + Send;
     /// A caveat about the data this teacher writes, recorded in `stats.json`.
     fn note(&self) -> Option<&str> {
         None
@@ -173,4 +209,50 @@ pub enum MaxTokensField {
     Auto,
     MaxTokens,
     MaxCompletionTokens,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record's seed is a function of its id alone, fits in 31 bits (an int32 `seed` field
+    /// holds it), and two ids get two seeds.
+    #[test]
+    fn request_seeds_come_from_the_record_id() {
+        let a = "30cb8700c581e1a6c6386d611e5c1aa4";
+        let b = "56a8131cb7d0bc90f5370fed97da41bc";
+        assert_eq!(request_seed(a), request_seed(a));
+        assert_ne!(request_seed(a), request_seed(b));
+        assert!(request_seed(a) < 1 << 31 && request_seed(b) < 1 << 31);
+    }
+
+    /// Temperature 0 is greedy; the rest as [`crate::model::sample::Sampling::new`] reads the
+    /// APIs' settings, with the seed given.
+    #[test]
+    fn wire_settings_convert_to_the_decoder_sampler() {
+        use crate::model::sample::Sampling as Decoding;
+        let s = Sampling {
+            temperature: 0.7,
+            top_p: 1.0,
+            max_tokens: 10,
+            top_k: Some(40),
+            min_p: Some(0.05),
+            repetition_penalty: None,
+        };
+        assert_eq!(
+            s.decoding(3),
+            Decoding::Random {
+                temperature: f64::from(0.7f32),
+                top_k: Some(40),
+                top_p: None,
+                min_p: Some(f64::from(0.05f32)),
+                seed: 3
+            }
+        );
+        let greedy = Sampling {
+            temperature: 0.0,
+            ..s
+        };
+        assert_eq!(greedy.decoding(3), Decoding::Greedy);
+    }
 }

@@ -108,11 +108,16 @@ impl OpenAiTeacher {
         })
     }
 
-    fn body(&self, prompt: &str) -> String {
+    /// The request for `prompt`, with the record's `seed` (OpenAI, vLLM, llama.cpp's server and
+    /// `phigen serve` read it).
+    fn body(&self, prompt: &str, seed: u64) -> String {
         let messages: Vec<ChatCompletionRequestMessage> =
             vec![ChatCompletionRequestUserMessage::from(prompt).into()];
         let messages = serde_json::to_string(&messages).expect("chat messages always serialize");
-        format!("{{\"messages\":{messages},{}", self.body_tail)
+        format!(
+            "{{\"messages\":{messages},\"seed\":{seed},{}",
+            self.body_tail
+        )
     }
 
     async fn exchange(&self, body: Bytes) -> Exchange {
@@ -379,6 +384,11 @@ fn request_body_tail(model: &str, sampling: Sampling, field: MaxTokensField) -> 
     if let Some(p) = sampling.min_p {
         object.insert("min_p".into(), p.into());
     }
+    if let Some(p) = sampling.repetition_penalty {
+        // vLLM's name, then llama.cpp's server's.
+        object.insert("repetition_penalty".into(), p.into());
+        object.insert("repeat_penalty".into(), p.into());
+    }
     let tail = serde_json::to_string(&value).expect("json value always serializes");
     tail[1..].to_string()
 }
@@ -401,10 +411,10 @@ impl Teacher for OpenAiTeacher {
         &self.counters
     }
 
-    async fn chat(&self, prompt: &str) -> Result<Answer, TeacherError> {
+    async fn chat(&self, prompt: &str, seed: u64) -> Result<Answer, TeacherError> {
         let policy = self.settings.retry;
         // Shared, not copied, by the retries.
-        let body = Bytes::from(self.body(prompt));
+        let body = Bytes::from(self.body(prompt, seed));
         let mut last = String::new();
         for attempt in 1..=policy.max_attempts {
             let outcome = {
@@ -456,6 +466,7 @@ mod tests {
             max_tokens: 321,
             top_k: None,
             min_p: None,
+            repetition_penalty: None,
         };
         for (field, key) in [
             (MaxTokensField::MaxTokens, "max_tokens"),
@@ -469,12 +480,16 @@ mod tests {
             assert_eq!(parsed.temperature, Some(0.7));
             let raw: serde_json::Value = serde_json::from_str(&body).unwrap();
             assert_eq!(raw[key], 321, "{body}");
-            assert!(raw.get("top_k").is_none() && raw.get("min_p").is_none());
+            for absent in ["top_k", "min_p", "repetition_penalty", "repeat_penalty"] {
+                assert!(raw.get(absent).is_none(), "{body}");
+            }
         }
-        // Top-k and min-p go out only when asked for, under vLLM's names.
+        // Top-k, min-p and the repetition penalty go out only when asked for, under vLLM's
+        // names (the penalty under llama.cpp's as well).
         let s = Sampling {
             top_k: Some(40),
             min_p: Some(0.25),
+            repetition_penalty: Some(1.5),
             ..s
         };
         let tail = request_body_tail("m", s, MaxTokensField::MaxTokens);
@@ -482,6 +497,13 @@ mod tests {
         assert_eq!(
             (raw["top_k"].as_u64(), raw["min_p"].as_f64()),
             (Some(40), Some(0.25))
+        );
+        assert_eq!(
+            (
+                raw["repetition_penalty"].as_f64(),
+                raw["repeat_penalty"].as_f64()
+            ),
+            (Some(1.5), Some(1.5))
         );
     }
 

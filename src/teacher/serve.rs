@@ -2,7 +2,11 @@
 //! tools — and phigen's own HTTP teacher — can use the models phigen trained.
 //!
 //! Routes: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (non-streaming;
-//! `n` = 1). Requests are batched by the local teacher's [`Engine`]. Also the HTTP plumbing the
+//! `n` = 1). Requests are batched by the local teacher's [`Engine`]. A request is sampled with its
+//! `seed`; one without a seed (or with a negative one, llama.cpp's "random") gets a seed derived
+//! from the server's `--seed` and the request's content (prompt ids and sampling settings), never
+//! from its arrival, so the same request gets the same answer. The loop stop of the local teacher
+//! is off here: a server returns what was asked for, as vLLM and llama.cpp do. Also the HTTP plumbing the
 //! mock server shares: [`listen`], which holds every client within [`Limits`] (body size, time to
 //! send a request or read an answer, connections at once), and [`json`] / [`error`].
 
@@ -23,7 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::local::{Completion, Engine, EngineError, LocalModel};
-use super::FinishReason;
+use super::{FinishReason, Sampling};
 use crate::model::chat::Message;
 use crate::model::checkpoint::{tokenizer_name, tokenizer_size};
 use crate::model::tokenizer::Tokenizer;
@@ -427,6 +431,13 @@ struct Common {
     top_k: Option<u32>,
     #[serde(default)]
     min_p: Option<f32>,
+    /// vLLM's name, then llama.cpp's.
+    #[serde(default)]
+    repetition_penalty: Option<f32>,
+    #[serde(default)]
+    repeat_penalty: Option<f32>,
+    #[serde(default)]
+    seed: Option<i64>,
     #[serde(default)]
     stop: Stop,
     #[serde(default)]
@@ -458,6 +469,19 @@ struct CompletionRequest {
     prompt: Prompt,
     #[serde(flatten)]
     common: Common,
+}
+
+/// The seed of a request that brings none: a hash of the server's seed, the prompt ids and the
+/// sampling settings.
+fn content_seed(server_seed: u64, prompt: &[u32], settings: &Sampling) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(b"phigen/serve-seed");
+    h.update(&server_seed.to_le_bytes());
+    for id in prompt {
+        h.update(&id.to_le_bytes());
+    }
+    h.update(&serde_json::to_vec(settings).expect("sampling settings serialize"));
+    u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
 /// What the server answers with when a request leaves the output length open.
@@ -624,23 +648,39 @@ impl Server {
         if let Some(p) = common.min_p.filter(|p| !(0.0..=1.0).contains(p)) {
             return Err(bad(format!("`min_p` must be in [0, 1], found {p}")));
         }
-        let request = super::local::Request {
-            prompt,
-            max_tokens: common
-                .max_completion_tokens
-                .or(common.max_tokens)
-                .unwrap_or(DEFAULT_MAX_TOKENS),
+        let penalty = common.repetition_penalty.or(common.repeat_penalty);
+        let range = crate::range::REPETITION_PENALTY;
+        if let Some(p) = penalty.filter(|&p| !range.contains(f64::from(p))) {
+            return Err(bad(format!(
+                "`repetition_penalty` must be in {range} (1 = off), found {p}"
+            )));
+        }
+        let max_tokens = common
+            .max_completion_tokens
+            .or(common.max_tokens)
+            .unwrap_or(DEFAULT_MAX_TOKENS);
+        let settings = Sampling {
             temperature: common.temperature.unwrap_or(1.0),
             top_p: common.top_p.unwrap_or(1.0),
+            max_tokens: u32::try_from(max_tokens).unwrap_or(u32::MAX),
             // vLLM reads 0 and -1 as "off"; a negative number does not parse as u32 here.
             top_k: common.top_k.filter(|&k| k > 0),
             min_p: common.min_p,
+            repetition_penalty: penalty,
+        };
+        let seed = match common.seed {
+            Some(seed) if seed >= 0 => seed as u64,
+            _ => content_seed(self.engine.seed(), &prompt, &settings),
+        };
+        let request = super::local::Request {
+            max_tokens,
             stop: match common.stop {
                 Stop::None => Vec::new(),
                 Stop::One(s) => vec![s],
                 Stop::Many(v) => v,
             },
             ignore_eos: common.ignore_eos,
+            ..super::local::Request::new(prompt, &settings, seed)
         };
         let c = self.engine.complete(request).await.map_err(|e| match e {
             EngineError::PromptTooLong { .. } => bad(e.to_string()),
