@@ -385,6 +385,7 @@ async fn plan_generate(
         "top_p": cfg.top_p,
         "top_k": cfg.top_k,
         "min_p": cfg.min_p,
+        "repetition_penalty": cfg.repetition_penalty,
         "max_tokens": max_tokens(cfg, corpus),
         "seed": seed,
     });
