@@ -364,16 +364,7 @@ pub fn run(opts: &DedupOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<Outco
     check_settings(opts)?;
     // Checked before anything is created: the lock file would be written into the input.
     outdir::check_apart(&opts.out, &opts.inputs)?;
-    let lock = match opts.shard {
-        Some(s) => DirLock::slice(&opts.out, s.k, s.n)?,
-        None => DirLock::exclusive(&opts.out)?,
-    };
-    let _index_lock = match &opts.index {
-        Some(dir) if opts.shard.is_none() && !same_dir(dir, &opts.out) => {
-            Some(DirLock::exclusive(dir)?)
-        }
-        _ => None,
-    };
+    let (lock, _index_lock) = lock_dirs(opts)?;
     let mut written = Written::open(&opts.out, &lock)?;
     let walk = WalkOptions {
         follow_symlinks: opts.follow_symlinks,
@@ -486,6 +477,21 @@ pub fn run(opts: &DedupOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<Outco
         commit_index(dir, &opts.params, opts.exact, generation)?;
     }
     Ok(Outcome::Done(stats))
+}
+
+/// Locks `OUT` (a `--shard` task: its slice only) and, for a whole run, the `--index` directory.
+fn lock_dirs(opts: &DedupOptions) -> Result<(DirLock, Option<DirLock>), DedupError> {
+    let lock = match opts.shard {
+        Some(s) => DirLock::slice(&opts.out, s.k, s.n)?,
+        None => DirLock::exclusive(&opts.out)?,
+    };
+    let index_lock = match &opts.index {
+        Some(dir) if opts.shard.is_none() && !same_dir(dir, &opts.out) => {
+            Some(DirLock::exclusive(dir)?)
+        }
+        _ => None,
+    };
+    Ok((lock, index_lock))
 }
 
 /// Refuses settings no run can use, before anything is locked or written.
