@@ -329,6 +329,85 @@ impl Sandbox {
         &self.python
     }
 
+    /// The command that runs the harness, which runs `main.py` of `dir`: inside bwrap (the
+    /// directory a tmpfs of its own size) or, with `--unsafe-sandbox`, bare. The limits are set
+    /// later, in the child (`confine`).
+    fn command(&self, dir: &Path) -> std::process::Command {
+        let (mut cmd, home) = match &self.bwrap {
+            Some((bwrap, args)) => {
+                // The program's directory is a tmpfs of its own size, holding `main.py`.
+                let mut cmd = std::process::Command::new(bwrap);
+                cmd.args(args)
+                    .args(if self.seccomp.is_some() {
+                        &["--seccomp", "4"][..]
+                    } else {
+                        &[]
+                    })
+                    .args(["--size", &self.limits.max_dir_bytes.to_string()])
+                    .args(["--tmpfs", "/tmp", "--ro-bind"])
+                    .arg(dir.join("main.py"))
+                    .args(["/tmp/main.py", "--chdir", "/tmp", "--"])
+                    .arg(&self.python);
+                (cmd, Path::new("/tmp"))
+            }
+            None => (std::process::Command::new(&self.python), dir),
+        };
+        let nproc = match self.nproc_per_namespace || self.bwrap.is_none() {
+            true => self.limits.max_processes.to_string(),
+            false => "None".to_string(),
+        };
+        let harness = HARNESS.replace("MAX_PROCESSES", &nproc);
+        cmd.args(["-I", "-B", "-c", &harness])
+            .current_dir(dir)
+            .env_clear()
+            .env("HOME", home)
+            .env("TMPDIR", home)
+            .env("PATH", "/usr/bin:/bin")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
+    }
+
+    /// The verdict on a run that started (`result`: what the harness wrote after its `S`), its
+    /// exit code and signal, and for a failure the line that says why.
+    fn judge(
+        &self,
+        status: Option<std::process::ExitStatus>,
+        timed_out: bool,
+        result: &str,
+        nonce: &str,
+        stderr: &str,
+    ) -> (Verdict, Option<i32>, Option<i32>, String) {
+        use std::os::unix::process::ExitStatusExt;
+        let (exit_code, signal) = match (status.and_then(|s| s.code()), status) {
+            // bwrap reports a program killed by signal N as exit status 128 + N.
+            (Some(code @ 129..=192), _) if self.bwrap.is_some() => (None, Some(code - 128)),
+            (code, status) => (code, status.and_then(|s| s.signal())),
+        };
+        let verdict = match (timed_out, exit_code, signal) {
+            (true, _, _) => Verdict::TimedOut,
+            (_, Some(0), _) if result == nonce => Verdict::Passed,
+            (_, Some(_), _) => Verdict::Failed,
+            (_, None, Some(libc::SIGXCPU | libc::SIGKILL)) => Verdict::TimedOut,
+            _ => Verdict::Crashed,
+        };
+        let error = match (verdict, exit_code) {
+            (Verdict::Failed, Some(0)) => {
+                "exited with status 0 before the end of the program (its tests did not all run)"
+                    .to_string()
+            }
+            (Verdict::Failed, _) => stderr
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or_default()
+                .to_string(),
+            _ => String::new(),
+        };
+        (verdict, exit_code, signal, error)
+    }
+
     /// Runs `program` as `main.py` and waits for it (or for the wall-clock limit).
     pub async fn run(&self, program: &str) -> Result<Execution, SandboxError> {
         let _slot = self
@@ -348,39 +427,7 @@ impl Sandbox {
                 std::os::unix::fs::chown(&p, Some(uid), Some(uid))?;
             }
         }
-        let (mut cmd, home) = match &self.bwrap {
-            Some((bwrap, args)) => {
-                // The program's directory is a tmpfs of its own size, holding `main.py`.
-                let mut cmd = std::process::Command::new(bwrap);
-                cmd.args(args)
-                    .args(if self.seccomp.is_some() {
-                        &["--seccomp", "4"][..]
-                    } else {
-                        &[]
-                    })
-                    .args(["--size", &self.limits.max_dir_bytes.to_string()])
-                    .args(["--tmpfs", "/tmp", "--ro-bind"])
-                    .arg(dir.path().join("main.py"))
-                    .args(["/tmp/main.py", "--chdir", "/tmp", "--"])
-                    .arg(&self.python);
-                (cmd, Path::new("/tmp"))
-            }
-            None => (std::process::Command::new(&self.python), dir.path()),
-        };
-        let nproc = match self.nproc_per_namespace || self.bwrap.is_none() {
-            true => self.limits.max_processes.to_string(),
-            false => "None".to_string(),
-        };
-        let harness = HARNESS.replace("MAX_PROCESSES", &nproc);
-        cmd.args(["-I", "-B", "-c", &harness])
-            .current_dir(dir.path())
-            .env_clear()
-            .env("HOME", home)
-            .env("TMPDIR", home)
-            .env("PATH", "/usr/bin:/bin")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        let mut cmd = self.command(dir.path());
         let (result_read, result_write) = pipe()?;
         let result_fd = result_write.as_raw_fd();
         // The filter goes to bwrap through a pipe that holds all of it (a few hundred bytes).
@@ -444,7 +491,6 @@ impl Sandbox {
             Ok((status, out, err, result)) => (Some(status?), out, err, result, false),
             Err(_) => (None, String::new(), String::new(), String::new(), true),
         };
-        use std::os::unix::process::ExitStatusExt;
         // The harness writes `S` before the program: without it, bwrap or Python never started
         // (a run killed at its time limit is a verdict whatever it wrote).
         let result = match result.strip_prefix('S') {
@@ -457,31 +503,8 @@ impl Sandbox {
                 });
             }
         };
-        let (exit_code, signal) = match (status.and_then(|s| s.code()), status) {
-            // bwrap reports a program killed by signal N as exit status 128 + N.
-            (Some(code @ 129..=192), _) if self.bwrap.is_some() => (None, Some(code - 128)),
-            (code, status) => (code, status.and_then(|s| s.signal())),
-        };
-        let verdict = match (timed_out, exit_code, signal) {
-            (true, _, _) => Verdict::TimedOut,
-            (_, Some(0), _) if result == nonce => Verdict::Passed,
-            (_, Some(_), _) => Verdict::Failed,
-            (_, None, Some(libc::SIGXCPU | libc::SIGKILL)) => Verdict::TimedOut,
-            _ => Verdict::Crashed,
-        };
-        let error = match (verdict, exit_code) {
-            (Verdict::Failed, Some(0)) => {
-                "exited with status 0 before the end of the program (its tests did not all run)"
-                    .to_string()
-            }
-            (Verdict::Failed, _) => stderr
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or_default()
-                .to_string(),
-            _ => String::new(),
-        };
+        let (verdict, exit_code, signal, error) =
+            self.judge(status, timed_out, result, &nonce, &stderr);
         Ok(Execution {
             verdict,
             exit_code,

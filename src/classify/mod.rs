@@ -32,7 +32,7 @@ use crate::artifact::table::{self, TableError};
 use crate::artifact::walk::{InputSkip, WalkError, WalkOptions};
 use embed::{embed_all, Cache, Embedder, EmbedderSpec};
 use forest::{Forest, ForestError, ForestParams, Samples};
-use input::{Part, Skip};
+use input::{Loaded, Part, Skip};
 use metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -487,7 +487,6 @@ pub fn filter(
         .append(true)
         .open(&progress_path)
         .map_err(io_err(&progress_path))?;
-    let bpe = tiktoken_rs::r50k_base_singleton();
     let mut this_run = 0;
     for part in parts.iter().skip(k).step_by(n) {
         let part_fp = part.fingerprint();
@@ -498,97 +497,19 @@ pub fn filter(
             continue;
         }
         let loaded = input::load(part, opts.input.max_bytes)?;
-        let ok: Vec<usize> = (0..loaded.rows.len())
-            .filter(|&i| loaded.rows[i].content.is_ok())
-            .collect();
-        let mut scores: Vec<Option<f32>> = vec![None; loaded.rows.len()];
-        for chunk in ok.chunks(opts.batch.max(1)) {
-            let texts: Vec<&str> = chunk
-                .iter()
-                .map(|&i| loaded.rows[i].content.as_deref().expect("filtered to Ok"))
-                .collect();
-            let vectors = embed_all(embedder.as_ref(), &texts, cache.as_mut())?;
-            let flat: Vec<f32> = vectors.concat();
-            let s = classifier.forest.score_all(&Samples {
-                rows: &flat,
-                features: embedder.dim(),
-            })?;
-            for (&i, s) in chunk.iter().zip(s) {
-                scores[i] = Some(s);
-            }
-        }
+        let scores = score_rows(
+            &loaded,
+            &classifier,
+            embedder.as_ref(),
+            cache.as_mut(),
+            opts.batch,
+        )?;
         let kept: Vec<bool> = scores
             .iter()
             .map(|s| s.is_some_and(|s| s >= threshold))
             .collect();
-        let mut stats = PartStats {
-            rel: part.rel.clone(),
-            fingerprint: part_fp,
-            classifier: fingerprint.clone(),
-            files: loaded.rows.len() as u64,
-            histogram: vec![0; 20],
-            ..PartStats::default()
-        };
-        for (i, code) in loaded.rows.iter().enumerate() {
-            match (&code.content, scores[i]) {
-                (Ok(text), Some(s)) => {
-                    stats.scored += 1;
-                    stats.bytes_scored += text.len() as u64;
-                    stats.histogram[((s * 20.0) as usize).min(19)] += 1;
-                    if kept[i] {
-                        stats.kept += 1;
-                        stats.bytes_kept += text.len() as u64;
-                    }
-                }
-                (Err(skip), _) => *stats.skipped.entry(*skip).or_default() += 1,
-                (Ok(_), None) => unreachable!("every readable row is scored"),
-            }
-        }
-        stats.tokens_kept = (0..loaded.rows.len())
-            .into_par_iter()
-            .filter(|&i| kept[i])
-            .map(|i| {
-                let text = loaded.rows[i]
-                    .content
-                    .as_deref()
-                    .expect("kept rows are readable");
-                bpe.encode_with_special_tokens(text).len() as u64
-            })
-            .sum();
-        let mut frame = loaded.frame;
-        let skip: Vec<Option<&str>> = loaded
-            .rows
-            .iter()
-            .map(|c| c.content.as_ref().err().map(|s| s.as_str()))
-            .collect();
-        for column in [
-            Series::new("score".into(), &scores).into_column(),
-            Series::new("kept".into(), &kept).into_column(),
-            Series::new("skip".into(), skip).into_column(),
-        ] {
-            let name = column.name().clone();
-            if frame.column(&name).is_ok() {
-                frame.drop_in_place(&name).map_err(|e| bad_frame(part, e))?;
-            }
-            frame.with_column(column).map_err(|e| bad_frame(part, e))?;
-        }
-        let scored_path = opts.out.join("scored").join(&part.rel);
-        let kept_path = opts.out.join("kept").join(&part.rel);
-        for p in [&scored_path, &kept_path] {
-            let dir = p.parent().expect("output paths have a parent");
-            std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-        }
-        let mut kept_frame = frame
-            .filter(&BooleanChunked::from_slice("kept".into(), &kept))
-            .map_err(|e| bad_frame(part, e))?;
-        table::write_frame(&scored_path, &mut frame)?;
-        kept_frame = kept_frame.drop_many(["score", "kept", "skip"]);
-        if loaded.content_column != "text" && kept_frame.column("text").is_err() {
-            kept_frame
-                .rename(&loaded.content_column, "text".into())
-                .map_err(|e| bad_frame(part, e))?;
-        }
-        table::write_frame(&kept_path, &mut kept_frame)?;
+        let stats = part_stats(part, part_fp, fingerprint.clone(), &loaded, &scores, &kept);
+        write_part(&opts.out, part, loaded, &scores, &kept)?;
         let line = serde_json::to_string(&stats).expect("stats serialize");
         writeln!(journal, "{line}")
             .and_then(|_| journal.sync_data())
@@ -610,25 +531,155 @@ pub fn filter(
         let Some(s) = done.get(&part.rel).filter(|s| s.classifier == fingerprint) else {
             continue;
         };
-        total.parts_done += 1;
-        total.files += s.files;
-        total.scored += s.scored;
-        total.kept += s.kept;
-        total.bytes_scored += s.bytes_scored;
-        total.bytes_kept += s.bytes_kept;
-        total.tokens_kept += s.tokens_kept;
-        for (r, c) in &s.skipped {
-            *total.skipped.entry(*r).or_default() += c;
-        }
-        for (h, c) in total.histogram.iter_mut().zip(&s.histogram) {
-            *h += c;
-        }
+        total.add_part(s);
     }
     total.kept_share = total.kept as f64 / total.scored.max(1) as f64;
     total.wall_seconds = started.elapsed().as_secs_f64();
     let stats_path = opts.out.join("stats.json");
     atomic::write_json(&stats_path, &total).map_err(io_err(&stats_path))?;
     Ok(total)
+}
+
+/// Scores of a part's rows (None for a row that could not be read), `batch` rows at a time.
+fn score_rows(
+    loaded: &Loaded,
+    classifier: &Classifier,
+    embedder: &dyn Embedder,
+    mut cache: Option<&mut Cache>,
+    batch: usize,
+) -> Result<Vec<Option<f32>>, ClassifyError> {
+    let ok: Vec<usize> = (0..loaded.rows.len())
+        .filter(|&i| loaded.rows[i].content.is_ok())
+        .collect();
+    let mut scores: Vec<Option<f32>> = vec![None; loaded.rows.len()];
+    for chunk in ok.chunks(batch.max(1)) {
+        let texts: Vec<&str> = chunk
+            .iter()
+            .map(|&i| loaded.rows[i].content.as_deref().expect("filtered to Ok"))
+            .collect();
+        let vectors = embed_all(embedder, &texts, cache.as_deref_mut())?;
+        let flat: Vec<f32> = vectors.concat();
+        let s = classifier.forest.score_all(&Samples {
+            rows: &flat,
+            features: embedder.dim(),
+        })?;
+        for (&i, s) in chunk.iter().zip(s) {
+            scores[i] = Some(s);
+        }
+    }
+    Ok(scores)
+}
+
+/// A scored part's progress line: counts, the score histogram, and the GPT-2 tokens it keeps.
+fn part_stats(
+    part: &Part,
+    part_fp: String,
+    classifier: String,
+    loaded: &Loaded,
+    scores: &[Option<f32>],
+    kept: &[bool],
+) -> PartStats {
+    let bpe = tiktoken_rs::r50k_base_singleton();
+    let mut stats = PartStats {
+        rel: part.rel.clone(),
+        fingerprint: part_fp,
+        classifier,
+        files: loaded.rows.len() as u64,
+        histogram: vec![0; 20],
+        ..PartStats::default()
+    };
+    for (i, code) in loaded.rows.iter().enumerate() {
+        match (&code.content, scores[i]) {
+            (Ok(text), Some(s)) => {
+                stats.scored += 1;
+                stats.bytes_scored += text.len() as u64;
+                stats.histogram[((s * 20.0) as usize).min(19)] += 1;
+                if kept[i] {
+                    stats.kept += 1;
+                    stats.bytes_kept += text.len() as u64;
+                }
+            }
+            (Err(skip), _) => *stats.skipped.entry(*skip).or_default() += 1,
+            (Ok(_), None) => unreachable!("every readable row is scored"),
+        }
+    }
+    stats.tokens_kept = (0..loaded.rows.len())
+        .into_par_iter()
+        .filter(|&i| kept[i])
+        .map(|i| {
+            let text = loaded.rows[i]
+                .content
+                .as_deref()
+                .expect("kept rows are readable");
+            bpe.encode_with_special_tokens(text).len() as u64
+        })
+        .sum();
+    stats
+}
+
+/// `scored/REL` (the part with score, kept and skip columns) and `kept/REL` (its kept rows, the
+/// content column named `text`).
+fn write_part(
+    out: &Path,
+    part: &Part,
+    loaded: Loaded,
+    scores: &[Option<f32>],
+    kept: &[bool],
+) -> Result<(), ClassifyError> {
+    let mut frame = loaded.frame;
+    let skip: Vec<Option<&str>> = loaded
+        .rows
+        .iter()
+        .map(|c| c.content.as_ref().err().map(|s| s.as_str()))
+        .collect();
+    for column in [
+        Series::new("score".into(), &scores).into_column(),
+        Series::new("kept".into(), &kept).into_column(),
+        Series::new("skip".into(), skip).into_column(),
+    ] {
+        let name = column.name().clone();
+        if frame.column(&name).is_ok() {
+            frame.drop_in_place(&name).map_err(|e| bad_frame(part, e))?;
+        }
+        frame.with_column(column).map_err(|e| bad_frame(part, e))?;
+    }
+    let scored_path = out.join("scored").join(&part.rel);
+    let kept_path = out.join("kept").join(&part.rel);
+    for p in [&scored_path, &kept_path] {
+        let dir = p.parent().expect("output paths have a parent");
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    }
+    let mut kept_frame = frame
+        .filter(&BooleanChunked::from_slice("kept".into(), &kept))
+        .map_err(|e| bad_frame(part, e))?;
+    table::write_frame(&scored_path, &mut frame)?;
+    kept_frame = kept_frame.drop_many(["score", "kept", "skip"]);
+    if loaded.content_column != "text" && kept_frame.column("text").is_err() {
+        kept_frame
+            .rename(&loaded.content_column, "text".into())
+            .map_err(|e| bad_frame(part, e))?;
+    }
+    table::write_frame(&kept_path, &mut kept_frame)?;
+    Ok(())
+}
+
+impl FilterStats {
+    /// Adds a finished part's counts.
+    fn add_part(&mut self, s: &PartStats) {
+        self.parts_done += 1;
+        self.files += s.files;
+        self.scored += s.scored;
+        self.kept += s.kept;
+        self.bytes_scored += s.bytes_scored;
+        self.bytes_kept += s.bytes_kept;
+        self.tokens_kept += s.tokens_kept;
+        for (r, c) in &s.skipped {
+            *self.skipped.entry(*r).or_default() += c;
+        }
+        for (h, c) in self.histogram.iter_mut().zip(&s.histogram) {
+            *h += c;
+        }
+    }
 }
 
 fn bad_frame(part: &Part, e: polars::prelude::PolarsError) -> ClassifyError {

@@ -497,6 +497,8 @@ pub struct BenchmarkReport {
     pub documents_per_task: BTreeMap<String, usize>,
 }
 
+/// Runs decontamination as the module documentation describes; `progress` is called with bytes
+/// scanned.
 pub fn run(
     opts: &DecontaminateOptions,
     progress: &(dyn Fn(u64) + Sync),
@@ -596,18 +598,7 @@ pub fn run(
         ("matches", Kind::Int),
     ];
     table::write_parquet(&opts.out.join(HITS_FILE), &schema, &rows)?;
-    let mut benchmarks: BTreeMap<String, BenchmarkReport> = BTreeMap::new();
-    for task in index.tasks() {
-        benchmarks.entry(task.benchmark.clone()).or_default().tasks += 1;
-    }
-    for (t, n) in per_task {
-        let task = &index.tasks()[t];
-        let b = benchmarks
-            .get_mut(&task.benchmark)
-            .expect("every task's benchmark is listed");
-        b.tasks_hit += 1;
-        b.documents_per_task.insert(task.id.clone(), n);
-    }
+    let benchmarks = benchmark_reports(&index, per_task);
     let report = Report {
         ngram: opts.ngram,
         identifier_ngram: opts.identifier_ngram,
@@ -622,6 +613,27 @@ pub fn run(
     let path = opts.out.join(REPORT_FILE);
     atomic::write_json(&path, &report).map_err(io_err(&path))?;
     Ok(report)
+}
+
+/// Per benchmark: its problems, and the documents hitting each problem (`per_task`: task index →
+/// documents).
+fn benchmark_reports(
+    index: &Index,
+    per_task: BTreeMap<usize, usize>,
+) -> BTreeMap<String, BenchmarkReport> {
+    let mut benchmarks: BTreeMap<String, BenchmarkReport> = BTreeMap::new();
+    for task in index.tasks() {
+        benchmarks.entry(task.benchmark.clone()).or_default().tasks += 1;
+    }
+    for (t, n) in per_task {
+        let task = &index.tasks()[t];
+        let b = benchmarks
+            .get_mut(&task.benchmark)
+            .expect("every task's benchmark is listed");
+        b.tasks_hit += 1;
+        b.documents_per_task.insert(task.id.clone(), n);
+    }
+    benchmarks
 }
 
 #[cfg(test)]

@@ -361,30 +361,10 @@ pub enum Outcome {
 
 /// Runs dedup as the module documentation describes; `progress` is called with bytes hashed.
 pub fn run(opts: &DedupOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<Outcome, DedupError> {
-    if let Some(t) = opts.verify_jaccard {
-        if !(0.0..=1.0).contains(&t) {
-            return Err(DedupError::Settings(format!(
-                "--verify-jaccard must be in [0, 1], found {t}"
-            )));
-        }
-    }
-    if opts.params.bands == 0 || opts.params.rows == 0 {
-        return Err(DedupError::Settings(
-            "--bands and --rows must be at least 1".into(),
-        ));
-    }
+    check_settings(opts)?;
     // Checked before anything is created: the lock file would be written into the input.
     outdir::check_apart(&opts.out, &opts.inputs)?;
-    let lock = match opts.shard {
-        Some(s) => DirLock::slice(&opts.out, s.k, s.n)?,
-        None => DirLock::exclusive(&opts.out)?,
-    };
-    let _index_lock = match &opts.index {
-        Some(dir) if opts.shard.is_none() && !same_dir(dir, &opts.out) => {
-            Some(DirLock::exclusive(dir)?)
-        }
-        _ => None,
-    };
+    let (lock, _index_lock) = lock_dirs(opts)?;
     let mut written = Written::open(&opts.out, &lock)?;
     let walk = WalkOptions {
         follow_symlinks: opts.follow_symlinks,
@@ -413,20 +393,8 @@ pub fn run(opts: &DedupOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<Outco
         });
     }
     let stats_path = opts.out.join(STATS_FILE);
-    if stats_path.exists() {
-        let old: Stats = read_json(&stats_path)?;
-        if old.sources == sources
-            && old.params == opts.params
-            && old.exact_normalize == opts.exact
-            && old.verify_jaccard == opts.verify_jaccard
-        {
-            if let (Some(dir), Some(generation)) = (&opts.index, old.index_generation) {
-                commit_index(dir, &opts.params, opts.exact, generation)?;
-            }
-            return Ok(Outcome::UpToDate(old));
-        }
-        written.claim(Path::new(STATS_FILE))?;
-        std::fs::remove_file(&stats_path).map_err(io_err(&stats_path))?;
+    if let Some(old) = previous_stats(opts, &sources, &stats_path, &mut written)? {
+        return Ok(Outcome::UpToDate(old));
     }
     // Everything this run writes, before the work: a file phigen did not write stops it now.
     for rel in files
@@ -436,188 +404,50 @@ pub fn run(opts: &DedupOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<Outco
     {
         written.claim(rel)?;
     }
-    // A complete set of slices from `--shard` jobs, else one slice of everything.
-    let n = complete_slice_set(&opts.out, &sources, opts)?.unwrap_or(1);
-    let mut table = SigTable::default();
-    for k in 0..n {
-        let part = slice_table(
-            &files,
-            &sources,
-            Slice { k, n },
-            opts,
-            &hasher,
-            &mut written,
-            progress,
-        )?;
-        table.ids.extend(part.ids);
-        table.words.extend(part.words);
-        table.minhash_seconds += part.minhash_seconds;
-    }
+
+    // 1. Signatures.
+    let table = signatures(&files, &sources, opts, &hasher, &mut written, progress)?;
     let signature_seconds = started.elapsed().as_secs_f64();
     let stride = HEAD + opts.params.num_perm();
-    // Document order: (file, row).
-    let mut order: Vec<usize> = (0..table.ids.len()).collect();
-    order.sort_by_key(|&i| (table.words[i * stride], table.words[i * stride + 1]));
-
     let (index_meta, index) = match &opts.index {
         Some(dir) => load_index(dir, &opts.params, opts.exact, stride)?,
         None => (None, SigTable::default()),
     };
-    let m = index.ids.len();
-    let total = m + order.len();
-    // Position p < m is index document p; p ≥ m is new document order[p - m].
-    let record = |p: usize| -> &[u64] {
-        if p < m {
-            &index.words[p * stride..(p + 1) * stride]
-        } else {
-            let i = order[p - m];
-            &table.words[i * stride..(i + 1) * stride]
-        }
-    };
-    let id_of = |p: usize| -> &str {
-        if p < m {
-            &index.ids[p]
-        } else {
-            &table.ids[order[p - m]]
-        }
-    };
-    let exact_of = |p: usize| (record(p)[2], record(p)[3]);
+    let all = Documents::new(&index, &table, stride);
     let sets: Option<Vec<Vec<u64>>> = match opts.verify_jaccard {
         Some(_) => Some(shingle_sets(
             &files,
             &hasher,
-            (m..total).map(|p| (record(p)[0], record(p)[1])),
+            all.new_positions()
+                .map(|p| (all.record(p)[0], all.record(p)[1])),
         )?),
         None => None,
     };
 
+    // 2. Clusters.
     let cluster_started = Instant::now();
-    let mut clusters = Clusters::new(total);
-    let mut first_exact: HashMap<(u64, u64), u32> = HashMap::default();
-    for p in 0..total {
-        let first = *first_exact.entry(exact_of(p)).or_insert(p as u32);
-        clusters.union(first, p as u32);
-    }
-    let (mut candidate_pairs, mut rejected) = (0u64, 0u64);
-    let mut verified: HashMap<(u32, u32), bool> = HashMap::default();
-    let live: Vec<u32> = (0..total as u32)
-        .filter(|&p| !minhash::is_empty(&record(p as usize)[HEAD..]))
-        .collect();
-    for j in 0..opts.params.bands {
-        let mut keys: Vec<(u64, u32)> = live
-            .par_iter()
-            .map(|&p| (hasher.band_key(&record(p as usize)[HEAD..], j), p))
-            .collect();
-        keys.par_sort_unstable();
-        for run in keys.chunk_by(|a, b| a.0 == b.0) {
-            let first = run[0].1;
-            for &(_, p) in &run[1..] {
-                candidate_pairs += 1;
-                let similar = match (&sets, opts.verify_jaccard) {
-                    (Some(sets), Some(t)) => *verified.entry((first, p)).or_insert_with(|| {
-                        let (a, b) = (first as usize, p as usize);
-                        if a < m {
-                            // An index document's text is gone: its signature is the best evidence.
-                            minhash::estimated_similarity(&record(a)[HEAD..], &record(b)[HEAD..])
-                                >= t
-                        } else {
-                            minhash::jaccard(&sets[a - m], &sets[b - m]) >= t
-                        }
-                    }),
-                    _ => true,
-                };
-                if similar {
-                    clusters.union(first, p);
-                } else {
-                    rejected += 1;
-                }
-            }
-        }
-    }
+    let verify = sets.as_deref().zip(opts.verify_jaccard);
+    let Clustering {
+        mut clusters,
+        candidate_pairs,
+        rejected,
+    } = cluster(&all, &hasher, opts.params.bands, verify);
     let cluster_seconds = cluster_started.elapsed().as_secs_f64();
 
-    // Removed documents per file, and their rows for removed.parquet.
+    // 3. Outputs.
     let write_started = Instant::now();
-    let mut drop: Vec<HashSet<usize>> = vec![HashSet::default(); files.len()];
-    let mut cluster_no: HashMap<u32, usize> = HashMap::default();
-    let (mut removed_rows, mut removed_exact, mut removed_near, mut by_index) =
-        (Vec::new(), 0, 0, 0);
-    for p in m..total {
-        let rep = clusters.find(p as u32) as usize;
-        if rep == p {
-            continue;
-        }
-        let rec = record(p);
-        drop[rec[0] as usize].insert(rec[1] as usize);
-        let next = cluster_no.len();
-        let cluster = *cluster_no.entry(rep as u32).or_insert(next);
-        let exact = exact_of(p) == exact_of(rep);
-        if exact {
-            removed_exact += 1;
-        } else {
-            removed_near += 1;
-        }
-        by_index += usize::from(rep < m);
-        let exact_similarity = match &sets {
-            Some(sets) if rep >= m => json!(minhash::jaccard(&sets[p - m], &sets[rep - m])),
-            _ => Value::Null,
-        };
-        let row = json!({
-            "id": id_of(p),
-            "file": files[rec[0] as usize].path.display().to_string(),
-            "row": rec[1],
-            "cluster": cluster,
-            "kept_id": id_of(rep),
-            "reason": if exact { "exact" } else { "near" },
-            "estimated_similarity": minhash::estimated_similarity(&rec[HEAD..], &record(rep)[HEAD..]),
-            "exact_similarity": exact_similarity,
-        });
-        removed_rows.push(row.as_object().expect("an object").clone());
-    }
-    files.par_iter().zip(&drop).try_for_each(|(file, rows)| {
-        let dst = opts.out.join(&file.rel);
-        if rows.is_empty() {
-            docs::copy_whole(&file.path, &dst)
-        } else {
-            docs::write_subset(&file.path, &dst, |r| rows.contains(&r))
-        }
-    })?;
-    let schema: Schema = vec![
-        ("id", Kind::Text),
-        ("file", Kind::Text),
-        ("row", Kind::Int),
-        ("cluster", Kind::Int),
-        ("kept_id", Kind::Text),
-        ("reason", Kind::Text),
-        ("estimated_similarity", Kind::Float),
-        ("exact_similarity", Kind::Float),
-    ];
-    table::write_parquet(&opts.out.join(REMOVED_FILE), &schema, &removed_rows)?;
-
-    // The index's next generation: its documents plus this run's kept ones.
+    let removed = removals(&all, &mut clusters, &files, sets.as_deref());
+    write_outputs(&files, &removed, &opts.out)?;
     let index_generation = match &opts.index {
-        Some(dir) => {
-            let generation = index_meta.as_ref().map_or(0, |meta| meta.generation) + 1;
-            let mut next = SigTable {
-                ids: index.ids.clone(),
-                words: index.words.clone(),
-                ..SigTable::default()
-            };
-            for p in m..total {
-                if clusters.find(p as u32) as usize == p {
-                    next.ids.push(table.ids[order[p - m]].clone());
-                    next.words.extend_from_slice(record(p));
-                }
-            }
-            std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-            next.write(
-                &dir.join(format!("index-{generation}.bin")),
-                &dir.join(format!("index-{generation}.ids")),
-            )?;
-            Some(generation)
-        }
+        Some(dir) => Some(write_next_index(
+            dir,
+            index_meta.as_ref(),
+            &all,
+            &mut clusters,
+        )?),
         None => None,
     };
+    let (m, total) = (all.indexed(), all.len());
     let stats = Stats {
         format_version: FORMAT_VERSION,
         params: opts.params,
@@ -626,11 +456,11 @@ pub fn run(opts: &DedupOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<Outco
         bytes: sources.iter().map(|s| s.bytes).sum(),
         sources,
         documents: total - m,
-        kept: total - m - removed_exact - removed_near,
-        removed_exact,
-        removed_near,
-        clusters: cluster_no.len(),
-        removed_by_index: by_index,
+        kept: total - m - removed.exact - removed.near,
+        removed_exact: removed.exact,
+        removed_near: removed.near,
+        clusters: removed.clusters,
+        removed_by_index: removed.by_index,
         candidate_pairs,
         rejected_by_verify: rejected,
         index_documents: m,
@@ -647,6 +477,344 @@ pub fn run(opts: &DedupOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<Outco
         commit_index(dir, &opts.params, opts.exact, generation)?;
     }
     Ok(Outcome::Done(stats))
+}
+
+/// Locks `OUT` (a `--shard` task: its slice only) and, for a whole run, the `--index` directory.
+fn lock_dirs(opts: &DedupOptions) -> Result<(DirLock, Option<DirLock>), DedupError> {
+    let lock = match opts.shard {
+        Some(s) => DirLock::slice(&opts.out, s.k, s.n)?,
+        None => DirLock::exclusive(&opts.out)?,
+    };
+    let index_lock = match &opts.index {
+        Some(dir) if opts.shard.is_none() && !same_dir(dir, &opts.out) => {
+            Some(DirLock::exclusive(dir)?)
+        }
+        _ => None,
+    };
+    Ok((lock, index_lock))
+}
+
+/// Refuses settings no run can use, before anything is locked or written.
+fn check_settings(opts: &DedupOptions) -> Result<(), DedupError> {
+    if let Some(t) = opts.verify_jaccard {
+        if !(0.0..=1.0).contains(&t) {
+            return Err(DedupError::Settings(format!(
+                "--verify-jaccard must be in [0, 1], found {t}"
+            )));
+        }
+    }
+    if opts.params.bands == 0 || opts.params.rows == 0 {
+        return Err(DedupError::Settings(
+            "--bands and --rows must be at least 1".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The `stats.json` of an earlier run of the same inputs and settings (its outputs stand; an
+/// `--index` generation it wrote but did not commit is committed now). A stale one is removed.
+fn previous_stats(
+    opts: &DedupOptions,
+    sources: &[Source],
+    stats_path: &Path,
+    written: &mut Written,
+) -> Result<Option<Stats>, DedupError> {
+    if !stats_path.exists() {
+        return Ok(None);
+    }
+    let old: Stats = read_json(stats_path)?;
+    if old.sources == sources
+        && old.params == opts.params
+        && old.exact_normalize == opts.exact
+        && old.verify_jaccard == opts.verify_jaccard
+    {
+        if let (Some(dir), Some(generation)) = (&opts.index, old.index_generation) {
+            commit_index(dir, &opts.params, opts.exact, generation)?;
+        }
+        return Ok(Some(old));
+    }
+    written.claim(Path::new(STATS_FILE))?;
+    std::fs::remove_file(stats_path).map_err(io_err(stats_path))?;
+    Ok(None)
+}
+
+/// The signatures of every input file: a complete set of slices from `--shard` jobs, else one
+/// slice of everything (computed now).
+fn signatures(
+    files: &[InputFile],
+    sources: &[Source],
+    opts: &DedupOptions,
+    hasher: &MinHasher,
+    written: &mut Written,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<SigTable, DedupError> {
+    let n = complete_slice_set(&opts.out, sources, opts)?.unwrap_or(1);
+    let mut table = SigTable::default();
+    for k in 0..n {
+        let part = slice_table(
+            files,
+            sources,
+            Slice { k, n },
+            opts,
+            hasher,
+            written,
+            progress,
+        )?;
+        table.ids.extend(part.ids);
+        table.words.extend(part.words);
+        table.minhash_seconds += part.minhash_seconds;
+    }
+    Ok(table)
+}
+
+/// Every document in cluster order: position p < m is index document p; p ≥ m is new document
+/// `order[p - m]`, new documents being ordered by (file, row).
+struct Documents<'a> {
+    index: &'a SigTable,
+    new: &'a SigTable,
+    order: Vec<usize>,
+    stride: usize,
+}
+
+impl<'a> Documents<'a> {
+    fn new(index: &'a SigTable, new: &'a SigTable, stride: usize) -> Self {
+        let mut order: Vec<usize> = (0..new.ids.len()).collect();
+        order.sort_by_key(|&i| (new.words[i * stride], new.words[i * stride + 1]));
+        Documents {
+            index,
+            new,
+            order,
+            stride,
+        }
+    }
+
+    /// m: the number of index documents.
+    fn indexed(&self) -> usize {
+        self.index.ids.len()
+    }
+
+    fn len(&self) -> usize {
+        self.indexed() + self.order.len()
+    }
+
+    /// Positions of this run's documents.
+    fn new_positions(&self) -> std::ops::Range<usize> {
+        self.indexed()..self.len()
+    }
+
+    /// Document p's signature record (`HEAD + num_perm` words).
+    fn record(&self, p: usize) -> &'a [u64] {
+        let (m, stride) = (self.indexed(), self.stride);
+        if p < m {
+            &self.index.words[p * stride..(p + 1) * stride]
+        } else {
+            let i = self.order[p - m];
+            &self.new.words[i * stride..(i + 1) * stride]
+        }
+    }
+
+    fn id(&self, p: usize) -> &'a str {
+        let m = self.indexed();
+        if p < m {
+            &self.index.ids[p]
+        } else {
+            &self.new.ids[self.order[p - m]]
+        }
+    }
+
+    fn exact_hash(&self, p: usize) -> (u64, u64) {
+        let r = self.record(p);
+        (r[2], r[3])
+    }
+}
+
+struct Clustering {
+    clusters: Clusters,
+    candidate_pairs: u64,
+    /// Candidate pairs whose verified similarity was under the threshold.
+    rejected: u64,
+}
+
+/// Joins documents with equal exact hashes, then those sharing an LSH band key (each with the
+/// least document of its bucket). `verify`: new documents' shingle sets and the Jaccard threshold
+/// a candidate pair must reach.
+fn cluster(
+    all: &Documents,
+    hasher: &MinHasher,
+    bands: usize,
+    verify: Option<(&[Vec<u64>], f64)>,
+) -> Clustering {
+    let (m, total) = (all.indexed(), all.len());
+    let mut clusters = Clusters::new(total);
+    let mut first_exact: HashMap<(u64, u64), u32> = HashMap::default();
+    for p in 0..total {
+        let first = *first_exact.entry(all.exact_hash(p)).or_insert(p as u32);
+        clusters.union(first, p as u32);
+    }
+    let (mut candidate_pairs, mut rejected) = (0u64, 0u64);
+    let mut verified: HashMap<(u32, u32), bool> = HashMap::default();
+    let live: Vec<u32> = (0..total as u32)
+        .filter(|&p| !minhash::is_empty(&all.record(p as usize)[HEAD..]))
+        .collect();
+    for j in 0..bands {
+        let mut keys: Vec<(u64, u32)> = live
+            .par_iter()
+            .map(|&p| (hasher.band_key(&all.record(p as usize)[HEAD..], j), p))
+            .collect();
+        keys.par_sort_unstable();
+        for run in keys.chunk_by(|a, b| a.0 == b.0) {
+            let first = run[0].1;
+            for &(_, p) in &run[1..] {
+                candidate_pairs += 1;
+                let similar = match verify {
+                    Some((sets, t)) => *verified.entry((first, p)).or_insert_with(|| {
+                        let (a, b) = (first as usize, p as usize);
+                        if a < m {
+                            // An index document's text is gone: its signature is the best evidence.
+                            minhash::estimated_similarity(
+                                &all.record(a)[HEAD..],
+                                &all.record(b)[HEAD..],
+                            ) >= t
+                        } else {
+                            minhash::jaccard(&sets[a - m], &sets[b - m]) >= t
+                        }
+                    }),
+                    None => true,
+                };
+                if similar {
+                    clusters.union(first, p);
+                } else {
+                    rejected += 1;
+                }
+            }
+        }
+    }
+    Clustering {
+        clusters,
+        candidate_pairs,
+        rejected,
+    }
+}
+
+/// The new documents that are not their cluster's representative.
+struct Removals {
+    /// Removed rows, per input file.
+    per_file: Vec<HashSet<usize>>,
+    /// One row of `removed.parquet` per removed document.
+    rows: Vec<serde_json::Map<String, Value>>,
+    exact: usize,
+    near: usize,
+    /// Removed because they duplicate an index document.
+    by_index: usize,
+    /// Clusters with at least one removed document.
+    clusters: usize,
+}
+
+fn removals(
+    all: &Documents,
+    clusters: &mut Clusters,
+    files: &[InputFile],
+    sets: Option<&[Vec<u64>]>,
+) -> Removals {
+    let m = all.indexed();
+    let mut per_file: Vec<HashSet<usize>> = vec![HashSet::default(); files.len()];
+    let mut cluster_no: HashMap<u32, usize> = HashMap::default();
+    let (mut rows, mut removed_exact, mut removed_near, mut by_index) = (Vec::new(), 0, 0, 0);
+    for p in all.new_positions() {
+        let rep = clusters.find(p as u32) as usize;
+        if rep == p {
+            continue;
+        }
+        let rec = all.record(p);
+        per_file[rec[0] as usize].insert(rec[1] as usize);
+        let next = cluster_no.len();
+        let cluster = *cluster_no.entry(rep as u32).or_insert(next);
+        let exact = all.exact_hash(p) == all.exact_hash(rep);
+        if exact {
+            removed_exact += 1;
+        } else {
+            removed_near += 1;
+        }
+        by_index += usize::from(rep < m);
+        let exact_similarity = match sets {
+            Some(sets) if rep >= m => json!(minhash::jaccard(&sets[p - m], &sets[rep - m])),
+            _ => Value::Null,
+        };
+        let row = json!({
+            "id": all.id(p),
+            "file": files[rec[0] as usize].path.display().to_string(),
+            "row": rec[1],
+            "cluster": cluster,
+            "kept_id": all.id(rep),
+            "reason": if exact { "exact" } else { "near" },
+            "estimated_similarity": minhash::estimated_similarity(&rec[HEAD..], &all.record(rep)[HEAD..]),
+            "exact_similarity": exact_similarity,
+        });
+        rows.push(row.as_object().expect("an object").clone());
+    }
+    Removals {
+        per_file,
+        rows,
+        exact: removed_exact,
+        near: removed_near,
+        by_index,
+        clusters: cluster_no.len(),
+    }
+}
+
+/// Each input file minus its removed rows, and `removed.parquet`.
+fn write_outputs(files: &[InputFile], removed: &Removals, out: &Path) -> Result<(), DedupError> {
+    files
+        .par_iter()
+        .zip(&removed.per_file)
+        .try_for_each(|(file, rows)| {
+            let dst = out.join(&file.rel);
+            if rows.is_empty() {
+                docs::copy_whole(&file.path, &dst)
+            } else {
+                docs::write_subset(&file.path, &dst, |r| rows.contains(&r))
+            }
+        })?;
+    let schema: Schema = vec![
+        ("id", Kind::Text),
+        ("file", Kind::Text),
+        ("row", Kind::Int),
+        ("cluster", Kind::Int),
+        ("kept_id", Kind::Text),
+        ("reason", Kind::Text),
+        ("estimated_similarity", Kind::Float),
+        ("exact_similarity", Kind::Float),
+    ];
+    table::write_parquet(&out.join(REMOVED_FILE), &schema, &removed.rows)?;
+    Ok(())
+}
+
+/// Writes the index's next generation (its documents plus this run's kept ones) and returns its
+/// number; `commit_index` makes it current once `stats.json` is written.
+fn write_next_index(
+    dir: &Path,
+    meta: Option<&TableMeta>,
+    all: &Documents,
+    clusters: &mut Clusters,
+) -> Result<u64, DedupError> {
+    let generation = meta.map_or(0, |meta| meta.generation) + 1;
+    let mut next = SigTable {
+        ids: all.index.ids.clone(),
+        words: all.index.words.clone(),
+        ..SigTable::default()
+    };
+    for p in all.new_positions() {
+        if clusters.find(p as u32) as usize == p {
+            next.ids.push(all.id(p).to_string());
+            next.words.extend_from_slice(all.record(p));
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    next.write(
+        &dir.join(format!("index-{generation}.bin")),
+        &dir.join(format!("index-{generation}.ids")),
+    )?;
+    Ok(generation)
 }
 
 /// Whether two directories are one (an --index given as the --out itself is locked once).

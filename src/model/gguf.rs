@@ -321,80 +321,12 @@ pub fn load(
             }
         }
     }
-    let kv_heads = cfg.kv_heads();
-    let heads = cfg.num_attention_heads;
-    let llama = cfg.model_type == super::ModelType::Llama;
-    let permuted = |hf: &str| match hf.rsplit('.').nth(1) {
-        Some("q_proj") if llama => Some(heads),
-        Some("k_proj") if llama => Some(kv_heads),
-        _ => None,
+    let permuted = |hf: &str| permuted_heads(&cfg, hf);
+    let q_weights = if quantized {
+        quantized_weights(&cfg, &content, &mut reader, &gguf_of, device)?
+    } else {
+        QuantizedWeights::new()
     };
-    // Projections whose parts are all stored in one quantized type stay quantized, fused into
-    // one tensor by concatenating rows (each row is its own run of blocks).
-    let mut q_weights = QuantizedWeights::new();
-    if quantized {
-        for param in super::names::parameter_table(&cfg)? {
-            let linear = param.shape.len() == 2 && param.name != "model.embed_tokens.weight";
-            let dtypes: Vec<Option<GgmlDType>> = param
-                .parts
-                .iter()
-                .map(|(hf, _)| {
-                    gguf_of
-                        .get(hf)
-                        .map(|g: &String| content.tensor_infos[g].ggml_dtype)
-                })
-                .collect();
-            let Some(Some(dtype0)) = dtypes.first().copied() else {
-                continue;
-            };
-            if !linear || !is_quantized(dtype0) || dtypes.iter().any(|d| *d != Some(dtype0)) {
-                continue;
-            }
-            let qt = if run_type(dtype0) == dtype0 {
-                let mut bytes = Vec::new();
-                for (hf, rows) in &param.parts {
-                    let q = content.tensor(&mut reader, &gguf_of[hf], device)?;
-                    let data = q.data()?;
-                    match permuted(hf) {
-                        Some(h) => {
-                            let row = data.len() / rows;
-                            for r in unpermuted_rows(*rows, h) {
-                                bytes.extend_from_slice(&data[r * row..(r + 1) * row]);
-                            }
-                        }
-                        None => bytes.extend_from_slice(&data),
-                    }
-                }
-                let storage = QStorage::from_data(Cow::Owned(bytes), device, dtype0)?;
-                QTensor::new(storage, param.shape.as_slice())?
-            } else {
-                let mut parts = Vec::new();
-                for (hf, _) in &param.parts {
-                    let w = content
-                        .tensor(&mut reader, &gguf_of[hf], device)?
-                        .dequantize(device)?;
-                    parts.push(match permuted(hf) {
-                        Some(h) => unpermute(&w, h)?,
-                        None => w,
-                    });
-                }
-                QTensor::quantize(&Tensor::cat(&parts, 0)?, run_type(dtype0))?
-            };
-            q_weights.insert(param.name.clone(), Arc::new(qt));
-        }
-        // A tied head reads the (quantized) embedding table as a projection.
-        if cfg.tie_word_embeddings {
-            if let Some(info) = content.tensor_infos.get("token_embd.weight") {
-                if is_quantized(info.ggml_dtype) {
-                    let mut q = content.tensor(&mut reader, "token_embd.weight", device)?;
-                    if run_type(info.ggml_dtype) != info.ggml_dtype {
-                        q = QTensor::quantize(&q.dequantize(device)?, run_type(info.ggml_dtype))?;
-                    }
-                    q_weights.insert("lm_head.weight".into(), Arc::new(q));
-                }
-            }
-        }
-    }
     let weights = assemble(&cfg, path, &available, |hf| {
         let q = content.tensor(&mut reader, &gguf_of[hf], device)?;
         let w = q.dequantize(device)?;
@@ -405,19 +337,120 @@ pub fn load(
         Ok(w.to_dtype(dtype)?)
     })?;
     let decoder = Decoder::frozen(&cfg, &weights, &q_weights)?;
+    let (tokenizer, chat) = tokenizer_and_chat(path, &meta)?;
+    Ok(GgufModel {
+        decoder,
+        tokenizer,
+        chat,
+    })
+}
+
+/// The projections kept quantized for decoding (see [`load`]), by Hugging Face name.
+fn quantized_weights(
+    cfg: &PhiConfig,
+    content: &Content,
+    reader: &mut BufReader<File>,
+    gguf_of: &HashMap<String, String>,
+    device: &Device,
+) -> Result<QuantizedWeights, ModelError> {
+    let permuted = |hf: &str| permuted_heads(cfg, hf);
+    // Projections whose parts are all stored in one quantized type stay quantized, fused into
+    // one tensor by concatenating rows (each row is its own run of blocks).
+    let mut q_weights = QuantizedWeights::new();
+    for param in super::names::parameter_table(cfg)? {
+        let linear = param.shape.len() == 2 && param.name != "model.embed_tokens.weight";
+        let dtypes: Vec<Option<GgmlDType>> = param
+            .parts
+            .iter()
+            .map(|(hf, _)| {
+                gguf_of
+                    .get(hf)
+                    .map(|g: &String| content.tensor_infos[g].ggml_dtype)
+            })
+            .collect();
+        let Some(Some(dtype0)) = dtypes.first().copied() else {
+            continue;
+        };
+        if !linear || !is_quantized(dtype0) || dtypes.iter().any(|d| *d != Some(dtype0)) {
+            continue;
+        }
+        let qt = if run_type(dtype0) == dtype0 {
+            let mut bytes = Vec::new();
+            for (hf, rows) in &param.parts {
+                let q = content.tensor(reader, &gguf_of[hf], device)?;
+                let data = q.data()?;
+                match permuted(hf) {
+                    Some(h) => {
+                        let row = data.len() / rows;
+                        for r in unpermuted_rows(*rows, h) {
+                            bytes.extend_from_slice(&data[r * row..(r + 1) * row]);
+                        }
+                    }
+                    None => bytes.extend_from_slice(&data),
+                }
+            }
+            let storage = QStorage::from_data(Cow::Owned(bytes), device, dtype0)?;
+            QTensor::new(storage, param.shape.as_slice())?
+        } else {
+            let mut parts = Vec::new();
+            for (hf, _) in &param.parts {
+                let w = content
+                    .tensor(reader, &gguf_of[hf], device)?
+                    .dequantize(device)?;
+                parts.push(match permuted(hf) {
+                    Some(h) => unpermute(&w, h)?,
+                    None => w,
+                });
+            }
+            QTensor::quantize(&Tensor::cat(&parts, 0)?, run_type(dtype0))?
+        };
+        q_weights.insert(param.name.clone(), Arc::new(qt));
+    }
+    // A tied head reads the (quantized) embedding table as a projection.
+    if cfg.tie_word_embeddings {
+        if let Some(info) = content.tensor_infos.get("token_embd.weight") {
+            if is_quantized(info.ggml_dtype) {
+                let mut q = content.tensor(reader, "token_embd.weight", device)?;
+                if run_type(info.ggml_dtype) != info.ggml_dtype {
+                    q = QTensor::quantize(&q.dequantize(device)?, run_type(info.ggml_dtype))?;
+                }
+                q_weights.insert("lm_head.weight".into(), Arc::new(q));
+            }
+        }
+    }
+    Ok(q_weights)
+}
+
+/// For a llama-layout `q_proj` / `k_proj` weight: its head count (llama.cpp permutes those rows
+/// for its rotary layout, and they are put back); None for every other tensor.
+fn permuted_heads(cfg: &PhiConfig, hf: &str) -> Option<usize> {
+    let llama = cfg.model_type == super::ModelType::Llama;
+    match hf.rsplit('.').nth(1) {
+        Some("q_proj") if llama => Some(cfg.num_attention_heads),
+        Some("k_proj") if llama => Some(cfg.kv_heads()),
+        _ => None,
+    }
+}
+
+/// The tokenizer (`tokenizer.json` beside the file, else rebuilt from a gpt2-style GGUF
+/// vocabulary) and the chat template the file carries, if any.
+fn tokenizer_and_chat(
+    path: &Path,
+    meta: &Meta,
+) -> Result<(Tokenizer, Option<ChatTemplate>), ModelError> {
     let beside = path.with_file_name(HF_TOKENIZER_FILE);
     let tokenizer = if beside.is_file() {
         Tokenizer::for_checkpoint(path.parent().unwrap_or(Path::new(".")))?
     } else {
         match meta.string("tokenizer.ggml.model").as_deref() {
-            Some("gpt2") => bpe_tokenizer(&meta)?,
-            other => {
-                return Err(meta.bad(format!(
-                    "its tokenizer (`tokenizer.ggml.model` = {}) is not one phigen rebuilds from GGUF (gpt2 is): put the model's {HF_TOKENIZER_FILE} next to the file",
-                    other.unwrap_or("missing")
-                )))
-            }
+        Some("gpt2") => bpe_tokenizer(meta)?,
+        other => {
+            return Err(meta.bad(format!(
+                "its tokenizer (`tokenizer.ggml.model` = {}) is not one phigen rebuilds from GGUF (gpt2 is): put the model's {HF_TOKENIZER_FILE} next to the file",
+                other.unwrap_or("missing")
+            )))
         }
+    }
     };
     let chat = match meta.string("tokenizer.chat_template") {
         Some(source) => {
@@ -439,11 +472,7 @@ pub fn load(
         }
         None => None,
     };
-    Ok(GgufModel {
-        decoder,
-        tokenizer,
-        chat,
-    })
+    Ok((tokenizer, chat))
 }
 
 #[cfg(test)]

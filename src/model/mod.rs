@@ -4,6 +4,7 @@
 //! Shared by the trainer, the classifier's embedder and the in-process teacher.
 
 pub mod attention;
+pub mod cache;
 pub mod chat;
 pub mod checkpoint;
 pub mod config;
@@ -19,8 +20,9 @@ pub mod tokenizer;
 
 use std::path::PathBuf;
 
+pub use cache::KvCache;
 pub use config::{HeadKind, ModelType, PhiConfig};
-pub use decoder::{Decoder, KvCache, Weights};
+pub use decoder::{Decoder, Weights};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

@@ -502,6 +502,278 @@ impl Run<'_> {
     }
 }
 
+/// Where a run begins.
+struct Start {
+    /// The first stage to run.
+    stage: usize,
+    /// The checkpoint that stage continues from (`--resume` in the middle of a stage).
+    from: Option<(PathBuf, TrainerState)>,
+}
+
+/// Where a stage stands: the optimizer (weights and moments), steps and tokens done.
+struct Progress {
+    opt: AdamW,
+    step: usize,
+    tokens: u64,
+}
+
+impl Run<'_> {
+    /// Where to begin. Without `--resume` the run directory must hold no checkpoint; with it, the
+    /// newest checkpoint is continued and metrics after it are dropped.
+    fn start(&mut self) -> Result<Start, TrainError> {
+        let (opts, recipe) = (self.opts, &self.opts.recipe);
+        let existing: Vec<_> = recipe
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| checkpoints(&opts.out, &s.raw.name).map(|c| (i, c)))
+            .collect::<Result<_, _>>()?;
+        let latest = existing
+            .iter()
+            .rev()
+            .find_map(|(i, c)| c.last().map(|(_, d)| (*i, d.clone())));
+        match (latest, opts.resume) {
+            (Some(_), false) => Err(TrainError::Resume(format!(
+                "{} already holds a run of this recipe; pass --resume to continue it, or another --out",
+                opts.out.display()
+            ))),
+            (None, true) => Err(TrainError::Resume(format!(
+                "--resume: no checkpoint under {}; run without --resume to start",
+                opts.out.display()
+            ))),
+            (Some((i, dir)), true) => {
+                let state = read_state(&dir)?;
+                if state.recipe != recipe.raw.name {
+                    return Err(TrainError::Resume(format!(
+                        "{}: checkpoint of recipe `{}`, not `{}`",
+                        dir.display(),
+                        state.recipe,
+                        recipe.raw.name
+                    )));
+                }
+                self.truncate_metrics(i, state.step)?;
+                Ok(if state.step >= recipe.stages[i].steps {
+                    Start {
+                        stage: i + 1,
+                        from: None,
+                    }
+                } else {
+                    Start {
+                        stage: i,
+                        from: Some((dir, state)),
+                    }
+                })
+            }
+            (None, false) => {
+                let _ = std::fs::remove_file(opts.out.join(METRICS_FILE));
+                Ok(Start {
+                    stage: 0,
+                    from: None,
+                })
+            }
+        }
+    }
+
+    /// Runs stage `index` from `resumed` (else from its initial weights) to its last step, or
+    /// until a stop request or `max_steps_this_run` ends it early with a checkpoint.
+    fn run_stage(
+        &mut self,
+        index: usize,
+        stage: &Stage,
+        resumed: Option<(PathBuf, TrainerState)>,
+        steps_this_run: &mut usize,
+        on_event: &mut impl FnMut(Event),
+    ) -> Result<Outcome, TrainError> {
+        let (opts, recipe) = (self.opts, &self.opts.recipe);
+        let s = &stage.raw;
+        self.cfg.embd_pdrop = s.dropout;
+        self.cfg.resid_pdrop = s.dropout;
+        self.cfg.attention_dropout = s.dropout;
+        let need = self.check_memory(stage)?;
+        let mixture = Mixture::open(
+            &stage.data,
+            recipe.raw.model.tokenizer,
+            self.cfg.vocab_size,
+            s.seq_len,
+        )?;
+        let val = mixture.val_batches(s.eval_batches, s.micro_batch, &opts.device)?;
+        let mut at = self.stage_start(stage, index, resumed)?;
+        on_event(Event::StageStart {
+            stage,
+            index,
+            start_step: at.step,
+            params: self.cfg.parameter_count(),
+            memory_gb: need / 1e9,
+        });
+        let flops = flops_per_token(&self.cfg, s.seq_len);
+        let mut last_val = None;
+        while at.step < stage.steps {
+            let started = Instant::now();
+            let lr = recipe::learning_rate(stage, at.step);
+            let (loss, grad_norm) = self.optimizer_step(stage, index, &mixture, &mut at, lr)?;
+            *steps_this_run += 1;
+            let step_tokens = stage.tokens_per_step() as u64;
+            let secs = started.elapsed().as_secs_f64();
+            let tflops = flops * step_tokens as f64 / secs / 1e12;
+            let m = Metrics {
+                stage: s.name.clone(),
+                step: at.step,
+                tokens: at.tokens,
+                train_loss: Some(loss),
+                val_loss: None,
+                lr,
+                grad_norm: Some(grad_norm),
+                tokens_per_sec: step_tokens as f64 / secs,
+                tflops,
+                mfu: opts.peak_tflops.map(|p| tflops / p),
+            };
+            on_event(Event::Step(&m));
+            self.append_metrics(m.clone())?;
+            let last = at.step == stage.steps;
+            let evaluated = at.step % s.eval_every == 0 || last;
+            if evaluated {
+                last_val = self.evaluate_and_record(&at.opt, &val, m, on_event)?;
+            }
+            let stop = opts.stop.load(Ordering::SeqCst)
+                || opts
+                    .max_steps_this_run
+                    .is_some_and(|n| *steps_this_run >= n);
+            if at.step % s.checkpoint_every == 0 || last || stop {
+                let state = TrainerState {
+                    recipe: recipe.raw.name.clone(),
+                    stage: s.name.clone(),
+                    stage_index: index,
+                    step: at.step,
+                    tokens: at.tokens,
+                    adam_t: at.opt.t,
+                    val_loss: if evaluated { last_val } else { None },
+                };
+                let dir = self.save(stage, &at.opt, &state)?;
+                on_event(Event::Checkpoint(&dir));
+            }
+            if stop && !(last && index + 1 == recipe.stages.len()) {
+                return Ok(Outcome::Stopped);
+            }
+        }
+        Ok(Outcome::Finished)
+    }
+
+    /// The stage's memory estimate in bytes; on the CPU, refused when it nears the free memory.
+    fn check_memory(&self, stage: &Stage) -> Result<f64, TrainError> {
+        let s = &stage.raw;
+        let need = memory_estimate(&self.cfg, stage, self.opts.dtype);
+        if self.opts.device.is_cpu() {
+            if let Some(avail) = available_memory().filter(|&a| need > 0.9 * a) {
+                return Err(TrainError::Memory(format!(
+                    "stage `{}` needs about {:.1} GB (weights, gradients, AdamW moments, activations of micro_batch {} × seq_len {}), {:.1} GB are free; lower micro_batch (raise grad_accum to keep the batch) or seq_len",
+                    s.name, need / 1e9, s.micro_batch, s.seq_len, avail / 1e9
+                )));
+            }
+        }
+        Ok(need)
+    }
+
+    /// The optimizer a stage starts with: a checkpoint's weights and moments, or fresh moments
+    /// over the stage's initial weights.
+    fn stage_start(
+        &self,
+        stage: &Stage,
+        index: usize,
+        resumed: Option<(PathBuf, TrainerState)>,
+    ) -> Result<Progress, TrainError> {
+        Ok(match resumed {
+            Some((dir, state)) => {
+                let weights = checkpoint::load_weights(&dir, DType::F32, &self.opts.device)?.1;
+                let mut opt = AdamW::new(&weights)?;
+                self.load_optimizer(&dir, &mut opt, state.adam_t)?;
+                Progress {
+                    opt,
+                    step: state.step,
+                    tokens: state.tokens,
+                }
+            }
+            None => Progress {
+                opt: AdamW::new(&self.initial_weights(stage, index)?)?,
+                step: 0,
+                tokens: 0,
+            },
+        })
+    }
+
+    /// One optimizer step over `grad_accum` micro-batches (a function of the seed, stage and
+    /// step); returns the loss and the gradient norm.
+    fn optimizer_step(
+        &self,
+        stage: &Stage,
+        index: usize,
+        mixture: &Mixture,
+        at: &mut Progress,
+        lr: f64,
+    ) -> Result<(f64, f64), TrainError> {
+        let (opts, seed) = (self.opts, self.opts.recipe.raw.seed);
+        let s = &stage.raw;
+        let batches = (0..s.grad_accum)
+            .map(|micro| {
+                Ok(MicroBatch {
+                    ids: mixture.train_batch(
+                        seed,
+                        index,
+                        at.step,
+                        micro,
+                        s.micro_batch,
+                        &opts.device,
+                    )?,
+                    dropout_seed: data::dropout_seed(seed, index, at.step, micro),
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let hyper = Hyper {
+            lr,
+            beta1: s.beta1,
+            beta2: s.beta2,
+            eps: s.eps,
+            weight_decay: s.weight_decay,
+        };
+        let (loss, grad_norm) = train_step(
+            &self.cfg,
+            &mut at.opt,
+            &batches,
+            s.grad_clip,
+            hyper,
+            opts.dtype,
+        )?;
+        at.step += 1;
+        at.tokens += stage.tokens_per_step() as u64;
+        Ok((loss, grad_norm))
+    }
+
+    /// The validation loss after the step `m` records; reported, appended to the metrics and
+    /// drawn in `loss.png` (None without validation data).
+    fn evaluate_and_record(
+        &mut self,
+        opt: &AdamW,
+        val: &[Tensor],
+        m: Metrics,
+        on_event: &mut impl FnMut(Event),
+    ) -> Result<Option<f64>, TrainError> {
+        let val_loss = self.evaluate(opt, val)?;
+        if let Some(v) = val_loss {
+            let e = Metrics {
+                train_loss: None,
+                grad_norm: None,
+                val_loss: Some(v),
+                ..m
+            };
+            on_event(Event::Eval(&e));
+            self.append_metrics(e)?;
+            plot::draw(&self.opts.out.join("loss.png"), &self.metrics).unwrap_or_else(|e| {
+                tracing::warn!("loss.png: {e}");
+            });
+        }
+        Ok(val_loss)
+    }
+}
+
 /// Runs (or resumes) every stage of the recipe.
 pub fn run(opts: &TrainOptions, mut on_event: impl FnMut(Event)) -> Result<Outcome, TrainError> {
     let recipe = &opts.recipe;
@@ -513,186 +785,20 @@ pub fn run(opts: &TrainOptions, mut on_event: impl FnMut(Event)) -> Result<Outco
         cfg: recipe.model.clone(),
         metrics: Vec::new(),
     };
-    // Where to begin: (stage index, checkpoint to continue from).
-    let mut start: (usize, Option<(PathBuf, TrainerState)>) = (0, None);
-    let existing: Vec<_> = recipe
-        .stages
-        .iter()
-        .enumerate()
-        .map(|(i, s)| checkpoints(&opts.out, &s.raw.name).map(|c| (i, c)))
-        .collect::<Result<_, _>>()?;
-    let latest = existing
-        .iter()
-        .rev()
-        .find_map(|(i, c)| c.last().map(|(_, d)| (*i, d.clone())));
-    match (&latest, opts.resume) {
-        (Some(_), false) => {
-            return Err(TrainError::Resume(format!(
-            "{} already holds a run of this recipe; pass --resume to continue it, or another --out",
-            opts.out.display()
-        )))
-        }
-        (None, true) => {
-            return Err(TrainError::Resume(format!(
-                "--resume: no checkpoint under {}; run without --resume to start",
-                opts.out.display()
-            )))
-        }
-        (Some((i, dir)), true) => {
-            let state = read_state(dir)?;
-            if state.recipe != recipe.raw.name {
-                return Err(TrainError::Resume(format!(
-                    "{}: checkpoint of recipe `{}`, not `{}`",
-                    dir.display(),
-                    state.recipe,
-                    recipe.raw.name
-                )));
-            }
-            run.truncate_metrics(*i, state.step)?;
-            start = if state.step >= recipe.stages[*i].steps {
-                (*i + 1, None)
-            } else {
-                (*i, Some((dir.clone(), state)))
-            };
-        }
-        (None, false) => {
-            let _ = std::fs::remove_file(opts.out.join(METRICS_FILE));
-        }
-    }
+    let mut start = run.start()?;
     let recipe_path = opts.out.join("recipe.toml");
     atomic::write_bytes(&recipe_path, recipe.to_toml().as_bytes()).map_err(io_err(&recipe_path))?;
 
     let mut steps_this_run = 0;
-    for (index, stage) in recipe.stages.iter().enumerate().skip(start.0) {
-        let s = &stage.raw;
-        run.cfg.embd_pdrop = s.dropout;
-        run.cfg.resid_pdrop = s.dropout;
-        run.cfg.attention_dropout = s.dropout;
-        let need = memory_estimate(&run.cfg, stage, opts.dtype);
-        if opts.device.is_cpu() {
-            if let Some(avail) = available_memory().filter(|&a| need > 0.9 * a) {
-                return Err(TrainError::Memory(format!(
-                    "stage `{}` needs about {:.1} GB (weights, gradients, AdamW moments, activations of micro_batch {} × seq_len {}), {:.1} GB are free; lower micro_batch (raise grad_accum to keep the batch) or seq_len",
-                    s.name, need / 1e9, s.micro_batch, s.seq_len, avail / 1e9
-                )));
-            }
-        }
-        let mixture = Mixture::open(
-            &stage.data,
-            recipe.raw.model.tokenizer,
-            run.cfg.vocab_size,
-            s.seq_len,
-        )?;
-        let val = mixture.val_batches(s.eval_batches, s.micro_batch, &opts.device)?;
-        let resumed = if index == start.0 {
-            start.1.take()
+    for (index, stage) in recipe.stages.iter().enumerate().skip(start.stage) {
+        let resumed = if index == start.stage {
+            start.from.take()
         } else {
             None
         };
-        let (mut opt, mut step, mut tokens) = match &resumed {
-            Some((dir, state)) => {
-                let weights = checkpoint::load_weights(dir, DType::F32, &opts.device)?.1;
-                let mut opt = AdamW::new(&weights)?;
-                run.load_optimizer(dir, &mut opt, state.adam_t)?;
-                (opt, state.step, state.tokens)
-            }
-            None => (AdamW::new(&run.initial_weights(stage, index)?)?, 0, 0),
-        };
-        on_event(Event::StageStart {
-            stage,
-            index,
-            start_step: step,
-            params: run.cfg.parameter_count(),
-            memory_gb: need / 1e9,
-        });
-        let flops = flops_per_token(&run.cfg, s.seq_len);
-        let mut last_val = None;
-        while step < stage.steps {
-            let started = Instant::now();
-            let lr = recipe::learning_rate(stage, step);
-            let batches = (0..s.grad_accum)
-                .map(|micro| {
-                    Ok(MicroBatch {
-                        ids: mixture.train_batch(
-                            recipe.raw.seed,
-                            index,
-                            step,
-                            micro,
-                            s.micro_batch,
-                            &opts.device,
-                        )?,
-                        dropout_seed: data::dropout_seed(recipe.raw.seed, index, step, micro),
-                    })
-                })
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            let hyper = Hyper {
-                lr,
-                beta1: s.beta1,
-                beta2: s.beta2,
-                eps: s.eps,
-                weight_decay: s.weight_decay,
-            };
-            let (loss, grad_norm) =
-                train_step(&run.cfg, &mut opt, &batches, s.grad_clip, hyper, opts.dtype)?;
-            step += 1;
-            steps_this_run += 1;
-            let step_tokens = stage.tokens_per_step() as u64;
-            tokens += step_tokens;
-            let secs = started.elapsed().as_secs_f64();
-            let tflops = flops * step_tokens as f64 / secs / 1e12;
-            let m = Metrics {
-                stage: s.name.clone(),
-                step,
-                tokens,
-                train_loss: Some(loss),
-                val_loss: None,
-                lr,
-                grad_norm: Some(grad_norm),
-                tokens_per_sec: step_tokens as f64 / secs,
-                tflops,
-                mfu: opts.peak_tflops.map(|p| tflops / p),
-            };
-            on_event(Event::Step(&m));
-            run.append_metrics(m.clone())?;
-            let last = step == stage.steps;
-            if step % s.eval_every == 0 || last {
-                last_val = run.evaluate(&opt, &val)?;
-                if let Some(v) = last_val {
-                    let e = Metrics {
-                        train_loss: None,
-                        grad_norm: None,
-                        val_loss: Some(v),
-                        ..m
-                    };
-                    on_event(Event::Eval(&e));
-                    run.append_metrics(e)?;
-                    plot::draw(&opts.out.join("loss.png"), &run.metrics).unwrap_or_else(|e| {
-                        tracing::warn!("loss.png: {e}");
-                    });
-                }
-            }
-            let stop = opts.stop.load(Ordering::SeqCst)
-                || opts.max_steps_this_run.is_some_and(|n| steps_this_run >= n);
-            if step % s.checkpoint_every == 0 || last || stop {
-                let state = TrainerState {
-                    recipe: recipe.raw.name.clone(),
-                    stage: s.name.clone(),
-                    stage_index: index,
-                    step,
-                    tokens,
-                    adam_t: opt.t,
-                    val_loss: if step % s.eval_every == 0 || last {
-                        last_val
-                    } else {
-                        None
-                    },
-                };
-                let dir = run.save(stage, &opt, &state)?;
-                on_event(Event::Checkpoint(&dir));
-            }
-            if stop && !(last && index + 1 == recipe.stages.len()) {
-                return Ok(Outcome::Stopped);
-            }
+        let outcome = run.run_stage(index, stage, resumed, &mut steps_this_run, &mut on_event)?;
+        if outcome == Outcome::Stopped {
+            return Ok(Outcome::Stopped);
         }
     }
     Ok(Outcome::Finished)

@@ -316,11 +316,7 @@ impl Recipe {
     }
 
     fn resolve(raw: RecipeToml, path: &Path) -> Result<Self, RecipeError> {
-        let invalid = |key: &str, message: String| RecipeError::Invalid {
-            path: path.to_path_buf(),
-            key: key.into(),
-            message,
-        };
+        let invalid = |key: &str, message: String| invalid_key(path, key, message);
         if let Err(why) = plain_name(&raw.name) {
             return Err(invalid(
                 "name",
@@ -330,186 +326,19 @@ impl Recipe {
                 ),
             ));
         }
-        let mut model = match (&raw.model.preset, &raw.model.config) {
-            (Some(p), None) => {
-                PhiConfig::preset(p).map_err(|e| invalid("model.preset", e.to_string()))?
-            }
-            (None, Some(c)) => {
-                let dir = if c.is_file() {
-                    c.parent().unwrap_or(Path::new(".")).to_path_buf()
-                } else {
-                    c.clone()
-                };
-                crate::model::checkpoint::read_config(&dir)
-                    .map_err(|e| invalid("model.config", e.to_string()))?
-            }
-            _ => {
-                return Err(invalid(
-                    "model",
-                    "give exactly one of `preset` or `config`".into(),
-                ))
-            }
-        };
-        if let Some(n) = raw.model.max_position_embeddings {
-            model.max_position_embeddings = n;
-        }
-        if let Some(v) = raw.model.vocab_size {
-            model.vocab_size = v;
-        }
-        // The model's sizes decide its tensors' shapes; beyond these no weights fit in memory.
-        for (k, v, max) in [
-            (
-                "model.max_position_embeddings",
-                model.max_position_embeddings,
-                MAX_CONTEXT,
-            ),
-            ("model.vocab_size", model.vocab_size, MAX_VOCAB),
-        ] {
-            check_count(v, 1, max).map_err(|m| invalid(k, m))?;
-        }
-        let vocab = crate::tokenize::vocab_size(raw.model.tokenizer);
-        if model.vocab_size < vocab {
-            return Err(invalid(
-                "model.vocab_size",
-                format!(
-                    "{} is smaller than the `{:?}` tokenizer's {vocab} tokens",
-                    model.vocab_size, raw.model.tokenizer
-                ),
-            ));
-        }
+        let model = resolve_model(&raw.model, path)?;
         if raw.stages.is_empty() {
             return Err(invalid(
                 "stage",
                 "a recipe needs at least one [[stage]]".into(),
             ));
         }
-        let mut stages = Vec::new();
-        for (i, s) in raw.stages.iter().enumerate() {
-            let key = |k: &str| format!("stage.{i}.{k}");
-            if let Err(why) = plain_name(&s.name) {
-                return Err(invalid(
-                    &key("name"),
-                    format!(
-                        "`{}` {why}: it names the stage's checkpoint directory inside the run directory; use e.g. `pretrain`",
-                        s.name
-                    ),
-                ));
-            }
-            let init = match s.init.split_once(':') {
-                None if s.init == "random" => Init::Random,
-                None if s.init == "previous" && i > 0 => Init::Previous,
-                Some(("checkpoint", dir)) => Init::Checkpoint(dir.into()),
-                Some(("tile", dir)) => Init::Tile(dir.into()),
-                _ => {
-                    return Err(invalid(
-                        &key("init"),
-                        format!("`{}`: expected random, previous (not in the first stage), checkpoint:DIR or tile:DIR", s.init),
-                    ))
-                }
-            };
-            if s.data.is_empty() {
-                return Err(invalid(
-                    &key("data"),
-                    "needs at least one { path, weight > 0 }".into(),
-                ));
-            }
-            for (j, d) in s.data.iter().enumerate() {
-                let k = key(&format!("data.{j}.weight"));
-                check_float(d.weight, |w| w > 0.0, "> 0").map_err(|m| invalid(&k, m))?;
-            }
-            if s.seq_len > model.max_position_embeddings {
-                return Err(invalid(
-                    &key("seq_len"),
-                    format!(
-                        "{} exceeds the model's context of {}",
-                        s.seq_len, model.max_position_embeddings
-                    ),
-                ));
-            }
-            for (k, v, min, max) in [
-                ("seq_len", s.seq_len, 1, MAX_CONTEXT),
-                ("micro_batch", s.micro_batch, 1, MAX_BATCH),
-                ("grad_accum", s.grad_accum, 1, MAX_BATCH),
-                ("eval_batches", s.eval_batches, 0, MAX_BATCH),
-                ("eval_every", s.eval_every, 1, usize::MAX),
-                ("checkpoint_every", s.checkpoint_every, 1, usize::MAX),
-                ("keep_last", s.keep_last, 1, usize::MAX),
-            ] {
-                check_count(v, min, max).map_err(|m| invalid(&key(k), m))?;
-            }
-            // Checked: a wrapped product could be 0 tokens per step (a division by zero below).
-            let per_step = s
-                .seq_len
-                .checked_mul(s.micro_batch)
-                .and_then(|n| n.checked_mul(s.grad_accum))
-                .ok_or_else(|| {
-                    invalid(
-                        &key("micro_batch"),
-                        format!(
-                            "seq_len {} × micro_batch {} × grad_accum {} tokens per step do not fit in memory",
-                            s.seq_len, s.micro_batch, s.grad_accum
-                        ),
-                    )
-                })?;
-            let steps = match (s.steps, s.tokens) {
-                (Some(n), None) => n,
-                (None, Some(0)) => {
-                    return Err(invalid(
-                        &key("tokens"),
-                        "must be at least 1, found 0".into(),
-                    ))
-                }
-                (None, Some(t)) => {
-                    usize::try_from(t.div_ceil(per_step as u64)).unwrap_or(usize::MAX)
-                }
-                _ => {
-                    return Err(invalid(
-                        &key("steps"),
-                        "give exactly one of `steps` or `tokens`".into(),
-                    ))
-                }
-            };
-            if steps == 0 {
-                return Err(invalid(&key("steps"), "must be at least 1, found 0".into()));
-            }
-            // Tokens seen are counted in a u64 (metrics, checkpoints): the whole stage must fit.
-            if (steps as u64).checked_mul(per_step as u64).is_none() {
-                return Err(invalid(
-                    &key("steps"),
-                    format!("{steps} steps of {per_step} tokens are more tokens than can be counted (2^64); lower steps or the batch"),
-                ));
-            }
-            if s.warmup >= steps && s.warmup > 0 {
-                return Err(invalid(
-                    &key("warmup"),
-                    format!("{} must be < steps ({steps})", s.warmup),
-                ));
-            }
-            check_float(s.lr, |v| v > 0.0, "> 0").map_err(|m| invalid(&key("lr"), m))?;
-            check_float(
-                s.min_lr,
-                |v| (0.0..=s.lr).contains(&v),
-                &format!("in [0, lr = {}]", s.lr),
-            )
-            .map_err(|m| invalid(&key("min_lr"), m))?;
-            for (k, v) in [("beta1", s.beta1), ("beta2", s.beta2)] {
-                check_float(v, |b| (0.0..1.0).contains(&b), "in [0, 1)")
-                    .map_err(|m| invalid(&key(k), m))?;
-            }
-            check_float(s.eps, |v| v > 0.0, "> 0").map_err(|m| invalid(&key("eps"), m))?;
-            for (k, v) in [("weight_decay", s.weight_decay), ("grad_clip", s.grad_clip)] {
-                check_float(v, |x| x >= 0.0, ">= 0").map_err(|m| invalid(&key(k), m))?;
-            }
-            check_float(s.dropout, |v| (0.0..1.0).contains(&v), "in [0, 1)")
-                .map_err(|m| invalid(&key("dropout"), m))?;
-            let data = s.data.iter().map(|d| (d.path.clone(), d.weight)).collect();
-            stages.push(Stage {
-                raw: s.clone(),
-                init,
-                data,
-                steps,
-            });
-        }
+        let stages = raw
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| resolve_stage(i, s, &model, path))
+            .collect::<Result<Vec<_>, _>>()?;
         let names: std::collections::HashSet<&str> =
             raw.stages.iter().map(|s| s.name.as_str()).collect();
         if names.len() != raw.stages.len() {
@@ -527,6 +356,208 @@ impl Recipe {
     pub fn to_toml(&self) -> String {
         toml::to_string(&self.raw).unwrap_or_default()
     }
+}
+
+fn invalid_key(path: &Path, key: &str, message: String) -> RecipeError {
+    RecipeError::Invalid {
+        path: path.to_path_buf(),
+        key: key.into(),
+        message,
+    }
+}
+
+/// The model of `[model]`: a preset or a checkpoint's `config.json`, with the recipe's overrides,
+/// checked against the size limits and the tokenizer.
+fn resolve_model(raw: &ModelToml, path: &Path) -> Result<PhiConfig, RecipeError> {
+    let invalid = |key: &str, message: String| invalid_key(path, key, message);
+    let mut model = match (&raw.preset, &raw.config) {
+        (Some(p), None) => {
+            PhiConfig::preset(p).map_err(|e| invalid("model.preset", e.to_string()))?
+        }
+        (None, Some(c)) => {
+            let dir = if c.is_file() {
+                c.parent().unwrap_or(Path::new(".")).to_path_buf()
+            } else {
+                c.clone()
+            };
+            crate::model::checkpoint::read_config(&dir)
+                .map_err(|e| invalid("model.config", e.to_string()))?
+        }
+        _ => {
+            return Err(invalid(
+                "model",
+                "give exactly one of `preset` or `config`".into(),
+            ))
+        }
+    };
+    if let Some(n) = raw.max_position_embeddings {
+        model.max_position_embeddings = n;
+    }
+    if let Some(v) = raw.vocab_size {
+        model.vocab_size = v;
+    }
+    // The model's sizes decide its tensors' shapes; beyond these no weights fit in memory.
+    for (k, v, max) in [
+        (
+            "model.max_position_embeddings",
+            model.max_position_embeddings,
+            MAX_CONTEXT,
+        ),
+        ("model.vocab_size", model.vocab_size, MAX_VOCAB),
+    ] {
+        check_count(v, 1, max).map_err(|m| invalid(k, m))?;
+    }
+    let vocab = crate::tokenize::vocab_size(raw.tokenizer);
+    if model.vocab_size < vocab {
+        return Err(invalid(
+            "model.vocab_size",
+            format!(
+                "{} is smaller than the `{:?}` tokenizer's {vocab} tokens",
+                model.vocab_size, raw.tokenizer
+            ),
+        ));
+    }
+    Ok(model)
+}
+
+/// Stage `i` of the recipe, every value checked (`stage.I.KEY` names a bad one).
+fn resolve_stage(
+    i: usize,
+    s: &StageToml,
+    model: &PhiConfig,
+    path: &Path,
+) -> Result<Stage, RecipeError> {
+    let invalid = |key: &str, message: String| invalid_key(path, key, message);
+    let key = |k: &str| format!("stage.{i}.{k}");
+    if let Err(why) = plain_name(&s.name) {
+        return Err(invalid(
+            &key("name"),
+            format!(
+                "`{}` {why}: it names the stage's checkpoint directory inside the run directory; use e.g. `pretrain`",
+                s.name
+            ),
+        ));
+    }
+    let init = match s.init.split_once(':') {
+        None if s.init == "random" => Init::Random,
+        None if s.init == "previous" && i > 0 => Init::Previous,
+        Some(("checkpoint", dir)) => Init::Checkpoint(dir.into()),
+        Some(("tile", dir)) => Init::Tile(dir.into()),
+        _ => {
+            return Err(invalid(
+                &key("init"),
+                format!("`{}`: expected random, previous (not in the first stage), checkpoint:DIR or tile:DIR", s.init),
+            ))
+        }
+    };
+    if s.data.is_empty() {
+        return Err(invalid(
+            &key("data"),
+            "needs at least one { path, weight > 0 }".into(),
+        ));
+    }
+    for (j, d) in s.data.iter().enumerate() {
+        let k = key(&format!("data.{j}.weight"));
+        check_float(d.weight, |w| w > 0.0, "> 0").map_err(|m| invalid(&k, m))?;
+    }
+    if s.seq_len > model.max_position_embeddings {
+        return Err(invalid(
+            &key("seq_len"),
+            format!(
+                "{} exceeds the model's context of {}",
+                s.seq_len, model.max_position_embeddings
+            ),
+        ));
+    }
+    for (k, v, min, max) in [
+        ("seq_len", s.seq_len, 1, MAX_CONTEXT),
+        ("micro_batch", s.micro_batch, 1, MAX_BATCH),
+        ("grad_accum", s.grad_accum, 1, MAX_BATCH),
+        ("eval_batches", s.eval_batches, 0, MAX_BATCH),
+        ("eval_every", s.eval_every, 1, usize::MAX),
+        ("checkpoint_every", s.checkpoint_every, 1, usize::MAX),
+        ("keep_last", s.keep_last, 1, usize::MAX),
+    ] {
+        check_count(v, min, max).map_err(|m| invalid(&key(k), m))?;
+    }
+    let steps = stage_steps(i, s, path)?;
+    if s.warmup >= steps && s.warmup > 0 {
+        return Err(invalid(
+            &key("warmup"),
+            format!("{} must be < steps ({steps})", s.warmup),
+        ));
+    }
+    check_float(s.lr, |v| v > 0.0, "> 0").map_err(|m| invalid(&key("lr"), m))?;
+    check_float(
+        s.min_lr,
+        |v| (0.0..=s.lr).contains(&v),
+        &format!("in [0, lr = {}]", s.lr),
+    )
+    .map_err(|m| invalid(&key("min_lr"), m))?;
+    for (k, v) in [("beta1", s.beta1), ("beta2", s.beta2)] {
+        check_float(v, |b| (0.0..1.0).contains(&b), "in [0, 1)")
+            .map_err(|m| invalid(&key(k), m))?;
+    }
+    check_float(s.eps, |v| v > 0.0, "> 0").map_err(|m| invalid(&key("eps"), m))?;
+    for (k, v) in [("weight_decay", s.weight_decay), ("grad_clip", s.grad_clip)] {
+        check_float(v, |x| x >= 0.0, ">= 0").map_err(|m| invalid(&key(k), m))?;
+    }
+    check_float(s.dropout, |v| (0.0..1.0).contains(&v), "in [0, 1)")
+        .map_err(|m| invalid(&key("dropout"), m))?;
+    let data = s.data.iter().map(|d| (d.path.clone(), d.weight)).collect();
+    Ok(Stage {
+        raw: s.clone(),
+        init,
+        data,
+        steps,
+    })
+}
+
+/// Stage `i`'s optimizer steps: `steps`, or `tokens` over the tokens per step, rounded up.
+fn stage_steps(i: usize, s: &StageToml, path: &Path) -> Result<usize, RecipeError> {
+    let invalid = |key: &str, message: String| invalid_key(path, key, message);
+    let key = |k: &str| format!("stage.{i}.{k}");
+    // Checked: a wrapped product could be 0 tokens per step (a division by zero below).
+    let per_step = s
+        .seq_len
+        .checked_mul(s.micro_batch)
+        .and_then(|n| n.checked_mul(s.grad_accum))
+        .ok_or_else(|| {
+            invalid(
+                &key("micro_batch"),
+                format!(
+                    "seq_len {} × micro_batch {} × grad_accum {} tokens per step do not fit in memory",
+                    s.seq_len, s.micro_batch, s.grad_accum
+                ),
+            )
+        })?;
+    let steps = match (s.steps, s.tokens) {
+        (Some(n), None) => n,
+        (None, Some(0)) => {
+            return Err(invalid(
+                &key("tokens"),
+                "must be at least 1, found 0".into(),
+            ))
+        }
+        (None, Some(t)) => usize::try_from(t.div_ceil(per_step as u64)).unwrap_or(usize::MAX),
+        _ => {
+            return Err(invalid(
+                &key("steps"),
+                "give exactly one of `steps` or `tokens`".into(),
+            ))
+        }
+    };
+    if steps == 0 {
+        return Err(invalid(&key("steps"), "must be at least 1, found 0".into()));
+    }
+    // Tokens seen are counted in a u64 (metrics, checkpoints): the whole stage must fit.
+    if (steps as u64).checked_mul(per_step as u64).is_none() {
+        return Err(invalid(
+            &key("steps"),
+            format!("{steps} steps of {per_step} tokens are more tokens than can be counted (2^64); lower steps or the batch"),
+        ));
+    }
+    Ok(steps)
 }
 
 /// The learning rate at optimizer step `step` (0-based): linear warmup from 0 to `lr` over `warmup`

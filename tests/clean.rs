@@ -1,0 +1,173 @@
+//! The cleaning stages through the binary: `phigen filter` (phi-1's classifier recipe, the ratings
+//! from the loopback mock teacher), then `dedup`, `decontaminate` and `tokenize` chained on their
+//! outputs.
+
+use std::process::Command;
+use std::sync::atomic::Ordering;
+
+use phigen::teacher::mock::Faults;
+
+mod common;
+use common::{mock, run, stats, stderr, BIN};
+
+/// The cleaning stages chain through the binary: `dedup` drops a copy, `decontaminate` drops a
+/// document holding an MBPP solution, and `tokenize` reads the result without mistaking the
+/// reports written next to the data (removed.parquet, contaminated.parquet, *.json) for documents.
+#[test]
+fn dedup_then_decontaminate_then_tokenize() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |s: &str| tmp.path().join(s);
+    std::fs::create_dir_all(p("raw")).unwrap();
+    let solution = "def remove_odd_numbers(values):\n    kept = []\n    for value in values:\n        if value % 2 == 0:\n            kept.append(value)\n    return kept\n";
+    let docs = [
+        (
+            "a",
+            "Once upon a time a small dog found a red ball in the tall green grass by the river.",
+        ),
+        (
+            "b",
+            "Once upon a time a small dog found a red ball in the tall green grass by the river.",
+        ),
+        (
+            "c",
+            "A cat sat on the warm mat and watched the rain fall on the quiet street all day long.",
+        ),
+        ("d", solution),
+    ];
+    let jsonl: String = docs
+        .iter()
+        .map(|(id, t)| serde_json::json!({"id": id, "text": t}).to_string() + "\n")
+        .collect();
+    std::fs::write(p("raw/part.jsonl"), jsonl).unwrap();
+    let mbpp = serde_json::json!({"task_id": 7, "text": "Write a function to remove odd numbers from a list.", "code": solution, "test_list": []});
+    std::fs::write(p("mbpp.jsonl"), mbpp.to_string() + "\n").unwrap();
+    let phigen = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .arg("--quiet")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    };
+    let s = |path: std::path::PathBuf| path.to_str().unwrap().to_string();
+    phigen(&["dedup", "--input", &s(p("raw")), "--out", &s(p("dedup"))]);
+    phigen(&[
+        "decontaminate",
+        "--input",
+        &s(p("dedup")),
+        "--bench",
+        &s(p("mbpp.jsonl")),
+        "--out",
+        &s(p("clean")),
+    ]);
+    let kept = std::fs::read_to_string(p("clean/dedup/raw/part.jsonl")).unwrap();
+    let ids: Vec<String> = kept
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(ids, ["a", "c"]);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p("clean/contamination.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["benchmarks"]["mbpp"]["documents_per_task"]["7"], 1);
+    phigen(&[
+        "tokenize",
+        "--input",
+        &s(p("clean")),
+        "--out",
+        &s(p("tok")),
+        "--val-fraction",
+        "0",
+    ]);
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p("tok/meta.json")).unwrap()).unwrap();
+    assert_eq!(meta["splits"]["train"]["documents"], 2);
+    let bad = Command::new(BIN)
+        .args([
+            "--quiet",
+            "decontaminate",
+            "--input",
+            &s(p("raw")),
+            "--bench",
+            &s(p("nope.jsonl")),
+            "--out",
+            &s(p("x")),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(stderr(&bad).contains("nope.jsonl"), "{}", stderr(&bad));
+}
+
+/// `phigen filter --input stack/` with no classifier runs phi-1's recipe through the binary: the
+/// mock teacher rates a sample (4 for a documented function, 0 for data, see `src/teacher/mock.rs`),
+/// a forest learns the ratings, every file is scored. Documented files are kept and data files are
+/// not (the truth is how each file was written); a re-run sends no request and redoes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn filter_recipe_rates_trains_and_scores_through_the_binary() {
+    let server = mock(Faults::default()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let stack = tmp.path().join("stack");
+    std::fs::create_dir_all(&stack).unwrap();
+    for i in 0..300 {
+        let text = if i % 2 == 0 {
+            format!("def add_{i}(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"\n    # Add them.\n    return a + b\n")
+        } else {
+            format!(
+                "DATA_{i} = [{}]\n",
+                (0..60)
+                    .map(|k| (k * i % 997).to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        std::fs::write(stack.join(format!("f{i:03}.py")), text).unwrap();
+    }
+    let out = tmp.path().join("filtered");
+    let cmd = || {
+        let mut c = Command::new(BIN);
+        c.args(["--quiet", "filter", "--input", stack.to_str().unwrap()])
+            .args(["--out", out.to_str().unwrap(), "--sample", "80"])
+            .args(["--base-url", &server.base_url(), "--teacher-model", "mock"])
+            .args(["--price-input", "0", "--price-output", "0", "--trees", "30"])
+            .env_remove("OPENAI_API_KEY")
+            .env_remove("OPENAI_BASE_URL")
+            .env_remove("PHIGEN_MODEL");
+        c
+    };
+    let o = run(cmd()).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stats = stats(&out);
+    assert_eq!(
+        (stats["files"].as_u64(), stats["kept"].as_u64()),
+        (Some(300), Some(150))
+    );
+    let kept =
+        phigen::artifact::table::read_frame(&out.join("kept/stack/files-00000.parquet"), None)
+            .unwrap();
+    let ids = phigen::artifact::table::text_column(&kept, &out, "id").unwrap();
+    assert!(ids.iter().all(|id| {
+        let n: usize = id
+            .as_ref()
+            .unwrap()
+            .trim_start_matches("stack/f")
+            .trim_end_matches(".py")
+            .parse()
+            .unwrap();
+        n.is_multiple_of(2)
+    }));
+    let sent = server.log.requests.load(Ordering::SeqCst);
+    let o = run(cmd()).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(sent, 80);
+    assert_eq!(
+        server.log.requests.load(Ordering::SeqCst),
+        sent,
+        "a re-run rates nothing again"
+    );
+}

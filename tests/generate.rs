@@ -1,0 +1,764 @@
+//! The corpus generators (`phigen stories`, `textbooks`, `exercises`) through the binary against a
+//! loopback mock of an OpenAI-compatible server. No network, no key.
+//!
+//! Expected values come from the issue's contract (N good records, exactly-once ids, 401 stops at
+//! once, --max-cost is never exceeded, --dry-run sends nothing) and from the mock's deterministic
+//! behaviour documented in `src/teacher/mock.rs`.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use phigen::artifact::table;
+use phigen::teacher::mock::Faults;
+
+mod common;
+use common::{generate_cmd, mock, run, shard_records, stats, stderr, stories_cmd, BIN};
+
+/// Prompts of records that are durable in `out` right now: shards plus whole journal lines.
+fn durable_prompts(out: &Path) -> HashSet<String> {
+    let mut prompts: HashSet<String> = shard_records(out).into_iter().map(|r| r.2).collect();
+    if let Ok(journal) = std::fs::read_to_string(out.join("records.journal.jsonl")) {
+        for line in journal.lines() {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+                prompts.insert(v["prompt"].as_str().unwrap().to_string());
+            }
+        }
+    }
+    prompts
+}
+
+fn assert_exactly_slots(out: &Path, n: i64) {
+    let records = shard_records(out);
+    let ids: HashSet<&String> = records.iter().map(|r| &r.0).collect();
+    let mut slots: Vec<i64> = records.iter().map(|r| r.1).collect();
+    slots.sort();
+    assert_eq!(ids.len(), records.len(), "ids must be unique");
+    assert_eq!(
+        slots,
+        (0..n).collect::<Vec<_>>(),
+        "exactly one record per slot 0..{n}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_good_records_despite_every_kind_of_fault() {
+    let server = mock(Faults {
+        rate_429: 0.08,
+        retry_after_secs: 0.01,
+        rate_500: 0.05,
+        rate_503: 0.05,
+        rate_malformed: 0.05,
+        rate_drop: 0.05,
+        rate_slow: 0.03,
+        slow_secs: 2.0,
+        rate_length: 0.05,
+        rate_refuse: 0.05,
+        rate_duplicate: 0.1,
+        ..Faults::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("stories");
+    let o = run(stories_cmd(
+        &server,
+        &out,
+        60,
+        &[
+            "--concurrency",
+            "8",
+            "--shard-size",
+            "16",
+            "--timeout",
+            "0.5",
+            "--max-attempts",
+            "8",
+        ],
+    ))
+    .await;
+    assert!(o.status.success(), "exit {:?}: {}", o.status, stderr(&o));
+    assert_exactly_slots(&out, 60);
+    let s = stats(&out);
+    assert_eq!(s["complete"], true);
+    assert_eq!(s["records"], 60);
+    let run = &s["run"];
+    for counter in [
+        "throttled",
+        "server_errors",
+        "timeouts",
+        "connection_errors",
+        "malformed",
+    ] {
+        assert!(
+            run["requests"][counter].as_u64().unwrap() > 0,
+            "the mock injected {counter}: {run}"
+        );
+    }
+    for reason in ["truncated", "refused", "duplicate"] {
+        assert!(
+            run["dropped"][reason].as_u64().unwrap_or(0) > 0,
+            "expected {reason} drops: {run}"
+        );
+    }
+    // Every drop is auditable in rejects.parquet with its reason.
+    let rejects = table::read_columns(&out.join("rejects.parquet"), &["reason"]).unwrap();
+    let reasons: HashSet<String> = table::text_column(&rejects, &out, "reason")
+        .unwrap()
+        .into_iter()
+        .flatten()
+        .collect();
+    assert!(
+        reasons.contains("truncated") && reasons.contains("refused"),
+        "{reasons:?}"
+    );
+    // TinyStories verification is summarised: the mock quotes the three words except in its one
+    // fixed "duplicate" answer, which is kept once.
+    let share = s["corpus"]["words_used_share"].as_f64().unwrap();
+    assert!((share - 59.0 / 60.0).abs() < 1e-12, "{share}");
+    assert!(s["corpus"]["top_openings"].as_array().unwrap().len() <= 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_run_then_rerun_gives_exactly_n_and_resends_nothing_written() {
+    let server = mock(Faults {
+        latency_ms: 15,
+        ..Faults::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("stories");
+    let args = ["--concurrency", "4", "--shard-size", "7"];
+    let mut child = stories_cmd(&server, &out, 200, &args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while server.log.answered.load(Ordering::SeqCst) < 60 {
+        assert!(Instant::now() < deadline, "the first run made no progress");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let written_before = durable_prompts(&out);
+    let sent_before: HashMap<String, u64> = server.log.per_prompt.lock().unwrap().clone();
+    assert!(
+        written_before.len() >= 40,
+        "only {} records survived the kill",
+        written_before.len()
+    );
+
+    let o = run(stories_cmd(&server, &out, 200, &args)).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_exactly_slots(&out, 200);
+    let sent_after = server.log.per_prompt.lock().unwrap().clone();
+    for p in &written_before {
+        assert_eq!(
+            sent_after[p], sent_before[p],
+            "a prompt whose record was written was sent again"
+        );
+    }
+    // Only requests in flight at the kill may have been answered twice.
+    let twice = sent_after.values().filter(|&&c| c > 1).count();
+    assert!(
+        twice <= 8,
+        "{twice} prompts were sent twice; at most the in-flight ones may be"
+    );
+    assert!(
+        !out.join("records.journal.jsonl").exists()
+            || std::fs::metadata(out.join("records.journal.jsonl"))
+                .unwrap()
+                .len()
+                == 0
+    );
+    assert!(std::fs::read_dir(&out).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_str()
+        .unwrap()
+        .ends_with(".tmp")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rerun_sends_nothing_and_a_larger_n_sends_only_the_missing() {
+    let server = mock(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("s");
+    assert!(run(stories_cmd(&server, &out, 10, &[]))
+        .await
+        .status
+        .success());
+    assert_eq!(server.log.requests.load(Ordering::SeqCst), 10);
+    assert!(run(stories_cmd(&server, &out, 10, &[]))
+        .await
+        .status
+        .success());
+    assert_eq!(
+        server.log.requests.load(Ordering::SeqCst),
+        10,
+        "a complete directory needs no request"
+    );
+    assert!(run(stories_cmd(&server, &out, 15, &[]))
+        .await
+        .status
+        .success());
+    assert_eq!(server.log.requests.load(Ordering::SeqCst), 15);
+    assert_exactly_slots(&out, 15);
+}
+
+/// Record ids must not change between phigen versions: an existing directory is resumed by id.
+/// These were written by commit 4609303 (whose ids went through `serde_json::Value`) for the
+/// flags below; they change only with the built-in prompt or word lists, and then the manifest's
+/// template hash refuses the old directory anyway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn record_ids_are_those_earlier_versions_wrote() {
+    let server = mock(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("s");
+    let flags = ["--seed", "7", "--temperature", "0.7", "--top-p", "0.9"];
+    let o = run(stories_cmd(&server, &out, 2, &flags)).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut ids: Vec<(i64, String)> = shard_records(&out)
+        .into_iter()
+        .map(|(id, slot, _)| (slot, id))
+        .collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        [
+            (0, "30cb8700c581e1a6c6386d611e5c1aa4".to_string()),
+            (1, "56a8131cb7d0bc90f5370fed97da41bc".to_string())
+        ]
+    );
+}
+
+/// stats.json is derived from the scan at the start of a run plus the run's own counters; this
+/// checks it against what the directory really holds (the Parquet rows, read back here) after two
+/// runs with drops, failed requests and a resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_after_a_resumed_run_count_what_the_directory_holds() {
+    let server = mock(Faults {
+        rate_500: 0.3,
+        rate_refuse: 0.1,
+        rate_duplicate: 0.15,
+        rate_length: 0.1,
+        ..Faults::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("s");
+    // One retry only, so some requests fail for good (request_failed rejects).
+    let flags = ["--retries", "1", "--shard-size", "7", "--concurrency", "4"];
+    for n in [20, 35] {
+        let o = run(stories_cmd(&server, &out, n, &flags)).await;
+        // 0, or 4 when some slot's request failed for good (it is sent again by the next run).
+        assert!(matches!(o.status.code(), Some(0 | 4)), "{}", stderr(&o));
+    }
+    let s = stats(&out);
+    let records = shard_records(&out);
+    assert_eq!(s["records"].as_u64().unwrap(), records.len() as u64);
+    let done: HashSet<i64> = records.iter().map(|r| r.1).filter(|&s| s < 35).collect();
+    assert_eq!(s["complete"], done.len() == 35, "{s}");
+    let path = out.join("rejects.parquet");
+    let df = table::read_columns(&path, &["reason"]).unwrap();
+    let mut by_reason: HashMap<String, u64> = HashMap::new();
+    for reason in table::text_column(&df, &path, "reason").unwrap() {
+        *by_reason.entry(reason.unwrap()).or_default() += 1;
+    }
+    for reason in ["request_failed", "refused", "duplicate", "truncated"] {
+        assert!(by_reason.contains_key(reason), "no {reason}: {by_reason:?}");
+    }
+    let total: HashMap<String, u64> = s["rejects_total"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_u64().unwrap()))
+        .collect();
+    assert_eq!(total, by_reason);
+    let checked =
+        records.len() as u64 + by_reason.values().sum::<u64>() - by_reason["request_failed"];
+    assert_eq!(s["answers_checked"].as_u64().unwrap(), checked);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_cost_stops_cleanly_without_exceeding_it_and_a_higher_limit_continues() {
+    let server = mock(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("s");
+    // $1000 per 1M tokens: one request (~60 prompt + ≤200 output tokens) costs at most ~$0.27.
+    let price = [
+        "--price-input",
+        "1000",
+        "--price-output",
+        "1000",
+        "--max-tokens",
+        "200",
+        "--concurrency",
+        "2",
+    ];
+    let o = run(stories_cmd(
+        &server,
+        &out,
+        50,
+        &[&price[..], &["--max-cost", "1.0"]].concat(),
+    ))
+    .await;
+    assert_eq!(
+        o.status.code(),
+        Some(4),
+        "an early stop is exit code 4: {}",
+        stderr(&o)
+    );
+    let s = stats(&out);
+    assert_eq!(s["stopped"], "budget");
+    let spent = s["run"]["cost_usd"].as_f64().unwrap();
+    // It stops only when even with nothing in flight the next worst case (~$0.27) would not fit.
+    assert!(spent <= 1.0 && spent > 0.6, "spent ${spent}");
+    let kept = s["records"].as_u64().unwrap();
+    assert!(kept > 0 && kept < 50);
+    let o = run(stories_cmd(
+        &server,
+        &out,
+        50,
+        &[&price[..], &["--max-cost", "100"]].concat(),
+    ))
+    .await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_exactly_slots(&out, 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_401_stops_at_once_naming_the_variable_but_never_the_key() {
+    let server = mock(Faults {
+        unauthorized: true,
+        ..Faults::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("s");
+    let mut cmd = stories_cmd(
+        &server,
+        &out,
+        100,
+        &["--api-key-env", "PHIGEN_TEST_KEY", "--concurrency", "4"],
+    );
+    cmd.env("PHIGEN_TEST_KEY", "sk-test-secret-123");
+    let o = run(cmd).await;
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("PHIGEN_TEST_KEY") && err.contains("401"),
+        "{err}"
+    );
+    assert!(!err.contains("sk-test-secret"), "the key leaked: {err}");
+    let sent = server.log.requests.load(Ordering::SeqCst);
+    assert!(
+        sent <= 8,
+        "401 must stop the run at once, yet {sent} requests were sent"
+    );
+    for entry in std::fs::read_dir(&out).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        assert!(!String::from_utf8_lossy(&bytes).contains("sk-test-secret"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_counts_prompts_and_sends_and_writes_nothing() {
+    let server = mock(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("s");
+    let o = run(stories_cmd(
+        &server,
+        &out,
+        20,
+        &["--dry-run", "--model", "gpt-4o-mini"],
+    ))
+    .await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("prompts to send          20"), "{stdout}");
+    assert!(
+        stdout.contains('$'),
+        "gpt-4o-mini has a default price: {stdout}"
+    );
+    assert_eq!(server.log.requests.load(Ordering::SeqCst), 0);
+    assert!(!out.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_made_with_other_settings_is_refused_and_left_intact() {
+    let server = mock(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("s");
+    assert!(run(stories_cmd(&server, &out, 5, &[]))
+        .await
+        .status
+        .success());
+    let before = std::fs::read(out.join("part-00000.parquet")).unwrap();
+    let o = run(stories_cmd(&server, &out, 5, &["--seed", "9"])).await;
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(
+        err.contains("manifest.json") && err.contains("seed") && err.contains("--out"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(out.join("part-00000.parquet")).unwrap(),
+        before
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_word_lists_and_templates_are_clear_errors() {
+    let server = mock(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let words = dir.path().join("words");
+    std::fs::create_dir(&words).unwrap();
+    for f in ["verbs.txt", "adjectives.txt", "function_words.txt"] {
+        std::fs::write(words.join(f), "run\n").unwrap();
+    }
+    std::fs::write(words.join("nouns.txt"), "# nothing here\n").unwrap();
+    std::fs::write(words.join("features.txt"), "dialogue | have a dialogue\n").unwrap();
+    let o = run(stories_cmd(
+        &server,
+        &dir.path().join("o"),
+        5,
+        &["--words", words.to_str().unwrap()],
+    ))
+    .await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("nouns.txt") && stderr(&o).contains("empty"),
+        "{}",
+        stderr(&o)
+    );
+
+    let prompt = dir.path().join("p.txt");
+    std::fs::write(&prompt, "id: x\nversion: 1\nvars: verb noun adjective features\n---\n{verb} {noun} {adjective} {features} {colour}\n").unwrap();
+    let o = run(stories_cmd(
+        &server,
+        &dir.path().join("o"),
+        5,
+        &["--prompt", prompt.to_str().unwrap()],
+    ))
+    .await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("p.txt") && stderr(&o).contains("{colour}"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(server.log.requests.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn textbooks_keep_only_sections_whose_code_parses() {
+    let server = mock(Faults {
+        rate_bad_code: 0.2,
+        rate_no_code: 0.1,
+        ..Faults::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tb");
+    let topics = concat!(env!("CARGO_MANIFEST_DIR"), "/seeds/topics.txt");
+    let o = run(generate_cmd(
+        "textbooks",
+        &server,
+        &out,
+        30,
+        &["--topics", topics, "--max-attempts", "8"],
+    ))
+    .await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_exactly_slots(&out, 30);
+    let s = stats(&out);
+    assert_eq!(s["kind"], "textbook");
+    for reason in ["syntax_error", "no_code"] {
+        assert!(
+            s["run"]["dropped"][reason].as_u64().unwrap_or(0) > 0,
+            "expected {reason} drops: {}",
+            s["run"]
+        );
+    }
+    let per_topic: u64 = s["corpus"]["per_topic"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(per_topic, 30);
+    assert!(s["corpus"]["per_audience"].as_object().unwrap().len() > 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_or_empty_topics_file_is_a_clear_error() {
+    let server = mock(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.txt");
+    let o = run(generate_cmd(
+        "textbooks",
+        &server,
+        &dir.path().join("o"),
+        5,
+        &["--topics", missing.to_str().unwrap()],
+    ))
+    .await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("nope.txt"), "{}", stderr(&o));
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "# only comments\n\n").unwrap();
+    let o = run(generate_cmd(
+        "textbooks",
+        &server,
+        &dir.path().join("o"),
+        5,
+        &["--topics", empty.to_str().unwrap()],
+    ))
+    .await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("empty.txt") && stderr(&o).contains("no entries"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(server.log.requests.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exercises_are_kept_only_when_their_asserts_pass_in_the_sandbox() {
+    let server = mock(Faults {
+        rate_bad_code: 0.1,
+        rate_no_code: 0.1,
+        rate_failing_tests: 0.2,
+        ..Faults::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ex");
+    let o = run(generate_cmd(
+        "exercises",
+        &server,
+        &out,
+        20,
+        &["--max-attempts", "10"],
+    ))
+    .await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_exactly_slots(&out, 20);
+    let s = stats(&out);
+    assert_eq!(s["kind"], "exercise");
+    for reason in ["syntax_error", "no_code", "tests_failed"] {
+        assert!(
+            s["run"]["dropped"][reason].as_u64().unwrap_or(0) > 0,
+            "expected {reason} drops: {}",
+            s["run"]
+        );
+    }
+    // The pass rate is what was kept of what was checked (no request failed here).
+    let checked = s["answers_checked"].as_u64().unwrap();
+    let dropped: u64 = s["rejects_total"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(checked, 20 + dropped);
+    assert!((s["keep_rate"].as_f64().unwrap() - 20.0 / checked as f64).abs() < 1e-12);
+    // Every kept record defines its required function and passed.
+    let p = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_str().unwrap().ends_with("part-00000.parquet"))
+        .unwrap();
+    let df = table::read_columns(&p, &["function_name", "code", "outcome"]).unwrap();
+    let names = table::text_column(&df, &p, "function_name").unwrap();
+    let codes = table::text_column(&df, &p, "code").unwrap();
+    let outcomes = table::text_column(&df, &p, "outcome").unwrap();
+    for i in 0..df.height() {
+        assert!(codes[i]
+            .as_ref()
+            .unwrap()
+            .contains(&format!("def {}(", names[i].as_ref().unwrap())));
+        assert_eq!(outcomes[i].as_deref(), Some("passed"));
+    }
+    // The failing asserts are auditable in the rejects with the sandbox's verdict and error.
+    let rejects = table::read_columns(&out.join("rejects.parquet"), &["reason", "detail"]).unwrap();
+    let details = table::text_column(&rejects, &out, "detail").unwrap();
+    assert!(
+        details
+            .iter()
+            .flatten()
+            .any(|d| d.starts_with("failed: AssertionError")),
+        "{details:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exercises_without_a_usable_python_fail_at_start_up() {
+    let server = mock(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let o = run(generate_cmd(
+        "exercises",
+        &server,
+        &dir.path().join("o"),
+        5,
+        &["--python", "/nonexistent/python3"],
+    ))
+    .await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("/nonexistent/python3") && stderr(&o).contains("install Python 3"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(server.log.requests.load(Ordering::SeqCst), 0);
+}
+
+/// A server whose 400 answer echoes the request headers, as some proxies and debug servers do:
+/// raw in a JSON string and as a JSON object. Answers every connection on `listener` until the
+/// test ends.
+fn echo_headers_with_400(listener: std::net::TcpListener) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let (mut head, mut headers, mut length) = (String::new(), serde_json::Map::new(), 0);
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some((name, value)) = line.trim_end().split_once(": ") {
+                    if name.eq_ignore_ascii_case("content-length") {
+                        length = value.parse().unwrap();
+                    }
+                    headers.insert(name.to_string(), value.into());
+                }
+                head.push_str(&line);
+            }
+            let mut body = vec![0; length];
+            let _ = reader.read_exact(&mut body);
+            let answer = serde_json::json!({
+                "error": {"message": "invalid request", "type": "invalid_request_error"},
+                "request": head,
+                "headers": headers,
+            })
+            .to_string();
+            let _ = write!(
+                stream,
+                "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                answer.len()
+            );
+        }
+    });
+}
+
+/// Issue 23: a 4xx body that echoes the request put `Bearer sk-…` into `rejects.parquet`. With
+/// a real loopback server echoing every header, the stored errors, the debug log and every file
+/// of the output keep the failure (HTTP 400, the server's message) but neither the key nor the
+/// bearer token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_4xx_body_echoing_the_key_is_redacted_in_rejects_and_logs() {
+    const KEY: &str = "sk-test-secret-4567";
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    echo_headers_with_400(listener);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("s");
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "-v",
+        "stories",
+        "--base-url",
+        &url,
+        "--model",
+        "m",
+        "--n",
+        "3",
+    ])
+    .args(["--out", out.to_str().unwrap(), "--concurrency", "1"])
+    .args(["--api-key-env", "PHIGEN_TEST_ECHO_KEY"])
+    .env("PHIGEN_TEST_ECHO_KEY", KEY)
+    .env_remove("OPENAI_API_KEY")
+    .env_remove("OPENAI_BASE_URL");
+    let o = run(cmd).await;
+    let log = format!("{}{}", String::from_utf8_lossy(&o.stdout), stderr(&o));
+    // 4: incomplete, every request was rejected (a 400 is not retried, nor fatal).
+    assert_eq!(o.status.code(), Some(4), "{log}");
+    let leaked = |text: &str| text.contains("secret-4567") || text.contains("Bearer sk-");
+    assert!(
+        log.contains("HTTP 400") && log.contains("[redacted]"),
+        "{log}"
+    );
+    assert!(!leaked(&log), "the key leaked into the log: {log}");
+    let path = out.join("rejects.parquet");
+    let df = table::read_columns(&path, &["reason", "detail"]).unwrap();
+    let details = table::text_column(&df, &path, "detail").unwrap();
+    assert_eq!(details.len(), 3, "one failed request per record");
+    for detail in details.iter().flatten() {
+        assert!(
+            detail.contains("HTTP 400") && detail.contains("invalid request"),
+            "{detail}"
+        );
+        assert!(
+            !leaked(detail),
+            "the key leaked into rejects.parquet: {detail}"
+        );
+    }
+    for entry in std::fs::read_dir(&out).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        assert!(!leaked(&String::from_utf8_lossy(&bytes)));
+    }
+}
+
+/// Two `phigen stories` runs on one --out wrote 138 duplicate ids. Now, while run A holds the
+/// directory (its answers are slow, so it is still running), run B exits at once with an error
+/// naming the directory and A's PID; A finishes with exactly its N records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_run_on_one_out_fails_at_once_naming_the_first() {
+    let server = mock(Faults {
+        rate_slow: 1.0,
+        slow_secs: 2.0,
+        ..Faults::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("stories");
+    let first = stories_cmd(&server, &out, 3, &["--concurrency", "1"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = first.id();
+    let lock = out.join(".phigen.lock");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(&lock)
+        .ok()
+        .map(|s| s.trim().to_string())
+        != Some(pid.to_string())
+    {
+        assert!(Instant::now() < deadline, "run A never took the lock");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let started = Instant::now();
+    let second = run(stories_cmd(&server, &out, 3, &[])).await;
+    assert!(!second.status.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "B must not wait"
+    );
+    let err = stderr(&second);
+    assert!(
+        err.contains(&format!("another phigen run (pid {pid}) is writing"))
+            && err.contains(out.to_str().unwrap()),
+        "{err}"
+    );
+    let first = tokio::task::spawn_blocking(move || first.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert_exactly_slots(&out, 3);
+}
