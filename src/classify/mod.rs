@@ -650,7 +650,7 @@ fn write_part(
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     }
     let mut kept_frame = frame
-        .filter(&BooleanChunked::from_slice("kept".into(), &kept))
+        .filter(&BooleanChunked::from_slice("kept".into(), kept))
         .map_err(|e| bad_frame(part, e))?;
     table::write_frame(&scored_path, &mut frame)?;
     kept_frame = kept_frame.drop_many(["score", "kept", "skip"]);

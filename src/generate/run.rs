@@ -146,7 +146,7 @@ pub async fn run_corpus<C: Corpus>(
                 },
                 max_tokens_field: cfg.max_tokens_field,
             })
-            .map_err(|e| SetupError::Teacher(e.into()))?;
+            .map_err(|e| SetupError::Teacher(Box::new(e).into()))?;
             drive(corpus, Arc::new(teacher), ledger, state, &opts, progress).await
         }
         Backend::Local { spec } => {

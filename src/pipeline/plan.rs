@@ -358,7 +358,6 @@ async fn plan_generate(
     let (seed, max_attempts) = (&seed, &max_attempts);
     let mut estimate = Estimate::default();
     let mut warnings = Vec::new();
-    let is_paid;
     let resolved = cfg.resolve()?;
     let files = corpus_files(corpus);
     if let Some(missing) = files.iter().find(|f| !f.exists()) {
@@ -402,8 +401,7 @@ async fn plan_generate(
     let identity = Identity::new(s.kind.name(), settings, inputs, BTreeMap::new());
     // Estimates: a dry run of the first attempts (nothing is sent), per-record numbers
     // from a pilot when one exists.
-    let (paid_now, _) = paid(cfg)?;
-    is_paid = paid_now;
+    let is_paid = paid(cfg)?.0;
     let measured = pilot(&dir);
     let probe = |n: u64| GenerateOptions {
         out: dir.clone(),

@@ -1299,7 +1299,7 @@ impl Parser<'_> {
                 },
                 EvalKind::Humaneval | EvalKind::Mbpp => {
                     let c: CodeEvalToml = self.typed(rest, &key, "name, kind, stage")?;
-                    if c.k.iter().any(|&k| k == 0) {
+                    if c.k.contains(&0) {
                         return Err(self.invalid(
                             &[key[0], key[1], Key::Name("k")],
                             format!("each k must be at least 1, found {:?} (pass@k is reported for the k up to samples_per_task)", c.k),

@@ -299,7 +299,7 @@ pub async fn local_engine(
     })?
     .map_err(|source| TeacherError::Load {
         spec: spec.to_string(),
-        source,
+        source: Box::new(source),
     })?;
     tracing::info!(
         "local teacher {} ({} parameters, context {}, {} at a time)",

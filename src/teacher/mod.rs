@@ -148,10 +148,10 @@ pub enum TeacherError {
     #[error("could not load the local teacher `{spec}`: {source}")]
     Load {
         spec: String,
-        source: crate::model::ModelError,
+        source: Box<crate::model::ModelError>,
     },
     #[error(transparent)]
-    Http(#[from] openai::SetupError),
+    Http(#[from] Box<openai::SetupError>),
 }
 
 impl TeacherError {
