@@ -2,10 +2,8 @@
 //! outcome) and `phigen lineage`.
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
-use anyhow::Context;
 use candle_core::DType;
 use clap::Args;
 use indicatif::ProgressBar;
@@ -254,15 +252,7 @@ pub async fn run(args: &TrainArgs, quiet: bool) -> anyhow::Result<Outcome> {
     if args.plan {
         return Ok(Outcome::Complete);
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    // The first SIGINT / SIGTERM finishes the step in flight's current unit (requests in flight,
-    // the training step) and saves it; a second exits at once.
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&stop))
-            .context("installing the signal handler")?;
-        signal_hook::flag::register(signal, Arc::clone(&stop))
-            .context("installing the signal handler")?;
-    }
+    let stop = super::train::stop_on_signals()?;
     let opts = RunOptions {
         until: args.until.clone(),
         only: args.only.clone(),

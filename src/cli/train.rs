@@ -89,6 +89,19 @@ pub struct TrainArgs {
     pub max_cost: Option<f64>,
 }
 
+/// A flag the first SIGINT / SIGTERM sets (a checkpoint after the current step, requests in
+/// flight saved); a second one exits at once with 130.
+pub fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&stop))
+            .context("installing the signal handler")?;
+        signal_hook::flag::register(signal, Arc::clone(&stop))
+            .context("installing the signal handler")?;
+    }
+    Ok(stop)
+}
+
 pub fn train(args: &TrainArgs, quiet: bool) -> anyhow::Result<Outcome> {
     if args.plan || args.until.is_some() || args.only.is_some() || args.max_cost.is_some() {
         anyhow::bail!(
@@ -101,14 +114,7 @@ pub fn train(args: &TrainArgs, quiet: bool) -> anyhow::Result<Outcome> {
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs").join(&recipe.raw.name));
-    let stop = Arc::new(AtomicBool::new(false));
-    // The first SIGINT / SIGTERM asks for a checkpoint after the current step; a second exits at once.
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&stop))
-            .context("installing the signal handler")?;
-        signal_hook::flag::register(signal, Arc::clone(&stop))
-            .context("installing the signal handler")?;
-    }
+    let stop = stop_on_signals()?;
     let dtype: DType = args.dtype.into();
     let opts = TrainOptions {
         recipe,
