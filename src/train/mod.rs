@@ -57,10 +57,26 @@ pub enum TrainError {
     },
     #[error(transparent)]
     OutDir(#[from] crate::artifact::outdir::OutDirError),
-    #[error("{0}")]
-    Resume(String),
-    #[error("{0}")]
-    Memory(String),
+    #[error("stage `{stage}` starts from `{previous}`, which has no checkpoint yet: run `{previous}` first (the same command does, in order)")]
+    NoPreviousCheckpoint { stage: String, previous: String },
+    #[error("{}: already holds a run of this recipe; pass --resume to continue it, or another --out", out.display())]
+    RunExists { out: PathBuf },
+    #[error("--resume: no checkpoint under {}; run without --resume to start", out.display())]
+    NothingToResume { out: PathBuf },
+    #[error("{}: checkpoint of recipe `{found}`, not `{expected}`; pass the recipe that made it, or another --out", dir.display())]
+    OtherRecipe {
+        dir: PathBuf,
+        found: String,
+        expected: String,
+    },
+    #[error("stage `{stage}` needs about {need_gb:.1} GB (weights, gradients, AdamW moments, activations of micro_batch {micro_batch} × seq_len {seq_len}), {free_gb:.1} GB are free; lower micro_batch (raise grad_accum to keep the batch) or seq_len")]
+    OutOfMemory {
+        stage: String,
+        need_gb: f64,
+        free_gb: f64,
+        micro_batch: usize,
+        seq_len: usize,
+    },
     #[error("{path}: {reason}")]
     BadState { path: PathBuf, reason: String },
 }
@@ -206,9 +222,8 @@ pub fn train_step(
     grad_clip: f64,
     hyper: Hyper,
     dtype: DType,
-) -> candle_core::Result<(f64, f64)> {
-    let mut model = Decoder::new(cfg, &opt.weights(dtype)?)
-        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+) -> Result<(f64, f64), TrainError> {
+    let mut model = Decoder::new(cfg, &opt.weights(dtype)?)?;
     model.set_training(true);
     let mut grads: HashMap<String, Tensor> = HashMap::new();
     let mut loss_sum = 0.0;
@@ -475,10 +490,10 @@ impl Run<'_> {
             Init::Previous => {
                 let prev = &self.opts.recipe.stages[index - 1].raw.name;
                 let (_, dir) = checkpoints(&self.opts.out, prev)?.pop().ok_or_else(|| {
-                    TrainError::Resume(format!(
-                        "stage `{}` starts from `{prev}`, which has no checkpoint yet",
-                        stage.raw.name
-                    ))
+                    TrainError::NoPreviousCheckpoint {
+                        stage: stage.raw.name.clone(),
+                        previous: prev.clone(),
+                    }
                 })?;
                 checkpoint::load_weights(&dir, DType::F32, &cpu)?.1
             }
@@ -533,23 +548,20 @@ impl Run<'_> {
             .rev()
             .find_map(|(i, c)| c.last().map(|(_, d)| (*i, d.clone())));
         match (latest, opts.resume) {
-            (Some(_), false) => Err(TrainError::Resume(format!(
-                "{} already holds a run of this recipe; pass --resume to continue it, or another --out",
-                opts.out.display()
-            ))),
-            (None, true) => Err(TrainError::Resume(format!(
-                "--resume: no checkpoint under {}; run without --resume to start",
-                opts.out.display()
-            ))),
+            (Some(_), false) => Err(TrainError::RunExists {
+                out: opts.out.clone(),
+            }),
+            (None, true) => Err(TrainError::NothingToResume {
+                out: opts.out.clone(),
+            }),
             (Some((i, dir)), true) => {
                 let state = read_state(&dir)?;
                 if state.recipe != recipe.raw.name {
-                    return Err(TrainError::Resume(format!(
-                        "{}: checkpoint of recipe `{}`, not `{}`",
-                        dir.display(),
-                        state.recipe,
-                        recipe.raw.name
-                    )));
+                    return Err(TrainError::OtherRecipe {
+                        dir,
+                        found: state.recipe,
+                        expected: recipe.raw.name.clone(),
+                    });
                 }
                 self.truncate_metrics(i, state.step)?;
                 Ok(if state.step >= recipe.stages[i].steps {
@@ -664,10 +676,13 @@ impl Run<'_> {
         let need = memory_estimate(&self.cfg, stage, self.opts.dtype);
         if self.opts.device.is_cpu() {
             if let Some(avail) = available_memory().filter(|&a| need > 0.9 * a) {
-                return Err(TrainError::Memory(format!(
-                    "stage `{}` needs about {:.1} GB (weights, gradients, AdamW moments, activations of micro_batch {} × seq_len {}), {:.1} GB are free; lower micro_batch (raise grad_accum to keep the batch) or seq_len",
-                    s.name, need / 1e9, s.micro_batch, s.seq_len, avail / 1e9
-                )));
+                return Err(TrainError::OutOfMemory {
+                    stage: s.name.clone(),
+                    need_gb: need / 1e9,
+                    free_gb: avail / 1e9,
+                    micro_batch: s.micro_batch,
+                    seq_len: s.seq_len,
+                });
             }
         }
         Ok(need)
