@@ -505,6 +505,8 @@ pub struct Pipeline {
     pub evals: Vec<EvalStep>,
     /// The recipe as written (for the line of a key in errors).
     text: String,
+    /// The recipe after `--set`, as TOML (written into the run directory).
+    pub effective: String,
 }
 
 /// The default teacher's name: `[teacher]`.
@@ -545,6 +547,7 @@ impl Pipeline {
         for s in sets {
             crate::train::recipe::apply_set(&mut doc, s)?;
         }
+        let effective = toml::to_string(&doc).unwrap_or_default();
         let mut p = Parser {
             path: path.to_path_buf(),
             text: &text,
@@ -582,6 +585,7 @@ impl Pipeline {
             stage_refs,
             evals,
             text: text.clone(),
+            effective,
         };
         pipeline.check_references()?;
         Ok(pipeline)

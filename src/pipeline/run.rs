@@ -147,7 +147,7 @@ pub async fn run(
     })?;
     // One recipe run per run directory; each stage also locks its own directory.
     let _lock = DirLock::exclusive(&p.out)?;
-    crate::artifact::atomic::write_bytes(&p.out.join("recipe.toml"), p.train.to_toml().as_bytes())
+    crate::artifact::atomic::write_bytes(&p.out.join("recipe.toml"), p.effective.as_bytes())
         .map_err(|source| PipelineError::Io {
             path: p.out.join("recipe.toml"),
             source,
