@@ -171,8 +171,9 @@ fn tiny_chat_model(dir: &Path) {
     std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
 }
 
-fn local_engine(dir: &Path, batch: usize) -> std::sync::Arc<phigen::teacher::local::Engine> {
-    use phigen::teacher::local::{Engine, LocalModel};
+fn local_engine(dir: &Path, batch: usize) -> std::sync::Arc<phigen::teacher::engine::Engine> {
+    use phigen::teacher::engine::Engine;
+    use phigen::teacher::local::LocalModel;
     let model = LocalModel::load(dir.to_str().unwrap(), candle_core::DType::F32, true).unwrap();
     std::sync::Arc::new(Engine::start(std::sync::Arc::new(model), batch, 0))
 }
@@ -181,8 +182,8 @@ fn request(
     prompt: Vec<u32>,
     max_tokens: usize,
     ignore_eos: bool,
-) -> phigen::teacher::local::Request {
-    phigen::teacher::local::Request {
+) -> phigen::teacher::engine::Request {
+    phigen::teacher::engine::Request {
         prompt,
         max_tokens,
         sampling: phigen::model::sample::Sampling::Greedy,
