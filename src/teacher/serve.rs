@@ -1043,13 +1043,13 @@ mod tests {
     /// at 50,304 it serves.
     #[tokio::test]
     async fn serve_refuses_a_vocab_smaller_than_its_tokenizer() {
-        use crate::model::{checkpoint, tokenizer::Encoding, PhiConfig};
+        use crate::model::{checkpoint, tokenizer::Encoding, PhiConfig, Preset};
         let tmp = tempfile::tempdir().unwrap();
         let engine = |vocab_size: usize| {
             let dir = tmp.path().join(format!("v{vocab_size}"));
             let cfg = PhiConfig {
                 vocab_size,
-                ..PhiConfig::preset("tiny-phi").unwrap()
+                ..PhiConfig::preset(Preset::TinyPhi)
             };
             checkpoint::save_random(&dir, &cfg, 0, candle_core::DType::F32, Encoding::Gpt2)
                 .unwrap();
