@@ -90,13 +90,13 @@ fn eval_humaneval_scores_a_samples_file() {
 /// and `stories.json` has a mean and interval per metric. A re-run reuses every grade (no request).
 #[tokio::test(flavor = "multi_thread")]
 async fn eval_stories_grades_continuations_and_reuses_grades() {
-    use phigen::model::{checkpoint, tokenizer::Encoding, PhiConfig};
+    use phigen::model::{checkpoint, tokenizer::Encoding, PhiConfig, Preset};
     let server = mock(Faults::default()).await;
     let tmp = tempfile::tempdir().unwrap();
     let ckpt = tmp.path().join("tiny");
     let cfg = PhiConfig {
         vocab_size: 50304,
-        ..PhiConfig::preset("tiny-phi").unwrap()
+        ..PhiConfig::preset(Preset::TinyPhi)
     };
     checkpoint::save_random(&ckpt, &cfg, 1, candle_core::DType::F32, Encoding::Gpt2).unwrap();
     let out = tmp.path().join("stories");

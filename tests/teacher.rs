@@ -129,7 +129,7 @@ const WORDS: &str = "the a and was he she it they to of in on with for at by fro
 /// `tokenizer_config.json`. Uniform-ish logits make `<|im_end|>` about 1 in 150 tokens, so
 /// answers are mostly 40–800 words long: stories the corpus checks accept.
 fn tiny_chat_model(dir: &Path) {
-    use phigen::model::{checkpoint, config::TokenIds, tokenizer::Encoding, PhiConfig};
+    use phigen::model::{checkpoint, config::TokenIds, tokenizer::Encoding, PhiConfig, Preset};
     let mut words: Vec<&str> = WORDS.split_whitespace().collect();
     words.sort_unstable();
     words.dedup();
@@ -146,7 +146,7 @@ fn tiny_chat_model(dir: &Path) {
         original_max_position_embeddings: Some(1024),
         eos_token_id: Some(TokenIds::One(1)),
         pad_token_id: Some(0),
-        ..PhiConfig::preset("tiny-llama").unwrap()
+        ..PhiConfig::preset(Preset::TinyLlama)
     };
     checkpoint::save_random(dir, &cfg, 7, candle_core::DType::F32, Encoding::Gpt2).unwrap();
     let added: Vec<serde_json::Value> = specials
@@ -171,8 +171,9 @@ fn tiny_chat_model(dir: &Path) {
     std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
 }
 
-fn local_engine(dir: &Path, batch: usize) -> std::sync::Arc<phigen::teacher::local::Engine> {
-    use phigen::teacher::local::{Engine, LocalModel};
+fn local_engine(dir: &Path, batch: usize) -> std::sync::Arc<phigen::teacher::engine::Engine> {
+    use phigen::teacher::engine::Engine;
+    use phigen::teacher::local::LocalModel;
     let model = LocalModel::load(dir.to_str().unwrap(), candle_core::DType::F32, true).unwrap();
     std::sync::Arc::new(Engine::start(std::sync::Arc::new(model), batch, 0))
 }
@@ -181,8 +182,8 @@ fn request(
     prompt: Vec<u32>,
     max_tokens: usize,
     ignore_eos: bool,
-) -> phigen::teacher::local::Request {
-    phigen::teacher::local::Request {
+) -> phigen::teacher::engine::Request {
+    phigen::teacher::engine::Request {
         prompt,
         max_tokens,
         sampling: phigen::model::sample::Sampling::Greedy,

@@ -352,12 +352,12 @@ fn bad_setups_are_refused() {
 /// width, equal texts give equal vectors whatever the batch, and a second pass comes from the cache.
 #[test]
 fn lm_embeddings_are_batch_invariant_and_cached() {
-    use crate::model::{checkpoint, tokenizer::Encoding, PhiConfig};
+    use crate::model::{checkpoint, tokenizer::Encoding, PhiConfig, Preset};
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("tiny");
     let cfg = PhiConfig {
         vocab_size: 50304,
-        ..PhiConfig::preset("tiny-phi").unwrap()
+        ..PhiConfig::preset(Preset::TinyPhi)
     };
     checkpoint::save_random(&ckpt, &cfg, 0, candle_core::DType::F32, Encoding::Gpt2).unwrap();
     let spec = EmbedderSpec::Lm {

@@ -10,7 +10,7 @@ use clap::{Args, ValueEnum};
 
 use super::numbers::{self, f64_in, int_in};
 use crate::model::checkpoint;
-use crate::model::config::{PhiConfig, PRESETS};
+use crate::model::config::{PhiConfig, Preset};
 use crate::model::sample::{
     generate, Finish, RepetitionPenalty, Sampling, SamplingParams, TextStream,
 };
@@ -87,8 +87,8 @@ pub struct SampleArgs {
 #[derive(Debug, Clone, Args)]
 pub struct InitArgs {
     /// Model size: phi-1, phi-1-small, phi-1.5, phi-2, phi-3-mini, or a tiny test size.
-    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(PRESETS.iter().copied()))]
-    pub preset: String,
+    #[arg(long, value_enum)]
+    pub preset: Preset,
     /// Output checkpoint directory.
     #[arg(long)]
     pub out: PathBuf,
@@ -117,13 +117,8 @@ pub fn init(args: &InitArgs) -> anyhow::Result<()> {
             args.out.display()
         );
     }
-    let mut cfg = PhiConfig::preset(&args.preset)?;
-    cfg.vocab_size = vocab_size(
-        &args.preset,
-        cfg.vocab_size,
-        args.tokenizer,
-        args.vocab_size,
-    )?;
+    let mut cfg = PhiConfig::preset(args.preset);
+    cfg.vocab_size = vocab_size(args.preset, cfg.vocab_size, args.tokenizer, args.vocab_size)?;
     checkpoint::save_random(
         &args.out,
         &cfg,
@@ -146,7 +141,7 @@ pub fn init(args: &InitArgs) -> anyhow::Result<()> {
 /// GPT-2's 50,257 becomes 50,304 in nanoGPT) — a checkpoint whose tokenizer makes ids it cannot
 /// embed fails on the first prompt that holds one.
 fn vocab_size(
-    preset: &str,
+    preset: Preset,
     preset_size: usize,
     encoding: Encoding,
     explicit: Option<usize>,

@@ -716,12 +716,12 @@ mod tests {
     /// holds a stop sequence, and a second call generates nothing (it resumes from the file).
     #[test]
     fn generation_writes_resumable_samples() {
-        use crate::model::{checkpoint, tokenizer::Encoding, PhiConfig};
+        use crate::model::{checkpoint, tokenizer::Encoding, PhiConfig, Preset};
         let dir = tempfile::tempdir().unwrap();
         let ckpt = dir.path().join("tiny");
         let cfg = PhiConfig {
             vocab_size: 50304,
-            ..PhiConfig::preset("tiny-phi").unwrap()
+            ..PhiConfig::preset(Preset::TinyPhi)
         };
         checkpoint::save_random(&ckpt, &cfg, 3, candle_core::DType::F32, Encoding::Gpt2).unwrap();
         let model =
@@ -891,12 +891,12 @@ mod tests {
     /// writes `samples.jsonl`, and a second run resumes from it instead of generating again.
     #[tokio::test(flavor = "multi_thread")]
     async fn run_generates_with_a_checkpoint_and_resumes() {
-        use crate::model::{tokenizer::Encoding, PhiConfig};
+        use crate::model::{tokenizer::Encoding, PhiConfig, Preset};
         let dir = tempfile::tempdir().unwrap();
         let ckpt = dir.path().join("tiny");
         let cfg = PhiConfig {
             vocab_size: 50304,
-            ..PhiConfig::preset("tiny-phi").unwrap()
+            ..PhiConfig::preset(Preset::TinyPhi)
         };
         checkpoint::save_random(&ckpt, &cfg, 3, DType::F32, Encoding::Gpt2).unwrap();
         let problems_path = problems_file(dir.path());

@@ -211,17 +211,102 @@ fn default_initializer_range() -> f64 {
     0.02
 }
 
-/// The named sizes `--preset` accepts.
-pub const PRESETS: &[&str] = &[
-    "phi-1",
-    "phi-1-small",
-    "phi-1.5",
-    "phi-2",
-    "phi-3-mini",
-    "tiny-phi",
-    "tiny-phi3",
-    "tiny-llama",
-];
+/// The named sizes `phigen init --preset` and a training recipe's `model.preset` accept. Each is
+/// spelled as in [`Preset::name`] in both places (and in a recipe written back).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "&'static str")]
+pub enum Preset {
+    Phi1,
+    Phi1Small,
+    Phi1_5,
+    Phi2,
+    Phi3Mini,
+    TinyPhi,
+    TinyPhi3,
+    TinyLlama,
+}
+
+impl Preset {
+    pub const ALL: [Preset; 8] = [
+        Preset::Phi1,
+        Preset::Phi1Small,
+        Preset::Phi1_5,
+        Preset::Phi2,
+        Preset::Phi3Mini,
+        Preset::TinyPhi,
+        Preset::TinyPhi3,
+        Preset::TinyLlama,
+    ];
+
+    /// The preset's name, as `--preset` and recipes spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Phi1 => "phi-1",
+            Preset::Phi1Small => "phi-1-small",
+            Preset::Phi1_5 => "phi-1.5",
+            Preset::Phi2 => "phi-2",
+            Preset::Phi3Mini => "phi-3-mini",
+            Preset::TinyPhi => "tiny-phi",
+            Preset::TinyPhi3 => "tiny-phi3",
+            Preset::TinyLlama => "tiny-llama",
+        }
+    }
+
+    /// Every name, comma-separated, for error messages.
+    fn names() -> String {
+        Preset::ALL.map(Preset::name).join(", ")
+    }
+}
+
+impl std::fmt::Display for Preset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A preset name that is not one of [`Preset::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown preset `{found}`: expected one of {}; use one of these, or give a checkpoint's config.json instead", Preset::names())]
+pub struct UnknownPreset {
+    pub found: String,
+}
+
+impl std::str::FromStr for Preset {
+    type Err = UnknownPreset;
+
+    fn from_str(s: &str) -> Result<Self, UnknownPreset> {
+        Preset::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| UnknownPreset { found: s.into() })
+    }
+}
+
+impl TryFrom<String> for Preset {
+    type Error = UnknownPreset;
+
+    fn try_from(s: String) -> Result<Self, UnknownPreset> {
+        s.parse()
+    }
+}
+
+impl From<Preset> for &'static str {
+    fn from(p: Preset) -> Self {
+        p.name()
+    }
+}
+
+/// `--preset`'s choices are the names of [`Preset::ALL`] (written by hand rather than derived, so
+/// the names are spelled once, in [`Preset::name`]).
+impl clap::ValueEnum for Preset {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Preset::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.name()))
+    }
+}
 
 impl PhiConfig {
     /// A phi-1 style config (`PhiForCausalLM`, GPT-2/codegen vocabulary padded to 51,200, rotary
@@ -291,28 +376,28 @@ impl PhiConfig {
         }
     }
 
-    /// A named preset (see [`PRESETS`]).
-    pub fn preset(name: &str) -> Result<Self, ModelError> {
-        let cfg = match name {
+    /// The config of a named preset.
+    pub fn preset(preset: Preset) -> Self {
+        match preset {
             // phi-1 and phi-1.5 share the 1.3B shape: 24 layers, d 2048, 32 heads of 64, MLP 8192.
-            "phi-1" | "phi-1.5" => Self::phi(2048, 24, 32, 0.5),
+            Preset::Phi1 | Preset::Phi1_5 => Self::phi(2048, 24, 32, 0.5),
             // phi-1-small: 350M, 20 layers, d 1024, 16 heads of 64, MLP 4096.
-            "phi-1-small" => Self::phi(1024, 20, 16, 0.5),
+            Preset::Phi1Small => Self::phi(1024, 20, 16, 0.5),
             // phi-2: 2.7B, 32 layers, d 2560, 32 heads of 80, rotary 32 (0.4), residual dropout 0.1.
-            "phi-2" => PhiConfig {
+            Preset::Phi2 => PhiConfig {
                 resid_pdrop: 0.1,
                 ..Self::phi(2560, 32, 32, 0.4)
             },
-            "phi-3-mini" => Self::phi3(3072, 8192, 32, 32, 32),
+            Preset::Phi3Mini => Self::phi3(3072, 8192, 32, 32, 32),
             // Test sizes: a few hundred thousand parameters, every feature of the layout switched on.
-            "tiny-phi" => PhiConfig {
+            Preset::TinyPhi => PhiConfig {
                 vocab_size: 512,
                 max_position_embeddings: 256,
                 bos_token_id: None,
                 eos_token_id: None,
                 ..Self::phi(64, 2, 4, 0.5)
             },
-            "tiny-phi3" => PhiConfig {
+            Preset::TinyPhi3 => PhiConfig {
                 vocab_size: 512,
                 max_position_embeddings: 256,
                 original_max_position_embeddings: Some(256),
@@ -322,20 +407,13 @@ impl PhiConfig {
                 pad_token_id: None,
                 ..Self::phi3(64, 128, 2, 4, 2)
             },
-            "tiny-llama" => PhiConfig {
+            Preset::TinyLlama => PhiConfig {
                 model_type: ModelType::Llama,
                 architectures: Some(vec!["LlamaForCausalLM".into()]),
                 tie_word_embeddings: true,
-                ..Self::preset("tiny-phi3")?
+                ..Self::preset(Preset::TinyPhi3)
             },
-            other => {
-                return Err(ModelError::Config(format!(
-                    "unknown preset `{other}`; known presets: {}",
-                    PRESETS.join(", ")
-                )))
-            }
-        };
-        Ok(cfg)
+        }
     }
 
     pub fn layout(&self) -> BlockLayout {
@@ -598,7 +676,8 @@ mod tests {
     /// Phi-3-mini 3.8B (model cards and papers; rounded as they round).
     #[test]
     fn presets_have_the_published_sizes() {
-        let billions = |name: &str| PhiConfig::preset(name).unwrap().parameter_count() as f64 / 1e9;
+        let billions =
+            |name: &str| PhiConfig::preset(name.parse().unwrap()).parameter_count() as f64 / 1e9;
         assert!(
             (billions("phi-1") - 1.42).abs() < 0.05,
             "phi-1 {}",
@@ -619,8 +698,8 @@ mod tests {
             "phi-3 {}",
             billions("phi-3-mini")
         );
-        for name in PRESETS {
-            PhiConfig::preset(name).unwrap().validate().unwrap();
+        for preset in Preset::ALL {
+            PhiConfig::preset(preset).validate().unwrap();
         }
     }
 
@@ -658,26 +737,47 @@ mod tests {
 
     #[test]
     fn bad_configs_say_what_is_wrong() {
-        let mut c = PhiConfig::preset("tiny-phi3").unwrap();
+        let mut c = PhiConfig::preset(Preset::TinyPhi3);
         c.num_key_value_heads = Some(3);
         assert!(c
             .validate()
             .unwrap_err()
             .to_string()
             .contains("num_key_value_heads 3"));
-        let mut c = PhiConfig::preset("tiny-phi").unwrap();
+        let mut c = PhiConfig::preset(Preset::TinyPhi);
         c.partial_rotary_factor = Some(0.1);
         assert!(c.validate().unwrap_err().to_string().contains("even"));
-        let mut c = PhiConfig::preset("tiny-phi").unwrap();
+        let mut c = PhiConfig::preset(Preset::TinyPhi);
         c.architectures = Some(vec!["PhiForMaskedLM".into()]);
         assert!(c
             .validate()
             .unwrap_err()
             .to_string()
             .contains("PhiForMaskedLM"));
-        assert!(PhiConfig::preset("phi-9")
-            .unwrap_err()
-            .to_string()
-            .contains("phi-1-small"));
+    }
+
+    /// Every preset's name parses back to it (through `FromStr`, serde and clap alike), and an
+    /// unknown name is refused with the list of known ones.
+    #[test]
+    fn preset_names_round_trip() {
+        use clap::ValueEnum;
+        for preset in Preset::ALL {
+            let name = preset.to_string();
+            assert_eq!(name.parse::<Preset>(), Ok(preset));
+            assert_eq!(
+                serde_json::from_value::<Preset>(serde_json::json!(name)).unwrap(),
+                preset
+            );
+            assert_eq!(
+                serde_json::to_value(preset).unwrap(),
+                serde_json::json!(name)
+            );
+            assert_eq!(Preset::from_str(&name, false), Ok(preset));
+        }
+        let err = "phi-9".parse::<Preset>().unwrap_err().to_string();
+        assert!(
+            err.contains("`phi-9`") && err.contains("phi-1-small, phi-1.5"),
+            "{err}"
+        );
     }
 }

@@ -21,7 +21,7 @@ pub mod tokenizer;
 use std::path::PathBuf;
 
 pub use cache::KvCache;
-pub use config::{HeadKind, ModelType, PhiConfig};
+pub use config::{HeadKind, ModelType, PhiConfig, Preset};
 pub use decoder::{Decoder, Weights};
 
 #[derive(Debug, thiserror::Error)]

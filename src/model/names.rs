@@ -197,14 +197,15 @@ pub fn is_ignorable(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Preset;
 
     /// The checkpoint names must be exactly transformers' (`model.layers.0.self_attn.dense.weight` in
     /// `modeling_phi.py`, `qkv_proj` and `gate_up_proj` in `modeling_phi3.py`, separate q/k/v and
     /// gate/up in `modeling_llama.py`); listed here from those files.
     #[test]
     fn checkpoint_names_follow_transformers() {
-        let hf_names = |preset: &str| -> Vec<String> {
-            let cfg = PhiConfig::preset(preset).unwrap();
+        let hf_names = |preset: Preset| -> Vec<String> {
+            let cfg = PhiConfig::preset(preset);
             parameter_table(&cfg)
                 .unwrap()
                 .into_iter()
@@ -212,7 +213,7 @@ mod tests {
                 .filter(|n| n.starts_with("model.layers.0.") || !n.starts_with("model.layers."))
                 .collect()
         };
-        let phi = hf_names("tiny-phi");
+        let phi = hf_names(Preset::TinyPhi);
         for name in [
             "model.embed_tokens.weight",
             "model.layers.0.input_layernorm.bias",
@@ -225,7 +226,7 @@ mod tests {
         ] {
             assert!(phi.contains(&name.to_string()), "phi lacks {name}: {phi:?}");
         }
-        let phi3 = hf_names("tiny-phi3");
+        let phi3 = hf_names(Preset::TinyPhi3);
         for name in [
             "model.layers.0.self_attn.qkv_proj.weight",
             "model.layers.0.self_attn.o_proj.weight",
@@ -243,7 +244,7 @@ mod tests {
             !phi3.iter().any(|n| n.ends_with(".bias")),
             "phi-3 has no biases"
         );
-        let llama = hf_names("tiny-llama");
+        let llama = hf_names(Preset::TinyLlama);
         assert!(llama.contains(&"model.layers.0.mlp.gate_proj.weight".to_string()));
         assert!(
             !llama.iter().any(|n| n.starts_with("lm_head")),

@@ -156,9 +156,9 @@ fn check_greedy(device: &Device) {
     }
 }
 
-fn tiny(preset: &str) -> (PhiConfig, Weights) {
-    let mut cfg = PhiConfig::preset(preset).unwrap();
-    if preset == "tiny-phi3" {
+fn tiny(preset: Preset) -> (PhiConfig, Weights) {
+    let mut cfg = PhiConfig::preset(preset);
+    if preset == Preset::TinyPhi3 {
         cfg.sliding_window = Some(5);
     }
     let w = Decoder::init_weights(&cfg, 7, DType::F32, &Device::Cpu).unwrap();
@@ -172,7 +172,7 @@ fn ids(values: &[u32]) -> Tensor {
         .unwrap()
 }
 
-const PRESETS: [&str; 3] = ["tiny-phi", "tiny-phi3", "tiny-llama"];
+const PRESETS: [Preset; 3] = [Preset::TinyPhi, Preset::TinyPhi3, Preset::TinyLlama];
 
 /// Changing token t+1 leaves the logits at positions ≤ t unchanged and changes position t+1.
 #[test]
@@ -294,12 +294,12 @@ fn cuda_every_parameter_gets_a_gradient() {
 }
 
 fn check_gradients(device: &Device, dtype: DType) {
-    let mut qk = PhiConfig::preset("tiny-phi").unwrap();
+    let mut qk = PhiConfig::preset(Preset::TinyPhi);
     qk.qk_layernorm = true;
     qk.num_key_value_heads = Some(2);
     let cases: Vec<(String, PhiConfig)> = PRESETS
         .iter()
-        .map(|p| (p.to_string(), tiny(p).0))
+        .map(|&p| (p.to_string(), tiny(p).0))
         .chain([("tiny-phi+qk".to_string(), qk)])
         .collect();
     for (name, cfg) in cases {
@@ -336,7 +336,7 @@ fn check_gradients(device: &Device, dtype: DType) {
 /// A tiny model memorises one batch: cross-entropy falls from ≈ ln 512 to under 0.5.
 #[test]
 fn a_tiny_model_overfits_one_batch() {
-    let (cfg, w) = tiny("tiny-phi3");
+    let (cfg, w) = tiny(Preset::TinyPhi3);
     let (vars, model) = trainable(&cfg, &w);
     let batch = Tensor::new(
         &[
@@ -368,7 +368,7 @@ fn a_tiny_model_overfits_one_batch() {
 /// shapes; a missing tensor is named.
 #[test]
 fn bad_checkpoints_are_explained() {
-    let (cfg, mut w) = tiny("tiny-phi");
+    let (cfg, mut w) = tiny(Preset::TinyPhi);
     let dir = tempfile::tempdir().unwrap();
     checkpoint::save(dir.path(), &cfg, &w, DType::F32).unwrap();
     let mut wrong = cfg.clone();

@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::local::{self, Engine, LocalModel};
+use super::engine::Engine;
+use super::local::{self, LocalModel};
 use super::pricing::{default_price, Price};
 use super::{MaxTokensField, TeacherError};
 use crate::range::{self, Ints};

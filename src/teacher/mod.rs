@@ -5,6 +5,7 @@
 //! worker pool and token accounting live here so every corpus gets them for free; the generation
 //! engine (`crate::generate`) only sees a finished answer or a typed failure.
 
+pub mod engine;
 pub mod factory;
 pub mod local;
 pub mod mock;
@@ -33,7 +34,7 @@ pub struct Sampling {
     pub min_p: Option<f32>,
     /// `--repetition-penalty` where asked for: sent to an HTTP teacher as `repetition_penalty`
     /// (vLLM) and `repeat_penalty` (llama.cpp's server); the local teacher applies it to the
-    /// last [`local::REPEAT_LAST_N`] ids. Absent from the record ids when `None`.
+    /// last [`engine::REPEAT_LAST_N`] ids. Absent from the record ids when `None`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repetition_penalty: Option<f32>,
 }

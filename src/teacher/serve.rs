@@ -2,13 +2,14 @@
 //! tools — and phigen's own HTTP teacher — can use the models phigen trained.
 //!
 //! Routes: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (non-streaming;
-//! `n` = 1). Requests are batched by the local teacher's [`Engine`]. A request is sampled with its
-//! `seed`; one without a seed (or with a negative one, llama.cpp's "random") gets a seed derived
-//! from the server's `--seed` and the request's content (prompt ids and sampling settings), never
-//! from its arrival, so the same request gets the same answer. The loop stop of the local teacher
-//! is off here: a server returns what was asked for, as vLLM and llama.cpp do. Also the HTTP plumbing the
-//! mock server shares: [`listen`], which holds every client within [`Limits`] (body size, time to
-//! send a request or read an answer, connections at once), and [`json`] / [`error`].
+//! `n` = 1). Requests are batched by the local teacher's [`Engine`] (`super::engine`). A request
+//! is sampled with its `seed`; one without a seed (or with a negative one, llama.cpp's "random")
+//! gets a seed derived from the server's `--seed` and the request's content (prompt ids and
+//! sampling settings), never from its arrival, so the same request gets the same answer. The loop
+//! stop of the local teacher is off here: a server returns what was asked for, as vLLM and
+//! llama.cpp do. Also the HTTP plumbing the mock server shares: [`listen`], which holds every
+//! client within [`Limits`] (body size, time to send a request or read an answer, connections at
+//! once), and [`json`] / [`error`].
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -26,7 +27,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::local::{Completion, Engine, EngineError, LocalModel};
+use super::engine::{self, Completion, Engine, EngineError};
+use super::local::LocalModel;
 use super::{FinishReason, Sampling};
 use crate::model::chat::Message;
 use crate::model::checkpoint::{tokenizer_name, tokenizer_size};
@@ -672,7 +674,7 @@ impl Server {
             Some(seed) if seed >= 0 => seed as u64,
             _ => content_seed(self.engine.seed(), &prompt, &settings),
         };
-        let request = super::local::Request {
+        let request = engine::Request {
             max_tokens,
             stop: match common.stop {
                 Stop::None => Vec::new(),
@@ -680,7 +682,7 @@ impl Server {
                 Stop::Many(v) => v,
             },
             ignore_eos: common.ignore_eos,
-            ..super::local::Request::new(prompt, &settings, seed)
+            ..engine::Request::new(prompt, &settings, seed)
         };
         let c = self.engine.complete(request).await.map_err(|e| match e {
             EngineError::PromptTooLong { .. } => bad(e.to_string()),
@@ -1041,13 +1043,13 @@ mod tests {
     /// at 50,304 it serves.
     #[tokio::test]
     async fn serve_refuses_a_vocab_smaller_than_its_tokenizer() {
-        use crate::model::{checkpoint, tokenizer::Encoding, PhiConfig};
+        use crate::model::{checkpoint, tokenizer::Encoding, PhiConfig, Preset};
         let tmp = tempfile::tempdir().unwrap();
         let engine = |vocab_size: usize| {
             let dir = tmp.path().join(format!("v{vocab_size}"));
             let cfg = PhiConfig {
                 vocab_size,
-                ..PhiConfig::preset("tiny-phi").unwrap()
+                ..PhiConfig::preset(Preset::TinyPhi)
             };
             checkpoint::save_random(&dir, &cfg, 0, candle_core::DType::F32, Encoding::Gpt2)
                 .unwrap();

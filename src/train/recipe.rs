@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::model::tokenizer::Encoding;
-use crate::model::PhiConfig;
+use crate::model::{PhiConfig, Preset};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecipeError {
@@ -45,9 +45,9 @@ pub struct RecipeToml {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelToml {
-    /// A preset name (`phi-1-small`, `tiny-phi`, …) …
+    /// A preset (`phi-1-small`, `tiny-phi`, …) …
     #[serde(default)]
-    pub preset: Option<String>,
+    pub preset: Option<Preset>,
     /// … or a `config.json` path (or its directory).
     #[serde(default)]
     pub config: Option<PathBuf>,
@@ -371,9 +371,7 @@ fn invalid_key(path: &Path, key: &str, message: String) -> RecipeError {
 fn resolve_model(raw: &ModelToml, path: &Path) -> Result<PhiConfig, RecipeError> {
     let invalid = |key: &str, message: String| invalid_key(path, key, message);
     let mut model = match (&raw.preset, &raw.config) {
-        (Some(p), None) => {
-            PhiConfig::preset(p).map_err(|e| invalid("model.preset", e.to_string()))?
-        }
+        (Some(p), None) => PhiConfig::preset(*p),
         (None, Some(c)) => {
             let dir = if c.is_file() {
                 c.parent().unwrap_or(Path::new(".")).to_path_buf()
@@ -660,6 +658,30 @@ decay = "cosine"
             .unwrap_err()
             .to_string()
             .contains("KEY=VALUE"));
+    }
+
+    /// `model.preset` is read as a [`Preset`]: an unknown name is refused naming the file, the
+    /// key and every known name (`Preset::name`'s spellings), and the effective recipe written
+    /// back spells the preset as it was given.
+    #[test]
+    fn presets_parse_by_name_and_unknown_ones_list_the_choices() {
+        let r = parse(&["model.preset=tiny-phi3"]).unwrap();
+        assert_eq!(r.raw.model.preset, Some(Preset::TinyPhi3));
+        assert!(
+            r.to_toml().contains(r#"preset = "tiny-phi3""#),
+            "{}",
+            r.to_toml()
+        );
+        let err = parse(&["model.preset=phi-9"]).unwrap_err().to_string();
+        for part in [
+            "recipes/t.toml",
+            "model.preset",
+            "`phi-9`",
+            "phi-1-small",
+            "tiny-llama",
+        ] {
+            assert!(err.contains(part), "{part}: {err}");
+        }
     }
 
     /// Issue 23: values a recipe (or `--set`) can carry that would train NaN, divide by zero,
