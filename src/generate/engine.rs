@@ -802,15 +802,14 @@ pub async fn generate<C: Corpus, T: Teacher>(
     // One run per directory: two would write the same slots twice.
     let _lock = crate::artifact::outdir::DirLock::exclusive(&opts.out)?;
     manifest(&plan).reconcile(&opts.out, true)?;
-    let mut records = ShardWriter::open(
+    let records = ShardWriter::open(
         &opts.out,
         "records",
         RECORDS,
         record_schema::<C>(),
         opts.shard_size,
     )?;
-    let mut rejects =
-        ShardWriter::open(&opts.out, "rejects", REJECTS, reject_schema(), usize::MAX)?;
+    let rejects = ShardWriter::open(&opts.out, "rejects", REJECTS, reject_schema(), usize::MAX)?;
     let mut resume = Resume::scan(&opts.out)?;
     let (pending, given_up_before) = pending_slots(&resume, opts);
     state.total.store(opts.n, Ordering::Relaxed);
@@ -826,37 +825,8 @@ pub async fn generate<C: Corpus, T: Teacher>(
         "starting"
     );
 
-    let (tx, mut rx) = mpsc::unbounded_channel::<Output>();
-    let writer_state = state.clone();
-    let writer = std::thread::spawn(move || -> Result<(), ShardError> {
-        let result = (|| {
-            // Everything already waiting is written in one go: one syscall, not one per record.
-            let mut batch = Vec::new();
-            while rx.blocking_recv_many(&mut batch, 1024) > 0 {
-                let (mut kept, mut dropped) = (Vec::new(), Vec::new());
-                for out in batch.drain(..) {
-                    match out {
-                        Output::Record(row) => kept.push(row),
-                        Output::Reject(row) => dropped.push(row),
-                    }
-                }
-                records.append(kept)?;
-                rejects.append(dropped)?;
-            }
-            Ok(())
-        })();
-        if result.is_err() {
-            writer_state.stop(StopReason::Fatal);
-        }
-        // Whatever happened, pack what reached the journals.
-        match result {
-            Ok(()) => records.close().and(rejects.close()),
-            Err(e) => {
-                let _ = records.flush().and(rejects.flush());
-                Err(e)
-            }
-        }
-    });
+    let (tx, rx) = mpsc::unbounded_channel::<Output>();
+    let writer = spawn_writer(records, rejects, rx, state.clone());
 
     let worker = Arc::new(Worker {
         count_prompt_tokens: ledger.price().is_some(),
@@ -923,6 +893,45 @@ pub async fn generate<C: Corpus, T: Teacher>(
         }
     })?;
     Ok(stats)
+}
+
+/// The thread that appends what the workers send to the records and rejects journals, and packs
+/// them into shards at the end (also after an error: whatever reached the journals is kept).
+fn spawn_writer(
+    mut records: ShardWriter,
+    mut rejects: ShardWriter,
+    mut rx: mpsc::UnboundedReceiver<Output>,
+    writer_state: Arc<RunState>,
+) -> std::thread::JoinHandle<Result<(), ShardError>> {
+    std::thread::spawn(move || -> Result<(), ShardError> {
+        let result = (|| {
+            // Everything already waiting is written in one go: one syscall, not one per record.
+            let mut batch = Vec::new();
+            while rx.blocking_recv_many(&mut batch, 1024) > 0 {
+                let (mut kept, mut dropped) = (Vec::new(), Vec::new());
+                for out in batch.drain(..) {
+                    match out {
+                        Output::Record(row) => kept.push(row),
+                        Output::Reject(row) => dropped.push(row),
+                    }
+                }
+                records.append(kept)?;
+                rejects.append(dropped)?;
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            writer_state.stop(StopReason::Fatal);
+        }
+        // Whatever happened, pack what reached the journals.
+        match result {
+            Ok(()) => records.close().and(rejects.close()),
+            Err(e) => {
+                let _ = records.flush().and(rejects.flush());
+                Err(e)
+            }
+        }
+    })
 }
 
 fn finish_stats<C: Corpus, T: Teacher>(

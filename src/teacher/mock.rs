@@ -150,37 +150,14 @@ async fn handle(state: Arc<State>, req: Request<Bytes>) -> Result<Response<Body>
     let f = &state.faults;
     let body = req.into_body();
     state.log.requests.fetch_add(1, Ordering::Relaxed);
-    let request: serde_json::Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => {
-            return Ok(json(
-                StatusCode::BAD_REQUEST,
-                &error_body(&format!("body is not JSON: {e}")),
-            ))
-        }
+    let Chat {
+        prompt,
+        model,
+        max_tokens,
+    } = match Chat::parse(&body) {
+        Ok(c) => c,
+        Err(refusal) => return Ok(refusal),
     };
-    let Some(prompt) = request["messages"]
-        .as_array()
-        .and_then(|m| m.last())
-        .and_then(|m| m["content"].as_str())
-        .map(str::to_string)
-    else {
-        return Ok(json(
-            StatusCode::BAD_REQUEST,
-            &error_body("messages[-1].content missing"),
-        ));
-    };
-    let model = request["model"].as_str().unwrap_or("mock").to_string();
-    if model == MISSING_MODEL {
-        return Ok(json(
-            StatusCode::NOT_FOUND,
-            &error_body(&format!("The model `{model}` does not exist")),
-        ));
-    }
-    let max_tokens = request["max_completion_tokens"]
-        .as_u64()
-        .or(request["max_tokens"].as_u64())
-        .unwrap_or(u64::MAX);
     let seen = {
         let mut per = state
             .log
@@ -280,11 +257,77 @@ async fn handle(state: Arc<State>, req: Request<Bytes>) -> Result<Response<Body>
         finish = "length";
     }
     state.log.answered.fetch_add(1, Ordering::Relaxed);
+    Ok(completion(
+        &prompt,
+        seen,
+        &model,
+        &text,
+        finish,
+        completion_tokens,
+    ))
+}
+
+/// What the mock reads of a chat request: the last message, the model and the token limit.
+struct Chat {
+    prompt: String,
+    model: String,
+    max_tokens: u64,
+}
+
+impl Chat {
+    /// The request, or the error answer an OpenAI server gives for it (400 for a body it cannot
+    /// read, 404 for [`MISSING_MODEL`]).
+    fn parse(body: &[u8]) -> Result<Chat, Response<Body>> {
+        let request: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+            json(
+                StatusCode::BAD_REQUEST,
+                &error_body(&format!("body is not JSON: {e}")),
+            )
+        })?;
+        let prompt = request["messages"]
+            .as_array()
+            .and_then(|m| m.last())
+            .and_then(|m| m["content"].as_str())
+            .map(str::to_string)
+            .ok_or_else(|| {
+                json(
+                    StatusCode::BAD_REQUEST,
+                    &error_body("messages[-1].content missing"),
+                )
+            })?;
+        let model = request["model"].as_str().unwrap_or("mock").to_string();
+        if model == MISSING_MODEL {
+            return Err(json(
+                StatusCode::NOT_FOUND,
+                &error_body(&format!("The model `{model}` does not exist")),
+            ));
+        }
+        let max_tokens = request["max_completion_tokens"]
+            .as_u64()
+            .or(request["max_tokens"].as_u64())
+            .unwrap_or(u64::MAX);
+        Ok(Chat {
+            prompt,
+            model,
+            max_tokens,
+        })
+    }
+}
+
+/// A `chat.completion` answer with `text`; tokens are counted as words, as the mock's usage is.
+fn completion(
+    prompt: &str,
+    seen: u64,
+    model: &str,
+    text: &str,
+    finish: &str,
+    completion_tokens: u64,
+) -> Response<Body> {
     let prompt_tokens = prompt.split_whitespace().count() as u64;
-    Ok(json(
+    json(
         StatusCode::OK,
         &serde_json::json!({
-            "id": format!("chatcmpl-{:016x}", hash64(&prompt, seen, 1)),
+            "id": format!("chatcmpl-{:016x}", hash64(prompt, seen, 1)),
             "object": "chat.completion",
             "created": 1_700_000_000u32,
             "model": model,
@@ -299,7 +342,7 @@ async fn handle(state: Arc<State>, req: Request<Bytes>) -> Result<Response<Body>
                 "total_tokens": prompt_tokens + completion_tokens,
             },
         }),
-    ))
+    )
 }
 
 /// A model name the mock answers 404 for, as OpenAI does for unknown models.
