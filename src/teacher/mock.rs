@@ -156,7 +156,7 @@ async fn handle(state: Arc<State>, req: Request<Bytes>) -> Result<Response<Body>
         max_tokens,
     } = match Chat::parse(&body) {
         Ok(c) => c,
-        Err(refusal) => return Ok(refusal),
+        Err(refusal) => return Ok(*refusal),
     };
     let seen = {
         let mut per = state
@@ -277,12 +277,12 @@ struct Chat {
 impl Chat {
     /// The request, or the error answer an OpenAI server gives for it (400 for a body it cannot
     /// read, 404 for [`MISSING_MODEL`]).
-    fn parse(body: &[u8]) -> Result<Chat, Response<Body>> {
+    fn parse(body: &[u8]) -> Result<Chat, Box<Response<Body>>> {
         let request: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
-            json(
+            Box::new(json(
                 StatusCode::BAD_REQUEST,
                 &error_body(&format!("body is not JSON: {e}")),
-            )
+            ))
         })?;
         let prompt = request["messages"]
             .as_array()
@@ -290,17 +290,17 @@ impl Chat {
             .and_then(|m| m["content"].as_str())
             .map(str::to_string)
             .ok_or_else(|| {
-                json(
+                Box::new(json(
                     StatusCode::BAD_REQUEST,
                     &error_body("messages[-1].content missing"),
-                )
+                ))
             })?;
         let model = request["model"].as_str().unwrap_or("mock").to_string();
         if model == MISSING_MODEL {
-            return Err(json(
+            return Err(Box::new(json(
                 StatusCode::NOT_FOUND,
                 &error_body(&format!("The model `{model}` does not exist")),
-            ));
+            )));
         }
         let max_tokens = request["max_completion_tokens"]
             .as_u64()
