@@ -156,12 +156,7 @@ impl Bars {
     }
 
     fn new_bar(&self, len: Option<u64>, template: &str) -> ProgressBar {
-        let bar = if self.quiet {
-            ProgressBar::hidden()
-        } else {
-            super::progress_bar(false, len, template)
-        };
-        self.replace(bar)
+        self.replace(super::progress_bar(self.quiet, len, template))
     }
 
     fn current(&self) -> ProgressBar {

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::manifest::{FileFingerprint, StepManifest};
-use super::plan::{Plan, PlannedStep};
+use super::plan::Plan;
 use super::PipelineError;
 
 pub const FILE: &str = "lineage.json";
@@ -55,17 +55,10 @@ fn upstream(plan: &Plan, name: &str) -> Result<Lineage, PipelineError> {
     of_manifest(plan, m)
 }
 
-/// Writes `step`'s lineage (it has just finished with `summary`) into its directory.
-pub fn write(plan: &Plan, step: &PlannedStep, summary: &Value) -> Result<(), PipelineError> {
-    let m = StepManifest::new(
-        &step.name,
-        &step.kind,
-        &step.identity,
-        &step.dir,
-        summary.clone(),
-    );
-    let lineage = of_manifest(plan, m)?;
-    let path = step.dir.join(FILE);
+/// Writes the lineage of a step that has just finished (its manifest `m`) into its directory.
+pub fn write(plan: &Plan, m: &StepManifest) -> Result<(), PipelineError> {
+    let path = m.dir.join(FILE);
+    let lineage = of_manifest(plan, m.clone())?;
     crate::artifact::atomic::write_json(&path, &lineage)
         .map_err(|source| PipelineError::Io { path, source })
 }

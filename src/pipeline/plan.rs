@@ -16,9 +16,9 @@ use serde_json::{json, Value};
 use super::manifest::{fingerprint, Identity, Status, StepManifest};
 use super::recipe::{Action, DataKind, DataStep, EvalAction, EvalStep, Pipeline, Target};
 use super::PipelineError;
-use crate::generate::engine::GenerateOptions;
+use crate::generate::engine::{DryRun, GenerateOptions};
 use crate::generate::run::CorpusSettings;
-use crate::teacher::factory::{Backend, TeacherConfig};
+use crate::teacher::factory::{Backend, ResolvedTeacher, TeacherConfig};
 
 /// A source repeated more often than this in training gets a warning (phi-1 saw its data ~8
 /// times, but beyond ~4 epochs a repeated token is worth much less: Muennighoff et al. 2023).
@@ -112,7 +112,7 @@ impl Plan {
 
 /// Tokens a generated record has when nothing measured says otherwise: the corpus's typical
 /// answer (the same number `--dry-run` uses).
-fn typical_tokens(dry: &crate::generate::engine::DryRun) -> Option<f64> {
+fn typical_tokens(dry: &DryRun) -> Option<f64> {
     (dry.prompts > 0).then(|| dry.expected_completion_tokens as f64 / dry.prompts as f64)
 }
 
@@ -134,12 +134,34 @@ fn pilot(dir: &Path) -> Option<(f64, Option<f64>)> {
 }
 
 /// Whether `cfg` costs money, and whether its price is known.
-fn paid(cfg: &TeacherConfig) -> Result<(bool, bool), PipelineError> {
-    let r = cfg.resolve()?;
-    Ok(match (&r.backend, r.price) {
-        (Backend::Local { .. }, _) => (false, true),
-        (_, Some(p)) => (p.input_per_m > 0.0 || p.output_per_m > 0.0, true),
-        (_, None) => (true, false),
+fn paid(r: &ResolvedTeacher) -> bool {
+    match (&r.backend, r.price) {
+        (Backend::Local { .. }, _) => false,
+        (_, Some(p)) => p.input_per_m > 0.0 || p.output_per_m > 0.0,
+        (_, None) => true,
+    }
+}
+
+/// USD of `prompt` and `completion` tokens at the teacher's price: 0 for a local teacher, `None`
+/// when the price is unknown.
+fn teacher_cost(r: &ResolvedTeacher, prompt: u64, completion: u64) -> Option<f64> {
+    match (&r.backend, r.price) {
+        (_, Some(price)) => Some(price.cost(prompt, completion)),
+        (Backend::Local { .. }, None) => Some(0.0),
+        (_, None) => None,
+    }
+}
+
+/// What of a teacher decides its answers (and so the ids of the steps it writes for): the model
+/// records carry and the sampling settings.
+fn teacher_identity(cfg: &TeacherConfig, r: &ResolvedTeacher) -> Value {
+    json!({
+        "model": r.model,
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "top_k": cfg.top_k,
+        "min_p": cfg.min_p,
+        "repetition_penalty": cfg.repetition_penalty,
     })
 }
 
@@ -379,12 +401,7 @@ async fn plan_generate(
     // not, so a larger `n` adds records to the same directory.
     let records_identity = json!({
         "corpus": corpus_json,
-        "model": resolved.model,
-        "temperature": cfg.temperature,
-        "top_p": cfg.top_p,
-        "top_k": cfg.top_k,
-        "min_p": cfg.min_p,
-        "repetition_penalty": cfg.repetition_penalty,
+        "teacher": teacher_identity(cfg, &resolved),
         "max_tokens": max_tokens(cfg, corpus),
         "seed": seed,
     });
@@ -401,7 +418,7 @@ async fn plan_generate(
     let identity = Identity::new(s.kind.name(), settings, inputs, BTreeMap::new());
     // Estimates: a dry run of the first attempts (nothing is sent), per-record numbers
     // from a pilot when one exists.
-    let is_paid = paid(cfg)?.0;
+    let is_paid = paid(&resolved);
     let measured = pilot(&dir);
     let probe = |n: u64| GenerateOptions {
         out: dir.clone(),
@@ -411,16 +428,22 @@ async fn plan_generate(
         shard_size: 1000,
         concurrency: 1,
     };
-    let per_record_typical = {
-        let dry = corpus.dry_run(cfg, &probe(1)).await?;
-        typical_tokens(&dry).unwrap_or(max_tokens(cfg, corpus) as f64 / 2.0)
-    };
-    let tokens_per_record = measured.map_or(per_record_typical, |m| m.0).max(1.0);
-    let n = match target {
-        Target::Records(n) => *n,
-        Target::Tokens(t) => ((*t as f64 / tokens_per_record).ceil() as u64).max(1),
+    // Tokens per record: measured by a pilot, else the corpus's typical answer (what the dry run
+    // assumes). A token target needs it before `n` is known: one extra dry run of one record.
+    let typical =
+        |dry: &DryRun| typical_tokens(dry).unwrap_or(max_tokens(cfg, corpus) as f64 / 2.0);
+    let n = match (target, measured) {
+        (Target::Records(n), _) => *n,
+        (Target::Tokens(t), m) => {
+            let per = match m {
+                Some((measured, _)) => measured,
+                None => typical(&corpus.dry_run(cfg, &probe(1)).await?),
+            };
+            ((*t as f64 / per.max(1.0)).ceil() as u64).max(1)
+        }
     };
     let dry = corpus.dry_run(cfg, &probe(n)).await?;
+    let tokens_per_record = measured.map_or_else(|| typical(&dry), |m| m.0).max(1.0);
     let remaining = n.saturating_sub(dry.already_done);
     estimate.n = Some(n);
     estimate.records = Some(n);
@@ -486,24 +509,14 @@ fn plan_transform(
         let cfg = &p.teachers[teacher];
         let resolved = cfg.resolve()?;
         // The ratings decide the classifier: who rates, and how.
-        settings["teacher"] = json!({
-            "model": resolved.model,
-            "temperature": cfg.temperature,
-            "top_p": cfg.top_p,
-            "top_k": cfg.top_k,
-            "min_p": cfg.min_p,
-        });
+        settings["teacher"] = teacher_identity(cfg, &resolved);
         files.extend(f.sample.prompt.iter().cloned());
-        is_paid = paid(cfg)?.0;
+        is_paid = paid(&resolved);
         // The sample's prompts: the head of each file (max_chars, about 4 characters a
         // token) plus the rubric; each answer a short rating.
         let prompt = f.sample.sample as u64 * (f.sample.max_chars as u64 / 4 + 400);
         let answers = f.sample.sample as u64 * 60;
-        estimate.cost_usd = match resolved.price {
-            Some(price) => Some(price.cost(prompt, answers)),
-            None if matches!(resolved.backend, Backend::Local { .. }) => Some(0.0),
-            None => None,
-        };
+        estimate.cost_usd = teacher_cost(&resolved, prompt, answers);
         estimate.basis = Some("recipe");
     }
     if let Some(missing) = files.iter().find(|f| !f.exists()) {
@@ -703,7 +716,7 @@ fn plan_eval(
     {
         let cfg = &p.teachers[teacher];
         let resolved = cfg.resolve()?;
-        is_paid = paid(cfg)?.0;
+        is_paid = paid(&resolved);
         let beginnings = match &st.beginnings {
             Some(path) => std::fs::read_to_string(path)
                 .map(|t| crate::eval::stories::parse_beginnings(&t).len())
@@ -716,11 +729,7 @@ fn plan_eval(
         // Each grade: the rubric and the story (~ max_new_tokens + 400 tokens), ~150 out.
         let prompt = beginnings * (st.max_new_tokens as u64 + 400);
         estimate.records = Some(beginnings);
-        estimate.cost_usd = match resolved.price {
-            Some(price) => Some(price.cost(prompt, beginnings * 150)),
-            None if matches!(resolved.backend, Backend::Local { .. }) => Some(0.0),
-            None => None,
-        };
+        estimate.cost_usd = teacher_cost(&resolved, prompt, beginnings * 150);
         estimate.basis = Some("recipe");
     }
     let mut settings = settings.expect("settings serialize");

@@ -615,19 +615,12 @@ impl Pipeline {
         order
     }
 
-    fn at(&self, path: &[Key]) -> At {
-        At {
-            path: self.path.clone(),
-            line: line_of(&self.text, path),
-        }
-    }
-
     fn invalid(&self, key: &[Key], message: String) -> PipelineRecipeError {
-        PipelineRecipeError::Invalid {
-            at: self.at(key),
-            key: dotted(key),
-            message,
+        Parser {
+            path: self.path.clone(),
+            text: &self.text,
         }
+        .invalid(key, message)
     }
 
     /// Every name a step, stage or eval uses exists, is of the right kind, and the data steps

@@ -189,16 +189,11 @@ pub async fn run(
                 })
             }
         };
-        lineage::write(plan, step, &summary)?;
-        StepManifest::new(
-            &step.name,
-            &step.kind,
-            &step.identity,
-            &step.dir,
-            summary.clone(),
-        )
-        .write(&p.out)?;
-        on_event(Event::Finish(step, &summary));
+        let manifest =
+            StepManifest::new(&step.name, &step.kind, &step.identity, &step.dir, summary);
+        lineage::write(plan, &manifest)?;
+        manifest.write(&p.out)?;
+        on_event(Event::Finish(step, &manifest.summary));
     }
     let scoreboard = write_scoreboard(p, plan)?;
     Ok(RunOutcome::Complete { scoreboard })
@@ -220,15 +215,25 @@ fn budgeted(cfg: &TeacherConfig, opts: &RunOptions, spent: f64) -> TeacherConfig
     cfg
 }
 
-/// Stops a teacher run the way Ctrl-C does when the run's stop flag (a signal) is set.
-fn watch_stop(state: &Arc<RunState>, opts: &RunOptions) -> tokio::task::JoinHandle<()> {
-    let (state, stop) = (state.clone(), opts.stop.clone());
-    tokio::spawn(async move {
-        while !stop.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        state.stop(StopReason::Interrupted);
-    })
+/// Runs a teacher-driven stage with a fresh [`RunState`] that the run's stop flag (a signal)
+/// stops the way Ctrl-C does.
+async fn stoppable<F: std::future::Future>(
+    opts: &RunOptions,
+    run: impl FnOnce(Arc<RunState>) -> F,
+) -> F::Output {
+    let state = Arc::new(RunState::default());
+    let watcher = {
+        let (state, stop) = (state.clone(), opts.stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            state.stop(StopReason::Interrupted);
+        })
+    };
+    let out = run(state).await;
+    watcher.abort();
+    out
 }
 
 /// The directories a data step reads: its upstream steps' outputs, then its paths.
@@ -308,12 +313,8 @@ async fn generate(
     let (opts, on_event) = (cx.opts, cx.on_event);
     let n = gen.n;
     let cfg = budgeted(teacher, opts, *spent);
-    let state = Arc::new(RunState::default());
-    let watcher = watch_stop(&state, opts);
     let progress = |g: &Progress| on_event(Event::Generate(g));
-    let stats = corpus.run(&cfg, &gen, state, &progress).await;
-    watcher.abort();
-    let stats = stats?;
+    let stats = stoppable(opts, |state| corpus.run(&cfg, &gen, state, &progress)).await?;
     let cost = stats.run.cost_usd.unwrap_or(0.0);
     *spent += cost;
     let answers = stats.run.written + stats.run.dropped.values().sum::<u64>();
@@ -380,8 +381,6 @@ async fn filter(
         out: step.dir.clone(),
         classifier: None,
     };
-    let state = Arc::new(RunState::default());
-    let watcher = watch_stop(&state, opts);
     let progress = |e: crate::classify::pipeline::PipelineProgress| {
         use crate::classify::pipeline::PipelineProgress as P;
         match e {
@@ -390,8 +389,10 @@ async fn filter(
             _ => {}
         }
     };
-    let stats = crate::classify::pipeline::run(&recipe, &cfg, state.clone(), &progress).await;
-    watcher.abort();
+    let stats = stoppable(opts, |state| {
+        crate::classify::pipeline::run(&recipe, &cfg, state, &progress)
+    })
+    .await;
     let stats = match stats {
         Err(crate::classify::pipeline::PipelineError::Interrupted { .. }) => {
             return Ok(StepResult::Interrupted)
@@ -660,12 +661,11 @@ async fn run_eval(
                 gen_top_p: st.gen_top_p,
                 seed: st.seed,
             };
-            let state = Arc::new(RunState::default());
-            let watcher = watch_stop(&state, opts);
             let progress = |g: &Progress| on_event(Event::Generate(g));
-            let graded = crate::eval::stories::run(&settings, &cfg, state, &progress).await;
-            watcher.abort();
-            let graded = graded?;
+            let graded = stoppable(opts, |state| {
+                crate::eval::stories::run(&settings, &cfg, state, &progress)
+            })
+            .await?;
             let cost = graded.grading.run.cost_usd.unwrap_or(0.0);
             *spent += cost;
             if graded.grading.stopped.is_some() || !graded.grading.complete {
