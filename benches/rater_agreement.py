@@ -141,9 +141,13 @@ def main():
               f"mean {mean:.2f} std {std:.2f}  tokens {r['prompt_tokens']} in / {r['completion_tokens']} out  "
               f"dropped {r['dropped']}")
     pos, neg = runs["lib"]["hist"], runs["test"]["hist"]
+    wall = f"total wall {sum(r['wall'] for r in runs.values()):.0f}s"
+    if min(sum(pos), sum(neg)) < 5:
+        print(f"{wall}; agreement undefined: fewer than 5 rated files in a class "
+              f"(the rater did not answer in the rating format)")
+        return
     acc, t = best_threshold(pos, neg)
-    print(f"total wall {sum(r['wall'] for r in runs.values()):.0f}s; "
-          f"ROC-AUC (library module > test) {auc(pos, neg):.3f}; "
+    print(f"{wall}; ROC-AUC (library module > test) {auc(pos, neg):.3f}; "
           f"best accuracy {acc:.3f} at score >= {t} (over rated files; chance is about 0.5)")
 
 

@@ -32,18 +32,20 @@ row! {
     /// A file chosen for rating: its id, a hash of its full text, and what of it the teacher sees:
     /// the head that fits the per-file token budget ([`FileBudget`]; the head itself is in the
     /// prompt, not in the record), its length and token count, and how many characters were cut.
+    /// `sample.json` holds only the id and hash: it is written before the teacher's tokenizer cuts
+    /// the heads.
     #[derive(Clone, Debug, Serialize, Deserialize)]
     pub struct Sampled {
         pub file_id: String,
         pub content_hash: String,
         /// Characters of the file in the prompt.
-        #[serde(default)]
+        #[serde(skip)]
         pub kept_chars: u64,
         /// Characters of the file not in the prompt (0: the teacher saw it whole).
-        #[serde(default)]
+        #[serde(skip)]
         pub truncated_chars: u64,
         /// Tokens of the kept head, as the budget counted them (`stats.json` says with what).
-        #[serde(default)]
+        #[serde(skip)]
         pub kept_tokens: u64,
     } not columns {
         #[serde(skip)]
@@ -223,6 +225,9 @@ pub struct Annotate {
     sample: Vec<Sampled>,
     /// The budget the heads were cut to (tokens, what counted them), for `stats.json`.
     budget: Option<(usize, String)>,
+    /// What the reader of these ratings should know about the rater (`stats.json`'s
+    /// `corpus.rater_note`), e.g. that a small local one barely tells good code from bad.
+    rater_note: Option<&'static str>,
 }
 
 impl Annotate {
@@ -231,6 +236,15 @@ impl Annotate {
             template,
             sample,
             budget: None,
+            rater_note: None,
+        }
+    }
+
+    /// The same corpus, with a note on the rater for `stats.json`.
+    pub fn with_rater_note(self, note: &'static str) -> Annotate {
+        Annotate {
+            rater_note: Some(note),
+            ..self
         }
     }
 
@@ -355,6 +369,9 @@ impl Corpus for Annotate {
                 "files_cut": cut.clone().count(),
                 "chars_cut": cut.map(|s| s.truncated_chars).sum::<u64>(),
             });
+        }
+        if let Some(note) = self.rater_note {
+            summary["rater_note"] = json!(note);
         }
         Ok(summary)
     }

@@ -28,6 +28,10 @@ use crate::teacher::TeacherError;
 /// Output tokens of one rating: a score and a sentence or two of reason.
 pub const RATING_MAX_TOKENS: u32 = 256;
 
+/// Shown with ratings by a local teacher under a billion parameters (`stats.json`:
+/// `corpus.rater_note`), from the measurement in README.md ("How good is the embedded rater").
+pub const SMALL_RATER_NOTE: &str = "a local rater under a billion parameters rarely answers in the rating format: SmolLM2-135M-Instruct gave a score for 1 of 40 CPython files in 79 answers (README.md, \"How good is the embedded rater\"), so its labels cannot train a useful classifier; rate with an API teacher (--teacher http and $OPENAI_API_KEY) or a larger --teacher local:SPEC";
+
 /// `--max-file-tokens`: each file's share of the rating prompt.
 pub const FILE_TOKENS: Ints<usize> = Ints {
     min: 16,
@@ -309,7 +313,7 @@ impl Prepared {
         model: &str,
         local: bool,
         teacher: Option<&LoadedTeacher>,
-    ) -> (Arc<Annotate>, GenerateOptions) {
+    ) -> (Annotate, GenerateOptions) {
         let (bpe, tiktoken_label) = tiktoken_for(model);
         let tiktoken = |t: &str| bpe.encode_ordinary(t).len();
         let own = |t: &str| {
@@ -352,7 +356,7 @@ impl Prepared {
         };
         annotate::fit_sample(&mut self.sample, &budget);
         let corpus = Annotate::fitted(self.template, self.sample, &budget);
-        (Arc::new(corpus), self.opts)
+        (corpus, self.opts)
     }
 }
 
@@ -365,7 +369,7 @@ fn dry_corpus(
     let resolved = teacher.resolve()?;
     let local = matches!(resolved.backend, Backend::Local { .. });
     let (corpus, opts) = prepared.corpus(s, &resolved.model, local, None);
-    Ok((corpus, opts, resolved.model))
+    Ok((Arc::new(corpus), opts, resolved.model))
 }
 
 /// Loads the teacher (a local model's tokenizer measures the heads) and cuts the heads.
@@ -375,8 +379,11 @@ async fn loaded_corpus(
     teacher: &TeacherConfig,
 ) -> Result<(Arc<Annotate>, GenerateOptions, LoadedTeacher), PipelineError> {
     let loaded = LoadedTeacher::load(teacher, s.seed).await?;
-    let (corpus, opts) = prepared.corpus(s, loaded.model(), loaded.is_local(), Some(&loaded));
-    Ok((corpus, opts, loaded))
+    let (mut corpus, opts) = prepared.corpus(s, loaded.model(), loaded.is_local(), Some(&loaded));
+    if loaded.is_small_local() {
+        corpus = corpus.with_rater_note(SMALL_RATER_NOTE);
+    }
+    Ok((Arc::new(corpus), opts, loaded))
 }
 
 /// `phigen annotate`: the teacher rates the sample of `input` into `out`.

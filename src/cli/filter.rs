@@ -276,7 +276,10 @@ pub async fn annotate(args: &AnnotateArgs, quiet: bool) -> anyhow::Result<Outcom
     })
     .await;
     live.finish();
-    Ok(finished(&result?, &args.out, quiet))
+    let stats = result?;
+    let outcome = finished(&stats, &args.out, quiet);
+    print_rater_note(&stats, quiet);
+    Ok(outcome)
 }
 
 pub fn classify(cmd: &ClassifyCommand) -> anyhow::Result<Outcome> {
@@ -329,6 +332,15 @@ fn print_train_report(out: &Path, r: &TrainReport) {
         );
     }
     println!("  metrics: {}", r.metrics_path.display());
+}
+
+/// What the ratings' `stats.json` says about a small rater (`corpus.rater_note`), after the summary.
+fn print_rater_note(stats: &crate::generate::engine::Stats, quiet: bool) {
+    if let Some(note) = stats.corpus.get("rater_note").and_then(|n| n.as_str()) {
+        if !quiet {
+            println!("note on the rater: {note}");
+        }
+    }
 }
 
 /// The recipe's first line, as the rating starts (or would, in a dry run).
@@ -399,6 +411,7 @@ pub async fn filter(args: &FilterArgs, quiet: bool) -> anyhow::Result<Outcome> {
                 live.finish();
             }
             finished(stats, labels, quiet);
+            print_rater_note(stats, quiet);
         }
         PipelineProgress::Training => {
             if !quiet {

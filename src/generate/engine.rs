@@ -1466,11 +1466,11 @@ mod tests {
         let corpus = Annotate::new(
             template("educational-value.txt", annotate::BUILTIN_TEMPLATE),
             vec![],
-        );
-        assert_eq!(
-            summary(&corpus, &r)["score_histogram"],
-            json!([0, 0, 0, 0, 1, 0])
-        );
+        )
+        .with_rater_note("a small rater");
+        let s = summary(&corpus, &r);
+        assert_eq!(s["score_histogram"], json!([0, 0, 0, 0, 1, 0]));
+        assert_eq!(s["rater_note"], "a small rater");
 
         let story = grading::Story::new(&Continuation {
             index: 3,

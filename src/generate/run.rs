@@ -165,6 +165,14 @@ impl LoadedTeacher {
     pub fn is_local(&self) -> bool {
         self.engine.is_some()
     }
+
+    /// Whether this is a local model under a billion parameters (those the local teacher's note
+    /// warns about).
+    pub fn is_small_local(&self) -> bool {
+        self.engine
+            .as_ref()
+            .is_some_and(|e| e.model().decoder.config().parameter_count() < 1_000_000_000)
+    }
 }
 
 /// Generates until `opts.n` records of `corpus` are in `opts.out` (or the run stops), with the
