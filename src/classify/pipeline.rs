@@ -37,8 +37,8 @@ pub const FILE_TOKENS: Ints<usize> = Ints {
     min: 16,
     max: 1_000_000,
 };
-/// The share with a local teacher. Its cost is prefill on the CPU, and a small model's context is
-/// short (2,048 for SmolLM2). 512 tokens of each file plus the ~265 of the prompt are half the
+/// The share with a local teacher. Its cost is prefill on the CPU, and a small model's context
+/// may be short (its own limit is also applied). 512 tokens of each file plus the ~265 of the prompt are half the
 /// ~1,500 that the 6,000-character head cost SmolLM2-135M: measured 12 s a rating on a loaded
 /// 2-core VM (README, "How good is the embedded rater"), so 40 files take about 8 minutes.
 pub const LOCAL_FILE_TOKENS: usize = 512;
