@@ -762,3 +762,68 @@ async fn a_second_run_on_one_out_fails_at_once_naming_the_first() {
     assert!(first.status.success(), "{}", stderr(&first));
     assert_exactly_slots(&out, 3);
 }
+
+/// Issue 25 item 3: a run that keeps under 20% of its answers after 50 warns once, naming the
+/// cause its drop reasons point to. The mock cuts 90% of answers short (`finish_reason: length`,
+/// dropped as `truncated`), so about 100 answers fill 10 slots: the warning must appear exactly
+/// once (even with --quiet) and name --max-tokens, and stats.json keeps the report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_keep_rate_warns_once_naming_the_flag_and_a_good_run_does_not() {
+    let server = mock(Faults {
+        rate_length: 0.9,
+        ..Faults::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cut");
+    let o = run(stories_cmd(&server, &out, 10, &["--max-attempts", "80"])).await;
+    let err = stderr(&o);
+    assert_eq!(err.matches("warning: after").count(), 1, "{err}");
+    let line = err.lines().find(|l| l.contains("warning: after")).unwrap();
+    assert!(
+        line.contains("truncated") && line.contains("raise --max-tokens"),
+        "{line}"
+    );
+    let s = stats(&out);
+    assert_eq!(s["low_keep"]["cause"], "max_tokens", "{s}");
+    assert!(s["low_keep"]["answers"].as_u64().unwrap() >= 50);
+
+    // A good run: no warning, and the summary (not --quiet) states the keep rate and reasons.
+    let good = mock(Faults {
+        rate_refuse: 0.1,
+        ..Faults::default()
+    })
+    .await;
+    let out = dir.path().join("good");
+    let mut cmd = stories_cmd(&good, &out, 60, &[]);
+    let args: Vec<String> = cmd
+        .get_args()
+        .filter(|a| *a != "--quiet")
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let mut plain = Command::new(BIN);
+    plain
+        .args(&args)
+        .envs(cmd.get_envs().filter_map(|(k, v)| Some((k, v?))));
+    for (k, v) in cmd.get_envs() {
+        if v.is_none() {
+            plain.env_remove(k);
+        }
+    }
+    cmd = plain;
+    let o = run(cmd).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("warning: after"), "{}", stderr(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let s = stats(&out);
+    assert!(s.get("low_keep").is_none(), "{s}");
+    let kept = 100.0 * s["keep_rate"].as_f64().unwrap();
+    let refused = s["rejects_total"]["refused"].as_u64().unwrap();
+    assert!(
+        stdout.contains(&format!(
+            "keep rate {kept:.1}% of {} answers checked; top reject reasons: refused {refused}",
+            s["answers_checked"]
+        )),
+        "{stdout}"
+    );
+}

@@ -820,3 +820,49 @@ async fn serve_samples_by_the_request_seed_or_its_content() {
     child.kill().unwrap();
     let _ = child.wait();
 }
+
+/// Issue 25 item 4: `phigen filter` with a local teacher names the model that really rates (the
+/// loaded `local:DIR`, not the HTTP default `gpt-4o-mini`) on its progress line, and a budget
+/// larger than the model's 1,024-token context is cut to what fits with the prompt and the
+/// 256-token answer (a warning says so). The tiny random model cannot rate, so the recipe stops
+/// after the rating; what is checked is printed before that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filter_names_the_local_teacher_that_rates() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny-chat");
+    tiny_chat_model(&model);
+    let stack = dir.path().join("stack");
+    std::fs::create_dir_all(&stack).unwrap();
+    for i in 0..2 {
+        std::fs::write(
+            stack.join(format!("f{i}.py")),
+            "def f(x):\n    return x\n".repeat(300),
+        )
+        .unwrap();
+    }
+    let out = dir.path().join("filtered");
+    let mut c = Command::new(BIN);
+    c.args(["filter", "--input", stack.to_str().unwrap(), "--teacher"])
+        .arg(format!("local:{}", model.display()))
+        .args(["--out", out.to_str().unwrap(), "--sample", "2"])
+        .args(["--max-attempts", "1", "--max-file-tokens", "5000"])
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("OPENAI_BASE_URL");
+    let o = run(c).await;
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "rating a sample of 2 files with local:{}",
+            model.display()
+        )),
+        "{stdout}\n{}",
+        stderr(&o)
+    );
+    assert!(
+        stderr(&o).contains("--max-file-tokens 5000 would not fit the 1024-token context"),
+        "{}",
+        stderr(&o)
+    );
+    let s = stats(&out.join("labels"));
+    assert_eq!(s["model"], format!("local:{}", model.display()));
+}

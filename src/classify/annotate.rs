@@ -29,12 +29,24 @@ pub const BUILTIN_TEMPLATE: &str = include_str!("../../prompts/educational-value
 const RECORDS: Layout = Layout::Parts { prefix: "part" };
 
 row! {
-    /// A file chosen for rating: its id, a hash of its full text and its head as the teacher sees
-    /// it (in the prompt, not in the record).
+    /// A file chosen for rating: its id, a hash of its full text, and what of it the teacher sees:
+    /// the head that fits the per-file token budget ([`FileBudget`]; the head itself is in the
+    /// prompt, not in the record), its length and token count, and how many characters were cut.
+    /// `sample.json` holds only the id and hash: it is written before the teacher's tokenizer cuts
+    /// the heads.
     #[derive(Clone, Debug, Serialize, Deserialize)]
     pub struct Sampled {
         pub file_id: String,
         pub content_hash: String,
+        /// Characters of the file in the prompt.
+        #[serde(skip)]
+        pub kept_chars: u64,
+        /// Characters of the file not in the prompt (0: the teacher saw it whole).
+        #[serde(skip)]
+        pub truncated_chars: u64,
+        /// Tokens of the kept head, as the budget counted them (`stats.json` says with what).
+        #[serde(skip)]
+        pub kept_tokens: u64,
     } not columns {
         #[serde(skip)]
         pub head: String,
@@ -48,8 +60,59 @@ impl PartialEq for Sampled {
     }
 }
 
+/// Each file's share of the rating prompt: at most `tokens` tokens of its head, counted by
+/// `count`. Prefill is what a rating costs a local teacher, and a long file's head rarely
+/// changes its rating, so the share is capped and the record says what was cut.
+pub struct FileBudget<'a> {
+    pub tokens: usize,
+    /// Tokens of a text.
+    pub count: &'a (dyn Fn(&str) -> usize + Sync),
+    /// What `count` counts with, for `stats.json` (e.g. the teacher's tokenizer).
+    pub counted_with: String,
+}
+
+impl FileBudget<'_> {
+    /// The longest head of `text` within the budget, ending at a line end where a whole line
+    /// fits (inside the first line otherwise), and its token count. Token counts of prefixes
+    /// grow with the prefix, so a binary search over the cut points finds it.
+    pub fn fit<'t>(&self, text: &'t str) -> (&'t str, usize) {
+        let count = |end: usize| (self.count)(&text[..end]);
+        let whole = count(text.len());
+        if whole <= self.tokens {
+            return (text, whole);
+        }
+        let line_ends: Vec<usize> = text.match_indices('\n').map(|(i, _)| i + 1).collect();
+        let end = largest_fitting(&line_ends, |e| count(e) <= self.tokens).unwrap_or_else(|| {
+            let first_line = line_ends.first().copied().unwrap_or(text.len());
+            let chars: Vec<usize> = text[..first_line]
+                .char_indices()
+                .map(|(i, _)| i)
+                .skip(1)
+                .collect();
+            largest_fitting(&chars, |e| count(e) <= self.tokens).unwrap_or(0)
+        });
+        (&text[..end], count(end))
+    }
+}
+
+/// The last of the ascending `cuts` that `fits`, given that a cut fits whenever a later one does.
+fn largest_fitting(cuts: &[usize], fits: impl Fn(usize) -> bool) -> Option<usize> {
+    let (mut lo, mut hi, mut best) = (0, cuts.len(), None);
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if fits(cuts[mid]) {
+            best = Some(cuts[mid]);
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    best
+}
+
 /// Draws the sample: the `n` readable files with the smallest `xxh3(seed, id)`, in that order.
-/// Only the head (`max_chars` characters) of each is kept.
+/// Only the head (`max_chars` characters) of each is kept; [`fit_sample`] then cuts it to the
+/// token budget.
 pub fn draw_sample(
     parts: &[Part],
     n: usize,
@@ -57,7 +120,7 @@ pub fn draw_sample(
     max_bytes: u64,
     max_chars: usize,
 ) -> Result<Vec<Sampled>, ClassifyError> {
-    let mut heap: BinaryHeap<(u64, String, String, String)> = BinaryHeap::new();
+    let mut heap: BinaryHeap<(u64, String, String, String, u64)> = BinaryHeap::new();
     for part in parts {
         for code in input::load(part, max_bytes)?.rows {
             let Ok(text) = code.content else { continue };
@@ -67,7 +130,8 @@ pub fn draw_sample(
             }
             let hash = blake3::hash(text.as_bytes()).to_hex()[..16].to_string();
             let head: String = text.chars().take(max_chars).collect();
-            heap.push((key, code.id, hash, head));
+            let chars = text.chars().count() as u64;
+            heap.push((key, code.id, hash, head, chars));
             if heap.len() > n {
                 heap.pop();
             }
@@ -76,12 +140,31 @@ pub fn draw_sample(
     Ok(heap
         .into_sorted_vec()
         .into_iter()
-        .map(|(_, file_id, content_hash, head)| Sampled {
-            file_id,
-            content_hash,
-            head,
+        .map(|(_, file_id, content_hash, head, chars)| {
+            let kept_chars = head.chars().count() as u64;
+            Sampled {
+                file_id,
+                content_hash,
+                kept_chars,
+                truncated_chars: chars - kept_chars,
+                kept_tokens: 0,
+                head,
+            }
         })
         .collect())
+}
+
+/// Cuts each sampled head to `budget` and records what was kept and cut.
+pub fn fit_sample(sample: &mut [Sampled], budget: &FileBudget) {
+    for s in sample {
+        let (head, tokens) = budget.fit(&s.head);
+        let kept_chars = head.chars().count() as u64;
+        s.truncated_chars += s.kept_chars - kept_chars;
+        s.kept_chars = kept_chars;
+        s.kept_tokens = tokens as u64;
+        let end = head.len();
+        s.head.truncate(end);
+    }
 }
 
 /// Checks `OUT/sample.json` against a fresh sample (which must extend it) and records the latter.
@@ -140,11 +223,37 @@ pub fn record_sample(
 pub struct Annotate {
     template: Template,
     sample: Vec<Sampled>,
+    /// The budget the heads were cut to (tokens, what counted them), for `stats.json`.
+    budget: Option<(usize, String)>,
+    /// What the reader of these ratings should know about the rater (`stats.json`'s
+    /// `corpus.rater_note`), e.g. that a small local one barely tells good code from bad.
+    rater_note: Option<&'static str>,
 }
 
 impl Annotate {
     pub fn new(template: Template, sample: Vec<Sampled>) -> Annotate {
-        Annotate { template, sample }
+        Annotate {
+            template,
+            sample,
+            budget: None,
+            rater_note: None,
+        }
+    }
+
+    /// The same corpus, with a note on the rater for `stats.json`.
+    pub fn with_rater_note(self, note: &'static str) -> Annotate {
+        Annotate {
+            rater_note: Some(note),
+            ..self
+        }
+    }
+
+    /// The corpus of a sample cut by [`fit_sample`] to `budget`, which `stats.json` states.
+    pub fn fitted(template: Template, sample: Vec<Sampled>, budget: &FileBudget) -> Annotate {
+        Annotate {
+            budget: Some((budget.tokens, budget.counted_with.clone())),
+            ..Annotate::new(template, sample)
+        }
     }
 }
 
@@ -156,31 +265,40 @@ row! {
     }
 }
 
-/// The score of an answer: the last line that reads `Score: N` (any case, `**` allowed), N in 0..=5;
-/// the reason is the text before it.
+/// The score of an answer: the last line with `score` followed by a number (`Score: N`, any
+/// case, `**` allowed; also `My score is N`, `Score: N/5`), N in 0..=5; the reason is the text
+/// before it. A line that starts with `score` but holds no score from 0 to 5 is refused.
 pub fn parse_rating(text: &str) -> Result<Rating, Drop> {
     let lines: Vec<&str> = text.lines().collect();
     for (i, line) in lines.iter().enumerate().rev() {
         let clean = line.replace('*', "");
         let lower = clean.trim().to_ascii_lowercase();
-        let Some(rest) = lower.strip_prefix("score") else {
+        let Some(at) = lower.rfind("score") else {
             continue;
         };
-        let digits: String = rest
-            .trim_start_matches([':', ' ', '='])
-            .chars()
-            .take_while(|c| c.is_ascii_digit())
-            .collect();
-        return match digits.parse::<i64>() {
-            Ok(score) if (0..=5).contains(&score) => Ok(Rating {
-                score,
-                reason: lines[..i].join(" ").trim().to_string(),
-            }),
-            _ => Err(Drop::new(
-                DropReason::Unparseable,
-                format!("`{}` is not a score from 0 to 5", line.trim()),
-            )),
-        };
+        let rest = lower[at + "score".len()..].trim_start_matches([':', ' ', '=', '-']);
+        let rest = rest
+            .strip_prefix("is ")
+            .or_else(|| rest.strip_prefix("of "))
+            .unwrap_or(rest)
+            .trim_start();
+        let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+        match digits.parse::<i64>() {
+            Ok(score) if (0..=5).contains(&score) => {
+                return Ok(Rating {
+                    score,
+                    reason: lines[..i].join(" ").trim().to_string(),
+                })
+            }
+            _ if at == 0 => {
+                return Err(Drop::new(
+                    DropReason::Unparseable,
+                    format!("`{}` is not a score from 0 to 5", line.trim()),
+                ))
+            }
+            // A sentence that mentions a score without giving one.
+            _ => continue,
+        }
     }
     Err(Drop::new(
         DropReason::Unparseable,
@@ -205,7 +323,15 @@ impl Corpus for Annotate {
     }
 
     fn prompt_vars(&self, s: &Sampled) -> Vec<(&'static str, String)> {
-        vec![("path", s.file_id.clone()), ("code", s.head.clone())]
+        let mut code = s.head.clone();
+        if s.truncated_chars > 0 {
+            // The teacher should rate what it sees, not fault the file for ending mid-way.
+            code.push_str(&format!(
+                "\n[... the file goes on: {} more characters not shown]",
+                s.truncated_chars
+            ));
+        }
+        vec![("path", s.file_id.clone()), ("code", code)]
     }
 
     fn check(&self, _: &Sampled, text: &str) -> impl Future<Output = Result<Rating, Drop>> + Send {
@@ -233,7 +359,21 @@ impl Corpus for Annotate {
         for s in df.column("score")?.i64()?.iter().flatten() {
             hist[s.clamp(0, 5) as usize] += 1;
         }
-        Ok(json!({ "rated": df.height(), "score_histogram": hist }))
+        let mut summary = json!({ "rated": df.height(), "score_histogram": hist });
+        if let Some((tokens, counted_with)) = &self.budget {
+            let cut = self.sample.iter().filter(|s| s.truncated_chars > 0);
+            summary["file_budget"] = json!({
+                "tokens": tokens,
+                "counted_with": counted_with,
+                "files_in_sample": self.sample.len(),
+                "files_cut": cut.clone().count(),
+                "chars_cut": cut.map(|s| s.truncated_chars).sum::<u64>(),
+            });
+        }
+        if let Some(note) = self.rater_note {
+            summary["rater_note"] = json!(note);
+        }
+        Ok(summary)
     }
 }
 
@@ -381,10 +521,78 @@ mod tests {
         );
         assert_eq!(parse_rating("Meh.\n**Score:** 2\n").unwrap().score, 2);
         assert_eq!(parse_rating("score = 0").unwrap().score, 0);
+        // Forms a small local rater writes.
+        assert_eq!(parse_rating("Fine.\nMy score is 3.").unwrap().score, 3);
+        assert_eq!(parse_rating("Educational score: 2/5").unwrap().score, 2);
+        let r = parse_rating("Score: 4\nA higher score would need docs.").unwrap();
+        assert_eq!(r.score, 4);
         let reason = |t: &str| parse_rating(t).unwrap_err().reason;
         assert_eq!(reason("It is good."), DropReason::Unparseable);
         assert_eq!(reason("Score: 9"), DropReason::Unparseable);
         assert_eq!(reason("Score: high"), DropReason::Unparseable);
+    }
+
+    /// The budget keeps whole lines while they fit and cuts inside a first line that does not;
+    /// a whitespace word count stands in for a tokenizer, so the expected heads are counted by
+    /// hand.
+    #[test]
+    fn heads_are_cut_to_the_budget_at_line_ends() {
+        let words = |t: &str| t.split_whitespace().count();
+        let budget = |tokens| FileBudget {
+            tokens,
+            count: &words,
+            counted_with: "words".into(),
+        };
+        let text = "a b\nc d\ne f\n";
+        assert_eq!(budget(6).fit(text), (text, 6));
+        assert_eq!(budget(5).fit(text), ("a b\nc d\n", 4));
+        assert_eq!(budget(1).fit(text), ("a ", 1));
+        assert_eq!(budget(2).fit("a b c d"), ("a b ", 2));
+    }
+
+    /// A long file is cut to the budget in tiktoken's count, and its record says what was kept
+    /// and cut; the prompt tells the teacher the file goes on.
+    #[test]
+    fn a_long_file_is_cut_and_the_record_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        let long: String = (0..400)
+            .map(|i| format!("def f{i}(x):\n    return x + {i}\n"))
+            .collect();
+        std::fs::write(src.join("long.py"), &long).unwrap();
+        std::fs::write(src.join("short.py"), "x = 1\n").unwrap();
+        let walk = crate::artifact::walk::WalkOptions::default();
+        let (parts, _) = input::parts(std::slice::from_ref(&src), &["py".into()], walk).unwrap();
+        let mut sample = draw_sample(&parts, 2, 0, 1 << 20, 6000).unwrap();
+        let bpe = tiktoken_rs::cl100k_base_singleton();
+        let count = |t: &str| bpe.encode_ordinary(t).len();
+        let budget = FileBudget {
+            tokens: 100,
+            count: &count,
+            counted_with: "cl100k_base".into(),
+        };
+        fit_sample(&mut sample, &budget);
+        let find = |name: &str| sample.iter().find(|s| s.file_id.ends_with(name)).unwrap();
+        let (cut, whole) = (find("long.py"), find("short.py"));
+        let total = long.chars().count() as u64;
+        assert!(cut.kept_tokens <= 100 && cut.kept_tokens > 80, "{cut:?}");
+        assert_eq!(cut.kept_tokens, count(&cut.head) as u64);
+        assert_eq!(cut.kept_chars, cut.head.chars().count() as u64);
+        assert_eq!(cut.kept_chars + cut.truncated_chars, total);
+        assert!(long.starts_with(&cut.head) && cut.head.ends_with('\n'));
+        assert_eq!((whole.truncated_chars, whole.kept_chars), (0, 6));
+        let corpus = Annotate::fitted(
+            Template::parse("t", BUILTIN_TEMPLATE).unwrap(),
+            sample.clone(),
+            &budget,
+        );
+        let code = |s: &Sampled| corpus.prompt_vars(s)[1].1.clone();
+        assert!(code(cut).ends_with(&format!(
+            "{} more characters not shown]",
+            cut.truncated_chars
+        )));
+        assert_eq!(code(whole), "x = 1\n");
     }
 
     /// CSV labels: numbers and words, a path with a comma, and a clear error for a bad label.

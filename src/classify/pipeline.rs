@@ -20,12 +20,31 @@ use crate::generate::engine::{
     DryRun, GenerateError, GenerateOptions, RunState, Stats, StopReason,
 };
 use crate::generate::prompt::{Template, TemplateError};
-use crate::generate::run::{dry_run_corpus, run_corpus, Progress};
-use crate::teacher::factory::TeacherConfig;
+use crate::generate::run::{dry_run_corpus, run_corpus_on, LoadedTeacher, Progress};
+use crate::range::Ints;
+use crate::teacher::factory::{Backend, TeacherConfig};
 use crate::teacher::TeacherError;
 
 /// Output tokens of one rating: a score and a sentence or two of reason.
 pub const RATING_MAX_TOKENS: u32 = 256;
+
+/// Shown with ratings by a local teacher under a billion parameters (`stats.json`:
+/// `corpus.rater_note`), from the measurement in README.md ("How good is the embedded rater").
+pub const SMALL_RATER_NOTE: &str = "a local rater under a billion parameters rarely answers in the rating format: SmolLM2-135M-Instruct gave a score for 1 of 40 CPython files in 79 answers (README.md, \"How good is the embedded rater\"), so its labels cannot train a useful classifier; rate with an API teacher (--teacher http and $OPENAI_API_KEY) or a larger --teacher local:SPEC";
+
+/// `--max-file-tokens`: each file's share of the rating prompt.
+pub const FILE_TOKENS: Ints<usize> = Ints {
+    min: 16,
+    max: 1_000_000,
+};
+/// The share with a local teacher. Its cost is prefill on the CPU, and a small model's context
+/// may be short (its own limit is also applied). 512 tokens of each file plus the ~265 of the prompt are half the
+/// ~1,500 that the 6,000-character head cost SmolLM2-135M: measured 12 s a rating on a loaded
+/// 2-core VM (README, "How good is the embedded rater"), so 40 files take about 8 minutes.
+pub const LOCAL_FILE_TOKENS: usize = 512;
+/// The share with an HTTP teacher: about the 6,000 characters of code phigen showed before the
+/// budget existed. An API model reads it in a second, and a demanding user pays for a fuller view.
+pub const HTTP_FILE_TOKENS: usize = 2048;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -39,6 +58,12 @@ pub enum PipelineError {
     Holdout { found: f64 },
     #[error("interrupted {step}: re-run the same command to continue")]
     Interrupted { step: &'static str },
+    #[error("{flag} {found}: {expected}; pass a value in that range")]
+    Setting {
+        flag: &'static str,
+        found: String,
+        expected: String,
+    },
     #[error(transparent)]
     Template(#[from] TemplateError),
     #[error(transparent)]
@@ -67,8 +92,11 @@ pub struct SampleSettings {
     /// Files rated: a deterministic sample; a larger one later extends it.
     pub sample: usize,
     pub seed: u64,
-    /// Characters of each file the teacher sees (its head).
+    /// Characters of each file read for the prompt (its head), before the token budget.
     pub max_chars: usize,
+    /// Tokens of each file the teacher sees [default: `LOCAL_FILE_TOKENS` for a local teacher,
+    /// `HTTP_FILE_TOKENS` for an HTTP one].
+    pub max_file_tokens: Option<usize>,
     /// Attempts per file before its rating is given up.
     pub max_attempts: u32,
     /// Prompt template [default: the built-in prompts/educational-value.txt].
@@ -81,6 +109,7 @@ impl Default for SampleSettings {
             sample: 1000,
             seed: 0,
             max_chars: 6000,
+            max_file_tokens: None,
             max_attempts: 3,
             prompt: None,
         }
@@ -163,8 +192,8 @@ pub struct FilterRecipe {
 /// Where a filter run is, for the caller to show.
 #[derive(Debug)]
 pub enum PipelineProgress<'a> {
-    /// Step 1 of 3 starts: `files` sampled files go to the teacher `model`; `plan` is what that
-    /// will send and cost.
+    /// Step 1 of 3 starts: `files` sampled files go to the teacher `model` (the name the loaded
+    /// teacher gives itself); `plan` is what that will send and cost.
     Rating {
         files: u64,
         model: &'a str,
@@ -203,16 +232,33 @@ pub enum FilterDryRun {
     },
 }
 
-/// Draws (or re-draws and checks) the sample recorded in `out`: the corpus to rate and the
-/// generation options rating it.
+/// The sample drawn (or re-drawn and checked) and recorded in `out`, before its heads are cut to
+/// the teacher's token budget.
+struct Prepared {
+    template: Template,
+    sample: Vec<annotate::Sampled>,
+    opts: GenerateOptions,
+}
+
+/// Draws (or re-draws and checks) the sample recorded in `out` and the generation options rating
+/// it.
 fn prepare(
     input: &InputOptions,
     s: &SampleSettings,
     out: &Path,
     teacher: &TeacherConfig,
-) -> Result<(Arc<Annotate>, GenerateOptions), PipelineError> {
+) -> Result<Prepared, PipelineError> {
     if s.sample == 0 {
         return Err(PipelineError::NothingToRate);
+    }
+    if let Some(t) = s.max_file_tokens {
+        FILE_TOKENS
+            .check(t)
+            .map_err(|expected| PipelineError::Setting {
+                flag: "--max-file-tokens",
+                found: t.to_string(),
+                expected,
+            })?;
     }
     let template = Template::load_or_builtin(
         s.prompt.as_deref(),
@@ -238,7 +284,107 @@ fn prepare(
         shard_size: 1000,
         concurrency: teacher.concurrency,
     };
-    Ok((Arc::new(Annotate::new(template, sample)), opts))
+    Ok(Prepared {
+        template,
+        sample,
+        opts,
+    })
+}
+
+/// tiktoken's encoding of `model` (cl100k_base for names it does not know) and how to say so.
+fn tiktoken_for(model: &str) -> (&'static tiktoken_rs::CoreBPE, String) {
+    let name = model.rsplit('/').next().unwrap_or(model);
+    match tiktoken_rs::bpe_for_model(name) {
+        Ok(bpe) => (bpe, format!("tiktoken's encoding of {model}")),
+        Err(_) => (
+            tiktoken_rs::cl100k_base_singleton(),
+            format!("tiktoken cl100k_base (an estimate: {model} is not a model tiktoken knows)"),
+        ),
+    }
+}
+
+impl Prepared {
+    /// The corpus with each head cut to `s`'s token budget, counted with `teacher`'s own
+    /// tokenizer where phigen has it (a loaded local model) and tiktoken's otherwise (an HTTP
+    /// teacher, or a dry run, which loads no model). A local model's budget also leaves room in
+    /// its context for the prompt around the file and the answer.
+    fn corpus(
+        mut self,
+        s: &SampleSettings,
+        model: &str,
+        local: bool,
+        teacher: Option<&LoadedTeacher>,
+    ) -> (Annotate, GenerateOptions) {
+        let (bpe, tiktoken_label) = tiktoken_for(model);
+        let tiktoken = |t: &str| bpe.encode_ordinary(t).len();
+        let own = |t: &str| {
+            teacher
+                .and_then(|l| l.count_tokens(t))
+                .unwrap_or_else(|| tiktoken(t))
+        };
+        let (count, counted_with): (&(dyn Fn(&str) -> usize + Sync), String) =
+            match teacher.filter(|l| l.is_local()) {
+                Some(_) => (&own, format!("the tokenizer of {model}")),
+                None if local => (
+                    &tiktoken,
+                    format!("{tiktoken_label}; the run counts with the model's own tokenizer"),
+                ),
+                None => (&tiktoken, tiktoken_label),
+            };
+        let mut tokens = s.max_file_tokens.unwrap_or(if local {
+            LOCAL_FILE_TOKENS
+        } else {
+            HTTP_FILE_TOKENS
+        });
+        if let Some(context) = teacher.and_then(LoadedTeacher::context) {
+            let around = self
+                .template
+                .render(&[("path", "a/longish/path/to/the/file.py"), ("code", "")])
+                .map_or(0, |p| count(&p))
+                + 64; // the chat template's tokens and the cut note
+            let room = context.saturating_sub(around + RATING_MAX_TOKENS as usize);
+            if tokens > room {
+                tracing::warn!(
+                    "--max-file-tokens {tokens} would not fit the {context}-token context of {model} with the prompt and the answer: {room} tokens of each file are used"
+                );
+                tokens = room.max(1);
+            }
+        }
+        let budget = annotate::FileBudget {
+            tokens,
+            count,
+            counted_with,
+        };
+        annotate::fit_sample(&mut self.sample, &budget);
+        let corpus = Annotate::fitted(self.template, self.sample, &budget);
+        (corpus, self.opts)
+    }
+}
+
+/// The corpus of a dry run: heads cut with tiktoken (no model is loaded).
+fn dry_corpus(
+    prepared: Prepared,
+    s: &SampleSettings,
+    teacher: &TeacherConfig,
+) -> Result<(Arc<Annotate>, GenerateOptions, String), PipelineError> {
+    let resolved = teacher.resolve()?;
+    let local = matches!(resolved.backend, Backend::Local { .. });
+    let (corpus, opts) = prepared.corpus(s, &resolved.model, local, None);
+    Ok((Arc::new(corpus), opts, resolved.model))
+}
+
+/// Loads the teacher (a local model's tokenizer measures the heads) and cuts the heads.
+async fn loaded_corpus(
+    prepared: Prepared,
+    s: &SampleSettings,
+    teacher: &TeacherConfig,
+) -> Result<(Arc<Annotate>, GenerateOptions, LoadedTeacher), PipelineError> {
+    let loaded = LoadedTeacher::load(teacher, s.seed).await?;
+    let (mut corpus, opts) = prepared.corpus(s, loaded.model(), loaded.is_local(), Some(&loaded));
+    if loaded.is_small_local() {
+        corpus = corpus.with_rater_note(SMALL_RATER_NOTE);
+    }
+    Ok((Arc::new(corpus), opts, loaded))
 }
 
 /// `phigen annotate`: the teacher rates the sample of `input` into `out`.
@@ -250,8 +396,18 @@ pub async fn annotate(
     state: Arc<RunState>,
     progress: &(dyn Fn(&Progress) + Send + Sync),
 ) -> Result<Stats, PipelineError> {
-    let (corpus, opts) = prepare(input, sample, out, teacher)?;
-    Ok(run_corpus(corpus, teacher, &opts, RATING_MAX_TOKENS, state, progress).await?)
+    let prepared = prepare(input, sample, out, teacher)?;
+    let (corpus, opts, loaded) = loaded_corpus(prepared, sample, teacher).await?;
+    Ok(run_corpus_on(
+        corpus,
+        &loaded,
+        teacher,
+        &opts,
+        RATING_MAX_TOKENS,
+        state,
+        progress,
+    )
+    .await?)
 }
 
 /// What [`annotate`] would send. The sample is drawn and recorded in `out` (`sample.json`), as a
@@ -262,7 +418,8 @@ pub fn annotate_dry_run(
     out: &Path,
     teacher: &TeacherConfig,
 ) -> Result<DryRun, PipelineError> {
-    let (corpus, opts) = prepare(input, sample, out, teacher)?;
+    let prepared = prepare(input, sample, out, teacher)?;
+    let (corpus, opts, _) = dry_corpus(prepared, sample, teacher)?;
     Ok(dry_run_corpus(corpus, teacher, &opts, RATING_MAX_TOKENS)?)
 }
 
@@ -314,11 +471,12 @@ pub fn dry_run(
     if rated >= recipe.sample.sample {
         return Ok(FilterDryRun::AlreadyRated { files: rated });
     }
-    let (corpus, opts) = prepare(&recipe.input, &recipe.sample, &labels, teacher)?;
+    let prepared = prepare(&recipe.input, &recipe.sample, &labels, teacher)?;
+    let (corpus, opts, model) = dry_corpus(prepared, &recipe.sample, teacher)?;
     let plan = dry_run_corpus(corpus, teacher, &opts, RATING_MAX_TOKENS)?;
     Ok(FilterDryRun::Rate {
         files: opts.n,
-        model: teacher.resolve()?.model,
+        model,
         max_cost: teacher.max_cost,
         plan,
     })
@@ -340,17 +498,25 @@ async fn rate(
     if rated(labels) >= recipe.sample.sample {
         return Ok(());
     }
-    let (corpus, opts) = prepare(&recipe.input, &recipe.sample, labels, teacher)?;
+    let prepared = prepare(&recipe.input, &recipe.sample, labels, teacher)?;
+    let (corpus, opts, loaded) = loaded_corpus(prepared, &recipe.sample, teacher).await?;
     let plan = dry_run_corpus(corpus.clone(), teacher, &opts, RATING_MAX_TOKENS)?;
+    // Named as the loaded teacher names itself: what really rates (a local teacher's file).
     progress(PipelineProgress::Rating {
         files: opts.n,
-        model: &teacher.resolve()?.model,
+        model: loaded.model(),
         max_cost: teacher.max_cost,
         plan: &plan,
     });
-    let stats = run_corpus(corpus, teacher, &opts, RATING_MAX_TOKENS, state, &|p| {
-        progress(PipelineProgress::Generation(p))
-    })
+    let stats = run_corpus_on(
+        corpus,
+        &loaded,
+        teacher,
+        &opts,
+        RATING_MAX_TOKENS,
+        state,
+        &|p| progress(PipelineProgress::Generation(p)),
+    )
     .await?;
     progress(PipelineProgress::Rated {
         stats: &stats,
@@ -410,4 +576,36 @@ fn newest_mtime(dir: &Path) -> Option<std::time::SystemTime> {
         })
         .filter_map(|e| e.metadata().ok()?.modified().ok())
         .max()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A recipe's `max_file_tokens` (which skips the CLI's parser) is checked like the flag: 0 is
+    /// refused naming the flag and the range (`FILE_TOKENS`), before any file is read.
+    #[test]
+    fn a_budget_out_of_range_is_refused_naming_the_flag() {
+        let input = InputOptions {
+            inputs: vec![PathBuf::from("does/not/matter")],
+            extensions: vec!["py".into()],
+            max_bytes: 1 << 20,
+            follow_symlinks: false,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        for bad in [0, 15, 1_000_001] {
+            let s = SampleSettings {
+                max_file_tokens: Some(bad),
+                ..SampleSettings::default()
+            };
+            let e = prepare(&input, &s, dir.path(), &TeacherConfig::default())
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(
+                e.starts_with(&format!("--max-file-tokens {bad}:")) && e.contains("[16, 1000000]"),
+                "{e}"
+            );
+        }
+    }
 }

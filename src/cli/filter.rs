@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
-use super::numbers::{self, f32_in, f64_in, int_at_least, int_in};
+use super::numbers::{self, f32_in, f64_in, int_at_least, int_in, ints};
 use super::{finished, print_dry_run, Live, Outcome, TeacherArgs};
 use crate::classify::embed::EmbedderSpec;
 use crate::classify::forest::{Engine, ForestParams};
@@ -53,9 +53,12 @@ pub struct SampleArgs {
     /// Seed of the sample.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Characters of each file the teacher sees (its head).
+    /// Characters of each file read for the rating prompt (its head), before --max-file-tokens cuts it.
     #[arg(long, default_value_t = 6000, value_parser = int_at_least(1usize))]
     pub max_chars: usize,
+    /// Tokens of each file the teacher sees, counted with a local teacher's own tokenizer (tiktoken's for an HTTP one); the ratings record what was cut [default: 512 with a local teacher, whose cost is prefill; 2048 with an HTTP one].
+    #[arg(long, value_parser = ints(pipeline::FILE_TOKENS))]
+    pub max_file_tokens: Option<usize>,
     /// Prompt template file [default: the built-in prompts/educational-value.txt].
     #[arg(long)]
     pub prompt: Option<PathBuf>,
@@ -70,6 +73,7 @@ impl SampleArgs {
             sample: self.sample,
             seed: self.seed,
             max_chars: self.max_chars,
+            max_file_tokens: self.max_file_tokens,
             max_attempts: self.max_attempts,
             prompt: self.prompt.clone(),
         }
@@ -272,7 +276,10 @@ pub async fn annotate(args: &AnnotateArgs, quiet: bool) -> anyhow::Result<Outcom
     })
     .await;
     live.finish();
-    Ok(finished(&result?, &args.out, quiet))
+    let stats = result?;
+    let outcome = finished(&stats, &args.out, quiet);
+    print_rater_note(&stats, quiet);
+    Ok(outcome)
 }
 
 pub fn classify(cmd: &ClassifyCommand) -> anyhow::Result<Outcome> {
@@ -325,6 +332,15 @@ fn print_train_report(out: &Path, r: &TrainReport) {
         );
     }
     println!("  metrics: {}", r.metrics_path.display());
+}
+
+/// What the ratings' `stats.json` says about a small rater (`corpus.rater_note`), after the summary.
+fn print_rater_note(stats: &crate::generate::engine::Stats, quiet: bool) {
+    if let Some(note) = stats.corpus.get("rater_note").and_then(|n| n.as_str()) {
+        if !quiet {
+            println!("note on the rater: {note}");
+        }
+    }
 }
 
 /// The recipe's first line, as the rating starts (or would, in a dry run).
@@ -395,6 +411,7 @@ pub async fn filter(args: &FilterArgs, quiet: bool) -> anyhow::Result<Outcome> {
                 live.finish();
             }
             finished(stats, labels, quiet);
+            print_rater_note(stats, quiet);
         }
         PipelineProgress::Training => {
             if !quiet {
@@ -443,4 +460,32 @@ pub async fn filter(args: &FilterArgs, quiet: bool) -> anyhow::Result<Outcome> {
     } else {
         Outcome::Incomplete
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    /// `--max-file-tokens` takes an integer in the library's range (`pipeline::FILE_TOKENS`);
+    /// zero, a fraction, a float spelling and a word are refused naming the flag.
+    #[test]
+    fn the_file_budget_flag_refuses_zero_and_garbage() {
+        let parse = |v: &str| {
+            crate::cli::Cli::try_parse_from([
+                "phigen",
+                "filter",
+                "--input",
+                "src",
+                &format!("--max-file-tokens={v}"),
+            ])
+        };
+        assert!(parse("512").is_ok());
+        for bad in ["0", "0.5", "1e3", "many", "-4", "NaN"] {
+            let e = parse(bad).err().expect("refused").to_string();
+            assert!(
+                e.contains("--max-file-tokens") && e.contains("[16, 1000000]"),
+                "{bad}: {e}"
+            );
+        }
+    }
 }

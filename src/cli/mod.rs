@@ -23,7 +23,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use numbers::{f32_in, f64_in, int_in, ints};
 
 use crate::generate::engine::{
-    DryRun, GenerateError, GenerateOptions, RunState, Stats, StopReason,
+    self as engine, DryRun, GenerateError, GenerateOptions, LikelyCause, LowKeep, RunState, Stats,
+    StopReason,
 };
 use crate::generate::run::{
     CorpusSettings, ExercisesSettings, Progress, StoriesSettings, TextbooksSettings,
@@ -517,6 +518,8 @@ struct Live {
     state: Arc<RunState>,
     bar: ProgressBar,
     interrupt: std::sync::OnceLock<tokio::task::JoinHandle<()>>,
+    /// The run's low-keep report has been shown (it is shown once, even with --quiet).
+    warned: std::sync::atomic::AtomicBool,
 }
 
 impl Live {
@@ -535,6 +538,7 @@ impl Live {
             state,
             bar,
             interrupt: std::sync::OnceLock::new(),
+            warned: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -549,6 +553,12 @@ impl Live {
             "retries {} · failed {} · dropped {} · tokens {}/{}{cost}",
             p.retries, p.failed, p.dropped, p.prompt_tokens, p.completion_tokens,
         ));
+        if let Some(report) = self.state.low_keep() {
+            if !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                let text = low_keep_warning(report, self.state.teacher());
+                self.bar.suspend(|| eprintln!("{text}"));
+            }
+        }
     }
 
     fn finish(self) {
@@ -607,6 +617,30 @@ fn print_dry_run(d: &DryRun, model: &str) {
     println!("  cost                     ~{} expected, {} at most (first attempts only; dropped answers cost more)", usd(d.expected_cost_usd), usd(d.max_cost_usd));
 }
 
+/// The warning of a run that keeps too few answers: what was seen, the likely cause, the flag.
+fn low_keep_warning(r: &LowKeep, teacher: Option<&str>) -> String {
+    let teacher = teacher.unwrap_or("the teacher");
+    let advice = match r.cause {
+        LikelyCause::MaxTokens => "answers run into the output limit: raise --max-tokens".to_string(),
+        LikelyCause::SmallTeacher => format!("{teacher} is likely too small to write what this corpus asks for: pass --teacher local:SPEC with a larger model, or --teacher http with an API key"),
+        LikelyCause::Unclear => "read the dropped answers in rejects.parquet of --out; a stronger --model, a larger --max-tokens or a clearer --prompt may help".to_string(),
+    };
+    format!(
+        "warning: after {} answers only {} were kept ({:.0}%, below {:.0}%); most drops: {}. {advice}. The run goes on (Ctrl-C stops it cleanly).",
+        r.answers,
+        r.kept,
+        100.0 * r.kept as f64 / r.answers.max(1) as f64,
+        100.0 * engine::LOW_KEEP_RATE,
+        reasons_list(&r.top_reasons),
+    )
+}
+
+/// `truncated 40, too_short 5`.
+fn reasons_list(reasons: &[(crate::generate::DropReason, u64)]) -> String {
+    let parts: Vec<String> = reasons.iter().map(|(r, n)| format!("{r} {n}")).collect();
+    parts.join(", ")
+}
+
 fn print_summary(s: &Stats, out: &Path) {
     if let Some(note) = &s.teacher_note {
         println!("note: {note}");
@@ -626,6 +660,17 @@ fn print_summary(s: &Stats, out: &Path) {
         let d: Vec<String> = r.dropped.iter().map(|(k, v)| format!("{k} {v}")).collect();
         println!("  dropped and retried: {}", d.join(", "));
     }
+    let top = engine::top_reasons(&s.rejects_total, 3);
+    println!(
+        "  keep rate {:.1}% of {} answers checked{}",
+        100.0 * s.keep_rate,
+        s.answers_checked,
+        if top.is_empty() {
+            String::new()
+        } else {
+            format!("; top reject reasons: {}", reasons_list(&top))
+        }
+    );
     println!(
         "  requests {} (retries {}, 429 {}, 5xx {}, timeouts {}, connection errors {}, malformed {}); failed after retries {}",
         r.requests.sent, r.requests.retries, r.requests.throttled, r.requests.server_errors, r.requests.timeouts, r.requests.connection_errors, r.requests.malformed, r.failed_requests

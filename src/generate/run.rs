@@ -21,6 +21,7 @@ use super::textbooks::{self, SeedListError, Textbooks};
 use super::Corpus;
 use crate::range;
 use crate::sandbox::{Isolation, Limits, Sandbox, SandboxError};
+use crate::teacher::engine::Engine;
 use crate::teacher::factory::{local_engine, Backend, ResolvedTeacher, TeacherConfig};
 use crate::teacher::local::LocalTeacher;
 use crate::teacher::openai::OpenAiTeacher;
@@ -99,6 +100,69 @@ fn prepare(cfg: &TeacherConfig, opts: &GenerateOptions) -> Result<ResolvedTeache
     cfg.resolve().map_err(SetupError::Teacher)
 }
 
+/// The teacher of a run, loaded before any corpus runs on it: a local model is loaded here (so
+/// its tokenizer can measure prompts before they are built), an HTTP client is built per run.
+pub struct LoadedTeacher {
+    resolved: ResolvedTeacher,
+    /// The local model's batching engine; `None` for an HTTP teacher.
+    engine: Option<Arc<Engine>>,
+}
+
+impl LoadedTeacher {
+    /// Resolves `cfg` and loads a local model (`seed` seeds its engine, as the run's seed).
+    pub async fn load(cfg: &TeacherConfig, seed: u64) -> Result<LoadedTeacher, GenerateError> {
+        let resolved = cfg.resolve().map_err(SetupError::Teacher)?;
+        let engine = match &resolved.backend {
+            Backend::Http { .. } => None,
+            Backend::Local { spec } => Some(
+                local_engine(spec, !cfg.dequantize, cfg.concurrency, seed)
+                    .await
+                    .map_err(SetupError::Teacher)?,
+            ),
+        };
+        Ok(LoadedTeacher { resolved, engine })
+    }
+
+    /// The model that answers, as records name it: the server's model name, or for a local
+    /// teacher the model it loaded (e.g. `local:HuggingFaceTB/SmolLM2-135M-Instruct/….gguf`).
+    pub fn model(&self) -> &str {
+        match &self.engine {
+            Some(engine) => &engine.model().name,
+            None => &self.resolved.model,
+        }
+    }
+
+    /// Tokens of `text` in the teacher's own tokenizer, where phigen has it (a local model);
+    /// `None` for an HTTP teacher (or a text the tokenizer refuses).
+    pub fn count_tokens(&self, text: &str) -> Option<usize> {
+        let engine = self.engine.as_ref()?;
+        engine
+            .model()
+            .tokenizer
+            .encode(text)
+            .ok()
+            .map(|ids| ids.len())
+    }
+
+    /// Positions of a local model's context (a prompt and its answer must fit); `None` for HTTP.
+    pub fn context(&self) -> Option<usize> {
+        self.engine.as_ref().map(|e| e.model().context())
+    }
+
+    /// Whether this is a model run inside phigen.
+    pub fn is_local(&self) -> bool {
+        self.engine.is_some()
+    }
+
+    /// Whether this is a local model under a billion parameters (those the local teacher's note
+    /// warns about).
+    pub fn is_small_local(&self) -> bool {
+        self.engine
+            .as_ref()
+            .is_some_and(|e| e.model().decoder.config().parameter_count() < 1_000_000_000)
+    }
+}
+
 /// Generates until `opts.n` records of `corpus` are in `opts.out` (or the run stops), with the
 /// teacher `cfg` describes; `default_max_tokens` is the corpus's output limit when `cfg` has none.
 /// The prompts worked on at once are `cfg.concurrency` (`opts.concurrency` is not read). `state`
@@ -112,17 +176,46 @@ pub async fn run_corpus<C: Corpus>(
     state: Arc<RunState>,
     progress: &(dyn Fn(&Progress) + Send + Sync),
 ) -> Result<Stats, GenerateError> {
-    let resolved = prepare(cfg, opts)?;
+    check_options(opts)?;
+    let teacher = LoadedTeacher::load(cfg, opts.seed).await?;
+    run_corpus_on(
+        corpus,
+        &teacher,
+        cfg,
+        opts,
+        default_max_tokens,
+        state,
+        progress,
+    )
+    .await
+}
+
+/// [`run_corpus`] with a teacher already loaded (from the same `cfg`).
+pub async fn run_corpus_on<C: Corpus>(
+    corpus: Arc<C>,
+    teacher: &LoadedTeacher,
+    cfg: &TeacherConfig,
+    opts: &GenerateOptions,
+    default_max_tokens: u32,
+    state: Arc<RunState>,
+    progress: &(dyn Fn(&Progress) + Send + Sync),
+) -> Result<Stats, GenerateError> {
+    check_options(opts)?;
+    let resolved = &teacher.resolved;
     let sampling = cfg.sampling(&resolved.backend, default_max_tokens);
     let opts = GenerateOptions {
         concurrency: cfg.concurrency.max(1),
         ..opts.clone()
     };
     let ledger = Arc::new(Ledger::new(resolved.price, cfg.max_cost));
-    match resolved.backend {
-        Backend::Http { base_url } => {
+    match (&resolved.backend, &teacher.engine) {
+        (_, Some(engine)) => {
+            let teacher = LocalTeacher::new(engine.clone(), sampling);
+            drive(corpus, Arc::new(teacher), ledger, state, &opts, progress).await
+        }
+        (Backend::Http { base_url }, None) => {
             let teacher = OpenAiTeacher::new(HttpSettings {
-                base_url,
+                base_url: base_url.clone(),
                 model: cfg.model.clone(),
                 api_key_env: cfg.api_key_env.clone(),
                 sampling,
@@ -137,12 +230,8 @@ pub async fn run_corpus<C: Corpus>(
             .map_err(|e| SetupError::Teacher(Box::new(e).into()))?;
             drive(corpus, Arc::new(teacher), ledger, state, &opts, progress).await
         }
-        Backend::Local { spec } => {
-            let engine = local_engine(&spec, !cfg.dequantize, cfg.concurrency, opts.seed)
-                .await
-                .map_err(SetupError::Teacher)?;
-            let teacher = LocalTeacher::new(engine, sampling);
-            drive(corpus, Arc::new(teacher), ledger, state, &opts, progress).await
+        (Backend::Local { .. }, None) => {
+            unreachable!("LoadedTeacher::load starts an engine for every local backend")
         }
     }
 }
