@@ -157,10 +157,12 @@ def main():
     for _ in range(a.rounds):
         for name, system in [("phigen", phigen), ("llama.cpp", llama)]:
             n, dt, text = system.run(one, a.max_tokens)
+            print(f"  {name} single stream: {n / dt:.1f} tok/s ({n} tokens)", flush=True)
             single[name] = max(single[name], n / dt)
             tokens[name], texts[name] = n, text
         for c in a.concurrency:
             n, dt, _ = phigen.run(prompts(c), a.max_tokens)
+            print(f"  phigen batched {c}: {n / dt:.1f} tok/s ({n} tokens)", flush=True)
             batched[c] = max(batched[c], n / dt)
             batched_tokens[c] = n
     phigen_peak = phigen.peak_mib()

@@ -9,7 +9,7 @@
 //! the model's `tokenizer.json` next to the file.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::BufReader;
 use std::path::Path;
@@ -24,6 +24,7 @@ use super::chat::ChatTemplate;
 use super::checkpoint::assemble;
 use super::config::PhiConfig;
 use super::decoder::{Decoder, QuantizedWeights};
+use super::int8::PackedWeight;
 use super::tokenizer::{Tokenizer, HF_TOKENIZER_FILE};
 use super::ModelError;
 
@@ -329,7 +330,22 @@ pub fn load(
     } else {
         QuantizedWeights::new()
     };
+    // Parts of the projections the packed kernel will read (see `int8::PackedWeight`) get no
+    // float32 copy, which would only raise the peak memory: a one-row placeholder stands in
+    // until `Decoder::frozen` puts the packed copy in its place.
+    let mut placeholder = HashSet::new();
+    for param in super::names::parameter_table(&cfg)? {
+        if let Some(q) = q_weights.get(&param.name) {
+            let (out, inp) = q.shape().dims2()?;
+            if PackedWeight::accepts(q.dtype(), out, inp) {
+                placeholder.extend(param.parts.iter().map(|(hf, _)| hf.clone()));
+            }
+        }
+    }
     let weights = assemble(&cfg, path, &available, |hf| {
+        if placeholder.contains(hf) {
+            return Ok(Tensor::zeros((1, available[hf][1]), dtype, device)?);
+        }
         let q = content.tensor(&mut reader, &gguf_of[hf], device)?;
         let w = q.dequantize(device)?;
         let w = match permuted(hf) {

@@ -276,20 +276,17 @@ impl PackedWeight {
         inp: usize,
     ) -> Option<Self> {
         use candle_core::quantized::GgmlDType;
+        if !Self::accepts(dtype, out, inp) {
+            return None;
+        }
         // (block bytes, four-bit) per type.
         let (block_bytes, four_bit) = match dtype {
             GgmlDType::Q4_0 => (18, true),
             GgmlDType::Q4_1 => (20, true),
-            GgmlDType::Q8_0 => (34, false),
-            _ => return None,
+            _ => (34, false),
         };
         let blocks = inp / BLOCK;
-        if !supported()
-            || out == 0
-            || inp == 0
-            || !inp.is_multiple_of(BLOCK)
-            || bytes.len() != out * blocks * block_bytes
-        {
+        if bytes.len() != out * blocks * block_bytes {
             return None;
         }
         let rec = Self::record(four_bit);
@@ -335,6 +332,17 @@ impl PackedWeight {
             four_bit,
             data,
         })
+    }
+
+    /// Whether [`PackedWeight::from_gguf`] takes a tensor (out, inp) of type `dtype` (given its
+    /// bytes are whole blocks) on this CPU.
+    pub fn accepts(dtype: candle_core::quantized::GgmlDType, out: usize, inp: usize) -> bool {
+        use candle_core::quantized::GgmlDType;
+        matches!(dtype, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0)
+            && supported()
+            && out > 0
+            && inp > 0
+            && inp.is_multiple_of(BLOCK)
     }
 
     pub fn out(&self) -> usize {
