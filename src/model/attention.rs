@@ -67,6 +67,24 @@ fn group(
     scale: f32,
     out: &mut [f32],
 ) {
+    group_strided(q, keys, values, first, s, d, d, 0, scale, out);
+}
+
+/// [`group`] over keys and values whose position j starts at `j·stride + offset` (a slot's
+/// (positions, K·D) buffers, read in place for kv head g at offset g·D); adds into `out`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn group_strided(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    first: usize,
+    s: usize,
+    d: usize,
+    stride: usize,
+    offset: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
     let rep = q.len() / d;
     let n = s - first;
     if n == 0 {
@@ -74,7 +92,7 @@ fn group(
     }
     let mut scores = vec![0f32; rep * n];
     for j in 0..n {
-        let key = &keys[(first + j) * d..][..d];
+        let key = &keys[(first + j) * stride + offset..][..d];
         for r in 0..rep {
             scores[r * n + j] = dot(&q[r * d..][..d], key) * scale;
         }
@@ -83,7 +101,7 @@ fn group(
         super::ops::softmax_in_place(&mut scores[r * n..][..n], 1.0);
     }
     for j in 0..n {
-        let value = &values[(first + j) * d..][..d];
+        let value = &values[(first + j) * stride + offset..][..d];
         for r in 0..rep {
             let p = scores[r * n + j];
             out[r * d..][..d]

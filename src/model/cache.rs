@@ -228,3 +228,74 @@ fn gather(
     }
     Tensor::cat(&blocks, 0)
 }
+
+/// One sequence's keys and values for slot decoding ([`super::Decoder::decode_slots`]): per
+/// layer, a growing run of positions, each its K kv heads × D features. A sequence owns its
+/// slot, so one joining or leaving a batch copies nothing of the others (continuous batching
+/// without a regroup), and each new position is written in place at the end.
+pub struct Slot {
+    /// Per layer: keys, then values, (positions, K·D) row-major.
+    layers: Vec<[Vec<f32>; 2]>,
+    len: usize,
+}
+
+impl Slot {
+    /// Row `row` of a prefilled batch cache (CPU, f32): its positions after the row's left pad,
+    /// with room reserved for `more` positions (so decoding does not reallocate).
+    pub fn from_batch(cache: &KvCache, row: usize, more: usize) -> Result<Slot> {
+        let pad = cache.left_pad.as_ref().map_or(0, |p| p[row]);
+        let len = cache.seen - pad;
+        let layers = cache
+            .layers
+            .iter()
+            .map(|layer| {
+                let Some(kv) = &layer.kv else {
+                    candle_core::bail!("slot: the batch cache has a layer with no positions");
+                };
+                let part = |t: &Tensor| -> Result<Vec<f32>> {
+                    let (_, k, _, d) = t.dims4()?;
+                    let mut out = Vec::with_capacity((len + more) * k * d);
+                    out.extend(
+                        t.narrow(0, row, 1)?
+                            .narrow(2, pad, len)? //                                   (1, K, S, D)
+                            .squeeze(0)?
+                            .transpose(0, 1)? //                                           (S, K, D)
+                            .to_dtype(DType::F32)?
+                            .flatten_all()?
+                            .to_vec1::<f32>()?,
+                    );
+                    Ok(out)
+                };
+                Ok([part(&kv[0])?, part(&kv[1])?])
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Slot { layers, len })
+    }
+
+    /// Positions stored (the next one's index).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Layer `l`'s keys and values, (positions, K·D) each.
+    pub(crate) fn layer(&self, l: usize) -> (&[f32], &[f32]) {
+        let [k, v] = &self.layers[l];
+        (k, v)
+    }
+
+    /// Appends one position's keys and values (K·D each) to layer `l`.
+    pub(super) fn push(&mut self, l: usize, k: &[f32], v: &[f32]) {
+        let [kb, vb] = &mut self.layers[l];
+        kb.extend_from_slice(k);
+        vb.extend_from_slice(v);
+    }
+
+    /// Records that every layer has one more position.
+    pub(super) fn advance(&mut self) {
+        self.len += 1;
+    }
+}

@@ -18,13 +18,14 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::Linear;
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
+use rayon::prelude::*;
 
 use super::attention;
 /// The cache `forward` takes: the caller owns it.
 pub use super::cache::KvCache;
-use super::cache::LayerCache;
+use super::cache::{LayerCache, Slot};
 use super::config::{Activation, BlockLayout, HeadKind, MlpKind, NormKind, PhiConfig};
-use super::int8::{self, Int8Weight};
+use super::int8::{self, Int8Weight, PackedWeight};
 use super::names::{parameter_table, Init};
 use super::rope::{Positions, Rope};
 use super::ModelError;
@@ -51,12 +52,16 @@ enum Proj {
     /// multiplies about twice as fast for batches of rows, and optionally a quantized copy (GGUF),
     /// faster for a few rows because it reads a quarter of the bytes.
     Frozen {
-        wt: Tensor,
+        /// `None` when the packed copy serves every product (it saves the f32 copy's memory).
+        wt: Option<Tensor>,
         bias: Option<Tensor>,
         quantized: Option<QMatMul>,
         /// 8-bit codes of a quantized projection on CPUs with AVX-512 VNNI (see
         /// [`super::int8`]): every product of more than one row.
         int8: Option<Arc<Int8Weight>>,
+        /// The file's own 4- or 8-bit codes (Q4_0, Q4_1, Q8_0) for the VNNI kernel, on CPUs
+        /// with it: every product, any number of rows (it takes the place of the three above).
+        packed: Option<Arc<PackedWeight>>,
     },
 }
 
@@ -68,9 +73,34 @@ const QUANTIZED_ROWS: usize = 3;
 
 impl Proj {
     fn freeze(self, quantized: Option<&Arc<QTensor>>) -> Result<Proj> {
+        let packed = match quantized {
+            Some(q) => {
+                let (out, inp) = q.shape().dims2()?;
+                PackedWeight::from_gguf(q.dtype(), &q.data()?, out, inp).map(Arc::new)
+            }
+            None => None,
+        };
+        if packed.is_some() {
+            let bias = match self {
+                Proj::Dense(l) => l.bias().cloned(),
+                Proj::Frozen { bias, .. } => bias,
+            };
+            return Ok(Proj::Frozen {
+                wt: None,
+                bias,
+                quantized: None,
+                int8: None,
+                packed,
+            });
+        }
         let (wt, bias) = match self {
             Proj::Dense(l) => (l.weight().t()?.contiguous()?, l.bias().cloned()),
-            Proj::Frozen { wt, bias, .. } => (wt, bias),
+            Proj::Frozen {
+                wt: Some(wt), bias, ..
+            } => (wt, bias),
+            Proj::Frozen { wt: None, .. } => {
+                candle_core::bail!("a packed projection is frozen already")
+            }
         };
         // Only weights that were quantized already get 8-bit codes: a dense checkpoint keeps
         // its exact f32 products.
@@ -86,10 +116,11 @@ impl Proj {
             .map(|q| QMatMul::from_arc(q.clone()))
             .transpose()?;
         Ok(Proj::Frozen {
-            wt,
+            wt: Some(wt),
             bias,
             quantized,
             int8,
+            packed: None,
         })
     }
 }
@@ -131,16 +162,23 @@ fn apply(p: &Proj, x: &Tensor) -> Result<Tensor> {
             bias,
             quantized,
             int8,
+            packed,
         } => {
             let dims = x.dims();
             let c = dims[dims.len() - 1];
             let rows = x.elem_count() / c;
             let x2 = x.reshape((rows, c))?;
-            let y = match (quantized, int8) {
-                (Some(q), None) if rows <= QUANTIZED_ROWS => q.forward(&x2)?,
-                (Some(q), Some(_)) if rows == 1 => q.forward(&x2)?,
-                (_, Some(w)) if x.dtype() == DType::F32 => int8::forward(w, &x2)?,
-                _ => x2.matmul(wt)?,
+            let y = match (packed, quantized, int8, wt) {
+                (Some(p), ..) => {
+                    int8::forward_packed(p, &x2.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?
+                }
+                (_, Some(q), None, _) if rows <= QUANTIZED_ROWS => q.forward(&x2)?,
+                (_, Some(q), Some(_), _) if rows == 1 => q.forward(&x2)?,
+                (_, _, Some(w), _) if x.dtype() == DType::F32 => int8::forward(w, &x2)?,
+                (_, _, _, Some(wt)) => x2.matmul(wt)?,
+                (None, _, _, None) => {
+                    unreachable!("a frozen projection keeps f32 weights or packed codes")
+                }
             };
             let y = match bias {
                 Some(b) => y.broadcast_add(b)?,
@@ -457,6 +495,8 @@ pub struct Decoder {
     dropout_seed: u64,
     /// Built by [`Decoder::frozen`]: inference only.
     frozen: bool,
+    /// What [`Decoder::decode_slots`] needs, where the model can take that path.
+    slots: Option<SlotPath>,
 }
 
 impl Decoder {
@@ -523,6 +563,7 @@ impl Decoder {
             training: false,
             dropout_seed: 0,
             frozen: false,
+            slots: None,
         })
     }
 
@@ -559,6 +600,7 @@ impl Decoder {
         };
         d.head = Some(head.freeze(q("lm_head.weight".into()).or(q("score.weight".into())))?);
         d.frozen = true;
+        d.slots = SlotPath::new(&d)?;
         Ok(d)
     }
 
@@ -754,6 +796,242 @@ impl Decoder {
             })
             .collect::<Result<Vec<_>>>()?;
         Tensor::stack(&picked, 0)
+    }
+}
+
+/// The raw parts of a frozen decoder that [`Decoder::decode_slots`] reads: every projection
+/// packed (a GGUF file's Q4_0 / Q4_1 / Q8_0 on a CPU with VNNI), f32, sequential blocks with
+/// RMSNorm and a gated MLP (llama, SmolLM2, phi-3 without LongRoPE), no q/k norms.
+struct SlotPath {
+    /// Per layer: input norm, post-attention norm.
+    norms: Vec<[Vec<f32>; 2]>,
+    final_norm: Vec<f32>,
+    /// Rotary cos and sin per position, (P, R/2) row-major.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+/// The packed weight and bias of a projection the slot path can run.
+fn packed(p: &Proj) -> Option<(&PackedWeight, Option<&Tensor>)> {
+    match p {
+        Proj::Frozen {
+            packed: Some(w),
+            bias,
+            ..
+        } => Some((w, bias.as_ref())),
+        _ => None,
+    }
+}
+
+fn f32s(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+}
+
+impl SlotPath {
+    fn new(d: &Decoder) -> Result<Option<SlotPath>> {
+        let cfg = &d.cfg;
+        let plain = d.device().is_cpu()
+            && d.dtype() == DType::F32
+            && cfg.layout() == BlockLayout::Sequential
+            && cfg.norm_kind() == NormKind::Rms
+            && cfg.mlp_kind() == MlpKind::Gated
+            && matches!(cfg.hidden_act, Activation::Silu | Activation::GeluTanh)
+            && d.rope.long_from().is_none()
+            && d.head.as_ref().is_some_and(|h| packed(h).is_some())
+            && d.blocks.iter().all(|b| {
+                b.attn.q_norm.is_none()
+                    && b.post_norm.is_some()
+                    && [&b.attn.qkv, &b.attn.out, &b.mlp.up, &b.mlp.down]
+                        .iter()
+                        .all(|p| packed(p).is_some())
+            });
+        if !plain {
+            return Ok(None);
+        }
+        let norms = d
+            .blocks
+            .iter()
+            .map(|b| {
+                let post = b.post_norm.as_ref().expect("checked above");
+                Ok([f32s(&b.input_norm.weight)?, f32s(&post.weight)?])
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (cos, sin) = d.rope.tables(&Positions::Range {
+            start: 0,
+            len: cfg.max_position_embeddings,
+        })?;
+        Ok(Some(SlotPath {
+            norms,
+            final_norm: f32s(&d.norm.weight)?,
+            cos: f32s(&cos)?,
+            sin: f32s(&sin)?,
+        }))
+    }
+}
+
+/// `out = x / rms(x) · w` per row of `w.len()` features, rounded as candle's `rms_norm` (the
+/// same operations in the same order), so the two paths agree to the bit.
+fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let c = w.len();
+    for (x, out) in x.chunks_exact(c).zip(out.chunks_exact_mut(c)) {
+        let m = (x.iter().map(|v| v * v).sum::<f32>() / c as f32 + eps).sqrt();
+        for ((o, v), w) in out.iter_mut().zip(x).zip(w) {
+            *o = v / m * w;
+        }
+    }
+}
+
+/// `y = x Wᵀ (+ b)` for `rows` rows with a packed projection.
+fn packed_rows(p: &Proj, x: &[f32], rows: usize, y: &mut Vec<f32>) -> Result<()> {
+    let (w, bias) = packed(p).expect("the slot path has packed projections only");
+    y.clear();
+    y.resize(rows * w.out(), 0.0);
+    w.matmul_into(x, rows, y);
+    if let Some(b) = bias {
+        let b = f32s(b)?;
+        y.chunks_exact_mut(b.len())
+            .for_each(|row| super::ops::add_assign(row, &b));
+    }
+    Ok(())
+}
+
+/// Rotates the first `2·half` features of each head of `x` (heads × d) at one position, as
+/// `rope.rs` (the two halves paired).
+fn rotate(x: &mut [f32], d: usize, cos: &[f32], sin: &[f32]) {
+    let half = cos.len();
+    for head in x.chunks_exact_mut(d) {
+        for i in 0..half {
+            let (a, b) = (head[i], head[i + half]);
+            head[i] = a * cos[i] - b * sin[i];
+            head[i + half] = b * cos[i] + a * sin[i];
+        }
+    }
+}
+
+impl Decoder {
+    /// Whether [`Decoder::decode_slots`] serves this decoder (see [`SlotPath`]).
+    pub fn decodes_slots(&self) -> bool {
+        self.slots.is_some()
+    }
+
+    /// One decoding step of `ids.len()` sequences, each with its own [`Slot`] (its keys and
+    /// values so far; this step's are appended in place): the next-token logits, (n, V)
+    /// row-major. The same function as [`Decoder::forward`] with a cache, computed on raw
+    /// buffers: no tensor op per layer, no mask, no copy of any other sequence's cache.
+    pub fn decode_slots(&self, ids: &[u32], slots: &mut [&mut Slot]) -> Result<Vec<f32>> {
+        let Some(path) = &self.slots else {
+            candle_core::bail!("decode_slots: this decoder has no slot path (see decodes_slots)");
+        };
+        let n = ids.len();
+        if slots.len() != n {
+            candle_core::bail!("decode_slots: {n} ids for {} slots", slots.len());
+        }
+        let cfg = &self.cfg;
+        let (c, h, k, d) = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.kv_heads(),
+            cfg.head_dim(),
+        );
+        let half = path.cos.len() / cfg.max_position_embeddings;
+        let eps = cfg.norm_eps() as f32;
+        for s in slots.iter() {
+            if s.len() >= cfg.max_position_embeddings {
+                candle_core::bail!(
+                    "position {} is beyond max_position_embeddings ({}); use a shorter prompt or fewer new tokens",
+                    s.len(),
+                    cfg.max_position_embeddings
+                );
+            }
+        }
+        // x: (n, C), the embeddings of `ids`.
+        let mut x = Vec::with_capacity(n * c);
+        {
+            let (storage, layout) = self.embed.storage_and_layout();
+            let candle_core::Storage::Cpu(cpu) = &*storage else {
+                candle_core::bail!("decode_slots runs on the CPU");
+            };
+            let table = super::ops::cpu_f32(cpu, layout)?;
+            for &id in ids {
+                let id = id as usize;
+                if (id + 1) * c > table.len() {
+                    candle_core::bail!("token id {id} is beyond the vocabulary");
+                }
+                x.extend_from_slice(&table[id * c..][..c]);
+            }
+        }
+        let (mut normed, mut qkv, mut attn, mut proj, mut up) = (
+            vec![0f32; n * c],
+            Vec::new(),
+            vec![0f32; n * h * d],
+            Vec::new(),
+            Vec::new(),
+        );
+        let mut act = vec![0f32; n * cfg.intermediate_size];
+        let scale = (d as f32).powf(-0.5);
+        for (l, block) in self.blocks.iter().enumerate() {
+            let [in_norm, post_norm] = &path.norms[l];
+            rms_norm_rows(&x, in_norm, eps, &mut normed);
+            packed_rows(&block.attn.qkv, &normed, n, &mut qkv)?; //            (n, (H+2K)·D)
+            let width = (h + 2 * k) * d;
+            for (r, slot) in slots.iter_mut().enumerate() {
+                let pos = slot.len();
+                let (cos, sin) = (
+                    &path.cos[pos * half..][..half],
+                    &path.sin[pos * half..][..half],
+                );
+                let row = &mut qkv[r * width..][..width];
+                let (q, kv) = row.split_at_mut(h * d);
+                rotate(q, d, cos, sin);
+                rotate(&mut kv[..k * d], d, cos, sin);
+                slot.push(l, &kv[..k * d], &kv[k * d..]);
+            }
+            let window = cfg.sliding_window;
+            let task = |(i, out): (usize, &mut [f32])| {
+                let (r, g) = (i / k, i % k);
+                let rep = h / k;
+                let (keys, values) = slots[r].layer(l);
+                let s = keys.len() / (k * d);
+                let first = window.map_or(0, |w| s.saturating_sub(w));
+                let q = &qkv[r * width + g * rep * d..][..rep * d];
+                attention::group_strided(q, keys, values, first, s, d, k * d, g * d, scale, out);
+            };
+            attn.iter_mut().for_each(|v| *v = 0.0);
+            if n * k > 4 {
+                attn.par_chunks_mut(h / k * d).enumerate().for_each(task);
+            } else {
+                attn.chunks_mut(h / k * d).enumerate().for_each(task);
+            }
+            packed_rows(&block.attn.out, &attn, n, &mut proj)?;
+            super::ops::add_assign(&mut x, &proj);
+            rms_norm_rows(&x, post_norm, eps, &mut normed);
+            packed_rows(&block.mlp.up, &normed, n, &mut up)?; //                    (n, 2I)
+            let inter = block.mlp.inter;
+            for (a, u) in act.chunks_exact_mut(inter).zip(up.chunks_exact(2 * inter)) {
+                let (gate, up) = u.split_at(inter);
+                for ((a, g), u) in a.iter_mut().zip(gate).zip(up) {
+                    let g = match block.mlp.act {
+                        Activation::GeluTanh => super::ops::gelu_tanh_one(*g),
+                        _ => g / (1.0 + (-g).exp()),
+                    };
+                    *a = g * u;
+                }
+            }
+            packed_rows(&block.mlp.down, &act, n, &mut proj)?;
+            super::ops::add_assign(&mut x, &proj);
+        }
+        for slot in slots.iter_mut() {
+            slot.advance();
+        }
+        rms_norm_rows(&x, &path.final_norm, eps, &mut normed);
+        let mut logits = Vec::new();
+        packed_rows(
+            self.head.as_ref().expect("checked in SlotPath::new"),
+            &normed,
+            n,
+            &mut logits,
+        )?;
+        Ok(logits)
     }
 }
 

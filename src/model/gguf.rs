@@ -9,7 +9,7 @@
 //! the model's `tokenizer.json` next to the file.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::BufReader;
 use std::path::Path;
@@ -24,6 +24,7 @@ use super::chat::ChatTemplate;
 use super::checkpoint::assemble;
 use super::config::PhiConfig;
 use super::decoder::{Decoder, QuantizedWeights};
+use super::int8::PackedWeight;
 use super::tokenizer::{Tokenizer, HF_TOKENIZER_FILE};
 use super::ModelError;
 
@@ -274,6 +275,8 @@ fn is_quantized(dtype: GgmlDType) -> bool {
 /// represent their 4–5-bit values almost exactly).
 fn run_type(dtype: GgmlDType) -> GgmlDType {
     match dtype {
+        // The VNNI kernel reads Q4_1 as it is (see `int8::PackedWeight`).
+        GgmlDType::Q4_1 if super::int8::supported() => GgmlDType::Q4_1,
         GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_1 => GgmlDType::Q8_0,
         other => other,
     }
@@ -327,7 +330,22 @@ pub fn load(
     } else {
         QuantizedWeights::new()
     };
+    // Parts of the projections the packed kernel will read (see `int8::PackedWeight`) get no
+    // float32 copy, which would only raise the peak memory: a one-row placeholder stands in
+    // until `Decoder::frozen` puts the packed copy in its place.
+    let mut placeholder = HashSet::new();
+    for param in super::names::parameter_table(&cfg)? {
+        if let Some(q) = q_weights.get(&param.name) {
+            let (out, inp) = q.shape().dims2()?;
+            if PackedWeight::accepts(q.dtype(), out, inp) {
+                placeholder.extend(param.parts.iter().map(|(hf, _)| hf.clone()));
+            }
+        }
+    }
     let weights = assemble(&cfg, path, &available, |hf| {
+        if placeholder.contains(hf) {
+            return Ok(Tensor::zeros((1, available[hf][1]), dtype, device)?);
+        }
         let q = content.tensor(&mut reader, &gguf_of[hf], device)?;
         let w = q.dequantize(device)?;
         let w = match permuted(hf) {
@@ -756,5 +774,78 @@ mod tests {
             "{argmax} is not in {:?}",
             &top[..5]
         );
+    }
+
+    /// The slot path (what the local teacher decodes with) computes what `Decoder::forward` with
+    /// a KV cache computes on the same packed weights: two prompts of different lengths are
+    /// prefilled as one left-padded batch, each row's cache becomes its own slot, and then 8
+    /// greedy steps of both rows through `decode_slots` give the logits of 8 one-row steps
+    /// through `forward`: the same kernels and the same float operations in the same order, so
+    /// they agree to the bit (checked within 1e-5 only so that a change of summation order
+    /// in one path is not a failure; logits are O(10)).
+    #[test]
+    fn real_smollm2_slot_decoding_equals_cached_forward() {
+        let Some(path) = smollm2() else {
+            return;
+        };
+        let g = load(&path, DType::F32, &Device::Cpu, true).unwrap();
+        let d = &g.decoder;
+        if !d.decodes_slots() {
+            // No VNNI here: the slot path does not exist (int8's tests say so in CI).
+            return;
+        }
+        let prompts: Vec<Vec<u32>> = ["Write a story about a dog.", "Hi"]
+            .iter()
+            .map(|t| g.tokenizer.encode_rendered(t).unwrap())
+            .collect();
+        let longest = prompts.iter().map(Vec::len).max().unwrap();
+        let pads: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
+        let ids: Vec<u32> = prompts
+            .iter()
+            .zip(&pads)
+            .flat_map(|(p, &n)| std::iter::repeat_n(0, n).chain(p.iter().copied()))
+            .collect();
+        let mut batch = crate::model::KvCache::with_left_padding(d.config(), pads);
+        let input = Tensor::from_vec(ids, (2, longest), &Device::Cpu).unwrap();
+        d.forward(&input, Some(&mut batch)).unwrap();
+        let mut slots: Vec<crate::model::cache::Slot> = (0..2)
+            .map(|r| crate::model::cache::Slot::from_batch(&batch, r, 8).unwrap())
+            .collect();
+        // The reference: each prompt alone, one cache each.
+        let mut caches: Vec<crate::model::KvCache> = prompts
+            .iter()
+            .map(|p| {
+                let mut c = crate::model::KvCache::new(d.config());
+                let input = Tensor::new(p.as_slice(), &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap();
+                d.forward(&input, Some(&mut c)).unwrap();
+                c
+            })
+            .collect();
+        let mut next = [prompts[0][0], prompts[1][0]];
+        for step in 0..8 {
+            let mut refs: Vec<&mut crate::model::cache::Slot> = slots.iter_mut().collect();
+            let got = d.decode_slots(&next, &mut refs).unwrap();
+            let v = got.len() / 2;
+            for r in 0..2 {
+                let input = Tensor::new(&[[next[r]]], &Device::Cpu).unwrap();
+                let want: Vec<f32> = d
+                    .forward(&input, Some(&mut caches[r]))
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let diff = got[r * v..][..v]
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(diff < 1e-5, "step {step} row {r}: logits differ by {diff}");
+                next[r] = (0..v).max_by(|x, y| want[*x].total_cmp(&want[*y])).unwrap() as u32;
+            }
+        }
     }
 }

@@ -238,6 +238,313 @@ unsafe fn kernel<const R: usize>(_: &Int8Weight, _: usize, _: &Activations, _: u
     unreachable!("Int8Weight::new returns None without AVX-512 VNNI")
 }
 
+/// A projection in a GGUF file's own 4- or 8-bit codes (Q4_0, Q4_1, Q8_0), re-laid for the
+/// VNNI kernel: the weights are read as the file stores them (Q4_1: 0.625 bytes a weight, against
+/// the 8-bit codes' 1.125), and each value is exactly the file's. This is llama.cpp's scheme:
+/// the activations are quantized per block of 32 to 8 bits and each block's product is integer.
+///
+/// Every block of a file's type is `w = d·u + m` with `u` its unsigned code: Q4_1 stores `d` and
+/// `m`; Q4_0 stores `d` with `m = -8d`; Q8_0 stores `d` and signed codes, stored here as
+/// `u = q + 128` with `m = -128d` (both exact in f16: a power of two times `d`).
+#[derive(Debug)]
+pub struct PackedWeight {
+    out: usize,
+    inp: usize,
+    four_bit: bool,
+    /// Per tile of 16 features, per block of 32 inputs: the codes (see [`PackedWeight::record`]),
+    /// then the 16 features' `d` and `m` as f16 bits.
+    data: Vec<u8>,
+}
+
+/// Output features of a packed tile: one 512-bit register of i32 / f32.
+const LANES: usize = 16;
+
+impl PackedWeight {
+    /// Bytes of one (tile, block) record: 4-bit codes take 4 loads of 64 bytes (low nibbles are
+    /// input groups 0..4 of 4 inputs, high nibbles groups 4..8), 8-bit codes 8 loads; then 16
+    /// f16 `d` and 16 f16 `m`.
+    fn record(four_bit: bool) -> usize {
+        (if four_bit { 256 } else { 512 }) + 4 * LANES
+    }
+
+    /// The packed copy of a GGUF tensor (out, inp) of type `dtype` with raw blocks `bytes`;
+    /// `None` for other types, shapes the kernel cannot take, or a CPU without VNNI.
+    pub fn from_gguf(
+        dtype: candle_core::quantized::GgmlDType,
+        bytes: &[u8],
+        out: usize,
+        inp: usize,
+    ) -> Option<Self> {
+        use candle_core::quantized::GgmlDType;
+        if !Self::accepts(dtype, out, inp) {
+            return None;
+        }
+        // (block bytes, four-bit) per type.
+        let (block_bytes, four_bit) = match dtype {
+            GgmlDType::Q4_0 => (18, true),
+            GgmlDType::Q4_1 => (20, true),
+            _ => (34, false),
+        };
+        let blocks = inp / BLOCK;
+        if bytes.len() != out * blocks * block_bytes {
+            return None;
+        }
+        let rec = Self::record(four_bit);
+        let tiles = out.div_ceil(LANES);
+        let mut data = vec![0u8; tiles * blocks * rec];
+        data.par_chunks_mut(blocks * rec)
+            .enumerate()
+            .for_each(|(t, tile)| {
+                for col in 0..LANES.min(out - t * LANES) {
+                    let row = &bytes[(t * LANES + col) * blocks * block_bytes..];
+                    for b in 0..blocks {
+                        let src = &row[b * block_bytes..][..block_bytes];
+                        let dst = &mut tile[b * rec..][..rec];
+                        let d = u16::from_le_bytes([src[0], src[1]]);
+                        let m = match dtype {
+                            GgmlDType::Q4_1 => u16::from_le_bytes([src[2], src[3]]),
+                            GgmlDType::Q4_0 => f16_times(d, -8.0),
+                            _ => f16_times(d, -128.0),
+                        };
+                        for i in 0..BLOCK {
+                            let (group, j) = (i / 4, i % 4);
+                            let u = match dtype {
+                                GgmlDType::Q4_1 => nibble(&src[4..], i),
+                                GgmlDType::Q4_0 => nibble(&src[2..], i),
+                                _ => src[2 + i] ^ 0x80,
+                            };
+                            if four_bit {
+                                let at = (group % 4) * 64 + col * 4 + j;
+                                dst[at] |= u << (4 * (group / 4));
+                            } else {
+                                dst[group * 64 + col * 4 + j] = u;
+                            }
+                        }
+                        let scales = rec - 4 * LANES;
+                        dst[scales + 2 * col..][..2].copy_from_slice(&d.to_le_bytes());
+                        dst[scales + 2 * LANES + 2 * col..][..2].copy_from_slice(&m.to_le_bytes());
+                    }
+                }
+            });
+        Some(PackedWeight {
+            out,
+            inp,
+            four_bit,
+            data,
+        })
+    }
+
+    /// Whether [`PackedWeight::from_gguf`] takes a tensor (out, inp) of type `dtype` (given its
+    /// bytes are whole blocks) on this CPU.
+    pub fn accepts(dtype: candle_core::quantized::GgmlDType, out: usize, inp: usize) -> bool {
+        use candle_core::quantized::GgmlDType;
+        matches!(dtype, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0)
+            && supported()
+            && out > 0
+            && inp > 0
+            && inp.is_multiple_of(BLOCK)
+    }
+
+    pub fn out(&self) -> usize {
+        self.out
+    }
+
+    pub fn inp(&self) -> usize {
+        self.inp
+    }
+
+    /// `x Wᵀ` for `x` (rows, inp), f32 row-major, into `y` (rows, out) row-major. The tiles are
+    /// split into one contiguous run per thread, so each streams its part of the weights once.
+    pub fn matmul_into(&self, x: &[f32], rows: usize, y: &mut [f32]) {
+        assert_eq!(x.len(), rows * self.inp, "x is (rows, inp)");
+        assert_eq!(y.len(), rows * self.out, "y is (rows, out)");
+        let a = Activations::new(x, rows, self.inp);
+        let out = SharedOut(y.as_mut_ptr());
+        let tiles = self.out.div_ceil(LANES);
+        let parts = rayon::current_num_threads().clamp(1, tiles);
+        (0..parts).into_par_iter().for_each(|p| {
+            let out = &out;
+            for t in tiles * p / parts..tiles * (p + 1) / parts {
+                for r0 in (0..rows).step_by(ROWS) {
+                    // SAFETY: `supported()` held when this weight was made (checked in
+                    // `from_gguf`); each (tile, rows) pair writes its own disjoint part of `y`.
+                    unsafe {
+                        match (self.four_bit, rows - r0) {
+                            (true, 1) => packed_kernel::<1, true>(self, t, &a, r0, out.0),
+                            (true, 2) => packed_kernel::<2, true>(self, t, &a, r0, out.0),
+                            (true, 3) => packed_kernel::<3, true>(self, t, &a, r0, out.0),
+                            (true, _) => packed_kernel::<ROWS, true>(self, t, &a, r0, out.0),
+                            (false, 1) => packed_kernel::<1, false>(self, t, &a, r0, out.0),
+                            (false, 2) => packed_kernel::<2, false>(self, t, &a, r0, out.0),
+                            (false, 3) => packed_kernel::<3, false>(self, t, &a, r0, out.0),
+                            (false, _) => packed_kernel::<ROWS, false>(self, t, &a, r0, out.0),
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// `x Wᵀ` for `x` (rows, inp); returns (rows, out).
+    pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        let mut y = vec![0f32; rows * self.out];
+        self.matmul_into(x, rows, &mut y);
+        y
+    }
+
+    /// Row `r` of the weight (out = vocabulary for an embedding table), dequantized into `dst`.
+    pub fn row_into(&self, r: usize, dst: &mut [f32]) {
+        let rec = Self::record(self.four_bit);
+        let blocks = self.inp / BLOCK;
+        let (t, col) = (r / LANES, r % LANES);
+        for b in 0..blocks {
+            let src = &self.data[(t * blocks + b) * rec..][..rec];
+            let scales = rec - 4 * LANES;
+            let d = f16_to_f32(u16::from_le_bytes([
+                src[scales + 2 * col],
+                src[scales + 2 * col + 1],
+            ]));
+            let at = scales + 2 * LANES + 2 * col;
+            let m = f16_to_f32(u16::from_le_bytes([src[at], src[at + 1]]));
+            for (i, v) in dst[b * BLOCK..][..BLOCK].iter_mut().enumerate() {
+                let (group, j) = (i / 4, i % 4);
+                let u = if self.four_bit {
+                    (src[(group % 4) * 64 + col * 4 + j] >> (4 * (group / 4))) & 0x0f
+                } else {
+                    src[group * 64 + col * 4 + j]
+                };
+                *v = d * f32::from(u) + m;
+            }
+        }
+    }
+}
+
+/// Code `i` (0..32) of a 4-bit GGUF block's 16 code bytes: low nibbles are 0..16, high 16..32.
+fn nibble(qs: &[u8], i: usize) -> u8 {
+    if i < 16 {
+        qs[i] & 0x0f
+    } else {
+        qs[i - 16] >> 4
+    }
+}
+
+/// IEEE half → f32 (normal, subnormal, zero, inf/nan).
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = if h & 0x8000 != 0 { -1.0f32 } else { 1.0 };
+    let exp = i32::from((h >> 10) & 0x1f);
+    let frac = f32::from(h & 0x3ff);
+    match exp {
+        0 => sign * frac * 2f32.powi(-24),
+        31 if frac == 0.0 => sign * f32::INFINITY,
+        31 => f32::NAN,
+        e => sign * (1.0 + frac / 1024.0) * 2f32.powi(e - 15),
+    }
+}
+
+/// The f16 bits of `d·k` for `k` a power of two (±8, ±128): the exponent moves, the mantissa
+/// stays, so the product is exact while it stays a normal number (it does for a GGUF scale).
+fn f16_times(d: u16, k: f32) -> u16 {
+    let shift = k.abs().log2() as u16;
+    let sign = if k < 0.0 { 0x8000 } else { 0 };
+    let exp = (d >> 10) & 0x1f;
+    if exp == 0 {
+        // Zero (or a subnormal scale, which no real file has): the offset is zero too.
+        return sign ^ (d & 0x8000);
+    }
+    ((d & 0x8000) ^ sign) | ((exp + shift).min(30) << 10) | (d & 0x3ff)
+}
+
+/// Rows `r0..r0+R` × the 16 features of tile `t` of a packed weight, written into `out`.
+///
+/// # Safety
+/// The CPU has AVX-512F and VNNI; `r0 + R` rows exist in `a`; `out` holds (rows, w.out) f32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn packed_kernel<const R: usize, const FOUR: bool>(
+    w: &PackedWeight,
+    t: usize,
+    a: &Activations,
+    r0: usize,
+    out: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    let blocks = w.inp / BLOCK;
+    let rec = PackedWeight::record(FOUR);
+    let low = _mm512_set1_epi8(0x0f);
+    let mut acc = [_mm512_setzero_ps(); R];
+    let base = w.data.as_ptr().add(t * blocks * rec);
+    for b in 0..blocks {
+        let r = base.add(b * rec);
+        // Two partial sums per row: half the dependency chain.
+        let mut dot = [[_mm512_setzero_si512(); 2]; R];
+        let q = |row: usize, group: usize| -> __m512i {
+            let p = a.q.as_ptr().add((r0 + row) * w.inp + b * BLOCK + group * 4);
+            _mm512_set1_epi32(std::ptr::read_unaligned(p.cast::<i32>()))
+        };
+        if FOUR {
+            for c in 0..4 {
+                let v = _mm512_loadu_si512(r.add(c * 64).cast());
+                let lo = _mm512_and_si512(v, low);
+                let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+                for (row, dot) in dot.iter_mut().enumerate() {
+                    dot[0] = _mm512_dpbusd_epi32(dot[0], lo, q(row, c));
+                    dot[1] = _mm512_dpbusd_epi32(dot[1], hi, q(row, c + 4));
+                }
+            }
+        } else {
+            for g in 0..8 {
+                let v = _mm512_loadu_si512(r.add(g * 64).cast());
+                for (row, dot) in dot.iter_mut().enumerate() {
+                    dot[g % 2] = _mm512_dpbusd_epi32(dot[g % 2], v, q(row, g));
+                }
+            }
+        }
+        let scales = r.add(rec - 4 * LANES);
+        let d = _mm512_cvtph_ps(_mm256_loadu_si256(scales.cast()));
+        let m = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(2 * LANES).cast()));
+        for (row, (acc, dot)) in acc.iter_mut().zip(&dot).enumerate() {
+            let i = (r0 + row) * blocks + b;
+            let s = _mm512_set1_ps(*a.s.get_unchecked(i));
+            let sq = _mm512_set1_ps(*a.sq.get_unchecked(i));
+            let sum = _mm512_add_epi32(dot[0], dot[1]);
+            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(d, s), *acc);
+            *acc = _mm512_fmadd_ps(m, sq, *acc);
+        }
+    }
+    let c = t * LANES;
+    let n = w.out.saturating_sub(c).min(LANES);
+    let mask: __mmask16 = if n == LANES { 0xffff } else { (1u16 << n) - 1 };
+    for (row, acc) in acc.iter().enumerate() {
+        _mm512_mask_storeu_ps(out.add((r0 + row) * w.out + c), mask, *acc);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn packed_kernel<const R: usize, const FOUR: bool>(
+    _: &PackedWeight,
+    _: usize,
+    _: &Activations,
+    _: usize,
+    _: *mut f32,
+) {
+    unreachable!("PackedWeight::from_gguf returns None without AVX-512 VNNI")
+}
+
+/// `x Wᵀ` for a CPU f32 tensor `x` (rows, inp) → (rows, out), with a packed weight.
+pub fn forward_packed(w: &PackedWeight, x: &Tensor) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let (rows, inp) = x.dims2()?;
+    if inp != w.inp {
+        candle_core::bail!("packed product: x has {inp} features, the weight {}", w.inp);
+    }
+    let (s, l) = x.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*s else {
+        candle_core::bail!("packed product runs on the CPU");
+    };
+    let y = w.matmul(super::ops::cpu_f32(cpu, l)?, rows);
+    Tensor::from_vec(y, (rows, w.out), x.device())
+}
+
 /// `x Wᵀ` for a CPU f32 tensor `x` (rows, inp) → (rows, out).
 pub fn forward(w: &Int8Weight, x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&Product(w))
@@ -376,6 +683,66 @@ mod tests {
             "relative error {}",
             (err / norm).sqrt()
         );
+    }
+
+    /// The packed kernel on GGUF blocks made by candle's quantizer (Q4_0, Q4_1, Q8_0): each
+    /// weight unpacks to candle's own dequantized value (the oracle for the file's weights), and
+    /// the product equals the f32 product of those weights within the activations' 8-bit
+    /// rounding (the bound of the test above). Sizes leave a partial tile (out = 45) and a
+    /// partial row group (rows = 7); one row is the decoding case.
+    #[test]
+    fn packed_gguf_blocks_unpack_exactly_and_multiply_within_the_rounding() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        use candle_core::Device;
+        if !supported() {
+            no_vnni();
+            return;
+        }
+        let (out, inp) = (45, 96);
+        let w = random(out * inp, 3, 0.1);
+        let t = Tensor::from_vec(w, (out, inp), &Device::Cpu).unwrap();
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let q = QTensor::quantize(&t, dtype).unwrap();
+            let wq: Vec<f32> = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let p = PackedWeight::from_gguf(dtype, &q.data().unwrap(), out, inp).unwrap();
+            let mut row = vec![0f32; inp];
+            for r in 0..out {
+                p.row_into(r, &mut row);
+                assert_eq!(row, wq[r * inp..][..inp], "{dtype:?} row {r}");
+            }
+            for rows in [1, 7] {
+                let x = random(rows * inp, 4, 2.0);
+                let got = p.matmul(&x, rows);
+                let want = reference(&wq, &x, rows, out, inp);
+                for r in 0..rows {
+                    for n in 0..out {
+                        let mut bound = 1e-5f64;
+                        for b in 0..inp / BLOCK {
+                            let xs = &x[r * inp + b * BLOCK..][..BLOCK];
+                            let ws = &wq[n * inp + b * BLOCK..][..BLOCK];
+                            let step = xs.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+                            bound += ws.iter().map(|v| f64::from(v.abs())).sum::<f64>()
+                                * f64::from(step)
+                                / 2.0;
+                        }
+                        let (g, e) = (got[r * out + n], want[r * out + n]);
+                        assert!(
+                            f64::from((g - e).abs()) <= bound * 1.01,
+                            "{dtype:?} row {r} feature {n}: {g} vs {e} (bound {bound})"
+                        );
+                    }
+                }
+            }
+        }
+        // A type the kernel does not read is refused.
+        let q = QTensor::quantize(&t, GgmlDType::Q8_1).unwrap();
+        assert!(PackedWeight::from_gguf(GgmlDType::Q8_1, &q.data().unwrap(), out, inp).is_none());
     }
 
     #[test]

@@ -130,6 +130,11 @@ fn tanh(y: f32) -> f32 {
     1.0 - 2.0 / ((2.0 * y).exp() + 1.0)
 }
 
+/// gelu_new of one value (the kernel below, for callers that hold raw buffers).
+pub(crate) fn gelu_tanh_one(x: f32) -> f32 {
+    0.5 * x * (1.0 + tanh(SQRT_2_OVER_PI * (x + CUBIC * x * x * x)))
+}
+
 struct Gelu;
 
 impl CustomOp1 for Gelu {

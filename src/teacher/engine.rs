@@ -1,9 +1,12 @@
 //! The batching engine behind the local teacher and `phigen serve`: one thread that owns a
 //! [`LocalModel`] and batches requests continuously. Every row of the batch shares each forward
 //! pass (one KV cache row per sequence); a row that finishes leaves, and a request that arrives
-//! while others are generating joins at the next step (its prompt runs as a prefill of its own,
-//! then its cache rows are merged in). Models whose rotary tables change with the length
-//! (LongRoPE) are batched statically instead.
+//! while others are generating joins at the next step (the prompts that arrive together run as
+//! one prefill). Where the decoder has a slot path ([`crate::model::Decoder::decode_slots`]: a
+//! GGUF file's 4/8-bit projections on a CPU with VNNI), each row owns its keys and values (a
+//! [`Slot`]) and a newcomer's prefill is copied into its own slot only; elsewhere the batch's
+//! cache is regrouped (one copy) when rows leave or join. Models whose rotary tables change with
+//! the length (LongRoPE) are batched statically instead.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -14,6 +17,7 @@ use rayon::prelude::*;
 
 use super::local::LocalModel;
 use super::{FinishReason, Sampling};
+use crate::model::cache::Slot;
 use crate::model::sample::{
     self, first_stop, Finish, LoopStop, RepetitionPenalty, SamplingParams, Sequence,
 };
@@ -181,6 +185,9 @@ fn run(
     if model.decoder.long_rope_from().is_some() {
         return run_static(model, rx, max_batch, generated, batches);
     }
+    if model.decoder.decodes_slots() {
+        return run_slots(model, rx, max_batch, generated, batches);
+    }
     let mut live: Vec<Row> = Vec::new();
     let mut cache: Option<KvCache> = None;
     loop {
@@ -241,6 +248,80 @@ fn run(
     }
 }
 
+/// Continuous batching over slots: newcomers that arrive together are prefilled as one batch,
+/// each then gets its own [`Slot`] (a copy of its own prefill only), and every step decodes
+/// all live rows over their slots in place. A row that ends leaves with its slot.
+fn run_slots(
+    model: &LocalModel,
+    rx: &mpsc::Receiver<Job>,
+    max_batch: usize,
+    generated: &AtomicU64,
+    batches: &AtomicU64,
+) {
+    let mut live: Vec<Row> = Vec::new();
+    loop {
+        let mut joining: Vec<Job> = Vec::new();
+        if live.is_empty() {
+            if !gather(rx, &mut joining, max_batch) {
+                return;
+            }
+        } else {
+            while live.len() + joining.len() < max_batch {
+                match rx.try_recv() {
+                    Ok(job) => joining.push(job),
+                    Err(_) => break,
+                }
+            }
+        }
+        if !joining.is_empty() {
+            batches.fetch_add(1, Ordering::Relaxed);
+            let mut rows: Vec<Row> = joining
+                .into_iter()
+                .map(|job| Row::new(job, model))
+                .collect();
+            match prefill(model, &mut rows) {
+                Ok(cache) => {
+                    for (i, row) in rows.iter_mut().enumerate() {
+                        if !row.going_on() {
+                            continue;
+                        }
+                        let more = row.request.limit(model.context());
+                        match Slot::from_batch(&cache, i, more) {
+                            Ok(slot) => row.slot = Some(slot),
+                            Err(e) => fail(std::slice::from_mut(row), &e),
+                        }
+                    }
+                }
+                Err(e) => fail(&mut rows, &e),
+            }
+            rows.iter_mut().for_each(|r| r.answer(model, generated));
+            live.extend(rows.into_iter().filter(Row::going_on));
+        }
+        if live.is_empty() {
+            continue;
+        }
+        let ids: Vec<u32> = live
+            .iter()
+            .map(|r| *r.seq.out().last().expect("rows have an id"))
+            .collect();
+        let mut slots: Vec<&mut Slot> = live
+            .iter_mut()
+            .map(|r| r.slot.as_mut().expect("live rows have a slot"))
+            .collect();
+        match model.decoder.decode_slots(&ids, &mut slots) {
+            Ok(mut logits) => {
+                let v = logits.len() / live.len();
+                live.par_iter_mut()
+                    .zip(logits.par_chunks_mut(v))
+                    .for_each(|(row, l)| row.take(l, model));
+            }
+            Err(e) => fail(&mut live, &e),
+        }
+        live.iter_mut().for_each(|r| r.answer(model, generated));
+        live.retain(Row::going_on);
+    }
+}
+
 /// Waits for a job when `jobs` is empty, then up to [`GATHER`] for more, up to `max_batch` in all.
 /// False once every sender is gone and nothing is waiting.
 fn gather(rx: &mpsc::Receiver<Job>, jobs: &mut Vec<Job>, max_batch: usize) -> bool {
@@ -276,6 +357,8 @@ struct Row {
     /// Taken when the answer is sent.
     reply: Option<tokio::sync::oneshot::Sender<Result<Completion, EngineError>>>,
     seq: Sequence,
+    /// Its keys and values, on the slot path.
+    slot: Option<Slot>,
 }
 
 impl Row {
@@ -284,6 +367,7 @@ impl Row {
             seq: job.request.sequence(model),
             request: job.request,
             reply: Some(job.reply),
+            slot: None,
         }
     }
 
