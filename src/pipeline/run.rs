@@ -295,7 +295,7 @@ async fn run_data(
             generate(cx, &cx.p.teachers[teacher], corpus, gen, spent).await
         }
         Action::Filter { teacher, settings } => {
-            filter(cx, step, i, &cx.p.teachers[teacher], settings, *spent).await
+            filter(cx, step, i, &cx.p.teachers[teacher], settings, spent).await
         }
         Action::Dedup(d) => blocking(|| dedup(cx, step, i, d)),
         Action::Decontaminate(d) => blocking(|| decontaminate(cx, step, i, d)),
@@ -356,17 +356,22 @@ async fn generate(
     })
 }
 
+/// The filter in two calls, so that its rating spends from the run's budget like a generate
+/// step: first the teacher rates the sample (stopping the step, like a generate step, when the
+/// budget runs out: a classifier trained on part of the sample would be thrown away by the next
+/// run), then the classifier is trained and every file scored. Whatever either call paid adds
+/// to `spent`.
 async fn filter(
     cx: &Ctx<'_>,
     step: &PlannedStep,
     i: usize,
     teacher: &TeacherConfig,
     settings: &super::recipe::FilterSettings,
-    spent: f64,
+    spent: &mut f64,
 ) -> Result<StepResult, PipelineError> {
+    use crate::classify::pipeline::{self as filtering, PipelineProgress as P};
     let (p, plan, opts, on_event) = (cx.p, cx.plan, cx.opts, cx.on_event);
-    let cfg = budgeted(teacher, opts, spent);
-    let recipe = crate::classify::pipeline::FilterRecipe {
+    let recipe = filtering::FilterRecipe {
         input: crate::classify::InputOptions {
             inputs: inputs(p, plan, i),
             extensions: settings.ext.clone(),
@@ -381,22 +386,60 @@ async fn filter(
         out: step.dir.clone(),
         classifier: None,
     };
-    let progress = |e: crate::classify::pipeline::PipelineProgress| {
-        use crate::classify::pipeline::PipelineProgress as P;
-        match e {
-            P::Generation(g) => on_event(Event::Generate(g)),
-            P::Scored { files } => on_event(Event::Work(files)),
+    let (labels, _) = crate::classify::annotate::recipe_paths(&step.dir);
+    let rated = || {
+        crate::classify::annotate::load_labels(&labels).map_or(0, |l| l.len())
+            >= settings.sample.sample
+    };
+    let mut cost = 0.0;
+    if !rated() {
+        let cfg = budgeted(teacher, opts, *spent);
+        let progress = |g: &Progress| on_event(Event::Generate(g));
+        let stats = stoppable(opts, |state| {
+            filtering::annotate(
+                &recipe.input,
+                &recipe.sample,
+                &labels,
+                &cfg,
+                state,
+                &progress,
+            )
+        })
+        .await?;
+        cost = stats.run.cost_usd.unwrap_or(0.0);
+        *spent += cost;
+        match stats.stopped {
+            Some(StopReason::Interrupted) => return Ok(StepResult::Interrupted),
+            Some(StopReason::Budget) => {
+                return Ok(StepResult::Incomplete(format!(
+                    "the budget ran out after rating {} of {} sampled files (${cost:.4} spent by this run): raise `max_cost` or --max-cost and run the same command again",
+                    stats.records, stats.requested
+                )))
+            }
             _ => {}
         }
+    }
+    // The second call rates again only what the first left unrated (failed requests, a sample
+    // larger than the readable files): its spend is reported by its `Rated` event.
+    let cfg = budgeted(teacher, opts, *spent);
+    let rerated = std::sync::Mutex::new(0.0);
+    let progress = |e: P| match e {
+        P::Generation(g) => on_event(Event::Generate(g)),
+        P::Scored { files } => on_event(Event::Work(files)),
+        P::Rated { stats, .. } => {
+            *rerated.lock().unwrap_or_else(|e| e.into_inner()) += stats.run.cost_usd.unwrap_or(0.0)
+        }
+        _ => {}
     };
     let stats = stoppable(opts, |state| {
-        crate::classify::pipeline::run(&recipe, &cfg, state, &progress)
+        filtering::run(&recipe, &cfg, state, &progress)
     })
     .await;
+    let rerated = rerated.into_inner().unwrap_or_else(|e| e.into_inner());
+    *spent += rerated;
+    cost += rerated;
     let stats = match stats {
-        Err(crate::classify::pipeline::PipelineError::Interrupted { .. }) => {
-            return Ok(StepResult::Interrupted)
-        }
+        Err(filtering::PipelineError::Interrupted { .. }) => return Ok(StepResult::Interrupted),
         other => other?,
     };
     Ok(StepResult::Done(json!({
@@ -405,6 +448,7 @@ async fn filter(
         "kept_share": stats.kept_share,
         "tokens": stats.tokens_kept,
         "threshold": stats.threshold,
+        "cost_usd_this_run": cost,
     })))
 }
 
