@@ -589,3 +589,156 @@ async fn a_filter_step_feeds_its_kept_files_downstream() {
         "the lineage lists the filtered files"
     );
 }
+
+/// `mini_recipe` with its stories step replaced by a filter step over 300 Python files (half
+/// documented functions, half data tables) that rates a sample of 80, and dedup reading it.
+fn filter_recipe(dir: &Path, server: &MockServer) -> PathBuf {
+    let stack = dir.join("stack");
+    std::fs::create_dir_all(&stack).unwrap();
+    for i in 0..300 {
+        let text = if i % 2 == 0 {
+            format!("def add_{i}(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"\n    # Add them.\n    return a + b\n")
+        } else {
+            let data: Vec<String> = (0..60).map(|k| (k * i % 997).to_string()).collect();
+            format!("DATA_{i} = [{}]\n", data.join(", "))
+        };
+        std::fs::write(stack.join(format!("f{i:03}.py")), text).unwrap();
+    }
+    let recipe = mini_recipe(dir, server);
+    let edited = std::fs::read_to_string(&recipe)
+        .unwrap()
+        .replace(
+            "[[data]]\nname = \"stories\"\nkind = \"stories\"\nn = 60\n",
+            &format!(
+                "[[data]]\nname = \"code\"\nkind = \"filter\"\npaths = [\"{}\"]\nsample = 80\nforest = {{ trees = 30 }}\n",
+                stack.display()
+            ),
+        )
+        .replace("from = [\"stories\"]", "from = [\"code\"]\nchar_ngrams = 10");
+    std::fs::write(&recipe, edited).unwrap();
+    recipe
+}
+
+/// The filter's rating spends from the run's --max-cost like a generate step (issue 24): a
+/// budget the rating alone exceeds (80 prompts of a few hundred tokens at $1/M input cost a few
+/// cents; the budget is a tenth of a cent) stops the run at the filter step with the budget
+/// message, exit 4 and no manifest; the plan then prices the rest of the rating from what the
+/// rated files cost (a pilot), and a larger budget finishes the step with its spend recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_filter_rating_spends_from_the_run_budget() {
+    let server = mock(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = filter_recipe(dir.path(), &server);
+    let out = dir.path().join("run");
+    let o = run(train_cmd(
+        &recipe,
+        &out,
+        &["--until", "code", "--max-cost", "0.001", "--quiet"],
+    ))
+    .await;
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(
+        text(&o).contains("code: stopped before it finished: the budget ran out after rating"),
+        "{}",
+        text(&o)
+    );
+    assert!(!out.join("steps/code.json").exists());
+    let sent = requests(&server);
+    assert!(sent > 0 && sent < 80, "{sent} rating requests");
+    // The plan of the rest: priced from the pilot.
+    let o = run(train_cmd(&recipe, &out, &["--until", "code", "--plan"])).await;
+    assert!(o.status.success(), "{}", text(&o));
+    let plan = text(&o);
+    let row = plan
+        .lines()
+        .skip_while(|l| l.split_whitespace().next() != Some("code"))
+        .take(2)
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(row.contains("estimate from the pilot"), "{plan}");
+    let o = run(train_cmd(
+        &recipe,
+        &out,
+        &["--until", "code", "--max-cost", "5", "--quiet"],
+    ))
+    .await;
+    assert!(o.status.success(), "{}", text(&o));
+    let summary = &manifest(&out, "code")["summary"];
+    assert!(
+        summary["cost_usd_this_run"].as_f64().unwrap() > 0.0,
+        "{summary}"
+    );
+    assert_eq!(summary["files_scored"], 300, "{summary}");
+}
+
+/// `--jobs 2` runs the demo recipe's independent data steps (textbooks and exercises, then
+/// their cleaning and tokenizing) side by side, and ends with what `--jobs 1` ends with: every
+/// step has the same id, and the exercises' token shards the same bytes (issue 24: a step's
+/// output depends only on its inputs and seed). The textbooks' shards are not compared: not even
+/// two `--jobs 1` runs agree there, since generation writes records in answer order and dedup
+/// keeps the first of two near-duplicates by (file, row) — which the mock's textbooks have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_2_gives_the_artifacts_of_jobs_1() {
+    let server = mock(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let base = format!("teacher.base_url=\"{}\"", server.base_url());
+    let sets = [
+        "teacher.teacher=\"http\"",
+        "teacher.price_input=0",
+        "teacher.price_output=0",
+        base.as_str(),
+        "teacher.model=\"mock\"",
+        "data.0.n=12",
+        "data.1.n=12",
+        "stage.0.steps=2",
+        "stage.0.warmup=1",
+        "stage.0.eval_every=2",
+        "stage.0.checkpoint_every=2",
+        "stage.1.steps=2",
+        "stage.1.warmup=1",
+        "stage.1.eval_every=2",
+        "stage.1.checkpoint_every=2",
+    ];
+    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/demo.toml");
+    let mut outs = Vec::new();
+    for jobs in ["1", "2"] {
+        let out = dir.path().join(format!("jobs-{jobs}"));
+        let mut args: Vec<&str> = vec!["--until", "train", "--jobs", jobs];
+        for s in &sets {
+            args.extend(["--set", s]);
+        }
+        let o = run(train_cmd(&recipe, &out, &args)).await;
+        assert!(o.status.success(), "--jobs {jobs}: {}", text(&o));
+        outs.push(out);
+    }
+    let steps = [
+        "textbooks",
+        "exercises",
+        "textbooks-dedup",
+        "textbooks-clean",
+        "exercises-clean",
+        "tok-textbooks",
+        "tok-exercises",
+        "train",
+    ];
+    for step in steps {
+        assert_eq!(
+            manifest(&outs[0], step)["id"],
+            manifest(&outs[1], step)["id"],
+            "{step}"
+        );
+    }
+    for step in ["tok-exercises"] {
+        let (a, b) = (
+            shard_bytes(&step_dir(&outs[0], step)),
+            shard_bytes(&step_dir(&outs[1], step)),
+        );
+        assert!(!a.is_empty(), "{step}");
+        let hashes = |m: &BTreeMap<String, Vec<u8>>| -> Vec<(String, String)> {
+            m.iter()
+                .map(|(k, v)| (k.clone(), blake3::hash(v).to_hex().to_string()))
+                .collect()
+        };
+        assert_eq!(hashes(&a), hashes(&b), "{step}");
+    }
+}

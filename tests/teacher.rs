@@ -866,3 +866,66 @@ async fn filter_names_the_local_teacher_that_rates() {
     let s = stats(&out.join("labels"));
     assert_eq!(s["model"], format!("local:{}", model.display()));
 }
+
+/// A prompt longer than a local teacher's context is the typed `PromptTooLong` (not fatal, like
+/// a rejected request), and a generation run records it as before: a `request_failed` reject per
+/// record with the error as its detail, and the run goes on. The context (16 positions) is set
+/// in the tiny model's config.json; every stories prompt is far longer than 16 words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_longer_than_the_local_context_is_a_per_record_failure() {
+    use phigen::teacher::local::LocalTeacher;
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny-chat");
+    tiny_chat_model(&model);
+    let config = model.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    cfg["max_position_embeddings"] = serde_json::json!(16);
+    cfg["original_max_position_embeddings"] = serde_json::json!(16);
+    std::fs::write(&config, cfg.to_string()).unwrap();
+
+    let sampling = Sampling {
+        temperature: 0.0,
+        top_p: 1.0,
+        max_tokens: 8,
+        top_k: None,
+        min_p: None,
+        repetition_penalty: None,
+    };
+    let teacher = LocalTeacher::new(local_engine(&model, 1), sampling);
+    let err = teacher
+        .chat(&"once upon a time there was a dog ".repeat(8), 1)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, TeacherError::PromptTooLong { context: 16, prompt, .. } if prompt > 16),
+        "{err}"
+    );
+    assert!(!err.is_fatal());
+
+    let out = dir.path().join("stories");
+    let mut c = Command::new(BIN);
+    c.args(["--quiet", "stories", "--teacher"])
+        .arg(format!("local:{}", model.display()))
+        .args(["--out", out.to_str().unwrap(), "--n", "3"])
+        .args(["--max-attempts", "3", "--max-tokens", "8"])
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("OPENAI_BASE_URL");
+    let o = run(c).await;
+    let rejects = table::read_columns(&out.join("rejects.parquet"), &["reason", "detail"]).unwrap();
+    let reasons = table::text_column(&rejects, &out, "reason").unwrap();
+    let details = table::text_column(&rejects, &out, "detail").unwrap();
+    assert!(!reasons.is_empty(), "{}", stderr(&o));
+    assert!(
+        reasons
+            .iter()
+            .all(|r| r.as_deref() == Some("request_failed")),
+        "{reasons:?}"
+    );
+    assert!(
+        details
+            .iter()
+            .all(|d| d.as_deref().unwrap().contains("the model's context is 16")),
+        "{details:?}"
+    );
+}

@@ -1,17 +1,18 @@
 //! `phigen train --recipe R` for whole-run recipes (the plan, the progress of each step, the
 //! outcome) and `phigen lineage`.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
 use candle_core::DType;
 use clap::Args;
-use indicatif::ProgressBar;
+use indicatif::{MultiProgress, ProgressBar};
 
 use super::train::TrainArgs;
 use super::Outcome;
 use crate::pipeline::manifest::Status;
-use crate::pipeline::plan::{Node, Plan};
+use crate::pipeline::plan::{Node, Plan, TRAIN};
 use crate::pipeline::{self, lineage, Event, Pipeline, PipelineError, RunOptions, RunOutcome};
 
 #[derive(Debug, Clone, Args)]
@@ -141,50 +142,80 @@ pub fn print_plan(plan: &Plan, max_cost: Option<f64>) {
     println!("  done steps are skipped; a changed setting or input re-runs its step and those after it in new directories (the old ones stay: delete them when no longer needed)");
 }
 
-/// A progress bar per step on stderr (none with --quiet).
+/// A progress bar per running step on stderr, prefixed with its name (none with --quiet).
 struct Bars {
     quiet: bool,
-    bar: Mutex<ProgressBar>,
+    multi: MultiProgress,
+    bars: Mutex<BTreeMap<String, ProgressBar>>,
 }
 
 impl Bars {
-    fn replace(&self, bar: ProgressBar) -> ProgressBar {
-        let mut b = self.bar.lock().unwrap_or_else(|e| e.into_inner());
-        b.finish_and_clear();
-        *b = bar.clone();
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, ProgressBar>> {
+        self.bars.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new bar for `step`, in place of the one it had.
+    fn new_bar(&self, step: &str, len: Option<u64>, template: &str) -> ProgressBar {
+        let mut bar = super::progress_bar(self.quiet, len, template);
+        if !self.quiet {
+            bar = self.multi.add(bar);
+        }
+        bar.set_prefix(step.to_string());
+        if let Some(old) = self.lock().insert(step.to_string(), bar.clone()) {
+            old.finish_and_clear();
+        }
         bar
     }
 
-    fn new_bar(&self, len: Option<u64>, template: &str) -> ProgressBar {
-        self.replace(super::progress_bar(self.quiet, len, template))
+    /// The bar of `step` (a hidden one when it has none).
+    fn bar(&self, step: &str) -> ProgressBar {
+        self.lock()
+            .get(step)
+            .cloned()
+            .unwrap_or_else(ProgressBar::hidden)
     }
 
-    fn current(&self) -> ProgressBar {
-        self.bar.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    fn finish(&self, step: &str) {
+        if let Some(bar) = self.lock().remove(step) {
+            bar.finish_and_clear();
+        }
+    }
+
+    fn finish_all(&self) {
+        for (_, bar) in std::mem::take(&mut *self.lock()) {
+            bar.finish_and_clear();
+        }
+    }
+
+    /// A line on stdout, the bars cleared while it is printed.
+    fn say(&self, line: String) {
+        if !self.quiet {
+            self.multi.suspend(|| println!("{line}"));
+        }
     }
 
     fn on_event(&self, event: Event) {
         match event {
-            Event::Skip(s) => {
-                if !self.quiet {
-                    println!("{}: done, skipped ({})", s.name, s.dir.display());
-                }
-            }
+            Event::Skip(s) => self.say(format!("{}: done, skipped ({})", s.name, s.dir.display())),
             Event::Start(s) => {
-                if !self.quiet {
-                    println!("{}: {} ({})", s.name, s.status.name(), s.dir.display());
-                }
-                let bar = self.new_bar(None, "{spinner} {prefix} {pos} [{elapsed_precise}] {msg}");
-                bar.set_prefix(s.name.clone());
+                self.say(format!(
+                    "{}: {} ({})",
+                    s.name,
+                    s.status.name(),
+                    s.dir.display()
+                ));
+                self.new_bar(
+                    &s.name,
+                    None,
+                    "{spinner} {prefix} {pos} [{elapsed_precise}] {msg}",
+                );
             }
             Event::Finish(s, summary) => {
-                self.current().finish_and_clear();
-                if !self.quiet {
-                    println!("{}: finished {}", s.name, summary);
-                }
+                self.finish(&s.name);
+                self.say(format!("{}: finished {}", s.name, summary));
             }
-            Event::Generate(g) => {
-                let bar = self.current();
+            Event::Generate(s, g) => {
+                let bar = self.bar(&s.name);
                 bar.set_length(g.total);
                 bar.set_position(g.done);
                 bar.set_message(format!(
@@ -197,20 +228,22 @@ impl Bars {
                     g.spent_usd.map_or(String::new(), |c| format!(" · ${c:.4}"))
                 ));
             }
-            Event::Work(n) => self.current().inc(n),
+            Event::Work(s, n) => self.bar(&s.name).inc(n),
+            // Training runs alone, as the step `train`.
             Event::Train(e) => match e {
                 crate::train::Event::StageStart {
                     stage, start_step, ..
                 } => {
                     let bar = self.new_bar(
+                        TRAIN,
                         Some(stage.steps as u64),
                         "{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}",
                     );
-                    bar.set_prefix(stage.raw.name.clone());
+                    bar.set_prefix(format!("{TRAIN} {}", stage.raw.name));
                     bar.set_position(start_step as u64);
                 }
                 crate::train::Event::Step(m) => {
-                    let bar = self.current();
+                    let bar = self.bar(TRAIN);
                     bar.set_position(m.step as u64);
                     bar.set_message(format!(
                         "loss {:.4}  {:.0} tok/s",
@@ -218,7 +251,7 @@ impl Bars {
                         m.tokens_per_sec
                     ));
                 }
-                crate::train::Event::Eval(m) => self.current().println(format!(
+                crate::train::Event::Eval(m) => self.bar(TRAIN).println(format!(
                     "step {}: val loss {:.4}",
                     m.step,
                     m.val_loss.unwrap_or(f64::NAN)
@@ -257,13 +290,15 @@ pub async fn run(args: &TrainArgs, quiet: bool) -> anyhow::Result<Outcome> {
         peak_tflops: args.peak_tflops,
         stop: stop.clone(),
         max_train_steps: args.max_steps,
+        jobs: args.jobs,
     };
     let bars = Bars {
         quiet,
-        bar: Mutex::new(ProgressBar::hidden()),
+        multi: MultiProgress::new(),
+        bars: Mutex::new(BTreeMap::new()),
     };
     let outcome = pipeline::run(&p, &plan, &opts, &|e| bars.on_event(e)).await;
-    bars.current().finish_and_clear();
+    bars.finish_all();
     Ok(match outcome? {
         RunOutcome::Complete { scoreboard } => {
             if !quiet {

@@ -87,6 +87,11 @@ pub struct TrainArgs {
     /// Whole-run recipes: a budget in USD for every paid teacher of this invocation together.
     #[arg(long, value_parser = f64_in(numbers::NON_NEGATIVE))]
     pub max_cost: Option<f64>,
+    /// Whole-run recipes: data steps run at once, each when the steps it reads are done
+    /// (training and evals run alone; with --max-cost, paid steps one at a time). The outputs
+    /// are the same for any value.
+    #[arg(long, default_value_t = 1, value_parser = int_at_least(1usize))]
+    pub jobs: usize,
 }
 
 /// A flag the first SIGINT / SIGTERM sets (a checkpoint after the current step, requests in
@@ -103,9 +108,14 @@ pub fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
 }
 
 pub fn train(args: &TrainArgs, quiet: bool) -> anyhow::Result<Outcome> {
-    if args.plan || args.until.is_some() || args.only.is_some() || args.max_cost.is_some() {
+    if args.plan
+        || args.until.is_some()
+        || args.only.is_some()
+        || args.max_cost.is_some()
+        || args.jobs != 1
+    {
         anyhow::bail!(
-            "--plan, --until, --only and --max-cost are for whole-run recipes; {} has no [[data]] or [[eval]] steps",
+            "--plan, --until, --only, --max-cost and --jobs are for whole-run recipes; {} has no [[data]] or [[eval]] steps",
             args.recipe.display()
         );
     }

@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::words::{self, Piece};
@@ -29,7 +29,7 @@ use super::{io_err, minhash, DedupError};
 use crate::artifact::atomic;
 use crate::artifact::docs::{self, Doc};
 use crate::artifact::outdir::{self, DirLock, Written};
-use crate::artifact::table::{self, Kind, Schema};
+use crate::artifact::table::{self, row, Row};
 use crate::artifact::walk::{InputSkip, WalkOptions};
 
 /// Solutions with fewer distinct placeholder n-grams (about 30 tokens) are too generic for the
@@ -324,6 +324,21 @@ pub struct Index {
     identifier_share: f64,
 }
 
+row! {
+    /// One row of `hits.parquet`: a document, the benchmark task it matched, and the evidence.
+    struct HitRow {
+        id: String,
+        file: String,
+        row: usize,
+        benchmark: String,
+        task_id: String,
+        /// `ngram` or `identifiers`.
+        check: &'static str,
+        matched: String,
+        matches: usize,
+    }
+}
+
 /// One document × task hit.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Hit {
@@ -567,12 +582,19 @@ pub fn run(
                     for hit in hits {
                         *per_task.entry(hit.task).or_default() += 1;
                         let task = &index.tasks()[hit.task];
-                        let row = json!({
-                            "id": doc.id, "file": file.path.display().to_string(), "row": doc.row,
-                            "benchmark": task.benchmark, "task_id": task.id, "check": hit.check,
-                            "matched": hit.matched, "matches": hit.matches,
-                        });
-                        rows.push(row.as_object().expect("object").clone());
+                        let mut cells = Vec::with_capacity(HitRow::COLUMNS.len());
+                        HitRow {
+                            id: doc.id.clone(),
+                            file: file.path.display().to_string(),
+                            row: doc.row,
+                            benchmark: task.benchmark.clone(),
+                            task_id: task.id.clone(),
+                            check: hit.check,
+                            matched: hit.matched,
+                            matches: hit.matches,
+                        }
+                        .push_cells(&mut cells);
+                        rows.push(cells);
                     }
                 }
                 Ok::<(), DedupError>(())
@@ -587,17 +609,7 @@ pub fn run(
             docs::write_subset(&file.path, &dst, |r| dropped.contains(&r))?;
         }
     }
-    let schema: Schema = vec![
-        ("id", Kind::Text),
-        ("file", Kind::Text),
-        ("row", Kind::Int),
-        ("benchmark", Kind::Text),
-        ("task_id", Kind::Text),
-        ("check", Kind::Text),
-        ("matched", Kind::Text),
-        ("matches", Kind::Int),
-    ];
-    table::write_parquet(&opts.out.join(HITS_FILE), &schema, &rows)?;
+    table::write_parquet(&opts.out.join(HITS_FILE), &HitRow::COLUMNS.to_vec(), &rows)?;
     let benchmarks = benchmark_reports(&index, per_task);
     let report = Report {
         ngram: opts.ngram,
@@ -639,6 +651,26 @@ fn benchmark_reports(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `hits.parquet` keeps the columns (names, types, order) it had when its rows were built by
+    /// column name, so readers of earlier runs read new ones alike.
+    #[test]
+    fn hits_table_keeps_its_columns() {
+        use crate::artifact::table::Kind;
+        assert_eq!(
+            HitRow::COLUMNS,
+            [
+                ("id", Kind::Text),
+                ("file", Kind::Text),
+                ("row", Kind::Int),
+                ("benchmark", Kind::Text),
+                ("task_id", Kind::Text),
+                ("check", Kind::Text),
+                ("matched", Kind::Text),
+                ("matches", Kind::Int),
+            ]
+        );
+    }
 
     /// Keywords compare ASCII-case-insensitively and whole: prefixes and extensions are not
     /// keywords (Python's keyword list, `keyword.kwlist`).

@@ -30,12 +30,12 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::artifact::atomic;
 use crate::artifact::docs::{self, DocsError, InputFile};
 use crate::artifact::outdir::{self, DirLock, OutDirError, Written};
-use crate::artifact::table::{self, Kind, Schema, TableError};
+use crate::artifact::table::{self, row, Row, TableError};
 use crate::artifact::walk::{InputSkip, WalkOptions};
 use minhash::{MinHasher, Normalize, Params};
 
@@ -696,12 +696,28 @@ fn cluster(
     }
 }
 
+row! {
+    /// One row of `removed.parquet`: a removed document and the one its cluster kept.
+    struct Removed {
+        id: String,
+        file: String,
+        row: u64,
+        cluster: usize,
+        kept_id: String,
+        /// `exact` or `near`.
+        reason: &'static str,
+        estimated_similarity: f64,
+        /// The true Jaccard similarity, with --verify-jaccard and a kept document of this run.
+        exact_similarity: Option<f64>,
+    }
+}
+
 /// The new documents that are not their cluster's representative.
 struct Removals {
     /// Removed rows, per input file.
     per_file: Vec<HashSet<usize>>,
-    /// One row of `removed.parquet` per removed document.
-    rows: Vec<serde_json::Map<String, Value>>,
+    /// One row of `removed.parquet` per removed document, its cells in [`Removed::COLUMNS`] order.
+    rows: Vec<Vec<Value>>,
     exact: usize,
     near: usize,
     /// Removed because they duplicate an index document.
@@ -737,20 +753,25 @@ fn removals(
         }
         by_index += usize::from(rep < m);
         let exact_similarity = match sets {
-            Some(sets) if rep >= m => json!(minhash::jaccard(&sets[p - m], &sets[rep - m])),
-            _ => Value::Null,
+            Some(sets) if rep >= m => Some(minhash::jaccard(&sets[p - m], &sets[rep - m])),
+            _ => None,
         };
-        let row = json!({
-            "id": all.id(p),
-            "file": files[rec[0] as usize].path.display().to_string(),
-            "row": rec[1],
-            "cluster": cluster,
-            "kept_id": all.id(rep),
-            "reason": if exact { "exact" } else { "near" },
-            "estimated_similarity": minhash::estimated_similarity(&rec[HEAD..], &all.record(rep)[HEAD..]),
-            "exact_similarity": exact_similarity,
-        });
-        rows.push(row.as_object().expect("an object").clone());
+        let mut cells = Vec::with_capacity(Removed::COLUMNS.len());
+        Removed {
+            id: all.id(p).to_string(),
+            file: files[rec[0] as usize].path.display().to_string(),
+            row: rec[1],
+            cluster,
+            kept_id: all.id(rep).to_string(),
+            reason: if exact { "exact" } else { "near" },
+            estimated_similarity: minhash::estimated_similarity(
+                &rec[HEAD..],
+                &all.record(rep)[HEAD..],
+            ),
+            exact_similarity,
+        }
+        .push_cells(&mut cells);
+        rows.push(cells);
     }
     Removals {
         per_file,
@@ -775,17 +796,11 @@ fn write_outputs(files: &[InputFile], removed: &Removals, out: &Path) -> Result<
                 docs::write_subset(&file.path, &dst, |r| rows.contains(&r))
             }
         })?;
-    let schema: Schema = vec![
-        ("id", Kind::Text),
-        ("file", Kind::Text),
-        ("row", Kind::Int),
-        ("cluster", Kind::Int),
-        ("kept_id", Kind::Text),
-        ("reason", Kind::Text),
-        ("estimated_similarity", Kind::Float),
-        ("exact_similarity", Kind::Float),
-    ];
-    table::write_parquet(&out.join(REMOVED_FILE), &schema, &removed.rows)?;
+    table::write_parquet(
+        &out.join(REMOVED_FILE),
+        &Removed::COLUMNS.to_vec(),
+        &removed.rows,
+    )?;
     Ok(())
 }
 

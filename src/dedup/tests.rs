@@ -5,6 +5,7 @@ use super::decontaminate::{self, DecontaminateOptions, Mode};
 use super::minhash::{Normalize, Params, Shingles};
 use super::*;
 use crate::artifact::outdir::DirLock;
+use serde_json::json;
 
 fn write_jsonl(path: &Path, docs: &[(String, String)]) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -489,5 +490,25 @@ fn unknown_benchmark_format_is_a_clear_error() {
             && err.contains("canonical_solution")
             && err.contains("question"),
         "{err}"
+    );
+}
+
+/// `removed.parquet` keeps the columns (names, types, order) it had when its rows were built by
+/// column name, so readers of earlier runs read new ones alike.
+#[test]
+fn removed_table_keeps_its_columns() {
+    use crate::artifact::table::Kind;
+    assert_eq!(
+        Removed::COLUMNS,
+        [
+            ("id", Kind::Text),
+            ("file", Kind::Text),
+            ("row", Kind::Int),
+            ("cluster", Kind::Int),
+            ("kept_id", Kind::Text),
+            ("reason", Kind::Text),
+            ("estimated_similarity", Kind::Float),
+            ("exact_similarity", Kind::Float),
+        ]
     );
 }

@@ -493,9 +493,9 @@ impl PhiConfig {
         } else if arch.ends_with("ForSequenceClassification") {
             Ok(HeadKind::SequenceClassification { num_labels })
         } else {
-            Err(ModelError::Config(format!(
-                "architecture `{arch}` is not supported; phigen runs *ForCausalLM and *ForSequenceClassification"
-            )))
+            Err(ModelError::UnsupportedArchitecture {
+                found: arch.clone(),
+            })
         }
     }
 
@@ -518,9 +518,11 @@ impl PhiConfig {
         let head_dim = self.head_dim();
         let dim = (head_dim as f64 * partial) as usize;
         if dim == 0 || !dim.is_multiple_of(2) || dim > head_dim {
-            return Err(ModelError::Config(format!(
-                "partial_rotary_factor {partial} × head_dim {head_dim} gives {dim} rotary dimensions; it must be even and within 2..={head_dim}"
-            )));
+            return Err(ModelError::InvalidConfig {
+                key: "partial_rotary_factor",
+                expected: format!("a factor that gives an even number of rotary dimensions within 2..={head_dim} (head_dim {head_dim})"),
+                found: format!("{partial}, which gives {dim}"),
+            });
         }
         let scaling = match params.and_then(RopeParameters::kind) {
             None | Some("default") => RopeScaling::None,
@@ -533,18 +535,41 @@ impl PhiConfig {
                     .original_max_position_embeddings
                     .or(self.original_max_position_embeddings)
                     .unwrap_or(self.max_position_embeddings);
-                let (Some(short_factor), Some(long_factor)) = (p.short_factor.clone(), p.long_factor.clone()) else {
-                    return Err(ModelError::Config(
-                        "rope type `longrope` needs both `short_factor` and `long_factor`".into(),
-                    ));
+                let (Some(short_factor), Some(long_factor)) =
+                    (p.short_factor.clone(), p.long_factor.clone())
+                else {
+                    return Err(ModelError::InvalidConfig {
+                        key: "rope_scaling",
+                        expected: "both `short_factor` and `long_factor` for rope type `longrope`"
+                            .into(),
+                        found: format!(
+                            "short_factor {}, long_factor {}",
+                            if p.short_factor.is_some() {
+                                "set"
+                            } else {
+                                "missing"
+                            },
+                            if p.long_factor.is_some() {
+                                "set"
+                            } else {
+                                "missing"
+                            }
+                        ),
+                    });
                 };
-                for (name, factors) in [("short_factor", &short_factor), ("long_factor", &long_factor)] {
+                for (name, factors) in [
+                    ("short_factor", &short_factor),
+                    ("long_factor", &long_factor),
+                ] {
                     if factors.len() != dim / 2 {
-                        return Err(ModelError::Config(format!(
-                            "rope `{name}` has {} values; a rotary dimension of {dim} needs {}",
-                            factors.len(),
-                            dim / 2
-                        )));
+                        return Err(ModelError::InvalidConfig {
+                            key: name,
+                            expected: format!(
+                                "{} values (half the rotary dimension {dim})",
+                                dim / 2
+                            ),
+                            found: format!("{} values", factors.len()),
+                        });
                     }
                 }
                 let factor = p
@@ -563,9 +588,9 @@ impl PhiConfig {
                 }
             }
             Some(other) => {
-                return Err(ModelError::Config(format!(
-                    "rope type `{other}` is not supported; phigen implements default, linear and longrope (su)"
-                )))
+                return Err(ModelError::UnsupportedRope {
+                    found: other.to_string(),
+                })
             }
         };
         Ok(Rotary {
@@ -577,28 +602,49 @@ impl PhiConfig {
 
     /// Checks the sizes fit together; called once when a config is loaded or built.
     pub fn validate(&self) -> Result<(), ModelError> {
-        let bad = |msg: String| Err(ModelError::Config(msg));
-        if self.num_attention_heads == 0 || self.kv_heads() == 0 {
-            return bad("num_attention_heads and num_key_value_heads must be at least 1".into());
+        let bad = |key, expected: &str, found: String| {
+            Err(ModelError::InvalidConfig {
+                key,
+                expected: expected.to_string(),
+                found,
+            })
+        };
+        if self.num_attention_heads == 0 {
+            return bad("num_attention_heads", "at least 1", "0".into());
+        }
+        if self.kv_heads() == 0 {
+            return bad("num_key_value_heads", "at least 1", "0".into());
         }
         if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
-            return bad(format!(
-                "hidden_size {} is not a multiple of num_attention_heads {}",
-                self.hidden_size, self.num_attention_heads
-            ));
+            return bad(
+                "hidden_size",
+                "a multiple of num_attention_heads (or an explicit head_dim)",
+                format!(
+                    "hidden_size {} with num_attention_heads {}",
+                    self.hidden_size, self.num_attention_heads
+                ),
+            );
         }
         if !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
-            return bad(format!(
-                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
-                self.num_attention_heads,
-                self.kv_heads()
-            ));
+            return bad(
+                "num_key_value_heads",
+                "a divisor of num_attention_heads",
+                format!(
+                    "num_attention_heads {} with num_key_value_heads {}",
+                    self.num_attention_heads,
+                    self.kv_heads()
+                ),
+            );
         }
         if self.qk_layernorm && self.model_type != ModelType::Phi {
-            return bad("qk_layernorm is a phi (PhiForCausalLM) option".into());
+            return bad(
+                "qk_layernorm",
+                "false unless model_type is `phi` (a PhiForCausalLM option)",
+                format!("true with model_type {:?}", self.model_type),
+            );
         }
         if self.sliding_window == Some(0) {
-            return bad("sliding_window must be at least 1".into());
+            return bad("sliding_window", "at least 1, or absent", "0".into());
         }
         for (name, p) in [
             ("embd_pdrop", self.embd_pdrop),
@@ -606,7 +652,7 @@ impl PhiConfig {
             ("attention_dropout", self.attention_dropout),
         ] {
             if !(0.0..1.0).contains(&p) {
-                return bad(format!("{name} must be in [0, 1), found {p}"));
+                return bad(name, "a probability in [0, 1)", p.to_string());
             }
         }
         self.rotary()?;
@@ -664,7 +710,7 @@ impl PhiConfig {
             ..params.clone()
         });
         out.rope_parameters = Some(params);
-        serde_json::to_value(&out).map_err(|e| ModelError::Config(e.to_string()))
+        serde_json::to_value(&out).map_err(|source| ModelError::ConfigJson { source })
     }
 }
 
@@ -754,6 +800,26 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("PhiForMaskedLM"));
+        // A NaN spread cannot seed a normal distribution (rand_distr refuses it); the key is named.
+        let mut c = PhiConfig::preset(Preset::TinyPhi);
+        c.initializer_range = f64::NAN;
+        let err = crate::model::Decoder::init_weights(
+            &c,
+            0,
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ModelError::InvalidConfig {
+                    key: "initializer_range",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     /// Every preset's name parses back to it (through `FromStr`, serde and clap alike), and an

@@ -613,8 +613,13 @@ impl Decoder {
         device: &Device,
     ) -> std::result::Result<Weights, ModelError> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let normal = Normal::new(0.0f32, cfg.initializer_range as f32)
-            .map_err(|e| ModelError::Config(format!("initializer_range: {e}")))?;
+        let normal = Normal::new(0.0f32, cfg.initializer_range as f32).map_err(|e| {
+            ModelError::InvalidConfig {
+                key: "initializer_range",
+                expected: "a finite standard deviation".into(),
+                found: format!("{} ({e})", cfg.initializer_range),
+            }
+        })?;
         let mut w = Weights::new();
         for p in parameter_table(cfg)? {
             let tensor = match p.init {

@@ -26,8 +26,20 @@ pub use decoder::{Decoder, Weights};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("model config: {0}")]
-    Config(String),
+    /// A config.json key (or a preset/recipe setting that becomes one) holds a value the
+    /// decoder cannot be built from.
+    #[error("model config `{key}`: expected {expected}, found {found}; fix config.json (or the recipe's [model] that builds it)")]
+    InvalidConfig {
+        key: &'static str,
+        expected: String,
+        found: String,
+    },
+    #[error("model config `architectures`: `{found}` is not supported; phigen runs *ForCausalLM and *ForSequenceClassification heads; pick a checkpoint with one of those")]
+    UnsupportedArchitecture { found: String },
+    #[error("model config `rope_scaling`: rope type `{found}` is not supported; phigen implements default, linear and longrope (su); pick a checkpoint with one of those")]
+    UnsupportedRope { found: String },
+    #[error("model config: cannot be written as JSON ({source}); this is a bug in phigen, please report it")]
+    ConfigJson { source: serde_json::Error },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

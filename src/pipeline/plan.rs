@@ -4,7 +4,7 @@
 //!
 //! Estimates come from the recipe (requested records × the corpus's typical answer length and
 //! the price table) and, once a step has a pilot (an earlier, partial run), from what that run
-//! measured: tokens per answer and cost per kept record.
+//! measured: tokens per answer and cost per kept record (a filter step: cost per rated file).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -118,7 +118,21 @@ fn typical_tokens(dry: &DryRun) -> Option<f64> {
 
 /// What an earlier run of a generate step measured: (tokens per answer, USD per kept record).
 fn pilot(dir: &Path) -> Option<(f64, Option<f64>)> {
+    pilot_stats(dir).map(|(tokens, cost, _)| (tokens, cost))
+}
+
+/// What an earlier, partial rating of a filter step measured (its labels are a generation
+/// directory): (USD per rated file, files rated so far).
+fn rating_pilot(labels: &Path) -> Option<(f64, u64)> {
+    let (_, cost, records) = pilot_stats(labels)?;
+    Some((cost?, records))
+}
+
+/// `stats.json` of a generation directory: (tokens per answer, USD per kept record, records in
+/// the directory).
+fn pilot_stats(dir: &Path) -> Option<(f64, Option<f64>, u64)> {
     let v: Value = serde_json::from_slice(&std::fs::read(dir.join("stats.json")).ok()?).ok()?;
+    let records = v["records"].as_u64()?;
     let run = &v["run"];
     let written = run["written"].as_u64()?;
     let dropped: u64 = run["dropped"]
@@ -130,7 +144,7 @@ fn pilot(dir: &Path) -> Option<(f64, Option<f64>)> {
     }
     let tokens = run["completion_tokens"].as_u64()? as f64 / answers as f64;
     let cost = run["cost_usd"].as_f64().map(|c| c / written as f64);
-    Some((tokens, cost))
+    Some((tokens, cost, records))
 }
 
 /// Whether `cfg` costs money, and whether its price is known.
@@ -489,6 +503,7 @@ fn plan_transform(
         .collect();
     let mut estimate = Estimate::default();
     let mut is_paid = false;
+    let mut rater = None;
     let mut settings = match action {
         Action::Dedup(d) => serde_json::to_value(d),
         Action::Decontaminate(d) => serde_json::to_value(d),
@@ -512,12 +527,7 @@ fn plan_transform(
         settings["teacher"] = teacher_identity(cfg, &resolved);
         files.extend(f.sample.prompt.iter().cloned());
         is_paid = paid(&resolved);
-        // The sample's prompts: the head of each file (max_chars, about 4 characters a
-        // token) plus the rubric; each answer a short rating.
-        let prompt = f.sample.sample as u64 * (f.sample.max_chars as u64 / 4 + 400);
-        let answers = f.sample.sample as u64 * 60;
-        estimate.cost_usd = teacher_cost(&resolved, prompt, answers);
-        estimate.basis = Some("recipe");
+        rater = Some(resolved);
     }
     if let Some(missing) = files.iter().find(|f| !f.exists()) {
         return Err(PipelineError::Usage(format!(
@@ -536,6 +546,24 @@ fn plan_transform(
     let inputs = fingerprint(&files, known_inputs)?;
     let identity = Identity::new(s.kind.name(), settings, inputs, ups.clone());
     let dir = data_dir(&p.out, &s.name, &identity.id);
+    if let (Action::Filter { settings: f, .. }, Some(resolved)) = (action, &rater) {
+        let sample = f.sample.sample as u64;
+        let (labels, _) = crate::classify::annotate::recipe_paths(&dir);
+        (estimate.cost_usd, estimate.basis) = match rating_pilot(&labels) {
+            // An earlier run of this step rated part of the sample: the rest costs what a
+            // rating cost then.
+            Some((per_file, rated)) => (
+                Some(per_file * sample.saturating_sub(rated) as f64),
+                Some("pilot"),
+            ),
+            // The sample's prompts: the head of each file (max_chars, about 4 characters a
+            // token) plus the rubric; each answer a short rating.
+            None => {
+                let prompt = sample * (f.sample.max_chars as u64 / 4 + 400);
+                (teacher_cost(resolved, prompt, sample * 60), Some("recipe"))
+            }
+        };
+    }
     // Sizes flow down: what the inputs hold, or what a finished step measured.
     let outside_bytes: u64 = identity
         .inputs

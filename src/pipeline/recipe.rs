@@ -304,7 +304,14 @@ fn batch() -> usize {
 
 /// The keys of a filter step that are [`SampleSettings`] and [`ModelSettings`] fields, written
 /// flat in the step's table.
-const SAMPLE_KEYS: [&str; 5] = ["sample", "seed", "max_chars", "max_attempts", "prompt"];
+const SAMPLE_KEYS: [&str; 6] = [
+    "sample",
+    "seed",
+    "max_chars",
+    "max_file_tokens",
+    "max_attempts",
+    "prompt",
+];
 const MODEL_KEYS: [&str; 6] = [
     "embedder",
     "cache",

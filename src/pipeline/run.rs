@@ -1,5 +1,6 @@
-//! Runs a planned recipe: every selected step that is not done, in dependency order, each into
-//! its own directory, then the scoreboard.
+//! Runs a planned recipe: every selected step that is not done, in dependency order (up to
+//! `--jobs` independent data steps at once, see [`run`]), each into its own directory, then the
+//! scoreboard.
 //!
 //! A step that stops early (killed, interrupted, over budget) leaves its directory as its stage
 //! leaves it, and no manifest: the same command continues it (generation resumes its slots, the
@@ -40,6 +41,8 @@ pub struct RunOptions {
     pub stop: Arc<AtomicBool>,
     /// Stop training with a checkpoint after this many optimizer steps in this invocation.
     pub max_train_steps: Option<usize>,
+    /// Data steps run at once (at least 1); see [`run`] for which may overlap.
+    pub jobs: usize,
 }
 
 /// What the runner reports to its caller (progress bars, logs).
@@ -47,9 +50,9 @@ pub enum Event<'a> {
     Skip(&'a PlannedStep),
     Start(&'a PlannedStep),
     Finish(&'a PlannedStep, &'a Value),
-    Generate(&'a Progress),
-    /// Bytes read by a cleaning step, tokens written by tokenize.
-    Work(u64),
+    Generate(&'a PlannedStep, &'a Progress),
+    /// Bytes read by a cleaning step, tokens written by tokenize, files scored by a filter.
+    Work(&'a PlannedStep, u64),
     Train(crate::train::Event<'a>),
 }
 
@@ -104,6 +107,13 @@ pub fn selected(plan: &Plan, opts: &RunOptions) -> Result<Vec<String>, PipelineE
         .collect())
 }
 
+/// Runs the selected steps that are not done. Up to `opts.jobs` data steps run at once, each
+/// as soon as the steps it reads are done; training and evals run alone (they use the whole
+/// device). Each step's output depends only on its inputs and settings, so the artifacts are the
+/// same for any `jobs`. With `--max-cost` paid steps run one at a time, so each is budgeted with
+/// exactly what the finished ones left; without it their own `max_cost` bounds each. A step that
+/// fails or stops early starts nothing new: the steps running finish (their manifests are
+/// written) and the run reports the first that stopped.
 pub async fn run(
     p: &Pipeline,
     plan: &Plan,
@@ -158,45 +168,148 @@ pub async fn run(
         opts,
         on_event,
     };
-    let mut spent = 0.0;
-    for step in chosen {
-        if step.status == Status::Done {
-            on_event(Event::Skip(step));
-            continue;
-        }
-        if opts.stop.load(Ordering::SeqCst) {
-            return Ok(RunOutcome::Interrupted {
-                step: step.name.clone(),
-            });
-        }
-        on_event(Event::Start(step));
-        let summary = match step.node {
-            Node::Data(i) => run_data(&cx, step, i, &mut spent).await?,
-            Node::Train => run_train(&cx, step)?,
-            Node::Eval(i) => run_eval(&cx, step, i, &mut spent).await?,
-        };
-        let summary = match summary {
-            StepResult::Done(v) => v,
-            StepResult::Incomplete(reason) => {
-                return Ok(RunOutcome::Incomplete {
-                    step: step.name.clone(),
-                    reason,
-                })
-            }
-            StepResult::Interrupted => {
-                return Ok(RunOutcome::Interrupted {
-                    step: step.name.clone(),
-                })
-            }
-        };
-        let manifest =
-            StepManifest::new(&step.name, &step.kind, &step.identity, &step.dir, summary);
-        lineage::write(plan, &manifest)?;
-        manifest.write(&p.out)?;
-        on_event(Event::Finish(step, &manifest.summary));
+    let stopped = tokio::task::block_in_place(|| schedule(&cx, &chosen))?;
+    if let Some(outcome) = stopped {
+        return Ok(outcome);
     }
     let scoreboard = write_scoreboard(p, plan)?;
     Ok(RunOutcome::Complete { scoreboard })
+}
+
+/// What a step's thread reports: its position in `chosen`, its result (or its panic), what it
+/// paid.
+type Finished = (
+    usize,
+    std::thread::Result<Result<StepResult, PipelineError>>,
+    f64,
+);
+
+/// Runs `chosen` (in plan order, so dependencies first) as described at [`run`]; `Some` when a
+/// step stopped the run. Each running step has its own thread that drives its stage on the
+/// runtime; this thread starts steps, and writes the manifest of each that finishes.
+fn schedule(cx: &Ctx<'_>, chosen: &[&PlannedStep]) -> Result<Option<RunOutcome>, PipelineError> {
+    let (opts, on_event) = (cx.opts, cx.on_event);
+    let runtime = tokio::runtime::Handle::current();
+    let names: BTreeSet<&str> = chosen.iter().map(|s| s.name.as_str()).collect();
+    let mut waiting: Vec<usize> = (0..chosen.len()).collect();
+    let mut finished: BTreeSet<&str> = BTreeSet::new();
+    // Running steps: position in `chosen` → (is paid, runs alone).
+    let mut running: std::collections::BTreeMap<usize, (bool, bool)> = Default::default();
+    let mut spent = 0.0;
+    let mut stopped: Option<Result<RunOutcome, PipelineError>> = None;
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::channel::<Finished>();
+        loop {
+            // Start what may start, in plan order.
+            let mut k = 0;
+            while stopped.is_none() && k < waiting.len() {
+                let step = chosen[waiting[k]];
+                let ready = step
+                    .upstream
+                    .iter()
+                    .all(|u| !names.contains(u.as_str()) || finished.contains(u.as_str()));
+                if !ready {
+                    k += 1;
+                    continue;
+                }
+                if step.status == Status::Done {
+                    on_event(Event::Skip(step));
+                    finished.insert(&step.name);
+                    waiting.remove(k);
+                    continue;
+                }
+                let alone = !matches!(step.node, Node::Data(_));
+                if running.len() >= opts.jobs.max(1)
+                    || running.values().any(|&(_, alone)| alone)
+                    || (alone && !running.is_empty())
+                {
+                    // Nothing more fits now. A step that runs alone keeps the later ones
+                    // waiting, so that a stream of data steps cannot hold it back.
+                    break;
+                }
+                if opts.max_cost.is_some() && step.paid && running.values().any(|&(paid, _)| paid) {
+                    k += 1;
+                    continue;
+                }
+                if opts.stop.load(Ordering::SeqCst) {
+                    stopped = Some(Ok(RunOutcome::Interrupted {
+                        step: step.name.clone(),
+                    }));
+                    break;
+                }
+                let index = waiting.remove(k);
+                running.insert(index, (step.paid, alone));
+                on_event(Event::Start(step));
+                let (tx, runtime, start) = (tx.clone(), runtime.clone(), spent);
+                scope.spawn(move || {
+                    let mut paid = start;
+                    // A panic is reported too (and raised again on this thread), so that the
+                    // loop below never waits for a step that will not report.
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        runtime.block_on(run_step(cx, step, &mut paid))
+                    }));
+                    // The receiver lives until every step has reported.
+                    let _ = tx.send((index, result, paid - start));
+                });
+            }
+            if running.is_empty() {
+                break;
+            }
+            let (index, result, paid) = rx.recv().expect("a running step reports");
+            let result = result.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            running.remove(&index);
+            spent += paid;
+            let step = chosen[index];
+            let summary = match result {
+                Ok(StepResult::Done(v)) => v,
+                Ok(StepResult::Incomplete(reason)) => {
+                    stopped.get_or_insert(Ok(RunOutcome::Incomplete {
+                        step: step.name.clone(),
+                        reason,
+                    }));
+                    continue;
+                }
+                Ok(StepResult::Interrupted) => {
+                    stopped.get_or_insert(Ok(RunOutcome::Interrupted {
+                        step: step.name.clone(),
+                    }));
+                    continue;
+                }
+                Err(e) => {
+                    stopped.get_or_insert(Err(e));
+                    continue;
+                }
+            };
+            let manifest =
+                StepManifest::new(&step.name, &step.kind, &step.identity, &step.dir, summary);
+            let written = lineage::write(cx.plan, &manifest)
+                .and_then(|()| manifest.write(&cx.p.out).map_err(PipelineError::from));
+            match written {
+                Ok(()) => {
+                    finished.insert(&step.name);
+                    on_event(Event::Finish(step, &manifest.summary));
+                }
+                Err(e) => {
+                    stopped.get_or_insert(Err(e));
+                }
+            }
+        }
+    });
+    stopped.transpose()
+}
+
+/// One step, on its own thread; `spent` is what the run had paid when it started, and grows by
+/// what this step pays.
+async fn run_step(
+    cx: &Ctx<'_>,
+    step: &PlannedStep,
+    spent: &mut f64,
+) -> Result<StepResult, PipelineError> {
+    match step.node {
+        Node::Data(i) => run_data(cx, step, i, spent).await,
+        Node::Train => run_train(cx, step),
+        Node::Eval(i) => run_eval(cx, step, i, spent).await,
+    }
 }
 
 enum StepResult {
@@ -292,10 +405,10 @@ async fn run_data(
                 shard_size: *shard_size,
                 concurrency: 1, // the teacher config's concurrency decides
             };
-            generate(cx, &cx.p.teachers[teacher], corpus, gen, spent).await
+            generate(cx, step, &cx.p.teachers[teacher], corpus, gen, spent).await
         }
         Action::Filter { teacher, settings } => {
-            filter(cx, step, i, &cx.p.teachers[teacher], settings, *spent).await
+            filter(cx, step, i, &cx.p.teachers[teacher], settings, spent).await
         }
         Action::Dedup(d) => blocking(|| dedup(cx, step, i, d)),
         Action::Decontaminate(d) => blocking(|| decontaminate(cx, step, i, d)),
@@ -305,6 +418,7 @@ async fn run_data(
 
 async fn generate(
     cx: &Ctx<'_>,
+    step: &PlannedStep,
     teacher: &TeacherConfig,
     corpus: &crate::generate::run::CorpusSettings,
     gen: GenerateOptions,
@@ -313,7 +427,7 @@ async fn generate(
     let (opts, on_event) = (cx.opts, cx.on_event);
     let n = gen.n;
     let cfg = budgeted(teacher, opts, *spent);
-    let progress = |g: &Progress| on_event(Event::Generate(g));
+    let progress = |g: &Progress| on_event(Event::Generate(step, g));
     let stats = stoppable(opts, |state| corpus.run(&cfg, &gen, state, &progress)).await?;
     let cost = stats.run.cost_usd.unwrap_or(0.0);
     *spent += cost;
@@ -356,17 +470,22 @@ async fn generate(
     })
 }
 
+/// The filter in two calls, so that its rating spends from the run's budget like a generate
+/// step: first the teacher rates the sample (stopping the step, like a generate step, when the
+/// budget runs out: a classifier trained on part of the sample would be thrown away by the next
+/// run), then the classifier is trained and every file scored. Whatever either call paid adds
+/// to `spent`.
 async fn filter(
     cx: &Ctx<'_>,
     step: &PlannedStep,
     i: usize,
     teacher: &TeacherConfig,
     settings: &super::recipe::FilterSettings,
-    spent: f64,
+    spent: &mut f64,
 ) -> Result<StepResult, PipelineError> {
+    use crate::classify::pipeline::{self as filtering, PipelineProgress as P};
     let (p, plan, opts, on_event) = (cx.p, cx.plan, cx.opts, cx.on_event);
-    let cfg = budgeted(teacher, opts, spent);
-    let recipe = crate::classify::pipeline::FilterRecipe {
+    let recipe = filtering::FilterRecipe {
         input: crate::classify::InputOptions {
             inputs: inputs(p, plan, i),
             extensions: settings.ext.clone(),
@@ -381,22 +500,60 @@ async fn filter(
         out: step.dir.clone(),
         classifier: None,
     };
-    let progress = |e: crate::classify::pipeline::PipelineProgress| {
-        use crate::classify::pipeline::PipelineProgress as P;
-        match e {
-            P::Generation(g) => on_event(Event::Generate(g)),
-            P::Scored { files } => on_event(Event::Work(files)),
+    let (labels, _) = crate::classify::annotate::recipe_paths(&step.dir);
+    let rated = || {
+        crate::classify::annotate::load_labels(&labels).map_or(0, |l| l.len())
+            >= settings.sample.sample
+    };
+    let mut cost = 0.0;
+    if !rated() {
+        let cfg = budgeted(teacher, opts, *spent);
+        let progress = |g: &Progress| on_event(Event::Generate(step, g));
+        let stats = stoppable(opts, |state| {
+            filtering::annotate(
+                &recipe.input,
+                &recipe.sample,
+                &labels,
+                &cfg,
+                state,
+                &progress,
+            )
+        })
+        .await?;
+        cost = stats.run.cost_usd.unwrap_or(0.0);
+        *spent += cost;
+        match stats.stopped {
+            Some(StopReason::Interrupted) => return Ok(StepResult::Interrupted),
+            Some(StopReason::Budget) => {
+                return Ok(StepResult::Incomplete(format!(
+                    "the budget ran out after rating {} of {} sampled files (${cost:.4} spent by this run): raise `max_cost` or --max-cost and run the same command again",
+                    stats.records, stats.requested
+                )))
+            }
             _ => {}
         }
+    }
+    // The second call rates again only what the first left unrated (failed requests, a sample
+    // larger than the readable files): its spend is reported by its `Rated` event.
+    let cfg = budgeted(teacher, opts, *spent);
+    let rerated = std::sync::Mutex::new(0.0);
+    let progress = |e: P| match e {
+        P::Generation(g) => on_event(Event::Generate(step, g)),
+        P::Scored { files } => on_event(Event::Work(step, files)),
+        P::Rated { stats, .. } => {
+            *rerated.lock().unwrap_or_else(|e| e.into_inner()) += stats.run.cost_usd.unwrap_or(0.0)
+        }
+        _ => {}
     };
     let stats = stoppable(opts, |state| {
-        crate::classify::pipeline::run(&recipe, &cfg, state, &progress)
+        filtering::run(&recipe, &cfg, state, &progress)
     })
     .await;
+    let rerated = rerated.into_inner().unwrap_or_else(|e| e.into_inner());
+    *spent += rerated;
+    cost += rerated;
     let stats = match stats {
-        Err(crate::classify::pipeline::PipelineError::Interrupted { .. }) => {
-            return Ok(StepResult::Interrupted)
-        }
+        Err(filtering::PipelineError::Interrupted { .. }) => return Ok(StepResult::Interrupted),
         other => other?,
     };
     Ok(StepResult::Done(json!({
@@ -405,6 +562,7 @@ async fn filter(
         "kept_share": stats.kept_share,
         "tokens": stats.tokens_kept,
         "threshold": stats.threshold,
+        "cost_usd_this_run": cost,
     })))
 }
 
@@ -415,7 +573,7 @@ fn dedup(
     d: &super::recipe::DedupSettings,
 ) -> Result<StepResult, PipelineError> {
     let (p, plan) = (cx.p, cx.plan);
-    let progress = |n: u64| (cx.on_event)(Event::Work(n));
+    let progress = |n: u64| (cx.on_event)(Event::Work(step, n));
     let opts = crate::dedup::DedupOptions {
         inputs: inputs(p, plan, i),
         out: step.dir.clone(),
@@ -445,7 +603,7 @@ fn decontaminate(
     d: &super::recipe::DecontaminateSettings,
 ) -> Result<StepResult, PipelineError> {
     let (p, plan) = (cx.p, cx.plan);
-    let progress = |n: u64| (cx.on_event)(Event::Work(n));
+    let progress = |n: u64| (cx.on_event)(Event::Work(step, n));
     let opts = crate::dedup::decontaminate::DecontaminateOptions {
         inputs: inputs(p, plan, i),
         out: step.dir.clone(),
@@ -475,7 +633,7 @@ fn tokenize(
     t: &super::recipe::TokenizeSettings,
 ) -> Result<StepResult, PipelineError> {
     let (p, plan) = (cx.p, cx.plan);
-    let progress = |n: u64| (cx.on_event)(Event::Work(n));
+    let progress = |n: u64| (cx.on_event)(Event::Work(step, n));
     let opts = crate::tokenize::TokenizeOptions {
         inputs: inputs(p, plan, i),
         out: step.dir.clone(),
@@ -661,7 +819,7 @@ async fn run_eval(
                 gen_top_p: st.gen_top_p,
                 seed: st.seed,
             };
-            let progress = |g: &Progress| on_event(Event::Generate(g));
+            let progress = |g: &Progress| on_event(Event::Generate(step, g));
             let graded = stoppable(opts, |state| {
                 crate::eval::stories::run(&settings, &cfg, state, &progress)
             })

@@ -198,11 +198,13 @@ impl Teacher for LocalTeacher {
                 },
                 attempts: 1,
             }),
-            Err(e @ EngineError::PromptTooLong { .. }) => Err(TeacherError::Rejected {
-                url: model.name.clone(),
-                status: 400,
-                body: e.to_string(),
-            }),
+            Err(EngineError::PromptTooLong { prompt, context }) => {
+                Err(TeacherError::PromptTooLong {
+                    model: model.name.clone(),
+                    prompt,
+                    context,
+                })
+            }
             Err(e) => Err(fail(e.to_string())),
         }
     }

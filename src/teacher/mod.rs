@@ -122,6 +122,14 @@ pub enum TeacherError {
         status: u16,
         body: String,
     },
+    /// The prompt does not fit the local teacher's context. Like a rejected request this is the
+    /// prompt's fault, not the teacher's: that record fails, the others go on, nothing is retried.
+    #[error("the local teacher {model} cannot take this prompt: it has {prompt} tokens, the model's context is {context}; shorten the prompt (its template or inputs) or pick a teacher with a longer context")]
+    PromptTooLong {
+        model: String,
+        prompt: usize,
+        context: usize,
+    },
     /// Retryable failures (429, 5xx, timeouts, dropped connections, malformed bodies) that kept failing.
     #[error("gave up after {attempts} attempts: {last}")]
     Exhausted { attempts: u32, last: String },
@@ -160,7 +168,9 @@ impl TeacherError {
     pub fn is_fatal(&self) -> bool {
         !matches!(
             self,
-            TeacherError::Rejected { .. } | TeacherError::Exhausted { .. }
+            TeacherError::Rejected { .. }
+                | TeacherError::PromptTooLong { .. }
+                | TeacherError::Exhausted { .. }
         )
     }
 }

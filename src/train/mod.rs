@@ -33,7 +33,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::artifact::atomic;
-use crate::model::{checkpoint, tokenizer, Decoder, ModelError, PhiConfig, Weights};
+use crate::model::{checkpoint, tokenizer, Decoder, ModelError, ModelType, PhiConfig, Weights};
 use data::{DataError, Mixture};
 use optim::{AdamW, Hyper};
 use recipe::{Init, Recipe, Stage};
@@ -79,6 +79,19 @@ pub enum TrainError {
     },
     #[error("{path}: {reason}")]
     BadState { path: PathBuf, reason: String },
+    #[error("{}: a stage's `init = \"tile:DIR\"` needs a checkpoint of the recipe model's type `{expected:?}`, found `{found:?}`; tile from a smaller `{expected:?}` checkpoint, or start from `random`", dir.display())]
+    TileModelType {
+        dir: PathBuf,
+        expected: ModelType,
+        found: ModelType,
+    },
+    #[error("{}: tensor `{tensor}` has rank {found}, the recipe's model needs shape {expected:?} (rank {}); tile from a checkpoint of the same architecture", dir.display(), expected.len())]
+    TileRank {
+        dir: PathBuf,
+        tensor: String,
+        expected: Vec<usize>,
+        found: usize,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
@@ -301,13 +314,11 @@ fn read_state(dir: &Path) -> Result<TrainerState, TrainError> {
 fn tile_weights(cfg: &PhiConfig, dir: &Path) -> Result<Weights, TrainError> {
     let (small_cfg, small) = checkpoint::load_weights(dir, DType::F32, &Device::Cpu)?;
     if small_cfg.model_type != cfg.model_type {
-        return Err(ModelError::Config(format!(
-            "{}: tiling needs the same layout; it is {:?}, the recipe's model is {:?}",
-            dir.display(),
-            small_cfg.model_type,
-            cfg.model_type
-        ))
-        .into());
+        return Err(TrainError::TileModelType {
+            dir: dir.to_path_buf(),
+            expected: cfg.model_type,
+            found: small_cfg.model_type,
+        });
     }
     let mut out = Weights::new();
     for p in crate::model::names::parameter_table(cfg)? {
@@ -327,12 +338,12 @@ fn tile_weights(cfg: &PhiConfig, dir: &Path) -> Result<Weights, TrainError> {
             .ok_or_else(|| ModelError::MissingParameter(source.clone()))?
             .clone();
         if t.rank() != p.shape.len() {
-            return Err(ModelError::Config(format!(
-                "{source}: rank {} cannot tile to {:?}",
-                t.rank(),
-                p.shape
-            ))
-            .into());
+            return Err(TrainError::TileRank {
+                dir: dir.to_path_buf(),
+                tensor: source,
+                expected: p.shape.clone(),
+                found: t.rank(),
+            });
         }
         for (d, &want) in p.shape.iter().enumerate() {
             let have = t.dim(d)?;

@@ -385,3 +385,26 @@ fn cuda_loss_curve_follows_the_cpu_one() {
         );
     }
 }
+
+/// Tiling from a checkpoint of another model type is refused with the typed error that names
+/// the directory and both types (the tiny presets are phi and phi-3, so their layouts differ).
+#[test]
+fn tiling_from_another_model_type_names_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = PhiConfig::preset(crate::model::Preset::TinyPhi3);
+    checkpoint::save_random(dir.path(), &small, 0, DType::F32, Encoding::Gpt2).unwrap();
+    let cfg = PhiConfig::preset(crate::model::Preset::TinyPhi);
+    let err = tile_weights(&cfg, dir.path()).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            TrainError::TileModelType {
+                expected: ModelType::Phi,
+                found: ModelType::Phi3,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("tile:DIR"), "{err}");
+}
