@@ -728,7 +728,10 @@ async fn jobs_2_gives_the_artifacts_of_jobs_1() {
             "{step}"
         );
     }
-    for step in ["tok-exercises"] {
+    {
+        // The exercises' token set: the textbooks' differ between two --jobs 1 runs already
+        // (generation writes records in arrival order and dedup keeps the first of a pair).
+        let step = "tok-exercises";
         let (a, b) = (
             shard_bytes(&step_dir(&outs[0], step)),
             shard_bytes(&step_dir(&outs[1], step)),

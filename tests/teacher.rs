@@ -321,11 +321,11 @@ async fn stories_from_the_real_smollm2_are_english_and_use_their_words() {
     c.args(["--quiet", "stories", "--teacher"])
         .arg(format!("local:{}", gguf.display()))
         .args(["--out", out.to_str().unwrap(), "--n", "2", "--seed", "3"])
-        .args(["--concurrency", "1", "--max-attempts", "3"])
+        .args(["--concurrency", "1", "--max-attempts", "6"])
         .env_remove("OPENAI_API_KEY")
         .env_remove("OPENAI_BASE_URL");
     let o = run(c).await;
-    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(o.status.success(), "{}\n{}", stderr(&o), stats(&out));
     let part = out.join("part-00000.parquet");
     let df = table::read_columns(&part, &["text", "verb", "noun", "adjective"]).unwrap();
     let column = |name| table::text_column(&df, &part, name).unwrap();
@@ -382,7 +382,7 @@ fn smollm2_gguf() -> Option<std::path::PathBuf> {
 /// The main job on the embedded default (issue 25): `phigen textbooks --n 4` with no key and the
 /// real SmolLM2-135M-Instruct GGUF, at the local teacher's defaults (sampling and the small-model
 /// prompt), keeps at least one section with the checks unchanged. Each kept section is checked
-/// here without phigen's own code: CPython's `ast` parses every ```python block (parsed, never
+/// here without phigen's own code: CPython finds its code blocks and `ast` parses each (parsed, never
 /// run) and it has at least 150 words. Seeds come from the record ids, so the run is the same
 /// each time on a given CPU.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -406,38 +406,60 @@ async fn textbooks_from_the_real_smollm2_keep_sections() {
     .env_remove("OPENAI_API_KEY")
     .env_remove("OPENAI_BASE_URL");
     let o = run(c).await;
-    assert!(o.status.success(), "{}", stderr(&o));
-    let records = shard_records(&out);
-    assert!(!records.is_empty(), "no section kept: {}", stats(&out));
-    for (_, _, text) in &records {
+    // Exit 4: fewer than 4 kept after 4 attempts each (incomplete); a 135M teacher keeps about a
+    // fifth of its answers (README), and the test asks for one.
+    assert!(
+        matches!(o.status.code(), Some(0 | 4)),
+        "{}\n{}",
+        stderr(&o),
+        stats(&out)
+    );
+    let part = out.join("part-00000.parquet");
+    assert!(part.exists(), "no section kept: {}", stats(&out));
+    let df = table::read_columns(&part, &["text"]).unwrap();
+    let texts = table::text_column(&df, &part, "text").unwrap();
+    assert!(!texts.is_empty(), "no section kept: {}", stats(&out));
+    for text in texts.iter().map(|t| t.as_deref().unwrap()) {
         assert!(text.split_whitespace().count() >= 150, "{text}");
-        let blocks: Vec<&str> = text
-            .split("```python\n")
-            .skip(1)
-            .map(|rest| rest.split("```").next().unwrap())
-            .collect();
-        assert!(!blocks.is_empty(), "no python block: {text}");
-        for code in blocks {
-            let mut p = Command::new("python3");
-            p.args(["-I", "-c", "import ast, sys; ast.parse(sys.stdin.read())"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped());
-            let mut child = p.spawn().expect("python3 runs");
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(code.as_bytes())
-                .unwrap();
-            let parsed = child.wait_with_output().unwrap();
-            assert!(
-                parsed.status.success(),
-                "CPython does not parse {code:?}: {}",
-                stderr(&parsed)
-            );
-        }
+        // Code blocks as phigen's checks define them (a fence with no language, python, py or
+        // python3; the indentation common to a block removed), found and parsed by CPython.
+        const PARSE_BLOCKS: &str = r#"
+import ast, sys, textwrap
+blocks, cur, lang = [], None, None
+for line in sys.stdin.read().splitlines():
+    t = line.lstrip()
+    if cur is None:
+        if t.startswith("```"):
+            cur, lang = [], t[3:].strip().lower()
+    elif t.startswith("```"):
+        if lang in ("", "python", "py", "python3"):
+            blocks.append(textwrap.dedent("\n".join(cur)))
+        cur = None
+    else:
+        cur.append(line)
+assert blocks, "no code block"
+for b in blocks:
+    ast.parse(b)
+"#;
+        let mut p = Command::new("python3");
+        p.args(["-I", "-c", PARSE_BLOCKS])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = p.spawn().expect("python3 runs");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let parsed = child.wait_with_output().unwrap();
+        assert!(
+            parsed.status.success(),
+            "CPython finds no parsing code blocks in {text:?}: {}",
+            stderr(&parsed)
+        );
     }
 }
 
@@ -770,7 +792,7 @@ async fn local_teacher_records_do_not_depend_on_concurrency() {
             .env_remove("OPENAI_API_KEY")
             .env_remove("OPENAI_BASE_URL");
         let o = run(c).await;
-        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(o.status.success(), "{}\n{}", stderr(&o), stats(&out));
         let rejects = out.join("rejects.parquet");
         let mut rejected = if rejects.exists() {
             let df = table::read_columns(&rejects, &["id"]).unwrap();

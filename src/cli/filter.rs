@@ -481,7 +481,10 @@ mod tests {
         };
         assert!(parse("512").is_ok());
         for bad in ["0", "0.5", "1e3", "many", "-4", "NaN"] {
-            let e = parse(bad).err().expect("refused").to_string();
+            let Err(e) = parse(bad) else {
+                panic!("--max-file-tokens={bad} was accepted")
+            };
+            let e = e.to_string();
             assert!(
                 e.contains("--max-file-tokens") && e.contains("[16, 1000000]"),
                 "{bad}: {e}"

@@ -564,7 +564,7 @@ mod tests {
         let s = cfg.sampling(&local, 1024);
         assert_eq!(
             (s.temperature, s.top_k, s.min_p),
-            (0.8, Some(40), Some(0.05))
+            (1.0, Some(40), Some(0.05))
         );
         let given = TeacherConfig {
             temperature: 0.3,
