@@ -789,6 +789,9 @@ async fn local_teacher_records_do_not_depend_on_concurrency() {
             .args(["--out", out.to_str().unwrap(), "--n", "6"])
             .args(["--max-attempts", "6", "--max-tokens", "400"])
             .args(["--concurrency", concurrency, "--seed", "11"])
+            // The whole distribution, as before the local teacher's top-k/min-p defaults: a
+            // random tiny model loops inside a top-40 and its slots give up.
+            .args(["--top-k", "1000000", "--min-p", "0"])
             .env_remove("OPENAI_API_KEY")
             .env_remove("OPENAI_BASE_URL");
         let o = run(c).await;

@@ -248,8 +248,8 @@ fn run(
     }
 }
 
-/// Continuous batching over slots: newcomers that arrive together are prefilled as one batch,
-/// each then gets its own [`Slot`] (a copy of its own prefill only), and every step decodes
+/// Continuous batching over slots: each newcomer is prefilled on its own (so its numbers do not
+/// depend on what arrived with it), gets its own [`Slot`], and every step decodes
 /// all live rows over their slots in place. A row that ends leaves with its slot.
 fn run_slots(
     model: &LocalModel,
@@ -279,20 +279,23 @@ fn run_slots(
                 .into_iter()
                 .map(|job| Row::new(job, model))
                 .collect();
-            match prefill(model, &mut rows) {
-                Ok(cache) => {
-                    for (i, row) in rows.iter_mut().enumerate() {
-                        if !row.going_on() {
+            // Each newcomer's prompt runs on its own: a row's numbers must not depend on which
+            // other prompts arrived with it (records are the same at any --concurrency).
+            for row in rows.iter_mut() {
+                let one = std::slice::from_mut(row);
+                match prefill(model, one) {
+                    Ok(cache) => {
+                        if !one[0].going_on() {
                             continue;
                         }
-                        let more = row.request.limit(model.context());
-                        match Slot::from_batch(&cache, i, more) {
-                            Ok(slot) => row.slot = Some(slot),
-                            Err(e) => fail(std::slice::from_mut(row), &e),
+                        let more = one[0].request.limit(model.context());
+                        match Slot::from_batch(&cache, 0, more) {
+                            Ok(slot) => one[0].slot = Some(slot),
+                            Err(e) => fail(one, &e),
                         }
                     }
+                    Err(e) => fail(one, &e),
                 }
-                Err(e) => fail(&mut rows, &e),
             }
             rows.iter_mut().for_each(|r| r.answer(model, generated));
             live.extend(rows.into_iter().filter(Row::going_on));
