@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::numbers::{self, f64_in, int_in};
 use super::Outcome;
 use crate::dedup::minhash::{Normalize, Params, Shingles};
-use crate::dedup::{self, DedupOptions, Slice};
+use crate::dedup::{self, DedupOptions, Keep, Slice};
 
 #[derive(Debug, Clone, Args)]
 pub struct DedupArgs {
@@ -49,6 +49,10 @@ pub struct DedupArgs {
     /// Read symlinks that lead out of the input directories (by default they are skipped and counted).
     #[arg(long)]
     pub follow_symlinks: bool,
+    /// Which document of a duplicate cluster is kept: the first by (file, row), or the one with the
+    /// least id (the same survivor whatever order a corpus was written in).
+    #[arg(long, value_enum, default_value = "first")]
+    pub keep: Keep,
 }
 
 /// A spinner over the bytes read, shared with `phigen decontaminate` (which reads corpora the same
@@ -100,6 +104,7 @@ pub fn dedup(args: &DedupArgs, quiet: bool) -> anyhow::Result<Outcome> {
         index: args.index.clone(),
         shard: args.shard,
         follow_symlinks: args.follow_symlinks,
+        keep: args.keep,
     };
     let bar = byte_bar(quiet);
     let outcome = dedup::run(&opts, &|n| bar.inc(n))?;

@@ -103,6 +103,22 @@ pub struct DedupOptions {
     pub shard: Option<Slice>,
     /// Read symlinks that lead out of the input trees.
     pub follow_symlinks: bool,
+    /// Which document of a cluster is kept.
+    pub keep: Keep,
+}
+
+/// Which document of a duplicate cluster is kept (`--keep`); an `--index`'s documents always come
+/// first.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Keep {
+    /// The first by (input file in sorted path order, row).
+    #[default]
+    First,
+    /// The one with the least id (ties: the first by file and row): the same survivor whatever
+    /// order the documents were written in, so a corpus generated in arrival order dedups to the
+    /// same set on every run (recipe runs use it).
+    LeastId,
 }
 
 /// An input file as a signature slice or `stats.json` records it (to tell stale results apart).
@@ -320,6 +336,9 @@ pub struct Stats {
     pub params: Params,
     pub exact_normalize: Normalize,
     pub verify_jaccard: Option<f64>,
+    /// Absent from a `stats.json` written before `--keep` existed: `first`.
+    #[serde(default)]
+    pub keep: Keep,
     pub sources: Vec<Source>,
     pub documents: usize,
     pub bytes: u64,
@@ -413,7 +432,7 @@ pub fn run(opts: &DedupOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<Outco
         Some(dir) => load_index(dir, &opts.params, opts.exact, stride)?,
         None => (None, SigTable::default()),
     };
-    let all = Documents::new(&index, &table, stride);
+    let all = Documents::new(&index, &table, stride, opts.keep);
     let sets: Option<Vec<Vec<u64>>> = match opts.verify_jaccard {
         Some(_) => Some(shingle_sets(
             &files,
@@ -453,6 +472,7 @@ pub fn run(opts: &DedupOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<Outco
         params: opts.params,
         exact_normalize: opts.exact,
         verify_jaccard: opts.verify_jaccard,
+        keep: opts.keep,
         bytes: sources.iter().map(|s| s.bytes).sum(),
         sources,
         documents: total - m,
@@ -527,6 +547,7 @@ fn previous_stats(
         && old.params == opts.params
         && old.exact_normalize == opts.exact
         && old.verify_jaccard == opts.verify_jaccard
+        && old.keep == opts.keep
     {
         if let (Some(dir), Some(generation)) = (&opts.index, old.index_generation) {
             commit_index(dir, &opts.params, opts.exact, generation)?;
@@ -568,7 +589,7 @@ fn signatures(
 }
 
 /// Every document in cluster order: position p < m is index document p; p ≥ m is new document
-/// `order[p - m]`, new documents being ordered by (file, row).
+/// `order[p - m]`, new documents being ordered by (file, row), or by id for [`Keep::LeastId`].
 struct Documents<'a> {
     index: &'a SigTable,
     new: &'a SigTable,
@@ -577,9 +598,15 @@ struct Documents<'a> {
 }
 
 impl<'a> Documents<'a> {
-    fn new(index: &'a SigTable, new: &'a SigTable, stride: usize) -> Self {
+    fn new(index: &'a SigTable, new: &'a SigTable, stride: usize, keep: Keep) -> Self {
         let mut order: Vec<usize> = (0..new.ids.len()).collect();
-        order.sort_by_key(|&i| (new.words[i * stride], new.words[i * stride + 1]));
+        let at = |i: usize| (new.words[i * stride], new.words[i * stride + 1]);
+        match keep {
+            Keep::First => order.sort_by_key(|&i| at(i)),
+            Keep::LeastId => {
+                order.sort_by(|&a, &b| new.ids[a].cmp(&new.ids[b]).then(at(a).cmp(&at(b))))
+            }
+        }
         Documents {
             index,
             new,

@@ -29,6 +29,7 @@ fn options(inputs: Vec<PathBuf>, out: PathBuf) -> DedupOptions {
         index: None,
         shard: None,
         follow_symlinks: false,
+        keep: Keep::First,
     }
 }
 
@@ -511,4 +512,30 @@ fn removed_table_keeps_its_columns() {
             ("exact_similarity", Kind::Float),
         ]
     );
+}
+
+/// `--keep least-id` keeps the document with the least id whatever file and row it sits in; the
+/// default keeps the first by (file, row). The pair is one exact duplicate written in two files:
+/// `a.jsonl` holds id "z1", `b.jsonl` id "a1" (expected survivors by the rules as stated).
+#[test]
+fn keep_least_id_does_not_depend_on_where_a_document_was_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "the same words in the same order, twice over, to be one exact duplicate pair";
+    write_jsonl(
+        &dir.path().join("in/a.jsonl"),
+        &[("z1".into(), text.into())],
+    );
+    write_jsonl(
+        &dir.path().join("in/b.jsonl"),
+        &[("a1".into(), text.into())],
+    );
+    let mut first = options(vec![dir.path().join("in")], dir.path().join("first"));
+    done(&first);
+    let dropped: Vec<String> = removed(&first.out).into_keys().collect();
+    assert_eq!(dropped, ["a1"], "the first by (file, row) is kept");
+    first.out = dir.path().join("least");
+    first.keep = Keep::LeastId;
+    done(&first);
+    let dropped: Vec<(String, String)> = removed(&first.out).into_iter().collect();
+    assert_eq!(dropped, [("z1".to_string(), "a1".to_string())]);
 }

@@ -583,6 +583,9 @@ fn dedup(
         index: None,
         shard: None,
         follow_symlinks: false,
+        // Generated corpora are written in arrival order: keeping the least id makes the kept
+        // set the same on every run (and after a resume).
+        keep: crate::dedup::Keep::LeastId,
     };
     let stats = match crate::dedup::run(&opts, &progress)? {
         crate::dedup::Outcome::Done(s) | crate::dedup::Outcome::UpToDate(s) => s,
