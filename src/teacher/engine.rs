@@ -191,22 +191,10 @@ fn run(
     let mut live: Vec<Row> = Vec::new();
     let mut cache: Option<KvCache> = None;
     loop {
-        // Requests join whenever there is room: at once while rows are generating, after a
-        // short gathering wait when nothing is.
-        let mut joining: Vec<Job> = Vec::new();
-        if live.is_empty() {
-            if !gather(rx, &mut joining, max_batch) {
-                return;
-            }
-        } else {
-            let room = max_batch.saturating_sub(live.iter().filter(|r| r.going_on()).count());
-            while joining.len() < room {
-                match rx.try_recv() {
-                    Ok(job) => joining.push(job),
-                    Err(_) => break,
-                }
-            }
-        }
+        let room = max_batch.saturating_sub(live.iter().filter(|r| r.going_on()).count());
+        let Some(joining) = arrivals(rx, live.is_empty(), room, max_batch) else {
+            return;
+        };
         let mut rows: Vec<Row> = Vec::new();
         let mut joined: Option<KvCache> = None;
         if !joining.is_empty() {
@@ -260,19 +248,10 @@ fn run_slots(
 ) {
     let mut live: Vec<Row> = Vec::new();
     loop {
-        let mut joining: Vec<Job> = Vec::new();
-        if live.is_empty() {
-            if !gather(rx, &mut joining, max_batch) {
-                return;
-            }
-        } else {
-            while live.len() + joining.len() < max_batch {
-                match rx.try_recv() {
-                    Ok(job) => joining.push(job),
-                    Err(_) => break,
-                }
-            }
-        }
+        let room = max_batch.saturating_sub(live.len());
+        let Some(joining) = arrivals(rx, live.is_empty(), room, max_batch) else {
+            return;
+        };
         if !joining.is_empty() {
             batches.fetch_add(1, Ordering::Relaxed);
             let mut rows: Vec<Row> = joining
@@ -323,6 +302,28 @@ fn run_slots(
         live.iter_mut().for_each(|r| r.answer(model, generated));
         live.retain(Row::going_on);
     }
+}
+
+/// The requests that join the batch now: when it is `idle`, after a short gathering wait (see
+/// [`gather`]); while rows are generating, those already waiting, up to `room`. `None` once every
+/// sender is gone and nothing is waiting.
+fn arrivals(
+    rx: &mpsc::Receiver<Job>,
+    idle: bool,
+    room: usize,
+    max_batch: usize,
+) -> Option<Vec<Job>> {
+    let mut joining = Vec::new();
+    if idle {
+        return gather(rx, &mut joining, max_batch).then_some(joining);
+    }
+    while joining.len() < room {
+        match rx.try_recv() {
+            Ok(job) => joining.push(job),
+            Err(_) => break,
+        }
+    }
+    Some(joining)
 }
 
 /// Waits for a job when `jobs` is empty, then up to [`GATHER`] for more, up to `max_batch` in all.
