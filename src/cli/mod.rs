@@ -26,6 +26,7 @@ use crate::generate::engine::{
     self as engine, DryRun, GenerateError, GenerateOptions, LikelyCause, LowKeep, RunState, Stats,
     StopReason,
 };
+use crate::generate::exercises::Verify;
 use crate::generate::run::{
     CorpusSettings, ExercisesSettings, Progress, StoriesSettings, TextbooksSettings,
 };
@@ -298,6 +299,11 @@ pub struct ExercisesArgs {
     /// Wall-clock seconds a program may run (the HumanEval harness uses 3); at most a day.
     #[arg(long, default_value_t = 3.0, value_parser = f64_in(numbers::SECONDS))]
     pub exec_timeout: f64,
+    /// How an exercise is checked before it is kept: `tests` runs its asserts in the sandbox,
+    /// `parse` keeps a function that parses and has a docstring, running nothing (for a small
+    /// local teacher, which rarely writes asserts that pass; stats.json records the choice).
+    #[arg(long, value_enum, default_value_t = Verify::Tests)]
+    pub verify: Verify,
     /// Output directory.
     #[arg(long, default_value = "data/exercises")]
     pub out: PathBuf,
@@ -424,6 +430,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 sandbox_workers: args.sandbox_workers,
                 unsafe_sandbox: args.unsafe_sandbox,
                 exec_timeout: args.exec_timeout,
+                verify: args.verify,
             });
             generate(&settings, &args.out, &args.output, &args.teacher, cli.quiet).await
         }

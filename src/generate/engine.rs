@@ -1162,11 +1162,11 @@ mod tests {
     use crate::artifact::table::{cell_fits, Kind};
     use crate::classify::annotate::{self, Annotate, Rating, Sampled};
     use crate::eval::stories::{self as grading, Continuation, Grade, Grades};
+    use crate::generate::exercises::Outcome;
     use crate::generate::exercises::{ExerciseChecks, ExerciseConstraints, Exercises};
     use crate::generate::prompt::Template;
     use crate::generate::stories::{self, Stories, StoryChecks, StoryConstraints, Vocabulary};
     use crate::generate::textbooks::{self, TextbookChecks, TextbookConstraints, Textbooks};
-    use crate::sandbox::Verdict;
     use serde_json::json;
 
     /// The corpus columns each `Corpus::columns()` listed before rows were typed (commit
@@ -1431,7 +1431,7 @@ mod tests {
             ExerciseChecks {
                 code: "assert True".into(),
                 asserts: 1,
-                outcome: Verdict::Passed,
+                outcome: Outcome::Passed,
                 exec_seconds: 0.5,
             },
         );

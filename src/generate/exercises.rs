@@ -2,8 +2,11 @@
 //! `assert` tests. Diversity comes from constraining the function name — a verb × object pool from
 //! `seeds/exercises/` — together with a topic and a difficulty.
 //!
-//! An answer is kept only if its code parses, defines the required function, has top-level asserts,
-//! and passes them when executed in the sandbox (`crate::sandbox`).
+//! By default ([`Verify::Tests`]) an answer is kept only if its code parses, defines the required
+//! function, has top-level asserts, and passes them when executed in the sandbox
+//! (`crate::sandbox`). [`Verify::Parse`] keeps a function that parses and states its exercise in a
+//! docstring, without running anything: phi-1's CodeExercises were not executed either, and a
+//! small local teacher rarely writes asserts that pass (SmolLM2-135M: 0 of 64).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -12,7 +15,7 @@ use polars::prelude::{DataFrame, PolarsResult};
 use rand::seq::IndexedRandom;
 use rand_chacha::ChaCha8Rng;
 use rustpython_parser::ast::Stmt;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::prompt::Template;
@@ -27,12 +30,30 @@ pub const BUILTIN_VERBS: &str = include_str!("../../seeds/exercises/verbs.txt");
 pub const BUILTIN_OBJECTS: &str = include_str!("../../seeds/exercises/objects.txt");
 const DIFFICULTIES: &[&str] = &["easy", "medium", "hard"];
 
+/// How an exercise's code is checked before it is kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Verify {
+    /// Its top-level asserts run in the sandbox and pass.
+    #[default]
+    Tests,
+    /// It parses and its function has a docstring; nothing runs.
+    Parse,
+}
+
+impl Verify {
+    pub fn is_tests(&self) -> bool {
+        *self == Verify::Tests
+    }
+}
+
 pub struct Exercises {
     template: Template,
     topics: Vec<Topic>,
     verbs: Vec<String>,
     objects: Vec<String>,
-    sandbox: Arc<Sandbox>,
+    /// The sandbox the asserts run in; `None` for [`Verify::Parse`].
+    sandbox: Option<Arc<Sandbox>>,
 }
 
 impl Exercises {
@@ -41,7 +62,7 @@ impl Exercises {
         topics: Vec<Topic>,
         verbs: Vec<String>,
         objects: Vec<String>,
-        sandbox: Arc<Sandbox>,
+        sandbox: Option<Arc<Sandbox>>,
     ) -> Exercises {
         Exercises {
             template,
@@ -68,22 +89,34 @@ row! {
         /// The Python block that was executed: signature, docstring, solution, asserts.
         pub code: String,
         pub asserts: u64,
-        /// `passed` for every kept record; drops carry `failed` / `timed_out` / `crashed` in rejects.
-        pub outcome: Verdict,
+        /// `passed` for every kept record checked by its tests, `not_run` with `--verify parse`;
+        /// drops carry `failed` / `timed_out` / `crashed` in rejects.
+        pub outcome: Outcome,
         pub exec_seconds: f64,
     }
 }
 
-/// A verdict is a text column holding its serde name (`passed`, …).
-impl Cell for Verdict {
+/// What became of a kept exercise's code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Its asserts ran in the sandbox and passed.
+    Passed,
+    /// Nothing ran (`--verify parse`).
+    NotRun,
+}
+
+/// An outcome is a text column holding its serde name (`passed`, `not_run`).
+impl Cell for Outcome {
     const KIND: Kind = Kind::Text;
     fn into_cell(self) -> Value {
-        serde_json::to_value(self).expect("verdicts serialize as their names")
+        serde_json::to_value(self).expect("outcomes serialize as their names")
     }
 }
 
-/// Static checks: the block that defines `name`, parsed, with its number of top-level asserts.
-fn exercise_block(name: &str, text: &str) -> Result<(String, u64), Drop> {
+/// Static checks: the block that defines `name`, parsed, with its number of top-level asserts
+/// (at least one for [`Verify::Tests`]; a docstring on the function for [`Verify::Parse`]).
+fn exercise_block(name: &str, text: &str, verify: Verify) -> Result<(String, u64), Drop> {
     let blocks = python::python_blocks(text);
     if blocks.is_empty() {
         return Err(Drop::new(DropReason::NoCode, "no ```python code block"));
@@ -102,10 +135,25 @@ fn exercise_block(name: &str, text: &str) -> Result<(String, u64), Drop> {
                 .iter()
                 .filter(|s| matches!(s, Stmt::Assert(_)))
                 .count() as u64;
-            if asserts == 0 {
-                return Err(Drop::new(DropReason::NoTests, "no top-level assert"));
-            }
-            return Ok((b.code.clone(), asserts));
+            return match verify {
+                Verify::Tests if asserts == 0 => {
+                    Err(Drop::new(DropReason::NoTests, "no top-level assert"))
+                }
+                Verify::Parse => match python::function_body(&module, name) {
+                    Some((false, _)) => Err(Drop::new(
+                        DropReason::NoDocstring,
+                        format!("`{name}` has no docstring stating the exercise"),
+                    )),
+                    Some((true, code)) if code.is_empty() => Err(Drop::new(
+                        DropReason::NoSolution,
+                        format!(
+                            "`{name}` is a stub: only its docstring, `pass`, `...` or `return`"
+                        ),
+                    )),
+                    _ => Ok((b.code.clone(), asserts)),
+                },
+                Verify::Tests => Ok((b.code.clone(), asserts)),
+            };
         }
         defined.extend(names);
     }
@@ -161,11 +209,22 @@ impl Corpus for Exercises {
         c: &ExerciseConstraints,
         text: &str,
     ) -> impl Future<Output = Result<ExerciseChecks, Drop>> + Send {
-        let block = exercise_block(&c.function_name, text);
+        let verify = match self.sandbox {
+            Some(_) => Verify::Tests,
+            None => Verify::Parse,
+        };
+        let block = exercise_block(&c.function_name, text, verify);
         async move {
             let (code, asserts) = block?;
-            let run = self
-                .sandbox
+            let Some(sandbox) = &self.sandbox else {
+                return Ok(ExerciseChecks {
+                    code,
+                    asserts,
+                    outcome: Outcome::NotRun,
+                    exec_seconds: 0.0,
+                });
+            };
+            let run = sandbox
                 .run(&code)
                 .await
                 .map_err(|e| Drop::new(DropReason::TestsFailed, format!("sandbox: {e}")))?;
@@ -179,7 +238,7 @@ impl Corpus for Exercises {
             Ok(ExerciseChecks {
                 code,
                 asserts,
-                outcome: run.verdict,
+                outcome: Outcome::Passed,
                 exec_seconds: run.wall_seconds,
             })
         }
@@ -206,7 +265,8 @@ impl Corpus for Exercises {
             "mean_exec_seconds": df.column("exec_seconds")?.f64()?.mean(),
             "per_difficulty": counts(df, "difficulty")?,
             "per_topic": counts(df, "topic")?,
-            "sandbox_isolation": self.sandbox.isolation(),
+            "verify": if self.sandbox.is_some() { Verify::Tests } else { Verify::Parse },
+            "sandbox_isolation": self.sandbox.as_ref().map(|s| s.isolation()),
         }))
     }
 }
@@ -218,8 +278,19 @@ mod tests {
     #[test]
     fn static_checks_name_the_reason() {
         let good = "```python\ndef add_pairs(a, b):\n    \"\"\"Add.\"\"\"\n    return a + b\n\nassert add_pairs(1, 2) == 3\n```";
-        assert_eq!(exercise_block("add_pairs", good).unwrap().1, 1);
-        let reason = |text: &str| exercise_block("add_pairs", text).unwrap_err().reason;
+        assert_eq!(
+            exercise_block("add_pairs", good, Verify::Tests).unwrap().1,
+            1
+        );
+        assert_eq!(
+            exercise_block("add_pairs", good, Verify::Parse).unwrap().1,
+            1
+        );
+        let reason = |text: &str| {
+            exercise_block("add_pairs", text, Verify::Tests)
+                .unwrap_err()
+                .reason
+        };
         assert_eq!(reason("no code"), DropReason::NoCode);
         assert_eq!(
             reason("```python\ndef add_pairs(a, b)\n    return a\n```"),
@@ -233,5 +304,42 @@ mod tests {
             reason("```python\ndef add_pairs(a, b):\n    return a + b\n```"),
             DropReason::NoTests
         );
+    }
+
+    /// `--verify parse` needs no assert but a docstring on the asked-for function (a docstring on
+    /// another function, or a string that is not the body's first statement, does not count), and
+    /// a body that does something besides it.
+    #[test]
+    fn parse_verification_needs_a_docstring_not_tests() {
+        let parse = |text: &str| exercise_block("add_pairs", text, Verify::Parse);
+        let code = "def add_pairs(a, b):\n    '''Add a and b.'''\n    return a + b\n";
+        assert_eq!(
+            parse(&format!("```python\n{code}```")).unwrap(),
+            (code.to_string(), 0)
+        );
+        for bare in [
+            "```python\ndef add_pairs(a, b):\n    return a + b\n```",
+            "```python\ndef add_pairs(a, b):\n    x = 1\n    \"not first\"\n    return a + b\n```",
+            "```python\ndef helper():\n    \"\"\"Help.\"\"\"\n\ndef add_pairs(a, b):\n    return a + b\n```",
+        ] {
+            assert_eq!(parse(bare).unwrap_err().reason, DropReason::NoDocstring, "{bare}");
+        }
+        for stub in [
+            "pass",
+            "...",
+            "return",
+            "# Your code here\n    pass\n    return",
+        ] {
+            let text =
+                format!("```python\ndef add_pairs(a, b):\n    \"\"\"Add.\"\"\"\n    {stub}\n```");
+            assert_eq!(
+                parse(&text).unwrap_err().reason,
+                DropReason::NoSolution,
+                "{stub}"
+            );
+        }
+        let returns =
+            "```python\ndef add_pairs(a, b):\n    \"\"\"Add.\"\"\"\n    return a + b\n```";
+        assert!(parse(returns).is_ok());
     }
 }

@@ -51,6 +51,12 @@ pub enum DropReason {
     Unparseable,
     /// The request failed after all retries; the prompt is sent again by a later run.
     RequestFailed,
+    /// An exercise whose function has no docstring, the statement of the exercise (checked with
+    /// `--verify parse`, where no tests run).
+    NoDocstring,
+    /// An exercise whose function is a stub: only its docstring, `pass`, `...` or a bare
+    /// `return` (checked with `--verify parse`).
+    NoSolution,
 }
 
 impl DropReason {
@@ -70,6 +76,8 @@ impl DropReason {
             DropReason::TestsFailed => "tests_failed",
             DropReason::Unparseable => "unparseable",
             DropReason::RequestFailed => "request_failed",
+            DropReason::NoDocstring => "no_docstring",
+            DropReason::NoSolution => "no_solution",
         }
     }
 }
@@ -304,7 +312,7 @@ mod tests {
 
     /// Every reason, as `rejects.parquet` and `stats.json` name it (the names phigen has always
     /// written; a new reason needs a line here, or the match below stops compiling).
-    const NAMES: [(DropReason, &str); 14] = [
+    const NAMES: [(DropReason, &str); 16] = [
         (DropReason::Empty, "empty"),
         (DropReason::Truncated, "truncated"),
         (DropReason::TooShort, "too_short"),
@@ -319,6 +327,8 @@ mod tests {
         (DropReason::TestsFailed, "tests_failed"),
         (DropReason::Unparseable, "unparseable"),
         (DropReason::RequestFailed, "request_failed"),
+        (DropReason::NoDocstring, "no_docstring"),
+        (DropReason::NoSolution, "no_solution"),
     ];
 
     #[test]
@@ -340,6 +350,8 @@ mod tests {
                 DropReason::TestsFailed => 11,
                 DropReason::Unparseable => 12,
                 DropReason::RequestFailed => 13,
+                DropReason::NoDocstring => 14,
+                DropReason::NoSolution => 15,
             };
             assert_eq!(listed, i);
             assert_eq!(r.to_string(), name);

@@ -95,6 +95,34 @@ pub fn function_names(module: &[Stmt]) -> Vec<String> {
         .collect()
 }
 
+/// The body of the top-level function `name`, split into its docstring (if its first statement
+/// is a string) and the statements after it that do something: `pass`, `...` and a bare `return`
+/// are left out, so a stub has no code.
+pub fn function_body<'a>(module: &'a [Stmt], name: &str) -> Option<(bool, Vec<&'a Stmt>)> {
+    let body = module.iter().find_map(|s| match s {
+        Stmt::FunctionDef(f) if f.name.as_str() == name => Some(&f.body),
+        Stmt::AsyncFunctionDef(f) if f.name.as_str() == name => Some(&f.body),
+        _ => None,
+    })?;
+    let is_constant = |s: &Stmt, string: bool| {
+        matches!(s, Stmt::Expr(e) if matches!(
+            e.value.as_ref(),
+            ast::Expr::Constant(c) if matches!(c.value, ast::Constant::Str(_)) == string
+        ))
+    };
+    let docstring = body.first().is_some_and(|s| is_constant(s, true));
+    let code = body
+        .iter()
+        .skip(usize::from(docstring))
+        .filter(|s| match s {
+            Stmt::Pass(_) => false,
+            Stmt::Return(r) => r.value.is_some(),
+            s => !is_constant(s, false),
+        })
+        .collect();
+    Some((docstring, code))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

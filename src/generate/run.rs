@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::engine::{self, DryRun, GenerateError, GenerateOptions, RunState, Stats};
-use super::exercises::{self, Exercises};
+use super::exercises::{self, Exercises, Verify};
 use super::prompt::Template;
 use super::stories::{self, Stories, StoriesError, Vocabulary};
 use super::textbooks::{self, SeedListError, Textbooks};
@@ -373,6 +373,10 @@ pub struct ExercisesSettings {
     /// Wall-clock seconds a program may run.
     #[serde(default = "default_exec_timeout")]
     pub exec_timeout: f64,
+    /// How an exercise is checked: its asserts run (the default; left out of the step's
+    /// identity, so recipes written before this setting keep their ids) or it only parses.
+    #[serde(default, skip_serializing_if = "Verify::is_tests")]
+    pub verify: Verify,
 }
 
 impl Default for ExercisesSettings {
@@ -385,6 +389,7 @@ impl Default for ExercisesSettings {
             sandbox_workers: default_sandbox_workers(),
             unsafe_sandbox: false,
             exec_timeout: default_exec_timeout(),
+            verify: Verify::Tests,
         }
     }
 }
@@ -447,7 +452,8 @@ impl TextbooksSettings {
 }
 
 impl ExercisesSettings {
-    /// Loads the seed lists and starts the sandbox the asserts run in.
+    /// Loads the seed lists and starts the sandbox the asserts run in (none for
+    /// [`Verify::Parse`]).
     async fn corpus(&self) -> Result<Exercises, GenerateError> {
         let template = Template::load_or_builtin(
             self.prompt.as_deref(),
@@ -477,6 +483,14 @@ impl ExercisesSettings {
         range::Ints { min: 1, max: 1024 }
             .check(self.sandbox_workers)
             .map_err(|e| setting("--sandbox-workers", self.sandbox_workers.to_string(), e))?;
+        let sandbox = match self.verify {
+            Verify::Parse => None,
+            Verify::Tests => Some(Arc::new(self.sandbox().await?)),
+        };
+        Ok(Exercises::new(template, topics, verbs, objects, sandbox))
+    }
+
+    async fn sandbox(&self) -> Result<Sandbox, GenerateError> {
         let limits = Limits {
             wall: Duration::from_secs_f64(self.exec_timeout.max(0.1)),
             cpu_secs: self.exec_timeout.ceil().max(1.0) as u64,
@@ -491,13 +505,7 @@ impl ExercisesSettings {
         .await
         .map_err(SetupError::from)?;
         tracing::info!(python = %sandbox.python().display(), isolation = ?sandbox.isolation(), "sandbox ready");
-        Ok(Exercises::new(
-            template,
-            topics,
-            verbs,
-            objects,
-            Arc::new(sandbox),
-        ))
+        Ok(sandbox)
     }
 }
 

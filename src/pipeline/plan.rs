@@ -547,22 +547,7 @@ fn plan_transform(
     let identity = Identity::new(s.kind.name(), settings, inputs, ups.clone());
     let dir = data_dir(&p.out, &s.name, &identity.id);
     if let (Action::Filter { settings: f, .. }, Some(resolved)) = (action, &rater) {
-        let sample = f.sample.sample as u64;
-        let (labels, _) = crate::classify::annotate::recipe_paths(&dir);
-        (estimate.cost_usd, estimate.basis) = match rating_pilot(&labels) {
-            // An earlier run of this step rated part of the sample: the rest costs what a
-            // rating cost then.
-            Some((per_file, rated)) => (
-                Some(per_file * sample.saturating_sub(rated) as f64),
-                Some("pilot"),
-            ),
-            // The sample's prompts: the head of each file (max_chars, about 4 characters a
-            // token) plus the rubric; each answer a short rating.
-            None => {
-                let prompt = sample * (f.sample.max_chars as u64 / 4 + 400);
-                (teacher_cost(resolved, prompt, sample * 60), Some("recipe"))
-            }
-        };
+        (estimate.cost_usd, estimate.basis) = rating_cost(&f.sample, resolved, &dir);
     }
     // Sizes flow down: what the inputs hold, or what a finished step measured.
     let outside_bytes: u64 = identity
@@ -610,6 +595,37 @@ fn plan_transform(
         warnings: Vec::new(),
         paid: is_paid,
     })
+}
+
+/// What rating a filter step's sample costs, and what the estimate rests on.
+fn rating_cost(
+    sample: &crate::classify::pipeline::SampleSettings,
+    resolved: &ResolvedTeacher,
+    dir: &Path,
+) -> (Option<f64>, Option<&'static str>) {
+    use crate::classify::pipeline::{HTTP_FILE_TOKENS, LOCAL_FILE_TOKENS};
+    let files = sample.sample as u64;
+    let (labels, _) = crate::classify::annotate::recipe_paths(dir);
+    match rating_pilot(&labels) {
+        // An earlier run of this step rated part of the sample: the rest costs what a rating
+        // cost then.
+        Some((per_file, rated)) => (
+            Some(per_file * files.saturating_sub(rated) as f64),
+            Some("pilot"),
+        ),
+        // The sample's prompts: the head of each file (max_chars at about 4 characters a token,
+        // cut to the teacher's file-token budget as the run cuts it) plus the rubric; each answer
+        // a short rating.
+        None => {
+            let budget = sample.max_file_tokens.unwrap_or(match resolved.backend {
+                Backend::Local { .. } => LOCAL_FILE_TOKENS,
+                _ => HTTP_FILE_TOKENS,
+            });
+            let head = (sample.max_chars / 4).min(budget) as u64;
+            let prompt = files * (head + 400);
+            (teacher_cost(resolved, prompt, files * 60), Some("recipe"))
+        }
+    }
 }
 
 /// Numbers a finished step recorded replace the estimates.

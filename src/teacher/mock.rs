@@ -188,38 +188,8 @@ async fn handle(state: Arc<State>, req: Request<Bytes>) -> Result<Response<Body>
             false
         }
     };
-    if hit(f.rate_429) {
-        return Ok(with_retry_after(
-            json(
-                StatusCode::TOO_MANY_REQUESTS,
-                &error_body("Rate limit reached"),
-            ),
-            f.retry_after_secs,
-        ));
-    }
-    if hit(f.rate_500) {
-        return Ok(json(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &error_body("internal error"),
-        ));
-    }
-    if hit(f.rate_503) {
-        return Ok(with_retry_after(
-            json(StatusCode::SERVICE_UNAVAILABLE, &error_body("overloaded")),
-            f.retry_after_secs,
-        ));
-    }
-    if hit(f.rate_drop) {
-        return Err(Dropped);
-    }
-    if hit(f.rate_malformed) {
-        return Ok(Response::builder()
-            .status(StatusCode::OK)
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from_static(
-                b"{\"id\": \"x\", \"choices\": [",
-            )))
-            .expect("static response is valid"));
+    if let Some(fault) = error_fault(f, &mut hit) {
+        return fault;
     }
     if hit(f.rate_slow) {
         tokio::time::sleep(Duration::from_secs_f64(f.slow_secs)).await;
@@ -265,6 +235,46 @@ async fn handle(state: Arc<State>, req: Request<Bytes>) -> Result<Response<Body>
         finish,
         completion_tokens,
     ))
+}
+
+/// The faults that answer with an error, or no answer: 429, 500, 503, a dropped connection, a
+/// malformed body.
+fn error_fault(
+    f: &Faults,
+    hit: &mut impl FnMut(f64) -> bool,
+) -> Option<Result<Response<Body>, Dropped>> {
+    let response = if hit(f.rate_429) {
+        with_retry_after(
+            json(
+                StatusCode::TOO_MANY_REQUESTS,
+                &error_body("Rate limit reached"),
+            ),
+            f.retry_after_secs,
+        )
+    } else if hit(f.rate_500) {
+        json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &error_body("internal error"),
+        )
+    } else if hit(f.rate_503) {
+        with_retry_after(
+            json(StatusCode::SERVICE_UNAVAILABLE, &error_body("overloaded")),
+            f.retry_after_secs,
+        )
+    } else if hit(f.rate_drop) {
+        return Some(Err(Dropped));
+    } else if hit(f.rate_malformed) {
+        Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(
+                b"{\"id\": \"x\", \"choices\": [",
+            )))
+            .expect("static response is valid")
+    } else {
+        return None;
+    };
+    Some(Ok(response))
 }
 
 /// What the mock reads of a chat request: the last message, the model and the token limit.
