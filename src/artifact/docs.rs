@@ -2,17 +2,23 @@
 //! back in the same format.
 //!
 //! Inputs are files or directory trees of `*.parquet` (column `text`, `id` when present; other
-//! columns are carried along by [`write_subset`]), `*.jsonl` (field `text`, `id` when present) and
-//! `*.txt` (documents separated by `<|endoftext|>`), read in sorted path order; regular files only,
-//! as [`walk`] finds them. The reports stages write next to their data ([`REPORT_FILES`]) and
-//! generation's crash journals are not documents.
+//! columns are carried along by [`write_subset`]), `*.jsonl` or `*.jsonl.gz` (field `text`, `id`
+//! when present) and `*.txt` (documents separated by `<|endoftext|>`), read in sorted path order;
+//! regular files only, as [`walk`] finds them. The reports stages write next to their data
+//! ([`REPORT_FILES`]) and generation's crash journals are not documents.
+//!
+//! The low-level row reading is shared with the filter's code reader (`classify::input`, which
+//! reads a `content` column and every other column too): the format of a file by its name
+//! ([`Format::of`]), the rows of a jsonl file ([`jsonl_batches`]) and the id of a row
+//! ([`row_ids`], [`row_id`]).
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use polars::prelude::{BooleanChunked, NewChunkedArray};
+use polars::prelude::{BooleanChunked, DataFrame, DataType, NewChunkedArray};
 use rayon::prelude::*;
 use serde::Deserialize;
 
@@ -46,7 +52,7 @@ pub enum DocsError {
         line: usize,
         reason: String,
     },
-    #[error("no .parquet, .jsonl or .txt files under {0:?}; point --input at corpus directories or files")]
+    #[error("no .parquet, .jsonl, .jsonl.gz or .txt files under {0:?}; point --input at corpus directories or files")]
     NoInputs(Vec<PathBuf>),
     #[error("{a} and {b} would both be written as {rel:?}; give inputs with distinct names")]
     SameName {
@@ -54,6 +60,109 @@ pub enum DocsError {
         b: PathBuf,
         rel: PathBuf,
     },
+}
+
+/// The table formats stages read, by file name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Parquet,
+    /// `.jsonl`, or `.jsonl.gz` (one or more gzip members).
+    Jsonl,
+    /// `.txt`: documents separated by `<|endoftext|>`.
+    Text,
+}
+
+impl Format {
+    /// The format of the file named `name`; `None` for any other file, and for the reports and
+    /// crash journals stages write next to their documents.
+    pub fn of(name: &str) -> Option<Format> {
+        if is_stage_report(name) {
+            None
+        } else if name.ends_with(".parquet") {
+            Some(Format::Parquet)
+        } else if name.ends_with(".jsonl") || name.ends_with(".jsonl.gz") {
+            Some(Format::Jsonl)
+        } else if name.ends_with(".txt") {
+            Some(Format::Text)
+        } else {
+            None
+        }
+    }
+
+    fn of_path(path: &Path) -> Option<Format> {
+        Format::of(path.file_name()?.to_str()?)
+    }
+}
+
+/// Whether a stage wrote the file named `name` next to its documents (a report or a journal).
+pub fn is_stage_report(name: &str) -> bool {
+    REPORT_FILES.contains(&name) || name.ends_with(".journal.jsonl")
+}
+
+/// A row's id: its own, else `PATH:ROW` (the same rule for every format and every reader).
+pub fn row_id(path: &Path, row: usize, id: Option<String>) -> String {
+    id.unwrap_or_else(|| format!("{}:{row}", path.display()))
+}
+
+/// The ids of a table's rows: its `id` column as text (numbers written as numbers are), where it
+/// has one, else [`row_id`]'s `PATH:ROW`.
+pub fn row_ids(df: &DataFrame, path: &Path) -> Vec<String> {
+    let ids: Vec<Option<String>> = df
+        .column("id")
+        .ok()
+        .and_then(|c| c.cast(&DataType::String).ok())
+        .and_then(|c| {
+            c.str()
+                .ok()
+                .map(|ca| ca.iter().map(|v| v.map(str::to_string)).collect())
+        })
+        .unwrap_or_else(|| vec![None; df.height()]);
+    ids.into_iter()
+        .enumerate()
+        .map(|(row, id)| row_id(path, row, id))
+        .collect()
+}
+
+/// The id a jsonl row gives itself: a string as it is, a number or other value as JSON text.
+pub fn json_id(value: Option<&serde_json::Value>) -> Option<String> {
+    match value? {
+        serde_json::Value::Null => None,
+        serde_json::Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
+/// Reads the jsonl file `path` (gunzipped when its name ends in `.gz`) in batches of its
+/// non-blank lines: `each` gets the batch's buffer and each line's span in it with its 0-based
+/// line number. Lines are read serially into one buffer, reused from batch to batch (so its pages
+/// fault once); a batch ends at [`BATCH_DOCS`] lines or [`BATCH_BYTES`] bytes, so callers can
+/// parse it in parallel.
+pub fn jsonl_batches<E: From<DocsError>>(
+    path: &Path,
+    mut each: impl FnMut(&[u8], &[(Range<usize>, usize)]) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut reader = BufReader::new(open_maybe_gz(path).map_err(io_err(path))?);
+    // Room for a batch and the line that ends it, made once: growing it would copy the batch.
+    let mut buf = Vec::with_capacity(2 * BATCH_BYTES);
+    let (mut lines, mut row) = (Vec::new(), 0);
+    loop {
+        let start = buf.len();
+        let read = reader.read_until(b'\n', &mut buf).map_err(io_err(path))?;
+        if !buf[start..].trim_ascii().is_empty() {
+            lines.push((start..buf.len(), row));
+        }
+        row += 1;
+        if read == 0 || lines.len() == BATCH_DOCS || buf.len() >= BATCH_BYTES {
+            if !lines.is_empty() {
+                each(&buf, &lines)?;
+            }
+            buf.clear();
+            lines.clear();
+        }
+        if read == 0 {
+            return Ok(());
+        }
+    }
 }
 
 pub fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DocsError + '_ {
@@ -103,13 +212,7 @@ pub fn input_files(inputs: &[PathBuf], opts: WalkOptions) -> Result<Inputs, Docs
     let mut files: Vec<InputFile> = found
         .files
         .into_iter()
-        .filter(|f| {
-            let name = f.path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            let wanted = [".parquet", ".jsonl", ".txt"]
-                .iter()
-                .any(|e| name.ends_with(e));
-            wanted && !REPORT_FILES.contains(&name) && !name.ends_with(".journal.jsonl")
-        })
+        .filter(|f| Format::of_path(&f.path).is_some())
         .map(|f| InputFile {
             path: f.path,
             rel: f.rel,
@@ -143,7 +246,6 @@ pub fn read_documents<E: From<DocsError>>(
     path: &Path,
     mut each: impl FnMut(Vec<Doc>) -> Result<(), E>,
 ) -> Result<(), E> {
-    let name = path.display().to_string();
     let mut batch = Vec::with_capacity(BATCH_DOCS);
     let mut bytes = 0;
     let mut push = |doc: Doc, batch: &mut Vec<Doc>| {
@@ -156,29 +258,23 @@ pub fn read_documents<E: From<DocsError>>(
             Ok(())
         }
     };
-    match path.extension().and_then(|e| e.to_str()).unwrap_or("") {
-        "parquet" => {
+    match Format::of_path(path).unwrap_or(Format::Text) {
+        Format::Parquet => {
             let has_id = table::read_columns(path, &["id"]).is_ok();
             let columns: &[&str] = if has_id { &["id", "text"] } else { &["text"] };
             let df = table::read_columns(path, columns).map_err(DocsError::from)?;
             let texts = table::text_column(&df, path, "text").map_err(DocsError::from)?;
-            let ids = if has_id {
-                table::text_column(&df, path, "id").map_err(DocsError::from)?
-            } else {
-                vec![None; texts.len()]
-            };
-            for (row, (text, id)) in texts.into_iter().zip(ids).enumerate() {
+            for ((row, text), id) in texts.into_iter().enumerate().zip(row_ids(&df, path)) {
                 if let Some(text) = text {
-                    let id = id.unwrap_or_else(|| format!("{name}:{row}"));
                     push(Doc { id, text, row }, &mut batch)?;
                 }
             }
         }
-        "jsonl" => return read_jsonl(path, &name, each),
-        _ => {
+        Format::Jsonl => return read_jsonl(path, each),
+        Format::Text => {
             let text = std::fs::read_to_string(path).map_err(io_err(path))?;
             for (row, piece) in text_pieces(&text).enumerate() {
-                let id = format!("{name}:{row}");
+                let id = row_id(path, row, None);
                 push(
                     Doc {
                         id,
@@ -197,12 +293,10 @@ pub fn read_documents<E: From<DocsError>>(
     }
 }
 
-/// The documents of a jsonl file, in batches: lines are read serially into one buffer (reused
-/// from batch to batch, so its pages fault once) and parsed in parallel, since parsing is most of
-/// the cost of reading jsonl.
+/// The documents of a jsonl file, in batches parsed in parallel (parsing is most of the cost of
+/// reading jsonl).
 fn read_jsonl<E: From<DocsError>>(
     path: &Path,
-    name: &str,
     mut each: impl FnMut(Vec<Doc>) -> Result<(), E>,
 ) -> Result<(), E> {
     #[derive(Deserialize)]
@@ -217,47 +311,20 @@ fn read_jsonl<E: From<DocsError>>(
             line: row + 1,
             reason: e.to_string(),
         })?;
-        let id = match parsed.id {
-            Some(serde_json::Value::String(s)) => s,
-            Some(other) => other.to_string(),
-            None => format!("{name}:{row}"),
-        };
         Ok(Doc {
-            id,
+            id: row_id(path, row, json_id(parsed.id.as_ref())),
             text: parsed.text,
             row,
         })
     };
-    let mut reader = BufReader::new(File::open(path).map_err(io_err(path))?);
-    // Room for a batch and the line that ends it, made once: growing it would copy the batch.
-    let mut buf = Vec::with_capacity(2 * BATCH_BYTES);
-    let (mut lines, mut row) = (Vec::new(), 0);
-    loop {
-        let start = buf.len();
-        let read = reader.read_until(b'\n', &mut buf).map_err(io_err(path))?;
-        if !buf[start..].trim_ascii().is_empty() {
-            lines.push((start..buf.len(), row));
-        }
-        row += 1;
-        if read == 0 || lines.len() == BATCH_DOCS || buf.len() >= BATCH_BYTES {
-            let parsed: Vec<Result<Doc, DocsError>> = lines
-                .par_iter()
-                .map(|(span, row): &(std::ops::Range<usize>, usize)| {
-                    parse(&buf[span.clone()], *row)
-                })
-                .collect();
-            // The first bad line in file order is the one reported.
-            let batch = parsed.into_iter().collect::<Result<Vec<Doc>, _>>()?;
-            if !batch.is_empty() {
-                each(batch)?;
-            }
-            buf.clear();
-            lines.clear();
-        }
-        if read == 0 {
-            return Ok(());
-        }
-    }
+    jsonl_batches(path, |buf, lines| {
+        let parsed: Vec<Result<Doc, DocsError>> = lines
+            .par_iter()
+            .map(|(span, row)| parse(&buf[span.clone()], *row))
+            .collect();
+        // The first bad line in file order is the one reported.
+        each(parsed.into_iter().collect::<Result<Vec<Doc>, _>>()?)
+    })
 }
 
 fn text_pieces(text: &str) -> impl Iterator<Item = &str> {
@@ -288,8 +355,8 @@ pub fn write_subset(src: &Path, dst: &Path, drop: impl Fn(usize) -> bool) -> Res
     if let Some(parent) = dst.parent() {
         std::fs::create_dir_all(parent).map_err(io_err(parent))?;
     }
-    match src.extension().and_then(|e| e.to_str()).unwrap_or("") {
-        "parquet" => {
+    match Format::of_path(src).unwrap_or(Format::Text) {
+        Format::Parquet => {
             let df = table::read_frame(src, None)?;
             let mask: Vec<bool> = (0..df.height()).map(|row| !drop(row)).collect();
             let mut kept = df
@@ -300,27 +367,25 @@ pub fn write_subset(src: &Path, dst: &Path, drop: impl Fn(usize) -> bool) -> Res
                 })?;
             table::write_frame(dst, &mut kept)?;
         }
-        "jsonl" => {
-            let mut reader = BufReader::new(File::open(src).map_err(io_err(src))?);
-            atomic::write_with(dst, |out| {
-                let mut out = std::io::BufWriter::with_capacity(1 << 20, out);
-                let mut line = Vec::new();
-                for row in 0.. {
-                    line.clear();
-                    if reader.read_until(b'\n', &mut line)? == 0 {
-                        break;
-                    }
-                    if !line.trim_ascii().is_empty() && !drop(row) {
-                        let text = line.strip_suffix(b"\n").unwrap_or(&line);
-                        out.write_all(text.strip_suffix(b"\r").unwrap_or(text))?;
-                        out.write_all(b"\n")?;
-                    }
+        Format::Jsonl => {
+            let mut reader = BufReader::new(open_maybe_gz(src).map_err(io_err(src))?);
+            let gz = src.extension().is_some_and(|e| e == "gz");
+            atomic::write_with(dst, |file| {
+                let out = std::io::BufWriter::with_capacity(1 << 20, file);
+                // A gzipped input is written gzipped, under the same name.
+                if gz {
+                    let mut out = flate2::write::GzEncoder::new(out, Default::default());
+                    copy_kept_lines(&mut reader, &mut out, &drop)?;
+                    out.finish()?.flush()
+                } else {
+                    let mut out = out;
+                    copy_kept_lines(&mut reader, &mut out, &drop)?;
+                    out.flush()
                 }
-                out.flush()
             })
             .map_err(io_err(dst))?;
         }
-        _ => {
+        Format::Text => {
             let text = std::fs::read_to_string(src).map_err(io_err(src))?;
             let mut kept = String::with_capacity(text.len());
             for (row, piece) in text_pieces(&text).enumerate() {
@@ -332,6 +397,27 @@ pub fn write_subset(src: &Path, dst: &Path, drop: impl Fn(usize) -> bool) -> Res
                 }
             }
             atomic::write_bytes(dst, kept.as_bytes()).map_err(io_err(dst))?;
+        }
+    }
+    Ok(())
+}
+
+/// The non-blank lines of a jsonl file that `drop` does not name, each ended by one `\n`.
+fn copy_kept_lines(
+    reader: &mut impl BufRead,
+    out: &mut impl Write,
+    drop: &impl Fn(usize) -> bool,
+) -> std::io::Result<()> {
+    let mut line = Vec::new();
+    for row in 0.. {
+        line.clear();
+        if reader.read_until(b'\n', &mut line)? == 0 {
+            break;
+        }
+        if !line.trim_ascii().is_empty() && !drop(row) {
+            let text = line.strip_suffix(b"\n").unwrap_or(&line);
+            out.write_all(text.strip_suffix(b"\r").unwrap_or(text))?;
+            out.write_all(b"\n")?;
         }
     }
     Ok(())
@@ -438,5 +524,52 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("distinct names"), "{err}");
+    }
+
+    /// A gzipped jsonl is read like a plain one and its subset is written gzipped under the same
+    /// name; ids follow one rule in every format: a string id as is, a number as its JSON text,
+    /// none as `PATH:ROW` (the expected ids are written out by hand).
+    #[test]
+    fn gzipped_jsonl_and_ids_follow_one_rule() {
+        use std::io::Read;
+        let dir = tempfile::tempdir().unwrap();
+        let gz = dir.path().join("a.jsonl.gz");
+        let mut enc = flate2::write::GzEncoder::new(File::create(&gz).unwrap(), Default::default());
+        enc.write_all(b"{\"text\":\"one\",\"id\":7}\n\n{\"text\":\"two\",\"id\":\"b\"}\n{\"text\":\"three\"}\n")
+            .unwrap();
+        enc.finish().unwrap();
+        assert_eq!(Format::of("a.jsonl.gz"), Some(Format::Jsonl));
+        assert_eq!(Format::of("rejects.parquet"), None);
+        assert_eq!(
+            docs_of(&gz),
+            [
+                ("7".to_string(), "one".to_string(), 0),
+                ("b".to_string(), "two".to_string(), 2),
+                (format!("{}:3", gz.display()), "three".to_string(), 3)
+            ]
+        );
+        let out = dir.path().join("out/a.jsonl.gz");
+        write_subset(&gz, &out, |row| row == 2).unwrap();
+        let mut plain = String::new();
+        flate2::read::GzDecoder::new(File::open(&out).unwrap())
+            .read_to_string(&mut plain)
+            .unwrap();
+        assert_eq!(plain, "{\"text\":\"one\",\"id\":7}\n{\"text\":\"three\"}\n");
+
+        // A Parquet `id` column of numbers, with a null: the numbers as text, the null PATH:ROW.
+        let pq = dir.path().join("n.parquet");
+        let rows: Vec<serde_json::Map<String, serde_json::Value>> = [Some(5), None]
+            .iter()
+            .map(|id| {
+                serde_json::json!({"id": id, "text": "x"})
+                    .as_object()
+                    .unwrap()
+                    .clone()
+            })
+            .collect();
+        let schema = vec![("id", table::Kind::Int), ("text", table::Kind::Text)];
+        table::write_parquet(&pq, &schema, &rows).unwrap();
+        let ids: Vec<String> = docs_of(&pq).into_iter().map(|d| d.0).collect();
+        assert_eq!(ids, ["5".to_string(), format!("{}:1", pq.display())]);
     }
 }

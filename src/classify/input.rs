@@ -12,14 +12,13 @@
 //! the input tree only with `--follow-symlinks`.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use polars::prelude::{Column, DataFrame, IntoColumn, NamedFrom, Series};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::artifact::docs::REPORT_FILES;
+use crate::artifact::docs::{self, Format};
 use crate::artifact::table;
 use crate::artifact::walk::{self, InputSkip, WalkOptions};
 
@@ -111,10 +110,6 @@ pub struct Loaded {
     pub rows: Vec<Code>,
 }
 
-fn is_jsonl(name: &str) -> bool {
-    name.ends_with(".jsonl") || name.ends_with(".jsonl.gz")
-}
-
 /// Every part under `inputs`, sorted; `extensions` are the loose files wanted (without dots).
 /// Also the input entries that were not read, by reason.
 pub fn parts(
@@ -127,7 +122,7 @@ pub fn parts(
     let mut loose: BTreeMap<(usize, PathBuf), Vec<(PathBuf, String)>> = BTreeMap::new();
     for walk::Found { path, rel, input } in found.files {
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if REPORT_FILES.contains(&name) || name.ends_with(".journal.jsonl") {
+        if docs::is_stage_report(name) {
             continue;
         }
         let rel_parquet = |r: &Path| {
@@ -140,12 +135,13 @@ pub fn parts(
                 .to_string();
             PathBuf::from(stem + ".parquet")
         };
-        if name.ends_with(".parquet") {
+        let format = Format::of(name);
+        if format == Some(Format::Parquet) {
             parts.push(Part {
                 rel: rel_parquet(&rel),
                 source: Source::Parquet(path),
             });
-        } else if is_jsonl(name) {
+        } else if format == Some(Format::Jsonl) {
             parts.push(Part {
                 rel: rel_parquet(&rel),
                 source: Source::Jsonl(path),
@@ -252,7 +248,7 @@ pub fn load(part: &Part, max_bytes: u64) -> Result<Loaded, ClassifyError> {
                 .collect();
             let column = content_column(path, &names)?;
             let texts = table::text_column(&frame, path, &column)?;
-            let ids = id_column(&frame, path, texts.len())?;
+            let ids = docs::row_ids(&frame, path);
             let rows = texts
                 .into_iter()
                 .zip(ids)
@@ -284,42 +280,26 @@ fn content_column(path: &Path, names: &[String]) -> Result<String, ClassifyError
         })
 }
 
-/// Row ids: a string `id` column where there is one, else `FILE:ROW`.
-fn id_column(frame: &DataFrame, path: &Path, n: usize) -> Result<Vec<String>, ClassifyError> {
-    let name = path.display().to_string();
-    let ids = match frame.column("id").ok().and_then(|c| c.str().ok()) {
-        Some(ca) => ca.iter().map(|v| v.map(str::to_string)).collect(),
-        None => vec![None; n],
-    };
-    Ok(ids
-        .into_iter()
-        .enumerate()
-        .map(|(row, id)| id.unwrap_or_else(|| format!("{name}:{row}")))
-        .collect())
-}
-
 fn load_jsonl(path: &Path, max_bytes: u64) -> Result<Loaded, ClassifyError> {
-    let reader = crate::artifact::docs::open_maybe_gz(path).map_err(io_err(path))?;
     let mut objects: Vec<Map<String, Value>> = Vec::new();
     let mut names: Vec<String> = Vec::new();
-    for (line_no, line) in BufReader::new(reader).lines().enumerate() {
-        let line = line.map_err(io_err(path))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let obj: Map<String, Value> =
-            serde_json::from_str(&line).map_err(|e| ClassifyError::Jsonl {
-                path: path.to_path_buf(),
-                line: line_no + 1,
-                reason: e.to_string(),
-            })?;
-        for k in obj.keys() {
-            if !names.contains(k) {
-                names.push(k.clone());
+    docs::jsonl_batches(path, |buf, lines| {
+        for (span, row) in lines {
+            let obj: Map<String, Value> =
+                serde_json::from_slice(&buf[span.clone()]).map_err(|e| ClassifyError::Jsonl {
+                    path: path.to_path_buf(),
+                    line: row + 1,
+                    reason: e.to_string(),
+                })?;
+            for k in obj.keys() {
+                if !names.contains(k) {
+                    names.push(k.clone());
+                }
             }
+            objects.push(obj);
         }
-        objects.push(obj);
-    }
+        Ok::<(), ClassifyError>(())
+    })?;
     let column = content_column(path, &names)?;
     let cell = |o: &Map<String, Value>, k: &str| match o.get(k) {
         None | Some(Value::Null) => None,
@@ -334,7 +314,7 @@ fn load_jsonl(path: &Path, max_bytes: u64) -> Result<Loaded, ClassifyError> {
         })
         .collect();
     let frame = DataFrame::new(objects.len(), columns).expect("columns of equal length");
-    let ids = id_column(&frame, path, objects.len())?;
+    let ids = docs::row_ids(&frame, path);
     let rows = objects
         .iter()
         .zip(ids)

@@ -44,6 +44,9 @@ pub enum ClassifyError {
     },
     #[error(transparent)]
     Table(#[from] TableError),
+    /// Reading a jsonl file's lines (the reader [`crate::artifact::docs`] shares).
+    #[error(transparent)]
+    Docs(#[from] crate::artifact::docs::DocsError),
     #[error(transparent)]
     Shards(#[from] crate::artifact::shards::ShardError),
     #[error("{path}:{line}: expected a JSON object: {reason}")]
