@@ -827,3 +827,112 @@ async fn a_low_keep_rate_warns_once_naming_the_flag_and_a_good_run_does_not() {
         "{stdout}"
     );
 }
+
+/// (id, slot, prompt) of every record an array's tasks wrote below `out/tasks/`.
+fn task_records(out: &Path) -> Vec<(String, i64, String)> {
+    let mut all = Vec::new();
+    for task in std::fs::read_dir(out.join("tasks")).unwrap() {
+        all.extend(shard_records(&task.unwrap().path()));
+    }
+    all.sort();
+    all
+}
+
+/// Issue 27's contract for generation: N array tasks, told who they are by Slurm's or
+/// Kubernetes' variables, write exactly the records of one run (the same ids, slots and
+/// prompts: the oracle is a whole run against the same deterministic mock); the merge names the
+/// tasks that have not finished; two tasks killed mid-run and relaunched resume; a relaunched
+/// finished task sends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn array_tasks_write_the_records_of_one_run() {
+    let server = mock(Faults {
+        latency_ms: 10,
+        ..Faults::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let n = 42;
+    let args = ["--concurrency", "2", "--shard-size", "5"];
+    let whole = dir.path().join("whole");
+    let o = run(stories_cmd(&server, &whole, n, &args)).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut expected = shard_records(&whole);
+    expected.sort();
+    assert_eq!(expected.len(), n as usize);
+
+    let slurm = |out: &Path, k: usize, tasks: usize| {
+        let mut c = stories_cmd(&server, out, n, &args);
+        c.env("SLURM_ARRAY_TASK_ID", k.to_string())
+            .env("SLURM_ARRAY_TASK_COUNT", tasks.to_string());
+        c
+    };
+    let merge = |out: &Path| {
+        let mut c = Command::new(BIN);
+        c.args(["merge", out.to_str().unwrap()]);
+        c
+    };
+
+    // Three Slurm tasks; tasks 0 and 1 are killed mid-run.
+    let three = dir.path().join("three");
+    let answered = server.log.answered.load(Ordering::SeqCst);
+    let mut killed: Vec<_> = (0..2)
+        .map(|k| {
+            slurm(&three, k, 3)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while server.log.answered.load(Ordering::SeqCst) < answered + 8 {
+        assert!(Instant::now() < deadline, "the tasks made no progress");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for child in &mut killed {
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+    let o = run(slurm(&three, 2, 3)).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(merge(&three)).await;
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("2 of 3 tasks") && stderr(&o).contains("tasks 0-1"),
+        "{}",
+        stderr(&o)
+    );
+    for k in 0..2 {
+        let o = run(slurm(&three, k, 3)).await;
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let o = run(merge(&three)).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(task_records(&three), expected);
+    let merged = stats(&three);
+    assert_eq!(
+        (&merged["records"], &merged["tasks"], &merged["requested"]),
+        (&serde_json::json!(n), &serde_json::json!(3), &serde_json::json!(n))
+    );
+    // A relaunched task that finished sends nothing.
+    let sent = server.log.requests.load(Ordering::SeqCst);
+    let o = run(slurm(&three, 1, 3)).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(server.log.requests.load(Ordering::SeqCst), sent);
+
+    // Seven Kubernetes Indexed Job pods (the index from the environment, N from --shards), and
+    // one task as the degenerate array.
+    for tasks in [7, 1] {
+        let out = dir.path().join(format!("k8s-{tasks}"));
+        for k in 0..tasks {
+            let mut c = stories_cmd(&server, &out, n, &args);
+            c.args(["--shards", &tasks.to_string()])
+                .env("JOB_COMPLETION_INDEX", k.to_string());
+            let o = run(c).await;
+            assert!(o.status.success(), "{}", stderr(&o));
+        }
+        let o = run(merge(&out)).await;
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(task_records(&out), expected, "{tasks} tasks");
+    }
+}

@@ -283,6 +283,7 @@ fn prepare(
         max_attempts: s.max_attempts,
         shard_size: 1000,
         concurrency: teacher.concurrency,
+        task: None,
     };
     Ok(Prepared {
         template,

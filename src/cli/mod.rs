@@ -22,6 +22,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use numbers::{f32_in, f64_in, int_in, ints};
 
+use crate::artifact::task::{self, Task};
 use crate::generate::engine::{
     self as engine, DryRun, GenerateError, GenerateOptions, LikelyCause, LowKeep, RunState, Stats,
     StopReason,
@@ -59,6 +60,8 @@ pub enum Command {
     Textbooks(TextbooksArgs),
     /// Write a CodeExercises corpus: function exercises with solutions and asserts, kept only if the asserts pass in the sandbox.
     Exercises(ExercisesArgs),
+    /// Combine the N tasks of a sharded generation (--shard K/N, or a Slurm / Kubernetes array) in DIR: checks that every task finished, with the same settings, then writes DIR/stats.json.
+    Merge(MergeArgs),
     /// Serve a deterministic fake OpenAI-compatible API on loopback (tests, benchmarks, trying a pipeline offline).
     MockServer(MockServerArgs),
     /// Serve a model (a checkpoint directory phigen trained or from Hugging Face, a .gguf file, or a Hub id) as an OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models.
@@ -214,18 +217,28 @@ pub struct OutputArgs {
     /// Records per Parquet shard.
     #[arg(long, default_value_t = 1000, value_parser = int_in(1usize, 10_000_000))]
     pub shard_size: usize,
+    /// Run as task K of an array of N (0-based): fill only the slots i with i mod N = K, into
+    /// OUT/tasks/K, then write OUT/completions/K. `phigen merge OUT` combines the N tasks. Without
+    /// it, a Slurm array task (SLURM_ARRAY_TASK_ID) or a Kubernetes Indexed Job pod
+    /// (JOB_COMPLETION_INDEX, with --shards) knows its K from the environment.
+    #[arg(long, value_name = "K/N")]
+    pub shard: Option<Task>,
+    /// The number of tasks of the array, where the environment gives only the task's index.
+    #[arg(long, value_parser = int_in(1usize, task::MAX_TASKS))]
+    pub shards: Option<usize>,
 }
 
 impl OutputArgs {
-    fn options(&self, out: &Path, t: &TeacherArgs) -> GenerateOptions {
-        GenerateOptions {
+    fn options(&self, out: &Path, t: &TeacherArgs) -> anyhow::Result<GenerateOptions> {
+        Ok(GenerateOptions {
             out: out.to_path_buf(),
             n: self.n,
             seed: self.seed,
             max_attempts: self.max_attempts,
             shard_size: self.shard_size,
             concurrency: t.concurrency,
-        }
+            task: Task::from_env(self.shard, self.shards)?,
+        })
     }
 }
 
@@ -311,6 +324,12 @@ pub struct ExercisesArgs {
     pub output: OutputArgs,
     #[command(flatten)]
     pub teacher: TeacherArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MergeArgs {
+    /// The --out directory the array's tasks shared.
+    pub dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -434,6 +453,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             });
             generate(&settings, &args.out, &args.output, &args.teacher, cli.quiet).await
         }
+        Command::Merge(args) => {
+            let merged = crate::generate::merge::merge(&args.dir)?;
+            if !cli.quiet {
+                println!(
+                    "{}: {} tasks merged: {} records, keep rate {:.1}%; wrote {}",
+                    args.dir.display(),
+                    merged.tasks,
+                    merged.stats["records"],
+                    100.0 * merged.stats["keep_rate"].as_f64().unwrap_or(0.0),
+                    args.dir.join("stats.json").display()
+                );
+            }
+            Ok(Outcome::Complete)
+        }
         Command::Sample(args) => model::sample(&args).map(|_| Outcome::Complete),
         Command::Init(args) => model::init(&args).map(|_| Outcome::Complete),
         Command::Tokenize(args) => tokenize::tokenize(&args, cli.quiet),
@@ -493,7 +526,17 @@ async fn generate(
     quiet: bool,
 ) -> anyhow::Result<Outcome> {
     let (cfg, resolved) = t.resolve()?;
-    let opts = output.options(out, t);
+    let opts = output.options(out, t)?;
+    if let Some(marker) = crate::generate::run::task_done(&opts) {
+        if !quiet {
+            println!(
+                "task {} is done (its marker {} exists): nothing to do",
+                opts.task.expect("a marker belongs to a task"),
+                marker.display()
+            );
+        }
+        return Ok(Outcome::Complete);
+    }
     if t.dry_run {
         let plan = settings.dry_run(&cfg, &opts).await?;
         print_dry_run(&plan, &resolved.model);

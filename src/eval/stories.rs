@@ -476,6 +476,7 @@ fn prepare(
         max_attempts: 3,
         shard_size: 1000,
         concurrency: teacher.concurrency,
+        task: None,
     };
     Ok((grade, template, opts, lock))
 }

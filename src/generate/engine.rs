@@ -25,6 +25,7 @@ use super::{common_checks, normalized_text_hash, Corpus, Drop, DropReason};
 use crate::artifact::atomic;
 use crate::artifact::shards::{self, Layout, ShardError, ShardWriter};
 use crate::artifact::table::{self, row, Row, Schema};
+use crate::artifact::task::Task;
 use crate::teacher::pricing::{Ledger, Price, Reservation};
 use crate::teacher::retry::RequestCountsSnapshot;
 use crate::teacher::{request_seed, Answer, Sampling, Teacher, TeacherError};
@@ -47,6 +48,24 @@ pub struct GenerateOptions {
     pub shard_size: usize,
     /// Prompts worked on at once (the teacher bounds the requests actually in flight).
     pub concurrency: usize,
+    /// One task of an array job: only the slots it owns (slot i with i mod N = K) are filled, so
+    /// the N tasks together fill the slots of one run (see [`crate::artifact::task`]).
+    pub task: Option<Task>,
+}
+
+impl GenerateOptions {
+    /// Whether this run fills slot `s`.
+    pub fn owns(&self, s: u64) -> bool {
+        self.task.is_none_or(|t| t.owns(s as usize))
+    }
+
+    /// The slots of 0..n this run fills: all n, or a task's share.
+    pub fn slots(&self) -> u64 {
+        match self.task {
+            None => self.n,
+            Some(t) => (self.n + (t.n - t.k) as u64 - 1) / t.n as u64,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -613,7 +632,7 @@ pub struct DryRun {
 fn pending_slots(resume: &Resume, opts: &GenerateOptions) -> (Vec<(u64, u32)>, u64) {
     let mut given_up = 0;
     let pending = (0..opts.n)
-        .filter(|s| !resume.done_slots.contains(s))
+        .filter(|s| opts.owns(*s) && !resume.done_slots.contains(s))
         .filter_map(|s| {
             let next = resume.next_attempt.get(&s).copied().unwrap_or(0);
             if next >= opts.max_attempts {
@@ -654,8 +673,8 @@ pub fn dry_run<C: Corpus>(
             .min(sampling.max_tokens as u64);
     let max = prompts * sampling.max_tokens as u64;
     Ok(DryRun {
-        requested: opts.n,
-        already_done: resume.done_slots.len() as u64,
+        requested: opts.slots(),
+        already_done: resume.done_slots.iter().filter(|&&s| opts.owns(s)).count() as u64,
         given_up,
         prompts,
         prompt_tokens: tokens,
@@ -931,9 +950,13 @@ pub async fn generate<C: Corpus, T: Teacher>(
     let rejects = ShardWriter::open(&opts.out, "rejects", REJECTS, reject_schema(), usize::MAX)?;
     let mut resume = Resume::scan(&opts.out)?;
     let (pending, given_up_before) = pending_slots(&resume, opts);
-    state.total.store(opts.n, Ordering::Relaxed);
+    state.total.store(opts.slots(), Ordering::Relaxed);
     // Slots of 0..n already filled (an earlier run with a larger --n may have filled more).
-    let done_before = resume.done_slots.iter().filter(|&&s| s < opts.n).count();
+    let done_before = resume
+        .done_slots
+        .iter()
+        .filter(|&&s| s < opts.n && opts.owns(s))
+        .count();
     state
         .done_before
         .store(done_before as u64, Ordering::Relaxed);
@@ -1121,9 +1144,9 @@ fn finish_stats<C: Corpus, T: Teacher>(
         kind: corpus.kind().to_string(),
         model: teacher.model().to_string(),
         teacher_note: teacher.note().map(str::to_string),
-        requested: opts.n,
+        requested: opts.slots(),
         records,
-        complete: done == opts.n,
+        complete: done == opts.slots(),
         stopped: state.stopped(),
         run: RunStats {
             wall_seconds: wall,

@@ -7,6 +7,7 @@
 
 pub mod engine;
 pub mod exercises;
+pub mod merge;
 pub mod prompt;
 pub mod python;
 pub mod run;

@@ -249,8 +249,24 @@ pub fn dry_run_corpus<C: Corpus>(
         &resolved.model,
         cfg.sampling(&resolved.backend, default_max_tokens),
         resolved.price,
-        opts,
+        &in_task_dir(opts),
     )
+}
+
+/// A task of an array writes below the array's directory, in `tasks/NNNNN` (its own lock,
+/// manifest, journals and shards); a whole run writes in `opts.out`.
+fn in_task_dir(opts: &GenerateOptions) -> GenerateOptions {
+    GenerateOptions {
+        out: opts.task.map_or(opts.out.clone(), |t| t.dir(&opts.out)),
+        ..opts.clone()
+    }
+}
+
+/// The completion marker of `opts.task` when that task already finished: a relaunched array
+/// skips it without loading a teacher.
+pub fn task_done(opts: &GenerateOptions) -> Option<PathBuf> {
+    let task = opts.task?;
+    task.is_done(&opts.out).then(|| task.marker(&opts.out))
 }
 
 /// Runs the engine with `teacher`, reporting progress until it returns.
@@ -263,7 +279,14 @@ async fn drive<C: Corpus, T: Teacher>(
     progress: &(dyn Fn(&Progress) + Send + Sync),
 ) -> Result<Stats, GenerateError> {
     let show = || progress(&snapshot(&state, &*teacher, &ledger));
-    let run = engine::generate(corpus, teacher.clone(), ledger.clone(), state.clone(), opts);
+    let task_opts = in_task_dir(opts);
+    let run = engine::generate(
+        corpus,
+        teacher.clone(),
+        ledger.clone(),
+        state.clone(),
+        &task_opts,
+    );
     tokio::pin!(run);
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let result = loop {
@@ -273,6 +296,17 @@ async fn drive<C: Corpus, T: Teacher>(
         }
     };
     show();
+    // A task that filled all its slots says so, last, for the merge and for a relaunch.
+    if let (Some(task), Ok(stats)) = (opts.task, &result) {
+        if stats.complete {
+            let stats = serde_json::to_value(stats).expect("stats serialize");
+            task.mark_done(&opts.out, stats)
+                .map_err(|source| GenerateError::Io {
+                    path: task.marker(&opts.out),
+                    source,
+                })?;
+        }
+    }
     result
 }
 
@@ -607,6 +641,7 @@ mod tests {
             max_attempts: 1,
             shard_size: 1,
             concurrency: 1,
+            task: None,
         };
         check_options(&ok).unwrap();
         let msg = |o: GenerateOptions| check_options(&o).unwrap_err().to_string();

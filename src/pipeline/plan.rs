@@ -441,6 +441,7 @@ async fn plan_generate(
         max_attempts: *max_attempts,
         shard_size: 1000,
         concurrency: 1,
+        task: None,
     };
     // Tokens per record: measured by a pilot, else the corpus's typical answer (what the dry run
     // assumes). A token target needs it before `n` is known: one extra dry run of one record.

@@ -404,6 +404,7 @@ async fn run_data(
                 max_attempts: *max_attempts,
                 shard_size: *shard_size,
                 concurrency: 1, // the teacher config's concurrency decides
+                task: None,
             };
             generate(cx, step, &cx.p.teachers[teacher], corpus, gen, spent).await
         }
