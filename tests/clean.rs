@@ -171,3 +171,110 @@ async fn filter_recipe_rates_trains_and_scores_through_the_binary() {
         "a re-run rates nothing again"
     );
 }
+
+/// Every file below `dir` (its path relative to `dir`) with its bytes.
+fn tree_bytes(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    fn walk(
+        root: &std::path::Path,
+        d: &std::path::Path,
+        out: &mut std::collections::BTreeMap<String, Vec<u8>>,
+    ) {
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+                out.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// Issue 27's contract for decontamination: 3 Slurm array tasks write, between them, the same
+/// kept files byte for byte as one run (the oracle: a whole run of the same binary on the same
+/// inputs), `phigen merge` first names the unfinished task, then reports the same counts; a
+/// relaunched finished task does nothing.
+#[test]
+fn decontamination_as_an_array_equals_one_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |s: &str| tmp.path().join(s);
+    let solution = "def remove_odd_numbers(values):\n    kept = []\n    for value in values:\n        if value % 2 == 0:\n            kept.append(value)\n    return kept\n";
+    let mbpp = serde_json::json!({"task_id": 7, "text": "Write a function to remove odd numbers from a list.", "code": solution, "test_list": []});
+    std::fs::write(p("mbpp.jsonl"), mbpp.to_string() + "\n").unwrap();
+    std::fs::create_dir_all(p("raw")).unwrap();
+    for f in 0..5 {
+        let mut jsonl = String::new();
+        for d in 0..4 {
+            let text = if (f + d) % 3 == 0 {
+                format!("Exercise {f}.{d}:\n{solution}")
+            } else {
+                format!("Section {f}.{d}: the river ran past the mill where {d} children played.")
+            };
+            jsonl +=
+                &(serde_json::json!({"id": format!("{f}-{d}"), "text": text}).to_string() + "\n");
+        }
+        std::fs::write(p(&format!("raw/part-{f}.jsonl")), jsonl).unwrap();
+    }
+    let decon = |out: &str, task: Option<usize>| {
+        let mut c = Command::new(BIN);
+        c.args(["--quiet", "decontaminate", "--input"])
+            .arg(p("raw"))
+            .arg("--bench")
+            .arg(p("mbpp.jsonl"))
+            .arg("--out")
+            .arg(p(out));
+        if let Some(k) = task {
+            c.env("SLURM_ARRAY_TASK_ID", k.to_string())
+                .env("SLURM_ARRAY_TASK_COUNT", "3");
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+    };
+    let merge = |out: &str| {
+        Command::new(BIN)
+            .args(["merge"])
+            .arg(p(out))
+            .output()
+            .unwrap()
+    };
+    decon("whole", None);
+    decon("three", Some(2));
+    decon("three", Some(0));
+    let o = merge("three");
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("tasks 1;"), "{}", stderr(&o));
+    decon("three", Some(1));
+    let o = merge("three");
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // The kept documents: each file once, under its task's directory, with the whole run's bytes.
+    let whole = tree_bytes(&p("whole/raw"));
+    let mut sharded = std::collections::BTreeMap::new();
+    for k in 0..3 {
+        let dir = p(&format!("three/tasks/{k:05}/raw"));
+        sharded.extend(tree_bytes(&dir));
+    }
+    assert_eq!(whole.len(), 5);
+    assert_eq!(sharded, whole);
+    let report = |out: &str| -> serde_json::Value {
+        let mut r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(p(out).join("contamination.json")).unwrap())
+                .unwrap();
+        r.as_object_mut().unwrap().remove("seconds");
+        r
+    };
+    assert_eq!(report("three"), report("whole"));
+    assert_eq!(report("whole")["contaminated_documents"], 7);
+    // Relaunched after it finished: nothing is rewritten.
+    let kept = p("three/tasks/00001/raw/part-1.jsonl");
+    let before = std::fs::metadata(&kept).unwrap().modified().unwrap();
+    decon("three", Some(1));
+    assert_eq!(
+        std::fs::metadata(&kept).unwrap().modified().unwrap(),
+        before
+    );
+}

@@ -912,7 +912,11 @@ async fn array_tasks_write_the_records_of_one_run() {
     let merged = stats(&three);
     assert_eq!(
         (&merged["records"], &merged["tasks"], &merged["requested"]),
-        (&serde_json::json!(n), &serde_json::json!(3), &serde_json::json!(n))
+        (
+            &serde_json::json!(n),
+            &serde_json::json!(3),
+            &serde_json::json!(n)
+        )
     );
     // A relaunched task that finished sends nothing.
     let sent = server.log.requests.load(Ordering::SeqCst);

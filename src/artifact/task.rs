@@ -184,6 +184,86 @@ pub fn markers(dir: &Path, n: usize) -> Result<Vec<Marker>, Vec<usize>> {
     }
 }
 
+/// Why the tasks of an array cannot be merged yet.
+#[derive(Debug, thiserror::Error)]
+pub enum ArrayError {
+    #[error("{}: no task markers in {COMPLETIONS}/: is this the --out of a sharded run (--shard K/N or an array job)? A whole run needs no merge", dir.display())]
+    NoTasks { dir: PathBuf },
+    #[error("{}: markers of arrays of different sizes ({sizes:?} tasks) in {COMPLETIONS}/: an array was relaunched with another --shards; finish it with the size the outputs were made with, or start again in a new directory", dir.display())]
+    MixedSizes { dir: PathBuf, sizes: Vec<usize> },
+    #[error("{}: {missing_count} of {n} tasks have not finished (no marker): tasks {missing}; relaunch them (e.g. `sbatch --array={missing} …`, or `--shard K/{n}`), then merge again", dir.display())]
+    Missing {
+        dir: PathBuf,
+        n: usize,
+        missing_count: usize,
+        missing: String,
+    },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: not a completion marker ({reason}); was it written by phigen?", path.display())]
+    BadMarker { path: PathBuf, reason: String },
+}
+
+/// The markers of every task of the array whose output is `dir`, in task order: N is read off the
+/// markers present (all must agree), and every task of 0..N must have one.
+pub fn all_finished(dir: &Path) -> Result<Vec<Marker>, ArrayError> {
+    let completions = dir.join(COMPLETIONS);
+    let io = |source| ArrayError::Io {
+        path: completions.clone(),
+        source,
+    };
+    let entries = match std::fs::read_dir(&completions) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ArrayError::NoTasks {
+                dir: dir.to_path_buf(),
+            })
+        }
+        other => other.map_err(io)?,
+    };
+    let mut sizes = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(io)?.path();
+        if path.extension().is_some() {
+            continue; // the temp file of a marker being written
+        }
+        let bytes = std::fs::read(&path).map_err(|source| ArrayError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let marker: Marker = serde_json::from_slice(&bytes).map_err(|e| ArrayError::BadMarker {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        if !sizes.contains(&marker.task.n) {
+            sizes.push(marker.task.n);
+        }
+    }
+    sizes.sort_unstable();
+    let n = match sizes[..] {
+        [] => {
+            return Err(ArrayError::NoTasks {
+                dir: dir.to_path_buf(),
+            })
+        }
+        [n] => n,
+        _ => {
+            return Err(ArrayError::MixedSizes {
+                dir: dir.to_path_buf(),
+                sizes,
+            })
+        }
+    };
+    markers(dir, n).map_err(|missing| ArrayError::Missing {
+        dir: dir.to_path_buf(),
+        n,
+        missing_count: missing.len(),
+        missing: id_list(&missing),
+    })
+}
+
 /// Task ids as a short list for an error: `0, 3, 5-9`.
 pub fn id_list(ids: &[usize]) -> String {
     let mut parts: Vec<String> = Vec::new();

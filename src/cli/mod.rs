@@ -60,7 +60,7 @@ pub enum Command {
     Textbooks(TextbooksArgs),
     /// Write a CodeExercises corpus: function exercises with solutions and asserts, kept only if the asserts pass in the sandbox.
     Exercises(ExercisesArgs),
-    /// Combine the N tasks of a sharded generation (--shard K/N, or a Slurm / Kubernetes array) in DIR: checks that every task finished, with the same settings, then writes DIR/stats.json.
+    /// Combine the N tasks of a sharded generation or decontamination (--shard K/N, or a Slurm / Kubernetes array) in DIR: checks that every task finished, with the same settings, then writes DIR/stats.json (DIR/contamination.json).
     Merge(MergeArgs),
     /// Serve a deterministic fake OpenAI-compatible API on loopback (tests, benchmarks, trying a pipeline offline).
     MockServer(MockServerArgs),
@@ -454,6 +454,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             generate(&settings, &args.out, &args.output, &args.teacher, cli.quiet).await
         }
         Command::Merge(args) => {
+            let first = Task { k: 0, n: 1 }.dir(&args.dir);
+            if first
+                .join(crate::dedup::decontaminate::REPORT_FILE)
+                .exists()
+            {
+                let r = crate::dedup::decontaminate::merge(&args.dir)?;
+                if !cli.quiet {
+                    println!(
+                        "{}: decontamination tasks merged: {} documents, {} contaminated; wrote {}",
+                        args.dir.display(),
+                        r.documents,
+                        r.contaminated_documents,
+                        args.dir
+                            .join(crate::dedup::decontaminate::REPORT_FILE)
+                            .display()
+                    );
+                }
+                return Ok(Outcome::Complete);
+            }
             let merged = crate::generate::merge::merge(&args.dir)?;
             if !cli.quiet {
                 println!(

@@ -30,6 +30,7 @@ use crate::artifact::atomic;
 use crate::artifact::docs::{self, Doc};
 use crate::artifact::outdir::{self, DirLock, Written};
 use crate::artifact::table::{self, row, Row};
+use crate::artifact::task::{self as array, ArrayError};
 use crate::artifact::walk::{InputSkip, WalkOptions};
 
 /// Solutions with fewer distinct placeholder n-grams (about 30 tokens) are too generic for the
@@ -262,6 +263,9 @@ pub struct DecontaminateOptions {
     pub mode: Mode,
     /// Read symlinks that lead out of the input trees.
     pub follow_symlinks: bool,
+    /// One task of an array: it scans the input files it owns (file i with i mod N = K, in path
+    /// order) into `out/tasks/K`, then writes `out/completions/K`; [`merge`] combines the reports.
+    pub task: Option<array::Task>,
 }
 
 /// n-gram hash → tasks, behind a two-probe Bloom filter of the hashes: almost every window of a
@@ -528,8 +532,22 @@ pub fn run(
     }
     // Checked before anything is created: the lock file would be written into the input.
     outdir::check_apart(&opts.out, &opts.inputs)?;
-    let lock = DirLock::exclusive(&opts.out)?;
-    let mut written = Written::open(&opts.out, &lock)?;
+    let out = opts.task.map_or(opts.out.clone(), |t| t.dir(&opts.out));
+    if let Some(task) = opts.task.filter(|t| t.is_done(&opts.out)) {
+        // A relaunched task that finished: its report, nothing redone.
+        let path = out.join(REPORT_FILE);
+        let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+        tracing::info!("task {task} is done (its marker exists): nothing to do");
+        return serde_json::from_slice(&bytes).map_err(|e| {
+            DedupError::Settings(format!(
+                "{}: not a contamination report ({e}); delete {} and rerun the task",
+                path.display(),
+                task.marker(&opts.out).display()
+            ))
+        });
+    }
+    let lock = DirLock::exclusive(&out)?;
+    let mut written = Written::open(&out, &lock)?;
     let mut tasks = Vec::new();
     for b in &opts.benchmarks {
         tasks.extend(load_benchmark(b)?);
@@ -546,7 +564,10 @@ pub fn run(
             follow_symlinks: opts.follow_symlinks,
         },
     )?;
-    let files = inputs.files;
+    let files: Vec<_> = (inputs.files.into_iter().enumerate())
+        .filter(|(i, _)| opts.task.is_none_or(|t| t.owns(*i)))
+        .map(|(_, f)| f)
+        .collect();
     // Everything this run writes, before the work: a file phigen did not write stops it now.
     for rel in files
         .iter()
@@ -560,7 +581,7 @@ pub fn run(
     let mut per_task: BTreeMap<usize, usize> = BTreeMap::new();
     let mut contaminated = 0usize;
     for file in &files {
-        let dst = opts.out.join(&file.rel);
+        let dst = out.join(&file.rel);
         let mut dropped: HashSet<usize> = HashSet::default();
         // The copy that a clean file (and every file under --mode flag) ends up as is written and
         // fsynced while the file is scanned: most files hold no contamination, and the copy is
@@ -609,7 +630,7 @@ pub fn run(
             docs::write_subset(&file.path, &dst, |r| dropped.contains(&r))?;
         }
     }
-    table::write_parquet(&opts.out.join(HITS_FILE), &HitRow::COLUMNS.to_vec(), &rows)?;
+    table::write_parquet(&out.join(HITS_FILE), &HitRow::COLUMNS.to_vec(), &rows)?;
     let benchmarks = benchmark_reports(&index, per_task);
     let report = Report {
         ngram: opts.ngram,
@@ -622,9 +643,53 @@ pub fn run(
         benchmarks,
         skipped_inputs: inputs.skipped,
     };
-    let path = opts.out.join(REPORT_FILE);
+    let path = out.join(REPORT_FILE);
     atomic::write_json(&path, &report).map_err(io_err(&path))?;
+    if let Some(task) = opts.task {
+        let value = serde_json::to_value(&report).expect("reports serialize");
+        task.mark_done(&opts.out, value)
+            .map_err(io_err(&task.marker(&opts.out)))?;
+    }
     Ok(report)
+}
+
+/// Combines the reports of the N tasks of a sharded decontamination in `dir` (each task's report
+/// is in its marker) into `dir/contamination.json`: counts summed, documents per problem summed,
+/// the longest task's seconds. The kept documents stay in `dir/tasks/K`.
+pub fn merge(dir: &Path) -> Result<Report, ArrayError> {
+    let markers = array::all_finished(dir)?;
+    let mut reports = Vec::with_capacity(markers.len());
+    for m in markers {
+        let path = m.task.marker(dir);
+        reports.push(serde_json::from_value::<Report>(m.stats).map_err(|e| {
+            ArrayError::BadMarker {
+                path,
+                reason: format!("no contamination report in it: {e}"),
+            }
+        })?);
+    }
+    let mut merged = reports[0].clone();
+    for r in &reports[1..] {
+        merged.documents += r.documents;
+        merged.bytes += r.bytes;
+        merged.contaminated_documents += r.contaminated_documents;
+        merged.seconds = merged.seconds.max(r.seconds);
+        for (reason, n) in &r.skipped_inputs {
+            *merged.skipped_inputs.entry(*reason).or_default() += n;
+        }
+        for (name, b) in &r.benchmarks {
+            let into = merged.benchmarks.entry(name.clone()).or_default();
+            for (id, n) in &b.documents_per_task {
+                *into.documents_per_task.entry(id.clone()).or_default() += n;
+            }
+        }
+    }
+    for b in merged.benchmarks.values_mut() {
+        b.tasks_hit = b.documents_per_task.len();
+    }
+    let path = dir.join(REPORT_FILE);
+    atomic::write_json(&path, &merged).map_err(|source| ArrayError::Io { path, source })?;
+    Ok(merged)
 }
 
 /// Per benchmark: its problems, and the documents hitting each problem (`per_task`: task index →

@@ -339,6 +339,7 @@ fn output_inside_equal_to_or_above_the_input_is_refused() {
             identifier_share: 0.8,
             mode: Mode::Drop,
             follow_symlinks: false,
+            task: None,
         };
         let err = decontaminate::run(&decon, &|_| ()).unwrap_err().to_string();
         assert!(err.contains(relation), "{err}");
@@ -439,6 +440,7 @@ fn decontamination_catches_copies_and_spares_unrelated_code() {
         identifier_share: 0.8,
         mode: Mode::Drop,
         follow_symlinks: false,
+        task: None,
     };
     let report = decontaminate::run(&opts, &|_| ()).unwrap();
     let path = opts.out.join(decontaminate::HITS_FILE);

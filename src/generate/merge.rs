@@ -15,21 +15,12 @@ use serde_json::{json, Map, Value};
 
 use crate::artifact::atomic;
 use crate::artifact::outdir::{DirLock, OutDirError};
-use crate::artifact::task::{self, Marker, Task, COMPLETIONS};
+use crate::artifact::task::{self, ArrayError, Marker, Task};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MergeError {
-    #[error("{}: no task markers in {COMPLETIONS}/: is this the --out of a sharded run (--shard K/N or an array job)? A whole run needs no merge", dir.display())]
-    NoTasks { dir: PathBuf },
-    #[error("{}: markers of arrays of different sizes ({sizes:?} tasks) in {COMPLETIONS}/: an array was relaunched with another --shards; finish it with the size the records were made with, or start again in a new directory", dir.display())]
-    MixedSizes { dir: PathBuf, sizes: Vec<usize> },
-    #[error("{}: {missing_count} of {n} tasks have not finished (no marker): tasks {missing}; relaunch them (e.g. `sbatch --array={missing} …`, or `--shard K/{n}`), then merge again", dir.display())]
-    Missing {
-        dir: PathBuf,
-        n: usize,
-        missing_count: usize,
-        missing: String,
-    },
+    #[error(transparent)]
+    Array(#[from] ArrayError),
     #[error("{}: `{field}` is {found} there but {expected} in task 0's manifest: the tasks ran with different settings, so their records are not one corpus; rerun that task with task 0's flags", path.display())]
     Differs {
         path: PathBuf,
@@ -57,65 +48,14 @@ pub struct Merged {
 
 /// Checks the tasks of the sharded output `dir` and writes its combined `stats.json`.
 pub fn merge(dir: &Path) -> Result<Merged, MergeError> {
-    let n = array_size(dir)?;
-    let markers = task::markers(dir, n).map_err(|missing| MergeError::Missing {
-        dir: dir.to_path_buf(),
-        n,
-        missing_count: missing.len(),
-        missing: task::id_list(&missing),
-    })?;
+    let markers = task::all_finished(dir)?;
+    let n = markers.len();
     same_manifests(dir, n)?;
     let _lock = DirLock::exclusive(dir)?;
     let stats = combine(&markers);
     let path = dir.join("stats.json");
     atomic::write_json(&path, &stats).map_err(|source| MergeError::Io { path, source })?;
     Ok(Merged { tasks: n, stats })
-}
-
-/// N, from the markers present (all must agree).
-fn array_size(dir: &Path) -> Result<usize, MergeError> {
-    let completions = dir.join(COMPLETIONS);
-    let entries = match std::fs::read_dir(&completions) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(MergeError::NoTasks {
-                dir: dir.to_path_buf(),
-            })
-        }
-        Err(source) => {
-            return Err(MergeError::Io {
-                path: completions,
-                source,
-            })
-        }
-    };
-    let mut sizes = Vec::new();
-    for entry in entries {
-        let path = entry
-            .map_err(|source| MergeError::Io {
-                path: completions.clone(),
-                source,
-            })?
-            .path();
-        if path.extension().is_some() {
-            continue; // a temp file of a marker being written
-        }
-        let marker: Marker = read_json(&path)?;
-        if !sizes.contains(&marker.task.n) {
-            sizes.push(marker.task.n);
-        }
-    }
-    sizes.sort_unstable();
-    match sizes[..] {
-        [] => Err(MergeError::NoTasks {
-            dir: dir.to_path_buf(),
-        }),
-        [n] => Ok(n),
-        _ => Err(MergeError::MixedSizes {
-            dir: dir.to_path_buf(),
-            sizes,
-        }),
-    }
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, MergeError> {

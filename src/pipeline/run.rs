@@ -617,6 +617,7 @@ fn decontaminate(
         identifier_share: d.identifier_share,
         mode: d.mode,
         follow_symlinks: false,
+        task: None,
     };
     let r = crate::dedup::decontaminate::run(&opts, &progress)?;
     let kept = match d.mode {
