@@ -278,3 +278,84 @@ fn decontamination_as_an_array_equals_one_run() {
         before
     );
 }
+
+/// Issue 27's contract for tokenize: the shards and meta.json an array of N tasks writes through
+/// `phigen merge` are byte-identical to one run's (the oracle: a whole run of the same binary),
+/// for N = 1, 3 and 7, in input and id order, with a task whose marker and one output file were
+/// lost (a task killed mid-write) relaunched.
+#[test]
+fn tokenize_as_an_array_writes_the_bytes_of_one_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |s: &str| tmp.path().join(s);
+    std::fs::create_dir_all(p("raw")).unwrap();
+    for f in 0..8 {
+        let jsonl: String = (0..25)
+            .map(|d| {
+                let text = format!(
+                    "Document {d} of file {f}: the {} fox jumps over {} lazy dogs.",
+                    ["quick", "slow", "red"][d % 3],
+                    d * f
+                );
+                serde_json::json!({"id": format!("{f}-{d}"), "text": text}).to_string() + "\n"
+            })
+            .collect();
+        std::fs::write(p(&format!("raw/part-{f}.jsonl")), jsonl).unwrap();
+    }
+    let tokenize = |out: &str, order: &str, env: &[(&str, String)]| {
+        let mut c = Command::new(BIN);
+        c.args(["--quiet", "tokenize", "--input"])
+            .arg(p("raw"))
+            .arg("--out")
+            .arg(p(out))
+            .args([
+                "--val-fraction",
+                "0.2",
+                "--shard-tokens",
+                "700",
+                "--order",
+                order,
+            ]);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+    };
+    let merge = |out: &str| {
+        let o = Command::new(BIN).arg("merge").arg(p(out)).output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+    };
+    // The shards and meta.json of `out` (the task directories and markers left out).
+    let outputs = |out: &str| -> std::collections::BTreeMap<String, Vec<u8>> {
+        tree_bytes(&p(out))
+            .into_iter()
+            .filter(|(rel, _)| rel.ends_with(".bin") && !rel.contains('/') || rel == "meta.json")
+            .collect()
+    };
+    for order in ["input", "id"] {
+        let whole = format!("whole-{order}");
+        tokenize(&whole, order, &[]);
+        let expected = outputs(&whole);
+        assert!(expected.len() >= 4, "{:?}", expected.keys());
+        for n in [1usize, 3, 7] {
+            let out = format!("tasks-{order}-{n}");
+            let slurm = |k: usize| {
+                vec![
+                    ("SLURM_ARRAY_TASK_ID", k.to_string()),
+                    ("SLURM_ARRAY_TASK_COUNT", n.to_string()),
+                ]
+            };
+            for k in (0..n).rev() {
+                tokenize(&out, order, &slurm(k));
+            }
+            if n == 3 {
+                // Task 1 "killed": its marker and one of its files gone; relaunched.
+                std::fs::remove_file(p(&out).join("completions/00001")).unwrap();
+                std::fs::remove_file(p(&out).join("tasks/00001/docs-000004.bin")).unwrap();
+                tokenize(&out, order, &slurm(1));
+            }
+            merge(&out);
+            assert_eq!(outputs(&out), expected, "{order} order, {n} tasks");
+        }
+    }
+}

@@ -60,7 +60,7 @@ pub enum Command {
     Textbooks(TextbooksArgs),
     /// Write a CodeExercises corpus: function exercises with solutions and asserts, kept only if the asserts pass in the sandbox.
     Exercises(ExercisesArgs),
-    /// Combine the N tasks of a sharded generation or decontamination (--shard K/N, or a Slurm / Kubernetes array) in DIR: checks that every task finished, with the same settings, then writes DIR/stats.json (DIR/contamination.json).
+    /// Combine the N tasks of a sharded generation, decontamination or tokenize (--shard K/N, or a Slurm / Kubernetes array) in DIR: checks that every task finished, with the same settings, then writes DIR/stats.json (contamination.json; the token shards and meta.json).
     Merge(MergeArgs),
     /// Serve a deterministic fake OpenAI-compatible API on loopback (tests, benchmarks, trying a pipeline offline).
     MockServer(MockServerArgs),
@@ -454,6 +454,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             generate(&settings, &args.out, &args.output, &args.teacher, cli.quiet).await
         }
         Command::Merge(args) => {
+            if crate::tokenize::array::is_tokenize_array(&args.dir) {
+                let meta = match crate::tokenize::array::merge(&args.dir)? {
+                    crate::tokenize::Outcome::Written(m)
+                    | crate::tokenize::Outcome::UpToDate(m) => m,
+                };
+                if !cli.quiet {
+                    let tokens: u64 = meta.splits.values().map(|s| s.tokens).sum();
+                    println!(
+                        "{}: tokenize tasks merged: {} sources, {tokens} tokens in {} shards",
+                        args.dir.display(),
+                        meta.sources.len(),
+                        meta.splits.values().map(|s| s.shards.len()).sum::<usize>()
+                    );
+                }
+                return Ok(Outcome::Complete);
+            }
             let first = Task { k: 0, n: 1 }.dir(&args.dir);
             if first
                 .join(crate::dedup::decontaminate::REPORT_FILE)

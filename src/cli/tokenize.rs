@@ -9,6 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::numbers::{self, f64_in, int_in};
 use super::Outcome;
+use crate::artifact::task::{self, Task};
 use crate::model::tokenizer::Encoding;
 use crate::tokenize::{self, Order, Split, TokenDir, TokenizeOptions};
 
@@ -40,6 +41,15 @@ pub struct TokenizeArgs {
     /// they sit in the inputs; recipe runs use it).
     #[arg(long, value_enum, default_value = "input")]
     pub order: Order,
+    /// Run as task K of an array of N: encode the input files i with i mod N = K into
+    /// OUT/tasks/K, then write OUT/completions/K; `phigen merge OUT` writes the shards (the same
+    /// bytes as one run). In a Slurm array (SLURM_ARRAY_TASK_ID) or a Kubernetes Indexed Job
+    /// (JOB_COMPLETION_INDEX, with --shards) the task comes from the environment.
+    #[arg(long, value_name = "K/N")]
+    pub shard: Option<Task>,
+    /// The number of tasks of the array, where the environment gives only the task's index.
+    #[arg(long, value_parser = int_in(1usize, task::MAX_TASKS))]
+    pub shards: Option<usize>,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -88,6 +98,17 @@ pub fn tokenize(args: &TokenizeArgs, quiet: bool) -> anyhow::Result<Outcome> {
     );
     bar.enable_steady_tick(Duration::from_millis(200));
     let started = std::time::Instant::now();
+    if let Some(task) = Task::from_env(args.shard, args.shards)? {
+        let ran = tokenize::array::run_task(&opts, task, |n| bar.inc(n))?;
+        bar.finish_and_clear();
+        tracing::info!(
+            "task {task} {}; `phigen merge {}` writes the shards once all {} tasks are done",
+            if ran { "done" } else { "was already done" },
+            args.out.display(),
+            task.n
+        );
+        return Ok(Outcome::Complete);
+    }
     let outcome = tokenize::run(&opts, |n| bar.inc(n))?;
     bar.finish_and_clear();
     let (meta, verb) = match outcome {

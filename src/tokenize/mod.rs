@@ -12,6 +12,7 @@
 //! One run at a time writes `OUT`; it replaces only shards phigen wrote there (listed in
 //! `OUT/.phigen.written`, see [`outdir`]), so other files in `OUT` are left as they are.
 
+pub mod array;
 pub mod shard;
 mod spill;
 
@@ -47,6 +48,8 @@ pub enum TokenizeError {
     Docs(#[from] DocsError),
     #[error(transparent)]
     OutDir(#[from] OutDirError),
+    #[error(transparent)]
+    Array(#[from] crate::artifact::task::ArrayError),
     #[error("{path}: holds tokens of other inputs or settings ({reason}); pass --force to replace them, or another --out")]
     OtherRun { path: PathBuf, reason: String },
     #[error("{path}: {reason}")]
@@ -266,27 +269,10 @@ pub fn run(
     if let Some(done) = previous_run(opts, &sources, &mut written)? {
         return Ok(Outcome::UpToDate(done));
     }
-    let vocab = vocab_size(opts.encoding);
-    let width = TokenWidth::for_vocab(vocab);
-    let eot = opts.encoding.end_of_text();
     let bpe = opts.encoding.bpe();
-    let writer = |split| SplitWriter {
-        split,
-        dir: opts.out.clone(),
-        width,
-        shard_tokens: opts.shard_tokens.max(1),
-        current: None,
-        meta: SplitMeta::default(),
-    };
-    let (mut train, mut val) = (writer(Split::Train), writer(Split::Val));
-    let spill_dir = opts.out.join(".phigen.spill");
-    let mut spill = match opts.order {
-        Order::Input => None,
-        Order::Id => Some(
-            spill::Spill::create(&spill_dir, sources.iter().map(|s| s.bytes).sum())
-                .map_err(io_err(&spill_dir))?,
-        ),
-    };
+    let eot = opts.encoding.end_of_text();
+    let total = sources.iter().map(|s| s.bytes).sum();
+    let mut sink = Sink::new(opts, &opts.out, total)?;
     for file in &files {
         docs::read_documents(file, |batch| {
             let encoded: Vec<(Split, Vec<u32>)> = batch
@@ -299,41 +285,105 @@ pub fn run(
                 .collect();
             for ((split, ids), d) in encoded.into_iter().zip(batch) {
                 progress(ids.len() as u64);
-                match (&mut spill, split) {
-                    (Some(s), _) => s.push(&d.id, split, &ids).map_err(io_err(&spill_dir))?,
-                    (None, Split::Train) => train.push(&ids, &mut written)?,
-                    (None, Split::Val) => val.push(&ids, &mut written)?,
-                }
+                sink.push(&d.id, split, &ids, &mut written)?;
             }
             Ok::<(), TokenizeError>(())
         })?;
     }
-    if let Some(s) = spill {
-        let io = |source| TokenizeError::Io {
-            path: spill_dir.clone(),
-            source,
-        };
-        s.drain(io, |split, ids| match split {
-            Split::Train => train.push(ids, &mut written),
-            Split::Val => val.push(ids, &mut written),
-        })?;
-    }
-    let meta = Meta {
-        format_version: FORMAT_VERSION,
-        tokenizer: opts.encoding,
-        vocab_size: vocab,
-        end_of_text: eot,
-        token_width: width,
-        val_fraction: opts.val_fraction,
-        order: opts.order,
-        sources,
-        splits: BTreeMap::from([(Split::Train, train.finish()?), (Split::Val, val.finish()?)]),
-        skipped_inputs: inputs.skipped,
-    };
-    written.claim(Path::new(META_FILE))?;
-    let meta_path = opts.out.join(META_FILE);
-    atomic::write_json(&meta_path, &meta).map_err(io_err(&meta_path))?;
+    let meta = sink.finish(opts, sources, inputs.skipped, &mut written)?;
     Ok(Outcome::Written(meta))
+}
+
+/// Where documents go, in the order they come: straight into the split's shards
+/// ([`Order::Input`]), or through the spill that orders them by id ([`Order::Id`]).
+struct Sink {
+    train: SplitWriter,
+    val: SplitWriter,
+    spill: Option<spill::Spill>,
+    spill_dir: PathBuf,
+}
+
+impl Sink {
+    /// Shards in `out`; `input_bytes` sizes the spill.
+    fn new(opts: &TokenizeOptions, out: &Path, input_bytes: u64) -> Result<Sink, TokenizeError> {
+        let width = TokenWidth::for_vocab(vocab_size(opts.encoding));
+        let writer = |split| SplitWriter {
+            split,
+            dir: out.to_path_buf(),
+            width,
+            shard_tokens: opts.shard_tokens.max(1),
+            current: None,
+            meta: SplitMeta::default(),
+        };
+        let spill_dir = out.join(".phigen.spill");
+        let spill = match opts.order {
+            Order::Input => None,
+            Order::Id => {
+                Some(spill::Spill::create(&spill_dir, input_bytes).map_err(io_err(&spill_dir))?)
+            }
+        };
+        Ok(Sink {
+            train: writer(Split::Train),
+            val: writer(Split::Val),
+            spill,
+            spill_dir,
+        })
+    }
+
+    fn push(
+        &mut self,
+        id: &str,
+        split: Split,
+        ids: &[u32],
+        written: &mut Written,
+    ) -> Result<(), TokenizeError> {
+        match (&mut self.spill, split) {
+            (Some(s), _) => s.push(id, split, ids).map_err(io_err(&self.spill_dir)),
+            (None, Split::Train) => self.train.push(ids, written),
+            (None, Split::Val) => self.val.push(ids, written),
+        }
+    }
+
+    /// Drains the spill, closes the shards and writes `meta.json`, last.
+    fn finish(
+        mut self,
+        opts: &TokenizeOptions,
+        sources: Vec<Source>,
+        skipped_inputs: BTreeMap<InputSkip, u64>,
+        written: &mut Written,
+    ) -> Result<Meta, TokenizeError> {
+        if let Some(s) = self.spill.take() {
+            let io = |source| TokenizeError::Io {
+                path: self.spill_dir.clone(),
+                source,
+            };
+            let (train, val) = (&mut self.train, &mut self.val);
+            s.drain(io, |split, ids| match split {
+                Split::Train => train.push(ids, written),
+                Split::Val => val.push(ids, written),
+            })?;
+        }
+        let vocab = vocab_size(opts.encoding);
+        let meta = Meta {
+            format_version: FORMAT_VERSION,
+            tokenizer: opts.encoding,
+            vocab_size: vocab,
+            end_of_text: opts.encoding.end_of_text(),
+            token_width: TokenWidth::for_vocab(vocab),
+            val_fraction: opts.val_fraction,
+            order: opts.order,
+            sources,
+            splits: BTreeMap::from([
+                (Split::Train, self.train.finish()?),
+                (Split::Val, self.val.finish()?),
+            ]),
+            skipped_inputs,
+        };
+        written.claim(Path::new(META_FILE))?;
+        let meta_path = opts.out.join(META_FILE);
+        atomic::write_json(&meta_path, &meta).map_err(io_err(&meta_path))?;
+        Ok(meta)
+    }
 }
 
 /// What an earlier run left in `opts.out`: its `meta.json` when it describes these inputs and
