@@ -415,8 +415,9 @@ fn projection(out: &mut String, name: &str, label: Option<&str>, points: &[([f64
     let mut series: Vec<Series> = keep
         .iter()
         .map(|l| Series {
+            // Records without a label: all of them in a corpus without labels.
             name: if l.is_empty() {
-                "records".into()
+                label.map_or("records", |_| "(none)").to_string()
             } else {
                 l.to_string()
             },

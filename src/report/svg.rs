@@ -83,6 +83,27 @@ fn trim(s: String) -> String {
     }
 }
 
+/// Tick labels with the digits their step needs (11.99k, 12.00k, 12.01k; not 12k three times).
+fn tick_labels(ticks: &[f64]) -> Vec<String> {
+    let top = ticks.iter().fold(0f64, |m, t| m.max(t.abs()));
+    if top < 0.01 {
+        return ticks.iter().map(|t| short(*t)).collect();
+    }
+    let step = ticks.windows(2).map(|w| w[1] - w[0]).next().unwrap_or(1.0);
+    let (scale, suffix) = [(1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")]
+        .into_iter()
+        .find(|(s, _)| top >= *s)
+        .unwrap_or((1.0, ""));
+    let decimals = ((-(step / scale).log10()).ceil().max(0.0) as usize).min(6);
+    ticks
+        .iter()
+        .map(|t| match t / scale {
+            0.0 => "0".to_string(),
+            v => format!("{v:.decimals$}{suffix}"),
+        })
+        .collect()
+}
+
 /// Round tick values covering `lo..=hi` (steps of 1, 2 or 5 × 10^k, about five of them).
 fn ticks(lo: f64, hi: f64) -> Vec<f64> {
     let (lo, hi) = if hi > lo {
@@ -166,7 +187,7 @@ pub fn clip(s: &str, n: usize) -> String {
 /// Grid lines and tick labels of the y axis (left) and, when `x` is given, the x axis.
 fn axes(out: &mut String, x: Option<(Scale, &[f64])>, y: (Scale, &[f64]), labels: (&str, &str)) {
     let (ys, yt) = y;
-    for &t in yt {
+    for (&t, label) in yt.iter().zip(tick_labels(yt)) {
         let py = ys.at(t);
         let _ = write!(
             out,
@@ -175,11 +196,11 @@ fn axes(out: &mut String, x: Option<(Scale, &[f64])>, y: (Scale, &[f64]), labels
             AREA.2,
             AREA.0 - 4.0,
             py + 4.0,
-            short(t)
+            label
         );
     }
     if let Some((xs, xt)) = x {
-        for &t in xt {
+        for (&t, label) in xt.iter().zip(tick_labels(xt)) {
             let px = xs.at(t);
             let _ = write!(
                 out,
@@ -187,7 +208,7 @@ fn axes(out: &mut String, x: Option<(Scale, &[f64])>, y: (Scale, &[f64]), labels
                 AREA.1,
                 AREA.3,
                 AREA.3 + 14.0,
-                short(t)
+                label
             );
         }
     }
@@ -351,14 +372,14 @@ pub fn bars(title: &str, value_label: &str, rows: &[(String, f64)]) -> String {
         x = AREA.0,
     );
     let bottom = height - 30.0;
-    for &t in &xt {
+    for (&t, label) in xt.iter().zip(tick_labels(&xt)) {
         let px = xs.at(t);
         let _ = write!(
             out,
             r#"<line class="g" x1="{px:.1}" x2="{px:.1}" y1="{}" y2="{bottom}"/><text class="xl" x="{px:.1}" y="{}">{}</text>"#,
             AREA.1,
             bottom + 14.0,
-            short(t)
+            label
         );
     }
     for (i, (label, v)) in rows.iter().enumerate() {
@@ -399,6 +420,20 @@ mod tests {
         let one = ticks(3.0, 3.0);
         assert_eq!(one.len(), 7);
         assert!(one[0] < 3.0 && one[6] > 3.0, "{one:?}");
+    }
+
+    #[test]
+    fn tick_labels_tell_ticks_apart() {
+        assert_eq!(
+            tick_labels(&[11_990.0, 12_000.0, 12_010.0]),
+            ["11.99k", "12.00k", "12.01k"]
+        );
+        assert_eq!(tick_labels(&[0.0, 0.5, 1.0]), ["0", "0.5", "1.0"]);
+        assert_eq!(
+            tick_labels(&[0.0, 50_000.0, 100_000.0]),
+            ["0", "50k", "100k"]
+        );
+        assert_eq!(tick_labels(&[2e-4, 4e-4]), ["2.0e-4", "4.0e-4"]);
     }
 
     #[test]
