@@ -212,9 +212,9 @@ pub fn mean_pairwise_cosine(unit: &[Vec<f32>]) -> Option<f64> {
         return None;
     }
     let mut sum = 0f64;
-    for i in 0..unit.len() {
-        for j in i + 1..unit.len() {
-            sum += f64::from(dot(&unit[i], &unit[j]));
+    for (i, a) in unit.iter().enumerate() {
+        for b in &unit[i + 1..] {
+            sum += f64::from(dot(a, b));
         }
     }
     let pairs = unit.len() * (unit.len() - 1) / 2;

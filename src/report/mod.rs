@@ -149,6 +149,7 @@ pub fn build(opts: &ReportOptions) -> Result<Report, ReportError> {
         embedding_note: None,
     };
     let mut corpora = Vec::new();
+    let mut lineages = Vec::new();
     for path in &opts.paths {
         if !path.is_dir() {
             return Err(ReportError::Io {
@@ -182,13 +183,16 @@ pub fn build(opts: &ReportOptions) -> Result<Report, ReportError> {
                 report.scoreboard.push(row);
             }
         }
-        if let Ok((file, l)) = lineage::find(path) {
-            if !report.lineage.iter().any(|(f, _)| *f == file) {
-                report.lineage.push((file, lineage::render(&l)));
+        // Each step's own lineage below the path, and the one above it (a checkpoint's is in
+        // its training run).
+        let own = dirs.iter().filter(|d| d.join(lineage::FILE).is_file());
+        for found in own.chain([path]).filter_map(|d| lineage::find(d).ok()) {
+            if !lineages.iter().any(|(f, _)| *f == found.0) {
+                lineages.push(found);
             }
         }
         let nothing = found == corpora.len() + report.runs.len() + report.judged.len()
-            && report.lineage.is_empty()
+            && lineages.is_empty()
             && report.scoreboard.is_empty();
         if nothing {
             // No phigen output: documents, if any, are a corpus of their own.
@@ -198,6 +202,9 @@ pub fn build(opts: &ReportOptions) -> Result<Report, ReportError> {
             }
         }
     }
+    report.lineage = lineage_heads(&lineages)
+        .map(|(file, l)| (file.clone(), lineage::render(l)))
+        .collect();
     let reference = opts
         .reference
         .as_ref()
@@ -219,18 +226,38 @@ pub fn build(opts: &ReportOptions) -> Result<Report, ReportError> {
             }
         }
     };
-    let mut measure = |c: Corpus| -> Measured {
+    // The first embedding failure is the page's note.
+    let mut measured_noting = |c: Corpus| -> Measured {
         let (m, note) = measure(c, embedder.as_deref(), opts.embed_sample);
         if let Some(note) = note {
             report.embedding_note.get_or_insert(note);
         }
         m
     };
-    let measured: Vec<Measured> = corpora.into_iter().map(&mut measure).collect();
-    let reference = reference.map(&mut measure);
+    let measured: Vec<Measured> = corpora.into_iter().map(&mut measured_noting).collect();
+    let reference = reference.map(&mut measured_noting);
     report.corpora = measured;
     report.reference = reference;
     Ok(report)
+}
+
+/// The lineages no other one holds upstream: the ends of the chains (an eval, the training run),
+/// each showing every step before it.
+fn lineage_heads(
+    all: &[(PathBuf, lineage::Lineage)],
+) -> impl Iterator<Item = &(PathBuf, lineage::Lineage)> {
+    fn upstream<'a>(l: &'a lineage::Lineage, out: &mut Vec<(&'a str, &'a str)>) {
+        for u in &l.upstream {
+            out.push((&u.step, &u.id));
+            upstream(u, out);
+        }
+    }
+    let mut inner = Vec::new();
+    for (_, l) in all {
+        upstream(l, &mut inner);
+    }
+    all.iter()
+        .filter(move |(_, l)| !inner.contains(&(l.step.as_str(), l.id.as_str())))
 }
 
 /// The sentence encoder, found offline only (a report never downloads).
@@ -304,5 +331,39 @@ fn embedded(corpus: &Corpus, vectors: &[Vec<f32>]) -> Embedded {
             .zip(&corpus.sample)
             .map(|(p, (_, label))| (p, label.clone()))
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(name: &str, upstream: Vec<lineage::Lineage>) -> lineage::Lineage {
+        lineage::Lineage {
+            step: name.into(),
+            kind: name.into(),
+            id: format!("{name}-id"),
+            dir: PathBuf::from(name),
+            settings: serde_json::Value::Null,
+            inputs: Vec::new(),
+            summary: serde_json::Value::Null,
+            upstream,
+        }
+    }
+
+    /// A recipe run's steps each hold their lineage; only the eval's is shown, since it holds the
+    /// training run's, which holds the stories'. A second chain unrelated to it is shown too.
+    #[test]
+    fn lineage_heads_are_the_ends_of_the_chains() {
+        let stories = step("stories", vec![]);
+        let train = step("train", vec![stories.clone()]);
+        let eval = step("eval", vec![train.clone()]);
+        let other = step("other", vec![]);
+        let all: Vec<(PathBuf, lineage::Lineage)> = [stories, train, eval, other]
+            .into_iter()
+            .map(|l| (l.dir.join(lineage::FILE), l))
+            .collect();
+        let heads: Vec<&str> = lineage_heads(&all).map(|(_, l)| l.step.as_str()).collect();
+        assert_eq!(heads, ["eval", "other"]);
     }
 }
