@@ -45,17 +45,23 @@ fn minilm() -> Option<PathBuf> {
     dir
 }
 
-/// Debian's Chromium, where installed.
+/// Debian's Chromium (`PHIGEN_CHROMIUM` names another), where installed.
 fn chromium() -> Option<PathBuf> {
-    let found = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file());
+    let wanted = std::env::var_os("PHIGEN_CHROMIUM").map_or_else(
+        || {
+            vec![
+                PathBuf::from("/usr/bin/chromium"),
+                PathBuf::from("/usr/bin/chromium-browser"),
+            ]
+        },
+        |p| vec![PathBuf::from(p)],
+    );
+    let found = wanted.iter().find(|p| p.is_file()).cloned();
     if found.is_none() {
-        skip_unless_ci(
-            "chromium not found at /usr/bin/chromium: the page is not rendered. `.ci/run` installs it \
-             (apt-get install -y --no-install-recommends chromium)",
-        );
+        skip_unless_ci(&format!(
+            "chromium not found at {wanted:?}: the page is not rendered. `.ci/run` installs it \
+             (apt-get install -y --no-install-recommends chromium)"
+        ));
     }
     found
 }

@@ -181,11 +181,20 @@ pub fn read_generated(dir: &Path, sample: usize) -> Result<Corpus, ReportError> 
     tally.corpus.stats = read_json(&dir.join("stats.json"))?;
     tally.corpus.manifest = read_json(&dir.join("manifest.json"))?;
     for path in shards::list_files(dir, &Layout::Parts { prefix: "part" })? {
-        let df = table::read_frame(&path, None)?;
-        read_frame(&mut tally, &path, &df).map_err(|source| ReportError::Polars {
+        let polars_err = |source| ReportError::Polars {
             path: path.clone(),
             source,
-        })?;
+        };
+        // Only the columns measured: the prompts alone are about as large as the texts.
+        let present = column_names(&path)?;
+        let wanted: Vec<&str> = ["id", "text", "completion_tokens"]
+            .iter()
+            .chain(&CONSTRAINTS)
+            .copied()
+            .filter(|c| present.iter().any(|p| p == c))
+            .collect();
+        let df = table::read_columns(&path, &wanted)?;
+        read_frame(&mut tally, &path, &df).map_err(polars_err)?;
     }
     let mut corpus = tally.finish();
     corpus.drops = read_drops(dir)?;
@@ -244,6 +253,22 @@ fn read_frame(tally: &mut Tally, path: &Path, df: &DataFrame) -> polars::prelude
         tally.record(id, text, label);
     }
     Ok(())
+}
+
+/// The column names of a Parquet file, from its footer.
+fn column_names(path: &Path) -> Result<Vec<String>, ReportError> {
+    use polars::prelude::SerReader;
+    let file = std::fs::File::open(path).map_err(|source| ReportError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let schema = polars::prelude::ParquetReader::new(file)
+        .schema()
+        .map_err(|source| ReportError::Polars {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    Ok(schema.iter_names().map(|n| n.to_string()).collect())
 }
 
 /// The values of a text or text-list column, per row (none for a null).
