@@ -159,7 +159,7 @@ fn legend(out: &mut String, names: &[&str]) {
         let label = if i == 11 && names.len() > 12 {
             "…".to_string()
         } else {
-            escape(&clip(name, 20))
+            escape(&clip_middle(name, 22))
         };
         let _ = write!(
             out,
@@ -182,6 +182,21 @@ pub fn clip(s: &str, n: usize) -> String {
         c.push('…');
         c
     }
+}
+
+/// At most `n` characters, the middle cut out for "…" when too long: both a run's directory
+/// and its stage (`runs/a/train-1 · pretrain` → `runs/a/t… · pretrain`) stay told apart.
+fn clip_middle(s: &str, n: usize) -> String {
+    let chars: Vec<char> = s.chars().collect();
+    if chars.len() <= n {
+        return s.to_string();
+    }
+    let tail = (n - 1) / 2;
+    let head = n - 1 - tail;
+    let mut c: String = chars[..head].iter().collect();
+    c.push('…');
+    c.extend(&chars[chars.len() - tail..]);
+    c
 }
 
 /// Grid lines and tick labels of the y axis (left) and, when `x` is given, the x axis.
@@ -434,6 +449,15 @@ mod tests {
             ["0", "50k", "100k"]
         );
         assert_eq!(tick_labels(&[2e-4, 4e-4]), ["2.0e-4", "4.0e-4"]);
+    }
+
+    #[test]
+    fn legends_keep_both_ends() {
+        assert_eq!(clip_middle("short", 22), "short");
+        assert_eq!(
+            clip_middle("recipe-run/train-c6a1058e · pretrain", 22),
+            "recipe-run/…· pretrain"
+        );
     }
 
     #[test]
