@@ -135,76 +135,90 @@ fn dirs_below(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// Collects and measures what `opts.paths` hold.
-pub fn build(opts: &ReportOptions) -> Result<Report, ReportError> {
-    let mut report = Report {
-        paths: opts.paths.clone(),
-        options: opts.clone(),
-        corpora: Vec::new(),
-        reference: None,
-        runs: Vec::new(),
-        scoreboard: Vec::new(),
-        judged: Vec::new(),
-        lineage: Vec::new(),
-        embedding_note: None,
-    };
-    let mut corpora = Vec::new();
-    let mut lineages = Vec::new();
-    for path in &opts.paths {
+/// What the paths hold, before measuring.
+#[derive(Default)]
+struct Found {
+    corpora: Vec<Corpus>,
+    runs: Vec<runs::Run>,
+    judged: Vec<runs::Judged>,
+    scoreboard: Vec<scoreboard::Run>,
+    /// (the `lineage.json` read, its lineage)
+    lineages: Vec<(PathBuf, lineage::Lineage)>,
+}
+
+impl Found {
+    fn count(&self) -> usize {
+        self.corpora.len()
+            + self.runs.len()
+            + self.judged.len()
+            + self.scoreboard.len()
+            + self.lineages.len()
+    }
+
+    /// Adds what `path` holds; a path with nothing phigen wrote is read as plain documents.
+    fn collect(&mut self, path: &Path, sample: usize) -> Result<(), ReportError> {
         if !path.is_dir() {
             return Err(ReportError::Io {
-                path: path.clone(),
+                path: path.to_path_buf(),
                 source: std::io::Error::new(
                     std::io::ErrorKind::NotFound,
                     "not a directory; pass a corpus, training run or recipe run directory",
                 ),
             });
         }
-        let found = corpora.len() + report.runs.len() + report.judged.len();
+        let before = self.count();
         let mut dirs = Vec::new();
         dirs_below(path, DEPTH, &mut dirs);
         for d in &dirs {
             if corpus::is_generated(d) {
-                corpora.push(corpus::read_generated(d, opts.sample)?);
+                self.corpora.push(corpus::read_generated(d, sample)?);
             }
             if d.join(crate::train::METRICS_FILE).is_file() {
-                report
-                    .runs
-                    .push(runs::read_run(d, d.display().to_string())?);
+                self.runs.push(runs::read_run(d, d.display().to_string())?);
             }
         }
-        report.judged.extend(runs::judged(path, 2));
+        self.judged.extend(runs::judged(path, 2));
         if let Ok(row) = scoreboard::collect(path) {
             let any = row.parameters.is_some()
                 || row.val_loss.is_some()
                 || !row.code.is_empty()
                 || !row.stories.is_empty();
             if any {
-                report.scoreboard.push(row);
+                self.scoreboard.push(row);
             }
         }
         // Each step's own lineage below the path, and the one above it (a checkpoint's is in
         // its training run).
         let own = dirs.iter().filter(|d| d.join(lineage::FILE).is_file());
-        for found in own.chain([path]).filter_map(|d| lineage::find(d).ok()) {
-            if !lineages.iter().any(|(f, _)| *f == found.0) {
-                lineages.push(found);
+        for (file, l) in own
+            .map(PathBuf::as_path)
+            .chain([path])
+            .filter_map(|d| lineage::find(d).ok())
+        {
+            if !self.lineages.iter().any(|(f, _)| *f == file) {
+                self.lineages.push((file, l));
             }
         }
-        let nothing = found == corpora.len() + report.runs.len() + report.judged.len()
-            && lineages.is_empty()
-            && report.scoreboard.is_empty();
-        if nothing {
-            // No phigen output: documents, if any, are a corpus of their own.
-            match corpus::read_plain(path, opts.sample) {
-                Ok(c) if c.records > 0 => corpora.push(c),
-                _ => return Err(ReportError::NothingToReport { path: path.clone() }),
+        if self.count() == before {
+            match corpus::read_plain(path, sample) {
+                Ok(c) if c.records > 0 => self.corpora.push(c),
+                _ => {
+                    return Err(ReportError::NothingToReport {
+                        path: path.to_path_buf(),
+                    })
+                }
             }
         }
+        Ok(())
     }
-    report.lineage = lineage_heads(&lineages)
-        .map(|(file, l)| (file.clone(), lineage::render(l)))
-        .collect();
+}
+
+/// Collects and measures what `opts.paths` hold.
+pub fn build(opts: &ReportOptions) -> Result<Report, ReportError> {
+    let mut found = Found::default();
+    for path in &opts.paths {
+        found.collect(path, opts.sample)?;
+    }
     let reference = opts
         .reference
         .as_ref()
@@ -215,13 +229,14 @@ pub fn build(opts: &ReportOptions) -> Result<Report, ReportError> {
             })
         })
         .transpose()?;
-    let embedder = if corpora.is_empty() && reference.is_none() {
+    let mut embedding_note = None;
+    let embedder = if found.corpora.is_empty() && reference.is_none() {
         None
     } else {
         match load_embedder(&opts.embed_model) {
             Ok(e) => Some(e),
             Err(why) => {
-                report.embedding_note = Some(why);
+                embedding_note = Some(why);
                 None
             }
         }
@@ -230,15 +245,29 @@ pub fn build(opts: &ReportOptions) -> Result<Report, ReportError> {
     let mut measured_noting = |c: Corpus| -> Measured {
         let (m, note) = measure(c, embedder.as_deref(), opts.embed_sample);
         if let Some(note) = note {
-            report.embedding_note.get_or_insert(note);
+            embedding_note.get_or_insert(note);
         }
         m
     };
-    let measured: Vec<Measured> = corpora.into_iter().map(&mut measured_noting).collect();
+    let corpora: Vec<Measured> = found
+        .corpora
+        .into_iter()
+        .map(&mut measured_noting)
+        .collect();
     let reference = reference.map(&mut measured_noting);
-    report.corpora = measured;
-    report.reference = reference;
-    Ok(report)
+    Ok(Report {
+        paths: opts.paths.clone(),
+        options: opts.clone(),
+        corpora,
+        reference,
+        runs: found.runs,
+        scoreboard: found.scoreboard,
+        judged: found.judged,
+        lineage: lineage_heads(&found.lineages)
+            .map(|(file, l)| (file.clone(), lineage::render(l)))
+            .collect(),
+        embedding_note,
+    })
 }
 
 /// The lineages no other one holds upstream: the ends of the chains (an eval, the training run),
