@@ -59,3 +59,20 @@ pub fn report(args: &ReportArgs, quiet: bool) -> anyhow::Result<Outcome> {
     }
     Ok(Outcome::Complete)
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    /// The defaults are inside their flags' ranges (as `numbers::every_default_is_in_its_range`
+    /// checks for the other subcommands), and a sample of one record is refused.
+    #[test]
+    fn defaults_parse_and_ranges_hold() {
+        let parse = |args: &[&str]| {
+            crate::cli::Cli::try_parse_from(std::iter::once("phigen").chain(args.iter().copied()))
+        };
+        assert!(parse(&["report", "d"]).is_ok());
+        assert!(parse(&["report", "d", "--sample", "1"]).is_err());
+        assert!(parse(&["report"]).is_err(), "a path is required");
+    }
+}
