@@ -159,7 +159,7 @@ fn legend(out: &mut String, names: &[&str]) {
         let label = if i == 11 && names.len() > 12 {
             "…".to_string()
         } else {
-            escape(&clip_middle(name, 22))
+            escape(&clip_middle(name, 20))
         };
         let _ = write!(
             out,
@@ -184,8 +184,8 @@ pub fn clip(s: &str, n: usize) -> String {
     }
 }
 
-/// At most `n` characters, the middle cut out for "…" when too long: both a run's directory
-/// and its stage (`runs/a/train-1 · pretrain` → `runs/a/t… · pretrain`) stay told apart.
+/// At most `n` characters, the middle cut out for "…" when too long, so that the run's
+/// directory and its stage (`runs/a/train-1 · pretrain` → `runs/a/t… pretrain`) both show.
 fn clip_middle(s: &str, n: usize) -> String {
     let chars: Vec<char> = s.chars().collect();
     if chars.len() <= n {
@@ -453,10 +453,10 @@ mod tests {
 
     #[test]
     fn legends_keep_both_ends() {
-        assert_eq!(clip_middle("short", 22), "short");
+        assert_eq!(clip_middle("short", 20), "short");
         assert_eq!(
-            clip_middle("recipe-run/train-c6a1058e · pretrain", 22),
-            "recipe-run/…· pretrain"
+            clip_middle("recipe-run/train-c6a1058e · pretrain", 20),
+            "recipe-run… pretrain"
         );
     }
 
