@@ -11,7 +11,8 @@
 //!   generated code in the `sandbox`;
 //! - `artifact` is the record layer every stage shares (atomic writes, Parquet, output dirs);
 //! - `pipeline` runs a whole recipe (data steps → training → evals) with one manifest and one
-//!   done / stale / to-do rule for every step.
+//!   done / stale / to-do rule for every step;
+//! - `report` renders corpora, runs and scores as one self-contained HTML page.
 //!
 //! `cli` is the command-line front door; `main.rs` only calls it.
 
@@ -24,6 +25,7 @@ pub mod generate;
 pub mod model;
 pub mod pipeline;
 pub mod range;
+pub mod report;
 pub mod sandbox;
 pub mod teacher;
 pub mod tokenize;

@@ -13,6 +13,7 @@ mod filter;
 mod model;
 pub(crate) mod numbers;
 mod recipe;
+mod report;
 mod tokenize;
 mod train;
 
@@ -96,6 +97,8 @@ pub enum Command {
     Eval(eval::EvalCommand),
     /// A table of each run's numbers (size, tokens, val loss, pass@k, story grades) next to the published phi-1 / TinyStories anchors.
     Scoreboard(eval::ScoreboardArgs),
+    /// Write one self-contained HTML page for corpora, training runs and recipe runs: records, drops, lengths, constraint coverage, diversity (distinct-n, compression, near duplicates, embeddings), loss curves, scores, lineage.
+    Report(report::ReportArgs),
 }
 
 /// How to reach the teacher and what to pay it; shared by every generating command.
@@ -518,6 +521,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Filter(args) => filter::filter(&args, cli.quiet).await,
         Command::Eval(cmd) => eval::eval(&cmd, cli.quiet).await,
         Command::Scoreboard(args) => eval::scoreboard(&args),
+        Command::Report(args) => report::report(&args, cli.quiet),
         Command::Serve(args) => {
             let engine =
                 factory::local_engine(&args.checkpoint, !args.dequantize, args.batch, args.seed)

@@ -26,6 +26,7 @@ use crate::artifact::atomic;
 use crate::artifact::shards::{self, Layout, ShardError, ShardWriter};
 use crate::artifact::table::{self, row, Row, Schema};
 use crate::artifact::task::Task;
+use crate::report::diversity::{self, Sampler, TextDiversity};
 use crate::teacher::pricing::{Ledger, Price, Reservation};
 use crate::teacher::retry::RequestCountsSnapshot;
 use crate::teacher::{request_seed, Answer, Sampling, Teacher, TeacherError};
@@ -726,6 +727,10 @@ pub struct Stats {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub low_keep: Option<LowKeep>,
     pub corpus: Value,
+    /// distinct-n and compression ratio of a sample of the records, as `phigen report` measures
+    /// them (it draws these rather than reading the texts again); absent with no records.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub diversity: Option<TextDiversity>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -1176,7 +1181,27 @@ fn finish_stats<C: Corpus, T: Teacher>(
         rejects_total: rejects_by_reason,
         low_keep: state.low_keep().cloned(),
         corpus: corpus_summary,
+        diversity: sampled_diversity(&opts.out)?,
     })
+}
+
+/// The cheap diversity measures over the sample `phigen report` reads (the records whose ids hash
+/// lowest), one shard's texts in memory at a time.
+fn sampled_diversity(out: &Path) -> Result<Option<TextDiversity>, GenerateError> {
+    let mut sample = Sampler::new(diversity::DEFAULT_SAMPLE);
+    for path in shards::list_files(out, &RECORDS)? {
+        let df = table::read_columns(&path, &["id", "text"])?;
+        let ids = table::text_column(&df, &path, "id")?;
+        let texts = table::text_column(&df, &path, "text")?;
+        for (id, text) in ids.iter().zip(&texts) {
+            if let (Some(id), Some(text)) = (id, text) {
+                sample.offer(id, text, || ());
+            }
+        }
+    }
+    let sample = sample.into_sorted();
+    let texts: Vec<&str> = sample.iter().map(|(t, _)| t.as_str()).collect();
+    Ok((!texts.is_empty()).then(|| diversity::text_diversity(&texts)))
 }
 
 #[cfg(test)]
