@@ -744,3 +744,104 @@ async fn jobs_2_gives_the_artifacts_of_jobs_1() {
         assert_eq!(hashes(&a), hashes(&b), "{step}");
     }
 }
+
+/// `--executor slurm` writes batch scripts that run the recipe as Slurm jobs: generate and
+/// tokenize steps as arrays of --shards tasks, each followed by its merge, chained by the steps'
+/// dependencies. Submitted through a stand-in `sbatch` that runs each script at once (an array's
+/// tasks one by one, last first, with the variables Slurm sets), they end where one local run ends:
+/// the same record ids, token-shard bytes and validation losses (the oracle: a whole local run of
+/// the same recipe against the same deterministic mock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_slurm_scripts_run_the_recipe_like_one_local_run() {
+    let server = mock(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = mini_recipe(&dir.path().join("recipe"), &server);
+    let a = dir.path().join("a");
+    let o = run(train_cmd(&recipe, &a, &["--quiet"])).await;
+    assert!(o.status.success(), "{}", text(&o));
+
+    let b = dir.path().join("b");
+    let o = run(train_cmd(
+        &recipe,
+        &b,
+        &["--quiet", "--executor", "slurm", "--shards", "3"],
+    ))
+    .await;
+    assert!(o.status.success(), "{}", text(&o));
+    let slurm = b.join("slurm");
+    let array = std::fs::read_to_string(slurm.join("00-stories.sbatch")).unwrap();
+    assert!(array.contains("#SBATCH --array=0-2\n"), "{array}");
+    assert!(array.contains("--only stories --shards 3"), "{array}");
+    let submit = std::fs::read_to_string(slurm.join("submit.sh")).unwrap();
+    assert!(
+        submit.contains(
+            "j_dedup=$(sbatch --parsable --dependency=afterok:$j_stories 01-dedup.sbatch)"
+        ),
+        "{submit}"
+    );
+    assert!(
+        !b.join("steps").exists(),
+        "the scripts were written, nothing was run"
+    );
+
+    let bin = dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let log = dir.path().join("sbatch.log");
+    std::fs::write(
+        bin.join("sbatch"),
+        format!(
+            r#"#!/bin/bash
+# A stand-in for sbatch: runs the script now (an array task by task, last first) and prints an id.
+file="${{@: -1}}"
+last=$(sed -n 's/^#SBATCH --array=0-\([0-9]*\).*/\1/p' "$file")
+if [ -n "$last" ]; then
+  for ((k = last; k >= 0; k--)); do
+    SLURM_ARRAY_TASK_ID=$k SLURM_ARRAY_TASK_COUNT=$((last + 1)) bash "$file" >>{log} 2>&1 || exit 1
+  done
+else
+  bash "$file" >>{log} 2>&1 || exit 1
+fi
+echo $RANDOM
+"#,
+            log = log.display()
+        ),
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(bin.join("sbatch"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+    }
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let o = run({
+        let mut c = Command::new("bash");
+        c.arg(slurm.join("submit.sh"))
+            .env("PATH", path)
+            .env_remove("OPENAI_API_KEY")
+            .env_remove("OPENAI_BASE_URL")
+            .env_remove("PHIGEN_TEACHER")
+            .env_remove("PHIGEN_MODEL");
+        c
+    })
+    .await;
+    let jobs_log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(o.status.success(), "{}\n{jobs_log}", text(&o));
+
+    // The stories step's records, written by three tasks, are one run's.
+    let stories = step_dir(&b, "stories");
+    let mut ids = BTreeSet::new();
+    for k in 0..3 {
+        ids.extend(record_ids(&stories.join(format!("tasks/{k:05}"))));
+    }
+    assert_eq!(ids, record_ids(&step_dir(&a, "stories")));
+    assert_eq!(manifest(&b, "stories")["summary"]["tasks"], 3);
+    assert_eq!(
+        shard_bytes(&step_dir(&b, "tok")),
+        shard_bytes(&step_dir(&a, "tok"))
+    );
+    assert_eq!(
+        val_losses(&step_dir(&b, "train")),
+        val_losses(&step_dir(&a, "train"))
+    );
+    assert!(b.join("scoreboard.md").exists(), "{jobs_log}");
+}

@@ -280,6 +280,9 @@ pub async fn run(args: &TrainArgs, quiet: bool) -> anyhow::Result<Outcome> {
     if args.plan {
         return Ok(Outcome::Complete);
     }
+    if args.executor == Some(super::train::Executor::Slurm) {
+        return slurm_scripts(args, &p, &plan, quiet);
+    }
     let stop = super::train::stop_on_signals()?;
     let opts = RunOptions {
         until: args.until.clone(),
@@ -291,6 +294,7 @@ pub async fn run(args: &TrainArgs, quiet: bool) -> anyhow::Result<Outcome> {
         stop: stop.clone(),
         max_train_steps: args.max_steps,
         jobs: args.jobs,
+        task: crate::artifact::task::Task::from_env(args.shard, args.shards)?,
     };
     let bars = Bars {
         quiet,
@@ -313,6 +317,15 @@ pub async fn run(args: &TrainArgs, quiet: bool) -> anyhow::Result<Outcome> {
             eprintln!("{step}: stopped before it finished: {reason}");
             Outcome::Incomplete
         }
+        RunOutcome::TaskDone { step, task } => {
+            if !quiet {
+                println!(
+                    "{step}: task {task} done; once all {} tasks are, the same command without a task merges them",
+                    task.n
+                );
+            }
+            Outcome::Complete
+        }
         RunOutcome::Interrupted { step } => {
             eprintln!(
                 "{step}: interrupted; `phigen train --recipe {}` continues where it stopped",
@@ -321,4 +334,58 @@ pub async fn run(args: &TrainArgs, quiet: bool) -> anyhow::Result<Outcome> {
             Outcome::Interrupted
         }
     })
+}
+
+/// `--executor slurm`: the scripts that run this recipe as Slurm jobs, instead of running it.
+fn slurm_scripts(
+    args: &TrainArgs,
+    p: &Pipeline,
+    plan: &Plan,
+    quiet: bool,
+) -> anyhow::Result<Outcome> {
+    use clap::ValueEnum;
+    let tasks = args.shards.ok_or_else(|| {
+        anyhow::anyhow!("--executor slurm: pass --shards N, the tasks of each generate, decontaminate and tokenize array")
+    })?;
+    let absolute = |path: &std::path::Path| std::path::absolute(path).unwrap_or(path.to_path_buf());
+    let mut job_args = vec![
+        "--recipe".to_string(),
+        absolute(&args.recipe).display().to_string(),
+        "--out".to_string(),
+        absolute(&p.out).display().to_string(),
+    ];
+    for set in &args.sets {
+        job_args.extend(["--set".to_string(), set.clone()]);
+    }
+    let name = |v: Option<clap::builder::PossibleValue>| v.map(|v| v.get_name().to_string());
+    if let Some(device) = name(args.device.to_possible_value()) {
+        job_args.extend(["--device".to_string(), device]);
+    }
+    if let Some(dtype) = name(args.dtype.to_possible_value()) {
+        job_args.extend(["--dtype".to_string(), dtype]);
+    }
+    if let Some(max) = args.max_cost {
+        job_args.extend(["--max-cost".to_string(), max.to_string()]);
+    }
+    let opts = pipeline::slurm::SlurmOptions {
+        phigen: std::env::current_exe()?,
+        workdir: std::env::current_dir()?,
+        args: job_args,
+        tasks,
+        parallel: None,
+        gpu_lines: if args.device == super::train::DeviceArg::Cuda {
+            vec!["--gres=gpu:1".to_string()]
+        } else {
+            Vec::new()
+        },
+    };
+    let submit = pipeline::slurm::write_scripts(p, plan, &opts)?;
+    if !quiet {
+        println!(
+            "{}: Slurm scripts written; submit them with `bash {}`",
+            p.name,
+            submit.display()
+        );
+    }
+    Ok(Outcome::Complete)
 }

@@ -92,6 +92,29 @@ pub struct TrainArgs {
     /// are the same for any value.
     #[arg(long, default_value_t = 1, value_parser = int_at_least(1usize))]
     pub jobs: usize,
+    /// Whole-run recipes, with --only STEP (a generate, decontaminate or tokenize step): run as
+    /// task K of an array of N, writing the step's share and a completion marker; the same
+    /// command without a task then merges the N shares and finishes the step. In a Slurm array
+    /// (SLURM_ARRAY_TASK_ID) or a Kubernetes Indexed Job (JOB_COMPLETION_INDEX, with --shards)
+    /// the task comes from the environment.
+    #[arg(long, value_name = "K/N")]
+    pub shard: Option<crate::artifact::task::Task>,
+    /// The number of tasks of the array, where the environment gives only the task's index.
+    #[arg(long, value_parser = int_at_least(1usize))]
+    pub shards: Option<usize>,
+    /// Whole-run recipes: write Slurm batch scripts that run the recipe on a cluster instead of
+    /// running it here: OUT/slurm/submit.sh submits one job per step (generate, decontaminate
+    /// and tokenize steps as arrays of --shards tasks, each followed by its merge), chained with
+    /// --dependency=afterok.
+    #[arg(long, value_enum)]
+    pub executor: Option<Executor>,
+}
+
+/// Where a whole-run recipe runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Executor {
+    /// Emit sbatch scripts (OUT/slurm/) instead of running.
+    Slurm,
 }
 
 /// A flag the first SIGINT / SIGTERM sets (a checkpoint after the current step, requests in

@@ -13,6 +13,7 @@ pub mod manifest;
 pub mod plan;
 pub mod recipe;
 pub mod run;
+pub mod slurm;
 
 pub use plan::{plan, Plan};
 pub use recipe::Pipeline;
@@ -43,6 +44,10 @@ pub enum PipelineError {
     Filter(#[from] crate::classify::pipeline::PipelineError),
     #[error(transparent)]
     Dedup(#[from] crate::dedup::DedupError),
+    #[error(transparent)]
+    Array(#[from] crate::artifact::task::ArrayError),
+    #[error(transparent)]
+    Merge(#[from] crate::generate::merge::MergeError),
     #[error(transparent)]
     Tokenize(#[from] crate::tokenize::TokenizeError),
     #[error(transparent)]

@@ -22,6 +22,7 @@ use super::plan::{Node, Plan, PlannedStep, TRAIN};
 use super::recipe::{Action, EvalAction, Pipeline, Target};
 use super::PipelineError;
 use crate::artifact::outdir::DirLock;
+use crate::artifact::task::{Task, COMPLETIONS};
 use crate::generate::engine::{GenerateOptions, RunState, StopReason};
 use crate::generate::run::Progress;
 use crate::teacher::factory::TeacherConfig;
@@ -43,6 +44,10 @@ pub struct RunOptions {
     pub max_train_steps: Option<usize>,
     /// Data steps run at once (at least 1); see [`run`] for which may overlap.
     pub jobs: usize,
+    /// Run the `--only` step as this task of an array job (a generate, decontaminate or tokenize
+    /// step): its share into the step's `tasks/K`, then its marker. The same command without a
+    /// task then merges the N tasks' outputs and finishes the step.
+    pub task: Option<Task>,
 }
 
 /// What the runner reports to its caller (progress bars, logs).
@@ -69,6 +74,11 @@ pub enum RunOutcome {
     },
     Interrupted {
         step: String,
+    },
+    /// One task of an array job did its share of `step` (or had done it).
+    TaskDone {
+        step: String,
+        task: Task,
     },
 }
 
@@ -155,8 +165,12 @@ pub async fn run(
         path: p.out.clone(),
         source,
     })?;
-    // One recipe run per run directory; each stage also locks its own directory.
-    let _lock = DirLock::exclusive(&p.out)?;
+    // One recipe run per run directory (the tasks of one array share it, each task once); each
+    // stage also locks its own directory.
+    let _lock = match opts.task {
+        Some(t) => DirLock::slice(&p.out, t.k, t.n)?,
+        None => DirLock::exclusive(&p.out)?,
+    };
     crate::artifact::atomic::write_bytes(&p.out.join("recipe.toml"), p.effective.as_bytes())
         .map_err(|source| PipelineError::Io {
             path: p.out.join("recipe.toml"),
@@ -168,6 +182,9 @@ pub async fn run(
         opts,
         on_event,
     };
+    if let Some(task) = opts.task {
+        return task_step(&cx, task).await;
+    }
     let stopped = tokio::task::block_in_place(|| schedule(&cx, &chosen))?;
     if let Some(outcome) = stopped {
         return Ok(outcome);
@@ -349,6 +366,57 @@ async fn stoppable<F: std::future::Future>(
     out
 }
 
+/// Runs task `task` of the `--only` step (see [`RunOptions::task`]).
+async fn task_step(cx: &Ctx<'_>, task: Task) -> Result<RunOutcome, PipelineError> {
+    let only = cx.opts.only.as_deref().ok_or_else(|| {
+        PipelineError::Usage(format!(
+            "task {task} of an array job (--shard, or SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX in the environment) runs one step: add --only STEP"
+        ))
+    })?;
+    let step = cx.plan.step(only).expect("selected");
+    let shardable = match step.node {
+        Node::Data(i) => matches!(
+            cx.p.data[i].action,
+            Action::Generate { .. } | Action::Decontaminate(_) | Action::Tokenize(_)
+        ),
+        _ => false,
+    };
+    if !shardable {
+        return Err(PipelineError::Usage(format!(
+            "--only {only}: a {} step does not run as an array task; generate, decontaminate and tokenize steps do (unset the array variables, or drop --shard)",
+            step.kind
+        )));
+    }
+    if step.status != Status::Done {
+        (cx.on_event)(Event::Start(step));
+        let mut spent = 0.0;
+        match run_step(cx, step, &mut spent).await? {
+            StepResult::Done(_) => {}
+            StepResult::Incomplete(reason) => {
+                return Ok(RunOutcome::Incomplete {
+                    step: step.name.clone(),
+                    reason,
+                })
+            }
+            StepResult::Interrupted => {
+                return Ok(RunOutcome::Interrupted {
+                    step: step.name.clone(),
+                })
+            }
+        }
+    }
+    Ok(RunOutcome::TaskDone {
+        step: step.name.clone(),
+        task,
+    })
+}
+
+/// Whether the step writing `dir` ran as an array job: its tasks' markers are there, so the step
+/// finishes by merging them (the merge names the tasks that have not finished).
+fn ran_as_array(dir: &Path) -> bool {
+    dir.join(COMPLETIONS).is_dir()
+}
+
 /// The directories a data step reads: its upstream steps' outputs, then its paths.
 fn inputs(p: &Pipeline, plan: &Plan, i: usize) -> Vec<PathBuf> {
     let s = &p.data[i];
@@ -404,7 +472,7 @@ async fn run_data(
                 max_attempts: *max_attempts,
                 shard_size: *shard_size,
                 concurrency: 1, // the teacher config's concurrency decides
-                task: None,
+                task: cx.opts.task,
             };
             generate(cx, step, &cx.p.teachers[teacher], corpus, gen, spent).await
         }
@@ -427,8 +495,27 @@ async fn generate(
 ) -> Result<StepResult, PipelineError> {
     let (opts, on_event) = (cx.opts, cx.on_event);
     let n = gen.n;
+    if opts.task.is_none() && ran_as_array(&step.dir) {
+        let merged = blocking(|| crate::generate::merge::merge(&step.dir))?.stats;
+        let checked = merged["answers_checked"].as_u64().unwrap_or(0);
+        let completion = merged["run"]["completion_tokens"].as_u64().unwrap_or(0);
+        let records = merged["records"].as_u64().unwrap_or(0);
+        return Ok(StepResult::Done(json!({
+            "records": records,
+            "tokens": (records as f64 * completion as f64 / checked.max(1) as f64) as u64,
+            "cost_usd_this_run": 0.0,
+            "cost_usd_of_tasks": merged["run"]["cost_usd"],
+            "tasks": merged["tasks"],
+            "keep_rate": merged["keep_rate"],
+            "model": merged["model"],
+        })));
+    }
     let cfg = budgeted(teacher, opts, *spent);
     let progress = |g: &Progress| on_event(Event::Generate(step, g));
+    if let Some(marker) = crate::generate::run::task_done(&gen) {
+        tracing::info!("{}: this task is done ({})", step.name, marker.display());
+        return Ok(StepResult::Done(Value::Null));
+    }
     let stats = stoppable(opts, |state| corpus.run(&cfg, &gen, state, &progress)).await?;
     let cost = stats.run.cost_usd.unwrap_or(0.0);
     *spent += cost;
@@ -617,9 +704,13 @@ fn decontaminate(
         identifier_share: d.identifier_share,
         mode: d.mode,
         follow_symlinks: false,
-        task: None,
+        task: cx.opts.task,
     };
-    let r = crate::dedup::decontaminate::run(&opts, &progress)?;
+    let r = if cx.opts.task.is_none() && ran_as_array(&step.dir) {
+        crate::dedup::decontaminate::merge(&step.dir)?
+    } else {
+        crate::dedup::decontaminate::run(&opts, &progress)?
+    };
     let kept = match d.mode {
         crate::dedup::decontaminate::Mode::Drop => r.documents - r.contaminated_documents,
         crate::dedup::decontaminate::Mode::Flag => r.documents,
@@ -651,7 +742,15 @@ fn tokenize(
         // function of the records alone (a resumed run gives the same bytes).
         order: crate::tokenize::Order::Id,
     };
-    let meta = match crate::tokenize::run(&opts, progress)? {
+    let outcome = match cx.opts.task {
+        Some(task) => {
+            crate::tokenize::array::run_task(&opts, task, progress)?;
+            return Ok(StepResult::Done(Value::Null));
+        }
+        None if ran_as_array(&step.dir) => crate::tokenize::array::merge(&step.dir)?,
+        None => crate::tokenize::run(&opts, progress)?,
+    };
+    let meta = match outcome {
         crate::tokenize::Outcome::Written(m) | crate::tokenize::Outcome::UpToDate(m) => m,
     };
     let split = |s| meta.splits.get(&s).map_or(0, |m| m.tokens);
