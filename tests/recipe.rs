@@ -749,7 +749,8 @@ async fn jobs_2_gives_the_artifacts_of_jobs_1() {
 /// tokenize steps as arrays of --shards tasks, each followed by its merge, chained by the steps'
 /// dependencies. Submitted through a stand-in `sbatch` that runs each script at once (an array's
 /// tasks one by one, last first, with the variables Slurm sets), they end where one local run ends:
-/// the same record ids, token-shard bytes and validation losses (the oracle: a whole local run of
+/// the same record ids, token-shard bytes and validation losses (within 1e-4, as the kill -9 test
+/// allows) (the oracle: a whole local run of
 /// the same recipe against the same deterministic mock).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_slurm_scripts_run_the_recipe_like_one_local_run() {
@@ -839,9 +840,16 @@ echo $RANDOM
         shard_bytes(&step_dir(&b, "tok")),
         shard_bytes(&step_dir(&a, "tok"))
     );
-    assert_eq!(
+    // Losses as the kill -9 test compares them: the trainer's reductions are not bitwise
+    // reproducible across runs on many threads, so within 1e-4 relative.
+    let (la, lb) = (
+        val_losses(&step_dir(&a, "train")),
         val_losses(&step_dir(&b, "train")),
-        val_losses(&step_dir(&a, "train"))
     );
+    assert_eq!(la.len(), lb.len(), "{la:?} vs {lb:?}");
+    for ((sa, va), (sb, vb)) in la.iter().zip(&lb) {
+        assert_eq!(sa, sb);
+        assert!((va - vb).abs() <= 1e-4 * va.abs(), "{la:?} vs {lb:?}");
+    }
     assert!(b.join("scoreboard.md").exists(), "{jobs_log}");
 }
