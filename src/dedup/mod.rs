@@ -29,6 +29,7 @@ pub mod stages;
 mod words;
 
 use foldhash::{HashMap, HashSet};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -190,21 +191,25 @@ impl SigTable {
     fn read(bin: &Path, ids: &Path, docs: usize, stride: usize) -> Result<Self, DedupError> {
         let damaged = |path: &Path, reason: String| DedupError::Damaged {
             path: path.to_path_buf(),
-            reason: format!("{reason}; delete it (and its .json) and run again"),
+            reason: format!(
+                "{reason}; delete it and its completion marker (or index.json) and run again"
+            ),
         };
-        let bytes = std::fs::read(bin).map_err(io_err(bin))?;
-        if bytes.len() != docs * stride * 8 {
+        let mut file = std::fs::File::open(bin).map_err(io_err(bin))?;
+        let found = file.metadata().map_err(io_err(bin))?.len();
+        if found != (docs * stride * 8) as u64 {
             let reason = format!(
-                "expected {} bytes for {docs} documents, found {}",
-                docs * stride * 8,
-                bytes.len()
+                "expected {} bytes for {docs} documents, found {found}",
+                docs * stride * 8
             );
             return Err(damaged(bin, reason));
         }
-        let words = bytes
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-            .collect();
+        // Read straight into the words: one buffer's page faults, not two (a bucket task reads
+        // every signature file).
+        let mut words = vec![0u64; docs * stride];
+        file.read_exact(minhash::words_as_bytes_mut(&mut words))
+            .map_err(io_err(bin))?;
+        words.iter_mut().for_each(|w| *w = u64::from_le(*w));
         let text = std::fs::read_to_string(ids).map_err(io_err(ids))?;
         let ids: Vec<String> = text
             .lines()

@@ -24,7 +24,7 @@
 //! by every filter task that finds all filter markers present (the last to finish, or a
 //! relaunch); each writes the same bytes under a temp name of its own.
 //!
-//! `--index` and `--verify-jaccard` need one process: they are refused here.
+//! `--index` and `--verify-jaccard` need one process: the stages after `signatures` refuse them.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -184,7 +184,13 @@ pub(super) fn run_task(
     check_stage_settings(cx.opts, stage)?;
     let task = task.unwrap_or(Task { k: 0, n: 1 });
     let (skipped, merged) = match stage {
-        Stage::Signatures => (signature_task(cx, task, written, progress)?.1, None),
+        Stage::Signatures => match signatures_done(cx, task) {
+            Some(_) => (true, None),
+            None => (
+                signature_task(cx, task, written, progress).map(|_| false)?,
+                None,
+            ),
+        },
         Stage::Buckets => (bucket_task(cx, task, written)?, None),
         Stage::Clusters => {
             if task.n != 1 {
@@ -205,8 +211,12 @@ pub(super) fn run_task(
     })
 }
 
+/// `--index` and `--verify-jaccard` change what is clustered, so only signature tasks (whose
+/// output they do not change, and which a later whole run with them reuses) accept them.
 fn check_stage_settings(opts: &DedupOptions, stage: Stage) -> Result<(), DedupError> {
-    let unsupported = if opts.index.is_some() {
+    let unsupported = if stage == Stage::Signatures {
+        None
+    } else if opts.index.is_some() {
         Some("--index")
     } else if opts.verify_jaccard.is_some() {
         Some("--verify-jaccard")
@@ -305,31 +315,35 @@ fn signature_files(k: usize) -> [PathBuf; 2] {
     ["bin", "ids"].map(|ext| Path::new(SIGNATURES).join(format!("{k:05}.{ext}")))
 }
 
-/// Task `task`'s signatures (the documents of the input files it owns): read back when its marker
-/// matches these inputs and settings (then `true`), else computed and written, marker last.
-pub(super) fn signature_task(
+/// Signature task `task`'s marker, when it was made from these inputs and settings.
+fn signatures_done(cx: &Ctx, task: Task) -> Option<SignaturesDone> {
+    finished(
+        &cx.dir(Stage::Signatures),
+        task,
+        &cx.signature_fingerprint(),
+    )
+}
+
+/// The signatures a finished signature task wrote.
+fn read_signature_task(cx: &Ctx, k: usize, done: &SignaturesDone) -> Result<SigTable, DedupError> {
+    let [bin, ids] = signature_files(k).map(|rel| cx.opts.out.join(rel));
+    let mut table = SigTable::read(&bin, &ids, done.documents, cx.stride())?;
+    table.minhash_seconds = done.minhash_cpu_seconds;
+    table.signature_seconds = done.seconds;
+    Ok(table)
+}
+
+/// Signature task `task`: hashes the documents of the input files it owns, writes them, then its
+/// marker.
+fn signature_task(
     cx: &Ctx,
     task: Task,
     written: &mut Written,
     progress: &(dyn Fn(u64) + Sync),
-) -> Result<(SigTable, bool), DedupError> {
-    let fingerprint = cx.signature_fingerprint();
-    let out = &cx.opts.out;
+) -> Result<SigTable, DedupError> {
     let [bin, ids] = signature_files(task.k);
-    if let Some(done) = finished::<SignaturesDone>(&cx.dir(Stage::Signatures), task, &fingerprint) {
-        let mut table = SigTable::read(
-            &out.join(&bin),
-            &out.join(&ids),
-            done.documents,
-            cx.stride(),
-        )?;
-        table.minhash_seconds = done.minhash_cpu_seconds;
-        return Ok((table, true));
-    }
-    claim_all(
-        written,
-        &[bin.clone(), ids.clone(), task.marker(Path::new(SIGNATURES))],
-    )?;
+    let marker = task.marker(Path::new(SIGNATURES));
+    claim_all(written, &[bin.clone(), ids.clone(), marker])?;
     let started = Instant::now();
     let owned = cx
         .corpus
@@ -337,18 +351,19 @@ pub(super) fn signature_task(
         .iter()
         .enumerate()
         .filter(|(f, _)| task.owns(*f));
-    let table = hash_files(cx, owned, progress)?;
+    let mut table = hash_files(cx, owned, progress)?;
     let dir = cx.dir(Stage::Signatures);
     std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-    table.write(&out.join(&bin), &out.join(&ids))?;
+    table.write(&cx.opts.out.join(&bin), &cx.opts.out.join(&ids))?;
+    table.signature_seconds = started.elapsed().as_secs_f64();
     let done = SignaturesDone {
-        fingerprint,
+        fingerprint: cx.signature_fingerprint(),
         documents: table.ids.len(),
         minhash_cpu_seconds: table.minhash_seconds,
-        seconds: started.elapsed().as_secs_f64(),
+        seconds: table.signature_seconds,
     };
     mark_done(cx, Stage::Signatures, task, &done)?;
-    Ok((table, false))
+    Ok(table)
 }
 
 /// Each document's record (file index, row, exact hash, signature) and id, file by file.
@@ -390,12 +405,14 @@ pub(super) fn all_signatures(
     written: &mut Written,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<SigTable, DedupError> {
-    let fingerprint = cx.signature_fingerprint();
-    let n = task_count(&cx.dir(Stage::Signatures), &fingerprint)?.unwrap_or(1);
+    let n = task_count(&cx.dir(Stage::Signatures), &cx.signature_fingerprint())?.unwrap_or(1);
     let mut table = SigTable::default();
     for k in 0..n {
-        let (part, _) = signature_task(cx, Task { k, n }, written, progress)?;
-        table.append(part);
+        let task = Task { k, n };
+        table.append(match signatures_done(cx, task) {
+            Some(done) => read_signature_task(cx, k, &done)?,
+            None => signature_task(cx, task, written, progress)?,
+        });
     }
     Ok(table)
 }
@@ -405,12 +422,8 @@ fn read_signatures(cx: &Ctx) -> Result<SigTable, DedupError> {
     let done: Vec<SignaturesDone> =
         finished_stage(cx, Stage::Signatures, &cx.signature_fingerprint())?;
     let mut table = SigTable::default();
-    for (k, done) in done.into_iter().enumerate() {
-        let [bin, ids] = signature_files(k).map(|rel| cx.opts.out.join(rel));
-        let mut part = SigTable::read(&bin, &ids, done.documents, cx.stride())?;
-        part.minhash_seconds = done.minhash_cpu_seconds;
-        table.append(part);
-        table.signature_seconds += done.seconds;
+    for (k, done) in done.iter().enumerate() {
+        table.append(read_signature_task(cx, k, done)?);
     }
     Ok(table)
 }
@@ -641,11 +654,12 @@ fn merge(cx: &Ctx, n: usize, lock: &DirLock) -> Result<Option<Stats>, DedupError
     let path = cx.opts.out.join(STATS_FILE);
     let mut bytes = serde_json::to_vec_pretty(&stats).expect("stats serialise");
     bytes.push(b'\n');
-    let tmp = cx
+    // Not atomic::write_bytes(stats.json): two tasks would write one temp file at once.
+    let own = cx
         .opts
         .out
-        .join(format!(".{STATS_FILE}.{}.tmp", std::process::id()));
-    atomic::write_bytes(&tmp, &bytes).map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        .join(format!(".{STATS_FILE}.{}", std::process::id()));
+    atomic::write_bytes(&own, &bytes).map_err(io_err(&own))?;
+    std::fs::rename(&own, &path).map_err(io_err(&path))?;
     Ok(Some(stats))
 }

@@ -731,6 +731,15 @@ fn a_killed_task_is_redone_by_its_relaunch() {
     std::fs::remove_file(opts.out.join(STATS_FILE)).unwrap();
     let t = stage_task(&opts, Stage::Filter, 2, n);
     assert!(!t.skipped && t.merged.is_some());
+    // The stages after signatures need one process for --verify-jaccard (and --index).
+    let mut verify = options(opts.inputs.clone(), opts.out.clone());
+    verify.verify_jaccard = Some(0.8);
+    verify.stage = Some(Stage::Filter);
+    let err = run(&verify, &|_| ()).unwrap_err().to_string();
+    assert!(
+        err.contains("--verify-jaccard") && err.contains("without --stage"),
+        "{err}"
+    );
     let mut kept = output_bytes(&opts.out);
     assert_eq!(
         kept.remove(Path::new("notes.txt")).as_deref(),
