@@ -210,24 +210,32 @@ impl SigTable {
         file.read_exact(minhash::words_as_bytes_mut(&mut words))
             .map_err(io_err(bin))?;
         words.iter_mut().for_each(|w| *w = u64::from_le(*w));
-        let text = std::fs::read_to_string(ids).map_err(io_err(ids))?;
-        let ids: Vec<String> = text
-            .lines()
-            .map(serde_json::from_str)
-            .collect::<Result<_, _>>()
-            .map_err(|e| damaged(ids, e.to_string()))?;
-        if ids.len() != docs {
-            return Err(damaged(
-                bin,
-                format!("expected {docs} ids, found {}", ids.len()),
-            ));
-        }
         Ok(SigTable {
-            ids,
+            ids: read_ids(ids, docs)?,
             words,
             ..SigTable::default()
         })
     }
+}
+
+/// The `docs` ids of a signature table's `.ids` file (one JSON string a line).
+fn read_ids(path: &Path, docs: usize) -> Result<Vec<String>, DedupError> {
+    let damaged = |reason: String| DedupError::Damaged {
+        path: path.to_path_buf(),
+        reason: format!(
+            "{reason}; delete it and its completion marker (or index.json) and run again"
+        ),
+    };
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    let ids: Vec<String> = text
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .map_err(|e| damaged(e.to_string()))?;
+    if ids.len() != docs {
+        return Err(damaged(format!("expected {docs} ids, found {}", ids.len())));
+    }
+    Ok(ids)
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, DedupError> {
@@ -589,6 +597,11 @@ impl<'a> Documents<'a> {
         }
     }
 
+    /// The index in the table of this run's documents of the one at position `p` (≥ m).
+    fn new_index(&self, p: usize) -> usize {
+        self.order[p - self.indexed()]
+    }
+
     fn id(&self, p: usize) -> &'a str {
         let m = self.indexed();
         if p < m {
@@ -625,7 +638,8 @@ fn cluster(
     join_exact(all, &mut clusters);
     let (mut candidate_pairs, mut rejected) = (0u64, 0u64);
     let mut verified: HashMap<(u32, u32), bool> = HashMap::default();
-    each_candidate(all, hasher, 0..bands, |first, p| {
+    let key = |p: u32, j| hasher.band_key(&all.record(p as usize)[HEAD..], j);
+    each_candidate(&live_positions(all), 0..bands, key, |first, p| {
         candidate_pairs += 1;
         let similar = match verify {
             Some((sets, t)) => *verified.entry((first, p)).or_insert_with(|| {
@@ -662,22 +676,23 @@ fn join_exact(all: &Documents, clusters: &mut Clusters) {
     }
 }
 
-/// Calls `pair(first, p)` for every document `p` sharing a key of band `j` in `bands` with a
-/// lesser one, `first` being the least document of that bucket (band by band, in key order).
+/// The positions of the documents that have shingles (the others are in no LSH bucket).
+fn live_positions(all: &Documents) -> Vec<u32> {
+    (0..all.len() as u32)
+        .filter(|&p| !minhash::is_empty(&all.record(p as usize)[HEAD..]))
+        .collect()
+}
+
+/// Calls `pair(first, p)` for every `live` document `p` whose band-`j` key (`key(p, j)`) it shares
+/// with a lesser one, `first` being the least document of that bucket (band by band, in key order).
 fn each_candidate(
-    all: &Documents,
-    hasher: &MinHasher,
+    live: &[u32],
     bands: std::ops::Range<usize>,
+    key: impl Fn(u32, usize) -> u64 + Sync,
     mut pair: impl FnMut(u32, u32),
 ) {
-    let live: Vec<u32> = (0..all.len() as u32)
-        .filter(|&p| !minhash::is_empty(&all.record(p as usize)[HEAD..]))
-        .collect();
     for j in bands {
-        let mut keys: Vec<(u64, u32)> = live
-            .par_iter()
-            .map(|&p| (hasher.band_key(&all.record(p as usize)[HEAD..], j), p))
-            .collect();
+        let mut keys: Vec<(u64, u32)> = live.par_iter().map(|&p| (key(p, j), p)).collect();
         keys.par_sort_unstable();
         for run in keys.chunk_by(|a, b| a.0 == b.0) {
             let first = run[0].1;

@@ -17,7 +17,7 @@
 //! A stage reading an earlier one's output first checks that all its markers are there (the task
 //! count is read from the markers) and names the missing task ids.
 //!
-//! Documents are numbered as in one run ([`Documents`]: by file and row, or by id), so a pair found
+//! Documents are numbered as in one run (by file and row, or by id), so a pair found
 //! by any bucket task is the pair one run finds, and the clusters, their survivors and
 //! `removed.parquet` (written whole by the one clusters task, rows in one run's order) are one
 //! run's, whatever each stage's task count or the order its tasks ran in. `stats.json` is written
@@ -444,15 +444,20 @@ fn bucket_task(cx: &Ctx, task: Task, written: &mut Written) -> Result<bool, Dedu
     if finished::<BucketsDone>(&cx.dir(Stage::Buckets), task, &fingerprint).is_some() {
         return Ok(true);
     }
-    let table = read_signatures(cx)?;
+    let bands = band_range(task, cx.opts.params.bands);
+    let (table, has_shingles) = read_band_keys(cx, &bands)?;
     let rel = pairs_file(task.k);
     claim_all(written, &[rel.clone(), task.marker(Path::new(BUCKETS))])?;
     let started = Instant::now();
     let none = SigTable::default();
-    let all = Documents::new(&none, &table, cx.stride(), cx.opts.keep);
-    let bands = band_range(task, cx.opts.params.bands);
+    let all = Documents::new(&none, &table, HEAD + bands.len(), cx.opts.keep);
+    let live: Vec<u32> = (0..all.len())
+        .filter(|&p| has_shingles[all.new_index(p)])
+        .map(|p| p as u32)
+        .collect();
+    let key = |p: u32, j: usize| all.record(p as usize)[HEAD + j - bands.start];
     let mut pairs: Vec<(u32, u32)> = Vec::new();
-    each_candidate(&all, cx.hasher, bands.clone(), |a, b| pairs.push((a, b)));
+    each_candidate(&live, bands.clone(), key, |a, b| pairs.push((a, b)));
     let candidate_pairs = pairs.len() as u64;
     pairs.par_sort_unstable();
     pairs.dedup();
@@ -473,6 +478,53 @@ fn bucket_task(cx: &Ctx, task: Task, written: &mut Written) -> Result<bool, Dedu
     };
     mark_done(cx, Stage::Buckets, task, &done)?;
     Ok(false)
+}
+
+/// A bucket task's view of the signatures, in signature-task order: per document its head (file,
+/// row, exact hash) and the keys of `bands` (a table of stride `HEAD + bands.len()`), and whether
+/// it has shingles. Read a block at a time: a task holds its bands' keys, not every signature.
+fn read_band_keys(cx: &Ctx, bands: &Range<usize>) -> Result<(SigTable, Vec<bool>), DedupError> {
+    const BLOCK: usize = 4096;
+    let done: Vec<SignaturesDone> =
+        finished_stage(cx, Stage::Signatures, &cx.signature_fingerprint())?;
+    let stride = cx.stride();
+    let mut table = SigTable::default();
+    let mut has_shingles = Vec::new();
+    let mut block = vec![0u64; BLOCK * stride];
+    for (k, done) in done.iter().enumerate() {
+        let [bin, ids] = signature_files(k).map(|rel| cx.opts.out.join(rel));
+        table.ids.extend(read_ids(&ids, done.documents)?);
+        let mut file = std::fs::File::open(&bin).map_err(io_err(&bin))?;
+        let found = file.metadata().map_err(io_err(&bin))?.len();
+        if found != (done.documents * stride * 8) as u64 {
+            return Err(DedupError::Damaged {
+                path: bin,
+                reason: format!(
+                    "expected {} bytes for {} documents, found {found}; delete it and its \
+                     completion marker and relaunch that signature task",
+                    done.documents * stride * 8,
+                    done.documents
+                ),
+            });
+        }
+        let mut left = done.documents;
+        while left > 0 {
+            let records = &mut block[..left.min(BLOCK) * stride];
+            file.read_exact(minhash::words_as_bytes_mut(records))
+                .map_err(io_err(&bin))?;
+            for rec in records.chunks_exact_mut(stride) {
+                rec.iter_mut().for_each(|w| *w = u64::from_le(*w));
+                let (head, sig) = rec.split_at(HEAD);
+                table.words.extend_from_slice(head);
+                table
+                    .words
+                    .extend(bands.clone().map(|j| cx.hasher.band_key(sig, j)));
+                has_shingles.push(!minhash::is_empty(sig));
+            }
+            left -= left.min(BLOCK);
+        }
+    }
+    Ok((table, has_shingles))
 }
 
 fn read_pairs(path: &Path, expected: usize) -> Result<Vec<(u32, u32)>, DedupError> {
