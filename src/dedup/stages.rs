@@ -238,8 +238,9 @@ fn finished<T: DeserializeOwned>(dir: &Path, task: Task, fingerprint: &str) -> O
         .flatten()
 }
 
-/// The task count of the array whose markers for this fingerprint are below `dir` (the count most
-/// of them name), if any.
+/// The task count of the array whose markers for this fingerprint are below `dir`, if any: the
+/// count of a complete set (an array relaunched with fewer tasks leaves the higher markers of the
+/// old one), else the count most of them name.
 fn task_count(dir: &Path, fingerprint: &str) -> Result<Option<usize>, DedupError> {
     let completions = dir.join(COMPLETIONS);
     let Ok(entries) = std::fs::read_dir(&completions) else {
@@ -258,10 +259,17 @@ fn task_count(dir: &Path, fingerprint: &str) -> Result<Option<usize>, DedupError
             *counts.entry(marker.task.n).or_default() += 1;
         }
     }
-    Ok(counts
-        .into_iter()
-        .max_by_key(|&(n, count)| (count, n))
-        .map(|(n, _)| n))
+    let complete = counts
+        .iter()
+        .filter(|&(n, count)| n == count)
+        .map(|(&n, _)| n)
+        .min();
+    Ok(complete.or_else(|| {
+        counts
+            .into_iter()
+            .max_by_key(|&(n, count)| (count, n))
+            .map(|(n, _)| n)
+    }))
 }
 
 /// Every task's marker stats of a finished stage, in task order; else which tasks are missing.

@@ -597,7 +597,7 @@ fn output_bytes(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     found
 }
 
-/// Runs task k of n of `stage`; whether it skipped itself.
+/// Runs task k of n of `stage` (a library call, as one process of the array would).
 fn stage_task(opts: &DedupOptions, stage: Stage, k: usize, n: usize) -> TaskOutcome {
     let mut opts = DedupOptions {
         inputs: opts.inputs.clone(),
@@ -723,6 +723,10 @@ fn a_killed_task_is_redone_by_its_relaunch() {
     std::fs::write(opts.out.join("notes.txt"), b"mine").unwrap();
     assert_eq!(all(Stage::Signatures, n), [true, false, true]);
     assert!(!sig.join("00001.bin.tmp").exists());
+    // Relaunched as an array of 7, then of 2: the complete set of 2 is the one read (the old
+    // markers of tasks 2-6 of 7 outnumber it).
+    all(Stage::Signatures, 7);
+    all(Stage::Signatures, 2);
     all(Stage::Buckets, 2);
     all(Stage::Clusters, 1);
     all(Stage::Filter, n);
