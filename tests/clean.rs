@@ -359,3 +359,171 @@ fn tokenize_as_an_array_writes_the_bytes_of_one_run() {
         }
     }
 }
+
+/// A story of 150 words drawn from `seed` (a fixed LCG, so the corpus is the same on every run),
+/// with word `10 + variant` changed for `variant > 0`: one word of 150 changed keeps the 5-gram
+/// Jaccard near 0.94, which 14 × 8 MinHash-LSH catches with probability ≈ 1.
+fn story(seed: u64, variant: usize) -> String {
+    let words = [
+        "the", "fox", "ran", "over", "a", "hill", "and", "saw", "bright", "stars",
+    ];
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut out: Vec<String> = (0..150)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            format!(
+                "{}{}",
+                words[(x >> 33) as usize % words.len()],
+                (x >> 40) % 500
+            )
+        })
+        .collect();
+    if variant > 0 {
+        out[10 + variant] = format!("changed{variant}");
+    }
+    out.join(" ")
+}
+
+/// Every file below `dir` but the stage directories, control files and stats.json (timings).
+fn dedup_outputs(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut found = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            let rel = path
+                .strip_prefix(dir)
+                .unwrap()
+                .to_string_lossy()
+                .to_string();
+            let stage_dir = ["signatures", "buckets", "clusters", "filter"].contains(&rel.as_str());
+            if stage_dir || rel.starts_with(".phigen") || rel == "stats.json" {
+                continue;
+            }
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                found.insert(rel, std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    found
+}
+
+/// `phigen dedup --stage …` run as Slurm array tasks (separate processes, `SLURM_ARRAY_TASK_ID`
+/// and `SLURM_ARRAY_TASK_COUNT` set; the buckets as a Kubernetes Indexed Job with
+/// `JOB_COMPLETION_INDEX` and `--shards 2`) writes byte for byte the kept files and
+/// removed.parquet of one `phigen dedup` over the same input, for 1, 3 and 7 signature and filter
+/// tasks. Two signature tasks and two filter tasks are "killed" (marker and output gone, a torn
+/// temp file left): the next stage refuses to start and names them, and relaunching the array
+/// redoes exactly those. The near and exact copies sit in other files than their originals, so
+/// the pairs cross task boundaries.
+#[test]
+fn dedup_array_tasks_write_what_one_run_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    std::fs::create_dir_all(&corpus).unwrap();
+    let mut files: Vec<String> = vec![String::new(); 12];
+    for s in 0..240u64 {
+        let mut put = |file: u64, id: String, text: String| {
+            files[file as usize % 12] +=
+                &(serde_json::json!({"id": id, "text": text}).to_string() + "\n");
+        };
+        put(s, format!("s{s}"), story(s, 0));
+        if s % 3 == 0 {
+            put(s + 5, format!("s{s}-near"), story(s, 1 + s as usize % 4));
+        }
+        if s % 8 == 0 {
+            put(s + 7, format!("s{s}-copy"), story(s, 0));
+        }
+    }
+    for (i, text) in files.iter().enumerate() {
+        std::fs::write(corpus.join(format!("part-{i:02}.jsonl")), text).unwrap();
+    }
+    let dedup = |out: &std::path::Path, args: &[&str], env: &[(&str, String)]| {
+        let mut c = Command::new(BIN);
+        c.args(["--quiet", "dedup", "--input", corpus.to_str().unwrap()])
+            .args(["--out", out.to_str().unwrap()])
+            .args(args);
+        for var in [
+            "SLURM_ARRAY_TASK_ID",
+            "SLURM_ARRAY_TASK_COUNT",
+            "SLURM_ARRAY_TASK_MIN",
+            "JOB_COMPLETION_INDEX",
+        ] {
+            c.env_remove(var);
+        }
+        c.envs(env.iter().map(|(k, v)| (k, v)));
+        c.output().unwrap()
+    };
+    let ok = |o: std::process::Output| assert!(o.status.success(), "{}", stderr(&o));
+    let whole = tmp.path().join("whole");
+    ok(dedup(&whole, &[], &[]));
+    let expected = dedup_outputs(&whole);
+    assert_eq!(expected.len(), 13, "twelve kept files and removed.parquet");
+    let removed = stats(&whole);
+    assert!(
+        removed["removed_near"].as_u64() > Some(60) && removed["removed_exact"].as_u64() > Some(20)
+    );
+    for n in [1usize, 3, 7] {
+        let out = tmp.path().join(format!("array-{n}"));
+        let slurm = |stage: &str, k: usize| {
+            let env = [
+                ("SLURM_ARRAY_TASK_ID", k.to_string()),
+                ("SLURM_ARRAY_TASK_COUNT", n.to_string()),
+            ];
+            dedup(&out, &["--stage", stage], &env)
+        };
+        let array = |stage: &str| (0..n).rev().for_each(|k| ok(slurm(stage, k)));
+        let buckets = || {
+            (0..2).map(|k| {
+                let env = [("JOB_COMPLETION_INDEX", k.to_string())];
+                dedup(&out, &["--stage", "buckets", "--shards", "2"], &env)
+            })
+        };
+        let kill = |stage: &str, k: usize, output: std::path::PathBuf| {
+            std::fs::remove_file(out.join(format!("{stage}/completions/{k:05}"))).unwrap();
+            std::fs::remove_file(&output).unwrap();
+            let mut torn = output.into_os_string();
+            torn.push(".tmp");
+            std::fs::write(torn, b"torn").unwrap();
+        };
+        array("signatures");
+        let killed = [0, n - 1];
+        if n > 1 {
+            for k in killed {
+                kill("signatures", k, out.join(format!("signatures/{k:05}.bin")));
+            }
+            let refused = buckets().next().unwrap();
+            let named = format!("tasks 0, {} of {n}", n - 1);
+            assert!(
+                !refused.status.success() && stderr(&refused).contains(&named),
+                "{}",
+                stderr(&refused)
+            );
+            array("signatures");
+        }
+        buckets().for_each(ok);
+        ok(dedup(&out, &["--stage", "clusters"], &[]));
+        array("filter");
+        assert_eq!(dedup_outputs(&out), expected, "{n} tasks");
+        if n > 1 {
+            std::fs::remove_file(out.join("stats.json")).unwrap();
+            for k in killed {
+                kill("filter", k, out.join(format!("corpus/part-{k:02}.jsonl")));
+            }
+            ok(slurm("filter", n - 1));
+            assert!(
+                !out.join("stats.json").exists(),
+                "task 0 has not finished again yet"
+            );
+            ok(slurm("filter", 0));
+        }
+        assert_eq!(dedup_outputs(&out), expected, "{n} tasks, two relaunched");
+        assert_eq!(stats(&out)["kept"], removed["kept"]);
+    }
+}

@@ -8,8 +8,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::numbers::{self, f64_in, int_in};
 use super::Outcome;
+use crate::artifact::task::Task;
 use crate::dedup::minhash::{Normalize, Params, Shingles};
-use crate::dedup::{self, DedupOptions, Keep, Slice};
+use crate::dedup::{self, DedupOptions, Keep, Stage};
 
 #[derive(Debug, Clone, Args)]
 pub struct DedupArgs {
@@ -43,9 +44,19 @@ pub struct DedupArgs {
     /// An LSH index directory: documents duplicating its documents are removed too, and the kept ones are added to it.
     #[arg(long)]
     pub index: Option<PathBuf>,
-    /// Only compute the signatures of slice K of N (input files i with i mod N = K), e.g. a Slurm array task; run again without --shard to cluster and write.
+    /// Run one array stage (in this order: signatures, buckets, clusters, filter) as task K of N
+    /// (--shard, or SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX with --shards); together the tasks
+    /// write what one run writes. Without it: the whole run in this process.
+    #[arg(long, value_enum)]
+    pub stage: Option<Stage>,
+    /// This task of the stage's array, K of N (0-based), e.g. 3/8. Without --stage: a signature
+    /// task; a later run without --shard reuses the signatures, then clusters and writes.
     #[arg(long)]
-    pub shard: Option<Slice>,
+    pub shard: Option<Task>,
+    /// The size of the array when the task comes from the scheduler (SLURM_ARRAY_TASK_ID with
+    /// SLURM_ARRAY_TASK_COUNT needs none; Kubernetes' JOB_COMPLETION_INDEX does).
+    #[arg(long, requires = "stage", value_parser = int_in(1usize, crate::artifact::task::MAX_TASKS))]
+    pub shards: Option<usize>,
     /// Read symlinks that lead out of the input directories (by default they are skipped and counted).
     #[arg(long)]
     pub follow_symlinks: bool,
@@ -102,7 +113,13 @@ pub fn dedup(args: &DedupArgs, quiet: bool) -> anyhow::Result<Outcome> {
         exact,
         verify_jaccard: args.verify_jaccard,
         index: args.index.clone(),
-        shard: args.shard,
+        stage: args.stage,
+        // The scheduler's variables name the task only of an array stage: a whole run started
+        // inside an array job is still a whole run.
+        shard: match args.stage {
+            Some(_) => Task::from_env(args.shard, args.shards)?,
+            None => args.shard,
+        },
         follow_symlinks: args.follow_symlinks,
         keep: args.keep,
     };
@@ -110,10 +127,7 @@ pub fn dedup(args: &DedupArgs, quiet: bool) -> anyhow::Result<Outcome> {
     let outcome = dedup::run(&opts, &|n| bar.inc(n))?;
     bar.finish_and_clear();
     let stats = match outcome {
-        dedup::Outcome::Slice { slice, documents } => {
-            tracing::info!("signatures of slice {}/{}: {documents} documents; run without --shard to cluster once every slice is done", slice.k, slice.n);
-            return Ok(Outcome::Complete);
-        }
+        dedup::Outcome::Task(t) => return Ok(report_task(&t, args)),
         dedup::Outcome::UpToDate(stats) => {
             tracing::info!(
                 "up to date: {} already holds the result for these inputs and settings",
@@ -139,4 +153,33 @@ pub fn dedup(args: &DedupArgs, quiet: bool) -> anyhow::Result<Outcome> {
         args.out.display()
     );
     Ok(Outcome::Complete)
+}
+
+/// Logs what one task of an array stage did, and what runs next.
+fn report_task(t: &dedup::TaskOutcome, args: &DedupArgs) -> Outcome {
+    let did = if t.skipped {
+        "already finished (its completion marker matches), skipped"
+    } else {
+        "done"
+    };
+    tracing::info!("dedup --stage {} task {}: {did}", t.stage, t.task);
+    let next = match t.stage {
+        Stage::Signatures => Some(Stage::Buckets),
+        Stage::Buckets => Some(Stage::Clusters),
+        Stage::Clusters => Some(Stage::Filter),
+        Stage::Filter => None,
+    };
+    match (&t.merged, next) {
+        (Some(stats), _) => tracing::info!(
+            "every filter task has finished: {} documents, kept {}, removed {} exact + {} near duplicates → {}",
+            stats.documents,
+            stats.kept,
+            stats.removed_exact,
+            stats.removed_near,
+            args.out.join(dedup::STATS_FILE).display()
+        ),
+        (None, Some(next)) => tracing::info!("once every task of this stage has finished, run --stage {next}"),
+        (None, None) => tracing::info!("stats.json is written by the last filter task to finish"),
+    }
+    Outcome::Complete
 }

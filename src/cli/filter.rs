@@ -9,13 +9,13 @@ use clap::{Args, Subcommand};
 
 use super::numbers::{self, f32_in, f64_in, int_at_least, int_in, ints};
 use super::{finished, print_dry_run, Live, Outcome, TeacherArgs};
+use crate::artifact::task::Task;
 use crate::classify::embed::EmbedderSpec;
 use crate::classify::forest::{Engine, ForestParams};
 use crate::classify::pipeline::{
     self, FilterDryRun, FilterRecipe, ModelSettings, PipelineProgress, SampleSettings,
 };
 use crate::classify::{self, InputOptions, TrainReport};
-use crate::dedup::Slice;
 use crate::generate::engine::RunState;
 
 #[derive(Debug, Clone, Args)]
@@ -249,7 +249,7 @@ pub struct FilterArgs {
     pub threshold: Option<f32>,
     /// Only score parts K, K+N, … (0-based), e.g. a Slurm array task; stats.json covers every part finished so far.
     #[arg(long)]
-    pub shard: Option<Slice>,
+    pub shard: Option<Task>,
     /// Files embedded and scored at once.
     #[arg(long, default_value_t = 512, value_parser = int_in(1usize, 1 << 20))]
     pub batch: usize,

@@ -272,6 +272,16 @@ pub(crate) fn words_as_bytes(words: &[u64]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), std::mem::size_of_val(words)) }
 }
 
+pub(crate) fn words_as_bytes_mut(words: &mut [u64]) -> &mut [u8] {
+    // SAFETY: as `words_as_bytes`; every byte pattern is also a valid u64.
+    unsafe {
+        std::slice::from_raw_parts_mut(
+            words.as_mut_ptr().cast::<u8>(),
+            std::mem::size_of_val(words),
+        )
+    }
+}
+
 /// `true` when every signature entry is `u64::MAX`: the document had no shingles.
 pub fn is_empty(sig: &[u64]) -> bool {
     sig.iter().all(|&v| v == u64::MAX)

@@ -1,10 +1,10 @@
 //! `phigen dedup`: exact and MinHash-LSH near-duplicate removal over corpus files.
 //!
-//! 1. **Signatures** (parallel over documents; `--shard K/N` does input files `i ≡ K mod N` only):
-//!    each document's exact hash (of its normalised text) and MinHash signature go to
-//!    `OUT/signatures/slice-K-of-N.{bin,ids,json}` (the `.json` is written last and marks the slice
-//!    complete; a later run reuses a complete slice of the same inputs and settings).
-//! 2. **Clusters** (one process, once every slice of a set is there): documents are ordered by
+//! 1. **Signatures** (parallel over documents): each document's exact hash (of its normalised
+//!    text) and MinHash signature go to `OUT/signatures/NNNNN.{bin,ids}`, then its completion
+//!    marker (`signatures/completions/NNNNN`); a later run reuses the signatures of a signature
+//!    array (`--stage signatures`) made from the same inputs and settings, computing missing tasks.
+//! 2. **Clusters** (one process): documents are ordered by
 //!    (input file in sorted path order, row); documents of `--index` come before all of them.
 //!    Equal exact hashes are joined; so are documents sharing any LSH band key (each with the
 //!    least document of the bucket; with `--verify-jaccard T` only when their exact shingle-set
@@ -16,15 +16,20 @@
 //!    estimated and exact similarity); `stats.json` last. With `--index DIR` the kept documents are
 //!    added to the index, so a later run removes what duplicates them.
 //!
-//! One run at a time writes `OUT` (`--shard` tasks: one per slice, side by side), and `OUT` may be
+//! The same steps run as array tasks (`--stage signatures|buckets|clusters|filter`, see
+//! [`stages`]) write byte for byte what one run writes.
+//!
+//! One run at a time writes `OUT` (array tasks: side by side), and `OUT` may be
 //! neither an input nor inside or above one. A file already in `OUT` is replaced only when phigen
 //! wrote it (`OUT/.phigen.written` lists it).
 
 pub mod decontaminate;
 pub mod minhash;
+pub mod stages;
 mod words;
 
 use foldhash::{HashMap, HashSet};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -36,8 +41,10 @@ use crate::artifact::atomic;
 use crate::artifact::docs::{self, DocsError, InputFile};
 use crate::artifact::outdir::{self, DirLock, OutDirError, Written};
 use crate::artifact::table::{self, row, Row, TableError};
+use crate::artifact::task::Task;
 use crate::artifact::walk::{InputSkip, WalkOptions};
 use minhash::{MinHasher, Normalize, Params};
+pub use stages::{Stage, TaskOutcome};
 
 pub const STATS_FILE: &str = "stats.json";
 pub const REMOVED_FILE: &str = "removed.parquet";
@@ -63,14 +70,24 @@ pub enum DedupError {
     OutDir(#[from] OutDirError),
     #[error("{0}")]
     Settings(String),
+    #[error("--stage {stage} with {flag}: array stages do not support it; run `phigen dedup` without --stage (one process) to use {flag}")]
+    Unsupported { stage: Stage, flag: &'static str },
+    #[error("--stage clusters runs as one task, found task {task}: launch it as a single job, without --shard or --shards")]
+    OneTask { task: Task },
+    #[error("{dir}: no `{stage}` task has finished for these inputs and settings; run `phigen dedup --stage {stage}` (with the same --input and settings) first")]
+    StageNotRun { dir: PathBuf, stage: Stage },
+    #[error("{dir}: `{stage}` tasks {ids} of {n} have no completion marker for these inputs and settings; relaunch the `--stage {stage}` array (finished tasks skip themselves) and run this stage after it")]
+    Unfinished {
+        dir: PathBuf,
+        stage: Stage,
+        n: usize,
+        ids: String,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DedupError + '_ {
     move |e| docs::io_err(path)(e).into()
 }
-
-/// One slice of a `--shard K/N` job: a task of an array ([`crate::artifact::task`]).
-pub use crate::artifact::task::Task as Slice;
 
 pub struct DedupOptions {
     pub inputs: Vec<PathBuf>,
@@ -79,8 +96,10 @@ pub struct DedupOptions {
     pub exact: Normalize,
     pub verify_jaccard: Option<f64>,
     pub index: Option<PathBuf>,
-    /// Only compute this slice's signatures.
-    pub shard: Option<Slice>,
+    /// Run one array stage instead of the whole run ([`stages`]).
+    pub stage: Option<Stage>,
+    /// The stage's task (`None`: the stage as one task); alone, a signature task.
+    pub shard: Option<Task>,
     /// Read symlinks that lead out of the input trees.
     pub follow_symlinks: bool,
     /// Which document of a cluster is kept.
@@ -131,7 +150,8 @@ struct TableMeta {
     exact: Normalize,
     /// Every input file of the run (slices index into it), or none for an index.
     sources: Vec<Source>,
-    slice: Option<Slice>,
+    /// Always `None` (index files made before the array stages kept a slice here).
+    slice: Option<Task>,
     docs: usize,
     /// Bumped on each update of an index; its files are `index-G.bin` / `index-G.ids`.
     generation: u64,
@@ -142,11 +162,21 @@ struct TableMeta {
 struct SigTable {
     ids: Vec<String>,
     words: Vec<u64>,
-    /// CPU seconds spent in shingling + signatures, summed over documents (0 for a table read back).
+    /// CPU seconds spent in shingling + signatures, summed over documents.
     minhash_seconds: f64,
+    /// Wall seconds the signature tasks took (of a table read back from their markers).
+    signature_seconds: f64,
 }
 
 impl SigTable {
+    /// Appends another table's documents (the next signature task's).
+    fn append(&mut self, other: SigTable) {
+        self.ids.extend(other.ids);
+        self.words.extend(other.words);
+        self.minhash_seconds += other.minhash_seconds;
+        self.signature_seconds += other.signature_seconds;
+    }
+
     fn write(&self, bin: &Path, ids: &Path) -> Result<(), DedupError> {
         let bytes: Vec<u8> = self.words.iter().flat_map(|w| w.to_le_bytes()).collect();
         atomic::write_bytes(bin, &bytes).map_err(io_err(bin))?;
@@ -161,39 +191,51 @@ impl SigTable {
     fn read(bin: &Path, ids: &Path, docs: usize, stride: usize) -> Result<Self, DedupError> {
         let damaged = |path: &Path, reason: String| DedupError::Damaged {
             path: path.to_path_buf(),
-            reason: format!("{reason}; delete it (and its .json) and run again"),
+            reason: format!(
+                "{reason}; delete it and its completion marker (or index.json) and run again"
+            ),
         };
-        let bytes = std::fs::read(bin).map_err(io_err(bin))?;
-        if bytes.len() != docs * stride * 8 {
+        let mut file = std::fs::File::open(bin).map_err(io_err(bin))?;
+        let found = file.metadata().map_err(io_err(bin))?.len();
+        if found != (docs * stride * 8) as u64 {
             let reason = format!(
-                "expected {} bytes for {docs} documents, found {}",
-                docs * stride * 8,
-                bytes.len()
+                "expected {} bytes for {docs} documents, found {found}",
+                docs * stride * 8
             );
             return Err(damaged(bin, reason));
         }
-        let words = bytes
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-            .collect();
-        let text = std::fs::read_to_string(ids).map_err(io_err(ids))?;
-        let ids: Vec<String> = text
-            .lines()
-            .map(serde_json::from_str)
-            .collect::<Result<_, _>>()
-            .map_err(|e| damaged(ids, e.to_string()))?;
-        if ids.len() != docs {
-            return Err(damaged(
-                bin,
-                format!("expected {docs} ids, found {}", ids.len()),
-            ));
-        }
+        // Read straight into the words: one buffer's page faults, not two (a bucket task reads
+        // every signature file).
+        let mut words = vec![0u64; docs * stride];
+        file.read_exact(minhash::words_as_bytes_mut(&mut words))
+            .map_err(io_err(bin))?;
+        words.iter_mut().for_each(|w| *w = u64::from_le(*w));
         Ok(SigTable {
-            ids,
+            ids: read_ids(ids, docs)?,
             words,
-            minhash_seconds: 0.0,
+            ..SigTable::default()
         })
     }
+}
+
+/// The `docs` ids of a signature table's `.ids` file (one JSON string a line).
+fn read_ids(path: &Path, docs: usize) -> Result<Vec<String>, DedupError> {
+    let damaged = |reason: String| DedupError::Damaged {
+        path: path.to_path_buf(),
+        reason: format!(
+            "{reason}; delete it and its completion marker (or index.json) and run again"
+        ),
+    };
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    let ids: Vec<String> = text
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .map_err(|e| damaged(e.to_string()))?;
+    if ids.len() != docs {
+        return Err(damaged(format!("expected {docs} ids, found {}", ids.len())));
+    }
+    Ok(ids)
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, DedupError> {
@@ -202,83 +244,6 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, DedupErro
         path: path.to_path_buf(),
         reason: format!("{e}; delete it and run again"),
     })
-}
-
-/// Computes (or reuses) the signatures of one slice of `files`.
-fn slice_table(
-    files: &[InputFile],
-    sources: &[Source],
-    slice: Slice,
-    opts: &DedupOptions,
-    hasher: &MinHasher,
-    written: &mut Written,
-    progress: &(dyn Fn(u64) + Sync),
-) -> Result<SigTable, DedupError> {
-    let dir = opts.out.join("signatures");
-    std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-    let stem = format!("signatures/slice-{}-of-{}", slice.k, slice.n);
-    let rels = ["json", "bin", "ids"].map(|ext| PathBuf::from(format!("{stem}.{ext}")));
-    let [meta_path, bin, ids] = rels.clone().map(|rel| opts.out.join(rel));
-    let stride = HEAD + opts.params.num_perm();
-    if meta_path.exists() {
-        let old: TableMeta = read_json(&meta_path)?;
-        if old.params == opts.params
-            && old.exact == opts.exact
-            && old.sources == sources
-            && old.format_version == FORMAT_VERSION
-        {
-            return SigTable::read(&bin, &ids, old.docs, stride);
-        }
-        if !written.contains(&rels[0]) {
-            // Written before phigen listed its files; the table's own meta shows it is ours.
-            for rel in &rels {
-                written.adopt(rel)?;
-            }
-        }
-        std::fs::remove_file(&meta_path).map_err(io_err(&meta_path))?;
-    }
-    for rel in &rels {
-        written.claim(rel)?;
-    }
-    let mut table = SigTable::default();
-    let minhash_nanos = std::sync::atomic::AtomicU64::new(0);
-    for (f, file) in files
-        .iter()
-        .enumerate()
-        .filter(|(f, _)| f % slice.n == slice.k)
-    {
-        docs::read_documents(&file.path, |batch| {
-            let records: Vec<Vec<u64>> = batch
-                .par_iter()
-                .map(|d| {
-                    let exact = minhash::exact_hash(&d.text, opts.exact);
-                    let mut rec = vec![f as u64, d.row as u64, exact as u64, (exact >> 64) as u64];
-                    let started = Instant::now();
-                    rec.extend(hasher.signature(&d.text));
-                    let nanos = started.elapsed().as_nanos() as u64;
-                    minhash_nanos.fetch_add(nanos, std::sync::atomic::Ordering::Relaxed);
-                    rec
-                })
-                .collect();
-            progress(batch.iter().map(|d| d.text.len() as u64).sum());
-            table.words.extend(records.into_iter().flatten());
-            table.ids.extend(batch.into_iter().map(|d| d.id));
-            Ok::<(), DedupError>(())
-        })?;
-    }
-    table.minhash_seconds = minhash_nanos.into_inner() as f64 * 1e-9;
-    table.write(&bin, &ids)?;
-    let meta = TableMeta {
-        format_version: FORMAT_VERSION,
-        params: opts.params,
-        exact: opts.exact,
-        sources: sources.to_vec(),
-        slice: Some(slice),
-        docs: table.ids.len(),
-        generation: 0,
-    };
-    atomic::write_json(&meta_path, &meta).map_err(io_err(&meta_path))?;
-    Ok(table)
 }
 
 /// A union-find whose root is always the least member.
@@ -349,50 +314,105 @@ pub struct Stats {
 
 #[derive(Debug)]
 pub enum Outcome {
-    /// `--shard`: this slice's signatures are written.
-    Slice {
-        slice: Slice,
-        documents: usize,
-    },
+    /// `--stage`: one task of an array stage ran (or found its marker and skipped).
+    Task(TaskOutcome),
     Done(Stats),
     UpToDate(Stats),
 }
 
-/// Runs dedup as the module documentation describes; `progress` is called with bytes hashed.
+/// The input files of a run, as every stage and task sees them.
+struct Corpus {
+    files: Vec<InputFile>,
+    sources: Vec<Source>,
+    skipped: std::collections::BTreeMap<InputSkip, u64>,
+}
+
+impl Corpus {
+    fn open(opts: &DedupOptions) -> Result<Corpus, DedupError> {
+        let walk = WalkOptions {
+            follow_symlinks: opts.follow_symlinks,
+        };
+        let inputs = docs::input_files(&opts.inputs, walk)?;
+        let sources = inputs
+            .files
+            .iter()
+            .map(|f| source_of(&f.path))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Corpus {
+            files: inputs.files,
+            sources,
+            skipped: inputs.skipped,
+        })
+    }
+
+    /// A run's stats from its removals (`total` documents, index ones included); timings and
+    /// pair counts are the caller's to fill in.
+    fn stats(&self, opts: &DedupOptions, removed: &Removals, total: usize) -> Stats {
+        let documents = total - removed.indexed;
+        Stats {
+            format_version: FORMAT_VERSION,
+            params: opts.params,
+            exact_normalize: opts.exact,
+            verify_jaccard: opts.verify_jaccard,
+            keep: opts.keep,
+            bytes: self.sources.iter().map(|s| s.bytes).sum(),
+            sources: self.sources.clone(),
+            documents,
+            kept: documents - removed.exact - removed.near,
+            removed_exact: removed.exact,
+            removed_near: removed.near,
+            clusters: removed.clusters,
+            removed_by_index: removed.by_index,
+            candidate_pairs: 0,
+            rejected_by_verify: 0,
+            index_documents: removed.indexed,
+            index_generation: None,
+            signature_seconds: 0.0,
+            minhash_cpu_seconds: 0.0,
+            cluster_seconds: 0.0,
+            write_seconds: 0.0,
+            threads: rayon::current_num_threads(),
+            skipped_inputs: self.skipped.clone(),
+        }
+    }
+}
+
+/// Runs dedup as the module documentation describes, or one task of an array stage (`--stage`,
+/// or `--shard` alone: a signature task); `progress` is called with bytes hashed.
 pub fn run(opts: &DedupOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<Outcome, DedupError> {
     check_settings(opts)?;
     // Checked before anything is created: the lock file would be written into the input.
     outdir::check_apart(&opts.out, &opts.inputs)?;
     let (lock, _index_lock) = lock_dirs(opts)?;
     let mut written = Written::open(&opts.out, &lock)?;
-    let walk = WalkOptions {
-        follow_symlinks: opts.follow_symlinks,
-    };
-    let inputs = docs::input_files(&opts.inputs, walk)?;
-    let files = inputs.files;
-    let sources = files
-        .iter()
-        .map(|f| source_of(&f.path))
-        .collect::<Result<Vec<_>, _>>()?;
+    let corpus = Corpus::open(opts)?;
     let hasher = MinHasher::new(opts.params);
-    let started = Instant::now();
-    if let Some(slice) = opts.shard {
-        let table = slice_table(
-            &files,
-            &sources,
-            slice,
-            opts,
-            &hasher,
-            &mut written,
-            progress,
-        )?;
-        return Ok(Outcome::Slice {
-            slice,
-            documents: table.ids.len(),
-        });
+    let cx = stages::Ctx {
+        opts,
+        corpus: &corpus,
+        hasher: &hasher,
+    };
+    match array_stage(opts) {
+        Some(stage) => stages::run_task(&cx, stage, opts.shard, &lock, &mut written, progress)
+            .map(Outcome::Task),
+        None => whole_run(&cx, &mut written, progress),
     }
+}
+
+/// The array stage this run is a task of: `--stage`, or a signature task for `--shard` alone.
+fn array_stage(opts: &DedupOptions) -> Option<Stage> {
+    opts.stage.or(opts.shard.map(|_| Stage::Signatures))
+}
+
+/// All of dedup in one process: the stages' functions over every file and band at once.
+fn whole_run(
+    cx: &stages::Ctx,
+    written: &mut Written,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Outcome, DedupError> {
+    let (opts, files, hasher) = (cx.opts, &cx.corpus.files, cx.hasher);
     let stats_path = opts.out.join(STATS_FILE);
-    if let Some(old) = previous_stats(opts, &sources, &stats_path, &mut written)? {
+    if let Some(old) = previous_stats(opts, &cx.corpus.sources, &stats_path, written)? {
         return Ok(Outcome::UpToDate(old));
     }
     // Everything this run writes, before the work: a file phigen did not write stops it now.
@@ -405,7 +425,8 @@ pub fn run(opts: &DedupOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<Outco
     }
 
     // 1. Signatures.
-    let table = signatures(&files, &sources, opts, &hasher, &mut written, progress)?;
+    let started = Instant::now();
+    let table = stages::all_signatures(cx, written, progress)?;
     let signature_seconds = started.elapsed().as_secs_f64();
     let stride = HEAD + opts.params.num_perm();
     let (index_meta, index) = match &opts.index {
@@ -415,8 +436,8 @@ pub fn run(opts: &DedupOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<Outco
     let all = Documents::new(&index, &table, stride, opts.keep);
     let sets: Option<Vec<Vec<u64>>> = match opts.verify_jaccard {
         Some(_) => Some(shingle_sets(
-            &files,
-            &hasher,
+            files,
+            hasher,
             all.new_positions()
                 .map(|p| (all.record(p)[0], all.record(p)[1])),
         )?),
@@ -430,13 +451,14 @@ pub fn run(opts: &DedupOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<Outco
         mut clusters,
         candidate_pairs,
         rejected,
-    } = cluster(&all, &hasher, opts.params.bands, verify);
+    } = cluster(&all, hasher, opts.params.bands, verify);
     let cluster_seconds = cluster_started.elapsed().as_secs_f64();
 
     // 3. Outputs.
     let write_started = Instant::now();
-    let removed = removals(&all, &mut clusters, &files, sets.as_deref());
-    write_outputs(&files, &removed, &opts.out)?;
+    let removed = removals(&all, &mut clusters, files, sets.as_deref());
+    write_kept(files, &removed.per_file, &opts.out, |_| true)?;
+    write_removed(&removed, &opts.out)?;
     let index_generation = match &opts.index {
         Some(dir) => Some(write_next_index(
             dir,
@@ -446,31 +468,15 @@ pub fn run(opts: &DedupOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<Outco
         )?),
         None => None,
     };
-    let (m, total) = (all.indexed(), all.len());
     let stats = Stats {
-        format_version: FORMAT_VERSION,
-        params: opts.params,
-        exact_normalize: opts.exact,
-        verify_jaccard: opts.verify_jaccard,
-        keep: opts.keep,
-        bytes: sources.iter().map(|s| s.bytes).sum(),
-        sources,
-        documents: total - m,
-        kept: total - m - removed.exact - removed.near,
-        removed_exact: removed.exact,
-        removed_near: removed.near,
-        clusters: removed.clusters,
-        removed_by_index: removed.by_index,
         candidate_pairs,
         rejected_by_verify: rejected,
-        index_documents: m,
         index_generation,
         signature_seconds,
         minhash_cpu_seconds: table.minhash_seconds,
         cluster_seconds,
         write_seconds: write_started.elapsed().as_secs_f64(),
-        threads: rayon::current_num_threads(),
-        skipped_inputs: inputs.skipped,
+        ..cx.corpus.stats(opts, &removed, all.len())
     };
     atomic::write_json(&stats_path, &stats).map_err(io_err(&stats_path))?;
     if let (Some(dir), Some(generation)) = (&opts.index, index_generation) {
@@ -479,16 +485,16 @@ pub fn run(opts: &DedupOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<Outco
     Ok(Outcome::Done(stats))
 }
 
-/// Locks `OUT` (a `--shard` task: its slice only) and, for a whole run, the `--index` directory.
+/// Locks `OUT` (an array task: its task only) and, for a whole run, the `--index` directory.
 fn lock_dirs(opts: &DedupOptions) -> Result<(DirLock, Option<DirLock>), DedupError> {
-    let lock = match opts.shard {
-        Some(s) => DirLock::slice(&opts.out, s.k, s.n)?,
-        None => DirLock::exclusive(&opts.out)?,
+    let array = array_stage(opts).is_some();
+    let lock = match (array, opts.shard) {
+        (true, Some(t)) => DirLock::slice(&opts.out, t.k, t.n)?,
+        (true, None) => DirLock::slice(&opts.out, 0, 1)?,
+        (false, _) => DirLock::exclusive(&opts.out)?,
     };
     let index_lock = match &opts.index {
-        Some(dir) if opts.shard.is_none() && !same_dir(dir, &opts.out) => {
-            Some(DirLock::exclusive(dir)?)
-        }
+        Some(dir) if !array && !same_dir(dir, &opts.out) => Some(DirLock::exclusive(dir)?),
         _ => None,
     };
     Ok((lock, index_lock))
@@ -537,35 +543,6 @@ fn previous_stats(
     written.claim(Path::new(STATS_FILE))?;
     std::fs::remove_file(stats_path).map_err(io_err(stats_path))?;
     Ok(None)
-}
-
-/// The signatures of every input file: a complete set of slices from `--shard` jobs, else one
-/// slice of everything (computed now).
-fn signatures(
-    files: &[InputFile],
-    sources: &[Source],
-    opts: &DedupOptions,
-    hasher: &MinHasher,
-    written: &mut Written,
-    progress: &(dyn Fn(u64) + Sync),
-) -> Result<SigTable, DedupError> {
-    let n = complete_slice_set(&opts.out, sources, opts)?.unwrap_or(1);
-    let mut table = SigTable::default();
-    for k in 0..n {
-        let part = slice_table(
-            files,
-            sources,
-            Slice { k, n },
-            opts,
-            hasher,
-            written,
-            progress,
-        )?;
-        table.ids.extend(part.ids);
-        table.words.extend(part.words);
-        table.minhash_seconds += part.minhash_seconds;
-    }
-    Ok(table)
 }
 
 /// Every document in cluster order: position p < m is index document p; p ≥ m is new document
@@ -620,6 +597,11 @@ impl<'a> Documents<'a> {
         }
     }
 
+    /// The index in the table of this run's documents of the one at position `p` (≥ m).
+    fn new_index(&self, p: usize) -> usize {
+        self.order[p - self.indexed()]
+    }
+
     fn id(&self, p: usize) -> &'a str {
         let m = self.indexed();
         if p < m {
@@ -651,55 +633,73 @@ fn cluster(
     bands: usize,
     verify: Option<(&[Vec<u64>], f64)>,
 ) -> Clustering {
-    let (m, total) = (all.indexed(), all.len());
-    let mut clusters = Clusters::new(total);
-    let mut first_exact: HashMap<(u64, u64), u32> = HashMap::default();
-    for p in 0..total {
-        let first = *first_exact.entry(all.exact_hash(p)).or_insert(p as u32);
-        clusters.union(first, p as u32);
-    }
+    let m = all.indexed();
+    let mut clusters = Clusters::new(all.len());
+    join_exact(all, &mut clusters);
     let (mut candidate_pairs, mut rejected) = (0u64, 0u64);
     let mut verified: HashMap<(u32, u32), bool> = HashMap::default();
-    let live: Vec<u32> = (0..total as u32)
-        .filter(|&p| !minhash::is_empty(&all.record(p as usize)[HEAD..]))
-        .collect();
-    for j in 0..bands {
-        let mut keys: Vec<(u64, u32)> = live
-            .par_iter()
-            .map(|&p| (hasher.band_key(&all.record(p as usize)[HEAD..], j), p))
-            .collect();
-        keys.par_sort_unstable();
-        for run in keys.chunk_by(|a, b| a.0 == b.0) {
-            let first = run[0].1;
-            for &(_, p) in &run[1..] {
-                candidate_pairs += 1;
-                let similar = match verify {
-                    Some((sets, t)) => *verified.entry((first, p)).or_insert_with(|| {
-                        let (a, b) = (first as usize, p as usize);
-                        if a < m {
-                            // An index document's text is gone: its signature is the best evidence.
-                            minhash::estimated_similarity(
-                                &all.record(a)[HEAD..],
-                                &all.record(b)[HEAD..],
-                            ) >= t
-                        } else {
-                            minhash::jaccard(&sets[a - m], &sets[b - m]) >= t
-                        }
-                    }),
-                    None => true,
-                };
-                if similar {
-                    clusters.union(first, p);
+    let key = |p: u32, j| hasher.band_key(&all.record(p as usize)[HEAD..], j);
+    each_candidate(&live_positions(all), 0..bands, key, |first, p| {
+        candidate_pairs += 1;
+        let similar = match verify {
+            Some((sets, t)) => *verified.entry((first, p)).or_insert_with(|| {
+                let (a, b) = (first as usize, p as usize);
+                if a < m {
+                    // An index document's text is gone: its signature is the best evidence.
+                    minhash::estimated_similarity(&all.record(a)[HEAD..], &all.record(b)[HEAD..])
+                        >= t
                 } else {
-                    rejected += 1;
+                    minhash::jaccard(&sets[a - m], &sets[b - m]) >= t
                 }
-            }
+            }),
+            None => true,
+        };
+        if similar {
+            clusters.union(first, p);
+        } else {
+            rejected += 1;
         }
-    }
+    });
     Clustering {
         clusters,
         candidate_pairs,
         rejected,
+    }
+}
+
+/// Joins each document with the first document of its exact hash.
+fn join_exact(all: &Documents, clusters: &mut Clusters) {
+    let mut first_exact: HashMap<(u64, u64), u32> = HashMap::default();
+    for p in 0..all.len() {
+        let first = *first_exact.entry(all.exact_hash(p)).or_insert(p as u32);
+        clusters.union(first, p as u32);
+    }
+}
+
+/// The positions of the documents that have shingles (the others are in no LSH bucket).
+fn live_positions(all: &Documents) -> Vec<u32> {
+    (0..all.len() as u32)
+        .filter(|&p| !minhash::is_empty(&all.record(p as usize)[HEAD..]))
+        .collect()
+}
+
+/// Calls `pair(first, p)` for every `live` document `p` whose band-`j` key (`key(p, j)`) it shares
+/// with a lesser one, `first` being the least document of that bucket (band by band, in key order).
+fn each_candidate(
+    live: &[u32],
+    bands: std::ops::Range<usize>,
+    key: impl Fn(u32, usize) -> u64 + Sync,
+    mut pair: impl FnMut(u32, u32),
+) {
+    for j in bands {
+        let mut keys: Vec<(u64, u32)> = live.par_iter().map(|&p| (key(p, j), p)).collect();
+        keys.par_sort_unstable();
+        for run in keys.chunk_by(|a, b| a.0 == b.0) {
+            let first = run[0].1;
+            for &(_, p) in &run[1..] {
+                pair(first, p);
+            }
+        }
     }
 }
 
@@ -731,6 +731,8 @@ struct Removals {
     by_index: usize,
     /// Clusters with at least one removed document.
     clusters: usize,
+    /// Index documents among those clustered.
+    indexed: usize,
 }
 
 fn removals(
@@ -787,15 +789,23 @@ fn removals(
         near: removed_near,
         by_index,
         clusters: cluster_no.len(),
+        indexed: m,
     }
 }
 
-/// Each input file minus its removed rows, and `removed.parquet`.
-fn write_outputs(files: &[InputFile], removed: &Removals, out: &Path) -> Result<(), DedupError> {
+/// Each input file `owns` accepts (by index), minus its removed rows.
+fn write_kept(
+    files: &[InputFile],
+    per_file: &[HashSet<usize>],
+    out: &Path,
+    owns: impl Fn(usize) -> bool + Sync,
+) -> Result<(), DedupError> {
     files
         .par_iter()
-        .zip(&removed.per_file)
-        .try_for_each(|(file, rows)| {
+        .zip(per_file)
+        .enumerate()
+        .filter(|(f, _)| owns(*f))
+        .try_for_each(|(_, (file, rows))| {
             let dst = out.join(&file.rel);
             if rows.is_empty() {
                 docs::copy_whole(&file.path, &dst)
@@ -803,6 +813,11 @@ fn write_outputs(files: &[InputFile], removed: &Removals, out: &Path) -> Result<
                 docs::write_subset(&file.path, &dst, |r| rows.contains(&r))
             }
         })?;
+    Ok(())
+}
+
+/// `removed.parquet`: one row per removed document, in cluster order.
+fn write_removed(removed: &Removals, out: &Path) -> Result<(), DedupError> {
     table::write_parquet(
         &out.join(REMOVED_FILE),
         &Removed::COLUMNS.to_vec(),
@@ -842,35 +857,6 @@ fn write_next_index(
 /// Whether two directories are one (an --index given as the --out itself is locked once).
 fn same_dir(a: &Path, b: &Path) -> bool {
     matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b)
-}
-
-/// The slice count of a complete set of slices made from these inputs and settings, if any.
-fn complete_slice_set(
-    out: &Path,
-    sources: &[Source],
-    opts: &DedupOptions,
-) -> Result<Option<usize>, DedupError> {
-    let dir = out.join("signatures");
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return Ok(None);
-    };
-    let mut counts: HashMap<usize, HashSet<usize>> = HashMap::default();
-    for entry in entries {
-        let path = entry.map_err(io_err(&dir))?.path();
-        if path.extension().is_some_and(|e| e == "json") {
-            let meta: TableMeta = read_json(&path)?;
-            if let Some(s) = meta.slice.filter(|_| {
-                meta.sources == sources && meta.params == opts.params && meta.exact == opts.exact
-            }) {
-                counts.entry(s.n).or_default().insert(s.k);
-            }
-        }
-    }
-    Ok(counts
-        .into_iter()
-        .filter(|(n, ks)| ks.len() == *n)
-        .map(|(n, _)| n)
-        .min())
 }
 
 /// The shingle sets of the given (file, row) documents, in that order.

@@ -27,6 +27,7 @@ fn options(inputs: Vec<PathBuf>, out: PathBuf) -> DedupOptions {
         },
         verify_jaccard: None,
         index: None,
+        stage: None,
         shard: None,
         follow_symlinks: false,
         keep: Keep::First,
@@ -158,11 +159,8 @@ fn result_is_independent_of_threads_order_and_slicing() {
         pool.install(|| {
             let mut opts = options(ins, out.clone());
             for k in 0..slices {
-                opts.shard = Some(Slice { k, n: slices });
-                assert!(matches!(
-                    run(&opts, &|_| ()).unwrap(),
-                    Outcome::Slice { .. }
-                ));
+                opts.shard = Some(Task { k, n: slices });
+                assert!(matches!(run(&opts, &|_| ()).unwrap(), Outcome::Task(_)));
             }
             opts.shard = None;
             done(&opts);
@@ -540,4 +538,218 @@ fn keep_least_id_does_not_depend_on_where_a_document_was_written() {
     done(&first);
     let dropped: Vec<(String, String)> = removed(&first.out).into_iter().collect();
     assert_eq!(dropped, [("z1".to_string(), "a1".to_string())]);
+}
+
+/// Nine files (jsonl, one gzipped) of stories whose near copies (one word changed) and exact
+/// copies sit in other files, so duplicate pairs cross every task boundary.
+fn cross_file_corpus(dir: &Path) -> PathBuf {
+    let root = dir.join("corpus");
+    let mut files: Vec<Vec<(String, String)>> = vec![Vec::new(); 9];
+    for s in 0..180 {
+        files[s % 9].push((format!("s{s}"), story(s, 0)));
+        if s % 4 == 0 {
+            files[(s + 4) % 9].push((format!("s{s}-near"), story(s, 1 + s % 3)));
+        }
+        if s % 7 == 0 {
+            files[(s + 2) % 9].push((format!("s{s}-copy"), story(s, 0)));
+        }
+    }
+    for (i, docs) in files.iter().enumerate() {
+        write_jsonl(&root.join(format!("part-{i}.jsonl")), docs);
+    }
+    // One gzipped file: its kept copy is written gzipped too.
+    let plain = std::fs::read(root.join("part-8.jsonl")).unwrap();
+    std::fs::remove_file(root.join("part-8.jsonl")).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(root.join("part-8.jsonl.gz")).unwrap(),
+        flate2::Compression::default(),
+    );
+    gz.write_all(&plain).unwrap();
+    gz.finish().unwrap();
+    root
+}
+
+/// Every file below `dir` (relative path → bytes), leaving out the stage directories, the control
+/// files and stats.json (its timings differ between runs).
+fn output_bytes(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let skip = [
+        stages::SIGNATURES,
+        stages::BUCKETS,
+        stages::CLUSTERS,
+        stages::FILTER,
+        STATS_FILE,
+    ];
+    let mut found = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            let rel = path.strip_prefix(dir).unwrap().to_path_buf();
+            let name = rel.to_string_lossy().to_string();
+            if skip.iter().any(|s| name == *s) || name.starts_with(".phigen") {
+                continue;
+            }
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                found.insert(rel, std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    found
+}
+
+/// Runs task k of n of `stage` (a library call, as one process of the array would).
+fn stage_task(opts: &DedupOptions, stage: Stage, k: usize, n: usize) -> TaskOutcome {
+    let mut opts = DedupOptions {
+        inputs: opts.inputs.clone(),
+        out: opts.out.clone(),
+        index: None,
+        ..*opts
+    };
+    opts.stage = Some(stage);
+    opts.shard = Some(Task { k, n });
+    match run(&opts, &|_| ()) {
+        Ok(Outcome::Task(t)) => t,
+        other => panic!("{stage} {k}/{n}: {other:?}"),
+    }
+}
+
+/// The four array stages, each run as N tasks in an unusual order, write byte for byte the kept
+/// files and removed.parquet of one whole run, for every task count and both --keep rules; the
+/// expected bytes are the whole run's (`output_bytes`), which the other tests check for content.
+/// A stage started before the previous one finished names the missing tasks; stats.json appears
+/// only when the last filter task finishes, with the whole run's counts.
+#[test]
+fn array_stages_write_what_one_run_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = cross_file_corpus(dir.path());
+    for keep in [Keep::First, Keep::LeastId] {
+        let mut whole = options(
+            vec![corpus.clone()],
+            dir.path().join(format!("whole-{keep:?}")),
+        );
+        whole.keep = keep;
+        let expected_stats = done(&whole);
+        let expected = output_bytes(&whole.out);
+        assert!(expected_stats.removed_near > 20 && expected_stats.removed_exact > 20);
+        assert_eq!(expected.len(), 10, "nine kept files and removed.parquet");
+        for (signatures, buckets, filters) in [(1, 1, 1), (3, 2, 3), (7, 5, 7)] {
+            let mut opts = options(
+                vec![corpus.clone()],
+                dir.path()
+                    .join(format!("{keep:?}-{signatures}-{buckets}-{filters}")),
+            );
+            opts.keep = keep;
+            for k in (0..signatures).rev().filter(|k| k % 2 == 0) {
+                assert!(!stage_task(&opts, Stage::Signatures, k, signatures).skipped);
+            }
+            if signatures > 1 {
+                let mut early = DedupOptions {
+                    inputs: opts.inputs.clone(),
+                    out: opts.out.clone(),
+                    index: None,
+                    ..opts
+                };
+                early.stage = Some(Stage::Buckets);
+                let err = run(&early, &|_| ()).unwrap_err().to_string();
+                let odd: Vec<usize> = (1..signatures).step_by(2).collect();
+                let named = crate::artifact::task::id_list(&odd);
+                assert!(
+                    err.contains(&format!("tasks {named} of {signatures}")),
+                    "{err}"
+                );
+            }
+            for k in (0..signatures).filter(|k| k % 2 == 1) {
+                stage_task(&opts, Stage::Signatures, k, signatures);
+            }
+            for k in (0..buckets).rev() {
+                stage_task(&opts, Stage::Buckets, k, buckets);
+            }
+            stage_task(&opts, Stage::Clusters, 0, 1);
+            for k in (0..filters).rev() {
+                let t = stage_task(&opts, Stage::Filter, k, filters);
+                assert_eq!(
+                    t.merged.is_some(),
+                    k == 0,
+                    "only the last task writes stats.json"
+                );
+                assert_eq!(opts.out.join(STATS_FILE).exists(), k == 0);
+            }
+            assert_eq!(
+                output_bytes(&opts.out),
+                expected,
+                "{signatures}/{buckets}/{filters} tasks"
+            );
+            let stats: Stats = read_json(&opts.out.join(STATS_FILE)).unwrap();
+            let counts = |s: &Stats| {
+                (
+                    s.documents,
+                    s.kept,
+                    s.removed_exact,
+                    s.removed_near,
+                    s.clusters,
+                    s.candidate_pairs,
+                )
+            };
+            assert_eq!(counts(&stats), counts(&expected_stats));
+            // A relaunched task skips itself; a whole run over the same inputs is up to date.
+            assert!(stage_task(&opts, Stage::Buckets, 0, buckets).skipped);
+            assert!(matches!(run(&opts, &|_| ()).unwrap(), Outcome::UpToDate(_)));
+        }
+    }
+}
+
+/// A killed task leaves at most a temp file and no marker: its relaunch (and only its) redoes the
+/// work, writing over the temp file, and the result is still one run's. Files the stages did not
+/// write are left alone.
+#[test]
+fn a_killed_task_is_redone_by_its_relaunch() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = cross_file_corpus(dir.path());
+    let whole = options(vec![corpus.clone()], dir.path().join("whole"));
+    done(&whole);
+    let opts = options(vec![corpus], dir.path().join("array"));
+    let n = 3;
+    let all = |stage: Stage, n: usize| -> Vec<bool> {
+        (0..n)
+            .map(|k| stage_task(&opts, stage, k, n).skipped)
+            .collect()
+    };
+    all(Stage::Signatures, n);
+    // Task 1 "killed" mid-write: its marker and files gone, a torn temp file left.
+    let sig = opts.out.join(stages::SIGNATURES);
+    std::fs::remove_file(sig.join("completions/00001")).unwrap();
+    std::fs::remove_file(sig.join("00001.bin")).unwrap();
+    std::fs::write(sig.join("00001.bin.tmp"), b"torn").unwrap();
+    std::fs::write(opts.out.join("notes.txt"), b"mine").unwrap();
+    assert_eq!(all(Stage::Signatures, n), [true, false, true]);
+    assert!(!sig.join("00001.bin.tmp").exists());
+    // Relaunched as an array of 7, then of 2: the complete set of 2 is the one read (the old
+    // markers of tasks 2-6 of 7 outnumber it).
+    all(Stage::Signatures, 7);
+    all(Stage::Signatures, 2);
+    all(Stage::Buckets, 2);
+    all(Stage::Clusters, 1);
+    all(Stage::Filter, n);
+    // Filter task 2 killed after writing a file but before its marker; stats.json not yet there.
+    std::fs::remove_file(opts.out.join("filter/completions/00002")).unwrap();
+    std::fs::remove_file(opts.out.join(STATS_FILE)).unwrap();
+    let t = stage_task(&opts, Stage::Filter, 2, n);
+    assert!(!t.skipped && t.merged.is_some());
+    // The stages after signatures need one process for --verify-jaccard (and --index).
+    let mut verify = options(opts.inputs.clone(), opts.out.clone());
+    verify.verify_jaccard = Some(0.8);
+    verify.stage = Some(Stage::Filter);
+    let err = run(&verify, &|_| ()).unwrap_err().to_string();
+    assert!(
+        err.contains("--verify-jaccard") && err.contains("without --stage"),
+        "{err}"
+    );
+    let mut kept = output_bytes(&opts.out);
+    assert_eq!(
+        kept.remove(Path::new("notes.txt")).as_deref(),
+        Some(&b"mine"[..])
+    );
+    assert_eq!(kept, output_bytes(&whole.out));
 }

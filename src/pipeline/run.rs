@@ -669,6 +669,7 @@ fn dedup(
         exact: d.normalize().map_err(PipelineError::Usage)?,
         verify_jaccard: d.verify_jaccard,
         index: None,
+        stage: None,
         shard: None,
         follow_symlinks: false,
         // Generated corpora are written in arrival order: keeping the least id makes the kept
@@ -677,7 +678,7 @@ fn dedup(
     };
     let stats = match crate::dedup::run(&opts, &progress)? {
         crate::dedup::Outcome::Done(s) | crate::dedup::Outcome::UpToDate(s) => s,
-        crate::dedup::Outcome::Slice { .. } => unreachable!("no --shard here"),
+        crate::dedup::Outcome::Task(_) => unreachable!("no --stage or --shard here"),
     };
     Ok(StepResult::Done(json!({
         "records": stats.kept,
