@@ -447,9 +447,12 @@ fn projection(out: &mut String, name: &str, label: Option<&str>, points: &[([f64
     chart(out, &title, "PC 1", "PC 2", Mark::Dots, &series);
 }
 
+/// A number of one metrics line, where the line has it.
+type Metric = fn(&crate::train::Metrics) -> Option<f64>;
+
 fn training(out: &mut String, runs_: &[runs::Run]) {
     out.push_str("<h2 id=\"training\">Training</h2><p class=\"note\">From each run's metrics.jsonl; tokens count from the start of the run, each stage after the previous one.</p><div class=\"charts\">");
-    let charts: [(&str, &str, fn(&crate::train::Metrics) -> Option<f64>); 5] = [
+    let charts: [(&str, &str, Metric); 5] = [
         ("Training loss", "loss", |m| m.train_loss),
         ("Validation loss", "loss", |m| m.val_loss),
         ("Learning rate", "lr", |m| m.train_loss.map(|_| m.lr)),
