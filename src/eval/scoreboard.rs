@@ -55,7 +55,9 @@ fn read_json(path: &Path) -> Option<Value> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
 
-fn files_below(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) {
+/// The files below `dir` (at most `depth` directories down), in path order; unreadable
+/// directories are passed over.
+pub(crate) fn files_below(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };

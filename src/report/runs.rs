@@ -9,6 +9,7 @@ use serde_json::Value;
 use super::svg::Series;
 use super::ReportError;
 use crate::artifact::table;
+use crate::eval::scoreboard::files_below;
 use crate::train::{Metrics, METRICS_FILE};
 
 /// One training run's logged steps, in file order.
@@ -148,23 +149,6 @@ pub fn judged(dir: &Path, per_file: usize) -> Vec<Judged> {
         }
     }
     out
-}
-
-fn files_below(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-    paths.sort();
-    for p in paths {
-        if p.is_dir() {
-            if depth > 0 {
-                files_below(&p, depth - 1, out);
-            }
-        } else {
-            out.push(p);
-        }
-    }
 }
 
 fn jsonl(path: &Path) -> Vec<Value> {
