@@ -100,6 +100,7 @@ fn options(recipe: Recipe, out: &Path) -> TrainOptions {
         peak_tflops: None,
         stop: Arc::new(AtomicBool::new(false)),
         max_steps_this_run: None,
+        device_memory: None,
     }
 }
 
@@ -323,6 +324,7 @@ fn check_adamw(device: &Device, tol: f64) {
             f.clip,
             hyper,
             DType::F32,
+            recipe::Recompute::Off,
         )
         .unwrap();
         assert!(
