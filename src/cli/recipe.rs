@@ -93,12 +93,25 @@ pub fn print_plan(plan: &Plan, max_cost: Option<f64>) {
         );
         if s.node == Node::Train {
             let memory = e.memory_bytes.unwrap_or(0.0);
+            let usable = |free: f64| crate::train::memory::HEADROOM * free;
             let fits = match plan.device_memory_bytes {
-                Some(free) if memory > free => format!(
-                    "does NOT fit the {} available: set checkpoint = \"blocks\" and micro_batch = \"auto\", or lower seq_len",
+                Some(free) if memory > usable(free) => {
+                    let settings = if e.stages.iter().all(|f| f.auto && f.recompute) {
+                        ""
+                    } else {
+                        "set checkpoint = \"blocks\" and micro_batch = \"auto\" (with batch), or "
+                    };
+                    format!(
+                        "does NOT fit {} of the {} available: {settings}lower seq_len, or use a device with more memory",
+                        bytes(usable(free)),
+                        bytes(free)
+                    )
+                }
+                Some(free) => format!(
+                    "fits {} of the {} available",
+                    bytes(usable(free)),
                     bytes(free)
                 ),
-                Some(free) => format!("fits the {} available", bytes(free)),
                 None => "device memory not checked".into(),
             };
             let time = match plan.train_seconds {
