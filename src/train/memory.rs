@@ -123,7 +123,7 @@ pub fn fit(cfg: &PhiConfig, stage: &Stage, dtype: DType, budget: Option<Budget>)
     let sequences = stage.sequences_per_step();
     (1..=sequences)
         .rev()
-        .filter(|m| sequences % m == 0)
+        .filter(|&m| sequences.is_multiple_of(m))
         .map(|m| stage.with_micro_batch(m))
         .find(|s| estimate(cfg, s, dtype) <= budget.usable())
         .unwrap_or_else(|| stage.with_micro_batch(1))

@@ -710,7 +710,8 @@ impl Run<'_> {
     fn fit(&self, stage: &Stage, chosen: Option<usize>) -> Result<(Stage, f64), TrainError> {
         let dtype = self.opts.dtype;
         let budget = Budget::of(&self.opts.device, self.opts.device_memory);
-        let kept = chosen.filter(|&m| stage.is_auto() && stage.sequences_per_step() % m == 0);
+        let kept =
+            chosen.filter(|&m| stage.is_auto() && stage.sequences_per_step().is_multiple_of(m));
         let fitted = match (kept, budget) {
             (Some(m), _) => stage.with_micro_batch(m),
             (None, None) if stage.is_auto() => {

@@ -293,7 +293,7 @@ impl Stage {
     pub fn with_micro_batch(&self, micro_batch: usize) -> Stage {
         let sequences = self.sequences_per_step();
         assert!(
-            micro_batch > 0 && sequences % micro_batch == 0,
+            micro_batch > 0 && sequences.is_multiple_of(micro_batch),
             "micro_batch {micro_batch} must divide the {sequences} sequences of a step"
         );
         Stage {

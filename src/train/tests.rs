@@ -459,13 +459,18 @@ fn auto_micro_batch_with_recompute_trains_and_resumes_with_its_choice() {
         ..opts(&parts, 1e15)
     };
     assert_eq!(run(&rest, |_| {}).unwrap(), Outcome::Finished);
-    let losses = |out: &Path| -> Vec<Option<f64>> {
-        metrics(out)
-            .iter()
-            .map(|m| m.train_loss.or(m.val_loss))
-            .collect()
-    };
-    assert_eq!(losses(&whole), losses(&parts));
+    // Within 1e-5 as `kill_and_resume_equals_the_uninterrupted_run`: the CPU kernels' parallel
+    // sums may add in another order from run to run.
+    let (a, b) = (metrics(&whole), metrics(&parts));
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        let (p, q) = (x.train_loss.or(x.val_loss), y.train_loss.or(y.val_loss));
+        assert!(
+            (p.unwrap() - q.unwrap()).abs() < 1e-5,
+            "step {}: {p:?} vs {q:?}",
+            x.step
+        );
+    }
 
     let err = run(&opts(&root.path().join("tight"), need(1)), |_| {})
         .unwrap_err()
