@@ -14,6 +14,7 @@ use super::Outcome;
 use crate::pipeline::manifest::Status;
 use crate::pipeline::plan::{Node, Plan, TRAIN};
 use crate::pipeline::{self, lineage, Event, Pipeline, PipelineError, RunOptions, RunOutcome};
+use crate::train::memory::Budget;
 
 #[derive(Debug, Clone, Args)]
 pub struct LineageArgs {
@@ -92,12 +93,25 @@ pub fn print_plan(plan: &Plan, max_cost: Option<f64>) {
         );
         if s.node == Node::Train {
             let memory = e.memory_bytes.unwrap_or(0.0);
+            let usable = |free: f64| crate::train::memory::HEADROOM * free;
             let fits = match plan.device_memory_bytes {
-                Some(free) if memory > free => format!(
-                    "does NOT fit the {} available: lower micro_batch (raising grad_accum keeps the batch) or seq_len",
+                Some(free) if memory > usable(free) => {
+                    let settings = if e.stages.iter().all(|f| f.auto && f.recompute) {
+                        ""
+                    } else {
+                        "set checkpoint = \"blocks\" and micro_batch = \"auto\" (with batch), or "
+                    };
+                    format!(
+                        "does NOT fit {} of the {} available: {settings}lower seq_len, or use a device with more memory",
+                        bytes(usable(free)),
+                        bytes(free)
+                    )
+                }
+                Some(free) => format!(
+                    "fits {} of the {} available",
+                    bytes(usable(free)),
                     bytes(free)
                 ),
-                Some(free) => format!("fits the {} available", bytes(free)),
                 None => "device memory not checked".into(),
             };
             let time = match plan.train_seconds {
@@ -116,6 +130,22 @@ pub fn print_plan(plan: &Plan, max_cost: Option<f64>) {
                 si(e.flops.unwrap_or(0.0)),
                 bytes(memory),
             );
+            for f in &e.stages {
+                let auto = match (f.auto, plan.device_memory_bytes) {
+                    (false, _) => "",
+                    (true, Some(_)) => " (auto)",
+                    (true, None) => " (auto; device memory unknown: pass --device-memory GB)",
+                };
+                println!(
+                    "  {:<16} stage `{}`: micro_batch {} × grad_accum {}{auto}, recompute {}, ~{}",
+                    "",
+                    f.stage,
+                    f.micro_batch,
+                    f.grad_accum,
+                    if f.recompute { "blocks" } else { "off" },
+                    bytes(f.memory_bytes)
+                );
+            }
         }
         if let Some(basis) = e.basis {
             if s.status != Status::Done {
@@ -266,7 +296,8 @@ pub async fn run(args: &TrainArgs, quiet: bool) -> anyhow::Result<Outcome> {
     let p = Pipeline::load(&args.recipe, &args.sets, args.out.as_deref())?;
     let device = super::train::device(args.device)?;
     let dtype: DType = args.dtype.into();
-    let plan = pipeline::plan(&p, dtype, device.is_cpu(), args.max_cost, args.peak_tflops).await?;
+    let budget = Budget::of(&device, args.device_memory.map(|gb| gb * 1e9));
+    let plan = pipeline::plan(&p, dtype, budget, args.max_cost, args.peak_tflops).await?;
     if args.plan || !quiet {
         print_plan(&plan, args.max_cost);
     }
@@ -290,6 +321,7 @@ pub async fn run(args: &TrainArgs, quiet: bool) -> anyhow::Result<Outcome> {
         max_cost: args.max_cost,
         device,
         dtype,
+        device_memory: args.device_memory.map(|gb| gb * 1e9),
         peak_tflops: args.peak_tflops,
         stop: stop.clone(),
         max_train_steps: args.max_steps,

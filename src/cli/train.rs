@@ -71,6 +71,11 @@ pub struct TrainArgs {
     /// Peak TFLOP/s of the device in the compute dtype, for the MFU column (e.g. 989 for an H100 in bf16).
     #[arg(long, value_parser = f64_in(numbers::above(0.0, f64::INFINITY)))]
     pub peak_tflops: Option<f64>,
+    /// Memory training may plan with on the device, in GB [default: what the device reports free
+    /// at the start: the CPU's MemAvailable, a CUDA GPU's free memory]. A stage needing more than
+    /// 90% of it is refused; `micro_batch = "auto"` takes the largest micro-batch that fits.
+    #[arg(long, value_name = "GB", value_parser = f64_in(numbers::above(0.0, f64::INFINITY)))]
+    pub device_memory: Option<f64>,
     /// Stop with a checkpoint after this many steps in this invocation (`--resume` goes on).
     #[arg(long, value_parser = int_at_least(1usize))]
     pub max_steps: Option<usize>,
@@ -158,6 +163,7 @@ pub fn train(args: &TrainArgs, quiet: bool) -> anyhow::Result<Outcome> {
         peak_tflops: args.peak_tflops,
         stop: Arc::clone(&stop),
         max_steps_this_run: args.max_steps,
+        device_memory: args.device_memory.map(|gb| gb * 1e9),
     };
     let mut bar = ProgressBar::hidden();
     let outcome = train::run(&opts, |event| match event {
@@ -170,10 +176,14 @@ pub fn train(args: &TrainArgs, quiet: bool) -> anyhow::Result<Outcome> {
         } => {
             bar.finish_and_clear();
             tracing::info!(
-                "stage `{}`: {} steps of {} tokens, {:.1}M parameters, about {:.1} GB, from step {}",
+                "stage `{}`: {} steps of {} tokens (micro_batch {}{} × grad_accum {}, recompute {}), {:.1}M parameters, about {:.1} GB, from step {}",
                 stage.raw.name,
                 stage.steps,
                 stage.tokens_per_step(),
+                stage.micro_batch,
+                if stage.is_auto() { " (auto)" } else { "" },
+                stage.grad_accum,
+                if stage.recompute().is_off() { "off" } else { "blocks" },
                 params as f64 / 1e6,
                 memory_gb,
                 start_step

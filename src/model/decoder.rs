@@ -481,6 +481,34 @@ impl Block {
     }
 }
 
+/// One training pass split into embedding, blocks and final norm (see
+/// [`Decoder::training_pass`]).
+pub struct TrainingPass<'a> {
+    decoder: &'a Decoder,
+    step: Step<'a>,
+}
+
+impl TrainingPass<'_> {
+    /// ids (B, T) → (B, T, C): the input of block 0.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        self.decoder.embed(ids, &self.step)
+    }
+
+    pub fn blocks(&self) -> usize {
+        self.decoder.blocks.len()
+    }
+
+    /// Block `i` on its input (B, T, C) → its output (B, T, C).
+    pub fn block(&self, i: usize, x: &Tensor) -> Result<Tensor> {
+        self.decoder.blocks[i].forward(x, &self.step, None)
+    }
+
+    /// The last block's output → the final-norm hidden states (B, T, C), the head's input.
+    pub fn norm(&self, x: &Tensor) -> Result<Tensor> {
+        self.decoder.norm.forward(x, true)
+    }
+}
+
 pub struct Decoder {
     cfg: PhiConfig,
     head_kind: HeadKind,
@@ -683,11 +711,23 @@ impl Decoder {
     /// classifier stage uses.
     pub fn hidden_states(&self, ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
+        let step = self.step(b, t, cache.as_deref())?;
+        let mut x = self.embed(ids, &step)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let layer = cache.as_deref_mut().map(|c| c.layer(i));
+            x = block.forward(&x, &step, layer)?;
+        }
+        if let Some(c) = cache {
+            c.advance(t);
+        }
+        self.norm.forward(&x, self.training)
+    }
+
+    /// What every layer of a pass over (B, T) new tokens shares: positions, mask, dropout.
+    fn step(&self, b: usize, t: usize, cache: Option<&KvCache>) -> Result<Step<'_>> {
         let device = self.embed.device();
-        let past = cache.as_ref().map_or(0, |c| c.len());
-        let left_pad = cache
-            .as_ref()
-            .and_then(|c| c.left_pad().map(<[usize]>::to_vec));
+        let past = cache.map_or(0, |c| c.len());
+        let left_pad = cache.and_then(|c| c.left_pad().map(<[usize]>::to_vec));
         let positions = match &left_pad {
             Some(pad) if pad.iter().any(|&n| n > 0) => {
                 if pad.len() != b {
@@ -735,7 +775,7 @@ impl Decoder {
                 device,
             )?,
         };
-        let step = Step {
+        Ok(Step {
             rope: &self.rope,
             cos,
             sin,
@@ -743,26 +783,37 @@ impl Decoder {
             training: self.training,
             dropout: self.training.then_some(self.dropout_seed),
             decode_from,
-        };
+        })
+    }
+
+    /// ids (B, T) → the embedded tokens (B, T, C), with the embedding dropout.
+    fn embed(&self, ids: &Tensor, step: &Step) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
         let x = self
             .embed
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, ()))?; // (B, T, C)
-        let mut x = dropout(
+        dropout(
             &x,
             self.cfg.embd_pdrop,
             step.dropout,
             0,
             DropSite::Embedding,
-        )?;
-        for (i, block) in self.blocks.iter().enumerate() {
-            let layer = cache.as_deref_mut().map(|c| c.layer(i));
-            x = block.forward(&x, &step, layer)?;
+        )
+    }
+
+    /// A training pass over (B, T) tokens cut at the block boundaries, for activation
+    /// recompute: the caller runs the embedding, each block and the final norm as it chooses and
+    /// keeps what it wants of their graphs. The pieces composed equal [`Decoder::hidden_states`],
+    /// dropout masks included (they are a function of the seed, layer and site).
+    pub fn training_pass(&self, b: usize, t: usize) -> Result<TrainingPass<'_>> {
+        if !self.training {
+            candle_core::bail!("a training pass needs a decoder in training mode (set_training)");
         }
-        if let Some(c) = cache {
-            c.advance(t);
-        }
-        self.norm.forward(&x, self.training)
+        Ok(TrainingPass {
+            decoder: self,
+            step: self.step(b, t, None)?,
+        })
     }
 
     /// hidden (B, T, C) → (B, T, V) through the head (the embedding when tied).

@@ -22,7 +22,7 @@ use std::path::PathBuf;
 
 pub use cache::KvCache;
 pub use config::{HeadKind, ModelType, PhiConfig, Preset};
-pub use decoder::{Decoder, Weights};
+pub use decoder::{Decoder, TrainingPass, Weights};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

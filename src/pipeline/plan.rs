@@ -64,6 +64,22 @@ pub struct Estimate {
     pub memory_bytes: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disk_bytes: Option<u64>,
+    /// Training: how each stage runs on the planned device.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<StageFit>,
+}
+
+/// A training stage's batch split and recompute setting on the planned device, and its memory.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageFit {
+    pub stage: String,
+    pub micro_batch: usize,
+    pub grad_accum: usize,
+    /// `micro_batch = "auto"`: chosen for the device's memory (1 when it is unknown).
+    pub auto: bool,
+    /// `checkpoint = "blocks"`.
+    pub recompute: bool,
+    pub memory_bytes: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -96,7 +112,8 @@ pub struct Plan {
     pub unpriced: Vec<String>,
     /// Paid steps still to run with neither a `max_cost` nor `--max-cost`.
     pub unbudgeted: Vec<String>,
-    /// Bytes free for training on the device (CPU: available RAM; `None`: not known).
+    /// Bytes free for training on the device (`--device-memory`, the CPU's available RAM, a
+    /// CUDA GPU's free memory; `None`: not known).
     pub device_memory_bytes: Option<f64>,
     /// The device's peak TFLOP/s (`--peak-tflops`).
     pub peak_tflops: Option<f64>,
@@ -204,7 +221,7 @@ fn corpus_files(c: &CorpusSettings) -> Vec<PathBuf> {
 pub async fn plan(
     p: &Pipeline,
     dtype: DType,
-    cpu: bool,
+    budget: Option<crate::train::memory::Budget>,
     max_cost: Option<f64>,
     peak_tflops: Option<f64>,
 ) -> Result<Plan, PipelineError> {
@@ -225,7 +242,7 @@ pub async fn plan(
         let upstream: Vec<PlannedStep> = s.from.iter().map(|f| find(&steps, f)).collect();
         steps.push(plan_data(p, index, s, &upstream).await?);
     }
-    let train = plan_train(p, &steps, dtype)?;
+    let train = plan_train(p, &steps, dtype, budget)?;
     let train_flops = train.estimate.flops;
     steps.push(train);
     for (i, e) in p.evals.iter().enumerate() {
@@ -269,11 +286,7 @@ pub async fn plan(
         cost_usd,
         unpriced,
         unbudgeted,
-        device_memory_bytes: if cpu {
-            crate::train::available_memory()
-        } else {
-            None
-        },
+        device_memory_bytes: budget.map(|b| b.bytes),
         peak_tflops,
         train_seconds: peak_tflops
             .zip(train_flops)
@@ -643,6 +656,7 @@ fn plan_train(
     p: &Pipeline,
     steps: &[PlannedStep],
     dtype: DType,
+    budget: Option<crate::train::memory::Budget>,
 ) -> Result<PlannedStep, PipelineError> {
     let known = StepManifest::read(&p.out, TRAIN)?;
     let known_inputs = known.as_ref().map_or(&[][..], |m| &m.inputs[..]);
@@ -654,6 +668,10 @@ fn plan_train(
     let (mut flops, mut tokens, mut peak) = (0.0, 0u64, 0.0f64);
     for (i, stage) in p.train.stages.iter().enumerate() {
         let mut raw = serde_json::to_value(&stage.raw).expect("stage serializes");
+        // Recompute changes the memory a step takes, not its result: not part of the identity.
+        raw.as_object_mut()
+            .expect("a stage is a table")
+            .remove("checkpoint");
         let total_weight: f64 = stage.data.iter().map(|d| d.1).sum();
         let stage_tokens = (stage.steps * stage.tokens_per_step()) as u64;
         for (j, (path, weight)) in stage.data.iter().enumerate() {
@@ -690,7 +708,17 @@ fn plan_train(
         flops +=
             crate::train::flops_per_token(&p.train.model, stage.raw.seq_len) * stage_tokens as f64;
         tokens += stage_tokens;
-        peak = peak.max(crate::train::memory_estimate(&p.train.model, stage, dtype));
+        let fitted = crate::train::memory::fit(&p.train.model, stage, dtype, budget);
+        let memory = crate::train::memory_estimate(&p.train.model, &fitted, dtype);
+        peak = peak.max(memory);
+        estimate.stages.push(StageFit {
+            stage: stage.raw.name.clone(),
+            micro_batch: fitted.micro_batch,
+            grad_accum: fitted.grad_accum,
+            auto: fitted.is_auto(),
+            recompute: !fitted.recompute().is_off(),
+            memory_bytes: memory,
+        });
         stages.push(raw);
     }
     let settings = json!({

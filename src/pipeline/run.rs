@@ -36,6 +36,8 @@ pub struct RunOptions {
     pub max_cost: Option<f64>,
     pub device: Device,
     pub dtype: DType,
+    /// Bytes training may plan with on the device (`--device-memory`; `None`: what it reports).
+    pub device_memory: Option<f64>,
     pub peak_tflops: Option<f64>,
     /// Set by a signal handler: generation saves what is in flight, training checkpoints, and
     /// the run stops after the current step.
@@ -791,6 +793,7 @@ fn run_train(cx: &Ctx<'_>, step: &PlannedStep) -> Result<StepResult, PipelineErr
         peak_tflops: opts.peak_tflops,
         stop: opts.stop.clone(),
         max_steps_this_run: opts.max_train_steps,
+        device_memory: opts.device_memory,
     };
     let outcome = blocking(|| crate::train::run(&train_opts, |e| on_event(Event::Train(e))))?;
     if outcome == crate::train::Outcome::Stopped {

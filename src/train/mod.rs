@@ -16,9 +16,11 @@
 
 pub mod data;
 pub mod loss;
+pub mod memory;
 pub mod optim;
 pub mod plot;
 pub mod recipe;
+mod recompute;
 #[cfg(test)]
 mod tests;
 
@@ -29,14 +31,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::artifact::atomic;
 use crate::model::{checkpoint, tokenizer, Decoder, ModelError, ModelType, PhiConfig, Weights};
 use data::{DataError, Mixture};
-use optim::{AdamW, Hyper};
-use recipe::{Init, Recipe, Stage};
+use memory::Budget;
+pub use memory::{available_memory, estimate as memory_estimate};
+use optim::{AdamW, Hyper, Slot};
+use recipe::{Init, Recipe, Recompute, Stage};
 
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -69,14 +74,21 @@ pub enum TrainError {
         found: String,
         expected: String,
     },
-    #[error("stage `{stage}` needs about {need_gb:.1} GB (weights, gradients, AdamW moments, activations of micro_batch {micro_batch} × seq_len {seq_len}), {free_gb:.1} GB are free; lower micro_batch (raise grad_accum to keep the batch) or seq_len")]
+    #[error("stage `{stage}`: a step needs about {need_gb:.1} GB by the estimate (weights, gradients, AdamW moments; activations of micro_batch {micro_batch} × seq_len {seq_len}{how}), but {usable_gb:.1} GB of the {budget_gb:.1} GB of {budget_from} are usable (the rest is headroom); {advice}")]
     OutOfMemory {
         stage: String,
         need_gb: f64,
-        free_gb: f64,
+        usable_gb: f64,
+        budget_gb: f64,
+        budget_from: memory::BudgetSource,
         micro_batch: usize,
         seq_len: usize,
+        /// ", the largest micro_batch \"auto\" could take", ", recompute on", …
+        how: String,
+        advice: String,
     },
+    #[error("stage `{stage}`: micro_batch = \"auto\" needs the device's memory, which could not be read on {device:?}; pass --device-memory GB (e.g. 80 for an 80 GB GPU)")]
+    NoMemoryBudget { stage: String, device: Device },
     #[error("{path}: {reason}")]
     BadState { path: PathBuf, reason: String },
     #[error("{}: a stage's `init = \"tile:DIR\"` needs a checkpoint of the recipe model's type `{expected:?}`, found `{found:?}`; tile from a smaller `{expected:?}` checkpoint, or start from `random`", dir.display())]
@@ -114,6 +126,9 @@ pub struct TrainOptions {
     pub stop: Arc<AtomicBool>,
     /// Stop (with a checkpoint) after this many optimizer steps in this invocation (tests, probes).
     pub max_steps_this_run: Option<usize>,
+    /// Bytes the run may plan with on the device (`--device-memory`); `None`: what the device
+    /// reports free at the start of each stage (see [`memory::Budget::of`]).
+    pub device_memory: Option<f64>,
 }
 
 /// One line of `metrics.jsonl`.
@@ -168,6 +183,10 @@ struct TrainerState {
     tokens: u64,
     adam_t: u64,
     val_loss: Option<f64>,
+    /// The micro_batch `"auto"` chose: a resumed run keeps it, so it reads the same batches
+    /// (rows are drawn per micro-batch) whatever memory is free then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    micro_batch: Option<usize>,
 }
 
 /// Training FLOPs per token: 6 per weight that multiplies (the input embedding is a lookup unless
@@ -179,36 +198,6 @@ pub fn flops_per_token(cfg: &PhiConfig, seq_len: usize) -> f64 {
     }
     6.0 * n as f64
         + 12.0 * (cfg.num_hidden_layers * seq_len * cfg.num_attention_heads * cfg.head_dim()) as f64
-}
-
-/// Bytes one training step needs: fp32 masters, gradients and two moments, a compute copy when
-/// not fp32, and one micro-batch's activations (Korthikanti et al. 2022, doubled for fp32) and
-/// logits.
-pub fn memory_estimate(cfg: &PhiConfig, stage: &Stage, dtype: DType) -> f64 {
-    let n = cfg.parameter_count() as f64;
-    let compute_copy = if dtype == DType::F32 {
-        0.0
-    } else {
-        dtype.size_in_bytes() as f64
-    };
-    let (b, t) = (stage.raw.micro_batch as f64, stage.raw.seq_len as f64);
-    let (c, h, l) = (
-        cfg.hidden_size as f64,
-        cfg.num_attention_heads as f64,
-        cfg.num_hidden_layers as f64,
-    );
-    let act_scale = dtype.size_in_bytes() as f64 / 2.0;
-    let activations = l * t * b * c * (34.0 + 5.0 * h * t / c) * act_scale;
-    let logits = 3.0 * b * t * cfg.vocab_size as f64 * 4.0;
-    n * (16.0 + compute_copy) + activations + logits
-}
-
-/// Bytes of memory available now (Linux `MemAvailable`).
-pub fn available_memory() -> Option<f64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024.0)
 }
 
 /// Mean next-token cross-entropy of a batch of rows (B, T + 1).
@@ -235,31 +224,62 @@ pub fn train_step(
     grad_clip: f64,
     hyper: Hyper,
     dtype: DType,
+    recompute: Recompute,
 ) -> Result<(f64, f64), TrainError> {
+    let (loss, mut grads) = gradients(cfg, opt, batches, dtype, recompute)?;
+    let grad_norm = optim::clip_grad_norm(&mut grads, grad_clip)?;
+    opt.step(&grads, hyper)?;
+    Ok((loss, grad_norm))
+}
+
+/// The mean loss of `batches` and the fp32 gradient of the mean, by parameter name. With
+/// `recompute` on, each micro-batch's backward pass runs block by block (see [`recompute`]): the
+/// same gradients within round-off, less memory.
+fn gradients(
+    cfg: &PhiConfig,
+    opt: &AdamW,
+    batches: &[MicroBatch],
+    dtype: DType,
+    recompute: Recompute,
+) -> Result<(f64, HashMap<String, Tensor>), TrainError> {
     let mut model = Decoder::new(cfg, &opt.weights(dtype)?)?;
     model.set_training(true);
     let mut grads: HashMap<String, Tensor> = HashMap::new();
     let mut loss_sum = 0.0;
+    let scale = 1.0 / batches.len() as f64;
     for batch in batches {
         model.set_dropout_seed(batch.dropout_seed);
-        let loss = next_token_loss(&model, &batch.ids)?;
-        loss_sum += loss.to_scalar::<f32>()? as f64;
-        let store = (loss / batches.len() as f64)?.backward()?;
-        for slot in &opt.slots {
-            if let Some(g) = store.get(slot.var.as_tensor()) {
-                let g = g.to_dtype(DType::F32)?;
-                let sum = match grads.remove(&slot.name) {
-                    Some(acc) => (acc + g)?,
-                    None => g,
-                };
-                grads.insert(slot.name.clone(), sum);
+        let mut collect = |store: &GradStore| accumulate(&mut grads, &opt.slots, store);
+        let loss = match recompute {
+            Recompute::Off => {
+                let loss = next_token_loss(&model, &batch.ids)?;
+                collect(&(&loss * scale)?.backward()?)?;
+                loss
             }
+            Recompute::Blocks => recompute::next_token_loss(&model, &batch.ids, scale, collect)?,
+        };
+        loss_sum += loss.to_scalar::<f32>()? as f64;
+    }
+    Ok((loss_sum / batches.len() as f64, grads))
+}
+
+/// Adds the fp32 gradient `store` holds for each parameter to its sum in `grads`.
+fn accumulate(
+    grads: &mut HashMap<String, Tensor>,
+    slots: &[Slot],
+    store: &GradStore,
+) -> candle_core::Result<()> {
+    for slot in slots {
+        if let Some(g) = store.get(slot.var.as_tensor()) {
+            let g = g.to_dtype(DType::F32)?;
+            let sum = match grads.remove(&slot.name) {
+                Some(acc) => (acc + g)?,
+                None => g,
+            };
+            grads.insert(slot.name.clone(), sum);
         }
     }
-    drop(model);
-    let grad_norm = optim::clip_grad_norm(&mut grads, grad_clip)?;
-    opt.step(&grads, hyper)?;
-    Ok((loss_sum / batches.len() as f64, grad_norm))
+    Ok(())
 }
 
 fn step_dir(out: &Path, stage: &str, step: usize) -> PathBuf {
@@ -608,18 +628,20 @@ impl Run<'_> {
         on_event: &mut impl FnMut(Event),
     ) -> Result<Outcome, TrainError> {
         let (opts, recipe) = (self.opts, &self.opts.recipe);
+        self.cfg.embd_pdrop = stage.raw.dropout;
+        self.cfg.resid_pdrop = stage.raw.dropout;
+        self.cfg.attention_dropout = stage.raw.dropout;
+        let chosen = resumed.as_ref().and_then(|(_, state)| state.micro_batch);
+        let (stage, need) = self.fit(stage, chosen)?;
+        let stage = &stage;
         let s = &stage.raw;
-        self.cfg.embd_pdrop = s.dropout;
-        self.cfg.resid_pdrop = s.dropout;
-        self.cfg.attention_dropout = s.dropout;
-        let need = self.check_memory(stage)?;
         let mixture = Mixture::open(
             &stage.data,
             recipe.raw.model.tokenizer,
             self.cfg.vocab_size,
             s.seq_len,
         )?;
-        let val = mixture.val_batches(s.eval_batches, s.micro_batch, &opts.device)?;
+        let val = mixture.val_batches(s.eval_batches, stage.micro_batch, &opts.device)?;
         let mut at = self.stage_start(stage, index, resumed)?;
         on_event(Event::StageStart {
             stage,
@@ -670,6 +692,7 @@ impl Run<'_> {
                     tokens: at.tokens,
                     adam_t: at.opt.t,
                     val_loss: if evaluated { last_val } else { None },
+                    micro_batch: stage.is_auto().then_some(stage.micro_batch),
                 };
                 let dir = self.save(stage, &at.opt, &state)?;
                 on_event(Event::Checkpoint(&dir));
@@ -681,22 +704,46 @@ impl Run<'_> {
         Ok(Outcome::Finished)
     }
 
-    /// The stage's memory estimate in bytes; on the CPU, refused when it nears the free memory.
-    fn check_memory(&self, stage: &Stage) -> Result<f64, TrainError> {
-        let s = &stage.raw;
-        let need = memory_estimate(&self.cfg, stage, self.opts.dtype);
-        if self.opts.device.is_cpu() {
-            if let Some(avail) = available_memory().filter(|&a| need > 0.9 * a) {
-                return Err(TrainError::OutOfMemory {
-                    stage: s.name.clone(),
-                    need_gb: need / 1e9,
-                    free_gb: avail / 1e9,
-                    micro_batch: s.micro_batch,
-                    seq_len: s.seq_len,
-                });
+    /// `stage` as it runs on this device — `micro_batch = "auto"` resolved, or kept at the size
+    /// `chosen` by the checkpoint a resumed run starts from — and its memory estimate in bytes;
+    /// refused when the estimate exceeds the usable part of the device's memory.
+    fn fit(&self, stage: &Stage, chosen: Option<usize>) -> Result<(Stage, f64), TrainError> {
+        let dtype = self.opts.dtype;
+        let budget = Budget::of(&self.opts.device, self.opts.device_memory);
+        let kept =
+            chosen.filter(|&m| stage.is_auto() && stage.sequences_per_step().is_multiple_of(m));
+        let fitted = match (kept, budget) {
+            (Some(m), _) => stage.with_micro_batch(m),
+            (None, None) if stage.is_auto() => {
+                return Err(TrainError::NoMemoryBudget {
+                    stage: stage.raw.name.clone(),
+                    device: self.opts.device.clone(),
+                })
             }
+            (None, budget) => memory::fit(&self.cfg, stage, dtype, budget),
+        };
+        let need = memory::estimate(&self.cfg, &fitted, dtype);
+        if let Some(budget) = budget.filter(|b| need > b.usable()) {
+            let mut how = String::new();
+            if fitted.is_auto() {
+                how.push_str(", the smallest micro_batch \"auto\" can take");
+            }
+            if !fitted.recompute().is_off() {
+                how.push_str(", recomputing blocks");
+            }
+            return Err(TrainError::OutOfMemory {
+                stage: stage.raw.name.clone(),
+                need_gb: need / 1e9,
+                usable_gb: budget.usable() / 1e9,
+                budget_gb: budget.bytes / 1e9,
+                budget_from: budget.source,
+                micro_batch: fitted.micro_batch,
+                seq_len: fitted.raw.seq_len,
+                how,
+                advice: memory::advice(&fitted, dtype),
+            });
         }
-        Ok(need)
+        Ok((fitted, need))
     }
 
     /// The optimizer a stage starts with: a checkpoint's weights and moments, or fresh moments
@@ -738,7 +785,7 @@ impl Run<'_> {
     ) -> Result<(f64, f64), TrainError> {
         let (opts, seed) = (self.opts, self.opts.recipe.raw.seed);
         let s = &stage.raw;
-        let batches = (0..s.grad_accum)
+        let batches = (0..stage.grad_accum)
             .map(|micro| {
                 Ok(MicroBatch {
                     ids: mixture.train_batch(
@@ -746,7 +793,7 @@ impl Run<'_> {
                         index,
                         at.step,
                         micro,
-                        s.micro_batch,
+                        stage.micro_batch,
                         &opts.device,
                     )?,
                     dropout_seed: data::dropout_seed(seed, index, at.step, micro),
@@ -767,6 +814,7 @@ impl Run<'_> {
             s.grad_clip,
             hyper,
             opts.dtype,
+            stage.recompute(),
         )?;
         at.step += 1;
         at.tokens += stage.tokens_per_step() as u64;

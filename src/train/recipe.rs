@@ -97,9 +97,21 @@ pub struct StageToml {
     pub init: String,
     pub data: Vec<DataToml>,
     pub seq_len: usize,
-    pub micro_batch: usize,
+    /// Sequences per forward pass, or `"auto"`: the largest that fits the device's memory by
+    /// the estimate (see [`super::memory`]); then `batch` names the sequences per optimizer step
+    /// and the trainer sets `grad_accum = batch / micro_batch`.
+    pub micro_batch: MicroBatch,
     #[serde(default = "one_usize")]
     pub grad_accum: usize,
+    /// Sequences per optimizer step (the global batch): required with `micro_batch = "auto"`;
+    /// with a number, optional and then equal to micro_batch × grad_accum.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<usize>,
+    /// Activation recompute: `"none"`, or `"blocks"` (the forward pass keeps only each block's
+    /// input; the backward pass runs the block again). Same gradients, less memory, about a
+    /// third more compute.
+    #[serde(default, skip_serializing_if = "Recompute::is_off")]
+    pub checkpoint: Recompute,
     /// Optimizer steps; or give `tokens` and the steps follow from the batch.
     #[serde(default)]
     pub steps: Option<usize>,
@@ -171,6 +183,69 @@ fn keep_last() -> usize {
     2
 }
 
+/// `micro_batch`: a number of sequences, or `"auto"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MicroBatch {
+    Rows(usize),
+    Auto,
+}
+
+impl Serialize for MicroBatch {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            MicroBatch::Rows(n) => s.serialize_u64(*n as u64),
+            MicroBatch::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MicroBatch {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = MicroBatch;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number of sequences or \"auto\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<MicroBatch, E> {
+                usize::try_from(n)
+                    .map(MicroBatch::Rows)
+                    .map_err(|_| E::custom(format!("{n} sequences do not fit in memory")))
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<MicroBatch, E> {
+                u64::try_from(n)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(n), &self))
+                    .and_then(|n| self.visit_u64(n))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<MicroBatch, E> {
+                match v {
+                    "auto" => Ok(MicroBatch::Auto),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// `checkpoint`: which activations the backward pass recomputes instead of keeping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Recompute {
+    /// Keep every activation (the fastest; the most memory).
+    #[default]
+    #[serde(rename = "none")]
+    Off,
+    /// Keep each block's input only; run the block again in the backward pass.
+    #[serde(rename = "blocks")]
+    Blocks,
+}
+
+impl Recompute {
+    pub fn is_off(&self) -> bool {
+        *self == Recompute::Off
+    }
+}
+
 /// Where a stage's weights come from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Init {
@@ -187,11 +262,45 @@ pub struct Stage {
     pub init: Init,
     pub data: Vec<(PathBuf, f64)>,
     pub steps: usize,
+    /// Sequences per forward pass. `micro_batch = "auto"` resolves to 1 here (every batch
+    /// divides by it); the trainer and the plan raise it with [`Stage::with_micro_batch`] to what
+    /// fits the device.
+    pub micro_batch: usize,
+    /// Forward passes per optimizer step.
+    pub grad_accum: usize,
 }
 
 impl Stage {
     pub fn tokens_per_step(&self) -> usize {
-        self.raw.seq_len * self.raw.micro_batch * self.raw.grad_accum
+        self.raw.seq_len * self.sequences_per_step()
+    }
+
+    /// The global batch, which no choice of micro_batch changes.
+    pub fn sequences_per_step(&self) -> usize {
+        self.micro_batch * self.grad_accum
+    }
+
+    pub fn is_auto(&self) -> bool {
+        self.raw.micro_batch == MicroBatch::Auto
+    }
+
+    pub fn recompute(&self) -> Recompute {
+        self.raw.checkpoint
+    }
+
+    /// This stage run `micro_batch` sequences at a time, with the accumulation that keeps its
+    /// global batch. `micro_batch` must divide the global batch.
+    pub fn with_micro_batch(&self, micro_batch: usize) -> Stage {
+        let sequences = self.sequences_per_step();
+        assert!(
+            micro_batch > 0 && sequences.is_multiple_of(micro_batch),
+            "micro_batch {micro_batch} must divide the {sequences} sequences of a step"
+        );
+        Stage {
+            micro_batch,
+            grad_accum: sequences / micro_batch,
+            ..self.clone()
+        }
     }
 }
 
@@ -469,8 +578,8 @@ fn resolve_stage(
     }
     for (k, v, min, max) in [
         ("seq_len", s.seq_len, 1, MAX_CONTEXT),
-        ("micro_batch", s.micro_batch, 1, MAX_BATCH),
         ("grad_accum", s.grad_accum, 1, MAX_BATCH),
+        ("batch", s.batch.unwrap_or(1), 1, MAX_BATCH),
         ("eval_batches", s.eval_batches, 0, MAX_BATCH),
         ("eval_every", s.eval_every, 1, usize::MAX),
         ("checkpoint_every", s.checkpoint_every, 1, usize::MAX),
@@ -478,7 +587,8 @@ fn resolve_stage(
     ] {
         check_count(v, min, max).map_err(|m| invalid(&key(k), m))?;
     }
-    let steps = stage_steps(i, s, path)?;
+    let (micro_batch, grad_accum) = stage_batch(i, s, path)?;
+    let steps = stage_steps(i, s, micro_batch * grad_accum, path)?;
     if s.warmup >= steps && s.warmup > 0 {
         return Err(invalid(
             &key("warmup"),
@@ -508,27 +618,64 @@ fn resolve_stage(
         init,
         data,
         steps,
+        micro_batch,
+        grad_accum,
     })
 }
 
+/// Stage `i`'s (micro_batch, grad_accum): as written, or for `micro_batch = "auto"` 1 × `batch`
+/// until the trainer knows the device (see [`Stage::with_micro_batch`]).
+fn stage_batch(i: usize, s: &StageToml, path: &Path) -> Result<(usize, usize), RecipeError> {
+    let invalid = |k: &str, message: String| invalid_key(path, &format!("stage.{i}.{k}"), message);
+    match (s.micro_batch, s.batch) {
+        (MicroBatch::Rows(n), batch) => {
+            check_count(n, 1, MAX_BATCH).map_err(|m| invalid("micro_batch", m))?;
+            match batch {
+                Some(b) if Some(b) != n.checked_mul(s.grad_accum) => Err(invalid(
+                    "batch",
+                    format!(
+                        "is {b} sequences per step, but micro_batch {n} × grad_accum {} = {}; set grad_accum = batch / micro_batch, or micro_batch = \"auto\" to have it chosen",
+                        s.grad_accum,
+                        n.saturating_mul(s.grad_accum)
+                    ),
+                )),
+                _ => Ok((n, s.grad_accum)),
+            }
+        }
+        (MicroBatch::Auto, None) => Err(invalid(
+            "batch",
+            "is missing: micro_batch = \"auto\" needs the sequences per optimizer step to keep, e.g. batch = 1024 (phi-1)".into(),
+        )),
+        (MicroBatch::Auto, Some(_)) if s.grad_accum != 1 => Err(invalid(
+            "grad_accum",
+            format!(
+                "is {}, but with micro_batch = \"auto\" the trainer sets grad_accum = batch / micro_batch; remove grad_accum",
+                s.grad_accum
+            ),
+        )),
+        (MicroBatch::Auto, Some(b)) => Ok((1, b)),
+    }
+}
+
 /// Stage `i`'s optimizer steps: `steps`, or `tokens` over the tokens per step, rounded up.
-fn stage_steps(i: usize, s: &StageToml, path: &Path) -> Result<usize, RecipeError> {
+fn stage_steps(
+    i: usize,
+    s: &StageToml,
+    sequences: usize,
+    path: &Path,
+) -> Result<usize, RecipeError> {
     let invalid = |key: &str, message: String| invalid_key(path, key, message);
     let key = |k: &str| format!("stage.{i}.{k}");
     // Checked: a wrapped product could be 0 tokens per step (a division by zero below).
-    let per_step = s
-        .seq_len
-        .checked_mul(s.micro_batch)
-        .and_then(|n| n.checked_mul(s.grad_accum))
-        .ok_or_else(|| {
-            invalid(
-                &key("micro_batch"),
-                format!(
-                    "seq_len {} × micro_batch {} × grad_accum {} tokens per step do not fit in memory",
-                    s.seq_len, s.micro_batch, s.grad_accum
-                ),
-            )
-        })?;
+    let per_step = s.seq_len.checked_mul(sequences).ok_or_else(|| {
+        invalid(
+            &key("micro_batch"),
+            format!(
+                "seq_len {} × {sequences} sequences per step do not fit in memory",
+                s.seq_len
+            ),
+        )
+    })?;
     let steps = match (s.steps, s.tokens) {
         (Some(n), None) => n,
         (None, Some(0)) => {

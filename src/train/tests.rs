@@ -100,6 +100,7 @@ fn options(recipe: Recipe, out: &Path) -> TrainOptions {
         peak_tflops: None,
         stop: Arc::new(AtomicBool::new(false)),
         max_steps_this_run: None,
+        device_memory: None,
     }
 }
 
@@ -323,6 +324,7 @@ fn check_adamw(device: &Device, tol: f64) {
             f.clip,
             hyper,
             DType::F32,
+            recipe::Recompute::Off,
         )
         .unwrap();
         assert!(
@@ -407,4 +409,78 @@ fn tiling_from_another_model_type_names_both() {
         "{err}"
     );
     assert!(err.to_string().contains("tile:DIR"), "{err}");
+}
+
+/// `micro_batch = "auto"` with recompute trains end to end under a stated budget
+/// (`device_memory`), records the micro-batch it chose in the checkpoint, and a run resumed
+/// under another budget keeps that choice: its curve equals the uninterrupted one (rows are
+/// drawn per micro-batch, so another split would read other rows). A budget too small for one
+/// sequence is refused naming the stage, the numbers and what to change.
+#[test]
+fn auto_micro_batch_with_recompute_trains_and_resumes_with_its_choice() {
+    let root = tempfile::tempdir().unwrap();
+    let tok = tokens(root.path());
+    let sets = [
+        "stage.0.steps=6",
+        "stage.0.eval_every=3",
+        "stage.0.checkpoint_every=100",
+        "stage.0.micro_batch=auto",
+        "stage.0.grad_accum=1",
+        "stage.0.batch=8",
+        "stage.0.checkpoint=blocks",
+    ];
+    let r = recipe(&tok, "", &sets);
+    let need = |m: usize| memory::estimate(&r.model, &r.stages[0].with_micro_batch(m), DType::F32);
+    // Holds 4 sequences a pass, not 8; the resumed run's budget would hold 8.
+    let small = (need(4) + need(8)) / 2.0 / memory::HEADROOM;
+    let whole = root.path().join("whole");
+    let opts = |out: &Path, bytes: f64| TrainOptions {
+        device_memory: Some(bytes),
+        ..options(recipe(&tok, "", &sets), out)
+    };
+    let mut chosen = Vec::new();
+    run(&opts(&whole, small), |e| {
+        if let Event::StageStart { stage, .. } = e {
+            chosen.push((stage.micro_batch, stage.grad_accum));
+        }
+    })
+    .unwrap();
+    assert_eq!(chosen, [(4, 2)]);
+    let parts = root.path().join("parts");
+    let first = TrainOptions {
+        max_steps_this_run: Some(2),
+        ..opts(&parts, small)
+    };
+    assert_eq!(run(&first, |_| {}).unwrap(), Outcome::Stopped);
+    let state = read_state(&checkpoints(&parts, "pretrain").unwrap()[0].1).unwrap();
+    assert_eq!(state.micro_batch, Some(4));
+    let rest = TrainOptions {
+        resume: true,
+        ..opts(&parts, 1e15)
+    };
+    assert_eq!(run(&rest, |_| {}).unwrap(), Outcome::Finished);
+    // Within 1e-5 as `kill_and_resume_equals_the_uninterrupted_run`: the CPU kernels' parallel
+    // sums may add in another order from run to run.
+    let (a, b) = (metrics(&whole), metrics(&parts));
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        let (p, q) = (x.train_loss.or(x.val_loss), y.train_loss.or(y.val_loss));
+        assert!(
+            (p.unwrap() - q.unwrap()).abs() < 1e-5,
+            "step {}: {p:?} vs {q:?}",
+            x.step
+        );
+    }
+
+    let err = run(&opts(&root.path().join("tight"), need(1)), |_| {})
+        .unwrap_err()
+        .to_string();
+    for part in [
+        "stage `pretrain`",
+        "micro_batch 1 × seq_len 32",
+        "--device-memory",
+        "lower seq_len",
+    ] {
+        assert!(err.contains(part), "{part}: {err}");
+    }
 }
