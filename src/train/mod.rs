@@ -47,6 +47,22 @@ pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const TRAINER_FILE: &str = "trainer.json";
 
+/// A stage that does not fit its device by the estimate ([`TrainError::OutOfMemory`]).
+#[derive(Debug, thiserror::Error)]
+#[error("stage `{stage}`: a step needs about {need_gb:.1} GB by the estimate (weights, gradients, AdamW moments; activations of micro_batch {micro_batch} × seq_len {seq_len}{how}), but {usable_gb:.1} GB of the {budget_gb:.1} GB of {budget_from} are usable (the rest is headroom); {advice}")]
+pub struct OutOfMemory {
+    pub stage: String,
+    pub need_gb: f64,
+    pub usable_gb: f64,
+    pub budget_gb: f64,
+    pub budget_from: memory::BudgetSource,
+    pub micro_batch: usize,
+    pub seq_len: usize,
+    /// ", the largest micro_batch \"auto\" could take", ", recompute on", …
+    pub how: String,
+    pub advice: String,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
     #[error(transparent)]
@@ -74,19 +90,9 @@ pub enum TrainError {
         found: String,
         expected: String,
     },
-    #[error("stage `{stage}`: a step needs about {need_gb:.1} GB by the estimate (weights, gradients, AdamW moments; activations of micro_batch {micro_batch} × seq_len {seq_len}{how}), but {usable_gb:.1} GB of the {budget_gb:.1} GB of {budget_from} are usable (the rest is headroom); {advice}")]
-    OutOfMemory {
-        stage: String,
-        need_gb: f64,
-        usable_gb: f64,
-        budget_gb: f64,
-        budget_from: memory::BudgetSource,
-        micro_batch: usize,
-        seq_len: usize,
-        /// ", the largest micro_batch \"auto\" could take", ", recompute on", …
-        how: String,
-        advice: String,
-    },
+    /// Boxed: its numbers would make every `Result<_, TrainError>` large.
+    #[error(transparent)]
+    OutOfMemory(Box<OutOfMemory>),
     #[error("stage `{stage}`: micro_batch = \"auto\" needs the device's memory, which could not be read on {device:?}; pass --device-memory GB (e.g. 80 for an 80 GB GPU)")]
     NoMemoryBudget { stage: String, device: Device },
     #[error("{path}: {reason}")]
@@ -731,7 +737,7 @@ impl Run<'_> {
             if !fitted.recompute().is_off() {
                 how.push_str(", recomputing blocks");
             }
-            return Err(TrainError::OutOfMemory {
+            return Err(TrainError::OutOfMemory(Box::new(OutOfMemory {
                 stage: stage.raw.name.clone(),
                 need_gb: need / 1e9,
                 usable_gb: budget.usable() / 1e9,
@@ -741,7 +747,7 @@ impl Run<'_> {
                 seq_len: fitted.raw.seq_len,
                 how,
                 advice: memory::advice(&fitted, dtype),
-            });
+            })));
         }
         Ok((fitted, need))
     }
