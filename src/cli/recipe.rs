@@ -311,8 +311,8 @@ pub async fn run(args: &TrainArgs, quiet: bool) -> anyhow::Result<Outcome> {
     if args.plan {
         return Ok(Outcome::Complete);
     }
-    if args.executor == Some(super::train::Executor::Slurm) {
-        return slurm_scripts(args, &p, &plan, quiet);
+    if let Some(executor) = args.executor {
+        return cluster_jobs(args, executor, &p, &plan, quiet);
     }
     let stop = super::train::stop_on_signals()?;
     let opts = RunOptions {
@@ -368,16 +368,19 @@ pub async fn run(args: &TrainArgs, quiet: bool) -> anyhow::Result<Outcome> {
     })
 }
 
-/// `--executor slurm`: the scripts that run this recipe as Slurm jobs, instead of running it.
-fn slurm_scripts(
+/// `--executor slurm|kubernetes`: the jobs that run this recipe on a cluster, instead of running
+/// it.
+fn cluster_jobs(
     args: &TrainArgs,
+    executor: super::train::Executor,
     p: &Pipeline,
     plan: &Plan,
     quiet: bool,
 ) -> anyhow::Result<Outcome> {
+    use super::train::Executor;
     use clap::ValueEnum;
     let tasks = args.shards.ok_or_else(|| {
-        anyhow::anyhow!("--executor slurm: pass --shards N, the tasks of each generate, decontaminate and tokenize array")
+        anyhow::anyhow!("--executor: pass --shards N, the tasks of each generate, decontaminate and tokenize array")
     })?;
     let absolute = |path: &std::path::Path| std::path::absolute(path).unwrap_or(path.to_path_buf());
     let mut job_args = vec![
@@ -399,24 +402,53 @@ fn slurm_scripts(
     if let Some(max) = args.max_cost {
         job_args.extend(["--max-cost".to_string(), max.to_string()]);
     }
-    let opts = pipeline::slurm::SlurmOptions {
-        phigen: std::env::current_exe()?,
-        workdir: std::env::current_dir()?,
-        args: job_args,
-        tasks,
-        parallel: None,
-        gpu_lines: if args.device == super::train::DeviceArg::Cuda {
-            vec!["--gres=gpu:1".to_string()]
-        } else {
-            Vec::new()
-        },
+    let gpu = args.device == super::train::DeviceArg::Cuda;
+    let workdir = std::env::current_dir()?;
+    let (what, path) = match executor {
+        Executor::Slurm => {
+            let opts = pipeline::cluster::SlurmOptions {
+                phigen: std::env::current_exe()?,
+                workdir,
+                args: job_args,
+                tasks,
+                parallel: None,
+                gpu_lines: if gpu {
+                    vec!["--gres=gpu:1".to_string()]
+                } else {
+                    Vec::new()
+                },
+            };
+            (
+                "Slurm scripts",
+                pipeline::cluster::write_scripts(p, plan, &opts)?,
+            )
+        }
+        Executor::Kubernetes => {
+            let missing = |flag: &str| {
+                anyhow::anyhow!("--executor kubernetes: pass {flag} (the pods need an image with phigen on its PATH, and the run directory on a volume they all mount)")
+            };
+            let opts = pipeline::cluster::KubeOptions {
+                image: args.image.clone().ok_or_else(|| missing("--image IMAGE"))?,
+                volume_claim: args
+                    .volume_claim
+                    .clone()
+                    .ok_or_else(|| missing("--volume-claim PVC"))?,
+                workdir,
+                args: job_args,
+                tasks,
+                gpu,
+            };
+            (
+                "Kubernetes Jobs",
+                pipeline::cluster::write_manifests(p, plan, &opts)?,
+            )
+        }
     };
-    let submit = pipeline::slurm::write_scripts(p, plan, &opts)?;
     if !quiet {
         println!(
-            "{}: Slurm scripts written; submit them with `bash {}`",
+            "{}: {what} written; run them with `bash {}`",
             p.name,
-            submit.display()
+            path.display()
         );
     }
     Ok(Outcome::Complete)

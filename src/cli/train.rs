@@ -107,12 +107,20 @@ pub struct TrainArgs {
     /// The number of tasks of the array, where the environment gives only the task's index.
     #[arg(long, value_parser = int_at_least(1usize))]
     pub shards: Option<usize>,
-    /// Whole-run recipes: write Slurm batch scripts that run the recipe on a cluster instead of
-    /// running it here: OUT/slurm/submit.sh submits one job per step (generate, decontaminate
-    /// and tokenize steps as arrays of --shards tasks, each followed by its merge), chained with
-    /// --dependency=afterok.
+    /// Whole-run recipes: write the jobs that run the recipe on a cluster instead of running it
+    /// here: Slurm (OUT/slurm/submit.sh submits one job per step, generate, decontaminate and
+    /// tokenize steps as arrays of --shards tasks each followed by its merge, chained with
+    /// --dependency=afterok) or Kubernetes (OUT/kubernetes/apply.sh applies one Job per step,
+    /// Indexed Jobs for the arrays, each after the last completes).
     #[arg(long, value_enum)]
     pub executor: Option<Executor>,
+    /// With --executor kubernetes: the container image, with `phigen` on its PATH.
+    #[arg(long)]
+    pub image: Option<String>,
+    /// With --executor kubernetes: the PersistentVolumeClaim holding the working directory (the
+    /// recipe, its inputs and the run directory), mounted at the same path in every pod.
+    #[arg(long)]
+    pub volume_claim: Option<String>,
 }
 
 /// Where a whole-run recipe runs.
@@ -120,6 +128,9 @@ pub struct TrainArgs {
 pub enum Executor {
     /// Emit sbatch scripts (OUT/slurm/) instead of running.
     Slurm,
+    /// Emit Kubernetes Job manifests, Indexed Jobs for the arrays (OUT/kubernetes/), instead of
+    /// running.
+    Kubernetes,
 }
 
 /// A flag the first SIGINT / SIGTERM sets (a checkpoint after the current step, requests in

@@ -8,12 +8,12 @@
 //! `scoreboard.md`. A step's directory is named by its id, so a changed setting writes a new
 //! directory next to the old one and nothing finished is overwritten.
 
+pub mod cluster;
 pub mod lineage;
 pub mod manifest;
 pub mod plan;
 pub mod recipe;
 pub mod run;
-pub mod slurm;
 
 pub use plan::{plan, Plan};
 pub use recipe::Pipeline;

@@ -1,13 +1,20 @@
-//! `phigen train --recipe R --executor slurm`: the recipe as Slurm batch scripts instead of a
+//! `phigen train --recipe R --executor slurm|kubernetes`: the recipe as cluster jobs instead of a
 //! local run.
 //!
-//! Writes `OUT/slurm/`: one script per step that is not done, in plan order, and `submit.sh`,
+//! Slurm ([`write_scripts`]) writes `OUT/slurm/`: one script per step that is not done, in plan order, and `submit.sh`,
 //! which submits them with `sbatch --parsable`, each with `--dependency=afterok:` on the jobs of
 //! the steps it reads. A generate, decontaminate or tokenize step is a job array of N tasks
 //! (`--array=0-(N-1)`, `%W` at most W at once), each running `phigen train … --only STEP`, which
 //! finds its task in `SLURM_ARRAY_TASK_ID` ([`crate::artifact::task`]); a second job, after the
 //! array, runs the same command without a task and merges the N shares into the step. Every other
 //! step is one job. Logs go to `OUT/slurm/logs/`.
+//!
+//! Kubernetes ([`write_manifests`]) writes `OUT/kubernetes/`: one Job manifest per step, an
+//! Indexed Job of N completions for the steps that shard (each pod finds its task in
+//! `JOB_COMPLETION_INDEX`; the command passes `--shards N`) followed by a one-pod merge Job, and
+//! `apply.sh`, which applies them in plan order, waiting for each to complete
+//! (`kubectl wait --for=condition=complete`). The run directory must be on a volume every pod
+//! mounts at the same path (`--volume-claim`), since steps read each other's outputs.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -212,6 +219,107 @@ fn quote(s: &str) -> String {
     }
 }
 
+/// How the emitted Kubernetes Jobs run.
+pub struct KubeOptions {
+    /// The container image with `phigen` on its PATH.
+    pub image: String,
+    /// The PersistentVolumeClaim that holds the working directory, mounted at `workdir`.
+    pub volume_claim: String,
+    /// The working directory (the recipe's relative paths are read from there).
+    pub workdir: PathBuf,
+    /// The arguments every job passes to `phigen train` (recipe, --out, --set …), before --only.
+    pub args: Vec<String>,
+    /// Completions per Indexed Job.
+    pub tasks: usize,
+    /// Training and eval pods ask for one GPU (`nvidia.com/gpu: 1`).
+    pub gpu: bool,
+}
+
+/// Writes the Job manifests and `apply.sh`; returns `apply.sh`.
+pub fn write_manifests(
+    p: &Pipeline,
+    plan: &Plan,
+    o: &KubeOptions,
+) -> Result<PathBuf, PipelineError> {
+    let dir = p.out.join("kubernetes");
+    std::fs::create_dir_all(&dir).map_err(|source| PipelineError::Io {
+        path: dir.clone(),
+        source,
+    })?;
+    let mut apply = String::from(
+        "#!/bin/bash\n# Runs the recipe's steps as Kubernetes Jobs, one after another (written by\n# `phigen train --executor kubernetes`; run it from anywhere).\nset -euo pipefail\ncd \"$(dirname \"$0\")\"\n",
+    );
+    let todo = plan.steps.iter().filter(|s| s.status != Status::Done);
+    for (n, step) in todo.enumerate() {
+        let gpu = o.gpu && matches!(step.node, Node::Train | Node::Eval(_));
+        let mut jobs = Vec::new();
+        if shardable(p, step) {
+            jobs.push((format!("{n:02}-{}", step.name), Some(o.tasks)));
+            jobs.push((format!("{n:02}-{}-merge", step.name), None));
+        } else {
+            jobs.push((format!("{n:02}-{}", step.name), None));
+        }
+        for (base, tasks) in jobs {
+            let name = job_name(&p.name, &base);
+            let file = format!("{base}.yaml");
+            write(&dir.join(&file), &manifest(o, step, &name, tasks, gpu))?;
+            let _ = writeln!(
+                apply,
+                "kubectl apply -f {file}\nkubectl wait --for=condition=complete --timeout=-1s job/{name}"
+            );
+        }
+    }
+    let path = dir.join("apply.sh");
+    write(&path, &apply)?;
+    Ok(path)
+}
+
+/// A Job name Kubernetes accepts (DNS-1123: lower-case letters, digits and `-`, at most 63).
+fn job_name(recipe: &str, base: &str) -> String {
+    let raw = format!("phigen-{recipe}-{base}").to_lowercase();
+    let name: String = raw
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    name.chars()
+        .take(63)
+        .collect::<String>()
+        .trim_end_matches('-')
+        .to_string()
+}
+
+fn manifest(
+    o: &KubeOptions,
+    step: &PlannedStep,
+    name: &str,
+    tasks: Option<usize>,
+    gpu: bool,
+) -> String {
+    let mut command: Vec<String> = vec!["phigen".into(), "train".into()];
+    command.extend(o.args.iter().cloned());
+    command.extend(["--only".to_string(), step.name.clone()]);
+    let indexed = match tasks {
+        Some(n) => {
+            command.extend(["--shards".to_string(), n.to_string()]);
+            format!("  completionMode: Indexed\n  completions: {n}\n  parallelism: {n}\n  backoffLimitPerIndex: 3\n")
+        }
+        None => "  backoffLimit: 3\n".to_string(),
+    };
+    // JSON strings are YAML flow scalars: every argument quoted safely.
+    let command = serde_json::to_string(&command).expect("strings serialize");
+    let workdir = serde_json::to_string(&o.workdir.display().to_string()).expect("a string");
+    let resources = if gpu {
+        "        resources:\n          limits:\n            nvidia.com/gpu: 1\n"
+    } else {
+        ""
+    };
+    format!(
+        "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: {name}\n  labels:\n    app.kubernetes.io/name: phigen\nspec:\n{indexed}  template:\n    spec:\n      restartPolicy: Never\n      containers:\n      - name: phigen\n        image: {image}\n        workingDir: {workdir}\n        command: {command}\n{resources}        volumeMounts:\n        - name: run\n          mountPath: {workdir}\n      volumes:\n      - name: run\n        persistentVolumeClaim:\n          claimName: {claim}\n",
+        image = serde_json::to_string(&o.image).expect("a string"),
+        claim = serde_json::to_string(&o.volume_claim).expect("a string"),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,5 +333,17 @@ mod tests {
         assert_eq!(quote("it's"), r"'it'\''s'");
         assert_eq!(quote(""), "''");
         assert_eq!(shell_var("tok-textbooks"), "j_tok_textbooks");
+    }
+
+    /// Job names are DNS-1123 labels: lower case, `-` for anything else, at most 63 characters
+    /// (Kubernetes' rule for Job names that pods are named after).
+    #[test]
+    fn job_names_are_dns_labels() {
+        assert_eq!(job_name("phi-1", "00-tok_text"), "phigen-phi-1-00-tok-text");
+        let long = job_name(&"x".repeat(80), "01-a");
+        assert_eq!(long.len(), 63);
+        assert!(long
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c == '-' || c.is_ascii_digit()));
     }
 }
