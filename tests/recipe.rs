@@ -938,3 +938,46 @@ async fn kubernetes_jobs_are_written_for_each_step() {
         "{merge}"
     );
 }
+
+/// A step run as an array splits its budget: each of N tasks may spend max_cost / N (the
+/// ledger never exceeds its limit, as the generate tests check), so the array together spends at
+/// most what one run may. The oracle is the step's cost C in a whole run against the same mock:
+/// with max_cost C/2, task 0 of 2 (half the slots, about C/2 of work) stops on its budget having
+/// spent at most C/4.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_array_task_spends_its_share_of_the_budget() {
+    let server = mock(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = mini_recipe(&dir.path().join("recipe"), &server);
+    let step_stats = |out: &Path, rel: &str| -> serde_json::Value {
+        let data = std::fs::read_dir(out.join("data")).unwrap();
+        let step = data.map(|e| e.unwrap().path()).next().unwrap();
+        serde_json::from_slice(&std::fs::read(step.join(rel)).unwrap()).unwrap()
+    };
+    let whole = dir.path().join("whole");
+    let o = run(train_cmd(
+        &recipe,
+        &whole,
+        &["--quiet", "--only", "stories"],
+    ))
+    .await;
+    assert!(o.status.success(), "{}", text(&o));
+    let cost = step_stats(&whole, "stats.json")["run"]["cost_usd"]
+        .as_f64()
+        .unwrap();
+    let out = dir.path().join("run");
+    let budget = format!("teacher.max_cost={}", cost / 2.0);
+    let o = run(train_cmd(
+        &recipe,
+        &out,
+        &[
+            "--quiet", "--only", "stories", "--shard", "0/2", "--set", &budget,
+        ],
+    ))
+    .await;
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    let stats = step_stats(&out, "tasks/00000/stats.json");
+    let spent = stats["run"]["cost_usd"].as_f64().unwrap();
+    assert!(spent > 0.0 && spent <= cost / 4.0, "{spent} of {cost}");
+    assert_eq!(stats["stopped"], "budget", "{stats}");
+}

@@ -337,12 +337,16 @@ enum StepResult {
     Interrupted,
 }
 
-/// `cfg` with what is left of `--max-cost` (after `spent` by earlier steps) as its budget.
+/// `cfg` with what is left of `--max-cost` (after `spent` by earlier steps) as its budget; a task
+/// of an array of N gets 1/N of it, so the N tasks together spend at most what one run may.
 fn budgeted(cfg: &TeacherConfig, opts: &RunOptions, spent: f64) -> TeacherConfig {
     let mut cfg = cfg.clone();
     if let Some(total) = opts.max_cost {
         let left = (total - spent).max(0.0);
         cfg.max_cost = Some(cfg.max_cost.map_or(left, |m| m.min(left)));
+    }
+    if let Some(task) = opts.task {
+        cfg.max_cost = cfg.max_cost.map(|m| m / task.n as f64);
     }
     cfg
 }
