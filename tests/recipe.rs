@@ -746,8 +746,8 @@ async fn jobs_2_gives_the_artifacts_of_jobs_1() {
 }
 
 /// `--executor slurm` writes batch scripts that run the recipe as Slurm jobs: generate and
-/// tokenize steps as arrays of --shards tasks, each followed by its merge, chained by the steps'
-/// dependencies. Submitted through a stand-in `sbatch` that runs each script at once (an array's
+/// tokenize steps as arrays of --shards tasks, each followed by its merge, dedup as its four array
+/// stages and a finishing job, chained by the steps' dependencies. Submitted through a stand-in `sbatch` that runs each script at once (an array's
 /// tasks one by one, last first, with the variables Slurm sets), they end where one local run ends:
 /// the same record ids, token-shard bytes and validation losses (within 1e-4, as the kill -9 test
 /// allows) (the oracle: a whole local run of
@@ -773,10 +773,15 @@ async fn the_slurm_scripts_run_the_recipe_like_one_local_run() {
     let array = std::fs::read_to_string(slurm.join("00-stories.sbatch")).unwrap();
     assert!(array.contains("#SBATCH --array=0-2\n"), "{array}");
     assert!(array.contains("--only stories --shards 3"), "{array}");
+    let clusters = std::fs::read_to_string(slurm.join("01-dedup-clusters.sbatch")).unwrap();
+    assert!(
+        clusters.contains("--only dedup --dedup-stage clusters\n") && !clusters.contains("--array"),
+        "{clusters}"
+    );
     let submit = std::fs::read_to_string(slurm.join("submit.sh")).unwrap();
     assert!(
         submit.contains(
-            "j_dedup=$(sbatch --parsable --dependency=afterok:$j_stories 01-dedup.sbatch)"
+            "j_dedup=$(sbatch --parsable --dependency=afterok:$j_stories 01-dedup-signatures.sbatch)"
         ),
         "{submit}"
     );
@@ -901,7 +906,11 @@ async fn kubernetes_jobs_are_written_for_each_step() {
         [
             "00-stories.yaml",
             "00-stories-merge.yaml",
-            "01-dedup.yaml",
+            "01-dedup-signatures.yaml",
+            "01-dedup-buckets.yaml",
+            "01-dedup-clusters.yaml",
+            "01-dedup-filter.yaml",
+            "01-dedup-finish.yaml",
             "02-tok.yaml",
             "02-tok-merge.yaml",
             "03-train.yaml",

@@ -327,6 +327,7 @@ pub async fn run(args: &TrainArgs, quiet: bool) -> anyhow::Result<Outcome> {
         max_train_steps: args.max_steps,
         jobs: args.jobs,
         task: crate::artifact::task::Task::from_env(args.shard, args.shards)?,
+        dedup_stage: args.dedup_stage,
     };
     let bars = Bars {
         quiet,

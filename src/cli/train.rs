@@ -107,6 +107,11 @@ pub struct TrainArgs {
     /// The number of tasks of the array, where the environment gives only the task's index.
     #[arg(long, value_parser = int_at_least(1usize))]
     pub shards: Option<usize>,
+    /// Whole-run recipes, with --only DEDUP_STEP: run one of dedup's array stages
+    /// (signatures, buckets, clusters, filter; all but clusters as --shard / array tasks); the
+    /// same command without a stage then finishes the step.
+    #[arg(long, value_enum, requires = "only")]
+    pub dedup_stage: Option<crate::dedup::stages::Stage>,
     /// Whole-run recipes: write the jobs that run the recipe on a cluster instead of running it
     /// here: Slurm (OUT/slurm/submit.sh submits one job per step, generate, decontaminate and
     /// tokenize steps as arrays of --shards tasks each followed by its merge, chained with

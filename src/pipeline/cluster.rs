@@ -6,8 +6,9 @@
 //! the steps it reads. A generate, decontaminate or tokenize step is a job array of N tasks
 //! (`--array=0-(N-1)`, `%W` at most W at once), each running `phigen train … --only STEP`, which
 //! finds its task in `SLURM_ARRAY_TASK_ID` ([`crate::artifact::task`]); a second job, after the
-//! array, runs the same command without a task and merges the N shares into the step. Every other
-//! step is one job. Logs go to `OUT/slurm/logs/`.
+//! array, runs the same command without a task and merges the N shares into the step. A dedup
+//! step is its four array stages (`--dedup-stage signatures|buckets|clusters|filter`, clusters as
+//! one task) and a job that finishes it. Every other step is one job. Logs go to `OUT/slurm/logs/`.
 //!
 //! Kubernetes ([`write_manifests`]) writes `OUT/kubernetes/`: one Job manifest per step, an
 //! Indexed Job of N completions for the steps that shard (each pod finds its task in
@@ -69,43 +70,23 @@ pub fn write_scripts(
         .collect();
     for (n, step) in todo.iter().enumerate() {
         let var = shell_var(&step.name);
-        // The jobs of upstream steps that are not done yet (done ones need no wait).
-        let after: Vec<String> = step
+        // The jobs of upstream steps that are not done yet (done ones need no wait); each job of
+        // a step after the first waits for the one before it.
+        let mut after: Vec<String> = step
             .upstream
             .iter()
             .filter(|u| todo.iter().any(|s| &s.name == *u))
             .map(|u| shell_var(u))
             .collect();
         let gpu = matches!(step.node, Node::Train | Node::Eval(_));
-        let base = format!("{n:02}-{}", step.name);
-        if shardable(p, step) {
-            let file = format!("{base}.sbatch");
-            write(
-                &dir.join(&file),
-                &script(o, step, &logs, Some(o.tasks), gpu),
-            )?;
+        for part in step_jobs(p, step, o.tasks) {
+            let file = format!("{n:02}-{}{}.sbatch", step.name, part.suffix);
+            write(&dir.join(&file), &script(o, step, &logs, &part, gpu))?;
             jobs.push(Job {
                 file,
                 var: var.clone(),
-                array: true,
-                after,
-            });
-            let file = format!("{base}-merge.sbatch");
-            write(&dir.join(&file), &script(o, step, &logs, None, gpu))?;
-            jobs.push(Job {
-                file,
-                var: var.clone(),
-                array: false,
-                after: vec![var],
-            });
-        } else {
-            let file = format!("{base}.sbatch");
-            write(&dir.join(&file), &script(o, step, &logs, None, gpu))?;
-            jobs.push(Job {
-                file,
-                var,
-                array: false,
-                after,
+                array: part.tasks.is_some(),
+                after: std::mem::replace(&mut after, vec![var.clone()]),
             });
         }
     }
@@ -131,24 +112,43 @@ pub fn write_scripts(
     Ok(path)
 }
 
-/// Steps that run as arrays: generate, decontaminate, tokenize.
-fn shardable(p: &Pipeline, step: &PlannedStep) -> bool {
-    match step.node {
-        Node::Data(i) => matches!(
-            p.data[i].action,
-            Action::Generate { .. } | Action::Decontaminate(_) | Action::Tokenize(_)
-        ),
-        _ => false,
+/// One job of a step: its file-name suffix, its array size, and the flags it adds.
+struct StepJob {
+    suffix: &'static str,
+    tasks: Option<usize>,
+    flags: Vec<String>,
+}
+
+/// The jobs that run `step`, in order: an array of `tasks` and its merge for generate,
+/// decontaminate and tokenize; dedup's four array stages (clusters as one task) and the job that
+/// finishes the step; one job for anything else.
+fn step_jobs(p: &Pipeline, step: &PlannedStep, tasks: usize) -> Vec<StepJob> {
+    let job = |suffix, tasks, flags: &[&str]| StepJob {
+        suffix,
+        tasks,
+        flags: flags.iter().map(|f| f.to_string()).collect(),
+    };
+    let action = match step.node {
+        Node::Data(i) => Some(&p.data[i].action),
+        _ => None,
+    };
+    match action {
+        Some(Action::Generate { .. } | Action::Decontaminate(_) | Action::Tokenize(_)) => {
+            vec![job("", Some(tasks), &[]), job("-merge", None, &[])]
+        }
+        Some(Action::Dedup(_)) => vec![
+            job("-signatures", Some(tasks), &["--dedup-stage", "signatures"]),
+            job("-buckets", Some(tasks), &["--dedup-stage", "buckets"]),
+            job("-clusters", None, &["--dedup-stage", "clusters"]),
+            job("-filter", Some(tasks), &["--dedup-stage", "filter"]),
+            job("-finish", None, &[]),
+        ],
+        _ => vec![job("", None, &[])],
     }
 }
 
-fn script(
-    o: &SlurmOptions,
-    step: &PlannedStep,
-    logs: &Path,
-    tasks: Option<usize>,
-    gpu: bool,
-) -> String {
+fn script(o: &SlurmOptions, step: &PlannedStep, logs: &Path, part: &StepJob, gpu: bool) -> String {
+    let tasks = part.tasks;
     let mut s = format!("#!/bin/bash\n#SBATCH --job-name=phigen-{}\n", step.name);
     match tasks {
         Some(n) => {
@@ -176,6 +176,7 @@ fn script(
     let mut command = vec![quote(&o.phigen.display().to_string()), "train".to_string()];
     command.extend(o.args.iter().map(|a| quote(a)));
     command.extend(["--only".to_string(), quote(&step.name)]);
+    command.extend(part.flags.iter().cloned());
     if let Some(n) = tasks {
         // SLURM_ARRAY_TASK_ID and _COUNT say which task; --shards makes the size explicit.
         command.extend(["--shards".to_string(), n.to_string()]);
@@ -252,17 +253,11 @@ pub fn write_manifests(
     let todo = plan.steps.iter().filter(|s| s.status != Status::Done);
     for (n, step) in todo.enumerate() {
         let gpu = o.gpu && matches!(step.node, Node::Train | Node::Eval(_));
-        let mut jobs = Vec::new();
-        if shardable(p, step) {
-            jobs.push((format!("{n:02}-{}", step.name), Some(o.tasks)));
-            jobs.push((format!("{n:02}-{}-merge", step.name), None));
-        } else {
-            jobs.push((format!("{n:02}-{}", step.name), None));
-        }
-        for (base, tasks) in jobs {
+        for part in step_jobs(p, step, o.tasks) {
+            let base = format!("{n:02}-{}{}", step.name, part.suffix);
             let name = job_name(&p.name, &base);
             let file = format!("{base}.yaml");
-            write(&dir.join(&file), &manifest(o, step, &name, tasks, gpu))?;
+            write(&dir.join(&file), &manifest(o, step, &name, &part, gpu))?;
             let _ = writeln!(
                 apply,
                 "kubectl apply -f {file}\nkubectl wait --for=condition=complete --timeout=-1s job/{name}"
@@ -288,17 +283,12 @@ fn job_name(recipe: &str, base: &str) -> String {
         .to_string()
 }
 
-fn manifest(
-    o: &KubeOptions,
-    step: &PlannedStep,
-    name: &str,
-    tasks: Option<usize>,
-    gpu: bool,
-) -> String {
+fn manifest(o: &KubeOptions, step: &PlannedStep, name: &str, part: &StepJob, gpu: bool) -> String {
     let mut command: Vec<String> = vec!["phigen".into(), "train".into()];
     command.extend(o.args.iter().cloned());
     command.extend(["--only".to_string(), step.name.clone()]);
-    let indexed = match tasks {
+    command.extend(part.flags.iter().cloned());
+    let indexed = match part.tasks {
         Some(n) => {
             command.extend(["--shards".to_string(), n.to_string()]);
             format!("  completionMode: Indexed\n  completions: {n}\n  parallelism: {n}\n  backoffLimitPerIndex: 3\n")

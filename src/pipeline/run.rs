@@ -50,6 +50,9 @@ pub struct RunOptions {
     /// step): its share into the step's `tasks/K`, then its marker. The same command without a
     /// task then merges the N tasks' outputs and finishes the step.
     pub task: Option<Task>,
+    /// With `--only` a dedup step: run this one of dedup's array stages (as `task`, or as one
+    /// task), not the whole dedup; the same command without a stage then finishes the step.
+    pub dedup_stage: Option<crate::dedup::stages::Stage>,
 }
 
 /// What the runner reports to its caller (progress bars, logs).
@@ -169,9 +172,10 @@ pub async fn run(
     })?;
     // One recipe run per run directory (the tasks of one array share it, each task once); each
     // stage also locks its own directory.
-    let _lock = match opts.task {
-        Some(t) => DirLock::slice(&p.out, t.k, t.n)?,
-        None => DirLock::exclusive(&p.out)?,
+    let _lock = match (opts.task, opts.dedup_stage) {
+        (Some(t), _) => DirLock::slice(&p.out, t.k, t.n)?,
+        (None, Some(_)) => DirLock::slice(&p.out, 0, 1)?,
+        (None, None) => DirLock::exclusive(&p.out)?,
     };
     crate::artifact::atomic::write_bytes(&p.out.join("recipe.toml"), p.effective.as_bytes())
         .map_err(|source| PipelineError::Io {
@@ -184,8 +188,8 @@ pub async fn run(
         opts,
         on_event,
     };
-    if let Some(task) = opts.task {
-        return task_step(&cx, task).await;
+    if opts.task.is_some() || opts.dedup_stage.is_some() {
+        return task_step(&cx).await;
     }
     let stopped = tokio::task::block_in_place(|| schedule(&cx, &chosen))?;
     if let Some(outcome) = stopped {
@@ -372,24 +376,31 @@ async fn stoppable<F: std::future::Future>(
     out
 }
 
-/// Runs task `task` of the `--only` step (see [`RunOptions::task`]).
-async fn task_step(cx: &Ctx<'_>, task: Task) -> Result<RunOutcome, PipelineError> {
+/// Runs one task of the `--only` step (see [`RunOptions::task`], [`RunOptions::dedup_stage`]).
+async fn task_step(cx: &Ctx<'_>) -> Result<RunOutcome, PipelineError> {
+    let task = cx.opts.task.unwrap_or(Task { k: 0, n: 1 });
     let only = cx.opts.only.as_deref().ok_or_else(|| {
         PipelineError::Usage(format!(
-            "task {task} of an array job (--shard, or SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX in the environment) runs one step: add --only STEP"
+            "task {task} of an array job (--shard, --dedup-stage, or SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX in the environment) runs one step: add --only STEP"
         ))
     })?;
     let step = cx.plan.step(only).expect("selected");
-    let shardable = match step.node {
-        Node::Data(i) => matches!(
-            cx.p.data[i].action,
+    let action = match step.node {
+        Node::Data(i) => Some(&cx.p.data[i].action),
+        _ => None,
+    };
+    let fits = match (action, cx.opts.dedup_stage) {
+        (Some(Action::Dedup(_)), Some(_)) => true,
+        (_, Some(_)) => false,
+        (Some(a), None) => matches!(
+            a,
             Action::Generate { .. } | Action::Decontaminate(_) | Action::Tokenize(_)
         ),
-        _ => false,
+        (None, None) => false,
     };
-    if !shardable {
+    if !fits {
         return Err(PipelineError::Usage(format!(
-            "--only {only}: a {} step does not run as an array task; generate, decontaminate and tokenize steps do (unset the array variables, or drop --shard)",
+            "--only {only}: a {} step does not run as an array task this way; generate, decontaminate and tokenize steps do, and dedup steps with --dedup-stage (unset the array variables, or drop --shard / --dedup-stage)",
             step.kind
         )));
     }
@@ -675,8 +686,8 @@ fn dedup(
         exact: d.normalize().map_err(PipelineError::Usage)?,
         verify_jaccard: d.verify_jaccard,
         index: None,
-        stage: None,
-        shard: None,
+        stage: cx.opts.dedup_stage,
+        shard: cx.opts.task,
         follow_symlinks: false,
         // Generated corpora are written in arrival order: keeping the least id makes the kept
         // set the same on every run (and after a resume).
@@ -684,7 +695,8 @@ fn dedup(
     };
     let stats = match crate::dedup::run(&opts, &progress)? {
         crate::dedup::Outcome::Done(s) | crate::dedup::Outcome::UpToDate(s) => s,
-        crate::dedup::Outcome::Task(_) => unreachable!("no --stage or --shard here"),
+        // One task of an array stage: the step finishes in a later run without a stage.
+        crate::dedup::Outcome::Task(_) => return Ok(StepResult::Done(Value::Null)),
     };
     Ok(StepResult::Done(json!({
         "records": stats.kept,
