@@ -7,7 +7,6 @@ use clap::Args;
 use super::dedup::byte_bar;
 use super::numbers::{self, f64_in, int_in};
 use super::Outcome;
-use crate::artifact::task::{self, Task};
 use crate::dedup::decontaminate::{self, DecontaminateOptions, Mode};
 
 #[derive(Debug, Clone, Args)]
@@ -36,15 +35,8 @@ pub struct DecontaminateArgs {
     /// Read symlinks that lead out of the input directories (by default they are skipped and counted).
     #[arg(long)]
     pub follow_symlinks: bool,
-    /// Run as task K of an array of N: scan the input files i with i mod N = K into OUT/tasks/K,
-    /// then write OUT/completions/K; `phigen merge OUT` combines the reports. In a Slurm array
-    /// (SLURM_ARRAY_TASK_ID) or a Kubernetes Indexed Job (JOB_COMPLETION_INDEX, with --shards)
-    /// the task comes from the environment.
-    #[arg(long, value_name = "K/N")]
-    pub shard: Option<Task>,
-    /// The number of tasks of the array, where the environment gives only the task's index.
-    #[arg(long, value_parser = int_in(1usize, task::MAX_TASKS))]
-    pub shards: Option<usize>,
+    #[command(flatten)]
+    pub array: super::ArrayArgs,
 }
 
 pub fn decontaminate(args: &DecontaminateArgs, quiet: bool) -> anyhow::Result<Outcome> {
@@ -57,7 +49,7 @@ pub fn decontaminate(args: &DecontaminateArgs, quiet: bool) -> anyhow::Result<Ou
         identifier_share: args.identifier_share,
         mode: args.mode,
         follow_symlinks: args.follow_symlinks,
-        task: Task::from_env(args.shard, args.shards)?,
+        task: args.array.task()?,
     };
     let bar = byte_bar(quiet);
     let report = decontaminate::run(&opts, &|n| bar.inc(n))?;

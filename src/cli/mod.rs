@@ -220,15 +220,8 @@ pub struct OutputArgs {
     /// Records per Parquet shard.
     #[arg(long, default_value_t = 1000, value_parser = int_in(1usize, 10_000_000))]
     pub shard_size: usize,
-    /// Run as task K of an array of N (0-based): fill only the slots i with i mod N = K, into
-    /// OUT/tasks/K, then write OUT/completions/K. `phigen merge OUT` combines the N tasks. Without
-    /// it, a Slurm array task (SLURM_ARRAY_TASK_ID) or a Kubernetes Indexed Job pod
-    /// (JOB_COMPLETION_INDEX, with --shards) knows its K from the environment.
-    #[arg(long, value_name = "K/N")]
-    pub shard: Option<Task>,
-    /// The number of tasks of the array, where the environment gives only the task's index.
-    #[arg(long, value_parser = int_in(1usize, task::MAX_TASKS))]
-    pub shards: Option<usize>,
+    #[command(flatten)]
+    pub array: ArrayArgs,
 }
 
 impl OutputArgs {
@@ -240,7 +233,7 @@ impl OutputArgs {
             max_attempts: self.max_attempts,
             shard_size: self.shard_size,
             concurrency: t.concurrency,
-            task: Task::from_env(self.shard, self.shards)?,
+            task: self.array.task()?,
         })
     }
 }
@@ -327,6 +320,29 @@ pub struct ExercisesArgs {
     pub output: OutputArgs,
     #[command(flatten)]
     pub teacher: TeacherArgs,
+}
+
+/// Which task of an array job a run is, for the stages that shard (generation, decontaminate,
+/// tokenize).
+#[derive(Debug, Clone, Args)]
+pub struct ArrayArgs {
+    /// Run as task K of an array of N (0-based): do the share i mod N = K (generation slots; input
+    /// files for decontaminate and tokenize) into OUT/tasks/K, then write OUT/completions/K;
+    /// `phigen merge OUT` combines the N tasks. In a Slurm array (SLURM_ARRAY_TASK_ID) or a
+    /// Kubernetes Indexed Job (JOB_COMPLETION_INDEX, with --shards) the task comes from the
+    /// environment.
+    #[arg(long, value_name = "K/N")]
+    pub shard: Option<Task>,
+    /// The number of tasks of the array, where the environment gives only the task's index.
+    #[arg(long, value_parser = int_in(1usize, task::MAX_TASKS))]
+    pub shards: Option<usize>,
+}
+
+impl ArrayArgs {
+    /// The task: the flag, else the scheduler's environment; `None` for a whole run.
+    pub fn task(&self) -> Result<Option<Task>, task::TaskError> {
+        Task::from_env(self.shard, self.shards)
+    }
 }
 
 #[derive(Debug, Clone, Args)]

@@ -9,7 +9,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::numbers::{self, f64_in, int_in};
 use super::Outcome;
-use crate::artifact::task::{self, Task};
 use crate::model::tokenizer::Encoding;
 use crate::tokenize::{self, Order, Split, TokenDir, TokenizeOptions};
 
@@ -41,15 +40,8 @@ pub struct TokenizeArgs {
     /// they sit in the inputs; recipe runs use it).
     #[arg(long, value_enum, default_value = "input")]
     pub order: Order,
-    /// Run as task K of an array of N: encode the input files i with i mod N = K into
-    /// OUT/tasks/K, then write OUT/completions/K; `phigen merge OUT` writes the shards (the same
-    /// bytes as one run). In a Slurm array (SLURM_ARRAY_TASK_ID) or a Kubernetes Indexed Job
-    /// (JOB_COMPLETION_INDEX, with --shards) the task comes from the environment.
-    #[arg(long, value_name = "K/N")]
-    pub shard: Option<Task>,
-    /// The number of tasks of the array, where the environment gives only the task's index.
-    #[arg(long, value_parser = int_in(1usize, task::MAX_TASKS))]
-    pub shards: Option<usize>,
+    #[command(flatten)]
+    pub array: super::ArrayArgs,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -98,7 +90,7 @@ pub fn tokenize(args: &TokenizeArgs, quiet: bool) -> anyhow::Result<Outcome> {
     );
     bar.enable_steady_tick(Duration::from_millis(200));
     let started = std::time::Instant::now();
-    if let Some(task) = Task::from_env(args.shard, args.shards)? {
+    if let Some(task) = args.array.task()? {
         let ran = tokenize::array::run_task(&opts, task, |n| bar.inc(n))?;
         bar.finish_and_clear();
         tracing::info!(
