@@ -390,28 +390,14 @@ fn story(seed: u64, variant: usize) -> String {
 
 /// Every file below `dir` but the stage directories, control files and stats.json (timings).
 fn dedup_outputs(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8>> {
-    let mut found = std::collections::BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).unwrap() {
-            let path = entry.unwrap().path();
-            let rel = path
-                .strip_prefix(dir)
-                .unwrap()
-                .to_string_lossy()
-                .to_string();
-            let stage_dir = ["signatures", "buckets", "clusters", "filter"].contains(&rel.as_str());
-            if stage_dir || rel.starts_with(".phigen") || rel == "stats.json" {
-                continue;
-            }
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                found.insert(rel, std::fs::read(&path).unwrap());
-            }
-        }
-    }
-    found
+    let stage_dirs = ["signatures", "buckets", "clusters", "filter"];
+    tree_bytes(dir)
+        .into_iter()
+        .filter(|(rel, _)| {
+            let top = rel.split('/').next().unwrap_or("");
+            !stage_dirs.contains(&top) && !rel.starts_with(".phigen") && rel != "stats.json"
+        })
+        .collect()
 }
 
 /// `phigen dedup --stage …` run as Slurm array tasks (separate processes, `SLURM_ARRAY_TASK_ID`

@@ -473,51 +473,30 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             generate(&settings, &args.out, &args.output, &args.teacher, cli.quiet).await
         }
         Command::Merge(args) => {
-            if crate::tokenize::array::is_tokenize_array(&args.dir) {
-                let meta = match crate::tokenize::array::merge(&args.dir)? {
-                    crate::tokenize::Outcome::Written(m)
-                    | crate::tokenize::Outcome::UpToDate(m) => m,
-                };
-                if !cli.quiet {
-                    let tokens: u64 = meta.splits.values().map(|s| s.tokens).sum();
-                    println!(
-                        "{}: tokenize tasks merged: {} sources, {tokens} tokens in {} shards",
-                        args.dir.display(),
+            use crate::pipeline::merge::{merge, Merged};
+            let merged = merge(&args.dir)?;
+            if !cli.quiet {
+                let dir = args.dir.display();
+                match merged {
+                    Merged::Tokenize(meta) => println!(
+                        "{dir}: tokenize tasks merged: {} sources, {} tokens in {} shards",
                         meta.sources.len(),
+                        meta.splits.values().map(|s| s.tokens).sum::<u64>(),
                         meta.splits.values().map(|s| s.shards.len()).sum::<usize>()
-                    );
-                }
-                return Ok(Outcome::Complete);
-            }
-            let first = Task { k: 0, n: 1 }.dir(&args.dir);
-            if first
-                .join(crate::dedup::decontaminate::REPORT_FILE)
-                .exists()
-            {
-                let r = crate::dedup::decontaminate::merge(&args.dir)?;
-                if !cli.quiet {
-                    println!(
-                        "{}: decontamination tasks merged: {} documents, {} contaminated; wrote {}",
-                        args.dir.display(),
+                    ),
+                    Merged::Decontamination(r) => println!(
+                        "{dir}: decontamination tasks merged: {} documents, {} contaminated; wrote {}",
                         r.documents,
                         r.contaminated_documents,
-                        args.dir
-                            .join(crate::dedup::decontaminate::REPORT_FILE)
-                            .display()
-                    );
+                        args.dir.join(crate::dedup::decontaminate::REPORT_FILE).display()
+                    ),
+                    Merged::Generation { tasks, stats } => println!(
+                        "{dir}: {tasks} tasks merged: {} records, keep rate {:.1}%; wrote {}",
+                        stats["records"],
+                        100.0 * stats["keep_rate"].as_f64().unwrap_or(0.0),
+                        args.dir.join("stats.json").display()
+                    ),
                 }
-                return Ok(Outcome::Complete);
-            }
-            let merged = crate::generate::merge::merge(&args.dir)?;
-            if !cli.quiet {
-                println!(
-                    "{}: {} tasks merged: {} records, keep rate {:.1}%; wrote {}",
-                    args.dir.display(),
-                    merged.tasks,
-                    merged.stats["records"],
-                    100.0 * merged.stats["keep_rate"].as_f64().unwrap_or(0.0),
-                    args.dir.join("stats.json").display()
-                );
             }
             Ok(Outcome::Complete)
         }

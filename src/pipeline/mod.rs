@@ -11,6 +11,7 @@
 pub mod cluster;
 pub mod lineage;
 pub mod manifest;
+pub mod merge;
 pub mod plan;
 pub mod recipe;
 pub mod run;

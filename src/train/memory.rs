@@ -260,8 +260,8 @@ mod tests {
         }
     }
 
-    fn tiny_recipe(sets: &[&str]) -> Recipe {
-        let text = r#"
+    /// A one-stage recipe with `micro_batch = "auto"` and a global batch of 48 sequences.
+    const TINY_RECIPE: &str = r#"
 name = "t"
 [model]
 preset = "tiny-phi"
@@ -275,8 +275,10 @@ batch = 48
 steps = 10
 lr = 1e-3
 "#;
+
+    fn tiny_recipe(sets: &[&str]) -> Recipe {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-        Recipe::parse(text, Path::new("t.toml"), &sets).unwrap()
+        Recipe::parse(TINY_RECIPE, Path::new("t.toml"), &sets).unwrap()
     }
 
     /// `micro_batch = "auto"` under a stated budget picks the largest divisor of the global
@@ -360,22 +362,8 @@ lr = 1e-3
             ),
             (&["stage.0.checkpoint=layers"][..], "checkpoint", "blocks"),
         ] {
-            let text = r#"
-name = "t"
-[model]
-preset = "tiny-phi"
-vocab_size = 50304
-[[stage]]
-name = "pretrain"
-data = [{ path = "tok" }]
-seq_len = 256
-micro_batch = "auto"
-batch = 48
-steps = 10
-lr = 1e-3
-"#;
             let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-            let err = Recipe::parse(text, Path::new("t.toml"), &sets)
+            let err = Recipe::parse(TINY_RECIPE, Path::new("t.toml"), &sets)
                 .unwrap_err()
                 .to_string();
             assert!(
