@@ -215,6 +215,7 @@ fn write_training_run(dir: &Path) {
                 tokens_per_sec: 12_000.0 + step as f64,
                 tflops: 1.5,
                 mfu: Some(0.31),
+                comm_secs: None,
             };
             lines.push_str(&serde_json::to_string(&m).unwrap());
             lines.push('\n');

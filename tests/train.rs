@@ -354,3 +354,159 @@ fn init_sizes_the_vocabulary_to_its_tokenizer() {
         serde_json::from_str(&std::fs::read_to_string(ckpt.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["vocab_size"], 60_000);
 }
+
+/// Token shards of a small story corpus, made by `phigen tokenize` in `dir/tok`.
+fn story_tokens(dir: &Path) {
+    let stories = dir.join("corpus");
+    std::fs::create_dir_all(&stories).unwrap();
+    let mut lines = String::new();
+    for i in 0..400 {
+        let (who, what) = (
+            ["Tom", "Lily", "Sue"][i % 3],
+            ["ball", "kite", "boat", "cat"][i % 4],
+        );
+        lines.push_str(&serde_json::json!({"id": format!("s{i}"), "text": format!("{who} had a {what}. {who} liked the {what} a lot. One day the {what} was gone, and {who} looked for it.")}).to_string());
+        lines.push('\n');
+    }
+    std::fs::write(stories.join("stories.jsonl"), lines).unwrap();
+    let out = phigen_in(
+        dir,
+        &[
+            "--quiet",
+            "tokenize",
+            "--input",
+            "corpus",
+            "--out",
+            "tok",
+            "--val-fraction",
+            "0.1",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// `phigen train` on the tiny recipe in `dir`, into `out`, with `ranks` processes launched the way
+/// torchrun or srun does (`env(rank)` gives each its variables), each on one thread.
+fn train_ranks(
+    dir: &Path,
+    out: &str,
+    steps: &str,
+    env: impl Fn(usize) -> Vec<(String, String)>,
+    ranks: usize,
+) -> Vec<std::process::Child> {
+    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/tinystories-tiny.toml");
+    (0..ranks)
+        .map(|rank| {
+            let mut cmd = Command::new(BIN);
+            cmd.args([
+                "--quiet",
+                "train",
+                "--recipe",
+                recipe.to_str().unwrap(),
+                "--out",
+                out,
+            ]);
+            for set in [
+                "stage.0.data=[{path=\"tok\"}]".to_string(),
+                "stage.0.seq_len=32".into(),
+                "stage.0.micro_batch=2".into(),
+                "stage.0.grad_accum=4".into(),
+                format!("stage.0.steps={steps}"),
+                "stage.0.warmup=2".into(),
+                "stage.0.eval_every=5".into(),
+                "stage.0.eval_batches=3".into(),
+                "stage.0.checkpoint_every=5".into(),
+            ] {
+                cmd.args(["--set", &set]);
+            }
+            cmd.current_dir(dir)
+                .env("RAYON_NUM_THREADS", "1")
+                .envs(env(rank))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect()
+}
+
+fn losses(path: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|m| {
+            let loss = m.get("train_loss").or(m.get("val_loss")).unwrap();
+            (m["step"].as_u64().unwrap(), loss.as_f64().unwrap())
+        })
+        .collect()
+}
+
+/// Issue 28: two processes with torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK) train the
+/// one-process curve (within 1e-5 relative: the fp32 gradient sums are added in another order),
+/// only rank 0 writing; with srun's variables (SLURM_PROCID, SLURM_NTASKS), killing one rank makes
+/// the other exit non-zero within 60 s, naming the lost rank, instead of waiting in the sum.
+#[test]
+fn torchrun_and_srun_ranks_train_together_and_fail_together() {
+    let tmp = tempfile::tempdir().unwrap();
+    story_tokens(tmp.path());
+    let wait = |children: Vec<std::process::Child>| -> Vec<std::process::Output> {
+        children
+            .into_iter()
+            .map(|c| c.wait_with_output().unwrap())
+            .collect()
+    };
+    let single = wait(train_ranks(tmp.path(), "single", "12", |_| Vec::new(), 1));
+    assert!(single[0].status.success(), "{}", stderr(&single[0]));
+    let torchrun = |rank: usize| {
+        [("RANK", rank), ("WORLD_SIZE", 2), ("LOCAL_RANK", rank)]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .to_vec()
+    };
+    let pair = wait(train_ranks(tmp.path(), "pair", "12", torchrun, 2));
+    for o in &pair {
+        assert!(o.status.success(), "{}", stderr(o));
+    }
+    let (a, b) = (
+        losses(&tmp.path().join("single/metrics.jsonl")),
+        losses(&tmp.path().join("pair/metrics.jsonl")),
+    );
+    assert_eq!(a.len(), 12 + 3, "12 steps and 3 evaluations: {a:?}");
+    assert_eq!(a.len(), b.len(), "{a:?}\n{b:?}");
+    for ((s, x), (t, y)) in a.iter().zip(&b) {
+        assert_eq!(s, t);
+        assert!((x - y).abs() <= 1e-5 * x.abs(), "step {s}: {x} vs {y}");
+    }
+    assert!(tmp
+        .path()
+        .join("pair/pretrain/step-000012/model.safetensors")
+        .is_file());
+
+    let srun = |rank: usize| {
+        [
+            ("SLURM_PROCID", rank),
+            ("SLURM_NTASKS", 2),
+            ("SLURM_LOCALID", rank),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .to_vec()
+    };
+    let mut ranks = train_ranks(tmp.path(), "killed", "100000", srun, 2);
+    let metrics = tmp.path().join("killed/metrics.jsonl");
+    let started = std::time::Instant::now();
+    while losses(&metrics).len() < 3 {
+        assert!(started.elapsed().as_secs() < 120, "the ranks never trained");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    ranks[1].kill().unwrap();
+    let killed_at = std::time::Instant::now();
+    let survivor = ranks.remove(0).wait_with_output().unwrap();
+    assert!(killed_at.elapsed().as_secs() < 60);
+    assert!(!survivor.status.success());
+    assert!(
+        stderr(&survivor).contains("lost rank 1"),
+        "{}",
+        stderr(&survivor)
+    );
+    let _ = ranks[0].wait();
+}

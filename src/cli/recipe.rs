@@ -294,7 +294,17 @@ impl Bars {
 
 pub async fn run(args: &TrainArgs, quiet: bool) -> anyhow::Result<Outcome> {
     let p = Pipeline::load(&args.recipe, &args.sets, args.out.as_deref())?;
-    let device = super::train::device(args.device)?;
+    let world = crate::train::dist::World::from_env(|v| std::env::var(v).ok())?;
+    if world.size > 1 {
+        anyhow::bail!(
+            "{}: a whole-run recipe runs in one process, but the launcher started rank {} of {}; run its data steps first (`phigen train --recipe {} --until STEP`), then launch data parallel training on the training recipe itself (a recipe with [[stage]]s only, reading the tokenized steps' directories)",
+            args.recipe.display(),
+            world.rank,
+            world.size,
+            args.recipe.display()
+        );
+    }
+    let device = super::train::device(args.device, 0)?;
     let dtype: DType = args.dtype.into();
     let budget = Budget::of(&device, args.device_memory.map(|gb| gb * 1e9));
     let plan = pipeline::plan(&p, dtype, budget, args.max_cost, args.peak_tflops).await?;

@@ -12,6 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::model::DTypeArg;
 use super::numbers::{self, f64_in, int_at_least};
 use super::Outcome;
+use crate::train::dist::World;
 use crate::train::recipe::Recipe;
 use crate::train::{self, Event, TrainOptions};
 
@@ -22,7 +23,8 @@ pub enum DeviceArg {
     Cuda,
 }
 
-pub fn device(arg: DeviceArg) -> anyhow::Result<Device> {
+/// The device of `arg`; on CUDA, GPU `ordinal` (a data parallel rank's `LOCAL_RANK`).
+pub fn device(arg: DeviceArg, ordinal: usize) -> anyhow::Result<Device> {
     match arg {
         DeviceArg::Cpu => Ok(Device::Cpu),
         DeviceArg::Cuda => {
@@ -30,9 +32,9 @@ pub fn device(arg: DeviceArg) -> anyhow::Result<Device> {
             if cfg!(feature = "cuda") && !cuda_driver_present() {
                 bail!("--device cuda: the NVIDIA driver library (libcuda.so.1) was not found; run on a machine with an NVIDIA GPU and its driver, or add the driver's directory to LD_LIBRARY_PATH");
             }
-            Device::new_cuda(0).context(
-                "--device cuda: this phigen was built without `--features cuda` (scripts/build-cuda.sh), or no GPU is visible",
-            )
+            Device::new_cuda(ordinal).with_context(|| format!(
+                "--device cuda: GPU {ordinal}: this phigen was built without `--features cuda` (scripts/build-cuda.sh), or the GPU is not visible"
+            ))
         }
     }
 }
@@ -163,6 +165,7 @@ pub fn train(args: &TrainArgs, quiet: bool) -> anyhow::Result<Outcome> {
             args.recipe.display()
         );
     }
+    let world = World::from_env(|v| std::env::var(v).ok())?;
     let recipe = Recipe::load(&args.recipe, &args.sets)?;
     let out = args
         .out
@@ -174,12 +177,13 @@ pub fn train(args: &TrainArgs, quiet: bool) -> anyhow::Result<Outcome> {
         recipe,
         out: out.clone(),
         resume: args.resume,
-        device: device(args.device)?,
+        device: device(args.device, world.local_rank)?,
         dtype,
         peak_tflops: args.peak_tflops,
         stop: Arc::clone(&stop),
         max_steps_this_run: args.max_steps,
         device_memory: args.device_memory.map(|gb| gb * 1e9),
+        world,
     };
     let mut bar = ProgressBar::hidden();
     let outcome = train::run(&opts, |event| match event {

@@ -708,7 +708,7 @@ fn plan_train(
         flops +=
             crate::train::flops_per_token(&p.train.model, stage.raw.seq_len) * stage_tokens as f64;
         tokens += stage_tokens;
-        let fitted = crate::train::memory::fit(&p.train.model, stage, dtype, budget);
+        let fitted = crate::train::memory::fit(&p.train.model, stage, dtype, budget, 1);
         let memory = crate::train::memory_estimate(&p.train.model, &fitted, dtype);
         peak = peak.max(memory);
         estimate.stages.push(StageFit {

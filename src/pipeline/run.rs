@@ -810,6 +810,7 @@ fn run_train(cx: &Ctx<'_>, step: &PlannedStep) -> Result<StepResult, PipelineErr
         stop: opts.stop.clone(),
         max_steps_this_run: opts.max_train_steps,
         device_memory: opts.device_memory,
+        world: crate::train::dist::World::single(),
     };
     let outcome = blocking(|| crate::train::run(&train_opts, |e| on_event(Event::Train(e))))?;
     if outcome == crate::train::Outcome::Stopped {

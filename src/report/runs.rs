@@ -257,6 +257,7 @@ mod tests {
             tokens_per_sec: 100.0,
             tflops: 1.0,
             mfu,
+            comm_secs: None,
         }
     }
 

@@ -76,8 +76,10 @@ impl Mixture {
     }
 
     /// `rows` training rows (rows, seq_len + 1) for micro-batch `micro` of `step` in stage
-    /// `stage`: a function of these and the seed alone, so a resumed run reads what an
-    /// uninterrupted one would.
+    /// `stage`: rows `micro · rows ..` of the step, each a function of the seed, stage, step and
+    /// its index alone, so a resumed run reads what an uninterrupted one would, and a step reads
+    /// the same rows however they are cut into micro-batches (`micro_batch = "auto"` on another
+    /// device) or shared out between data parallel ranks.
     pub fn train_batch(
         &self,
         seed: u64,
@@ -87,11 +89,11 @@ impl Mixture {
         rows: usize,
         device: &Device,
     ) -> candle_core::Result<Tensor> {
-        let key = blake3::hash(format!("{seed}/{stage}/{step}/{micro}").as_bytes());
-        let mut rng = ChaCha8Rng::from_seed(*key.as_bytes());
         let n = self.seq_len + 1;
         let mut ids = Vec::with_capacity(rows * n);
-        for _ in 0..rows {
+        for row in micro * rows..(micro + 1) * rows {
+            let key = blake3::hash(format!("{seed}/{stage}/{step}/row {row}").as_bytes());
+            let mut rng = ChaCha8Rng::from_seed(*key.as_bytes());
             let x: f64 = rng.random();
             let d = self
                 .cumulative

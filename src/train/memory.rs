@@ -116,14 +116,32 @@ impl Budget {
 /// `stage` as it runs under `budget`: `micro_batch = "auto"` becomes the largest divisor of the
 /// global batch whose step fits (1 when none does or the budget is unknown, so the caller's
 /// check reports the smallest step); a written micro_batch is kept.
-pub fn fit(cfg: &PhiConfig, stage: &Stage, dtype: DType, budget: Option<Budget>) -> Stage {
+pub fn fit(
+    cfg: &PhiConfig,
+    stage: &Stage,
+    dtype: DType,
+    budget: Option<Budget>,
+    ranks: usize,
+) -> Stage {
     let (Some(budget), true) = (budget, stage.is_auto()) else {
         return stage.clone();
     };
     let sequences = stage.sequences_per_step();
-    (1..=sequences)
-        .rev()
-        .filter(|&m| sequences.is_multiple_of(m))
+    // Each of `ranks` data parallel ranks computes whole micro-batches: sizes that give every rank
+    // as many come first, then sizes that give every rank at least one.
+    let sizes = |balanced: bool| {
+        (1..=sequences).rev().filter(move |&m| {
+            let micro_batches = sequences / m;
+            sequences.is_multiple_of(m)
+                && if balanced {
+                    micro_batches.is_multiple_of(ranks)
+                } else {
+                    micro_batches >= ranks
+                }
+        })
+    };
+    sizes(true)
+        .chain(sizes(false))
         .map(|m| stage.with_micro_batch(m))
         .find(|s| estimate(cfg, s, dtype) <= budget.usable())
         .unwrap_or_else(|| stage.with_micro_batch(1))
@@ -231,7 +249,7 @@ mod tests {
             );
             for stage in &p.train.stages {
                 assert!(stage.is_auto(), "{file}: {}", stage.raw.name);
-                let fitted = fit(cfg, stage, DType::BF16, Some(budget));
+                let fitted = fit(cfg, stage, DType::BF16, Some(budget), 1);
                 let need = estimate(cfg, &fitted, DType::BF16);
                 assert!(
                     need <= budget.usable(),
@@ -249,7 +267,7 @@ mod tests {
                 // (phi-1), or only a smaller one (phi-1-small).
                 let mut off = stage.clone();
                 off.raw.checkpoint = Recompute::Off;
-                let off = fit(cfg, &off, DType::BF16, Some(budget));
+                let off = fit(cfg, &off, DType::BF16, Some(budget), 1);
                 let off_fits = estimate(cfg, &off, DType::BF16) <= budget.usable();
                 assert!(
                     !off_fits || off.micro_batch < fitted.micro_batch,
@@ -296,7 +314,7 @@ lr = 1e-3
             bytes,
             source: BudgetSource::Given,
         };
-        let fitted = fit(&r.model, stage, DType::F32, Some(budget));
+        let fitted = fit(&r.model, stage, DType::F32, Some(budget), 1);
         assert_eq!((fitted.micro_batch, fitted.grad_accum), (12, 4));
         assert_eq!(fitted.tokens_per_step(), stage.tokens_per_step());
         // Everything fits: one pass of the whole batch; nothing fits: 1, for the error.
@@ -304,15 +322,21 @@ lr = 1e-3
             bytes: 1e15,
             ..budget
         };
-        assert_eq!(fit(&r.model, stage, DType::F32, Some(all)).micro_batch, 48);
+        assert_eq!(
+            fit(&r.model, stage, DType::F32, Some(all), 1).micro_batch,
+            48
+        );
         let none = Budget {
             bytes: 1.0,
             ..budget
         };
-        assert_eq!(fit(&r.model, stage, DType::F32, Some(none)).micro_batch, 1);
+        assert_eq!(
+            fit(&r.model, stage, DType::F32, Some(none), 1).micro_batch,
+            1
+        );
         // A written micro_batch is never changed.
         let fixed = tiny_recipe(&["stage.0.micro_batch=8", "stage.0.grad_accum=6"]);
-        let s = fit(&fixed.model, &fixed.stages[0], DType::F32, Some(none));
+        let s = fit(&fixed.model, &fixed.stages[0], DType::F32, Some(none), 1);
         assert_eq!((s.micro_batch, s.grad_accum), (8, 6));
     }
 

@@ -15,6 +15,7 @@
 //! (SIGINT / SIGTERM) writes a checkpoint after the current step.
 
 pub mod data;
+pub mod dist;
 pub mod loss;
 pub mod memory;
 pub mod optim;
@@ -24,6 +25,7 @@ mod recompute;
 #[cfg(test)]
 mod tests;
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -38,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use crate::artifact::atomic;
 use crate::model::{checkpoint, tokenizer, Decoder, ModelError, ModelType, PhiConfig, Weights};
 use data::{DataError, Mixture};
+use dist::{Comm, DistError, World};
 use memory::Budget;
 pub use memory::{available_memory, estimate as memory_estimate};
 use optim::{AdamW, Hyper, Slot};
@@ -78,6 +81,15 @@ pub enum TrainError {
     },
     #[error(transparent)]
     OutDir(#[from] crate::artifact::outdir::OutDirError),
+    #[error(transparent)]
+    Dist(#[from] DistError),
+    #[error("stage `{stage}`: {ranks} ranks, but a step has {micro_batches} micro-batches (micro_batch {micro_batch} × grad_accum {micro_batches}) and each rank computes whole ones; raise grad_accum to a multiple of {ranks} (keeping the batch: lower micro_batch), or launch fewer ranks")]
+    TooManyRanks {
+        stage: String,
+        ranks: usize,
+        micro_batches: usize,
+        micro_batch: usize,
+    },
     #[error("stage `{stage}` starts from `{previous}`, which has no checkpoint yet: run `{previous}` first (the same command does, in order)")]
     NoPreviousCheckpoint { stage: String, previous: String },
     #[error("{}: already holds a run of this recipe; pass --resume to continue it, or another --out", out.display())]
@@ -135,6 +147,8 @@ pub struct TrainOptions {
     /// Bytes the run may plan with on the device (`--device-memory`); `None`: what the device
     /// reports free at the start of each stage (see [`memory::Budget::of`]).
     pub device_memory: Option<f64>,
+    /// The ranks of a data parallel run ([`World::single`] for one process).
+    pub world: World,
 }
 
 /// One line of `metrics.jsonl`.
@@ -154,6 +168,9 @@ pub struct Metrics {
     pub tflops: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mfu: Option<f64>,
+    /// Seconds of the step spent summing gradients over the ranks (data parallel runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm_secs: Option<f64>,
 }
 
 /// What the loop reports to its caller (progress bar, logs).
@@ -232,19 +249,21 @@ pub fn train_step(
     dtype: DType,
     recompute: Recompute,
 ) -> Result<(f64, f64), TrainError> {
-    let (loss, mut grads) = gradients(cfg, opt, batches, dtype, recompute)?;
+    let (loss_sum, mut grads) = gradients(cfg, opt, batches, batches.len(), dtype, recompute)?;
     let grad_norm = optim::clip_grad_norm(&mut grads, grad_clip)?;
     opt.step(&grads, hyper)?;
-    Ok((loss, grad_norm))
+    Ok((loss_sum / batches.len() as f64, grad_norm))
 }
 
-/// The mean loss of `batches` and the fp32 gradient of the mean, by parameter name. With
+/// The summed loss of `batches` and the fp32 gradient of the summed loss over `of` (the step's
+/// micro-batches on every rank: this rank's share of the step's mean), by parameter name. With
 /// `recompute` on, each micro-batch's backward pass runs block by block (see [`recompute`]): the
 /// same gradients within round-off, less memory.
 fn gradients(
     cfg: &PhiConfig,
     opt: &AdamW,
     batches: &[MicroBatch],
+    of: usize,
     dtype: DType,
     recompute: Recompute,
 ) -> Result<(f64, HashMap<String, Tensor>), TrainError> {
@@ -252,7 +271,7 @@ fn gradients(
     model.set_training(true);
     let mut grads: HashMap<String, Tensor> = HashMap::new();
     let mut loss_sum = 0.0;
-    let scale = 1.0 / batches.len() as f64;
+    let scale = 1.0 / of as f64;
     for batch in batches {
         model.set_dropout_seed(batch.dropout_seed);
         let mut collect = |store: &GradStore| accumulate(&mut grads, &opt.slots, store);
@@ -266,7 +285,34 @@ fn gradients(
         };
         loss_sum += loss.to_scalar::<f32>()? as f64;
     }
-    Ok((loss_sum / batches.len() as f64, grads))
+    Ok((loss_sum, grads))
+}
+
+/// `grads` summed over the ranks: one flat fp32 buffer in slot order (a parameter this rank has
+/// no gradient for adds zeros), summed by `comm`, cut back into tensors.
+fn all_reduce_gradients(
+    comm: &mut Comm,
+    slots: &[Slot],
+    mut grads: HashMap<String, Tensor>,
+) -> Result<HashMap<String, Tensor>, TrainError> {
+    let flat = slots
+        .iter()
+        .map(|s| match grads.remove(&s.name) {
+            Some(g) => g.flatten_all(),
+            None => s.m.zeros_like()?.flatten_all(),
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let summed = comm.all_reduce_sum(&Tensor::cat(&flat, 0)?)?;
+    let mut at = 0;
+    slots
+        .iter()
+        .map(|s| {
+            let n = s.m.elem_count();
+            let g = summed.narrow(0, at, n)?.reshape(s.m.shape())?;
+            at += n;
+            Ok((s.name.clone(), g))
+        })
+        .collect()
 }
 
 /// Adds the fp32 gradient `store` holds for each parameter to its sum in `grads`.
@@ -386,10 +432,20 @@ struct Run<'a> {
     opts: &'a TrainOptions,
     cfg: PhiConfig,
     metrics: Vec<Metrics>,
+    /// The sums over the ranks ([`Comm::Single`] in one process).
+    comm: RefCell<Comm>,
 }
 
 impl Run<'_> {
+    /// Rank 0 writes the run directory; the other ranks only compute.
+    fn writes(&self) -> bool {
+        self.opts.world.is_root()
+    }
+
     fn append_metrics(&mut self, m: Metrics) -> Result<(), TrainError> {
+        if !self.writes() {
+            return Ok(());
+        }
         let path = self.opts.out.join(METRICS_FILE);
         let mut f = std::fs::OpenOptions::new()
             .create(true)
@@ -541,16 +597,18 @@ impl Run<'_> {
             .collect()
     }
 
+    /// The mean loss of the validation batches, each rank computing every N-th.
     fn evaluate(&self, opt: &AdamW, val: &[Tensor]) -> Result<Option<f64>, TrainError> {
         if val.is_empty() {
             return Ok(None);
         }
         let model = Decoder::new(&self.cfg, &opt.weights(self.opts.dtype)?)?;
-        let mut sum = 0.0;
-        for batch in val {
-            sum += next_token_loss(&model, batch)?.to_scalar::<f32>()? as f64;
+        let mut sum = [0f32];
+        for i in self.opts.world.my_micro_batches(val.len()) {
+            sum[0] += next_token_loss(&model, &val[i])?.to_scalar::<f32>()?;
         }
-        Ok(Some(sum / val.len() as f64))
+        self.comm.borrow_mut().sum_host(&mut sum)?;
+        Ok(Some(sum[0] as f64 / val.len() as f64))
     }
 }
 
@@ -560,6 +618,18 @@ struct Start {
     stage: usize,
     /// The checkpoint that stage continues from (`--resume` in the middle of a stage).
     from: Option<(PathBuf, TrainerState)>,
+}
+
+/// What an optimizer step did.
+struct StepDone {
+    /// The mean loss of the step's micro-batches (all ranks').
+    loss: f64,
+    /// The gradient norm before clipping.
+    grad_norm: f64,
+    /// A stop was asked of some rank: all stop after this step.
+    stop: bool,
+    /// Seconds spent in the sums over the ranks.
+    comm_secs: Option<f64>,
 }
 
 /// Where a stage stands: the optimizer (weights and moments), steps and tokens done.
@@ -600,7 +670,9 @@ impl Run<'_> {
                         expected: recipe.raw.name.clone(),
                     });
                 }
-                self.truncate_metrics(i, state.step)?;
+                if self.writes() {
+                    self.truncate_metrics(i, state.step)?;
+                }
                 Ok(if state.step >= recipe.stages[i].steps {
                     Start {
                         stage: i + 1,
@@ -614,7 +686,9 @@ impl Run<'_> {
                 })
             }
             (None, false) => {
-                let _ = std::fs::remove_file(opts.out.join(METRICS_FILE));
+                if self.writes() {
+                    let _ = std::fs::remove_file(opts.out.join(METRICS_FILE));
+                }
                 Ok(Start {
                     stage: 0,
                     from: None,
@@ -649,6 +723,17 @@ impl Run<'_> {
         )?;
         let val = mixture.val_batches(s.eval_batches, stage.micro_batch, &opts.device)?;
         let mut at = self.stage_start(stage, index, resumed)?;
+        // Ranks that disagree on where they are would sum gradients of different steps.
+        self.comm.borrow_mut().agree(
+            opts.world.rank,
+            "the stage, step and micro-batch",
+            &[index as f32, at.step as f32, stage.micro_batch as f32],
+        )?;
+        let mut on_event = |e: Event| {
+            if opts.world.is_root() {
+                on_event(e)
+            }
+        };
         on_event(Event::StageStart {
             stage,
             index,
@@ -661,7 +746,9 @@ impl Run<'_> {
         while at.step < stage.steps {
             let started = Instant::now();
             let lr = recipe::learning_rate(stage, at.step);
-            let (loss, grad_norm) = self.optimizer_step(stage, index, &mixture, &mut at, lr)?;
+            let asked = opts.stop.load(Ordering::SeqCst);
+            let done = self.optimizer_step(stage, index, &mixture, &mut at, lr, asked)?;
+            let (loss, grad_norm) = (done.loss, done.grad_norm);
             *steps_this_run += 1;
             let step_tokens = stage.tokens_per_step() as u64;
             let secs = started.elapsed().as_secs_f64();
@@ -677,15 +764,17 @@ impl Run<'_> {
                 tokens_per_sec: step_tokens as f64 / secs,
                 tflops,
                 mfu: opts.peak_tflops.map(|p| tflops / p),
+                comm_secs: done.comm_secs,
             };
             on_event(Event::Step(&m));
             self.append_metrics(m.clone())?;
             let last = at.step == stage.steps;
             let evaluated = at.step % s.eval_every == 0 || last;
             if evaluated {
-                last_val = self.evaluate_and_record(&at.opt, &val, m, on_event)?;
+                last_val = self.evaluate_and_record(&at.opt, &val, m, &mut on_event)?;
             }
-            let stop = opts.stop.load(Ordering::SeqCst)
+            // Every rank stops at the same step: a stop asked of any one counts for all.
+            let stop = done.stop
                 || opts
                     .max_steps_this_run
                     .is_some_and(|n| *steps_this_run >= n);
@@ -700,8 +789,10 @@ impl Run<'_> {
                     val_loss: if evaluated { last_val } else { None },
                     micro_batch: stage.is_auto().then_some(stage.micro_batch),
                 };
-                let dir = self.save(stage, &at.opt, &state)?;
-                on_event(Event::Checkpoint(&dir));
+                if self.writes() {
+                    let dir = self.save(stage, &at.opt, &state)?;
+                    on_event(Event::Checkpoint(&dir));
+                }
             }
             if stop && !(last && index + 1 == recipe.stages.len()) {
                 return Ok(Outcome::Stopped);
@@ -716,8 +807,10 @@ impl Run<'_> {
     fn fit(&self, stage: &Stage, chosen: Option<usize>) -> Result<(Stage, f64), TrainError> {
         let dtype = self.opts.dtype;
         let budget = Budget::of(&self.opts.device, self.opts.device_memory);
-        let kept =
-            chosen.filter(|&m| stage.is_auto() && stage.sequences_per_step().is_multiple_of(m));
+        let ranks = self.opts.world.size;
+        let sequences = stage.sequences_per_step();
+        let kept = chosen
+            .filter(|&m| stage.is_auto() && sequences.is_multiple_of(m) && sequences / m >= ranks);
         let fitted = match (kept, budget) {
             (Some(m), _) => stage.with_micro_batch(m),
             (None, None) if stage.is_auto() => {
@@ -726,8 +819,16 @@ impl Run<'_> {
                     device: self.opts.device.clone(),
                 })
             }
-            (None, budget) => memory::fit(&self.cfg, stage, dtype, budget),
+            (None, budget) => memory::fit(&self.cfg, stage, dtype, budget, ranks),
         };
+        if fitted.grad_accum < ranks {
+            return Err(TrainError::TooManyRanks {
+                stage: stage.raw.name.clone(),
+                ranks,
+                micro_batches: fitted.grad_accum,
+                micro_batch: fitted.micro_batch,
+            });
+        }
         let need = memory::estimate(&self.cfg, &fitted, dtype);
         if let Some(budget) = budget.filter(|b| need > b.usable()) {
             let mut how = String::new();
@@ -780,7 +881,7 @@ impl Run<'_> {
     }
 
     /// One optimizer step over `grad_accum` micro-batches (a function of the seed, stage and
-    /// step); returns the loss and the gradient norm.
+    /// step), this rank computing its share of them; `asked`: a stop was asked of this rank.
     fn optimizer_step(
         &self,
         stage: &Stage,
@@ -788,10 +889,13 @@ impl Run<'_> {
         mixture: &Mixture,
         at: &mut Progress,
         lr: f64,
-    ) -> Result<(f64, f64), TrainError> {
+        asked: bool,
+    ) -> Result<StepDone, TrainError> {
         let (opts, seed) = (self.opts, self.opts.recipe.raw.seed);
         let s = &stage.raw;
-        let batches = (0..stage.grad_accum)
+        let batches = opts
+            .world
+            .my_micro_batches(stage.grad_accum)
             .map(|micro| {
                 Ok(MicroBatch {
                     ids: mixture.train_batch(
@@ -806,6 +910,25 @@ impl Run<'_> {
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
+        let (loss_sum, grads) = gradients(
+            &self.cfg,
+            &at.opt,
+            &batches,
+            stage.grad_accum,
+            opts.dtype,
+            stage.recompute(),
+        )?;
+        let (mut grads, mut loss_sum, mut stop, mut comm_secs) = (grads, loss_sum, asked, None);
+        if opts.world.size > 1 {
+            let started = Instant::now();
+            let mut comm = self.comm.borrow_mut();
+            grads = all_reduce_gradients(&mut comm, &at.opt.slots, grads)?;
+            let mut host = [loss_sum as f32, f32::from(u8::from(asked))];
+            comm.sum_host(&mut host)?;
+            (loss_sum, stop) = (host[0] as f64, host[1] > 0.0);
+            comm_secs = Some(started.elapsed().as_secs_f64());
+        }
+        let grad_norm = optim::clip_grad_norm(&mut grads, s.grad_clip)?;
         let hyper = Hyper {
             lr,
             beta1: s.beta1,
@@ -813,18 +936,15 @@ impl Run<'_> {
             eps: s.eps,
             weight_decay: s.weight_decay,
         };
-        let (loss, grad_norm) = train_step(
-            &self.cfg,
-            &mut at.opt,
-            &batches,
-            s.grad_clip,
-            hyper,
-            opts.dtype,
-            stage.recompute(),
-        )?;
+        at.opt.step(&grads, hyper)?;
         at.step += 1;
         at.tokens += stage.tokens_per_step() as u64;
-        Ok((loss, grad_norm))
+        Ok(StepDone {
+            loss: loss_sum / stage.grad_accum as f64,
+            grad_norm,
+            stop,
+            comm_secs,
+        })
     }
 
     /// The validation loss after the step `m` records; reported, appended to the metrics and
@@ -858,16 +978,26 @@ impl Run<'_> {
 pub fn run(opts: &TrainOptions, mut on_event: impl FnMut(Event)) -> Result<Outcome, TrainError> {
     let recipe = &opts.recipe;
     std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
-    // One run per run directory: two would write the same checkpoints and metrics.
-    let _lock = crate::artifact::outdir::DirLock::exclusive(&opts.out)?;
+    // One run per run directory: two would write the same checkpoints and metrics. Rank 0 holds
+    // it for the ranks of a data parallel run (the others write nothing there).
+    let _lock = if opts.world.is_root() {
+        Some(crate::artifact::outdir::DirLock::exclusive(&opts.out)?)
+    } else {
+        None
+    };
+    let comm = Comm::connect(&opts.world, &opts.out, &opts.device)?;
     let mut run = Run {
         opts,
         cfg: recipe.model.clone(),
         metrics: Vec::new(),
+        comm: RefCell::new(comm),
     };
     let mut start = run.start()?;
-    let recipe_path = opts.out.join("recipe.toml");
-    atomic::write_bytes(&recipe_path, recipe.to_toml().as_bytes()).map_err(io_err(&recipe_path))?;
+    if opts.world.is_root() {
+        let recipe_path = opts.out.join("recipe.toml");
+        atomic::write_bytes(&recipe_path, recipe.to_toml().as_bytes())
+            .map_err(io_err(&recipe_path))?;
+    }
 
     let mut steps_this_run = 0;
     for (index, stage) in recipe.stages.iter().enumerate().skip(start.stage) {

@@ -144,7 +144,7 @@ mod tests {
             let opt = AdamW::new(&w).unwrap();
             let batches = batches(cfg.vocab_size);
             let grads = |r: Recompute| -> (f64, HashMap<String, Tensor>) {
-                gradients(&cfg, &opt, &batches, DType::F32, r).unwrap()
+                gradients(&cfg, &opt, &batches, batches.len(), DType::F32, r).unwrap()
             };
             let (loss_off, off) = grads(Recompute::Off);
             let (loss_on, on) = grads(Recompute::Blocks);
@@ -191,7 +191,12 @@ mod tests {
                             .0
                     })
                     .collect();
-                losses.push(gradients(&cfg, &opt, &batches, DType::F32, r).unwrap().0);
+                losses.push(
+                    gradients(&cfg, &opt, &batches, batches.len(), DType::F32, r)
+                        .unwrap()
+                        .0
+                        / batches.len() as f64,
+                );
                 losses
             };
             let (off, on) = (run(Recompute::Off), run(Recompute::Blocks));
@@ -270,7 +275,7 @@ mod tests {
         // Writing 5 to clear_refs resets VmHWM to the current resident set (Linux ≥ 4.0).
         std::fs::write("/proc/self/clear_refs", "5").unwrap();
         let before = status_kb("VmRSS:");
-        let (_, grads) = gradients(&cfg, &opt, &batch, DType::F32, recompute).unwrap();
+        let (_, grads) = gradients(&cfg, &opt, &batch, batch.len(), DType::F32, recompute).unwrap();
         let peak = status_kb("VmHWM:");
         drop(grads);
         println!("peak growth bytes: {}", (peak - before) * 1024.0);
