@@ -295,20 +295,11 @@ impl Bars {
 pub async fn run(args: &TrainArgs, quiet: bool) -> anyhow::Result<Outcome> {
     let p = Pipeline::load(&args.recipe, &args.sets, args.out.as_deref())?;
     let world = crate::train::dist::World::from_env(|v| std::env::var(v).ok())?;
-    if world.size > 1 {
-        anyhow::bail!(
-            "{}: a whole-run recipe runs in one process, but the launcher started rank {} of {}; run its data steps first (`phigen train --recipe {} --until STEP`), then launch data parallel training on the training recipe itself (a recipe with [[stage]]s only, reading the tokenized steps' directories)",
-            args.recipe.display(),
-            world.rank,
-            world.size,
-            args.recipe.display()
-        );
-    }
-    let device = super::train::device(args.device, 0)?;
+    let device = super::train::device(args.device, world.local_rank)?;
     let dtype: DType = args.dtype.into();
     let budget = Budget::of(&device, args.device_memory.map(|gb| gb * 1e9));
     let plan = pipeline::plan(&p, dtype, budget, args.max_cost, args.peak_tflops).await?;
-    if args.plan || !quiet {
+    if args.plan || (!quiet && world.is_root()) {
         print_plan(&plan, args.max_cost);
     }
     if !plan.unbudgeted.is_empty() {
@@ -325,6 +316,12 @@ pub async fn run(args: &TrainArgs, quiet: bool) -> anyhow::Result<Outcome> {
         return cluster_jobs(args, executor, &p, &plan, quiet);
     }
     let stop = super::train::stop_on_signals()?;
+    // Data parallel: the ranks meet now; rank 0 runs the recipe, the others wait to train with it.
+    let comm = if world.size > 1 {
+        Some(crate::train::dist::Comm::connect(&world, &p.out, &device)?)
+    } else {
+        None
+    };
     let opts = RunOptions {
         until: args.until.clone(),
         only: args.only.clone(),
@@ -338,7 +335,26 @@ pub async fn run(args: &TrainArgs, quiet: bool) -> anyhow::Result<Outcome> {
         jobs: args.jobs,
         task: crate::artifact::task::Task::from_env(args.shard, args.shards)?,
         dedup_stage: args.dedup_stage,
+        world: world.clone(),
+        comm: Mutex::new(comm),
     };
+    if world.rank > 0 {
+        let replan = pipeline::plan(&p, dtype, budget, args.max_cost, args.peak_tflops);
+        let trained = pipeline::run::follow_training(&p, &opts, replan).await?;
+        if !quiet {
+            println!(
+                "rank {} of {}: {}",
+                world.rank,
+                world.size,
+                if trained {
+                    "trained with rank 0"
+                } else {
+                    "rank 0 finished without training"
+                }
+            );
+        }
+        return Ok(Outcome::Complete);
+    }
     let bars = Bars {
         quiet,
         multi: MultiProgress::new(),
@@ -346,6 +362,7 @@ pub async fn run(args: &TrainArgs, quiet: bool) -> anyhow::Result<Outcome> {
     };
     let outcome = pipeline::run(&p, &plan, &opts, &|e| bars.on_event(e)).await;
     bars.finish_all();
+    pipeline::run::release_followers(&opts)?;
     Ok(match outcome? {
         RunOutcome::Complete { scoreboard } => {
             if !quiet {

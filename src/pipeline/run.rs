@@ -10,7 +10,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use candle_core::{DType, Device};
@@ -26,6 +26,7 @@ use crate::artifact::task::{Task, COMPLETIONS};
 use crate::generate::engine::{GenerateOptions, RunState, StopReason};
 use crate::generate::run::Progress;
 use crate::teacher::factory::TeacherConfig;
+use crate::train::dist::{Comm, World};
 
 pub struct RunOptions {
     /// Run this step and what it needs, nothing after it.
@@ -53,6 +54,11 @@ pub struct RunOptions {
     /// With `--only` a dedup step: run this one of dedup's array stages (as `task`, or as one
     /// task), not the whole dedup; the same command without a stage then finishes the step.
     pub dedup_stage: Option<crate::dedup::stages::Stage>,
+    /// The ranks of a data parallel launch (torchrun, srun): rank 0 runs the recipe, and the
+    /// training step with all of them ([`follow_training`] is the others' side).
+    pub world: World,
+    /// The ranks' connection, made at the start; the training step takes it.
+    pub comm: Mutex<Option<Comm>>,
 }
 
 /// What the runner reports to its caller (progress bars, logs).
@@ -795,12 +801,17 @@ fn resolved_recipe(p: &Pipeline, plan: &Plan) -> crate::train::recipe::Recipe {
     recipe
 }
 
-fn run_train(cx: &Ctx<'_>, step: &PlannedStep) -> Result<StepResult, PipelineError> {
-    let (p, plan, opts, on_event) = (cx.p, cx.plan, cx.opts, cx.on_event);
+/// The training step's options: the recipe reading the data steps' outputs, resumed from the
+/// checkpoints a run killed part way left.
+fn train_options(
+    p: &Pipeline,
+    plan: &Plan,
+    step: &PlannedStep,
+    opts: &RunOptions,
+) -> Result<crate::train::TrainOptions, PipelineError> {
     let recipe = resolved_recipe(p, plan);
-    // A run killed part way has checkpoints: continue from the last one.
     let resume = crate::train::latest_checkpoint(&step.dir, &recipe)?.is_some();
-    let train_opts = crate::train::TrainOptions {
+    Ok(crate::train::TrainOptions {
         recipe,
         out: step.dir.clone(),
         resume,
@@ -810,9 +821,60 @@ fn run_train(cx: &Ctx<'_>, step: &PlannedStep) -> Result<StepResult, PipelineErr
         stop: opts.stop.clone(),
         max_steps_this_run: opts.max_train_steps,
         device_memory: opts.device_memory,
-        world: crate::train::dist::World::single(),
-    };
-    let outcome = blocking(|| crate::train::run(&train_opts, |e| on_event(Event::Train(e))))?;
+        world: opts.world.clone(),
+    })
+}
+
+/// A data parallel rank other than 0 of a whole-run recipe: waits (connected to rank 0, however
+/// long its data steps take) until rank 0 reaches the training step, then trains with it. Returns
+/// `false` when rank 0 finished without training (the step was done, or not selected).
+pub async fn follow_training(
+    p: &Pipeline,
+    opts: &RunOptions,
+    replan: impl std::future::Future<Output = Result<Plan, PipelineError>>,
+) -> Result<bool, PipelineError> {
+    let mut comm = opts
+        .comm
+        .lock()
+        .expect("comm lock")
+        .take()
+        .expect("connected at the start");
+    if !tokio::task::block_in_place(|| comm.await_root()).map_err(crate::train::TrainError::from)? {
+        return Ok(false);
+    }
+    // The data steps are done now, so the plan names the training step's final directory.
+    let plan = replan.await?;
+    let step = plan
+        .steps
+        .iter()
+        .find(|s| s.node == Node::Train)
+        .expect("rank 0 trains only a recipe with a training step");
+    let train_opts = train_options(p, &plan, step, opts)?;
+    blocking(|| crate::train::run_connected(&train_opts, comm, |_| {}))?;
+    Ok(true)
+}
+
+/// Rank 0's side of [`follow_training`] when the run ends without training: lets the other
+/// ranks go.
+pub fn release_followers(opts: &RunOptions) -> Result<(), PipelineError> {
+    if let Some(mut comm) = opts.comm.lock().expect("comm lock").take() {
+        comm.signal(false).map_err(crate::train::TrainError::from)?;
+    }
+    Ok(())
+}
+
+fn run_train(cx: &Ctx<'_>, step: &PlannedStep) -> Result<StepResult, PipelineError> {
+    let (p, plan, opts, on_event) = (cx.p, cx.plan, cx.opts, cx.on_event);
+    let train_opts = train_options(p, plan, step, opts)?;
+    let comm = opts.comm.lock().expect("comm lock").take();
+    let outcome = blocking(|| match comm {
+        // The other ranks wait for this signal (see follow_training).
+        Some(mut comm) => {
+            comm.signal(true)?;
+            crate::train::run_connected(&train_opts, comm, |e| on_event(Event::Train(e)))
+        }
+        None => crate::train::run(&train_opts, |e| on_event(Event::Train(e))),
+    })?;
     if outcome == crate::train::Outcome::Stopped {
         return Ok(if opts.stop.load(Ordering::SeqCst) {
             StepResult::Interrupted

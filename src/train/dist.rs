@@ -237,6 +237,26 @@ impl Comm {
         }
     }
 
+    /// Rank 0 tells the others whether to train (`go`): a whole-run recipe's other ranks wait
+    /// here, for as long as its data steps take, until rank 0 reaches the training step or ends
+    /// without one ([`Comm::await_root`]).
+    pub fn signal(&mut self, go: bool) -> Result<(), DistError> {
+        self.sum_host(&mut [f32::from(u8::from(go))])
+    }
+
+    /// The other side of [`Comm::signal`], without a timeout: the wait ends when rank 0 signals,
+    /// or with an error when it dies.
+    pub fn await_root(&mut self) -> Result<bool, DistError> {
+        let mut go = [0f32];
+        match self {
+            Comm::Single => return Ok(true),
+            Comm::Ipc(ipc) => ipc.patient(|ipc| ipc.all_reduce_sum(&mut go))?,
+            #[cfg(feature = "cuda")]
+            Comm::Nccl(n) => n.ipc.patient(|ipc| ipc.all_reduce_sum(&mut go))?,
+        }
+        Ok(go[0] > 0.0)
+    }
+
     /// Errors unless every rank passes the same `values` (where the run starts, the batch
     /// layout): ranks that disagree would sum gradients of different steps.
     pub fn agree(&mut self, rank: usize, what: &str, values: &[f32]) -> Result<(), DistError> {
@@ -370,6 +390,31 @@ impl Ipc {
         })
     }
 
+    /// Runs `f` with no read timeout on the sockets.
+    fn patient(
+        &mut self,
+        f: impl FnOnce(&mut Ipc) -> Result<(), DistError>,
+    ) -> Result<(), DistError> {
+        let limit = self
+            .peers
+            .first()
+            .and_then(|s| s.read_timeout().ok().flatten());
+        let set = |ipc: &mut Ipc, t: Option<Duration>| -> Result<(), DistError> {
+            for (i, s) in ipc.peers.iter().enumerate() {
+                s.set_read_timeout(t)
+                    .map_err(|source| DistError::PeerLost {
+                        rank: ipc.rank,
+                        peer: if ipc.rank == 0 { i + 1 } else { 0 },
+                        source,
+                    })?;
+            }
+            Ok(())
+        };
+        set(self, None)?;
+        f(self)?;
+        set(self, limit)
+    }
+
     /// Sums `values` over the ranks in place: the others send theirs to rank 0, which adds them
     /// in rank order and sends the sum back.
     fn all_reduce_sum(&mut self, values: &mut [f32]) -> Result<(), DistError> {
@@ -488,6 +533,10 @@ mod nccl {
                 .apply_op1_no_bwd(&AllReduce(Arc::clone(&self.comm)))?)
         }
     }
+
+    // SAFETY: the communicator moves with its owner between threads (a recipe's steps run on
+    // threads of their own) but is used by one thread at a time, as NCCL requires.
+    unsafe impl Send for Nccl {}
 
     struct AllReduce(Arc<Comm>);
 

@@ -974,18 +974,41 @@ impl Run<'_> {
     }
 }
 
-/// Runs (or resumes) every stage of the recipe.
-pub fn run(opts: &TrainOptions, mut on_event: impl FnMut(Event)) -> Result<Outcome, TrainError> {
-    let recipe = &opts.recipe;
+/// Runs (or resumes) every stage of the recipe; the ranks of a data parallel run meet first.
+pub fn run(opts: &TrainOptions, on_event: impl FnMut(Event)) -> Result<Outcome, TrainError> {
     std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
-    // One run per run directory: two would write the same checkpoints and metrics. Rank 0 holds
-    // it for the ranks of a data parallel run (the others write nothing there).
-    let _lock = if opts.world.is_root() {
+    let lock = lock_run(opts)?;
+    let comm = Comm::connect(&opts.world, &opts.out, &opts.device)?;
+    run_locked(opts, lock, comm, on_event)
+}
+
+/// [`run`] for ranks that have met already (`comm`), as a whole-run recipe's do at its start.
+pub fn run_connected(
+    opts: &TrainOptions,
+    comm: Comm,
+    on_event: impl FnMut(Event),
+) -> Result<Outcome, TrainError> {
+    std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
+    run_locked(opts, lock_run(opts)?, comm, on_event)
+}
+
+/// One run per run directory: two would write the same checkpoints and metrics. Rank 0 holds the
+/// lock for the ranks of a data parallel run (the others write nothing there).
+fn lock_run(opts: &TrainOptions) -> Result<Option<crate::artifact::outdir::DirLock>, TrainError> {
+    Ok(if opts.world.is_root() {
         Some(crate::artifact::outdir::DirLock::exclusive(&opts.out)?)
     } else {
         None
-    };
-    let comm = Comm::connect(&opts.world, &opts.out, &opts.device)?;
+    })
+}
+
+fn run_locked(
+    opts: &TrainOptions,
+    _lock: Option<crate::artifact::outdir::DirLock>,
+    comm: Comm,
+    mut on_event: impl FnMut(Event),
+) -> Result<Outcome, TrainError> {
+    let recipe = &opts.recipe;
     let mut run = Run {
         opts,
         cfg: recipe.model.clone(),
