@@ -1093,6 +1093,20 @@ async fn a_filter_step_as_array_tasks_ends_like_one_run() {
 
     for n in [1usize, 3] {
         let out = dir.path().join(format!("array-{n}"));
+        let task = |k: usize| {
+            let mut c = train_cmd(&recipe, &out, &["--quiet", "--only", "code"]);
+            c.env("SLURM_ARRAY_TASK_ID", k.to_string())
+                .env("SLURM_ARRAY_TASK_COUNT", n.to_string());
+            c
+        };
+        // A scoring task before the classifier exists says which job to run first.
+        let o = run(task(0)).await;
+        assert!(!o.status.success());
+        assert!(
+            text(&o).contains("--only code --filter-stage classifier"),
+            "{}",
+            text(&o)
+        );
         let o = run(train_cmd(
             &recipe,
             &out,
@@ -1104,12 +1118,6 @@ async fn a_filter_step_as_array_tasks_ends_like_one_run() {
             !out.join("steps/code.json").exists(),
             "the classifier job does not finish the step"
         );
-        let task = |k: usize| {
-            let mut c = train_cmd(&recipe, &out, &["--quiet", "--only", "code"]);
-            c.env("SLURM_ARRAY_TASK_ID", k.to_string())
-                .env("SLURM_ARRAY_TASK_COUNT", n.to_string());
-            c
-        };
         // Every task but the last, at once.
         let running: Vec<_> = (0..n - 1).map(|k| tokio::spawn(run(task(k)))).collect();
         for r in running {
@@ -1491,4 +1499,75 @@ async fn a_real_slurm_runs_the_emitted_scripts_like_one_local_run() {
     );
     assert_same_losses(&step_dir(&a, "train"), &step_dir(&b, "train"));
     assert!(b.join("scoreboard.md").exists());
+}
+
+/// `--executor kubernetes` writes a filter step as three Jobs, in order: the classifier (one pod,
+/// `--filter-stage classifier`), an Indexed Job of --shards completions that scores
+/// (`--filter-stage score --shards 3`, each pod's task from JOB_COMPLETION_INDEX), and the merge
+/// (one pod, no stage): the shape the real Slurm test runs, in Kubernetes' Indexed Job API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_jobs_run_a_filter_step_as_classifier_scoring_and_merge() {
+    let server = mock(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = array_filter_recipe(&dir.path().join("recipe"), &server);
+    let out = dir.path().join("k8s");
+    let o = run(train_cmd(
+        &recipe,
+        &out,
+        &[
+            "--quiet",
+            "--executor",
+            "kubernetes",
+            "--shards",
+            "3",
+            "--image",
+            "registry.example/phigen:1",
+            "--volume-claim",
+            "phigen-data",
+        ],
+    ))
+    .await;
+    assert!(o.status.success(), "{}", text(&o));
+    let k8s = out.join("kubernetes");
+    let apply = std::fs::read_to_string(k8s.join("apply.sh")).unwrap();
+    let applied: Vec<&str> = apply
+        .lines()
+        .filter_map(|l| l.strip_prefix("kubectl apply -f "))
+        .take(3)
+        .collect();
+    assert_eq!(
+        applied,
+        [
+            "00-code-classifier.yaml",
+            "00-code-score.yaml",
+            "00-code-merge.yaml"
+        ]
+    );
+    let command = |file: &str| -> (String, Vec<String>) {
+        let job = std::fs::read_to_string(k8s.join(file)).unwrap();
+        let command = job
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("command: "))
+            .map(|c| serde_json::from_str(c).unwrap())
+            .unwrap();
+        (job, command)
+    };
+    let (job, c) = command("00-code-classifier.yaml");
+    assert!(!job.contains("Indexed"), "{job}");
+    assert_eq!(
+        c[c.len() - 4..],
+        ["--only", "code", "--filter-stage", "classifier"]
+    );
+    let (job, c) = command("00-code-score.yaml");
+    assert!(
+        job.contains("  completionMode: Indexed\n") && job.contains("  completions: 3\n"),
+        "{job}"
+    );
+    assert_eq!(
+        c[c.len() - 6..],
+        ["--only", "code", "--filter-stage", "score", "--shards", "3"]
+    );
+    let (job, c) = command("00-code-merge.yaml");
+    assert!(!job.contains("Indexed"), "{job}");
+    assert_eq!(c[c.len() - 2..], ["--only", "code"]);
 }
