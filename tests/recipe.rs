@@ -1078,7 +1078,8 @@ fn filter_summary(out: &Path) -> serde_json::Value {
 /// with one run's step: byte-identical `scored/` and `kept/` files and the same summary (the
 /// oracle: a whole local run of the step against the same deterministic mock, which keeps the
 /// 150 documented functions of 300). The merge names a task that has not finished; a relaunched
-/// finished task scores nothing again.
+/// finished task scores nothing again; a task killed between its two parts, relaunched, scores
+/// only the part it had not finished.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_filter_step_as_array_tasks_ends_like_one_run() {
     let server = mock(Faults::default()).await;
@@ -1147,6 +1148,32 @@ async fn a_filter_step_as_array_tasks_ends_like_one_run() {
         let o = run(task(0)).await;
         assert!(o.status.success(), "{}", text(&o));
         assert_eq!(std::fs::read(&progress).unwrap(), before);
+        if n > 1 {
+            // Task 1 "killed" while scoring its second part (of parts 1 and 4): no marker, no
+            // progress line and no files for that part. Relaunched, it scores that part only.
+            std::fs::remove_file(step.join("completions/00001")).unwrap();
+            let progress = step.join(format!("progress-1-of-{n}.jsonl"));
+            let journal = std::fs::read_to_string(&progress).unwrap();
+            let lines: Vec<&str> = journal.lines().collect();
+            assert_eq!(lines.len(), 2, "{journal}");
+            let rel: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
+            let rel = rel["rel"].as_str().unwrap();
+            for dir in ["scored", "kept"] {
+                std::fs::remove_file(step.join(dir).join(rel)).unwrap();
+            }
+            std::fs::write(&progress, format!("{}\n", lines[0])).unwrap();
+            let o = run(merge()).await;
+            assert!(text(&o).contains("tasks 1;"), "{}", text(&o));
+            let o = run(task(1)).await;
+            assert!(o.status.success(), "{}", text(&o));
+            let again = std::fs::read_to_string(&progress).unwrap();
+            assert_eq!(again.lines().count(), 2, "{again}");
+            assert_eq!(
+                again.lines().next(),
+                Some(lines[0]),
+                "part 1 was not scored again"
+            );
+        }
         let o = run(merge()).await;
         assert!(o.status.success(), "{}", text(&o));
         assert_eq!(filter_outputs(&step), expected, "{n} tasks");
