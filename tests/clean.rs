@@ -281,8 +281,8 @@ fn decontamination_as_an_array_equals_one_run() {
 
 /// Issue 27's contract for tokenize: the shards and meta.json an array of N tasks writes through
 /// `phigen merge` are byte-identical to one run's (the oracle: a whole run of the same binary),
-/// for N = 1, 3 and 7, in input and id order, with a task whose marker and one output file were
-/// lost (a task killed mid-write) relaunched.
+/// for N = 1, 3 and 7, in input and id order, with two tasks whose marker and one output file
+/// were lost (tasks killed mid-write) relaunched.
 #[test]
 fn tokenize_as_an_array_writes_the_bytes_of_one_run() {
     let tmp = tempfile::tempdir().unwrap();
@@ -348,11 +348,18 @@ fn tokenize_as_an_array_writes_the_bytes_of_one_run() {
             for k in (0..n).rev() {
                 tokenize(&out, order, &slurm(k));
             }
-            if n == 3 {
-                // Task 1 "killed": its marker and one of its files gone; relaunched.
-                std::fs::remove_file(p(&out).join("completions/00001")).unwrap();
-                std::fs::remove_file(p(&out).join("tasks/00001/docs-000004.bin")).unwrap();
-                tokenize(&out, order, &slurm(1));
+            if n > 1 {
+                // Tasks 0 and N-1 "killed": the marker and the first file of each gone (task K
+                // writes docs-K.bin first: it owns input files K, K+N, …); both relaunched.
+                let killed = [0, n - 1];
+                for k in killed {
+                    let task = p(&out).join(format!("tasks/{k:05}"));
+                    std::fs::remove_file(p(&out).join(format!("completions/{k:05}"))).unwrap();
+                    std::fs::remove_file(task.join(format!("docs-{k:06}.bin"))).unwrap();
+                }
+                for k in killed {
+                    tokenize(&out, order, &slurm(k));
+                }
             }
             merge(&out);
             assert_eq!(outputs(&out), expected, "{order} order, {n} tasks");

@@ -983,3 +983,618 @@ async fn an_array_task_spends_its_share_of_the_budget() {
     assert!(spent > 0.0 && spent <= cost / 4.0, "{spent} of {cost}");
     assert_eq!(stats["stopped"], "budget", "{stats}");
 }
+
+/// `mini_recipe` with its stories step replaced by a filter step over six jsonl files of 50
+/// Python snippets each (so that an array of 3 has two parts per task): half documented
+/// functions, which the mock rates 4, half data tables, which it rates low. The functions'
+/// docstrings are 40 words drawn from a fixed LCG, so dedup keeps them and the recipe's
+/// training has text to read. The teacher rates a sample of 60; dedup reads the kept files.
+fn array_filter_recipe(dir: &Path, server: &MockServer) -> PathBuf {
+    let code = dir.join("code");
+    std::fs::create_dir_all(&code).unwrap();
+    let words = [
+        "sum", "list", "value", "count", "index", "sorted", "string", "number", "each", "the",
+    ];
+    let mut x: u64 = 1;
+    let mut word = || {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        format!(
+            "{}{}",
+            words[(x >> 33) as usize % words.len()],
+            (x >> 40) % 100
+        )
+    };
+    for f in 0..6 {
+        let jsonl: String = (0..50)
+            .map(|r| {
+                let i = f * 50 + r;
+                let text = if i % 2 == 0 {
+                    let doc: Vec<String> = (0..40).map(|_| word()).collect();
+                    format!(
+                        "def add_{i}(a, b):\n    \"\"\"{}\"\"\"\n    return a + b + {i}\n",
+                        doc.join(" ")
+                    )
+                } else {
+                    let data: Vec<String> = (0..60).map(|k| (k * i % 997).to_string()).collect();
+                    format!("DATA_{i} = [{}]\n", data.join(", "))
+                };
+                serde_json::json!({"id": format!("f{i:03}"), "content": text}).to_string() + "\n"
+            })
+            .collect();
+        std::fs::write(code.join(format!("part-{f}.jsonl")), jsonl).unwrap();
+    }
+    let recipe = mini_recipe(dir, server);
+    let edited = std::fs::read_to_string(&recipe)
+        .unwrap()
+        .replace(
+            "[[data]]\nname = \"stories\"\nkind = \"stories\"\nn = 60\n",
+            &format!(
+                "[[data]]\nname = \"code\"\nkind = \"filter\"\npaths = [\"{}\"]\nsample = 60\nforest = {{ trees = 30 }}\n",
+                code.display()
+            ),
+        )
+        .replace("from = [\"stories\"]", "from = [\"code\"]\nchar_ngrams = 10");
+    std::fs::write(&recipe, edited).unwrap();
+    recipe
+}
+
+/// Path below `dir` → bytes, of every file below `dir/sub`.
+fn files_below(dir: &Path, sub: &str) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut todo = vec![dir.join(sub)];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+                out.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// The filter's outputs that must not depend on how it ran: every row with its score and verdict
+/// (`scored/`) and the kept rows (`kept/`).
+fn filter_outputs(step: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = files_below(step, "scored");
+    out.extend(files_below(step, "kept"));
+    out
+}
+
+/// The numbers of a filter step's manifest that do not depend on how it ran.
+fn filter_summary(out: &Path) -> serde_json::Value {
+    let s = &manifest(out, "code")["summary"];
+    serde_json::json!([s["records"], s["files_scored"], s["tokens"], s["threshold"]])
+}
+
+/// Issue 27's task contract for a filter step: `--filter-stage classifier` (one job: the rating
+/// and the classifier), then N scoring tasks run at once as separate processes told who they are
+/// by SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT, then the same command without a task, end
+/// with one run's step: byte-identical `scored/` and `kept/` files and the same summary (the
+/// oracle: a whole local run of the step against the same deterministic mock, which keeps the
+/// 150 documented functions of 300). The merge names a task that has not finished; a relaunched
+/// finished task scores nothing again; a task killed between its two parts, relaunched, scores
+/// only the part it had not finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_step_as_array_tasks_ends_like_one_run() {
+    let server = mock(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = array_filter_recipe(&dir.path().join("recipe"), &server);
+    let whole = dir.path().join("whole");
+    let o = run(train_cmd(&recipe, &whole, &["--quiet", "--until", "code"])).await;
+    assert!(o.status.success(), "{}", text(&o));
+    let expected = filter_outputs(&step_dir(&whole, "code"));
+    assert_eq!(expected.len(), 12, "{:?}", expected.keys());
+    assert_eq!(manifest(&whole, "code")["summary"]["records"], 150);
+
+    for n in [1usize, 3] {
+        let out = dir.path().join(format!("array-{n}"));
+        let task = |k: usize| {
+            let mut c = train_cmd(&recipe, &out, &["--quiet", "--only", "code"]);
+            c.env("SLURM_ARRAY_TASK_ID", k.to_string())
+                .env("SLURM_ARRAY_TASK_COUNT", n.to_string());
+            c
+        };
+        // A scoring task before the classifier exists says which job to run first.
+        let o = run(task(0)).await;
+        assert!(!o.status.success());
+        assert!(
+            text(&o).contains("--only code --filter-stage classifier"),
+            "{}",
+            text(&o)
+        );
+        let o = run(train_cmd(
+            &recipe,
+            &out,
+            &["--quiet", "--only", "code", "--filter-stage", "classifier"],
+        ))
+        .await;
+        assert!(o.status.success(), "{}", text(&o));
+        assert!(
+            !out.join("steps/code.json").exists(),
+            "the classifier job does not finish the step"
+        );
+        // Every task but the last, at once.
+        let running: Vec<_> = (0..n - 1).map(|k| tokio::spawn(run(task(k)))).collect();
+        for r in running {
+            let o = r.await.unwrap();
+            assert!(o.status.success(), "{}", text(&o));
+        }
+        let merge = || train_cmd(&recipe, &out, &["--quiet", "--only", "code"]);
+        if n > 1 {
+            let o = run(merge()).await;
+            assert!(!o.status.success());
+            assert!(
+                text(&o).contains(&format!("tasks {};", n - 1)),
+                "{}",
+                text(&o)
+            );
+        }
+        let o = run(task(n - 1)).await;
+        assert!(o.status.success(), "{}", text(&o));
+        // Relaunched after it finished: its progress file gets no new line.
+        let step = dir_starting(&out.join("data"), "code-").unwrap();
+        let progress = step.join(if n == 1 {
+            "progress.jsonl".to_string()
+        } else {
+            format!("progress-0-of-{n}.jsonl")
+        });
+        let before = std::fs::read(&progress).unwrap();
+        let o = run(task(0)).await;
+        assert!(o.status.success(), "{}", text(&o));
+        assert_eq!(std::fs::read(&progress).unwrap(), before);
+        if n > 1 {
+            // Task 1 "killed" while scoring its second part (of parts 1 and 4): no marker, no
+            // progress line and no files for that part. Relaunched, it scores that part only.
+            std::fs::remove_file(step.join("completions/00001")).unwrap();
+            let progress = step.join(format!("progress-1-of-{n}.jsonl"));
+            let journal = std::fs::read_to_string(&progress).unwrap();
+            let lines: Vec<&str> = journal.lines().collect();
+            assert_eq!(lines.len(), 2, "{journal}");
+            let rel: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
+            let rel = rel["rel"].as_str().unwrap();
+            for dir in ["scored", "kept"] {
+                std::fs::remove_file(step.join(dir).join(rel)).unwrap();
+            }
+            std::fs::write(&progress, format!("{}\n", lines[0])).unwrap();
+            let o = run(merge()).await;
+            assert!(text(&o).contains("tasks 1;"), "{}", text(&o));
+            let o = run(task(1)).await;
+            assert!(o.status.success(), "{}", text(&o));
+            let again = std::fs::read_to_string(&progress).unwrap();
+            assert_eq!(again.lines().count(), 2, "{again}");
+            assert_eq!(
+                again.lines().next(),
+                Some(lines[0]),
+                "part 1 was not scored again"
+            );
+        }
+        let o = run(merge()).await;
+        assert!(o.status.success(), "{}", text(&o));
+        assert_eq!(filter_outputs(&step), expected, "{n} tasks");
+        assert_eq!(filter_summary(&out), filter_summary(&whole), "{n} tasks");
+        assert_eq!(manifest(&out, "code")["summary"]["tasks"], n);
+    }
+}
+
+/// For a test whose tool is missing: under CI (`CI` set and not `false` or `0`) it fails with
+/// `missing`; elsewhere it prints `skipped: {missing}` and the test returns.
+fn skip_unless_ci(missing: &str) {
+    let ci = std::env::var("CI").is_ok_and(|v| !matches!(v.as_str(), "" | "0" | "false"));
+    assert!(
+        !ci,
+        "{missing} (CI is set: a test whose tool is missing fails in CI)"
+    );
+    eprintln!("skipped: {missing}");
+}
+
+/// `program` on PATH or in the sbin directories (where Debian puts the daemons, outside a
+/// non-root PATH).
+fn which(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+/// `program` (found by [`which`]) as a command.
+fn command(program: &str) -> Command {
+    Command::new(which(program).unwrap_or_else(|| panic!("{program} not found")))
+}
+
+/// A one-node Slurm cluster of the test's own: `munged`, `slurmctld -D` and `slurmd -D` as
+/// children of the test, with their key, config, state, sockets and logs in `dir` and ports
+/// of their own, so that it touches no system Slurm. Dropping it cancels its jobs and stops the
+/// daemons.
+struct Slurm {
+    dir: PathBuf,
+    conf: PathBuf,
+    daemons: Vec<std::process::Child>,
+}
+
+impl Slurm {
+    /// Starts the daemons and waits (up to a minute) until the node is idle.
+    fn start(dir: &Path) -> Slurm {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        let munge = dir.join("munge");
+        for d in ["munge", "state", "spool"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        // munged refuses a socket whose directory others cannot search, and a key others can read.
+        mode(dir, 0o755);
+        mode(&munge, 0o755);
+        let key = munge.join("munge.key");
+        let mut bytes = vec![0u8; 1024];
+        std::io::Read::read_exact(
+            &mut std::fs::File::open("/dev/urandom").unwrap(),
+            &mut bytes,
+        )
+        .unwrap();
+        std::fs::write(&key, bytes).unwrap();
+        mode(&key, 0o400);
+        let socket = munge.join("munge.socket");
+        let log = |name: &str| Stdio::from(std::fs::File::create(dir.join(name)).unwrap());
+        let mut cluster = Slurm {
+            dir: dir.to_path_buf(),
+            conf: dir.join("slurm.conf"),
+            daemons: Vec::new(),
+        };
+        cluster.daemons.push(
+            command("munged")
+                .arg("--foreground")
+                .arg(format!("--socket={}", socket.display()))
+                .arg(format!("--key-file={}", key.display()))
+                .arg(format!("--pid-file={}", munge.join("munged.pid").display()))
+                .arg(format!(
+                    "--seed-file={}",
+                    munge.join("munged.seed").display()
+                ))
+                .stdout(Stdio::null())
+                .stderr(log("munged.log"))
+                .spawn()
+                .unwrap(),
+        );
+        cluster.wait_for("munged's socket", || socket.exists());
+        // The node as slurmd measures it: a node configured with more CPUs or memory than it
+        // has is drained.
+        let measured = command("slurmd").arg("-C").output().unwrap();
+        let measured = String::from_utf8_lossy(&measured.stdout).into_owned();
+        let field = |name: &str| -> u64 {
+            measured
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("`slurmd -C` printed no {name}: {measured}"))
+        };
+        let port = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let d = dir.display();
+        std::fs::write(
+            &cluster.conf,
+            format!(
+                "ClusterName=phigen\n\
+                 SlurmctldHost=localhost(127.0.0.1)\n\
+                 SlurmctldPort={ctld}\n\
+                 SlurmdPort={slurmd}\n\
+                 SlurmUser=root\n\
+                 SlurmdUser=root\n\
+                 AuthType=auth/munge\n\
+                 CredType=cred/munge\n\
+                 AuthInfo=socket={socket}\n\
+                 StateSaveLocation={d}/state\n\
+                 SlurmdSpoolDir={d}/spool\n\
+                 SlurmctldPidFile={d}/slurmctld.pid\n\
+                 SlurmdPidFile={d}/slurmd.pid\n\
+                 ProctrackType=proctrack/linuxproc\n\
+                 TaskPlugin=task/none\n\
+                 JobAcctGatherType=jobacct_gather/none\n\
+                 AccountingStorageType=accounting_storage/none\n\
+                 JobCompType=jobcomp/none\n\
+                 MpiDefault=none\n\
+                 MailProg=/bin/true\n\
+                 ReturnToService=2\n\
+                 SelectType=select/cons_tres\n\
+                 SelectTypeParameters=CR_Core\n\
+                 SchedulerType=sched/backfill\n\
+                 SchedulerParameters=bf_interval=1,sched_interval=1\n\
+                 NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory} State=UNKNOWN\n\
+                 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP\n",
+                ctld = port(),
+                slurmd = port(),
+                socket = socket.display(),
+                cpus = field("CPUs"),
+                memory = field("RealMemory"),
+            ),
+        )
+        .unwrap();
+        for (daemon, extra) in [("slurmctld", &[][..]), ("slurmd", &["-N", "localhost"][..])] {
+            cluster.daemons.push(
+                command(daemon)
+                    .arg("-D")
+                    .arg("-f")
+                    .arg(&cluster.conf)
+                    .args(extra)
+                    .stdout(Stdio::null())
+                    .stderr(log(&format!("{daemon}.log")))
+                    .spawn()
+                    .unwrap(),
+            );
+        }
+        cluster.wait_for("an idle node (sinfo)", || {
+            cluster
+                .client("sinfo")
+                .args(["-h", "-o", "%t"])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "idle")
+        });
+        cluster
+    }
+
+    /// A Slurm client command (sbatch, sinfo…) that talks to this cluster.
+    fn client(&self, program: &str) -> Command {
+        let mut c = command(program);
+        c.env("SLURM_CONF", &self.conf);
+        c
+    }
+
+    /// The daemons' logs, for a failure message.
+    fn logs(&self) -> String {
+        ["munged.log", "slurmctld.log", "slurmd.log"]
+            .iter()
+            .map(|f| {
+                let text = std::fs::read_to_string(self.dir.join(f)).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                format!(
+                    "--- {f} (last lines)\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn wait_for(&self, what: &str, ready: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !ready() {
+            assert!(
+                Instant::now() < deadline,
+                "no {what} after 60 s:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Slurm {
+    fn drop(&mut self) {
+        let _ = self.client("scancel").args(["--user", "root"]).output();
+        for d in self.daemons.iter_mut().rev() {
+            // SIGTERM first: slurmd and slurmctld save their state and exit.
+            // SAFETY: a signal to a child this struct started and has not reaped.
+            unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while d.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+    }
+}
+
+/// Issue 27's "real Slurm": a one-node cluster (Debian's slurm-wlm and munge, which .ci/run
+/// installs; as root) runs the scripts `--executor slurm --shards 3` writes for a recipe with a
+/// filter step (the classifier job, an array of 3 scoring tasks, the merge), dedup's four array
+/// stages, a tokenize array, training and an eval, each submitted by submit.sh with
+/// `--dependency=afterok`. Waited for by polling the last step's manifest (no squeue, no
+/// accounting), the run ends where one local run of the same recipe ends (the oracle): the
+/// filter's scored and kept files, the dedup's kept files and the token shards byte for byte,
+/// and the validation losses within 1e-4 (as the kill -9 test allows). The array tasks' logs
+/// show that Slurm ran them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_slurm_runs_the_emitted_scripts_like_one_local_run() {
+    let missing: Vec<&str> = [
+        "munged",
+        "slurmctld",
+        "slurmd",
+        "sbatch",
+        "sinfo",
+        "scancel",
+    ]
+    .into_iter()
+    .filter(|p| which(p).is_none())
+    .collect();
+    if !missing.is_empty() {
+        return skip_unless_ci(&format!(
+            "{} not found: install Debian's slurm-wlm and munge (`apt-get install slurm-wlm munge`, as .ci/run does)",
+            missing.join(", ")
+        ));
+    }
+    // SAFETY: geteuid reads the process's user id; it cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return skip_unless_ci(
+            "the one-node Slurm cluster needs root (slurmd starts jobs as their user)",
+        );
+    }
+    let server = mock(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = array_filter_recipe(&dir.path().join("recipe"), &server);
+    let a = dir.path().join("a");
+    let o = run(train_cmd(&recipe, &a, &["--quiet"])).await;
+    assert!(o.status.success(), "{}", text(&o));
+
+    let b = dir.path().join("b");
+    let o = run(train_cmd(
+        &recipe,
+        &b,
+        &["--quiet", "--executor", "slurm", "--shards", "3"],
+    ))
+    .await;
+    assert!(o.status.success(), "{}", text(&o));
+    let slurm = b.join("slurm");
+    let score = std::fs::read_to_string(slurm.join("00-code-score.sbatch")).unwrap();
+    assert!(score.contains("#SBATCH --array=0-2\n"), "{score}");
+
+    // submit.sh finds sbatch on PATH.
+    let path = format!(
+        "{}:/usr/sbin:/sbin",
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let cluster = tokio::task::block_in_place(|| Slurm::start(&dir.path().join("slurm")));
+    let o = run({
+        let mut c = cluster.client("bash");
+        c.arg(slurm.join("submit.sh"))
+            .env("PATH", &path)
+            .env_remove("OPENAI_API_KEY")
+            .env_remove("OPENAI_BASE_URL")
+            .env_remove("PHIGEN_TEACHER")
+            .env_remove("PHIGEN_MODEL");
+        c
+    })
+    .await;
+    assert!(o.status.success(), "{}\n{}", text(&o), cluster.logs());
+    let jobs_log = || {
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(slurm.join("logs"))
+            .map(|d| d.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default();
+        logs.sort();
+        logs.iter()
+            .map(|p| {
+                format!(
+                    "--- {}\n{}",
+                    p.display(),
+                    std::fs::read_to_string(p).unwrap_or_default()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    // Done when the last step's manifest is written; a failed job leaves its dependants pending
+    // for ever, so a log that says `error:` ends the wait at once.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !b.join("steps/loss.json").exists() {
+        let logs = jobs_log();
+        assert!(
+            !logs.contains("error:") && Instant::now() < deadline,
+            "the Slurm jobs did not finish:\n{logs}\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    drop(cluster);
+
+    // Slurm ran the scoring array as three tasks (`%A_%a` logs), each of which left its marker.
+    let logs = std::fs::read_dir(slurm.join("logs")).unwrap();
+    let score_tasks: BTreeSet<String> = logs
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            let rest = name.strip_prefix("code-")?.strip_suffix(".out")?;
+            Some(rest.split_once('_')?.1.to_string())
+        })
+        .collect();
+    assert_eq!(
+        score_tasks,
+        BTreeSet::from(["0", "1", "2"].map(String::from))
+    );
+    assert_eq!(manifest(&b, "code")["summary"]["tasks"], 3);
+    assert_eq!(
+        filter_outputs(&step_dir(&b, "code")),
+        filter_outputs(&step_dir(&a, "code"))
+    );
+    assert_eq!(filter_summary(&b), filter_summary(&a));
+    let kept =
+        |out: &Path| -> BTreeMap<String, Vec<u8>> { files_below(&step_dir(out, "dedup"), "kept") };
+    assert_eq!(kept(&b), kept(&a));
+    assert_eq!(
+        shard_bytes(&step_dir(&b, "tok")),
+        shard_bytes(&step_dir(&a, "tok"))
+    );
+    assert_same_losses(&step_dir(&a, "train"), &step_dir(&b, "train"));
+    assert!(b.join("scoreboard.md").exists());
+}
+
+/// `--executor kubernetes` writes a filter step as three Jobs, in order: the classifier (one pod,
+/// `--filter-stage classifier`), an Indexed Job of --shards completions that scores
+/// (`--filter-stage score --shards 3`, each pod's task from JOB_COMPLETION_INDEX), and the merge
+/// (one pod, no stage): the shape the real Slurm test runs, in Kubernetes' Indexed Job API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_jobs_run_a_filter_step_as_classifier_scoring_and_merge() {
+    let server = mock(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = array_filter_recipe(&dir.path().join("recipe"), &server);
+    let out = dir.path().join("k8s");
+    let o = run(train_cmd(
+        &recipe,
+        &out,
+        &[
+            "--quiet",
+            "--executor",
+            "kubernetes",
+            "--shards",
+            "3",
+            "--image",
+            "registry.example/phigen:1",
+            "--volume-claim",
+            "phigen-data",
+        ],
+    ))
+    .await;
+    assert!(o.status.success(), "{}", text(&o));
+    let k8s = out.join("kubernetes");
+    let apply = std::fs::read_to_string(k8s.join("apply.sh")).unwrap();
+    let applied: Vec<&str> = apply
+        .lines()
+        .filter_map(|l| l.strip_prefix("kubectl apply -f "))
+        .take(3)
+        .collect();
+    assert_eq!(
+        applied,
+        [
+            "00-code-classifier.yaml",
+            "00-code-score.yaml",
+            "00-code-merge.yaml"
+        ]
+    );
+    let command = |file: &str| -> (String, Vec<String>) {
+        let job = std::fs::read_to_string(k8s.join(file)).unwrap();
+        let command = job
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("command: "))
+            .map(|c| serde_json::from_str(c).unwrap())
+            .unwrap();
+        (job, command)
+    };
+    let (job, c) = command("00-code-classifier.yaml");
+    assert!(!job.contains("Indexed"), "{job}");
+    assert_eq!(
+        c[c.len() - 4..],
+        ["--only", "code", "--filter-stage", "classifier"]
+    );
+    let (job, c) = command("00-code-score.yaml");
+    assert!(
+        job.contains("  completionMode: Indexed\n") && job.contains("  completions: 3\n"),
+        "{job}"
+    );
+    assert_eq!(
+        c[c.len() - 6..],
+        ["--only", "code", "--filter-stage", "score", "--shards", "3"]
+    );
+    let (job, c) = command("00-code-merge.yaml");
+    assert!(!job.contains("Indexed"), "{job}");
+    assert_eq!(c[c.len() - 2..], ["--only", "code"]);
+}

@@ -424,6 +424,17 @@ pub fn annotate_dry_run(
     Ok(dry_run_corpus(corpus, teacher, &opts, RATING_MAX_TOKENS)?)
 }
 
+/// The filter's parts when it runs on a cluster (`phigen train --only FILTER --filter-stage`):
+/// one job makes the classifier, then an array of tasks scores the files with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Stage {
+    /// One job: the teacher rates the sample and the classifier is trained on the ratings.
+    Classifier,
+    /// Task K of N scores the parts it owns (i mod N = K) with that classifier.
+    Score,
+}
+
 /// Runs the filter: the recipe's steps that are not done (none with a classifier given), then the
 /// scoring. `state` stops the rating (Ctrl-C), and an interrupted rating stops the run.
 pub async fn run(
@@ -434,17 +445,7 @@ pub async fn run(
 ) -> Result<FilterStats, PipelineError> {
     let model = match &recipe.classifier {
         Some(m) => m.clone(),
-        None => {
-            let (labels, model) = annotate::recipe_paths(&recipe.out);
-            rate(recipe, teacher, &labels, state.clone(), progress).await?;
-            if state.stopped() == Some(StopReason::Interrupted) {
-                return Err(PipelineError::Interrupted {
-                    step: "before training",
-                });
-            }
-            train(recipe, &labels, &model, progress)?;
-            model
-        }
+        None => classifier(recipe, teacher, state, progress).await?,
     };
     progress(PipelineProgress::Scoring);
     let opts = FilterOptions {
@@ -459,6 +460,25 @@ pub async fn run(
     Ok(super::filter(&opts, &|files| {
         progress(PipelineProgress::Scored { files })
     })?)
+}
+
+/// The recipe's first two steps, those not done: the teacher rates the sample into `OUT/labels`
+/// and the classifier `OUT/model.rf` is trained on the ratings; returns the classifier's path.
+pub async fn classifier(
+    recipe: &FilterRecipe,
+    teacher: &TeacherConfig,
+    state: Arc<RunState>,
+    progress: &(dyn Fn(PipelineProgress) + Send + Sync),
+) -> Result<PathBuf, PipelineError> {
+    let (labels, model) = annotate::recipe_paths(&recipe.out);
+    rate(recipe, teacher, &labels, state.clone(), progress).await?;
+    if state.stopped() == Some(StopReason::Interrupted) {
+        return Err(PipelineError::Interrupted {
+            step: "before training",
+        });
+    }
+    train(recipe, &labels, &model, progress)?;
+    Ok(model)
 }
 
 /// What [`run`] would send to the teacher (the classifier and the scores cost nothing). Like a

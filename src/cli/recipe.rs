@@ -335,6 +335,7 @@ pub async fn run(args: &TrainArgs, quiet: bool) -> anyhow::Result<Outcome> {
         jobs: args.jobs,
         task: crate::artifact::task::Task::from_env(args.shard, args.shards)?,
         dedup_stage: args.dedup_stage,
+        filter_stage: args.filter_stage,
         world: world.clone(),
         comm: Mutex::new(comm),
     };
@@ -408,7 +409,7 @@ fn cluster_jobs(
     use super::train::Executor;
     use clap::ValueEnum;
     let tasks = args.shards.ok_or_else(|| {
-        anyhow::anyhow!("--executor: pass --shards N, the tasks of each generate, decontaminate and tokenize array")
+        anyhow::anyhow!("--executor: pass --shards N, the tasks of each generate, decontaminate, tokenize, filter and dedup array")
     })?;
     let absolute = |path: &std::path::Path| std::path::absolute(path).unwrap_or(path.to_path_buf());
     let mut job_args = vec![

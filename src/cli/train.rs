@@ -99,7 +99,7 @@ pub struct TrainArgs {
     /// are the same for any value.
     #[arg(long, default_value_t = 1, value_parser = int_at_least(1usize))]
     pub jobs: usize,
-    /// Whole-run recipes, with --only STEP (a generate, decontaminate or tokenize step): run as
+    /// Whole-run recipes, with --only STEP (a generate, decontaminate, tokenize or filter step): run as
     /// task K of an array of N, writing the step's share and a completion marker; the same
     /// command without a task then merges the N shares and finishes the step. In a Slurm array
     /// (SLURM_ARRAY_TASK_ID) or a Kubernetes Indexed Job (JOB_COMPLETION_INDEX, with --shards)
@@ -114,9 +114,14 @@ pub struct TrainArgs {
     /// same command without a stage then finishes the step.
     #[arg(long, value_enum, requires = "only")]
     pub dedup_stage: Option<crate::dedup::stages::Stage>,
+    /// Whole-run recipes, with --only FILTER_STEP: `classifier` rates the sample and trains the
+    /// classifier (one job, before the array); `score` scores the files (as --shard / array
+    /// tasks); the same command without a stage then merges the tasks' outputs.
+    #[arg(long, value_enum, requires = "only", conflicts_with = "dedup_stage")]
+    pub filter_stage: Option<crate::classify::pipeline::Stage>,
     /// Whole-run recipes: write the jobs that run the recipe on a cluster instead of running it
-    /// here: Slurm (OUT/slurm/submit.sh submits one job per step, generate, decontaminate and
-    /// tokenize steps as arrays of --shards tasks each followed by its merge, chained with
+    /// here: Slurm (OUT/slurm/submit.sh submits one job per step, generate, decontaminate,
+    /// tokenize and filter steps as arrays of --shards tasks each followed by its merge, chained with
     /// --dependency=afterok) or Kubernetes (OUT/kubernetes/apply.sh applies one Job per step,
     /// Indexed Jobs for the arrays, each after the last completes).
     #[arg(long, value_enum)]

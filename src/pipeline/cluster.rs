@@ -8,11 +8,14 @@
 //! finds its task in `SLURM_ARRAY_TASK_ID` ([`crate::artifact::task`]); a second job, after the
 //! array, runs the same command without a task and merges the N shares into the step. A dedup
 //! step is its four array stages (`--dedup-stage signatures|buckets|clusters|filter`, clusters as
-//! one task) and a job that finishes it. Every other step is one job. Logs go to `OUT/slurm/logs/`.
+//! one task) and a job that finishes it; a filter step is one job that rates the sample and trains
+//! the classifier (`--filter-stage classifier`), an array that scores the files, and the merge.
+//! Every other step is one job. Logs go to `OUT/slurm/logs/`.
 //!
 //! Kubernetes ([`write_manifests`]) writes `OUT/kubernetes/`: one Job manifest per step, an
 //! Indexed Job of N completions for the steps that shard (each pod finds its task in
-//! `JOB_COMPLETION_INDEX`; the command passes `--shards N`) followed by a one-pod merge Job, and
+//! `JOB_COMPLETION_INDEX`; the command passes `--shards N`) followed by a one-pod merge Job (a
+//! filter's classifier Job and dedup's stages as for Slurm), and
 //! `apply.sh`, which applies them in plan order, waiting for each to complete
 //! (`kubectl wait --for=condition=complete`). The run directory must be on a volume every pod
 //! mounts at the same path (`--volume-claim`), since steps read each other's outputs.
@@ -120,8 +123,9 @@ struct StepJob {
 }
 
 /// The jobs that run `step`, in order: an array of `tasks` and its merge for generate,
-/// decontaminate and tokenize; dedup's four array stages (clusters as one task) and the job that
-/// finishes the step; one job for anything else.
+/// decontaminate and tokenize; the classifier job, the scoring array and the merge for a filter;
+/// dedup's four array stages (clusters as one task) and the job that finishes the step; one job
+/// for anything else.
 fn step_jobs(p: &Pipeline, step: &PlannedStep, tasks: usize) -> Vec<StepJob> {
     let job = |suffix, tasks, flags: &[&str]| StepJob {
         suffix,
@@ -136,6 +140,11 @@ fn step_jobs(p: &Pipeline, step: &PlannedStep, tasks: usize) -> Vec<StepJob> {
         Some(Action::Generate { .. } | Action::Decontaminate(_) | Action::Tokenize(_)) => {
             vec![job("", Some(tasks), &[]), job("-merge", None, &[])]
         }
+        Some(Action::Filter { .. }) => vec![
+            job("-classifier", None, &["--filter-stage", "classifier"]),
+            job("-score", Some(tasks), &["--filter-stage", "score"]),
+            job("-merge", None, &[]),
+        ],
         Some(Action::Dedup(_)) => vec![
             job("-signatures", Some(tasks), &["--dedup-stage", "signatures"]),
             job("-buckets", Some(tasks), &["--dedup-stage", "buckets"]),

@@ -47,13 +47,16 @@ pub struct RunOptions {
     pub max_train_steps: Option<usize>,
     /// Data steps run at once (at least 1); see [`run`] for which may overlap.
     pub jobs: usize,
-    /// Run the `--only` step as this task of an array job (a generate, decontaminate or tokenize
-    /// step): its share into the step's `tasks/K`, then its marker. The same command without a
-    /// task then merges the N tasks' outputs and finishes the step.
+    /// Run the `--only` step as this task of an array job (a generate, decontaminate, tokenize
+    /// or filter step): its share, then its marker. The same command without a task then merges
+    /// the N tasks' outputs and finishes the step.
     pub task: Option<Task>,
     /// With `--only` a dedup step: run this one of dedup's array stages (as `task`, or as one
     /// task), not the whole dedup; the same command without a stage then finishes the step.
     pub dedup_stage: Option<crate::dedup::stages::Stage>,
+    /// With `--only` a filter step: `classifier` rates the sample and trains the classifier (one
+    /// job, before the array); `score` is an array task (as `task`, or as one task).
+    pub filter_stage: Option<crate::classify::pipeline::Stage>,
     /// The ranks of a data parallel launch (torchrun, srun): rank 0 runs the recipe, and the
     /// training step with all of them ([`follow_training`] is the others' side).
     pub world: World,
@@ -178,23 +181,20 @@ pub async fn run(
     })?;
     // One recipe run per run directory (the tasks of one array share it, each task once); each
     // stage also locks its own directory.
-    let _lock = match (opts.task, opts.dedup_stage) {
+    let staged = opts.dedup_stage.is_some() || opts.filter_stage.is_some();
+    let _lock = match (opts.task, staged) {
         (Some(t), _) => DirLock::slice(&p.out, t.k, t.n)?,
-        (None, Some(_)) => DirLock::slice(&p.out, 0, 1)?,
-        (None, None) => DirLock::exclusive(&p.out)?,
+        (None, true) => DirLock::slice(&p.out, 0, 1)?,
+        (None, false) => DirLock::exclusive(&p.out)?,
     };
-    crate::artifact::atomic::write_bytes(&p.out.join("recipe.toml"), p.effective.as_bytes())
-        .map_err(|source| PipelineError::Io {
-            path: p.out.join("recipe.toml"),
-            source,
-        })?;
+    write_recipe(p)?;
     let cx = Ctx {
         p,
         plan,
         opts,
         on_event,
     };
-    if opts.task.is_some() || opts.dedup_stage.is_some() {
+    if opts.task.is_some() || staged {
         return task_step(&cx).await;
     }
     let stopped = tokio::task::block_in_place(|| schedule(&cx, &chosen))?;
@@ -203,6 +203,29 @@ pub async fn run(
     }
     let scoreboard = write_scoreboard(p, plan)?;
     Ok(RunOutcome::Complete { scoreboard })
+}
+
+/// Writes `RUN/recipe.toml`, the effective recipe. The tasks of an array start at once and all
+/// write it: each writes (the same bytes) under a temp name of its own before the rename, since
+/// one shared temp name would be renamed away under the others; one already in place is kept.
+fn write_recipe(p: &Pipeline) -> Result<(), PipelineError> {
+    let path = p.out.join("recipe.toml");
+    if std::fs::read(&path).is_ok_and(|b| b == p.effective.as_bytes()) {
+        return Ok(());
+    }
+    let tmp = p
+        .out
+        .join(format!("recipe.toml.{}.tmp", std::process::id()));
+    let written = std::fs::File::create(&tmp)
+        .and_then(|mut f| {
+            std::io::Write::write_all(&mut f, p.effective.as_bytes())?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    written.map_err(|source| {
+        let _ = std::fs::remove_file(&tmp);
+        PipelineError::Io { path, source }
+    })
 }
 
 /// What a step's thread reports: its position in `chosen`, its result (or its panic), what it
@@ -382,12 +405,13 @@ async fn stoppable<F: std::future::Future>(
     out
 }
 
-/// Runs one task of the `--only` step (see [`RunOptions::task`], [`RunOptions::dedup_stage`]).
+/// Runs one task of the `--only` step (see [`RunOptions::task`], [`RunOptions::dedup_stage`],
+/// [`RunOptions::filter_stage`]).
 async fn task_step(cx: &Ctx<'_>) -> Result<RunOutcome, PipelineError> {
     let task = cx.opts.task.unwrap_or(Task { k: 0, n: 1 });
     let only = cx.opts.only.as_deref().ok_or_else(|| {
         PipelineError::Usage(format!(
-            "task {task} of an array job (--shard, --dedup-stage, or SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX in the environment) runs one step: add --only STEP"
+            "task {task} of an array job (--shard, --dedup-stage, --filter-stage, or SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX in the environment) runs one step: add --only STEP"
         ))
     })?;
     let step = cx.plan.step(only).expect("selected");
@@ -395,18 +419,19 @@ async fn task_step(cx: &Ctx<'_>) -> Result<RunOutcome, PipelineError> {
         Node::Data(i) => Some(&cx.p.data[i].action),
         _ => None,
     };
-    let fits = match (action, cx.opts.dedup_stage) {
-        (Some(Action::Dedup(_)), Some(_)) => true,
-        (_, Some(_)) => false,
-        (Some(a), None) => matches!(
+    let fits = match (action, cx.opts.dedup_stage, cx.opts.filter_stage) {
+        (Some(Action::Dedup(_)), Some(_), None) => true,
+        (Some(Action::Filter { .. }), None, _) => true,
+        (_, Some(_), _) | (_, _, Some(_)) => false,
+        (Some(a), None, None) => matches!(
             a,
             Action::Generate { .. } | Action::Decontaminate(_) | Action::Tokenize(_)
         ),
-        (None, None) => false,
+        (None, None, None) => false,
     };
     if !fits {
         return Err(PipelineError::Usage(format!(
-            "--only {only}: a {} step does not run as an array task this way; generate, decontaminate and tokenize steps do, and dedup steps with --dedup-stage (unset the array variables, or drop --shard / --dedup-stage)",
+            "--only {only}: a {} step does not run as an array task this way; generate, decontaminate, tokenize and filter steps do, dedup steps with --dedup-stage, filter steps also with --filter-stage (unset the array variables, or drop --shard / --dedup-stage / --filter-stage)",
             step.kind
         )));
     }
@@ -586,6 +611,10 @@ async fn generate(
 /// budget runs out: a classifier trained on part of the sample would be thrown away by the next
 /// run), then the classifier is trained and every file scored. Whatever either call paid adds
 /// to `spent`.
+///
+/// On a cluster the filter is three jobs: `--filter-stage classifier` (the two calls, without the
+/// scoring), an array whose task K scores the parts i ≡ K mod N ([`filter_task`]), and the same
+/// command without a stage or task, which merges them ([`filter_merge`]).
 async fn filter(
     cx: &Ctx<'_>,
     step: &PlannedStep,
@@ -611,6 +640,23 @@ async fn filter(
         out: step.dir.clone(),
         classifier: None,
     };
+    let stage = opts.filter_stage;
+    match (opts.task, stage) {
+        (Some(task), Some(filtering::Stage::Classifier)) => {
+            return Err(PipelineError::Usage(format!(
+                "--only {} --filter-stage classifier runs as one job, not as task {task} of an array: unset SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX and drop --shard",
+                step.name
+            )))
+        }
+        (Some(task), _) => return blocking(|| filter_task(cx, step, &recipe, task)),
+        (None, Some(filtering::Stage::Score)) => {
+            return blocking(|| filter_task(cx, step, &recipe, Task { k: 0, n: 1 }))
+        }
+        (None, None) if ran_as_array(&step.dir) => {
+            return blocking(|| filter_merge(cx, step, &recipe))
+        }
+        _ => {}
+    }
     let (labels, _) = crate::classify::annotate::recipe_paths(&step.dir);
     let rated = || {
         crate::classify::annotate::load_labels(&labels).map_or(0, |l| l.len())
@@ -656,6 +702,20 @@ async fn filter(
         }
         _ => {}
     };
+    if stage == Some(filtering::Stage::Classifier) {
+        let model = stoppable(opts, |state| {
+            filtering::classifier(&recipe, &cfg, state, &progress)
+        })
+        .await;
+        *spent += rerated.into_inner().unwrap_or_else(|e| e.into_inner());
+        return match model {
+            Err(filtering::PipelineError::Interrupted { .. }) => Ok(StepResult::Interrupted),
+            other => {
+                other?;
+                Ok(StepResult::Done(Value::Null))
+            }
+        };
+    }
     let stats = stoppable(opts, |state| {
         filtering::run(&recipe, &cfg, state, &progress)
     })
@@ -675,6 +735,93 @@ async fn filter(
         "threshold": stats.threshold,
         "cost_usd_this_run": cost,
     })))
+}
+
+/// The scoring of `recipe` as task `task` of an array, with the classifier that
+/// `--filter-stage classifier` trained: the parts i ≡ K mod N into the step's `scored/` and
+/// `kept/` (what one run writes there), `progress-K-of-N.jsonl`, then the task's marker. A
+/// relaunched task whose marker exists does nothing; a killed one rescores only the parts its
+/// progress file does not list.
+fn filter_task(
+    cx: &Ctx<'_>,
+    step: &PlannedStep,
+    recipe: &crate::classify::pipeline::FilterRecipe,
+    task: Task,
+) -> Result<StepResult, PipelineError> {
+    if task.is_done(&step.dir) {
+        tracing::info!("{}: task {task} is done", step.name);
+        return Ok(StepResult::Done(Value::Null));
+    }
+    let (_, model) = crate::classify::annotate::recipe_paths(&step.dir);
+    if !model.is_file() {
+        return Err(PipelineError::Usage(format!(
+            "{}: task {task} of `{}` scores with this classifier, which is not trained yet: run `phigen train --recipe {} --only {} --filter-stage classifier` first (the emitted Slurm and Kubernetes jobs do, before the array)",
+            model.display(),
+            step.name,
+            cx.plan.recipe.display(),
+            step.name
+        )));
+    }
+    let stats = score(cx, step, recipe, model, task)?;
+    task.mark_done(
+        &step.dir,
+        serde_json::to_value(&stats).expect("stats serialize"),
+    )
+    .map_err(|source| PipelineError::Io {
+        path: task.marker(&step.dir),
+        source,
+    })?;
+    Ok(StepResult::Done(Value::Null))
+}
+
+/// Finishes a filter that ran as an array: once every task's marker is there, the whole-run
+/// scoring finds every part in the tasks' progress files, scores nothing again, and writes
+/// `stats.json` over all of them.
+fn filter_merge(
+    cx: &Ctx<'_>,
+    step: &PlannedStep,
+    recipe: &crate::classify::pipeline::FilterRecipe,
+) -> Result<StepResult, PipelineError> {
+    let tasks = crate::artifact::task::all_finished(&step.dir)?.len();
+    let (_, model) = crate::classify::annotate::recipe_paths(&step.dir);
+    let stats = score(cx, step, recipe, model, Task { k: 0, n: 1 })?;
+    if stats.parts_this_run > 0 {
+        tracing::warn!(
+            "{}: {} parts were scored by the merge, not by the tasks (their inputs changed since)",
+            step.name,
+            stats.parts_this_run
+        );
+    }
+    Ok(StepResult::Done(json!({
+        "records": stats.kept,
+        "files_scored": stats.scored,
+        "kept_share": stats.kept_share,
+        "tokens": stats.tokens_kept,
+        "threshold": stats.threshold,
+        "cost_usd_this_run": 0.0,
+        "tasks": tasks,
+    })))
+}
+
+/// Scores `task`'s parts of the filter's input with `model` into the step's directory.
+fn score(
+    cx: &Ctx<'_>,
+    step: &PlannedStep,
+    recipe: &crate::classify::pipeline::FilterRecipe,
+    model: PathBuf,
+    task: Task,
+) -> Result<crate::classify::FilterStats, PipelineError> {
+    let opts = crate::classify::FilterOptions {
+        input: recipe.input.clone(),
+        out: step.dir.clone(),
+        model,
+        threshold: recipe.threshold,
+        shard: (task.k, task.n),
+        cache: recipe.model.cache.clone(),
+        batch: recipe.batch,
+    };
+    crate::classify::filter(&opts, &|files| (cx.on_event)(Event::Work(step, files)))
+        .map_err(|e| PipelineError::Filter(e.into()))
 }
 
 fn dedup(
