@@ -1598,3 +1598,97 @@ async fn kubernetes_jobs_run_a_filter_step_as_classifier_scoring_and_merge() {
     assert!(!job.contains("Indexed"), "{job}");
     assert_eq!(c[c.len() - 2..], ["--only", "code"]);
 }
+
+/// Issue 28: a whole-run recipe under a data parallel launcher. Two processes with torchrun's
+/// variables: rank 0 runs the data steps while rank 1 waits connected to it, then both train, and
+/// rank 0 alone runs the eval and writes the scoreboard. The data are those of one local run and
+/// the validation losses equal it within 1e-4 relative (the gradient sums are added in another
+/// order); rank 1 wrote nothing (one metrics line per step). A second launch finds the training
+/// done: rank 0 releases rank 1 without training.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_run_recipe_trains_on_all_ranks_of_a_torchrun_launch() {
+    let server = mock(Faults::default()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = mini_recipe(tmp.path(), &server);
+    let local = tmp.path().join("local");
+    let out = run(train_cmd(
+        &recipe,
+        &local,
+        &[
+            "--quiet",
+            "--set",
+            "stage.0.micro_batch=2",
+            "--set",
+            "stage.0.grad_accum=2",
+        ],
+    ))
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    let launch = |out: &Path| -> Vec<std::process::Child> {
+        (0..2)
+            .map(|rank| {
+                let mut c = train_cmd(
+                    &recipe,
+                    out,
+                    &[
+                        "--set",
+                        "stage.0.micro_batch=2",
+                        "--set",
+                        "stage.0.grad_accum=2",
+                    ],
+                );
+                c.env("RANK", rank.to_string())
+                    .env("WORLD_SIZE", "2")
+                    .env("LOCAL_RANK", rank.to_string())
+                    .env("RAYON_NUM_THREADS", "1")
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped());
+                c.spawn().unwrap()
+            })
+            .collect()
+    };
+    let ranks = tmp.path().join("ranks");
+    let outputs = |children: Vec<std::process::Child>| async move {
+        tokio::task::spawn_blocking(move || {
+            children
+                .into_iter()
+                .map(|c| c.wait_with_output().unwrap())
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap()
+    };
+    let done = outputs(launch(&ranks)).await;
+    for o in &done {
+        assert!(o.status.success(), "{}", text(o));
+    }
+    assert!(
+        text(&done[1]).contains("rank 1 of 2: trained with rank 0"),
+        "{}",
+        text(&done[1])
+    );
+    assert_eq!(
+        shard_bytes(&step_dir(&local, "tok")),
+        shard_bytes(&step_dir(&ranks, "tok"))
+    );
+    let train = step_dir(&ranks, "train");
+    assert_same_losses(&step_dir(&local, "train"), &train);
+    let steps: Vec<u64> = std::fs::read_to_string(train.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|m| m.get("train_loss").is_some())
+        .map(|m| m["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=12).collect::<Vec<_>>());
+    assert!(ranks.join("scoreboard.md").is_file() || ranks.join("scoreboard.json").is_file());
+    let again = outputs(launch(&ranks)).await;
+    for o in &again {
+        assert!(o.status.success(), "{}", text(o));
+    }
+    assert!(
+        text(&again[1]).contains("finished without training"),
+        "{}",
+        text(&again[1])
+    );
+}
