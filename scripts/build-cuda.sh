@@ -8,6 +8,7 @@
 #   scripts/build-cuda.sh            # → target-cuda/release/phigen (stripped)
 #   scripts/build-cuda.sh --tests    # also → target-cuda/release/phigen-tests, the library's unit
 #                                    #   tests with the `cuda` ones (run it with `cuda` as filter)
+#   scripts/build-cuda.sh --check    # only type-checks the CUDA build (NCCL backend included)
 #
 # Env: CUDA_VENV (default .cuda-venv, git-ignored), CUDA_COMPUTE_CAP (90), CUDAFORGE_THREADS (2),
 # CARGO_TARGET_DIR (default: $HOME/.cache/phigen-target, shared with the CPU release build so only
@@ -34,6 +35,7 @@ if [ -z "$SRC" ]; then
   cargo fetch --locked
   SRC="$(ls -d "$HOME"/.cargo/registry/src/*/candle-core-0.11.1 | head -1)"
 fi
+mkdir -p "$CARGO_TARGET_DIR"
 PATCHED="$CARGO_TARGET_DIR/candle-core-0.11.1-dynamic-loading"
 if [ ! -d "$PATCHED" ]; then
   cp -r "$SRC" "$PATCHED.tmp"
@@ -49,6 +51,13 @@ rm -rf "$COPY"
 mkdir -p "$COPY"
 tar -cf - --exclude=./target --exclude=./.git --exclude=./.cuda-venv --exclude=./target-cuda \
   --exclude=./data --exclude=./runs . | tar -xf - -C "$COPY"
+if [ "${1:-}" = "--check" ]; then
+  # Type-check the CUDA build (the NCCL backend included) without building the binary.
+  (cd "$COPY" && cargo check --release --features cuda --lib --bins \
+    --config "patch.crates-io.candle-core.path=\"$PATCHED\"")
+  echo "the CUDA build type-checks"
+  exit 0
+fi
 (cd "$COPY" && cargo build --release --features cuda \
   --config "patch.crates-io.candle-core.path=\"$PATCHED\"")
 mkdir -p target-cuda/release

@@ -939,6 +939,51 @@ async fn kubernetes_jobs_are_written_for_each_step() {
         !merge.contains("Indexed") && !merge.contains("--shards"),
         "{merge}"
     );
+    // --train-ranks 4 --device cuda: the training pod starts 4 ranks with torchrun on 4 GPUs; the
+    // eval keeps one; Slurm's training job is 4 srun tasks with a GPU each.
+    for executor in ["kubernetes", "slurm"] {
+        let o = run(train_cmd(
+            &recipe,
+            &out,
+            &[
+                "--quiet",
+                "--executor",
+                executor,
+                "--shards",
+                "3",
+                "--image",
+                "registry.example/phigen:1",
+                "--volume-claim",
+                "phigen-data",
+                "--train-ranks",
+                "4",
+                "--device",
+                "cuda",
+            ],
+        ))
+        .await;
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let train = std::fs::read_to_string(k8s.join("03-train.yaml")).unwrap();
+    assert!(
+        train.contains("nvidia.com/gpu: 4")
+            && train.contains(
+                r#"command: ["torchrun","--no-python","--nproc-per-node","4","phigen","train""#
+            ),
+        "{train}"
+    );
+    let eval = std::fs::read_to_string(k8s.join("04-loss.yaml")).unwrap();
+    assert!(
+        eval.contains("nvidia.com/gpu: 1") && !eval.contains("torchrun"),
+        "{eval}"
+    );
+    let sbatch = std::fs::read_to_string(out.join("slurm/03-train.sbatch")).unwrap();
+    assert!(
+        sbatch.contains("#SBATCH --ntasks=4\n#SBATCH --gpus-per-task=1\n")
+            && sbatch.contains("\nexec srun ")
+            && !sbatch.contains("--gres"),
+        "{sbatch}"
+    );
 }
 
 /// A step run as an array splits its budget: each of N tasks may spend max_cost / N (the

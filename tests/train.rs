@@ -444,7 +444,7 @@ fn losses(path: &Path) -> Vec<(u64, f64)> {
 
 /// Issue 28: two processes with torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK) train the
 /// one-process curve (within 1e-5 relative: the fp32 gradient sums are added in another order),
-/// only rank 0 writing; with srun's variables (SLURM_PROCID, SLURM_NTASKS), killing one rank makes
+/// only rank 0 writing; with srun's variables (SLURM_PROCID, SLURM_STEP_NUM_TASKS), killing one rank makes
 /// the other exit non-zero within 60 s, naming the lost rank, instead of waiting in the sum.
 #[test]
 fn torchrun_and_srun_ranks_train_together_and_fail_together() {
@@ -485,7 +485,7 @@ fn torchrun_and_srun_ranks_train_together_and_fail_together() {
     let srun = |rank: usize| {
         [
             ("SLURM_PROCID", rank),
-            ("SLURM_NTASKS", 2),
+            ("SLURM_STEP_NUM_TASKS", 2),
             ("SLURM_LOCALID", rank),
         ]
         .map(|(k, v)| (k.to_string(), v.to_string()))

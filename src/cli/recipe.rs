@@ -295,7 +295,12 @@ impl Bars {
 pub async fn run(args: &TrainArgs, quiet: bool) -> anyhow::Result<Outcome> {
     let p = Pipeline::load(&args.recipe, &args.sets, args.out.as_deref())?;
     let world = crate::train::dist::World::from_env(|v| std::env::var(v).ok())?;
-    let device = super::train::device(args.device, world.local_rank)?;
+    // Emitting cluster jobs needs no device here (the jobs open theirs where they run).
+    let device = if args.executor.is_some() {
+        candle_core::Device::Cpu
+    } else {
+        super::train::device(args.device, world.local_rank)?
+    };
     let dtype: DType = args.dtype.into();
     let budget = Budget::of(&device, args.device_memory.map(|gb| gb * 1e9));
     let plan = pipeline::plan(&p, dtype, budget, args.max_cost, args.peak_tflops).await?;
@@ -446,6 +451,7 @@ fn cluster_jobs(
                 } else {
                     Vec::new()
                 },
+                train_ranks: args.train_ranks,
             };
             (
                 "Slurm scripts",
@@ -466,6 +472,7 @@ fn cluster_jobs(
                 args: job_args,
                 tasks,
                 gpu,
+                train_ranks: args.train_ranks,
             };
             (
                 "Kubernetes Jobs",

@@ -126,6 +126,11 @@ pub struct TrainArgs {
     /// Indexed Jobs for the arrays, each after the last completes).
     #[arg(long, value_enum)]
     pub executor: Option<Executor>,
+    /// With --executor: train data parallel on this many ranks (Slurm: `srun` over `--ntasks`,
+    /// one GPU a task with --device cuda; Kubernetes: `torchrun --no-python` in one pod with as
+    /// many GPUs).
+    #[arg(long, default_value_t = 1, value_parser = int_at_least(1usize), requires = "executor")]
+    pub train_ranks: usize,
     /// With --executor kubernetes: the container image, with `phigen` on its PATH.
     #[arg(long)]
     pub image: Option<String>,

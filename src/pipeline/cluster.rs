@@ -43,6 +43,9 @@ pub struct SlurmOptions {
     pub parallel: Option<usize>,
     /// `#SBATCH` lines for the training and eval jobs (e.g. `--gres=gpu:1`).
     pub gpu_lines: Vec<String>,
+    /// Ranks of data parallel training (above 1: the training job is `--ntasks` ranks started
+    /// by `srun`, one GPU each when `gpu_lines` ask for GPUs).
+    pub train_ranks: usize,
 }
 
 /// One job of the chain.
@@ -177,12 +180,27 @@ fn script(o: &SlurmOptions, step: &PlannedStep, logs: &Path, part: &StepJob, gpu
             );
         }
     }
-    if gpu {
+    let ranks = if step.node == Node::Train {
+        o.train_ranks
+    } else {
+        1
+    };
+    if ranks > 1 {
+        // srun starts one rank a task; each finds its rank in SLURM_PROCID (src/train/dist.rs).
+        let _ = writeln!(s, "#SBATCH --ntasks={ranks}");
+        if gpu && !o.gpu_lines.is_empty() {
+            let _ = writeln!(s, "#SBATCH --gpus-per-task=1");
+        }
+    } else if gpu {
         for line in &o.gpu_lines {
             let _ = writeln!(s, "#SBATCH {line}");
         }
     }
-    let mut command = vec![quote(&o.phigen.display().to_string()), "train".to_string()];
+    let mut command = Vec::new();
+    if ranks > 1 {
+        command.push("srun".to_string());
+    }
+    command.extend([quote(&o.phigen.display().to_string()), "train".to_string()]);
     command.extend(o.args.iter().map(|a| quote(a)));
     command.extend(["--only".to_string(), quote(&step.name)]);
     command.extend(part.flags.iter().cloned());
@@ -243,6 +261,9 @@ pub struct KubeOptions {
     pub tasks: usize,
     /// Training and eval pods ask for one GPU (`nvidia.com/gpu: 1`).
     pub gpu: bool,
+    /// Ranks of data parallel training (above 1: the training pod asks for that many GPUs and
+    /// starts the ranks with `torchrun --no-python`, which the image must have).
+    pub train_ranks: usize,
 }
 
 /// Writes the Job manifests and `apply.sh`; returns `apply.sh`.
@@ -293,7 +314,18 @@ fn job_name(recipe: &str, base: &str) -> String {
 }
 
 fn manifest(o: &KubeOptions, step: &PlannedStep, name: &str, part: &StepJob, gpu: bool) -> String {
-    let mut command: Vec<String> = vec!["phigen".into(), "train".into()];
+    let ranks = if step.node == Node::Train {
+        o.train_ranks
+    } else {
+        1
+    };
+    let mut command: Vec<String> = Vec::new();
+    if ranks > 1 {
+        // torchrun starts the ranks in the pod; each finds its rank in RANK (src/train/dist.rs).
+        command.extend(["torchrun", "--no-python", "--nproc-per-node"].map(String::from));
+        command.push(ranks.to_string());
+    }
+    command.extend(["phigen".to_string(), "train".to_string()]);
     command.extend(o.args.iter().cloned());
     command.extend(["--only".to_string(), step.name.clone()]);
     command.extend(part.flags.iter().cloned());
@@ -308,9 +340,9 @@ fn manifest(o: &KubeOptions, step: &PlannedStep, name: &str, part: &StepJob, gpu
     let command = serde_json::to_string(&command).expect("strings serialize");
     let workdir = serde_json::to_string(&o.workdir.display().to_string()).expect("a string");
     let resources = if gpu {
-        "        resources:\n          limits:\n            nvidia.com/gpu: 1\n"
+        format!("        resources:\n          limits:\n            nvidia.com/gpu: {ranks}\n")
     } else {
-        ""
+        String::new()
     };
     format!(
         "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: {name}\n  labels:\n    app.kubernetes.io/name: phigen\nspec:\n{indexed}  template:\n    spec:\n      restartPolicy: Never\n      containers:\n      - name: phigen\n        image: {image}\n        workingDir: {workdir}\n        command: {command}\n{resources}        volumeMounts:\n        - name: run\n          mountPath: {workdir}\n      volumes:\n      - name: run\n        persistentVolumeClaim:\n          claimName: {claim}\n",

@@ -4,8 +4,9 @@
 //!
 //! The launchers users already have start the ranks: `torchrun --no-python --nproc-per-node N
 //! phigen train …` (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`) or `srun phigen train …` (`SLURM_PROCID`,
-//! `SLURM_NTASKS`, `SLURM_LOCALID`). [`World::from_env`] reads them; without them the world is one
-//! process.
+//! `SLURM_STEP_NUM_TASKS`, `SLURM_LOCALID`). [`World::from_env`] reads them; without them the world
+//! is one process. Slurm's job size (`SLURM_NTASKS`) is not the step's: a batch script of a job
+//! with `--ntasks 8` is one process until it runs `srun`, which sets `SLURM_STEP_NUM_TASKS`.
 //!
 //! Rank r takes micro-batches r, r + N, r + 2N … of each step, and a step's micro-batches are a
 //! function of (seed, stage, step) alone, so the global batch, and so the curve, does not depend on
@@ -49,7 +50,7 @@ pub struct World {
 pub enum DistError {
     #[error("{var}={value}: expected a whole number; the launcher (torchrun or srun) sets it")]
     BadVar { var: &'static str, value: String },
-    #[error("{set} is set but {missing} is not: data parallel training needs both (torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; srun sets SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID); unset {set} to train in one process")]
+    #[error("{set} is set but {missing} is not: data parallel training needs both (torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; srun sets SLURM_PROCID, SLURM_STEP_NUM_TASKS and SLURM_LOCALID); unset {set} to train in one process")]
     MissingVar {
         set: &'static str,
         missing: &'static str,
@@ -96,7 +97,8 @@ impl World {
     }
 
     /// The world torchrun (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`) or srun (`SLURM_PROCID`,
-    /// `SLURM_NTASKS`, `SLURM_LOCALID`) describes, torchrun's first; one process without either.
+    /// `SLURM_STEP_NUM_TASKS`, `SLURM_LOCALID`) describes, torchrun's first; one process without
+    /// either. A Slurm batch script has `SLURM_PROCID` but no step size: one process.
     pub fn from_env(var: impl Fn(&str) -> Option<String>) -> Result<World, DistError> {
         let num = |name: &'static str| -> Result<Option<usize>, DistError> {
             var(name)
@@ -117,7 +119,7 @@ impl World {
             ),
             (
                 "SLURM_PROCID",
-                "SLURM_NTASKS",
+                "SLURM_STEP_NUM_TASKS",
                 "SLURM_LOCALID",
                 ["SLURM_JOB_ID", "SLURM_STEP_ID"],
             ),
@@ -125,6 +127,7 @@ impl World {
         for (rank_var, size_var, local_var, launch_vars) in launchers {
             match (num(rank_var)?, num(size_var)?) {
                 (None, None) => continue,
+                (Some(_), None) if rank_var == "SLURM_PROCID" => continue,
                 (Some(_), None) => {
                     return Err(DistError::MissingVar {
                         set: rank_var,
@@ -576,5 +579,80 @@ mod nccl {
                 l.shape().clone(),
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    }
+
+    /// The world comes from torchrun's variables, else srun's; a Slurm batch script (SLURM_PROCID
+    /// and the job's SLURM_NTASKS, no step size) and no launcher are one process; half a pair,
+    /// a rank past the size and a non-number are errors naming the variable. (Variable names from
+    /// torchrun's and srun's documentation.)
+    #[test]
+    fn the_world_comes_from_the_launcher() {
+        let w = World::from_env(env(&[
+            ("RANK", "2"),
+            ("WORLD_SIZE", "4"),
+            ("LOCAL_RANK", "0"),
+            ("TORCHELASTIC_RUN_ID", "abc"),
+            ("SLURM_PROCID", "0"),
+            ("SLURM_STEP_NUM_TASKS", "1"),
+        ]))
+        .unwrap();
+        assert_eq!((w.rank, w.size, w.local_rank), (2, 4, 0));
+        assert_eq!(w.launch, "abc/");
+        let w = World::from_env(env(&[
+            ("SLURM_PROCID", "5"),
+            ("SLURM_STEP_NUM_TASKS", "8"),
+            ("SLURM_LOCALID", "1"),
+            ("SLURM_JOB_ID", "77"),
+            ("SLURM_STEP_ID", "0"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            (w.rank, w.size, w.local_rank, w.launch.as_str()),
+            (5, 8, 1, "77/0")
+        );
+        let batch = env(&[
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "8"),
+            ("SLURM_JOB_ID", "77"),
+        ]);
+        assert_eq!(World::from_env(batch).unwrap(), World::single());
+        assert_eq!(World::from_env(env(&[])).unwrap(), World::single());
+        let err = |vars: &[(&str, &str)]| World::from_env(env(vars)).unwrap_err().to_string();
+        assert!(err(&[("RANK", "1")]).contains("WORLD_SIZE"));
+        assert!(err(&[("WORLD_SIZE", "2")]).contains("RANK"));
+        assert!(err(&[("RANK", "2"), ("WORLD_SIZE", "2")]).contains("0..2"));
+        assert!(err(&[("RANK", "x"), ("WORLD_SIZE", "2")]).contains("RANK=x"));
+    }
+
+    /// Each rank takes every N-th micro-batch: together exactly the step's, each once.
+    #[test]
+    fn ranks_share_out_the_micro_batches() {
+        let mut all: Vec<usize> = (0..3)
+            .flat_map(|rank| {
+                World {
+                    rank,
+                    size: 3,
+                    local_rank: rank,
+                    launch: String::new(),
+                }
+                .my_micro_batches(8)
+                .collect::<Vec<_>>()
+            })
+            .collect();
+        all.sort();
+        assert_eq!(all, (0..8).collect::<Vec<_>>());
     }
 }
