@@ -183,12 +183,14 @@ fn phigen_s3(endpoint: SocketAddr, cache: &Path, args: &[&str]) -> Command {
 }
 
 /// A TCP proxy on loopback in front of `upstream`: each of the first `fail_first` connections
-/// gets its request answered with a 503 whose body echoes `echo` (as a careless server might echo
-/// a credential), the later ones are passed through. Returns its address and the count of
+/// gets its request answered with `status` (e.g. `503 Service Unavailable`) and a body that
+/// echoes `echo` (as a careless server might echo a credential), the later ones are passed
+/// through. Returns its address and the count of
 /// connections so far.
 async fn flaky_proxy(
     upstream: SocketAddr,
     fail_first: usize,
+    status: &'static str,
     echo: &str,
 ) -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -205,7 +207,7 @@ async fn flaky_proxy(
                 if n < fail_first {
                     read_request(&mut conn).await;
                     let reply = format!(
-                        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                         body.len()
                     );
                     let _ = conn.write_all(reply.as_bytes()).await;
@@ -349,7 +351,8 @@ async fn dedup_from_s3_to_s3_equals_the_local_run() {
         .unwrap();
     assert!(local.status.success(), "{}", stderr(&local));
 
-    let (proxy, connections) = flaky_proxy(moto.addr, 3, "nothing").await;
+    let (proxy, connections) =
+        flaky_proxy(moto.addr, 3, "503 Service Unavailable", "nothing").await;
     let dedup = || {
         phigen_s3(
             proxy,
@@ -440,10 +443,10 @@ async fn dedup_from_s3_to_s3_equals_the_local_run() {
 
 /// Against a server that always answers 503 the stage fails after the bounded retries (2 here:
 /// 3 connections in all), naming the URL; the key and the secret (echoed back in the error body
-/// by the proxy) are not in the output. A missing bucket is named as such, for inputs and
-/// outputs alike.
+/// by the proxy) are not in the output. Denied access (403) names the credential variables, and a
+/// missing bucket is named as such, for inputs and outputs alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unreachable_server_and_missing_bucket_give_clear_errors() {
+async fn unreachable_server_denied_access_and_missing_bucket_give_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let Some(moto) = Moto::start(tmp.path()) else {
         return;
@@ -453,19 +456,27 @@ async fn unreachable_server_and_missing_bucket_give_clear_errors() {
     std::fs::create_dir_all(p("corpus")).unwrap();
     std::fs::write(p("corpus/a.jsonl"), "{\"text\": \"one document\"}\n").unwrap();
 
-    let (proxy, connections) =
-        flaky_proxy(moto.addr, usize::MAX, &format!("{KEY_ID} {SECRET}")).await;
-    let mut cmd = phigen_s3(
-        proxy,
-        &p("cache"),
-        &[
-            "dedup",
-            "--input",
-            "s3://phigen/corpus",
-            "--out",
-            p("out").to_str().unwrap(),
-        ],
-    );
+    let (proxy, connections) = flaky_proxy(
+        moto.addr,
+        usize::MAX,
+        "503 Service Unavailable",
+        &format!("{KEY_ID} {SECRET}"),
+    )
+    .await;
+    let dedup_via = |proxy| {
+        phigen_s3(
+            proxy,
+            &p("cache"),
+            &[
+                "dedup",
+                "--input",
+                "s3://phigen/corpus",
+                "--out",
+                p("out").to_str().unwrap(),
+            ],
+        )
+    };
+    let mut cmd = dedup_via(proxy);
     cmd.env("PHIGEN_STORE_RETRIES", "2");
     let failed: Output = run(cmd).await;
     let told = stderr(&failed);
@@ -485,6 +496,19 @@ async fn unreachable_server_and_missing_bucket_give_clear_errors() {
         "one request and two retries"
     );
 
+    // 403 is not retried: it cannot succeed later.
+    let (proxy, connections) =
+        flaky_proxy(moto.addr, usize::MAX, "403 Forbidden", "AccessDenied").await;
+    let denied = run(dedup_via(proxy)).await;
+    let told = stderr(&denied);
+    assert!(!denied.status.success());
+    assert!(
+        told.contains("s3://phigen/corpus: access denied")
+            && told.contains("AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"),
+        "{told}"
+    );
+    assert_eq!(connections.load(Ordering::SeqCst), 1, "no retry of a 403");
+
     let missing_in = run(phigen_s3(
         moto.addr,
         &p("cache"),
@@ -500,7 +524,7 @@ async fn unreachable_server_and_missing_bucket_give_clear_errors() {
     let told = stderr(&missing_in);
     assert!(!missing_in.status.success());
     assert!(
-        told.contains("s3://no-such-bucket/corpus") && told.contains("does not exist"),
+        told.contains("s3://no-such-bucket/corpus: the bucket `no-such-bucket` does not exist"),
         "{told}"
     );
 
@@ -519,7 +543,7 @@ async fn unreachable_server_and_missing_bucket_give_clear_errors() {
     let told = stderr(&missing_out);
     assert!(!missing_out.status.success());
     assert!(
-        told.contains("s3://no-such-bucket/out") && told.contains("does not exist"),
+        told.contains("s3://no-such-bucket/out: the bucket `no-such-bucket` does not exist"),
         "{told}"
     );
 }

@@ -292,27 +292,44 @@ impl Op {
 /// bucket is missing; denied access names the credential variables; anything else has already
 /// been retried.
 fn classify(remote: &Remote, op: Op, retries: usize, e: object_store::Error) -> StoreError {
-    let detail = redact(&e.to_string());
-    match e {
-        object_store::Error::NotFound { .. } if op != Op::Read => StoreError::NoBucket {
-            url: remote.url.clone(),
+    let text = e.to_string();
+    // object_store gives list errors (and some others) as `Generic`, with the HTTP status only
+    // in the text of a private error type: read it from there.
+    let status = text
+        .split_once("status code: ")
+        .and_then(|(_, rest)| rest.get(..3)?.parse::<u16>().ok());
+    // Error bodies are often multi-line XML: one line reads better in a message.
+    let detail = redact(&text)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let missing = matches!(e, object_store::Error::NotFound { .. }) || status == Some(404);
+    let denied = matches!(
+        e,
+        object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. }
+    ) || matches!(status, Some(401 | 403));
+    let url = remote.url.clone();
+    if missing && op != Op::Read {
+        StoreError::NoBucket {
+            url,
             bucket: remote.bucket.clone(),
             vars: remote.service.vars(),
             detail,
-        },
-        object_store::Error::PermissionDenied { .. }
-        | object_store::Error::Unauthenticated { .. } => StoreError::Denied {
-            url: remote.url.clone(),
+        }
+    } else if denied {
+        StoreError::Denied {
+            url,
             op: op.verb(),
             vars: remote.service.vars(),
             detail,
-        },
-        _ => StoreError::Failed {
-            url: remote.url.clone(),
+        }
+    } else {
+        StoreError::Failed {
+            url,
             op: op.verb(),
             retries,
             detail,
-        },
+        }
     }
 }
 
