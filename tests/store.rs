@@ -107,7 +107,8 @@ impl Moto {
     }
 
     /// boto3 against the server: `mb BUCKET`, `put BUCKET PREFIX DIR` (every file below DIR),
-    /// `get BUCKET PREFIX DIR` (every object below PREFIX).
+    /// `put-public BUCKET KEY FILE` (readable without credentials), `get BUCKET PREFIX DIR`
+    /// (every object below PREFIX).
     fn boto(&self, args: &[&str]) {
         let script = r#"
 import os, sys, boto3
@@ -122,6 +123,9 @@ elif op == "put":
         for f in files:
             path = os.path.join(d, f)
             s3.upload_file(path, bucket, prefix + "/" + os.path.relpath(path, root))
+elif op == "put-public":
+    key, path = sys.argv[4], sys.argv[5]
+    s3.upload_file(path, bucket, key, ExtraArgs={"ACL": "public-read"})
 elif op == "get":
     prefix, root = sys.argv[4], sys.argv[5]
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
@@ -504,7 +508,7 @@ async fn unreachable_server_denied_access_and_missing_bucket_give_clear_errors()
     assert!(!denied.status.success());
     assert!(
         told.contains("s3://phigen/corpus: access denied")
-            && told.contains("AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"),
+            && told.contains("credentials in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"),
         "{told}"
     );
     assert_eq!(connections.load(Ordering::SeqCst), 1, "no retry of a 403");
@@ -545,5 +549,59 @@ async fn unreachable_server_denied_access_and_missing_bucket_give_clear_errors()
     assert!(
         told.contains("s3://no-such-bucket/out: the bucket `no-such-bucket` does not exist"),
         "{told}"
+    );
+}
+
+/// An http:// input is one file, fetched without credentials (moto serves a public-read object
+/// over plain HTTP): `phigen dedup` of it writes what the same dedup of the local file writes, and
+/// a second run fetches nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedup_of_an_http_file_equals_the_local_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(moto) = Moto::start(tmp.path()) else {
+        return;
+    };
+    let p = |s: &str| tmp.path().join(s);
+    let text = "{\"id\": \"a\", \"text\": \"the same story twice\"}\n\
+                {\"id\": \"b\", \"text\": \"the same story twice\"}\n\
+                {\"id\": \"c\", \"text\": \"another story\"}\n";
+    std::fs::write(p("docs.jsonl"), text).unwrap();
+    moto.boto(&["mb", "public"]);
+    moto.boto(&[
+        "put-public",
+        "public",
+        "x/docs.jsonl",
+        p("docs.jsonl").to_str().unwrap(),
+    ]);
+    let local = Command::new(BIN)
+        .args([
+            "--quiet",
+            "dedup",
+            "--input",
+            p("docs.jsonl").to_str().unwrap(),
+        ])
+        .args(["--out", p("local").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(local.status.success(), "{}", stderr(&local));
+    let url = format!("http://{}/public/x/docs.jsonl", moto.addr);
+    let dedup = |out: &str| {
+        let mut c = Command::new(BIN);
+        c.args(["dedup", "--input", &url, "--out", p(out).to_str().unwrap()])
+            .env("PHIGEN_STORE_CACHE", p("cache"))
+            .env("RUST_LOG", "phigen=info");
+        c
+    };
+    let remote = run(dedup("remote")).await;
+    assert!(remote.status.success(), "{}", stderr(&remote));
+    assert_eq!(
+        std::fs::read(p("remote/docs.jsonl")).unwrap(),
+        std::fs::read(p("local/docs.jsonl")).unwrap()
+    );
+    let again = run(dedup("again")).await;
+    assert!(
+        stderr(&again).contains(&format!("{url}: 0 objects fetched")),
+        "{}",
+        stderr(&again)
     );
 }

@@ -86,11 +86,11 @@ pub enum StoreError {
         vars: &'static str,
         detail: String,
     },
-    #[error("{url}: access denied: {detail}; check that the credentials in the {vars} environment variables may {op} this prefix")]
+    #[error("{url}: access denied: {detail}; check that {who} may {op} it")]
     Denied {
         url: String,
         op: &'static str,
-        vars: &'static str,
+        who: &'static str,
         detail: String,
     },
     #[error("{url}: could not {op} after at most {retries} retries: {detail}; check the network, the endpoint and the service's status, then re-run: what was transferred is kept and the run resumes")]
@@ -135,6 +135,16 @@ impl Service {
             Service::Gcs => "Google Cloud Storage",
             Service::Azure => "Azure Blob Storage",
             Service::Http => "HTTP",
+        }
+    }
+
+    /// Who is refused access, for error messages.
+    fn who(self) -> &'static str {
+        match self {
+            Service::S3 => "the credentials in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, AWS_SESSION_TOKEN)",
+            Service::Gcs => "the service account in GOOGLE_SERVICE_ACCOUNT/GOOGLE_APPLICATION_CREDENTIALS",
+            Service::Azure => "the credentials in AZURE_STORAGE_ACCOUNT_KEY (or the other AZURE_* variables)",
+            Service::Http => "anyone (http(s) inputs are read without credentials: the URL must be public)",
         }
     }
 
@@ -320,7 +330,7 @@ fn classify(remote: &Remote, op: Op, retries: usize, e: object_store::Error) -> 
         StoreError::Denied {
             url,
             op: op.verb(),
-            vars: remote.service.vars(),
+            who: remote.service.who(),
             detail,
         }
     } else {
@@ -541,13 +551,12 @@ impl SyncDir {
 
     /// The key of the file `rel` below the prefix.
     fn key(&self, rel: &str) -> Key {
-        Key::from_iter(
-            self.remote
-                .prefix
-                .parts()
-                .map(|p| p.as_ref().to_string())
-                .chain(rel.split('/').map(str::to_string)),
-        )
+        self.remote
+            .prefix
+            .parts()
+            .map(|p| p.as_ref().to_string())
+            .chain(rel.split('/').map(str::to_string))
+            .collect()
     }
 
     /// Fetches the `objects` (relative path → listing) not already here, [`CONCURRENCY`] at a
@@ -794,7 +803,7 @@ async fn download(
     let tmp = atomic::temp_path(dest);
     let mut file = File::create(&tmp).map_err(tio(&tmp))?;
     let mut start = 0;
-    while start < meta.size || start == 0 {
+    loop {
         let end = (start + CHUNK).min(meta.size);
         let opts = GetOptions {
             if_match: meta.e_tag.clone(),
@@ -803,7 +812,10 @@ async fn download(
         };
         let bytes = store.get_opts(&meta.location, opts).await?.bytes().await?;
         file.write_all(&bytes).map_err(tio(&tmp))?;
-        start = end.max(1);
+        start = end;
+        if start >= meta.size {
+            break;
+        }
     }
     file.sync_all().map_err(tio(&tmp))?;
     fs::rename(&tmp, dest).map_err(tio(dest))?;
