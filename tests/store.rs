@@ -605,3 +605,82 @@ async fn dedup_of_an_http_file_equals_the_local_run() {
         stderr(&again)
     );
 }
+
+/// `phigen tokenize` as an array of 3 tasks on 3 "machines" (each its own cache) sharing one
+/// s3:// output, then `phigen merge` of that URL on a fourth, writes the token shards of one
+/// local run byte for byte: each task fetches what the prefix holds, adds its part and uploads it
+/// before its completion marker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokenize_array_on_three_machines_into_s3_equals_one_local_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(moto) = Moto::start(tmp.path()) else {
+        return;
+    };
+    let p = |s: &str| tmp.path().join(s);
+    std::fs::create_dir_all(p("raw")).unwrap();
+    for f in 0..6 {
+        let jsonl: String = (0..25)
+            .map(|d| {
+                let text = format!(
+                    "Document {d} of file {f}: the fox jumps over {} dogs.",
+                    d * f
+                );
+                serde_json::json!({"id": format!("{f}-{d}"), "text": text}).to_string() + "\n"
+            })
+            .collect();
+        std::fs::write(p(&format!("raw/part-{f}.jsonl")), jsonl).unwrap();
+    }
+    moto.boto(&["mb", "phigen"]);
+    moto.boto(&["put", "phigen", "raw", p("raw").to_str().unwrap()]);
+    let settings = ["--val-fraction", "0.2", "--shard-tokens", "700"];
+    let local = Command::new(BIN)
+        .args(["--quiet", "tokenize", "--input", p("raw").to_str().unwrap()])
+        .args(["--out", p("local").to_str().unwrap()])
+        .args(settings)
+        .output()
+        .unwrap();
+    assert!(local.status.success(), "{}", stderr(&local));
+    for k in 0..3 {
+        let shard = format!("{k}/3");
+        let mut args = vec![
+            "tokenize",
+            "--input",
+            "s3://phigen/raw",
+            "--out",
+            "s3://phigen/tok",
+        ];
+        args.extend(settings);
+        args.extend(["--shard", &shard]);
+        let task = run(phigen_s3(moto.addr, &p(&format!("machine-{k}")), &args)).await;
+        assert!(task.status.success(), "task {k}: {}", stderr(&task));
+    }
+    let merged = run(phigen_s3(
+        moto.addr,
+        &p("machine-merge"),
+        &["merge", "s3://phigen/tok"],
+    ))
+    .await;
+    assert!(merged.status.success(), "{}", stderr(&merged));
+    moto.boto(&["get", "phigen", "tok", p("fetched").to_str().unwrap()]);
+    let shards = |dir: &Path| -> BTreeMap<String, Vec<u8>> {
+        tree_bytes(dir)
+            .into_iter()
+            .filter(|(rel, _)| rel.ends_with(".bin") && !rel.contains('/'))
+            .collect()
+    };
+    let expected = shards(&p("local"));
+    assert!(expected.len() >= 3, "{:?}", expected.keys());
+    assert_eq!(shards(&p("fetched")), expected);
+
+    // Each task's marker became visible after every object of its part.
+    let order: Vec<String> = moto.committed_keys().into_iter().map(|(k, _)| k).collect();
+    for k in 0..3 {
+        let marker = order
+            .iter()
+            .position(|o| o == &format!("/phigen/tok/completions/{k:05}"))
+            .unwrap_or_else(|| panic!("no marker {k} in {order:?}"));
+        let part = format!("/phigen/tok/tasks/{k:05}/");
+        let last_part = order.iter().rposition(|o| o.starts_with(&part)).unwrap();
+        assert!(last_part < marker, "task {k}: {order:?}");
+    }
+}

@@ -358,9 +358,12 @@ fn is_credential_var(name: &str) -> bool {
 /// may echo a key back in an error body, and presigned or SAS URLs carry signatures.
 pub fn redact(text: &str) -> String {
     let mut out = text.to_string();
-    for (name, value) in std::env::vars() {
-        if is_credential_var(&name) && value.len() >= 4 {
-            out = out.replace(&value, "[redacted]");
+    for (name, value) in std::env::vars_os() {
+        let (Some(name), Some(value)) = (name.to_str(), value.to_str()) else {
+            continue;
+        };
+        if is_credential_var(name) && value.len() >= 4 {
+            out = out.replace(value, "[redacted]");
         }
     }
     let mut scrubbed = String::with_capacity(out.len());
@@ -446,8 +449,9 @@ enum Role {
 }
 
 /// A local directory kept in step with a remote prefix: its record of what was synced, and a lock
-/// against other phigen processes on this machine (exclusive while syncing, shared while a stage
-/// only reads it).
+/// that other phigen processes on this machine wait for while it is being synced. It is not held
+/// while the stage runs, so that array tasks on one machine run side by side (a stage's own
+/// output lock keeps them apart, and every file is put in place by rename).
 struct SyncDir {
     remote: Remote,
     store: Arc<dyn ObjectStore>,
@@ -486,31 +490,38 @@ impl SyncDir {
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let lock_path = dir.join(LOCK_FILE);
         let lock = File::create(&lock_path).map_err(io_err(&lock_path))?;
-        flock(&lock, libc::LOCK_EX).map_err(io_err(&lock_path))?;
-        // An unreadable record only costs transferring again, so it counts as empty.
-        let record = fs::read(dir.join(RECORD_FILE))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
-        Ok(SyncDir {
+        let mut synced = SyncDir {
             remote: remote.clone(),
             store,
             retries,
             role,
             dir,
-            record,
+            record: BTreeMap::new(),
             lock,
-        })
+        };
+        synced.lock()?;
+        Ok(synced)
+    }
+
+    /// Waits for the lock, then reads the record (another process may have synced meanwhile).
+    fn lock(&mut self) -> Result<(), StoreError> {
+        flock(&self.lock, libc::LOCK_EX).map_err(io_err(&self.dir.join(LOCK_FILE)))?;
+        // An unreadable record only costs transferring again, so it counts as empty.
+        self.record = fs::read(self.dir.join(RECORD_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        Ok(())
+    }
+
+    /// Lets other processes sync the directory, now that it is in step.
+    fn unlock(&self) -> Result<(), StoreError> {
+        flock(&self.lock, libc::LOCK_UN).map_err(io_err(&self.dir.join(LOCK_FILE)))
     }
 
     fn save(&self) -> Result<(), StoreError> {
         let path = self.dir.join(RECORD_FILE);
         atomic::write_json(&path, &self.record).map_err(io_err(&path))
-    }
-
-    /// Lets other processes read the directory too, now that it is in step.
-    fn share(&self) -> Result<(), StoreError> {
-        flock(&self.lock, libc::LOCK_SH).map_err(io_err(&self.dir.join(LOCK_FILE)))
     }
 
     fn error(&self, op: Op, e: TransferError) -> StoreError {
@@ -570,7 +581,8 @@ impl SyncDir {
         for (rel, meta) in objects {
             let path = self.dir.join(rel);
             let recorded = self.record.get(rel);
-            let same_object = recorded.is_some_and(|r| r.etag == meta.e_tag && r.etag.is_some());
+            let same_object = recorded
+                .is_some_and(|r| r.etag.is_some() && r.etag == meta.e_tag && r.size == meta.size);
             let untouched = recorded.is_some_and(|r| r.matches_local(&path));
             let wanted = if rel == super::outdir::WRITTEN_FILE && self.role == Role::Staging {
                 false // merged with the local ledger below, never replaced
@@ -680,6 +692,7 @@ impl SyncDir {
     /// Uploads the files that are new or changed since they were last synced: data first, then
     /// the JSON manifests and stats, then the completion markers, each group whole before the next.
     async fn upload(&mut self) -> Result<Transfer, StoreError> {
+        self.lock()?;
         let objects = self.list().await?;
         self.merge_ledger(&objects).await?;
         let mut done = Transfer::default();
@@ -858,8 +871,7 @@ async fn upload(
 }
 
 /// The inputs and output of one stage run, as local paths: remote inputs mirrored into the cache,
-/// a remote `--out` replaced by its staging directory. Holds the locks of those directories until
-/// dropped or committed.
+/// a remote `--out` replaced by its staging directory.
 pub struct Staged {
     /// The inputs to give the stage, in the order given.
     pub inputs: Vec<PathBuf>,
@@ -867,7 +879,6 @@ pub struct Staged {
     pub out: PathBuf,
     /// What was fetched for the inputs and the staging directory.
     pub fetched: Transfer,
-    mirrors: Vec<SyncDir>,
     staging: Option<SyncDir>,
 }
 
@@ -879,7 +890,6 @@ impl Staged {
             inputs: Vec::with_capacity(inputs.len()),
             out: out.to_path_buf(),
             fetched: Transfer::default(),
-            mirrors: Vec::new(),
             staging: None,
         };
         let mut setup = None;
@@ -905,11 +915,10 @@ impl Staged {
                 fetched.files,
                 fetched.bytes as f64 / 1e6,
                 fetched.skipped,
-                dir.dir.display()
+                dir.display()
             );
             staged.fetched.add(fetched);
             staged.inputs.push(path);
-            staged.mirrors.push(dir);
         }
         if let Location::Remote(remote) = Location::parse(out)? {
             if remote.service == Service::Http {
@@ -922,6 +931,7 @@ impl Staged {
             let objects = dir.list().await?;
             staged.fetched.add(dir.fetch(&objects).await?);
             dir.merge_ledger(&objects).await?;
+            dir.unlock()?;
             staged.out = dir.dir.clone();
             staged.staging = Some(dir);
         }
@@ -944,13 +954,13 @@ impl Staged {
 }
 
 /// Mirrors the remote input `remote` below `root`: a prefix as a directory, else one object as a
-/// file (always so for http(s), which cannot list). Returns the local path, its locked directory
-/// and what was fetched.
+/// file (always so for http(s), which cannot list). Returns the local path, the directory it is
+/// in (the mirror) and what was fetched.
 async fn fetch_input(
     remote: &Remote,
     root: &Path,
     retry: &RetryConfig,
-) -> Result<(PathBuf, SyncDir, Transfer), StoreError> {
+) -> Result<(PathBuf, PathBuf, Transfer), StoreError> {
     let store = client(remote, retry)?;
     if remote.service != Service::Http {
         let dir = root.join("in").join(&remote.cache_rel);
@@ -959,8 +969,8 @@ async fn fetch_input(
         if !objects.is_empty() {
             let fetched = dir.fetch(&objects).await?;
             dir.prune(&objects)?;
-            dir.share()?;
-            return Ok((dir.dir.clone(), dir, fetched));
+            dir.unlock()?;
+            return Ok((dir.dir.clone(), dir.dir, fetched));
         }
     }
     let meta = store.head(&remote.prefix).await.map_err(|e| match e {
@@ -983,8 +993,8 @@ async fn fetch_input(
     // Listed as its own name below its parent, the directory the file is fetched into.
     let objects = BTreeMap::from([(name.clone(), meta)]);
     let fetched = dir.fetch(&objects).await?;
-    dir.share()?;
-    Ok((dir.dir.join(name), dir, fetched))
+    dir.unlock()?;
+    Ok((dir.dir.join(name), dir.dir, fetched))
 }
 
 #[cfg(test)]
