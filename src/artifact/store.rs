@@ -141,10 +141,18 @@ impl Service {
     /// Who is refused access, for error messages.
     fn who(self) -> &'static str {
         match self {
-            Service::S3 => "the credentials in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, AWS_SESSION_TOKEN)",
-            Service::Gcs => "the service account in GOOGLE_SERVICE_ACCOUNT/GOOGLE_APPLICATION_CREDENTIALS",
-            Service::Azure => "the credentials in AZURE_STORAGE_ACCOUNT_KEY (or the other AZURE_* variables)",
-            Service::Http => "anyone (http(s) inputs are read without credentials: the URL must be public)",
+            Service::S3 => {
+                "the credentials in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN)"
+            }
+            Service::Gcs => {
+                "the service account in GOOGLE_SERVICE_ACCOUNT/GOOGLE_APPLICATION_CREDENTIALS"
+            }
+            Service::Azure => {
+                "the credentials in AZURE_STORAGE_ACCOUNT_KEY (or the other AZURE_* variables)"
+            }
+            Service::Http => {
+                "anyone (http(s) inputs are read without credentials: the URL must be public)"
+            }
         }
     }
 
@@ -203,7 +211,9 @@ impl Location {
             return Err(bad("no bucket or host after the scheme"));
         }
         if rest.contains('?') || rest.contains('#') {
-            return Err(bad("query strings and fragments are not supported (put credentials in the environment)"));
+            let why =
+                "query strings and fragments are not supported (credentials go in the environment)";
+            return Err(bad(why));
         }
         let prefix = Key::parse(key).map_err(|e| bad(&format!("bad object path: {e}")))?;
         if service == Service::Http && key.is_empty() {
