@@ -1,12 +1,13 @@
 //! The record/artifact layer shared by every stage: atomic writes, typed Parquet tables, and the
 //! crash-safe shard writer that gives generation its exactly-once output; output directories
 //! ([`outdir`]: one run each, apart from the inputs), the input walker ([`walk`]) and the array-task
-//! contract of sharded runs ([`task`]).
+//! contract of sharded runs ([`task`]); object storage for stage inputs and outputs ([`store`]).
 
 pub mod atomic;
 pub mod docs;
 pub mod outdir;
 pub mod shards;
+pub mod store;
 pub mod table;
 pub mod task;
 pub mod walk;

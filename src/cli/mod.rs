@@ -448,7 +448,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 max_features: args.max_features,
                 strict_words: args.strict_words,
             });
-            generate(&settings, &args.out, &args.output, &args.teacher, cli.quiet).await
+            let (output, teacher) = (&args.output, &args.teacher);
+            with_storage(&[], &args.out, |_, out| async move {
+                generate(&settings, &out, output, teacher, cli.quiet).await
+            })
+            .await
         }
         Command::Textbooks(args) => {
             let settings = CorpusSettings::Textbooks(TextbooksSettings {
@@ -457,7 +461,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 styles: args.styles,
                 prompt: args.prompt,
             });
-            generate(&settings, &args.out, &args.output, &args.teacher, cli.quiet).await
+            let (output, teacher) = (&args.output, &args.teacher);
+            with_storage(&[], &args.out, |_, out| async move {
+                generate(&settings, &out, output, teacher, cli.quiet).await
+            })
+            .await
         }
         Command::Exercises(args) => {
             let settings = CorpusSettings::Exercises(ExercisesSettings {
@@ -470,11 +478,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 exec_timeout: args.exec_timeout,
                 verify: args.verify,
             });
-            generate(&settings, &args.out, &args.output, &args.teacher, cli.quiet).await
+            let (output, teacher) = (&args.output, &args.teacher);
+            with_storage(&[], &args.out, |_, out| async move {
+                generate(&settings, &out, output, teacher, cli.quiet).await
+            })
+            .await
         }
-        Command::Merge(args) => {
+        Command::Merge(ref args) => with_storage(&[], &args.dir, |_, local| async move {
             use crate::pipeline::merge::{merge, Merged};
-            let merged = merge(&args.dir)?;
+            let merged = merge(&local)?;
             if !cli.quiet {
                 let dir = args.dir.display();
                 match merged {
@@ -499,21 +511,57 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 }
             }
             Ok(Outcome::Complete)
-        }
+        })
+        .await,
         Command::Sample(args) => model::sample(&args).map(|_| Outcome::Complete),
         Command::Init(args) => model::init(&args).map(|_| Outcome::Complete),
-        Command::Tokenize(args) => tokenize::tokenize(&args, cli.quiet),
+        Command::Tokenize(args) => {
+            let args = &args;
+            with_storage(&args.input, &args.out, |input, out| async move {
+                tokenize::tokenize(&tokenize::TokenizeArgs { input, out, ..args.clone() }, cli.quiet)
+            })
+            .await
+        }
         Command::Shards(cmd) => tokenize::shards(&cmd),
         Command::Train(args) if crate::pipeline::Pipeline::is_whole_run(&args.recipe)? => {
             recipe::run(&args, cli.quiet).await
         }
         Command::Train(args) => train::train(&args, cli.quiet),
         Command::Lineage(args) => recipe::lineage(&args),
-        Command::Dedup(args) => dedup::dedup(&args, cli.quiet),
-        Command::Decontaminate(args) => decontaminate::decontaminate(&args, cli.quiet),
-        Command::Annotate(args) => filter::annotate(&args, cli.quiet).await,
+        Command::Dedup(args) => {
+            let args = &args;
+            with_storage(&args.input, &args.out, |input, out| async move {
+                dedup::dedup(&dedup::DedupArgs { input, out, ..args.clone() }, cli.quiet)
+            })
+            .await
+        }
+        Command::Decontaminate(args) => {
+            let args = &args;
+            with_storage(&args.input, &args.out, |input, out| async move {
+                let local = decontaminate::DecontaminateArgs { input, out, ..args.clone() };
+                decontaminate::decontaminate(&local, cli.quiet)
+            })
+            .await
+        }
+        Command::Annotate(args) => {
+            let args = &args;
+            with_storage(&args.input.input, &args.out, |input, out| async move {
+                let mut local = args.clone();
+                (local.input.input, local.out) = (input, out);
+                filter::annotate(&local, cli.quiet).await
+            })
+            .await
+        }
         Command::Classify(cmd) => filter::classify(&cmd),
-        Command::Filter(args) => filter::filter(&args, cli.quiet).await,
+        Command::Filter(args) => {
+            let args = &args;
+            with_storage(&args.input.input, &args.out, |input, out| async move {
+                let mut local = args.clone();
+                (local.input.input, local.out) = (input, out);
+                filter::filter(&local, cli.quiet).await
+            })
+            .await
+        }
         Command::Eval(cmd) => eval::eval(&cmd, cli.quiet).await,
         Command::Scoreboard(args) => eval::scoreboard(&args),
         Command::Report(args) => report::report(&args, cli.quiet),
@@ -548,6 +596,32 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             Ok(Outcome::Complete)
         }
     }
+}
+
+/// Runs a data stage whose `--input`s and `--out` may be object-storage URLs (s3://, gs://, az://,
+/// https:// for inputs): `run` gets local paths (remote inputs mirrored into the cache, a remote
+/// output's staging directory), and once it has returned what it wrote is uploaded, manifests and
+/// markers last. Local paths pass through untouched.
+async fn with_storage<F>(
+    inputs: &[PathBuf],
+    out: &Path,
+    run: impl FnOnce(Vec<PathBuf>, PathBuf) -> F,
+) -> anyhow::Result<Outcome>
+where
+    F: std::future::Future<Output = anyhow::Result<Outcome>>,
+{
+    let staged = crate::artifact::store::Staged::open(inputs, out).await?;
+    let outcome = run(staged.inputs.clone(), staged.out.clone()).await?;
+    let remote = staged.remote_out().map(str::to_string);
+    if let (Some(t), Some(url)) = (staged.commit().await?, remote) {
+        tracing::info!(
+            "{url}: uploaded {} files ({:.1} MB); {} were already there",
+            t.files,
+            t.bytes as f64 / 1e6,
+            t.skipped
+        );
+    }
+    Ok(outcome)
 }
 
 /// `phigen stories`, `textbooks` or `exercises`: the dry run's estimate, or the run with a
