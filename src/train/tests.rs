@@ -486,8 +486,11 @@ fn auto_micro_batch_with_recompute_trains_and_resumes_with_its_choice() {
     }
 }
 
-/// The metrics of `out` as (step, train loss, val loss, grad norm), for curve comparisons.
-fn curve(out: &Path) -> Vec<(usize, Option<f64>, Option<f64>, Option<f64>)> {
+/// One metrics line: (step, train loss, val loss, grad norm).
+type Point = (usize, Option<f64>, Option<f64>, Option<f64>);
+
+/// The metrics of `out`, for curve comparisons.
+fn curve(out: &Path) -> Vec<Point> {
     metrics(out)
         .into_iter()
         .map(|m| (m.step, m.train_loss, m.val_loss, m.grad_norm))
@@ -495,11 +498,7 @@ fn curve(out: &Path) -> Vec<(usize, Option<f64>, Option<f64>, Option<f64>)> {
 }
 
 /// Equal curves within `rel` relative (None where the other is None).
-fn assert_same_curve(
-    a: &[(usize, Option<f64>, Option<f64>, Option<f64>)],
-    b: &[(usize, Option<f64>, Option<f64>, Option<f64>)],
-    rel: f64,
-) {
+fn assert_same_curve(a: &[Point], b: &[Point], rel: f64) {
     assert_eq!(a.len(), b.len(), "{a:?}\nvs\n{b:?}");
     for (x, y) in a.iter().zip(b) {
         assert_eq!(x.0, y.0);
