@@ -68,6 +68,10 @@ pub struct Faults {
     /// Answer every request 401 (a revoked key).
     #[arg(long)]
     pub unauthorized: bool,
+    /// Answer 500 to every request whose prompt contains this text (to lose one kind of request,
+    /// e.g. the summaries of `phigen stories --instruct`, while the others succeed).
+    #[arg(long)]
+    pub fail_containing: Option<String>,
     /// Fixed delay before every answer, in milliseconds (0 = answer at once).
     #[arg(long, default_value_t = 0, value_parser = int_in(0u64, 86_400_000))]
     pub latency_ms: u64,
@@ -172,6 +176,15 @@ async fn handle(state: Arc<State>, req: Request<Bytes>) -> Result<Response<Body>
         return Ok(json(
             StatusCode::UNAUTHORIZED,
             &error_body("Incorrect API key provided"),
+        ));
+    }
+    if f.fail_containing
+        .as_ref()
+        .is_some_and(|t| prompt.contains(t.as_str()))
+    {
+        return Ok(json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &error_body("internal error (--fail-containing)"),
         ));
     }
     if f.latency_ms > 0 {
@@ -422,7 +435,8 @@ fn answer_for(prompt: &str, code: Code) -> String {
         "It was day {} and everyone was happy.",
         h % 100_000
     ));
-    if prompt.contains("Python") {
+    // Textbook prompts, prose ones included, get a section's length.
+    if prompt.contains("Python") || prompt.contains("textbook") {
         for i in 0..18u64 {
             let f = FILLER[((h >> (i * 3)) % FILLER.len() as u64) as usize];
             parts.push(format!("In the next example {f}."));
