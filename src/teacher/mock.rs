@@ -415,6 +415,9 @@ fn answer_for(prompt: &str, code: Code) -> String {
     if prompt.contains("grade the student's completion") {
         return grade_story(prompt);
     }
+    if prompt.contains("follows the instructions") {
+        return judge_instructions(prompt);
+    }
     let quoted: Vec<&str> = prompt
         .split(['"', '“', '”'])
         .skip(1)
@@ -493,6 +496,23 @@ fn grade_story(prompt: &str) -> String {
         "The completion continues the story.\nGrammar: {}/10\nCreativity: {}/10\nConsistency: {}/10\nPlot: {}/10\nAge group: {age}",
         g(0), g(1), g(2), g(3)
     )
+}
+
+/// An instruction-following prompt (`phigen eval stories --instruct`) gets an answer to each
+/// labelled line it asks for, from a hash of the prompt: `Consistency: N/10` (1–10) and
+/// `<Feature>: yes|no`.
+fn judge_instructions(prompt: &str) -> String {
+    let h = hash64(prompt, 0, 4);
+    let mut lines = vec!["The story follows some of the instructions.".to_string()];
+    for (i, line) in prompt.lines().enumerate() {
+        if line.starts_with("Consistency: N/10") {
+            lines.push(format!("Consistency: {}/10", 1 + h % 10));
+        } else if let Some(label) = line.strip_suffix(": yes or no") {
+            let yes = (h >> (i % 64)) & 1 == 1;
+            lines.push(format!("{label}: {}", if yes { "yes" } else { "no" }));
+        }
+    }
+    lines.join("\n")
 }
 
 fn hash64(prompt: &str, n: u64, salt: u8) -> u64 {
