@@ -281,7 +281,23 @@ row! {
         pub adjective: String,
         pub features: Vec<String>,
         pub model: String,
+        /// The prompts behind the record, as `id vVERSION (hash)`: the story's, and the summary's
+        /// when the prefix has one.
+        pub story_template: String,
+        pub summary_template: Option<String>,
     }
+}
+
+/// `id vVERSION (hash)`: a template as records name it.
+fn template_name(t: &Template) -> String {
+    format!("{} v{} ({})", t.id, t.version, t.hash)
+}
+
+/// What every record of a run shares.
+struct Shared {
+    seed: u64,
+    story_template: String,
+    summary_template: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -429,7 +445,7 @@ fn plan(seed: u64, stories: Vec<StoryRow>) -> Vec<Planned> {
 }
 
 /// The record of a planned story, once its summary (if its prefix has one) is known.
-fn record(p: &Planned, summary: Option<&str>, seed: u64) -> Option<InstructRecord> {
+fn record(p: &Planned, summary: Option<&str>, shared: &Shared) -> Option<InstructRecord> {
     let s = &p.story;
     let mut lines = Vec::new();
     for &field in &p.fields {
@@ -452,7 +468,7 @@ fn record(p: &Planned, summary: Option<&str>, seed: u64) -> Option<InstructRecor
         id: s.id.clone(),
         kind: "tinystories_instruct",
         slot: s.slot,
-        seed,
+        seed: shared.seed,
         text: document(&lines, &s.text),
         story: s.text.clone(),
         fields: p.fields.iter().map(|f| f.label().to_string()).collect(),
@@ -468,6 +484,11 @@ fn record(p: &Planned, summary: Option<&str>, seed: u64) -> Option<InstructRecor
         adjective: s.adjective.clone(),
         features: s.features.clone(),
         model: s.model.clone(),
+        story_template: shared.story_template.clone(),
+        summary_template: p
+            .fields
+            .contains(&Field::Summary)
+            .then(|| shared.summary_template.clone()),
     })
 }
 
@@ -550,6 +571,11 @@ pub async fn run(
     let _lock = DirLock::exclusive(&opts.out)?;
     let work = opts.out.join(WORK_DIR);
     let (stories_dir, summaries_dir) = (work.join("stories"), work.join("summaries"));
+    let shared = Shared {
+        seed: opts.seed,
+        story_template: template_name(stories.template()),
+        summary_template: template_name(&summary_template),
+    };
     let teacher = LoadedTeacher::load(cfg, opts.seed).await?;
     let story_opts = GenerateOptions {
         out: stories_dir.clone(),
@@ -630,7 +656,7 @@ pub async fn run(
 
     let records: Vec<InstructRecord> = planned
         .iter()
-        .filter_map(|p| record(p, summaries.get(&p.story.id).map(String::as_str), opts.seed))
+        .filter_map(|p| record(p, summaries.get(&p.story.id).map(String::as_str), &shared))
         .collect();
     let waiting = planned.len() - records.len();
     let mut per_field: BTreeMap<String, u64> = BTreeMap::new();
@@ -770,20 +796,26 @@ mod tests {
             fields: vec![Field::Summary, Field::Words],
             sentence: Some("He saw a red ball.".into()),
         };
-        assert!(record(&p, None, 0).is_none(), "waits for its summary");
-        let r = record(&p, Some("Summary: Tom finds a ball."), 0).unwrap();
+        let shared = Shared {
+            seed: 0,
+            story_template: "tinystories v1 (h)".into(),
+            summary_template: "story-summary v1 (h)".into(),
+        };
+        assert!(record(&p, None, &shared).is_none(), "waits for its summary");
+        let r = record(&p, Some("Summary: Tom finds a ball."), &shared).unwrap();
         assert_eq!(
             r.text,
             "Summary: Tom finds a ball.\nWords: run, ball, red\nStory: Tom ran to the park. He saw a red ball."
         );
         assert_eq!(r.fields, vec!["Summary", "Words"]);
         assert_eq!(r.sentence, None);
+        assert_eq!(r.summary_template.as_deref(), Some("story-summary v1 (h)"));
         let p = Planned {
             story,
             fields: vec![Field::Features, Field::Sentence],
             sentence: Some("He saw a red ball.".into()),
         };
-        let r = record(&p, None, 0).unwrap();
+        let r = record(&p, None, &shared).unwrap();
         assert_eq!(
             r.text.lines().take(2).collect::<Vec<_>>(),
             vec![
@@ -791,6 +823,6 @@ mod tests {
                 "Sentence: He saw a red ball."
             ]
         );
-        assert_eq!(r.summary, None);
+        assert_eq!((r.summary, r.summary_template), (None, None));
     }
 }
