@@ -550,8 +550,9 @@ where
 
 /// `phigen stories --instruct`: stories, then the summaries their prefixes need, then the joined
 /// records (see the module documentation). Returns the stories run's stats with the summaries
-/// run's requests, tokens and cost added, `records` = instruct records written, and the prefix
-/// counts in `corpus.instruct`; the same goes to `OUT/stats.json`.
+/// run's requests, tokens and cost added, `records` = the instruct records in `OUT`,
+/// `run.written` = those new since the last join, and the prefix counts in `corpus.instruct`;
+/// the same goes to `OUT/stats.json`.
 pub async fn run(
     stories: Arc<Stories>,
     summary_template: Template,
@@ -664,11 +665,16 @@ pub async fn run(
         *per_field.entry(f.clone()).or_default() += 1;
     }
     let written = records.len() as u64;
+    let mut before = 0;
+    for path in shards::list_files(&opts.out, &RECORDS)? {
+        before += table::read_columns(&path, &["id"])?.height() as u64;
+    }
     write_records(&opts.out, records, opts.shard_size)?;
 
     let story_corpus = std::mem::take(&mut stats.corpus);
     stats.kind = "tinystories_instruct".into();
     stats.records = written;
+    stats.run.written = written.saturating_sub(before);
     stats.complete = stats.complete && waiting == 0;
     stats.corpus = json!({
         "stories": story_corpus,
