@@ -1137,3 +1137,41 @@ async fn prose_textbooks_keep_prose_and_code_sections_with_topic_path_and_snippe
         stderr(&o)
     );
 }
+
+/// `--max-cost` bounds a whole `stories --instruct` run, summaries included: with a limit
+/// 0.0001 USD above what the stories cost (measured by a plain `phigen stories` run of the same
+/// prompts, as the mock answers them the same way), the summaries get only that remainder, less
+/// than one summary request may cost (prompt of 100+ tokens and 100 output tokens at 1 USD per 1M),
+/// so none is sent and the run stops on the budget without exceeding the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_cost_bounds_stories_and_summaries_together() {
+    let server = mock(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let price = [
+        "--price-input",
+        "1",
+        "--price-output",
+        "1",
+        "--max-tokens",
+        "100",
+    ];
+    let plain = dir.path().join("plain");
+    let o = run(stories_cmd(&server, &plain, 6, &price)).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stories_cost = stats(&plain)["run"]["cost_usd"].as_f64().unwrap();
+    let limit = stories_cost + 0.0001;
+    let before = server.log.requests.load(Ordering::SeqCst);
+    let out = dir.path().join("instruct");
+    let max_cost = limit.to_string();
+    let flags = [&price[..], &["--instruct", "--max-cost", &max_cost]].concat();
+    let o = run(stories_cmd(&server, &out, 6, &flags)).await;
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    let s = stats(&out);
+    assert_eq!(s["stopped"], "budget", "{s}");
+    assert!(s["run"]["cost_usd"].as_f64().unwrap() <= limit, "{s}");
+    assert_eq!(
+        server.log.requests.load(Ordering::SeqCst) - before,
+        6,
+        "the stories only"
+    );
+}

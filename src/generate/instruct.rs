@@ -636,11 +636,17 @@ pub async fn run(
             n: to_summarize.len() as u64,
             ..opts.clone()
         };
+        // `--max-cost` bounds the whole run: the summaries get what the stories left.
+        let spent = stats.run.cost_usd.unwrap_or(0.0);
+        let summary_cfg = TeacherConfig {
+            max_cost: cfg.max_cost.map(|m| (m - spent).max(0.0)),
+            ..cfg.clone()
+        };
         let s = forwarding_stop(&state, |inner| {
             run_corpus_on(
                 corpus,
                 &teacher,
-                cfg,
+                &summary_cfg,
                 &summary_opts,
                 SUMMARY_MAX_TOKENS,
                 inner,
