@@ -25,7 +25,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::stories::{continue_stories, grades_dir, mean_ci, Continuation, MeanCi};
+use super::stories::{continue_stories, grades_dir, mean_ci, Continuation, MeanCi, Story};
 use super::{io_err, EvalError};
 use crate::artifact::outdir::DirLock;
 use crate::artifact::shards::{self, Layout};
@@ -472,9 +472,8 @@ pub async fn run(
         .filter(|(t, _)| t.needs_judge())
         .map(|(t, c)| Judged {
             index: c.index,
-            story_hash: blake3::hash(format!("{}\u{0}{}", c.beginning, c.completion).as_bytes())
-                .to_hex()[..16]
-                .to_string(),
+            // The hash story grading uses: a verdict is reused exactly for the same text.
+            story_hash: Story::new(c).story_hash,
             instructions: t.prompt[..t.prompt.len() - STORY_LABEL.len()]
                 .trim()
                 .to_string(),
