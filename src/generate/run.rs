@@ -78,6 +78,8 @@ pub enum SetupError {
     Instruct(#[from] super::instruct::InstructError),
     #[error("--web {}: web snippets seed prose sections only; pass --style prose (in a recipe: style = \"prose\") or drop --web", path.display())]
     WebWithoutProse { path: PathBuf },
+    #[error("summary prompt {}: summaries are asked for only with --instruct (in a recipe: instruct = true); add it or drop the summary prompt", path.display())]
+    SummaryWithoutInstruct { path: PathBuf },
 }
 
 impl GenerateError {
@@ -467,6 +469,9 @@ impl StoriesSettings {
             "tinystories.txt",
             stories::BUILTIN_TEMPLATE,
         )?;
+        if let (false, Some(path)) = (self.instruct, &self.summary_prompt) {
+            return Err(SetupError::SummaryWithoutInstruct { path: path.clone() }.into());
+        }
         let vocab = Vocabulary::load(self.words.as_deref()).map_err(SetupError::from)?;
         // An instruct prefix's `Words:` line must hold: such stories use all three words.
         Ok(Stories::new(
