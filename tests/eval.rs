@@ -250,3 +250,100 @@ fn eval_sandbox_attacks_fail_as_root_and_as_nobody() {
             .unwrap();
     assert_eq!(summary["sandbox_isolation"], "unsafe");
 }
+
+/// `phigen eval stories --instruct` through the binary (issue 30 item 3): instruct records made
+/// by `phigen stories --instruct` with the mock teacher, a tiny random model continuing their
+/// prefixes, and the mock judging (answers from a hash, see `src/teacher/mock.rs`).
+/// `instruct.json` counts what was asked: every record is a completion, `Words:` prefixes are the
+/// word checks, and the judge is asked once per record with a `Summary:` or a feature other than
+/// dialogue (the expected counts are read from the records themselves). A re-run reuses every
+/// continuation and verdict.
+#[tokio::test(flavor = "multi_thread")]
+async fn eval_stories_instruct_checks_what_each_prefix_asks() {
+    use phigen::artifact::table;
+    use phigen::model::{checkpoint, tokenizer::Encoding, PhiConfig, Preset};
+    let server = mock(Faults::default()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let records = tmp.path().join("instruct");
+    let o = run(common::stories_cmd(&server, &records, 10, &["--instruct"])).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let generated = server.log.requests.load(Ordering::SeqCst);
+    let part = records.join("part-00000.parquet");
+    let df = table::read_columns(&part, &["fields", "features"]).unwrap();
+    let lists = |name: &str| -> Vec<Vec<String>> {
+        df.column(name)
+            .unwrap()
+            .list()
+            .unwrap()
+            .series_iter()
+            .map(|c| {
+                c.map(|s| {
+                    s.str()
+                        .unwrap()
+                        .iter()
+                        .flatten()
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default()
+            })
+            .collect()
+    };
+    let (fields, features) = (lists("fields"), lists("features"));
+    let has = |i: usize, f: &str| fields[i].iter().any(|x| x == f);
+    let words_asked = (0..10).filter(|&i| has(i, "Words")).count();
+    let summaries = (0..10).filter(|&i| has(i, "Summary")).count();
+    let judged = (0..10)
+        .filter(|&i| {
+            has(i, "Summary") || (has(i, "Features") && features[i].iter().any(|f| f != "dialogue"))
+        })
+        .count();
+
+    let ckpt = tmp.path().join("tiny");
+    let cfg = PhiConfig {
+        vocab_size: 50304,
+        ..PhiConfig::preset(Preset::TinyPhi)
+    };
+    checkpoint::save_random(&ckpt, &cfg, 1, candle_core::DType::F32, Encoding::Gpt2).unwrap();
+    let out = tmp.path().join("eval");
+    let cmd = || {
+        let mut c = Command::new(BIN);
+        c.args(["--quiet", "eval", "stories", "--instruct"])
+            .arg(&records)
+            .arg("--checkpoint")
+            .arg(&ckpt)
+            .args(["--out", out.to_str().unwrap(), "--max-new-tokens", "16"])
+            .args(["--base-url", &server.base_url(), "--model", "mock"])
+            .env_remove("OPENAI_API_KEY")
+            .env_remove("OPENAI_BASE_URL")
+            .env_remove("PHIGEN_MODEL");
+        c
+    };
+    let o = run(cmd()).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("instruct.json")).unwrap()).unwrap();
+    assert_eq!(s["completions"], 10);
+    assert_eq!(s["words_asked"], words_asked);
+    assert_eq!(
+        s["consistency"]["n"].as_u64().unwrap_or(0),
+        summaries as u64
+    );
+    let sent = server.log.requests.load(Ordering::SeqCst);
+    assert_eq!(
+        sent - generated,
+        judged as u64,
+        "one verdict per judged story"
+    );
+    for (name, f) in s["features"].as_object().unwrap() {
+        let by = if name == "dialogue" { "rule" } else { "judge" };
+        assert_eq!(f["by"], by, "{name}");
+    }
+    let o = run(cmd()).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        server.log.requests.load(Ordering::SeqCst),
+        sent,
+        "verdicts are reused"
+    );
+}

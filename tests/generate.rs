@@ -940,3 +940,238 @@ async fn array_tasks_write_the_records_of_one_run() {
         assert_eq!(task_records(&out), expected, "{tasks} tasks");
     }
 }
+
+/// The text and prefix columns of every instruct record in `out`, by slot.
+fn instruct_records(out: &Path) -> Vec<(i64, String, String, Vec<String>)> {
+    let mut rows = Vec::new();
+    for p in std::fs::read_dir(out).unwrap().map(|e| e.unwrap().path()) {
+        let name = p.file_name().unwrap().to_str().unwrap();
+        if !(name.starts_with("part-") && name.ends_with(".parquet")) {
+            continue;
+        }
+        let df = table::read_columns(&p, &["id", "slot", "text", "fields", "features"]).unwrap();
+        let ids = table::text_column(&df, &p, "id").unwrap();
+        let slots = table::int_column(&df, &p, "slot").unwrap();
+        let texts = table::text_column(&df, &p, "text").unwrap();
+        let features = df.column("features").unwrap().list().unwrap().clone();
+        for (i, cell) in features.series_iter().enumerate() {
+            let f: Vec<String> = cell
+                .map(|s| {
+                    s.str()
+                        .unwrap()
+                        .iter()
+                        .flatten()
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default();
+            rows.push((
+                slots[i].unwrap(),
+                ids[i].clone().unwrap(),
+                texts[i].clone().unwrap(),
+                f,
+            ));
+        }
+    }
+    rows.sort();
+    rows
+}
+
+/// Issue 30 item 3 through the binary: `phigen stories --instruct`. The first run loses every
+/// summary request (the mock answers 500 to prompts containing the summary prompt's words, with
+/// no retries); the second, against a mock without that fault, sends only those summaries — not
+/// one story request again — and then every story is written with exactly the prefix fields the
+/// seeded draw (`instruct::draw`, by story id) gave it, in the paper's order, and `tokenize`
+/// packs each record as one document (the work directories are not read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instruct_stories_carry_their_drawn_prefix_and_a_lost_summary_is_sent_alone() {
+    use phigen::generate::instruct::draw;
+    const SUMMARY: &str = "Summarize the following story";
+    let lossy = mock(Faults {
+        fail_containing: Some(SUMMARY.into()),
+        ..Faults::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("instruct");
+    let flags = ["--instruct", "--retries", "0"];
+    let o = run(stories_cmd(&lossy, &out, 12, &flags)).await;
+    assert_eq!(o.status.code(), Some(4), "incomplete: {}", stderr(&o));
+    let sent = lossy.log.per_prompt.lock().unwrap().clone();
+    let story_prompts = sent.keys().filter(|p| !p.contains(SUMMARY)).count();
+    let summary_prompts = sent.keys().filter(|p| p.contains(SUMMARY)).count();
+    assert_eq!(story_prompts, 12, "one request per story");
+    assert!(sent.values().all(|&n| n == 1), "{sent:?}");
+    assert!(summary_prompts > 0, "some prefix draws Summary");
+    let first = instruct_records(&out);
+    assert_eq!(
+        first.len(),
+        12 - summary_prompts,
+        "stories without a summary wait"
+    );
+
+    let good = mock(Faults::default()).await;
+    let o = run(stories_cmd(&good, &out, 12, &flags)).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let resent = good.log.per_prompt.lock().unwrap().clone();
+    assert_eq!(resent.len(), summary_prompts, "{:?}", resent.keys());
+    assert!(
+        resent.keys().all(|p| p.contains(SUMMARY)),
+        "no story request is sent again"
+    );
+
+    let records = instruct_records(&out);
+    assert_eq!(records.len(), 12);
+    assert_eq!(stats(&out)["kind"], "tinystories_instruct");
+    for (_, id, text, features) in &records {
+        let (fields, _) = draw(0, id, !features.is_empty());
+        let (prefix, story) = text.split_once("\nStory: ").unwrap_or(("", text));
+        let labels: Vec<&str> = prefix
+            .lines()
+            .map(|l| l.split_once(": ").unwrap().0)
+            .collect();
+        let expected: Vec<&str> = fields.iter().map(|f| f.label()).collect();
+        assert_eq!(labels, expected, "{text}");
+        assert!(!story.is_empty());
+        for line in prefix.lines() {
+            let (label, value) = line.split_once(": ").unwrap();
+            match label {
+                "Sentence" => assert!(story.contains(value), "{value} is of the story"),
+                "Features" => assert_eq!(value.split(", ").count(), features.len()),
+                "Words" => assert_eq!(value.split(", ").count(), 3),
+                "Summary" => assert!(!value.is_empty()),
+                other => panic!("unexpected field {other}"),
+            }
+        }
+    }
+
+    let tok = dir.path().join("tok");
+    let o = std::process::Command::new(BIN)
+        .args(["--quiet", "tokenize", "--input"])
+        .arg(&out)
+        .arg("--out")
+        .arg(&tok)
+        .args(["--val-fraction", "0"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tok.join("meta.json")).unwrap()).unwrap();
+    assert_eq!(meta["splits"]["train"]["documents"], 12);
+}
+
+/// Issue 30 item 2 through the binary: `phigen textbooks --style prose` with the shipped prose
+/// topics plus one that names Python, and a `--web` jsonl. The mock writes code only for prompts
+/// that mention Python (`src/teacher/mock.rs`), so that topic's sections carry a code block and
+/// the others are plain prose: all are kept, each record keeps its topic path and the id of the
+/// web snippet its prompt quoted, and `--web` without `--style prose` is refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prose_textbooks_keep_prose_and_code_sections_with_topic_path_and_snippet_id() {
+    let server = mock(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let topics = dir.path().join("topics.txt");
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/seeds/prose-topics.txt"
+    ))
+    .unwrap();
+    std::fs::write(
+        &topics,
+        format!("{shipped}\ncomputers > counting with Python\n"),
+    )
+    .unwrap();
+    let web = dir.path().join("web.jsonl");
+    std::fs::write(
+        &web,
+        "{\"id\": \"w1\", \"text\": \"Clouds form when warm air rises and cools.\"}\n\
+         {\"id\": \"w2\", \"text\": \"A good breakfast gives children energy for school.\"}\n",
+    )
+    .unwrap();
+    let out = dir.path().join("prose");
+    let (topics, web) = (topics.to_str().unwrap(), web.to_str().unwrap());
+    let flags = [
+        "--topics",
+        topics,
+        "--style",
+        "prose",
+        "--web",
+        web,
+        "--max-attempts",
+        "8",
+    ];
+    let o = run(generate_cmd("textbooks", &server, &out, 40, &flags)).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_exactly_slots(&out, 40);
+    let s = stats(&out);
+    assert_eq!(s["kind"], "textbook_prose");
+    let with_code = s["corpus"]["sections_with_code"].as_u64().unwrap();
+    assert!(with_code > 0 && with_code < 40, "{}", s["corpus"]);
+    assert_eq!(s["corpus"]["sections_with_web_snippet"], 40);
+    for p in std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().path()) {
+        if !p.to_str().unwrap().ends_with(".parquet") || p.ends_with("rejects.parquet") {
+            continue;
+        }
+        let df = table::read_columns(&p, &["topic_path", "snippet_id", "code_blocks"]).unwrap();
+        let paths = table::text_column(&df, &p, "topic_path").unwrap();
+        let snippets = table::text_column(&df, &p, "snippet_id").unwrap();
+        let code = table::int_column(&df, &p, "code_blocks").unwrap();
+        for i in 0..df.height() {
+            let path = paths[i].as_deref().unwrap();
+            assert!(shipped.contains(path) || path == "computers > counting with Python");
+            assert_eq!(code[i].unwrap() > 0, path.contains("Python"), "{path}");
+            assert!(["w1", "w2"].contains(&snippets[i].as_deref().unwrap()));
+        }
+    }
+    let o = run(generate_cmd(
+        "textbooks",
+        &server,
+        &dir.path().join("code"),
+        1,
+        &["--topics", topics, "--web", web],
+    ))
+    .await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("--web") && stderr(&o).contains("--style prose"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// `--max-cost` bounds a whole `stories --instruct` run, summaries included: with a limit
+/// 0.0001 USD above what the stories cost (measured by a plain `phigen stories` run of the same
+/// prompts, as the mock answers them the same way), the summaries get only that remainder, less
+/// than one summary request may cost (prompt of 100+ tokens and 100 output tokens at 1 USD per 1M),
+/// so none is sent and the run stops on the budget without exceeding the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_cost_bounds_stories_and_summaries_together() {
+    let server = mock(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let price = [
+        "--price-input",
+        "1",
+        "--price-output",
+        "1",
+        "--max-tokens",
+        "100",
+    ];
+    let plain = dir.path().join("plain");
+    let o = run(stories_cmd(&server, &plain, 6, &price)).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stories_cost = stats(&plain)["run"]["cost_usd"].as_f64().unwrap();
+    let limit = stories_cost + 0.0001;
+    let before = server.log.requests.load(Ordering::SeqCst);
+    let out = dir.path().join("instruct");
+    let max_cost = limit.to_string();
+    let flags = [&price[..], &["--instruct", "--max-cost", &max_cost]].concat();
+    let o = run(stories_cmd(&server, &out, 6, &flags)).await;
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    let s = stats(&out);
+    assert_eq!(s["stopped"], "budget", "{s}");
+    assert!(s["run"]["cost_usd"].as_f64().unwrap() <= limit, "{s}");
+    assert_eq!(
+        server.log.requests.load(Ordering::SeqCst) - before,
+        6,
+        "the stories only"
+    );
+}

@@ -29,10 +29,13 @@ pub struct StoriesArgs {
     /// Story beginnings, one a line [default: the built-in seeds/story-beginnings.txt].
     #[arg(long)]
     pub beginnings: Option<PathBuf>,
-    /// Grading prompt [default: the built-in prompts/story-grade.txt].
+    /// Grading prompt [default: the built-in prompts/story-grade.txt; prompts/instruct-grade.txt with --instruct].
     #[arg(long)]
     pub rubric: Option<PathBuf>,
-    /// Output directory: continuations.jsonl, grades/<judge>-v<rubric>/, stories.json.
+    /// Measure instruction following instead: the model continues the prefixes of these TinyStories-Instruct records (the --out of a `phigen stories --instruct` run it was not trained on), and its stories are checked for the required words, the features (dialogue by rule, the others by the judge) and consistency with the summary (judge); writes instruct.json.
+    #[arg(long, conflicts_with = "beginnings")]
+    pub instruct: Option<PathBuf>,
+    /// Output directory: continuations.jsonl, grades/<judge>-v<rubric>/, stories.json (instruct.json with --instruct).
     #[arg(long)]
     pub out: PathBuf,
     /// Tokens the model writes after each beginning.
@@ -227,6 +230,9 @@ pub async fn eval(cmd: &EvalCommand, quiet: bool) -> anyhow::Result<Outcome> {
 
 async fn stories(a: &StoriesArgs, quiet: bool) -> anyhow::Result<Outcome> {
     use crate::eval::stories::{self, StorySettings};
+    if let Some(records) = &a.instruct {
+        return instruct(a, records, quiet).await;
+    }
     let (cfg, resolved) = a.teacher.resolve()?;
     let settings = StorySettings {
         checkpoint: a.checkpoint.clone(),
@@ -262,6 +268,58 @@ async fn stories(a: &StoriesArgs, quiet: bool) -> anyhow::Result<Outcome> {
             summary.judge,
             m.join(", "),
             summary.age_groups,
+            r.summary_path.display()
+        );
+    }
+    Ok(outcome)
+}
+
+/// `phigen eval stories --instruct DIR`.
+async fn instruct(
+    a: &StoriesArgs,
+    records: &std::path::Path,
+    quiet: bool,
+) -> anyhow::Result<Outcome> {
+    use crate::eval::instruct::{self, InstructEvalSettings};
+    if a.teacher.dry_run {
+        anyhow::bail!("--dry-run with --instruct: the judge's prompts depend on the model's stories, which a dry run does not write; run without --dry-run (the judge is asked only about features and summaries, one request per story)");
+    }
+    let (cfg, _) = a.teacher.resolve()?;
+    let settings = InstructEvalSettings {
+        checkpoint: a.checkpoint.clone(),
+        records: records.to_path_buf(),
+        rubric: a.rubric.clone(),
+        out: a.out.clone(),
+        max_new_tokens: a.max_new_tokens,
+        gen_temperature: a.gen_temperature,
+        gen_top_p: a.gen_top_p,
+        seed: a.seed,
+    };
+    let live = super::Live::start(quiet);
+    let result = instruct::run(&settings, &cfg, live.state.clone(), &|p| live.show(p)).await;
+    live.finish();
+    let r = result?;
+    let outcome = match &r.judging {
+        Some(stats) => super::finished(stats, &a.out, quiet),
+        None => Outcome::Complete,
+    };
+    if !quiet {
+        let s = &r.summary;
+        let pct = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.1}%", 100.0 * v));
+        let features: Vec<String> = s
+            .features
+            .iter()
+            .map(|(f, v)| format!("{f} {} of {} ({})", pct(v.present), v.asked, v.by))
+            .collect();
+        println!(
+            "instruct: {} completions; all words used {} of {}; features: {}; consistency with the summary {}\n  {}",
+            s.completions,
+            pct(s.all_words_used),
+            s.words_asked,
+            features.join(", "),
+            s.consistency
+                .as_ref()
+                .map_or("-".to_string(), |c| format!("{:.2} ± {:.2} (n {})", c.mean, c.ci95, c.n)),
             r.summary_path.display()
         );
     }

@@ -32,6 +32,7 @@ use crate::generate::exercises::Verify;
 use crate::generate::run::{
     CorpusSettings, ExercisesSettings, Progress, StoriesSettings, TextbooksSettings,
 };
+use crate::generate::textbooks::SectionStyle;
 use crate::teacher::factory::{self, ResolvedTeacher, TeacherConfig, TeacherSpec};
 use crate::teacher::mock::{Faults, MockServer};
 use crate::teacher::{MaxTokensField, TeacherError};
@@ -255,6 +256,12 @@ pub struct StoriesArgs {
     /// Drop stories that do not use all three required words (default: keep them and record it).
     #[arg(long)]
     pub strict_words: bool,
+    /// TinyStories-Instruct: precede each story by a random subset of `Summary:`, `Features:`, `Sentence:` and `Words:` lines (the summary is a second teacher call per story; implies --strict-words). OUT holds the joined records; the stories and summaries runs live in OUT/.phigen.instruct/.
+    #[arg(long)]
+    pub instruct: bool,
+    /// The summary prompt of --instruct [default: the built-in prompts/story-summary.txt].
+    #[arg(long, requires = "instruct")]
+    pub summary_prompt: Option<PathBuf>,
     #[command(flatten)]
     pub output: OutputArgs,
     #[command(flatten)]
@@ -272,9 +279,15 @@ pub struct TextbooksArgs {
     /// Styles file, one a line [default: the built-in seeds/styles.txt].
     #[arg(long)]
     pub styles: Option<PathBuf>,
-    /// Prompt template file [default: the built-in prompts/textbook.txt].
+    /// Prompt template file [default: the built-in prompts/textbook.txt; prompts/textbook-prose.txt with --style prose].
     #[arg(long)]
     pub prompt: Option<PathBuf>,
+    /// `code`: Python textbook sections whose code must parse (phi-1); `prose`: natural-language sections (phi-1.5: common sense, science, daily activities, theory of mind), checked for length, English, refusals, truncation and exact and near duplicates, code allowed but not required (audiences and styles default to seeds/prose-audiences.txt and seeds/prose-styles.txt).
+    #[arg(long, value_enum, default_value_t = SectionStyle::Code)]
+    pub style: SectionStyle,
+    /// With --style prose: web texts (jsonl or Parquet with `text`, `id` optional) of which each prompt quotes an excerpt, for diversity; the record keeps its id.
+    #[arg(long)]
+    pub web: Option<PathBuf>,
     /// Output directory.
     #[arg(long, default_value = "data/textbooks")]
     pub out: PathBuf,
@@ -447,6 +460,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 prompt: args.prompt,
                 max_features: args.max_features,
                 strict_words: args.strict_words,
+                instruct: args.instruct,
+                summary_prompt: args.summary_prompt,
             });
             let (output, teacher) = (&args.output, &args.teacher);
             with_storage(&[], &args.out, |_, out| async move {
@@ -460,6 +475,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 audiences: args.audiences,
                 styles: args.styles,
                 prompt: args.prompt,
+                style: args.style,
+                web: args.web,
             });
             let (output, teacher) = (&args.output, &args.teacher);
             with_storage(&[], &args.out, |_, out| async move {

@@ -8,6 +8,7 @@
 //! resumes), `results.jsonl` (task id, completion, passed, result) and `summary.json` (pass@k).
 
 pub mod code;
+pub mod instruct;
 pub mod scoreboard;
 pub mod stories;
 

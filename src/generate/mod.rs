@@ -7,6 +7,7 @@
 
 pub mod engine;
 pub mod exercises;
+pub mod instruct;
 pub mod merge;
 pub mod prompt;
 pub mod python;
@@ -58,6 +59,10 @@ pub enum DropReason {
     /// An exercise whose function is a stub: only its docstring, `pass`, `...` or a bare
     /// `return` (checked with `--verify parse`).
     NoSolution,
+    /// A prose section with too few English words (`textbooks --style prose`).
+    NotEnglish,
+    /// A prose section nearly the same as a kept one (MinHash, `textbooks --style prose`).
+    NearDuplicate,
 }
 
 impl DropReason {
@@ -79,6 +84,8 @@ impl DropReason {
             DropReason::RequestFailed => "request_failed",
             DropReason::NoDocstring => "no_docstring",
             DropReason::NoSolution => "no_solution",
+            DropReason::NotEnglish => "not_english",
+            DropReason::NearDuplicate => "near_duplicate",
         }
     }
 }
@@ -313,7 +320,7 @@ mod tests {
 
     /// Every reason, as `rejects.parquet` and `stats.json` name it (the names phigen has always
     /// written; a new reason needs a line here, or the match below stops compiling).
-    const NAMES: [(DropReason, &str); 16] = [
+    const NAMES: [(DropReason, &str); 18] = [
         (DropReason::Empty, "empty"),
         (DropReason::Truncated, "truncated"),
         (DropReason::TooShort, "too_short"),
@@ -330,6 +337,8 @@ mod tests {
         (DropReason::RequestFailed, "request_failed"),
         (DropReason::NoDocstring, "no_docstring"),
         (DropReason::NoSolution, "no_solution"),
+        (DropReason::NotEnglish, "not_english"),
+        (DropReason::NearDuplicate, "near_duplicate"),
     ];
 
     #[test]
@@ -353,6 +362,8 @@ mod tests {
                 DropReason::RequestFailed => 13,
                 DropReason::NoDocstring => 14,
                 DropReason::NoSolution => 15,
+                DropReason::NotEnglish => 16,
+                DropReason::NearDuplicate => 17,
             };
             assert_eq!(listed, i);
             assert_eq!(r.to_string(), name);

@@ -6,7 +6,7 @@
 //! Nothing here prints: the caller draws progress from [`Progress`] and summarises the returned
 //! [`Stats`]; stopping (Ctrl-C) is the caller's [`RunState::stop`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,8 +17,10 @@ use super::engine::{self, DryRun, GenerateError, GenerateOptions, RunState, Stat
 use super::exercises::{self, Exercises, Verify};
 use super::prompt::Template;
 use super::stories::{self, Stories, StoriesError, Vocabulary};
-use super::textbooks::{self, SeedListError, Textbooks};
+use super::textbooks::{self, ProseTextbooks, SectionStyle, SeedListError, Textbooks};
 use super::Corpus;
+use crate::artifact::shards::{self, Layout};
+use crate::artifact::table;
 use crate::range;
 use crate::sandbox::{Isolation, Limits, Sandbox, SandboxError};
 use crate::teacher::engine::Engine;
@@ -72,6 +74,12 @@ pub enum SetupError {
     Seeds(#[from] SeedListError),
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
+    #[error(transparent)]
+    Instruct(#[from] super::instruct::InstructError),
+    #[error("--web {}: web snippets seed prose sections only; pass --style prose (in a recipe: style = \"prose\") or drop --web", path.display())]
+    WebWithoutProse { path: PathBuf },
+    #[error("summary prompt {}: summaries are asked for only with --instruct (in a recipe: instruct = true); add it or drop the summary prompt", path.display())]
+    SummaryWithoutInstruct { path: PathBuf },
 }
 
 impl GenerateError {
@@ -352,6 +360,14 @@ pub struct StoriesSettings {
     /// Drop stories that do not use all three required words.
     #[serde(default)]
     pub strict_words: bool,
+    /// TinyStories-Instruct: each story preceded by a random subset of `Summary:`, `Features:`,
+    /// `Sentence:` and `Words:` (see [`super::instruct`]). Off is left out of the step's
+    /// identity, so recipes written before this setting keep their ids.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub instruct: bool,
+    /// The summary prompt of `instruct` [default: the built-in prompts/story-summary.txt].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary_prompt: Option<PathBuf>,
 }
 
 impl Default for StoriesSettings {
@@ -361,6 +377,8 @@ impl Default for StoriesSettings {
             prompt: None,
             max_features: default_max_features(),
             strict_words: false,
+            instruct: false,
+            summary_prompt: None,
         }
     }
 }
@@ -378,9 +396,16 @@ pub struct TextbooksSettings {
     #[serde(default)]
     pub styles: Option<PathBuf>,
     /// [default: the built-in prompts/textbook.txt; prompts/textbook-small.txt for a local
-    /// teacher]
+    /// teacher; prompts/textbook-prose.txt for prose]
     #[serde(default)]
     pub prompt: Option<PathBuf>,
+    /// Python sections (phi-1) or natural-language ones (phi-1.5). Code, the default, is left
+    /// out of the step's identity, so recipes written before this setting keep their ids.
+    #[serde(default, skip_serializing_if = "SectionStyle::is_code")]
+    pub style: SectionStyle,
+    /// Web texts (jsonl or Parquet with `text`) whose excerpts prose prompts quote, for diversity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub web: Option<PathBuf>,
 }
 
 /// CodeExercises (`phigen exercises`).
@@ -444,19 +469,77 @@ impl StoriesSettings {
             "tinystories.txt",
             stories::BUILTIN_TEMPLATE,
         )?;
+        if let (false, Some(path)) = (self.instruct, &self.summary_prompt) {
+            return Err(SetupError::SummaryWithoutInstruct { path: path.clone() }.into());
+        }
         let vocab = Vocabulary::load(self.words.as_deref()).map_err(SetupError::from)?;
+        // An instruct prefix's `Words:` line must hold: such stories use all three words.
         Ok(Stories::new(
             template,
             vocab,
             self.max_features,
-            self.strict_words,
+            self.strict_words || self.instruct,
         ))
+    }
+
+    /// Stories, then the summaries their instruct prefixes need (see [`super::instruct::run`]).
+    async fn run_instruct(
+        &self,
+        cfg: &TeacherConfig,
+        opts: &GenerateOptions,
+        max_tokens: u32,
+        state: Arc<RunState>,
+        progress: &(dyn Fn(&Progress) + Send + Sync),
+    ) -> Result<Stats, GenerateError> {
+        let summary = Template::load_or_builtin(
+            self.summary_prompt.as_deref(),
+            "story-summary.txt",
+            super::instruct::BUILTIN_SUMMARY_TEMPLATE,
+        )?;
+        let corpus = Arc::new(self.corpus()?);
+        super::instruct::run(corpus, summary, cfg, opts, max_tokens, state, progress).await
     }
 }
 
 impl TextbooksSettings {
+    /// phi-1.5's prose sections; `out` is the directory they go to, whose texts new sections
+    /// must not nearly repeat.
+    fn prose_corpus(&self, out: &Path) -> Result<ProseTextbooks, GenerateError> {
+        let template = Template::load_or_builtin(
+            self.prompt.as_deref(),
+            "textbook-prose.txt",
+            textbooks::BUILTIN_PROSE_TEMPLATE,
+        )?;
+        let seeds = || -> Result<_, SeedListError> {
+            let topics = textbooks::load_topics(Some(&self.topics))?;
+            let audiences = textbooks::load_plain(
+                self.audiences.as_deref(),
+                textbooks::BUILTIN_PROSE_AUDIENCES,
+                "prose-audiences.txt",
+            )?;
+            let styles = textbooks::load_plain(
+                self.styles.as_deref(),
+                textbooks::BUILTIN_PROSE_STYLES,
+                "prose-styles.txt",
+            )?;
+            let snippets = match &self.web {
+                Some(p) => textbooks::load_snippets(p)?,
+                None => Vec::new(),
+            };
+            Ok((topics, audiences, styles, snippets))
+        };
+        let (topics, audiences, styles, snippets) = seeds().map_err(SetupError::from)?;
+        let kept = kept_texts(out)?;
+        Ok(ProseTextbooks::new(
+            template, topics, audiences, styles, snippets, &kept,
+        ))
+    }
+
     /// `local`: the teacher runs in-process, and gets the small-model prompt unless one is given.
     fn corpus(&self, local: bool) -> Result<Textbooks, GenerateError> {
+        if let Some(web) = &self.web {
+            return Err(SetupError::WebWithoutProse { path: web.clone() }.into());
+        }
         let (name, builtin) = if local {
             ("textbook-small.txt", textbooks::BUILTIN_SMALL_TEMPLATE)
         } else {
@@ -543,6 +626,25 @@ impl ExercisesSettings {
     }
 }
 
+/// The texts already kept in a generation directory (its shards and its journal).
+fn kept_texts(dir: &Path) -> Result<Vec<String>, GenerateError> {
+    let mut texts = Vec::new();
+    for path in shards::list_files(dir, &Layout::Parts { prefix: "part" })? {
+        let df = table::read_columns(&path, &["text"])?;
+        texts.extend(
+            table::text_column(&df, &path, "text")?
+                .into_iter()
+                .flatten(),
+        );
+    }
+    for row in shards::read_journal_rows(&dir.join("records.journal.jsonl"))? {
+        if let Some(t) = row.get("text").and_then(serde_json::Value::as_str) {
+            texts.push(t.to_string());
+        }
+    }
+    Ok(texts)
+}
+
 /// Whether `cfg` resolves to an in-process teacher.
 fn local(cfg: &TeacherConfig) -> Result<bool, SetupError> {
     let resolved = cfg.resolve().map_err(SetupError::Teacher)?;
@@ -570,8 +672,16 @@ impl CorpusSettings {
     ) -> Result<Stats, GenerateError> {
         let max = self.default_max_tokens();
         match self {
+            CorpusSettings::Stories(s) if s.instruct => {
+                check_options(opts)?;
+                s.run_instruct(cfg, opts, max, state, progress).await
+            }
             CorpusSettings::Stories(s) => {
                 run_corpus(Arc::new(s.corpus()?), cfg, opts, max, state, progress).await
+            }
+            CorpusSettings::Textbooks(s) if s.style == SectionStyle::Prose => {
+                let corpus = Arc::new(s.prose_corpus(&in_task_dir(opts).out)?);
+                run_corpus(corpus, cfg, opts, max, state, progress).await
             }
             CorpusSettings::Textbooks(s) => {
                 let corpus = Arc::new(s.corpus(local(cfg)?)?);
@@ -593,7 +703,20 @@ impl CorpusSettings {
     ) -> Result<DryRun, GenerateError> {
         let max = self.default_max_tokens();
         match self {
+            // The stories' prompts; the summaries are asked for once the stories exist.
+            CorpusSettings::Stories(s) if s.instruct => {
+                let work = opts.out.join(super::instruct::WORK_DIR).join("stories");
+                let opts = GenerateOptions {
+                    out: work,
+                    ..opts.clone()
+                };
+                dry_run_corpus(Arc::new(s.corpus()?), cfg, &opts, max)
+            }
             CorpusSettings::Stories(s) => dry_run_corpus(Arc::new(s.corpus()?), cfg, opts, max),
+            CorpusSettings::Textbooks(s) if s.style == SectionStyle::Prose => {
+                let corpus = Arc::new(s.prose_corpus(&in_task_dir(opts).out)?);
+                dry_run_corpus(corpus, cfg, opts, max)
+            }
             CorpusSettings::Textbooks(s) => {
                 dry_run_corpus(Arc::new(s.corpus(local(cfg)?)?), cfg, opts, max)
             }
@@ -629,6 +752,45 @@ mod tests {
             .to_string();
         assert!(e.contains("max_feature"), "{e}");
         assert!(toml::from_str::<CorpusSettings>("corpus = \"textbooks\"\n").is_err());
+    }
+
+    /// Issue 30's recipe keys: `instruct = true` for stories and `style = "prose"` (with `web`)
+    /// for textbooks. Left at their defaults they are absent from the serialized settings, which
+    /// are the step's identity, so the ids of existing recipes do not change.
+    #[test]
+    fn instruct_and_prose_are_recipe_keys_that_leave_default_ids_alone() {
+        let s: CorpusSettings = toml::from_str("corpus = \"stories\"\ninstruct = true\n").unwrap();
+        assert!(matches!(
+            s,
+            CorpusSettings::Stories(StoriesSettings { instruct: true, .. })
+        ));
+        let s: CorpusSettings = toml::from_str(
+            "corpus = \"textbooks\"\ntopics = \"t.txt\"\nstyle = \"prose\"\nweb = \"w.jsonl\"\n",
+        )
+        .unwrap();
+        let CorpusSettings::Textbooks(t) = &s else {
+            panic!("{s:?}")
+        };
+        assert_eq!(
+            (t.style, t.web.as_deref()),
+            (SectionStyle::Prose, Some(Path::new("w.jsonl")))
+        );
+        assert!(toml::from_str::<CorpusSettings>(
+            "corpus = \"textbooks\"\ntopics = \"t.txt\"\nstyle = \"poetry\"\n"
+        )
+        .is_err());
+        let stories =
+            serde_json::to_value(CorpusSettings::Stories(StoriesSettings::default())).unwrap();
+        assert_eq!(
+            stories,
+            serde_json::json!({"corpus": "stories", "words": null, "prompt": null, "max_features": 3, "strict_words": false})
+        );
+        let code: CorpusSettings =
+            toml::from_str("corpus = \"textbooks\"\ntopics = \"t.txt\"\n").unwrap();
+        assert_eq!(
+            serde_json::to_value(code).unwrap(),
+            serde_json::json!({"corpus": "textbooks", "topics": "t.txt", "audiences": null, "styles": null, "prompt": null})
+        );
     }
 
     /// The checks `phigen stories` made before it sent anything are the library's now.

@@ -136,6 +136,21 @@ impl Vocabulary {
         })
     }
 
+    /// Whether `text` uses `word` in some inflection: the forms the word lists give it (irregular
+    /// ones included), else its regular forms.
+    pub fn uses_word(&self, text: &str, word: &str) -> bool {
+        match self.word_ids.get(word) {
+            Some(&id) => words::tokens(text).any(|t| {
+                self.lemmas_of(&t)
+                    .is_some_and(|lemmas| lemmas.contains(&id))
+            }),
+            None => {
+                let forms = words::regular_forms(word);
+                words::tokens(text).any(|t| forms.iter().any(|f| *f == t))
+            }
+        }
+    }
+
     /// The ids of the words `form` is a form of (`None`: not a word a young child knows).
     fn lemmas_of(&self, form: &str) -> Option<&[u32]> {
         let &(start, end) = self.forms.get(form)?;
@@ -221,7 +236,7 @@ row! {
 }
 
 /// Quoted speech: a pair of straight or curly double quotes around something.
-fn has_dialogue(text: &str) -> bool {
+pub fn has_dialogue(text: &str) -> bool {
     let straight = text.matches('"').count() >= 2;
     let curly = text.contains('“') && text.contains('”');
     straight || curly

@@ -5,9 +5,17 @@
 //! `seeds/styles.txt` and `prompts/textbook.txt`. An answer is kept only if it has at least one
 //! Python code block and every block parses as Python 3; `stats.json` shows code-block counts and
 //! the records per topic and per audience, so coverage is visible.
+//!
+//! With [`SectionStyle::Prose`], phi-1.5's natural-language textbooks instead ([`ProseTextbooks`]):
+//! `prompts/textbook-prose.txt`, `seeds/prose-audiences.txt` and `seeds/prose-styles.txt` by
+//! default, and optionally an excerpt of web text in each prompt (phi-1.5 put web samples into its
+//! prompts for diversity). The checks suit prose: besides the common ones (length, refusal,
+//! truncation, exact duplicates) the English share of the words and near duplicates
+//! (MinHash-LSH); code is counted but neither required nor parsed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
+use std::sync::Mutex;
 
 use polars::prelude::{DataFrame, PolarsResult};
 use rand::seq::IndexedRandom;
@@ -17,10 +25,17 @@ use serde_json::{json, Value};
 
 use super::prompt::Template;
 use super::python;
+use super::words;
 use super::{Corpus, Drop, DropReason};
 use crate::artifact::table::row;
+use crate::dedup::minhash::{estimated_similarity, MinHasher, Params};
 
 pub const BUILTIN_TEMPLATE: &str = include_str!("../../prompts/textbook.txt");
+pub const BUILTIN_PROSE_TEMPLATE: &str = include_str!("../../prompts/textbook-prose.txt");
+pub const BUILTIN_PROSE_AUDIENCES: &str = include_str!("../../seeds/prose-audiences.txt");
+pub const BUILTIN_PROSE_STYLES: &str = include_str!("../../seeds/prose-styles.txt");
+/// English function words (articles, pronouns, prepositions, …), for the English share.
+const FUNCTION_WORDS: &str = include_str!("../../seeds/tinystories/function_words.txt");
 /// The prompt a local teacher gets unless another is given: see the file's header.
 pub const BUILTIN_SMALL_TEMPLATE: &str = include_str!("../../prompts/textbook-small.txt");
 pub const BUILTIN_AUDIENCES: &str = include_str!("../../seeds/audiences.txt");
@@ -41,6 +56,11 @@ pub enum SeedListError {
         path: String,
         line: usize,
         text: String,
+    },
+    #[error("--web {path}: {source} — expected jsonl (one object with a string `text` a line, `id` optional) or Parquet with a `text` column")]
+    Web {
+        path: String,
+        source: Box<crate::artifact::docs::DocsError>,
     },
 }
 
@@ -119,6 +139,33 @@ pub fn load_plain(
 ) -> Result<Vec<String>, SeedListError> {
     let (name, text) = read_list(path, builtin, name)?;
     parse_plain(&name, &text)
+}
+
+/// The documents of a `--web` file (jsonl or Parquet with `text`), as snippets a prompt may quote.
+pub fn load_snippets(path: &Path) -> Result<Vec<Snippet>, SeedListError> {
+    let mut out = Vec::new();
+    crate::artifact::docs::read_documents(path, |batch| {
+        out.extend(
+            batch
+                .into_iter()
+                .filter(|d| !d.text.trim().is_empty())
+                .map(|d| Snippet {
+                    id: d.id,
+                    text: d.text,
+                }),
+        );
+        Ok::<(), crate::artifact::docs::DocsError>(())
+    })
+    .map_err(|source| SeedListError::Web {
+        path: path.display().to_string(),
+        source: Box::new(source),
+    })?;
+    if out.is_empty() {
+        return Err(SeedListError::Empty {
+            path: path.display().to_string(),
+        });
+    }
+    Ok(out)
 }
 
 pub struct Textbooks {
@@ -273,6 +320,327 @@ impl Corpus for Textbooks {
     }
 }
 
+/// How a textbook section is written: phi-1's Python textbooks, or phi-1.5's natural language.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum SectionStyle {
+    /// Explanation with Python code that must parse (phi-1's CodeTextbook).
+    #[default]
+    Code,
+    /// Natural-language sections; code is allowed, not required (phi-1.5).
+    Prose,
+}
+
+impl SectionStyle {
+    pub fn is_code(&self) -> bool {
+        *self == SectionStyle::Code
+    }
+}
+
+/// A web text a prose prompt may quote, by its id in the `--web` file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snippet {
+    pub id: String,
+    pub text: String,
+}
+
+/// Words of a web snippet a prompt quotes at most.
+const SNIPPET_WORDS: usize = 150;
+/// Below this share of English function words among its words (code blocks left out) a section
+/// is not English prose: English text runs at 40–50% (the, of, and, to, …), other languages
+/// match few of these words.
+pub const MIN_ENGLISH_SHARE: f64 = 0.15;
+/// A section this similar (estimated Jaccard of word 5-grams) to a kept one is a near duplicate.
+pub const NEAR_DUPLICATE: f64 = 0.8;
+
+/// The share of `text`'s words, outside fenced code blocks, that are English function words.
+pub fn english_share(english: &HashSet<String>, text: &str) -> f64 {
+    let (mut words, mut hits) = (0usize, 0usize);
+    for (i, part) in text.split("```").enumerate() {
+        if i % 2 == 1 {
+            continue; // inside a fence
+        }
+        for t in words::tokens(part) {
+            words += 1;
+            hits += usize::from(english.contains(t.as_ref()));
+        }
+    }
+    if words == 0 {
+        0.0
+    } else {
+        hits as f64 / words as f64
+    }
+}
+
+/// The sections kept so far as MinHash-LSH buckets (datatrove's 14 bands × 8 rows of word
+/// 5-grams), to find near duplicates as they are written.
+struct NearDuplicates {
+    hasher: MinHasher,
+    signatures: Vec<Vec<u64>>,
+    buckets: HashMap<(usize, u64), Vec<usize>>,
+}
+
+impl NearDuplicates {
+    fn new() -> NearDuplicates {
+        NearDuplicates {
+            hasher: MinHasher::new(Params::default()),
+            signatures: Vec::new(),
+            buckets: HashMap::new(),
+        }
+    }
+
+    /// The similarity of the kept section `text` nearly repeats, if any; otherwise `text` is
+    /// kept (from now on others are compared with it).
+    fn check_and_keep(&mut self, text: &str) -> Option<f64> {
+        let sig = self.hasher.signature(text);
+        let bands = self.hasher.params().bands;
+        let keys: Vec<(usize, u64)> = (0..bands)
+            .map(|j| (j, self.hasher.band_key(&sig, j)))
+            .collect();
+        let mut seen = HashSet::new();
+        for key in &keys {
+            for &i in self.buckets.get(key).into_iter().flatten() {
+                if seen.insert(i) {
+                    let sim = estimated_similarity(&sig, &self.signatures[i]);
+                    if sim >= NEAR_DUPLICATE {
+                        return Some(sim);
+                    }
+                }
+            }
+        }
+        let i = self.signatures.len();
+        self.signatures.push(sig);
+        for key in keys {
+            self.buckets.entry(key).or_default().push(i);
+        }
+        None
+    }
+}
+
+/// phi-1.5's natural-language textbook sections (see the module documentation).
+pub struct ProseTextbooks {
+    template: Template,
+    topics: Vec<Topic>,
+    audiences: Vec<String>,
+    styles: Vec<String>,
+    snippets: Vec<Snippet>,
+    english: HashSet<String>,
+    near: Mutex<NearDuplicates>,
+}
+
+impl ProseTextbooks {
+    /// `kept`: the texts already in the output directory, which new sections must not repeat.
+    pub fn new(
+        template: Template,
+        topics: Vec<Topic>,
+        audiences: Vec<String>,
+        styles: Vec<String>,
+        snippets: Vec<Snippet>,
+        kept: &[String],
+    ) -> ProseTextbooks {
+        let english = FUNCTION_WORDS
+            .lines()
+            .map(|l| l.split('#').next().unwrap_or("").trim())
+            .filter(|l| !l.is_empty())
+            .map(|l| l.split(':').next().unwrap_or(l).trim().to_string())
+            .collect();
+        let mut near = NearDuplicates::new();
+        for text in kept {
+            near.check_and_keep(text);
+        }
+        ProseTextbooks {
+            template,
+            topics,
+            audiences,
+            styles,
+            snippets,
+            english,
+            near: Mutex::new(near),
+        }
+    }
+}
+
+row! {
+    #[derive(Debug, Clone, Serialize)]
+    pub struct ProseConstraints {
+        /// `topic > subtopic`, as the topics file has it.
+        pub topic_path: String,
+        pub topic: String,
+        pub subtopic: Option<String>,
+        pub audience: String,
+        pub style: String,
+        /// The id of the web snippet the prompt quotes (its `id`, else `FILE:ROW`).
+        pub snippet_id: Option<String>,
+    } not columns {
+        #[serde(skip)]
+        snippet: Option<String>,
+    }
+}
+
+row! {
+    #[derive(Debug, Clone)]
+    pub struct ProseChecks {
+        pub word_count: u64,
+        pub english_share: f64,
+        /// Fenced code blocks (allowed, not required).
+        pub code_blocks: u64,
+    }
+}
+
+impl ProseTextbooks {
+    /// The checks of one answer (see [`Corpus::check`]).
+    pub fn verify(&self, _: &ProseConstraints, text: &str) -> Result<ProseChecks, Drop> {
+        let english_share = english_share(&self.english, text);
+        if english_share < MIN_ENGLISH_SHARE {
+            return Err(Drop::new(
+                DropReason::NotEnglish,
+                format!(
+                    "{:.0}% English function words < {:.0}%",
+                    100.0 * english_share,
+                    100.0 * MIN_ENGLISH_SHARE
+                ),
+            ));
+        }
+        let near = self
+            .near
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .check_and_keep(text);
+        if let Some(sim) = near {
+            return Err(Drop::new(
+                DropReason::NearDuplicate,
+                format!("estimated Jaccard {sim:.2} ≥ {NEAR_DUPLICATE} with a kept section"),
+            ));
+        }
+        Ok(ProseChecks {
+            word_count: text.split_whitespace().count() as u64,
+            english_share,
+            code_blocks: (text.matches("```").count() / 2) as u64,
+        })
+    }
+}
+
+impl Corpus for ProseTextbooks {
+    type Constraints = ProseConstraints;
+    type Checks = ProseChecks;
+
+    fn kind(&self) -> &'static str {
+        "textbook_prose"
+    }
+
+    fn template(&self) -> &Template {
+        &self.template
+    }
+
+    fn sample(&self, _slot: u64, rng: &mut ChaCha8Rng) -> ProseConstraints {
+        let t = self
+            .topics
+            .choose(rng)
+            .expect("topic lists are never empty");
+        let audience = self
+            .audiences
+            .choose(rng)
+            .expect("seed lists are never empty")
+            .clone();
+        let style = self
+            .styles
+            .choose(rng)
+            .expect("seed lists are never empty")
+            .clone();
+        let snippet = self.snippets.choose(rng);
+        ProseConstraints {
+            topic_path: match &t.subtopic {
+                Some(s) => format!("{} > {s}", t.topic),
+                None => t.topic.clone(),
+            },
+            topic: t.topic.clone(),
+            subtopic: t.subtopic.clone(),
+            audience,
+            style,
+            snippet_id: snippet.map(|s| s.id.clone()),
+            snippet: snippet.map(|s| {
+                s.text
+                    .split_whitespace()
+                    .take(SNIPPET_WORDS)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            }),
+        }
+    }
+
+    fn prompt_vars(&self, c: &ProseConstraints) -> Vec<(&'static str, String)> {
+        vec![
+            ("topic", c.topic.clone()),
+            (
+                "subtopic",
+                c.subtopic
+                    .as_ref()
+                    .map_or(String::new(), |s| format!(" (focus: {s})")),
+            ),
+            ("audience", c.audience.clone()),
+            ("style", c.style.clone()),
+            (
+                "snippet",
+                c.snippet.as_ref().map_or(String::new(), |s| {
+                    format!("\n\nFor variety, you may draw on this excerpt of a web page (do not copy it or mention it):\n{s}")
+                }),
+            ),
+        ]
+    }
+
+    fn check(
+        &self,
+        c: &ProseConstraints,
+        text: &str,
+    ) -> impl std::future::Future<Output = Result<ProseChecks, Drop>> + Send {
+        std::future::ready(self.verify(c, text))
+    }
+
+    fn word_bounds(&self) -> (usize, usize) {
+        (150, 4000)
+    }
+
+    fn typical_completion_tokens(&self) -> u64 {
+        // phi-1.5: ~20B tokens of synthetic textbooks; sections of about a thousand tokens.
+        1000
+    }
+
+    fn summary_columns(&self) -> Vec<&'static str> {
+        vec![
+            "topic",
+            "audience",
+            "style",
+            "word_count",
+            "english_share",
+            "code_blocks",
+            "snippet_id",
+        ]
+    }
+
+    fn summarize(&self, df: &DataFrame) -> PolarsResult<Value> {
+        use polars::prelude::ChunkAgg;
+        let with_code = df
+            .column("code_blocks")?
+            .i64()?
+            .iter()
+            .filter(|v| v.is_some_and(|v| v > 0))
+            .count();
+        let with_snippet = df.column("snippet_id")?.str()?.iter().flatten().count();
+        Ok(json!({
+            "sections": df.height(),
+            "mean_word_count": df.column("word_count")?.i64()?.mean(),
+            "mean_english_share": df.column("english_share")?.f64()?.mean(),
+            "sections_with_code": with_code,
+            "sections_with_web_snippet": with_snippet,
+            "per_topic": counts(df, "topic")?,
+            "per_audience": counts(df, "audience")?,
+            "per_style": counts(df, "style")?,
+        }))
+    }
+}
+
 /// Records per value of a text column.
 pub(crate) fn counts(df: &DataFrame, column: &str) -> PolarsResult<BTreeMap<String, u64>> {
     let mut m = BTreeMap::new();
@@ -345,5 +713,73 @@ mod tests {
             "{}",
             d.detail
         );
+    }
+
+    fn prose(kept: &[String]) -> ProseTextbooks {
+        ProseTextbooks::new(
+            Template::parse("textbook-prose.txt", BUILTIN_PROSE_TEMPLATE).unwrap(),
+            parse_topics("t.txt", "science > the water cycle\n").unwrap(),
+            parse_plain("a.txt", BUILTIN_PROSE_AUDIENCES).unwrap(),
+            parse_plain("s.txt", BUILTIN_PROSE_STYLES).unwrap(),
+            vec![Snippet {
+                id: "web-7".into(),
+                text: "Rain falls when clouds get heavy.".into(),
+            }],
+            kept,
+        )
+    }
+
+    /// A paragraph about the water cycle, written for these tests.
+    const WATER: &str = "Water moves in a cycle. The sun warms the sea and some of the water turns into vapour that rises into the air. High in the sky the vapour cools and becomes tiny drops, and the drops gather into clouds. When the drops grow heavy they fall back to the ground as rain or snow. The rain runs into rivers, and the rivers carry it back to the sea, where the journey starts again.";
+
+    /// English prose is well above the threshold, French and German below it (the same
+    /// paragraph translated by hand), and code blocks do not count either way.
+    #[test]
+    fn the_english_share_tells_english_prose_from_other_languages() {
+        let p = prose(&[]);
+        let en = english_share(&p.english, WATER);
+        assert!(en > 0.3, "{en}");
+        let fr = "L'eau se déplace en cycle. Le soleil réchauffe la mer et une partie de l'eau se transforme en vapeur qui monte dans l'air. Quand les gouttes deviennent lourdes, elles retombent sous forme de pluie.";
+        let de = "Wasser bewegt sich in einem Kreislauf. Die Sonne erwärmt das Meer und ein Teil des Wassers wird zu Dampf, der in die Luft steigt. Wenn die Tropfen schwer werden, fallen sie als Regen zurück.";
+        for other in [fr, de] {
+            let share = english_share(&p.english, other);
+            assert!(share < MIN_ENGLISH_SHARE, "{share}: {other}");
+        }
+        let with_code = format!("{WATER}\n```python\nx_1 = compute(y_2, z_3)\n```\n");
+        assert_eq!(english_share(&p.english, &with_code), en);
+    }
+
+    /// Prose needs no code but keeps a section that has some; a foreign-language section and a
+    /// near copy of a kept one (one word changed, or kept by an earlier run) are dropped by reason.
+    #[test]
+    fn prose_checks_accept_code_and_drop_foreign_and_near_duplicate_sections() {
+        let p = prose(&[]);
+        let c = p.sample(0, &mut rand::SeedableRng::seed_from_u64(1));
+        assert_eq!(c.topic_path, "science > the water cycle");
+        assert_eq!(c.snippet_id.as_deref(), Some("web-7"));
+        let k = p.verify(&c, WATER).unwrap();
+        assert_eq!(k.code_blocks, 0);
+        let near = WATER.replace("tiny drops", "small drops");
+        assert_eq!(
+            p.verify(&c, &near).unwrap_err().reason,
+            DropReason::NearDuplicate
+        );
+        let coded = "Computers can help us measure rain. A rain gauge collects the water that falls in a day, and we can write the amounts down and add them up to see how much rain fell in a week. The numbers show which days were wet and which were dry, and they help farmers plan when to water their fields.\n\n```python\nrain = [3, 0, 5]\nprint(sum(rain))\n```\n";
+        assert_eq!(p.verify(&c, coded).unwrap().code_blocks, 1);
+        let de = "Wasser bewegt sich in einem Kreislauf. Die Sonne erwärmt das Meer und ein Teil des Wassers wird zu Dampf.";
+        assert_eq!(p.verify(&c, de).unwrap_err().reason, DropReason::NotEnglish);
+        let resumed = prose(&[WATER.to_string()]);
+        assert_eq!(
+            resumed.verify(&c, &near).unwrap_err().reason,
+            DropReason::NearDuplicate
+        );
+        let vars = p.prompt_vars(&c);
+        let values: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let prompt = p.template().render(&values).unwrap();
+        assert!(
+            prompt.contains("Rain falls when clouds get heavy."),
+            "{prompt}"
+        );
+        assert!(!prompt.contains("Python"), "{prompt}");
     }
 }

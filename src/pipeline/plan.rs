@@ -205,12 +205,15 @@ fn data_dir(run: &Path, name: &str, id: &str) -> PathBuf {
 fn corpus_files(c: &CorpusSettings) -> Vec<PathBuf> {
     let opt = |p: &Option<PathBuf>| p.iter().cloned().collect::<Vec<_>>();
     match c {
-        CorpusSettings::Stories(s) => [opt(&s.words), opt(&s.prompt)].concat(),
+        CorpusSettings::Stories(s) => {
+            [opt(&s.words), opt(&s.prompt), opt(&s.summary_prompt)].concat()
+        }
         CorpusSettings::Textbooks(s) => [
             vec![s.topics.clone()],
             opt(&s.audiences),
             opt(&s.styles),
             opt(&s.prompt),
+            opt(&s.web),
         ]
         .concat(),
         CorpusSettings::Exercises(s) => [opt(&s.topics), opt(&s.names), opt(&s.prompt)].concat(),

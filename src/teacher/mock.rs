@@ -68,6 +68,10 @@ pub struct Faults {
     /// Answer every request 401 (a revoked key).
     #[arg(long)]
     pub unauthorized: bool,
+    /// Answer 500 to every request whose prompt contains this text (to lose one kind of request,
+    /// e.g. the summaries of `phigen stories --instruct`, while the others succeed).
+    #[arg(long)]
+    pub fail_containing: Option<String>,
     /// Fixed delay before every answer, in milliseconds (0 = answer at once).
     #[arg(long, default_value_t = 0, value_parser = int_in(0u64, 86_400_000))]
     pub latency_ms: u64,
@@ -172,6 +176,15 @@ async fn handle(state: Arc<State>, req: Request<Bytes>) -> Result<Response<Body>
         return Ok(json(
             StatusCode::UNAUTHORIZED,
             &error_body("Incorrect API key provided"),
+        ));
+    }
+    if f.fail_containing
+        .as_ref()
+        .is_some_and(|t| prompt.contains(t.as_str()))
+    {
+        return Ok(json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &error_body("internal error (--fail-containing)"),
         ));
     }
     if f.latency_ms > 0 {
@@ -402,6 +415,9 @@ fn answer_for(prompt: &str, code: Code) -> String {
     if prompt.contains("grade the student's completion") {
         return grade_story(prompt);
     }
+    if prompt.contains("follows the instructions") {
+        return judge_instructions(prompt);
+    }
     let quoted: Vec<&str> = prompt
         .split(['"', '“', '”'])
         .skip(1)
@@ -422,7 +438,8 @@ fn answer_for(prompt: &str, code: Code) -> String {
         "It was day {} and everyone was happy.",
         h % 100_000
     ));
-    if prompt.contains("Python") {
+    // Textbook prompts, prose ones included, get a section's length.
+    if prompt.contains("Python") || prompt.contains("textbook") {
         for i in 0..18u64 {
             let f = FILLER[((h >> (i * 3)) % FILLER.len() as u64) as usize];
             parts.push(format!("In the next example {f}."));
@@ -479,6 +496,23 @@ fn grade_story(prompt: &str) -> String {
         "The completion continues the story.\nGrammar: {}/10\nCreativity: {}/10\nConsistency: {}/10\nPlot: {}/10\nAge group: {age}",
         g(0), g(1), g(2), g(3)
     )
+}
+
+/// An instruction-following prompt (`phigen eval stories --instruct`) gets an answer to each
+/// labelled line it asks for, from a hash of the prompt: `Consistency: N/10` (1–10) and
+/// `<Feature>: yes|no`.
+fn judge_instructions(prompt: &str) -> String {
+    let h = hash64(prompt, 0, 4);
+    let mut lines = vec!["The story follows some of the instructions.".to_string()];
+    for (i, line) in prompt.lines().enumerate() {
+        if line.starts_with("Consistency: N/10") {
+            lines.push(format!("Consistency: {}/10", 1 + h % 10));
+        } else if let Some(label) = line.strip_suffix(": yes or no") {
+            let yes = (h >> (i % 64)) & 1 == 1;
+            lines.push(format!("{label}: {}", if yes { "yes" } else { "no" }));
+        }
+    }
+    lines.join("\n")
 }
 
 fn hash64(prompt: &str, n: u64, salt: u8) -> u64 {
