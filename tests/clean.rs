@@ -520,3 +520,102 @@ fn dedup_array_tasks_write_what_one_run_writes() {
         assert_eq!(stats(&out)["kept"], removed["kept"]);
     }
 }
+
+/// Issue 27's contract for `phigen annotate`: 3 Slurm array tasks rate, between them, exactly the
+/// sample one run rates, each file once with the same score (the oracle: a whole run of the same
+/// binary against the same mock teacher, whose score depends only on the file); `phigen merge`
+/// first names the unfinished task; a relaunched finished task sends nothing; `phigen classify
+/// train --labels` reads the array's ratings like the whole run's.
+#[tokio::test(flavor = "multi_thread")]
+async fn annotate_as_slurm_array_tasks_rates_the_sample_of_one_run() {
+    let server = mock(Faults::default()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let stack = tmp.path().join("stack");
+    std::fs::create_dir_all(&stack).unwrap();
+    for i in 0..60 {
+        let text = if i % 2 == 0 {
+            format!("def add_{i}(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"\n    return a + b\n")
+        } else {
+            format!(
+                "DATA_{i} = [{}]\n",
+                (0..40)
+                    .map(|k| (k * i).to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        std::fs::write(stack.join(format!("f{i:03}.py")), text).unwrap();
+    }
+    let annotate = |out: &std::path::Path, task: Option<usize>| {
+        let mut c = Command::new(BIN);
+        c.args(["--quiet", "annotate", "--input", stack.to_str().unwrap()])
+            .args(["--out", out.to_str().unwrap(), "--sample", "25"])
+            .args(["--base-url", &server.base_url(), "--model", "mock"])
+            .args(["--price-input", "0", "--price-output", "0"])
+            .env_remove("OPENAI_API_KEY")
+            .env_remove("OPENAI_BASE_URL")
+            .env_remove("PHIGEN_MODEL");
+        if let Some(k) = task {
+            c.env("SLURM_ARRAY_TASK_ID", k.to_string())
+                .env("SLURM_ARRAY_TASK_COUNT", "3");
+        }
+        c
+    };
+    // (file_id, score) of every rating under `dir`, sorted.
+    let ratings = |dir: &std::path::Path| {
+        let mut all = Vec::new();
+        for (rel, _) in tree_bytes(dir) {
+            let name = rel.rsplit('/').next().unwrap();
+            if name.starts_with("part-") && name.ends_with(".parquet") {
+                let df = phigen::artifact::table::read_frame(&dir.join(&rel), None).unwrap();
+                let ids = phigen::artifact::table::text_column(&df, dir, "file_id").unwrap();
+                let scores = phigen::artifact::table::int_column(&df, dir, "score").unwrap();
+                all.extend(
+                    ids.into_iter()
+                        .zip(scores)
+                        .map(|(i, s)| (i.unwrap(), s.unwrap())),
+                );
+            }
+        }
+        all.sort();
+        all
+    };
+    let whole = tmp.path().join("whole");
+    let o = run(annotate(&whole, None)).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let expected = ratings(&whole);
+    assert_eq!(expected.len(), 25);
+
+    let arr = tmp.path().join("array");
+    for k in [0, 2] {
+        let o = run(annotate(&arr, Some(k))).await;
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let merge = || {
+        let mut c = Command::new(BIN);
+        c.args(["--quiet", "merge", arr.to_str().unwrap()]);
+        c
+    };
+    let o = run(merge()).await;
+    assert!(
+        !o.status.success() && stderr(&o).contains("tasks 1;"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(annotate(&arr, Some(1))).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let sent = server.log.requests.load(Ordering::SeqCst);
+    let o = run(annotate(&arr, Some(1))).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        server.log.requests.load(Ordering::SeqCst),
+        sent,
+        "a finished task sends nothing"
+    );
+    let o = run(merge()).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(ratings(&arr), expected);
+    assert_eq!(stats(&arr)["kept"], stats(&whole)["kept"]);
+    let labels = phigen::classify::annotate::load_labels(&arr).unwrap();
+    assert_eq!(labels.len(), 25);
+}

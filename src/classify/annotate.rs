@@ -22,6 +22,7 @@ use super::{io_err, ClassifyError};
 use crate::artifact::atomic;
 use crate::artifact::shards::{self, Layout};
 use crate::artifact::table::{self, row};
+use crate::artifact::task::{self, Task};
 use crate::generate::prompt::Template;
 use crate::generate::{Corpus, Drop, DropReason};
 
@@ -410,7 +411,21 @@ pub fn load_labels(path: &Path) -> Result<HashMap<String, Label>, ClassifyError>
     };
     let mut labels = HashMap::new();
     if path.is_dir() {
-        for file in shards::list_files(path, &RECORDS)? {
+        // The ratings of one run, or of the N tasks of an array (`phigen annotate --shard`), each
+        // in its own `tasks/K`, all of them finished (`phigen merge` checks that too).
+        let dirs: Vec<PathBuf> = if path.join(task::COMPLETIONS).is_dir() {
+            let n = task::all_finished(path)
+                .map_err(|e| bad(e.to_string()))?
+                .len();
+            (0..n).map(|k| Task { k, n }.dir(path)).collect()
+        } else {
+            vec![path.to_path_buf()]
+        };
+        let files = dirs
+            .iter()
+            .map(|d| shards::list_files(d, &RECORDS))
+            .collect::<Result<Vec<_>, _>>()?;
+        for file in files.into_iter().flatten() {
             let df = table::read_columns(&file, &["file_id", "score"])?;
             let ids = table::text_column(&df, &file, "file_id")?;
             let scores = table::int_column(&df, &file, "score")?;

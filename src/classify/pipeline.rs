@@ -16,6 +16,7 @@ use super::annotate::{self, Annotate};
 use super::embed::EmbedderSpec;
 use super::forest::ForestParams;
 use super::{ClassifyError, FilterOptions, FilterStats, InputOptions, TrainOptions, TrainReport};
+use crate::artifact::task::Task;
 use crate::generate::engine::{
     DryRun, GenerateError, GenerateOptions, RunState, Stats, StopReason,
 };
@@ -247,6 +248,7 @@ fn prepare(
     s: &SampleSettings,
     out: &Path,
     teacher: &TeacherConfig,
+    task: Option<Task>,
 ) -> Result<Prepared, PipelineError> {
     if s.sample == 0 {
         return Err(PipelineError::NothingToRate);
@@ -275,7 +277,10 @@ fn prepare(
     if sample.len() < s.sample {
         tracing::warn!("only {} readable files: rating all of them", sample.len());
     }
-    annotate::record_sample(out, &input.inputs, s.seed, &sample)?;
+    // Every task draws the same sample (a function of the seed) and rates its slots i mod N = K;
+    // each records the sample in its own directory, so tasks starting together do not race.
+    let recorded = task.map_or(out.to_path_buf(), |t| t.dir(out));
+    annotate::record_sample(&recorded, &input.inputs, s.seed, &sample)?;
     let opts = GenerateOptions {
         out: out.to_path_buf(),
         n: sample.len() as u64,
@@ -283,7 +288,7 @@ fn prepare(
         max_attempts: s.max_attempts,
         shard_size: 1000,
         concurrency: teacher.concurrency,
-        task: None,
+        task,
     };
     Ok(Prepared {
         template,
@@ -388,16 +393,18 @@ async fn loaded_corpus(
     Ok((Arc::new(corpus), opts, loaded))
 }
 
-/// `phigen annotate`: the teacher rates the sample of `input` into `out`.
+/// `phigen annotate`: the teacher rates the sample of `input` into `out`; as `task` of an array,
+/// its share of the sample into `out/tasks/K`, then its marker (`phigen merge` combines them).
 pub async fn annotate(
     input: &InputOptions,
     sample: &SampleSettings,
     out: &Path,
     teacher: &TeacherConfig,
+    task: Option<Task>,
     state: Arc<RunState>,
     progress: &(dyn Fn(&Progress) + Send + Sync),
 ) -> Result<Stats, PipelineError> {
-    let prepared = prepare(input, sample, out, teacher)?;
+    let prepared = prepare(input, sample, out, teacher, task)?;
     let (corpus, opts, loaded) = loaded_corpus(prepared, sample, teacher).await?;
     Ok(run_corpus_on(
         corpus,
@@ -419,7 +426,7 @@ pub fn annotate_dry_run(
     out: &Path,
     teacher: &TeacherConfig,
 ) -> Result<DryRun, PipelineError> {
-    let prepared = prepare(input, sample, out, teacher)?;
+    let prepared = prepare(input, sample, out, teacher, None)?;
     let (corpus, opts, _) = dry_corpus(prepared, sample, teacher)?;
     Ok(dry_run_corpus(corpus, teacher, &opts, RATING_MAX_TOKENS)?)
 }
@@ -492,7 +499,7 @@ pub fn dry_run(
     if rated >= recipe.sample.sample {
         return Ok(FilterDryRun::AlreadyRated { files: rated });
     }
-    let prepared = prepare(&recipe.input, &recipe.sample, &labels, teacher)?;
+    let prepared = prepare(&recipe.input, &recipe.sample, &labels, teacher, None)?;
     let (corpus, opts, model) = dry_corpus(prepared, &recipe.sample, teacher)?;
     let plan = dry_run_corpus(corpus, teacher, &opts, RATING_MAX_TOKENS)?;
     Ok(FilterDryRun::Rate {
@@ -519,7 +526,7 @@ async fn rate(
     if rated(labels) >= recipe.sample.sample {
         return Ok(());
     }
-    let prepared = prepare(&recipe.input, &recipe.sample, labels, teacher)?;
+    let prepared = prepare(&recipe.input, &recipe.sample, labels, teacher, None)?;
     let (corpus, opts, loaded) = loaded_corpus(prepared, &recipe.sample, teacher).await?;
     let plan = dry_run_corpus(corpus.clone(), teacher, &opts, RATING_MAX_TOKENS)?;
     // Named as the loaded teacher names itself: what really rates (a local teacher's file).
@@ -619,7 +626,7 @@ mod tests {
                 max_file_tokens: Some(bad),
                 ..SampleSettings::default()
             };
-            let e = prepare(&input, &s, dir.path(), &TeacherConfig::default())
+            let e = prepare(&input, &s, dir.path(), &TeacherConfig::default(), None)
                 .err()
                 .expect("refused")
                 .to_string();

@@ -91,6 +91,8 @@ pub struct AnnotateArgs {
     pub sample: SampleArgs,
     #[command(flatten)]
     pub teacher: TeacherArgs,
+    #[command(flatten)]
+    pub array: super::ArrayArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -270,10 +272,26 @@ pub async fn annotate(args: &AnnotateArgs, quiet: bool) -> anyhow::Result<Outcom
         print_dry_run(&plan, &resolved.model);
         return Ok(Outcome::Complete);
     }
+    let task = args.array.task()?;
+    if let Some(t) = task.filter(|t| t.is_done(&args.out)) {
+        if !quiet {
+            println!(
+                "task {t} is done (its marker {} exists): nothing to do",
+                t.marker(&args.out).display()
+            );
+        }
+        return Ok(Outcome::Complete);
+    }
     let live = Live::start(quiet);
-    let result = pipeline::annotate(&input, &sample, &args.out, &cfg, live.state.clone(), &|p| {
-        live.show(p)
-    })
+    let result = pipeline::annotate(
+        &input,
+        &sample,
+        &args.out,
+        &cfg,
+        task,
+        live.state.clone(),
+        &|p| live.show(p),
+    )
     .await;
     live.finish();
     let stats = result?;

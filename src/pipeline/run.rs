@@ -672,6 +672,7 @@ async fn filter(
                 &recipe.sample,
                 &labels,
                 &cfg,
+                None,
                 state,
                 &progress,
             )
