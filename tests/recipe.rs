@@ -980,7 +980,7 @@ async fn kubernetes_jobs_are_written_for_each_step() {
     let sbatch = std::fs::read_to_string(out.join("slurm/03-train.sbatch")).unwrap();
     assert!(
         sbatch.contains("#SBATCH --ntasks=4\n#SBATCH --gpus-per-task=1\n")
-            && sbatch.contains("\nexec srun ")
+            && sbatch.contains("\nexec srun --kill-on-bad-exit=1 ")
             && !sbatch.contains("--gres"),
         "{sbatch}"
     );

@@ -198,7 +198,8 @@ fn script(o: &SlurmOptions, step: &PlannedStep, logs: &Path, part: &StepJob, gpu
     }
     let mut command = Vec::new();
     if ranks > 1 {
-        command.push("srun".to_string());
+        // A rank that fails ends the others (they would otherwise wait in a collective).
+        command.extend(["srun".to_string(), "--kill-on-bad-exit=1".to_string()]);
     }
     command.extend([quote(&o.phigen.display().to_string()), "train".to_string()]);
     command.extend(o.args.iter().map(|a| quote(a)));

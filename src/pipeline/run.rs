@@ -728,14 +728,19 @@ async fn filter(
         Err(filtering::PipelineError::Interrupted { .. }) => return Ok(StepResult::Interrupted),
         other => other?,
     };
-    Ok(StepResult::Done(json!({
+    Ok(StepResult::Done(filter_summary(&stats, cost)))
+}
+
+/// A finished filter step's numbers for its manifest.
+fn filter_summary(stats: &crate::classify::FilterStats, cost: f64) -> Value {
+    json!({
         "records": stats.kept,
         "files_scored": stats.scored,
         "kept_share": stats.kept_share,
         "tokens": stats.tokens_kept,
         "threshold": stats.threshold,
         "cost_usd_this_run": cost,
-    })))
+    })
 }
 
 /// The scoring of `recipe` as task `task` of an array, with the classifier that
@@ -793,15 +798,9 @@ fn filter_merge(
             stats.parts_this_run
         );
     }
-    Ok(StepResult::Done(json!({
-        "records": stats.kept,
-        "files_scored": stats.scored,
-        "kept_share": stats.kept_share,
-        "tokens": stats.tokens_kept,
-        "threshold": stats.threshold,
-        "cost_usd_this_run": 0.0,
-        "tasks": tasks,
-    })))
+    let mut summary = filter_summary(&stats, 0.0);
+    summary["tasks"] = json!(tasks);
+    Ok(StepResult::Done(summary))
 }
 
 /// Scores `task`'s parts of the filter's input with `model` into the step's directory.
