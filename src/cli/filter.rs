@@ -273,13 +273,7 @@ pub async fn annotate(args: &AnnotateArgs, quiet: bool) -> anyhow::Result<Outcom
         return Ok(Outcome::Complete);
     }
     let task = args.array.task()?;
-    if let Some(t) = task.filter(|t| t.is_done(&args.out)) {
-        if !quiet {
-            println!(
-                "task {t} is done (its marker {} exists): nothing to do",
-                t.marker(&args.out).display()
-            );
-        }
+    if super::task_finished(task, &args.out, quiet) {
         return Ok(Outcome::Complete);
     }
     let live = Live::start(quiet);

@@ -641,6 +641,21 @@ where
     Ok(outcome)
 }
 
+/// Whether `task` of an array writing into `out` finished already (its marker exists: a
+/// relaunched array skips it without loading a teacher); says so unless `quiet`.
+fn task_finished(task: Option<Task>, out: &Path, quiet: bool) -> bool {
+    let Some(t) = task.filter(|t| t.is_done(out)) else {
+        return false;
+    };
+    if !quiet {
+        println!(
+            "task {t} is done (its marker {} exists): nothing to do",
+            t.marker(out).display()
+        );
+    }
+    true
+}
+
 /// `phigen stories`, `textbooks` or `exercises`: the dry run's estimate, or the run with a
 /// progress bar and its summary.
 async fn generate(
@@ -652,14 +667,7 @@ async fn generate(
 ) -> anyhow::Result<Outcome> {
     let (cfg, resolved) = t.resolve()?;
     let opts = output.options(out, t)?;
-    if let Some(marker) = crate::generate::run::task_done(&opts) {
-        if !quiet {
-            println!(
-                "task {} is done (its marker {} exists): nothing to do",
-                opts.task.expect("a marker belongs to a task"),
-                marker.display()
-            );
-        }
+    if task_finished(opts.task, out, quiet) {
         return Ok(Outcome::Complete);
     }
     if t.dry_run {

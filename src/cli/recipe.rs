@@ -303,48 +303,9 @@ pub async fn run(args: &TrainArgs, quiet: bool) -> anyhow::Result<Outcome> {
     };
     let dtype: DType = args.dtype.into();
     let budget = Budget::of(&device, args.device_memory.map(|gb| gb * 1e9));
-    let plan = pipeline::plan(&p, dtype, budget, args.max_cost, args.peak_tflops).await?;
-    if args.plan || (!quiet && world.is_root()) {
-        print_plan(&plan, args.max_cost);
-    }
-    if !plan.unbudgeted.is_empty() {
-        eprintln!(
-            "error: {}",
-            PipelineError::NoBudget(plan.unbudgeted.clone())
-        );
-        return Ok(Outcome::Incomplete);
-    }
-    if args.plan {
-        return Ok(Outcome::Complete);
-    }
-    if let Some(executor) = args.executor {
-        return cluster_jobs(args, executor, &p, &plan, quiet);
-    }
-    let stop = super::train::stop_on_signals()?;
-    // Data parallel: the ranks meet now; rank 0 runs the recipe, the others wait to train with it.
-    let comm = if world.size > 1 {
-        Some(crate::train::dist::Comm::connect(&world, &p.out, &device)?)
-    } else {
-        None
-    };
-    let opts = RunOptions {
-        until: args.until.clone(),
-        only: args.only.clone(),
-        max_cost: args.max_cost,
-        device,
-        dtype,
-        device_memory: args.device_memory.map(|gb| gb * 1e9),
-        peak_tflops: args.peak_tflops,
-        stop: stop.clone(),
-        max_train_steps: args.max_steps,
-        jobs: args.jobs,
-        task: crate::artifact::task::Task::from_env(args.shard, args.shards)?,
-        dedup_stage: args.dedup_stage,
-        filter_stage: args.filter_stage,
-        world: world.clone(),
-        comm: Mutex::new(comm),
-    };
-    if world.rank > 0 {
+    if !world.is_root() && !args.plan && args.executor.is_none() {
+        // Another rank of a data parallel launch: it plans once rank 0 has run the data steps.
+        let opts = run_options(args, device, dtype, &p, world.clone())?;
         let replan = pipeline::plan(&p, dtype, budget, args.max_cost, args.peak_tflops);
         let trained = pipeline::run::follow_training(&p, &opts, replan).await?;
         if !quiet {
@@ -361,6 +322,24 @@ pub async fn run(args: &TrainArgs, quiet: bool) -> anyhow::Result<Outcome> {
         }
         return Ok(Outcome::Complete);
     }
+    let plan = pipeline::plan(&p, dtype, budget, args.max_cost, args.peak_tflops).await?;
+    if args.plan || !quiet {
+        print_plan(&plan, args.max_cost);
+    }
+    if !plan.unbudgeted.is_empty() {
+        eprintln!(
+            "error: {}",
+            PipelineError::NoBudget(plan.unbudgeted.clone())
+        );
+        return Ok(Outcome::Incomplete);
+    }
+    if args.plan {
+        return Ok(Outcome::Complete);
+    }
+    if let Some(executor) = args.executor {
+        return cluster_jobs(args, executor, &p, &plan, quiet);
+    }
+    let opts = run_options(args, device, dtype, &p, world)?;
     let bars = Bars {
         quiet,
         multi: MultiProgress::new(),
@@ -399,6 +378,39 @@ pub async fn run(args: &TrainArgs, quiet: bool) -> anyhow::Result<Outcome> {
             );
             Outcome::Interrupted
         }
+    })
+}
+
+/// What the runner needs from the flags; on a data parallel launch the ranks meet here (rank 0
+/// then runs the recipe, the others wait to train with it).
+fn run_options(
+    args: &TrainArgs,
+    device: candle_core::Device,
+    dtype: DType,
+    p: &Pipeline,
+    world: crate::train::dist::World,
+) -> anyhow::Result<RunOptions> {
+    let comm = if world.size > 1 {
+        Some(crate::train::dist::Comm::connect(&world, &p.out, &device)?)
+    } else {
+        None
+    };
+    Ok(RunOptions {
+        until: args.until.clone(),
+        only: args.only.clone(),
+        max_cost: args.max_cost,
+        device,
+        dtype,
+        device_memory: args.device_memory.map(|gb| gb * 1e9),
+        peak_tflops: args.peak_tflops,
+        stop: super::train::stop_on_signals()?,
+        max_train_steps: args.max_steps,
+        jobs: args.jobs,
+        task: crate::artifact::task::Task::from_env(args.shard, args.shards)?,
+        dedup_stage: args.dedup_stage,
+        filter_stage: args.filter_stage,
+        world,
+        comm: Mutex::new(comm),
     })
 }
 

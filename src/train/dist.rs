@@ -170,9 +170,10 @@ impl World {
         self.rank == 0
     }
 
-    /// The micro-batches of a step of `micro_batches` that this rank computes.
-    pub fn my_micro_batches(&self, micro_batches: usize) -> impl Iterator<Item = usize> {
-        (self.rank..micro_batches).step_by(self.size)
+    /// The items of `0..n` this rank computes (a step's micro-batches, the validation batches):
+    /// every N-th from its rank.
+    pub fn my_share(&self, n: usize) -> impl Iterator<Item = usize> {
+        (self.rank..n).step_by(self.size)
     }
 }
 
@@ -230,14 +231,20 @@ impl Comm {
         }
     }
 
+    /// The sockets between the ranks (NCCL's rendezvous carries the host sums too); `None` in
+    /// one process.
+    fn ipc(&mut self) -> Option<&mut Ipc> {
+        match self {
+            Comm::Single => None,
+            Comm::Ipc(ipc) => Some(ipc),
+            #[cfg(feature = "cuda")]
+            Comm::Nccl(n) => Some(&mut n.ipc),
+        }
+    }
+
     /// Sums a few host numbers over the ranks (losses, counts, flags).
     pub fn sum_host(&mut self, values: &mut [f32]) -> Result<(), DistError> {
-        match self {
-            Comm::Single => Ok(()),
-            Comm::Ipc(ipc) => ipc.all_reduce_sum(values),
-            #[cfg(feature = "cuda")]
-            Comm::Nccl(n) => n.ipc.all_reduce_sum(values),
-        }
+        self.ipc().map_or(Ok(()), |ipc| ipc.all_reduce_sum(values))
     }
 
     /// Rank 0 tells the others whether to train (`go`): a whole-run recipe's other ranks wait
@@ -250,32 +257,28 @@ impl Comm {
     /// The other side of [`Comm::signal`], without a timeout: the wait ends when rank 0 signals,
     /// or with an error when it dies.
     pub fn await_root(&mut self) -> Result<bool, DistError> {
+        let Some(ipc) = self.ipc() else {
+            return Ok(true);
+        };
         let mut go = [0f32];
-        match self {
-            Comm::Single => return Ok(true),
-            Comm::Ipc(ipc) => ipc.patient(|ipc| ipc.all_reduce_sum(&mut go))?,
-            #[cfg(feature = "cuda")]
-            Comm::Nccl(n) => n.ipc.patient(|ipc| ipc.all_reduce_sum(&mut go))?,
-        }
+        ipc.patient(|ipc| ipc.all_reduce_sum(&mut go))?;
         Ok(go[0] > 0.0)
     }
 
     /// Errors unless every rank passes the same `values` (where the run starts, the batch
     /// layout): ranks that disagree would sum gradients of different steps.
-    pub fn agree(&mut self, rank: usize, what: &str, values: &[f32]) -> Result<(), DistError> {
-        let ranks = match self {
-            Comm::Single => return Ok(()),
-            Comm::Ipc(ipc) => ipc.size,
-            #[cfg(feature = "cuda")]
-            Comm::Nccl(n) => n.ipc.size,
-        } as f32;
+    pub fn agree(&mut self, what: &str, values: &[f32]) -> Result<(), DistError> {
+        let Some(ipc) = self.ipc() else {
+            return Ok(());
+        };
+        let (rank, ranks) = (ipc.rank, ipc.size as f32);
         // Every rank has the same v ⇔ the sum is n·v and the sum of squares n·v².
         let mut sums: Vec<f32> = values.iter().chain(values).copied().collect();
         let n = values.len();
         for s in &mut sums[n..] {
             *s *= *s;
         }
-        self.sum_host(&mut sums)?;
+        ipc.all_reduce_sum(&mut sums)?;
         let close = |sum: f32, v: f32| (sum - ranks * v).abs() <= 1e-3 * v.abs().max(1.0);
         if values
             .iter()
@@ -648,7 +651,7 @@ mod tests {
                     local_rank: rank,
                     launch: String::new(),
                 }
-                .my_micro_batches(8)
+                .my_share(8)
                 .collect::<Vec<_>>()
             })
             .collect();

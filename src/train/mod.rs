@@ -249,10 +249,21 @@ pub fn train_step(
     dtype: DType,
     recompute: Recompute,
 ) -> Result<(f64, f64), TrainError> {
-    let (loss_sum, mut grads) = gradients(cfg, opt, batches, batches.len(), dtype, recompute)?;
+    let (loss_sum, grads) = gradients(cfg, opt, batches, batches.len(), dtype, recompute)?;
+    let grad_norm = clip_and_step(opt, grads, grad_clip, hyper)?;
+    Ok((loss_sum / batches.len() as f64, grad_norm))
+}
+
+/// Clips `grads` to norm `grad_clip` and takes the AdamW step; returns the norm before clipping.
+fn clip_and_step(
+    opt: &mut AdamW,
+    mut grads: HashMap<String, Tensor>,
+    grad_clip: f64,
+    hyper: Hyper,
+) -> Result<f64, TrainError> {
     let grad_norm = optim::clip_grad_norm(&mut grads, grad_clip)?;
     opt.step(&grads, hyper)?;
-    Ok((loss_sum / batches.len() as f64, grad_norm))
+    Ok(grad_norm)
 }
 
 /// The summed loss of `batches` and the fp32 gradient of the summed loss over `of` (the step's
@@ -604,7 +615,7 @@ impl Run<'_> {
         }
         let model = Decoder::new(&self.cfg, &opt.weights(self.opts.dtype)?)?;
         let mut sum = [0f32];
-        for i in self.opts.world.my_micro_batches(val.len()) {
+        for i in self.opts.world.my_share(val.len()) {
             sum[0] += next_token_loss(&model, &val[i])?.to_scalar::<f32>()?;
         }
         self.comm.borrow_mut().sum_host(&mut sum)?;
@@ -725,7 +736,6 @@ impl Run<'_> {
         let mut at = self.stage_start(stage, index, resumed)?;
         // Ranks that disagree on where they are would sum gradients of different steps.
         self.comm.borrow_mut().agree(
-            opts.world.rank,
             "the stage, step and micro-batch",
             &[index as f32, at.step as f32, stage.micro_batch as f32],
         )?;
@@ -895,7 +905,7 @@ impl Run<'_> {
         let s = &stage.raw;
         let batches = opts
             .world
-            .my_micro_batches(stage.grad_accum)
+            .my_share(stage.grad_accum)
             .map(|micro| {
                 Ok(MicroBatch {
                     ids: mixture.train_batch(
@@ -910,7 +920,7 @@ impl Run<'_> {
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let (loss_sum, grads) = gradients(
+        let (mut loss_sum, mut grads) = gradients(
             &self.cfg,
             &at.opt,
             &batches,
@@ -918,7 +928,7 @@ impl Run<'_> {
             opts.dtype,
             stage.recompute(),
         )?;
-        let (mut grads, mut loss_sum, mut stop, mut comm_secs) = (grads, loss_sum, asked, None);
+        let (mut stop, mut comm_secs) = (asked, None);
         if opts.world.size > 1 {
             let started = Instant::now();
             let mut comm = self.comm.borrow_mut();
@@ -928,7 +938,6 @@ impl Run<'_> {
             (loss_sum, stop) = (host[0] as f64, host[1] > 0.0);
             comm_secs = Some(started.elapsed().as_secs_f64());
         }
-        let grad_norm = optim::clip_grad_norm(&mut grads, s.grad_clip)?;
         let hyper = Hyper {
             lr,
             beta1: s.beta1,
@@ -936,7 +945,7 @@ impl Run<'_> {
             eps: s.eps,
             weight_decay: s.weight_decay,
         };
-        at.opt.step(&grads, hyper)?;
+        let grad_norm = clip_and_step(&mut at.opt, grads, s.grad_clip, hyper)?;
         at.step += 1;
         at.tokens += stage.tokens_per_step() as u64;
         Ok(StepDone {

@@ -519,8 +519,11 @@ fn assert_same_curve(a: &[Point], b: &[Point], rel: f64) {
 }
 
 /// Runs `opts` as `ranks` data parallel ranks (threads, the CPU backend's sockets between them);
-/// returns rank 0's outcome.
-fn run_ranks(ranks: usize, opts: impl Fn() -> TrainOptions + Sync) -> Outcome {
+/// returns each rank's result, in rank order.
+fn rank_results(
+    ranks: usize,
+    opts: impl Fn() -> TrainOptions + Sync,
+) -> Vec<Result<Outcome, TrainError>> {
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..ranks)
             .map(|rank| {
@@ -539,13 +542,18 @@ fn run_ranks(ranks: usize, opts: impl Fn() -> TrainOptions + Sync) -> Outcome {
                 })
             })
             .collect();
-        let outcomes: Vec<_> = handles
-            .into_iter()
-            .map(|h| h.join().unwrap().unwrap())
-            .collect();
-        assert!(outcomes.iter().all(|o| *o == outcomes[0]));
-        outcomes.into_iter().next().unwrap()
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
     })
+}
+
+/// [`rank_results`] where every rank must succeed with the same outcome; returns it.
+fn run_ranks(ranks: usize, opts: impl Fn() -> TrainOptions + Sync) -> Outcome {
+    let outcomes: Vec<Outcome> = rank_results(ranks, opts)
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert!(outcomes.iter().all(|o| *o == outcomes[0]));
+    outcomes.into_iter().next().unwrap()
 }
 
 /// Data parallel training over 2 and 3 ranks (the local IPC backend) follows the one-process curve
@@ -637,30 +645,10 @@ fn more_ranks_than_micro_batches_is_refused() {
     let root = tempfile::tempdir().unwrap();
     let tok = tokens(root.path());
     let out = root.path().join("run");
-    let errors: Vec<String> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..3)
-            .map(|rank| {
-                let (tok, out) = (&tok, &out);
-                s.spawn(move || {
-                    let opts = TrainOptions {
-                        world: super::dist::World {
-                            rank,
-                            size: 3,
-                            local_rank: rank,
-                            launch: "refused".into(),
-                        },
-                        ..options(
-                            recipe(tok, "", &["stage.0.steps=2", "stage.0.warmup=1"]),
-                            out,
-                        )
-                    };
-                    run(&opts, |_| {}).unwrap_err().to_string()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let sets = ["stage.0.steps=2", "stage.0.warmup=1"];
+    let errors = rank_results(3, || options(recipe(&tok, "", &sets), &out));
     for err in errors {
+        let err = err.unwrap_err().to_string();
         assert!(
             err.contains("3 ranks") && err.contains("grad_accum"),
             "{err}"
