@@ -1,8 +1,14 @@
 //! Runs untrusted Python (generated exercises, model completions) in a separate, confined process.
 //!
-//! Each program runs as `main.py` in a fresh temp directory (removed afterwards), under a harness
-//! that decides the verdict, with an empty environment, rlimits (CPU seconds, address space, file
-//! size, open files, processes, no core dumps) and a wall-clock timeout.
+//! Each program runs as `main.py` in a fresh directory (a tmpfs, or a temp directory removed
+//! afterwards), under a harness that decides the verdict, with an empty environment, rlimits (CPU
+//! seconds, address space, file size, open files, processes, no core dumps) and a wall-clock
+//! timeout.
+//!
+//! **Started ahead.** Setting up the namespaces and starting the interpreter costs more than most
+//! programs take to run, so each worker keeps a sandbox started ahead: the harness waits for its
+//! program on stdin, and the next one starts as soon as it is taken. Each sandbox runs exactly one
+//! program and is then torn down, as if it had been started for it.
 //!
 //! **Isolation** ([`Isolation::Namespaces`], the default) comes from bubblewrap (`bwrap`, the
 //! layer Flatpak uses), driven by phigen: the program gets its own user, PID, network, IPC and UTS
@@ -21,7 +27,7 @@
 //! and the temp directory, and stats record that.
 //!
 //! **Verdicts.** Exit status 0 alone means nothing (`sys.exit(0)` or `os._exit(0)` before the
-//! asserts would pass). The harness reads a random nonce from stdin (then points stdin at
+//! asserts would pass). The harness reads a random nonce and the program from stdin (then points stdin at
 //! `/dev/null`), runs `main.py` in a fresh `__main__` module, and only when that returns writes the
 //! nonce to fd 3, a pipe phigen reads. A program passes only if it exits 0 *and* fd 3 carried exactly
 //! the nonce. The nonce is never in the program's file, environment or arguments, so an early
@@ -142,21 +148,50 @@ pub struct Sandbox {
     /// The seccomp program bwrap loads from fd 4 (see [`seccomp_filter`]).
     seccomp: Option<Vec<u8>>,
     workers: Semaphore,
+    /// Sandboxes started ahead, each waiting for its one program (at most `ahead`).
+    ready: std::sync::Mutex<Vec<Started>>,
+    ahead: usize,
 }
 
-/// Writes `S` (started) to fd 3, runs `main.py` in a fresh `__main__` and, only if it returns,
-/// writes the nonce read from stdin to fd 3. The process limit is set here, inside the program's user namespace, where it counts
-/// the program's processes only (set before the namespace it would count all of the user's).
+/// A sandbox whose harness is starting or waiting for its program on stdin. It runs one program
+/// and is then discarded: no two programs ever share a process, a namespace or a directory.
+struct Started {
+    child: tokio::process::Child,
+    pid: u32,
+    /// The read end of the harness's fd 3.
+    result: OwnedFd,
+    /// The program's directory ([`Isolation::Unsafe`] only: under bwrap it is a tmpfs of its own).
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let ready = self.ready.get_mut().unwrap_or_else(|e| e.into_inner());
+        for started in ready.drain(..) {
+            // SAFETY: a signal to the process group of our own child, not yet reaped (so its id
+            // is not reused); the namespace dies with it.
+            unsafe { libc::kill(-(started.pid as libc::pid_t), libc::SIGKILL) };
+        }
+    }
+}
+
+/// Writes `S` (started) to fd 3, then reads the nonce and the program from stdin (`NONCE\n` then the
+/// program's bytes, up to the end), writes the program to `main.py` in its directory, runs it in a
+/// fresh `__main__` and, only if it returns, writes the nonce to fd 3. Everything before the read
+/// happens while the sandbox waits in the pool, off the critical path. The process limit is set
+/// here, inside the program's user namespace, where it counts the program's processes only (set
+/// before the namespace it would count all of the user's).
 const HARNESS: &str = r#"import os, sys
-def _phigen_harness(path, nproc):
+def _phigen_harness(nproc):
     import resource, types
     os.write(3, b"S")
-    nonce = b""
+    chunks = []
     while True:
-        chunk = os.read(0, 64)
+        chunk = os.read(0, 1 << 16)
         if not chunk:
             break
-        nonce += chunk
+        chunks.append(chunk)
+    nonce, _, source = b"".join(chunks).partition(b"\n")
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
@@ -165,8 +200,10 @@ def _phigen_harness(path, nproc):
         if hard != resource.RLIM_INFINITY:
             nproc = min(nproc, hard)
         resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
-    with open(path, "rb") as f:
-        code = compile(f.read(), path, "exec")
+    path = os.path.abspath("main.py")
+    with open(path, "wb") as f:
+        f.write(source)
+    code = compile(source, path, "exec")
     main = types.ModuleType("__main__")
     main.__file__ = path
     main.__builtins__ = __builtins__
@@ -174,7 +211,7 @@ def _phigen_harness(path, nproc):
     sys.argv[:] = [path]
     exec(code, main.__dict__)
     os.write(3, nonce)
-_phigen_harness(os.path.abspath("main.py"), MAX_PROCESSES)
+_phigen_harness(MAX_PROCESSES)
 "#;
 
 /// Sandboxed programs started as root run as `UID_BASE + n`: one uid per run, cycling through
@@ -287,11 +324,12 @@ impl Sandbox {
                 seccomp: bwrap.as_ref().and_then(|_| seccomp_filter()),
                 bwrap,
                 workers: Semaphore::new(workers.max(1)),
+                ready: std::sync::Mutex::new(Vec::new()),
+                ahead: workers.max(1),
             };
-            let why = match sandbox
-                .run("import sys; assert sys.version_info >= (3, 8); print('ok')")
-                .await
-            {
+            // The probe starts its own sandbox, not the pool's: those get the programs' limits.
+            let probe = "import sys; assert sys.version_info >= (3, 8); print('ok')";
+            let why = match sandbox.execute(sandbox.start()?, probe).await {
                 Ok(e) if e.verdict == Verdict::Passed && e.stdout.trim() == "ok" => {
                     sandbox.limits = limits;
                     return Ok(sandbox);
@@ -329,13 +367,12 @@ impl Sandbox {
         &self.python
     }
 
-    /// The command that runs the harness, which runs `main.py` of `dir`: inside bwrap (the
-    /// directory a tmpfs of its own size) or, with `--unsafe-sandbox`, bare. The limits are set
+    /// The command that runs the harness: inside bwrap (its `/tmp` a tmpfs of its own size, where
+    /// the harness writes `main.py`) or, with `--unsafe-sandbox`, bare in `dir`. The limits are set
     /// later, in the child (`confine`).
-    fn command(&self, dir: &Path) -> std::process::Command {
-        let (mut cmd, home) = match &self.bwrap {
-            Some((bwrap, args)) => {
-                // The program's directory is a tmpfs of its own size, holding `main.py`.
+    fn command(&self, dir: Option<&Path>) -> std::process::Command {
+        let (mut cmd, home) = match (&self.bwrap, dir) {
+            (Some((bwrap, args)), _) => {
                 let mut cmd = std::process::Command::new(bwrap);
                 cmd.args(args)
                     .args(if self.seccomp.is_some() {
@@ -344,13 +381,17 @@ impl Sandbox {
                         &[]
                     })
                     .args(["--size", &self.limits.max_dir_bytes.to_string()])
-                    .args(["--tmpfs", "/tmp", "--ro-bind"])
-                    .arg(dir.join("main.py"))
-                    .args(["/tmp/main.py", "--chdir", "/tmp", "--"])
-                    .arg(&self.python);
+                    .args(["--tmpfs", "/tmp", "--chdir", "/tmp", "--"])
+                    .arg(&self.python)
+                    .current_dir("/");
                 (cmd, Path::new("/tmp"))
             }
-            None => (std::process::Command::new(&self.python), dir),
+            (None, Some(dir)) => {
+                let mut cmd = std::process::Command::new(&self.python);
+                cmd.current_dir(dir);
+                (cmd, dir)
+            }
+            (None, None) => unreachable!("an unsafe sandbox always has a directory"),
         };
         let nproc = match self.nproc_per_namespace || self.bwrap.is_none() {
             true => self.limits.max_processes.to_string(),
@@ -358,7 +399,6 @@ impl Sandbox {
         };
         let harness = HARNESS.replace("MAX_PROCESSES", &nproc);
         cmd.args(["-I", "-B", "-c", &harness])
-            .current_dir(dir)
             .env_clear()
             .env("HOME", home)
             .env("TMPDIR", home)
@@ -415,19 +455,38 @@ impl Sandbox {
             .acquire()
             .await
             .expect("the semaphore is never closed");
-        let dir = tempfile::Builder::new()
-            .prefix("phigen-sandbox-")
-            .tempdir()?;
-        std::fs::write(dir.path().join("main.py"), program)?;
+        let taken = self.lock_ready().pop();
+        let sandbox = match taken {
+            Some(started) => started,
+            None => self.start()?,
+        };
+        // The next program's sandbox starts now (namespaces, mounts, interpreter start-up), while
+        // this one runs.
+        if self.lock_ready().len() < self.ahead {
+            let next = self.start()?;
+            self.lock_ready().push(next);
+        }
+        self.execute(sandbox, program).await
+    }
+
+    fn lock_ready(&self) -> std::sync::MutexGuard<'_, Vec<Started>> {
+        self.ready.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts a sandbox whose harness then waits for its program.
+    fn start(&self) -> Result<Started, SandboxError> {
+        let dir = match self.bwrap {
+            Some(_) => None,
+            None => Some(
+                tempfile::Builder::new()
+                    .prefix("phigen-sandbox-")
+                    .tempdir()?,
+            ),
+        };
         let uid = self
             .fresh_uids
             .then(|| UID_BASE + NEXT_UID.fetch_add(1, Ordering::Relaxed) % UID_SPAN);
-        if let Some(uid) = uid {
-            for p in [dir.path().to_path_buf(), dir.path().join("main.py")] {
-                std::os::unix::fs::chown(&p, Some(uid), Some(uid))?;
-            }
-        }
-        let mut cmd = self.command(dir.path());
+        let mut cmd = self.command(dir.as_ref().map(|d| d.path()));
         let (result_read, result_write) = pipe()?;
         let result_fd = result_write.as_raw_fd();
         // The filter goes to bwrap through a pipe that holds all of it (a few hundred bytes).
@@ -449,17 +508,37 @@ impl Sandbox {
         }
         let mut cmd = tokio::process::Command::from(cmd);
         cmd.kill_on_drop(true);
-        let mut child = cmd.spawn()?;
+        let child = cmd.spawn()?;
         // Only the child may hold the write end, or the read below would never see its end.
         drop(result_write);
         drop(seccomp);
-        let started = Instant::now();
         let pid = child.id().expect("a just-spawned child has a pid");
+        Ok(Started {
+            child,
+            pid,
+            result: result_read,
+            _dir: dir,
+        })
+    }
+
+    /// Hands `program` to a started sandbox and waits for it (or for the wall-clock limit).
+    async fn execute(&self, sandbox: Started, program: &str) -> Result<Execution, SandboxError> {
+        let Started {
+            mut child,
+            pid,
+            result: result_read,
+            _dir,
+        } = sandbox;
+        let limits = self.limits;
+        let started = Instant::now();
         let nonce = nonce()?;
         let mut stdin = child.stdin.take().expect("stdin is piped");
-        // 32 bytes fit any pipe buffer; a program that already died makes this fail, harmlessly.
-        let _ = stdin.write_all(nonce.as_bytes()).await;
-        drop(stdin);
+        let input = [nonce.as_bytes(), b"\n", program.as_bytes()].concat();
+        // The harness reads all of it before anything else; a sandbox that already died makes
+        // this fail, harmlessly (its verdict comes from what it wrote).
+        let send = async move {
+            let _ = stdin.write_all(&input).await;
+        };
         let out = read_capped(
             child.stdout.take().expect("stdout is piped"),
             limits.max_output,
@@ -473,7 +552,7 @@ impl Sandbox {
             nonce.len() + 2,
         );
         let waited = tokio::time::timeout(limits.wall, async {
-            let (out, err, result) = tokio::join!(out, err, result);
+            let ((), out, err, result) = tokio::join!(send, out, err, result);
             (child.wait().await, out, err, result)
         })
         .await;
@@ -1066,6 +1145,44 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(e.verdict, Verdict::Failed, "reached unix socket {target}");
+        }
+    }
+
+    /// Sandboxes started ahead wait for their program without a clock: one taken after a long
+    /// idle still gets the whole wall-clock limit, each runs one program only, and none outlives
+    /// the `Sandbox` (the processes of the waiting ones are gone once it is dropped).
+    #[tokio::test]
+    async fn sandboxes_started_ahead_run_one_program_each_and_die_with_the_pool() {
+        let s = sandbox().await;
+        let first = s.run("print('first')").await.unwrap();
+        assert_eq!(first.verdict, Verdict::Passed);
+        let waiting: Vec<u32> = s.lock_ready().iter().map(|w| w.pid).collect();
+        assert_eq!(waiting.len(), 1, "one started ahead after a run");
+        assert!(!waiting.contains(&first.pid));
+        // Longer than the 3 s wall limit: the waiting sandbox's clock has not started.
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        let e = s
+            .run("import time; time.sleep(1); print('ok')")
+            .await
+            .unwrap();
+        assert_eq!(
+            (e.verdict, e.stdout.trim()),
+            (Verdict::Passed, "ok"),
+            "{e:?}"
+        );
+        assert_eq!(e.pid, waiting[0], "the run took the sandbox started ahead");
+        let waiting: Vec<u32> = s.lock_ready().iter().map(|w| w.pid).collect();
+        drop(s);
+        for pid in waiting {
+            let mut gone = group_is_gone(pid);
+            for _ in 0..100 {
+                if gone {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                gone = group_is_gone(pid);
+            }
+            assert!(gone, "a sandbox started ahead survived its pool: {pid}");
         }
     }
 
