@@ -25,6 +25,7 @@ use super::attention;
 pub use super::cache::KvCache;
 use super::cache::{LayerCache, Slot};
 use super::config::{Activation, BlockLayout, HeadKind, MlpKind, NormKind, PhiConfig};
+use super::gemv;
 use super::int8::{self, Int8Weight, PackedWeight};
 use super::names::{parameter_table, Init};
 use super::rope::{Positions, Rope};
@@ -175,7 +176,10 @@ fn apply(p: &Proj, x: &Tensor) -> Result<Tensor> {
                 (_, Some(q), None, _) if rows <= QUANTIZED_ROWS => q.forward(&x2)?,
                 (_, Some(q), Some(_), _) if rows == 1 => q.forward(&x2)?,
                 (_, _, Some(w), _) if x.dtype() == DType::F32 => int8::forward(w, &x2)?,
-                (_, _, _, Some(wt)) => x2.matmul(wt)?,
+                (_, _, _, Some(wt)) => match gemv::forward(&x2, wt)? {
+                    Some(y) => y,
+                    None => x2.matmul(wt)?,
+                },
                 (None, _, _, None) => {
                     unreachable!("a frozen projection keeps f32 weights or packed codes")
                 }

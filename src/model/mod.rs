@@ -9,6 +9,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod decoder;
+pub mod gemv;
 pub mod gguf;
 pub mod hub;
 pub mod int8;
