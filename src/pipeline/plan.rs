@@ -217,6 +217,13 @@ fn corpus_files(c: &CorpusSettings) -> Vec<PathBuf> {
         ]
         .concat(),
         CorpusSettings::Exercises(s) => [opt(&s.topics), opt(&s.names), opt(&s.prompt)].concat(),
+        CorpusSettings::Topics(s) => [
+            vec![s.seeds.clone()],
+            opt(&s.web),
+            opt(&s.subtopics_prompt),
+            opt(&s.leaves_prompt),
+        ]
+        .concat(),
     }
 }
 
