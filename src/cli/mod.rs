@@ -273,7 +273,7 @@ pub struct StoriesArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct TextbooksArgs {
-    /// Topics file: one `topic` or `topic > subtopic` a line, `#` comments (e.g. seeds/topics.txt).
+    /// Topics file: one `topic` or `topic > subtopic` a line, or the `subject > subtopic > leaf` lines `phigen topics` writes (the section is about the leaf, the path above it is context), `#` comments (e.g. seeds/topics.txt).
     #[arg(long)]
     pub topics: PathBuf,
     /// Audiences file, one a line [default: the built-in seeds/audiences.txt].

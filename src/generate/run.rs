@@ -389,7 +389,8 @@ impl Default for StoriesSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TextbooksSettings {
-    /// Topics file (`topic` or `topic > subtopic` a line).
+    /// Topics file (`topic` or `topic > subtopic` a line, or `phigen topics`'s
+    /// `subject > subtopic > leaf`).
     pub topics: PathBuf,
     /// [default: the built-in seeds/audiences.txt]
     #[serde(default)]

@@ -860,6 +860,28 @@ fn add_run(stats: &mut Stats, other: &Stats) {
     stats.stopped = stats.stopped.or(other.stopped);
 }
 
+/// Adds what the leaves directory holds (`leaves`: its last engine run's stats, which count every
+/// run into it) to `stats`, the subtopics directory's: answers checked, the share kept (list
+/// answers, of both levels) and the drops by reason. The diversity of list answers says nothing
+/// about the topics, so it is left out.
+fn add_directory(stats: &mut Stats, leaves: &Stats) {
+    let lists = |s: &Stats| s.keep_rate * s.answers_checked as f64;
+    let kept = lists(stats) + lists(leaves);
+    stats.answers_checked += leaves.answers_checked;
+    for (&reason, &count) in &leaves.rejects_total {
+        *stats.rejects_total.entry(reason).or_default() += count;
+    }
+    let checked = stats.answers_checked.max(1) as f64;
+    stats.keep_rate = kept / checked;
+    stats.drop_rates = stats
+        .rejects_total
+        .iter()
+        .filter(|&(&r, _)| r != DropReason::RequestFailed)
+        .map(|(&r, &c)| (r, c as f64 / checked))
+        .collect();
+    stats.diversity = None;
+}
+
 /// Whether an engine run left nothing to send again: not stopped, no request failed.
 fn settled(s: &Stats) -> bool {
     s.stopped.is_none() && s.run.failed_requests == 0
@@ -955,7 +977,7 @@ pub async fn run(
     let parents = all_parents;
 
     let mut selection = Selection::default();
-    let (mut rounds, mut leaves_corpus) = (0, Value::Null);
+    let (mut rounds, mut last_leaves) = (0, None);
     if all_settled && !parents.is_empty() {
         let level2 = Arc::new(Leaves {
             template: loaded.leaves,
@@ -987,9 +1009,9 @@ pub async fn run(
             })
             .await?;
             add_run(&mut stats, &s);
-            leaves_corpus = s.corpus.clone();
             rounds = round;
             all_settled = settled(&s);
+            last_leaves = Some(s);
             if !all_settled {
                 break;
             }
@@ -1020,11 +1042,19 @@ pub async fn run(
     }
     let kept = selection.kept.len() as u64;
     let subtopics_corpus = std::mem::take(&mut stats.corpus);
+    if let Some(leaves) = &last_leaves {
+        add_directory(&mut stats, leaves);
+    }
     stats.kind = "topics".into();
     stats.requested = opts.n;
     stats.records = kept;
     stats.complete = all_settled && kept >= opts.n;
     stats.run.written = kept.saturating_sub(before);
+    stats.run.requests_per_second = if stats.run.wall_seconds > 0.0 {
+        stats.run.requests.sent as f64 / stats.run.wall_seconds
+    } else {
+        0.0
+    };
     stats.corpus = json!({
         "topics": kept,
         "written": all_settled,
@@ -1043,7 +1073,7 @@ pub async fn run(
             "share_removed": if selection.considered == 0 { 0.0 } else { selection.removed as f64 / selection.considered as f64 },
         },
         "subtopics": subtopics_corpus,
-        "leaves": leaves_corpus,
+        "leaves": last_leaves.map_or(Value::Null, |s| s.corpus),
     });
     let path = opts.out.join("stats.json");
     crate::artifact::atomic::write_json(&path, &stats)
