@@ -1407,3 +1407,94 @@ async fn topics_refuse_bad_input_by_name() {
         "nothing was sent"
     );
 }
+
+/// Issue 30 in a whole-run recipe: a `kind = "topics"` step, then a textbooks step that reads its
+/// list with `from = ["topics"]`; the textbooks step's prompts are about the topics step's leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipe_runs_topics_then_textbooks_reading_its_list() {
+    let server = mock(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let seeds = dir.path().join("seeds.txt");
+    std::fs::write(&seeds, TOPIC_SEEDS).unwrap();
+    let recipe = dir.path().join("topics.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            r#"name = "topics-demo"
+seed = 0
+
+[teacher]
+teacher = "http"
+base_url = "{}"
+model = "mock"
+price_input = 1.0
+price_output = 2.0
+max_cost = 100.0
+
+[[data]]
+name = "topics"
+kind = "topics"
+n = 40
+seeds = "{}"
+subtopics = 5
+leaves = 8
+
+[[data]]
+name = "books"
+kind = "textbooks"
+from = ["topics"]
+style = "prose"
+n = 6
+
+[[data]]
+name = "tok"
+kind = "tokenize"
+from = ["books"]
+
+[model]
+preset = "tiny-phi"
+vocab_size = 50304
+
+[[stage]]
+name = "pretrain"
+data = [{{ step = "tok" }}]
+seq_len = 32
+micro_batch = 2
+steps = 2
+lr = 1e-3
+"#,
+            server.base_url(),
+            seeds.display()
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("run");
+    let mut c = Command::new(BIN);
+    c.args(["--quiet", "train", "--recipe", recipe.to_str().unwrap()])
+        .args(["--out", out.to_str().unwrap(), "--until", "books"])
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("OPENAI_BASE_URL")
+        .env_remove("PHIGEN_TEACHER")
+        .env_remove("PHIGEN_MODEL");
+    let o = run(c).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let step_dir = |step: &str| {
+        let m: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(out.join("steps").join(format!("{step}.json"))).unwrap(),
+        )
+        .unwrap();
+        std::path::PathBuf::from(m["dir"].as_str().unwrap())
+    };
+    let lines = topic_lines(&step_dir("topics"));
+    assert_eq!(lines.len(), 40);
+    let records = shard_records(&step_dir("books"));
+    assert_eq!(records.len(), 6);
+    for (_, _, prompt) in records {
+        assert!(
+            lines
+                .iter()
+                .any(|l| prompt.contains(&format!("about {} (part of {} > {})", l[2], l[0], l[1]))),
+            "{prompt}"
+        );
+    }
+}
