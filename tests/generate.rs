@@ -1175,3 +1175,326 @@ async fn max_cost_bounds_stories_and_summaries_together() {
         "the stories only"
     );
 }
+
+/// Four seed subjects for `phigen topics`, with a comment and a blank line.
+const TOPIC_SEEDS: &str = "# seeds\nscience\nhistory\n\ncooking\ntheory of mind\n";
+
+/// The topic lines of a `topics.txt` (comments left out), each split into its path.
+fn topic_lines(out: &Path) -> Vec<Vec<String>> {
+    std::fs::read_to_string(out.join("topics.txt"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| l.split(" > ").map(str::to_string).collect())
+        .collect()
+}
+
+/// The word 2-grams of a topic, computed here independently of phigen: words are maximal runs
+/// of ASCII letters and digits, `_` and non-ASCII characters, lowercased; a one-word topic is
+/// its one word (the definition `--max-similarity` states).
+fn bigrams(topic: &str) -> HashSet<String> {
+    let words: Vec<String> = topic
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || !c.is_ascii()))
+        .filter(|w| !w.is_empty())
+        .map(|w| w.to_ascii_lowercase())
+        .collect();
+    if words.len() < 2 {
+        return words.into_iter().collect();
+    }
+    words.windows(2).map(|w| w.join(" ")).collect()
+}
+
+/// `phigen topics` against `server` into `out`, with `extra` flags.
+fn topics_cmd(
+    server: &phigen::teacher::mock::MockServer,
+    seeds: &Path,
+    out: &Path,
+    n: u64,
+    extra: &[&str],
+) -> Command {
+    let flags = [
+        &["--seeds", seeds.to_str().unwrap(), "--subtopics", "5"][..],
+        &["--leaves", "8"][..],
+        extra,
+    ]
+    .concat();
+    generate_cmd("topics", server, out, n, &flags)
+}
+
+/// Issue 30 item 1 through the binary: `phigen topics` reaches `--n` topics, every one a
+/// `subject > subtopic > leaf` line under a seed subject, every seed subject covered; no two kept
+/// leaves are near duplicates at the default threshold 0.5, checked here by the exact Jaccard of
+/// their word 2-grams (computed in this test, not by phigen's filter); the mock writes every
+/// fourth item as the one before plus "basics" (`src/teacher/mock.rs`: Jaccard 2/3), so
+/// near duplicates were met and removed, as stats.json says. `textbooks --topics` reads the file
+/// in both styles and its prompts are about the leaf, with the path above it as context.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_reach_n_without_near_duplicates_and_textbooks_read_them() {
+    let server = mock(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let seeds = dir.path().join("seeds.txt");
+    std::fs::write(&seeds, TOPIC_SEEDS).unwrap();
+    let out = dir.path().join("topics");
+    let o = run(topics_cmd(
+        &server,
+        &seeds,
+        &out,
+        150,
+        &["--concurrency", "4"],
+    ))
+    .await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines = topic_lines(&out);
+    assert_eq!(lines.len(), 150);
+    let subjects = ["science", "history", "cooking", "theory of mind"];
+    for l in &lines {
+        assert_eq!(l.len(), 3, "{l:?}");
+        assert!(subjects.contains(&l[0].as_str()), "{l:?}");
+    }
+    let grams: Vec<HashSet<String>> = lines.iter().map(|l| bigrams(&l[2])).collect();
+    for i in 0..grams.len() {
+        for j in 0..i {
+            let common = grams[i].intersection(&grams[j]).count();
+            let union = grams[i].union(&grams[j]).count();
+            assert!(
+                (common as f64) < 0.5 * union as f64,
+                "near duplicates kept: {:?} and {:?}",
+                lines[i][2],
+                lines[j][2]
+            );
+        }
+    }
+    let s = stats(&out);
+    assert_eq!(
+        (s["kind"].as_str(), s["records"].as_u64()),
+        (Some("topics"), Some(150))
+    );
+    assert_eq!(s["complete"], true, "{s}");
+    let c = &s["corpus"];
+    assert_eq!(c["near_duplicates"]["max_similarity"], 0.5);
+    let removed = c["near_duplicates"]["removed"].as_u64().unwrap();
+    let share = c["near_duplicates"]["share_removed"].as_f64().unwrap();
+    assert!(removed > 0 && share > 0.0 && share < 1.0, "{c}");
+    let per_subject = c["per_subject"].as_object().unwrap();
+    assert_eq!(per_subject.len(), 4);
+    assert!(per_subject.values().all(|v| v.as_u64().unwrap() > 0), "{c}");
+    let total: u64 = per_subject.values().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(total, 150);
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(out.join("topics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 150);
+    let ids: HashSet<&str> = records.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 150);
+    assert_eq!(records[0]["path"], lines[0].join(" > "));
+
+    let topics = out.join("topics.txt");
+    for style in ["code", "prose"] {
+        let books = dir.path().join(format!("books-{style}"));
+        let flags = ["--topics", topics.to_str().unwrap(), "--style", style];
+        let o = run(generate_cmd("textbooks", &server, &books, 4, &flags)).await;
+        assert!(o.status.success(), "{style}: {}", stderr(&o));
+        let records = shard_records(&books);
+        assert_eq!(records.len(), 4);
+        for (_, _, prompt) in records {
+            let line = lines.iter().find(|l| {
+                prompt.contains(&format!("about {} (part of {} > {})", l[2], l[0], l[1]))
+            });
+            assert!(line.is_some(), "{style}: {prompt}");
+        }
+    }
+}
+
+/// A `phigen topics` killed with SIGKILL in the middle and run again writes the same list, byte
+/// for byte, as one uninterrupted run — with another `--concurrency` too, since every level is a
+/// function of the records of the level before, read in slot order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_killed_mid_run_then_rerun_give_the_list_of_an_uninterrupted_run() {
+    let server = mock(Faults {
+        latency_ms: 40,
+        ..Faults::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let seeds = dir.path().join("seeds.txt");
+    std::fs::write(&seeds, TOPIC_SEEDS).unwrap();
+    let whole = dir.path().join("whole");
+    let o = run(topics_cmd(
+        &server,
+        &seeds,
+        &whole,
+        150,
+        &["--concurrency", "1"],
+    ))
+    .await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let requests = server.log.answered.load(Ordering::SeqCst);
+    assert!(requests >= 20, "{requests} requests");
+
+    let killed = dir.path().join("killed");
+    let flags = ["--concurrency", "3"];
+    let before = server.log.answered.load(Ordering::SeqCst);
+    let mut child = topics_cmd(&server, &seeds, &killed, 150, &flags)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Past the subtopics level (8 requests), in the middle of the leaves.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while server.log.answered.load(Ordering::SeqCst) < before + 14 {
+        assert!(Instant::now() < deadline, "the first run made no progress");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!killed.join("topics.txt").exists(), "killed before the end");
+    let o = run(topics_cmd(&server, &seeds, &killed, 150, &flags)).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    for file in ["topics.txt", "topics.jsonl"] {
+        assert_eq!(
+            std::fs::read_to_string(killed.join(file)).unwrap(),
+            std::fs::read_to_string(whole.join(file)).unwrap(),
+            "{file}"
+        );
+    }
+    assert_eq!(
+        stats(&killed)["corpus"]["per_subject"],
+        stats(&whole)["corpus"]["per_subject"]
+    );
+}
+
+/// Bad input is refused before anything is sent, naming the file or flag: a seed file with no
+/// subjects, `--n 0`, a non-finite or out-of-range `--max-similarity`, and `--shard`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_refuse_bad_input_by_name() {
+    let server = mock(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "# only a comment\n\n").unwrap();
+    let seeds = dir.path().join("seeds.txt");
+    std::fs::write(&seeds, TOPIC_SEEDS).unwrap();
+    let out = dir.path().join("topics");
+    let o = run(topics_cmd(&server, &empty, &out, 10, &[])).await;
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("empty.txt") && stderr(&o).contains("no entries"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(topics_cmd(&server, &seeds, &out, 0, &[])).await;
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--n"), "{}", stderr(&o));
+    for bad in ["nan", "inf", "0", "1.5"] {
+        let o = run(topics_cmd(
+            &server,
+            &seeds,
+            &out,
+            10,
+            &["--max-similarity", bad],
+        ))
+        .await;
+        assert_eq!(o.status.code(), Some(2), "{bad}: {}", stderr(&o));
+        assert!(stderr(&o).contains("--max-similarity"), "{}", stderr(&o));
+    }
+    let o = run(topics_cmd(&server, &seeds, &out, 10, &["--shard", "0/2"])).await;
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--shard"), "{}", stderr(&o));
+    assert_eq!(
+        server.log.requests.load(Ordering::SeqCst),
+        0,
+        "nothing was sent"
+    );
+}
+
+/// Issue 30 in a whole-run recipe: a `kind = "topics"` step, then a textbooks step that reads its
+/// list with `from = ["topics"]`; the textbooks step's prompts are about the topics step's leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipe_runs_topics_then_textbooks_reading_its_list() {
+    let server = mock(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let seeds = dir.path().join("seeds.txt");
+    std::fs::write(&seeds, TOPIC_SEEDS).unwrap();
+    let recipe = dir.path().join("topics.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            r#"name = "topics-demo"
+seed = 0
+
+[teacher]
+teacher = "http"
+base_url = "{}"
+model = "mock"
+price_input = 1.0
+price_output = 2.0
+max_cost = 100.0
+
+[[data]]
+name = "topics"
+kind = "topics"
+n = 40
+seeds = "{}"
+subtopics = 5
+leaves = 8
+
+[[data]]
+name = "books"
+kind = "textbooks"
+from = ["topics"]
+style = "prose"
+n = 6
+
+[[data]]
+name = "tok"
+kind = "tokenize"
+from = ["books"]
+
+[model]
+preset = "tiny-phi"
+vocab_size = 50304
+
+[[stage]]
+name = "pretrain"
+data = [{{ step = "tok" }}]
+seq_len = 32
+micro_batch = 2
+steps = 2
+lr = 1e-3
+"#,
+            server.base_url(),
+            seeds.display()
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("run");
+    let mut c = Command::new(BIN);
+    c.args(["--quiet", "train", "--recipe", recipe.to_str().unwrap()])
+        .args(["--out", out.to_str().unwrap(), "--until", "books"])
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("OPENAI_BASE_URL")
+        .env_remove("PHIGEN_TEACHER")
+        .env_remove("PHIGEN_MODEL");
+    let o = run(c).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let step_dir = |step: &str| {
+        let m: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(out.join("steps").join(format!("{step}.json"))).unwrap(),
+        )
+        .unwrap();
+        std::path::PathBuf::from(m["dir"].as_str().unwrap())
+    };
+    let lines = topic_lines(&step_dir("topics"));
+    assert_eq!(lines.len(), 40);
+    let records = shard_records(&step_dir("books"));
+    assert_eq!(records.len(), 6);
+    for (_, _, prompt) in records {
+        assert!(
+            lines
+                .iter()
+                .any(|l| prompt.contains(&format!("about {} (part of {} > {})", l[2], l[0], l[1]))),
+            "{prompt}"
+        );
+    }
+}

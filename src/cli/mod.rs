@@ -33,6 +33,7 @@ use crate::generate::run::{
     CorpusSettings, ExercisesSettings, Progress, StoriesSettings, TextbooksSettings,
 };
 use crate::generate::textbooks::SectionStyle;
+use crate::generate::topics::{self, TopicsSettings};
 use crate::teacher::factory::{self, ResolvedTeacher, TeacherConfig, TeacherSpec};
 use crate::teacher::mock::{Faults, MockServer};
 use crate::teacher::{MaxTokensField, TeacherError};
@@ -62,6 +63,8 @@ pub enum Command {
     Textbooks(TextbooksArgs),
     /// Write a CodeExercises corpus: function exercises with solutions and asserts, kept only if the asserts pass in the sandbox.
     Exercises(ExercisesArgs),
+    /// Expand seed subjects into a large topic list (subject > subtopic > leaf) with the teacher, near duplicates removed: OUT/topics.txt, which `textbooks --topics` reads.
+    Topics(TopicsArgs),
     /// Combine the N tasks of a sharded generation, decontamination or tokenize (--shard K/N, or a Slurm / Kubernetes array) in DIR: checks that every task finished, with the same settings, then writes DIR/stats.json (contamination.json; the token shards and meta.json).
     Merge(MergeArgs),
     /// Serve a deterministic fake OpenAI-compatible API on loopback (tests, benchmarks, trying a pipeline offline).
@@ -270,7 +273,7 @@ pub struct StoriesArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct TextbooksArgs {
-    /// Topics file: one `topic` or `topic > subtopic` a line, `#` comments (e.g. seeds/topics.txt).
+    /// Topics file: one `topic` or `topic > subtopic` a line, or the `subject > subtopic > leaf` lines `phigen topics` writes (the section is about the leaf, the path above it is context), `#` comments (e.g. seeds/topics.txt).
     #[arg(long)]
     pub topics: PathBuf,
     /// Audiences file, one a line [default: the built-in seeds/audiences.txt].
@@ -328,6 +331,41 @@ pub struct ExercisesArgs {
     pub verify: Verify,
     /// Output directory.
     #[arg(long, default_value = "data/exercises")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub output: OutputArgs,
+    #[command(flatten)]
+    pub teacher: TeacherArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TopicsArgs {
+    /// Seed subjects: one `subject` (or a `subject > area` path) a line, `#` comments (e.g. seeds/prose-topics.txt).
+    #[arg(long)]
+    pub seeds: PathBuf,
+    /// Subtopics asked for in one answer (level 1: subject → subtopics).
+    #[arg(long, default_value_t = 20, value_parser = ints(topics::LIST_LENGTH))]
+    pub subtopics: u64,
+    /// Leaf topics asked for in one answer (level 2: subtopic → leaves).
+    #[arg(long, default_value_t = 20, value_parser = ints(topics::LIST_LENGTH))]
+    pub leaves: u64,
+    /// Two topics are near duplicates when the exact Jaccard similarity of their word 2-gram sets is at least this; the later one is dropped (stats.json records the threshold and the share removed).
+    #[arg(long, default_value_t = topics::DEFAULT_MAX_SIMILARITY, value_parser = f64_in(topics::SIMILARITY))]
+    pub max_similarity: f64,
+    /// Rounds of leaf lists at most: when a round leaves fewer than --n topics, every subtopic is asked again for less obvious ones.
+    #[arg(long, default_value_t = 4, value_parser = ints(topics::ROUNDS))]
+    pub max_rounds: u64,
+    /// Web texts (jsonl or Parquet with `text`, `id` optional) of which each leaves prompt quotes an excerpt, for diversity; topics.jsonl keeps its id.
+    #[arg(long)]
+    pub web: Option<PathBuf>,
+    /// Subtopics prompt template [default: the built-in prompts/topics-subtopics.txt].
+    #[arg(long)]
+    pub subtopics_prompt: Option<PathBuf>,
+    /// Leaves prompt template [default: the built-in prompts/topics-leaves.txt].
+    #[arg(long)]
+    pub leaves_prompt: Option<PathBuf>,
+    /// Output directory: topics.txt, topics.jsonl, stats.json (the two teacher runs live in OUT/.phigen.topics/).
+    #[arg(long, default_value = "data/topics")]
     pub out: PathBuf,
     #[command(flatten)]
     pub output: OutputArgs,
@@ -494,6 +532,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 unsafe_sandbox: args.unsafe_sandbox,
                 exec_timeout: args.exec_timeout,
                 verify: args.verify,
+            });
+            let (output, teacher) = (&args.output, &args.teacher);
+            with_storage(&[], &args.out, |_, out| async move {
+                generate(&settings, &out, output, teacher, cli.quiet).await
+            })
+            .await
+        }
+        Command::Topics(args) => {
+            let settings = CorpusSettings::Topics(TopicsSettings {
+                seeds: args.seeds,
+                subtopics: args.subtopics,
+                leaves: args.leaves,
+                max_similarity: args.max_similarity,
+                max_rounds: args.max_rounds,
+                web: args.web,
+                subtopics_prompt: args.subtopics_prompt,
+                leaves_prompt: args.leaves_prompt,
             });
             let (output, teacher) = (&args.output, &args.teacher);
             with_storage(&[], &args.out, |_, out| async move {

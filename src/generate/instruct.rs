@@ -527,7 +527,10 @@ fn write_records(
 
 /// Runs `run` with a fresh [`RunState`] that stops when `outer` does (Ctrl-C reaches the second
 /// engine run, whose counters must start at zero).
-async fn forwarding_stop<F, Fut>(outer: &Arc<RunState>, run: F) -> Result<Stats, GenerateError>
+pub(crate) async fn forwarding_stop<F, Fut>(
+    outer: &Arc<RunState>,
+    run: F,
+) -> Result<Stats, GenerateError>
 where
     F: FnOnce(Arc<RunState>) -> Fut,
     Fut: std::future::Future<Output = Result<Stats, GenerateError>>,

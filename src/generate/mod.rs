@@ -14,6 +14,7 @@ pub mod python;
 pub mod run;
 pub mod stories;
 pub mod textbooks;
+pub mod topics;
 pub mod words;
 
 use rand_chacha::ChaCha8Rng;

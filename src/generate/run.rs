@@ -76,6 +76,8 @@ pub enum SetupError {
     Sandbox(#[from] SandboxError),
     #[error(transparent)]
     Instruct(#[from] super::instruct::InstructError),
+    #[error(transparent)]
+    Topics(#[from] super::topics::TopicsError),
     #[error("--web {}: web snippets seed prose sections only; pass --style prose (in a recipe: style = \"prose\") or drop --web", path.display())]
     WebWithoutProse { path: PathBuf },
     #[error("summary prompt {}: summaries are asked for only with --instruct (in a recipe: instruct = true); add it or drop the summary prompt", path.display())]
@@ -387,7 +389,8 @@ impl Default for StoriesSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TextbooksSettings {
-    /// Topics file (`topic` or `topic > subtopic` a line).
+    /// Topics file (`topic` or `topic > subtopic` a line, or `phigen topics`'s
+    /// `subject > subtopic > leaf`).
     pub topics: PathBuf,
     /// [default: the built-in seeds/audiences.txt]
     #[serde(default)]
@@ -453,13 +456,15 @@ impl Default for ExercisesSettings {
     }
 }
 
-/// One of the three generating corpora, with its settings.
+/// One of the generating corpora, with its settings (`topics` writes a topics list for the
+/// others to read).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "corpus", rename_all = "lowercase")]
 pub enum CorpusSettings {
     Stories(StoriesSettings),
     Textbooks(TextbooksSettings),
     Exercises(ExercisesSettings),
+    Topics(super::topics::TopicsSettings),
 }
 
 impl StoriesSettings {
@@ -658,6 +663,7 @@ impl CorpusSettings {
             CorpusSettings::Stories(_) => 1024,
             CorpusSettings::Textbooks(_) => 2048,
             CorpusSettings::Exercises(_) => 1024,
+            CorpusSettings::Topics(_) => 1024,
         }
     }
 
@@ -691,6 +697,10 @@ impl CorpusSettings {
                 let corpus = Arc::new(s.corpus().await?);
                 run_corpus(corpus, cfg, opts, max, state, progress).await
             }
+            CorpusSettings::Topics(s) => {
+                check_options(opts)?;
+                super::topics::run(s, cfg, opts, max, state, progress).await
+            }
         }
     }
 
@@ -722,6 +732,11 @@ impl CorpusSettings {
             }
             CorpusSettings::Exercises(s) => {
                 dry_run_corpus(Arc::new(s.corpus().await?), cfg, opts, max)
+            }
+            // The subtopics' prompts; the leaves are asked for once the subtopics exist.
+            CorpusSettings::Topics(s) => {
+                check_options(opts)?;
+                s.dry_run(cfg, opts, max)
             }
         }
     }

@@ -1,7 +1,8 @@
 //! CodeTextbook (phi-1 §2.2): textbook sections that mix clear explanation with short, correct
 //! Python, written for a sampled topic × audience × style.
 //!
-//! Reads `seeds/topics.txt` (`topic` or `topic > subtopic` a line), `seeds/audiences.txt`,
+//! Reads `seeds/topics.txt` (`topic` or `topic > subtopic` a line, or a deeper path such as the
+//! `subject > subtopic > leaf` lines `phigen topics` writes), `seeds/audiences.txt`,
 //! `seeds/styles.txt` and `prompts/textbook.txt`. An answer is kept only if it has at least one
 //! Python code block and every block parses as Python 3; `stats.json` shows code-block counts and
 //! the records per topic and per audience, so coverage is visible.
@@ -51,7 +52,7 @@ pub enum SeedListError {
     },
     #[error("{path}: no entries (only blank lines and `#` comments) — add at least one line")]
     Empty { path: String },
-    #[error("{path}:{line}: `{text}` is not `topic` or `topic > subtopic`")]
+    #[error("{path}:{line}: `{text}` is not `topic`, `topic > subtopic` or a deeper path such as `subject > subtopic > leaf` (no part may be empty)")]
     BadTopic {
         path: String,
         line: usize,
@@ -95,28 +96,54 @@ fn read_list(
     }
 }
 
+/// A line of a topics file: `topic`, `topic > subtopic`, or a deeper path (`phigen topics` writes
+/// `subject > subtopic > leaf`), whose parts after the first are `subtopic`, joined by ` > `.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Topic {
     pub topic: String,
     pub subtopic: Option<String>,
 }
 
+impl Topic {
+    /// The whole path, `topic > subtopic`, as the topics file has it.
+    pub fn path(&self) -> String {
+        match &self.subtopic {
+            Some(s) => format!("{} > {s}", self.topic),
+            None => self.topic.clone(),
+        }
+    }
+}
+
+/// The `topic` and `subtopic` prompt variables of a topic. `recursion > memoization` gives
+/// `recursion` and ` (focus: memoization)`, as ever; a deeper path is about its leaf, with the
+/// path above it as context: `algorithms > recursion > memoization` gives `memoization` and
+/// ` (part of algorithms > recursion)`.
+pub fn topic_vars(topic: &str, subtopic: Option<&str>) -> (String, String) {
+    match subtopic {
+        None => (topic.to_string(), String::new()),
+        Some(s) => match s.rsplit_once(" > ") {
+            None => (topic.to_string(), format!(" (focus: {s})")),
+            Some((middle, leaf)) => (leaf.to_string(), format!(" (part of {topic} > {middle})")),
+        },
+    }
+}
+
 pub fn parse_topics(path: &str, text: &str) -> Result<Vec<Topic>, SeedListError> {
     entries(path, text)?
         .into_iter()
         .map(|(line, l)| {
-            let (topic, subtopic) = match l.split_once('>') {
-                Some((t, s)) => (t.trim().to_string(), Some(s.trim().to_string())),
-                None => (l.clone(), None),
-            };
-            if topic.is_empty() || subtopic.as_deref() == Some("") {
+            let parts: Vec<&str> = l.split('>').map(str::trim).collect();
+            if parts.iter().any(|p| p.is_empty()) {
                 return Err(SeedListError::BadTopic {
                     path: path.into(),
                     line,
                     text: l,
                 });
             }
-            Ok(Topic { topic, subtopic })
+            Ok(Topic {
+                topic: parts[0].to_string(),
+                subtopic: (parts.len() > 1).then(|| parts[1..].join(" > ")),
+            })
         })
         .collect()
 }
@@ -268,21 +295,21 @@ impl Corpus for Textbooks {
     }
 
     fn prompt_vars(&self, c: &TextbookConstraints) -> Vec<(&'static str, String)> {
+        let (topic, subtopic) = topic_vars(&c.topic, c.subtopic.as_deref());
+        // The last part of the path alone (the subtopic or leaf, else the topic): what a small
+        // model's plain question names.
+        let subject = c
+            .subtopic
+            .as_deref()
+            .and_then(|s| s.rsplit(" > ").next())
+            .unwrap_or(&c.topic)
+            .to_string();
         vec![
-            ("topic", c.topic.clone()),
-            (
-                "subtopic",
-                c.subtopic
-                    .as_ref()
-                    .map_or(String::new(), |s| format!(" (focus: {s})")),
-            ),
+            ("topic", topic),
+            ("subtopic", subtopic),
             ("audience", c.audience.clone()),
             ("style", c.style.clone()),
-            // The subtopic alone, else the topic: what a small model's plain question names.
-            (
-                "subject",
-                c.subtopic.clone().unwrap_or_else(|| c.topic.clone()),
-            ),
+            ("subject", subject),
         ]
     }
 
@@ -348,6 +375,14 @@ pub struct Snippet {
 
 /// Words of a web snippet a prompt quotes at most.
 const SNIPPET_WORDS: usize = 150;
+
+/// The excerpt of a web snippet a prompt quotes: its first [`SNIPPET_WORDS`] words.
+pub fn excerpt(text: &str) -> String {
+    text.split_whitespace()
+        .take(SNIPPET_WORDS)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
 /// Below this share of English function words among its words (code blocks left out) a section
 /// is not English prose: English text runs at 40–50% (the, of, and, to, …), other languages
 /// match few of these words.
@@ -551,34 +586,21 @@ impl Corpus for ProseTextbooks {
             .clone();
         let snippet = self.snippets.choose(rng);
         ProseConstraints {
-            topic_path: match &t.subtopic {
-                Some(s) => format!("{} > {s}", t.topic),
-                None => t.topic.clone(),
-            },
+            topic_path: t.path(),
             topic: t.topic.clone(),
             subtopic: t.subtopic.clone(),
             audience,
             style,
             snippet_id: snippet.map(|s| s.id.clone()),
-            snippet: snippet.map(|s| {
-                s.text
-                    .split_whitespace()
-                    .take(SNIPPET_WORDS)
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            }),
+            snippet: snippet.map(|s| excerpt(&s.text)),
         }
     }
 
     fn prompt_vars(&self, c: &ProseConstraints) -> Vec<(&'static str, String)> {
+        let (topic, subtopic) = topic_vars(&c.topic, c.subtopic.as_deref());
         vec![
-            ("topic", c.topic.clone()),
-            (
-                "subtopic",
-                c.subtopic
-                    .as_ref()
-                    .map_or(String::new(), |s| format!(" (focus: {s})")),
-            ),
+            ("topic", topic),
+            ("subtopic", subtopic),
             ("audience", c.audience.clone()),
             ("style", c.style.clone()),
             (
@@ -681,6 +703,72 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("t.txt") && e.contains("no entries"), "{e}");
+    }
+
+    /// A deeper path (`phigen topics`'s `subject > subtopic > leaf`) keeps its first part as the
+    /// topic and the rest as the subtopic; its prompts are about the leaf with the path above as
+    /// context, in both styles, while one- and two-part lines render as they always did.
+    #[test]
+    fn deep_topic_paths_put_the_leaf_first_and_the_path_as_context() {
+        let t = parse_topics(
+            "t.txt",
+            "science >biology>  cell division
+",
+        )
+        .unwrap();
+        assert_eq!(t[0].topic, "science");
+        assert_eq!(t[0].subtopic.as_deref(), Some("biology > cell division"));
+        assert_eq!(t[0].path(), "science > biology > cell division");
+        let e = parse_topics(
+            "t.txt", "a > > c
+",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("t.txt:1") && e.contains("subject > subtopic > leaf"),
+            "{e}"
+        );
+        assert_eq!(
+            topic_vars("recursion", Some("memoization")),
+            ("recursion".into(), " (focus: memoization)".into())
+        );
+        assert_eq!(
+            topic_vars("recursion", None),
+            ("recursion".into(), String::new())
+        );
+        let code = corpus();
+        let k = TextbookConstraints {
+            topic: t[0].topic.clone(),
+            subtopic: t[0].subtopic.clone(),
+            audience: "a".into(),
+            style: "b".into(),
+        };
+        let vars = code.prompt_vars(&k);
+        let values: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let prompt = code.template().render(&values).unwrap();
+        assert!(
+            prompt.contains("about cell division (part of science > biology)."),
+            "{prompt}"
+        );
+        assert!(values.contains(&("subject", "cell division")));
+        let p = ProseTextbooks::new(
+            Template::parse("textbook-prose.txt", BUILTIN_PROSE_TEMPLATE).unwrap(),
+            t,
+            parse_plain("a.txt", BUILTIN_PROSE_AUDIENCES).unwrap(),
+            parse_plain("s.txt", BUILTIN_PROSE_STYLES).unwrap(),
+            Vec::new(),
+            &[],
+        );
+        let c = p.sample(0, &mut rand::SeedableRng::seed_from_u64(1));
+        assert_eq!(c.topic_path, "science > biology > cell division");
+        let vars = p.prompt_vars(&c);
+        let values: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let prompt = p.template().render(&values).unwrap();
+        assert!(
+            prompt.contains("about cell division (part of science > biology)."),
+            "{prompt}"
+        );
     }
 
     #[test]

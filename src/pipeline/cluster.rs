@@ -140,6 +140,11 @@ fn step_jobs(p: &Pipeline, step: &PlannedStep, tasks: usize) -> Vec<StepJob> {
         _ => None,
     };
     match action {
+        // A topic expansion runs as one task (each level reads the whole level before).
+        Some(Action::Generate {
+            corpus: crate::generate::run::CorpusSettings::Topics(_),
+            ..
+        }) => vec![job("", None, &[])],
         Some(Action::Generate { .. } | Action::Decontaminate(_) | Action::Tokenize(_)) => {
             vec![job("", Some(tasks), &[]), job("-merge", None, &[])]
         }

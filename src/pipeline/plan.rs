@@ -17,7 +17,7 @@ use super::manifest::{fingerprint, Identity, Status, StepManifest};
 use super::recipe::{Action, DataKind, DataStep, EvalAction, EvalStep, Pipeline, Target};
 use super::PipelineError;
 use crate::generate::engine::{DryRun, GenerateOptions};
-use crate::generate::run::CorpusSettings;
+use crate::generate::run::{CorpusSettings, TextbooksSettings};
 use crate::teacher::factory::{Backend, ResolvedTeacher, TeacherConfig};
 
 /// A source repeated more often than this in training gets a warning (phi-1 saw its data ~8
@@ -217,6 +217,25 @@ fn corpus_files(c: &CorpusSettings) -> Vec<PathBuf> {
         ]
         .concat(),
         CorpusSettings::Exercises(s) => [opt(&s.topics), opt(&s.names), opt(&s.prompt)].concat(),
+        CorpusSettings::Topics(s) => [
+            vec![s.seeds.clone()],
+            opt(&s.web),
+            opt(&s.subtopics_prompt),
+            opt(&s.leaves_prompt),
+        ]
+        .concat(),
+    }
+}
+
+/// The settings a generate step runs with: a textbooks step that reads a topics step (`from`)
+/// gets that step's list, `topics.txt` in `upstream` (the topics step's directory).
+pub fn with_upstream_topics(corpus: &CorpusSettings, upstream: Option<&Path>) -> CorpusSettings {
+    match (corpus, upstream) {
+        (CorpusSettings::Textbooks(t), Some(dir)) => CorpusSettings::Textbooks(TextbooksSettings {
+            topics: dir.join(crate::generate::topics::TOPICS_FILE),
+            ..t.clone()
+        }),
+        _ => corpus.clone(),
     }
 }
 
@@ -354,12 +373,14 @@ async fn plan_data(
             teacher,
             corpus,
         } => {
+            let corpus = with_upstream_topics(corpus, upstream.first().map(|u| u.dir.as_path()));
             let g = GenerateStep {
                 target,
                 seed: *seed,
                 max_attempts: *max_attempts,
                 cfg: &p.teachers[teacher],
-                corpus,
+                corpus: &corpus,
+                upstream,
             };
             plan_generate(p, s, &g, known_inputs).await?
         }
@@ -392,6 +413,8 @@ struct GenerateStep<'a> {
     max_attempts: u32,
     cfg: &'a TeacherConfig,
     corpus: &'a CorpusSettings,
+    /// The topics step a textbooks step reads (`from`), if any.
+    upstream: &'a [PlannedStep],
 }
 
 async fn plan_generate(
@@ -406,12 +429,21 @@ async fn plan_generate(
         max_attempts,
         cfg,
         corpus,
+        upstream,
     } = *g;
     let (seed, max_attempts) = (&seed, &max_attempts);
     let mut estimate = Estimate::default();
     let mut warnings = Vec::new();
     let resolved = cfg.resolve()?;
-    let files = corpus_files(corpus);
+    // An upstream step's output is known by that step's id, and may not exist yet.
+    let (made_upstream, files): (Vec<PathBuf>, Vec<PathBuf>) = corpus_files(corpus)
+        .into_iter()
+        .partition(|f| upstream.iter().any(|u| f.starts_with(&u.dir)));
+    let waiting = made_upstream.iter().any(|f| !f.exists());
+    let ups: BTreeMap<String, String> = upstream
+        .iter()
+        .map(|u| (u.name.clone(), u.id.clone()))
+        .collect();
     if let Some(missing) = files.iter().find(|f| !f.exists()) {
         return Err(PipelineError::Usage(format!(
             "{}: data step `{}` ({}) reads `{}`, which does not exist (paths are relative to the working directory); fix the path",
@@ -439,13 +471,13 @@ async fn plan_generate(
         s.kind.name(),
         records_identity.clone(),
         inputs.clone(),
-        BTreeMap::new(),
+        ups.clone(),
     );
     let dir = data_dir(&p.out, &s.name, &dir_identity.id);
     let mut settings = records_identity;
     settings["target"] = json!(target);
     settings["max_attempts"] = json!(max_attempts);
-    let identity = Identity::new(s.kind.name(), settings, inputs, BTreeMap::new());
+    let identity = Identity::new(s.kind.name(), settings, inputs, ups);
     // Estimates: a dry run of the first attempts (nothing is sent), per-record numbers
     // from a pilot when one exists.
     let is_paid = paid(&resolved);
@@ -468,14 +500,29 @@ async fn plan_generate(
         (Target::Tokens(t), m) => {
             let per = match m {
                 Some((measured, _)) => measured,
+                None if waiting => max_tokens(cfg, corpus) as f64 / 2.0,
                 None => typical(&corpus.dry_run(cfg, &probe(1)).await?),
             };
             ((*t as f64 / per.max(1.0)).ceil() as u64).max(1)
         }
     };
-    let dry = corpus.dry_run(cfg, &probe(n)).await?;
-    let tokens_per_record = measured.map_or_else(|| typical(&dry), |m| m.0).max(1.0);
-    let remaining = n.saturating_sub(dry.already_done);
+    // Without its upstream list there is nothing to dry-run: the estimate assumes half the
+    // output limit a record, and its cost is unknown until the upstream step has run.
+    let dry = if waiting {
+        warnings.push(format!(
+            "estimated without a dry run: its topics come from step `{}`, which has not run yet",
+            upstream.first().map_or("", |u| u.name.as_str())
+        ));
+        None
+    } else {
+        Some(corpus.dry_run(cfg, &probe(n)).await?)
+    };
+    let tokens_per_record = measured
+        .map(|m| m.0)
+        .or(dry.as_ref().map(typical))
+        .unwrap_or(max_tokens(cfg, corpus) as f64 / 2.0)
+        .max(1.0);
+    let remaining = n.saturating_sub(dry.as_ref().map_or(0, |d| d.already_done));
     estimate.n = Some(n);
     estimate.records = Some(n);
     estimate.tokens = Some((n as f64 * tokens_per_record) as u64);
@@ -486,7 +533,7 @@ async fn plan_generate(
     });
     estimate.cost_usd = match measured {
         Some((_, Some(per_record))) => Some(per_record * remaining as f64),
-        _ => dry.expected_cost_usd,
+        _ => dry.and_then(|d| d.expected_cost_usd),
     };
     // Parquet text: about 4 bytes a token, compressed about 2×.
     estimate.disk_bytes = Some((n as f64 * tokens_per_record * 2.0) as u64);

@@ -8,9 +8,9 @@
 //! [teachers.judge]                  # more teachers, named
 //! [[data]]                          # named data steps, run in dependency order
 //! name = "textbooks"
-//! kind = "textbooks"                # stories | textbooks | exercises | filter | dedup | decontaminate | tokenize
+//! kind = "textbooks"                # stories | textbooks | exercises | topics | filter | dedup | decontaminate | tokenize
 //! n = 200                           # or tokens = "5M"
-//! topics = "seeds/topics.txt"
+//! topics = "seeds/topics.txt"      # or from = ["STEP"], a `kind = "topics"` step's list
 //! [[data]]
 //! name = "tok"
 //! kind = "tokenize"
@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use crate::classify::pipeline::{ModelSettings, SampleSettings};
 use crate::dedup::decontaminate::Mode;
 use crate::generate::run::{CorpusSettings, ExercisesSettings, StoriesSettings, TextbooksSettings};
+use crate::generate::topics::TopicsSettings;
 use crate::model::tokenizer::Encoding;
 use crate::teacher::factory::TeacherConfig;
 use crate::train::recipe::{Recipe, RecipeError};
@@ -74,6 +75,8 @@ pub enum DataKind {
     Stories,
     Textbooks,
     Exercises,
+    /// A topic list (`phigen topics`) that a textbooks step reads with `from`.
+    Topics,
     Filter,
     Dedup,
     Decontaminate,
@@ -86,6 +89,7 @@ impl DataKind {
             DataKind::Stories => "stories",
             DataKind::Textbooks => "textbooks",
             DataKind::Exercises => "exercises",
+            DataKind::Topics => "topics",
             DataKind::Filter => "filter",
             DataKind::Dedup => "dedup",
             DataKind::Decontaminate => "decontaminate",
@@ -96,7 +100,7 @@ impl DataKind {
     fn generates(self) -> bool {
         matches!(
             self,
-            DataKind::Stories | DataKind::Textbooks | DataKind::Exercises
+            DataKind::Stories | DataKind::Textbooks | DataKind::Exercises | DataKind::Topics
         )
     }
 }
@@ -671,6 +675,19 @@ impl Pipeline {
                             format!("names `{f}`, a tokenize step: its token shards are training input, not documents"),
                         ))
                     }
+                    // Only a textbooks step reads `from` among the generating kinds.
+                    Some(up) if s.kind.generates() && up.kind != DataKind::Topics => {
+                        return Err(self.invalid(
+                            &key,
+                            format!("names `{f}`, a {} step; a textbooks step reads the topic list of a `kind = \"topics\"` step", up.kind.name()),
+                        ))
+                    }
+                    Some(up) if !s.kind.generates() && up.kind == DataKind::Topics => {
+                        return Err(self.invalid(
+                            &key,
+                            format!("names `{f}`, a topics step: its output is a topic list for a textbooks step (`from = [\"{f}\"]` there), not documents"),
+                        ))
+                    }
                     Some(_) => {}
                 }
             }
@@ -1001,7 +1018,7 @@ impl Parser<'_> {
                 None => {
                     return Err(self.invalid(
                         &key,
-                        "needs `kind`: stories, textbooks, exercises, filter, dedup, decontaminate or tokenize".into(),
+                        "needs `kind`: stories, textbooks, exercises, topics, filter, dedup, decontaminate or tokenize".into(),
                     ))
                 }
             };
@@ -1013,7 +1030,26 @@ impl Parser<'_> {
                     Some(v) => self.typed(v, &[key[0], key[1], Key::Name(k)], ""),
                 }
             };
-            let (from, paths) = if kind.generates() {
+            let (from, paths) = if kind == DataKind::Textbooks && t.contains_key("from") {
+                // The topics come from a topics step: its list is resolved once the run is
+                // planned (TextbooksSettings::topics stays empty until then).
+                let from = strings(&mut t, "from")?;
+                let at = |k| [key[0], key[1], Key::Name(k)];
+                if from.len() != 1 {
+                    return Err(self.invalid(
+                        &at("from"),
+                        format!("names {} steps; a textbooks step reads the list of one `kind = \"topics\"` step", from.len()),
+                    ));
+                }
+                if t.contains_key("topics") {
+                    return Err(self.invalid(
+                        &at("topics"),
+                        "and `from` both name the topics: keep one (`from` reads a topics step's list)".into(),
+                    ));
+                }
+                t.insert("topics".into(), toml::Value::String(String::new()));
+                (from, Vec::new())
+            } else if kind.generates() {
                 (Vec::new(), Vec::new())
             } else {
                 let from = strings(&mut t, "from")?;
@@ -1025,9 +1061,10 @@ impl Parser<'_> {
             };
             let rest = toml::Value::Table(t);
             let action = match kind {
-                DataKind::Stories | DataKind::Textbooks | DataKind::Exercises => {
-                    self.generate(kind, rest, &key, teachers, recipe_seed)?
-                }
+                DataKind::Stories
+                | DataKind::Textbooks
+                | DataKind::Exercises
+                | DataKind::Topics => self.generate(kind, rest, &key, teachers, recipe_seed)?,
                 DataKind::Dedup => {
                     Action::Dedup(self.typed(rest, &key, "name, kind, from, paths")?)
                 }
@@ -1154,6 +1191,15 @@ impl Parser<'_> {
             }
             DataKind::Exercises => {
                 CorpusSettings::Exercises(self.typed::<ExercisesSettings>(settings, key, also)?)
+            }
+            DataKind::Topics => {
+                if let Target::Tokens(_) = target {
+                    return Err(self.invalid(
+                        &at("tokens"),
+                        "a topics step makes a list of `n` topics: give `n`, not `tokens`".into(),
+                    ));
+                }
+                CorpusSettings::Topics(self.typed::<TopicsSettings>(settings, key, also)?)
             }
             _ => unreachable!("a generating kind"),
         };
@@ -1467,6 +1513,62 @@ kind = "loss"
         for (text, sets, expected) in cases {
             let err = parse(&text, sets).expect_err(expected);
             assert!(err.contains(expected), "expected `{expected}` in: {err}");
+        }
+    }
+
+    /// Issue 30: a `kind = "topics"` step, and a textbooks step that reads its list with `from`
+    /// (run after it); a textbooks step may read only a topics step, the document steps may not
+    /// read one, and a topics step takes `n`.
+    #[test]
+    fn a_textbooks_step_reads_a_topics_step_with_from() {
+        let topics =
+            "[[data]]\nname = \"topics\"\nkind = \"topics\"\nn = 50\nseeds = \"s.txt\"\n\n";
+        let books = "[[data]]\nname = \"books\"\nkind = \"textbooks\"\nn = 5\nfrom = [\"topics\"]\nstyle = \"prose\"\n\n";
+        let text = RECIPE.replace(
+            "[[data]]\nname = \"stories\"",
+            &format!("{books}{topics}[[data]]\nname = \"stories\""),
+        );
+        let p = parse(&text, &[]).unwrap();
+        let order: Vec<&str> = p.order().iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(order, ["topics", "books", "stories", "clean", "tok"]);
+        let books_step = p.step("books").unwrap();
+        assert_eq!(books_step.from, ["topics"]);
+        let Action::Generate { corpus, .. } = &books_step.action else {
+            panic!("a generate step")
+        };
+        let dir = Path::new("run/data/topics-12345678");
+        let CorpusSettings::Textbooks(t) =
+            super::super::plan::with_upstream_topics(corpus, Some(dir))
+        else {
+            panic!("textbooks")
+        };
+        assert_eq!(t.topics, dir.join("topics.txt"));
+        let topics_step = p.step("topics").unwrap();
+        assert_eq!(topics_step.kind, DataKind::Topics);
+        let wrong = [
+            (
+                text.replace("from = [\"topics\"]", "from = [\"stories\"]"),
+                "a stories step; a textbooks step reads the topic list",
+            ),
+            (
+                text.replace(
+                    "from = [\"topics\"]",
+                    "from = [\"topics\"]\ntopics = \"t.txt\"",
+                ),
+                "and `from` both name the topics",
+            ),
+            (
+                text.replace("from = [\"stories\"]", "from = [\"topics\"]"),
+                "a topics step: its output is a topic list",
+            ),
+            (
+                text.replace("n = 50", "tokens = \"5M\""),
+                "give `n`, not `tokens`",
+            ),
+        ];
+        for (t, want) in wrong {
+            let e = parse(&t, &[]).unwrap_err();
+            assert!(e.contains(want), "{e}");
         }
     }
 

@@ -522,7 +522,11 @@ async fn run_data(
                 concurrency: 1, // the teacher config's concurrency decides
                 task: cx.opts.task,
             };
-            generate(cx, step, &cx.p.teachers[teacher], corpus, gen, spent).await
+            // A textbooks step that reads a topics step gets that step's list.
+            let upstream = cx.p.data[i].from.first().and_then(|f| cx.plan.step(f));
+            let corpus =
+                super::plan::with_upstream_topics(corpus, upstream.map(|u| u.dir.as_path()));
+            generate(cx, step, &cx.p.teachers[teacher], &corpus, gen, spent).await
         }
         Action::Filter { teacher, settings } => {
             filter(cx, step, i, &cx.p.teachers[teacher], settings, spent).await

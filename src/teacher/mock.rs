@@ -418,6 +418,9 @@ fn answer_for(prompt: &str, code: Code) -> String {
     if prompt.contains("follows the instructions") {
         return judge_instructions(prompt);
     }
+    if prompt.contains("per line as a numbered list") {
+        return topic_list(prompt);
+    }
     let quoted: Vec<&str> = prompt
         .split(['"', '“', '”'])
         .skip(1)
@@ -511,6 +514,40 @@ fn judge_instructions(prompt: &str) -> String {
             let yes = (h >> (i % 64)) & 1 == 1;
             lines.push(format!("{label}: {}", if yes { "yes" } else { "no" }));
         }
+    }
+    lines.join("\n")
+}
+
+/// A list prompt (`phigen topics`: "List N …, one … per line as a numbered list") gets N numbered
+/// three-word topics drawn from a hash of the prompt, each fourth the one before it plus
+/// "basics" (a near duplicate); N is the number after "List" (10 if none, at most 200).
+fn topic_list(prompt: &str) -> String {
+    const WORDS: [&str; 40] = [
+        "energy", "water", "light", "cells", "trade", "music", "maps", "soil", "money", "time",
+        "rivers", "stars", "bread", "tools", "trees", "sound", "heat", "birds", "rocks", "wind",
+        "fairness", "friends", "numbers", "plants", "weather", "habits", "seasons", "machines",
+        "stories", "colours", "markets", "oceans", "forests", "engines", "letters", "games",
+        "shadows", "bridges", "gardens", "clocks",
+    ];
+    let count = prompt
+        .split_whitespace()
+        .skip_while(|w| *w != "List")
+        .nth(1)
+        .and_then(|w| w.parse::<u64>().ok())
+        .unwrap_or(10)
+        .min(200);
+    let mut lines = Vec::new();
+    let mut previous = String::new();
+    for i in 0..count {
+        let item = if i % 4 == 3 {
+            format!("{previous} basics")
+        } else {
+            let h = hash64(prompt, i, 6);
+            let w = |k: u64| WORDS[((h >> (k * 16)) % WORDS.len() as u64) as usize];
+            format!("{} {} {}", w(0), w(1), w(2))
+        };
+        lines.push(format!("{}. {item}", i + 1));
+        previous = item;
     }
     lines.join("\n")
 }
