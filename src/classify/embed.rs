@@ -266,7 +266,7 @@ impl Hashed {
             word_chars as f32 / n_words,
             words as f32 / sentences.max(1) as f32,
             words as f32 / n_lines,
-            share(&|l| sentence_end(l)),
+            share(&sentence_end),
             share(&|l| l.trim().is_empty()),
             share(&|l| !l.trim().is_empty() && l.trim().chars().count() < 30),
             share(&|l| {

@@ -51,7 +51,7 @@ pub const HTTP_FILE_TOKENS: usize = 2048;
 pub enum PipelineError {
     #[error("--sample 0: nothing to rate; pass the number of files the teacher should rate")]
     NothingToRate,
-    #[error("no readable code files in {inputs:?} to rate: check --input and --ext")]
+    #[error("no readable files or texts in {inputs:?} to rate: check --input, --ext and --preset")]
     NoReadableFiles { inputs: Vec<PathBuf> },
     #[error("--prompt {path}: --preset {preset} fills the rating prompt's {vars}, but this template asks for others; use `vars:` of those (the built-in prompts/{builtin} is an example), or pass the --preset the prompt was written for")]
     PromptVars {

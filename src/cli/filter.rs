@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use super::numbers::{self, f32_in, f64_in, int_at_least, int_in, ints};
@@ -198,9 +197,9 @@ impl ModelArgs {
                         b.display()
                     ),
                     (Some(d), _) | (None, Some(d)) => d.clone(),
-                    (None, None) => None.context(
-                        "--embedder lm names no checkpoint: write --embedder lm:DIR (or add --checkpoint DIR)",
-                    )?,
+                    (None, None) => anyhow::bail!(
+                        "--embedder lm names no checkpoint: write --embedder lm:DIR (or add --checkpoint DIR)"
+                    ),
                 },
                 max_tokens: self.embed_tokens,
                 batch: self.embed_batch,
