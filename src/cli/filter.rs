@@ -545,7 +545,7 @@ mod tests {
         use crate::classify::embed::EmbedderSpec;
         use crate::classify::preset::Preset;
         use crate::cli::{Cli, Command};
-        use std::path::PathBuf;
+        use std::path::{Path, PathBuf};
         let parse = |extra: &[&str]| {
             let mut args = vec!["phigen", "filter", "--input", "web"];
             args.extend_from_slice(extra);
@@ -561,12 +561,12 @@ mod tests {
         );
         let spec = a.model_args.spec().unwrap();
         assert!(
-            matches!(&spec, EmbedderSpec::Lm { checkpoint, .. } if checkpoint == &PathBuf::from("runs/tiny/final")),
+            matches!(&spec, EmbedderSpec::Lm { checkpoint, .. } if checkpoint == Path::new("runs/tiny/final")),
             "{spec:?}"
         );
         let old = parse(&["--embedder", "lm", "--checkpoint", "c"]).unwrap();
         assert!(
-            matches!(old.model_args.spec().unwrap(), EmbedderSpec::Lm { checkpoint, .. } if checkpoint == PathBuf::from("c"))
+            matches!(old.model_args.spec().unwrap(), EmbedderSpec::Lm { checkpoint, .. } if checkpoint == Path::new("c"))
         );
         let e = parse(&["--embedder", "lm"])
             .unwrap()
