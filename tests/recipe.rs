@@ -1737,3 +1737,97 @@ async fn a_whole_run_recipe_trains_on_all_ranks_of_a_torchrun_launch() {
         text(&again[1])
     );
 }
+
+/// Issue 30: recipes/phi-1.5.toml and recipes/phi-2-data.toml make their own data. Each parses
+/// and plans (`--plan`, no key: nothing is sent) with its inputs given as small stand-ins and
+/// its generate targets cut to 1M tokens; every training input is a tokenize step of the recipe (no token directory a
+/// user must make by hand), phi-1.5 weighs prose textbooks 0.8 against phi-1's code data 0.2, and
+/// phi-2-data's web filter plans with the web preset (the plan lists its steps by name). Expected
+/// values are the issue's recipe (80/20, prose + code, + web filtered by educational value).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_phi_1_5_and_phi_2_data_recipes_plan_their_own_data() {
+    use phigen::pipeline::recipe::{Action, DataKind};
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let stack = dir.path().join("stack-python");
+    std::fs::create_dir_all(&stack).unwrap();
+    std::fs::write(
+        stack.join("a.py"),
+        "def f(x):\n    \"\"\"Twice x.\"\"\"\n    return 2 * x\n",
+    )
+    .unwrap();
+    let web = dir.path().join("web");
+    std::fs::create_dir_all(&web).unwrap();
+    std::fs::write(
+        web.join("crawl.jsonl"),
+        "{\"text\": \"Plants make their food from light, water and air.\"}\n",
+    )
+    .unwrap();
+    for (name, prose_weight) in [("phi-1.5.toml", 0.8), ("phi-2-data.toml", 0.4)] {
+        let path = root.join("recipes").join(name);
+        let p =
+            phigen::pipeline::Pipeline::load(&path, &[], None).unwrap_or_else(|e| panic!("{e}"));
+        let mut sets = Vec::new();
+        for (i, s) in p.data.iter().enumerate() {
+            // The planner's work grows with a generate step's target (20B tokens: minutes).
+            if s.kind == DataKind::Textbooks {
+                sets.push(format!("data.{i}.tokens=\"1M\""));
+            }
+            if s.kind == DataKind::Filter {
+                let Action::Filter { settings, .. } = &s.action else {
+                    unreachable!()
+                };
+                let input = if settings.preset == phigen::classify::preset::Preset::Web {
+                    &web
+                } else {
+                    &stack
+                };
+                sets.push(format!("data.{i}.paths=[\"{}\"]", input.display()));
+            }
+        }
+        let by_step: HashMap<String, f64> = p.stage_refs[0]
+            .iter()
+            .zip(&p.train.stages[0].raw.data)
+            .map(|(r, d)| (r.clone().expect("a step, not a path"), d.weight))
+            .collect();
+        for step in by_step.keys() {
+            assert_eq!(
+                p.step(step).map(|s| s.kind),
+                Some(DataKind::Tokenize),
+                "{name}: {step}"
+            );
+        }
+        assert!(
+            (by_step["tok-prose"] - prose_weight).abs() < 1e-9,
+            "{name}: {by_step:?}"
+        );
+        let code: f64 = ["tok-code", "tok-code-textbooks"]
+            .iter()
+            .map(|s| by_step[*s])
+            .sum();
+        assert!((code - 0.2).abs() < 1e-9, "{name}: {by_step:?}");
+        let prose = p.step("prose").expect("a prose textbooks step");
+        assert_eq!(prose.kind, DataKind::Textbooks);
+        if name == "phi-2-data.toml" {
+            let Action::Filter { settings, .. } = &p.step("web").expect("a web filter").action
+            else {
+                panic!("`web` is not a filter step")
+            };
+            assert_eq!(settings.preset, phigen::classify::preset::Preset::Web);
+        }
+        let out = dir.path().join(name);
+        let mut args = vec!["--plan"];
+        for s in &sets {
+            args.extend(["--set", s.as_str()]);
+        }
+        let o = run(train_cmd(&path, &out, &args)).await;
+        assert!(o.status.success(), "{name}: {}", text(&o));
+        let plan = text(&o);
+        for step in p.data.iter().map(|s| s.name.as_str()) {
+            assert!(
+                plan.contains(step),
+                "{name}: the plan lacks {step}:\n{plan}"
+            );
+        }
+    }
+}

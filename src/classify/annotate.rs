@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use super::input::{self, Part};
+use super::preset::Preset;
 use super::{io_err, ClassifyError};
 use crate::artifact::atomic;
 use crate::artifact::shards::{self, Layout};
@@ -26,7 +27,8 @@ use crate::artifact::task::{self, Task};
 use crate::generate::prompt::Template;
 use crate::generate::{Corpus, Drop, DropReason};
 
-pub const BUILTIN_TEMPLATE: &str = include_str!("../../prompts/educational-value.txt");
+/// The code preset's built-in prompt ([`Preset::builtin_prompt`] has both).
+pub const BUILTIN_TEMPLATE: &str = super::preset::CODE_PROMPT;
 const RECORDS: Layout = Layout::Parts { prefix: "part" };
 
 row! {
@@ -111,11 +113,12 @@ fn largest_fitting(cuts: &[usize], fits: impl Fn(usize) -> bool) -> Option<usize
     best
 }
 
-/// Draws the sample: the `n` readable files with the smallest `xxh3(seed, id)`, in that order.
-/// Only the head (`max_chars` characters) of each is kept; [`fit_sample`] then cuts it to the
-/// token budget.
+/// Draws the sample: the `n` readable files (texts, with `preset`) with the smallest
+/// `xxh3(seed, id)`, in that order. Only the head (`max_chars` characters) of each is kept;
+/// [`fit_sample`] then cuts it to the token budget.
 pub fn draw_sample(
     parts: &[Part],
+    preset: Preset,
     n: usize,
     seed: u64,
     max_bytes: u64,
@@ -123,7 +126,7 @@ pub fn draw_sample(
 ) -> Result<Vec<Sampled>, ClassifyError> {
     let mut heap: BinaryHeap<(u64, String, String, String, u64)> = BinaryHeap::new();
     for part in parts {
-        for code in input::load(part, max_bytes)?.rows {
+        for code in input::load(part, max_bytes, preset)?.rows {
             let Ok(text) = code.content else { continue };
             let key = xxh3_64_with_seed(code.id.as_bytes(), seed);
             if heap.len() == n && heap.peek().is_some_and(|top| top.0 <= key) {
@@ -229,6 +232,8 @@ pub struct Annotate {
     /// What the reader of these ratings should know about the rater (`stats.json`'s
     /// `corpus.rater_note`), e.g. that a small local one barely tells good code from bad.
     rater_note: Option<&'static str>,
+    /// Code files or web text: the prompt's variables and the corpus's kind.
+    preset: Preset,
 }
 
 impl Annotate {
@@ -238,7 +243,13 @@ impl Annotate {
             sample,
             budget: None,
             rater_note: None,
+            preset: Preset::Code,
         }
+    }
+
+    /// The same corpus, rating texts of `preset` (its template must use that preset's variables).
+    pub fn with_preset(self, preset: Preset) -> Annotate {
+        Annotate { preset, ..self }
     }
 
     /// The same corpus, with a note on the rater for `stats.json`.
@@ -312,7 +323,7 @@ impl Corpus for Annotate {
     type Checks = Rating;
 
     fn kind(&self) -> &'static str {
-        "educational_value"
+        self.preset.rating_kind()
     }
 
     fn template(&self) -> &Template {
@@ -324,15 +335,16 @@ impl Corpus for Annotate {
     }
 
     fn prompt_vars(&self, s: &Sampled) -> Vec<(&'static str, String)> {
-        let mut code = s.head.clone();
+        let mut text = s.head.clone();
         if s.truncated_chars > 0 {
             // The teacher should rate what it sees, not fault the file for ending mid-way.
-            code.push_str(&format!(
-                "\n[... the file goes on: {} more characters not shown]",
+            text.push_str(&format!(
+                "\n[... the {} goes on: {} more characters not shown]",
+                self.preset.unit(),
                 s.truncated_chars
             ));
         }
-        vec![("path", s.file_id.clone()), ("code", code)]
+        self.preset.prompt_vars(&s.file_id, text)
     }
 
     fn check(&self, _: &Sampled, text: &str) -> impl Future<Output = Result<Rating, Drop>> + Send {
@@ -360,7 +372,11 @@ impl Corpus for Annotate {
         for s in df.column("score")?.i64()?.iter().flatten() {
             hist[s.clamp(0, 5) as usize] += 1;
         }
-        let mut summary = json!({ "rated": df.height(), "score_histogram": hist });
+        let mut summary = json!({
+            "rated": df.height(),
+            "score_histogram": hist,
+            "preset": self.preset,
+        });
         if let Some((tokens, counted_with)) = &self.budget {
             let cut = self.sample.iter().filter(|s| s.truncated_chars > 0);
             summary["file_budget"] = json!({
@@ -578,8 +594,14 @@ mod tests {
         std::fs::write(src.join("long.py"), &long).unwrap();
         std::fs::write(src.join("short.py"), "x = 1\n").unwrap();
         let walk = crate::artifact::walk::WalkOptions::default();
-        let (parts, _) = input::parts(std::slice::from_ref(&src), &["py".into()], walk).unwrap();
-        let mut sample = draw_sample(&parts, 2, 0, 1 << 20, 6000).unwrap();
+        let (parts, _) = input::parts(
+            std::slice::from_ref(&src),
+            &["py".into()],
+            Preset::Code,
+            walk,
+        )
+        .unwrap();
+        let mut sample = draw_sample(&parts, Preset::Code, 2, 0, 1 << 20, 6000).unwrap();
         let bpe = tiktoken_rs::cl100k_base_singleton();
         let count = |t: &str| bpe.encode_ordinary(t).len();
         let budget = FileBudget {
@@ -638,9 +660,15 @@ mod tests {
             std::fs::write(src.join(format!("f{i}.py")), format!("x = {i}\n")).unwrap();
         }
         let walk = crate::artifact::walk::WalkOptions::default();
-        let (parts, _) = input::parts(std::slice::from_ref(&src), &["py".into()], walk).unwrap();
-        let five = draw_sample(&parts, 5, 1, 1 << 20, 100).unwrap();
-        let three = draw_sample(&parts, 3, 1, 1 << 20, 100).unwrap();
+        let (parts, _) = input::parts(
+            std::slice::from_ref(&src),
+            &["py".into()],
+            Preset::Code,
+            walk,
+        )
+        .unwrap();
+        let five = draw_sample(&parts, Preset::Code, 5, 1, 1 << 20, 100).unwrap();
+        let three = draw_sample(&parts, Preset::Code, 3, 1, 1 << 20, 100).unwrap();
         assert_eq!(five[..3], three[..]);
         let out = dir.path().join("labels");
         record_sample(&out, std::slice::from_ref(&src), 1, &three).unwrap();
@@ -656,7 +684,7 @@ mod tests {
             "changed\n",
         )
         .unwrap();
-        let changed = draw_sample(&parts, 5, 1, 1 << 20, 100).unwrap();
+        let changed = draw_sample(&parts, Preset::Code, 5, 1, 1 << 20, 100).unwrap();
         let e = record_sample(&out, std::slice::from_ref(&src), 1, &changed)
             .unwrap_err()
             .to_string();

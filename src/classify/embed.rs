@@ -1,7 +1,7 @@
 //! Feature vectors of code files, which the forest learns from.
 //!
 //! Three embedders: [`Hashed`], model-free and fast (hashed token uni- and bigram frequencies plus
-//! code statistics), the offline default; [`LmEmbedder`], the mean of the last hidden states of
+//! code statistics, or prose statistics for web text: [`WEB_STATS`]), the offline default; [`LmEmbedder`], the mean of the last hidden states of
 //! any causal LM phigen loads (phi-1 used a pretrained code model's embeddings this way); and
 //! [`BertEmbedder`], a BERT-family sentence encoder's mean-pooled, normalised embeddings (as
 //! sentence-transformers computes them).
@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{xxh3_128, xxh3_64_with_seed};
 
 use super::bert::Bert;
+use super::preset::Preset;
 use super::{io_err, ClassifyError};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::{checkpoint, Decoder};
@@ -54,9 +55,20 @@ pub trait Embedder: Send + Sync {
 }
 
 impl EmbedderSpec {
+    /// The embedder with the code preset's hashed features; a model embedder does not depend
+    /// on the preset.
     pub fn load(&self) -> Result<Box<dyn Embedder>, ClassifyError> {
+        self.load_for(Preset::Code)
+    }
+
+    /// The embedder, for texts of `preset` (the hashed features follow it; a model embeds any
+    /// text the same way).
+    pub fn load_for(&self, preset: Preset) -> Result<Box<dyn Embedder>, ClassifyError> {
         Ok(match self {
-            EmbedderSpec::Hashed { buckets } => Box::new(Hashed { buckets: *buckets }),
+            EmbedderSpec::Hashed { buckets } => Box::new(Hashed {
+                buckets: *buckets,
+                preset,
+            }),
             EmbedderSpec::Lm {
                 checkpoint,
                 max_tokens,
@@ -79,13 +91,17 @@ impl EmbedderSpec {
     }
 }
 
-/// Hashed token n-gram frequencies and code statistics.
+/// Hashed token n-gram frequencies and code statistics (or prose statistics for web text).
 ///
 /// Tokens are identifiers/words, numbers (all one token) and single punctuation characters;
-/// unigrams and bigrams are hashed into `buckets` and divided by the token count. The statistics
-/// ([`STATS`]) are what separates a documented function from minified, generated or data files.
+/// unigrams and bigrams are hashed into `buckets` and divided by the token count. The code
+/// statistics ([`STATS`]) are what separates a documented function from minified, generated or
+/// data files; the web ones ([`WEB_STATS`]) what separates explaining prose from lists, logs,
+/// boilerplate and navigation text. Web words are hashed lower-cased: in prose, "The" and "the"
+/// are one word.
 pub struct Hashed {
     pub buckets: usize,
+    pub preset: Preset,
 }
 
 /// Names of the statistics that follow the hashed buckets, in order.
@@ -114,10 +130,176 @@ pub const STATS: [&str; 22] = [
     "log2_longest_word",
 ];
 
+/// Names of the statistics that follow the hashed buckets for web text, in order.
+pub const WEB_STATS: [&str; 24] = [
+    "log2_bytes",
+    "log2_words",
+    "log2_lines",
+    "mean_word_length",
+    "mean_sentence_words",
+    "mean_line_words",
+    "sentence_end_share",
+    "blank_line_share",
+    "short_line_share",
+    "bullet_line_share",
+    "prose_line_share",
+    "code_line_share",
+    "function_word_share",
+    "distinct_word_share",
+    "capitalized_word_share",
+    "link_word_share",
+    "alpha_share",
+    "digit_share",
+    "whitespace_share",
+    "punctuation_share",
+    "non_ascii_share",
+    "uppercase_share",
+    "number_token_share",
+    "log2_longest_word",
+];
+
+/// English function words: their share is high in running prose and low in lists, tables,
+/// logs, keyword stuffing and code.
+const FUNCTION_WORDS: [&str; 48] = [
+    "the", "a", "an", "of", "to", "in", "and", "or", "is", "are", "was", "were", "be", "been",
+    "it", "its", "that", "this", "these", "which", "who", "what", "when", "how", "why", "for",
+    "with", "as", "by", "on", "at", "from", "can", "will", "would", "if", "then", "because", "so",
+    "not", "but", "we", "you", "they", "he", "she", "there", "each",
+];
+
 const NUMBER: u64 = 0x6e75_6d62_6572;
 
 impl Hashed {
     fn features(&self, text: &str, out: &mut [f32]) {
+        match self.preset {
+            Preset::Code => self.code_features(text, out),
+            Preset::Web => self.web_features(text, out),
+        }
+    }
+
+    /// Hashed lower-cased word and punctuation uni- and bigrams, then [`WEB_STATS`].
+    fn web_features(&self, text: &str, out: &mut [f32]) {
+        let (grams, stats) = out.split_at_mut(self.buckets);
+        let mut prev: Option<u64> = None;
+        let mut tokens = 0usize;
+        let (mut words, mut word_chars, mut numbers, mut function, mut capitalized, mut links) =
+            (0usize, 0usize, 0usize, 0usize, 0usize, 0usize);
+        let mut longest = 0usize;
+        let mut distinct = std::collections::HashSet::new();
+        let mut lower = String::new();
+        let mut add = |h: u64, grams: &mut [f32]| {
+            tokens += 1;
+            grams[(h % self.buckets as u64) as usize] += 1.0;
+            if let Some(p) = prev {
+                let bigram = p.rotate_left(17) ^ h.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                grams[(bigram % self.buckets as u64) as usize] += 1.0;
+            }
+            prev = Some(h);
+        };
+        for raw in text.split_whitespace() {
+            if raw.contains("://") || raw.starts_with("www.") || raw.contains('@') {
+                links += 1;
+            }
+            // A whitespace-separated chunk: its words, numbers and punctuation marks.
+            let mut rest = raw;
+            while let Some(c) = rest.chars().next() {
+                let end = if c.is_alphabetic() {
+                    rest.find(|c: char| !(c.is_alphanumeric() || c == '\'' || c == '-'))
+                        .unwrap_or(rest.len())
+                } else if c.is_ascii_digit() {
+                    rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == ','))
+                        .unwrap_or(rest.len())
+                } else {
+                    c.len_utf8()
+                };
+                let token = &rest[..end];
+                rest = &rest[end..];
+                if c.is_alphabetic() {
+                    words += 1;
+                    let n = token.chars().count();
+                    word_chars += n;
+                    longest = longest.max(n);
+                    capitalized += usize::from(c.is_uppercase());
+                    lower.clear();
+                    lower.extend(token.chars().flat_map(char::to_lowercase));
+                    function += usize::from(FUNCTION_WORDS.contains(&lower.as_str()));
+                    let h = xxh3_64_with_seed(lower.as_bytes(), 1);
+                    distinct.insert(h);
+                    add(h, grams);
+                } else if c.is_ascii_digit() {
+                    numbers += 1;
+                    add(NUMBER, grams);
+                } else {
+                    add(xxh3_64_with_seed(token.as_bytes(), 2), grams);
+                }
+            }
+        }
+        let norm = tokens.max(1) as f32;
+        grams.iter_mut().for_each(|g| *g /= norm);
+
+        let lines: Vec<&str> = text.lines().collect();
+        let n_lines = lines.len().max(1) as f32;
+        let share =
+            |pred: &dyn Fn(&str) -> bool| lines.iter().filter(|l| pred(l)).count() as f32 / n_lines;
+        let sentence_end = |l: &str| l.trim_end().ends_with(['.', '!', '?', ':', '"']);
+        let sentences = text
+            .split_inclusive(['.', '!', '?'])
+            .filter(|s| s.ends_with(['.', '!', '?']) && s.trim().len() > 1)
+            .count();
+        let [mut chars, mut alpha, mut digit, mut space, mut punct, mut non_ascii, mut upper] =
+            [0usize; 7];
+        for c in text.chars() {
+            chars += 1;
+            alpha += usize::from(c.is_alphabetic());
+            upper += usize::from(c.is_uppercase());
+            digit += usize::from(c.is_ascii_digit());
+            space += usize::from(c.is_whitespace());
+            punct += usize::from(c.is_ascii_punctuation());
+            non_ascii += usize::from(!c.is_ascii());
+        }
+        let chars = chars.max(1) as f32;
+        let n_words = words.max(1) as f32;
+        let values = [
+            (text.len() as f32 + 1.0).log2(),
+            (words as f32 + 1.0).log2(),
+            (n_lines + 1.0).log2(),
+            word_chars as f32 / n_words,
+            words as f32 / sentences.max(1) as f32,
+            words as f32 / n_lines,
+            share(&sentence_end),
+            share(&|l| l.trim().is_empty()),
+            share(&|l| !l.trim().is_empty() && l.trim().chars().count() < 30),
+            share(&|l| {
+                let t = l.trim_start();
+                t.starts_with(['-', '*', '•', '+', '|', '#'])
+                    || t.split_once(['.', ')']).is_some_and(|(n, _)| {
+                        !n.is_empty() && n.chars().all(|c| c.is_ascii_digit())
+                    })
+            }),
+            // Long lines that end a sentence: running paragraphs.
+            share(&|l| l.split_whitespace().count() >= 8 && sentence_end(l)),
+            share(&|l| {
+                let t = l.trim_end();
+                t.ends_with([';', '{', '}']) || t.contains("()") || t.contains(" = ")
+            }),
+            function as f32 / n_words,
+            distinct.len() as f32 / n_words,
+            capitalized as f32 / n_words,
+            links as f32 / n_words,
+            alpha as f32 / chars,
+            digit as f32 / chars,
+            space as f32 / chars,
+            punct as f32 / chars,
+            non_ascii as f32 / chars,
+            upper as f32 / (alpha as f32).max(1.0),
+            numbers as f32 / norm,
+            (longest as f32 + 1.0).log2(),
+        ];
+        stats.copy_from_slice(&values);
+    }
+
+    /// Hashed identifier, number and punctuation uni- and bigrams, then [`STATS`].
+    fn code_features(&self, text: &str, out: &mut [f32]) {
         let (grams, stats) = out.split_at_mut(self.buckets);
         let b = text.as_bytes();
         let mut prev: Option<u64> = None;
@@ -218,11 +400,18 @@ impl Hashed {
 
 impl Embedder for Hashed {
     fn id(&self) -> String {
-        format!("hashed-v1:{}", self.buckets)
+        match self.preset {
+            Preset::Code => format!("hashed-v1:{}", self.buckets),
+            Preset::Web => format!("hashed-web-v1:{}", self.buckets),
+        }
     }
 
     fn dim(&self) -> usize {
-        self.buckets + STATS.len()
+        self.buckets
+            + match self.preset {
+                Preset::Code => STATS.len(),
+                Preset::Web => WEB_STATS.len(),
+            }
     }
 
     fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, ClassifyError> {
@@ -511,7 +700,10 @@ mod tests {
     /// frequencies sum to (10 unigrams + 9 bigrams) / 10 tokens.
     #[test]
     fn hashed_features_match_hand_counts() {
-        let h = Hashed { buckets: 64 };
+        let h = Hashed {
+            buckets: 64,
+            preset: Preset::Code,
+        };
         let text = "# add\ndef f(x):\n    return x\n";
         let v = &h.embed(&[text]).unwrap()[0];
         let stat = |name: &str| v[64 + STATS.iter().position(|s| *s == name).unwrap()];
@@ -522,6 +714,43 @@ mod tests {
         let sum: f32 = v[..64].iter().sum();
         assert!((sum - (10.0 + 9.0) / 10.0).abs() < 1e-5, "{sum}");
         assert_eq!(v.len(), h.dim());
+    }
+
+    /// Web statistics counted by hand on two lines. Tokens: `The cat sat on the mat` `.` `-`
+    /// `See` `www` `.` `example` `.` `com` (14: 10 words, 4 marks); function words `the` `on`
+    /// `the` (3); distinct lower-cased words 9; capitalized 2; one link (`www.…`); sentences
+    /// ending in `.` split at every dot: `…mat.`, `- See www.`, `example.` (3); line 1 ends a
+    /// sentence, line 2 is a bullet; bucket frequencies sum to (14 + 13 bigrams) / 14.
+    #[test]
+    fn web_features_match_hand_counts() {
+        let h = Hashed {
+            buckets: 64,
+            preset: Preset::Web,
+        };
+        let v = &h
+            .embed(&["The cat sat on the mat.\n- See www.example.com\n"])
+            .unwrap()[0];
+        assert_eq!(v.len(), 64 + WEB_STATS.len());
+        let stat = |name: &str| v[64 + WEB_STATS.iter().position(|s| *s == name).unwrap()];
+        assert_eq!(stat("function_word_share"), 3.0 / 10.0);
+        assert_eq!(stat("distinct_word_share"), 9.0 / 10.0);
+        assert_eq!(stat("capitalized_word_share"), 2.0 / 10.0);
+        assert_eq!(stat("link_word_share"), 1.0 / 10.0);
+        assert_eq!(stat("mean_sentence_words"), 10.0 / 3.0);
+        assert_eq!(stat("sentence_end_share"), 0.5);
+        assert_eq!(stat("bullet_line_share"), 0.5);
+        assert_eq!(stat("prose_line_share"), 0.0);
+        assert_eq!(stat("number_token_share"), 0.0);
+        let sum: f32 = v[..64].iter().sum();
+        assert!((sum - 27.0 / 14.0).abs() < 1e-5, "{sum}");
+        assert_ne!(
+            h.id(),
+            Hashed {
+                buckets: 64,
+                preset: Preset::Code
+            }
+            .id()
+        );
     }
 
     struct Counting(std::sync::atomic::AtomicUsize);

@@ -1,8 +1,9 @@
-//! Code files to rate and score, as the filter stage reads them.
+//! Code files or web texts to rate and score, as the filter stage reads them.
 //!
-//! `--input` names directories or files of three kinds: loose source files (by extension, `.py` by
-//! default), Parquet files with a `content` column (The Stack's layout; `text` also works) and
-//! jsonl / jsonl.gz files with a `content` or `text` field. Other columns are carried along.
+//! `--input` names directories or files of three kinds: loose files (by extension, `.py` by
+//! default for code, none for web text), Parquet files with a `content` column (The Stack's
+//! layout; `text` also works) and jsonl / jsonl.gz files with a `content` or `text` field; with
+//! `--preset web`, only `text` (FineWeb's layout). Other columns are carried along.
 //! The unit of work is a [`Part`]: one Parquet or jsonl file, or up to [`FILES_PER_PART`] loose
 //! files of one input directory in path order. A part is loaded whole, so memory is bounded by the
 //! largest input file (or part), never by the corpus.
@@ -22,6 +23,7 @@ use crate::artifact::docs::{self, Format};
 use crate::artifact::table;
 use crate::artifact::walk::{self, InputSkip, WalkOptions};
 
+use super::preset::Preset;
 use super::{io_err, ClassifyError};
 
 /// Loose source files in one part.
@@ -110,11 +112,13 @@ pub struct Loaded {
     pub rows: Vec<Code>,
 }
 
-/// Every part under `inputs`, sorted; `extensions` are the loose files wanted (without dots).
-/// Also the input entries that were not read, by reason.
+/// Every part under `inputs`, sorted; `extensions` are the loose files wanted (without dots),
+/// `preset` says what the inputs hold (for the error when there are none). Also the input
+/// entries that were not read, by reason.
 pub fn parts(
     inputs: &[PathBuf],
     extensions: &[String],
+    preset: Preset,
     opts: WalkOptions,
 ) -> Result<(Vec<Part>, BTreeMap<InputSkip, u64>), ClassifyError> {
     let mut parts = Vec::new();
@@ -185,6 +189,7 @@ pub fn parts(
         return Err(ClassifyError::NoInputs {
             inputs: inputs.to_vec(),
             extensions: extensions.to_vec(),
+            preset,
         });
     }
     Ok((parts, found.skipped))
@@ -205,8 +210,9 @@ fn classify_bytes(bytes: Vec<u8>, max_bytes: u64) -> Result<String, Skip> {
     Ok(text)
 }
 
-/// Loads one part. Files larger than `max_bytes` are not read.
-pub fn load(part: &Part, max_bytes: u64) -> Result<Loaded, ClassifyError> {
+/// Loads one part; a table's text is in the first of `preset`'s text columns it has. Files larger
+/// than `max_bytes` are not read.
+pub fn load(part: &Part, max_bytes: u64, preset: Preset) -> Result<Loaded, ClassifyError> {
     match &part.source {
         Source::Files(files) => {
             let mut rows = Vec::with_capacity(files.len());
@@ -246,7 +252,7 @@ pub fn load(part: &Part, max_bytes: u64) -> Result<Loaded, ClassifyError> {
                 .iter()
                 .map(|s| s.to_string())
                 .collect();
-            let column = content_column(path, &names)?;
+            let column = content_column(path, &names, preset)?;
             let texts = table::text_column(&frame, path, &column)?;
             let ids = docs::row_ids(&frame, path);
             let rows = texts
@@ -265,22 +271,24 @@ pub fn load(part: &Part, max_bytes: u64) -> Result<Loaded, ClassifyError> {
                 rows,
             })
         }
-        Source::Jsonl(path) => load_jsonl(path, max_bytes),
+        Source::Jsonl(path) => load_jsonl(path, max_bytes, preset),
     }
 }
 
-fn content_column(path: &Path, names: &[String]) -> Result<String, ClassifyError> {
-    ["content", "text"]
+fn content_column(path: &Path, names: &[String], preset: Preset) -> Result<String, ClassifyError> {
+    preset
+        .text_columns()
         .iter()
         .find(|c| names.iter().any(|n| n == *c))
         .map(|c| c.to_string())
         .ok_or_else(|| ClassifyError::NoContentColumn {
             path: path.to_path_buf(),
             found: names.to_vec(),
+            preset,
         })
 }
 
-fn load_jsonl(path: &Path, max_bytes: u64) -> Result<Loaded, ClassifyError> {
+fn load_jsonl(path: &Path, max_bytes: u64, preset: Preset) -> Result<Loaded, ClassifyError> {
     let mut objects: Vec<Map<String, Value>> = Vec::new();
     let mut names: Vec<String> = Vec::new();
     docs::jsonl_batches(path, |buf, lines| {
@@ -300,7 +308,7 @@ fn load_jsonl(path: &Path, max_bytes: u64) -> Result<Loaded, ClassifyError> {
         }
         Ok::<(), ClassifyError>(())
     })?;
-    let column = content_column(path, &names)?;
+    let column = content_column(path, &names, preset)?;
     let cell = |o: &Map<String, Value>, k: &str| match o.get(k) {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s.clone()),
@@ -353,13 +361,14 @@ mod tests {
         let parts = parts(
             std::slice::from_ref(&stack),
             &["py".into()],
+            Preset::Code,
             WalkOptions::default(),
         )
         .unwrap()
         .0;
         assert_eq!(parts.len(), 1);
         assert_eq!(parts[0].rel, PathBuf::from("stack/files-00000.parquet"));
-        let loaded = load(&parts[0], 200).unwrap();
+        let loaded = load(&parts[0], 200, Preset::Code).unwrap();
         let got: Vec<(String, Result<String, Skip>)> =
             loaded.rows.into_iter().map(|c| (c.id, c.content)).collect();
         assert_eq!(
@@ -403,18 +412,19 @@ mod tests {
         let parts = parts(
             &[dir.path().to_path_buf()],
             &["py".into()],
+            Preset::Code,
             WalkOptions::default(),
         )
         .unwrap()
         .0;
         assert_eq!(parts.len(), 2);
-        let j = load(&parts[0], 1 << 20).unwrap();
+        let j = load(&parts[0], 1 << 20, Preset::Code).unwrap();
         assert_eq!(j.content_column, "content");
         assert_eq!(j.frame.get_column_names(), ["content", "repo", "stars"]);
         assert_eq!(j.rows[0].content, Ok("print(1)\n".into()));
         assert_eq!(j.rows[1].content, Err(Skip::NoContent));
         assert!(j.rows[0].id.ends_with("data.jsonl.gz:0"));
-        let p = load(&parts[1], 1 << 20).unwrap();
+        let p = load(&parts[1], 1 << 20, Preset::Code).unwrap();
         assert_eq!(p.frame.get_column_names(), ["content", "path"]);
         assert_eq!(p.rows[1].content, Err(Skip::Empty));
     }
@@ -426,14 +436,55 @@ mod tests {
         let parts = parts(
             &[dir.path().to_path_buf()],
             &["py".into()],
+            Preset::Code,
             WalkOptions::default(),
         )
         .unwrap()
         .0;
-        let err = load(&parts[0], 100).err().unwrap().to_string();
+        let err = load(&parts[0], 100, Preset::Code)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(
             err.contains("x.jsonl") && err.contains("content") && err.contains("code"),
             "{err}"
         );
+    }
+
+    /// `--preset web` reads FineWeb's `text` field and no loose files by default; a table with
+    /// only `content` is refused naming the file, the preset, the column wanted and what to do.
+    #[test]
+    fn web_text_is_read_from_text_only() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("web.jsonl"),
+            "{\"text\": \"The water cycle has four stages.\", \"url\": \"u\"}\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("loose.py"), "x = 1\n").unwrap();
+        let walk = WalkOptions::default();
+        let web = Preset::Web.default_extensions();
+        let (found, _) = parts(&[dir.path().to_path_buf()], &web, Preset::Web, walk).unwrap();
+        assert_eq!(found.len(), 1, "the loose .py file is not web text");
+        let loaded = load(&found[0], 1 << 20, Preset::Web).unwrap();
+        assert_eq!(loaded.content_column, "text");
+        assert_eq!(
+            loaded.rows[0].content,
+            Ok("The water cycle has four stages.".into())
+        );
+        std::fs::write(dir.path().join("web.jsonl"), "{\"content\": \"a\"}\n").unwrap();
+        let e = load(&found[0], 1 << 20, Preset::Web)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("web.jsonl") && e.contains("--preset web") && e.contains("`text`"),
+            "{e}"
+        );
+        std::fs::remove_file(dir.path().join("web.jsonl")).unwrap();
+        let e = parts(&[dir.path().to_path_buf()], &web, Preset::Web, walk)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--preset web") && e.contains("--ext"), "{e}");
     }
 }

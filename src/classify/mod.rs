@@ -1,9 +1,11 @@
 //! The educational-value filter of phi-1 (§2.1): a teacher rates a sample of web code files
 //! ([`annotate`]), a random forest over file embeddings ([`embed`], [`forest`]) learns the ratings
-//! ([`train`]), and every file of the dump is scored and kept or not ([`filter`]).
+//! ([`train`]), and every file of the dump is scored and kept or not ([`filter`]). The same
+//! machinery filters general web text for phi-2 ([`preset`]: `--preset web`, FineWeb-Edu's
+//! additive rating prompt and prose features).
 //!
-//! Reads: code files ([`input`]) and labels. Writes: a classifier file (JSON: embedder, forest,
-//! threshold) with `*.metrics.json` beside it, and a filter directory `OUT/` with `scored/` (every
+//! Reads: code files or web texts ([`input`]) and labels. Writes: a classifier file (JSON: preset,
+//! embedder, forest, threshold) with `*.metrics.json` beside it, and a filter directory `OUT/` with `scored/` (every
 //! input row with `score`, `kept`, `skip`), `kept/` (kept rows only, content as `text`, ready for
 //! dedup and tokenize), `progress-K-of-N.jsonl` (finished parts) and `stats.json`. One run (or
 //! one run per `--shard K/N` slice) writes a filter directory at a time, it may be neither an
@@ -16,6 +18,7 @@ pub mod forest;
 pub mod input;
 pub mod metrics;
 pub mod pipeline;
+pub mod preset;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -34,6 +37,7 @@ use embed::{embed_all, Cache, Embedder, EmbedderSpec};
 use forest::{Forest, ForestError, ForestParams, Samples};
 use input::{Loaded, Part, Skip};
 use metrics::Metrics;
+use preset::Preset;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClassifyError {
@@ -55,14 +59,17 @@ pub enum ClassifyError {
         line: usize,
         reason: String,
     },
-    #[error(
-        "{path}: expected a `content` (or `text`) column with the code, found columns {found:?}"
-    )]
-    NoContentColumn { path: PathBuf, found: Vec<String> },
-    #[error("no code files under {inputs:?}: expected .parquet, .jsonl(.gz) or files ending in {extensions:?} (change --ext)")]
+    #[error("{path}: --preset {preset} reads the text from a {} column, found columns {found:?}; rename the column{}", columns_named(*preset), other_preset_hint(*preset))]
+    NoContentColumn {
+        path: PathBuf,
+        found: Vec<String>,
+        preset: Preset,
+    },
+    #[error("nothing to read under {inputs:?} with --preset {preset}: expected .parquet or .jsonl(.gz) files{}", loose_files_named(extensions))]
     NoInputs {
         inputs: Vec<PathBuf>,
         extensions: Vec<String>,
+        preset: Preset,
     },
     #[error("{a} and {b} would both be written as {rel:?}; give inputs with distinct names")]
     SameName {
@@ -79,6 +86,12 @@ pub enum ClassifyError {
         labels: usize,
         label_example: String,
         input_example: String,
+    },
+    #[error("--model {model}: this classifier was trained for --preset {trained}, but this run reads --preset {now} inputs (its features and ratings mean something else there); pass --preset {trained}, or train one for {now}: `phigen filter --preset {now}` without --model, or `phigen classify train --preset {now}`")]
+    PresetMismatch {
+        model: PathBuf,
+        trained: Preset,
+        now: Preset,
     },
     #[error("{model}: this classifier was trained on embedder `{trained}`, but its embedder now is `{now}` (weights changed?); retrain it")]
     EmbedderChanged {
@@ -98,6 +111,35 @@ pub enum ClassifyError {
     Candle(#[from] candle_core::Error),
 }
 
+/// `` `text` `` or `` `content` (or `text`) ``.
+fn columns_named(preset: Preset) -> String {
+    let names: Vec<String> = preset
+        .text_columns()
+        .iter()
+        .map(|c| format!("`{c}`"))
+        .collect();
+    match names.split_first() {
+        Some((first, [])) => first.clone(),
+        Some((first, rest)) => format!("{first} (or {})", rest.join(", ")),
+        None => String::new(),
+    }
+}
+
+fn other_preset_hint(preset: Preset) -> &'static str {
+    match preset {
+        Preset::Code => ", or pass --preset web for web text in `text`",
+        Preset::Web => ", or pass --preset code for code in `content`",
+    }
+}
+
+fn loose_files_named(extensions: &[String]) -> String {
+    if extensions.is_empty() {
+        " (pass --ext txt,md to read loose text files too)".into()
+    } else {
+        format!(" or files ending in {extensions:?} (change --ext)")
+    }
+}
+
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ClassifyError + '_ {
     move |source| ClassifyError::Io {
         path: path.to_path_buf(),
@@ -109,6 +151,9 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ClassifyError + '_ {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Classifier {
     pub format: u32,
+    /// What it was trained to score; classifiers written before presets were for code.
+    #[serde(default)]
+    pub preset: Preset,
     pub embedder: EmbedderSpec,
     /// [`Embedder::id`] at training time; scoring checks it.
     pub embedder_id: String,
@@ -153,10 +198,12 @@ impl Classifier {
     }
 }
 
-/// Where the code files are and how they are read.
+/// Where the code files (or web texts) are and how they are read.
 #[derive(Clone, Debug)]
 pub struct InputOptions {
     pub inputs: Vec<PathBuf>,
+    /// What they hold: the text column read, the rating prompt and the hashed features follow it.
+    pub preset: Preset,
     /// Extensions of loose source files (without dots).
     pub extensions: Vec<String>,
     /// Larger files are skipped as oversized.
@@ -175,7 +222,12 @@ impl InputOptions {
         let walk = WalkOptions {
             follow_symlinks: self.follow_symlinks,
         };
-        input::parts(&self.inputs, &self.extensions, walk)
+        input::parts(&self.inputs, &self.extensions, self.preset, walk)
+    }
+
+    /// Loads one of the parts.
+    pub fn load(&self, part: &Part) -> Result<Loaded, ClassifyError> {
+        input::load(part, self.max_bytes, self.preset)
     }
 }
 
@@ -228,7 +280,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport, ClassifyError> {
     let mut texts = Vec::new();
     let mut input_example = String::new();
     for part in opts.input.parts()? {
-        for code in input::load(&part, opts.input.max_bytes)?.rows {
+        for code in opts.input.load(&part)?.rows {
             if input_example.is_empty() {
                 input_example = code.id.clone();
             }
@@ -253,7 +305,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport, ClassifyError> {
             ids.len()
         );
     }
-    let embedder = opts.embedder.load()?;
+    let embedder = opts.embedder.load_for(opts.input.preset)?;
     let started = std::time::Instant::now();
     let mut cache = open_cache(opts.cache.as_deref(), embedder.as_ref())?;
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
@@ -295,6 +347,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport, ClassifyError> {
     };
     let classifier = Classifier {
         format: CLASSIFIER_FORMAT,
+        preset: opts.input.preset,
         embedder: opts.embedder.clone(),
         embedder_id: embedder.id(),
         positive_at: opts.positive_at,
@@ -328,11 +381,11 @@ pub fn embed_files(
     spec: &EmbedderSpec,
     cache_dir: Option<&Path>,
 ) -> Result<polars::prelude::DataFrame, ClassifyError> {
-    let embedder = spec.load()?;
+    let embedder = spec.load_for(input.preset)?;
     let mut cache = open_cache(cache_dir, embedder.as_ref())?;
     let (mut ids, mut vectors) = (Vec::new(), Vec::new());
     for part in input.parts()? {
-        let rows = input::load(&part, input.max_bytes)?.rows;
+        let rows = input.load(&part)?.rows;
         let ok: Vec<&input::Code> = rows.iter().filter(|c| c.content.is_ok()).collect();
         let texts: Vec<&str> = ok
             .iter()
@@ -386,6 +439,8 @@ pub struct PartStats {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct FilterStats {
     pub model: PathBuf,
+    /// What was filtered: code files or web text.
+    pub preset: Preset,
     pub threshold: f32,
     pub parts: usize,
     pub parts_done: usize,
@@ -451,8 +506,15 @@ pub fn filter(
     };
     let mut written = Written::open(&opts.out, &lock)?;
     let classifier = Classifier::load(&opts.model)?;
+    if classifier.preset != opts.input.preset {
+        return Err(ClassifyError::PresetMismatch {
+            model: opts.model.clone(),
+            trained: classifier.preset,
+            now: opts.input.preset,
+        });
+    }
     let threshold = opts.threshold.unwrap_or(classifier.threshold);
-    let embedder = classifier.embedder.load()?;
+    let embedder = classifier.embedder.load_for(classifier.preset)?;
     if embedder.id() != classifier.embedder_id {
         return Err(ClassifyError::EmbedderChanged {
             model: opts.model.clone(),
@@ -499,7 +561,7 @@ pub fn filter(
         {
             continue;
         }
-        let loaded = input::load(part, opts.input.max_bytes)?;
+        let loaded = opts.input.load(part)?;
         let scores = score_rows(
             &loaded,
             &classifier,
@@ -523,6 +585,7 @@ pub fn filter(
     let done = finished_parts(&opts.out)?;
     let mut total = FilterStats {
         model: opts.model.clone(),
+        preset: opts.input.preset,
         threshold,
         parts: parts.len(),
         histogram: vec![0; 20],

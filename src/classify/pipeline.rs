@@ -51,8 +51,15 @@ pub const HTTP_FILE_TOKENS: usize = 2048;
 pub enum PipelineError {
     #[error("--sample 0: nothing to rate; pass the number of files the teacher should rate")]
     NothingToRate,
-    #[error("no readable code files in {inputs:?} to rate: check --input and --ext")]
+    #[error("no readable files or texts in {inputs:?} to rate: check --input, --ext and --preset")]
     NoReadableFiles { inputs: Vec<PathBuf> },
+    #[error("--prompt {path}: --preset {preset} fills the rating prompt's {vars}, but this template asks for others; use `vars:` of those (the built-in prompts/{builtin} is an example), or pass the --preset the prompt was written for")]
+    PromptVars {
+        path: PathBuf,
+        preset: super::preset::Preset,
+        vars: &'static str,
+        builtin: &'static str,
+    },
     #[error(
         "--holdout {found}: must be at least 0 and below 1 (something must be left to train on)"
     )]
@@ -237,6 +244,7 @@ pub enum FilterDryRun {
 /// the teacher's token budget.
 struct Prepared {
     template: Template,
+    preset: super::preset::Preset,
     sample: Vec<annotate::Sampled>,
     opts: GenerateOptions,
 }
@@ -262,13 +270,25 @@ fn prepare(
                 expected,
             })?;
     }
-    let template = Template::load_or_builtin(
-        s.prompt.as_deref(),
-        "educational-value.txt",
-        annotate::BUILTIN_TEMPLATE,
-    )?;
+    let (builtin, builtin_text) = input.preset.builtin_prompt();
+    let template = Template::load_or_builtin(s.prompt.as_deref(), builtin, builtin_text)?;
+    if let (Some(path), false) = (&s.prompt, input.preset.fills(&template)) {
+        return Err(PipelineError::PromptVars {
+            path: path.clone(),
+            preset: input.preset,
+            vars: input.preset.prompt_var_names(),
+            builtin,
+        });
+    }
     let parts = input.parts()?;
-    let sample = annotate::draw_sample(&parts, s.sample, s.seed, input.max_bytes, s.max_chars)?;
+    let sample = annotate::draw_sample(
+        &parts,
+        input.preset,
+        s.sample,
+        s.seed,
+        input.max_bytes,
+        s.max_chars,
+    )?;
     if sample.is_empty() {
         return Err(PipelineError::NoReadableFiles {
             inputs: input.inputs.clone(),
@@ -292,6 +312,7 @@ fn prepare(
     };
     Ok(Prepared {
         template,
+        preset: input.preset,
         sample,
         opts,
     })
@@ -343,11 +364,11 @@ impl Prepared {
             HTTP_FILE_TOKENS
         });
         if let Some(context) = teacher.and_then(LoadedTeacher::context) {
-            let around = self
-                .template
-                .render(&[("path", "a/longish/path/to/the/file.py"), ("code", "")])
-                .map_or(0, |p| count(&p))
-                + 64; // the chat template's tokens and the cut note
+            let vars = self
+                .preset
+                .prompt_vars("a/longish/path/to/the/file.py", String::new());
+            let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let around = self.template.render(&vars).map_or(0, |p| count(&p)) + 64; // the chat template's tokens and the cut note
             let room = context.saturating_sub(around + RATING_MAX_TOKENS as usize);
             if tokens > room {
                 tracing::warn!(
@@ -362,7 +383,7 @@ impl Prepared {
             counted_with,
         };
         annotate::fit_sample(&mut self.sample, &budget);
-        let corpus = Annotate::fitted(self.template, self.sample, &budget);
+        let corpus = Annotate::fitted(self.template, self.sample, &budget).with_preset(self.preset);
         (corpus, self.opts)
     }
 }
@@ -616,6 +637,7 @@ mod tests {
     fn a_budget_out_of_range_is_refused_naming_the_flag() {
         let input = InputOptions {
             inputs: vec![PathBuf::from("does/not/matter")],
+            preset: super::super::preset::Preset::Code,
             extensions: vec!["py".into()],
             max_bytes: 1 << 20,
             follow_symlinks: false,
@@ -635,5 +657,38 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    /// A code prompt given to a web run is refused before any text is read, naming the flag,
+    /// the file, the variables the web preset fills and what to do.
+    #[test]
+    fn a_prompt_of_the_other_preset_is_refused() {
+        use super::super::preset::{Preset, CODE_PROMPT};
+        let dir = tempfile::tempdir().unwrap();
+        let prompt = dir.path().join("code-prompt.txt");
+        std::fs::write(&prompt, CODE_PROMPT).unwrap();
+        let input = InputOptions {
+            inputs: vec![PathBuf::from("does/not/matter")],
+            preset: Preset::Web,
+            extensions: vec![],
+            max_bytes: 1 << 20,
+            follow_symlinks: false,
+        };
+        let s = SampleSettings {
+            prompt: Some(prompt),
+            ..SampleSettings::default()
+        };
+        let e = prepare(&input, &s, dir.path(), &TeacherConfig::default(), None)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            e.contains("--prompt")
+                && e.contains("code-prompt.txt")
+                && e.contains("--preset web")
+                && e.contains("{text}")
+                && e.contains("educational-value-web.txt"),
+            "{e}"
+        );
     }
 }

@@ -83,6 +83,7 @@ fn corpus(dir: &Path, n: usize, seed: u64) -> (PathBuf, HashMap<String, bool>) {
 fn input(stack: &Path) -> InputOptions {
     InputOptions {
         inputs: vec![stack.to_path_buf()],
+        preset: preset::Preset::Code,
         extensions: vec!["py".into()],
         max_bytes: 1 << 20,
         follow_symlinks: false,
@@ -390,5 +391,259 @@ fn lm_embeddings_are_batch_invariant_and_cached() {
     assert_eq!(
         embed_all(e.as_ref(), &texts, Some(&mut cache)).unwrap(),
         first
+    );
+}
+
+/// `--embedder lm:DIR` embeds a text as the mean over its tokens of the decoder's final hidden
+/// states. The oracle does not use `hidden_states`, padding or batching: for each prefix
+/// ids[..=t] of one text alone, `forward` gives the logits at its last position (causal, so those
+/// of position t), and their mean over t must equal the LM head applied to the embedding, since
+/// the head is affine (mean(W·h_t + b) = W·mean(h_t) + b; W is 50,304 × 64, so this pins the
+/// whole 64-wide vector). Three texts of different lengths are embedded in one padded batch.
+#[test]
+fn lm_embeddings_are_the_mean_hidden_state_by_the_logits_of_each_prefix() {
+    use crate::model::tokenizer::{Encoding, Tokenizer};
+    use crate::model::{checkpoint, PhiConfig, Preset};
+    use candle_core::{DType, Device, Tensor, D};
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("tiny");
+    let cfg = PhiConfig {
+        vocab_size: 50304,
+        ..PhiConfig::preset(Preset::TinyPhi)
+    };
+    checkpoint::save_random(&ckpt, &cfg, 7, DType::F32, Encoding::Gpt2).unwrap();
+    let spec = EmbedderSpec::Lm {
+        checkpoint: ckpt.clone(),
+        max_tokens: 64,
+        batch: 3,
+    };
+    let texts = [
+        "Plants make sugar from light.",
+        "x",
+        "The water cycle: water evaporates, condenses into clouds and falls as rain.",
+    ];
+    let got = spec
+        .load_for(preset::Preset::Web)
+        .unwrap()
+        .embed(&texts)
+        .unwrap();
+    let model = checkpoint::load(&ckpt, DType::F32, &Device::Cpu).unwrap();
+    let tokenizer = Tokenizer::for_checkpoint(&ckpt).unwrap();
+    for (text, e) in texts.iter().zip(&got) {
+        let ids = tokenizer.encode(text).unwrap();
+        assert!(
+            !ids.is_empty() && ids.len() < 64,
+            "{text}: {} tokens",
+            ids.len()
+        );
+        let mut last_logits = Vec::new();
+        for t in 1..=ids.len() {
+            let prefix = Tensor::new(&ids[..t], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let logits = model.forward(&prefix, None).unwrap(); //            (1, t, V)
+            last_logits.push(logits.get(0).unwrap().get(t - 1).unwrap());
+        }
+        let want = Tensor::stack(&last_logits, 0).unwrap().mean(0).unwrap(); // (V,)
+        let e = Tensor::new(e.as_slice(), &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, ()))
+            .unwrap(); //                                                          (1, 1, C)
+        let through_head = model.head_forward(&e).unwrap().flatten_all().unwrap(); // (V,)
+        let diff: f32 = (through_head - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max(D::Minus1)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        let scale: f32 = want
+            .abs()
+            .unwrap()
+            .max(D::Minus1)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(
+            diff <= 1e-4 * scale.max(1.0),
+            "{text:?}: the head of the embedding differs from the mean prefix logits by {diff} (scale {scale})"
+        );
+    }
+}
+
+/// Web texts in a jsonl with `text` (FineWeb's layout): explanatory paragraphs (good) against
+/// navigation, advertising and log lines (bad), the truth being how each was written.
+fn web_corpus(dir: &Path, n: usize, seed: u64) -> (PathBuf, HashMap<String, bool>) {
+    const SUBJECTS: &[&str] = &[
+        "the water cycle",
+        "photosynthesis",
+        "fractions",
+        "the solar system",
+        "volcanoes",
+        "magnets",
+        "the human heart",
+        "erosion",
+        "simple machines",
+        "sound waves",
+    ];
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut lines = Vec::new();
+    let mut truth = HashMap::new();
+    for i in 0..n {
+        let good = rng.random_bool(0.5);
+        let subject = SUBJECTS.choose(&mut rng).unwrap();
+        let text = if good {
+            format!(
+                "In this lesson we learn how {subject} works. First, we look at what it is and why it matters. \
+                 Then we explain each step with an example that you can try at home, because seeing it helps you remember. \
+                 For example, when you observe {subject} closely, you can see that each part depends on the one before it. \
+                 Finally, we review the main ideas and answer {} common questions.",
+                rng.random_range(2..9)
+            )
+        } else {
+            match rng.random_range(0..3) {
+                0 => format!(
+                    "Home | Shop | Deals | Login\nBUY NOW!!! {subject} kits 50% OFF\nFree shipping over ${}\nSubscribe | Cart ({})",
+                    rng.random_range(10..99),
+                    rng.random_range(0..9)
+                ),
+                1 => (0..rng.random_range(5..15))
+                    .map(|k| format!("2024-03-{:02} 12:{k:02}:01 INFO worker-{} done id={}", rng.random_range(1..28), rng.random_range(0..9), rng.random_range(0..99999)))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                _ => format!(
+                    "{subject} {subject} best cheap {subject} online top 10 {subject} deals click here www.example.com/{}",
+                    rng.random_range(0..999)
+                ),
+            }
+        };
+        let id = format!("doc-{i:04}");
+        lines.push(
+            serde_json::json!({ "id": id, "text": text, "url": "https://example.com" }).to_string(),
+        );
+        truth.insert(id, good);
+    }
+    let web = dir.join("web");
+    std::fs::create_dir_all(&web).unwrap();
+    std::fs::write(web.join("crawl.jsonl"), lines.join("\n") + "\n").unwrap();
+    (web, truth)
+}
+
+/// `--preset web` end to end on web text: trained on 150 labels, the filter keeps the explaining
+/// texts of 400 with F1 ≥ 0.95, the classifier file and `stats.json` record the preset, and the
+/// classifier is refused for code (and a code classifier for web text) naming `--model`, both
+/// presets and what to do.
+#[test]
+fn the_web_preset_filters_web_text_and_its_classifier_is_refused_for_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let (web, truth) = web_corpus(dir.path(), 400, 3);
+    let web_input = InputOptions {
+        inputs: vec![web.clone()],
+        preset: preset::Preset::Web,
+        extensions: preset::Preset::Web.default_extensions(),
+        max_bytes: 1 << 20,
+        follow_symlinks: false,
+    };
+    let mut ids: Vec<&String> = truth.keys().collect();
+    ids.sort();
+    let csv: String = std::iter::once("id,label".to_string())
+        .chain(
+            ids.iter()
+                .take(150)
+                .map(|id| format!("{id},{}", if truth[*id] { 4 } else { 1 })),
+        )
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(dir.path().join("labels.csv"), csv).unwrap();
+    let model = dir.path().join("web.rf");
+    let report = train(&TrainOptions {
+        labels: dir.path().join("labels.csv"),
+        input: web_input.clone(),
+        out: model.clone(),
+        embedder: EmbedderSpec::Hashed { buckets: 128 },
+        cache: None,
+        forest: ForestParams {
+            trees: 40,
+            ..ForestParams::default()
+        },
+        holdout: 0.0,
+        positive_at: 3.0,
+        threshold: 0.5,
+    })
+    .unwrap();
+    assert_eq!(report.found, 150);
+    let saved = Classifier::load(&model).unwrap();
+    assert_eq!(saved.preset, preset::Preset::Web);
+    assert!(
+        saved.embedder_id.starts_with("hashed-web-v1:"),
+        "{}",
+        saved.embedder_id
+    );
+    let out = dir.path().join("filtered");
+    let opts = FilterOptions {
+        input: web_input,
+        out: out.clone(),
+        model: model.clone(),
+        threshold: None,
+        shard: (0, 1),
+        cache: None,
+        batch: 64,
+    };
+    let stats = filter(&opts, &|_| {}).unwrap();
+    assert_eq!((stats.preset, stats.scored), (preset::Preset::Web, 400));
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("stats.json")).unwrap()).unwrap();
+    assert_eq!(written["preset"], "web");
+    let df = table::read_frame(&out.join("scored/web/crawl.parquet"), None).unwrap();
+    let ids = table::text_column(&df, Path::new("crawl"), "id").unwrap();
+    let kept = df.column("kept").unwrap().bool().unwrap().clone();
+    let mut c = metrics::Confusion::default();
+    for (id, k) in ids.iter().zip(kept.iter()) {
+        match (k.unwrap(), truth[id.as_ref().unwrap()]) {
+            (true, true) => c.true_positive += 1,
+            (true, false) => c.false_positive += 1,
+            (false, false) => c.true_negative += 1,
+            (false, true) => c.false_negative += 1,
+        }
+    }
+    assert!(c.f1() >= 0.95, "{c:?}");
+
+    // The web classifier on code, and a code classifier on web text.
+    let (stack, code_truth) = corpus(dir.path(), 60, 5);
+    let e = filter(
+        &FilterOptions {
+            input: input(&stack),
+            out: dir.path().join("code-out"),
+            model: model.clone(),
+            ..opts.clone()
+        },
+        &|_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("--model")
+            && e.contains("web.rf")
+            && e.contains("--preset web")
+            && e.contains("--preset code")
+            && e.contains("phigen classify train --preset code"),
+        "{e}"
+    );
+    let code_model = train_on(dir.path(), &stack, &code_truth, 60);
+    let e = filter(
+        &FilterOptions {
+            model: code_model,
+            out: dir.path().join("web-out"),
+            ..opts
+        },
+        &|_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("trained for --preset code") && e.contains("reads --preset web"),
+        "{e}"
     );
 }

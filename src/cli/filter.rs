@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use super::numbers::{self, f32_in, f64_in, int_at_least, int_in, ints};
@@ -15,17 +14,21 @@ use crate::classify::forest::{Engine, ForestParams};
 use crate::classify::pipeline::{
     self, FilterDryRun, FilterRecipe, ModelSettings, PipelineProgress, SampleSettings,
 };
+use crate::classify::preset::Preset;
 use crate::classify::{self, InputOptions, TrainReport};
 use crate::generate::engine::RunState;
 
 #[derive(Debug, Clone, Args)]
 pub struct InputArgs {
-    /// Code to rate or score: directories of source files, Parquet or jsonl(.gz) files with a `content` (or `text`) column, or a mix. Repeatable.
+    /// Code to rate or score: directories of source files, Parquet or jsonl(.gz) files with a `content` (or `text`) column, or a mix; with --preset web, Parquet or jsonl(.gz) with a `text` column. Repeatable.
     #[arg(long, required = true)]
     pub input: Vec<PathBuf>,
-    /// Extensions of loose source files to read (comma-separated, without dots).
-    #[arg(long, default_value = "py", value_delimiter = ',')]
-    pub ext: Vec<String>,
+    /// What the inputs are: code files (phi-1's filter) or web text (rated on FineWeb-Edu's additive 0-5 scale); picks the text column, the rating prompt and the hashed features, and is recorded in the classifier.
+    #[arg(long, value_enum, default_value = "code")]
+    pub preset: Preset,
+    /// Extensions of loose files to read (comma-separated, without dots) [default: py for code, none for web text].
+    #[arg(long, value_delimiter = ',')]
+    pub ext: Option<Vec<String>>,
     /// Files larger than this many bytes are skipped (counted as oversized).
     #[arg(long, default_value_t = 1 << 20, value_parser = int_at_least(1u64))]
     pub max_bytes: u64,
@@ -38,7 +41,11 @@ impl InputArgs {
     pub(super) fn options(&self) -> InputOptions {
         InputOptions {
             inputs: self.input.clone(),
-            extensions: self.ext.clone(),
+            preset: self.preset,
+            extensions: self
+                .ext
+                .clone()
+                .unwrap_or_else(|| self.preset.default_extensions()),
             max_bytes: self.max_bytes,
             follow_symlinks: self.follow_symlinks,
         }
@@ -59,7 +66,7 @@ pub struct SampleArgs {
     /// Tokens of each file the teacher sees, counted with a local teacher's own tokenizer (tiktoken's for an HTTP one); the ratings record what was cut [default: 512 with a local teacher, whose cost is prefill; 2048 with an HTTP one].
     #[arg(long, value_parser = ints(pipeline::FILE_TOKENS))]
     pub max_file_tokens: Option<usize>,
-    /// Prompt template file [default: the built-in prompts/educational-value.txt].
+    /// Prompt template file [default: the built-in prompts/educational-value.txt; prompts/educational-value-web.txt with --preset web].
     #[arg(long)]
     pub prompt: Option<PathBuf>,
     /// Attempts per file before its rating is given up (unparseable answers are asked again).
@@ -95,26 +102,42 @@ pub struct AnnotateArgs {
     pub array: super::ArrayArgs,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+/// `--embedder`: how files become feature vectors.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EmbedderKind {
-    /// Hashed token n-grams + code statistics: fast, no model (the offline default).
+    /// Hashed token n-grams + code (or prose) statistics: fast, no model (the offline default).
     Hashed,
-    /// Mean-pooled last hidden states of a causal LM checkpoint (--checkpoint), as phi-1 did.
-    Lm,
+    /// Mean-pooled last hidden states of a causal LM checkpoint, as phi-1 did: `lm:DIR`, or `lm`
+    /// with --checkpoint DIR.
+    Lm(Option<PathBuf>),
     /// A BERT-family sentence encoder (--bert-model), e.g. all-MiniLM-L6-v2.
     Bert,
 }
 
+/// `hashed`, `bert`, `lm:DIR` (or `lm` with --checkpoint).
+fn embedder_kind(s: &str) -> Result<EmbedderKind, String> {
+    match s {
+        "hashed" => Ok(EmbedderKind::Hashed),
+        "bert" => Ok(EmbedderKind::Bert),
+        "lm" => Ok(EmbedderKind::Lm(None)),
+        _ => match s.strip_prefix("lm:") {
+            Some("") => Err("`lm:` names no directory; write lm:DIR, DIR a checkpoint directory (phigen's, or a Hugging Face safetensors one)".into()),
+            Some(dir) => Ok(EmbedderKind::Lm(Some(PathBuf::from(dir)))),
+            None => Err("expected `hashed`, `bert` or `lm:DIR` (DIR a checkpoint directory: phigen's, or a Hugging Face safetensors one)".into()),
+        },
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
-    /// How files become feature vectors.
-    #[arg(long, value_enum, default_value = "hashed")]
+    /// How files become feature vectors: hashed (n-grams + statistics, no model), lm:DIR (mean-pooled last hidden states of a causal LM checkpoint, as phi-1 did) or bert (--bert-model).
+    #[arg(long, default_value = "hashed", value_parser = embedder_kind)]
     pub embedder: EmbedderKind,
     /// Hash buckets of the hashed embedder (n-gram features; 22 statistics are added).
     #[arg(long, default_value_t = 256, value_parser = int_in(1usize, 1 << 20))]
     pub buckets: usize,
-    /// Checkpoint directory of the LM embedder (any model `phigen sample` loads).
-    #[arg(long, required_if_eq("embedder", "lm"))]
+    /// Checkpoint directory of `--embedder lm` (any model `phigen sample` loads); `--embedder lm:DIR` says it in one flag.
+    #[arg(long)]
     pub checkpoint: Option<PathBuf>,
     /// Sentence encoder of `--embedder bert`: a directory, or a model id in the Hugging Face cache.
     #[arg(long, default_value = "sentence-transformers/all-MiniLM-L6-v2")]
@@ -162,15 +185,22 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     fn spec(&self) -> anyhow::Result<EmbedderSpec> {
-        Ok(match self.embedder {
+        Ok(match &self.embedder {
             EmbedderKind::Hashed => EmbedderSpec::Hashed {
                 buckets: self.buckets.max(1),
             },
-            EmbedderKind::Lm => EmbedderSpec::Lm {
-                checkpoint: self
-                    .checkpoint
-                    .clone()
-                    .context("--embedder lm needs --checkpoint DIR")?,
+            EmbedderKind::Lm(dir) => EmbedderSpec::Lm {
+                checkpoint: match (dir, &self.checkpoint) {
+                    (Some(a), Some(b)) if a != b => anyhow::bail!(
+                        "--embedder lm:{} and --checkpoint {} name two checkpoints; give one (lm:DIR alone is enough)",
+                        a.display(),
+                        b.display()
+                    ),
+                    (Some(d), _) | (None, Some(d)) => d.clone(),
+                    (None, None) => anyhow::bail!(
+                        "--embedder lm names no checkpoint: write --embedder lm:DIR (or add --checkpoint DIR)"
+                    ),
+                },
                 max_tokens: self.embed_tokens,
                 batch: self.embed_batch,
             },
@@ -448,9 +478,11 @@ pub async fn filter(args: &FilterArgs, quiet: bool) -> anyhow::Result<Outcome> {
     if !quiet {
         let skipped: u64 = stats.skipped.values().sum();
         println!(
-            "filter: {} of {} files kept ({:.1}%, {} GPT-2 tokens) at threshold {}; {} skipped {:?}; {}/{} parts done ({} by this run) in {:.1}s",
+            "filter (--preset {}): {} of {} {}s kept ({:.1}%, {} GPT-2 tokens) at threshold {}; {} skipped {:?}; {}/{} parts done ({} by this run) in {:.1}s",
+            stats.preset,
             stats.kept,
             stats.scored,
+            stats.preset.unit(),
             100.0 * stats.kept_share,
             stats.tokens_kept,
             stats.threshold,
@@ -502,5 +534,66 @@ mod tests {
                 "{bad}: {e}"
             );
         }
+    }
+
+    /// `--embedder lm:DIR` names the checkpoint in one flag (`lm` + `--checkpoint` still works);
+    /// a bad value is refused naming the flag and the accepted forms; `--preset web` reads no
+    /// loose files unless `--ext` is given.
+    #[test]
+    fn the_embedder_and_preset_flags() {
+        use super::EmbedderKind;
+        use crate::classify::embed::EmbedderSpec;
+        use crate::classify::preset::Preset;
+        use crate::cli::{Cli, Command};
+        use std::path::{Path, PathBuf};
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["phigen", "filter", "--input", "web"];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args).map(|c| match c.command {
+                Command::Filter(f) => *f,
+                _ => unreachable!("a filter command"),
+            })
+        };
+        let a = parse(&["--embedder", "lm:runs/tiny/final"]).unwrap();
+        assert_eq!(
+            a.model_args.embedder,
+            EmbedderKind::Lm(Some(PathBuf::from("runs/tiny/final")))
+        );
+        let spec = a.model_args.spec().unwrap();
+        assert!(
+            matches!(&spec, EmbedderSpec::Lm { checkpoint, .. } if checkpoint == Path::new("runs/tiny/final")),
+            "{spec:?}"
+        );
+        let old = parse(&["--embedder", "lm", "--checkpoint", "c"]).unwrap();
+        assert!(
+            matches!(old.model_args.spec().unwrap(), EmbedderSpec::Lm { checkpoint, .. } if checkpoint == Path::new("c"))
+        );
+        let e = parse(&["--embedder", "lm"])
+            .unwrap()
+            .model_args
+            .spec()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--embedder lm") && e.contains("lm:DIR"), "{e}");
+        for bad in ["gpt", "lm:"] {
+            let Err(e) = parse(&["--embedder", bad]) else {
+                panic!("--embedder {bad} was accepted")
+            };
+            let e = e.to_string();
+            assert!(
+                e.contains("--embedder") && e.contains("lm:DIR"),
+                "{bad}: {e}"
+            );
+        }
+        let web = parse(&["--preset", "web"]).unwrap();
+        assert_eq!(web.input.preset, Preset::Web);
+        assert!(web.input.options().extensions.is_empty());
+        let code = parse(&[]).unwrap();
+        assert_eq!(
+            (code.input.preset, code.input.options().extensions),
+            (Preset::Code, vec!["py".to_string()])
+        );
+        let txt = parse(&["--preset", "web", "--ext", "txt,md"]).unwrap();
+        assert_eq!(txt.input.options().extensions, ["txt", "md"]);
     }
 }

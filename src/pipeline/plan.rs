@@ -634,10 +634,11 @@ fn plan_transform(
     // Token shards: 2 bytes a token (4 past 65,536 ids); text: about 2 bytes a token.
     estimate.disk_bytes = Some(tokens_in * 2);
     if let Action::Filter { settings: f, .. } = action {
+        let ext = f.extensions();
         let is_code = |p: &Path| {
             p.extension()
                 .and_then(|e| e.to_str())
-                .is_some_and(|e| f.ext.iter().any(|x| x == e))
+                .is_some_and(|e| ext.iter().any(|x| x == e))
         };
         // Loose source files; Parquet/jsonl dumps hold many files each (unknown here).
         let files = identity.inputs.iter().filter(|i| is_code(&i.path)).count() as u64;

@@ -32,6 +32,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::classify::pipeline::{ModelSettings, SampleSettings};
+use crate::classify::preset::Preset;
 use crate::dedup::decontaminate::Mode;
 use crate::generate::run::{CorpusSettings, ExercisesSettings, StoriesSettings, TextbooksSettings};
 use crate::generate::topics::TopicsSettings;
@@ -279,7 +280,12 @@ fn shard_tokens() -> u64 {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FilterSettings {
-    /// Extensions of loose source files read.
+    /// `preset = "web"`: web text in tables' `text` column, rated on FineWeb-Edu's additive scale.
+    /// Code, the default, is left out of the step's identity, so recipes written before this
+    /// setting keep their ids.
+    #[serde(default, skip_serializing_if = "Preset::is_code")]
+    pub preset: Preset,
+    /// Extensions of loose source files read (see [`FilterSettings::extensions`]).
     #[serde(default = "py")]
     pub ext: Vec<String>,
     /// Larger files are skipped.
@@ -298,6 +304,18 @@ pub struct FilterSettings {
 
 fn py() -> Vec<String> {
     vec!["py".into()]
+}
+
+impl FilterSettings {
+    /// The loose files read: `ext`, except that a web step whose `ext` is left at the code
+    /// default reads tables only (web text comes as Parquet or jsonl; `ext = ["txt"]` reads
+    /// loose text files too).
+    pub fn extensions(&self) -> Vec<String> {
+        match self.preset {
+            Preset::Web if self.ext == py() => self.preset.default_extensions(),
+            _ => self.ext.clone(),
+        }
+    }
 }
 fn mib() -> u64 {
     1 << 20
@@ -1619,7 +1637,9 @@ kind = "loss"
                 (0.1, crate::train::recipe::Init::Previous)
             );
         }
-        let r = Recipe::load(&dir.join("phi-1.5.toml"), &[]).unwrap();
+        let r = Pipeline::load(&dir.join("phi-1.5.toml"), &[], None)
+            .unwrap()
+            .train;
         // 150B tokens at 2048 × 2048 per step.
         assert_eq!(
             r.stages[0].steps,

@@ -632,7 +632,8 @@ async fn filter(
     let recipe = filtering::FilterRecipe {
         input: crate::classify::InputOptions {
             inputs: inputs(p, plan, i),
-            extensions: settings.ext.clone(),
+            preset: settings.preset,
+            extensions: settings.extensions(),
             max_bytes: settings.max_bytes,
             follow_symlinks: false,
         },
@@ -739,6 +740,7 @@ async fn filter(
 fn filter_summary(stats: &crate::classify::FilterStats, cost: f64) -> Value {
     json!({
         "records": stats.kept,
+        "preset": stats.preset,
         "files_scored": stats.scored,
         "kept_share": stats.kept_share,
         "tokens": stats.tokens_kept,
