@@ -1740,7 +1740,7 @@ async fn a_whole_run_recipe_trains_on_all_ranks_of_a_torchrun_launch() {
 
 /// Issue 30: recipes/phi-1.5.toml and recipes/phi-2-data.toml make their own data. Each parses
 /// and plans (`--plan`, no key: nothing is sent) with its inputs given as small stand-ins and
-/// its generate targets cut to 1M tokens; every training input is a tokenize step of the recipe (no token directory a
+/// its generate targets cut to 1M tokens; the prose textbooks read a topics step's list; every training input is a tokenize step of the recipe (no token directory a
 /// user must make by hand), phi-1.5 weighs prose textbooks 0.8 against phi-1's code data 0.2, and
 /// phi-2-data's web filter plans with the web preset (the plan lists its steps by name). Expected
 /// values are the issue's recipe (80/20, prose + code, + web filtered by educational value).
@@ -1808,6 +1808,9 @@ async fn the_phi_1_5_and_phi_2_data_recipes_plan_their_own_data() {
         assert!((code - 0.2).abs() < 1e-9, "{name}: {by_step:?}");
         let prose = p.step("prose").expect("a prose textbooks step");
         assert_eq!(prose.kind, DataKind::Textbooks);
+        // phi-1.5's ~20K topics come from a topics step, which the prose step reads.
+        assert_eq!(prose.from, ["topics"], "{name}");
+        assert_eq!(p.step("topics").map(|s| s.kind), Some(DataKind::Topics));
         if name == "phi-2-data.toml" {
             let Action::Filter { settings, .. } = &p.step("web").expect("a web filter").action
             else {
