@@ -326,3 +326,58 @@ fn numeric_flags_out_of_range_are_usage_errors() {
         );
     }
 }
+
+/// `phigen tokenize --tokenizer` through the binary (issue 31): an unknown name is a usage error
+/// listing the encodings and saying a path is accepted; a checkpoint directory holding the
+/// Llama-style tokenizer.json of tests/fixtures/tokenizers tokenizes, `shards inspect` names the
+/// file and its eos `</s>` (id 2, from its tokenizer_config.json), and `shards decode` gives the
+/// text back with the `</s>` that ends each document.
+#[test]
+fn tokenize_with_a_hugging_face_tokenizer_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("docs.jsonl"),
+        "{\"id\": \"a\", \"text\": \"Once upon a time <|user|> 猫\"}\n",
+    )
+    .unwrap();
+    let args = |tokenizer: &'static str| {
+        vec![
+            "tokenize",
+            "--input",
+            "docs.jsonl",
+            "--out",
+            "tok",
+            "--val-fraction",
+            "0",
+            "--tokenizer",
+            tokenizer,
+        ]
+    };
+    let o = phigen_in(dir.path(), &args("gpt-5"));
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("gpt2, p50k_base, cl100k_base, o200k_base") && err.contains("tokenizer.json"),
+        "{err}"
+    );
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/tokenizers/llama_style"
+    );
+    let o = phigen_in(dir.path(), &args(fixture));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = phigen_in(dir.path(), &["shards", "inspect", "tok"]);
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        out.contains("llama_style/tokenizer.json") && out.contains("end-of-text 2"),
+        "{out}"
+    );
+    let o = phigen_in(dir.path(), &["shards", "decode", "tok", "--len", "100"]);
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert_eq!(
+        out.trim_end(),
+        "Once upon a time <|user|> 猫</s>",
+        "{}",
+        stderr(&o)
+    );
+}

@@ -1834,3 +1834,53 @@ async fn the_phi_1_5_and_phi_2_data_recipes_plan_their_own_data() {
         }
     }
 }
+
+/// Issue 31: a whole run on a Hugging Face tokenizer (the Llama-style tokenizer.json of
+/// tests/fixtures/tokenizers, a copy in a checkpoint-style directory) given as `model.tokenizer`:
+/// the tokenize step uses it, training and the loss eval run on its ids. The files' hash is part
+/// of the steps' identity: after tokenizer_config.json changes (another eos), `--plan` shows the
+/// tokenize step and everything after it stale and the stories done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tokenizer_file_is_part_of_the_tokenize_steps_identity() {
+    let server = mock(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = mini_recipe(dir.path(), &server);
+    let tok_dir = dir.path().join("tokenizer");
+    std::fs::create_dir_all(&tok_dir).unwrap();
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizers/llama_style");
+    for name in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture.join(name), tok_dir.join(name)).unwrap();
+    }
+    let set = format!("model.tokenizer={}", tok_dir.display());
+    let out = dir.path().join("run");
+    let o = run(train_cmd(&recipe, &out, &["--quiet", "--set", &set])).await;
+    assert!(o.status.success(), "{}", text(&o));
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(step_dir(&out, "tok").join("meta.json")).unwrap())
+            .unwrap();
+    assert_eq!(meta["vocab_size"], 646, "{meta}");
+    assert_eq!(
+        meta["end_of_text"], 2,
+        "</s>, the eos of tokenizer_config.json"
+    );
+    std::fs::write(
+        tok_dir.join("tokenizer_config.json"),
+        r#"{"eos_token": "<pad>"}"#,
+    )
+    .unwrap();
+    let o = run(train_cmd(&recipe, &out, &["--plan", "--set", &set])).await;
+    assert!(o.status.success(), "{}", text(&o));
+    let plan = text(&o);
+    let status = |step: &str| -> String {
+        let line = plan
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(step))
+            .unwrap_or_else(|| panic!("no row for {step}:\n{plan}"));
+        line.split_whitespace().nth(2).unwrap().to_string()
+    };
+    assert_eq!(status("stories"), "done", "{plan}");
+    for s in ["tok", "train", "loss"] {
+        assert_eq!(status(s), "stale", "{s}:\n{plan}");
+    }
+}

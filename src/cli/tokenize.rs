@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::numbers::{self, f64_in, int_in};
 use super::Outcome;
-use crate::model::tokenizer::Encoding;
+use crate::model::tokenizer::{Tokenizer, TokenizerSpec};
 use crate::tokenize::{self, Order, Split, TokenDir, TokenizeOptions};
 
 #[derive(Debug, Clone, Args)]
@@ -20,9 +20,12 @@ pub struct TokenizeArgs {
     /// Output directory for the token shards and meta.json.
     #[arg(long)]
     pub out: PathBuf,
-    /// tiktoken encoding.
-    #[arg(long, value_enum, default_value = "gpt2")]
-    pub tokenizer: Encoding,
+    /// A tiktoken encoding (gpt2, p50k_base, cl100k_base, o200k_base), a Hugging Face tokenizer.json, or a checkpoint directory holding one (and optionally tokenizer_config.json, whose eos_token ends each document).
+    #[arg(long, default_value = "gpt2", value_parser = TokenizerSpec::parse)]
+    pub tokenizer: TokenizerSpec,
+    /// The token that ends each document, for a tokenizer.json whose end-of-text token phigen cannot find (no eos_token in tokenizer_config.json, no <|endoftext|> or </s> among its added tokens).
+    #[arg(long)]
+    pub eos_token: Option<String>,
     /// Share of documents (by hash of their id) held out for validation: at least 0, below 1 (something must be left to train on).
     #[arg(long, default_value_t = 0.01, value_parser = f64_in(numbers::below(0.0, 1.0)))]
     pub val_fraction: f64,
@@ -72,7 +75,8 @@ pub fn tokenize(args: &TokenizeArgs, quiet: bool) -> anyhow::Result<Outcome> {
     let opts = TokenizeOptions {
         inputs: args.input.clone(),
         out: args.out.clone(),
-        encoding: args.tokenizer,
+        tokenizer: args.tokenizer.clone(),
+        eos_token: args.eos_token.clone(),
         val_fraction: args.val_fraction,
         shard_tokens: args.shard_tokens,
         force: args.force,
@@ -136,7 +140,7 @@ pub fn shards(cmd: &ShardsCommand) -> anyhow::Result<Outcome> {
             println!(
                 "{}: tokenizer {} (vocab {}, end-of-text {}), {:?} tokens, format version {}",
                 dir.display(),
-                tokenize::encoding_name(m.tokenizer),
+                m.tokenizer,
                 m.vocab_size,
                 m.end_of_text,
                 m.token_width,
@@ -163,9 +167,11 @@ pub fn shards(cmd: &ShardsCommand) -> anyhow::Result<Outcome> {
             let mut sorted: Vec<(u32, u64)> = counts.into_iter().collect();
             sorted.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
             println!("{} distinct tokens; most frequent:", sorted.len());
-            let bpe = m.tokenizer.bpe();
+            let tokenizer = Tokenizer::from_spec(&m.tokenizer)?;
             for (id, n) in sorted.iter().take(*top) {
-                let text = bpe.decode(&[*id]).unwrap_or_else(|_| format!("<{id}>"));
+                let text = tokenizer
+                    .decode_with_special(&[*id])
+                    .unwrap_or_else(|_| format!("<{id}>"));
                 println!(
                     "  {id:>7}  {n:>12}  {:5.2}%  {:?}",
                     100.0 * *n as f64 / total.max(1) as f64,
@@ -181,13 +187,8 @@ pub fn shards(cmd: &ShardsCommand) -> anyhow::Result<Outcome> {
         } => {
             let t = TokenDir::open(dir, None)?;
             let ids = t.read(*split, *offset, *len);
-            let bytes = t
-                .meta
-                .tokenizer
-                .bpe()
-                .decode_bytes(&ids)
-                .map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
-            println!("{}", String::from_utf8_lossy(&bytes));
+            let text = Tokenizer::from_spec(&t.meta.tokenizer)?.decode_with_special(&ids)?;
+            println!("{text}");
         }
     }
     Ok(Outcome::Complete)

@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use crate::model::checkpoint;
 use crate::model::sample::{Sampling, SamplingParams};
-use crate::model::tokenizer::Tokenizer;
+use crate::model::tokenizer::TokenizerSpec;
 use crate::train::data::Mixture;
 use crate::train::next_token_loss;
 
@@ -103,18 +103,10 @@ pub fn validation_loss(
     // The trainer's own layout, so the loss is the one it logged for this checkpoint.
     let (cfg, weights) = checkpoint::load_weights(dir, DType::F32, &Device::Cpu)?;
     let model = crate::model::Decoder::new(&cfg, &weights)?;
-    let encoding = match Tokenizer::for_checkpoint(dir)? {
-        Tokenizer::Tiktoken(e) => e,
-        Tokenizer::HuggingFace(_) => {
-            return Err(EvalError::Usage(format!(
-                "{}: this checkpoint uses a tokenizer.json, but token shards are made with a tiktoken encoding; tokenize the validation text for this model first",
-                dir.display()
-            )))
-        }
-    };
+    let tokenizer = TokenizerSpec::for_checkpoint(dir)?;
     let data = Mixture::open(
         &[(shards.to_path_buf(), 1.0)],
-        encoding,
+        &tokenizer,
         model.config().vocab_size,
         seq_len,
     )?;

@@ -108,8 +108,11 @@ pub fn collect(dir: &Path) -> Result<Run, EvalError> {
             }
         } else if name == crate::model::tokenizer::PHIGEN_FILE {
             if run.tokenizer.is_none() {
-                run.tokenizer =
-                    read_json(f).and_then(|v| v["tokenizer"].as_str().map(str::to_string));
+                // A tiktoken name, or a tokenizer file's path.
+                run.tokenizer = read_json(f).and_then(|v| {
+                    let t = &v["tokenizer"];
+                    t.as_str().or(t["path"].as_str()).map(str::to_string)
+                });
             }
         } else if name.ends_with(".json") {
             let Some(v) = read_json(f) else { continue };

@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use super::config::PhiConfig;
 use super::decoder::{Decoder, Weights};
 use super::names::{is_ignorable, parameter_table};
-use super::tokenizer::{Encoding, Tokenizer};
+use super::tokenizer::{Encoding, Tokenizer, TokenizerSpec};
 use super::ModelError;
 use crate::artifact::atomic;
 
@@ -200,9 +200,7 @@ pub fn tokenizer_size(tokenizer: &Tokenizer) -> usize {
 
 /// The name `--tokenizer` takes for `encoding`.
 pub fn tokenizer_name(encoding: Encoding) -> String {
-    clap::ValueEnum::to_possible_value(&encoding)
-        .map(|v| v.get_name().to_string())
-        .unwrap_or_else(|| format!("{encoding:?}"))
+    encoding.name()
 }
 
 /// Writes a randomly initialised checkpoint of `cfg` (weights drawn with `seed`, stored in
@@ -216,7 +214,7 @@ pub fn save_random(
 ) -> Result<(), ModelError> {
     let weights = Decoder::init_weights(cfg, seed, DType::F32, &Device::Cpu)?;
     save(dir, cfg, &weights, dtype)?;
-    super::tokenizer::write_phigen_file(dir, encoding)
+    super::tokenizer::write_phigen_file(dir, &TokenizerSpec::Tiktoken(encoding))
 }
 
 /// Writes `config.json` + `model.safetensors` in the transformers layout (fused tensors split

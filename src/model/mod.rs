@@ -65,6 +65,8 @@ pub enum ModelError {
     MissingParameter(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    #[error(transparent)]
+    TokenizerFile(#[from] tokenizer::TokenizerError),
     #[error("{0}")]
     Input(String),
     #[error(transparent)]

@@ -1,8 +1,10 @@
-//! Text ↔ token ids for a checkpoint. Models phigen trains use a tiktoken encoding, recorded in
-//! `DIR/phigen.json`; Hugging Face checkpoints bring a `tokenizer.json` (read with the
-//! `tokenizers` crate). A `tokenizer.json` wins when both are present.
+//! Text ↔ token ids. A corpus is tokenized with a [`TokenizerSpec`]: a tiktoken encoding by name,
+//! or a Hugging Face `tokenizer.json` (read with the `tokenizers` crate, ids as Python
+//! `tokenizers` gives them). A checkpoint phigen trains records its tokenizer in `DIR/phigen.json`
+//! and, for a file tokenizer, holds a copy of `tokenizer.json` (and `tokenizer_config.json`);
+//! Hugging Face checkpoints bring their own `tokenizer.json`, which wins when both are present.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use tiktoken_rs::CoreBPE;
@@ -12,6 +14,41 @@ use crate::artifact::atomic;
 
 pub const PHIGEN_FILE: &str = "phigen.json";
 pub const HF_TOKENIZER_FILE: &str = "tokenizer.json";
+/// Beside `tokenizer.json`: its special tokens (`eos_token`, `bos_token`, `pad_token`).
+pub const HF_TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
+
+/// What goes wrong finding or loading a tokenizer for training data.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("tokenizer `{given}`: not a tiktoken encoding ({names}) and no such file or directory; pass one of those names, a Hugging Face tokenizer.json, or a checkpoint directory holding one")]
+    Unknown { given: String, names: String },
+    #[error("{dir}: no {HF_TOKENIZER_FILE} in this directory; expected a Hugging Face checkpoint directory holding {HF_TOKENIZER_FILE} (and optionally {HF_TOKENIZER_CONFIG_FILE}), or pass the tokenizer.json path itself")]
+    NotInDirectory { dir: PathBuf },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a Hugging Face tokenizer.json ({reason}); expected the JSON file `tokenizers` writes (`Tokenizer.save`, or a model repository's tokenizer.json)")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("{path}: changed since it was chosen (blake3 {expected}, now {found}); run the step again so every part uses the same file")]
+    Changed {
+        path: PathBuf,
+        expected: String,
+        found: String,
+    },
+    #[error("{path}: no end-of-text token to end documents with: {HF_TOKENIZER_CONFIG_FILE} beside it names no `eos_token`, and none of {candidates} is an added token; pass --eos-token TOKEN (`eos_token` in a recipe's tokenize step)")]
+    NoEndOfText { path: PathBuf, candidates: String },
+    #[error("{path}: the {what} `{token}` is not a token of this tokenizer; {fix}")]
+    UnknownToken {
+        path: PathBuf,
+        what: &'static str,
+        token: String,
+        fix: &'static str,
+    },
+    #[error("{path}: could not encode a document: {reason}")]
+    Encode { path: PathBuf, reason: String },
+}
 
 /// The tiktoken encodings phigen trains with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -39,24 +76,393 @@ impl Encoding {
     pub fn end_of_text(self) -> u32 {
         self.bpe().encode_with_special_tokens("<|endoftext|>")[0]
     }
+
+    /// tiktoken's `n_vocab` (largest id + 1, special tokens included).
+    pub fn vocab_size(self) -> usize {
+        match self {
+            Encoding::Gpt2 => 50_257,
+            Encoding::P50kBase => 50_281,
+            Encoding::Cl100kBase => 100_277,
+            Encoding::O200kBase => 200_019,
+        }
+    }
+
+    /// The name `--tokenizer` takes, e.g. `cl100k_base`.
+    pub fn name(self) -> String {
+        clap::ValueEnum::to_possible_value(&self)
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_else(|| format!("{self:?}"))
+    }
+}
+
+/// Which tokenizer makes a corpus's ids. Written as `"gpt2"` (as before file tokenizers existed,
+/// so older meta.json files read unchanged) or `{"path": …, "blake3": …}` in meta.json,
+/// phigen.json and the settings that identify a step, so a changed file is a changed step.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TokenizerSpec {
+    Tiktoken(Encoding),
+    /// A Hugging Face `tokenizer.json`. `blake3` hashes its bytes and then those of the
+    /// `tokenizer_config.json` beside it, if any: the two files that decide the ids and the
+    /// end-of-text token.
+    File {
+        path: PathBuf,
+        blake3: String,
+    },
+}
+
+impl std::fmt::Display for TokenizerSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TokenizerSpec::Tiktoken(e) => f.write_str(&e.name()),
+            TokenizerSpec::File { path, blake3 } => {
+                write!(
+                    f,
+                    "{} (blake3 {})",
+                    path.display(),
+                    &blake3[..blake3.len().min(12)]
+                )
+            }
+        }
+    }
+}
+
+/// Added tokens that end a document, in the order they are looked for when
+/// `tokenizer_config.json` names no `eos_token`.
+const END_OF_TEXT_TOKENS: &[&str] = &[
+    "<|endoftext|>",
+    "</s>",
+    "<|end_of_text|>",
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<eos>",
+];
+const BOS_TOKENS: &[&str] = &["<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>"];
+const PAD_TOKENS: &[&str] = &["<pad>", "<|pad|>", "[PAD]", "<|padding|>"];
+
+impl TokenizerSpec {
+    /// A `--tokenizer` value or a recipe's `tokenizer`: a tiktoken encoding's name, a
+    /// `tokenizer.json`, or a directory holding one (a Hugging Face checkpoint).
+    pub fn parse(arg: &str) -> Result<Self, TokenizerError> {
+        if let Ok(e) = <Encoding as clap::ValueEnum>::from_str(arg, false) {
+            return Ok(TokenizerSpec::Tiktoken(e));
+        }
+        let given = Path::new(arg);
+        let path = if given.is_dir() {
+            let path = given.join(HF_TOKENIZER_FILE);
+            if !path.is_file() {
+                return Err(TokenizerError::NotInDirectory {
+                    dir: given.to_path_buf(),
+                });
+            }
+            path
+        } else if given.is_file() {
+            given.to_path_buf()
+        } else {
+            let names: Vec<String> = <Encoding as clap::ValueEnum>::value_variants()
+                .iter()
+                .map(|e| e.name())
+                .collect();
+            return Err(TokenizerError::Unknown {
+                given: arg.to_string(),
+                names: names.join(", "),
+            });
+        };
+        Self::file(path)
+    }
+
+    /// The tokenizer.json at `path`, its hash taken.
+    fn file(path: PathBuf) -> Result<Self, TokenizerError> {
+        let (_, blake3) = read_tokenizer_files(&path)?;
+        Ok(TokenizerSpec::File { path, blake3 })
+    }
+
+    /// The tokenizer of checkpoint `dir`: its `tokenizer.json` (what sampling reads), else the
+    /// encoding its `phigen.json` names.
+    pub fn for_checkpoint(dir: &Path) -> Result<Self, ModelError> {
+        let hf = dir.join(HF_TOKENIZER_FILE);
+        if hf.is_file() {
+            return Ok(Self::file(hf)?);
+        }
+        match read_phigen_file(dir)?.tokenizer {
+            TokenizerSpec::Tiktoken(e) => Ok(TokenizerSpec::Tiktoken(e)),
+            TokenizerSpec::File { .. } => Err(missing_copy(dir)),
+        }
+    }
+
+    /// Whether ids of `self` and `other` are the same: one encoding, or files with the same
+    /// bytes wherever they lie (a checkpoint holds a copy).
+    pub fn same_tokenizer(&self, other: &TokenizerSpec) -> bool {
+        match (self, other) {
+            (TokenizerSpec::Tiktoken(a), TokenizerSpec::Tiktoken(b)) => a == b,
+            (TokenizerSpec::File { blake3: a, .. }, TokenizerSpec::File { blake3: b, .. }) => {
+                a == b
+            }
+            _ => false,
+        }
+    }
+
+    /// Largest id + 1, special and added tokens included: the embedding rows a model needs.
+    pub fn vocab_size(&self) -> Result<usize, TokenizerError> {
+        match self {
+            TokenizerSpec::Tiktoken(e) => Ok(e.vocab_size()),
+            TokenizerSpec::File { path, blake3 } => Ok(hf_vocab_size(&load_file(path, blake3)?)),
+        }
+    }
+
+    /// The tokenizer, loaded to make documents. `eos_token` overrides the end-of-text token of
+    /// a file tokenizer (tiktoken encodings always end documents with `<|endoftext|>`).
+    pub fn load(&self, eos_token: Option<&str>) -> Result<DocTokenizer, TokenizerError> {
+        match self {
+            TokenizerSpec::Tiktoken(e) => Ok(DocTokenizer {
+                ids: SpecialIds {
+                    vocab_size: e.vocab_size(),
+                    eos: e.end_of_text(),
+                    bos: None,
+                    pad: None,
+                },
+                kind: DocKind::Tiktoken(e.bpe()),
+            }),
+            TokenizerSpec::File { path, blake3 } => {
+                let mut t = load_file(path, blake3)?;
+                // Documents are whole: a truncation or padding the file sets is for model inputs.
+                t.with_truncation(None)
+                    .map_err(|e| TokenizerError::Invalid {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?
+                    .with_padding(None);
+                let ids = special_ids(&t, path, eos_token)?;
+                Ok(DocTokenizer {
+                    ids,
+                    kind: DocKind::File {
+                        path: path.clone(),
+                        tokenizer: Box::new(t),
+                    },
+                })
+            }
+        }
+    }
+}
+
+/// The ids a model and its data must agree on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpecialIds {
+    /// Largest id + 1.
+    pub vocab_size: usize,
+    /// Ends every document.
+    pub eos: u32,
+    pub bos: Option<u32>,
+    pub pad: Option<u32>,
+}
+
+/// A tokenizer loaded to turn documents into training ids.
+pub struct DocTokenizer {
+    pub ids: SpecialIds,
+    kind: DocKind,
+}
+
+enum DocKind {
+    Tiktoken(&'static CoreBPE),
+    File {
+        path: PathBuf,
+        tokenizer: Box<tokenizers::Tokenizer>,
+    },
+}
+
+impl DocTokenizer {
+    /// A document's ids: its text's, then the end-of-text id. With tiktoken special tokens in the
+    /// text are plain text (`encode_ordinary`); with a tokenizer.json added tokens written in
+    /// the text are matched whole and nothing is added around it, as Python `tokenizers`'
+    /// `encode(text, add_special_tokens=False)`.
+    pub fn encode_document(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let mut ids = match &self.kind {
+            DocKind::Tiktoken(bpe) => bpe.encode_ordinary(text),
+            DocKind::File { path, tokenizer } => tokenizer
+                .encode_fast(text, false)
+                .map_err(|e| TokenizerError::Encode {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?
+                .get_ids()
+                .to_vec(),
+        };
+        ids.push(self.ids.eos);
+        Ok(ids)
+    }
+}
+
+/// The bytes of `tokenizer.json` and the hash of it and its `tokenizer_config.json`.
+fn read_tokenizer_files(path: &Path) -> Result<(Vec<u8>, String), TokenizerError> {
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|source| TokenizerError::Io {
+            path: p.to_path_buf(),
+            source,
+        })
+    };
+    let bytes = read(path)?;
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&bytes);
+    let config = config_path(path);
+    if config.is_file() {
+        hasher.update(&read(&config)?);
+    }
+    Ok((bytes, hasher.finalize().to_hex().to_string()))
+}
+
+fn config_path(tokenizer_json: &Path) -> PathBuf {
+    tokenizer_json.with_file_name(HF_TOKENIZER_CONFIG_FILE)
+}
+
+/// The tokenizer at `path`, which must still hash to `blake3`.
+fn load_file(path: &Path, blake3: &str) -> Result<tokenizers::Tokenizer, TokenizerError> {
+    let (bytes, found) = read_tokenizer_files(path)?;
+    if found != blake3 {
+        return Err(TokenizerError::Changed {
+            path: path.to_path_buf(),
+            expected: blake3.to_string(),
+            found,
+        });
+    }
+    tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| TokenizerError::Invalid {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+fn hf_vocab_size(t: &tokenizers::Tokenizer) -> usize {
+    t.get_vocab(true)
+        .values()
+        .max()
+        .map_or(0, |&id| id as usize + 1)
+}
+
+/// eos, bos and pad: those `tokenizer_config.json` names, else the first known one among the
+/// added tokens (`--eos-token` wins for eos; without any eos it is an error, the others are
+/// optional).
+fn special_ids(
+    t: &tokenizers::Tokenizer,
+    path: &Path,
+    eos_token: Option<&str>,
+) -> Result<SpecialIds, TokenizerError> {
+    let config_file = config_path(path);
+    let config: Option<serde_json::Value> = match std::fs::read_to_string(&config_file) {
+        Ok(text) => Some(
+            serde_json::from_str(&text).map_err(|e| TokenizerError::Invalid {
+                path: config_file.clone(),
+                reason: format!("{HF_TOKENIZER_CONFIG_FILE} is not JSON: {e}"),
+            })?,
+        ),
+        Err(_) => None,
+    };
+    let added: Vec<String> = t
+        .get_added_tokens_decoder()
+        .into_values()
+        .map(|a| a.content)
+        .collect();
+    let known = |candidates: &[&str]| {
+        candidates
+            .iter()
+            .find(|c| added.iter().any(|a| a == *c))
+            .map(|c| c.to_string())
+    };
+    // `eos_token` is a string, or an AddedToken object with a `content`.
+    let named = |key: &str| {
+        let v = config.as_ref()?.get(key)?;
+        v.as_str()
+            .or_else(|| v.get("content")?.as_str())
+            .map(str::to_string)
+    };
+    let id_of = |token: String, what: &'static str, fix: &'static str| {
+        t.token_to_id(&token)
+            .ok_or_else(|| TokenizerError::UnknownToken {
+                path: path.to_path_buf(),
+                what,
+                token,
+                fix,
+            })
+    };
+    let eos = match (eos_token, named("eos_token")) {
+        (Some(token), _) => id_of(token.into(), "--eos-token", "pass a token it has")?,
+        (None, Some(token)) => id_of(
+            token,
+            "eos_token of tokenizer_config.json",
+            "fix tokenizer_config.json or pass --eos-token TOKEN",
+        )?,
+        (None, None) => match known(END_OF_TEXT_TOKENS) {
+            Some(token) => id_of(token, "end-of-text token", "pass --eos-token TOKEN")?,
+            None => {
+                return Err(TokenizerError::NoEndOfText {
+                    path: path.to_path_buf(),
+                    candidates: END_OF_TEXT_TOKENS.join(", "),
+                })
+            }
+        },
+    };
+    let optional = |key: &str, candidates: &[&str]| {
+        named(key)
+            .or_else(|| known(candidates))
+            .and_then(|token| t.token_to_id(&token))
+    };
+    Ok(SpecialIds {
+        vocab_size: hf_vocab_size(t),
+        eos,
+        bos: optional("bos_token", BOS_TOKENS),
+        pad: optional("pad_token", PAD_TOKENS),
+    })
 }
 
 /// What `phigen.json` records next to a checkpoint phigen wrote.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PhigenFile {
-    pub tokenizer: Encoding,
+    pub tokenizer: TokenizerSpec,
 }
 
-pub fn write_phigen_file(dir: &Path, encoding: Encoding) -> Result<(), ModelError> {
+/// Records `spec` as the tokenizer of checkpoint `dir`; a file tokenizer is copied in (with its
+/// `tokenizer_config.json`), so the checkpoint samples and evaluates without the original.
+pub fn write_phigen_file(dir: &Path, spec: &TokenizerSpec) -> Result<(), ModelError> {
+    if let TokenizerSpec::File { path, .. } = spec {
+        for (from, name) in [
+            (path.clone(), HF_TOKENIZER_FILE),
+            (config_path(path), HF_TOKENIZER_CONFIG_FILE),
+        ] {
+            if name == HF_TOKENIZER_FILE || from.is_file() {
+                std::fs::copy(&from, dir.join(name))
+                    .map_err(|source| ModelError::Io { path: from, source })?;
+            }
+        }
+    }
     let path = dir.join(PHIGEN_FILE);
     atomic::write_json(
         &path,
         &PhigenFile {
-            tokenizer: encoding,
+            tokenizer: spec.clone(),
         },
     )
     .map_err(|source| ModelError::Io { path, source })
+}
+
+fn read_phigen_file(dir: &Path) -> Result<PhigenFile, ModelError> {
+    let path = dir.join(PHIGEN_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|_| ModelError::BadFile {
+        path: dir.to_path_buf(),
+        reason: format!(
+            "no {HF_TOKENIZER_FILE} and no {PHIGEN_FILE}, so the tokenizer is unknown; pass --tokenizer or --prompt-ids"
+        ),
+    })?;
+    serde_json::from_str(&text).map_err(|e| ModelError::BadFile {
+        path: path.clone(),
+        reason: format!("expected {{\"tokenizer\": \"gpt2\" | \"p50k_base\" | \"cl100k_base\" | \"o200k_base\" | {{\"path\": …, \"blake3\": …}}}}: {e}"),
+    })
+}
+
+fn missing_copy(dir: &Path) -> ModelError {
+    ModelError::BadFile {
+        path: dir.to_path_buf(),
+        reason: format!("{PHIGEN_FILE} names a tokenizer file, but its copy {HF_TOKENIZER_FILE} is not in the directory; copy the tokenizer.json the model was trained with here"),
+    }
 }
 
 pub enum Tokenizer {
@@ -69,24 +475,28 @@ impl Tokenizer {
     pub fn for_checkpoint(dir: &Path) -> Result<Self, ModelError> {
         let hf = dir.join(HF_TOKENIZER_FILE);
         if hf.is_file() {
-            let t = tokenizers::Tokenizer::from_file(&hf).map_err(|e| ModelError::BadFile {
-                path: hf.clone(),
-                reason: format!("not a tokenizers JSON file: {e}"),
-            })?;
-            return Ok(Tokenizer::HuggingFace(Box::new(t)));
+            return Self::from_file(&hf);
         }
-        let path = dir.join(PHIGEN_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|_| ModelError::BadFile {
-            path: dir.to_path_buf(),
-            reason: format!(
-                "no {HF_TOKENIZER_FILE} and no {PHIGEN_FILE}, so the tokenizer is unknown; pass --tokenizer or --prompt-ids"
-            ),
+        match read_phigen_file(dir)?.tokenizer {
+            TokenizerSpec::Tiktoken(e) => Ok(Tokenizer::Tiktoken(e)),
+            TokenizerSpec::File { .. } => Err(missing_copy(dir)),
+        }
+    }
+
+    /// The tokenizer `spec` names (a file tokenizer read where the spec says it lies).
+    pub fn from_spec(spec: &TokenizerSpec) -> Result<Self, ModelError> {
+        match spec {
+            TokenizerSpec::Tiktoken(e) => Ok(Tokenizer::Tiktoken(*e)),
+            TokenizerSpec::File { path, .. } => Self::from_file(path),
+        }
+    }
+
+    fn from_file(path: &Path) -> Result<Self, ModelError> {
+        let t = tokenizers::Tokenizer::from_file(path).map_err(|e| ModelError::BadFile {
+            path: path.to_path_buf(),
+            reason: format!("not a tokenizers JSON file: {e}"),
         })?;
-        let file: PhigenFile = serde_json::from_str(&text).map_err(|e| ModelError::BadFile {
-            path: path.clone(),
-            reason: format!("expected {{\"tokenizer\": \"gpt2\" | \"p50k_base\" | \"cl100k_base\" | \"o200k_base\"}}: {e}"),
-        })?;
-        Ok(Tokenizer::Tiktoken(file.tokenizer))
+        Ok(Tokenizer::HuggingFace(Box::new(t)))
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
@@ -107,6 +517,17 @@ impl Tokenizer {
             Tokenizer::HuggingFace(t) => t
                 .encode(text, false)
                 .map(|enc| enc.get_ids().to_vec())
+                .map_err(|e| ModelError::Tokenizer(e.to_string())),
+        }
+    }
+
+    /// The text of `ids` with their special tokens written out (`<|endoftext|>`, `</s>`): what
+    /// `phigen shards decode` shows of a token shard.
+    pub fn decode_with_special(&self, ids: &[u32]) -> Result<String, ModelError> {
+        match self {
+            Tokenizer::Tiktoken(_) => self.decode(ids),
+            Tokenizer::HuggingFace(t) => t
+                .decode(ids, false)
                 .map_err(|e| ModelError::Tokenizer(e.to_string())),
         }
     }

@@ -604,7 +604,10 @@ fn plan_transform(
         )));
     }
     if let Action::Tokenize(t) = action {
-        settings["tokenizer"] = json!(t.tokenizer.unwrap_or(p.train.raw.model.tokenizer));
+        let tokenizer = t
+            .spec(&p.train.tokenizer)
+            .map_err(crate::tokenize::TokenizeError::from)?;
+        settings["tokenizer"] = json!(tokenizer);
     }
     settings["paths"] = json!(s.paths);
     let inputs = fingerprint(&files, known_inputs)?;
@@ -774,7 +777,7 @@ fn plan_train(
     }
     let settings = json!({
         "model": p.train.model,
-        "tokenizer": p.train.raw.model.tokenizer,
+        "tokenizer": p.train.tokenizer,
         "seed": p.train.raw.seed,
         "stages": stages,
         "dtype": format!("{dtype:?}"),

@@ -36,7 +36,7 @@ use crate::classify::preset::Preset;
 use crate::dedup::decontaminate::Mode;
 use crate::generate::run::{CorpusSettings, ExercisesSettings, StoriesSettings, TextbooksSettings};
 use crate::generate::topics::TopicsSettings;
-use crate::model::tokenizer::Encoding;
+use crate::model::tokenizer::{TokenizerError, TokenizerSpec};
 use crate::teacher::factory::TeacherConfig;
 use crate::train::recipe::{Recipe, RecipeError};
 
@@ -259,13 +259,27 @@ fn drop_mode() -> Mode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenizeSettings {
-    /// Default: the recipe's `model.tokenizer`.
+    /// A tiktoken encoding's name, a Hugging Face tokenizer.json or a checkpoint directory
+    /// holding one. Default: the recipe's `model.tokenizer`.
     #[serde(default)]
-    pub tokenizer: Option<Encoding>,
+    pub tokenizer: Option<String>,
+    /// The token that ends documents, for a tokenizer.json whose own files name none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token: Option<String>,
     #[serde(default = "val_fraction")]
     pub val_fraction: f64,
     #[serde(default = "shard_tokens")]
     pub shard_tokens: u64,
+}
+
+impl TokenizeSettings {
+    /// The step's tokenizer: its own `tokenizer`, else the training recipe's.
+    pub fn spec(&self, recipe: &TokenizerSpec) -> Result<TokenizerSpec, TokenizerError> {
+        match &self.tokenizer {
+            Some(t) => TokenizerSpec::parse(t),
+            None => Ok(recipe.clone()),
+        }
+    }
 }
 
 fn val_fraction() -> f64 {

@@ -911,7 +911,10 @@ fn tokenize(
     let opts = crate::tokenize::TokenizeOptions {
         inputs: inputs(p, plan, i),
         out: step.dir.clone(),
-        encoding: t.tokenizer.unwrap_or(p.train.raw.model.tokenizer),
+        tokenizer: t
+            .spec(&p.train.tokenizer)
+            .map_err(crate::tokenize::TokenizeError::from)?,
+        eos_token: t.eos_token.clone(),
         val_fraction: t.val_fraction,
         shard_tokens: t.shard_tokens,
         force: false,

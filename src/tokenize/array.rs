@@ -5,7 +5,8 @@
 //! them) into `OUT/tasks/K/docs-IIIIII.bin`, one file per input file, written atomically, so a
 //! killed task resumes at its first missing file. Each holds the file's documents in row order:
 //! split (1 byte), id length (u32) and id, token count (u32) and the tokens (u32), little-endian.
-//! The task's marker holds its settings and the [`Source`] of each file it read. The merge checks
+//! The task's marker holds its settings (the tokenizer with its file's hash: each task loads the
+//! file itself) and the [`Source`] of each file it read. The merge checks
 //! every marker and that all tasks ran with the same settings, then feeds the documents, file by
 //! file, to the same writer a whole run uses, and writes `OUT/meta.json` last.
 
@@ -24,12 +25,14 @@ use crate::artifact::docs;
 use crate::artifact::outdir::{self, DirLock, Written};
 use crate::artifact::task::{self, Task};
 use crate::artifact::walk::{InputSkip, WalkOptions};
-use crate::model::tokenizer::Encoding;
+use crate::model::tokenizer::{TokenizerError, TokenizerSpec};
 
 /// What every task of one array must share, and the merge checks.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 struct Settings {
-    tokenizer: Encoding,
+    tokenizer: TokenizerSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    eos_token: Option<String>,
     val_fraction: f64,
     order: Order,
     shard_tokens: u64,
@@ -56,7 +59,8 @@ fn docs_file(task_dir: &Path, index: usize) -> PathBuf {
 
 fn settings(opts: &TokenizeOptions, files: usize) -> Settings {
     Settings {
-        tokenizer: opts.encoding,
+        tokenizer: opts.tokenizer.clone(),
+        eos_token: opts.eos_token.clone(),
         val_fraction: opts.val_fraction,
         order: opts.order,
         shard_tokens: opts.shard_tokens,
@@ -84,8 +88,7 @@ pub fn run_task(
         follow_symlinks: opts.follow_symlinks,
     };
     let inputs = docs::input_files(&opts.inputs, walk)?;
-    let bpe = opts.encoding.bpe();
-    let eot = opts.encoding.end_of_text();
+    let tokenizer = opts.tokenizer.load(opts.eos_token.as_deref())?;
     let (mut sources, mut documents, mut tokens) = (Vec::new(), 0u64, 0u64);
     for (i, file) in inputs.files.iter().enumerate() {
         if !task.owns(i) {
@@ -107,12 +110,8 @@ pub fn run_task(
         docs::read_documents(&file.path, |batch| {
             let encoded: Vec<Vec<u32>> = batch
                 .par_iter()
-                .map(|d| {
-                    let mut ids = bpe.encode_ordinary(&d.text);
-                    ids.push(eot);
-                    ids
-                })
-                .collect();
+                .map(|d| tokenizer.encode_document(&d.text))
+                .collect::<Result<_, TokenizerError>>()?;
             for (d, ids) in batch.iter().zip(encoded) {
                 progress(ids.len() as u64);
                 documents += 1;
@@ -216,7 +215,8 @@ pub fn merge(dir: &Path) -> Result<Outcome, TokenizeError> {
     let opts = TokenizeOptions {
         inputs: Vec::new(),
         out: dir.to_path_buf(),
-        encoding: first.tokenizer,
+        tokenizer: first.tokenizer.clone(),
+        eos_token: first.eos_token.clone(),
         val_fraction: first.val_fraction,
         shard_tokens: first.shard_tokens,
         force: false,
@@ -225,11 +225,13 @@ pub fn merge(dir: &Path) -> Result<Outcome, TokenizeError> {
     };
     let lock = DirLock::exclusive(dir)?;
     let mut written = Written::open(dir, &lock)?;
-    if let Some(done) = previous_run(&opts, &sources, &mut written)? {
+    // The tasks' tokenizer, for its ids (a file that changed since is an error).
+    let ids = opts.tokenizer.load(opts.eos_token.as_deref())?.ids;
+    if let Some(done) = previous_run(&opts, &ids, &sources, &mut written)? {
         return Ok(Outcome::UpToDate(done));
     }
     let total = sources.iter().map(|s| s.bytes).sum();
-    let mut sink = Sink::new(&opts, dir, total)?;
+    let mut sink = Sink::new(&opts, dir, total, ids)?;
     for i in 0..first.files {
         let path = docs_file(&Task { k: i % n, n }.dir(dir), i);
         let mut result = Ok(());

@@ -12,8 +12,8 @@ use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::model::tokenizer::Encoding;
-use crate::tokenize::{Split, TokenDir, TokenizeError};
+use crate::model::tokenizer::TokenizerSpec;
+use crate::tokenize::{self, Split, TokenDir, TokenizeError};
 
 pub struct Mixture {
     dirs: Vec<TokenDir>,
@@ -28,32 +28,50 @@ pub enum DataError {
     Tokens(#[from] TokenizeError),
     #[error("{path}: the train split has no shard with more than {need} tokens (seq_len + 1); tokenize more text or lower seq_len")]
     TooShort { path: PathBuf, need: usize },
-    #[error("{path}: token ids go up to {vocab} (`{tokenizer:?}`), beyond the model's vocab_size {model_vocab}; raise model.vocab_size")]
+    #[error("{path}: token ids go up to {vocab} (`{tokenizer}`), beyond the model's vocab_size {model_vocab}; raise model.vocab_size")]
     Vocab {
         path: PathBuf,
-        tokenizer: Encoding,
+        tokenizer: TokenizerSpec,
         vocab: usize,
         model_vocab: usize,
+    },
+    #[error("{first} was tokenized with `{first_tokenizer}`, {other} with `{other_tokenizer}`: the data of one stage must share a tokenizer; re-run `phigen tokenize` on one of them with the other's --tokenizer")]
+    MixedTokenizers {
+        first: PathBuf,
+        first_tokenizer: TokenizerSpec,
+        other: PathBuf,
+        other_tokenizer: TokenizerSpec,
     },
 }
 
 impl Mixture {
     pub fn open(
         data: &[(PathBuf, f64)],
-        tokenizer: Encoding,
+        tokenizer: &TokenizerSpec,
         model_vocab: usize,
         seq_len: usize,
     ) -> Result<Self, DataError> {
-        let mut dirs = Vec::new();
+        let mut dirs: Vec<TokenDir> = Vec::new();
         let mut cumulative = Vec::new();
         let total: f64 = data.iter().map(|(_, w)| w).sum();
         let mut acc = 0.0;
         for (path, weight) in data {
-            let dir = TokenDir::open(path, Some(tokenizer))?;
+            let dir = TokenDir::open(path, None)?;
+            if let Some(first) = dirs.first() {
+                if !first.meta.tokenizer.same_tokenizer(&dir.meta.tokenizer) {
+                    return Err(DataError::MixedTokenizers {
+                        first: first.dir.clone(),
+                        first_tokenizer: first.meta.tokenizer.clone(),
+                        other: path.clone(),
+                        other_tokenizer: dir.meta.tokenizer.clone(),
+                    });
+                }
+            }
+            tokenize::check_tokenizer(path, &dir.meta, tokenizer)?;
             if dir.meta.vocab_size > model_vocab {
                 return Err(DataError::Vocab {
                     path: path.clone(),
-                    tokenizer,
+                    tokenizer: dir.meta.tokenizer.clone(),
                     vocab: dir.meta.vocab_size,
                     model_vocab,
                 });

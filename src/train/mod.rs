@@ -512,7 +512,7 @@ impl Run<'_> {
         }
         let weights = opt.weights(DType::F32)?;
         checkpoint::save(&tmp, &self.cfg, &weights, DType::F32)?;
-        tokenizer::write_phigen_file(&tmp, self.opts.recipe.raw.model.tokenizer)?;
+        tokenizer::write_phigen_file(&tmp, &self.opts.recipe.tokenizer)?;
         let mut moments: Vec<(String, Tensor)> = Vec::new();
         for s in &opt.slots {
             moments.push((format!("{}.exp_avg", s.name), s.m.clone()));
@@ -728,7 +728,7 @@ impl Run<'_> {
         let s = &stage.raw;
         let mixture = Mixture::open(
             &stage.data,
-            recipe.raw.model.tokenizer,
+            &recipe.tokenizer,
             self.cfg.vocab_size,
             s.seq_len,
         )?;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::tokenizer::Encoding;
+use crate::model::tokenizer::TokenizerSpec;
 use crate::model::{PhiConfig, Preset};
 
 #[derive(Debug, thiserror::Error)]
@@ -51,9 +51,10 @@ pub struct ModelToml {
     /// … or a `config.json` path (or its directory).
     #[serde(default)]
     pub config: Option<PathBuf>,
-    /// Tokenizer of the shards and of the saved checkpoints.
+    /// Tokenizer of the shards and of the saved checkpoints: a tiktoken encoding's name, a
+    /// Hugging Face tokenizer.json, or a checkpoint directory holding one.
     #[serde(default = "default_tokenizer")]
-    pub tokenizer: Encoding,
+    pub tokenizer: String,
     /// Context length override (`max_position_embeddings`).
     #[serde(default)]
     pub max_position_embeddings: Option<usize>,
@@ -62,8 +63,8 @@ pub struct ModelToml {
     pub vocab_size: Option<usize>,
 }
 
-fn default_tokenizer() -> Encoding {
-    Encoding::Gpt2
+fn default_tokenizer() -> String {
+    "gpt2".into()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -309,6 +310,8 @@ pub struct Recipe {
     pub raw: RecipeToml,
     pub path: PathBuf,
     pub model: PhiConfig,
+    /// `model.tokenizer`, resolved (a file's hash taken).
+    pub tokenizer: TokenizerSpec,
     pub stages: Vec<Stage>,
 }
 
@@ -435,7 +438,7 @@ impl Recipe {
                 ),
             ));
         }
-        let model = resolve_model(&raw.model, path)?;
+        let (model, tokenizer) = resolve_model(&raw.model, path)?;
         if raw.stages.is_empty() {
             return Err(invalid(
                 "stage",
@@ -456,6 +459,7 @@ impl Recipe {
         Ok(Recipe {
             path: path.to_path_buf(),
             model,
+            tokenizer,
             stages,
             raw,
         })
@@ -476,8 +480,8 @@ fn invalid_key(path: &Path, key: &str, message: String) -> RecipeError {
 }
 
 /// The model of `[model]`: a preset or a checkpoint's `config.json`, with the recipe's overrides,
-/// checked against the size limits and the tokenizer.
-fn resolve_model(raw: &ModelToml, path: &Path) -> Result<PhiConfig, RecipeError> {
+/// checked against the size limits and the tokenizer; and the tokenizer.
+fn resolve_model(raw: &ModelToml, path: &Path) -> Result<(PhiConfig, TokenizerSpec), RecipeError> {
     let invalid = |key: &str, message: String| invalid_key(path, key, message);
     let mut model = match (&raw.preset, &raw.config) {
         (Some(p), None) => PhiConfig::preset(*p),
@@ -514,17 +518,21 @@ fn resolve_model(raw: &ModelToml, path: &Path) -> Result<PhiConfig, RecipeError>
     ] {
         check_count(v, 1, max).map_err(|m| invalid(k, m))?;
     }
-    let vocab = crate::tokenize::vocab_size(raw.tokenizer);
+    let tokenizer = TokenizerSpec::parse(&raw.tokenizer)
+        .map_err(|e| invalid("model.tokenizer", e.to_string()))?;
+    let vocab = tokenizer
+        .vocab_size()
+        .map_err(|e| invalid("model.tokenizer", e.to_string()))?;
     if model.vocab_size < vocab {
         return Err(invalid(
             "model.vocab_size",
             format!(
-                "{} is smaller than the `{:?}` tokenizer's {vocab} tokens",
-                model.vocab_size, raw.tokenizer
+                "{} is smaller than the `{tokenizer}` tokenizer's {vocab} tokens",
+                model.vocab_size
             ),
         ));
     }
-    Ok(model)
+    Ok((model, tokenizer))
 }
 
 /// Stage `i` of the recipe, every value checked (`stage.I.KEY` names a bad one).

@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 
 use super::recipe::Recipe;
 use super::*;
-use crate::model::tokenizer::Encoding;
+use crate::model::tokenizer::{Encoding, TokenizerSpec};
 use crate::tokenize::{self, TokenizeOptions};
 
 /// Stories from a small grammar: predictable given context, far from predictable by frequency.
@@ -48,7 +48,8 @@ fn tokens(root: &Path) -> std::path::PathBuf {
     let opts = TokenizeOptions {
         inputs: vec![input],
         out: out.clone(),
-        encoding: Encoding::Gpt2,
+        tokenizer: TokenizerSpec::Tiktoken(Encoding::Gpt2),
+        eos_token: None,
         val_fraction: 0.1,
         shard_tokens: 1 << 20,
         force: false,
@@ -657,4 +658,105 @@ fn more_ranks_than_micro_batches_is_refused() {
     assert!(latest_checkpoint(&out, &recipe(&tok, "", &[]))
         .unwrap()
         .is_none());
+}
+
+/// The corpus tokenized with the Llama-style tokenizer.json of tests/fixtures/tokenizers
+/// (made by tests/fixtures/make_tokenizer.py with Python `tokenizers`).
+fn file_tokens(root: &Path) -> (std::path::PathBuf, TokenizerSpec) {
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizers/llama_style");
+    let spec = TokenizerSpec::parse(fixture.to_str().unwrap()).unwrap();
+    let input = root.join("corpus-file");
+    corpus(&input, 200);
+    let out = root.join("tok-file");
+    let opts = TokenizeOptions {
+        inputs: vec![input],
+        out: out.clone(),
+        tokenizer: spec.clone(),
+        eos_token: None,
+        val_fraction: 0.1,
+        shard_tokens: 1 << 20,
+        force: false,
+        follow_symlinks: false,
+        order: tokenize::Order::Input,
+    };
+    tokenize::run(&opts, |_| {}).unwrap();
+    (out, spec)
+}
+
+/// Training on a Hugging Face tokenizer.json: the recipe names the fixture's directory, the
+/// model's vocab_size is checked against the tokenizer's 646 ids, and every checkpoint holds a
+/// copy of tokenizer.json and tokenizer_config.json, so sampling and `eval loss` load the same
+/// tokenizer from the checkpoint alone. One stage mixing that data with GPT-2 data is refused,
+/// naming both directories.
+#[test]
+fn a_file_tokenizer_trains_and_travels_with_its_checkpoints() {
+    let root = tempfile::tempdir().unwrap();
+    let (tok, spec) = file_tokens(root.path());
+    let fixture = match &spec {
+        TokenizerSpec::File { path, .. } => path.parent().unwrap().to_path_buf(),
+        TokenizerSpec::Tiktoken(_) => unreachable!("parsed from a directory"),
+    };
+    let tokenizer = format!("model.tokenizer={}", fixture.display());
+    let err = Recipe::parse(
+        &format!(
+            "name = \"t\"\n[model]\npreset = \"tiny-phi\"\nvocab_size = 600\ntokenizer = \"{}\"\n[[stage]]\nname = \"a\"\ndata = [{{ path = \"{}\" }}]\nseq_len = 32\nmicro_batch = 4\nsteps = 1\nlr = 1e-3\n",
+            fixture.display(),
+            tok.display()
+        ),
+        Path::new("small.toml"),
+        &[],
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("model.vocab_size") && err.contains("646"),
+        "{err}"
+    );
+    let sets = [
+        tokenizer.as_str(),
+        "model.vocab_size=704",
+        "stage.0.steps=4",
+        "stage.0.warmup=1",
+        "stage.0.eval_every=2",
+        "stage.0.checkpoint_every=4",
+    ];
+    let out = root.path().join("run");
+    run(&options(recipe(&tok, "", &sets), &out), |_| {}).unwrap();
+    let ckpt = checkpoints(&out, "pretrain")
+        .unwrap()
+        .last()
+        .unwrap()
+        .1
+        .clone();
+    for name in ["tokenizer.json", "tokenizer_config.json"] {
+        assert_eq!(
+            std::fs::read(ckpt.join(name)).unwrap(),
+            std::fs::read(fixture.join(name)).unwrap(),
+            "{name}"
+        );
+    }
+    assert!(TokenizerSpec::for_checkpoint(&ckpt)
+        .unwrap()
+        .same_tokenizer(&spec));
+    let t = crate::model::tokenizer::Tokenizer::for_checkpoint(&ckpt).unwrap();
+    assert!(matches!(
+        t,
+        crate::model::tokenizer::Tokenizer::HuggingFace(_)
+    ));
+    crate::eval::validation_loss(&ckpt, &tok, 32, 1, 2).unwrap();
+    // A GPT-2 directory in the same stage.
+    let gpt2 = tokens(root.path());
+    let data = [(tok.clone(), 1.0), (gpt2.clone(), 1.0)];
+    let err = super::data::Mixture::open(&data, &spec, 50304, 32)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains(&tok.display().to_string())
+            && err.contains(&gpt2.display().to_string())
+            && err.contains("`gpt2`"),
+        "{err}"
+    );
 }
