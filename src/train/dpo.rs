@@ -63,8 +63,8 @@ pub fn share(logps: &[f64], reference: &[f64], beta: f64, of: usize) -> Result<P
         pick(reference, 1),
     );
     let (mut accuracy, mut margin) = (0.0, 0.0);
-    for i in 0..pairs {
-        let m = beta * ((pc[i] - refc[i]) - (pr[i] - refr[i]));
+    for (((c, r), rc), rr) in pc.iter().zip(&pr).zip(&refc).zip(&refr) {
+        let m = beta * ((c - rc) - (r - rr));
         accuracy += f64::from(u8::from(m > 0.0));
         margin += m;
     }

@@ -1081,4 +1081,40 @@ decay = "cosine"
             ("pre-train_2.v1", "run.1")
         );
     }
+
+    /// The post-training keys: `objective` picks the resolved [`Objective`] with β (0.1 unless
+    /// given) and the template; β outside DPO, a template on a pretrain stage, an unknown
+    /// template name and a data weight on a chat stage are refused naming the key.
+    #[test]
+    fn objectives_resolve_and_misplaced_keys_are_refused() {
+        let r = parse(&["stage.0.objective=dpo", "stage.0.chat_template=phi-3"]).unwrap();
+        assert_eq!(
+            r.stages[0].objective,
+            Objective::Dpo {
+                template: TemplateChoice::Builtin(super::super::sft::Builtin::Phi3),
+                beta: DEFAULT_BETA
+            }
+        );
+        assert_eq!(r.stages[0].tokens_per_step(), 2 * 32 * 8);
+        assert!(r.to_toml().contains("objective = \"dpo\""), "{}", r.to_toml());
+        let r = parse(&["stage.0.objective=sft", "stage.0.chat_template=t.jinja"]).unwrap();
+        assert_eq!(
+            r.stages[0].objective,
+            Objective::Sft {
+                template: TemplateChoice::File("t.jinja".into())
+            }
+        );
+        assert_eq!(parse(&[]).unwrap().stages[0].objective, Objective::Pretrain);
+        assert!(!parse(&[]).unwrap().to_toml().contains("objective"));
+        for (sets, key) in [
+            (&["stage.0.beta=0.2"][..], "stage.0.beta"),
+            (&["stage.0.objective=dpo", "stage.0.beta=0"][..], "stage.0.beta"),
+            (&["stage.0.chat_template=phi-3"][..], "stage.0.chat_template"),
+            (&["stage.0.objective=sft", "stage.0.chat_template=llama"][..], "stage.0.chat_template"),
+            (&["stage.0.objective=sft", "stage.0.data.0.weight=2"][..], "stage.0.data.0.weight"),
+        ] {
+            let err = parse(sets).unwrap_err().to_string();
+            assert!(err.contains(&format!("`{key}`")), "{sets:?}: {err}");
+        }
+    }
 }
