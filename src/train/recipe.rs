@@ -1096,7 +1096,11 @@ decay = "cosine"
             }
         );
         assert_eq!(r.stages[0].tokens_per_step(), 2 * 32 * 8);
-        assert!(r.to_toml().contains("objective = \"dpo\""), "{}", r.to_toml());
+        assert!(
+            r.to_toml().contains("objective = \"dpo\""),
+            "{}",
+            r.to_toml()
+        );
         let r = parse(&["stage.0.objective=sft", "stage.0.chat_template=t.jinja"]).unwrap();
         assert_eq!(
             r.stages[0].objective,
@@ -1108,10 +1112,22 @@ decay = "cosine"
         assert!(!parse(&[]).unwrap().to_toml().contains("objective"));
         for (sets, key) in [
             (&["stage.0.beta=0.2"][..], "stage.0.beta"),
-            (&["stage.0.objective=dpo", "stage.0.beta=0"][..], "stage.0.beta"),
-            (&["stage.0.chat_template=phi-3"][..], "stage.0.chat_template"),
-            (&["stage.0.objective=sft", "stage.0.chat_template=llama"][..], "stage.0.chat_template"),
-            (&["stage.0.objective=sft", "stage.0.data.0.weight=2"][..], "stage.0.data.0.weight"),
+            (
+                &["stage.0.objective=dpo", "stage.0.beta=0"][..],
+                "stage.0.beta",
+            ),
+            (
+                &["stage.0.chat_template=phi-3"][..],
+                "stage.0.chat_template",
+            ),
+            (
+                &["stage.0.objective=sft", "stage.0.chat_template=llama"][..],
+                "stage.0.chat_template",
+            ),
+            (
+                &["stage.0.objective=sft", "stage.0.data.0.weight=2"][..],
+                "stage.0.data.0.weight",
+            ),
         ] {
             let err = parse(sets).unwrap_err().to_string();
             assert!(err.contains(&format!("`{key}`")), "{sets:?}: {err}");
