@@ -790,7 +790,13 @@ impl Run<'_> {
             Init::Checkpoint(dir) | Init::Tile(dir) => Some(dir.clone()),
             Init::Previous => {
                 let prev = &self.opts.recipe.stages[index - 1].raw.name;
-                checkpoints(&self.opts.out, prev)?.pop().map(|(_, d)| d)
+                let (_, dir) = checkpoints(&self.opts.out, prev)?.pop().ok_or_else(|| {
+                    TrainError::NoPreviousCheckpoint {
+                        stage: stage.raw.name.clone(),
+                        previous: prev.clone(),
+                    }
+                })?;
+                Some(dir)
             }
         })
     }
