@@ -216,6 +216,8 @@ fn write_training_run(dir: &Path) {
                 tflops: 1.5,
                 mfu: Some(0.31),
                 comm_secs: None,
+                reward_accuracy: None,
+                reward_margin: None,
             };
             lines.push_str(&serde_json::to_string(&m).unwrap());
             lines.push('\n');

@@ -258,6 +258,8 @@ mod tests {
             tflops: 1.0,
             mfu,
             comm_secs: None,
+            reward_accuracy: None,
+            reward_margin: None,
         }
     }
 

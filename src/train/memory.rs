@@ -31,7 +31,9 @@ pub fn estimate(cfg: &PhiConfig, stage: &Stage, dtype: DType) -> f64 {
     let n = cfg.parameter_count() as f64;
     let s = dtype.size_in_bytes() as f64;
     let compute_copy = if dtype == DType::F32 { 0.0 } else { s };
-    let (b, t) = (stage.micro_batch as f64, stage.raw.seq_len as f64);
+    // Sequences per pass: a DPO micro-batch of pairs runs two each.
+    let b = (stage.micro_batch * stage.objective.rows_per_item()) as f64;
+    let t = stage.raw.seq_len as f64;
     let (c, h, l) = (
         cfg.hidden_size as f64,
         cfg.num_attention_heads as f64,

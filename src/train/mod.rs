@@ -16,12 +16,14 @@
 
 pub mod data;
 pub mod dist;
+pub mod dpo;
 pub mod loss;
 pub mod memory;
 pub mod optim;
 pub mod plot;
 pub mod recipe;
 mod recompute;
+pub mod sft;
 #[cfg(test)]
 mod tests;
 
@@ -83,6 +85,10 @@ pub enum TrainError {
     OutDir(#[from] crate::artifact::outdir::OutDirError),
     #[error(transparent)]
     Dist(#[from] DistError),
+    #[error(transparent)]
+    Chat(#[from] sft::SftError),
+    #[error("stage `{stage}`: no chat template: {why}; set the stage's chat_template = \"phi-3\", \"chatml\" or a .jinja file")]
+    NoChatTemplate { stage: String, why: String },
     #[error("stage `{stage}`: {ranks} ranks, but a step has {micro_batches} micro-batches (micro_batch {micro_batch} × grad_accum {micro_batches}) and each rank computes whole ones; raise grad_accum to a multiple of {ranks} (keeping the batch: lower micro_batch), or launch fewer ranks")]
     TooManyRanks {
         stage: String,
@@ -171,6 +177,13 @@ pub struct Metrics {
     /// Seconds of the step spent summing gradients over the ranks (data parallel runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub comm_secs: Option<f64>,
+    /// DPO: the fraction of pairs whose implicit reward β(π − ref) is higher for the chosen
+    /// answer (of the step's pairs, or of the validation pairs on an evaluation line).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reward_accuracy: Option<f64>,
+    /// DPO: the mean of chosen minus rejected reward over the same pairs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reward_margin: Option<f64>,
 }
 
 /// What the loop reports to its caller (progress bar, logs).
@@ -232,10 +245,106 @@ pub fn next_token_loss(model: &Decoder, batch: &Tensor) -> candle_core::Result<T
     loss::linear_cross_entropy(&hidden.reshape((b * (t - 1), ()))?, weight, bias, &targets)
 }
 
-/// One micro-batch of token ids (B, T+1) and the seed of its dropout masks.
+/// One micro-batch of token ids (B, T+1), the seed of its dropout masks, and what its loss is.
 pub struct MicroBatch {
     pub ids: Tensor,
     pub dropout_seed: u64,
+    pub target: Target,
+}
+
+/// What a micro-batch's loss is: every micro-batch computes its share of the step's mean, so the
+/// shares of all micro-batches on all ranks sum to it exactly, whatever their sizes.
+pub enum Target {
+    /// Every next token; the share is their mean over the step's micro-batches (pretraining).
+    Next,
+    /// Σ weight · cross-entropy over the rows' targets (B · T): SFT's assistant mask divided by
+    /// the trained tokens of the whole step (of all its micro-batches, on every rank).
+    Weighted(Vec<f32>),
+    /// DPO pairs, rows chosen₀, rejected₀, chosen₁, …: the response mask of the targets (B · T),
+    /// each row's reference log-prob, β, and the pairs of the whole step (see [`dpo`]).
+    Pairs {
+        mask: Vec<f32>,
+        reference: Vec<f64>,
+        beta: f64,
+        of: usize,
+    },
+}
+
+/// Sums over a step's micro-batches: the loss, and DPO's reward accuracy and margin (zero for
+/// the other objectives).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Sums {
+    pub loss: f64,
+    pub accuracy: f64,
+    pub margin: f64,
+}
+
+impl Sums {
+    fn add(&mut self, o: Sums) {
+        self.loss += o.loss;
+        self.accuracy += o.accuracy;
+        self.margin += o.margin;
+    }
+}
+
+/// The loss share of `batch` (see [`Target`]) from the final hidden states (B, T, C) of its
+/// inputs; `of`: the step's micro-batches (what [`Target::Next`] averages over). Returns the share
+/// as a graph (a scalar) and its sums.
+pub fn loss_share(
+    model: &Decoder,
+    hidden: &Tensor,
+    batch: &MicroBatch,
+    of: usize,
+) -> candle_core::Result<(Tensor, Sums)> {
+    let (b, n) = batch.ids.dims2()?;
+    let t = n - 1;
+    let hidden = hidden.reshape((b * t, ()))?; //                                      (B·T, C)
+    let targets = batch.ids.narrow(1, 1, t)?.flatten_all()?;
+    let (weight, bias) = model.head_parts()?;
+    let (share, accuracy, margin) = match &batch.target {
+        Target::Next => {
+            let mean = loss::linear_cross_entropy(&hidden, weight, bias, &targets)?;
+            ((mean / of as f64)?, 0.0, 0.0)
+        }
+        Target::Weighted(w) => (
+            loss::weighted_linear_cross_entropy(&hidden, weight, bias, &targets, w)?,
+            0.0,
+            0.0,
+        ),
+        Target::Pairs {
+            mask,
+            reference,
+            beta,
+            of,
+        } => {
+            let ce = loss::row_cross_entropy(&hidden, weight, bias, &targets)?;
+            let logps: Vec<f64> = ce
+                .chunks(t)
+                .zip(mask.chunks(t))
+                .map(|(c, m)| -c.iter().zip(m).map(|(c, m)| f64::from(c * m)).sum::<f64>())
+                .collect();
+            let s = dpo::share(&logps, reference, *beta, *of)?;
+            // The weighted cross-entropy whose gradient is the DPO loss's (see [`dpo`]), shifted
+            // to the loss's value.
+            let weights: Vec<f32> = mask
+                .chunks(t)
+                .zip(&s.grad)
+                .flat_map(|(m, g)| m.iter().map(move |&m| (-g * f64::from(m)) as f32))
+                .collect();
+            let w = loss::weighted_linear_cross_entropy(&hidden, weight, bias, &targets, &weights)?;
+            let value = f64::from(w.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+            (w.affine(1.0, s.loss - value)?, s.accuracy, s.margin)
+        }
+    };
+    let loss = f64::from(share.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+    Ok((
+        share,
+        Sums {
+            loss,
+            accuracy,
+            margin,
+        },
+    ))
 }
 
 /// One optimizer step over micro-batches (gradients averaged): returns the mean loss and the
@@ -249,9 +358,9 @@ pub fn train_step(
     dtype: DType,
     recompute: Recompute,
 ) -> Result<(f64, f64), TrainError> {
-    let (loss_sum, grads) = gradients(cfg, opt, batches, batches.len(), dtype, recompute)?;
+    let (sums, grads) = gradients(cfg, opt, batches, batches.len(), dtype, recompute)?;
     let grad_norm = clip_and_step(opt, grads, grad_clip, hyper)?;
-    Ok((loss_sum / batches.len() as f64, grad_norm))
+    Ok((sums.loss, grad_norm))
 }
 
 /// Clips `grads` to norm `grad_clip` and takes the AdamW step; returns the norm before clipping.
@@ -266,8 +375,8 @@ fn clip_and_step(
     Ok(grad_norm)
 }
 
-/// The summed loss of `batches` and the fp32 gradient of the summed loss over `of` (the step's
-/// micro-batches on every rank: this rank's share of the step's mean), by parameter name. With
+/// The summed loss shares of `batches` and the fp32 gradient of their sum (this rank's share of
+/// the step's loss), by parameter name; `of`: the step's micro-batches on every rank. With
 /// `recompute` on, each micro-batch's backward pass runs block by block (see [`recompute`]): the
 /// same gradients within round-off, less memory.
 fn gradients(
@@ -277,26 +386,34 @@ fn gradients(
     of: usize,
     dtype: DType,
     recompute: Recompute,
-) -> Result<(f64, HashMap<String, Tensor>), TrainError> {
+) -> Result<(Sums, HashMap<String, Tensor>), TrainError> {
     let mut model = Decoder::new(cfg, &opt.weights(dtype)?)?;
     model.set_training(true);
     let mut grads: HashMap<String, Tensor> = HashMap::new();
-    let mut loss_sum = 0.0;
-    let scale = 1.0 / of as f64;
+    let mut sums = Sums::default();
     for batch in batches {
         model.set_dropout_seed(batch.dropout_seed);
         let mut collect = |store: &GradStore| accumulate(&mut grads, &opt.slots, store);
-        let loss = match recompute {
-            Recompute::Off => {
-                let loss = next_token_loss(&model, &batch.ids)?;
-                collect(&(&loss * scale)?.backward()?)?;
-                loss
-            }
-            Recompute::Blocks => recompute::next_token_loss(&model, &batch.ids, scale, collect)?,
+        let (_, n) = batch.ids.dims2()?;
+        let ids = batch.ids.narrow(1, 0, n - 1)?; //                                     (B, T)
+        let mut batch_sums = Sums::default();
+        let mut head = |hidden: &Tensor| {
+            let (share, s) = loss_share(&model, hidden, batch, of)?;
+            batch_sums = s;
+            Ok(share)
         };
-        loss_sum += loss.to_scalar::<f32>()? as f64;
+        match recompute {
+            Recompute::Off => {
+                let share = head(&model.hidden_states(&ids, None)?)?;
+                collect(&share.backward()?)?;
+            }
+            Recompute::Blocks => {
+                recompute::loss(&model, &ids, head, collect)?;
+            }
+        }
+        sums.add(batch_sums);
     }
-    Ok((loss_sum, grads))
+    Ok((sums, grads))
 }
 
 /// `grads` summed over the ranks: one flat fp32 buffer in slot order (a parameter this rank has
@@ -608,19 +725,337 @@ impl Run<'_> {
             .collect()
     }
 
-    /// The mean loss of the validation batches, each rank computing every N-th.
-    fn evaluate(&self, opt: &AdamW, val: &[Tensor]) -> Result<Option<f64>, TrainError> {
+    /// What stage `index` reads: its token shards, or its conversations tokenized (from the
+    /// run directory's cache when it holds them) and, for DPO, the reference log-probs.
+    fn stage_data(&self, stage: &Stage, index: usize) -> Result<StageData, TrainError> {
+        let (opts, s) = (self.opts, &stage.raw);
+        let (template, beta) = match &stage.objective {
+            recipe::Objective::Pretrain => {
+                return Ok(StageData::Tokens(Mixture::open(
+                    &stage.data,
+                    &opts.recipe.tokenizer,
+                    self.cfg.vocab_size,
+                    s.seq_len,
+                )?))
+            }
+            recipe::Objective::Sft { template } => (template, None),
+            recipe::Objective::Dpo { template, beta } => (template, Some(*beta)),
+        };
+        let init_dir = self.init_dir(stage, index)?;
+        let template = self.chat_template(stage, template, init_dir.as_deref())?;
+        let (tokenizer, tokenizer_id) = match init_dir
+            .as_deref()
+            .filter(|d| d.join(tokenizer::HF_TOKENIZER_FILE).is_file())
+        {
+            Some(dir) => {
+                let file = dir.join(tokenizer::HF_TOKENIZER_FILE);
+                let bytes = std::fs::read(&file).map_err(io_err(&file))?;
+                let id = format!("tokenizer.json {}", blake3::hash(&bytes).to_hex());
+                (tokenizer::Tokenizer::for_checkpoint(dir)?, id)
+            }
+            None => {
+                let spec = &opts.recipe.tokenizer;
+                (tokenizer::Tokenizer::from_spec(spec)?, format!("{spec:?}"))
+            }
+        };
+        let paths: Vec<PathBuf> = stage.data.iter().map(|(p, _)| p.clone()).collect();
+        let files = sft::data_files(&paths)?;
+        let source = sft::Source {
+            stage: &s.name,
+            files: &files,
+            pairs: beta.is_some(),
+            template: &template,
+            tokenizer_id: &tokenizer_id,
+            tokenizer: &tokenizer,
+            seq_len: s.seq_len,
+            vocab: self.cfg.vocab_size,
+        };
+        let cache = opts.out.join(&s.name);
+        let examples = source.examples(&cache, self.writes())?;
+        let data = sft::ChatData::new(examples, stage.objective.rows_per_item(), s.seq_len);
+        Ok(match beta {
+            None => StageData::Chat(data),
+            Some(beta) => StageData::Pairs {
+                reference: self.reference_logps(stage, index, &data, &cache)?,
+                data,
+                beta,
+            },
+        })
+    }
+
+    /// The checkpoint directory a stage starts from, if any (its tokenizer and chat template).
+    fn init_dir(&self, stage: &Stage, index: usize) -> Result<Option<PathBuf>, TrainError> {
+        Ok(match &stage.init {
+            Init::Random => None,
+            Init::Checkpoint(dir) | Init::Tile(dir) => Some(dir.clone()),
+            Init::Previous => {
+                let prev = &self.opts.recipe.stages[index - 1].raw.name;
+                let (_, dir) = checkpoints(&self.opts.out, prev)?.pop().ok_or_else(|| {
+                    TrainError::NoPreviousCheckpoint {
+                        stage: stage.raw.name.clone(),
+                        previous: prev.clone(),
+                    }
+                })?;
+                Some(dir)
+            }
+        })
+    }
+
+    fn chat_template(
+        &self,
+        stage: &Stage,
+        choice: &recipe::TemplateChoice,
+        init_dir: Option<&Path>,
+    ) -> Result<crate::model::chat::ChatTemplate, TrainError> {
+        use crate::model::chat::ChatTemplate;
+        let none = |why: String| TrainError::NoChatTemplate {
+            stage: stage.raw.name.clone(),
+            why,
+        };
+        match choice {
+            recipe::TemplateChoice::Builtin(b) => Ok(b.template()),
+            recipe::TemplateChoice::File(path) => {
+                let source = std::fs::read_to_string(path).map_err(io_err(path))?;
+                ChatTemplate::new(source, String::new(), String::new())
+                    .map_err(|e| none(format!("{}: {e}", path.display())))
+            }
+            recipe::TemplateChoice::Checkpoint => match init_dir {
+                None => Err(none("the stage starts from random weights".into())),
+                Some(dir) => ChatTemplate::for_checkpoint(dir)?.ok_or_else(|| {
+                    none(format!(
+                        "{} has no chat_template.jinja and no chat_template in tokenizer_config.json",
+                        dir.display()
+                    ))
+                }),
+            },
+        }
+    }
+
+    /// The log-prob of each example's response under the stage's initial weights (DPO's frozen
+    /// reference), from the run directory when a file there was made from the same examples and
+    /// weights, else computed now, each rank every N-th batch, and written there.
+    fn reference_logps(
+        &self,
+        stage: &Stage,
+        index: usize,
+        data: &sft::ChatData,
+        cache: &Path,
+    ) -> Result<Vec<f32>, TrainError> {
+        let opts = self.opts;
+        let weights = self.initial_weights(stage, index)?;
+        let mut h = blake3::Hasher::new();
+        let e = &data.examples;
+        for part in [
+            bytemuck_u32(&e.ids),
+            e.mask.clone(),
+            bytemuck_u32(&e.starts.iter().map(|&x| x as u32).collect::<Vec<_>>()),
+        ] {
+            h.update(&part);
+        }
+        let mut names: Vec<&String> = weights.keys().collect();
+        names.sort();
+        for n in names {
+            h.update(n.as_bytes());
+            let values = weights[n]
+                .flatten_all()?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?;
+            for v in values {
+                h.update(&v.to_le_bytes());
+            }
+        }
+        let path = cache.join(format!(
+            "reference-{}.safetensors",
+            &h.finalize().to_hex()[..16]
+        ));
+        let found = candle_core::safetensors::load(&path, &Device::Cpu)
+            .ok()
+            .and_then(|t| t.get("logps")?.to_vec1::<f32>().ok())
+            .filter(|v| v.len() == e.len());
+        if let Some(v) = found {
+            return Ok(v);
+        }
+        let dtype = opts.dtype;
+        let weights = weights
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.to_dtype(dtype)?)))
+            .collect::<candle_core::Result<Weights>>()?;
+        let model = Decoder::new(&self.cfg, &weights)?;
+        let all: Vec<usize> = (0..e.len() / data.per_item).collect();
+        let chunks: Vec<&[usize]> = all.chunks(stage.micro_batch).collect();
+        let mut logps = vec![0f32; e.len()];
+        for i in opts.world.my_share(chunks.len()) {
+            let rows = data.rows(chunks[i], &opts.device)?;
+            let (b, n) = rows.ids.dims2()?;
+            let hidden = model.hidden_states(&rows.ids.narrow(1, 0, n - 1)?, None)?;
+            let targets = rows.ids.narrow(1, 1, n - 1)?.flatten_all()?;
+            let (w, bias) = model.head_parts()?;
+            let ce =
+                loss::row_cross_entropy(&hidden.reshape((b * (n - 1), ()))?, w, bias, &targets)?;
+            for ((row_ce, m), &ex) in ce
+                .chunks(n - 1)
+                .zip(rows.mask.chunks(n - 1))
+                .zip(&rows.examples)
+            {
+                logps[ex] = -row_ce.iter().zip(m).map(|(c, m)| c * m).sum::<f32>();
+            }
+        }
+        self.comm.borrow_mut().sum_host(&mut logps)?;
+        if self.writes() {
+            let t = Tensor::from_slice(&logps, logps.len(), &Device::Cpu)?;
+            let tmp = atomic::temp_path(&path);
+            candle_core::safetensors::save(&HashMap::from([("logps", t)]), &tmp)?;
+            std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        }
+        Ok(logps)
+    }
+
+    /// The validation micro-batches of a stage, the same at every evaluation.
+    fn val_batches(&self, stage: &Stage, data: &StageData) -> Result<Vec<MicroBatch>, TrainError> {
+        let (m, device) = (stage.micro_batch, &self.opts.device);
+        match data {
+            StageData::Tokens(mixture) => Ok(mixture
+                .val_batches(stage.raw.eval_batches, m, device)?
+                .into_iter()
+                .map(|ids| MicroBatch {
+                    ids,
+                    dropout_seed: 0,
+                    target: Target::Next,
+                })
+                .collect()),
+            StageData::Chat(d) | StageData::Pairs { data: d, .. } => {
+                let items = d.val_items(stage.raw.eval_batches * m);
+                let parts: Vec<&[usize]> = items.chunks(m).collect();
+                data.chat_batches(items, &parts, device)
+            }
+        }
+    }
+
+    /// The loss (and DPO's rewards) of the validation batches, each rank computing every N-th.
+    fn evaluate(&self, opt: &AdamW, val: &[MicroBatch]) -> Result<Option<Sums>, TrainError> {
         if val.is_empty() {
             return Ok(None);
         }
         let model = Decoder::new(&self.cfg, &opt.weights(self.opts.dtype)?)?;
-        let mut sum = [0f32];
+        let mut sum = [0f32; 3];
         for i in self.opts.world.my_share(val.len()) {
-            sum[0] += next_token_loss(&model, &val[i])?.to_scalar::<f32>()?;
+            let (_, n) = val[i].ids.dims2()?;
+            let hidden = model.hidden_states(&val[i].ids.narrow(1, 0, n - 1)?, None)?;
+            let (_, s) = loss_share(&model, &hidden, &val[i], val.len())?;
+            sum[0] += s.loss as f32;
+            sum[1] += s.accuracy as f32;
+            sum[2] += s.margin as f32;
         }
         self.comm.borrow_mut().sum_host(&mut sum)?;
-        Ok(Some(sum[0] as f64 / val.len() as f64))
+        Ok(Some(Sums {
+            loss: f64::from(sum[0]),
+            accuracy: f64::from(sum[1]),
+            margin: f64::from(sum[2]),
+        }))
     }
+}
+
+/// What a stage reads: token shards, or tokenized conversations (SFT) or pairs (DPO, with the
+/// reference model's log-prob of each row).
+enum StageData {
+    Tokens(Mixture),
+    Chat(sft::ChatData),
+    Pairs {
+        data: sft::ChatData,
+        reference: Vec<f32>,
+        beta: f64,
+    },
+}
+
+impl StageData {
+    /// Micro-batches `micros` of `step` (rows as [`data`] and [`sft`] draw them).
+    fn train_batches(
+        &self,
+        stage: &Stage,
+        seed: u64,
+        index: usize,
+        step: usize,
+        micros: &[usize],
+        device: &Device,
+    ) -> Result<Vec<MicroBatch>, TrainError> {
+        let m = stage.micro_batch;
+        let dropout_seed = |micro| data::dropout_seed(seed, index, step, micro);
+        let chat = match self {
+            StageData::Tokens(mixture) => {
+                return micros
+                    .iter()
+                    .map(|&micro| {
+                        Ok(MicroBatch {
+                            ids: mixture.train_batch(seed, index, step, micro, m, device)?,
+                            dropout_seed: dropout_seed(micro),
+                            target: Target::Next,
+                        })
+                    })
+                    .collect()
+            }
+            StageData::Chat(d) | StageData::Pairs { data: d, .. } => d,
+        };
+        let per_step = stage.sequences_per_step();
+        let items = chat.train_items_at(seed, index, step * per_step..(step + 1) * per_step);
+        let parts: Vec<&[usize]> = items.chunks(m).collect();
+        let mine: Vec<&[usize]> = micros.iter().map(|&i| parts[i]).collect();
+        let mut batches = self.chat_batches(&items, &mine, device)?;
+        for (b, &micro) in batches.iter_mut().zip(micros) {
+            b.dropout_seed = dropout_seed(micro);
+        }
+        Ok(batches)
+    }
+
+    /// Batches of `parts` (lists of items), their loss normalized over all of `of`'s items.
+    fn chat_batches(
+        &self,
+        of: &[usize],
+        parts: &[&[usize]],
+        device: &Device,
+    ) -> Result<Vec<MicroBatch>, TrainError> {
+        parts
+            .iter()
+            .map(|items| {
+                let (target, rows) = match self {
+                    StageData::Tokens(_) => unreachable!("token stages draw windows"),
+                    StageData::Chat(d) => {
+                        let rows = d.rows(items, device)?;
+                        let trained = d.trained_tokens(of) as f32;
+                        let w = rows.mask.iter().map(|m| m / trained).collect();
+                        (Target::Weighted(w), rows)
+                    }
+                    StageData::Pairs {
+                        data,
+                        reference,
+                        beta,
+                    } => {
+                        let rows = data.rows(items, device)?;
+                        let target = Target::Pairs {
+                            reference: rows
+                                .examples
+                                .iter()
+                                .map(|&e| f64::from(reference[e]))
+                                .collect(),
+                            mask: rows.mask.clone(),
+                            beta: *beta,
+                            of: of.len(),
+                        };
+                        (target, rows)
+                    }
+                };
+                Ok(MicroBatch {
+                    ids: rows.ids,
+                    dropout_seed: 0,
+                    target,
+                })
+            })
+            .collect()
+    }
+}
+
+/// The little-endian bytes of `v`.
+fn bytemuck_u32(v: &[u32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
 /// Where a run begins.
@@ -633,8 +1068,8 @@ struct Start {
 
 /// What an optimizer step did.
 struct StepDone {
-    /// The mean loss of the step's micro-batches (all ranks').
-    loss: f64,
+    /// The step's loss (and DPO's reward metrics), all ranks'.
+    sums: Sums,
     /// The gradient norm before clipping.
     grad_norm: f64,
     /// A stop was asked of some rank: all stop after this step.
@@ -726,13 +1161,8 @@ impl Run<'_> {
         let (stage, need) = self.fit(stage, chosen)?;
         let stage = &stage;
         let s = &stage.raw;
-        let mixture = Mixture::open(
-            &stage.data,
-            &recipe.tokenizer,
-            self.cfg.vocab_size,
-            s.seq_len,
-        )?;
-        let val = mixture.val_batches(s.eval_batches, stage.micro_batch, &opts.device)?;
+        let data = self.stage_data(stage, index)?;
+        let val = self.val_batches(stage, &data)?;
         let mut at = self.stage_start(stage, index, resumed)?;
         // Ranks that disagree on where they are would sum gradients of different steps.
         self.comm.borrow_mut().agree(
@@ -757,8 +1187,9 @@ impl Run<'_> {
             let started = Instant::now();
             let lr = recipe::learning_rate(stage, at.step);
             let asked = opts.stop.load(Ordering::SeqCst);
-            let done = self.optimizer_step(stage, index, &mixture, &mut at, lr, asked)?;
-            let (loss, grad_norm) = (done.loss, done.grad_norm);
+            let done = self.optimizer_step(stage, index, &data, &mut at, lr, asked)?;
+            let (loss, grad_norm) = (done.sums.loss, done.grad_norm);
+            let dpo = matches!(stage.objective, recipe::Objective::Dpo { .. });
             *steps_this_run += 1;
             let step_tokens = stage.tokens_per_step() as u64;
             let secs = started.elapsed().as_secs_f64();
@@ -775,13 +1206,15 @@ impl Run<'_> {
                 tflops,
                 mfu: opts.peak_tflops.map(|p| tflops / p),
                 comm_secs: done.comm_secs,
+                reward_accuracy: dpo.then_some(done.sums.accuracy),
+                reward_margin: dpo.then_some(done.sums.margin),
             };
             on_event(Event::Step(&m));
             self.append_metrics(m.clone())?;
             let last = at.step == stage.steps;
             let evaluated = at.step % s.eval_every == 0 || last;
             if evaluated {
-                last_val = self.evaluate_and_record(&at.opt, &val, m, &mut on_event)?;
+                last_val = self.evaluate_and_record(&at.opt, &val, dpo, m, &mut on_event)?;
             }
             // Every rank stops at the same step: a stop asked of any one counts for all.
             let stop = done.stop
@@ -896,31 +1329,16 @@ impl Run<'_> {
         &self,
         stage: &Stage,
         index: usize,
-        mixture: &Mixture,
+        data: &StageData,
         at: &mut Progress,
         lr: f64,
         asked: bool,
     ) -> Result<StepDone, TrainError> {
         let (opts, seed) = (self.opts, self.opts.recipe.raw.seed);
         let s = &stage.raw;
-        let batches = opts
-            .world
-            .my_share(stage.grad_accum)
-            .map(|micro| {
-                Ok(MicroBatch {
-                    ids: mixture.train_batch(
-                        seed,
-                        index,
-                        at.step,
-                        micro,
-                        stage.micro_batch,
-                        &opts.device,
-                    )?,
-                    dropout_seed: data::dropout_seed(seed, index, at.step, micro),
-                })
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let (mut loss_sum, mut grads) = gradients(
+        let mine: Vec<usize> = opts.world.my_share(stage.grad_accum).collect();
+        let batches = data.train_batches(stage, seed, index, at.step, &mine, &opts.device)?;
+        let (mut sums, mut grads) = gradients(
             &self.cfg,
             &at.opt,
             &batches,
@@ -933,9 +1351,19 @@ impl Run<'_> {
             let started = Instant::now();
             let mut comm = self.comm.borrow_mut();
             grads = all_reduce_gradients(&mut comm, &at.opt.slots, grads)?;
-            let mut host = [loss_sum as f32, f32::from(u8::from(asked))];
+            let mut host = [
+                sums.loss as f32,
+                f32::from(u8::from(asked)),
+                sums.accuracy as f32,
+                sums.margin as f32,
+            ];
             comm.sum_host(&mut host)?;
-            (loss_sum, stop) = (host[0] as f64, host[1] > 0.0);
+            stop = host[1] > 0.0;
+            sums = Sums {
+                loss: f64::from(host[0]),
+                accuracy: f64::from(host[2]),
+                margin: f64::from(host[3]),
+            };
             comm_secs = Some(started.elapsed().as_secs_f64());
         }
         let hyper = Hyper {
@@ -949,7 +1377,7 @@ impl Run<'_> {
         at.step += 1;
         at.tokens += stage.tokens_per_step() as u64;
         Ok(StepDone {
-            loss: loss_sum / stage.grad_accum as f64,
+            sums,
             grad_norm,
             stop,
             comm_secs,
@@ -961,16 +1389,20 @@ impl Run<'_> {
     fn evaluate_and_record(
         &mut self,
         opt: &AdamW,
-        val: &[Tensor],
+        val: &[MicroBatch],
+        dpo: bool,
         m: Metrics,
         on_event: &mut impl FnMut(Event),
     ) -> Result<Option<f64>, TrainError> {
-        let val_loss = self.evaluate(opt, val)?;
-        if let Some(v) = val_loss {
+        let sums = self.evaluate(opt, val)?;
+        let val_loss = sums.map(|s| s.loss);
+        if let Some(v) = sums {
             let e = Metrics {
                 train_loss: None,
                 grad_norm: None,
-                val_loss: Some(v),
+                val_loss: Some(v.loss),
+                reward_accuracy: dpo.then_some(v.accuracy),
+                reward_margin: dpo.then_some(v.margin),
                 ..m
             };
             on_event(Event::Eval(&e));

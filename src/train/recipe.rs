@@ -75,10 +75,34 @@ pub enum Decay {
     Constant,
 }
 
+/// What a stage trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ObjectiveName {
+    /// Next-token prediction on `phigen tokenize` shards.
+    #[default]
+    Pretrain,
+    /// Chat SFT: conversations (`messages`), the loss on the assistant's tokens only.
+    Sft,
+    /// DPO on `{prompt, chosen, rejected}` pairs against the stage's initial weights.
+    Dpo,
+}
+
+impl ObjectiveName {
+    pub fn is_pretrain(&self) -> bool {
+        *self == ObjectiveName::Pretrain
+    }
+}
+
+/// DPO's β when the stage does not give one (TRL's default).
+pub const DEFAULT_BETA: f64 = 0.1;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataToml {
-    /// A `phigen tokenize` output directory (relative to the working directory, as every path here).
+    /// A `phigen tokenize` output directory (pretrain), or a jsonl / Parquet file or a directory
+    /// of them (sft: `messages`; dpo: `prompt`, `chosen`, `rejected`); relative to the working
+    /// directory, as every path here.
     pub path: PathBuf,
     #[serde(default = "one")]
     pub weight: f64,
@@ -96,6 +120,16 @@ pub struct StageToml {
     /// `tile:DIR` (a smaller checkpoint's weights tiled to this model's shapes).
     #[serde(default = "random")]
     pub init: String,
+    /// `pretrain` (the default), `sft` or `dpo`.
+    #[serde(default, skip_serializing_if = "ObjectiveName::is_pretrain")]
+    pub objective: ObjectiveName,
+    /// DPO's β: how far from the reference model the policy may move (default 0.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta: Option<f64>,
+    /// sft / dpo: the chat template, `phi-3`, `chatml` or a `.jinja` file; by default the init
+    /// checkpoint's (`chat_template.jinja` or `tokenizer_config.json`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<String>,
     pub data: Vec<DataToml>,
     pub seq_len: usize,
     /// Sequences per forward pass, or `"auto"`: the largest that fits the device's memory by
@@ -256,11 +290,41 @@ pub enum Init {
     Tile(PathBuf),
 }
 
+/// A chat template a stage names (see [`super::sft::builtin_template`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum TemplateChoice {
+    /// The init checkpoint's own.
+    Checkpoint,
+    /// `phi-3` or `chatml`.
+    Builtin(super::sft::Builtin),
+    /// A Jinja file.
+    File(PathBuf),
+}
+
+/// What a stage trains, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Objective {
+    Pretrain,
+    Sft { template: TemplateChoice },
+    Dpo { template: TemplateChoice, beta: f64 },
+}
+
+impl Objective {
+    /// Sequences in one item of a batch: DPO's items are pairs (chosen and rejected).
+    pub fn rows_per_item(&self) -> usize {
+        match self {
+            Objective::Dpo { .. } => 2,
+            _ => 1,
+        }
+    }
+}
+
 /// A validated stage: paths resolved against the recipe's directory, steps known.
 #[derive(Debug, Clone)]
 pub struct Stage {
     pub raw: StageToml,
     pub init: Init,
+    pub objective: Objective,
     pub data: Vec<(PathBuf, f64)>,
     pub steps: usize,
     /// Sequences per forward pass. `micro_batch = "auto"` resolves to 1 here (every batch
@@ -273,10 +337,10 @@ pub struct Stage {
 
 impl Stage {
     pub fn tokens_per_step(&self) -> usize {
-        self.raw.seq_len * self.sequences_per_step()
+        self.raw.seq_len * self.sequences_per_step() * self.objective.rows_per_item()
     }
 
-    /// The global batch, which no choice of micro_batch changes.
+    /// The global batch (DPO: pairs), which no choice of micro_batch changes.
     pub fn sequences_per_step(&self) -> usize {
         self.micro_batch * self.grad_accum
     }
@@ -574,7 +638,14 @@ fn resolve_stage(
     for (j, d) in s.data.iter().enumerate() {
         let k = key(&format!("data.{j}.weight"));
         check_float(d.weight, |w| w > 0.0, "> 0").map_err(|m| invalid(&k, m))?;
+        if !s.objective.is_pretrain() && d.weight != 1.0 {
+            return Err(invalid(
+                &k,
+                format!("is {}, but a {:?} stage reads every example of its files once per epoch; remove the weight (repeat a file to weigh it up)", d.weight, s.objective),
+            ));
+        }
     }
+    let objective = resolve_objective(s).map_err(|(k, m)| invalid(&key(k), m))?;
     if s.seq_len > model.max_position_embeddings {
         return Err(invalid(
             &key("seq_len"),
@@ -624,11 +695,43 @@ fn resolve_stage(
     Ok(Stage {
         raw: s.clone(),
         init,
+        objective,
         data,
         steps,
         micro_batch,
         grad_accum,
     })
+}
+
+/// The stage's objective with its settings, or the key at fault and why.
+fn resolve_objective(s: &StageToml) -> Result<Objective, (&'static str, String)> {
+    let template = match s.chat_template.as_deref() {
+        None => TemplateChoice::Checkpoint,
+        Some(name) if name.ends_with(".jinja") => TemplateChoice::File(name.into()),
+        Some(name) => {
+            TemplateChoice::Builtin(super::sft::Builtin::parse(name).ok_or_else(|| {
+                (
+                    "chat_template",
+                    format!("`{name}`: expected `phi-3`, `chatml` or a .jinja file"),
+                )
+            })?)
+        }
+    };
+    let beta = s.beta.unwrap_or(DEFAULT_BETA);
+    check_float(beta, |b| b > 0.0, "> 0").map_err(|m| ("beta", m))?;
+    match s.objective {
+        ObjectiveName::Dpo => Ok(Objective::Dpo { template, beta }),
+        _ if s.beta.is_some() => Err((
+            "beta",
+            "is DPO's; set objective = \"dpo\" or remove beta".into(),
+        )),
+        ObjectiveName::Sft => Ok(Objective::Sft { template }),
+        ObjectiveName::Pretrain if s.chat_template.is_some() => Err((
+            "chat_template",
+            "renders conversations for objective = \"sft\" or \"dpo\"; a pretrain stage reads token shards: remove it".into(),
+        )),
+        ObjectiveName::Pretrain => Ok(Objective::Pretrain),
+    }
 }
 
 /// Stage `i`'s (micro_batch, grad_accum): as written, or for `micro_batch = "auto"` 1 × `batch`
@@ -985,5 +1088,57 @@ decay = "cosine"
             (r.stages[0].raw.name.as_str(), r.raw.name.as_str()),
             ("pre-train_2.v1", "run.1")
         );
+    }
+
+    /// The post-training keys: `objective` picks the resolved [`Objective`] with β (0.1 unless
+    /// given) and the template; β outside DPO, a template on a pretrain stage, an unknown
+    /// template name and a data weight on a chat stage are refused naming the key.
+    #[test]
+    fn objectives_resolve_and_misplaced_keys_are_refused() {
+        let r = parse(&["stage.0.objective=dpo", "stage.0.chat_template=phi-3"]).unwrap();
+        assert_eq!(
+            r.stages[0].objective,
+            Objective::Dpo {
+                template: TemplateChoice::Builtin(super::super::sft::Builtin::Phi3),
+                beta: DEFAULT_BETA
+            }
+        );
+        assert_eq!(r.stages[0].tokens_per_step(), 2 * 32 * 8);
+        assert!(
+            r.to_toml().contains("objective = \"dpo\""),
+            "{}",
+            r.to_toml()
+        );
+        let r = parse(&["stage.0.objective=sft", "stage.0.chat_template=t.jinja"]).unwrap();
+        assert_eq!(
+            r.stages[0].objective,
+            Objective::Sft {
+                template: TemplateChoice::File("t.jinja".into())
+            }
+        );
+        assert_eq!(parse(&[]).unwrap().stages[0].objective, Objective::Pretrain);
+        assert!(!parse(&[]).unwrap().to_toml().contains("objective"));
+        for (sets, key) in [
+            (&["stage.0.beta=0.2"][..], "stage.0.beta"),
+            (
+                &["stage.0.objective=dpo", "stage.0.beta=0"][..],
+                "stage.0.beta",
+            ),
+            (
+                &["stage.0.chat_template=phi-3"][..],
+                "stage.0.chat_template",
+            ),
+            (
+                &["stage.0.objective=sft", "stage.0.chat_template=llama"][..],
+                "stage.0.chat_template",
+            ),
+            (
+                &["stage.0.objective=sft", "stage.0.data.0.weight=2"][..],
+                "stage.0.data.0.weight",
+            ),
+        ] {
+            let err = parse(sets).unwrap_err().to_string();
+            assert!(err.contains(&format!("`{key}`")), "{sets:?}: {err}");
+        }
     }
 }

@@ -21,22 +21,20 @@ use candle_core::{Result, Tensor, Var};
 
 use crate::model::Decoder;
 
-/// Mean next-token cross-entropy of `batch` (B, T + 1), as [`super::next_token_loss`]; hands
-/// `collect` the gradient stores whose sum is the gradient of `scale · loss` (every parameter's
-/// gradient is in one or more of them).
-pub fn next_token_loss(
+/// The loss `head` computes from the final hidden states (B, T, C) of `ids` (B, T), as
+/// [`super::gradients`] does in one pass; hands `collect` the gradient stores whose sum is the
+/// gradient of that loss (every parameter's gradient is in one or more of them).
+pub fn loss(
     model: &Decoder,
-    batch: &Tensor,
-    scale: f64,
+    ids: &Tensor,
+    head: impl FnOnce(&Tensor) -> Result<Tensor>,
     mut collect: impl FnMut(&GradStore) -> Result<()>,
 ) -> Result<Tensor> {
-    let (b, t) = batch.dims2()?;
-    let ids = batch.narrow(1, 0, t - 1)?; //                                                 (B, T)
-    let targets = batch.narrow(1, 1, t - 1)?.flatten_all()?;
-    let pass = model.training_pass(b, t - 1)?;
+    let (b, t) = ids.dims2()?;
+    let pass = model.training_pass(b, t)?;
 
     let mut inputs = Vec::with_capacity(pass.blocks());
-    let mut x = pass.embed(&ids)?.detach(); //                                            (B, T, C)
+    let mut x = pass.embed(ids)?.detach(); //                                             (B, T, C)
     for i in 0..pass.blocks() {
         let out = pass.block(i, &x)?.detach();
         inputs.push(std::mem::replace(&mut x, out));
@@ -45,10 +43,8 @@ pub fn next_token_loss(
     let last = Var::from_tensor(&x)?;
     drop(x);
     let (loss, mut grad) = {
-        let hidden = pass.norm(last.as_tensor())?.reshape((b * (t - 1), ()))?;
-        let (weight, bias) = model.head_parts()?;
-        let loss = super::loss::linear_cross_entropy(&hidden, weight, bias, &targets)?;
-        let store = (&loss * scale)?.backward()?;
+        let loss = head(&pass.norm(last.as_tensor())?)?;
+        let store = loss.backward()?;
         collect(&store)?;
         (loss.detach(), input_grad(&store, &last, "the final norm")?)
     };
@@ -61,7 +57,7 @@ pub fn next_token_loss(
         grad = input_grad(&store, &input, "a block")?;
     }
 
-    let embedded = pass.embed(&ids)?;
+    let embedded = pass.embed(ids)?;
     collect(&(embedded * &grad)?.sum_all()?.backward()?)?;
     Ok(loss)
 }
@@ -107,17 +103,43 @@ mod tests {
             .collect()
     }
 
-    /// Two micro-batches of 3 random rows of 17 tokens, each with its own dropout seed.
+    /// Three micro-batches of random rows of 17 tokens, each with its own dropout seed, one of
+    /// each loss: every next token (3 rows), an SFT mask (3 rows, every other target trained),
+    /// and a DPO pair (2 rows, the last 8 targets the response, references off the policy's).
     fn batches(vocab: usize) -> Vec<MicroBatch> {
+        use super::super::Target;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
-        (0..2)
-            .map(|i| {
-                let ids: Vec<u32> = (0..3 * 17)
+        let mask = |rows: usize, on: &dyn Fn(usize) -> bool| -> Vec<f32> {
+            (0..rows * 16)
+                .map(|j| f32::from(u8::from(on(j % 16))))
+                .collect()
+        };
+        let targets = [
+            Target::Next,
+            Target::Weighted(mask(3, &|j| j % 2 == 0).iter().map(|m| m / 24.0).collect()),
+            Target::Pairs {
+                mask: mask(2, &|j| j >= 8),
+                reference: vec![-80.0, -85.0],
+                beta: 0.1,
+                of: 1,
+            },
+        ];
+        targets
+            .into_iter()
+            .enumerate()
+            .map(|(i, target)| {
+                let rows = if matches!(target, Target::Pairs { .. }) {
+                    2
+                } else {
+                    3
+                };
+                let ids: Vec<u32> = (0..rows * 17)
                     .map(|_| rng.random_range(0..vocab as u32))
                     .collect();
                 MicroBatch {
-                    ids: Tensor::from_vec(ids, (3, 17), &Device::Cpu).unwrap(),
-                    dropout_seed: 100 + i,
+                    ids: Tensor::from_vec(ids, (rows, 17), &Device::Cpu).unwrap(),
+                    dropout_seed: 100 + i as u64,
+                    target,
                 }
             })
             .collect()
@@ -144,7 +166,9 @@ mod tests {
             let opt = AdamW::new(&w).unwrap();
             let batches = batches(cfg.vocab_size);
             let grads = |r: Recompute| -> (f64, HashMap<String, Tensor>) {
-                gradients(&cfg, &opt, &batches, batches.len(), DType::F32, r).unwrap()
+                let (sums, grads) =
+                    gradients(&cfg, &opt, &batches, batches.len(), DType::F32, r).unwrap();
+                (sums.loss, grads)
             };
             let (loss_off, off) = grads(Recompute::Off);
             let (loss_on, on) = grads(Recompute::Blocks);
@@ -195,7 +219,7 @@ mod tests {
                     gradients(&cfg, &opt, &batches, batches.len(), DType::F32, r)
                         .unwrap()
                         .0
-                        / batches.len() as f64,
+                        .loss,
                 );
                 losses
             };
@@ -271,6 +295,7 @@ mod tests {
         let batch = [MicroBatch {
             ids: Tensor::from_vec(ids, (4, 257), &Device::Cpu).unwrap(),
             dropout_seed: 0,
+            target: super::super::Target::Next,
         }];
         // Writing 5 to clear_refs resets VmHWM to the current resident set (Linux ≥ 4.0).
         std::fs::write("/proc/self/clear_refs", "5").unwrap();

@@ -322,6 +322,7 @@ fn check_adamw(device: &Device, tol: f64) {
             &[MicroBatch {
                 ids: batch.clone(),
                 dropout_seed: 0,
+                target: Target::Next,
             }],
             f.clip,
             hyper,
@@ -759,4 +760,195 @@ fn a_file_tokenizer_trains_and_travels_with_its_checkpoints() {
             && err.contains("`gpt2`"),
         "{err}"
     );
+}
+
+/// Things and the one color each has: an assistant's answer follows from the question.
+const THINGS: [(&str, &str); 6] = [
+    ("ball", "red"),
+    ("cat", "black"),
+    ("kite", "green"),
+    ("box", "brown"),
+    ("tree", "green"),
+    ("boat", "white"),
+];
+
+/// `n` mock conversations (jsonl, `messages`): a user with a random name asks a thing's color,
+/// one in three goes on to a second question; the answers are fixed by the question.
+fn conversations(path: &Path, n: usize) {
+    let names = ["Tom", "Lily", "Ben", "Sue", "Max"];
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let mut lines = String::new();
+    for i in 0..n {
+        let mut messages = Vec::new();
+        for turn in 0..if i % 3 == 0 { 2 } else { 1 } {
+            let (thing, color) = THINGS[rng.random_range(0..THINGS.len())];
+            let who = names[rng.random_range(0..names.len())];
+            let question = if turn == 0 {
+                format!("I am {who}. What color is the {thing}?")
+            } else {
+                format!("And the {thing}?")
+            };
+            messages.push(serde_json::json!({"role": "user", "content": question}));
+            messages.push(
+                serde_json::json!({"role": "assistant", "content": format!("The {thing} is {color}.")}),
+            );
+        }
+        lines.push_str(&serde_json::json!({ "messages": messages }).to_string());
+        lines.push('\n');
+    }
+    std::fs::write(path, lines).unwrap();
+}
+
+/// `n` mock preference pairs: the prompt names a thing; the chosen answer praises it, the
+/// rejected one does not.
+fn pairs(path: &Path, n: usize) {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+    let mut lines = String::new();
+    for _ in 0..n {
+        let (thing, _) = THINGS[rng.random_range(0..THINGS.len())];
+        let pair = serde_json::json!({
+            "prompt": format!("Tell me about the {thing}."),
+            "chosen": format!("The {thing} is nice."),
+            "rejected": format!("The {thing} is bad."),
+        });
+        lines.push_str(&pair.to_string());
+        lines.push('\n');
+    }
+    std::fs::write(path, lines).unwrap();
+}
+
+/// A one-stage `objective` recipe on `data` with the phi-3 template, tiny-phi, GPT-2 ids.
+fn chat_recipe(data: &Path, objective: &str, sets: &[&str]) -> Recipe {
+    let text = format!(
+        r#"
+name = "chat"
+seed = 1
+[model]
+preset = "tiny-phi"
+vocab_size = 50304
+max_position_embeddings = 64
+[[stage]]
+name = "{objective}"
+objective = "{objective}"
+chat_template = "phi-3"
+data = [{{ path = "{}" }}]
+seq_len = 48
+micro_batch = 4
+grad_accum = 2
+steps = 40
+lr = 3e-3
+warmup = 2
+eval_every = 10
+eval_batches = 2
+checkpoint_every = 100
+"#,
+        data.display()
+    );
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    Recipe::parse(&text, Path::new("chat.toml"), &sets).unwrap()
+}
+
+/// SFT on 300 mock conversations lowers the assistant-token loss on held-out conversations
+/// (every 20th) at every evaluation, from about ln(50304) ≈ 10.8 at the start to under a quarter
+/// of it in 40 steps (the answers follow from the questions); the tokenized examples are cached in the stage's directory, and a second
+/// run's stage start reads them from there (the file is not rewritten).
+#[test]
+fn sft_lowers_the_assistant_token_loss() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("chat.jsonl");
+    conversations(&data, 300);
+    let out = root.path().join("run");
+    let sets = ["stage.0.lr=1e-2"];
+    run(&options(chat_recipe(&data, "sft", &sets), &out), |_| {}).unwrap();
+    let val: Vec<f64> = metrics(&out).iter().filter_map(|m| m.val_loss).collect();
+    assert_eq!(val.len(), 4, "{val:?}");
+    let first_train = metrics(&out)[0].train_loss.unwrap();
+    assert!(first_train > 9.0, "{first_train}");
+    assert!(val.windows(2).all(|w| w[1] < w[0]), "{val:?}");
+    assert!(val[3] < 0.25 * first_train, "{first_train} → {val:?}");
+    let cached: Vec<_> = std::fs::read_dir(out.join("sft"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains("examples-"))
+        .collect();
+    assert_eq!(cached.len(), 1, "{cached:?}");
+    let again = root.path().join("again");
+    let copy = again.join("sft").join(cached[0].file_name().unwrap());
+    std::fs::create_dir_all(again.join("sft")).unwrap();
+    std::fs::copy(&cached[0], &copy).unwrap();
+    let written = std::fs::metadata(&copy).unwrap().modified().unwrap();
+    let opts = TrainOptions {
+        max_steps_this_run: Some(1),
+        ..options(chat_recipe(&data, "sft", &sets), &again)
+    };
+    run(&opts, |_| {}).unwrap();
+    assert_eq!(metrics(&again)[0].train_loss, metrics(&out)[0].train_loss);
+    assert_eq!(
+        std::fs::metadata(&copy).unwrap().modified().unwrap(),
+        written
+    );
+}
+
+/// DPO from random weights on 200 mock pairs: at the start the policy is the reference, so every
+/// held-out pair's reward margin is 0; after training the held-out pairs (every 20th) prefer the
+/// chosen answer — reward accuracy 1 and a positive margin β · ((π_c − ref_c) − (π_r − ref_r)).
+/// The reference log-probs are cached in the stage's directory.
+#[test]
+fn dpo_raises_the_chosen_over_rejected_log_ratio_on_held_out_pairs() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("pairs.jsonl");
+    pairs(&data, 200);
+    let out = root.path().join("run");
+    let sets = [
+        "stage.0.steps=20",
+        "stage.0.micro_batch=2",
+        "stage.0.eval_every=5",
+    ];
+    run(&options(chat_recipe(&data, "dpo", &sets), &out), |_| {}).unwrap();
+    let evals: Vec<Metrics> = metrics(&out)
+        .into_iter()
+        .filter(|m| m.val_loss.is_some())
+        .collect();
+    let last = evals.last().unwrap();
+    assert_eq!(last.reward_accuracy, Some(1.0), "{evals:?}");
+    assert!(last.reward_margin.unwrap() > 0.1, "{evals:?}");
+    assert!(
+        last.val_loss.unwrap() < 0.5 * std::f64::consts::LN_2,
+        "{evals:?}"
+    );
+    let first_train = metrics(&out)[0].clone();
+    assert!((first_train.train_loss.unwrap() - std::f64::consts::LN_2).abs() < 1e-3);
+    assert!(std::fs::read_dir(out.join("dpo")).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with("reference-")));
+}
+
+/// SFT and DPO on 2 data parallel ranks follow the one-process curve within 1e-5 relative: the
+/// SFT loss is normalized by the trained tokens of the whole step and DPO's by its pairs, so the
+/// ranks' shares sum to the same loss and gradient whatever each micro-batch holds.
+#[test]
+fn sft_and_dpo_ranks_follow_the_one_process_curve() {
+    let root = tempfile::tempdir().unwrap();
+    let (chat, prefs) = (
+        root.path().join("chat.jsonl"),
+        root.path().join("pairs.jsonl"),
+    );
+    conversations(&chat, 100);
+    pairs(&prefs, 60);
+    for (objective, data) in [("sft", &chat), ("dpo", &prefs)] {
+        let sets = [
+            "stage.0.steps=4",
+            "stage.0.micro_batch=2",
+            "stage.0.grad_accum=4",
+            "stage.0.eval_every=2",
+        ];
+        let opts = |out: &Path| options(chat_recipe(data, objective, &sets), out);
+        let single = root.path().join(format!("{objective}-single"));
+        run(&opts(&single), |_| {}).unwrap();
+        let out = root.path().join(format!("{objective}-ranks"));
+        assert_eq!(run_ranks(2, || opts(&out)), Outcome::Finished);
+        assert_same_curve(&curve(&single), &curve(&out), 1e-5);
+    }
 }
