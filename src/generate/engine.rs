@@ -749,6 +749,35 @@ pub struct RunStats {
     pub price: Option<Price>,
 }
 
+impl Stats {
+    /// Adds another engine run's requests, tokens, cost, time and drops (a second run into the
+    /// same output, such as the summaries of instruct stories or the leaves of topics).
+    pub fn add_run(&mut self, other: &Stats) {
+        let (r, t) = (&mut self.run, &other.run);
+        r.wall_seconds += t.wall_seconds;
+        r.failed_requests += t.failed_requests;
+        r.given_up_slots += t.given_up_slots;
+        r.prompt_tokens += t.prompt_tokens;
+        r.completion_tokens += t.completion_tokens;
+        r.cost_usd = match (r.cost_usd, t.cost_usd) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+        let (q, u) = (&mut r.requests, &t.requests);
+        q.sent += u.sent;
+        q.retries += u.retries;
+        q.throttled += u.throttled;
+        q.server_errors += u.server_errors;
+        q.timeouts += u.timeouts;
+        q.connection_errors += u.connection_errors;
+        q.malformed += u.malformed;
+        for (&reason, &count) in &t.dropped {
+            *r.dropped.entry(reason).or_default() += count;
+        }
+        self.stopped = self.stopped.or(other.stopped);
+    }
+}
+
 /// A row for the shard writer: cells in the order of `record_schema` / `reject_schema`.
 enum Output {
     Record(Vec<Value>),

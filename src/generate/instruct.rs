@@ -696,25 +696,7 @@ pub async fn run(
         "summaries": summary_stats.as_ref().map(|s| &s.corpus),
     });
     if let Some(s) = &summary_stats {
-        let (r, t) = (&mut stats.run, &s.run);
-        r.wall_seconds += t.wall_seconds;
-        r.failed_requests += t.failed_requests;
-        r.given_up_slots += t.given_up_slots;
-        r.prompt_tokens += t.prompt_tokens;
-        r.completion_tokens += t.completion_tokens;
-        r.cost_usd = match (r.cost_usd, t.cost_usd) {
-            (Some(a), Some(b)) => Some(a + b),
-            (a, b) => a.or(b),
-        };
-        let (q, u) = (&mut r.requests, &t.requests);
-        q.sent += u.sent;
-        q.retries += u.retries;
-        q.throttled += u.throttled;
-        q.server_errors += u.server_errors;
-        q.timeouts += u.timeouts;
-        q.connection_errors += u.connection_errors;
-        q.malformed += u.malformed;
-        stats.stopped = stats.stopped.or(s.stopped);
+        stats.add_run(s);
         for (&reason, &count) in &s.rejects_total {
             *stats.rejects_total.entry(reason).or_default() += count;
         }

@@ -834,32 +834,6 @@ impl TopicsSettings {
     }
 }
 
-/// Adds the run numbers of `other`, a later engine run of the same command, to `stats`.
-fn add_run(stats: &mut Stats, other: &Stats) {
-    let (r, t) = (&mut stats.run, &other.run);
-    r.wall_seconds += t.wall_seconds;
-    r.failed_requests += t.failed_requests;
-    r.given_up_slots += t.given_up_slots;
-    r.prompt_tokens += t.prompt_tokens;
-    r.completion_tokens += t.completion_tokens;
-    r.cost_usd = match (r.cost_usd, t.cost_usd) {
-        (Some(a), Some(b)) => Some(a + b),
-        (a, b) => a.or(b),
-    };
-    let (q, u) = (&mut r.requests, &t.requests);
-    q.sent += u.sent;
-    q.retries += u.retries;
-    q.throttled += u.throttled;
-    q.server_errors += u.server_errors;
-    q.timeouts += u.timeouts;
-    q.connection_errors += u.connection_errors;
-    q.malformed += u.malformed;
-    for (&reason, &count) in &t.dropped {
-        *r.dropped.entry(reason).or_default() += count;
-    }
-    stats.stopped = stats.stopped.or(other.stopped);
-}
-
 /// Adds what the leaves directory holds (`leaves`: its last engine run's stats, which count every
 /// run into it) to `stats`, the subtopics directory's: answers checked, the share kept (list
 /// answers, of both levels) and the drops by reason. The diversity of list answers says nothing
@@ -1008,7 +982,7 @@ pub async fn run(
                 run_corpus_on(level, &teacher, &cfg2, &opts2, max_tokens, inner, progress)
             })
             .await?;
-            add_run(&mut stats, &s);
+            stats.add_run(&s);
             rounds = round;
             all_settled = settled(&s);
             last_leaves = Some(s);

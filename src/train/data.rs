@@ -38,9 +38,9 @@ pub enum DataError {
     #[error("{first} was tokenized with `{first_tokenizer}`, {other} with `{other_tokenizer}`: the data of one stage must share a tokenizer; re-run `phigen tokenize` on one of them with the other's --tokenizer")]
     MixedTokenizers {
         first: PathBuf,
-        first_tokenizer: TokenizerSpec,
+        first_tokenizer: Box<TokenizerSpec>,
         other: PathBuf,
-        other_tokenizer: TokenizerSpec,
+        other_tokenizer: Box<TokenizerSpec>,
     },
 }
 
@@ -61,9 +61,9 @@ impl Mixture {
                 if !first.meta.tokenizer.same_tokenizer(&dir.meta.tokenizer) {
                     return Err(DataError::MixedTokenizers {
                         first: first.dir.clone(),
-                        first_tokenizer: first.meta.tokenizer.clone(),
+                        first_tokenizer: Box::new(first.meta.tokenizer.clone()),
                         other: path.clone(),
-                        other_tokenizer: dir.meta.tokenizer.clone(),
+                        other_tokenizer: Box::new(dir.meta.tokenizer.clone()),
                     });
                 }
             }

@@ -862,7 +862,13 @@ mod tests {
         let tok = Tokenizer::Tiktoken(Encoding::Gpt2);
         let conversation = [msg("user", "ok?"), msg("assistant", "Sure")];
         let (text, spans) = assistant_spans(&t, &conversation, Turns::All).unwrap();
-        assert_eq!((text.as_str(), spans), ("Q: ok?\nA: Sure\n", vec![10..14]));
+        assert_eq!(
+            (text.as_str(), spans),
+            (
+                "Q: ok?\nA: Sure\n",
+                vec![std::ops::Range { start: 10, end: 14 }]
+            )
+        );
         let e = example(&tok, &t, &conversation, Turns::All).unwrap();
         assert_eq!(trained_text(&tok, &e), " Sure");
     }
