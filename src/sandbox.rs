@@ -1239,6 +1239,6 @@ mod tests {
             String::from_utf8_lossy(&out.stderr)
         );
         // Every test of this module ran (this one returns at once when not root).
-        assert!(stdout.contains("test result: ok. 9 passed"), "{stdout}");
+        assert!(stdout.contains("test result: ok. 10 passed"), "{stdout}");
     }
 }
