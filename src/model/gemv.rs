@@ -2,8 +2,10 @@
 //!
 //! Decoding one token reads every weight once and does two flops per weight, so its speed is
 //! the memory bandwidth's. A general matrix product (gemm) packs panels of the weight for reuse
-//! that one row never gets; here each thread streams its own columns of `Wt` (in, out) straight
-//! from memory, four input rows at a time, into an accumulator tile that stays in L1.
+//! that one row never gets. Here `Wt` (in, out) is cut into blocks of [`CHUNK`] inputs ×
+//! [`TILE`] outputs, each a few contiguous runs of memory that one task streams once, four inputs
+//! at a time, into its own partial sums; the partials are then added in block order. The blocks
+//! do not depend on the number of threads, so neither does any output bit.
 //!
 //! Symbols: R rows of x (≤ [`MAX_ROWS`]), I inputs, O outputs.
 
@@ -13,9 +15,18 @@ use rayon::prelude::*;
 /// Up to this many rows the weight is read once for all of them; more rows go to gemm.
 pub const MAX_ROWS: usize = 4;
 
-/// Columns of one task: its accumulator tile (`R × TILE` f32) stays in L1, and each of its rows of
-/// `Wt` is a contiguous run of `TILE × 4` bytes, long enough for the hardware prefetcher.
-const TILE: usize = 1024;
+/// Inputs of one block: enough blocks for many threads even on narrow layers.
+const CHUNK: usize = 128;
+
+/// Outputs of one block: each of its rows of `Wt` is a run of up to 32 KiB (one run of the whole
+/// block when the layer is at most this wide), and its partial sums (`R × TILE` f32) stay in L1/L2.
+const TILE: usize = 8192;
+
+/// One block of `Wt`: inputs `inputs`, outputs `c0..c0 + width` (`width` = the partial's length / R).
+struct Block {
+    inputs: std::ops::Range<usize>,
+    c0: usize,
+}
 
 /// `x` (R, I) times `wt` (I, O) → (R, O), for CPU f32 tensors with at most [`MAX_ROWS`] rows;
 /// `None` for anything else (the caller's matmul takes it).
@@ -45,58 +56,63 @@ pub fn gemv(x: &[f32], rows: usize, wt: &[f32], inp: usize, out: usize) -> Vec<f
     );
     assert_eq!(x.len(), rows * inp, "x is (rows, inp)");
     assert_eq!(wt.len(), inp * out, "wt is (inp, out)");
-    // Enough tiles for every thread, none shorter than a cache line's 16 floats.
-    let threads = rayon::current_num_threads().max(1);
-    let tile = out.div_ceil(threads).next_multiple_of(16).clamp(16, TILE);
-    let tiles: Vec<(usize, Vec<f32>)> = (0..out)
-        .step_by(tile)
-        .collect::<Vec<_>>()
+    let (chunks, tiles) = (inp.div_ceil(CHUNK).max(1), out.div_ceil(TILE).max(1));
+    let partials: Vec<Vec<f32>> = (0..chunks * tiles)
         .into_par_iter()
-        .map(|c0| {
-            let width = tile.min(out - c0);
-            let mut acc = vec![0f32; rows * width];
-            tile_product(x, rows, wt, inp, out, c0, &mut acc);
-            (c0, acc)
+        .map(|task| {
+            let (chunk, tile) = (task / tiles, task % tiles);
+            let block = Block {
+                inputs: chunk * CHUNK..((chunk + 1) * CHUNK).min(inp),
+                c0: tile * TILE,
+            };
+            let mut acc = vec![0f32; rows * TILE.min(out - block.c0)];
+            block_product(x, rows, wt, inp, out, &block, &mut acc);
+            acc
         })
         .collect();
     let mut y = vec![0f32; rows * out];
-    for (c0, acc) in tiles {
+    for (task, acc) in partials.iter().enumerate() {
+        let c0 = (task % tiles) * TILE;
         let width = acc.len() / rows;
         for r in 0..rows {
-            y[r * out + c0..r * out + c0 + width].copy_from_slice(&acc[r * width..(r + 1) * width]);
+            let dst = &mut y[r * out + c0..r * out + c0 + width];
+            for (d, &a) in dst.iter_mut().zip(&acc[r * width..(r + 1) * width]) {
+                *d += a;
+            }
         }
     }
     y
 }
 
-/// Columns `c0..c0 + width` of the product into `acc` (R, width), with the widest vector unit the
-/// CPU has. The kernels use intrinsics rather than trusting the compiler to vectorize, so that a
+/// One block's share of the product into `acc` (R, width), with the widest vector unit the CPU
+/// has. The kernels use intrinsics rather than trusting the compiler to vectorize, so that a
 /// debug-optimized build decodes as fast as a release one.
-fn tile_product(
+fn block_product(
     x: &[f32],
     rows: usize,
     wt: &[f32],
     inp: usize,
     out: usize,
-    c0: usize,
+    block: &Block,
     acc: &mut [f32],
 ) {
     let width = acc.len() / rows;
-    assert!(c0 + width <= out && wt.len() == inp * out && x.len() == rows * inp);
+    assert!(block.c0 + width <= out && block.inputs.end <= inp);
+    assert!(wt.len() == inp * out && x.len() == rows * inp);
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F; every pointer stays inside `x`, `wt` and `acc` (the
             // assert above and the loop bounds).
-            return unsafe { tile_avx512(x, rows, wt, inp, out, c0, acc) };
+            return unsafe { tile_avx512(x, rows, wt, inp, out, block, acc) };
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: as above, with AVX2 and FMA.
-            return unsafe { tile_avx2(x, rows, wt, inp, out, c0, acc) };
+            return unsafe { tile_avx2(x, rows, wt, inp, out, block, acc) };
         }
     }
-    tile_scalar(x, rows, wt, inp, out, c0, acc)
+    tile_scalar(x, rows, wt, inp, out, block, acc)
 }
 
 /// One kernel per vector unit, from one body: `$lanes` floats a vector, four rows of `Wt` per
@@ -112,15 +128,16 @@ macro_rules! tile_kernel {
             wt: &[f32],
             inp: usize,
             out: usize,
-            c0: usize,
+            block: &Block,
             acc: &mut [f32],
         ) {
             use std::arch::x86_64::*;
             let width = acc.len() / rows;
             let full = width / $lanes * $lanes;
-            let inp4 = inp / 4 * 4;
-            let w = wt.as_ptr().add(c0);
-            for i in (0..inp4).step_by(4) {
+            let (i0, i1) = (block.inputs.start, block.inputs.end);
+            let inp4 = i0 + (i1 - i0) / 4 * 4;
+            let w = wt.as_ptr().add(block.c0);
+            for i in (i0..inp4).step_by(4) {
                 let w0 = w.add(i * out);
                 let (w1, w2, w3) = (w0.add(out), w0.add(2 * out), w0.add(3 * out));
                 for r in 0..rows {
@@ -138,7 +155,7 @@ macro_rules! tile_kernel {
                     }
                 }
             }
-            tile_rest(x, rows, wt, inp, out, c0, acc, inp4, full);
+            tile_rest(x, rows, wt, inp, out, block, acc, inp4, full);
         }
     };
 }
@@ -169,14 +186,14 @@ fn tile_scalar(
     wt: &[f32],
     inp: usize,
     out: usize,
-    c0: usize,
+    block: &Block,
     acc: &mut [f32],
 ) {
-    tile_rest(x, rows, wt, inp, out, c0, acc, 0, 0)
+    tile_rest(x, rows, wt, inp, out, block, acc, block.inputs.start, 0)
 }
 
-/// What the vector loops leave: columns `full..width` for inputs `..inp4`, then every column for
-/// inputs `inp4..inp`.
+/// What the vector loops leave: columns `full..width` for the block's inputs before `inp4`, then
+/// every column for its inputs from `inp4`.
 #[allow(clippy::too_many_arguments)]
 fn tile_rest(
     x: &[f32],
@@ -184,13 +201,13 @@ fn tile_rest(
     wt: &[f32],
     inp: usize,
     out: usize,
-    c0: usize,
+    block: &Block,
     acc: &mut [f32],
     inp4: usize,
     full: usize,
 ) {
-    let width = acc.len() / rows;
-    for i in 0..inp {
+    let (width, c0) = (acc.len() / rows, block.c0);
+    for i in block.inputs.clone() {
         let cols = if i < inp4 { full..width } else { 0..width };
         let w = &wt[i * out + c0..i * out + c0 + width];
         for r in 0..rows {
@@ -220,7 +237,7 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
         };
-        type Kernel = fn(&[f32], usize, &[f32], usize, usize, usize, &mut [f32]);
+        type Kernel = fn(&[f32], usize, &[f32], usize, usize, &Block, &mut [f32]);
         let mut kernels: Vec<(&str, Kernel)> = vec![("scalar", tile_scalar)];
         #[cfg(target_arch = "x86_64")]
         {
@@ -239,14 +256,25 @@ mod tests {
                 }));
             }
         }
-        for (inp, out) in [(1, 1), (3, 17), (7, 2050), (64, 4097), (130, 33)] {
+        for (inp, out) in [
+            (1, 1),
+            (3, 17),
+            (7, 2050),
+            (64, 4097),
+            (130, 33),
+            (300, 8200),
+        ] {
             let wt: Vec<f32> = (0..inp * out).map(|_| next()).collect();
             for rows in 1..=MAX_ROWS {
                 let x: Vec<f32> = (0..rows * inp).map(|_| next()).collect();
                 let mut results = vec![("dispatch", gemv(&x, rows, &wt, inp, out))];
                 for (name, kernel) in &kernels {
                     let mut acc = vec![0f32; rows * out];
-                    kernel(&x, rows, &wt, inp, out, 0, &mut acc);
+                    let whole = Block {
+                        inputs: 0..inp,
+                        c0: 0,
+                    };
+                    kernel(&x, rows, &wt, inp, out, &whole, &mut acc);
                     results.push((name, acc));
                 }
                 for (name, y) in results {
