@@ -490,7 +490,7 @@ fn finished_parts(out: &Path) -> Result<HashMap<PathBuf, PartStats>, ClassifyErr
 }
 
 /// Scores every file of this shard's parts that is not done yet, then writes `stats.json` over all
-/// parts finished so far. `progress` is told the files of each finished part.
+/// parts finished so far (task K of an array of N: `stats-K-of-N.json`). `progress` is told the files of each finished part.
 pub fn filter(
     opts: &FilterOptions,
     progress: &(dyn Fn(u64) + Sync),
@@ -537,7 +537,13 @@ pub fn filter(
             written.claim(&rel)?;
         }
     }
-    let stats_rel = Path::new("stats.json");
+    // Tasks of an array run at once: each writes its own stats (as its own progress journal), or
+    // their atomic writes of one file would race on its temp name; the merge writes stats.json.
+    let stats_name = match n {
+        1 => "stats.json".to_string(),
+        _ => format!("stats-{k}-of-{n}.json"),
+    };
+    let stats_rel = Path::new(&stats_name);
     if !done.is_empty() && !written.contains(stats_rel) {
         written.adopt(stats_rel)?;
     }
@@ -601,7 +607,7 @@ pub fn filter(
     }
     total.kept_share = total.kept as f64 / total.scored.max(1) as f64;
     total.wall_seconds = started.elapsed().as_secs_f64();
-    let stats_path = opts.out.join("stats.json");
+    let stats_path = opts.out.join(stats_rel);
     atomic::write_json(&stats_path, &total).map_err(io_err(&stats_path))?;
     Ok(total)
 }
