@@ -41,6 +41,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 
 use crate::artifact::atomic;
+use crate::artifact::docs::{self, Format};
 use crate::model::chat::{ChatTemplate, Message};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::ModelError;
@@ -56,7 +57,7 @@ pub enum SftError {
     Record { path: PathBuf, what: String },
     #[error("{path}: could not read Parquet: {reason}")]
     Parquet { path: PathBuf, reason: String },
-    #[error("{path}: no .jsonl or .parquet files; point the stage's data at conversation files or a directory of them")]
+    #[error("{path}: no .jsonl, .jsonl.gz or .parquet files; point the stage's data at conversation files or a directory of them")]
     NoFiles { path: PathBuf },
     #[error("stage `{stage}`: {reason}")]
     Template { stage: String, reason: String },
@@ -277,7 +278,8 @@ fn conversations(
     Ok(out)
 }
 
-/// The data files a stage names: files as given, directories' `.jsonl` / `.parquet` files sorted.
+/// The data files a stage names: files as given, directories' `.jsonl(.gz)` / `.parquet` files
+/// sorted.
 pub fn data_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, SftError> {
     let mut files = Vec::new();
     for p in paths {
@@ -294,10 +296,7 @@ pub fn data_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, SftError> {
             .map(|e| e.map(|e| e.path()))
             .collect::<Result<_, _>>()
             .map_err(io)?;
-        found.retain(|f| {
-            f.extension()
-                .is_some_and(|x| x == "jsonl" || x == "parquet")
-        });
+        found.retain(|f| matches!(table_format(f), Some(Format::Jsonl | Format::Parquet)));
         found.sort();
         if found.is_empty() {
             return Err(SftError::NoFiles { path: p.clone() });
@@ -307,15 +306,24 @@ pub fn data_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, SftError> {
     Ok(files)
 }
 
-/// The records of a jsonl or Parquet file, as JSON values.
+/// A data file's table format, by the names [`crate::artifact::docs`] reads.
+fn table_format(path: &Path) -> Option<Format> {
+    Format::of(path.file_name()?.to_str()?)
+}
+
+/// The records of a jsonl (or `.jsonl.gz`) or Parquet file, as JSON values.
 fn read_records(path: &Path) -> Result<Vec<serde_json::Value>, SftError> {
-    if path.extension().is_some_and(|x| x == "parquet") {
+    if table_format(path) == Some(Format::Parquet) {
         return parquet_records(path);
     }
-    let text = std::fs::read_to_string(path).map_err(|source| SftError::Io {
+    let io = |source| SftError::Io {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    let mut text = String::new();
+    docs::open_maybe_gz(path)
+        .and_then(|mut r| std::io::Read::read_to_string(&mut r, &mut text))
+        .map_err(io)?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
@@ -936,6 +944,19 @@ mod tests {
         assert!(
             err.contains("x.jsonl") && err.contains("record 0") && err.contains("messages"),
             "{err}"
+        );
+        // A gzipped jsonl reads as the plain one (the formats artifact::docs names), and a
+        // directory lists it beside the others.
+        let gz = bad.path().join("y.jsonl.gz");
+        let line = "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}, {\"role\": \"assistant\", \"content\": \"Hello\"}]}\n";
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut enc, line.as_bytes()).unwrap();
+        std::fs::write(&gz, enc.finish().unwrap()).unwrap();
+        let c = conversations(&gz, read_records(&gz).unwrap(), false).unwrap();
+        assert_eq!(c, vec![vec![msg("user", "Hi"), msg("assistant", "Hello")]]);
+        assert_eq!(
+            data_files(&[bad.path().to_path_buf()]).unwrap(),
+            vec![f.clone(), gz.clone()]
         );
     }
 }
