@@ -743,20 +743,19 @@ impl Run<'_> {
         };
         let init_dir = self.init_dir(stage, index)?;
         let template = self.chat_template(stage, template, init_dir.as_deref())?;
-        let (tokenizer, tokenizer_id) = match init_dir
+        // The init checkpoint's tokenizer.json (what sampling it reads), else the recipe's.
+        let spec = match init_dir
             .as_deref()
             .filter(|d| d.join(tokenizer::HF_TOKENIZER_FILE).is_file())
         {
-            Some(dir) => {
-                let file = dir.join(tokenizer::HF_TOKENIZER_FILE);
-                let bytes = std::fs::read(&file).map_err(io_err(&file))?;
-                let id = format!("tokenizer.json {}", blake3::hash(&bytes).to_hex());
-                (tokenizer::Tokenizer::for_checkpoint(dir)?, id)
-            }
-            None => {
-                let spec = &opts.recipe.tokenizer;
-                (tokenizer::Tokenizer::from_spec(spec)?, format!("{spec:?}"))
-            }
+            Some(dir) => tokenizer::TokenizerSpec::for_checkpoint(dir)?,
+            None => opts.recipe.tokenizer.clone(),
+        };
+        let tokenizer = tokenizer::Tokenizer::from_spec(&spec)?;
+        // The cached examples' key: the files' hash, not where a copy of them lies.
+        let tokenizer_id = match &spec {
+            tokenizer::TokenizerSpec::File { blake3, .. } => format!("tokenizer files {blake3}"),
+            tokenizer::TokenizerSpec::Tiktoken(e) => e.name(),
         };
         let paths: Vec<PathBuf> = stage.data.iter().map(|(p, _)| p.clone()).collect();
         let files = sft::data_files(&paths)?;
