@@ -8,7 +8,10 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::ModelError;
+use super::{tokenizer, ModelError};
+
+/// A chat template beside a checkpoint, as transformers ≥ 4.43 saves it.
+pub const TEMPLATE_FILE: &str = "chat_template.jinja";
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Message {
@@ -69,7 +72,7 @@ impl ChatTemplate {
             })?,
             Err(_) => serde_json::Value::Null,
         };
-        let jinja = dir.join("chat_template.jinja");
+        let jinja = dir.join(TEMPLATE_FILE);
         let source = if jinja.is_file() {
             Some(
                 std::fs::read_to_string(&jinja).map_err(|source| ModelError::Io {
@@ -91,14 +94,41 @@ impl ChatTemplate {
         let Some(source) = source else {
             return Ok(None);
         };
-        let bos = token_text(config.get("bos_token"));
-        let eos = token_text(config.get("eos_token"));
+        // A chat stage's checkpoint names the template's tokens in phigen.json (see
+        // `ChatTemplate::save`); else they are the tokenizer's, as transformers passes them.
+        let (bos, eos) = match tokenizer::read_phigen_file(dir).ok().and_then(|f| f.chat) {
+            Some(t) => (t.bos_token, t.eos_token),
+            None => (
+                token_text(config.get("bos_token")),
+                token_text(config.get("eos_token")),
+            ),
+        };
         ChatTemplate::new(source, bos, eos)
             .map(Some)
             .map_err(|e| ModelError::BadFile {
                 path: if jinja.is_file() { jinja } else { config_path },
                 reason: format!("the chat template does not render: {e}"),
             })
+    }
+
+    /// Writes the template into checkpoint `dir` (which already has its `phigen.json`):
+    /// `chat_template.jinja`, as transformers saves one, and its bos/eos texts in `phigen.json`,
+    /// so [`ChatTemplate::for_checkpoint`] reads back the same template and `phigen serve` ends
+    /// answers at its end of turn.
+    pub fn save(&self, dir: &Path) -> Result<(), ModelError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ModelError::Io { path, source }
+        };
+        let jinja = dir.join(TEMPLATE_FILE);
+        std::fs::write(&jinja, &self.source).map_err(io(&jinja))?;
+        let mut file = tokenizer::read_phigen_file(dir)?;
+        file.chat = Some(tokenizer::ChatTokens {
+            bos_token: self.bos_token.clone(),
+            eos_token: self.eos_token.clone(),
+        });
+        let path = dir.join(tokenizer::PHIGEN_FILE);
+        crate::artifact::atomic::write_json(&path, &file).map_err(io(&path))
     }
 
     /// The text of the end-of-sequence token the template writes after each turn (may be empty).

@@ -418,6 +418,20 @@ fn special_ids(
 #[serde(deny_unknown_fields)]
 pub struct PhigenFile {
     pub tokenizer: TokenizerSpec,
+    /// The texts a chat stage's template (`chat_template.jinja` beside it) takes as its
+    /// `bos_token` and end-of-turn `eos_token`: a tiktoken checkpoint has no
+    /// `tokenizer_config.json` to hold them, and a copied one names the tokenizer's, not the
+    /// template's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat: Option<ChatTokens>,
+}
+
+/// See [`PhigenFile::chat`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatTokens {
+    pub bos_token: String,
+    pub eos_token: String,
 }
 
 /// Records `spec` as the tokenizer of checkpoint `dir`; a file tokenizer is copied in (with its
@@ -439,12 +453,13 @@ pub fn write_phigen_file(dir: &Path, spec: &TokenizerSpec) -> Result<(), ModelEr
         &path,
         &PhigenFile {
             tokenizer: spec.clone(),
+            chat: None,
         },
     )
     .map_err(|source| ModelError::Io { path, source })
 }
 
-fn read_phigen_file(dir: &Path) -> Result<PhigenFile, ModelError> {
+pub(crate) fn read_phigen_file(dir: &Path) -> Result<PhigenFile, ModelError> {
     let path = dir.join(PHIGEN_FILE);
     let text = std::fs::read_to_string(&path).map_err(|_| ModelError::BadFile {
         path: dir.to_path_buf(),

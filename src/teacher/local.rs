@@ -36,6 +36,9 @@ pub struct LocalModel {
     pub chat: Option<ChatTemplate>,
     /// Ids that end an answer: the config's, `generation_config.json`'s and the chat template's.
     pub eos: Vec<u32>,
+    /// The chat template's end of turn when it is not one token (a chat stage trained on a
+    /// tiktoken encoding writes `<|end|>` as five): a chat answer stops at this text.
+    pub chat_stop: Vec<String>,
 }
 
 /// `eos_token_id` of a JSON file (one id or a list), if it has one.
@@ -86,10 +89,10 @@ impl LocalModel {
                 }
             }
         };
-        let (decoder, tokenizer, chat, extra_eos) = match &gguf_file {
+        let (decoder, tokenizer, chat, extra_eos, chat_stop) = match &gguf_file {
             Some(file) => {
                 let g = gguf::load(file, dtype, &device, quantized)?;
-                (g.decoder, g.tokenizer, g.chat, Vec::new())
+                (g.decoder, g.tokenizer, g.chat, Vec::new(), Vec::new())
             }
             None => {
                 let dir = hub::model_dir(spec, true)?;
@@ -97,14 +100,14 @@ impl LocalModel {
                 let mut eos = eos_in(&dir.join("generation_config.json"));
                 let tokenizer = Tokenizer::for_checkpoint(&dir)?;
                 let chat = ChatTemplate::for_checkpoint(&dir)?;
-                if let Some(t) = &chat {
-                    if let Ok(ids) = tokenizer.encode_rendered(t.eos_token()) {
-                        if let [one] = ids.as_slice() {
-                            eos.push(*one);
-                        }
+                let mut stop = Vec::new();
+                if let Some(t) = chat.as_ref().filter(|t| !t.eos_token().is_empty()) {
+                    match tokenizer.encode_rendered(t.eos_token()).as_deref() {
+                        Ok([one]) => eos.push(*one),
+                        _ => stop.push(t.eos_token().to_string()),
                     }
                 }
-                (decoder, tokenizer, chat, eos)
+                (decoder, tokenizer, chat, eos, stop)
             }
         };
         let mut eos = decoder.config().eos_ids();
@@ -126,6 +129,7 @@ impl LocalModel {
             tokenizer,
             chat,
             eos,
+            chat_stop,
         })
     }
 
@@ -186,6 +190,7 @@ impl Teacher for LocalTeacher {
             .map_err(|e| fail(e.to_string()))?;
         let request = Request {
             loop_stop: Some(LoopStop::TEACHER),
+            stop: model.chat_stop.clone(),
             ..Request::new(ids, &self.sampling, seed)
         };
         match self.engine.complete(request).await {

@@ -612,7 +612,18 @@ impl Server {
             let ids = model
                 .prompt_ids(&messages)
                 .map_err(|e| bad(e.to_string()))?;
-            (ids, r.common)
+            let mut common = r.common;
+            // The answer ends at the template's end of turn, as at an end-of-turn token.
+            if !model.chat_stop.is_empty() {
+                let mut stop = match std::mem::take(&mut common.stop) {
+                    Stop::None => Vec::new(),
+                    Stop::One(s) => vec![s],
+                    Stop::Many(v) => v,
+                };
+                stop.extend(model.chat_stop.iter().cloned());
+                common.stop = Stop::Many(stop);
+            }
+            (ids, common)
         } else {
             let r: CompletionRequest = serde_json::from_slice(body).map_err(|e| {
                 bad(format!(

@@ -620,6 +620,7 @@ impl Run<'_> {
         stage: &Stage,
         opt: &AdamW,
         state: &TrainerState,
+        chat: Option<&crate::model::chat::ChatTemplate>,
     ) -> Result<PathBuf, TrainError> {
         let out = &self.opts.out;
         let dir = step_dir(out, &stage.raw.name, state.step);
@@ -630,6 +631,10 @@ impl Run<'_> {
         let weights = opt.weights(DType::F32)?;
         checkpoint::save(&tmp, &self.cfg, &weights, DType::F32)?;
         tokenizer::write_phigen_file(&tmp, &self.opts.recipe.tokenizer)?;
+        // A chat stage's model answers in its template: serve and the local teacher read it here.
+        if let Some(t) = chat {
+            t.save(&tmp)?;
+        }
         let mut moments: Vec<(String, Tensor)> = Vec::new();
         for s in &opt.slots {
             moments.push((format!("{}.exp_avg", s.name), s.m.clone()));
@@ -726,17 +731,23 @@ impl Run<'_> {
     }
 
     /// What stage `index` reads: its token shards, or its conversations tokenized (from the
-    /// run directory's cache when it holds them) and, for DPO, the reference log-probs.
-    fn stage_data(&self, stage: &Stage, index: usize) -> Result<StageData, TrainError> {
+    /// run directory's cache when it holds them) and, for DPO, the reference log-probs; and a
+    /// chat stage's template, which its checkpoints carry.
+    fn stage_data(
+        &self,
+        stage: &Stage,
+        index: usize,
+    ) -> Result<(StageData, Option<crate::model::chat::ChatTemplate>), TrainError> {
         let (opts, s) = (self.opts, &stage.raw);
         let (template, beta) = match &stage.objective {
             recipe::Objective::Pretrain => {
-                return Ok(StageData::Tokens(Mixture::open(
+                let mixture = Mixture::open(
                     &stage.data,
                     &opts.recipe.tokenizer,
                     self.cfg.vocab_size,
                     s.seq_len,
-                )?))
+                )?;
+                return Ok((StageData::Tokens(mixture), None));
             }
             recipe::Objective::Sft { template } => (template, None),
             recipe::Objective::Dpo { template, beta } => (template, Some(*beta)),
@@ -772,14 +783,15 @@ impl Run<'_> {
         let cache = opts.out.join(&s.name);
         let examples = source.examples(&cache, self.writes())?;
         let data = sft::ChatData::new(examples, stage.objective.rows_per_item(), s.seq_len);
-        Ok(match beta {
+        let data = match beta {
             None => StageData::Chat(data),
             Some(beta) => StageData::Pairs {
                 reference: self.reference_logps(stage, index, &data, &cache)?,
                 data,
                 beta,
             },
-        })
+        };
+        Ok((data, Some(template)))
     }
 
     /// The checkpoint directory a stage starts from, if any (its tokenizer and chat template).
@@ -1160,7 +1172,7 @@ impl Run<'_> {
         let (stage, need) = self.fit(stage, chosen)?;
         let stage = &stage;
         let s = &stage.raw;
-        let data = self.stage_data(stage, index)?;
+        let (data, chat) = self.stage_data(stage, index)?;
         let val = self.val_batches(stage, &data)?;
         let mut at = self.stage_start(stage, index, resumed)?;
         // Ranks that disagree on where they are would sum gradients of different steps.
@@ -1232,7 +1244,7 @@ impl Run<'_> {
                     micro_batch: stage.is_auto().then_some(stage.micro_batch),
                 };
                 if self.writes() {
-                    let dir = self.save(stage, &at.opt, &state)?;
+                    let dir = self.save(stage, &at.opt, &state, chat.as_ref())?;
                     on_event(Event::Checkpoint(&dir));
                 }
             }

@@ -887,6 +887,57 @@ fn sft_lowers_the_assistant_token_loss() {
         std::fs::metadata(&copy).unwrap().modified().unwrap(),
         written
     );
+    answers_in_its_template(&checkpoints(&out, "sft").unwrap().pop().unwrap().1);
+}
+
+/// Issue 31 item 5: an SFT checkpoint carries its chat template (`chat_template.jinja`, and the
+/// template's end of turn in phigen.json), so the local teacher (and `phigen serve`, which loads
+/// the same `LocalModel`) renders a question as the stage trained on — phi-3's text, written out
+/// by hand below — and ends the answer at `<|end|>`, five GPT-2 tokens, not one id.
+fn answers_in_its_template(dir: &Path) {
+    use crate::model::chat::Message;
+    use crate::teacher::{engine::Engine, local::LocalModel, FinishReason, Teacher};
+    assert!(dir.join("chat_template.jinja").is_file());
+    let model = LocalModel::load(&dir.to_string_lossy(), DType::F32, false).unwrap();
+    let question = "I am Tom. What color is the ball?";
+    let rendered = model
+        .chat
+        .as_ref()
+        .expect("the checkpoint has a template")
+        .render(&[Message::user(question)], true)
+        .unwrap();
+    assert_eq!(
+        rendered,
+        format!("<|user|>\n{question}<|end|>\n<|assistant|>\n")
+    );
+    assert_eq!(model.chat_stop, vec!["<|end|>".to_string()]);
+    let sampling = crate::teacher::Sampling {
+        temperature: 0.0,
+        top_p: 1.0,
+        max_tokens: 24,
+        top_k: None,
+        min_p: None,
+        repetition_penalty: None,
+    };
+    let teacher = crate::teacher::local::LocalTeacher::new(
+        Arc::new(Engine::start(Arc::new(model), 1, 0)),
+        sampling,
+    );
+    let answer = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(teacher.chat(question, 0))
+        .unwrap();
+    // After 40 steps it has learned the form of an answer (which thing goes with the question
+    // it has not yet: the held-out loss is still ~2): one of the trained sentences, then the end.
+    let trained: Vec<String> = THINGS
+        .iter()
+        .map(|(thing, color)| format!("The {thing} is {color}."))
+        .collect();
+    assert!(
+        trained.contains(&answer.text.trim().to_string()),
+        "{answer:?}"
+    );
+    assert_eq!(answer.finish_reason, FinishReason::Stop, "{answer:?}");
 }
 
 /// DPO from random weights on 200 mock pairs: at the start the policy is the reference, so every
