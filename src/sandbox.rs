@@ -138,6 +138,9 @@ pub enum SandboxError {
 
 pub struct Sandbox {
     python: PathBuf,
+    /// The interpreter's `sys.path` as `site` leaves it, a Python literal: the harness runs
+    /// without `site` (`-S`, a quarter of an interpreter's start-up) and sets this itself.
+    sys_path: String,
     limits: Limits,
     /// Each program's own uid (as root, where this namespace maps the range), see [`UID_BASE`].
     fresh_uids: bool,
@@ -183,7 +186,13 @@ impl Drop for Sandbox {
 /// before the namespace it would count all of the user's).
 const HARNESS: &str = r#"import os, sys
 def _phigen_harness(nproc):
-    import resource, types
+    import builtins, resource, types, _sitebuiltins
+    # What `site` would have done, without its start-up cost: the same sys.path (its .pth files'
+    # directories included, their import lines not run), and exit()/quit()/help().
+    sys.path[:] = SYS_PATH
+    builtins.exit = _sitebuiltins.Quitter("exit", "Ctrl-D (i.e. EOF)")
+    builtins.quit = _sitebuiltins.Quitter("quit", "Ctrl-D (i.e. EOF)")
+    builtins.help = _sitebuiltins._Helper()
     os.write(3, b"S")
     chunks = []
     while True:
@@ -303,17 +312,18 @@ impl Sandbox {
         let mut tried = Vec::new();
         let mut bwrap_failed = false;
         for candidate in &candidates {
-            let bwrap = match (&bwrap, python_dirs(candidate).await) {
-                (_, Err(why)) => {
+            let (dirs, sys_path) = match python_dirs(candidate).await {
+                Err(why) => {
                     tried.push(format!("{} ({why})", candidate.display()));
                     continue;
                 }
-                (Some(b), Ok(dirs)) => Some((b.clone(), bwrap_args(&dirs))),
-                (None, Ok(_)) => None,
+                Ok(found) => found,
             };
+            let bwrap = bwrap.as_ref().map(|b| (b.clone(), bwrap_args(&dirs)));
             // The probe gets time enough whatever the programs' limit (bwrap and Python start).
             let mut sandbox = Sandbox {
                 python: candidate.clone(),
+                sys_path,
                 limits: Limits {
                     wall: limits.wall.max(Duration::from_secs(30)),
                     cpu_secs: limits.cpu_secs.max(30),
@@ -397,8 +407,10 @@ impl Sandbox {
             true => self.limits.max_processes.to_string(),
             false => "None".to_string(),
         };
-        let harness = HARNESS.replace("MAX_PROCESSES", &nproc);
-        cmd.args(["-I", "-B", "-c", &harness])
+        let harness = HARNESS
+            .replace("MAX_PROCESSES", &nproc)
+            .replace("SYS_PATH", &self.sys_path);
+        cmd.args(["-I", "-S", "-B", "-c", &harness])
             .env_clear()
             .env("HOME", home)
             .env("TMPDIR", home)
@@ -606,10 +618,12 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
 }
 
 /// The directories outside `/usr` that `python` needs (its prefixes and its executable's real
-/// directory), asked of the interpreter itself, with nothing of the user's code.
-async fn python_dirs(python: &Path) -> Result<Vec<PathBuf>, String> {
+/// directory), and its `sys.path` in isolated mode with `site` (as a Python list literal), asked
+/// of the interpreter itself, with nothing of the user's code.
+async fn python_dirs(python: &Path) -> Result<(Vec<PathBuf>, String), String> {
     const ASK: &str = "import json, sys; print(json.dumps([sys.executable, sys.prefix, \
-                       sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]))";
+                       sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix])); \
+                       print(json.dumps(sys.path))";
     let out = tokio::process::Command::new(python)
         .args(["-I", "-c", ASK])
         .env_clear()
@@ -620,8 +634,15 @@ async fn python_dirs(python: &Path) -> Result<Vec<PathBuf>, String> {
         .await
         .map_err(|_| "did not answer within 30 s".to_string())?
         .map_err(|e| e.to_string())?;
-    let paths: Vec<String> = serde_json::from_slice(&out.stdout)
-        .map_err(|_| format!("not a Python 3: {}", String::from_utf8_lossy(&out.stderr)))?;
+    let not_python = || format!("not a Python 3: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    let paths: Vec<String> =
+        serde_json::from_str(lines.next().unwrap_or_default()).map_err(|_| not_python())?;
+    // Re-serialized from the parsed strings: a JSON list of strings is a Python literal.
+    let sys_path: Vec<String> =
+        serde_json::from_str(lines.next().unwrap_or_default()).map_err(|_| not_python())?;
+    let sys_path = serde_json::to_string(&sys_path).expect("strings serialize");
     let mut dirs: Vec<PathBuf> = paths
         .iter()
         .filter_map(|p| std::fs::canonicalize(p).ok())
@@ -633,7 +654,7 @@ async fn python_dirs(python: &Path) -> Result<Vec<PathBuf>, String> {
         .collect();
     dirs.sort();
     dirs.dedup_by(|later, earlier| later.starts_with(earlier));
-    Ok(dirs)
+    Ok((dirs, sys_path))
 }
 
 /// bwrap's arguments for a view of `/usr`, the merged-`/usr` links, and the `python_dirs`.
@@ -931,6 +952,23 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((e.verdict, e.stdout.trim()), (Verdict::Passed, "True"));
+        // The harness skips `site` but sets what it sets: the `sys.path` of `python3 -I` (asked
+        // of the interpreter outside the sandbox here), and exit()/quit()/help.
+        let outside = std::process::Command::new(s.python())
+            .args(["-I", "-c", "import sys; print(sys.path)"])
+            .output()
+            .unwrap();
+        let e = s
+            .run("import sys\nprint(sys.path)\nprint(callable(exit), callable(quit), callable(help))")
+            .await
+            .unwrap();
+        assert_eq!(
+            e.stdout,
+            format!(
+                "{}True True True\n",
+                String::from_utf8_lossy(&outside.stdout)
+            )
+        );
     }
 
     /// Exit status 0 before the end is a failure however it is reached (the attack: a completion
@@ -946,6 +984,8 @@ mod tests {
                 "import sys; sys.exit(0)\nassert False",
                 "import os; os._exit(0)\nassert False",
                 "raise SystemExit\nassert False",
+                "exit(0)\nassert False",
+                "quit()\nassert False",
                 "import os, sys\nsys.stdout.flush()\nos.write(3, b'0' * 32)\nos._exit(0)",
             ] {
                 let e = s.run(program).await.unwrap();
