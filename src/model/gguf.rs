@@ -337,7 +337,9 @@ pub fn load(
     for param in super::names::parameter_table(&cfg)? {
         if let Some(q) = q_weights.get(&param.name) {
             let (out, inp) = q.shape().dims2()?;
-            if PackedWeight::accepts(q.dtype(), out, inp) {
+            // The embedding is there only when its lookups (and a tied head) need no f32 table.
+            let embedding = param.name == "model.embed_tokens.weight";
+            if embedding || PackedWeight::accepts(q.dtype(), out, inp) {
                 placeholder.extend(param.parts.iter().map(|(hf, _)| hf.clone()));
             }
         }
@@ -354,7 +356,7 @@ pub fn load(
         };
         Ok(w.to_dtype(dtype)?)
     })?;
-    let decoder = Decoder::frozen(&cfg, &weights, &q_weights)?;
+    let decoder = Decoder::frozen(&cfg, &weights, q_weights)?;
     let (tokenizer, chat) = tokenizer_and_chat(path, &meta)?;
     Ok(GgufModel {
         decoder,
@@ -424,15 +426,26 @@ fn quantized_weights(
         };
         q_weights.insert(param.name.clone(), Arc::new(qt));
     }
-    // A tied head reads the (quantized) embedding table as a projection.
-    if cfg.tie_word_embeddings {
-        if let Some(info) = content.tensor_infos.get("token_embd.weight") {
-            if is_quantized(info.ggml_dtype) {
-                let mut q = content.tensor(reader, "token_embd.weight", device)?;
-                if run_type(info.ggml_dtype) != info.ggml_dtype {
-                    q = QTensor::quantize(&q.dequantize(device)?, run_type(info.ggml_dtype))?;
-                }
-                q_weights.insert("lm_head.weight".into(), Arc::new(q));
+    // A tied head reads the (quantized) embedding table as a projection; the lookups read the
+    // table as stored where no dense copy is needed for the head (an untied head, or a tied one
+    // the packed kernel serves).
+    if let Some(info) = content.tensor_infos.get("token_embd.weight") {
+        if is_quantized(info.ggml_dtype) {
+            let stored = Arc::new(content.tensor(reader, "token_embd.weight", device)?);
+            let (vocab, hidden) = stored.shape().dims2()?;
+            let packed_head = PackedWeight::accepts(info.ggml_dtype, vocab, hidden);
+            if cfg.tie_word_embeddings {
+                let head = match run_type(info.ggml_dtype) == info.ggml_dtype {
+                    true => stored.clone(),
+                    false => Arc::new(QTensor::quantize(
+                        &stored.dequantize(device)?,
+                        run_type(info.ggml_dtype),
+                    )?),
+                };
+                q_weights.insert("lm_head.weight".into(), head);
+            }
+            if !cfg.tie_word_embeddings || packed_head {
+                q_weights.insert("model.embed_tokens.weight".into(), stored);
             }
         }
     }
