@@ -307,7 +307,8 @@ impl Hashed {
         let mut identifiers = 0usize;
         let mut identifier_bytes = 0usize;
         let mut numbers = 0usize;
-        let mut distinct = std::collections::HashSet::new();
+        // The keys are xxh3 hashes already: a fast hasher is enough (only the count is used).
+        let mut distinct = foldhash::HashSet::default();
         let mut i = 0;
         while i < b.len() {
             let c = b[i];
@@ -346,44 +347,58 @@ impl Hashed {
         let norm = tokens.max(1) as f32;
         grams.iter_mut().for_each(|g| *g /= norm);
 
-        let lines: Vec<&str> = text.lines().collect();
-        let n_lines = lines.len().max(1) as f32;
-        let share =
-            |pred: &dyn Fn(&str) -> bool| lines.iter().filter(|l| pred(l)).count() as f32 / n_lines;
-        let starts = |prefixes: &'static [&'static str]| {
-            move |l: &str| {
-                let t = l.trim_start();
-                prefixes.iter().any(|p| t.starts_with(p))
-            }
-        };
-        let max_line = lines.iter().map(|l| l.len()).max().unwrap_or(0);
-        // Character classes in one pass over the text.
+        // Every line statistic in one pass over the lines (trimmed once each).
+        let [mut n_lines, mut max_line, mut long, mut blank, mut comments] = [0usize; 5];
+        let [mut defs, mut classes, mut imports, mut asserts, mut indented] = [0usize; 5];
+        for l in text.lines() {
+            n_lines += 1;
+            max_line = max_line.max(l.len());
+            long += usize::from(l.len() > 100);
+            indented += usize::from(l.starts_with([' ', '\t']));
+            let t = l.trim_start();
+            let starts = |prefixes: &[&str]| usize::from(prefixes.iter().any(|p| t.starts_with(p)));
+            blank += usize::from(t.is_empty());
+            comments += starts(&["#", "//"]);
+            defs += starts(&["def ", "async def "]);
+            classes += starts(&["class "]);
+            imports += starts(&["import ", "from "]);
+            asserts += starts(&["assert ", "self.assert"]);
+        }
+        let n_lines = n_lines.max(1) as f32;
+        let share = |count: usize| count as f32 / n_lines;
+        // Character classes and the longest whitespace-separated word (in bytes) in one pass.
         let [mut chars, mut alpha, mut digit, mut space, mut non_ascii, mut upper] = [0usize; 6];
+        let (mut word, mut longest_word) = (0usize, 0usize);
         for c in text.chars() {
             chars += 1;
             alpha += usize::from(c.is_ascii_alphabetic());
             upper += usize::from(c.is_ascii_uppercase());
             digit += usize::from(c.is_ascii_digit());
-            space += usize::from(c.is_whitespace());
             non_ascii += usize::from(!c.is_ascii());
+            if c.is_whitespace() {
+                space += 1;
+                word = 0;
+            } else {
+                word += c.len_utf8();
+                longest_word = longest_word.max(word);
+            }
         }
         let chars = chars.max(1) as f32;
         let letters = (alpha as f32).max(1.0);
-        let longest_word = text.split_whitespace().map(str::len).max().unwrap_or(0);
         let values = [
             (b.len() as f32 + 1.0).log2(),
             (n_lines + 1.0).log2(),
             b.len() as f32 / n_lines,
             (max_line as f32 + 1.0).log2(),
-            share(&|l| l.len() > 100),
-            share(&|l| l.trim().is_empty()),
-            share(&starts(&["#", "//"])),
+            share(long),
+            share(blank),
+            share(comments),
             (text.matches("\"\"\"").count() + text.matches("'''").count()) as f32 / 2.0 / n_lines,
-            share(&starts(&["def ", "async def "])),
-            share(&starts(&["class "])),
-            share(&starts(&["import ", "from "])),
-            share(&starts(&["assert ", "self.assert"])),
-            share(&|l| l.starts_with(' ') || l.starts_with('\t')),
+            share(defs),
+            share(classes),
+            share(imports),
+            share(asserts),
+            share(indented),
             alpha as f32 / chars,
             digit as f32 / chars,
             space as f32 / chars,

@@ -142,6 +142,7 @@ fn the_filter_separates_good_from_bad_code() {
         shard: (0, 1),
         cache: None,
         batch: 256,
+        count_tokens: true,
     };
     let stats = filter(&opts, &|_| {}).unwrap();
     assert_eq!(
@@ -213,6 +214,7 @@ fn shards_split_the_parts() {
                 shard,
                 cache: None,
                 batch: 100,
+                count_tokens: true,
             },
             &|_| {},
         )
@@ -250,6 +252,7 @@ fn files_phigen_did_not_write_are_not_replaced() {
         shard: (0, 1),
         cache: None,
         batch: 64,
+        count_tokens: true,
     };
     let e = filter(&opts, &|_| {}).unwrap_err().to_string();
     assert!(
@@ -293,6 +296,7 @@ fn unreadable_files_are_counted_not_fatal() {
             shard: (0, 1),
             cache: None,
             batch: 64,
+            count_tokens: true,
         },
         &|_| {},
     )
@@ -320,6 +324,7 @@ fn bad_setups_are_refused() {
         shard: (0, 1),
         cache: None,
         batch: 64,
+        count_tokens: true,
     };
     let e = filter(
         &opts(stack.join("out"), dir.path().join("not-a-model.rf")),
@@ -590,6 +595,7 @@ fn the_web_preset_filters_web_text_and_its_classifier_is_refused_for_code() {
         shard: (0, 1),
         cache: None,
         batch: 64,
+        count_tokens: true,
     };
     let stats = filter(&opts, &|_| {}).unwrap();
     assert_eq!((stats.preset, stats.scored), (preset::Preset::Web, 400));
