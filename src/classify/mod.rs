@@ -571,14 +571,11 @@ pub fn filter(
         .map_err(io_err(&progress_path))?;
     let journal = Mutex::new(journal);
     // The tokenize module's encoder, so the count is what `phigen tokenize` will write.
-    let counter = match opts.count_tokens {
-        true => Some(
-            TokenizerSpec::Tiktoken(Encoding::Gpt2)
-                .load(None)
-                .map_err(ModelError::from)?,
-        ),
-        false => None,
-    };
+    let counter = opts
+        .count_tokens
+        .then(|| TokenizerSpec::Tiktoken(Encoding::Gpt2).load(None))
+        .transpose()
+        .map_err(ModelError::from)?;
     let this_run = AtomicUsize::new(0);
     let score_part = |part: &Part, cache: Option<&mut Cache>| -> Result<(), ClassifyError> {
         let part_fp = part.fingerprint();
