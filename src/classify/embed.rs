@@ -911,7 +911,7 @@ mod tests {
         use rand::seq::IndexedRandom;
         use rand::{Rng, SeedableRng};
         let long = "x".repeat(100);
-        let pieces: Vec<&str> = vec![
+        let pieces: &[&str] = &[
             "def f(x):\n",
             "    return x\n",
             "async def g():\n",
