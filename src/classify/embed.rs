@@ -307,7 +307,8 @@ impl Hashed {
         let mut identifiers = 0usize;
         let mut identifier_bytes = 0usize;
         let mut numbers = 0usize;
-        let mut distinct = std::collections::HashSet::new();
+        // The keys are xxh3 hashes already: a fast hasher is enough (only the count is used).
+        let mut distinct = foldhash::HashSet::default();
         let mut i = 0;
         while i < b.len() {
             let c = b[i];
@@ -346,44 +347,58 @@ impl Hashed {
         let norm = tokens.max(1) as f32;
         grams.iter_mut().for_each(|g| *g /= norm);
 
-        let lines: Vec<&str> = text.lines().collect();
-        let n_lines = lines.len().max(1) as f32;
-        let share =
-            |pred: &dyn Fn(&str) -> bool| lines.iter().filter(|l| pred(l)).count() as f32 / n_lines;
-        let starts = |prefixes: &'static [&'static str]| {
-            move |l: &str| {
-                let t = l.trim_start();
-                prefixes.iter().any(|p| t.starts_with(p))
-            }
-        };
-        let max_line = lines.iter().map(|l| l.len()).max().unwrap_or(0);
-        // Character classes in one pass over the text.
+        // Every line statistic in one pass over the lines (trimmed once each).
+        let [mut n_lines, mut max_line, mut long, mut blank, mut comments] = [0usize; 5];
+        let [mut defs, mut classes, mut imports, mut asserts, mut indented] = [0usize; 5];
+        for l in text.lines() {
+            n_lines += 1;
+            max_line = max_line.max(l.len());
+            long += usize::from(l.len() > 100);
+            indented += usize::from(l.starts_with([' ', '\t']));
+            let t = l.trim_start();
+            let starts = |prefixes: &[&str]| usize::from(prefixes.iter().any(|p| t.starts_with(p)));
+            blank += usize::from(t.is_empty());
+            comments += starts(&["#", "//"]);
+            defs += starts(&["def ", "async def "]);
+            classes += starts(&["class "]);
+            imports += starts(&["import ", "from "]);
+            asserts += starts(&["assert ", "self.assert"]);
+        }
+        let n_lines = n_lines.max(1) as f32;
+        let share = |count: usize| count as f32 / n_lines;
+        // Character classes and the longest whitespace-separated word (in bytes) in one pass.
         let [mut chars, mut alpha, mut digit, mut space, mut non_ascii, mut upper] = [0usize; 6];
+        let (mut word, mut longest_word) = (0usize, 0usize);
         for c in text.chars() {
             chars += 1;
             alpha += usize::from(c.is_ascii_alphabetic());
             upper += usize::from(c.is_ascii_uppercase());
             digit += usize::from(c.is_ascii_digit());
-            space += usize::from(c.is_whitespace());
             non_ascii += usize::from(!c.is_ascii());
+            if c.is_whitespace() {
+                space += 1;
+                word = 0;
+            } else {
+                word += c.len_utf8();
+                longest_word = longest_word.max(word);
+            }
         }
         let chars = chars.max(1) as f32;
         let letters = (alpha as f32).max(1.0);
-        let longest_word = text.split_whitespace().map(str::len).max().unwrap_or(0);
         let values = [
             (b.len() as f32 + 1.0).log2(),
             (n_lines + 1.0).log2(),
             b.len() as f32 / n_lines,
             (max_line as f32 + 1.0).log2(),
-            share(&|l| l.len() > 100),
-            share(&|l| l.trim().is_empty()),
-            share(&starts(&["#", "//"])),
+            share(long),
+            share(blank),
+            share(comments),
             (text.matches("\"\"\"").count() + text.matches("'''").count()) as f32 / 2.0 / n_lines,
-            share(&starts(&["def ", "async def "])),
-            share(&starts(&["class "])),
-            share(&starts(&["import ", "from "])),
-            share(&starts(&["assert ", "self.assert"])),
-            share(&|l| l.starts_with(' ') || l.starts_with('\t')),
+            share(defs),
+            share(classes),
+            share(imports),
+            share(asserts),
+            share(indented),
             alpha as f32 / chars,
             digit as f32 / chars,
             space as f32 / chars,
@@ -801,5 +816,166 @@ mod tests {
         assert_eq!(embed_all(&e, &texts, Some(&mut cache)).unwrap(), v);
         assert_eq!(e.0.load(std::sync::atomic::Ordering::SeqCst), calls);
         assert_eq!(std::fs::metadata(&file).unwrap().len(), len);
+    }
+
+    /// The code statistics as they were computed before they went into one pass over lines
+    /// and characters (commit 2ce1ea1, verbatim but for the hashed n-grams, which did not
+    /// change): the oracle for [`code_statistics_are_those_of_the_previous_code`].
+    fn previous_code_stats(text: &str) -> Vec<f32> {
+        let b = text.as_bytes();
+        let (mut tokens, mut identifiers, mut identifier_bytes, mut numbers) = (0usize, 0, 0, 0);
+        let mut distinct = std::collections::HashSet::new();
+        let mut i = 0;
+        while i < b.len() {
+            let c = b[i];
+            let start = i;
+            if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 {
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] >= 0x80)
+                {
+                    i += 1;
+                }
+                identifiers += 1;
+                identifier_bytes += i - start;
+                distinct.insert(xxh3_64_with_seed(&b[start..i], 1));
+            } else if c.is_ascii_digit() {
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'.') {
+                    i += 1;
+                }
+                numbers += 1;
+            } else if c.is_ascii_whitespace() {
+                i += 1;
+                continue;
+            } else {
+                i += 1;
+            }
+            tokens += 1;
+        }
+        let norm = tokens.max(1) as f32;
+        let lines: Vec<&str> = text.lines().collect();
+        let n_lines = lines.len().max(1) as f32;
+        let share =
+            |pred: &dyn Fn(&str) -> bool| lines.iter().filter(|l| pred(l)).count() as f32 / n_lines;
+        let starts = |prefixes: &'static [&'static str]| {
+            move |l: &str| {
+                let t = l.trim_start();
+                prefixes.iter().any(|p| t.starts_with(p))
+            }
+        };
+        let max_line = lines.iter().map(|l| l.len()).max().unwrap_or(0);
+        let [mut chars, mut alpha, mut digit, mut space, mut non_ascii, mut upper] = [0usize; 6];
+        for c in text.chars() {
+            chars += 1;
+            alpha += usize::from(c.is_ascii_alphabetic());
+            upper += usize::from(c.is_ascii_uppercase());
+            digit += usize::from(c.is_ascii_digit());
+            space += usize::from(c.is_whitespace());
+            non_ascii += usize::from(!c.is_ascii());
+        }
+        let chars = chars.max(1) as f32;
+        let letters = (alpha as f32).max(1.0);
+        let longest_word = text.split_whitespace().map(str::len).max().unwrap_or(0);
+        vec![
+            (b.len() as f32 + 1.0).log2(),
+            (n_lines + 1.0).log2(),
+            b.len() as f32 / n_lines,
+            (max_line as f32 + 1.0).log2(),
+            share(&|l| l.len() > 100),
+            share(&|l| l.trim().is_empty()),
+            share(&starts(&["#", "//"])),
+            (text.matches("\"\"\"").count() + text.matches("'''").count()) as f32 / 2.0 / n_lines,
+            share(&starts(&["def ", "async def "])),
+            share(&starts(&["class "])),
+            share(&starts(&["import ", "from "])),
+            share(&starts(&["assert ", "self.assert"])),
+            share(&|l| l.starts_with(' ') || l.starts_with('\t')),
+            alpha as f32 / chars,
+            digit as f32 / chars,
+            space as f32 / chars,
+            non_ascii as f32 / chars,
+            upper as f32 / letters,
+            identifier_bytes as f32 / identifiers.max(1) as f32,
+            distinct.len() as f32 / identifiers.max(1) as f32,
+            numbers as f32 / norm,
+            (longest_word as f32 + 1.0).log2(),
+        ]
+    }
+
+    /// The one-pass code statistics equal the previous code's bit for bit, so a classifier
+    /// trained before scores every file as it did. Texts: pieces chosen to hit each statistic's
+    /// edge (Unicode whitespace that `trim` and `split_whitespace` see but ASCII checks do not:
+    /// U+0085, U+00A0, U+2003, U+3000, vertical tab; `\r\n` endings, whitespace-only and
+    /// 100/101-byte lines, a missing last newline, prefixes like `async def` and `self.assert`),
+    /// joined at random by a seeded RNG, plus every `.py` file of this repository.
+    #[test]
+    fn code_statistics_are_those_of_the_previous_code() {
+        use rand::seq::IndexedRandom;
+        use rand::{Rng, SeedableRng};
+        let long = "x".repeat(100);
+        let pieces: &[&str] = &[
+            "def f(x):\n",
+            "    return x\n",
+            "async def g():\n",
+            "\tpass\n",
+            "class A:\n",
+            "import os\n",
+            "from a import b\n",
+            "assert x\n",
+            "self.assertEqual(a, b)\n",
+            "# comment\n",
+            "// c\n",
+            "\"\"\"doc\"\"\"\n",
+            "'''s'''\n",
+            "\"\"\"\"",
+            "\r\n",
+            "\n",
+            "   \n",
+            "\u{a0}\u{a0}def h(): pass\n",
+            "word\u{2003}word\n",
+            "\u{85}x\n",
+            "\u{3000}\n",
+            "\x0bvt\x0c\n",
+            "caf\u{e9} na\u{ef}ve \u{1f600}\n",
+            "0x1F 3.14 12e5\n",
+            "",
+            " ",
+            "ABC_def",
+            "\u{5b57}\u{7b26}",
+            &long,
+            "y",
+            "\n\n\n",
+        ];
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let mut texts: Vec<String> = pieces.iter().map(|p| p.to_string()).collect();
+        for _ in 0..2000 {
+            let n = rng.random_range(1..30);
+            texts.push((0..n).map(|_| *pieces.choose(&mut rng).unwrap()).collect());
+        }
+        let mut dirs = vec![PathBuf::from(env!("CARGO_MANIFEST_DIR"))];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                let (p, name) = (e.path(), e.file_name());
+                if p.is_dir() && name != ".git" && name != "target" {
+                    dirs.push(p);
+                } else if p.extension().is_some_and(|x| x == "py") {
+                    texts.extend(std::fs::read_to_string(&p).ok());
+                }
+            }
+        }
+        assert!(texts.len() > 2040, "{} texts", texts.len());
+        let h = Hashed {
+            buckets: 64,
+            preset: Preset::Code,
+        };
+        for text in &texts {
+            let now: Vec<u32> = h.embed(&[text]).unwrap()[0][64..]
+                .iter()
+                .map(|x| x.to_bits())
+                .collect();
+            let before: Vec<u32> = previous_code_stats(text)
+                .iter()
+                .map(|x| x.to_bits())
+                .collect();
+            assert_eq!(now, before, "{text:?}");
+        }
     }
 }

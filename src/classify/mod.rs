@@ -23,6 +23,8 @@ pub mod preset;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use polars::prelude::{BooleanChunked, IntoColumn, NamedFrom, NewChunkedArray, Series};
 use rayon::prelude::*;
@@ -33,6 +35,8 @@ use crate::artifact::atomic;
 use crate::artifact::outdir::{self, DirLock, OutDirError, Written};
 use crate::artifact::table::{self, TableError};
 use crate::artifact::walk::{InputSkip, WalkError, WalkOptions};
+use crate::model::tokenizer::{DocTokenizer, Encoding, TokenizerSpec};
+use crate::model::ModelError;
 use embed::{embed_all, Cache, Embedder, EmbedderSpec};
 use forest::{Forest, ForestError, ForestParams, Samples};
 use input::{Loaded, Part, Skip};
@@ -417,6 +421,9 @@ pub struct FilterOptions {
     pub cache: Option<PathBuf>,
     /// Texts embedded at once.
     pub batch: usize,
+    /// Count the GPT-2 tokens of the kept files (`--count-tokens`). Off, the run skips the BPE,
+    /// its costliest part, and `tokens_kept` is absent; the kept set is the same either way.
+    pub count_tokens: bool,
 }
 
 /// What one finished part contributed; a line of the progress file.
@@ -431,7 +438,9 @@ pub struct PartStats {
     pub skipped: BTreeMap<Skip, u64>,
     pub bytes_scored: u64,
     pub bytes_kept: u64,
-    pub tokens_kept: u64,
+    /// `None` when the run did not count them (no `--count-tokens`).
+    #[serde(default)]
+    pub tokens_kept: Option<u64>,
     /// Scores in 20 bins of width 0.05.
     pub histogram: Vec<u64>,
 }
@@ -451,8 +460,10 @@ pub struct FilterStats {
     pub skipped: BTreeMap<Skip, u64>,
     pub bytes_scored: u64,
     pub bytes_kept: u64,
-    /// GPT-2 tokens (phi-1's tokenizer family) of the kept files.
-    pub tokens_kept: u64,
+    /// GPT-2 tokens (phi-1's tokenizer family) of the kept files, as `phigen tokenize` encodes
+    /// them (without the end-of-text token it adds to each); `None` unless every part was
+    /// scored with `--count-tokens`.
+    pub tokens_kept: Option<u64>,
     pub histogram: Vec<u64>,
     /// Parts finished by this run (the others were done before or belong to other shards).
     pub parts_this_run: usize,
@@ -553,41 +564,70 @@ pub fn filter(
     } else {
         format!("progress-{k}-of-{n}.jsonl")
     });
-    let mut journal = std::fs::OpenOptions::new()
+    let journal = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&progress_path)
         .map_err(io_err(&progress_path))?;
-    let mut this_run = 0;
-    for part in parts.iter().skip(k).step_by(n) {
+    let journal = Mutex::new(journal);
+    // The tokenize module's encoder, so the count is what `phigen tokenize` will write.
+    let counter = opts
+        .count_tokens
+        .then(|| TokenizerSpec::Tiktoken(Encoding::Gpt2).load(None))
+        .transpose()
+        .map_err(ModelError::from)?;
+    let this_run = AtomicUsize::new(0);
+    let score_part = |part: &Part, cache: Option<&mut Cache>| -> Result<(), ClassifyError> {
         let part_fp = part.fingerprint();
-        if done
-            .get(&part.rel)
-            .is_some_and(|d| d.fingerprint == part_fp && d.classifier == fingerprint)
-        {
-            continue;
+        if done.get(&part.rel).is_some_and(|d| {
+            d.fingerprint == part_fp
+                && d.classifier == fingerprint
+                && (counter.is_none() || d.tokens_kept.is_some())
+        }) {
+            return Ok(());
         }
         let loaded = opts.input.load(part)?;
-        let scores = score_rows(
-            &loaded,
-            &classifier,
-            embedder.as_ref(),
-            cache.as_mut(),
-            opts.batch,
-        )?;
+        let scores = score_rows(&loaded, &classifier, embedder.as_ref(), cache, opts.batch)?;
         let kept: Vec<bool> = scores
             .iter()
             .map(|s| s.is_some_and(|s| s >= threshold))
             .collect();
-        let stats = part_stats(part, part_fp, fingerprint.clone(), &loaded, &scores, &kept);
+        let mut stats = part_stats(part, part_fp, fingerprint.clone(), &loaded, &scores, &kept);
+        if let Some(tokenizer) = &counter {
+            stats.tokens_kept = Some(count_kept_tokens(tokenizer, &loaded, &kept)?);
+        }
         write_part(&opts.out, part, loaded, &scores, &kept)?;
         let line = serde_json::to_string(&stats).expect("stats serialize");
+        let mut journal = journal.lock().unwrap_or_else(|e| e.into_inner());
         writeln!(journal, "{line}")
             .and_then(|_| journal.sync_data())
             .map_err(io_err(&progress_path))?;
+        drop(journal);
         progress(stats.files);
-        this_run += 1;
+        this_run.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    };
+    let mine: Vec<&Part> = parts.iter().skip(k).step_by(n).collect();
+    match cache.as_mut() {
+        // A model embedder uses every core itself, and its vectors go through one on-disk cache:
+        // one part at a time.
+        Some(cache) => mine
+            .iter()
+            .try_for_each(|part| score_part(part, Some(&mut *cache)))?,
+        // Hashed features: one part per thread side by side (each part's rows in parallel too),
+        // so one part's reading and Parquet writing overlap another's embedding. Windows of that
+        // many parts bound the memory: a thread waiting inside a part would otherwise start
+        // more. A row's score depends on its text alone, so nothing depends on the thread
+        // count but the order of journal lines.
+        None => mine
+            .chunks(rayon::current_num_threads().max(1))
+            .try_for_each(|window| {
+                window
+                    .par_iter()
+                    .try_for_each(|part| score_part(part, None))
+            })?,
     }
+    let this_run = this_run.into_inner();
     let done = finished_parts(&opts.out)?;
     let mut total = FilterStats {
         model: opts.model.clone(),
@@ -595,6 +635,7 @@ pub fn filter(
         threshold,
         parts: parts.len(),
         histogram: vec![0; 20],
+        tokens_kept: Some(0),
         parts_this_run: this_run,
         skipped_inputs,
         ..FilterStats::default()
@@ -642,7 +683,8 @@ fn score_rows(
     Ok(scores)
 }
 
-/// A scored part's progress line: counts, the score histogram, and the GPT-2 tokens it keeps.
+/// A scored part's progress line: counts and the score histogram (its tokens are counted apart,
+/// on request).
 fn part_stats(
     part: &Part,
     part_fp: String,
@@ -651,7 +693,6 @@ fn part_stats(
     scores: &[Option<f32>],
     kept: &[bool],
 ) -> PartStats {
-    let bpe = tiktoken_rs::r50k_base_singleton();
     let mut stats = PartStats {
         rel: part.rel.clone(),
         fingerprint: part_fp,
@@ -675,7 +716,17 @@ fn part_stats(
             (Ok(_), None) => unreachable!("every readable row is scored"),
         }
     }
-    stats.tokens_kept = (0..loaded.rows.len())
+    stats
+}
+
+/// GPT-2 tokens of a part's kept rows, counted with `tokenizer` (the end-of-text id it adds to
+/// each document is not counted).
+fn count_kept_tokens(
+    tokenizer: &DocTokenizer,
+    loaded: &Loaded,
+    kept: &[bool],
+) -> Result<u64, ClassifyError> {
+    (0..loaded.rows.len())
         .into_par_iter()
         .filter(|&i| kept[i])
         .map(|i| {
@@ -683,10 +734,10 @@ fn part_stats(
                 .content
                 .as_deref()
                 .expect("kept rows are readable");
-            bpe.encode_with_special_tokens(text).len() as u64
+            let ids = tokenizer.encode_document(text).map_err(ModelError::from)?;
+            Ok(ids.len() as u64 - 1)
         })
-        .sum();
-    stats
+        .sum()
 }
 
 /// `scored/REL` (the part with score, kept and skip columns) and `kept/REL` (its kept rows, the
@@ -744,7 +795,7 @@ impl FilterStats {
         self.kept += s.kept;
         self.bytes_scored += s.bytes_scored;
         self.bytes_kept += s.bytes_kept;
-        self.tokens_kept += s.tokens_kept;
+        self.tokens_kept = self.tokens_kept.zip(s.tokens_kept).map(|(a, b)| a + b);
         for (r, c) in &s.skipped {
             *self.skipped.entry(*r).or_default() += c;
         }

@@ -192,6 +192,8 @@ pub struct FilterRecipe {
     pub shard: Option<(usize, usize)>,
     /// Files embedded and scored at once.
     pub batch: usize,
+    /// Count the GPT-2 tokens of the kept files ([`FilterOptions::count_tokens`]).
+    pub count_tokens: bool,
     pub out: PathBuf,
     /// A trained classifier: only the scoring runs. `None`: the whole recipe, in `out`.
     pub classifier: Option<PathBuf>,
@@ -484,6 +486,7 @@ pub async fn run(
         shard: recipe.shard.unwrap_or((0, 1)),
         cache: recipe.model.cache.clone(),
         batch: recipe.batch,
+        count_tokens: recipe.count_tokens,
     };
     Ok(super::filter(&opts, &|files| {
         progress(PipelineProgress::Scored { files })

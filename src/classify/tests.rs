@@ -1,6 +1,7 @@
 //! The filter end to end on a corpus whose truth is known: documented, idiomatic Python functions
 //! (educational) against minified code, generated tables and data dumps (not).
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use rand::seq::IndexedRandom;
@@ -142,6 +143,7 @@ fn the_filter_separates_good_from_bad_code() {
         shard: (0, 1),
         cache: None,
         batch: 256,
+        count_tokens: true,
     };
     let stats = filter(&opts, &|_| {}).unwrap();
     assert_eq!(
@@ -213,6 +215,7 @@ fn shards_split_the_parts() {
                 shard,
                 cache: None,
                 batch: 100,
+                count_tokens: true,
             },
             &|_| {},
         )
@@ -250,6 +253,7 @@ fn files_phigen_did_not_write_are_not_replaced() {
         shard: (0, 1),
         cache: None,
         batch: 64,
+        count_tokens: true,
     };
     let e = filter(&opts, &|_| {}).unwrap_err().to_string();
     assert!(
@@ -293,6 +297,7 @@ fn unreadable_files_are_counted_not_fatal() {
             shard: (0, 1),
             cache: None,
             batch: 64,
+            count_tokens: true,
         },
         &|_| {},
     )
@@ -320,6 +325,7 @@ fn bad_setups_are_refused() {
         shard: (0, 1),
         cache: None,
         batch: 64,
+        count_tokens: true,
     };
     let e = filter(
         &opts(stack.join("out"), dir.path().join("not-a-model.rf")),
@@ -590,6 +596,7 @@ fn the_web_preset_filters_web_text_and_its_classifier_is_refused_for_code() {
         shard: (0, 1),
         cache: None,
         batch: 64,
+        count_tokens: true,
     };
     let stats = filter(&opts, &|_| {}).unwrap();
     assert_eq!((stats.preset, stats.scored), (preset::Preset::Web, 400));
@@ -645,5 +652,155 @@ fn the_web_preset_filters_web_text_and_its_classifier_is_refused_for_code() {
     assert!(
         e.contains("trained for --preset code") && e.contains("reads --preset web"),
         "{e}"
+    );
+}
+
+/// Each row of `out/scored/stack/files-*.parquet`: id → (score bits, kept, skip).
+fn scored_rows(out: &Path) -> BTreeMap<String, (Option<u32>, bool, Option<String>)> {
+    let mut rows = BTreeMap::new();
+    for e in std::fs::read_dir(out.join("scored/stack")).unwrap() {
+        let path = e.unwrap().path();
+        let df = table::read_frame(&path, None).unwrap();
+        let ids = table::text_column(&df, &path, "id").unwrap();
+        let skips = table::text_column(&df, &path, "skip").unwrap();
+        let scores = df.column("score").unwrap().f32().unwrap();
+        let kept = df.column("kept").unwrap().bool().unwrap();
+        for (((id, s), k), skip) in ids
+            .into_iter()
+            .zip(scores.iter())
+            .zip(kept.iter())
+            .zip(skips)
+        {
+            rows.insert(id.unwrap(), (s.map(f32::to_bits), k.unwrap(), skip));
+        }
+    }
+    rows
+}
+
+/// The ids in `out/kept/stack/files-*.parquet`.
+fn kept_ids(out: &Path) -> BTreeSet<String> {
+    let mut ids = BTreeSet::new();
+    for e in std::fs::read_dir(out.join("kept/stack")).unwrap() {
+        let path = e.unwrap().path();
+        let df = table::read_frame(&path, None).unwrap();
+        ids.extend(
+            table::text_column(&df, &path, "id")
+                .unwrap()
+                .into_iter()
+                .flatten(),
+        );
+    }
+    ids
+}
+
+/// Scores and the kept set are the classifier's, file by file, whatever the thread count, and
+/// `count_tokens` counts what tiktoken-rs's `encode_ordinary` gives for GPT-2 (r50k_base).
+/// The oracle reads each file itself and scores it alone (one text embedded, one row through
+/// the forest): no parts, batches or windows. 2,104 files make three parts (1,024 files each
+/// and a rest), so parts run side by side; four of them are made unreadable on purpose, and
+/// one holds `<|endoftext|>` as text (one token to `encode_with_special_tokens`, several to
+/// `encode_ordinary`, which is how `phigen tokenize` encodes it).
+#[test]
+fn scores_and_kept_set_are_the_forests_whatever_the_thread_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let (stack, truth) = corpus(dir.path(), 2100, 5);
+    let model = train_on(dir.path(), &stack, &truth, 300);
+    let repo = stack.join("repo");
+    let special = format!(
+        "{}# <|endoftext|> caf\u{e9} \u{5b57}\u{7b26} \u{1f600}\n",
+        good_file(&mut ChaCha8Rng::seed_from_u64(3))
+    );
+    std::fs::write(repo.join("zz_special.py"), &special).unwrap();
+    let unreadable: [(&str, &[u8], &str); 3] = [
+        ("zz_binary.py", b"abc\0def", "binary"),
+        ("zz_blank.py", b"  \n\t\n", "empty"),
+        ("zz_latin1.py", b"caf\xe9 = 1\n", "invalid_utf8"),
+    ];
+    for (name, bytes, _) in unreadable {
+        std::fs::write(repo.join(name), bytes).unwrap();
+    }
+
+    // The oracle: every readable file scored alone.
+    let classifier = Classifier::load(&model).unwrap();
+    let embedder = classifier.embedder.load_for(preset::Preset::Code).unwrap();
+    let bpe = tiktoken_rs::r50k_base_singleton();
+    let mut expected = BTreeMap::new();
+    let mut expected_tokens = 0u64;
+    for e in std::fs::read_dir(&repo).unwrap() {
+        let path = e.unwrap().path();
+        let id = format!("stack/repo/{}", path.file_name().unwrap().to_str().unwrap());
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        if let Some((_, _, skip)) = unreadable.iter().find(|(n, _, _)| *n == name) {
+            expected.insert(id, (None, false, Some(skip.to_string())));
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let v = &embedder.embed(&[&text]).unwrap()[0];
+        let score = classifier.forest.score_all(&Samples {
+            rows: v,
+            features: v.len(),
+        });
+        let score = score.unwrap()[0];
+        let kept = score >= classifier.threshold;
+        if kept {
+            expected_tokens += bpe.encode_ordinary(&text).len() as u64;
+        }
+        expected.insert(id, (Some(score.to_bits()), kept, None));
+    }
+    assert_eq!(expected.len(), 2104);
+    assert!(
+        expected["stack/repo/zz_special.py"].1,
+        "the file with <|endoftext|> is kept"
+    );
+    assert_ne!(
+        bpe.encode_ordinary(&special).len(),
+        bpe.encode_with_special_tokens(&special).len()
+    );
+    let expected_kept: BTreeSet<String> = expected
+        .iter()
+        .filter(|(_, (_, k, _))| *k)
+        .map(|(id, _)| id.clone())
+        .collect();
+
+    let opts = |out: &str, count_tokens: bool| FilterOptions {
+        input: input(&stack),
+        out: dir.path().join(out),
+        model: model.clone(),
+        threshold: None,
+        shard: (0, 1),
+        cache: None,
+        batch: 100,
+        count_tokens,
+    };
+    let mut stats = Vec::new();
+    for (threads, out, count) in [(1, "t1", true), (2, "t2", true), (3, "t3-uncounted", false)] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let s = pool.install(|| filter(&opts(out, count), &|_| {})).unwrap();
+        assert_eq!(
+            scored_rows(&dir.path().join(out)),
+            expected,
+            "{threads} threads"
+        );
+        assert_eq!(
+            kept_ids(&dir.path().join(out)),
+            expected_kept,
+            "{threads} threads"
+        );
+        assert_eq!((s.parts_this_run, s.kept), (3, expected_kept.len() as u64));
+        stats.push(s);
+    }
+    assert_eq!(stats[0].tokens_kept, Some(expected_tokens));
+    assert_eq!(stats[1].tokens_kept, Some(expected_tokens));
+    assert_eq!(stats[2].tokens_kept, None);
+    assert_eq!(stats[0].histogram, stats[1].histogram);
+    assert_eq!(stats[0].histogram, stats[2].histogram);
+    // Asking for the count later rescores the parts that have none, and counts the same.
+    let s = filter(&opts("t3-uncounted", true), &|_| {}).unwrap();
+    assert_eq!(
+        (s.parts_this_run, s.tokens_kept),
+        (3, Some(expected_tokens))
     );
 }

@@ -285,6 +285,9 @@ pub struct FilterArgs {
     /// Files embedded and scored at once.
     #[arg(long, default_value_t = 512, value_parser = int_in(1usize, 1 << 20))]
     pub batch: usize,
+    /// Also count the GPT-2 tokens of the kept files (stats.json `tokens_kept`), as `phigen tokenize` encodes them; the BPE costs more than the scoring, so it is off unless asked for.
+    #[arg(long)]
+    pub count_tokens: bool,
     #[command(flatten)]
     pub sample: SampleArgs,
     #[command(flatten)]
@@ -402,6 +405,7 @@ pub async fn filter(args: &FilterArgs, quiet: bool) -> anyhow::Result<Outcome> {
         threshold: args.threshold,
         shard: args.shard.map(|s| (s.k, s.n)),
         batch: args.batch,
+        count_tokens: args.count_tokens,
         out: args.out.clone(),
         classifier: args.classifier.clone(),
     };
@@ -478,13 +482,16 @@ pub async fn filter(args: &FilterArgs, quiet: bool) -> anyhow::Result<Outcome> {
     if !quiet {
         let skipped: u64 = stats.skipped.values().sum();
         println!(
-            "filter (--preset {}): {} of {} {}s kept ({:.1}%, {} GPT-2 tokens) at threshold {}; {} skipped {:?}; {}/{} parts done ({} by this run) in {:.1}s",
+            "filter (--preset {}): {} of {} {}s kept ({:.1}%, {}) at threshold {}; {} skipped {:?}; {}/{} parts done ({} by this run) in {:.1}s",
             stats.preset,
             stats.kept,
             stats.scored,
             stats.preset.unit(),
             100.0 * stats.kept_share,
-            stats.tokens_kept,
+            stats.tokens_kept.map_or_else(
+                || "tokens not counted: --count-tokens".to_string(),
+                |t| format!("{t} GPT-2 tokens")
+            ),
             stats.threshold,
             skipped,
             stats.skipped,

@@ -642,6 +642,8 @@ async fn filter(
         threshold: None,
         shard: None,
         batch: settings.batch,
+        // The manifest's token count prices the steps after this one (the plan's estimates).
+        count_tokens: true,
         out: step.dir.clone(),
         classifier: None,
     };
@@ -825,6 +827,7 @@ fn score(
         shard: (task.k, task.n),
         cache: recipe.model.cache.clone(),
         batch: recipe.batch,
+        count_tokens: recipe.count_tokens,
     };
     crate::classify::filter(&opts, &|files| (cx.on_event)(Event::Work(step, files)))
         .map_err(|e| PipelineError::Filter(e.into()))
