@@ -731,8 +731,18 @@ pub struct PrefsSettings {
     pub max_attempts: u32,
 }
 
-/// The engine output directory of one judge and rubric version.
-fn judge_dir(work: &Path, judge: &str, template: &Template) -> PathBuf {
+/// The engine output directory of one judge, rubric version and list of items. The engine knows
+/// a slot by its number, so another list (prompts added, removed or re-sampled) is judged in a
+/// directory of its own rather than reading another item's verdict; the same list — a run that
+/// was killed, run again — resumes in the same one.
+fn judge_dir(work: &Path, judge: &str, template: &Template, items: &[Shown]) -> PathBuf {
+    let mut h = blake3::Hasher::new();
+    for i in items {
+        for part in [&i.record_id, &i.order, &i.responses_hash] {
+            h.update(part.as_bytes());
+            h.update(&[0]);
+        }
+    }
     let judge: String = judge
         .chars()
         .map(|c| {
@@ -743,8 +753,11 @@ fn judge_dir(work: &Path, judge: &str, template: &Template) -> PathBuf {
             }
         })
         .collect();
-    work.join("judge")
-        .join(format!("{judge}-v{}", template.version))
+    work.join("judge").join(format!(
+        "{judge}-v{}-{}",
+        template.version,
+        &h.finalize().to_hex()[..8]
+    ))
 }
 
 /// (record id, scores in sample order) of every judged record in `dir`, Parquet and journal.
@@ -935,7 +948,7 @@ pub async fn run(
         });
         judged_prompts.push((p, responses, order, of_sample));
     }
-    let judges = judge_dir(&work, &teacher.model, &template);
+    let judges = judge_dir(&work, &teacher.model, &template, &items);
     let judging: Option<Stats> = if items.is_empty() || state.stopped().is_some() {
         None
     } else {
