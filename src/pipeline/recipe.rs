@@ -1827,4 +1827,65 @@ kind = "loss"
             150_000_000_000u64.div_ceil(2048 * 2048) as usize
         );
     }
+
+    /// A prefs step whose student is a stage comes after the data that stage reads, however the
+    /// file lists it; a dpo stage after the student reads it. Refused, each with the key and why:
+    /// a stage reading pairs of its own (or a later) checkpoint, a non-dpo stage reading pairs, a
+    /// data step reading pairs, both or neither of import and sampling, one sample.
+    #[test]
+    fn a_prefs_step_runs_between_its_student_and_the_dpo_stage() {
+        let text = RECIPE
+            .replace(
+                "[[data]]\nname = \"stories\"",
+                "[[data]]\nname = \"prefs\"\nkind = \"prefs\"\nstudent = \"pretrain\"\nprompts = \"p.txt\"\n\n[[data]]\nname = \"stories\"",
+            )
+            .replace(
+                "[[eval]]",
+                "[[stage]]\nname = \"dpo\"\nobjective = \"dpo\"\ninit = \"previous\"\nchat_template = \"phi-3\"\ndata = [{ step = \"prefs\" }]\nseq_len = 32\nmicro_batch = 2\nsteps = 2\nlr = 1e-4\n\n[[eval]]",
+            );
+        let p = parse(&text, &[]).unwrap();
+        let order: Vec<&str> = p.order().iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(order, ["stories", "clean", "tok", "prefs"]);
+        assert_eq!(p.student_stage(p.step("prefs").unwrap()), Some(0));
+        assert_eq!(p.needs(p.step("prefs").unwrap()), ["tok"]);
+        assert_eq!(p.stage_refs[1], [Some("prefs".to_string())]);
+        let wrong = [
+            (
+                text.replace("student = \"pretrain\"", "student = \"dpo\""),
+                "cannot read pairs its own or a later stage's checkpoint makes",
+            ),
+            (
+                text.replace("objective = \"dpo\"\n", "objective = \"sft\"\n"),
+                "which is not a dpo stage",
+            ),
+            (
+                text.replace("from = [\"clean\"]", "from = [\"prefs\"]"),
+                "a prefs step: its pairs are read by a dpo stage",
+            ),
+            (
+                text.replace(
+                    "prompts = \"p.txt\"",
+                    "prompts = \"p.txt\"\npaths = [\"x.jsonl\"]",
+                ),
+                "give one or the other",
+            ),
+            (text.replace("prompts = \"p.txt\"\n", ""), "needs `student`"),
+            (
+                text.replace("prompts = \"p.txt\"", "prompts = \"p.txt\"\nsamples = 1"),
+                "must be at least 2",
+            ),
+        ];
+        for (t, want) in wrong {
+            let e = parse(&t, &[]).unwrap_err();
+            assert!(e.contains(want), "{want}: {e}");
+        }
+        // Import: `paths` alone, no student.
+        let import = text.replace(
+            "student = \"pretrain\"\nprompts = \"p.txt\"",
+            "paths = [\"pairs.jsonl\"]",
+        );
+        let p = parse(&import, &[]).unwrap();
+        assert_eq!(p.student_stage(p.step("prefs").unwrap()), None);
+        assert_eq!(p.step("prefs").unwrap().action.teacher(), None);
+    }
 }
