@@ -1498,3 +1498,97 @@ lr = 1e-3
         );
     }
 }
+
+/// `phigen prefs` (a tiny random student, the mock judge) killed with SIGKILL while the judge
+/// answers slowly, then run again, writes the pairs of an uninterrupted run byte for byte and
+/// sends at most the one judge request in flight at the kill twice: the samples journal and the
+/// judging engine's journal resume. The samples are drawn from per-sample seeds, so both runs
+/// judge the same responses; the mock's verdicts are a function of the prompt. `--input` then
+/// imports those pairs again, all of them valid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefs_killed_while_judging_resumes_to_the_same_pairs() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("tiny");
+    let o = Command::new(BIN)
+        .args(["init", "--preset", "tiny-phi", "--tokenizer", "gpt2"])
+        .args(["--out", ckpt.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let prompts = dir.path().join("prompts.txt");
+    let lines: Vec<String> = (0..8)
+        .map(|i| format!("Name a toy, please ({i})."))
+        .collect();
+    std::fs::write(&prompts, lines.join("\n")).unwrap();
+    let cmd = |server: &phigen::teacher::mock::MockServer, out: &Path| {
+        let mut c = Command::new(BIN);
+        c.args(["--quiet", "prefs", "--teacher", "http", "--model", "mock"])
+            .args(["--base-url", &server.base_url(), "--concurrency", "1"])
+            .args(["--prompts", prompts.to_str().unwrap()])
+            .args(["--student", ckpt.to_str().unwrap()])
+            .args(["--out", out.to_str().unwrap(), "--max-new-tokens", "8"])
+            .env_remove("OPENAI_API_KEY")
+            .env_remove("OPENAI_BASE_URL")
+            .env_remove("PHIGEN_MODEL");
+        c
+    };
+    let fast = mock(Faults::default()).await;
+    let clean = dir.path().join("clean");
+    let o = run(cmd(&fast, &clean)).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let expected = std::fs::read_to_string(clean.join("pairs.jsonl")).unwrap();
+    assert!(expected.lines().count() >= 4, "{expected}");
+
+    let slow = mock(Faults {
+        latency_ms: 300,
+        ..Faults::default()
+    })
+    .await;
+    let out = dir.path().join("killed");
+    let mut child = cmd(&slow, &out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while slow.log.answered.load(Ordering::SeqCst) < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the judge was never asked"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!out.join("pairs.jsonl").exists(), "killed before the end");
+    let o = run(cmd(&slow, &out)).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(out.join("pairs.jsonl")).unwrap(),
+        expected
+    );
+    let per_prompt = slow.log.per_prompt.lock().unwrap().clone();
+    assert_eq!(per_prompt.len(), fast.log.per_prompt.lock().unwrap().len());
+    let twice = per_prompt.values().filter(|&&n| n > 1).count();
+    assert!(twice <= 1, "{twice} judge prompts were sent again");
+
+    let imported = dir.path().join("imported");
+    let o = Command::new(BIN)
+        .args([
+            "--quiet",
+            "prefs",
+            "--input",
+            clean.join("pairs.jsonl").to_str().unwrap(),
+        ])
+        .args(["--out", imported.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stats: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(imported.join("prefs.json")).unwrap()).unwrap();
+    assert_eq!(
+        stats["pairs"].as_u64(),
+        Some(expected.lines().count() as u64)
+    );
+    assert_eq!(stats["dropped"], serde_json::json!({}));
+}

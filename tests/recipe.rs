@@ -1884,3 +1884,170 @@ async fn a_tokenizer_file_is_part_of_the_tokenize_steps_identity() {
         assert_eq!(status(s), "stale", "{s}:\n{plan}");
     }
 }
+
+/// A recipe with a prefs step (issue 31, item 4): the tiny model pretrains on mock stories, the
+/// prefs step samples two responses per prompt from the pretrain stage's final checkpoint and has
+/// the mock judge score them, and a dpo stage trains on the pairs — all through the binary. The
+/// prefs step is listed first in the file, so the run order comes from its student: after the
+/// data the pretrain stage reads, before the training step whose dpo stage reads it. Expected:
+/// every pair names the judge, the rubric, and the hash of the pretrain stage's last checkpoint
+/// (step 4 of 4); the dpo stage trains to its last step; a second run skips every step and sends
+/// nothing; and a changed pretrain stage makes the prefs step stale (its id holds the stage).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefs_step_samples_a_trained_stage_for_a_later_dpo_stage() {
+    let started = Instant::now();
+    let server = mock(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("prompts.txt");
+    let lines: Vec<String> = (0..12)
+        .map(|i| format!("Tell me about toy number {i}."))
+        .collect();
+    std::fs::write(&prompts, lines.join("\n")).unwrap();
+    let recipe = dir.path().join("prefs.toml");
+    let toml = format!(
+        r#"name = "prefs"
+seed = 0
+
+[teacher]
+teacher = "http"
+base_url = "{}"
+model = "mock"
+price_input = 1.0
+price_output = 2.0
+max_cost = 100.0
+concurrency = 4
+
+[[data]]
+name = "prefs"
+kind = "prefs"
+student = "pretrain"
+prompts = "{}"
+samples = 2
+max_new_tokens = 8
+
+[[data]]
+name = "stories"
+kind = "stories"
+n = 20
+
+[[data]]
+name = "tok"
+kind = "tokenize"
+from = ["stories"]
+val_fraction = 0.2
+
+[model]
+preset = "tiny-phi"
+vocab_size = 50304
+max_position_embeddings = 64
+
+[[stage]]
+name = "pretrain"
+data = [{{ step = "tok" }}]
+seq_len = 32
+micro_batch = 4
+steps = 4
+lr = 1e-3
+warmup = 1
+eval_every = 4
+eval_batches = 1
+checkpoint_every = 4
+
+[[stage]]
+name = "dpo"
+init = "previous"
+objective = "dpo"
+chat_template = "phi-3"
+data = [{{ step = "prefs" }}]
+seq_len = 48
+micro_batch = 2
+steps = 3
+lr = 1e-3
+warmup = 1
+eval_every = 3
+eval_batches = 1
+checkpoint_every = 3
+"#,
+        server.base_url(),
+        prompts.display()
+    );
+    std::fs::write(&recipe, toml).unwrap();
+    let out = dir.path().join("run");
+    let o = run(train_cmd(&recipe, &out, &["--quiet"])).await;
+    assert!(o.status.success(), "{}", text(&o));
+
+    let prefs = manifest(&out, "prefs");
+    let upstream = prefs["upstream"]
+        .as_object()
+        .map(|u| u.keys().cloned().collect::<Vec<_>>());
+    assert_eq!(upstream, Some(vec!["tok".to_string()]), "{prefs}");
+    let train = step_dir(&out, "train");
+    let ckpt = train.join("pretrain").join("step-000004");
+    let student = phigen::generate::prefs::student_hash(&ckpt).unwrap();
+    let pairs_path = step_dir(&out, "prefs").join("pairs.jsonl");
+    let pairs: Vec<serde_json::Value> = std::fs::read_to_string(&pairs_path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // 12 prompts; the mock judge scores 1–10 from a hash, so about one in ten ties.
+    assert!(pairs.len() >= 6, "{} pairs", pairs.len());
+    for p in &pairs {
+        assert_eq!(p["judge"], "mock", "{p}");
+        assert!(
+            p["rubric"]
+                .as_str()
+                .unwrap()
+                .starts_with("prefs-judge v1 ("),
+            "{p}"
+        );
+        assert_eq!(p["student_hash"].as_str(), Some(student.as_str()), "{p}");
+        assert_ne!(p["chosen"], p["rejected"]);
+        let scores: Vec<i64> = serde_json::from_value(p["scores"].clone()).unwrap();
+        let (c, r) = (
+            p["chosen_sample"].as_u64().unwrap() as usize,
+            p["rejected_sample"].as_u64().unwrap() as usize,
+        );
+        assert!(scores[c] > scores[r], "{p}");
+        let mut order: Vec<u64> = serde_json::from_value(p["order"].clone()).unwrap();
+        order.sort();
+        assert_eq!(order, vec![0, 1], "{p}");
+    }
+    let dpo_lines = std::fs::read_to_string(train.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("\"stage\":\"dpo\""))
+        .count();
+    assert!(dpo_lines >= 3, "dpo trained {dpo_lines} logged steps");
+    assert!(train.join("dpo").join("step-000003").is_dir());
+
+    let sent = requests(&server);
+    let o = run(train_cmd(&recipe, &out, &["--quiet"])).await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(requests(&server), sent, "a done step sent requests again");
+    assert_eq!(manifest(&out, "prefs"), prefs);
+
+    let o = run(train_cmd(
+        &recipe,
+        &out,
+        &["--plan", "--set", "stage.0.lr=2e-3"],
+    ))
+    .await;
+    assert!(o.status.success(), "{}", text(&o));
+    let plan = text(&o);
+    let status = |step: &str| -> String {
+        let line = plan
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(step))
+            .unwrap_or_else(|| panic!("no row for {step}:\n{plan}"));
+        line.split_whitespace().nth(2).unwrap().to_string()
+    };
+    assert_eq!(status("tok"), "done", "{plan}");
+    assert_eq!(status("prefs"), "stale", "{plan}");
+    assert_eq!(status("train"), "stale", "{plan}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -12,6 +12,7 @@ mod eval;
 mod filter;
 mod model;
 pub(crate) mod numbers;
+mod prefs;
 mod recipe;
 mod report;
 mod tokenize;
@@ -96,6 +97,8 @@ pub enum Command {
     /// Score every code file with the classifier and keep the educational ones; without --model, first rates a sample and trains one (phi-1's filter).
     #[command(mut_arg("model", |a| a.long("teacher-model").help("Teacher model name as the server knows it (for the recipe's ratings)")))]
     Filter(Box<filter::FilterArgs>),
+    /// Preference pairs for DPO: a student checkpoint samples several responses per prompt, the teacher judges them (versioned rubric, order randomized), the best and worst become {prompt, chosen, rejected}; or import existing pairs (--input).
+    Prefs(Box<prefs::PrefsArgs>),
     /// Evaluate a model: HumanEval / MBPP functional correctness with pass@k (sandboxed execution).
     #[command(subcommand)]
     Eval(eval::EvalCommand),
@@ -634,6 +637,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             })
             .await
         }
+        Command::Prefs(args) => prefs::prefs(&args, cli.quiet).await,
         Command::Eval(cmd) => eval::eval(&cmd, cli.quiet).await,
         Command::Scoreboard(args) => eval::scoreboard(&args),
         Command::Report(args) => report::report(&args, cli.quiet),

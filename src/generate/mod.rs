@@ -9,6 +9,7 @@ pub mod engine;
 pub mod exercises;
 pub mod instruct;
 pub mod merge;
+pub mod prefs;
 pub mod prompt;
 pub mod python;
 pub mod run;

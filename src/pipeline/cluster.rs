@@ -84,7 +84,7 @@ pub fn write_scripts(
             .filter(|u| todo.iter().any(|s| &s.name == *u))
             .map(|u| shell_var(u))
             .collect();
-        let gpu = matches!(step.node, Node::Train | Node::Eval(_));
+        let gpu = on_gpu(p, step);
         for part in step_jobs(p, step, o.tasks) {
             let file = format!("{n:02}-{}{}.sbatch", step.name, part.suffix);
             write(&dir.join(&file), &script(o, step, &logs, &part, gpu))?;
@@ -288,7 +288,7 @@ pub fn write_manifests(
     );
     let todo = plan.steps.iter().filter(|s| s.status != Status::Done);
     for (n, step) in todo.enumerate() {
-        let gpu = o.gpu && matches!(step.node, Node::Train | Node::Eval(_));
+        let gpu = o.gpu && on_gpu(p, step);
         for part in step_jobs(p, step, o.tasks) {
             let base = format!("{n:02}-{}{}", step.name, part.suffix);
             let name = job_name(&p.name, &base);
@@ -355,6 +355,15 @@ fn manifest(o: &KubeOptions, step: &PlannedStep, name: &str, part: &StepJob, gpu
         image = serde_json::to_string(&o.image).expect("a string"),
         claim = serde_json::to_string(&o.volume_claim).expect("a string"),
     )
+}
+
+/// Whether a step computes with the model: training, evals, and a prefs step whose student is a
+/// training stage (it trains the stages up to it first).
+fn on_gpu(p: &Pipeline, step: &PlannedStep) -> bool {
+    match step.node {
+        Node::Data(i) => p.student_stage(&p.data[i]).is_some(),
+        Node::Train | Node::Eval(_) => true,
+    }
 }
 
 #[cfg(test)]

@@ -55,4 +55,6 @@ pub enum PipelineError {
     Train(#[from] crate::train::TrainError),
     #[error(transparent)]
     Eval(#[from] crate::eval::EvalError),
+    #[error(transparent)]
+    Prefs(#[from] crate::generate::prefs::PrefsError),
 }

@@ -262,7 +262,13 @@ pub async fn plan(
             .position(|d| d.name == s.name)
             .expect("a step");
         let upstream: Vec<PlannedStep> = s.from.iter().map(|f| find(&steps, f)).collect();
-        steps.push(plan_data(p, index, s, &upstream).await?);
+        let step = match &s.action {
+            Action::Prefs { teacher, settings } => {
+                plan_prefs(p, index, s, &p.teachers[teacher], settings, &steps, dtype)?
+            }
+            _ => plan_data(p, index, s, &upstream).await?,
+        };
+        steps.push(step);
     }
     let train = plan_train(p, &steps, dtype, budget)?;
     let train_flops = train.estimate.flops;
@@ -403,6 +409,129 @@ async fn plan_data(
         paid: is_paid,
         estimate,
         warnings,
+    })
+}
+
+/// What decides the final checkpoint of stage `upto` (and so what a student that is that stage
+/// samples): the training step's identity ([`plan_train`]'s settings) over stages 0..=upto, the
+/// files those stages read, and the data steps they read by id.
+fn stages_identity(
+    p: &Pipeline,
+    steps: &[PlannedStep],
+    upto: usize,
+    dtype: DType,
+) -> (Value, Vec<PathBuf>, BTreeMap<String, String>) {
+    let (mut stages, mut files, mut ups) = (Vec::new(), Vec::new(), BTreeMap::new());
+    for (i, stage) in p.train.stages.iter().enumerate().take(upto + 1) {
+        let mut raw = serde_json::to_value(&stage.raw).expect("stage serializes");
+        raw.as_object_mut()
+            .expect("a stage is a table")
+            .remove("checkpoint");
+        for (j, (path, _)) in stage.data.iter().enumerate() {
+            match &p.stage_refs[i][j] {
+                Some(name) => {
+                    let up = steps
+                        .iter()
+                        .find(|s| &s.name == name)
+                        .expect("ordered first");
+                    ups.insert(name.clone(), up.id.clone());
+                    raw["data"][j]["path"] = json!(super::recipe::placeholder(name));
+                }
+                None => files.push(path.clone()),
+            }
+        }
+        if let crate::train::recipe::Init::Checkpoint(d) | crate::train::recipe::Init::Tile(d) =
+            &stage.init
+        {
+            files.push(d.clone());
+        }
+        stages.push(raw);
+    }
+    let settings = json!({
+        "model": p.train.model,
+        "tokenizer": p.train.tokenizer,
+        "seed": p.train.raw.seed,
+        "stages": stages,
+        "dtype": format!("{dtype:?}"),
+    });
+    (settings, files, ups)
+}
+
+/// A prefs step. Its id holds the student's identity: a stage's training settings and inputs
+/// ([`stages_identity`]), so retraining that stage differently makes the pairs stale, or a
+/// checkpoint's files; and the judge's, the rubric's and the prompts'.
+fn plan_prefs(
+    p: &Pipeline,
+    index: usize,
+    s: &DataStep,
+    cfg: &TeacherConfig,
+    settings: &super::recipe::PrefsSettings,
+    steps: &[PlannedStep],
+    dtype: DType,
+) -> Result<PlannedStep, PipelineError> {
+    let known = StepManifest::read(&p.out, &s.name)?;
+    let known_inputs = known.as_ref().map_or(&[][..], |m| &m.inputs[..]);
+    let mut identity = serde_json::to_value(settings).expect("settings serialize");
+    let mut files = s.paths.clone();
+    let mut ups = BTreeMap::new();
+    let mut estimate = Estimate::default();
+    let mut is_paid = false;
+    if settings.student.is_some() {
+        let resolved = cfg.resolve()?;
+        identity["judge"] = teacher_identity(cfg, &resolved);
+        match p.student_stage(s) {
+            Some(stage) => {
+                let (train, stage_files, stage_ups) = stages_identity(p, steps, stage, dtype);
+                identity["student_training"] = train;
+                files.extend(stage_files);
+                ups.extend(stage_ups);
+            }
+            None => files.extend(settings.student.iter().map(PathBuf::from)),
+        }
+        files.extend(settings.prompts.iter().cloned());
+        files.extend(settings.rubric.iter().cloned());
+        // Each prompt: one judge request holding the rubric and every response.
+        let prompts = settings
+            .prompts
+            .as_deref()
+            .and_then(|f| crate::generate::prefs::read_prompts(f).ok())
+            .map_or(0, |v| v.len()) as u64;
+        let prompt_tokens =
+            prompts * (400 + settings.samples as u64 * settings.max_new_tokens as u64);
+        estimate.records = Some(prompts);
+        estimate.cost_usd = teacher_cost(&resolved, prompt_tokens, prompts * 200);
+        estimate.basis = Some("recipe");
+        is_paid = paid(&resolved);
+    }
+    if let Some(missing) = files.iter().find(|f| !f.exists()) {
+        return Err(PipelineError::Usage(format!(
+            "{}: data step `{}` (prefs) reads `{}`, which does not exist (paths are relative to the working directory); fix the path",
+            p.path.display(),
+            s.name,
+            missing.display(),
+        )));
+    }
+    identity["paths"] = json!(s.paths);
+    let inputs = fingerprint(&files, known_inputs)?;
+    let identity = Identity::new(s.kind.name(), identity, inputs, ups);
+    let dir = data_dir(&p.out, &s.name, &identity.id);
+    let status = Status::of(known.as_ref(), &identity.id, &dir);
+    if let (Status::Done, Some(m)) = (&status, &known) {
+        apply_measured(&mut estimate, &m.summary);
+        estimate.cost_usd = Some(0.0);
+    }
+    Ok(PlannedStep {
+        name: s.name.clone(),
+        kind: s.kind.name().into(),
+        node: Node::Data(index),
+        id: identity.id.clone(),
+        identity,
+        dir,
+        status,
+        upstream: p.needs(s).into_iter().map(str::to_string).collect(),
+        paid: is_paid,
+        estimate,
+        warnings: Vec::new(),
     })
 }
 
@@ -573,7 +702,7 @@ fn plan_transform(
         Action::Decontaminate(d) => serde_json::to_value(d),
         Action::Tokenize(t) => serde_json::to_value(t),
         Action::Filter { settings, .. } => serde_json::to_value(settings),
-        Action::Generate { .. } => unreachable!("above"),
+        Action::Generate { .. } | Action::Prefs { .. } => unreachable!("planned by their own"),
     }
     .expect("settings serialize");
     let mut files = s.paths.clone();

@@ -82,6 +82,9 @@ pub enum DataKind {
     Dedup,
     Decontaminate,
     Tokenize,
+    /// DPO pairs (`phigen prefs`): a student samples, a teacher judges; or pairs imported from
+    /// `paths`. A dpo stage reads them (`data = [{ step = … }]`).
+    Prefs,
 }
 
 impl DataKind {
@@ -95,6 +98,7 @@ impl DataKind {
             DataKind::Dedup => "dedup",
             DataKind::Decontaminate => "decontaminate",
             DataKind::Tokenize => "tokenize",
+            DataKind::Prefs => "prefs",
         }
     }
 
@@ -338,6 +342,44 @@ fn batch() -> usize {
     64
 }
 
+/// Options of a prefs step: `phigen prefs`'s flags. `student` and `prompts` make pairs (the
+/// judge is the step's `teacher`); `paths` alone imports them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefsSettings {
+    /// A training stage of this recipe (its final checkpoint samples, so the step runs after
+    /// that stage) or a checkpoint directory or .gguf file.
+    #[serde(default)]
+    pub student: Option<String>,
+    #[serde(default)]
+    pub prompts: Option<PathBuf>,
+    #[serde(default = "two")]
+    pub samples: usize,
+    #[serde(default = "two_hundred_fifty_six")]
+    pub max_new_tokens: usize,
+    #[serde(default = "one")]
+    pub gen_temperature: f64,
+    #[serde(default = "one")]
+    pub gen_top_p: f64,
+    /// Default: the recipe's seed.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Sequences the student generates at once; the pairs do not depend on it.
+    #[serde(default = "eight", skip_serializing)]
+    pub student_batch: usize,
+    #[serde(default)]
+    pub rubric: Option<PathBuf>,
+    #[serde(default = "three")]
+    pub max_attempts: u32,
+}
+
+fn two_hundred_fifty_six() -> usize {
+    256
+}
+fn one() -> f64 {
+    1.0
+}
+
 /// The keys of a filter step that are [`SampleSettings`] and [`ModelSettings`] fields, written
 /// flat in the step's table.
 const SAMPLE_KEYS: [&str; 6] = [
@@ -375,6 +417,11 @@ pub enum Action {
     Dedup(DedupSettings),
     Decontaminate(DecontaminateSettings),
     Tokenize(TokenizeSettings),
+    Prefs {
+        /// The judge (unused by an import).
+        teacher: String,
+        settings: PrefsSettings,
+    },
 }
 
 impl Action {
@@ -382,6 +429,7 @@ impl Action {
     pub fn teacher(&self) -> Option<&str> {
         match self {
             Action::Generate { teacher, .. } | Action::Filter { teacher, .. } => Some(teacher),
+            Action::Prefs { teacher, settings } if settings.student.is_some() => Some(teacher),
             _ => None,
         }
     }
@@ -638,8 +686,36 @@ impl Pipeline {
         self.data.iter().find(|s| s.name == name)
     }
 
-    /// The data steps in an order where every step comes after those it reads (file order where
-    /// free); [`Pipeline::parse`] has checked there is no cycle.
+    /// The stage a prefs step's `student` names (its index), if it names one.
+    pub fn student_stage(&self, s: &DataStep) -> Option<usize> {
+        let Action::Prefs { settings, .. } = &s.action else {
+            return None;
+        };
+        let student = settings.student.as_deref()?;
+        self.train
+            .stages
+            .iter()
+            .position(|st| st.raw.name == student)
+    }
+
+    /// The data steps `s` must come after: those it reads (`from`), and for a prefs step whose
+    /// student is a training stage, those that stage and the stages before it read.
+    pub fn needs<'a>(&'a self, s: &'a DataStep) -> Vec<&'a str> {
+        let mut needs: Vec<&str> = s.from.iter().map(String::as_str).collect();
+        if let Some(stage) = self.student_stage(s) {
+            needs.extend(
+                self.stage_refs[..=stage]
+                    .iter()
+                    .flatten()
+                    .flatten()
+                    .map(String::as_str),
+            );
+        }
+        needs
+    }
+
+    /// The data steps in an order where every step comes after those it needs ([`Pipeline::needs`];
+    /// file order where free); [`Pipeline::parse`] has checked there is no cycle.
     pub fn order(&self) -> Vec<&DataStep> {
         let mut done: BTreeSet<&str> = BTreeSet::new();
         let mut order = Vec::new();
@@ -649,7 +725,7 @@ impl Pipeline {
                 .iter()
                 .find(|s| {
                     !done.contains(s.name.as_str())
-                        && s.from.iter().all(|f| done.contains(f.as_str()))
+                        && self.needs(s).iter().all(|f| done.contains(f))
                 })
                 .expect("checked acyclic");
             done.insert(&next.name);
@@ -707,6 +783,12 @@ impl Pipeline {
                             format!("names `{f}`, a tokenize step: its token shards are training input, not documents"),
                         ))
                     }
+                    Some(up) if up.kind == DataKind::Prefs => {
+                        return Err(self.invalid(
+                            &key,
+                            format!("names `{f}`, a prefs step: its pairs are read by a dpo stage (`data = [{{ step = \"{f}\" }}]`), not by data steps"),
+                        ))
+                    }
                     // Only a textbooks step reads `from` among the generating kinds.
                     Some(up) if s.kind.generates() && up.kind != DataKind::Topics => {
                         return Err(self.invalid(
@@ -723,7 +805,12 @@ impl Pipeline {
                     Some(_) => {}
                 }
             }
-            if !s.kind.generates() && s.from.is_empty() && s.paths.is_empty() {
+            // A prefs step checked its own inputs when parsed.
+            if !s.kind.generates()
+                && s.kind != DataKind::Prefs
+                && s.from.is_empty()
+                && s.paths.is_empty()
+            {
                 return Err(self.invalid(
                     &[Key::Name("data"), Key::Index(i)],
                     format!(
@@ -758,12 +845,27 @@ impl Pipeline {
                     Key::Index(j),
                     Key::Name("step"),
                 ];
+                let stage = &self.train.stages[i];
                 match self.step(name) {
                     Some(s) if s.kind == DataKind::Tokenize => {}
+                    Some(s) if s.kind == DataKind::Prefs => {
+                        if !matches!(stage.objective, crate::train::recipe::Objective::Dpo { .. }) {
+                            return Err(self.invalid(
+                                &key,
+                                format!("names `{name}`, a prefs step, in stage `{}`, which is not a dpo stage; preference pairs train with objective = \"dpo\"", stage.raw.name),
+                            ));
+                        }
+                        if let Some(student) = self.student_stage(s).filter(|&st| st >= i) {
+                            return Err(self.invalid(
+                                &key,
+                                format!("names `{name}`, whose student is stage `{}`: stage `{}` cannot read pairs its own or a later stage's checkpoint makes; move it after `{}`", self.train.stages[student].raw.name, stage.raw.name, self.train.stages[student].raw.name),
+                            ));
+                        }
+                    }
                     Some(s) => {
                         return Err(self.invalid(
                             &key,
-                            format!("names `{name}`, a {} step; training reads token shards: name a tokenize step", s.kind.name()),
+                            format!("names `{name}`, a {} step; training reads token shards (a tokenize step) or DPO pairs (a prefs step)", s.kind.name()),
                         ))
                     }
                     None => {
@@ -1050,7 +1152,7 @@ impl Parser<'_> {
                 None => {
                     return Err(self.invalid(
                         &key,
-                        "needs `kind`: stories, textbooks, exercises, topics, filter, dedup, decontaminate or tokenize".into(),
+                        "needs `kind`: stories, textbooks, exercises, topics, filter, dedup, decontaminate, tokenize or prefs".into(),
                     ))
                 }
             };
@@ -1062,6 +1164,12 @@ impl Parser<'_> {
                     Some(v) => self.typed(v, &[key[0], key[1], Key::Name(k)], ""),
                 }
             };
+            if kind == DataKind::Prefs && t.contains_key("from") {
+                return Err(self.invalid(
+                    &[key[0], key[1], Key::Name("from")],
+                    "a prefs step reads `prompts` (a file or directory, e.g. a chat-data step's output path) with `student`, or imports `paths`; it takes no `from`".into(),
+                ));
+            }
             let (from, paths) = if kind == DataKind::Textbooks && t.contains_key("from") {
                 // The topics come from a topics step: its list is resolved once the run is
                 // planned (TextbooksSettings::topics stays empty until then).
@@ -1122,6 +1230,7 @@ impl Parser<'_> {
                     Action::Tokenize(s)
                 }
                 DataKind::Filter => self.filter(rest, &key, teachers)?,
+                DataKind::Prefs => self.prefs(rest, &key, teachers, &paths, recipe_seed)?,
             };
             steps.push(DataStep {
                 name,
@@ -1132,6 +1241,64 @@ impl Parser<'_> {
             });
         }
         Ok(steps)
+    }
+
+    /// A prefs step: make pairs (`student` and `prompts`) or import them (`paths`), not both.
+    fn prefs(
+        &self,
+        rest: toml::Value,
+        key: &[Key],
+        teachers: &BTreeMap<String, TeacherConfig>,
+        paths: &[PathBuf],
+        recipe_seed: u64,
+    ) -> Result<Action, PipelineRecipeError> {
+        let toml::Value::Table(mut t) = rest else {
+            unreachable!("a table")
+        };
+        let at = |k: &'static str| {
+            let mut p = key.to_vec();
+            p.push(Key::Name(k));
+            p
+        };
+        let teacher = match t.remove("teacher") {
+            Some(v) => Some(self.typed::<String>(v, &at("teacher"), "")?),
+            None => None,
+        };
+        let teacher = self.teacher_name(teacher, &at("teacher"), teachers)?;
+        let mut settings: PrefsSettings =
+            self.typed(toml::Value::Table(t), key, "name, kind, paths, teacher")?;
+        settings.seed.get_or_insert(recipe_seed);
+        match (&settings.student, &settings.prompts, paths.is_empty()) {
+            (Some(_), Some(_), true) | (None, None, false) => {}
+            (_, _, false) => {
+                return Err(self.invalid(
+                    &at("paths"),
+                    "imports pairs; `student` and `prompts` make them: give one or the other".into(),
+                ))
+            }
+            _ => {
+                return Err(self.invalid(
+                    key,
+                    "needs `student` (a training stage or a checkpoint) and `prompts` to make pairs, or `paths` to import them".into(),
+                ))
+            }
+        }
+        if settings.samples < 2 {
+            return Err(self.invalid(
+                &at("samples"),
+                format!(
+                    "must be at least 2 (a pair compares two responses), found {}",
+                    settings.samples
+                ),
+            ));
+        }
+        if settings.max_attempts == 0 || settings.max_attempts > 1000 {
+            return Err(self.invalid(
+                &at("max_attempts"),
+                format!("must be in [1, 1000], found {}", settings.max_attempts),
+            ));
+        }
+        Ok(Action::Prefs { teacher, settings })
     }
 
     /// `name`, checked to be one plain path component.
@@ -1659,5 +1826,66 @@ kind = "loss"
             r.stages[0].steps,
             150_000_000_000u64.div_ceil(2048 * 2048) as usize
         );
+    }
+
+    /// A prefs step whose student is a stage comes after the data that stage reads, however the
+    /// file lists it; a dpo stage after the student reads it. Refused, each with the key and why:
+    /// a stage reading pairs of its own (or a later) checkpoint, a non-dpo stage reading pairs, a
+    /// data step reading pairs, both or neither of import and sampling, one sample.
+    #[test]
+    fn a_prefs_step_runs_between_its_student_and_the_dpo_stage() {
+        let text = RECIPE
+            .replace(
+                "[[data]]\nname = \"stories\"",
+                "[[data]]\nname = \"prefs\"\nkind = \"prefs\"\nstudent = \"pretrain\"\nprompts = \"p.txt\"\n\n[[data]]\nname = \"stories\"",
+            )
+            .replace(
+                "[[eval]]",
+                "[[stage]]\nname = \"dpo\"\nobjective = \"dpo\"\ninit = \"previous\"\nchat_template = \"phi-3\"\ndata = [{ step = \"prefs\" }]\nseq_len = 32\nmicro_batch = 2\nsteps = 2\nlr = 1e-4\n\n[[eval]]",
+            );
+        let p = parse(&text, &[]).unwrap();
+        let order: Vec<&str> = p.order().iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(order, ["stories", "clean", "tok", "prefs"]);
+        assert_eq!(p.student_stage(p.step("prefs").unwrap()), Some(0));
+        assert_eq!(p.needs(p.step("prefs").unwrap()), ["tok"]);
+        assert_eq!(p.stage_refs[1], [Some("prefs".to_string())]);
+        let wrong = [
+            (
+                text.replace("student = \"pretrain\"", "student = \"dpo\""),
+                "cannot read pairs its own or a later stage's checkpoint makes",
+            ),
+            (
+                text.replace("objective = \"dpo\"\n", "objective = \"sft\"\n"),
+                "which is not a dpo stage",
+            ),
+            (
+                text.replace("from = [\"clean\"]", "from = [\"prefs\"]"),
+                "a prefs step: its pairs are read by a dpo stage",
+            ),
+            (
+                text.replace(
+                    "prompts = \"p.txt\"",
+                    "prompts = \"p.txt\"\npaths = [\"x.jsonl\"]",
+                ),
+                "give one or the other",
+            ),
+            (text.replace("prompts = \"p.txt\"\n", ""), "needs `student`"),
+            (
+                text.replace("prompts = \"p.txt\"", "prompts = \"p.txt\"\nsamples = 1"),
+                "must be at least 2",
+            ),
+        ];
+        for (t, want) in wrong {
+            let e = parse(&t, &[]).unwrap_err();
+            assert!(e.contains(want), "{want}: {e}");
+        }
+        // Import: `paths` alone, no student.
+        let import = text.replace(
+            "student = \"pretrain\"\nprompts = \"p.txt\"",
+            "paths = [\"pairs.jsonl\"]",
+        );
+        let p = parse(&import, &[]).unwrap();
+        assert_eq!(p.student_stage(p.step("prefs").unwrap()), None);
+        assert_eq!(p.step("prefs").unwrap().action.teacher(), None);
     }
 }

@@ -270,7 +270,11 @@ fn schedule(cx: &Ctx<'_>, chosen: &[&PlannedStep]) -> Result<Option<RunOutcome>,
                     waiting.remove(k);
                     continue;
                 }
-                let alone = !matches!(step.node, Node::Data(_));
+                // A prefs step whose student is a training stage trains it first.
+                let alone = match step.node {
+                    Node::Data(i) => cx.p.student_stage(&cx.p.data[i]).is_some(),
+                    _ => true,
+                };
                 if running.len() >= opts.jobs.max(1)
                     || running.values().any(|&(_, alone)| alone)
                     || (alone && !running.is_empty())
@@ -534,7 +538,116 @@ async fn run_data(
         Action::Dedup(d) => blocking(|| dedup(cx, step, i, d)),
         Action::Decontaminate(d) => blocking(|| decontaminate(cx, step, i, d)),
         Action::Tokenize(t) => blocking(|| tokenize(cx, step, i, t)),
+        Action::Prefs { teacher, settings } => {
+            prefs(cx, step, i, &cx.p.teachers[teacher], settings, spent).await
+        }
     }
+}
+
+/// A prefs step: imports its `paths`, or has its student sample and the teacher judge. A student
+/// that is a training stage is trained first, into the training step's directory (the stages up
+/// to it, resumed like the training step), where the training step later goes on from it.
+async fn prefs(
+    cx: &Ctx<'_>,
+    step: &PlannedStep,
+    i: usize,
+    teacher: &TeacherConfig,
+    settings: &super::recipe::PrefsSettings,
+    spent: &mut f64,
+) -> Result<StepResult, PipelineError> {
+    use crate::generate::prefs::{self, StudentSampling};
+    let s = &cx.p.data[i];
+    let (Some(student), Some(prompts)) = (&settings.student, &settings.prompts) else {
+        let stats = blocking(|| prefs::import(&s.paths, &step.dir))?;
+        return Ok(StepResult::Done(json!({
+            "records": stats.pairs,
+            "rows": stats.inputs,
+            "dropped": stats.dropped,
+        })));
+    };
+    let student = match cx.p.student_stage(s) {
+        Some(stage) => {
+            if let Some(stopped) = train_until(cx, stage)? {
+                return Ok(stopped);
+            }
+            stage_checkpoint(cx.plan, &cx.p.train.stages[stage].raw.name)?
+        }
+        None => PathBuf::from(student),
+    };
+    let run_settings = prefs::PrefsSettings {
+        prompts: prompts.clone(),
+        student,
+        out: step.dir.clone(),
+        sampling: StudentSampling {
+            samples: settings.samples,
+            max_new_tokens: settings.max_new_tokens,
+            temperature: settings.gen_temperature,
+            top_p: settings.gen_top_p,
+            seed: settings.seed.unwrap_or(cx.p.seed),
+            batch: settings.student_batch,
+        },
+        rubric: settings.rubric.clone(),
+        max_attempts: settings.max_attempts,
+    };
+    let cfg = budgeted(teacher, cx.opts, *spent);
+    let progress = |g: &Progress| (cx.on_event)(Event::Generate(step, g));
+    let stats = stoppable(cx.opts, |state| {
+        prefs::run(&run_settings, &cfg, state, &progress)
+    })
+    .await?;
+    let judging = stats.judging.clone().unwrap_or(Value::Null);
+    let cost = judging["run"]["cost_usd"].as_f64().unwrap_or(0.0);
+    *spent += cost;
+    if !stats.complete {
+        return Ok(if cx.opts.stop.load(Ordering::SeqCst) {
+            StepResult::Interrupted
+        } else {
+            StepResult::Incomplete(format!(
+                "{} pairs so far: the judge stopped ({}) or requests failed; run the same command again to go on",
+                stats.pairs,
+                judging["stopped"]
+            ))
+        });
+    }
+    if stats.pairs == 0 {
+        return Ok(StepResult::Incomplete(format!(
+            "no pair was made from {} prompts (dropped: {}); see {}",
+            stats.inputs,
+            serde_json::to_string(&stats.dropped).unwrap_or_default(),
+            stats.rejects_path.display()
+        )));
+    }
+    Ok(StepResult::Done(json!({
+        "records": stats.pairs,
+        "prompts": stats.inputs,
+        "dropped": stats.dropped,
+        "judge": stats.judge,
+        "student_hash": stats.student_hash,
+        "cost_usd_this_run": cost,
+    })))
+}
+
+/// Trains the stages up to `stage` in the training step's directory (resuming what is there);
+/// `Some` when training stopped before that stage's end.
+fn train_until(cx: &Ctx<'_>, stage: usize) -> Result<Option<StepResult>, PipelineError> {
+    let train = cx.plan.step(TRAIN).expect("planned");
+    let mut opts = train_options(cx.p, cx.plan, train, cx.opts)?;
+    opts.recipe.stages.truncate(stage + 1);
+    opts.recipe.raw.stages.truncate(stage + 1);
+    opts.resume = crate::train::latest_checkpoint(&train.dir, &opts.recipe)?.is_some();
+    // The other ranks of a data parallel launch join at the training step.
+    opts.world = crate::train::dist::World::single();
+    let outcome = blocking(|| crate::train::run(&opts, |e| (cx.on_event)(Event::Train(e))))?;
+    Ok((outcome == crate::train::Outcome::Stopped).then(|| {
+        if cx.opts.stop.load(Ordering::SeqCst) {
+            StepResult::Interrupted
+        } else {
+            StepResult::Incomplete(format!(
+                "training stopped with a checkpoint before the end of stage `{}`, the student of this step; run the same command again to go on",
+                cx.p.train.stages[stage].raw.name
+            ))
+        }
+    }))
 }
 
 async fn generate(

@@ -418,6 +418,9 @@ fn answer_for(prompt: &str, code: Code) -> String {
     if prompt.contains("follows the instructions") {
         return judge_instructions(prompt);
     }
+    if prompt.contains("You are judging answers to the same request") {
+        return judge_responses(prompt);
+    }
     if prompt.contains("per line as a numbered list") {
         return topic_list(prompt);
     }
@@ -499,6 +502,24 @@ fn grade_story(prompt: &str) -> String {
         "The completion continues the story.\nGrammar: {}/10\nCreativity: {}/10\nConsistency: {}/10\nPlot: {}/10\nAge group: {age}",
         g(0), g(1), g(2), g(3)
     )
+}
+
+/// A preference-judging prompt (`phigen prefs`, prompts/prefs-judge.txt) gets a score from 1 to
+/// 10 for each response it shows (`### Response K` headings), from a hash of the prompt and K, in
+/// the `Response K: N/10` lines the rubric asks for.
+fn judge_responses(prompt: &str) -> String {
+    let count = prompt
+        .lines()
+        .filter(|l| l.trim_start().starts_with("### Response "))
+        .count();
+    let mut lines = vec!["The responses differ in how well they answer.".to_string()];
+    for k in 1..=count {
+        lines.push(format!(
+            "Response {k}: {}/10",
+            1 + hash64(prompt, k as u64, 5) % 10
+        ));
+    }
+    lines.join("\n")
 }
 
 /// An instruction-following prompt (`phigen eval stories --instruct`) gets an answer to each

@@ -312,7 +312,7 @@ fn table_format(path: &Path) -> Option<Format> {
 }
 
 /// The records of a jsonl (or `.jsonl.gz`) or Parquet file, as JSON values.
-fn read_records(path: &Path) -> Result<Vec<serde_json::Value>, SftError> {
+pub fn read_records(path: &Path) -> Result<Vec<serde_json::Value>, SftError> {
     if table_format(path) == Some(Format::Parquet) {
         return parquet_records(path);
     }
