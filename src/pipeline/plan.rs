@@ -224,6 +224,7 @@ fn corpus_files(c: &CorpusSettings) -> Vec<PathBuf> {
             opt(&s.leaves_prompt),
         ]
         .concat(),
+        CorpusSettings::Chat(s) => [opt(&s.topics), opt(&s.prompt)].concat(),
     }
 }
 
