@@ -574,6 +574,7 @@ fn plan_transform(
         Action::Decontaminate(d) => serde_json::to_value(d),
         Action::Tokenize(t) => serde_json::to_value(t),
         Action::Filter { settings, .. } => serde_json::to_value(settings),
+        Action::ChatImport(c) => serde_json::to_value(c),
         Action::Generate { .. } => unreachable!("above"),
     }
     .expect("settings serialize");
