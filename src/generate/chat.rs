@@ -264,7 +264,7 @@ fn check_turns(messages: &[Message], lines: Option<&[usize]>) -> Result<(), Drop
     for (i, m) in messages.iter().enumerate() {
         let due = if i < start {
             "system"
-        } else if (i - start) % 2 == 0 {
+        } else if (i - start).is_multiple_of(2) {
             "user"
         } else {
             "assistant"
@@ -943,6 +943,37 @@ mod tests {
             task_instruction: Task::Explain.instruction(),
             difficulty_description: Difficulty::Easy.description(),
         }
+    }
+
+    /// A `messages` column ([`Kind::Messages`]) round-trips through Parquet as the SFT reader
+    /// reads it: a list of `{role, content}` objects, a null cell null; a shard whose cells are all
+    /// null keeps the list-of-struct type (so shards of one directory agree).
+    #[test]
+    fn messages_cells_round_trip_through_parquet() {
+        let dir = tempfile::tempdir().unwrap();
+        let schema: table::Schema = vec![("messages", Kind::Messages)];
+        let m = vec![msg("user", "Hi"), msg("assistant", "Hello")];
+        let a = dir.path().join("a.parquet");
+        table::write_parquet(
+            &a,
+            &schema,
+            &[vec![m.clone().into_cell()], vec![Value::Null]],
+        )
+        .unwrap();
+        let rows = crate::train::sft::parquet_records(&a).unwrap();
+        assert_eq!(rows[0]["messages"], serde_json::to_value(&m).unwrap());
+        assert!(rows[1]["messages"].is_null());
+        let b = dir.path().join("b.parquet");
+        table::write_parquet(&b, &schema, &[vec![Value::Null]]).unwrap();
+        let dtype = |p: &Path| {
+            table::read_frame(p, None)
+                .unwrap()
+                .column("messages")
+                .unwrap()
+                .dtype()
+                .clone()
+        };
+        assert_eq!(dtype(&a), dtype(&b));
     }
 
     /// Hand-written answers in the format prompts/chat.txt asks for.

@@ -504,7 +504,7 @@ impl ChatSettings {
     /// repeat.
     fn corpus(&self, out: &Path) -> Result<super::chat::Chat, GenerateError> {
         use super::chat;
-        super::chat::MAX_TURNS
+        chat::MAX_TURNS
             .check(self.max_turns)
             .map_err(|expected| SetupError::Setting {
                 flag: "--max-turns",

@@ -538,7 +538,7 @@ fn conversation(prompt: &str, code: Code) -> String {
             g % 100_000
         );
         let code = match code {
-            Code::None if h % 3 == 0 => Code::Good,
+            Code::None if h.is_multiple_of(3) => Code::Good,
             c => c,
         };
         if i == 0 {
