@@ -1592,3 +1592,337 @@ async fn prefs_killed_while_judging_resumes_to_the_same_pairs() {
     );
     assert_eq!(stats["dropped"], serde_json::json!({}));
 }
+
+/// Issue 31 item 2 through the binary: `phigen chat-data --n 20` against the mock (whose
+/// conversations are well formed, sometimes with a Python block, and broken Python with
+/// `--rate-bad-code`): 20 records, every one `messages` in OpenAI form with exactly the drawn
+/// number of exchanges; a broken code block is a `syntax_error` drop; the output re-imports as it
+/// is with `--input` (the Parquet `messages` column read back the way an SFT stage reads it); and
+/// a run with --concurrency 1 keeps the same conversations (each is a function of its slot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_data_writes_valid_messages_that_reimport_and_sft_reads() {
+    let faulty = mock(Faults {
+        rate_bad_code: 0.3,
+        ..Faults::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("chat");
+    let args = [
+        "--concurrency",
+        "6",
+        "--max-attempts",
+        "10",
+        "--max-turns",
+        "3",
+    ];
+    let o = run(generate_cmd("chat-data", &faulty, &out, 20, &args)).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = stats(&out);
+    assert_eq!(
+        (s["kind"].as_str(), s["records"].as_u64()),
+        (Some("chat"), Some(20))
+    );
+    assert!(
+        s["run"]["dropped"]["syntax_error"].as_u64().unwrap_or(0) > 0,
+        "{}",
+        s["run"]
+    );
+    // Every record: messages alternate from the user to the assistant, and the user speaks
+    // `turns` times (the drawn exchanges, 1..=3).
+    let mut turns_seen = HashSet::new();
+    let mut parts: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("part-")
+        })
+        .collect();
+    parts.sort();
+    let mut texts = Vec::new();
+    for p in &parts {
+        let df = table::read_frame(p, None).unwrap();
+        let turns = table::int_column(&df, p, "turns").unwrap();
+        texts.extend(table::text_column(&df, p, "text").unwrap());
+        let messages = df.column("messages").unwrap().list().unwrap().clone();
+        for (row, m) in messages.series_iter().enumerate() {
+            let m = m.unwrap();
+            let m = m.struct_().unwrap();
+            let (roles, contents) = (
+                m.field_by_name("role").unwrap(),
+                m.field_by_name("content").unwrap(),
+            );
+            let roles: Vec<String> = roles
+                .str()
+                .unwrap()
+                .iter()
+                .map(|r| r.unwrap().to_string())
+                .collect();
+            let contents = contents.str().unwrap();
+            assert!(contents.iter().all(|c| !c.unwrap().trim().is_empty()));
+            let t = turns[row].unwrap() as usize;
+            turns_seen.insert(t);
+            let expected: Vec<&str> = (0..t).flat_map(|_| ["user", "assistant"]).collect();
+            assert_eq!(roles, expected);
+        }
+    }
+    assert!(
+        turns_seen.len() >= 2,
+        "single and multi-turn: {turns_seen:?}"
+    );
+    assert!(s["corpus"]["conversations_with_code"].as_u64().unwrap() > 0);
+    // The output re-imports as it is: all 20 kept.
+    let again = dir.path().join("again");
+    let mut c = Command::new(BIN);
+    c.args(["--quiet", "chat-data", "--input", out.to_str().unwrap()])
+        .args(["--out", again.to_str().unwrap()]);
+    let o = run(c).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let imported = stats(&again);
+    assert_eq!(
+        (imported["rows"].as_u64(), imported["records"].as_u64()),
+        (Some(20), Some(20))
+    );
+    // Concurrency 1 against a fault-free mock, twice as many workers: the same conversations.
+    let clean = |out: std::path::PathBuf, concurrency: &'static str| async move {
+        let server = mock(Faults::default()).await;
+        let o = run(generate_cmd(
+            "chat-data",
+            &server,
+            &out,
+            12,
+            &["--concurrency", concurrency],
+        ))
+        .await;
+        assert!(o.status.success(), "{}", stderr(&o));
+        let mut r: Vec<(String, i64, String)> = shard_records(&out);
+        r.sort();
+        r
+    };
+    let one = clean(dir.path().join("c1"), "1").await;
+    let eight = clean(dir.path().join("c8"), "8").await;
+    assert_eq!(one.len(), 12);
+    assert_eq!(one, eight);
+}
+
+/// `phigen chat-data --input` on a jsonl file and a Parquet file with bad rows: good rows are kept
+/// with their source file and row, each bad one is counted by reason and its detail names the file
+/// and line (jsonl) or row (Parquet). The second Parquet file is the Hugging Face-style fixture
+/// (written by pyarrow, tests/fixtures/dpo/make_parquet.py): its two conversations are kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_data_imports_jsonl_and_parquet_dropping_bad_rows_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let jsonl = dir.path().join("mixed.jsonl");
+    let conv = |q: &str, a: &str| serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]});
+    let lines = [
+        conv("Name three primary colours.", "Red, yellow and blue.").to_string(),
+        "this is not json".to_string(),
+        conv("Say hi", "").to_string(),
+        serde_json::json!({"messages": [{"role": "assistant", "content": "Hello"}]}).to_string(),
+    ];
+    std::fs::write(&jsonl, lines.join("\n") + "\n").unwrap();
+    let parquet = dir.path().join("bad.parquet");
+    let schema: table::Schema = vec![("messages", table::Kind::Messages)];
+    let rows = vec![
+        vec![
+            serde_json::json!([{"role": "user", "content": "What is 6 times 7?"}, {"role": "assistant", "content": "6 times 7 is 42."}]),
+        ],
+        vec![serde_json::json!([{"role": "user", "content": "Unanswered question"}])],
+        vec![serde_json::Value::Null],
+        vec![
+            serde_json::json!([{"role": "user", "content": "Code?"}, {"role": "assistant", "content": "```python\nprint(\n```"}]),
+        ],
+    ];
+    table::write_parquet(&parquet, &schema, &rows).unwrap();
+    let fixture = Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/dpo/chat.parquet"
+    ));
+    let out = dir.path().join("out");
+    let mut c = Command::new(BIN);
+    c.args(["--quiet", "chat-data", "--input"])
+        .args([&jsonl, &parquet, fixture].map(|p| p.to_str().unwrap().to_string()))
+        .args(["--out", out.to_str().unwrap()]);
+    let o = run(c).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = stats(&out);
+    assert_eq!(
+        (s["rows"].as_u64(), s["records"].as_u64()),
+        (Some(10), Some(4))
+    );
+    assert_eq!(
+        s["rejects_total"],
+        serde_json::json!({"empty_turn": 1, "syntax_error": 1, "unparseable": 4})
+    );
+    let df = table::read_frame(&out.join("part-00000.parquet"), None).unwrap();
+    let sources = table::text_column(&df, &out, "source_file").unwrap();
+    let source_rows = table::int_column(&df, &out, "source_row").unwrap();
+    assert_eq!(
+        sources
+            .iter()
+            .zip(&source_rows)
+            .map(|(f, r)| (
+                Path::new(f.as_deref().unwrap())
+                    .file_name()
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .to_string(),
+                r.unwrap()
+            ))
+            .collect::<Vec<_>>(),
+        vec![
+            ("mixed.jsonl".to_string(), 0),
+            ("bad.parquet".into(), 0),
+            ("chat.parquet".into(), 0),
+            ("chat.parquet".into(), 1)
+        ]
+    );
+    let rejects = table::read_frame(&out.join("rejects.parquet"), None).unwrap();
+    let details: Vec<String> = table::text_column(&rejects, &out, "detail")
+        .unwrap()
+        .into_iter()
+        .flatten()
+        .collect();
+    for expected in [
+        "mixed.jsonl:2: not JSON",
+        "mixed.jsonl:3: message 2 (assistant) is empty",
+        "mixed.jsonl:4: message 1 is `assistant`",
+        "bad.parquet: row 1: ends with message 1",
+        "bad.parquet: row 2: no `messages`",
+        "bad.parquet: row 3: message 2 (assistant), python block 1",
+    ] {
+        assert!(
+            details.iter().any(|d| d.contains(expected)),
+            "{expected}: {details:#?}"
+        );
+    }
+    // A file of another kind is refused by name.
+    let csv = dir.path().join("x.csv");
+    std::fs::write(&csv, "a,b\n").unwrap();
+    let mut c = Command::new(BIN);
+    c.args(["--quiet", "chat-data", "--input", csv.to_str().unwrap()])
+        .args(["--out", out.to_str().unwrap()]);
+    let o = run(c).await;
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("x.csv") && stderr(&o).contains(".jsonl"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// Issue 31 item 2 in a whole-run recipe: a `kind = "chat-data"` step the mock teacher writes and
+/// one that imports a jsonl file (`paths`), both read by an `objective = "sft"` stage with
+/// `{ step = "NAME" }`, which trains on them (two steps of tiny-phi). A pretrain stage naming a
+/// chat-data step is refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipe_makes_chat_data_and_an_sft_stage_trains_on_it() {
+    let server = mock(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let existing = dir.path().join("existing.jsonl");
+    let line = |q: &str, a: &str| {
+        serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+            .to_string()
+    };
+    std::fs::write(
+        &existing,
+        [
+            line("What colour is the sky?", "The sky is blue on a clear day."),
+            line("What is 2 plus 2?", "2 plus 2 is 4."),
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let recipe = |objective: &str| {
+        format!(
+            r#"name = "chat-demo"
+seed = 0
+
+[teacher]
+teacher = "http"
+base_url = "{}"
+model = "mock"
+price_input = 1.0
+price_output = 2.0
+max_cost = 100.0
+
+[[data]]
+name = "chat"
+kind = "chat-data"
+n = 8
+max_turns = 2
+
+[[data]]
+name = "imported"
+kind = "chat-data"
+paths = ["{}"]
+
+[model]
+preset = "tiny-phi"
+vocab_size = 50304
+max_position_embeddings = 128
+
+[[stage]]
+name = "sft"
+objective = "{objective}"
+chat_template = "phi-3"
+data = [{{ step = "chat" }}, {{ step = "imported" }}]
+seq_len = 96
+micro_batch = 2
+steps = 2
+lr = 1e-3
+"#,
+            server.base_url(),
+            existing.display()
+        )
+    };
+    let path = dir.path().join("chat.toml");
+    let out = dir.path().join("run");
+    let train = |path: &Path| {
+        let mut c = Command::new(BIN);
+        c.args(["--quiet", "train", "--recipe", path.to_str().unwrap()])
+            .args(["--out", out.to_str().unwrap()])
+            .env_remove("OPENAI_API_KEY")
+            .env_remove("OPENAI_BASE_URL")
+            .env_remove("PHIGEN_TEACHER")
+            .env_remove("PHIGEN_MODEL");
+        c
+    };
+    std::fs::write(&path, recipe("sft")).unwrap();
+    let o = run(train(&path)).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let manifest = |step: &str| -> serde_json::Value {
+        serde_json::from_slice(
+            &std::fs::read(out.join("steps").join(format!("{step}.json"))).unwrap(),
+        )
+        .unwrap()
+    };
+    assert_eq!(
+        manifest("chat")["summary"]["records"],
+        8,
+        "{}",
+        manifest("chat")
+    );
+    assert_eq!(manifest("imported")["summary"]["records"], 2);
+    let train_dir = std::path::PathBuf::from(manifest("train")["dir"].as_str().unwrap());
+    assert!(train_dir.join("sft").is_dir(), "{}", train_dir.display());
+    // A pretrain stage reads token shards, not conversations.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        recipe("pretrain").replace("chat_template = \"phi-3\"\n", ""),
+    )
+    .unwrap();
+    let o = run(train(&bad)).await;
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("chat-data step") && stderr(&o).contains("objective = \"sft\""),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -22,6 +22,9 @@ pub enum Kind {
     Float,
     Text,
     TextList,
+    /// A conversation, OpenAI style: a list of `{role, content}` structs (cells are JSON arrays of
+    /// such objects), as Hugging Face chat datasets store `messages`.
+    Messages,
 }
 
 pub type Schema = Vec<(&'static str, Kind)>;
@@ -228,11 +231,46 @@ pub fn frame<R: Cells>(schema: &Schema, rows: &[R]) -> PolarsResult<DataFrame> {
                     }
                     b.finish().into_series()
                 }
+                Kind::Messages => {
+                    let lists: Vec<Option<Series>> = cells
+                        .map(|v| v.and_then(Value::as_array).map(|m| message_structs(m)))
+                        .collect();
+                    let mut ca = if lists.iter().all(Option::is_none) {
+                        ListChunked::full_null_with_dtype(name.into(), rows.len(), &message_dtype())
+                    } else {
+                        lists.into_iter().collect::<ListChunked>()
+                    };
+                    ca.rename(name.into());
+                    ca.into_series()
+                }
             };
             series.into_column()
         })
         .collect();
     DataFrame::new(rows.len(), columns)
+}
+
+/// The struct of one message of a [`Kind::Messages`] column.
+fn message_dtype() -> DataType {
+    DataType::Struct(vec![
+        Field::new("role".into(), DataType::String),
+        Field::new("content".into(), DataType::String),
+    ])
+}
+
+/// The messages of one conversation cell as a struct series (a missing field is null).
+fn message_structs(messages: &[Value]) -> Series {
+    let field = |k: &str| -> Vec<Option<&str>> {
+        messages
+            .iter()
+            .map(|m| m.get(k).and_then(Value::as_str))
+            .collect()
+    };
+    let role = Series::new("role".into(), field("role"));
+    let content = Series::new("content".into(), field("content"));
+    StructChunked::from_series("".into(), messages.len(), [role, content].iter())
+        .expect("role and content hold one value per message")
+        .into_series()
 }
 
 /// Writes `rows` to `path` atomically as zstd-compressed Parquet.
@@ -327,6 +365,12 @@ pub(crate) fn cell_fits(kind: Kind, cell: &Value) -> bool {
             Kind::TextList => cell
                 .as_array()
                 .is_some_and(|items| items.iter().all(Value::is_string)),
+            Kind::Messages => cell.as_array().is_some_and(|items| {
+                items.iter().all(|m| {
+                    m.get("role").is_some_and(Value::is_string)
+                        && m.get("content").is_some_and(Value::is_string)
+                })
+            }),
         }
 }
 

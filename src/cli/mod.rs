@@ -31,7 +31,7 @@ use crate::generate::engine::{
 };
 use crate::generate::exercises::Verify;
 use crate::generate::run::{
-    CorpusSettings, ExercisesSettings, Progress, StoriesSettings, TextbooksSettings,
+    ChatSettings, CorpusSettings, ExercisesSettings, Progress, StoriesSettings, TextbooksSettings,
 };
 use crate::generate::textbooks::SectionStyle;
 use crate::generate::topics::{self, TopicsSettings};
@@ -66,6 +66,8 @@ pub enum Command {
     Exercises(ExercisesArgs),
     /// Expand seed subjects into a large topic list (subject > subtopic > leaf) with the teacher, near duplicates removed: OUT/topics.txt, which `textbooks --topics` reads.
     Topics(TopicsArgs),
+    /// Write chat SFT data: conversations (single and multi-turn, topic × task × difficulty) the teacher writes, parsed into OpenAI-style `messages` that an `objective = "sft"` stage reads; or, with --input, check and import existing jsonl/Parquet `messages` data.
+    ChatData(ChatDataArgs),
     /// Combine the N tasks of a sharded generation, decontamination or tokenize (--shard K/N, or a Slurm / Kubernetes array) in DIR: checks that every task finished, with the same settings, then writes DIR/stats.json (contamination.json; the token shards and meta.json).
     Merge(MergeArgs),
     /// Serve a deterministic fake OpenAI-compatible API on loopback (tests, benchmarks, trying a pipeline offline).
@@ -376,6 +378,29 @@ pub struct TopicsArgs {
     pub teacher: TeacherArgs,
 }
 
+#[derive(Debug, Clone, Args)]
+pub struct ChatDataArgs {
+    /// Import existing conversations instead of asking the teacher: jsonl (.jsonl.gz too) or Parquet files with OpenAI-style `messages` ([{role, content}, …]), or directories of them. Each row gets the same checks (drops counted by reason in stats.json, with file and line in rejects.parquet); records keep their source file and row.
+    #[arg(long, num_args = 1.., conflicts_with_all = ["topics", "max_turns", "prompt"])]
+    pub input: Vec<PathBuf>,
+    /// Topics file: one `topic` or `topic > subtopic` a line (or `phigen topics`'s list), `#` comments [default: the built-in seeds/chat-topics.txt].
+    #[arg(long)]
+    pub topics: Option<PathBuf>,
+    /// Exchanges (a user message and the assistant's answer) a conversation has at most; each one draws 1 to this.
+    #[arg(long, default_value_t = crate::generate::chat::DEFAULT_MAX_TURNS, value_parser = ints(crate::generate::chat::MAX_TURNS))]
+    pub max_turns: u64,
+    /// Prompt template file [default: the built-in prompts/chat.txt].
+    #[arg(long)]
+    pub prompt: Option<PathBuf>,
+    /// Output directory.
+    #[arg(long, default_value = "data/chat")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub output: OutputArgs,
+    #[command(flatten)]
+    pub teacher: TeacherArgs,
+}
+
 /// Which task of an array job a run is, for the stages that shard (generation, decontaminate,
 /// tokenize).
 #[derive(Debug, Clone, Args)]
@@ -552,6 +577,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 web: args.web,
                 subtopics_prompt: args.subtopics_prompt,
                 leaves_prompt: args.leaves_prompt,
+            });
+            let (output, teacher) = (&args.output, &args.teacher);
+            with_storage(&[], &args.out, |_, out| async move {
+                generate(&settings, &out, output, teacher, cli.quiet).await
+            })
+            .await
+        }
+        Command::ChatData(args) if !args.input.is_empty() => {
+            let args = &args;
+            with_storage(&args.input, &args.out, |input, out| async move {
+                import_chat(&input, &out, args.output.shard_size, cli.quiet)
+            })
+            .await
+        }
+        Command::ChatData(args) => {
+            let settings = CorpusSettings::Chat(ChatSettings {
+                topics: args.topics,
+                max_turns: args.max_turns,
+                prompt: args.prompt,
             });
             let (output, teacher) = (&args.output, &args.teacher);
             with_storage(&[], &args.out, |_, out| async move {
@@ -740,6 +784,39 @@ async fn generate(
         .await;
     live.finish();
     Ok(finished(&result?, out, quiet))
+}
+
+/// `phigen chat-data --input`: imports the conversations of `input` into `out`.
+fn import_chat(
+    input: &[PathBuf],
+    out: &Path,
+    shard_size: usize,
+    quiet: bool,
+) -> anyhow::Result<Outcome> {
+    use crate::generate::chat::{import, ChatImportSettings};
+    let stats = import(input, out, &ChatImportSettings { shard_size })?;
+    if !quiet {
+        let drops = stats
+            .rejects_total
+            .iter()
+            .map(|(r, c)| format!("{r} {c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        println!(
+            "{}: kept {} of {} conversations ({:.1}%){}; wrote {}",
+            out.display(),
+            stats.records,
+            stats.rows,
+            100.0 * stats.keep_rate,
+            if drops.is_empty() {
+                String::new()
+            } else {
+                format!(", dropped: {drops}")
+            },
+            out.join("stats.json").display()
+        );
+    }
+    Ok(Outcome::Complete)
 }
 
 /// Prints a finished generation's summary (unless `quiet`) and says how it ended.

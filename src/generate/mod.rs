@@ -5,6 +5,7 @@
 //! to check an answer; the engine ([`engine::generate`]) does the rest — ids, resume, retries of
 //! dropped prompts, budget, shards, rejects and `stats.json` — the same way for every corpus.
 
+pub mod chat;
 pub mod engine;
 pub mod exercises;
 pub mod instruct;
@@ -51,7 +52,8 @@ pub enum DropReason {
     NoTests,
     /// An exercise whose asserts failed, timed out or crashed in the sandbox.
     TestsFailed,
-    /// A rating without a score in the format the prompt asks for.
+    /// A rating without a score in the format the prompt asks for; a conversation that is not
+    /// user/assistant turns in the format asked for (or, imported, not OpenAI `messages`).
     Unparseable,
     /// The request failed after all retries; the prompt is sent again by a later run.
     RequestFailed,
@@ -65,6 +67,10 @@ pub enum DropReason {
     NotEnglish,
     /// A prose section nearly the same as a kept one (MinHash, `textbooks --style prose`).
     NearDuplicate,
+    /// A conversation with another number of exchanges than its prompt asked for.
+    WrongTurns,
+    /// A conversation with a message that has no text.
+    EmptyTurn,
 }
 
 impl DropReason {
@@ -88,6 +94,8 @@ impl DropReason {
             DropReason::NoSolution => "no_solution",
             DropReason::NotEnglish => "not_english",
             DropReason::NearDuplicate => "near_duplicate",
+            DropReason::WrongTurns => "wrong_turns",
+            DropReason::EmptyTurn => "empty_turn",
         }
     }
 }
@@ -240,7 +248,7 @@ pub fn common_checks(
 
 /// Refusals open with one of these; only the opening is checked, since a story may well contain
 /// "I'm sorry" in its dialogue.
-fn refusal_opening(text: &str) -> Option<&'static str> {
+pub(crate) fn refusal_opening(text: &str) -> Option<&'static str> {
     const OPENINGS: &[&str] = &[
         "i'm sorry",
         "i’m sorry",
@@ -322,7 +330,7 @@ mod tests {
 
     /// Every reason, as `rejects.parquet` and `stats.json` name it (the names phigen has always
     /// written; a new reason needs a line here, or the match below stops compiling).
-    const NAMES: [(DropReason, &str); 18] = [
+    const NAMES: [(DropReason, &str); 20] = [
         (DropReason::Empty, "empty"),
         (DropReason::Truncated, "truncated"),
         (DropReason::TooShort, "too_short"),
@@ -341,6 +349,8 @@ mod tests {
         (DropReason::NoSolution, "no_solution"),
         (DropReason::NotEnglish, "not_english"),
         (DropReason::NearDuplicate, "near_duplicate"),
+        (DropReason::WrongTurns, "wrong_turns"),
+        (DropReason::EmptyTurn, "empty_turn"),
     ];
 
     #[test]
@@ -366,6 +376,8 @@ mod tests {
                 DropReason::NoSolution => 15,
                 DropReason::NotEnglish => 16,
                 DropReason::NearDuplicate => 17,
+                DropReason::WrongTurns => 18,
+                DropReason::EmptyTurn => 19,
             };
             assert_eq!(listed, i);
             assert_eq!(r.to_string(), name);

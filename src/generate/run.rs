@@ -465,6 +465,68 @@ pub enum CorpusSettings {
     Textbooks(TextbooksSettings),
     Exercises(ExercisesSettings),
     Topics(super::topics::TopicsSettings),
+    /// Chat SFT conversations (`phigen chat-data`).
+    Chat(ChatSettings),
+}
+
+fn default_max_turns() -> u64 {
+    super::chat::DEFAULT_MAX_TURNS
+}
+
+/// Chat SFT conversations (`phigen chat-data`, a recipe's `kind = "chat-data"` step).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatSettings {
+    /// Topics file (`topic` or `topic > subtopic` a line, or `phigen topics`'s list) [default:
+    /// the built-in seeds/chat-topics.txt].
+    #[serde(default)]
+    pub topics: Option<PathBuf>,
+    /// Exchanges (user message and answer) a conversation has at most; each draws 1 to this.
+    #[serde(default = "default_max_turns")]
+    pub max_turns: u64,
+    /// [default: the built-in prompts/chat.txt]
+    #[serde(default)]
+    pub prompt: Option<PathBuf>,
+}
+
+impl Default for ChatSettings {
+    fn default() -> Self {
+        ChatSettings {
+            topics: None,
+            max_turns: default_max_turns(),
+            prompt: None,
+        }
+    }
+}
+
+impl ChatSettings {
+    /// `out`: the directory the conversations go to, whose kept ones new ones must not nearly
+    /// repeat.
+    fn corpus(&self, out: &Path) -> Result<super::chat::Chat, GenerateError> {
+        use super::chat;
+        chat::MAX_TURNS
+            .check(self.max_turns)
+            .map_err(|expected| SetupError::Setting {
+                flag: "--max-turns",
+                found: self.max_turns.to_string(),
+                expected,
+            })?;
+        let template =
+            Template::load_or_builtin(self.prompt.as_deref(), "chat.txt", chat::BUILTIN_TEMPLATE)?;
+        let topics = match &self.topics {
+            Some(p) => textbooks::load_topics(Some(p)),
+            None => {
+                textbooks::parse_topics("<built-in seeds/chat-topics.txt>", chat::BUILTIN_TOPICS)
+            }
+        }
+        .map_err(SetupError::from)?;
+        Ok(chat::Chat::new(
+            template,
+            topics,
+            self.max_turns,
+            &chat::kept_texts(out)?,
+        ))
+    }
 }
 
 impl StoriesSettings {
@@ -664,6 +726,7 @@ impl CorpusSettings {
             CorpusSettings::Textbooks(_) => 2048,
             CorpusSettings::Exercises(_) => 1024,
             CorpusSettings::Topics(_) => 1024,
+            CorpusSettings::Chat(_) => 2048,
         }
     }
 
@@ -701,6 +764,10 @@ impl CorpusSettings {
                 check_options(opts)?;
                 super::topics::run(s, cfg, opts, max, state, progress).await
             }
+            CorpusSettings::Chat(s) => {
+                let corpus = Arc::new(s.corpus(&in_task_dir(opts).out)?);
+                run_corpus(corpus, cfg, opts, max, state, progress).await
+            }
         }
     }
 
@@ -737,6 +804,9 @@ impl CorpusSettings {
             CorpusSettings::Topics(s) => {
                 check_options(opts)?;
                 s.dry_run(cfg, opts, max)
+            }
+            CorpusSettings::Chat(s) => {
+                dry_run_corpus(Arc::new(s.corpus(&in_task_dir(opts).out)?), cfg, opts, max)
             }
         }
     }

@@ -409,16 +409,16 @@ pub fn english_share(english: &HashSet<String>, text: &str) -> f64 {
     }
 }
 
-/// The sections kept so far as MinHash-LSH buckets (datatrove's 14 bands × 8 rows of word
+/// The sections (or conversations, [`super::chat`]) kept so far as MinHash-LSH buckets (datatrove's 14 bands × 8 rows of word
 /// 5-grams), to find near duplicates as they are written.
-struct NearDuplicates {
+pub(crate) struct NearDuplicates {
     hasher: MinHasher,
     signatures: Vec<Vec<u64>>,
     buckets: HashMap<(usize, u64), Vec<usize>>,
 }
 
 impl NearDuplicates {
-    fn new() -> NearDuplicates {
+    pub(crate) fn new() -> NearDuplicates {
         NearDuplicates {
             hasher: MinHasher::new(Params::default()),
             signatures: Vec::new(),
@@ -428,7 +428,7 @@ impl NearDuplicates {
 
     /// The similarity of the kept section `text` nearly repeats, if any; otherwise `text` is
     /// kept (from now on others are compared with it).
-    fn check_and_keep(&mut self, text: &str) -> Option<f64> {
+    pub(crate) fn check_and_keep(&mut self, text: &str) -> Option<f64> {
         let sig = self.hasher.signature(text);
         let bands = self.hasher.params().bands;
         let keys: Vec<(usize, u64)> = (0..bands)

@@ -224,6 +224,7 @@ fn corpus_files(c: &CorpusSettings) -> Vec<PathBuf> {
             opt(&s.leaves_prompt),
         ]
         .concat(),
+        CorpusSettings::Chat(s) => [opt(&s.topics), opt(&s.prompt)].concat(),
     }
 }
 
@@ -702,6 +703,7 @@ fn plan_transform(
         Action::Decontaminate(d) => serde_json::to_value(d),
         Action::Tokenize(t) => serde_json::to_value(t),
         Action::Filter { settings, .. } => serde_json::to_value(settings),
+        Action::ChatImport(c) => serde_json::to_value(c),
         Action::Generate { .. } | Action::Prefs { .. } => unreachable!("planned by their own"),
     }
     .expect("settings serialize");

@@ -8,7 +8,7 @@
 //! [teachers.judge]                  # more teachers, named
 //! [[data]]                          # named data steps, run in dependency order
 //! name = "textbooks"
-//! kind = "textbooks"                # stories | textbooks | exercises | topics | filter | dedup | decontaminate | tokenize
+//! kind = "textbooks"                # stories | textbooks | exercises | topics | chat-data | filter | dedup | decontaminate | tokenize
 //! n = 200                           # or tokens = "5M"
 //! topics = "seeds/topics.txt"      # or from = ["STEP"], a `kind = "topics"` step's list
 //! [[data]]
@@ -78,6 +78,10 @@ pub enum DataKind {
     Exercises,
     /// A topic list (`phigen topics`) that a textbooks step reads with `from`.
     Topics,
+    /// Chat SFT conversations (`phigen chat-data`), written by the teacher, or imported from
+    /// `paths` / `from`; an `objective = "sft"` stage reads them with `{ step = "NAME" }`.
+    #[serde(rename = "chat-data")]
+    ChatData,
     Filter,
     Dedup,
     Decontaminate,
@@ -94,6 +98,7 @@ impl DataKind {
             DataKind::Textbooks => "textbooks",
             DataKind::Exercises => "exercises",
             DataKind::Topics => "topics",
+            DataKind::ChatData => "chat-data",
             DataKind::Filter => "filter",
             DataKind::Dedup => "dedup",
             DataKind::Decontaminate => "decontaminate",
@@ -422,6 +427,8 @@ pub enum Action {
         teacher: String,
         settings: PrefsSettings,
     },
+    /// A `kind = "chat-data"` step with inputs: their conversations checked and imported.
+    ChatImport(crate::generate::chat::ChatImportSettings),
 }
 
 impl Action {
@@ -444,6 +451,13 @@ pub struct DataStep {
     /// Files and directories outside the recipe run.
     pub paths: Vec<PathBuf>,
     pub action: Action,
+}
+
+impl DataStep {
+    /// Whether the step asks a teacher for new records (a chat-data step with inputs imports).
+    fn generates(&self) -> bool {
+        matches!(self.action, Action::Generate { .. })
+    }
 }
 
 /// What an eval step measures.
@@ -790,13 +804,13 @@ impl Pipeline {
                         ))
                     }
                     // Only a textbooks step reads `from` among the generating kinds.
-                    Some(up) if s.kind.generates() && up.kind != DataKind::Topics => {
+                    Some(up) if s.generates() && up.kind != DataKind::Topics => {
                         return Err(self.invalid(
                             &key,
                             format!("names `{f}`, a {} step; a textbooks step reads the topic list of a `kind = \"topics\"` step", up.kind.name()),
                         ))
                     }
-                    Some(up) if !s.kind.generates() && up.kind == DataKind::Topics => {
+                    Some(up) if !s.generates() && up.kind == DataKind::Topics => {
                         return Err(self.invalid(
                             &key,
                             format!("names `{f}`, a topics step: its output is a topic list for a textbooks step (`from = [\"{f}\"]` there), not documents"),
@@ -806,7 +820,7 @@ impl Pipeline {
                 }
             }
             // A prefs step checked its own inputs when parsed.
-            if !s.kind.generates()
+            if !s.generates()
                 && s.kind != DataKind::Prefs
                 && s.from.is_empty()
                 && s.paths.is_empty()
@@ -846,8 +860,17 @@ impl Pipeline {
                     Key::Name("step"),
                 ];
                 let stage = &self.train.stages[i];
+                let sft = matches!(stage.objective, crate::train::recipe::Objective::Sft { .. });
                 match self.step(name) {
                     Some(s) if s.kind == DataKind::Tokenize => {}
+                    // An SFT stage reads conversations: a chat-data step's records.
+                    Some(s) if s.kind == DataKind::ChatData && sft => {}
+                    Some(s) if s.kind == DataKind::ChatData => {
+                        return Err(self.invalid(
+                            &key,
+                            format!("names `{name}`, a chat-data step: its conversations are read by a stage with objective = \"sft\"; set it, or name a tokenize step"),
+                        ))
+                    }
                     Some(s) if s.kind == DataKind::Prefs => {
                         if !matches!(stage.objective, crate::train::recipe::Objective::Dpo { .. }) {
                             return Err(self.invalid(
@@ -865,7 +888,7 @@ impl Pipeline {
                     Some(s) => {
                         return Err(self.invalid(
                             &key,
-                            format!("names `{name}`, a {} step; training reads token shards (a tokenize step) or DPO pairs (a prefs step)", s.kind.name()),
+                            format!("names `{name}`, a {} step; training reads token shards (a tokenize step), conversations (a chat-data step, in an sft stage) or DPO pairs (a prefs step, in a dpo stage)", s.kind.name()),
                         ))
                     }
                     None => {
@@ -1152,7 +1175,7 @@ impl Parser<'_> {
                 None => {
                     return Err(self.invalid(
                         &key,
-                        "needs `kind`: stories, textbooks, exercises, topics, filter, dedup, decontaminate, tokenize or prefs".into(),
+                        "needs `kind`: stories, textbooks, exercises, topics, chat-data, filter, dedup, decontaminate, tokenize or prefs".into(),
                     ))
                 }
             };
@@ -1189,7 +1212,11 @@ impl Parser<'_> {
                 }
                 t.insert("topics".into(), toml::Value::String(String::new()));
                 (from, Vec::new())
-            } else if kind.generates() {
+            } else if kind.generates()
+                || (kind == DataKind::ChatData
+                    && !t.contains_key("from")
+                    && !t.contains_key("paths"))
+            {
                 (Vec::new(), Vec::new())
             } else {
                 let from = strings(&mut t, "from")?;
@@ -1205,6 +1232,13 @@ impl Parser<'_> {
                 | DataKind::Textbooks
                 | DataKind::Exercises
                 | DataKind::Topics => self.generate(kind, rest, &key, teachers, recipe_seed)?,
+                // Without inputs the teacher writes the conversations.
+                DataKind::ChatData if from.is_empty() && paths.is_empty() => {
+                    self.generate(kind, rest, &key, teachers, recipe_seed)?
+                }
+                DataKind::ChatData => {
+                    Action::ChatImport(self.typed(rest, &key, "name, kind, from, paths")?)
+                }
                 DataKind::Dedup => {
                     Action::Dedup(self.typed(rest, &key, "name, kind, from, paths")?)
                 }
@@ -1400,6 +1434,7 @@ impl Parser<'_> {
                 }
                 CorpusSettings::Topics(self.typed::<TopicsSettings>(settings, key, also)?)
             }
+            DataKind::ChatData => CorpusSettings::Chat(self.typed(settings, key, also)?),
             _ => unreachable!("a generating kind"),
         };
         Ok(Action::Generate {

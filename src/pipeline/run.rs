@@ -541,6 +541,7 @@ async fn run_data(
         Action::Prefs { teacher, settings } => {
             prefs(cx, step, i, &cx.p.teachers[teacher], settings, spent).await
         }
+        Action::ChatImport(c) => blocking(|| chat_import(cx, step, i, c)),
     }
 }
 
@@ -648,6 +649,35 @@ fn train_until(cx: &Ctx<'_>, stage: usize) -> Result<Option<StepResult>, Pipelin
             ))
         }
     }))
+}
+
+/// A `kind = "chat-data"` step with inputs: their conversations checked and imported.
+fn chat_import(
+    cx: &Ctx<'_>,
+    step: &PlannedStep,
+    i: usize,
+    c: &crate::generate::chat::ChatImportSettings,
+) -> Result<StepResult, PipelineError> {
+    let stats = crate::generate::chat::import(&inputs(cx.p, cx.plan, i), &step.dir, c)
+        .map_err(|e| PipelineError::Usage(format!("step `{}`: {e}", step.name)))?;
+    if stats.records == 0 {
+        return Ok(StepResult::Incomplete(format!(
+            "no conversation of {} rows was kept ({}); see {}",
+            stats.rows,
+            stats
+                .rejects_total
+                .iter()
+                .map(|(r, n)| format!("{r} {n}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            step.dir.join("rejects.parquet").display()
+        )));
+    }
+    Ok(StepResult::Done(json!({
+        "records": stats.records,
+        "rows_in": stats.rows,
+        "keep_rate": stats.keep_rate,
+    })))
 }
 
 async fn generate(

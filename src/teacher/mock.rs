@@ -424,6 +424,9 @@ fn answer_for(prompt: &str, code: Code) -> String {
     if prompt.contains("per line as a numbered list") {
         return topic_list(prompt);
     }
+    if prompt.contains("### Assistant") && prompt.contains("Exchanges: ") {
+        return conversation(prompt, code);
+    }
     let quoted: Vec<&str> = prompt
         .split(['"', '“', '”'])
         .skip(1)
@@ -478,6 +481,83 @@ fn answer_for(prompt: &str, code: Code) -> String {
         )),
     }
     parts.join(" ")
+}
+
+/// A chat-data prompt (`phigen chat-data`: `### User` / `### Assistant` blocks, `Exchanges: N`)
+/// gets a well-formed conversation of N exchanges (1 if the line is missing, at most 20), its
+/// sentences drawn from a hash of the prompt. The first answer holds a Python block when the
+/// prompt names Python (one that does not parse with `--rate-bad-code`, none with
+/// `--rate-no-code`), and a small one anyway for a third of the other prompts.
+fn conversation(prompt: &str, code: Code) -> String {
+    const NOUNS: [&str; 16] = [
+        "river", "engine", "garden", "market", "planet", "bridge", "library", "kitchen", "forest",
+        "harbor", "school", "clock", "orchard", "castle", "meadow", "workshop",
+    ];
+    const VERBS: [&str; 12] = [
+        "feeds", "moves", "shapes", "measures", "protects", "connects", "warms", "balances",
+        "changes", "follows", "supports", "lights",
+    ];
+    let turns = prompt
+        .lines()
+        .find_map(|l| l.strip_prefix("Exchanges: "))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(1)
+        .clamp(1, 20);
+    let topic = prompt
+        .lines()
+        .find_map(|l| l.strip_prefix("Topic: "))
+        .unwrap_or("this")
+        .trim();
+    let h = hash64(prompt, 0, 7);
+    let n = h % 1000;
+    let mut blocks = Vec::new();
+    for i in 0..turns {
+        let g = hash64(prompt, i + 1, 7);
+        let clause = |k: u64| {
+            let x = g >> (k * 8);
+            format!(
+                "the {} {} the {}",
+                NOUNS[(x % 16) as usize],
+                VERBS[((x >> 4) % 12) as usize],
+                NOUNS[((x >> 2) % 16) as usize]
+            )
+        };
+        let question = if i == 0 {
+            format!(
+                "Can you help me with {topic}? I read that {} and that {}.",
+                clause(0),
+                clause(1)
+            )
+        } else {
+            format!("Thanks. And what if {}? (follow-up {})", clause(0), i + 1)
+        };
+        let mut answer = format!(
+            "Good question. In short, {}, so {}. After that {}, which is why {}. Remember the number {}.",
+            clause(2),
+            clause(3),
+            clause(4),
+            clause(5),
+            g % 100_000
+        );
+        let code = match code {
+            Code::None if h.is_multiple_of(3) => Code::Good,
+            c => c,
+        };
+        if i == 0 {
+            match code {
+                Code::None => {}
+                Code::Good | Code::Failing => answer.push_str(&format!(
+                    "\n\n```python\ndef step_{n}(x):\n    return x + {n}\n\nprint(step_{n}(1))\n```"
+                )),
+                Code::Broken => answer.push_str(&format!(
+                    "\n\n```python\nfor i in range({n})\n    print(i)\n```"
+                )),
+            }
+        }
+        blocks.push(format!("### User\n{question}\n\n### Assistant\n{answer}"));
+    }
+    blocks.join("\n\n")
 }
 
 /// A rating prompt (`phigen annotate`) gets a rule-of-thumb rating of the fenced code: 4 with a

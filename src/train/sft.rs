@@ -338,7 +338,7 @@ pub fn read_records(path: &Path) -> Result<Vec<serde_json::Value>, SftError> {
 
 /// Parquet rows as JSON: strings stay strings, lists of structs become arrays of objects (the
 /// `messages` column), so both formats go through the same deserializer.
-fn parquet_records(path: &Path) -> Result<Vec<serde_json::Value>, SftError> {
+pub(crate) fn parquet_records(path: &Path) -> Result<Vec<serde_json::Value>, SftError> {
     use polars::prelude::AnyValue;
     let df = crate::artifact::table::read_frame(path, None).map_err(|e| SftError::Parquet {
         path: path.to_path_buf(),
