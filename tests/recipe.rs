@@ -2051,3 +2051,80 @@ checkpoint_every = 3
         started.elapsed()
     );
 }
+
+/// Issue 31 item 5: the shipped phi-3-tiny recipe runs pretrain → SFT → DPO end to end, with the
+/// mock in place of the local teacher and fewer records and steps: the chat-data step feeds the
+/// sft stage; the prefs step reads its prompts from the chat-data step (`from`), samples the sft
+/// stage's final checkpoint (every pair names that checkpoint's hash) and the dpo stage trains on
+/// the pairs; the chat stages' checkpoints carry the phi-3 template, so `phigen serve` answers in
+/// it; a second run skips every step and sends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_phi3_tiny_recipe_pretrains_then_sft_then_dpo() {
+    let server = mock(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("phi3");
+    let base = format!("teacher.base_url=\"{}\"", server.base_url());
+    let sets = [
+        "teacher.teacher=\"http\"",
+        "teacher.price_input=0",
+        "teacher.price_output=0",
+        base.as_str(),
+        "teacher.model=\"mock\"",
+        "data.0.n=24",
+        "data.1.val_fraction=0.25",
+        "data.2.n=24",
+        "data.3.max_new_tokens=12",
+        "stage.0.steps=4",
+        "stage.0.warmup=1",
+        "stage.0.eval_every=2",
+        "stage.0.checkpoint_every=2",
+        "stage.1.steps=4",
+        "stage.1.warmup=1",
+        "stage.1.eval_every=2",
+        "stage.1.checkpoint_every=2",
+        "stage.2.steps=3",
+        "stage.2.warmup=1",
+        "stage.2.eval_every=3",
+        "stage.2.checkpoint_every=3",
+    ];
+    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/phi-3-tiny.toml");
+    let mut args: Vec<&str> = Vec::new();
+    for s in &sets {
+        args.extend(["--set", s]);
+    }
+    let o = run(train_cmd(&recipe, &out, &args)).await;
+    assert!(o.status.success(), "{}", text(&o));
+    let train = step_dir(&out, "train");
+    let sft = train.join("sft").join("step-000004");
+    let dpo = train.join("dpo").join("step-000003");
+    for ckpt in [&sft, &dpo] {
+        let template = std::fs::read_to_string(ckpt.join("chat_template.jinja")).unwrap();
+        assert!(template.contains("<|end|>"), "{template}");
+    }
+    let prefs = manifest(&out, "prefs");
+    let upstream: Vec<String> = prefs["upstream"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    assert!(upstream.contains(&"chat".to_string()), "{prefs}");
+    let student = phigen::generate::prefs::student_hash(&sft).unwrap();
+    let pairs = std::fs::read_to_string(step_dir(&out, "prefs").join("pairs.jsonl")).unwrap();
+    assert!(pairs.lines().count() >= 6, "{pairs}");
+    for line in pairs.lines() {
+        let p: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(p["student_hash"].as_str(), Some(student.as_str()), "{p}");
+    }
+    let metrics = std::fs::read_to_string(train.join("metrics.jsonl")).unwrap();
+    for stage in ["pretrain", "sft", "dpo"] {
+        assert!(
+            metrics.contains(&format!("\"stage\":\"{stage}\"")),
+            "no {stage} metrics"
+        );
+    }
+    let sent = requests(&server);
+    let o = run(train_cmd(&recipe, &out, &args)).await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(requests(&server), sent, "a done step sent requests again");
+}

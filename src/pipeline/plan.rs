@@ -491,12 +491,25 @@ fn plan_prefs(
         }
         files.extend(settings.prompts.iter().cloned());
         files.extend(settings.rubric.iter().cloned());
+        // A chat-data step's conversations: its id stands for them, its estimate for their count.
+        let mut from_step = None;
+        for f in &s.from {
+            let up = steps
+                .iter()
+                .find(|u| &u.name == f)
+                .expect("upstream planned first");
+            ups.insert(f.clone(), up.id.clone());
+            from_step = Some(up);
+        }
         // Each prompt: one judge request holding the rubric and every response.
-        let prompts = settings
-            .prompts
-            .as_deref()
-            .and_then(|f| crate::generate::prefs::read_prompts(f).ok())
-            .map_or(0, |v| v.len()) as u64;
+        let prompts = match from_step {
+            Some(up) => up.estimate.records.unwrap_or(0),
+            None => settings
+                .prompts
+                .as_deref()
+                .and_then(|f| crate::generate::prefs::read_prompts(f).ok())
+                .map_or(0, |v| v.len()) as u64,
+        };
         let prompt_tokens =
             prompts * (400 + settings.samples as u64 * settings.max_new_tokens as u64);
         estimate.records = Some(prompts);

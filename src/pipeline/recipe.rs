@@ -803,6 +803,15 @@ impl Pipeline {
                             format!("names `{f}`, a prefs step: its pairs are read by a dpo stage (`data = [{{ step = \"{f}\" }}]`), not by data steps"),
                         ))
                     }
+                    // A prefs step's prompts: a chat-data step's conversations, cut before their
+                    // first answer.
+                    Some(up) if s.kind == DataKind::Prefs && up.kind == DataKind::ChatData => {}
+                    Some(up) if s.kind == DataKind::Prefs => {
+                        return Err(self.invalid(
+                            &key,
+                            format!("names `{f}`, a {} step; a prefs step reads its prompts from a chat-data step", up.kind.name()),
+                        ))
+                    }
                     // Only a textbooks step reads `from` among the generating kinds.
                     Some(up) if s.generates() && up.kind != DataKind::Topics => {
                         return Err(self.invalid(
@@ -1187,12 +1196,6 @@ impl Parser<'_> {
                     Some(v) => self.typed(v, &[key[0], key[1], Key::Name(k)], ""),
                 }
             };
-            if kind == DataKind::Prefs && t.contains_key("from") {
-                return Err(self.invalid(
-                    &[key[0], key[1], Key::Name("from")],
-                    "a prefs step reads `prompts` (a file or directory, e.g. a chat-data step's output path) with `student`, or imports `paths`; it takes no `from`".into(),
-                ));
-            }
             let (from, paths) = if kind == DataKind::Textbooks && t.contains_key("from") {
                 // The topics come from a topics step: its list is resolved once the run is
                 // planned (TextbooksSettings::topics stays empty until then).
@@ -1264,7 +1267,9 @@ impl Parser<'_> {
                     Action::Tokenize(s)
                 }
                 DataKind::Filter => self.filter(rest, &key, teachers)?,
-                DataKind::Prefs => self.prefs(rest, &key, teachers, &paths, recipe_seed)?,
+                DataKind::Prefs => {
+                    self.prefs(rest, &key, teachers, (&from, &paths), recipe_seed)?
+                }
             };
             steps.push(DataStep {
                 name,
@@ -1277,13 +1282,14 @@ impl Parser<'_> {
         Ok(steps)
     }
 
-    /// A prefs step: make pairs (`student` and `prompts`) or import them (`paths`), not both.
+    /// A prefs step: make pairs (`student`, and `prompts` or `from` one chat-data step) or import
+    /// them (`paths`), not both.
     fn prefs(
         &self,
         rest: toml::Value,
         key: &[Key],
         teachers: &BTreeMap<String, TeacherConfig>,
-        paths: &[PathBuf],
+        (from, paths): (&[String], &[PathBuf]),
         recipe_seed: u64,
     ) -> Result<Action, PipelineRecipeError> {
         let toml::Value::Table(mut t) = rest else {
@@ -1302,18 +1308,34 @@ impl Parser<'_> {
         let mut settings: PrefsSettings =
             self.typed(toml::Value::Table(t), key, "name, kind, paths, teacher")?;
         settings.seed.get_or_insert(recipe_seed);
-        match (&settings.student, &settings.prompts, paths.is_empty()) {
-            (Some(_), Some(_), true) | (None, None, false) => {}
+        if settings.prompts.is_some() && !from.is_empty() {
+            return Err(self.invalid(
+                &at("from"),
+                "and `prompts` both name the prompts: keep one (`from` reads a chat-data step's conversations)".into(),
+            ));
+        }
+        if from.len() > 1 {
+            return Err(self.invalid(
+                &at("from"),
+                format!(
+                    "names {} steps; a prefs step reads the prompts of one chat-data step",
+                    from.len()
+                ),
+            ));
+        }
+        let prompts = settings.prompts.is_some() || !from.is_empty();
+        match (&settings.student, prompts, paths.is_empty()) {
+            (Some(_), true, true) | (None, false, false) => {}
             (_, _, false) => {
                 return Err(self.invalid(
                     &at("paths"),
-                    "imports pairs; `student` and `prompts` make them: give one or the other".into(),
+                    "imports pairs; `student` and `prompts` (or `from`) make them: give one or the other".into(),
                 ))
             }
             _ => {
                 return Err(self.invalid(
                     key,
-                    "needs `student` (a training stage or a checkpoint) and `prompts` to make pairs, or `paths` to import them".into(),
+                    "needs `student` (a training stage or a checkpoint) and `prompts` (or `from = [\"CHAT-DATA STEP\"]`) to make pairs, or `paths` to import them".into(),
                 ))
             }
         }
@@ -1908,6 +1930,18 @@ kind = "loss"
             (
                 text.replace("prompts = \"p.txt\"", "prompts = \"p.txt\"\nsamples = 1"),
                 "must be at least 2",
+            ),
+            // Prompts from a step: one chat-data step, in place of `prompts`.
+            (
+                text.replace(
+                    "prompts = \"p.txt\"",
+                    "prompts = \"p.txt\"\nfrom = [\"stories\"]",
+                ),
+                "both name the prompts",
+            ),
+            (
+                text.replace("prompts = \"p.txt\"", "from = [\"stories\"]"),
+                "reads its prompts from a chat-data step",
             ),
         ];
         for (t, want) in wrong {

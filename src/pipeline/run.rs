@@ -558,7 +558,13 @@ async fn prefs(
 ) -> Result<StepResult, PipelineError> {
     use crate::generate::prefs::{self, StudentSampling};
     let s = &cx.p.data[i];
-    let (Some(student), Some(prompts)) = (&settings.student, &settings.prompts) else {
+    // The prompts: a file or directory, or a chat-data step's conversations (`from`).
+    let prompts = match (&settings.prompts, s.from.is_empty()) {
+        (Some(p), _) => Some(p.clone()),
+        (None, false) => inputs(cx.p, cx.plan, i).into_iter().next(),
+        (None, true) => None,
+    };
+    let (Some(student), Some(prompts)) = (&settings.student, prompts) else {
         let stats = blocking(|| prefs::import(&s.paths, &step.dir))?;
         return Ok(StepResult::Done(json!({
             "records": stats.pairs,
@@ -576,7 +582,7 @@ async fn prefs(
         None => PathBuf::from(student),
     };
     let run_settings = prefs::PrefsSettings {
-        prompts: prompts.clone(),
+        prompts,
         student,
         out: step.dir.clone(),
         sampling: StudentSampling {
