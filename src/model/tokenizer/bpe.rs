@@ -1,0 +1,196 @@
+//! Byte-pair encoding of pre-tokenized pieces with a tiktoken rank table: the same merges as
+//! tiktoken's `byte_pair_merge` (the lowest-ranked adjacent pair first, the leftmost on a tie),
+//! over a rank table built for lookups of short byte strings (no string hashing, no memcmp call
+//! for tokens of up to 8 bytes).
+
+use tiktoken_rs::CoreBPE;
+
+use super::pretokenize::{self, Pattern};
+
+/// Token bytes → rank (= id), open addressing with linear probing.
+pub struct RankTable {
+    slots: Vec<Slot>,
+    mask: usize,
+    /// The bytes of tokens longer than 8 bytes, which `Slot::rest` points into.
+    long: Vec<u8>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Slot {
+    /// The token's first (up to) 8 bytes, little-endian, zero-padded.
+    head: u64,
+    /// Byte length; 0 marks an empty slot.
+    len: u32,
+    rank: u32,
+    /// Where the bytes after the first 8 lie in `RankTable::long`.
+    rest: u32,
+}
+
+/// The first (up to) 8 bytes of `bytes` as a little-endian word, zero-padded.
+#[inline]
+fn head(bytes: &[u8]) -> u64 {
+    if bytes.len() >= 8 {
+        u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"))
+    } else {
+        let mut word = [0u8; 8];
+        word[..bytes.len()].copy_from_slice(bytes);
+        u64::from_le_bytes(word)
+    }
+}
+
+#[inline]
+fn hash(head: u64, bytes: &[u8]) -> u64 {
+    let mut h = head ^ (bytes.len() as u64).rotate_right(8);
+    if bytes.len() > 8 {
+        for chunk in bytes[8..].chunks(8) {
+            h = (h ^ (h >> 29)).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ self::head(chunk);
+        }
+    }
+    // A multiply spreads the low bytes (most of a short token's information) to the top bits.
+    (h ^ (h >> 31)).wrapping_mul(0xBF58_476D_1CE4_E5B9)
+}
+
+impl RankTable {
+    /// Every ordinary token of `bpe` (its ids are its ranks) below id `n_vocab`; special tokens
+    /// (`<|endoftext|>`, …) are left out, as `encode_ordinary` never makes them.
+    pub fn from_core(bpe: &CoreBPE, n_vocab: u32) -> RankTable {
+        let special = bpe.special_tokens();
+        let tokens: Vec<(Vec<u8>, u32)> = (0..n_vocab)
+            .filter_map(|id| Some((bpe.decode_bytes(&[id]).ok()?, id)))
+            .filter(|(bytes, _)| {
+                !std::str::from_utf8(bytes).is_ok_and(|text| special.contains(text))
+            })
+            .collect();
+        let capacity = (tokens.len() * 2).next_power_of_two();
+        let mut table = RankTable {
+            slots: vec![Slot::default(); capacity],
+            mask: capacity - 1,
+            long: Vec::new(),
+        };
+        for (bytes, rank) in tokens {
+            table.insert(&bytes, rank);
+        }
+        table
+    }
+
+    fn insert(&mut self, bytes: &[u8], rank: u32) {
+        let h = head(bytes);
+        let mut i = hash(h, bytes) as usize & self.mask;
+        while self.slots[i].len != 0 {
+            i = (i + 1) & self.mask;
+        }
+        let rest = self.long.len() as u32;
+        if bytes.len() > 8 {
+            self.long.extend_from_slice(&bytes[8..]);
+        }
+        self.slots[i] = Slot {
+            head: h,
+            len: bytes.len() as u32,
+            rank,
+            rest,
+        };
+    }
+
+    /// The rank of `bytes`, if it is a token.
+    #[inline]
+    pub fn get(&self, bytes: &[u8]) -> Option<u32> {
+        let h = head(bytes);
+        let mut i = hash(h, bytes) as usize & self.mask;
+        loop {
+            let slot = &self.slots[i];
+            if slot.len == 0 {
+                return None;
+            }
+            if slot.head == h && slot.len as usize == bytes.len() {
+                let rest = slot.rest as usize;
+                if bytes.len() <= 8 || self.long[rest..rest + bytes.len() - 8] == bytes[8..] {
+                    return Some(slot.rank);
+                }
+            }
+            i = (i + 1) & self.mask;
+        }
+    }
+}
+
+/// An encoding's pre-tokenizer and ranks: `encode_ordinary` as tiktoken's.
+pub struct Encoder {
+    pattern: Pattern,
+    ranks: RankTable,
+}
+
+impl Encoder {
+    pub fn new(pattern: Pattern, ranks: RankTable) -> Encoder {
+        Encoder { pattern, ranks }
+    }
+
+    /// Appends the ids of `text` to `out` (special tokens in it are plain text).
+    pub fn encode_into(&self, text: &str, out: &mut Vec<u32>) {
+        let mut parts = Vec::new();
+        for piece in pretokenize::pieces(self.pattern, text) {
+            let bytes = piece.as_bytes();
+            match self.ranks.get(bytes) {
+                Some(rank) => out.push(rank),
+                None => self.merge(bytes, &mut parts, out),
+            }
+        }
+    }
+
+    /// The number of ids of `text`, without keeping them.
+    pub fn count(&self, text: &str) -> usize {
+        let mut parts = Vec::new();
+        let mut ids = Vec::new();
+        let mut count = 0;
+        for piece in pretokenize::pieces(self.pattern, text) {
+            let bytes = piece.as_bytes();
+            if self.ranks.get(bytes).is_some() {
+                count += 1;
+            } else {
+                ids.clear();
+                self.merge(bytes, &mut parts, &mut ids);
+                count += ids.len();
+            }
+        }
+        count
+    }
+
+    /// The rank of `piece[parts[i].0..parts[i + 2].0]`: the pair starting at part `i`.
+    #[inline]
+    fn pair_rank(&self, piece: &[u8], parts: &[(usize, u32)], i: usize) -> u32 {
+        match parts.get(i + 2) {
+            Some(&(end, _)) => self.ranks.get(&piece[parts[i].0..end]).unwrap_or(u32::MAX),
+            None => u32::MAX,
+        }
+    }
+
+    /// tiktoken's `byte_pair_merge` of a piece that is not one token: `parts` holds each part's
+    /// start and the rank of the pair it starts (`u32::MAX`: none), plus an end marker.
+    fn merge(&self, piece: &[u8], parts: &mut Vec<(usize, u32)>, out: &mut Vec<u32>) {
+        parts.clear();
+        parts.extend((0..=piece.len()).map(|start| (start, u32::MAX)));
+        for i in 0..piece.len().saturating_sub(1) {
+            parts[i].1 = self.pair_rank(piece, parts, i);
+        }
+        loop {
+            let mut min = (u32::MAX, 0);
+            for (i, &(_, rank)) in parts[..parts.len() - 1].iter().enumerate() {
+                if rank < min.0 {
+                    min = (rank, i);
+                }
+            }
+            if min.0 == u32::MAX {
+                break;
+            }
+            let i = min.1;
+            parts.remove(i + 1);
+            parts[i].1 = self.pair_rank(piece, parts, i);
+            if i > 0 {
+                parts[i - 1].1 = self.pair_rank(piece, parts, i - 1);
+            }
+        }
+        for w in parts.windows(2) {
+            let token = &piece[w[0].0..w[1].0];
+            // Every single byte is a token of the tiktoken encodings, and merges only make tokens.
+            out.push(self.ranks.get(token).expect("a merged part is a token"));
+        }
+    }
+}
