@@ -3,6 +3,8 @@
 //! over a rank table built for lookups of short byte strings (no string hashing, no memcmp call
 //! for tokens of up to 8 bytes).
 
+use std::cell::RefCell;
+
 use tiktoken_rs::CoreBPE;
 
 use super::pretokenize::{self, Pattern};
@@ -11,30 +13,47 @@ use super::pretokenize::{self, Pattern};
 pub struct RankTable {
     slots: Vec<Slot>,
     mask: usize,
+    /// 64 − log2(slots): a slot index is the hash's top bits, its best mixed ones.
+    shift: u32,
     /// The bytes of tokens longer than 8 bytes, which `Slot::rest` points into.
     long: Vec<u8>,
 }
 
+/// 16 bytes, four to a cache line.
 #[derive(Clone, Copy, Default)]
 struct Slot {
     /// The token's first (up to) 8 bytes, little-endian, zero-padded.
     head: u64,
-    /// Byte length; 0 marks an empty slot.
-    len: u32,
     rank: u32,
-    /// Where the bytes after the first 8 lie in `RankTable::long`.
-    rest: u32,
+    /// Byte length in the low 8 bits (0 marks an empty slot), and above them where the bytes
+    /// after the first 8 lie in `RankTable::long`.
+    len_rest: u32,
 }
 
-/// The first (up to) 8 bytes of `bytes` as a little-endian word, zero-padded.
+impl Slot {
+    fn len(self) -> usize {
+        (self.len_rest & 0xFF) as usize
+    }
+
+    fn rest(self) -> usize {
+        (self.len_rest >> 8) as usize
+    }
+}
+
+/// The first (up to) 8 bytes of `bytes` as a little-endian word, zero-padded. Short keys are
+/// read as two overlapping loads (the overlap holds the same bytes, so OR is exact) instead of
+/// a copy into a buffer, which would stall the load that follows it.
 #[inline]
 fn head(bytes: &[u8]) -> u64 {
-    if bytes.len() >= 8 {
-        u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"))
-    } else {
-        let mut word = [0u8; 8];
-        word[..bytes.len()].copy_from_slice(bytes);
-        u64::from_le_bytes(word)
+    let n = bytes.len();
+    let word = |at: usize| u64::from(u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4")));
+    let half = |at: usize| u64::from(u16::from_le_bytes([bytes[at], bytes[at + 1]]));
+    match n {
+        8.. => u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")),
+        4..=7 => word(0) | (word(n - 4) << ((n - 4) * 8)),
+        2..=3 => half(0) | (half(n - 2) << ((n - 2) * 8)),
+        1 => u64::from(bytes[0]),
+        0 => 0,
     }
 }
 
@@ -46,7 +65,7 @@ fn hash(head: u64, bytes: &[u8]) -> u64 {
             h = (h ^ (h >> 29)).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ self::head(chunk);
         }
     }
-    // A multiply spreads the low bytes (most of a short token's information) to the top bits.
+    // A multiply carries every byte into the top bits, which pick the slot.
     (h ^ (h >> 31)).wrapping_mul(0xBF58_476D_1CE4_E5B9)
 }
 
@@ -65,6 +84,7 @@ impl RankTable {
         let mut table = RankTable {
             slots: vec![Slot::default(); capacity],
             mask: capacity - 1,
+            shift: 64 - capacity.trailing_zeros(),
             long: Vec::new(),
         };
         for (bytes, rank) in tokens {
@@ -75,19 +95,22 @@ impl RankTable {
 
     fn insert(&mut self, bytes: &[u8], rank: u32) {
         let h = head(bytes);
-        let mut i = hash(h, bytes) as usize & self.mask;
-        while self.slots[i].len != 0 {
+        let mut i = (hash(h, bytes) >> self.shift) as usize;
+        while self.slots[i].len() != 0 {
             i = (i + 1) & self.mask;
         }
-        let rest = self.long.len() as u32;
+        let rest = self.long.len();
         if bytes.len() > 8 {
             self.long.extend_from_slice(&bytes[8..]);
         }
+        assert!(
+            (1..256).contains(&bytes.len()) && rest < 1 << 24,
+            "tiktoken tokens are 1 to 255 bytes, their tails fit 16 MiB"
+        );
         self.slots[i] = Slot {
             head: h,
-            len: bytes.len() as u32,
             rank,
-            rest,
+            len_rest: (rest << 8) as u32 | bytes.len() as u32,
         };
     }
 
@@ -95,20 +118,34 @@ impl RankTable {
     #[inline]
     pub fn get(&self, bytes: &[u8]) -> Option<u32> {
         let h = head(bytes);
-        let mut i = hash(h, bytes) as usize & self.mask;
+        let mut i = (hash(h, bytes) >> self.shift) as usize;
         loop {
-            let slot = &self.slots[i];
-            if slot.len == 0 {
+            let slot = self.slots[i];
+            if slot.len() == 0 {
                 return None;
             }
-            if slot.head == h && slot.len as usize == bytes.len() {
-                let rest = slot.rest as usize;
+            if slot.head == h && slot.len() == bytes.len() {
+                let rest = slot.rest();
                 if bytes.len() <= 8 || self.long[rest..rest + bytes.len() - 8] == bytes[8..] {
                     return Some(slot.rank);
                 }
             }
             i = (i + 1) & self.mask;
         }
+    }
+}
+
+thread_local! {
+    /// Per thread, reused across calls: the ids being made and the merge's parts. Encoding then
+    /// allocates only its exact-size result: growing a fresh vector per document cost more in
+    /// page faults than the encoding itself.
+    static SCRATCH: RefCell<(Vec<u32>, Vec<(usize, u32)>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Drops a scratch vector grown past 16 MiB (a huge document's), so a thread does not keep it.
+fn release_if_huge(ids: &mut Vec<u32>) {
+    if ids.capacity() > 1 << 22 {
+        *ids = Vec::new();
     }
 }
 
@@ -123,34 +160,38 @@ impl Encoder {
         Encoder { pattern, ranks }
     }
 
-    /// Appends the ids of `text` to `out` (special tokens in it are plain text).
-    pub fn encode_into(&self, text: &str, out: &mut Vec<u32>) {
-        let mut parts = Vec::new();
-        for piece in pretokenize::pieces(self.pattern, text) {
-            let bytes = piece.as_bytes();
-            match self.ranks.get(bytes) {
-                Some(rank) => out.push(rank),
-                None => self.merge(bytes, &mut parts, out),
-            }
-        }
+    /// The ids of `text` (special tokens in it are plain text), in a vector with room for
+    /// `room` more.
+    pub fn encode(&self, text: &str, room: usize) -> Vec<u32> {
+        SCRATCH.with_borrow_mut(|(ids, parts)| {
+            ids.clear();
+            self.encode_into(text, ids, parts);
+            let mut out = Vec::with_capacity(ids.len() + room);
+            out.extend_from_slice(ids);
+            release_if_huge(ids);
+            out
+        })
     }
 
     /// The number of ids of `text`, without keeping them.
     pub fn count(&self, text: &str) -> usize {
-        let mut parts = Vec::new();
-        let mut ids = Vec::new();
-        let mut count = 0;
+        SCRATCH.with_borrow_mut(|(ids, parts)| {
+            ids.clear();
+            self.encode_into(text, ids, parts);
+            let count = ids.len();
+            release_if_huge(ids);
+            count
+        })
+    }
+
+    fn encode_into(&self, text: &str, out: &mut Vec<u32>, parts: &mut Vec<(usize, u32)>) {
         for piece in pretokenize::pieces(self.pattern, text) {
             let bytes = piece.as_bytes();
-            if self.ranks.get(bytes).is_some() {
-                count += 1;
-            } else {
-                ids.clear();
-                self.merge(bytes, &mut parts, &mut ids);
-                count += ids.len();
+            match self.ranks.get(bytes) {
+                Some(rank) => out.push(rank),
+                None => self.merge(bytes, parts, out),
             }
         }
-        count
     }
 
     /// The rank of `piece[parts[i].0..parts[i + 2].0]`: the pair starting at part `i`.
