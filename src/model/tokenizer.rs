@@ -733,6 +733,12 @@ mod tests {
                 assert_same_ids(e, text);
             }
         }
+        // Encodings alternating on one thread: each must see only its own cached merges.
+        for text in texts {
+            for e in ENCODINGS {
+                assert_same_ids(e, text);
+            }
+        }
     }
 
     /// Thousands of random strings (seeded ChaCha8, so the same every run) mixing characters of

@@ -4,6 +4,9 @@
 //! for tokens of up to 8 bytes).
 
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use foldhash::HashMap;
 
 use tiktoken_rs::CoreBPE;
 
@@ -136,10 +139,66 @@ impl RankTable {
 }
 
 thread_local! {
-    /// Per thread, reused across calls: the ids being made and the merge's parts. Encoding then
-    /// allocates only its exact-size result: growing a fresh vector per document cost more in
-    /// page faults than the encoding itself.
-    static SCRATCH: RefCell<(Vec<u32>, Vec<(usize, u32)>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Per thread, reused across calls: encoding then allocates only its exact-size result (growing
+/// a fresh vector per document cost more in page faults than the encoding itself).
+#[derive(Default)]
+struct Scratch {
+    /// The ids being made.
+    ids: Vec<u32>,
+    /// The merge's parts.
+    parts: Vec<(usize, u32)>,
+    merged: MergeCache,
+}
+
+/// The ids of pieces that needed merges, for the encoder last used on this thread: code repeats
+/// a few thousand such pieces (indentation after a line break, long identifiers) a great many
+/// times, and a lookup here costs less than the merge.
+#[derive(Default)]
+struct MergeCache {
+    /// [`Encoder::id`] of the encoder these merges are of (0: none yet).
+    encoder: usize,
+    spans: HashMap<Box<[u8]>, (u32, u32)>,
+    ids: Vec<u32>,
+}
+
+impl MergeCache {
+    /// Pieces longer than this are merged every time (rare, and they would bloat the cache).
+    const MAX_PIECE: usize = 128;
+    const MAX_PIECES: usize = 1 << 16;
+    const MAX_IDS: usize = 1 << 20;
+
+    /// Empties the cache when it holds another encoder's merges.
+    fn serve(&mut self, encoder: &Encoder) {
+        if self.encoder != encoder.id {
+            self.clear();
+            self.encoder = encoder.id;
+        }
+    }
+
+    fn clear(&mut self) {
+        self.spans.clear();
+        self.ids.clear();
+    }
+
+    fn get(&self, piece: &[u8]) -> Option<&[u32]> {
+        let &(start, len) = self.spans.get(piece)?;
+        Some(&self.ids[start as usize..(start + len) as usize])
+    }
+
+    fn insert(&mut self, piece: &[u8], ids: &[u32]) {
+        if piece.len() > Self::MAX_PIECE {
+            return;
+        }
+        if self.spans.len() >= Self::MAX_PIECES || self.ids.len() + ids.len() > Self::MAX_IDS {
+            self.clear();
+        }
+        let start = self.ids.len() as u32;
+        self.ids.extend_from_slice(ids);
+        self.spans.insert(piece.into(), (start, ids.len() as u32));
+    }
 }
 
 /// Drops a scratch vector grown past 16 MiB (a huge document's), so a thread does not keep it.
@@ -153,43 +212,54 @@ fn release_if_huge(ids: &mut Vec<u32>) {
 pub struct Encoder {
     pattern: Pattern,
     ranks: RankTable,
+    /// Tells encoders apart for the per-thread [`MergeCache`]; unique in the process, from 1.
+    id: usize,
 }
 
 impl Encoder {
     pub fn new(pattern: Pattern, ranks: RankTable) -> Encoder {
-        Encoder { pattern, ranks }
+        static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        Encoder { pattern, ranks, id }
     }
 
     /// The ids of `text` (special tokens in it are plain text), in a vector with room for
     /// `room` more.
     pub fn encode(&self, text: &str, room: usize) -> Vec<u32> {
-        SCRATCH.with_borrow_mut(|(ids, parts)| {
-            ids.clear();
-            self.encode_into(text, ids, parts);
-            let mut out = Vec::with_capacity(ids.len() + room);
-            out.extend_from_slice(ids);
-            release_if_huge(ids);
+        SCRATCH.with_borrow_mut(|scratch| {
+            self.encode_into(text, scratch);
+            let mut out = Vec::with_capacity(scratch.ids.len() + room);
+            out.extend_from_slice(&scratch.ids);
+            release_if_huge(&mut scratch.ids);
             out
         })
     }
 
     /// The number of ids of `text`, without keeping them.
     pub fn count(&self, text: &str) -> usize {
-        SCRATCH.with_borrow_mut(|(ids, parts)| {
-            ids.clear();
-            self.encode_into(text, ids, parts);
-            let count = ids.len();
-            release_if_huge(ids);
+        SCRATCH.with_borrow_mut(|scratch| {
+            self.encode_into(text, scratch);
+            let count = scratch.ids.len();
+            release_if_huge(&mut scratch.ids);
             count
         })
     }
 
-    fn encode_into(&self, text: &str, out: &mut Vec<u32>, parts: &mut Vec<(usize, u32)>) {
+    /// Leaves the ids of `text` in `scratch.ids`.
+    fn encode_into(&self, text: &str, scratch: &mut Scratch) {
+        let Scratch { ids, parts, merged } = scratch;
+        ids.clear();
+        merged.serve(self);
         for piece in pretokenize::pieces(self.pattern, text) {
             let bytes = piece.as_bytes();
-            match self.ranks.get(bytes) {
-                Some(rank) => out.push(rank),
-                None => self.merge(bytes, parts, out),
+            if let Some(rank) = self.ranks.get(bytes) {
+                ids.push(rank);
+            } else if let Some(known) = merged.get(bytes) {
+                ids.extend_from_slice(known);
+            } else {
+                let start = ids.len();
+                self.merge(bytes, parts, ids);
+                merged.insert(bytes, &ids[start..]);
             }
         }
     }
