@@ -77,21 +77,22 @@ impl RankTable {
     /// (`<|endoftext|>`, …) are left out, as `encode_ordinary` never makes them.
     pub fn from_core(bpe: &CoreBPE, n_vocab: u32) -> RankTable {
         let special = bpe.special_tokens();
-        let tokens: Vec<(Vec<u8>, u32)> = (0..n_vocab)
-            .filter_map(|id| Some((bpe.decode_bytes(&[id]).ok()?, id)))
-            .filter(|(bytes, _)| {
-                !std::str::from_utf8(bytes).is_ok_and(|text| special.contains(text))
-            })
-            .collect();
-        let capacity = (tokens.len() * 2).next_power_of_two();
+        let capacity = (n_vocab as usize * 2).next_power_of_two();
         let mut table = RankTable {
             slots: vec![Slot::default(); capacity],
             mask: capacity - 1,
             shift: 64 - capacity.trailing_zeros(),
             long: Vec::new(),
         };
-        for (bytes, rank) in tokens {
-            table.insert(&bytes, rank);
+        // One token at a time, each buffer freed before the next is made: the allocator hands
+        // back the same memory instead of faulting in fresh pages for all of them.
+        for id in 0..n_vocab {
+            let Ok(bytes) = bpe.decode_bytes(&[id]) else {
+                continue;
+            };
+            if !std::str::from_utf8(&bytes).is_ok_and(|text| special.contains(text)) {
+                table.insert(&bytes, id);
+            }
         }
         table
     }
@@ -303,5 +304,25 @@ impl Encoder {
             // Every single byte is a token of the tiktoken encodings, and merges only make tokens.
             out.push(self.ranks.get(token).expect("a merged part is a token"));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every ordinary gpt2 token is found with its id (= rank, as tiktoken-rs decodes it), and
+    /// `<|endoftext|>` (special: never made by `encode_ordinary`) and non-tokens are not.
+    #[test]
+    fn the_rank_table_holds_exactly_the_ordinary_tokens() {
+        let bpe = tiktoken_rs::r50k_base_singleton();
+        let table = RankTable::from_core(bpe, 50_257);
+        for id in 0..50_256 {
+            let bytes = bpe.decode_bytes(&[id]).expect("an ordinary gpt2 id");
+            assert_eq!(table.get(&bytes), Some(id), "{bytes:?}");
+        }
+        assert_eq!(table.get(b"<|endoftext|>"), None);
+        assert_eq!(table.get(b"zzzzqqqqxxxxjjjj"), None);
+        assert_eq!(table.get(b""), None);
     }
 }
