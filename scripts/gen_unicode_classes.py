@@ -51,7 +51,7 @@ def main():
     out.write("//! The class bits of every character (see [`super::pretokenize`]): ASCII in a direct table, the\n")
     out.write("//! rest as runs (`RUN_STARTS[i]` up to the next start has `RUN_CLASSES[i]`).\n\n")
     def array(name, ty, items, per_line):
-        out.write("#[rustfmt::skip]\npub(super) const %s: [%s; %d] = [\n" % (name, ty, len(items)))
+        out.write("#[rustfmt::skip]\npub(super) static %s: [%s; %d] = [\n" % (name, ty, len(items)))
         for i in range(0, len(items), per_line):
             out.write("    " + ", ".join(str(x) for x in items[i:i + per_line]) + ",\n")
         out.write("];\n\n")
