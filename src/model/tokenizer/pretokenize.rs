@@ -5,7 +5,7 @@
 //! and o200k's case classes mean here what they mean there. The tests compare every piece with
 //! tiktoken-rs on adversarial and random text.
 
-use super::unicode_classes::{ASCII, RUN_CLASSES, RUN_STARTS};
+use super::unicode_classes::{ASCII, BMP_BLOCKS, BMP_BLOCK_OF, RUN_CLASSES, RUN_STARTS};
 
 /// `\p{L}`.
 const LETTER: u8 = 1;
@@ -74,6 +74,10 @@ impl<'a> Iterator for Pieces<'a> {
 fn class(c: u32) -> u8 {
     if c < 0x80 {
         return ASCII[c as usize];
+    }
+    if c < 0x1_0000 {
+        let block = BMP_BLOCK_OF[c as usize >> 7] as usize;
+        return BMP_BLOCKS[(block << 7) | (c as usize & 0x7F)];
     }
     // The last run starting at or before `c` (RUN_STARTS[0] is 0x80).
     let run = RUN_STARTS.partition_point(|&start| start <= c) - 1;
@@ -380,5 +384,29 @@ impl Text<'_> {
         }
         // `\s*[\r\n]+`, `\s+(?!\S)`, `\s+`
         self.whitespace(i, false, true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The BMP block table and the runs are two encodings of the same generated classes: every
+    /// BMP character must get the same class from both (the runs are what the oracle tests of
+    /// astral characters go through).
+    #[test]
+    fn the_bmp_blocks_agree_with_the_runs() {
+        for c in 0x80..0x1_0000u32 {
+            let run = RUN_STARTS.partition_point(|&start| start <= c) - 1;
+            assert_eq!(class(c), RUN_CLASSES[run], "U+{c:04X}");
+        }
+        // Spot checks against the Unicode categories: 'é' Ll, 'Σ' Lu, '٣' Nd, U+3000 space,
+        // U+0301 a mark (o200k's both sides, not \p{L}), U+FFFD a symbol (none of them).
+        assert_eq!(class(0xE9), LETTER | LOWER_SIDE);
+        assert_eq!(class(0x3A3), LETTER | UPPER_SIDE);
+        assert_eq!(class(0x663), NUMBER);
+        assert_eq!(class(0x3000), SPACE);
+        assert_eq!(class(0x301), UPPER_SIDE | LOWER_SIDE);
+        assert_eq!(class(0xFFFD), 0);
     }
 }
