@@ -72,6 +72,8 @@ pub struct ShardWriter {
     width: TokenWidth,
     tokens: u64,
     documents: u64,
+    /// One document's bytes, reused: a fresh buffer per document cost page faults.
+    bytes: Vec<u8>,
 }
 
 impl ShardWriter {
@@ -90,6 +92,7 @@ impl ShardWriter {
             width,
             tokens: 0,
             documents: 0,
+            bytes: Vec::new(),
         })
     }
 
@@ -99,7 +102,8 @@ impl ShardWriter {
 
     /// Appends one document's tokens (already ending in the end-of-text token).
     pub fn push_document(&mut self, ids: &[u32]) -> Result<(), ShardFileError> {
-        let mut bytes = Vec::with_capacity(ids.len() * self.width.bytes());
+        let bytes = &mut self.bytes;
+        bytes.clear();
         match self.width {
             TokenWidth::U16 => ids
                 .iter()
@@ -109,7 +113,7 @@ impl ShardWriter {
                 .for_each(|&id| bytes.extend_from_slice(&id.to_le_bytes())),
         }
         self.out
-            .write_all(&bytes)
+            .write_all(bytes)
             .map_err(|source| ShardFileError::Io {
                 path: self.tmp.clone(),
                 source,
