@@ -35,8 +35,7 @@ use crate::artifact::atomic;
 use crate::artifact::outdir::{self, DirLock, OutDirError, Written};
 use crate::artifact::table::{self, TableError};
 use crate::artifact::walk::{InputSkip, WalkError, WalkOptions};
-use crate::model::tokenizer::{DocTokenizer, Encoding, TokenizerSpec};
-use crate::model::ModelError;
+use crate::model::tokenizer::Encoding;
 use embed::{embed_all, Cache, Embedder, EmbedderSpec};
 use forest::{Forest, ForestError, ForestParams, Samples};
 use input::{Loaded, Part, Skip};
@@ -571,11 +570,7 @@ pub fn filter(
         .map_err(io_err(&progress_path))?;
     let journal = Mutex::new(journal);
     // The tokenize module's encoder, so the count is what `phigen tokenize` will write.
-    let counter = opts
-        .count_tokens
-        .then(|| TokenizerSpec::Tiktoken(Encoding::Gpt2).load(None))
-        .transpose()
-        .map_err(ModelError::from)?;
+    let counter = opts.count_tokens.then_some(Encoding::Gpt2);
     let this_run = AtomicUsize::new(0);
     let score_part = |part: &Part, cache: Option<&mut Cache>| -> Result<(), ClassifyError> {
         let part_fp = part.fingerprint();
@@ -593,8 +588,8 @@ pub fn filter(
             .map(|s| s.is_some_and(|s| s >= threshold))
             .collect();
         let mut stats = part_stats(part, part_fp, fingerprint.clone(), &loaded, &scores, &kept);
-        if let Some(tokenizer) = &counter {
-            stats.tokens_kept = Some(count_kept_tokens(tokenizer, &loaded, &kept)?);
+        if let Some(encoding) = counter {
+            stats.tokens_kept = Some(count_kept_tokens(encoding, &loaded, &kept));
         }
         write_part(&opts.out, part, loaded, &scores, &kept)?;
         let line = serde_json::to_string(&stats).expect("stats serialize");
@@ -719,13 +714,9 @@ fn part_stats(
     stats
 }
 
-/// GPT-2 tokens of a part's kept rows, counted with `tokenizer` (the end-of-text id it adds to
-/// each document is not counted).
-fn count_kept_tokens(
-    tokenizer: &DocTokenizer,
-    loaded: &Loaded,
-    kept: &[bool],
-) -> Result<u64, ClassifyError> {
+/// Tokens of a part's kept rows in `encoding`, as `phigen tokenize` encodes a document's text
+/// (without the end-of-text id it adds).
+fn count_kept_tokens(encoding: Encoding, loaded: &Loaded, kept: &[bool]) -> u64 {
     (0..loaded.rows.len())
         .into_par_iter()
         .filter(|&i| kept[i])
@@ -734,8 +725,7 @@ fn count_kept_tokens(
                 .content
                 .as_deref()
                 .expect("kept rows are readable");
-            let ids = tokenizer.encode_document(text).map_err(ModelError::from)?;
-            Ok(ids.len() as u64 - 1)
+            encoding.count_ordinary(text) as u64
         })
         .sum()
 }

@@ -1138,7 +1138,12 @@ mod tests {
         ];
         std::fs::write(&f, lines.join("\n") + "\n").unwrap();
         let out = dir.path().join("out");
-        let stats = import(&[f.clone()], &out, &ChatImportSettings::default()).unwrap();
+        let stats = import(
+            std::slice::from_ref(&f),
+            &out,
+            &ChatImportSettings::default(),
+        )
+        .unwrap();
         assert_eq!((stats.rows, stats.records), (7, 2));
         assert_eq!(
             stats.rejects_total,

@@ -215,8 +215,11 @@ fn format_of(path: &Path) -> Option<Format> {
     Format::of(path.file_name()?.to_str()?)
 }
 
+/// A table's records with their numbers: each a JSON object, or why its line is not one.
+type Numbered = Vec<(usize, Result<Value, String>)>;
+
 /// The records of a table file with their line (jsonl) or row (Parquet) numbers, from 1.
-fn numbered_records(path: &Path) -> Result<Vec<(usize, Result<Value, String>)>, PrefsError> {
+fn numbered_records(path: &Path) -> Result<Numbered, PrefsError> {
     if format_of(path) == Some(Format::Parquet) {
         let rows = crate::train::sft::read_records(path).map_err(|e| PrefsError::Table {
             path: path.to_path_buf(),
