@@ -42,7 +42,7 @@ use super::prompt::{Template, TemplateError};
 use super::run::{run_corpus, Progress};
 use super::{Corpus, Drop, DropReason};
 use crate::artifact::atomic;
-use crate::artifact::docs::{self, Format};
+use crate::artifact::docs::Format;
 use crate::artifact::outdir::{DirLock, OutDirError};
 use crate::artifact::shards::{self, Layout};
 use crate::artifact::table::{self, row};
@@ -215,37 +215,12 @@ fn format_of(path: &Path) -> Option<Format> {
     Format::of(path.file_name()?.to_str()?)
 }
 
-/// A table's records with their numbers: each a JSON object, or why its line is not one.
-type Numbered = Vec<(usize, Result<Value, String>)>;
-
 /// The records of a table file with their line (jsonl) or row (Parquet) numbers, from 1.
-fn numbered_records(path: &Path) -> Result<Numbered, PrefsError> {
-    if format_of(path) == Some(Format::Parquet) {
-        let rows = crate::train::sft::read_records(path).map_err(|e| PrefsError::Table {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        return Ok(rows
-            .into_iter()
-            .enumerate()
-            .map(|(i, r)| (i + 1, Ok(r)))
-            .collect());
-    }
-    let mut text = String::new();
-    docs::open_maybe_gz(path)
-        .and_then(|mut r| std::io::Read::read_to_string(&mut r, &mut text))
-        .map_err(io_err(path))?;
-    Ok(text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            (
-                i + 1,
-                serde_json::from_str(l).map_err(|e| format!("not JSON: {e}")),
-            )
-        })
-        .collect())
+fn numbered_records(path: &Path) -> Result<crate::train::sft::Numbered, PrefsError> {
+    crate::train::sft::numbered_records(path).map_err(|e| PrefsError::Table {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
 }
 
 /// The prompts of `path` (see the module documentation), duplicates dropped (first kept).

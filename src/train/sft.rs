@@ -311,26 +311,46 @@ fn table_format(path: &Path) -> Option<Format> {
     Format::of(path.file_name()?.to_str()?)
 }
 
-/// The records of a jsonl (or `.jsonl.gz`) or Parquet file, as JSON values.
-pub fn read_records(path: &Path) -> Result<Vec<serde_json::Value>, SftError> {
+/// A table's records with their numbers: each a JSON value, or why its line is not one.
+pub type Numbered = Vec<(usize, Result<serde_json::Value, String>)>;
+
+/// The records of a jsonl (or `.jsonl.gz`) or Parquet file with their line (jsonl; blank lines
+/// skipped) or row (Parquet) numbers, from 1.
+pub fn numbered_records(path: &Path) -> Result<Numbered, SftError> {
     if table_format(path) == Some(Format::Parquet) {
-        return parquet_records(path);
+        return Ok(parquet_records(path)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| (i + 1, Ok(r)))
+            .collect());
     }
-    let io = |source| SftError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
     let mut text = String::new();
     docs::open_maybe_gz(path)
         .and_then(|mut r| std::io::Read::read_to_string(&mut r, &mut text))
-        .map_err(io)?;
-    text.lines()
+        .map_err(|source| SftError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    Ok(text
+        .lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
-            serde_json::from_str(l).map_err(|e| SftError::Record {
+            let value = serde_json::from_str(l).map_err(|e| format!("not JSON: {e}"));
+            (i + 1, value)
+        })
+        .collect())
+}
+
+/// The records of a jsonl (or `.jsonl.gz`) or Parquet file, as JSON values; a line that is not
+/// JSON fails the file.
+pub fn read_records(path: &Path) -> Result<Vec<serde_json::Value>, SftError> {
+    numbered_records(path)?
+        .into_iter()
+        .map(|(line, value)| {
+            value.map_err(|why| SftError::Record {
                 path: path.to_path_buf(),
-                what: format!("line {}: not JSON: {e}", i + 1),
+                what: format!("line {line}: {why}"),
             })
         })
         .collect()
