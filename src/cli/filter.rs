@@ -397,7 +397,8 @@ fn print_rating(files: u64, model: &str, max_cost: Option<f64>) {
 }
 
 pub async fn filter(args: &FilterArgs, quiet: bool) -> anyhow::Result<Outcome> {
-    let (cfg, resolved) = args.teacher.resolve()?;
+    // Scoring with a trained classifier (`--model`) asks no teacher: no note on which one.
+    let (cfg, resolved) = args.teacher.resolve_noting(args.classifier.is_none())?;
     let recipe = FilterRecipe {
         input: args.input.options(),
         sample: args.sample.settings(),

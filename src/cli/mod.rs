@@ -205,9 +205,14 @@ impl From<&TeacherArgs> for TeacherConfig {
 impl TeacherArgs {
     /// The teacher's settings, resolved; prints the note on a teacher chosen by default.
     fn resolve(&self) -> anyhow::Result<(TeacherConfig, ResolvedTeacher)> {
+        self.resolve_noting(true)
+    }
+
+    /// [`TeacherArgs::resolve`], printing the note only if the teacher will be asked (`used`).
+    fn resolve_noting(&self, used: bool) -> anyhow::Result<(TeacherConfig, ResolvedTeacher)> {
         let cfg = TeacherConfig::from(self);
         let resolved = cfg.resolve()?;
-        if let Some(note) = &resolved.note {
+        if let Some(note) = resolved.note.as_ref().filter(|_| used) {
             eprintln!("{note}");
         }
         Ok((cfg, resolved))
