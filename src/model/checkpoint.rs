@@ -159,7 +159,7 @@ pub fn assemble(
 /// [`load_weights`]).
 pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Decoder, ModelError> {
     let (cfg, weights) = load_weights(dir, dtype, device)?;
-    Decoder::frozen(&cfg, &weights, Default::default())
+    Decoder::frozen(&cfg, weights, Default::default())
 }
 
 fn dtype_name(dtype: DType) -> &'static str {

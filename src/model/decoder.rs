@@ -25,7 +25,7 @@ use super::attention;
 pub use super::cache::KvCache;
 use super::cache::{LayerCache, Slot};
 use super::config::{Activation, BlockLayout, HeadKind, MlpKind, NormKind, PhiConfig};
-use super::gemv;
+use super::gemv::PanelWeight;
 use super::int8::{self, Int8Weight, PackedWeight};
 use super::names::{parameter_table, Init};
 use super::rope::{Positions, Rope};
@@ -49,19 +49,22 @@ pub type QuantizedWeights = HashMap<String, Arc<QTensor>>;
 enum Proj {
     /// Trainable: the weight as stored, (out, in).
     Dense(Linear),
-    /// Inference only: the weight transposed to (in, out) and contiguous, which candle's matmul
-    /// multiplies about twice as fast for batches of rows, and optionally a quantized copy (GGUF),
-    /// faster for a few rows because it reads a quarter of the bytes.
+    /// Inference only, in the form that multiplies fastest where it runs.
     Frozen {
-        /// `None` when the packed copy serves every product (it saves the f32 copy's memory).
+        /// On an accelerator or in half precision: the weight transposed to (in, out) and
+        /// contiguous, which candle's matmul multiplies about twice as fast for batches of rows.
         wt: Option<Tensor>,
+        /// On the CPU in f32: the weight and bias in panels (see [`super::gemv`]), which reads each
+        /// weight once per product whatever the number of rows (`bias` is then `None`).
+        panels: Option<Arc<PanelWeight>>,
         bias: Option<Tensor>,
+        /// A quantized copy (GGUF), faster for a few rows because it reads a quarter of the bytes.
         quantized: Option<QMatMul>,
         /// 8-bit codes of a quantized projection on CPUs with AVX-512 VNNI (see
         /// [`super::int8`]): every product of more than one row.
         int8: Option<Arc<Int8Weight>>,
         /// The file's own 4- or 8-bit codes (Q4_0, Q4_1, Q8_0) for the VNNI kernel, on CPUs
-        /// with it: every product, any number of rows (it takes the place of the three above).
+        /// with it: every product, any number of rows (it takes the place of the four above).
         packed: Option<Arc<PackedWeight>>,
     },
 }
@@ -74,6 +77,10 @@ const QUANTIZED_ROWS: usize = 3;
 
 impl Proj {
     fn freeze(self, quantized: Option<&Arc<QTensor>>) -> Result<Proj> {
+        let Proj::Dense(l) = self else {
+            candle_core::bail!("a projection is frozen once");
+        };
+        let (w, bias) = (l.weight(), l.bias().cloned());
         let packed = match quantized {
             Some(q) => {
                 let (out, inp) = q.shape().dims2()?;
@@ -82,42 +89,37 @@ impl Proj {
             None => None,
         };
         if packed.is_some() {
-            let bias = match self {
-                Proj::Dense(l) => l.bias().cloned(),
-                Proj::Frozen { bias, .. } => bias,
-            };
             return Ok(Proj::Frozen {
                 wt: None,
+                panels: None,
                 bias,
                 quantized: None,
                 int8: None,
                 packed,
             });
         }
-        let (wt, bias) = match self {
-            Proj::Dense(l) => (l.weight().t()?.contiguous()?, l.bias().cloned()),
-            Proj::Frozen {
-                wt: Some(wt), bias, ..
-            } => (wt, bias),
-            Proj::Frozen { wt: None, .. } => {
-                candle_core::bail!("a packed projection is frozen already")
-            }
-        };
         // Only weights that were quantized already get 8-bit codes: a dense checkpoint keeps
         // its exact f32 products.
         let int8 = match quantized {
-            Some(_) if wt.device().is_cpu() && int8::supported() => {
-                let (inp, out) = wt.dims2()?;
-                let w: Vec<f32> = wt.t()?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                Int8Weight::new(&w, out, inp).map(Arc::new)
+            Some(_) if w.device().is_cpu() && int8::supported() => {
+                let (out, inp) = w.dims2()?;
+                let values: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                Int8Weight::new(&values, out, inp).map(Arc::new)
             }
             _ => None,
         };
         let quantized = quantized
             .map(|q| QMatMul::from_arc(q.clone()))
             .transpose()?;
+        let (wt, panels, bias) = if w.device().is_cpu() && w.dtype() == DType::F32 {
+            let panels = PanelWeight::from_tensors(w, bias.as_ref())?;
+            (None, Some(Arc::new(panels)), None)
+        } else {
+            (Some(w.t()?.contiguous()?), None, bias)
+        };
         Ok(Proj::Frozen {
-            wt: Some(wt),
+            wt,
+            panels,
             bias,
             quantized,
             int8,
@@ -160,6 +162,7 @@ fn apply(p: &Proj, x: &Tensor) -> Result<Tensor> {
         Proj::Dense(l) => project(x, l.weight(), l.bias()),
         Proj::Frozen {
             wt,
+            panels,
             bias,
             quantized,
             int8,
@@ -169,19 +172,19 @@ fn apply(p: &Proj, x: &Tensor) -> Result<Tensor> {
             let c = dims[dims.len() - 1];
             let rows = x.elem_count() / c;
             let x2 = x.reshape((rows, c))?;
-            let y = match (packed, quantized, int8, wt) {
+            let y = match (packed, quantized, int8, panels, wt) {
                 (Some(p), ..) => {
                     int8::forward_packed(p, &x2.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?
                 }
-                (_, Some(q), None, _) if rows <= QUANTIZED_ROWS => q.forward(&x2)?,
-                (_, Some(q), Some(_), _) if rows == 1 => q.forward(&x2)?,
-                (_, _, Some(w), _) if x.dtype() == DType::F32 => int8::forward(w, &x2)?,
-                (_, _, _, Some(wt)) => match gemv::forward(&x2, wt)? {
-                    Some(y) => y,
-                    None => x2.matmul(wt)?,
-                },
-                (None, _, _, None) => {
-                    unreachable!("a frozen projection keeps f32 weights or packed codes")
+                (_, Some(q), None, ..) if rows <= QUANTIZED_ROWS => q.forward(&x2)?,
+                (_, Some(q), Some(_), ..) if rows == 1 => q.forward(&x2)?,
+                (_, _, Some(w), ..) if x.dtype() == DType::F32 => int8::forward(w, &x2)?,
+                (_, _, _, Some(p), _) => {
+                    p.forward(&x2.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?
+                }
+                (_, _, _, _, Some(wt)) => x2.matmul(wt)?,
+                (None, _, _, None, None) => {
+                    unreachable!("a frozen projection keeps a weight or packed codes")
                 }
             };
             let y = match bias {
@@ -672,13 +675,15 @@ impl Decoder {
     /// An inference-only decoder (see [`Proj::Frozen`]): projections named in `quantized` also
     /// get that quantized copy; a quantized `lm_head.weight` serves a head tied to the embedding,
     /// and a quantized `model.embed_tokens.weight` the lookups (`w`'s table may then be a
-    /// placeholder). Each quantized tensor is dropped once its copy is made.
+    /// placeholder). Each weight, dense or quantized, is dropped once its copy is made, so the
+    /// peak memory is the frozen model's plus one matrix, not twice the model's.
     pub fn frozen(
         cfg: &PhiConfig,
-        w: &Weights,
+        w: Weights,
         mut quantized: QuantizedWeights,
     ) -> std::result::Result<Self, ModelError> {
-        let mut d = Self::new(cfg, w)?;
+        let mut d = Self::new(cfg, &w)?;
+        drop(w);
         let table = quantized.remove("model.embed_tokens.weight");
         let mut q = |name: String| quantized.remove(&name);
         for (i, block) in d.blocks.iter_mut().enumerate() {
@@ -1220,10 +1225,10 @@ mod tests {
             "model.embed_tokens.weight".into(),
             table.dequantize(&Device::Cpu).unwrap(),
         );
-        let dense = Decoder::frozen(&cfg, &w, QuantizedWeights::new()).unwrap();
+        let dense = Decoder::frozen(&cfg, w.clone(), QuantizedWeights::new()).unwrap();
         let mut q = QuantizedWeights::new();
         q.insert("model.embed_tokens.weight".into(), Arc::new(table));
-        let looked_up = Decoder::frozen(&cfg, &w, q).unwrap();
+        let looked_up = Decoder::frozen(&cfg, w, q).unwrap();
         assert!(matches!(looked_up.embed, Embedding::Quantized { .. }));
         let ids = Tensor::new(&[[3u32, 17, 42, 8, 90, 1, 64]], &Device::Cpu).unwrap();
         let a = dense.forward(&ids, None).unwrap().flatten_all().unwrap();

@@ -1,223 +1,286 @@
-//! `y = x · Wt` for a few rows of `x` (decoding: one new token per sequence) on the CPU, in f32.
+//! `y = x Wᵀ + b` on the CPU in f32, for the projections of an inference-only decoder.
 //!
 //! Decoding one token reads every weight once and does two flops per weight, so its speed is
-//! the memory bandwidth's. A general matrix product (gemm) packs panels of the weight for reuse
-//! that one row never gets. Here `Wt` (in, out) is cut into blocks of [`CHUNK`] inputs ×
-//! [`TILE`] outputs, each a few contiguous runs of memory that one task streams once, four inputs
-//! at a time, into its own partial sums; the partials are then added in block order. The blocks
-//! do not depend on the number of threads, so neither does any output bit.
+//! the memory bandwidth's. The weight is stored once, in panels of [`PANEL`] outputs: panel p
+//! holds, input by input, the weights of outputs `p·PANEL..(p+1)·PANEL` (zeros past the last
+//! output). One task streams a panel front to back, one run of memory, with the sums of up to
+//! [`ROWS`] rows of x in registers, and writes its outputs once: no partial sums, no reduction.
+//! More rows take the same panel again from cache, [`ROWS`] at a time, which makes the loop a
+//! register-blocked matrix product for prompts as well.
 //!
-//! Symbols: R rows of x (≤ [`MAX_ROWS`]), I inputs, O outputs.
+//! Every output is the sum over the inputs in order, so no bit depends on the number of
+//! threads, nor on which other rows share the product. The panels live in 2 MiB pages where the
+//! kernel allows it (see [`huge_page_vec`]): streaming 4 KiB pages costs a TLB miss every 4 KiB.
+//!
+//! Symbols: R rows of x, I inputs, O outputs.
 
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
-/// Up to this many rows the weight is read once for all of them; more rows go to gemm.
-pub const MAX_ROWS: usize = 4;
+/// Outputs per panel: four 512-bit registers (eight 256-bit ones) of sums per row.
+const PANEL: usize = 64;
 
-/// Inputs of one block: enough blocks for many threads even on narrow layers.
-const CHUNK: usize = 128;
+/// Rows of x per pass over a panel: 4 × 4 accumulators, half of AVX-512's registers.
+const ROWS: usize = 4;
 
-/// Outputs of one block: each of its rows of `Wt` is a run of up to 32 KiB (one run of the whole
-/// block when the layer is at most this wide), and its partial sums (`R × TILE` f32) stay in L1/L2.
-const TILE: usize = 8192;
-
-/// One block of `Wt`: inputs `inputs`, outputs `c0..c0 + width` (`width` = the partial's length / R).
-struct Block {
-    inputs: std::ops::Range<usize>,
-    c0: usize,
-}
-
-/// `x` (R, I) times `wt` (I, O) → (R, O), for CPU f32 tensors with at most [`MAX_ROWS`] rows;
-/// `None` for anything else (the caller's matmul takes it).
-pub fn forward(x: &Tensor, wt: &Tensor) -> Result<Option<Tensor>> {
-    let (rows, inp) = x.dims2()?;
-    let (w_inp, out) = wt.dims2()?;
-    let eligible = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-    if !(1..=MAX_ROWS).contains(&rows) || w_inp != inp || !eligible(x) || !eligible(wt) {
-        return Ok(None);
-    }
-    let (x, wt) = (x.contiguous()?, wt.contiguous()?);
-    let (xs, xl) = x.storage_and_layout();
-    let (ws, wl) = wt.storage_and_layout();
-    let (candle_core::Storage::Cpu(xc), candle_core::Storage::Cpu(wc)) = (&*xs, &*ws) else {
-        return Ok(None);
-    };
-    let x_values = super::ops::cpu_f32(xc, xl)?;
-    let y = gemv(x_values, rows, super::ops::cpu_f32(wc, wl)?, inp, out);
-    Tensor::from_vec(y, (rows, out), x.device()).map(Some)
-}
-
-/// `x` (R, I) row-major times `wt` (I, O) row-major → (R, O) row-major.
-pub fn gemv(x: &[f32], rows: usize, wt: &[f32], inp: usize, out: usize) -> Vec<f32> {
-    assert!(
-        (1..=MAX_ROWS).contains(&rows),
-        "gemv takes 1..={MAX_ROWS} rows"
-    );
-    assert_eq!(x.len(), rows * inp, "x is (rows, inp)");
-    assert_eq!(wt.len(), inp * out, "wt is (inp, out)");
-    let (chunks, tiles) = (inp.div_ceil(CHUNK).max(1), out.div_ceil(TILE).max(1));
-    let partials: Vec<Vec<f32>> = (0..chunks * tiles)
-        .into_par_iter()
-        .map(|task| {
-            let (chunk, tile) = (task / tiles, task % tiles);
-            let block = Block {
-                inputs: chunk * CHUNK..((chunk + 1) * CHUNK).min(inp),
-                c0: tile * TILE,
-            };
-            let mut acc = vec![0f32; rows * TILE.min(out - block.c0)];
-            block_product(x, rows, wt, inp, out, &block, &mut acc);
-            acc
-        })
-        .collect();
-    let mut y = vec![0f32; rows * out];
-    for (task, acc) in partials.iter().enumerate() {
-        let c0 = (task % tiles) * TILE;
-        let width = acc.len() / rows;
-        for r in 0..rows {
-            let dst = &mut y[r * out + c0..r * out + c0 + width];
-            for (d, &a) in dst.iter_mut().zip(&acc[r * width..(r + 1) * width]) {
-                *d += a;
-            }
-        }
-    }
-    y
-}
-
-/// One block's share of the product into `acc` (R, width), with the widest vector unit the CPU
-/// has. The kernels use intrinsics rather than trusting the compiler to vectorize, so that a
-/// debug-optimized build decodes as fast as a release one.
-fn block_product(
-    x: &[f32],
-    rows: usize,
-    wt: &[f32],
+/// The weight of a frozen projection, packed in panels (see the module documentation).
+#[derive(Debug)]
+pub struct PanelWeight {
     inp: usize,
     out: usize,
-    block: &Block,
-    acc: &mut [f32],
-) {
-    let width = acc.len() / rows;
-    assert!(block.c0 + width <= out && block.inputs.end <= inp);
-    assert!(wt.len() == inp * out && x.len() == rows * inp);
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F; every pointer stays inside `x`, `wt` and `acc` (the
-            // assert above and the loop bounds).
-            return unsafe { tile_avx512(x, rows, wt, inp, out, block, acc) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: as above, with AVX2 and FMA.
-            return unsafe { tile_avx2(x, rows, wt, inp, out, block, acc) };
-        }
-    }
-    tile_scalar(x, rows, wt, inp, out, block, acc)
+    /// `out.div_ceil(PANEL)` panels of `inp × PANEL` values.
+    data: Vec<f32>,
+    /// One value per output, added as each output is written.
+    bias: Option<Vec<f32>>,
 }
 
-/// One kernel per vector unit, from one body: `$lanes` floats a vector, four rows of `Wt` per
-/// pass fused into each accumulator vector; the columns past the last full vector and the
-/// inputs past the last multiple of four go through the scalar loop.
-macro_rules! tile_kernel {
-    ($name:ident, $features:literal, $lanes:literal, $load:ident, $store:ident, $splat:ident, $fma:ident) => {
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = $features)]
-        unsafe fn $name(
-            x: &[f32],
-            rows: usize,
-            wt: &[f32],
-            inp: usize,
-            out: usize,
-            block: &Block,
-            acc: &mut [f32],
-        ) {
-            use std::arch::x86_64::*;
-            let width = acc.len() / rows;
-            let full = width / $lanes * $lanes;
-            let (i0, i1) = (block.inputs.start, block.inputs.end);
-            let inp4 = i0 + (i1 - i0) / 4 * 4;
-            let w = wt.as_ptr().add(block.c0);
-            for i in (i0..inp4).step_by(4) {
-                let w0 = w.add(i * out);
-                let (w1, w2, w3) = (w0.add(out), w0.add(2 * out), w0.add(3 * out));
-                for r in 0..rows {
-                    let xr = &x[r * inp + i..r * inp + i + 4];
-                    let (x0, x1, x2, x3) =
-                        ($splat(xr[0]), $splat(xr[1]), $splat(xr[2]), $splat(xr[3]));
-                    let a = acc.as_mut_ptr().add(r * width);
-                    for j in (0..full).step_by($lanes) {
-                        let mut v = $load(a.add(j));
-                        v = $fma($load(w0.add(j)), x0, v);
-                        v = $fma($load(w1.add(j)), x1, v);
-                        v = $fma($load(w2.add(j)), x2, v);
-                        v = $fma($load(w3.add(j)), x3, v);
-                        $store(a.add(j), v);
+impl PanelWeight {
+    /// From `w` (O, I) row-major, as a linear layer stores its weight, and its bias (O).
+    pub fn new(w: &[f32], bias: Option<Vec<f32>>, out: usize, inp: usize) -> Self {
+        assert_eq!(w.len(), out * inp, "w is (out, inp)");
+        assert!(
+            bias.as_ref().is_none_or(|b| b.len() == out),
+            "the bias has one value per output"
+        );
+        let mut data = huge_page_vec(out.div_ceil(PANEL) * PANEL * inp);
+        data.par_chunks_mut(PANEL * inp.max(1))
+            .enumerate()
+            .for_each(|(p, panel)| {
+                for c in 0..PANEL.min(out - p * PANEL) {
+                    let row = &w[(p * PANEL + c) * inp..][..inp];
+                    for (i, &v) in row.iter().enumerate() {
+                        panel[i * PANEL + c] = v;
+                    }
+                }
+            });
+        PanelWeight {
+            inp,
+            out,
+            data,
+            bias,
+        }
+    }
+
+    /// From a weight (O, I) and a bias (O) of any float dtype on any device.
+    pub fn from_tensors(w: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
+        let (out, inp) = w.dims2()?;
+        let f32s = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+        let bias = bias.map(f32s).transpose()?;
+        // A CPU f32 weight is packed from its own storage: no transient copy of the matrix.
+        if w.dtype() == DType::F32 && w.is_contiguous() {
+            let (s, l) = w.storage_and_layout();
+            if let candle_core::Storage::Cpu(cpu) = &*s {
+                return Ok(Self::new(super::ops::cpu_f32(cpu, l)?, bias, out, inp));
+            }
+        }
+        Ok(Self::new(&f32s(w)?, bias, out, inp))
+    }
+
+    pub fn inp(&self) -> usize {
+        self.inp
+    }
+
+    pub fn out(&self) -> usize {
+        self.out
+    }
+
+    /// The packed values, panel by panel (what one product of one row reads).
+    pub fn values(&self) -> &[f32] {
+        &self.data
+    }
+
+    /// `x` (R, I) row-major → `x Wᵀ + b` (R, O) row-major.
+    pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        let (inp, out, bias) = (self.inp, self.out, self.bias.as_deref());
+        assert_eq!(x.len(), rows * inp, "x is (rows, inp)");
+        let mut y = vec![0f32; rows * out];
+        let panels = out.div_ceil(PANEL);
+        // A few tasks per thread, so that a late thread does not hold up the product.
+        let per_task = panels.div_ceil(4 * rayon::current_num_threads()).max(1);
+        let y_at = Shared(y.as_mut_ptr());
+        let task = |t: usize| {
+            let mut sums = [[0f32; PANEL]; ROWS];
+            for p in t * per_task..((t + 1) * per_task).min(panels) {
+                let panel = &self.data[p * PANEL * inp..][..PANEL * inp];
+                let (c0, width) = (p * PANEL, PANEL.min(out - p * PANEL));
+                for r0 in (0..rows).step_by(ROWS) {
+                    let group = ROWS.min(rows - r0);
+                    panel_product(&x[r0 * inp..(r0 + group) * inp], group, panel, &mut sums);
+                    for (g, s) in sums[..group].iter().enumerate() {
+                        let dst = (r0 + g) * out + c0;
+                        // SAFETY: `dst..dst + width` lies in `y` (row r0 + g < rows, columns
+                        // c0 + width ≤ out), and no other task writes panel p's columns.
+                        let dst = unsafe { std::slice::from_raw_parts_mut(y_at.at(dst), width) };
+                        match bias {
+                            Some(b) => {
+                                for ((d, s), b) in dst.iter_mut().zip(s).zip(&b[c0..]) {
+                                    *d = s + b;
+                                }
+                            }
+                            None => dst.copy_from_slice(&s[..width]),
+                        }
                     }
                 }
             }
-            tile_rest(x, rows, wt, inp, out, block, acc, inp4, full);
+        };
+        let tasks = panels.div_ceil(per_task);
+        if rows * inp * out < 1 << 16 {
+            (0..tasks).for_each(task);
+        } else {
+            (0..tasks).into_par_iter().for_each(task);
+        }
+        y
+    }
+
+    /// `x Wᵀ + b` for a CPU f32 tensor `x` (R, I) → (R, O).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        let (rows, inp) = x.dims2()?;
+        if inp != self.inp {
+            candle_core::bail!(
+                "panel product: x has {inp} features, the weight {}",
+                self.inp
+            );
+        }
+        let (s, l) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*s else {
+            candle_core::bail!("panel product runs on the CPU");
+        };
+        let y = self.matmul(super::ops::cpu_f32(cpu, l)?, rows);
+        Tensor::from_vec(y, (rows, self.out), x.device())
+    }
+}
+
+/// The output buffer, written by several tasks at disjoint columns.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+// SAFETY: tasks write disjoint ranges (see `PanelWeight::matmul`), and `y` outlives them.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// The element `i` (a method, so that closures capture the whole wrapper, not its field).
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// `sums[g] = x[g] · panel` for the `group` rows of `x` (each I values), all PANEL outputs, with
+/// the widest vector unit the CPU has. The kernels use intrinsics rather than trusting the
+/// compiler to vectorize, so that a debug-optimized build decodes as fast as a release one.
+fn panel_product(x: &[f32], group: usize, panel: &[f32], sums: &mut [[f32; PANEL]; ROWS]) {
+    let inp = panel.len() / PANEL;
+    assert!(x.len() == group * inp && (1..=ROWS).contains(&group));
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F; the kernel reads `group` rows of `x` and `inp` rows
+            // of the panel (the assert above).
+            unsafe {
+                match group {
+                    1 => panel_avx512::<1>(x, panel, sums),
+                    2 => panel_avx512::<2>(x, panel, sums),
+                    3 => panel_avx512::<3>(x, panel, sums),
+                    _ => panel_avx512::<4>(x, panel, sums),
+                }
+            }
+            return;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // 8 registers of sums per row: one row at a time fits AVX2's 16 registers.
+            for (g, row) in x.chunks_exact(inp.max(1)).enumerate().take(group) {
+                let mut one = [[0f32; PANEL]; 1];
+                // SAFETY: as above, with AVX2 and FMA, for one row.
+                unsafe { panel_avx2::<1>(row, panel, &mut one) };
+                sums[g] = one[0];
+            }
+            return;
+        }
+    }
+    for (g, s) in sums.iter_mut().enumerate().take(group) {
+        s.fill(0.0);
+        for (i, w) in panel.chunks_exact(PANEL).enumerate() {
+            let xi = x[g * inp + i];
+            for (s, w) in s.iter_mut().zip(w) {
+                *s = w.mul_add(xi, *s);
+            }
+        }
+    }
+}
+
+/// One kernel per vector unit, from one body: `R` rows × PANEL/`$lanes` registers of sums,
+/// one fused multiply-add per weight and row, inputs in order.
+macro_rules! panel_kernel {
+    ($name:ident, $features:literal, $lanes:literal, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const R: usize>(x: &[f32], panel: &[f32], sums: &mut [[f32; PANEL]]) {
+            use std::arch::x86_64::*;
+            const V: usize = PANEL / $lanes;
+            let inp = panel.len() / PANEL;
+            assert!(sums.len() >= R && x.len() >= R * inp);
+            let mut acc = [[$zero(); V]; R];
+            let (w, xp) = (panel.as_ptr(), x.as_ptr());
+            for i in 0..inp {
+                let row = w.add(i * PANEL);
+                for r in 0..R {
+                    let xr = $splat(*xp.add(r * inp + i));
+                    for v in 0..V {
+                        acc[r][v] = $fma($load(row.add(v * $lanes)), xr, acc[r][v]);
+                    }
+                }
+            }
+            for r in 0..R {
+                for v in 0..V {
+                    $store(sums[r].as_mut_ptr().add(v * $lanes), acc[r][v]);
+                }
+            }
         }
     };
 }
 
-tile_kernel!(
-    tile_avx512,
+panel_kernel!(
+    panel_avx512,
     "avx512f",
     16,
+    _mm512_setzero_ps,
     _mm512_loadu_ps,
     _mm512_storeu_ps,
     _mm512_set1_ps,
     _mm512_fmadd_ps
 );
-tile_kernel!(
-    tile_avx2,
+panel_kernel!(
+    panel_avx2,
     "avx2,fma",
     8,
+    _mm256_setzero_ps,
     _mm256_loadu_ps,
     _mm256_storeu_ps,
     _mm256_set1_ps,
     _mm256_fmadd_ps
 );
 
-/// Without a vector unit: every input, every column.
-fn tile_scalar(
-    x: &[f32],
-    rows: usize,
-    wt: &[f32],
-    inp: usize,
-    out: usize,
-    block: &Block,
-    acc: &mut [f32],
-) {
-    tile_rest(x, rows, wt, inp, out, block, acc, block.inputs.start, 0)
-}
-
-/// What the vector loops leave: columns `full..width` for the block's inputs before `inp4`, then
-/// every column for its inputs from `inp4`.
-#[allow(clippy::too_many_arguments)]
-fn tile_rest(
-    x: &[f32],
-    rows: usize,
-    wt: &[f32],
-    inp: usize,
-    out: usize,
-    block: &Block,
-    acc: &mut [f32],
-    inp4: usize,
-    full: usize,
-) {
-    let (width, c0) = (acc.len() / rows, block.c0);
-    for i in block.inputs.clone() {
-        let cols = if i < inp4 { full..width } else { 0..width };
-        let w = &wt[i * out + c0..i * out + c0 + width];
-        for r in 0..rows {
-            let xi = x[r * inp + i];
-            let a = &mut acc[r * width..(r + 1) * width];
-            for j in cols.clone() {
-                a[j] += xi * w[j];
-            }
+/// `n` default values in memory advised into transparent huge pages (`madvise`), before any of
+/// it is touched: a weight that is streamed once per token then costs a TLB miss every 2 MiB
+/// rather than every 4 KiB. Where the kernel does not take the advice, ordinary pages.
+pub(crate) fn huge_page_vec<T: Copy + Default>(n: usize) -> Vec<T> {
+    let mut v: Vec<T> = Vec::with_capacity(n);
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = v.as_ptr() as usize;
+        let (first, end) = (
+            start.next_multiple_of(HUGE),
+            (start + n * std::mem::size_of::<T>()) / HUGE * HUGE,
+        );
+        if end > first {
+            // SAFETY: the range lies inside the allocation just made; madvise only advises.
+            unsafe { libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_HUGEPAGE) };
         }
     }
+    v.resize(n, T::default());
+    v
 }
 
 #[cfg(test)]
@@ -225,9 +288,10 @@ mod tests {
     use super::*;
 
     /// The product equals a plain f64 triple loop (the oracle: the definition of the product)
-    /// within f32 round-off, for shapes that hit every edge: inputs not a multiple of four,
-    /// outputs not a multiple of the tile or of a vector, one to four rows; through the dispatch
-    /// (threads and tiles) and through each kernel this CPU can run, whole width at once.
+    /// within f32 round-off, for shapes that hit every edge: outputs not a multiple of a panel
+    /// or of a vector, one input, one to nine rows (groups of four and a ragged last group), with
+    /// and without a bias; through the dispatch and through each kernel this CPU can run.
+    /// Then: a row's outputs do not depend on the rows beside it, nor on the thread count.
     #[test]
     fn equals_the_definition_on_ragged_shapes() {
         let mut state = 7u64;
@@ -237,60 +301,83 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
         };
-        type Kernel = fn(&[f32], usize, &[f32], usize, usize, &Block, &mut [f32]);
-        let mut kernels: Vec<(&str, Kernel)> = vec![("scalar", tile_scalar)];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has the feature (the kernel's bounds are the dispatch's).
-                kernels.push(("avx512", |x, r, w, i, o, c, a| unsafe {
-                    tile_avx512(x, r, w, i, o, c, a)
-                }));
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                // SAFETY: as above.
-                kernels.push(("avx2", |x, r, w, i, o, c, a| unsafe {
-                    tile_avx2(x, r, w, i, o, c, a)
-                }));
-            }
-        }
-        for (inp, out) in [
-            (1, 1),
-            (3, 17),
-            (7, 2050),
-            (64, 4097),
-            (130, 33),
-            (300, 8200),
-        ] {
-            let wt: Vec<f32> = (0..inp * out).map(|_| next()).collect();
-            for rows in 1..=MAX_ROWS {
-                let x: Vec<f32> = (0..rows * inp).map(|_| next()).collect();
-                let mut results = vec![("dispatch", gemv(&x, rows, &wt, inp, out))];
-                for (name, kernel) in &kernels {
-                    let mut acc = vec![0f32; rows * out];
-                    let whole = Block {
-                        inputs: 0..inp,
-                        c0: 0,
-                    };
-                    kernel(&x, rows, &wt, inp, out, &whole, &mut acc);
-                    results.push((name, acc));
-                }
-                for (name, y) in results {
+        for (inp, out) in [(1, 1), (3, 17), (7, 130), (64, 4097), (130, 33), (300, 200)] {
+            let w: Vec<f32> = (0..inp * out).map(|_| next()).collect();
+            let bias: Vec<f32> = (0..out).map(|_| next()).collect();
+            for b in [None, Some(bias.as_slice())] {
+                let packed = PanelWeight::new(&w, b.map(<[f32]>::to_vec), out, inp);
+                for rows in 1..=9 {
+                    let x: Vec<f32> = (0..rows * inp).map(|_| next()).collect();
+                    let y = packed.matmul(&x, rows);
                     for r in 0..rows {
                         for o in 0..out {
                             let want: f64 = (0..inp)
-                                .map(|i| x[r * inp + i] as f64 * wt[i * out + o] as f64)
-                                .sum();
+                                .map(|i| x[r * inp + i] as f64 * w[o * inp + i] as f64)
+                                .sum::<f64>()
+                                + b.map_or(0.0, |b| b[o] as f64);
                             let got = y[r * out + o] as f64;
                             assert!(
                                 (got - want).abs() <= 1e-6 * (1.0 + want.abs()) * inp as f64,
-                                "{name}: inp {inp} out {out} rows {rows} [{r},{o}]: {got} vs {want}"
+                                "inp {inp} out {out} rows {rows} [{r},{o}]: {got} vs {want}"
                             );
                         }
                     }
+                    // Each row alone gives the same bits as in the batch.
+                    for r in 0..rows {
+                        let alone = packed.matmul(&x[r * inp..(r + 1) * inp], 1);
+                        assert_eq!(alone, y[r * out..(r + 1) * out], "row {r} of {rows}");
+                    }
                 }
+            }
+        }
+        let (inp, out) = (256, 3000);
+        let w: Vec<f32> = (0..inp * out).map(|_| next()).collect();
+        let x: Vec<f32> = (0..3 * inp).map(|_| next()).collect();
+        let packed = PanelWeight::new(&w, None, out, inp);
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let three = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        assert_eq!(
+            one.install(|| packed.matmul(&x, 3)),
+            three.install(|| packed.matmul(&x, 3))
+        );
+    }
+
+    /// Each kernel this CPU runs gives the portable loop's bits (both use a fused multiply-add
+    /// per weight, inputs in order): the vector units change the speed, not the result.
+    #[test]
+    fn kernels_equal_the_portable_loop() {
+        let (inp, rows) = (37, 4);
+        let panel: Vec<f32> = (0..inp * PANEL)
+            .map(|i| ((i * 7919) % 1000) as f32 / 997.0 - 0.5)
+            .collect();
+        let x: Vec<f32> = (0..rows * inp)
+            .map(|i| ((i * 104729) % 1000) as f32 / 991.0 - 0.5)
+            .collect();
+        let mut want = [[0f32; PANEL]; ROWS];
+        for (g, s) in want.iter_mut().enumerate() {
+            for (i, w) in panel.chunks_exact(PANEL).enumerate() {
+                for (s, w) in s.iter_mut().zip(w) {
+                    *s = w.mul_add(x[g * inp + i], *s);
+                }
+            }
+        }
+        let mut got = [[0f32; PANEL]; ROWS];
+        panel_product(&x, rows, &panel, &mut got);
+        assert_eq!(got, want, "dispatch");
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            for (g, row) in x.chunks_exact(inp).enumerate() {
+                let mut one = [[0f32; PANEL]; 1];
+                // SAFETY: the CPU has AVX2 and FMA; one row of `inp` values, a panel of `inp` rows.
+                unsafe { panel_avx2::<1>(row, &panel, &mut one) };
+                assert_eq!(one[0], want[g], "avx2 row {g}");
             }
         }
     }

@@ -356,7 +356,7 @@ pub fn load(
         };
         Ok(w.to_dtype(dtype)?)
     })?;
-    let decoder = Decoder::frozen(&cfg, &weights, q_weights)?;
+    let decoder = Decoder::frozen(&cfg, weights, q_weights)?;
     let (tokenizer, chat) = tokenizer_and_chat(path, &meta)?;
     Ok(GgufModel {
         decoder,
