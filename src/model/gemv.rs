@@ -5,8 +5,8 @@
 //! holds, input by input, the weights of outputs `p·PANEL..(p+1)·PANEL` (zeros past the last
 //! output). One task streams a panel front to back, one run of memory, with the sums of up to
 //! [`ROWS`] rows of x in registers, and writes its outputs once: no partial sums, no reduction.
-//! More rows take the same panel again from cache, [`ROWS`] at a time, which makes the loop a
-//! register-blocked matrix product for prompts as well.
+//! More rows (a prompt) take each [`CHUNK`] of inputs of the panel from L1, [`ROWS`] at a time,
+//! which makes the loop a register-blocked matrix product as well.
 //!
 //! Every output is the sum over the inputs in order, so no bit depends on the number of
 //! threads, nor on which other rows share the product. The panels live in 2 MiB pages where the
@@ -20,8 +20,18 @@ use rayon::prelude::*;
 /// Outputs per panel: four 512-bit registers (eight 256-bit ones) of sums per row.
 const PANEL: usize = 64;
 
-/// Rows of x per pass over a panel: 4 × 4 accumulators, half of AVX-512's registers.
-const ROWS: usize = 4;
+/// Rows of x per pass over a chunk: 3 × 4 accumulators. (At four rows the dev profile, -O1,
+/// keeps the sums on the stack rather than in registers.)
+const ROWS: usize = 3;
+
+/// From this many rows (a prompt) a product runs through gemm, panel by panel: it multiplies
+/// many rows faster than the panel loop does at the dev profile's -O1. Fewer rows (decoding)
+/// take the panel loop, whose outputs do not depend on the other rows of the batch.
+const GEMM_ROWS: usize = 8;
+
+/// Inputs per chunk of a panel: 64 × 64 weights, 16 KiB, which stay in L1 while every group of
+/// rows passes over them (a prompt); the sums go to memory and back between chunks.
+const CHUNK: usize = 64;
 
 /// The weight of a frozen projection, packed in panels (see the module documentation).
 #[derive(Debug)]
@@ -93,32 +103,43 @@ impl PanelWeight {
     pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
         let (inp, out, bias) = (self.inp, self.out, self.bias.as_deref());
         assert_eq!(x.len(), rows * inp, "x is (rows, inp)");
+        if rows >= GEMM_ROWS && inp > 0 {
+            return self.matmul_prompt(x, rows);
+        }
         let mut y = vec![0f32; rows * out];
         let panels = out.div_ceil(PANEL);
         // A few tasks per thread, so that a late thread does not hold up the product.
         let per_task = panels.div_ceil(4 * rayon::current_num_threads()).max(1);
         let y_at = Shared(y.as_mut_ptr());
         let task = |t: usize| {
-            let mut sums = [[0f32; PANEL]; ROWS];
+            // The running sums of every row for one panel: carried from chunk to chunk of
+            // inputs, so each output still sums its inputs in order, one fused multiply-add each.
+            let mut sums = vec![[0f32; PANEL]; rows];
             for p in t * per_task..((t + 1) * per_task).min(panels) {
                 let panel = &self.data[p * PANEL * inp..][..PANEL * inp];
                 let (c0, width) = (p * PANEL, PANEL.min(out - p * PANEL));
-                for r0 in (0..rows).step_by(ROWS) {
-                    let group = ROWS.min(rows - r0);
-                    panel_product(&x[r0 * inp..(r0 + group) * inp], group, panel, &mut sums);
-                    for (g, s) in sums[..group].iter().enumerate() {
-                        let dst = (r0 + g) * out + c0;
-                        // SAFETY: `dst..dst + width` lies in `y` (row r0 + g < rows, columns
-                        // c0 + width ≤ out), and no other task writes panel p's columns.
-                        let dst = unsafe { std::slice::from_raw_parts_mut(y_at.at(dst), width) };
-                        match bias {
-                            Some(b) => {
-                                for ((d, s), b) in dst.iter_mut().zip(s).zip(&b[c0..]) {
-                                    *d = s + b;
-                                }
+                sums.iter_mut().for_each(|s| s.fill(0.0));
+                for i0 in (0..inp).step_by(CHUNK) {
+                    let n = CHUNK.min(inp - i0);
+                    let chunk = &panel[i0 * PANEL..(i0 + n) * PANEL];
+                    for r0 in (0..rows).step_by(ROWS) {
+                        let group = ROWS.min(rows - r0);
+                        let x = &x[r0 * inp + i0..];
+                        panel_product(x, inp, chunk, &mut sums[r0..r0 + group]);
+                    }
+                }
+                for (r, s) in sums.iter().enumerate() {
+                    let dst = r * out + c0;
+                    // SAFETY: `dst..dst + width` lies in `y` (row r < rows, columns c0 + width ≤
+                    // out), and no other task writes panel p's columns.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(y_at.at(dst), width) };
+                    match bias {
+                        Some(b) => {
+                            for ((d, s), b) in dst.iter_mut().zip(s).zip(&b[c0..]) {
+                                *d = s + b;
                             }
-                            None => dst.copy_from_slice(&s[..width]),
                         }
+                        None => dst.copy_from_slice(&s[..width]),
                     }
                 }
             }
@@ -128,6 +149,31 @@ impl PanelWeight {
             (0..tasks).for_each(task);
         } else {
             (0..tasks).into_par_iter().for_each(task);
+        }
+        y
+    }
+
+    /// [`PanelWeight::matmul`] for a prompt: each panel is a contiguous (I, PANEL) matrix, which
+    /// gemm multiplies (packing it for its own cache blocking), into the panel's columns.
+    fn matmul_prompt(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        let (inp, out) = (self.inp, self.out);
+        let mut y = vec![0f32; rows * out];
+        let mut part = vec![0f32; rows * PANEL];
+        for (p, panel) in self.data.chunks_exact(PANEL * inp).enumerate() {
+            let dims = (rows, PANEL, inp);
+            super::ops::matmul_f32(dims, &mut part, false, (x, 1, inp), (panel, 1, PANEL));
+            let (c0, width) = (p * PANEL, PANEL.min(out - p * PANEL));
+            for (dst, src) in y.chunks_exact_mut(out).zip(part.chunks_exact(PANEL)) {
+                let dst = &mut dst[c0..c0 + width];
+                match &self.bias {
+                    Some(b) => {
+                        for ((d, s), b) in dst.iter_mut().zip(src).zip(&b[c0..]) {
+                            *d = s + b;
+                        }
+                    }
+                    None => dst.copy_from_slice(&src[..width]),
+                }
+            }
         }
         y
     }
@@ -165,23 +211,23 @@ impl Shared {
     }
 }
 
-/// `sums[g] = x[g] · panel` for the `group` rows of `x` (each I values), all PANEL outputs, with
-/// the widest vector unit the CPU has. The kernels use intrinsics rather than trusting the
-/// compiler to vectorize, so that a debug-optimized build decodes as fast as a release one.
-fn panel_product(x: &[f32], group: usize, panel: &[f32], sums: &mut [[f32; PANEL]; ROWS]) {
-    let inp = panel.len() / PANEL;
-    assert!(x.len() == group * inp && (1..=ROWS).contains(&group));
+/// `sums[g] += x[g] · chunk` for the rows g of `sums`, the row of x g starting at `g·stride`,
+/// over the chunk's inputs (its rows of PANEL weights) in order, with the widest vector unit
+/// the CPU has. The kernels use intrinsics rather than trusting the compiler to vectorize, so
+/// that a debug-optimized build decodes as fast as a release one.
+fn panel_product(x: &[f32], stride: usize, chunk: &[f32], sums: &mut [[f32; PANEL]]) {
+    let (n, group) = (chunk.len() / PANEL, sums.len());
+    assert!((1..=ROWS).contains(&group) && x.len() >= (group - 1) * stride + n);
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F; the kernel reads `group` rows of `x` and `inp` rows
-            // of the panel (the assert above).
+            // SAFETY: the CPU has AVX-512F; the kernel reads n values of `group` rows of `x` and
+            // the chunk's n rows (the assert above).
             unsafe {
                 match group {
-                    1 => panel_avx512::<1>(x, panel, sums),
-                    2 => panel_avx512::<2>(x, panel, sums),
-                    3 => panel_avx512::<3>(x, panel, sums),
-                    _ => panel_avx512::<4>(x, panel, sums),
+                    1 => panel_avx512::<1>(x, stride, chunk, sums),
+                    2 => panel_avx512::<2>(x, stride, chunk, sums),
+                    _ => panel_avx512::<3>(x, stride, chunk, sums),
                 }
             }
             return;
@@ -189,19 +235,18 @@ fn panel_product(x: &[f32], group: usize, panel: &[f32], sums: &mut [[f32; PANEL
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             // 8 registers of sums per row: one row at a time fits AVX2's 16 registers.
-            for (g, row) in x.chunks_exact(inp.max(1)).enumerate().take(group) {
-                let mut one = [[0f32; PANEL]; 1];
+            for (g, s) in sums.iter_mut().enumerate() {
                 // SAFETY: as above, with AVX2 and FMA, for one row.
-                unsafe { panel_avx2::<1>(row, panel, &mut one) };
-                sums[g] = one[0];
+                unsafe {
+                    panel_avx2::<1>(&x[g * stride..], stride, chunk, std::slice::from_mut(s))
+                };
             }
             return;
         }
     }
-    for (g, s) in sums.iter_mut().enumerate().take(group) {
-        s.fill(0.0);
-        for (i, w) in panel.chunks_exact(PANEL).enumerate() {
-            let xi = x[g * inp + i];
+    for (g, s) in sums.iter_mut().enumerate() {
+        for (i, w) in chunk.chunks_exact(PANEL).enumerate() {
+            let xi = x[g * stride + i];
             for (s, w) in s.iter_mut().zip(w) {
                 *s = w.mul_add(xi, *s);
             }
@@ -215,17 +260,27 @@ macro_rules! panel_kernel {
     ($name:ident, $features:literal, $lanes:literal, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
-        unsafe fn $name<const R: usize>(x: &[f32], panel: &[f32], sums: &mut [[f32; PANEL]]) {
+        unsafe fn $name<const R: usize>(
+            x: &[f32],
+            stride: usize,
+            chunk: &[f32],
+            sums: &mut [[f32; PANEL]],
+        ) {
             use std::arch::x86_64::*;
             const V: usize = PANEL / $lanes;
-            let inp = panel.len() / PANEL;
-            assert!(sums.len() >= R && x.len() >= R * inp);
+            let n = chunk.len() / PANEL;
+            assert!(sums.len() >= R && x.len() >= (R - 1) * stride + n);
             let mut acc = [[$zero(); V]; R];
-            let (w, xp) = (panel.as_ptr(), x.as_ptr());
-            for i in 0..inp {
+            for r in 0..R {
+                for v in 0..V {
+                    acc[r][v] = $load(sums[r].as_ptr().add(v * $lanes));
+                }
+            }
+            let (w, xp) = (chunk.as_ptr(), x.as_ptr());
+            for i in 0..n {
                 let row = w.add(i * PANEL);
                 for r in 0..R {
-                    let xr = $splat(*xp.add(r * inp + i));
+                    let xr = $splat(*xp.add(r * stride + i));
                     for v in 0..V {
                         acc[r][v] = $fma($load(row.add(v * $lanes)), xr, acc[r][v]);
                     }
@@ -289,9 +344,10 @@ mod tests {
 
     /// The product equals a plain f64 triple loop (the oracle: the definition of the product)
     /// within f32 round-off, for shapes that hit every edge: outputs not a multiple of a panel
-    /// or of a vector, one input, one to nine rows (groups of four and a ragged last group), with
+    /// or of a vector, one input, one to nine rows (whole groups, a ragged last group, and prompts through gemm), with
     /// and without a bias; through the dispatch and through each kernel this CPU can run.
-    /// Then: a row's outputs do not depend on the rows beside it, nor on the thread count.
+    /// Then: below a prompt's size a row's outputs do not depend on the rows beside it, nor on the
+    /// thread count.
     #[test]
     fn equals_the_definition_on_ragged_shapes() {
         let mut state = 7u64;
@@ -322,8 +378,8 @@ mod tests {
                             );
                         }
                     }
-                    // Each row alone gives the same bits as in the batch.
-                    for r in 0..rows {
+                    // Each row alone gives the same bits as in a decoding batch.
+                    for r in (0..rows).filter(|_| rows < GEMM_ROWS) {
                         let alone = packed.matmul(&x[r * inp..(r + 1) * inp], 1);
                         assert_eq!(alone, y[r * out..(r + 1) * out], "row {r} of {rows}");
                     }
@@ -352,7 +408,7 @@ mod tests {
     /// per weight, inputs in order): the vector units change the speed, not the result.
     #[test]
     fn kernels_equal_the_portable_loop() {
-        let (inp, rows) = (37, 4);
+        let (inp, rows) = (37, ROWS);
         let panel: Vec<f32> = (0..inp * PANEL)
             .map(|i| ((i * 7919) % 1000) as f32 / 997.0 - 0.5)
             .collect();
@@ -368,7 +424,7 @@ mod tests {
             }
         }
         let mut got = [[0f32; PANEL]; ROWS];
-        panel_product(&x, rows, &panel, &mut got);
+        panel_product(&x, inp, &panel, &mut got);
         assert_eq!(got, want, "dispatch");
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
@@ -376,7 +432,7 @@ mod tests {
             for (g, row) in x.chunks_exact(inp).enumerate() {
                 let mut one = [[0f32; PANEL]; 1];
                 // SAFETY: the CPU has AVX2 and FMA; one row of `inp` values, a panel of `inp` rows.
-                unsafe { panel_avx2::<1>(row, &panel, &mut one) };
+                unsafe { panel_avx2::<1>(row, inp, &panel, &mut one) };
                 assert_eq!(one[0], want[g], "avx2 row {g}");
             }
         }

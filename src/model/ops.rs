@@ -367,6 +367,55 @@ impl CustomOp3 for NormGrad {
     }
 }
 
+/// `dst (m×n, row-major) = [dst +] lhs (m×k) · rhs (k×n)`, each operand given as
+/// (values, column stride, row stride), on candle's thread count.
+pub(crate) fn matmul_f32(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    (lhs, lhs_cs, lhs_rs): (&[f32], usize, usize),
+    (rhs, rhs_cs, rhs_rs): (&[f32], usize, usize),
+) {
+    // The last element each operand is read or written at must lie inside its slice.
+    let last = |rows: usize, cols: usize, cs: usize, rs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(m > 0 && n > 0 && k > 0);
+    assert!(last(m, n, 1, n) < dst.len());
+    assert!(last(m, k, lhs_cs, lhs_rs) < lhs.len());
+    assert!(last(k, n, rhs_cs, rhs_rs) < rhs.len());
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the assertions above keep every access inside its slice, and `dst` is a unique
+    // borrow, so it overlaps neither operand. gemm computes dst = alpha·dst + beta·lhs·rhs,
+    // reading dst only when asked to.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

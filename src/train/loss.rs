@@ -13,7 +13,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use crate::model::ops::{add_assign, cpu_f32, softmax_in_place};
+use crate::model::ops::{add_assign, cpu_f32, matmul_f32 as matmul, softmax_in_place};
 
 /// Rows of logits per chunk: 256 × 50,304 floats ≈ 51 MB.
 const CHUNK_ROWS: usize = 256;
@@ -165,55 +165,6 @@ fn fused_cpu(
             None => None,
         },
     })
-}
-
-/// `dst (m×n, row-major) = [dst +] lhs (m×k) · rhs (k×n)`, each operand given as
-/// (values, column stride, row stride), on candle's thread count.
-fn matmul(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    accumulate: bool,
-    (lhs, lhs_cs, lhs_rs): (&[f32], usize, usize),
-    (rhs, rhs_cs, rhs_rs): (&[f32], usize, usize),
-) {
-    // The last element each operand is read or written at must lie inside its slice.
-    let last = |rows: usize, cols: usize, cs: usize, rs: usize| (rows - 1) * rs + (cols - 1) * cs;
-    assert!(m > 0 && n > 0 && k > 0);
-    assert!(last(m, n, 1, n) < dst.len());
-    assert!(last(m, k, lhs_cs, lhs_rs) < lhs.len());
-    assert!(last(k, n, rhs_cs, rhs_rs) < rhs.len());
-    let threads = candle_core::utils::get_num_threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the assertions above keep every access inside its slice, and `dst` is a unique
-    // borrow, so it overlaps neither operand. gemm computes dst = alpha·dst + beta·lhs·rhs,
-    // reading dst only when asked to.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    }
 }
 
 /// Turns each row of logits (plus `bias`) into (softmax(row) − one_hot(target)) · its weight in
