@@ -228,8 +228,10 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    /// (value, row, line, raw) of each record, the shape the expected values are written in.
-    fn rows(path: &Path) -> Vec<(Result<Value, String>, usize, Option<usize>, String)> {
+    /// (value, row, line, raw) of a record, the shape the expected values are written in.
+    type Seen = (Result<Value, String>, usize, Option<usize>, String);
+
+    fn rows(path: &Path) -> Vec<Seen> {
         read(path)
             .unwrap()
             .into_iter()
@@ -381,7 +383,7 @@ mod tests {
     fn bad_paths_are_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("nope.jsonl");
-        let err = table_files(&[missing.clone()]).unwrap_err();
+        let err = table_files(std::slice::from_ref(&missing)).unwrap_err();
         assert!(matches!(&err, RecordsError::Missing { path } if *path == missing));
         let msg = err.to_string();
         assert!(
@@ -404,7 +406,7 @@ mod tests {
         let empty = dir.path().join("empty");
         std::fs::create_dir(&empty).unwrap();
         std::fs::write(empty.join("readme.md"), "").unwrap();
-        let err = table_files(&[empty.clone()]).unwrap_err();
+        let err = table_files(std::slice::from_ref(&empty)).unwrap_err();
         assert!(matches!(&err, RecordsError::NoFiles { path } if *path == empty));
         assert!(
             err.to_string().contains("a directory without .jsonl"),
