@@ -1,11 +1,13 @@
 //! The record/artifact layer shared by every stage: atomic writes, typed Parquet tables, and the
 //! crash-safe shard writer that gives generation its exactly-once output; output directories
 //! ([`outdir`]: one run each, apart from the inputs), the input walker ([`walk`]) and the array-task
-//! contract of sharded runs ([`task`]); object storage for stage inputs and outputs ([`store`]).
+//! contract of sharded runs ([`task`]); object storage for stage inputs and outputs ([`store`]);
+//! the documents of a corpus ([`docs`]) and the whole-row records of table files ([`records`]).
 
 pub mod atomic;
 pub mod docs;
 pub mod outdir;
+pub mod records;
 pub mod shards;
 pub mod store;
 pub mod table;

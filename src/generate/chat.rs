@@ -36,7 +36,8 @@ use serde_json::{json, Value};
 use super::prompt::Template;
 use super::textbooks::{counts, topic_vars, NearDuplicates, Topic, NEAR_DUPLICATE};
 use super::{normalized_text_hash, python, refusal_opening, Corpus, Drop, DropReason};
-use crate::artifact::docs::{self, Format};
+use crate::artifact::docs;
+use crate::artifact::records::{self, RecordsError};
 use crate::artifact::shards::{self, Layout};
 use crate::artifact::table::{self, row, Cell, Kind, Row};
 use crate::model::chat::Message;
@@ -529,21 +530,13 @@ pub fn kept_texts(dir: &Path) -> Result<Vec<String>, super::engine::GenerateErro
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChatImportError {
-    #[error("--input {path}: {source} — expected a .jsonl, .jsonl.gz or .parquet file of conversations, or a directory of them")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("--input {path}: not a .jsonl, .jsonl.gz or .parquet file — give conversation files (OpenAI-style `messages`) or a directory of them")]
-    Format { path: PathBuf },
-    #[error("--input {path}: a directory without .jsonl, .jsonl.gz or .parquet files — point --input at conversation files")]
-    NoFiles { path: PathBuf },
+    /// Not wrapped as a source: the message says it whole (the CLI prints sources after it).
+    #[error(
+        "--input {0} (conversations: rows with OpenAI-style `messages` [{{role, content}}, …])"
+    )]
+    Input(RecordsError),
     #[error("--input: no input given — pass one or more files or directories of conversations")]
     NoInput,
-    #[error(
-        "{path}: could not read Parquet: {reason} — is it a Parquet file with a `messages` column?"
-    )]
-    Parquet { path: PathBuf, reason: String },
     #[error("--out {path}: {source}")]
     Out {
         path: PathBuf,
@@ -642,96 +635,7 @@ pub fn input_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, ChatImportError> 
     if inputs.is_empty() {
         return Err(ChatImportError::NoInput);
     }
-    let is_table = |p: &Path| {
-        p.file_name()
-            .and_then(|n| n.to_str())
-            .and_then(Format::of)
-            .is_some_and(|f| matches!(f, Format::Jsonl | Format::Parquet))
-    };
-    let mut files = Vec::new();
-    for p in inputs {
-        if !p.is_dir() {
-            if !p.exists() {
-                return Err(ChatImportError::Io {
-                    path: p.clone(),
-                    source: std::io::Error::from(std::io::ErrorKind::NotFound),
-                });
-            }
-            if !is_table(p) {
-                return Err(ChatImportError::Format { path: p.clone() });
-            }
-            files.push(p.clone());
-            continue;
-        }
-        let io = |source| ChatImportError::Io {
-            path: p.clone(),
-            source,
-        };
-        let mut found: Vec<PathBuf> = std::fs::read_dir(p)
-            .map_err(io)?
-            .map(|e| e.map(|e| e.path()))
-            .collect::<Result<_, _>>()
-            .map_err(io)?;
-        found.retain(|f| f.is_file() && is_table(f));
-        found.sort();
-        if found.is_empty() {
-            return Err(ChatImportError::NoFiles { path: p.clone() });
-        }
-        files.extend(found);
-    }
-    Ok(files)
-}
-
-/// One row of an input file: its JSON (or why it is not JSON), row index and jsonl line.
-struct InputRow {
-    value: Result<Value, String>,
-    raw: String,
-    row: u64,
-    line: Option<u64>,
-}
-
-fn read_rows(path: &Path) -> Result<Vec<InputRow>, ChatImportError> {
-    let is_parquet = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(Format::of)
-        == Some(Format::Parquet);
-    if is_parquet {
-        let rows =
-            crate::train::sft::parquet_records(path).map_err(|e| ChatImportError::Parquet {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })?;
-        return Ok(rows
-            .into_iter()
-            .enumerate()
-            .map(|(i, v)| InputRow {
-                raw: v.to_string(),
-                value: Ok(v),
-                row: i as u64,
-                line: None,
-            })
-            .collect());
-    }
-    let mut text = String::new();
-    docs::open_maybe_gz(path)
-        .and_then(|mut r| std::io::Read::read_to_string(&mut r, &mut text))
-        .map_err(|source| ChatImportError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    Ok(text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .enumerate()
-        .map(|(row, (i, l))| InputRow {
-            value: serde_json::from_str(l).map_err(|e| format!("not JSON: {e}")),
-            raw: l.to_string(),
-            row: row as u64,
-            line: Some(i as u64 + 1),
-        })
-        .collect())
+    records::table_files(inputs).map_err(ChatImportError::Input)
 }
 
 /// The conversation of one row, or why it is dropped.
@@ -788,11 +692,11 @@ pub fn import(
     for path in &files {
         let name = path.display().to_string();
         let counts = stats.per_file.entry(name.clone()).or_default();
-        for r in read_rows(path)? {
+        for r in records::read(path).map_err(ChatImportError::Input)? {
             counts.rows += 1;
             let id = docs::row_id(
                 path,
-                r.row as usize,
+                r.row,
                 r.value
                     .as_ref()
                     .ok()
@@ -834,8 +738,8 @@ pub fn import(
                         turns,
                         code_blocks,
                         source_file: name.clone(),
-                        source_row: r.row,
-                        source_line: r.line,
+                        source_row: r.row as u64,
+                        source_line: r.line.map(|l| l as u64),
                     });
                 }
                 Err(drop) => {
@@ -846,9 +750,9 @@ pub fn import(
                         reason: drop.reason,
                         detail: format!("{where_}: {}", drop.detail),
                         source_file: name.clone(),
-                        source_row: r.row,
-                        source_line: r.line,
-                        row: r.raw,
+                        source_row: r.row as u64,
+                        source_line: r.line.map(|l| l as u64),
+                        row: r.raw().into_owned(),
                     });
                 }
             }
@@ -960,9 +864,10 @@ mod tests {
             &[vec![m.clone().into_cell()], vec![Value::Null]],
         )
         .unwrap();
-        let rows = crate::train::sft::parquet_records(&a).unwrap();
-        assert_eq!(rows[0]["messages"], serde_json::to_value(&m).unwrap());
-        assert!(rows[1]["messages"].is_null());
+        let rows = records::read(&a).unwrap();
+        let messages = |i: usize| rows[i].value.as_ref().unwrap()["messages"].clone();
+        assert_eq!(messages(0), serde_json::to_value(&m).unwrap());
+        assert!(messages(1).is_null());
         let b = dir.path().join("b.parquet");
         table::write_parquet(&b, &schema, &[vec![Value::Null]]).unwrap();
         let dtype = |p: &Path| {

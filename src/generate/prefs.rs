@@ -42,8 +42,8 @@ use super::prompt::{Template, TemplateError};
 use super::run::{run_corpus, Progress};
 use super::{Corpus, Drop, DropReason};
 use crate::artifact::atomic;
-use crate::artifact::docs::Format;
 use crate::artifact::outdir::{DirLock, OutDirError};
+use crate::artifact::records::{self, RecordsError};
 use crate::artifact::shards::{self, Layout};
 use crate::artifact::table::{self, row};
 use crate::model::chat::Message;
@@ -82,6 +82,8 @@ pub enum PrefsError {
     NoInput { path: PathBuf },
     #[error("{path}: {reason}")]
     Table { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Records(#[from] RecordsError),
     #[error("the student {student}: {source}")]
     Student {
         student: String,
@@ -203,41 +205,25 @@ fn is_record_file(path: &Path) -> bool {
 
 /// The table files `path` names: itself, or a directory's jsonl and Parquet files (sorted).
 fn table_files(path: &Path) -> Result<Vec<PathBuf>, PrefsError> {
-    let files =
-        crate::train::sft::data_files(&[path.to_path_buf()]).map_err(|e| PrefsError::Table {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+    let files = records::table_files(&[path.to_path_buf()])?;
     Ok(files.into_iter().filter(|f| is_record_file(f)).collect())
-}
-
-fn format_of(path: &Path) -> Option<Format> {
-    Format::of(path.file_name()?.to_str()?)
-}
-
-/// The records of a table file with their line (jsonl) or row (Parquet) numbers, from 1.
-fn numbered_records(path: &Path) -> Result<crate::train::sft::Numbered, PrefsError> {
-    crate::train::sft::numbered_records(path).map_err(|e| PrefsError::Table {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })
 }
 
 /// The prompts of `path` (see the module documentation), duplicates dropped (first kept).
 pub fn read_prompts(path: &Path) -> Result<Vec<PromptItem>, PrefsError> {
-    let tables = path.is_dir() || matches!(format_of(path), Some(Format::Jsonl | Format::Parquet));
+    let tables = path.is_dir() || records::is_table_file(path);
     let mut prompts = Vec::new();
     if tables {
         for file in table_files(path)? {
-            for (line, record) in numbered_records(&file)? {
-                let turns =
-                    record
-                        .and_then(record_prompt)
-                        .map_err(|reason| PrefsError::BadPrompt {
-                            path: file.clone(),
-                            line,
-                            reason,
-                        })?;
+            for record in records::read(&file)? {
+                let line = record.number();
+                let turns = record.value.and_then(record_prompt).map_err(|reason| {
+                    PrefsError::BadPrompt {
+                        path: file.clone(),
+                        line,
+                        reason,
+                    }
+                })?;
                 prompts.push(turns);
             }
         }
@@ -1094,10 +1080,11 @@ pub fn import(inputs: &[PathBuf], out: &Path) -> Result<PrefsStats, PrefsError> 
             });
         }
         for file in files {
-            for (line, record) in numbered_records(&file)? {
+            for record in records::read(&file)? {
                 rows += 1;
-                let at = format!("{}:{line}", file.display());
+                let at = format!("{}:{}", file.display(), record.number());
                 let pair = record
+                    .value
                     .map_err(|e| (PairDrop::Invalid, e))
                     .and_then(|v| import_row(v, at.clone()));
                 match pair {
@@ -1305,7 +1292,7 @@ mod tests {
             );
         }
         // The directory holds one table, so a DPO stage reading it reads each pair once.
-        let files = crate::train::sft::data_files(std::slice::from_ref(&out)).unwrap();
+        let files = records::table_files(std::slice::from_ref(&out)).unwrap();
         assert_eq!(files, vec![out.join(PAIRS_FILE)]);
         let template = Builtin::parse("phi-3").unwrap().template();
         let tokenizer = Tokenizer::Tiktoken(Encoding::Gpt2);

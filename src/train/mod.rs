@@ -39,7 +39,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::artifact::atomic;
+use crate::artifact::{atomic, records};
 use crate::model::{checkpoint, tokenizer, Decoder, ModelError, ModelType, PhiConfig, Weights};
 use data::{DataError, Mixture};
 use dist::{Comm, DistError, World};
@@ -769,7 +769,7 @@ impl Run<'_> {
             tokenizer::TokenizerSpec::Tiktoken(e) => e.name(),
         };
         let paths: Vec<PathBuf> = stage.data.iter().map(|(p, _)| p.clone()).collect();
-        let files = sft::data_files(&paths)?;
+        let files = records::table_files(&paths).map_err(sft::SftError::Data)?;
         let source = sft::Source {
             stage: &s.name,
             files: &files,

@@ -41,7 +41,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 
 use crate::artifact::atomic;
-use crate::artifact::docs::{self, Format};
+use crate::artifact::records::{self, RecordsError};
 use crate::model::chat::{ChatTemplate, Message};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::ModelError;
@@ -55,10 +55,9 @@ pub enum SftError {
     },
     #[error("{path}: {what}")]
     Record { path: PathBuf, what: String },
-    #[error("{path}: could not read Parquet: {reason}")]
-    Parquet { path: PathBuf, reason: String },
-    #[error("{path}: no .jsonl, .jsonl.gz or .parquet files; point the stage's data at conversation files or a directory of them")]
-    NoFiles { path: PathBuf },
+    /// Not wrapped as a source: the message says it whole (the CLI prints sources after it).
+    #[error("stage data {0} (a stage's `data` names conversation files or directories of them)")]
+    Data(RecordsError),
     #[error("stage `{stage}`: {reason}")]
     Template { stage: String, reason: String },
     #[error("stage `{stage}`: no example has a trained token within seq_len {seq_len} ({dropped} dropped); raise seq_len or check the data's assistant turns")]
@@ -278,129 +277,18 @@ fn conversations(
     Ok(out)
 }
 
-/// The data files a stage names: files as given, directories' `.jsonl(.gz)` / `.parquet` files
-/// sorted.
-pub fn data_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, SftError> {
-    let mut files = Vec::new();
-    for p in paths {
-        if !p.is_dir() {
-            files.push(p.clone());
-            continue;
-        }
-        let io = |source| SftError::Io {
-            path: p.clone(),
-            source,
-        };
-        let mut found: Vec<PathBuf> = std::fs::read_dir(p)
-            .map_err(io)?
-            .map(|e| e.map(|e| e.path()))
-            .collect::<Result<_, _>>()
-            .map_err(io)?;
-        found.retain(|f| matches!(table_format(f), Some(Format::Jsonl | Format::Parquet)));
-        found.sort();
-        if found.is_empty() {
-            return Err(SftError::NoFiles { path: p.clone() });
-        }
-        files.extend(found);
-    }
-    Ok(files)
-}
-
-/// A data file's table format, by the names [`crate::artifact::docs`] reads.
-fn table_format(path: &Path) -> Option<Format> {
-    Format::of(path.file_name()?.to_str()?)
-}
-
-/// A table's records with their numbers: each a JSON value, or why its line is not one.
-pub type Numbered = Vec<(usize, Result<serde_json::Value, String>)>;
-
-/// The records of a jsonl (or `.jsonl.gz`) or Parquet file with their line (jsonl; blank lines
-/// skipped) or row (Parquet) numbers, from 1.
-pub fn numbered_records(path: &Path) -> Result<Numbered, SftError> {
-    if table_format(path) == Some(Format::Parquet) {
-        return Ok(parquet_records(path)?
-            .into_iter()
-            .enumerate()
-            .map(|(i, r)| (i + 1, Ok(r)))
-            .collect());
-    }
-    let mut text = String::new();
-    docs::open_maybe_gz(path)
-        .and_then(|mut r| std::io::Read::read_to_string(&mut r, &mut text))
-        .map_err(|source| SftError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    Ok(text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            let value = serde_json::from_str(l).map_err(|e| format!("not JSON: {e}"));
-            (i + 1, value)
-        })
-        .collect())
-}
-
 /// The records of a jsonl (or `.jsonl.gz`) or Parquet file, as JSON values; a line that is not
 /// JSON fails the file.
 pub fn read_records(path: &Path) -> Result<Vec<serde_json::Value>, SftError> {
-    numbered_records(path)?
+    records::read(path)
+        .map_err(SftError::Data)?
         .into_iter()
-        .map(|(line, value)| {
-            value.map_err(|why| SftError::Record {
+        .map(|r| {
+            let line = r.number();
+            r.value.map_err(|why| SftError::Record {
                 path: path.to_path_buf(),
                 what: format!("line {line}: {why}"),
             })
-        })
-        .collect()
-}
-
-/// Parquet rows as JSON: strings stay strings, lists of structs become arrays of objects (the
-/// `messages` column), so both formats go through the same deserializer.
-pub(crate) fn parquet_records(path: &Path) -> Result<Vec<serde_json::Value>, SftError> {
-    use polars::prelude::AnyValue;
-    let df = crate::artifact::table::read_frame(path, None).map_err(|e| SftError::Parquet {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    fn json(v: &AnyValue) -> serde_json::Value {
-        match v {
-            AnyValue::Null => serde_json::Value::Null,
-            AnyValue::String(s) => serde_json::Value::String(s.to_string()),
-            AnyValue::StringOwned(s) => serde_json::Value::String(s.to_string()),
-            AnyValue::List(s) => serde_json::Value::Array(s.iter().map(|v| json(&v)).collect()),
-            AnyValue::Struct(_, _, fields) => {
-                let values: Vec<AnyValue> = v._iter_struct_av().collect();
-                serde_json::Value::Object(
-                    fields
-                        .iter()
-                        .zip(values)
-                        .map(|(f, v)| (f.name().to_string(), json(&v)))
-                        .collect(),
-                )
-            }
-            AnyValue::StructOwned(b) => serde_json::Value::Object(
-                b.1.iter()
-                    .zip(&b.0)
-                    .map(|(f, v)| (f.name().to_string(), json(v)))
-                    .collect(),
-            ),
-            other => serde_json::Value::String(other.to_string()),
-        }
-    }
-    let columns = df.columns();
-    (0..df.height())
-        .map(|row| {
-            let mut obj = serde_json::Map::new();
-            for c in columns {
-                let v = c.get(row).map_err(|e| SftError::Parquet {
-                    path: path.to_path_buf(),
-                    reason: e.to_string(),
-                })?;
-                obj.insert(c.name().to_string(), json(&v));
-            }
-            Ok(serde_json::Value::Object(obj))
         })
         .collect()
 }
@@ -975,8 +863,16 @@ mod tests {
         let c = conversations(&gz, read_records(&gz).unwrap(), false).unwrap();
         assert_eq!(c, vec![vec![msg("user", "Hi"), msg("assistant", "Hello")]]);
         assert_eq!(
-            data_files(&[bad.path().to_path_buf()]).unwrap(),
+            records::table_files(&[bad.path().to_path_buf()]).unwrap(),
             vec![f.clone(), gz.clone()]
+        );
+        // A line that is not JSON fails the file, named by its line (blank lines count).
+        let broken = bad.path().join("z.jsonl");
+        std::fs::write(&broken, format!("{line}\n{{oops\n")).unwrap();
+        let err = read_records(&broken).unwrap_err().to_string();
+        assert!(
+            err.contains("z.jsonl") && err.contains("line 3: not JSON"),
+            "{err}"
         );
     }
 }
