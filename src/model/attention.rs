@@ -215,18 +215,19 @@ unsafe fn scores_avx512(
     scores: &mut [f32],
 ) {
     use std::arch::x86_64::*;
+    // `wrapping_add` and intrinsic loads: no precondition checks in the loop (see int8.rs).
     let rep = q.len() / d;
     for j in 0..n {
         let key = keys
             .as_ptr()
-            .add((first + j) * stride + offset)
+            .wrapping_add((first + j) * stride + offset)
             .cast::<__m256i>();
         for r in 0..rep {
-            let q = q.as_ptr().add(r * d);
+            let q = q.as_ptr().wrapping_add(r * d);
             let mut acc = _mm512_setzero_ps();
             for c in 0..d / 16 {
-                let k = _mm512_cvtph_ps(_mm256_loadu_si256(key.add(c)));
-                acc = _mm512_fmadd_ps(_mm512_loadu_ps(q.add(c * 16)), k, acc);
+                let k = _mm512_cvtph_ps(_mm256_loadu_si256(key.wrapping_add(c)));
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(q.wrapping_add(c * 16)), k, acc);
             }
             scores[r * n + j] = _mm512_reduce_add_ps(acc) * scale;
         }
@@ -252,16 +253,18 @@ unsafe fn values_avx512(
 ) {
     use std::arch::x86_64::*;
     let rep = out.len() / d;
+    let out = out.as_mut_ptr();
     for j in 0..n {
         let value = values
             .as_ptr()
-            .add((first + j) * stride + offset)
+            .wrapping_add((first + j) * stride + offset)
             .cast::<__m256i>();
-        for c in 0..d / 16 {
-            let v = _mm512_cvtph_ps(_mm256_loadu_si256(value.add(c)));
-            for r in 0..rep {
-                let o = out.as_mut_ptr().add(r * d + c * 16);
-                let p = _mm512_set1_ps(*scores.get_unchecked(r * n + j));
+        for r in 0..rep {
+            let p = _mm512_set1_ps(scores[r * n + j]);
+            let o = out.wrapping_add(r * d);
+            for c in 0..d / 16 {
+                let v = _mm512_cvtph_ps(_mm256_loadu_si256(value.wrapping_add(c)));
+                let o = o.wrapping_add(c * 16);
                 _mm512_storeu_ps(o, _mm512_fmadd_ps(p, v, _mm512_loadu_ps(o)));
             }
         }
