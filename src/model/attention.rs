@@ -7,6 +7,8 @@
 //! them (grouped-query attention), with no mask: the row's visible keys are a range.
 
 use candle_core::{Result, Storage, Tensor};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 /// q (B, H, 1, D), contiguous; key and value (B, K, S, D) with contiguous rows of D (views of
@@ -112,6 +114,163 @@ pub(crate) fn group_strided(
     }
 }
 
+/// [`group_strided`] over f16 keys and values (a [`super::cache::Slot`]'s): position j of the
+/// kv head starts at `j·stride + offset`; adds into `out`. Each f16 is widened to f32 exactly,
+/// so this is [`group_strided`] on the rounded keys and values; with AVX-512 (every CPU the slot
+/// path runs on) the products use 16 lanes, with the partial sums in another order.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn group_f16(
+    q: &[f32],
+    keys: &[f16],
+    values: &[f16],
+    first: usize,
+    s: usize,
+    d: usize,
+    stride: usize,
+    offset: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let rep = q.len() / d;
+    let n = s - first;
+    if n == 0 {
+        return;
+    }
+    let end = (s - 1) * stride + offset + d;
+    assert!(
+        keys.len() >= end && values.len() >= end && out.len() == rep * d,
+        "group_f16: buffers too short"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if d.is_multiple_of(16) && std::arch::is_x86_feature_detected!("avx512f") {
+        let mut scores = vec![0f32; rep * n];
+        // SAFETY: AVX-512F is present; the bounds were checked above.
+        unsafe { scores_avx512(q, keys, first, n, d, stride, offset, scale, &mut scores) };
+        for r in 0..rep {
+            super::ops::softmax_in_place(&mut scores[r * n..][..n], 1.0);
+        }
+        // SAFETY: as above.
+        unsafe { values_avx512(&scores, values, first, n, d, stride, offset, out) };
+        return;
+    }
+    group_f16_portable(q, keys, values, first, s, d, stride, offset, scale, out);
+}
+
+/// [`group_f16`] without AVX-512: each position widened to f32, then [`group_strided`]'s loops.
+#[allow(clippy::too_many_arguments)]
+fn group_f16_portable(
+    q: &[f32],
+    keys: &[f16],
+    values: &[f16],
+    first: usize,
+    s: usize,
+    d: usize,
+    stride: usize,
+    offset: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let rep = q.len() / d;
+    let n = s - first;
+    let mut scores = vec![0f32; rep * n];
+    let mut key = vec![0f32; d];
+    for j in 0..n {
+        keys[(first + j) * stride + offset..][..d].convert_to_f32_slice(&mut key);
+        for r in 0..rep {
+            scores[r * n + j] = dot(&q[r * d..][..d], &key) * scale;
+        }
+    }
+    for r in 0..rep {
+        super::ops::softmax_in_place(&mut scores[r * n..][..n], 1.0);
+    }
+    let mut value = key;
+    for j in 0..n {
+        values[(first + j) * stride + offset..][..d].convert_to_f32_slice(&mut value);
+        for r in 0..rep {
+            let p = scores[r * n + j];
+            out[r * d..][..d]
+                .iter_mut()
+                .zip(&value)
+                .for_each(|(o, v)| *o += p * v);
+        }
+    }
+}
+
+/// `scores[r·n + j] = q_r · key_(first+j) · scale` for the rep query heads in `q`.
+///
+/// # Safety
+/// AVX-512F; `d` a multiple of 16; keys hold position `first + n - 1` at `stride`, `offset`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn scores_avx512(
+    q: &[f32],
+    keys: &[f16],
+    first: usize,
+    n: usize,
+    d: usize,
+    stride: usize,
+    offset: usize,
+    scale: f32,
+    scores: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    // `wrapping_add` and intrinsic loads: no precondition checks in the loop (see int8.rs).
+    let rep = q.len() / d;
+    for j in 0..n {
+        let key = keys
+            .as_ptr()
+            .wrapping_add((first + j) * stride + offset)
+            .cast::<__m256i>();
+        for r in 0..rep {
+            let q = q.as_ptr().wrapping_add(r * d);
+            let mut acc = _mm512_setzero_ps();
+            for c in 0..d / 16 {
+                let k = _mm512_cvtph_ps(_mm256_loadu_si256(key.wrapping_add(c)));
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(q.wrapping_add(c * 16)), k, acc);
+            }
+            scores[r * n + j] = _mm512_reduce_add_ps(acc) * scale;
+        }
+    }
+}
+
+/// `out_r += Σ_j scores[r·n + j] · value_(first+j)` for the rep query heads.
+///
+/// # Safety
+/// As [`scores_avx512`]; `out` holds rep × d.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn values_avx512(
+    scores: &[f32],
+    values: &[f16],
+    first: usize,
+    n: usize,
+    d: usize,
+    stride: usize,
+    offset: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let rep = out.len() / d;
+    let out = out.as_mut_ptr();
+    for j in 0..n {
+        let value = values
+            .as_ptr()
+            .wrapping_add((first + j) * stride + offset)
+            .cast::<__m256i>();
+        for r in 0..rep {
+            let p = _mm512_set1_ps(scores[r * n + j]);
+            let o = out.wrapping_add(r * d);
+            for c in 0..d / 16 {
+                let v = _mm512_cvtph_ps(_mm256_loadu_si256(value.wrapping_add(c)));
+                let o = o.wrapping_add(c * 16);
+                _mm512_storeu_ps(o, _mm512_fmadd_ps(p, v, _mm512_loadu_ps(o)));
+            }
+        }
+    }
+}
+
 /// Σ a·b with eight partial sums (so the compiler can use vector registers).
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
@@ -181,5 +340,54 @@ mod tests {
             .unwrap();
         let diff = crate::model::tests::max_abs_diff(&got, &want);
         assert!(diff < 1e-5, "max difference {diff}");
+    }
+
+    /// The f16 kernels (AVX-512 where the CPU has it, and the portable loops) equal the f32
+    /// kernel run on the same keys and values rounded to f16 (exact widening; only the order
+    /// of the partial sums differs): grouped heads, a strided buffer read at a kv head's offset,
+    /// a window that starts past position 0, and `out` added into.
+    #[test]
+    fn f16_groups_equal_the_f32_group_on_the_rounded_values() {
+        let (rep, k, d, s, first, g) = (3, 3, 64, 37, 5, 1);
+        let stride = k * d;
+        let mut state = 11u64;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+        };
+        let q: Vec<f32> = (0..rep * d).map(|_| next()).collect();
+        let kh: Vec<f16> = (0..s * stride).map(|_| f16::from_f32(next())).collect();
+        let vh: Vec<f16> = (0..s * stride).map(|_| f16::from_f32(next())).collect();
+        let widen = |h: &[f16]| h.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+        let (kf, vf) = (widen(&kh), widen(&vh));
+        let start: Vec<f32> = (0..rep * d).map(|_| next()).collect();
+        let mut want = start.clone();
+        group_strided(&q, &kf, &vf, first, s, d, stride, g * d, 0.125, &mut want);
+        let mut fast = start.clone();
+        group_f16(&q, &kh, &vh, first, s, d, stride, g * d, 0.125, &mut fast);
+        let mut portable = start.clone();
+        group_f16_portable(
+            &q,
+            &kh,
+            &vh,
+            first,
+            s,
+            d,
+            stride,
+            g * d,
+            0.125,
+            &mut portable,
+        );
+        for (name, got) in [("dispatched", &fast), ("portable", &portable)] {
+            let diff = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(diff < 1e-5, "{name}: max difference {diff}");
+        }
+        assert_ne!(want, start);
     }
 }

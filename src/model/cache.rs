@@ -4,6 +4,8 @@
 //! Symbols: B batch (rows), K kv heads, T new positions, D head_dim.
 
 use candle_core::{DType, Result, Tensor};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use super::PhiConfig;
@@ -233,15 +235,19 @@ fn gather(
 /// layer, a growing run of positions, each its K kv heads × D features. A sequence owns its
 /// slot, so one joining or leaving a batch copies nothing of the others (continuous batching
 /// without a regroup), and each new position is written in place at the end.
+///
+/// Keys and values are stored as f16 (what llama.cpp's KV cache holds by default): half the
+/// memory of f32, each value rounded to nearest (relative error ≤ 2⁻¹¹). The attention reads
+/// them as f32 ([`super::attention::group_f16`]).
 pub struct Slot {
     /// Per layer: keys, then values, (positions, K·D) row-major.
-    layers: Vec<[Vec<f32>; 2]>,
+    layers: Vec<[Vec<f16>; 2]>,
     len: usize,
 }
 
 impl Slot {
-    /// Row `row` of a prefilled batch cache (CPU, f32): its positions after the row's left pad,
-    /// with room reserved for `more` positions (so decoding does not reallocate).
+    /// Row `row` of a prefilled batch cache (CPU): its positions after the row's left pad, with
+    /// room reserved for `more` positions (so decoding does not reallocate).
     pub fn from_batch(cache: &KvCache, row: usize, more: usize) -> Result<Slot> {
         let pad = cache.left_pad.as_ref().map_or(0, |p| p[row]);
         let len = cache.seen - pad;
@@ -252,7 +258,7 @@ impl Slot {
                 let Some(kv) = &layer.kv else {
                     candle_core::bail!("slot: the batch cache has a layer with no positions");
                 };
-                let part = |t: &Tensor| -> Result<Vec<f32>> {
+                let part = |t: &Tensor| -> Result<Vec<f16>> {
                     let (_, k, _, d) = t.dims4()?;
                     let mut out = Vec::with_capacity((len + more) * k * d);
                     out.extend(
@@ -260,9 +266,9 @@ impl Slot {
                             .narrow(2, pad, len)? //                                   (1, K, S, D)
                             .squeeze(0)?
                             .transpose(0, 1)? //                                           (S, K, D)
-                            .to_dtype(DType::F32)?
+                            .to_dtype(DType::F16)?
                             .flatten_all()?
-                            .to_vec1::<f32>()?,
+                            .to_vec1::<f16>()?,
                     );
                     Ok(out)
                 };
@@ -282,16 +288,18 @@ impl Slot {
     }
 
     /// Layer `l`'s keys and values, (positions, K·D) each.
-    pub(crate) fn layer(&self, l: usize) -> (&[f32], &[f32]) {
+    pub(crate) fn layer(&self, l: usize) -> (&[f16], &[f16]) {
         let [k, v] = &self.layers[l];
         (k, v)
     }
 
-    /// Appends one position's keys and values (K·D each) to layer `l`.
+    /// Appends one position's keys and values (K·D each, rounded to f16) to layer `l`.
     pub(super) fn push(&mut self, l: usize, k: &[f32], v: &[f32]) {
-        let [kb, vb] = &mut self.layers[l];
-        kb.extend_from_slice(k);
-        vb.extend_from_slice(v);
+        for (buf, x) in self.layers[l].iter_mut().zip([k, v]) {
+            let at = buf.len();
+            buf.resize(at + x.len(), f16::ZERO);
+            buf[at..].convert_from_f32_slice(x);
+        }
     }
 
     /// Records that every layer has one more position.

@@ -789,13 +789,24 @@ mod tests {
         );
     }
 
+    /// How far a logit of the slot path (f16 keys and values) may move from the tensor path's
+    /// (f32 cache) on SmolLM2-135M, whose logits reach ≈ 27. Measured 2026-12-05: 1.12 at most
+    /// over the 16 steps below (typically 0.4–0.8). The size comes from the 8-bit activations,
+    /// not from the slot code: rounding the tensor path's own cache to f16 moves its logits by
+    /// 1.09 (a value that lands next to a rounding boundary of an 8-bit activation flips it,
+    /// and 30 layers carry that on).
+    const SLOT_F16_TOLERANCE: f32 = 1.5;
+    /// The same bound on the total variation between the two next-token distributions
+    /// (measured: 0.081 at most, typically 0.01–0.04).
+    const SLOT_F16_TOTAL_VARIATION: f32 = 0.12;
+
     /// The slot path (what the local teacher decodes with) computes what `Decoder::forward` with
     /// a KV cache computes on the same packed weights: two prompts of different lengths are
     /// prefilled as one left-padded batch, each row's cache becomes its own slot, and then 8
     /// greedy steps of both rows through `decode_slots` give the logits of 8 one-row steps
-    /// through `forward`: the same kernels and the same float operations in the same order, so
-    /// they agree to the bit (checked within 1e-5 only so that a change of summation order
-    /// in one path is not a failure; logits are O(10)).
+    /// through `forward`, and the same greedy ids. The same kernels run, but a slot keeps its
+    /// keys and values in f16 (the tensor cache in f32), which moves a logit (O(10) here) by
+    /// at most [`SLOT_F16_TOLERANCE`].
     #[test]
     fn real_smollm2_slot_decoding_equals_cached_forward() {
         let Some(path) = smollm2() else {
@@ -838,6 +849,7 @@ mod tests {
             })
             .collect();
         let mut next = [prompts[0][0], prompts[1][0]];
+        let (mut worst, mut worst_tv) = (0f32, 0f32);
         for step in 0..8 {
             let mut refs: Vec<&mut crate::model::cache::Slot> = slots.iter_mut().collect();
             let got = d.decode_slots(&next, &mut refs).unwrap();
@@ -856,9 +868,40 @@ mod tests {
                     .zip(&want)
                     .map(|(a, b)| (a - b).abs())
                     .fold(0f32, f32::max);
-                assert!(diff < 1e-5, "step {step} row {r}: logits differ by {diff}");
-                next[r] = (0..v).max_by(|x, y| want[*x].total_cmp(&want[*y])).unwrap() as u32;
+                worst = worst.max(diff);
+                let tv = total_variation(&got[r * v..][..v], &want);
+                eprintln!(
+                    "step {step} row {r}: largest logit difference {diff}, total variation {tv}"
+                );
+                worst_tv = worst_tv.max(tv);
+                assert!(
+                    diff < SLOT_F16_TOLERANCE && tv < SLOT_F16_TOTAL_VARIATION,
+                    "step {step} row {r}: logits differ by {diff}, distributions by {tv}"
+                );
+                let argmax =
+                    |l: &[f32]| (0..v).max_by(|x, y| l[*x].total_cmp(&l[*y])).unwrap() as u32;
+                next[r] = argmax(&want);
+                assert_eq!(argmax(&got[r * v..][..v]), next[r], "step {step} row {r}");
             }
         }
+        eprintln!(
+            "slot path (f16 keys/values) vs forward: largest logit difference {worst}, \
+             total variation {worst_tv}"
+        );
+    }
+
+    /// ½ Σ |p − q| between the softmax distributions of two logit vectors.
+    fn total_variation(a: &[f32], b: &[f32]) -> f32 {
+        let probs = |l: &[f32]| {
+            let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f64> = l.iter().map(|x| f64::from(x - m).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            e.into_iter().map(move |x| x / sum)
+        };
+        (probs(a)
+            .zip(probs(b))
+            .map(|(p, q)| (p - q).abs())
+            .sum::<f64>()
+            / 2.0) as f32
     }
 }

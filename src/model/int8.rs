@@ -468,47 +468,70 @@ unsafe fn packed_kernel<const R: usize, const FOUR: bool>(
     out: *mut f32,
 ) {
     use std::arch::x86_64::*;
+    // Raw pointers advanced with `wrapping_add` and loads through intrinsics: in builds with
+    // debug assertions, `add`, `read` and `get_unchecked` check their preconditions, and those
+    // branches in the innermost loop cost more than the products (and spilled the sums).
     let blocks = w.inp / BLOCK;
     let rec = PackedWeight::record(FOUR);
     let low = _mm512_set1_epi8(0x0f);
     let mut acc = [_mm512_setzero_ps(); R];
-    let base = w.data.as_ptr().add(t * blocks * rec);
+    let base = w.data.as_ptr().wrapping_add(t * blocks * rec);
+    let q: [*const u8; R] =
+        std::array::from_fn(|r| a.q.as_ptr().cast::<u8>().wrapping_add((r0 + r) * w.inp));
+    let s: [*const f32; R] = std::array::from_fn(|r| a.s.as_ptr().wrapping_add((r0 + r) * blocks));
+    let sq: [*const f32; R] =
+        std::array::from_fn(|r| a.sq.as_ptr().wrapping_add((r0 + r) * blocks));
+    // `acc + Σ` of the codes `w` by four activations at `p` (one group) broadcast to every
+    // lane, as one instruction: the intrinsics' loads check their preconditions in builds
+    // with debug assertions, here once per product.
+    macro_rules! dot_group {
+        ($acc:expr, $w:expr, $p:expr) => {{
+            let mut acc: __m512i = $acc;
+            // SAFETY: `$p` points at 4 readable bytes (an activation group of this row).
+            std::arch::asm!(
+                "vpdpbusd {acc}, {w}, dword ptr [{p}]{{1to16}}",
+                acc = inout(zmm_reg) acc,
+                w = in(zmm_reg) $w,
+                p = in(reg) $p,
+                options(pure, readonly, nostack, preserves_flags)
+            );
+            acc
+        }};
+    }
     for b in 0..blocks {
-        let r = base.add(b * rec);
+        let r = base.wrapping_add(b * rec);
+        let x = b * BLOCK;
         // Two partial sums per row: half the dependency chain.
         let mut dot = [[_mm512_setzero_si512(); 2]; R];
-        let q = |row: usize, group: usize| -> __m512i {
-            let p = a.q.as_ptr().add((r0 + row) * w.inp + b * BLOCK + group * 4);
-            _mm512_set1_epi32(std::ptr::read_unaligned(p.cast::<i32>()))
-        };
         if FOUR {
             for c in 0..4 {
-                let v = _mm512_loadu_si512(r.add(c * 64).cast());
+                let v = _mm512_loadu_si512(r.wrapping_add(c * 64).cast());
                 let lo = _mm512_and_si512(v, low);
                 let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-                for (row, dot) in dot.iter_mut().enumerate() {
-                    dot[0] = _mm512_dpbusd_epi32(dot[0], lo, q(row, c));
-                    dot[1] = _mm512_dpbusd_epi32(dot[1], hi, q(row, c + 4));
+                for row in 0..R {
+                    let p = q[row].wrapping_add(x + c * 4);
+                    dot[row][0] = dot_group!(dot[row][0], lo, p);
+                    dot[row][1] = dot_group!(dot[row][1], hi, p.wrapping_add(16));
                 }
             }
         } else {
             for g in 0..8 {
-                let v = _mm512_loadu_si512(r.add(g * 64).cast());
-                for (row, dot) in dot.iter_mut().enumerate() {
-                    dot[g % 2] = _mm512_dpbusd_epi32(dot[g % 2], v, q(row, g));
+                let v = _mm512_loadu_si512(r.wrapping_add(g * 64).cast());
+                for row in 0..R {
+                    let p = q[row].wrapping_add(x + g * 4);
+                    dot[row][g % 2] = dot_group!(dot[row][g % 2], v, p);
                 }
             }
         }
-        let scales = r.add(rec - 4 * LANES);
+        let scales = r.wrapping_add(rec - 4 * LANES);
         let d = _mm512_cvtph_ps(_mm256_loadu_si256(scales.cast()));
-        let m = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(2 * LANES).cast()));
-        for (row, (acc, dot)) in acc.iter_mut().zip(&dot).enumerate() {
-            let i = (r0 + row) * blocks + b;
-            let s = _mm512_set1_ps(*a.s.get_unchecked(i));
-            let sq = _mm512_set1_ps(*a.sq.get_unchecked(i));
-            let sum = _mm512_add_epi32(dot[0], dot[1]);
-            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(d, s), *acc);
-            *acc = _mm512_fmadd_ps(m, sq, *acc);
+        let m = _mm512_cvtph_ps(_mm256_loadu_si256(scales.wrapping_add(2 * LANES).cast()));
+        for row in 0..R {
+            let sv = _mm512_broadcastss_ps(_mm_load_ss(s[row].wrapping_add(b)));
+            let sqv = _mm512_broadcastss_ps(_mm_load_ss(sq[row].wrapping_add(b)));
+            let sum = _mm512_add_epi32(dot[row][0], dot[row][1]);
+            acc[row] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(d, sv), acc[row]);
+            acc[row] = _mm512_fmadd_ps(m, sqv, acc[row]);
         }
     }
     let c = t * LANES;
