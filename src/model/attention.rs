@@ -72,13 +72,32 @@ fn group(
     group_strided(q, keys, values, first, s, d, d, 0, scale, out);
 }
 
+/// Key and value elements the attention reads: f32 as they are, f16 widened (exactly) to f32.
+pub(crate) trait KvElement: Copy {
+    /// The row as f32: itself, or widened into `buf` (D values).
+    fn widen<'a>(row: &'a [Self], buf: &'a mut [f32]) -> &'a [f32];
+}
+
+impl KvElement for f32 {
+    fn widen<'a>(row: &'a [f32], _: &'a mut [f32]) -> &'a [f32] {
+        row
+    }
+}
+
+impl KvElement for f16 {
+    fn widen<'a>(row: &'a [f16], buf: &'a mut [f32]) -> &'a [f32] {
+        row.convert_to_f32_slice(buf);
+        buf
+    }
+}
+
 /// [`group`] over keys and values whose position j starts at `j·stride + offset` (a slot's
 /// (positions, K·D) buffers, read in place for kv head g at offset g·D); adds into `out`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn group_strided(
+pub(crate) fn group_strided<T: KvElement>(
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: &[T],
+    values: &[T],
     first: usize,
     s: usize,
     d: usize,
@@ -93,8 +112,9 @@ pub(crate) fn group_strided(
         return;
     }
     let mut scores = vec![0f32; rep * n];
+    let mut buf = vec![0f32; d];
     for j in 0..n {
-        let key = &keys[(first + j) * stride + offset..][..d];
+        let key = T::widen(&keys[(first + j) * stride + offset..][..d], &mut buf);
         for r in 0..rep {
             scores[r * n + j] = dot(&q[r * d..][..d], key) * scale;
         }
@@ -103,7 +123,7 @@ pub(crate) fn group_strided(
         super::ops::softmax_in_place(&mut scores[r * n..][..n], 1.0);
     }
     for j in 0..n {
-        let value = &values[(first + j) * stride + offset..][..d];
+        let value = T::widen(&values[(first + j) * stride + offset..][..d], &mut buf);
         for r in 0..rep {
             let p = scores[r * n + j];
             out[r * d..][..d]
@@ -153,47 +173,7 @@ pub(crate) fn group_f16(
         unsafe { values_avx512(&scores, values, first, n, d, stride, offset, out) };
         return;
     }
-    group_f16_portable(q, keys, values, first, s, d, stride, offset, scale, out);
-}
-
-/// [`group_f16`] without AVX-512: each position widened to f32, then [`group_strided`]'s loops.
-#[allow(clippy::too_many_arguments)]
-fn group_f16_portable(
-    q: &[f32],
-    keys: &[f16],
-    values: &[f16],
-    first: usize,
-    s: usize,
-    d: usize,
-    stride: usize,
-    offset: usize,
-    scale: f32,
-    out: &mut [f32],
-) {
-    let rep = q.len() / d;
-    let n = s - first;
-    let mut scores = vec![0f32; rep * n];
-    let mut key = vec![0f32; d];
-    for j in 0..n {
-        keys[(first + j) * stride + offset..][..d].convert_to_f32_slice(&mut key);
-        for r in 0..rep {
-            scores[r * n + j] = dot(&q[r * d..][..d], &key) * scale;
-        }
-    }
-    for r in 0..rep {
-        super::ops::softmax_in_place(&mut scores[r * n..][..n], 1.0);
-    }
-    let mut value = key;
-    for j in 0..n {
-        values[(first + j) * stride + offset..][..d].convert_to_f32_slice(&mut value);
-        for r in 0..rep {
-            let p = scores[r * n + j];
-            out[r * d..][..d]
-                .iter_mut()
-                .zip(&value)
-                .for_each(|(o, v)| *o += p * v);
-        }
-    }
+    group_strided(q, keys, values, first, s, d, stride, offset, scale, out);
 }
 
 /// `scores[r·n + j] = q_r · key_(first+j) · scale` for the rep query heads in `q`.
@@ -368,7 +348,7 @@ mod tests {
         let mut fast = start.clone();
         group_f16(&q, &kh, &vh, first, s, d, stride, g * d, 0.125, &mut fast);
         let mut portable = start.clone();
-        group_f16_portable(
+        group_strided(
             &q,
             &kh,
             &vh,
