@@ -8,8 +8,9 @@
 //! More rows (a prompt) take each [`CHUNK`] of inputs of the panel from L1, [`ROWS`] at a time,
 //! which makes the loop a register-blocked matrix product as well.
 //!
-//! Every output is the sum over the inputs in order, so no bit depends on the number of
-//! threads, nor on which other rows share the product. The panels live in 2 MiB pages where the
+//! Below [`GEMM_ROWS`] rows every output is the sum over the inputs in order, so no bit depends
+//! on the number of threads, nor on which other rows share the product (a prompt through gemm
+//! sums in gemm's order). The panels live in 2 MiB pages where the
 //! kernel allows it (see [`huge_page_vec`]): streaming 4 KiB pages costs a TLB miss every 4 KiB.
 //!
 //! Symbols: R rows of x, I inputs, O outputs.
@@ -101,7 +102,7 @@ impl PanelWeight {
 
     /// `x` (R, I) row-major → `x Wᵀ + b` (R, O) row-major.
     pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
-        let (inp, out, bias) = (self.inp, self.out, self.bias.as_deref());
+        let (inp, out) = (self.inp, self.out);
         assert_eq!(x.len(), rows * inp, "x is (rows, inp)");
         if rows >= GEMM_ROWS && inp > 0 {
             return self.matmul_prompt(x, rows);
@@ -133,14 +134,7 @@ impl PanelWeight {
                     // SAFETY: `dst..dst + width` lies in `y` (row r < rows, columns c0 + width ≤
                     // out), and no other task writes panel p's columns.
                     let dst = unsafe { std::slice::from_raw_parts_mut(y_at.at(dst), width) };
-                    match bias {
-                        Some(b) => {
-                            for ((d, s), b) in dst.iter_mut().zip(s).zip(&b[c0..]) {
-                                *d = s + b;
-                            }
-                        }
-                        None => dst.copy_from_slice(&s[..width]),
-                    }
+                    self.write(dst, s, c0);
                 }
             }
         };
@@ -164,18 +158,22 @@ impl PanelWeight {
             super::ops::matmul_f32(dims, &mut part, false, (x, 1, inp), (panel, 1, PANEL));
             let (c0, width) = (p * PANEL, PANEL.min(out - p * PANEL));
             for (dst, src) in y.chunks_exact_mut(out).zip(part.chunks_exact(PANEL)) {
-                let dst = &mut dst[c0..c0 + width];
-                match &self.bias {
-                    Some(b) => {
-                        for ((d, s), b) in dst.iter_mut().zip(src).zip(&b[c0..]) {
-                            *d = s + b;
-                        }
-                    }
-                    None => dst.copy_from_slice(&src[..width]),
-                }
+                self.write(&mut dst[c0..c0 + width], src, c0);
             }
         }
         y
+    }
+
+    /// One row's outputs `c0..c0 + dst.len()` from a panel's sums, plus the bias.
+    fn write(&self, dst: &mut [f32], sums: &[f32], c0: usize) {
+        match &self.bias {
+            Some(b) => {
+                for ((d, s), b) in dst.iter_mut().zip(sums).zip(&b[c0..]) {
+                    *d = s + b;
+                }
+            }
+            None => dst.copy_from_slice(&sums[..dst.len()]),
+        }
     }
 
     /// `x Wᵀ + b` for a CPU f32 tensor `x` (R, I) → (R, O).
