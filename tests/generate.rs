@@ -15,20 +15,9 @@ use phigen::artifact::table;
 use phigen::teacher::mock::Faults;
 
 mod common;
-use common::{generate_cmd, mock, run, shard_records, stats, stderr, stories_cmd, BIN};
-
-/// Prompts of records that are durable in `out` right now: shards plus whole journal lines.
-fn durable_prompts(out: &Path) -> HashSet<String> {
-    let mut prompts: HashSet<String> = shard_records(out).into_iter().map(|r| r.2).collect();
-    if let Ok(journal) = std::fs::read_to_string(out.join("records.journal.jsonl")) {
-        for line in journal.lines() {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
-                prompts.insert(v["prompt"].as_str().unwrap().to_string());
-            }
-        }
-    }
-    prompts
-}
+use common::{
+    durable_prompts, generate_cmd, mock, run, shard_records, stats, stderr, stories_cmd, BIN,
+};
 
 fn assert_exactly_slots(out: &Path, n: i64) {
     let records = shard_records(out);

@@ -3,6 +3,7 @@
 //! output directory. No crate uses all of it, hence `dead_code` is allowed here.
 #![allow(dead_code)]
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -84,6 +85,20 @@ pub fn shard_records(out: &Path) -> Vec<(String, i64, String)> {
         }
     }
     rows
+}
+
+/// The prompts of every record that survived in `out`: its Parquet shards and its records journal
+/// (what a killed run had made durable).
+pub fn durable_prompts(out: &Path) -> HashSet<String> {
+    let mut prompts: HashSet<String> = shard_records(out).into_iter().map(|r| r.2).collect();
+    if let Ok(journal) = std::fs::read_to_string(out.join("records.journal.jsonl")) {
+        for line in journal.lines() {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+                prompts.insert(v["prompt"].as_str().unwrap().to_string());
+            }
+        }
+    }
+    prompts
 }
 
 pub fn stats(out: &Path) -> serde_json::Value {
