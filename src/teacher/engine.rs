@@ -130,7 +130,18 @@ impl Engine {
         let (m, g, b) = (model.clone(), generated.clone(), batches.clone());
         std::thread::Builder::new()
             .name("phigen-local-teacher".into())
-            .spawn(move || run(&m, &rx, max_batch.max(1), &g, &b))
+            .spawn(move || {
+                // The loop runs as a worker of a pool of its own, so the parallel loops of each
+                // step split among the pool's workers, this one included: a caller outside the
+                // pool would sleep on a latch and be woken for every one of the hundreds of
+                // products of a step.
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(rayon::current_num_threads())
+                    .thread_name(|i| format!("phigen-teacher-{i}"))
+                    .build()
+                    .expect("the teacher's threads can be started");
+                pool.install(move || run(&m, &rx, max_batch.max(1), &g, &b))
+            })
             .expect("a thread can be spawned");
         Engine {
             model,
