@@ -72,10 +72,39 @@ fn group(
     group_strided(q, keys, values, first, s, d, d, 0, scale, out);
 }
 
+/// Where one kv head's positions lie in a buffer: position j starts at `j·stride + offset` and
+/// holds D values; the group reads positions `first..first + n`.
+#[derive(Clone, Copy)]
+pub(crate) struct Rows {
+    pub first: usize,
+    pub n: usize,
+    pub d: usize,
+    pub stride: usize,
+    pub offset: usize,
+}
+
+impl Rows {
+    fn at(&self, j: usize) -> usize {
+        (self.first + j) * self.stride + self.offset
+    }
+}
+
 /// Key and value elements the attention reads: f32 as they are, f16 widened (exactly) to f32.
-pub(crate) trait KvElement: Copy {
+/// The two loops of [`group_strided`] are methods, so that an element type can bring its own
+/// (f16 with AVX-512); the portable ones are the defaults.
+pub(crate) trait KvElement: Copy + Sized {
     /// The row as f32: itself, or widened into `buf` (D values).
     fn widen<'a>(row: &'a [Self], buf: &'a mut [f32]) -> &'a [f32];
+
+    /// `scores[r·n + j] = q_r · key_j · scale` for the query heads `q` (rep × D).
+    fn scores(q: &[f32], keys: &[Self], at: Rows, scale: f32, scores: &mut [f32]) {
+        scores_portable(q, keys, at, scale, scores);
+    }
+
+    /// `out_r += Σ_j scores[r·n + j] · value_j` for the rep query heads.
+    fn weigh(scores: &[f32], values: &[Self], at: Rows, out: &mut [f32]) {
+        weigh_portable(scores, values, at, out);
+    }
 }
 
 impl KvElement for f32 {
@@ -88,6 +117,63 @@ impl KvElement for f16 {
     fn widen<'a>(row: &'a [f16], buf: &'a mut [f32]) -> &'a [f32] {
         row.convert_to_f32_slice(buf);
         buf
+    }
+
+    fn scores(q: &[f32], keys: &[f16], at: Rows, scale: f32, scores: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if avx512_fits(keys, at)
+            && q.len().is_multiple_of(at.d)
+            && scores.len() >= q.len() / at.d * at.n
+        {
+            // SAFETY: AVX-512F is present and every row read lies in `keys` (checked above).
+            return unsafe { scores_avx512(q, keys, at, scale, scores) };
+        }
+        scores_portable(q, keys, at, scale, scores);
+    }
+
+    fn weigh(scores: &[f32], values: &[f16], at: Rows, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if avx512_fits(values, at)
+            && out.len().is_multiple_of(at.d)
+            && scores.len() >= out.len() / at.d * at.n
+        {
+            // SAFETY: as above.
+            return unsafe { weigh_avx512(scores, values, at, out) };
+        }
+        weigh_portable(scores, values, at, out);
+    }
+}
+
+/// Whether the AVX-512 loops can read `at`'s rows of `buf`: the CPU has AVX-512F, D is a
+/// multiple of 64 and the last row lies in `buf`.
+#[cfg(target_arch = "x86_64")]
+fn avx512_fits<T>(buf: &[T], at: Rows) -> bool {
+    at.n > 0
+        && at.d.is_multiple_of(64)
+        && buf.len() >= at.at(at.n - 1) + at.d
+        && std::arch::is_x86_feature_detected!("avx512f")
+}
+
+fn scores_portable<T: KvElement>(q: &[f32], keys: &[T], at: Rows, scale: f32, scores: &mut [f32]) {
+    let (n, d) = (at.n, at.d);
+    let mut buf = vec![0f32; d];
+    for j in 0..n {
+        let key = T::widen(&keys[at.at(j)..][..d], &mut buf);
+        for (r, q) in q.chunks_exact(d).enumerate() {
+            scores[r * n + j] = dot(q, key) * scale;
+        }
+    }
+}
+
+fn weigh_portable<T: KvElement>(scores: &[f32], values: &[T], at: Rows, out: &mut [f32]) {
+    let (n, d) = (at.n, at.d);
+    let mut buf = vec![0f32; d];
+    for j in 0..n {
+        let value = T::widen(&values[at.at(j)..][..d], &mut buf);
+        for (r, out) in out.chunks_exact_mut(d).enumerate() {
+            let p = scores[r * n + j];
+            out.iter_mut().zip(value).for_each(|(o, v)| *o += p * v);
+        }
     }
 }
 
@@ -107,146 +193,135 @@ pub(crate) fn group_strided<T: KvElement>(
     out: &mut [f32],
 ) {
     let rep = q.len() / d;
-    let n = s - first;
-    if n == 0 {
+    let at = Rows {
+        first,
+        n: s - first,
+        d,
+        stride,
+        offset,
+    };
+    if at.n == 0 {
         return;
     }
-    let mut scores = vec![0f32; rep * n];
-    let mut buf = vec![0f32; d];
-    for j in 0..n {
-        let key = T::widen(&keys[(first + j) * stride + offset..][..d], &mut buf);
-        for r in 0..rep {
-            scores[r * n + j] = dot(&q[r * d..][..d], key) * scale;
-        }
-    }
+    let mut scores = vec![0f32; rep * at.n];
+    T::scores(q, keys, at, scale, &mut scores);
     for r in 0..rep {
-        super::ops::softmax_in_place(&mut scores[r * n..][..n], 1.0);
+        super::ops::softmax_in_place(&mut scores[r * at.n..][..at.n], 1.0);
     }
-    for j in 0..n {
-        let value = T::widen(&values[(first + j) * stride + offset..][..d], &mut buf);
-        for r in 0..rep {
-            let p = scores[r * n + j];
-            out[r * d..][..d]
-                .iter_mut()
-                .zip(value)
-                .for_each(|(o, v)| *o += p * v);
-        }
-    }
+    T::weigh(&scores, values, at, out);
 }
 
-/// [`group_strided`] over f16 keys and values (a [`super::cache::Slot`]'s): position j of the
-/// kv head starts at `j·stride + offset`; adds into `out`. Each f16 is widened to f32 exactly,
-/// so this is [`group_strided`] on the rounded keys and values; with AVX-512 (every CPU the slot
-/// path runs on) the products use 16 lanes, with the partial sums in another order.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn group_f16(
-    q: &[f32],
-    keys: &[f16],
-    values: &[f16],
-    first: usize,
-    s: usize,
-    d: usize,
-    stride: usize,
-    offset: usize,
-    scale: f32,
-    out: &mut [f32],
-) {
-    let rep = q.len() / d;
-    let n = s - first;
-    if n == 0 {
-        return;
-    }
-    let end = (s - 1) * stride + offset + d;
-    assert!(
-        keys.len() >= end && values.len() >= end && out.len() == rep * d,
-        "group_f16: buffers too short"
-    );
-    #[cfg(target_arch = "x86_64")]
-    if d.is_multiple_of(16) && std::arch::is_x86_feature_detected!("avx512f") {
-        let mut scores = vec![0f32; rep * n];
-        // SAFETY: AVX-512F is present; the bounds were checked above.
-        unsafe { scores_avx512(q, keys, first, n, d, stride, offset, scale, &mut scores) };
-        for r in 0..rep {
-            super::ops::softmax_in_place(&mut scores[r * n..][..n], 1.0);
-        }
-        // SAFETY: as above.
-        unsafe { values_avx512(&scores, values, first, n, d, stride, offset, out) };
-        return;
-    }
-    group_strided(q, keys, values, first, s, d, stride, offset, scale, out);
+/// The 16 values at `p` (f16) as f32.
+#[cfg(target_arch = "x86_64")]
+macro_rules! widen16 {
+    ($p:expr) => {
+        _mm512_cvtph_ps(_mm256_loadu_si256($p.cast::<__m256i>()))
+    };
 }
 
-/// `scores[r·n + j] = q_r · key_(first+j) · scale` for the rep query heads in `q`.
+/// `scores[r·n + j] = q_r · key_j · scale`, D a multiple of 64: two chains of sums per key
+/// (each register and pointer spelled out, so that even unoptimized builds keep the sums in
+/// registers; arrays indexed in a loop were spilled).
 ///
 /// # Safety
-/// AVX-512F; `d` a multiple of 16; keys hold position `first + n - 1` at `stride`, `offset`.
+/// AVX-512F; D a multiple of 64; `keys` holds every row of `at`; `q` holds rep × D and `scores`
+/// rep × n.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn scores_avx512(
-    q: &[f32],
-    keys: &[f16],
-    first: usize,
-    n: usize,
-    d: usize,
-    stride: usize,
-    offset: usize,
-    scale: f32,
-    scores: &mut [f32],
-) {
+unsafe fn scores_avx512(q: &[f32], keys: &[f16], at: Rows, scale: f32, scores: &mut [f32]) {
     use std::arch::x86_64::*;
-    // `wrapping_add` and intrinsic loads: no precondition checks in the loop (see int8.rs).
-    let rep = q.len() / d;
-    for j in 0..n {
-        let key = keys
-            .as_ptr()
-            .wrapping_add((first + j) * stride + offset)
-            .cast::<__m256i>();
-        for r in 0..rep {
-            let q = q.as_ptr().wrapping_add(r * d);
-            let mut acc = _mm512_setzero_ps();
-            for c in 0..d / 16 {
-                let k = _mm512_cvtph_ps(_mm256_loadu_si256(key.wrapping_add(c)));
-                acc = _mm512_fmadd_ps(_mm512_loadu_ps(q.wrapping_add(c * 16)), k, acc);
+    // `wrapping_*` and intrinsic loads: no precondition checks in the loop (see int8.rs).
+    let (n, d) = (at.n, at.d);
+    let first = keys.as_ptr().wrapping_add(at.at(0));
+    for r in 0..q.len() / d {
+        let qr = q.as_ptr().wrapping_add(r * d);
+        let row = scores.as_mut_ptr().wrapping_add(r * n);
+        let mut key = first;
+        for j in 0..n {
+            let (mut a, mut b) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            let mut c = 0;
+            while c < d {
+                let (k, q) = (key.wrapping_add(c), qr.wrapping_add(c));
+                a = _mm512_fmadd_ps(_mm512_loadu_ps(q), widen16!(k), a);
+                b = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(q.wrapping_add(16)),
+                    widen16!(k.wrapping_add(16)),
+                    b,
+                );
+                a = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(q.wrapping_add(32)),
+                    widen16!(k.wrapping_add(32)),
+                    a,
+                );
+                b = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(q.wrapping_add(48)),
+                    widen16!(k.wrapping_add(48)),
+                    b,
+                );
+                c += 64;
             }
-            scores[r * n + j] = _mm512_reduce_add_ps(acc) * scale;
+            *row.wrapping_add(j) = _mm512_reduce_add_ps(_mm512_add_ps(a, b)) * scale;
+            key = key.wrapping_add(at.stride);
         }
     }
 }
 
-/// `out_r += Σ_j scores[r·n + j] · value_(first+j)` for the rep query heads.
+/// `out_r += Σ_j scores[r·n + j] · value_j`, D a multiple of 64: per head and 64 columns, the
+/// sums stay in registers (two sets, for even and odd positions, so that twice as many products
+/// are in flight) and `out` is read and written once.
 ///
 /// # Safety
-/// As [`scores_avx512`]; `out` holds rep × d.
+/// As [`scores_avx512`]; `out` holds rep × D.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn values_avx512(
-    scores: &[f32],
-    values: &[f16],
-    first: usize,
-    n: usize,
-    d: usize,
-    stride: usize,
-    offset: usize,
-    out: &mut [f32],
-) {
+unsafe fn weigh_avx512(scores: &[f32], values: &[f16], at: Rows, out: &mut [f32]) {
     use std::arch::x86_64::*;
-    let rep = out.len() / d;
-    let out = out.as_mut_ptr();
-    for j in 0..n {
-        let value = values
-            .as_ptr()
-            .wrapping_add((first + j) * stride + offset)
-            .cast::<__m256i>();
-        for r in 0..rep {
-            let p = _mm512_set1_ps(scores[r * n + j]);
-            let o = out.wrapping_add(r * d);
-            for c in 0..d / 16 {
-                let v = _mm512_cvtph_ps(_mm256_loadu_si256(value.wrapping_add(c)));
-                let o = o.wrapping_add(c * 16);
-                _mm512_storeu_ps(o, _mm512_fmadd_ps(p, v, _mm512_loadu_ps(o)));
+    let (n, d, stride) = (at.n, at.d, at.stride);
+    let first = values.as_ptr().wrapping_add(at.at(0));
+    for r in 0..out.len() / d {
+        let p = scores.as_ptr().wrapping_add(r * n);
+        let mut c = 0;
+        while c < d {
+            let o = out.as_mut_ptr().wrapping_add(r * d + c);
+            let (mut e0, mut e1, mut e2, mut e3) = (
+                _mm512_loadu_ps(o),
+                _mm512_loadu_ps(o.wrapping_add(16)),
+                _mm512_loadu_ps(o.wrapping_add(32)),
+                _mm512_loadu_ps(o.wrapping_add(48)),
+            );
+            let zero = _mm512_setzero_ps();
+            let (mut o0, mut o1, mut o2, mut o3) = (zero, zero, zero, zero);
+            let mut v = first.wrapping_add(c);
+            let mut j = 0;
+            while j + 1 < n {
+                let (p0, p1) = (
+                    _mm512_set1_ps(*p.wrapping_add(j)),
+                    _mm512_set1_ps(*p.wrapping_add(j + 1)),
+                );
+                let w = v.wrapping_add(stride);
+                e0 = _mm512_fmadd_ps(p0, widen16!(v), e0);
+                e1 = _mm512_fmadd_ps(p0, widen16!(v.wrapping_add(16)), e1);
+                e2 = _mm512_fmadd_ps(p0, widen16!(v.wrapping_add(32)), e2);
+                e3 = _mm512_fmadd_ps(p0, widen16!(v.wrapping_add(48)), e3);
+                o0 = _mm512_fmadd_ps(p1, widen16!(w), o0);
+                o1 = _mm512_fmadd_ps(p1, widen16!(w.wrapping_add(16)), o1);
+                o2 = _mm512_fmadd_ps(p1, widen16!(w.wrapping_add(32)), o2);
+                o3 = _mm512_fmadd_ps(p1, widen16!(w.wrapping_add(48)), o3);
+                v = v.wrapping_add(2 * stride);
+                j += 2;
             }
+            if j < n {
+                let p0 = _mm512_set1_ps(*p.wrapping_add(j));
+                e0 = _mm512_fmadd_ps(p0, widen16!(v), e0);
+                e1 = _mm512_fmadd_ps(p0, widen16!(v.wrapping_add(16)), e1);
+                e2 = _mm512_fmadd_ps(p0, widen16!(v.wrapping_add(32)), e2);
+                e3 = _mm512_fmadd_ps(p0, widen16!(v.wrapping_add(48)), e3);
+            }
+            _mm512_storeu_ps(o, _mm512_add_ps(e0, o0));
+            _mm512_storeu_ps(o.wrapping_add(16), _mm512_add_ps(e1, o1));
+            _mm512_storeu_ps(o.wrapping_add(32), _mm512_add_ps(e2, o2));
+            _mm512_storeu_ps(o.wrapping_add(48), _mm512_add_ps(e3, o3));
+            c += 64;
         }
     }
 }
@@ -325,10 +400,17 @@ mod tests {
     /// The f16 kernels (AVX-512 where the CPU has it, and the portable loops) equal the f32
     /// kernel run on the same keys and values rounded to f16 (exact widening; only the order
     /// of the partial sums differs): grouped heads, a strided buffer read at a kv head's offset,
-    /// a window that starts past position 0, and `out` added into.
+    /// a window that starts past position 0 (an odd and an even count of positions), `out`
+    /// added into, and both head sizes the AVX-512 loops take (64, 128).
     #[test]
     fn f16_groups_equal_the_f32_group_on_the_rounded_values() {
-        let (rep, k, d, s, first, g) = (3, 3, 64, 37, 5, 1);
+        for (d, first) in [(64, 4), (128, 5)] {
+            f16_group_case(d, first);
+        }
+    }
+
+    fn f16_group_case(d: usize, first: usize) {
+        let (rep, k, s, g) = (3, 3, 37, 1);
         let stride = k * d;
         let mut state = 11u64;
         let mut next = || {
@@ -346,27 +428,29 @@ mod tests {
         let mut want = start.clone();
         group_strided(&q, &kf, &vf, first, s, d, stride, g * d, 0.125, &mut want);
         let mut fast = start.clone();
-        group_f16(&q, &kh, &vh, first, s, d, stride, g * d, 0.125, &mut fast);
-        let mut portable = start.clone();
-        group_strided(
-            &q,
-            &kh,
-            &vh,
+        group_strided(&q, &kh, &vh, first, s, d, stride, g * d, 0.125, &mut fast);
+        // The portable loops for f16, in the flow of `group_strided`.
+        let at = Rows {
             first,
-            s,
+            n: s - first,
             d,
             stride,
-            g * d,
-            0.125,
-            &mut portable,
-        );
+            offset: g * d,
+        };
+        let mut scores = vec![0f32; rep * at.n];
+        scores_portable(&q, &kh, at, 0.125, &mut scores);
+        for row in scores.chunks_exact_mut(at.n) {
+            crate::model::ops::softmax_in_place(row, 1.0);
+        }
+        let mut portable = start.clone();
+        weigh_portable(&scores, &vh, at, &mut portable);
         for (name, got) in [("dispatched", &fast), ("portable", &portable)] {
             let diff = got
                 .iter()
                 .zip(&want)
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
-            assert!(diff < 1e-5, "{name}: max difference {diff}");
+            assert!(diff < 1e-5, "{name}, D = {d}: max difference {diff}");
         }
         assert_ne!(want, start);
     }

@@ -238,7 +238,7 @@ fn gather(
 ///
 /// Keys and values are stored as f16 (what llama.cpp's KV cache holds by default): half the
 /// memory of f32, each value rounded to nearest (relative error ≤ 2⁻¹¹). The attention reads
-/// them as f32 ([`super::attention::group_f16`]).
+/// them as f32 ([`super::attention::group_strided`]).
 pub struct Slot {
     /// Per layer: keys, then values, (positions, K·D) row-major.
     layers: Vec<[Vec<f16>; 2]>,

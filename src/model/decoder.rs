@@ -1143,7 +1143,7 @@ impl Decoder {
                 let s = keys.len() / (k * d);
                 let first = window.map_or(0, |w| s.saturating_sub(w));
                 let q = &qkv[r * width + g * rep * d..][..rep * d];
-                attention::group_f16(q, keys, values, first, s, d, k * d, g * d, scale, out);
+                attention::group_strided(q, keys, values, first, s, d, k * d, g * d, scale, out);
             };
             attn.iter_mut().for_each(|v| *v = 0.0);
             if n * k > 4 {
