@@ -12,9 +12,11 @@ Measurements, each best of --rounds, the two systems alternating (A/B/A/B):
 2. batched: --concurrency (default 16 and 32) requests of --max-tokens tokens each, sent at once
    to `phigen serve`, against llama.cpp's single stream (llama_cpp_python's high-level API has
    no batched generation; its `n_parallel` is not exposed).
-3. memory: phigen serve's peak RSS (VmHWM, read from /proc after the runs) and a separate
-   llama.cpp process's peak RSS after loading the model and generating --max-tokens tokens
-   (n_ctx --ctx), with the same process's RSS before loading (the Python interpreter) shown.
+3. memory, same model and context: a fresh `phigen serve` process's peak RSS (VmHWM) after one
+   stream of --max-tokens tokens, against a fresh llama.cpp process's after loading the model and
+   generating the same (n_ctx --ctx), with that process's RSS before loading (the Python
+   interpreter) shown. The peak of the serve process that ran the batches (every stream's keys
+   and values at once) is printed too.
 Both sides' token counts are printed, so each ratio compares the same work. phigen's threads:
 RAYON_NUM_THREADS=--threads; llama.cpp's: n_threads=n_threads_batch=--threads.
 """
@@ -131,6 +133,17 @@ def llama_rss(gguf, threads, ctx, max_tokens):
     return float(out[-2]), float(out[-1])
 
 
+def phigen_rss(binary, gguf, batch, threads, max_tokens):
+    """Peak RSS (MiB) of a fresh `phigen serve` after the warm-up and one stream of max_tokens."""
+    p = Phigen(binary, gguf, batch, threads)
+    try:
+        p.run(prompts(1), 16)
+        p.run(prompts(1), max_tokens)
+        return p.peak_mib()
+    finally:
+        p.close()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default="target/release/phigen")
@@ -165,8 +178,9 @@ def main():
             print(f"  phigen batched {c}: {n / dt:.1f} tok/s ({n} tokens)", flush=True)
             batched[c] = max(batched[c], n / dt)
             batched_tokens[c] = n
-    phigen_peak = phigen.peak_mib()
+    batched_peak = phigen.peak_mib()
     phigen.close()
+    phigen_peak = phigen_rss(a.bin, gguf, max(a.concurrency), a.threads, a.max_tokens)
     before, llama_peak = llama_rss(gguf, a.threads, a.ctx, a.max_tokens)
     print(f"SmolLM2-135M-Instruct Q4_1, {a.max_tokens} greedy tokens, {a.threads} threads, "
           f"best of {a.rounds}, load {os.getloadavg()[0]:.2f}")
@@ -181,9 +195,11 @@ def main():
     for c in a.concurrency:
         print(f"batched {c:3d}    phigen {batched[c]:7.1f} tok/s ({batched_tokens[c]} tokens)   "
               f"vs llama.cpp single stream: {batched[c] / ref:.2f}x")
-    print(f"peak RSS       phigen serve {phigen_peak:.0f} MiB (batch up to {max(a.concurrency)})   "
+    print(f"peak RSS       phigen serve {phigen_peak:.0f} MiB (one stream)   "
           f"llama.cpp {llama_peak:.0f} MiB (n_ctx {a.ctx}; {before:.0f} MiB before loading)   "
           f"ratio {phigen_peak / llama_peak:.2f}x")
+    print(f"               phigen serve after the batches of up to {max(a.concurrency)} streams: "
+          f"{batched_peak:.0f} MiB ({batched_peak / llama_peak:.2f}x)")
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
 
 
