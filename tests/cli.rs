@@ -55,6 +55,18 @@ fn numeric_flags_out_of_range_are_usage_errors() {
             "must be a finite number in [0, 1]",
         ),
         (
+            stories(&["--min-tokens=-1"]),
+            "--min-tokens",
+            "-1",
+            "must be an integer in [0, 10000000]",
+        ),
+        (
+            stories(&["--min-tokens", "1.5"]),
+            "--min-tokens",
+            "1.5",
+            "must be an integer in [0, 10000000]",
+        ),
+        (
             stories(&["--max-cost", "nan"]),
             "--max-cost",
             "nan",
@@ -325,6 +337,44 @@ fn numeric_flags_out_of_range_are_usage_errors() {
             "{args:?}: {err}"
         );
     }
+}
+
+/// `--min-tokens` above the output limit is refused before any request (the base URL is a closed
+/// port), naming the flag, the value and the limit: `--max-tokens` when given, else the corpus's
+/// default (1024 for stories). Equal to the limit is allowed (then checked no further here: the
+/// run fails on the closed port, not on the flag).
+#[test]
+fn min_tokens_above_the_output_limit_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let stories = |flags: &[&str]| {
+        let mut a = vec![
+            "stories",
+            "--base-url",
+            "http://127.0.0.1:9/v1",
+            "--model",
+            "m",
+        ];
+        a.extend_from_slice(flags);
+        a.extend_from_slice(&["--n", "1", "--retries", "0", "--timeout", "2"]);
+        phigen_in(dir.path(), &a)
+    };
+    for (flags, expected) in [
+        (
+            &["--min-tokens", "20", "--max-tokens", "10"][..],
+            "--min-tokens 20: must be at most the output limit, 10 (--max-tokens)",
+        ),
+        (
+            &["--min-tokens", "1025"][..],
+            "--min-tokens 1025: must be at most the output limit, 1024 (this corpus's default --max-tokens)",
+        ),
+    ] {
+        let o = stories(flags);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{flags:?}: {err}");
+        assert!(err.contains(expected), "{flags:?}: {err}");
+    }
+    let o = stories(&["--min-tokens", "1024"]);
+    assert!(!stderr(&o).contains("--min-tokens"), "{}", stderr(&o));
 }
 
 /// `phigen tokenize --tokenizer` through the binary (issue 31): an unknown name is a usage error

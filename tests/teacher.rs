@@ -33,6 +33,7 @@ fn teacher(base_url: &str, model: &str, timeout: Duration, max_attempts: u32) ->
             top_k: None,
             min_p: None,
             repetition_penalty: None,
+            min_tokens: None,
         },
         timeout,
         concurrency: 4,
@@ -186,6 +187,7 @@ fn request(
     phigen::teacher::engine::Request {
         prompt,
         max_tokens,
+        min_tokens: 0,
         sampling: phigen::model::sample::Sampling::Greedy,
         repetition_penalty: None,
         loop_stop: None,
@@ -614,6 +616,29 @@ async fn serve_answers_the_openai_api() {
     assert_eq!(r["object"], "text_completion");
     assert_eq!(r["usage"]["completion_tokens"], 5);
     assert_eq!(r["choices"][0]["finish_reason"], "length");
+    // vLLM's `min_tokens`: with min = max no end-of-sequence token can come, so the answer runs
+    // to the limit; above `max_tokens` it is refused, naming the field.
+    let r = json(client.post(format!("{base}/completions")).json(
+        &serde_json::json!({"prompt": "the cat", "max_tokens": 6, "min_tokens": 6, "temperature": 0}),
+    ))
+    .await;
+    assert_eq!(r["usage"]["completion_tokens"], 6, "{r}");
+    assert_eq!(r["choices"][0]["finish_reason"], "length");
+    let too_many = client
+        .post(format!("{base}/completions"))
+        .json(&serde_json::json!({"prompt": "the cat", "max_tokens": 4, "min_tokens": 5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(too_many.status(), 400);
+    let body: serde_json::Value = too_many.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`min_tokens` (5)"),
+        "{body}"
+    );
     let models = json(client.get(format!("{base}/models"))).await;
     assert_eq!(models["data"][0]["id"], "tiny");
     let refused = client
@@ -916,6 +941,7 @@ async fn a_prompt_longer_than_the_local_context_is_a_per_record_failure() {
         top_k: None,
         min_p: None,
         repetition_penalty: None,
+        min_tokens: None,
     };
     let teacher = LocalTeacher::new(local_engine(&model, 1), sampling);
     let err = teacher

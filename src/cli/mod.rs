@@ -151,6 +151,11 @@ pub struct TeacherArgs {
     /// Output token limit per answer [default: the corpus's, e.g. 1024 for stories].
     #[arg(long, value_parser = ints(factory::MAX_TOKENS))]
     pub max_tokens: Option<u32>,
+    /// Tokens an answer must have before it may end: until then its end-of-sequence tokens get
+    /// probability 0 (0 is off; at most the output limit) [default: off; sent to an HTTP teacher
+    /// only when given, as `min_tokens` (vLLM reads it; OpenAI's API has no such field)].
+    #[arg(long, value_parser = ints(factory::MIN_TOKENS))]
+    pub min_tokens: Option<u32>,
     /// Which request field carries the limit: auto = max_completion_tokens for api.openai.com, max_tokens elsewhere.
     #[arg(long, value_enum, default_value = "auto")]
     pub max_tokens_field: MaxTokensField,
@@ -191,6 +196,7 @@ impl From<&TeacherArgs> for TeacherConfig {
             min_p: t.min_p,
             repetition_penalty: t.repetition_penalty,
             max_tokens: t.max_tokens,
+            min_tokens: t.min_tokens,
             max_tokens_field: t.max_tokens_field,
             timeout_secs: t.timeout,
             concurrency: t.concurrency,

@@ -187,6 +187,7 @@ pub fn sample(args: &SampleArgs) -> anyhow::Result<()> {
     };
     let params = SamplingParams {
         max_new_tokens: args.max_new_tokens,
+        min_new_tokens: 0,
         sampling,
         repetition_penalty: (args.repetition_penalty != 1.0).then_some(RepetitionPenalty {
             penalty: args.repetition_penalty,

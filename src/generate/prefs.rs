@@ -368,6 +368,7 @@ impl StudentSampling {
             top_k: None,
             min_p: None,
             repetition_penalty: None,
+            min_tokens: None,
         }
     }
 }

@@ -187,6 +187,9 @@ pub async fn run_corpus<C: Corpus>(
     progress: &(dyn Fn(&Progress) + Send + Sync),
 ) -> Result<Stats, GenerateError> {
     check_options(opts)?;
+    // A --min-tokens beyond the output limit is refused before the model loads.
+    cfg.check_min_tokens(default_max_tokens)
+        .map_err(SetupError::Teacher)?;
     let teacher = LoadedTeacher::load(cfg, opts.seed).await?;
     run_corpus_on(
         corpus,
@@ -212,7 +215,9 @@ pub async fn run_corpus_on<C: Corpus>(
 ) -> Result<Stats, GenerateError> {
     check_options(opts)?;
     let resolved = &teacher.resolved;
-    let sampling = cfg.sampling(&resolved.backend, default_max_tokens);
+    let sampling = cfg
+        .sampling(&resolved.backend, default_max_tokens)
+        .map_err(SetupError::Teacher)?;
     let opts = GenerateOptions {
         concurrency: cfg.concurrency.max(1),
         ..opts.clone()
@@ -254,10 +259,13 @@ pub fn dry_run_corpus<C: Corpus>(
     default_max_tokens: u32,
 ) -> Result<DryRun, GenerateError> {
     let resolved = prepare(cfg, opts)?;
+    let sampling = cfg
+        .sampling(&resolved.backend, default_max_tokens)
+        .map_err(SetupError::Teacher)?;
     engine::dry_run(
         corpus,
         &resolved.model,
-        cfg.sampling(&resolved.backend, default_max_tokens),
+        sampling,
         resolved.price,
         &in_task_dir(opts),
     )

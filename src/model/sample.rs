@@ -1,6 +1,7 @@
 //! Batched generation with a KV cache. Logits are processed as transformers' `generate` does:
 //! repetition penalty over the recent ids, then temperature, top-k, top-p, min-p; greedy decoding
-//! takes the first arg-max. Prompts of different lengths are left-padded. Each row is a
+//! takes the first arg-max. Until a row has `min_new_tokens` new ids its end-of-sequence ids get
+//! probability 0 (vLLM's `min_tokens`). Prompts of different lengths are left-padded. Each row is a
 //! [`Sequence`] with its own sampler, so what a row gets does not depend on the rows beside it.
 
 use std::collections::{HashMap, HashSet};
@@ -114,6 +115,9 @@ impl LoopStop {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SamplingParams {
     pub max_new_tokens: usize,
+    /// End-of-sequence ids get probability 0 until the row has this many new ids (vLLM's
+    /// `min_tokens`); 0: off. Stop strings are text, not ids: they still end a row earlier.
+    pub min_new_tokens: usize,
     pub sampling: Sampling,
     pub repetition_penalty: Option<RepetitionPenalty>,
     pub loop_stop: Option<LoopStop>,
@@ -131,6 +135,7 @@ impl Default for SamplingParams {
     fn default() -> Self {
         SamplingParams {
             max_new_tokens: 256,
+            min_new_tokens: 0,
             sampling: Sampling::new(0.8, 0.95, None, None, 0),
             repetition_penalty: None,
             loop_stop: None,
@@ -166,6 +171,24 @@ pub(crate) fn penalize(logits: &mut [f32], recent: &[u32], penalty: f64) {
         if seen.insert(id) {
             let l = &mut logits[id as usize];
             *l = if *l > 0.0 { *l / r } else { *l * r };
+        }
+    }
+}
+
+/// Gives the `eos` ids probability 0 (logit -inf), as vLLM's `min_tokens` does before a row is
+/// long enough, unless nothing else could be drawn (every other logit already -inf or NaN):
+/// then the logits stay as they were, so the row can still end.
+pub(crate) fn hold_back(logits: &mut [f32], eos: &[u32]) {
+    let held = |i: usize| eos.contains(&(i as u32));
+    let other_left = logits
+        .iter()
+        .enumerate()
+        .any(|(i, &l)| !held(i) && l > f32::NEG_INFINITY);
+    if other_left {
+        for &id in eos {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l = f32::NEG_INFINITY;
+            }
         }
     }
 }
@@ -369,14 +392,17 @@ impl Sequence {
         self.ended.get_or_insert(finish);
     }
 
-    /// Chooses the next id from `logits` (changed in place by the repetition penalty), appends
-    /// it and decides whether the row ends. The checks, in order: `stop(new ids)` (a stop
-    /// string; it sees every id, so a caller can stream from it), an end-of-sequence id, the
-    /// token limit, a loop.
+    /// Chooses the next id from `logits` (changed in place by the repetition penalty and, while
+    /// the row is shorter than `min_new_tokens`, by [`hold_back`]), appends it and decides
+    /// whether the row ends. The checks, in order: `stop(new ids)` (a stop string; it sees
+    /// every id, so a caller can stream from it), an end-of-sequence id, the token limit, a loop.
     pub fn advance(&mut self, logits: &mut [f32], stop: impl FnOnce(&[u32]) -> bool) -> u32 {
         if let Some(r) = self.params.repetition_penalty {
             let from = r.last_n.map_or(0, |n| self.context.len().saturating_sub(n));
             penalize(logits, &self.context[from..], r.penalty);
+        }
+        if self.context.len() - self.prompt_len < self.params.min_new_tokens {
+            hold_back(logits, &self.eos);
         }
         let id = pick(logits, &self.params.sampling, &mut self.rng);
         self.context.push(id);
@@ -668,6 +694,7 @@ mod tests {
     fn repetition_penalty_looks_at_the_last_n_ids() {
         let params = SamplingParams {
             max_new_tokens: 10,
+            min_new_tokens: 0,
             sampling: random(1.0),
             repetition_penalty: Some(RepetitionPenalty {
                 penalty: 2.0,
@@ -751,6 +778,7 @@ mod tests {
     fn run_ids(prompt: &[u32], ids: &[u32], stop: LoopStop) -> (usize, Option<Finish>) {
         let params = SamplingParams {
             max_new_tokens: 1000,
+            min_new_tokens: 0,
             sampling: Sampling::Greedy,
             repetition_penalty: None,
             loop_stop: Some(stop),
@@ -791,6 +819,85 @@ mod tests {
         };
         let p4: Vec<u32> = [1, 2, 3, 4].repeat(3);
         assert_eq!(run_ids(&[9], &p4, twice), (8, Some(Finish::Looping)));
+    }
+
+    /// Min tokens by hand, over probabilities (0.5, 0.3, 0.2) with id 2 the end of sequence and
+    /// `min_new_tokens` 2: while a row has 0 or 1 new ids, id 2's logit is -inf and the draws
+    /// follow (0.5, 0.3) / 0.8 = (0.625, 0.375, 0); from 2 new ids on, the logits are untouched
+    /// and the draws follow (0.5, 0.3, 0.2).
+    #[test]
+    fn min_tokens_gives_end_of_sequence_zero_probability_until_n() {
+        let l: Vec<f32> = [0.5f32, 0.3, 0.2].iter().map(|p| p.ln()).collect();
+        let params = SamplingParams {
+            max_new_tokens: 10,
+            min_new_tokens: 2,
+            sampling: random(1.0),
+            repetition_penalty: None,
+            loop_stop: None,
+        };
+        let n = 8000;
+        for (new_ids, expected) in [
+            (0, [0.625, 0.375, 0.0]),
+            (1, [0.625, 0.375, 0.0]),
+            (2, [0.5, 0.3, 0.2]),
+            (5, [0.5, 0.3, 0.2]),
+        ] {
+            let mut s = Sequence::new(vec![7], &params, &[2]);
+            s.context.extend(std::iter::repeat_n(0, new_ids));
+            let mut logits = l.clone();
+            s.clone().advance(&mut logits, |_| false);
+            let held = new_ids < 2;
+            assert_eq!(
+                logits[2] == f32::NEG_INFINITY,
+                held,
+                "{new_ids}: {logits:?}"
+            );
+            assert_eq!(logits[..2], l[..2]);
+            let mut counts = vec![0usize; 3];
+            for _ in 0..n {
+                let mut row = s.clone();
+                let id = row.advance(&mut l.clone(), |_| false);
+                counts[id as usize] += 1;
+                assert_eq!(row.ended() == Some(Finish::EndOfSequence), id == 2);
+                s.rng = row.rng;
+            }
+            if held {
+                assert_eq!(counts[2], 0, "{new_ids}: {counts:?}");
+            }
+            assert_near(&counts, &expected, n);
+        }
+    }
+
+    /// Greedy over logits (0, 1, 5) with id 2 the end of sequence and `min_new_tokens` 3: the
+    /// arg-max is held back, so the row takes id 1 three times and ends with id 2 as its 4th;
+    /// top-k 1 takes the best of what is left the same way. When the end of sequence is the only
+    /// id left (every other logit -inf), it is drawn: the row ends rather than draw nothing.
+    #[test]
+    fn min_tokens_delays_the_end_and_falls_back_when_nothing_else_is_left() {
+        let run = |sampling: Sampling, logits: [f32; 3]| {
+            let params = SamplingParams {
+                max_new_tokens: 10,
+                min_new_tokens: 3,
+                sampling,
+                repetition_penalty: None,
+                loop_stop: None,
+            };
+            let mut s = Sequence::new(vec![7], &params, &[2]);
+            while s.ended().is_none() {
+                s.advance(&mut logits.clone(), |_| false);
+            }
+            (s.out().to_vec(), s.ended())
+        };
+        let ended = Some(Finish::EndOfSequence);
+        assert_eq!(
+            run(Sampling::Greedy, [0.0, 1.0, 5.0]),
+            (vec![1, 1, 1, 2], ended)
+        );
+        let top1 = Sampling::new(1.0, 1.0, Some(1), None, 4);
+        assert_eq!(run(top1, [0.0, 1.0, 5.0]), (vec![1, 1, 1, 2], ended));
+        let only_eos = [f32::NEG_INFINITY, f32::NEG_INFINITY, 0.0];
+        assert_eq!(run(Sampling::Greedy, only_eos), (vec![2], ended));
+        assert_eq!(run(random(1.0), only_eos), (vec![2], ended));
     }
 
     /// Streaming "Hello world\n\ndef" token by token with stop "\n\n": the pieces printed are

@@ -184,16 +184,21 @@ fn teacher_cost(r: &ResolvedTeacher, prompt: u64, completion: u64) -> Option<f64
 }
 
 /// What of a teacher decides its answers (and so the ids of the steps it writes for): the model
-/// records carry and the sampling settings.
+/// records carry and the sampling settings. `min_tokens` is there only when set, so the ids of
+/// recipes written before it existed do not change.
 fn teacher_identity(cfg: &TeacherConfig, r: &ResolvedTeacher) -> Value {
-    json!({
+    let mut identity = json!({
         "model": r.model,
         "temperature": cfg.temperature,
         "top_p": cfg.top_p,
         "top_k": cfg.top_k,
         "min_p": cfg.min_p,
         "repetition_penalty": cfg.repetition_penalty,
-    })
+    });
+    if let Some(m) = cfg.min_tokens {
+        identity["min_tokens"] = m.into();
+    }
+    identity
 }
 
 /// The directory of data step `name` with id `id`.

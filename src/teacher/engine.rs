@@ -33,6 +33,9 @@ pub const REPEAT_LAST_N: usize = 64;
 pub struct Request {
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
+    /// End-of-sequence ids get probability 0 until the answer has this many tokens (vLLM's
+    /// `min_tokens`; 0: off).
+    pub min_tokens: usize,
     pub sampling: sample::Sampling,
     /// > 1 makes ids among the last [`REPEAT_LAST_N`] less likely (`None` or 1: off).
     pub repetition_penalty: Option<f32>,
@@ -51,6 +54,7 @@ impl Request {
         Request {
             prompt,
             max_tokens: settings.max_tokens as usize,
+            min_tokens: settings.min_tokens.map_or(0, |n| n as usize),
             sampling: settings.decoding(seed),
             repetition_penalty: settings.repetition_penalty,
             loop_stop: None,
@@ -66,8 +70,10 @@ impl Request {
 
     /// The row that generates this request's answer on `model`.
     fn sequence(&self, model: &LocalModel) -> Sequence {
+        let limit = self.limit(model.context());
         let params = SamplingParams {
-            max_new_tokens: self.limit(model.context()),
+            max_new_tokens: limit,
+            min_new_tokens: self.min_tokens.min(limit),
             sampling: self.sampling,
             repetition_penalty: self.repetition_penalty.filter(|&p| p != 1.0).map(|p| {
                 RepetitionPenalty {

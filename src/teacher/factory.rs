@@ -32,6 +32,13 @@ pub const TOP_K: Ints<u32> = Ints {
     min: 1,
     max: 1_000_000,
 };
+/// `--min-tokens`: tokens an answer must have before it may end (0: off); at most `--max-tokens`.
+/// Off unless given, for every teacher: on SmolLM2-135M it turned too-short textbook sections
+/// into loops and syntax errors more than into kept ones (README, "The local teacher").
+pub const MIN_TOKENS: Ints<u32> = Ints {
+    min: 0,
+    max: 10_000_000,
+};
 /// `--max-tokens`: output tokens of one answer.
 pub const MAX_TOKENS: Ints<u32> = Ints {
     min: 1,
@@ -118,6 +125,8 @@ pub struct TeacherConfig {
     pub repetition_penalty: Option<f32>,
     /// `None`: the corpus's limit (e.g. 1024 for stories).
     pub max_tokens: Option<u32>,
+    /// `None` or 0: off (and not sent to an HTTP teacher).
+    pub min_tokens: Option<u32>,
     pub max_tokens_field: MaxTokensField,
     pub timeout_secs: f64,
     pub concurrency: usize,
@@ -143,6 +152,7 @@ impl Default for TeacherConfig {
             min_p: None,
             repetition_penalty: None,
             max_tokens: None,
+            min_tokens: None,
             max_tokens_field: MaxTokensField::Auto,
             timeout_secs: 120.0,
             concurrency: 32,
@@ -212,6 +222,12 @@ impl TeacherConfig {
         }
         if let Some(m) = self.max_tokens {
             int("--max-tokens", m, MAX_TOKENS)?;
+        }
+        if let Some(m) = self.min_tokens {
+            int("--min-tokens", m, MIN_TOKENS)?;
+            if let Some(max) = self.max_tokens {
+                min_within_max(m, max, "--max-tokens")?;
+            }
         }
         float("--timeout", self.timeout_secs, range::SECONDS)?;
         int("--concurrency", self.concurrency, CONCURRENCY)?;
@@ -291,14 +307,44 @@ impl TeacherConfig {
     }
 }
 
+/// `--min-tokens min` against the output limit `max` (named by `limit`): at most it.
+fn min_within_max(min: u32, max: u32, limit: &str) -> Result<(), TeacherError> {
+    if min <= max {
+        return Ok(());
+    }
+    Err(TeacherError::Setting {
+        flag: "--min-tokens",
+        found: min.to_string(),
+        expected: format!("must be at most the output limit, {max} ({limit})"),
+    })
+}
+
 impl TeacherConfig {
+    /// `--min-tokens` against the output limit in force: `--max-tokens`, else the corpus's
+    /// `default_max_tokens`. Checked before a model is loaded, and by [`TeacherConfig::sampling`].
+    pub fn check_min_tokens(&self, default_max_tokens: u32) -> Result<(), TeacherError> {
+        let Some(m) = self.min_tokens else {
+            return Ok(());
+        };
+        match self.max_tokens {
+            Some(max) => min_within_max(m, max, "--max-tokens"),
+            None => min_within_max(m, default_max_tokens, "this corpus's default --max-tokens"),
+        }
+    }
+
     /// The sampling parameters a run sends to `backend`: the settings given, the backend's
     /// defaults for top-k and min-p when not given (an HTTP teacher: none, so the server's own
     /// defaults hold; a local teacher: [`LOCAL_TOP_K`], [`LOCAL_MIN_P`]), and the corpus's output
-    /// limit `default_max_tokens` unless one is set.
-    pub fn sampling(&self, backend: &Backend, default_max_tokens: u32) -> Sampling {
+    /// limit `default_max_tokens` unless one is set. A `--min-tokens` above the output limit in
+    /// force is an error naming both.
+    pub fn sampling(
+        &self,
+        backend: &Backend,
+        default_max_tokens: u32,
+    ) -> Result<Sampling, TeacherError> {
+        self.check_min_tokens(default_max_tokens)?;
         let local = matches!(backend, Backend::Local { .. });
-        Sampling {
+        Ok(Sampling {
             temperature: self.temperature,
             top_p: self.top_p,
             max_tokens: self.max_tokens.unwrap_or(default_max_tokens),
@@ -309,7 +355,9 @@ impl TeacherConfig {
                 .or(local.then_some(LOCAL_MIN_P))
                 .filter(|&p| p > 0.0),
             repetition_penalty: self.repetition_penalty,
-        }
+            // 0 is off: the same draws as none, so it is not recorded either.
+            min_tokens: self.min_tokens.filter(|&m| m > 0),
+        })
     }
 }
 
@@ -437,6 +485,21 @@ mod tests {
             ),
             (
                 TeacherConfig {
+                    min_tokens: Some(10_000_001),
+                    ..ok.clone()
+                },
+                "--min-tokens",
+            ),
+            (
+                TeacherConfig {
+                    min_tokens: Some(11),
+                    max_tokens: Some(10),
+                    ..ok.clone()
+                },
+                "--min-tokens",
+            ),
+            (
+                TeacherConfig {
                     timeout_secs: 86_401.0,
                     ..ok.clone()
                 },
@@ -556,12 +619,12 @@ mod tests {
             spec: "m.gguf".into(),
         };
         let cfg = TeacherConfig::default();
-        let s = cfg.sampling(&http, 1024);
+        let s = cfg.sampling(&http, 1024).unwrap();
         assert_eq!(
-            (s.temperature, s.top_k, s.min_p, s.max_tokens),
-            (1.0, None, None, 1024)
+            (s.temperature, s.top_k, s.min_p, s.max_tokens, s.min_tokens),
+            (1.0, None, None, 1024, None)
         );
-        let s = cfg.sampling(&local, 1024);
+        let s = cfg.sampling(&local, 1024).unwrap();
         assert_eq!(
             (s.temperature, s.top_k, s.min_p),
             (1.0, Some(40), Some(0.05))
@@ -574,11 +637,79 @@ mod tests {
             ..TeacherConfig::default()
         };
         for backend in [&http, &local] {
-            let s = given.sampling(backend, 1024);
+            let s = given.sampling(backend, 1024).unwrap();
             assert_eq!(
                 (s.temperature, s.top_k, s.min_p, s.max_tokens),
                 (0.3, Some(7), None, 50)
             );
         }
+    }
+
+    /// Min-tokens is off unless given, for both backends; a given value is used by both, and
+    /// 0 is off and not recorded (the same draws as none).
+    #[test]
+    fn min_tokens_is_off_unless_given() {
+        let http = Backend::Http {
+            base_url: OPENAI_URL.into(),
+        };
+        let local = Backend::Local {
+            spec: "m.gguf".into(),
+        };
+        let min = |cfg: &TeacherConfig, b: &Backend| cfg.sampling(b, 2048).unwrap().min_tokens;
+        let cfg = TeacherConfig::default();
+        assert_eq!((min(&cfg, &http), min(&cfg, &local)), (None, None));
+        let given = TeacherConfig {
+            min_tokens: Some(270),
+            ..TeacherConfig::default()
+        };
+        assert_eq!(
+            (min(&given, &http), min(&given, &local)),
+            (Some(270), Some(270))
+        );
+        let off = TeacherConfig {
+            min_tokens: Some(0),
+            ..TeacherConfig::default()
+        };
+        assert_eq!((min(&off, &http), min(&off, &local)), (None, None));
+    }
+
+    /// `--min-tokens` above the output limit in force is refused naming `--min-tokens`, the
+    /// value and the limit: against `--max-tokens` when given (in `validate`, so a recipe is
+    /// refused before anything runs), else against the corpus's default limit.
+    #[test]
+    fn min_tokens_above_the_limit_is_refused() {
+        let local = Backend::Local {
+            spec: "m.gguf".into(),
+        };
+        let both = TeacherConfig {
+            min_tokens: Some(300),
+            max_tokens: Some(200),
+            ..TeacherConfig::default()
+        };
+        let e = both.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("--min-tokens 300") && e.contains("200 (--max-tokens)"),
+            "{e}"
+        );
+        let e = both.sampling(&local, 2048).unwrap_err().to_string();
+        assert!(e.contains("--min-tokens 300"), "{e}");
+        let default_limit = TeacherConfig {
+            min_tokens: Some(1025),
+            ..TeacherConfig::default()
+        };
+        default_limit.validate().unwrap();
+        let e = default_limit
+            .sampling(&local, 1024)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--min-tokens 1025") && e.contains("1024 (this corpus's default"),
+            "{e}"
+        );
+        let equal = TeacherConfig {
+            min_tokens: Some(1024),
+            ..TeacherConfig::default()
+        };
+        assert_eq!(equal.sampling(&local, 1024).unwrap().min_tokens, Some(1024));
     }
 }

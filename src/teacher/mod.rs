@@ -37,6 +37,11 @@ pub struct Sampling {
     /// last [`engine::REPEAT_LAST_N`] ids. Absent from the record ids when `None`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repetition_penalty: Option<f32>,
+    /// `--min-tokens` where asked for: the answer's end-of-sequence tokens get probability 0
+    /// until it has this many tokens (the local teacher), sent to an HTTP teacher as vLLM's
+    /// `min_tokens`. Absent from the record ids when `None` (0 is off and recorded as `None`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_tokens: Option<u32>,
 }
 
 impl Sampling {
@@ -249,6 +254,7 @@ mod tests {
             top_k: Some(40),
             min_p: Some(0.05),
             repetition_penalty: None,
+            min_tokens: None,
         };
         assert_eq!(
             s.decoding(3),

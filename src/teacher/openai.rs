@@ -389,6 +389,10 @@ fn request_body_tail(model: &str, sampling: Sampling, field: MaxTokensField) -> 
         object.insert("repetition_penalty".into(), p.into());
         object.insert("repeat_penalty".into(), p.into());
     }
+    if let Some(n) = sampling.min_tokens {
+        // vLLM's name; OpenAI's API has no such field.
+        object.insert("min_tokens".into(), n.into());
+    }
     let tail = serde_json::to_string(&value).expect("json value always serializes");
     tail[1..].to_string()
 }
@@ -467,6 +471,7 @@ mod tests {
             top_k: None,
             min_p: None,
             repetition_penalty: None,
+            min_tokens: None,
         };
         for (field, key) in [
             (MaxTokensField::MaxTokens, "max_tokens"),
@@ -480,16 +485,23 @@ mod tests {
             assert_eq!(parsed.temperature, Some(0.7));
             let raw: serde_json::Value = serde_json::from_str(&body).unwrap();
             assert_eq!(raw[key], 321, "{body}");
-            for absent in ["top_k", "min_p", "repetition_penalty", "repeat_penalty"] {
+            for absent in [
+                "top_k",
+                "min_p",
+                "repetition_penalty",
+                "repeat_penalty",
+                "min_tokens",
+            ] {
                 assert!(raw.get(absent).is_none(), "{body}");
             }
         }
-        // Top-k, min-p and the repetition penalty go out only when asked for, under vLLM's
-        // names (the penalty under llama.cpp's as well).
+        // Top-k, min-p, the repetition penalty and min-tokens go out only when asked for, under
+        // vLLM's names (the penalty under llama.cpp's as well).
         let s = Sampling {
             top_k: Some(40),
             min_p: Some(0.25),
             repetition_penalty: Some(1.5),
+            min_tokens: Some(120),
             ..s
         };
         let tail = request_body_tail("m", s, MaxTokensField::MaxTokens);
@@ -505,6 +517,7 @@ mod tests {
             ),
             (Some(1.5), Some(1.5))
         );
+        assert_eq!(raw["min_tokens"].as_u64(), Some(120));
     }
 
     /// Bodies as servers echo a request back (raw headers, JSON, a Python repr), with the key

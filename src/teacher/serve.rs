@@ -438,6 +438,9 @@ struct Common {
     repetition_penalty: Option<f32>,
     #[serde(default)]
     repeat_penalty: Option<f32>,
+    /// vLLM's: end-of-sequence tokens are held back until the answer has this many tokens.
+    #[serde(default)]
+    min_tokens: Option<usize>,
     #[serde(default)]
     seed: Option<i64>,
     #[serde(default)]
@@ -672,6 +675,12 @@ impl Server {
             .max_completion_tokens
             .or(common.max_tokens)
             .unwrap_or(DEFAULT_MAX_TOKENS);
+        // vLLM's rule: at most max_tokens.
+        if let Some(m) = common.min_tokens.filter(|&m| m > max_tokens) {
+            return Err(bad(format!(
+                "`min_tokens` ({m}) must be at most `max_tokens` ({max_tokens})"
+            )));
+        }
         let settings = Sampling {
             temperature: common.temperature.unwrap_or(1.0),
             top_p: common.top_p.unwrap_or(1.0),
@@ -680,6 +689,11 @@ impl Server {
             top_k: common.top_k.filter(|&k| k > 0),
             min_p: common.min_p,
             repetition_penalty: penalty,
+            // 0 is off, as in vLLM.
+            min_tokens: common
+                .min_tokens
+                .filter(|&m| m > 0)
+                .map(|m| u32::try_from(m).unwrap_or(u32::MAX)),
         };
         let seed = match common.seed {
             Some(seed) if seed >= 0 => seed as u64,

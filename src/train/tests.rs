@@ -918,6 +918,7 @@ fn answers_in_its_template(dir: &Path) {
         top_k: None,
         min_p: None,
         repetition_penalty: None,
+        min_tokens: None,
     };
     let teacher = crate::teacher::local::LocalTeacher::new(
         Arc::new(Engine::start(Arc::new(model), 1, 0)),
