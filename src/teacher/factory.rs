@@ -607,17 +607,23 @@ mod tests {
         assert_eq!(r.price.unwrap().output_per_m, 2.0);
     }
 
-    /// The tail cut depends on the teacher: an HTTP teacher gets no top-k / min-p (the server's
-    /// defaults hold); a local one gets llama.cpp's defaults (top-k 40, min-p 0.05: llama.cpp's
-    /// `common_params_sampling`). Given settings win on both; min-p 0 is off and not recorded.
-    #[test]
-    fn sampling_defaults_depend_on_the_backend() {
+    /// An HTTP backend (OpenAI's URL) and a local one.
+    fn backends() -> (Backend, Backend) {
         let http = Backend::Http {
             base_url: OPENAI_URL.into(),
         };
         let local = Backend::Local {
             spec: "m.gguf".into(),
         };
+        (http, local)
+    }
+
+    /// The tail cut depends on the teacher: an HTTP teacher gets no top-k / min-p (the server's
+    /// defaults hold); a local one gets llama.cpp's defaults (top-k 40, min-p 0.05: llama.cpp's
+    /// `common_params_sampling`). Given settings win on both; min-p 0 is off and not recorded.
+    #[test]
+    fn sampling_defaults_depend_on_the_backend() {
+        let (http, local) = backends();
         let cfg = TeacherConfig::default();
         let s = cfg.sampling(&http, 1024).unwrap();
         assert_eq!(
@@ -649,12 +655,7 @@ mod tests {
     /// 0 is off and not recorded (the same draws as none).
     #[test]
     fn min_tokens_is_off_unless_given() {
-        let http = Backend::Http {
-            base_url: OPENAI_URL.into(),
-        };
-        let local = Backend::Local {
-            spec: "m.gguf".into(),
-        };
+        let (http, local) = backends();
         let min = |cfg: &TeacherConfig, b: &Backend| cfg.sampling(b, 2048).unwrap().min_tokens;
         let cfg = TeacherConfig::default();
         assert_eq!((min(&cfg, &http), min(&cfg, &local)), (None, None));
