@@ -121,10 +121,7 @@ impl KvElement for f16 {
 
     fn scores(q: &[f32], keys: &[f16], at: Rows, scale: f32, scores: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if avx512_fits(keys, at)
-            && q.len().is_multiple_of(at.d)
-            && scores.len() >= q.len() / at.d * at.n
-        {
+        if avx512_fits(keys, at, q.len(), scores.len()) {
             // SAFETY: AVX-512F is present and every row read lies in `keys` (checked above).
             return unsafe { scores_avx512(q, keys, at, scale, scores) };
         }
@@ -133,10 +130,7 @@ impl KvElement for f16 {
 
     fn weigh(scores: &[f32], values: &[f16], at: Rows, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if avx512_fits(values, at)
-            && out.len().is_multiple_of(at.d)
-            && scores.len() >= out.len() / at.d * at.n
-        {
+        if avx512_fits(values, at, out.len(), scores.len()) {
             // SAFETY: as above.
             return unsafe { weigh_avx512(scores, values, at, out) };
         }
@@ -144,13 +138,16 @@ impl KvElement for f16 {
     }
 }
 
-/// Whether the AVX-512 loops can read `at`'s rows of `buf`: the CPU has AVX-512F, D is a
-/// multiple of 64 and the last row lies in `buf`.
+/// Whether the AVX-512 loops can run on `at`'s rows of `buf` for heads of `heads` values (q or
+/// out: whole heads of D) and `scores` scores: the CPU has AVX-512F, D is a multiple of 64, the
+/// last row lies in `buf` and `scores` holds heads × n.
 #[cfg(target_arch = "x86_64")]
-fn avx512_fits<T>(buf: &[T], at: Rows) -> bool {
+fn avx512_fits<T>(buf: &[T], at: Rows, heads: usize, scores: usize) -> bool {
     at.n > 0
         && at.d.is_multiple_of(64)
         && buf.len() >= at.at(at.n - 1) + at.d
+        && heads.is_multiple_of(at.d)
+        && scores >= heads / at.d * at.n
         && std::arch::is_x86_feature_detected!("avx512f")
 }
 
