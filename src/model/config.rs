@@ -20,6 +20,9 @@ pub enum ModelType {
     Phi3,
     /// `LlamaForCausalLM` (SmolLM2, TinyLlama): the phi-3 block with separate q/k/v and gate/up.
     Llama,
+    /// `Qwen2ForCausalLM` (Qwen2.5, Qwen2.5-Coder): the llama block with biases on q, k and v (not
+    /// on the output projection).
+    Qwen2,
 }
 
 /// Attention and MLP side by side on one normalised input (phi-1/1.5/2), or one after the other
@@ -419,21 +422,21 @@ impl PhiConfig {
     pub fn layout(&self) -> BlockLayout {
         match self.model_type {
             ModelType::Phi => BlockLayout::Parallel,
-            ModelType::Phi3 | ModelType::Llama => BlockLayout::Sequential,
+            ModelType::Phi3 | ModelType::Llama | ModelType::Qwen2 => BlockLayout::Sequential,
         }
     }
 
     pub fn norm_kind(&self) -> NormKind {
         match self.model_type {
             ModelType::Phi => NormKind::Layer,
-            ModelType::Phi3 | ModelType::Llama => NormKind::Rms,
+            ModelType::Phi3 | ModelType::Llama | ModelType::Qwen2 => NormKind::Rms,
         }
     }
 
     pub fn mlp_kind(&self) -> MlpKind {
         match self.model_type {
             ModelType::Phi => MlpKind::Plain,
-            ModelType::Phi3 | ModelType::Llama => MlpKind::Gated,
+            ModelType::Phi3 | ModelType::Llama | ModelType::Qwen2 => MlpKind::Gated,
         }
     }
 
@@ -453,13 +456,18 @@ impl PhiConfig {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
 
-    /// Biases of q/k/v and the attention output projection.
+    /// Biases of q/k/v.
     pub fn attention_bias(&self) -> bool {
         match self.model_type {
-            ModelType::Phi => true,
+            ModelType::Phi | ModelType::Qwen2 => true,
             ModelType::Phi3 => false,
             ModelType::Llama => self.attention_bias.unwrap_or(false),
         }
+    }
+
+    /// The bias of the attention output projection (Qwen2 has q/k/v biases but none here).
+    pub fn attention_out_bias(&self) -> bool {
+        self.model_type != ModelType::Qwen2 && self.attention_bias()
     }
 
     pub fn mlp_bias(&self) -> bool {
@@ -467,6 +475,7 @@ impl PhiConfig {
             ModelType::Phi => true,
             ModelType::Phi3 => false,
             ModelType::Llama => self.mlp_bias.unwrap_or(false),
+            ModelType::Qwen2 => false,
         }
     }
 

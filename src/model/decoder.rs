@@ -632,7 +632,11 @@ impl Decoder {
                 },
                 attn: Attention {
                     qkv: linear(w, &format!("{p}.self_attn.qkv_proj"), cfg.attention_bias())?,
-                    out: linear(w, &format!("{p}.self_attn.o_proj"), cfg.attention_bias())?,
+                    out: linear(
+                        w,
+                        &format!("{p}.self_attn.o_proj"),
+                        cfg.attention_out_bias(),
+                    )?,
                     q_norm: qk_norm("q_layernorm")?,
                     k_norm: qk_norm("k_layernorm")?,
                     heads: cfg.num_attention_heads,

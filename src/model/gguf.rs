@@ -2,9 +2,10 @@
 //! the weights (dequantized to the dtype asked for), the tokenizer and the chat template, all from
 //! the file's metadata. Read with candle's GGUF reader.
 //!
-//! Architectures: `llama` (SmolLM2, TinyLlama, Llama 2) and `phi3` (Phi-3-mini-4k). llama.cpp's
-//! converter permutes the rows of `q_proj` / `k_proj` for its interleaved rotary; they are put back
-//! into transformers' order here, so one decoder runs both formats. Tokenizers: byte-level BPE
+//! Architectures: `llama` (SmolLM2, TinyLlama, Llama 2), `qwen2` (Qwen2.5, Qwen2.5-Coder) and `phi3`
+//! (Phi-3-mini-4k). llama.cpp's converter permutes the rows of a llama `q_proj` / `k_proj` for its
+//! interleaved rotary; they are put back into transformers' order here, so one decoder runs both
+//! formats (qwen2 keeps transformers' order: llama.cpp runs it with the NeoX rotary). Tokenizers: byte-level BPE
 //! (`tokenizer.ggml.model = gpt2`) is rebuilt from the metadata; for SentencePiece (`llama`) put
 //! the model's `tokenizer.json` next to the file.
 
@@ -103,10 +104,11 @@ fn config(meta: &Meta, has_output: bool) -> Result<PhiConfig, ModelError> {
         .ok_or_else(|| meta.bad("the GGUF metadata has no `general.architecture`".into()))?;
     let model_type = match arch.as_str() {
         "llama" => "llama",
+        "qwen2" => "qwen2",
         "phi3" => "phi3",
         other => {
             return Err(meta.bad(format!(
-                "architecture `{other}` is not supported (llama and phi3 are); convert the model to safetensors or use a supported one"
+                "architecture `{other}` is not supported (llama, qwen2 and phi3 are); convert the model to safetensors or use a supported one"
             )))
         }
     };
@@ -165,6 +167,9 @@ fn gguf_name(hf: &str) -> Option<String> {
         "self_attn.q_proj.weight" => "attn_q.weight",
         "self_attn.k_proj.weight" => "attn_k.weight",
         "self_attn.v_proj.weight" => "attn_v.weight",
+        "self_attn.q_proj.bias" => "attn_q.bias",
+        "self_attn.k_proj.bias" => "attn_k.bias",
+        "self_attn.v_proj.bias" => "attn_v.bias",
         "self_attn.qkv_proj.weight" => "attn_qkv.weight",
         "self_attn.o_proj.weight" => "attn_output.weight",
         "mlp.gate_proj.weight" => "ffn_gate.weight",
@@ -208,13 +213,19 @@ fn bpe_tokenizer(meta: &Meta) -> Result<Tokenizer, ModelError> {
         "default" | "gpt-2" | "gpt2" => byte_level.clone(),
         "smollm" | "starcoder" | "refact" => json!({"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": true}, byte_level.clone()]}),
-        "llama-bpe" | "llama3" | "smaug-bpe" => json!({"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"},
-             "behavior": "Isolated", "invert": false},
-            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}),
+        // Llama 3's split (numbers in runs of up to three digits) and Qwen2's (one digit each).
+        "llama-bpe" | "llama3" | "smaug-bpe" | "qwen2" => {
+            let digits = if pre == "qwen2" { r"\p{N}" } else { r"\p{N}{1,3}" };
+            let split = format!(
+                r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{{L}}\p{{N}}]?\p{{L}}+|{digits}| ?[^\s\p{{L}}\p{{N}}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+            );
+            json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": split}, "behavior": "Isolated", "invert": false},
+                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]})
+        }
         other => {
             return Err(meta.bad(format!(
-                "its tokenizer's pre-tokenizer `{other}` is not one phigen rebuilds (default, gpt-2, smollm, starcoder, refact, llama-bpe): put the model's {HF_TOKENIZER_FILE} next to the file"
+                "its tokenizer's pre-tokenizer `{other}` is not one phigen rebuilds (default, gpt-2, smollm, starcoder, refact, llama-bpe, qwen2): put the model's {HF_TOKENIZER_FILE} next to the file"
             )))
         }
     };
@@ -272,12 +283,20 @@ fn is_quantized(dtype: GgmlDType) -> bool {
 
 /// The type a quantized projection runs in: its own where candle has a SIMD dot product for it,
 /// else Q8_0 (Q4_1, Q5_0 and Q5_1 only have a scalar one, slower than float32 matmul; 8 bits
-/// represent their 4–5-bit values almost exactly).
+/// represent their 4–5-bit values almost exactly). Where the VNNI kernel runs, the k-quants
+/// (Q4_K … Q6_K, in Qwen2.5's Q4_K_M files) also become Q8_0, which that kernel reads: the batched
+/// slot path runs packed projections only.
 fn run_type(dtype: GgmlDType) -> GgmlDType {
+    let vnni = super::int8::supported();
     match dtype {
         // The VNNI kernel reads Q4_1 as it is (see `int8::PackedWeight`).
-        GgmlDType::Q4_1 if super::int8::supported() => GgmlDType::Q4_1,
+        GgmlDType::Q4_1 if vnni => GgmlDType::Q4_1,
         GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_1 => GgmlDType::Q8_0,
+        GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K
+            if vnni =>
+        {
+            GgmlDType::Q8_0
+        }
         other => other,
     }
 }
@@ -525,19 +544,27 @@ mod tests {
             .unwrap()
     }
 
-    /// Writes the tiny Llama fixture (tied embeddings, grouped-query attention) as llama.cpp
-    /// would: GGUF names, permuted q/k, metadata, and a 96-token byte-level vocabulary.
-    fn write_tiny_gguf(path: &Path) {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/llama_tied");
+    /// Writes a tiny fixture of tests/fixtures/hf as llama.cpp would: GGUF names, metadata and a
+    /// 96-token byte-level vocabulary. `llama_tied` (tied embeddings, grouped-query attention) as
+    /// architecture `llama`, with q/k rows permuted; `qwen2` (q/k/v biases, untied head) as
+    /// `qwen2`, unpermuted (llama.cpp's converter permutes only llama's).
+    fn write_tiny_gguf(path: &Path, case: &str) {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/hf")
+            .join(case);
         let hf =
             candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
         let cfg = super::super::checkpoint::read_config(&dir).unwrap();
+        let (arch, pre, permute) = match case {
+            "llama_tied" => ("llama", "default", true),
+            _ => ("qwen2", "qwen2", false),
+        };
         let mut tensors = Vec::new();
         for (name, t) in &hf {
             let Some(g) = gguf_name(name) else { continue };
             let t = match name.rsplit('.').nth(1) {
-                Some("q_proj") => llama_cpp_permute(t, cfg.num_attention_heads),
-                Some("k_proj") => llama_cpp_permute(t, cfg.kv_heads()),
+                Some("q_proj") if permute => llama_cpp_permute(t, cfg.num_attention_heads),
+                Some("k_proj") if permute => llama_cpp_permute(t, cfg.kv_heads()),
                 _ => t.clone(),
             };
             tensors.push((g, QTensor::quantize(&t, GgmlDType::F32).unwrap()));
@@ -550,44 +577,54 @@ mod tests {
         types[95] = 3;
         let s = |v: &str| gguf_file::Value::String(v.into());
         let u = gguf_file::Value::U32;
-        let metadata: Vec<(&str, gguf_file::Value)> = vec![
-            ("general.architecture", s("llama")),
-            ("llama.block_count", u(2)),
-            ("llama.context_length", u(64)),
-            ("llama.embedding_length", u(32)),
-            ("llama.feed_forward_length", u(48)),
-            ("llama.attention.head_count", u(4)),
-            ("llama.attention.head_count_kv", u(2)),
-            ("llama.attention.key_length", u(8)),
-            ("llama.rope.freq_base", gguf_file::Value::F32(500.0)),
-            ("llama.attention.layer_norm_rms_epsilon", gguf_file::Value::F32(1e-6)),
-            ("tokenizer.ggml.model", s("gpt2")),
-            ("tokenizer.ggml.pre", s("default")),
-            ("tokenizer.ggml.tokens", gguf_file::Value::Array(tokens.iter().map(|t| s(t)).collect())),
-            ("tokenizer.ggml.token_type", gguf_file::Value::Array(types.into_iter().map(gguf_file::Value::I32).collect())),
-            ("tokenizer.ggml.merges", gguf_file::Value::Array(vec![])),
-            ("tokenizer.ggml.eos_token_id", u(95)),
-            ("tokenizer.chat_template", s("{% for m in messages %}<{{ m.role }}>{{ m.content }}{{ eos_token }}{% endfor %}")),
+        let key = |k: &str| format!("{arch}.{k}");
+        let metadata: Vec<(String, gguf_file::Value)> = vec![
+            ("general.architecture".into(), s(arch)),
+            (key("block_count"), u(2)),
+            (key("context_length"), u(64)),
+            (key("embedding_length"), u(32)),
+            (key("feed_forward_length"), u(48)),
+            (key("attention.head_count"), u(4)),
+            (key("attention.head_count_kv"), u(2)),
+            (key("attention.key_length"), u(8)),
+            (key("rope.freq_base"), gguf_file::Value::F32(500.0)),
+            (key("attention.layer_norm_rms_epsilon"), gguf_file::Value::F32(1e-6)),
+            ("tokenizer.ggml.model".into(), s("gpt2")),
+            ("tokenizer.ggml.pre".into(), s(pre)),
+            ("tokenizer.ggml.tokens".into(), gguf_file::Value::Array(tokens.iter().map(|t| s(t)).collect())),
+            ("tokenizer.ggml.token_type".into(), gguf_file::Value::Array(types.into_iter().map(gguf_file::Value::I32).collect())),
+            ("tokenizer.ggml.merges".into(), gguf_file::Value::Array(vec![])),
+            ("tokenizer.ggml.eos_token_id".into(), u(95)),
+            ("tokenizer.chat_template".into(), s("{% for m in messages %}<{{ m.role }}>{{ m.content }}{{ eos_token }}{% endfor %}")),
         ];
         let mut f = File::create(path).unwrap();
-        let meta: Vec<(&str, &gguf_file::Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+        let meta: Vec<(&str, &gguf_file::Value)> =
+            metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
         gguf_file::write(&mut f, &meta, &ts).unwrap();
     }
 
     /// The same weights read from GGUF and from safetensors (whose logits match transformers, see
-    /// the model tests) give the same logits, so names, shapes and the q/k un-permutation are right;
-    /// the tokenizer and chat template come from the metadata.
+    /// the model tests) give the same logits, so names, shapes, biases and the q/k un-permutation
+    /// are right; the tokenizer and chat template come from the metadata.
     #[test]
-    fn a_llama_gguf_runs_as_its_safetensors_checkpoint() {
+    fn llama_and_qwen2_ggufs_run_as_their_safetensors_checkpoints() {
+        for (case, tied) in [("llama_tied", true), ("qwen2", false)] {
+            gguf_runs_as_safetensors(case, tied);
+        }
+    }
+
+    fn gguf_runs_as_safetensors(case: &str, tied: bool) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tiny.gguf");
-        write_tiny_gguf(&path);
+        write_tiny_gguf(&path, case);
         let g = load(&path, DType::F32, &Device::Cpu, false).unwrap();
-        let st_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/llama_tied");
+        let st_dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/hf")
+            .join(case);
         let reference = super::super::checkpoint::load(&st_dir, DType::F32, &Device::Cpu).unwrap();
         assert_eq!(g.decoder.config().eos_ids(), vec![95]);
-        assert!(g.decoder.config().tie_word_embeddings);
+        assert_eq!(g.decoder.config().tie_word_embeddings, tied, "{case}");
         let ids = Tensor::new(&[[3u32, 17, 42, 8, 90, 1, 64]], &Device::Cpu).unwrap();
         let a = g.decoder.forward(&ids, None).unwrap();
         let b = reference.forward(&ids, None).unwrap();
@@ -599,7 +636,7 @@ mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
-        assert!(diff < 1e-5, "max |Δlogit| = {diff}");
+        assert!(diff < 1e-5, "{case}: max |Δlogit| = {diff}");
         // "hi there": one token per character, the space as Ġ (id 94).
         let hi = g.tokenizer.encode_rendered("hi there").unwrap();
         assert_eq!(hi, vec![71, 72, 94, 83, 71, 68, 81, 68]);
@@ -613,6 +650,38 @@ mod tests {
             g.tokenizer.encode_rendered(&text).unwrap().last(),
             Some(&95)
         );
+    }
+
+    /// Qwen2's pre-tokenizer splits numbers into single digits, Llama 3's into runs of up to
+    /// three (their `tokenizer.json` regexes): with the merges `1 2` and `12 3`, "1234" is one
+    /// piece "123" + "4" for llama-bpe and four digit tokens for qwen2.
+    #[test]
+    fn qwen2_splits_numbers_into_digits_and_llama3_into_threes() {
+        let s = |v: &str| Value::String(v.into());
+        let tokens = ["1", "2", "3", "4", "12", "123", "a"];
+        let encode = |pre: &str| {
+            let values = HashMap::from([
+                ("tokenizer.ggml.pre".to_string(), s(pre)),
+                (
+                    "tokenizer.ggml.tokens".to_string(),
+                    Value::Array(tokens.iter().map(|t| s(t)).collect()),
+                ),
+                (
+                    "tokenizer.ggml.merges".to_string(),
+                    Value::Array(vec![s("1 2"), s("12 3")]),
+                ),
+            ]);
+            let meta = Meta {
+                path: Path::new("t.gguf"),
+                values: &values,
+            };
+            bpe_tokenizer(&meta)
+                .unwrap()
+                .encode_rendered("a1234")
+                .unwrap()
+        };
+        assert_eq!(encode("llama-bpe"), vec![6, 5, 3]);
+        assert_eq!(encode("qwen2"), vec![6, 0, 1, 2, 3]);
     }
 
     #[test]

@@ -109,7 +109,7 @@ pub fn parameter_table(cfg: &PhiConfig) -> Result<Vec<Param>, ModelError> {
         );
         let qkv = match cfg.model_type {
             ModelType::Phi3 => vec![part("self_attn.qkv_proj", (h + 2 * kv) * d)],
-            ModelType::Phi | ModelType::Llama => vec![
+            ModelType::Phi | ModelType::Llama | ModelType::Qwen2 => vec![
                 part("self_attn.q_proj", h * d),
                 part("self_attn.k_proj", kv * d),
                 part("self_attn.v_proj", kv * d),
@@ -130,14 +130,14 @@ pub fn parameter_table(cfg: &PhiConfig) -> Result<Vec<Param>, ModelError> {
         }
         let o_name = match cfg.model_type {
             ModelType::Phi => "self_attn.dense",
-            ModelType::Phi3 | ModelType::Llama => "self_attn.o_proj",
+            ModelType::Phi3 | ModelType::Llama | ModelType::Qwen2 => "self_attn.o_proj",
         };
         linear(
             &mut out,
             &format!("{p}.self_attn.o_proj"),
             &[part(o_name, c)],
             h * d,
-            cfg.attention_bias(),
+            cfg.attention_out_bias(),
         );
         if cfg.layout() == BlockLayout::Sequential {
             let name = format!("{p}.post_attention_layernorm");
@@ -146,7 +146,7 @@ pub fn parameter_table(cfg: &PhiConfig) -> Result<Vec<Param>, ModelError> {
         let (up, down) = match cfg.model_type {
             ModelType::Phi => (vec![part("mlp.fc1", inter)], "mlp.fc2"),
             ModelType::Phi3 => (vec![part("mlp.gate_up_proj", 2 * inter)], "mlp.down_proj"),
-            ModelType::Llama => (
+            ModelType::Llama | ModelType::Qwen2 => (
                 vec![part("mlp.gate_proj", inter), part("mlp.up_proj", inter)],
                 "mlp.down_proj",
             ),
@@ -168,7 +168,7 @@ pub fn parameter_table(cfg: &PhiConfig) -> Result<Vec<Param>, ModelError> {
     }
     let final_norm = match cfg.model_type {
         ModelType::Phi => "model.final_layernorm",
-        ModelType::Phi3 | ModelType::Llama => "model.norm",
+        ModelType::Phi3 | ModelType::Llama | ModelType::Qwen2 => "model.norm",
     };
     norm(&mut out, "model.norm", final_norm, c, norm_kind);
     match cfg.head()? {

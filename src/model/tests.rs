@@ -52,12 +52,13 @@ struct Expected {
     crossing: Option<Generated>,
 }
 
-const CASES: [&str; 5] = [
+const CASES: [&str; 6] = [
     "phi",
     "phi_qk_layernorm",
     "phi3_gqa_longrope",
     "llama_tied",
     "phi3_seqcls",
+    "qwen2",
 ];
 
 /// Logits of every fixture within 1e-4 of transformers (f32), in inference mode (fused kernels)
@@ -138,7 +139,13 @@ fn greedy_generation_matches_transformers() {
 }
 
 fn check_greedy(device: &Device) {
-    for case in ["phi", "phi_qk_layernorm", "phi3_gqa_longrope", "llama_tied"] {
+    for case in [
+        "phi",
+        "phi_qk_layernorm",
+        "phi3_gqa_longrope",
+        "llama_tied",
+        "qwen2",
+    ] {
         let dir = fixture(case);
         let model = checkpoint::load(&dir, DType::F32, device).unwrap();
         let text = std::fs::read_to_string(dir.join("expected.json")).unwrap();
