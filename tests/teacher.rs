@@ -389,9 +389,29 @@ fn smollm2_gguf() -> Option<std::path::PathBuf> {
 /// each time on a given CPU.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn textbooks_from_the_real_smollm2_keep_sections() {
-    let Some(gguf) = smollm2_gguf() else {
-        return;
-    };
+    if let Some(gguf) = smollm2_gguf() {
+        textbooks_keep_sections(&gguf).await;
+    }
+}
+
+/// The same with Qwen2.5-Coder-0.5B-Instruct (the GGUF scripts/get-qwen-coder.sh makes from PyPI,
+/// named by PHIGEN_QWEN_CODER; where it is not, the test fails in CI and is skipped, saying so,
+/// elsewhere).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn textbooks_from_the_real_qwen_coder_keep_sections() {
+    let gguf = std::env::var_os("PHIGEN_QWEN_CODER").map(std::path::PathBuf::from);
+    match gguf.filter(|p| p.is_file()) {
+        Some(gguf) => textbooks_keep_sections(&gguf).await,
+        None => skip_unless_ci(
+            "Qwen2.5-Coder-0.5B-Instruct's GGUF file not found: PHIGEN_QWEN_CODER does not name a \
+             file. `.ci/run` makes it with scripts/get-qwen-coder.sh (which prints its path) and \
+             sets PHIGEN_QWEN_CODER; do the same",
+        ),
+    }
+}
+
+/// `phigen textbooks --n 4` on `gguf` keeps a section, each kept one checked by CPython (above).
+async fn textbooks_keep_sections(gguf: &Path) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("textbooks");
     let mut c = Command::new(BIN);

