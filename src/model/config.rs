@@ -452,6 +452,13 @@ impl PhiConfig {
             .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
+    /// The attention window decoding applies: `sliding_window`, unless `use_sliding_window` is
+    /// false (Qwen2 configs give a window they do not use).
+    pub fn window(&self) -> Option<usize> {
+        let unused = self.extra.get("use_sliding_window") == Some(&serde_json::Value::Bool(false));
+        self.sliding_window.filter(|_| !unused)
+    }
+
     pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
@@ -729,6 +736,20 @@ mod tests {
 
     /// Parameter counts against the published sizes: phi-1 1.3B, phi-1-small 350M, phi-2 2.7B,
     /// Phi-3-mini 3.8B (model cards and papers; rounded as they round).
+    /// Qwen2.5's config.json names a window it does not use (`use_sliding_window: false`, as
+    /// transformers' Qwen2 reads it): no window then; with the flag absent or true, the window.
+    #[test]
+    fn an_unused_sliding_window_is_no_window() {
+        let base = r#"{"model_type":"qwen2","vocab_size":10,"hidden_size":16,"intermediate_size":32,
+            "num_hidden_layers":1,"num_attention_heads":2,"max_position_embeddings":64,
+            "hidden_act":"silu","sliding_window":6"#;
+        let read =
+            |tail: &str| -> PhiConfig { serde_json::from_str(&format!("{base}{tail}}}")).unwrap() };
+        assert_eq!(read(r#","use_sliding_window":false"#).window(), None);
+        assert_eq!(read(r#","use_sliding_window":true"#).window(), Some(6));
+        assert_eq!(read("").window(), Some(6));
+    }
+
     #[test]
     fn presets_have_the_published_sizes() {
         let billions =

@@ -853,7 +853,7 @@ impl Decoder {
             (decoding && device.is_cpu() && self.dtype() == DType::F32).then(|| {
                 let window_start = self
                     .cfg
-                    .sliding_window
+                    .window()
                     .map_or(0, |w| (past + 1).saturating_sub(w));
                 (0..b)
                     .map(|r| left_pad.as_ref().map_or(0, |p| p[r]).max(window_start))
@@ -867,7 +867,7 @@ impl Decoder {
                 t,
                 past,
                 left_pad.as_deref(),
-                self.cfg.sliding_window,
+                self.cfg.window(),
                 self.dtype(),
                 device,
             )?,
@@ -1139,7 +1139,7 @@ impl Decoder {
                 rotate(&mut kv[..k * d], d, cos, sin);
                 slot.push(l, &kv[..k * d], &kv[k * d..]);
             }
-            let window = cfg.sliding_window;
+            let window = cfg.window();
             let task = |(i, out): (usize, &mut [f32])| {
                 let (r, g) = (i / k, i % k);
                 let rep = h / k;
