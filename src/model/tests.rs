@@ -22,7 +22,7 @@ pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     max_abs(&(a - b).unwrap())
 }
 
-fn max_abs(t: &Tensor) -> f32 {
+pub(crate) fn max_abs(t: &Tensor) -> f32 {
     t.abs()
         .unwrap()
         .flatten_all()
