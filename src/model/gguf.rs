@@ -638,7 +638,6 @@ mod tests {
         let reference = super::super::checkpoint::load(&st_dir, DType::F32, &Device::Cpu).unwrap();
         assert_eq!(g.decoder.config().eos_ids(), vec![95]);
         assert_eq!(g.decoder.config().tie_word_embeddings, tied, "{case}");
-        let ids = Tensor::new(&[[3u32, 17, 42, 8, 90, 1, 64]], &Device::Cpu).unwrap();
         let (diff, _) = logits_diff(&g.decoder, &reference);
         assert!(diff < 1e-5, "{case}: max |Δlogit| = {diff}");
         // "hi there": one token per character, the space as Ġ (id 94).
