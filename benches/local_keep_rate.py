@@ -8,7 +8,9 @@ sampling flags given.
 
 For each corpus it prints: answers checked, records kept, the keep rate, the top drop reasons,
 records per minute (wall time of the whole command, model load included), completion tokens per
-kept record (every answer's tokens, kept or not, over the records kept: what a record costs), and
+kept record (every answer's tokens, kept or not, over the records kept: what a record costs), the
+seconds to the first record and the steady rate after it (with the hours 1,000 records take at
+that rate: a short run's whole-run rate is dragged down by its start and its draining end), and
 for textbooks the runnable-code rate: the share of kept sections whose code blocks, run in order as
 one program, exit 0. Generated code runs only inside bubblewrap (no network, read-only root, a
 private /tmp, 10 s), the same namespaces as phigen's sandbox; the checks of `phigen` themselves are
@@ -22,6 +24,7 @@ import shlex
 import subprocess
 import sys
 import time
+from datetime import datetime
 
 import pyarrow.parquet as pq
 
@@ -31,7 +34,8 @@ PYTHON = os.path.realpath(sys.executable)
 
 def python_blocks(text):
     """The Python code blocks of an answer as phigen reads them (src/generate/python.rs): fences
-    tagged python/py/python3 or untagged, each block dedented (blocks inside lists are indented)."""
+    tagged python/py/python3, and untagged ones only in an answer that tags none (beside tagged
+    Python a bare fence is output); each block dedented (blocks inside lists are indented)."""
     blocks, lines, lang = [], None, None
     for line in text.splitlines():
         fence = line.lstrip().startswith("```")
@@ -41,11 +45,12 @@ def python_blocks(text):
         elif fence:
             if lang in ("", "python", "py", "python3"):
                 indent = min((len(l) - len(l.lstrip()) for l in lines if l.strip()), default=0)
-                blocks.append("\n".join(l[indent:].rstrip() for l in lines))
+                blocks.append((lang, "\n".join(l[indent:].rstrip() for l in lines)))
             lines = None
         else:
             lines.append(line)
-    return blocks
+    tagged = any(lang for lang, _ in blocks)
+    return [code for lang, code in blocks if lang or not tagged]
 
 
 def gguf_path():
@@ -95,8 +100,19 @@ def measure(args, corpus, teacher):
         "tokens_per_kept": run["completion_tokens"] / kept if kept else None,
         "wall_s": wall,
     }
+    parts = sorted(glob.glob(os.path.join(out, "part-*.parquet")))
+    # The steady rate: kept records per minute between the first and the last, leaving out the
+    # start (loading the model, the first answers of the batch: minutes for sections) and the
+    # end, where the batch drains. A run of N records takes about first_record_s + N / steady.
+    times = sorted(datetime.fromisoformat(t.replace("Z", "+00:00")) for f in parts
+                   for t in pq.read_table(f, columns=["created_at"]).column("created_at").to_pylist())
+    row["first_record_s"] = (times[0].timestamp() - start) if times else None
+    if len(times) > 1:
+        steady = (len(times) - 1) / ((times[-1] - times[0]).total_seconds() / 60)
+        row["steady_per_min"] = steady
+        row["hours_for_1000"] = (row["first_record_s"] / 60 + 1000 / steady) / 60
     if corpus == "textbooks" and kept:
-        texts = [t for f in sorted(glob.glob(os.path.join(out, "part-*.parquet")))
+        texts = [t for f in parts
                  for t in pq.read_table(f, columns=["text"]).column("text").to_pylist()]
         ok = sum(runs("\n".join(python_blocks(t))) for t in texts)
         row["runnable_rate"] = ok / len(texts)

@@ -482,6 +482,63 @@ async fn textbooks_keep_only_sections_whose_code_parses() {
     assert!(s["corpus"]["per_audience"].as_object().unwrap().len() > 1);
 }
 
+/// `--run-code`: a third of the mock's sections hold a program that raises (ZeroDivisionError);
+/// those are dropped as `code_failed` with the error, and every kept section's program runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn textbooks_with_run_code_keep_only_sections_whose_program_runs() {
+    let server = mock(Faults {
+        rate_failing_tests: 0.3,
+        ..Faults::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tb");
+    let topics = concat!(env!("CARGO_MANIFEST_DIR"), "/seeds/topics.txt");
+    let args = ["--topics", topics, "--max-attempts", "10", "--run-code"];
+    let o = run(generate_cmd("textbooks", &server, &out, 12, &args)).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_exactly_slots(&out, 12);
+    let s = stats(&out);
+    assert!(
+        s["run"]["dropped"]["code_failed"].as_u64().unwrap_or(0) > 0,
+        "{}",
+        s["run"]
+    );
+    assert_eq!(s["corpus"]["run_code"], true);
+    assert_eq!(s["corpus"]["sandbox_isolation"], "namespaces");
+    let rejects = table::read_columns(&out.join("rejects.parquet"), &["reason", "detail"]).unwrap();
+    let details = table::text_column(&rejects, &out, "detail").unwrap();
+    assert!(
+        details
+            .iter()
+            .flatten()
+            .any(|d| d.contains("ZeroDivisionError")),
+        "{details:?}"
+    );
+    // Every kept section is one the mock wrote without the failing line.
+    let p = out.join("part-00000.parquet");
+    let df = table::read_columns(&p, &["text"]).unwrap();
+    for text in table::text_column(&df, &p, "text")
+        .unwrap()
+        .into_iter()
+        .flatten()
+    {
+        assert!(!text.contains("/ 0)"), "{text}");
+    }
+    // Prose sections have no program to run: the pair is refused before any request.
+    let prose = ["--topics", topics, "--style", "prose", "--run-code"];
+    let o = run(generate_cmd(
+        "textbooks",
+        &server,
+        &dir.path().join("p"),
+        2,
+        &prose,
+    ))
+    .await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--run-code"), "{}", stderr(&o));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_or_empty_topics_file_is_a_clear_error() {
     let server = mock(Faults::default()).await;

@@ -1492,6 +1492,7 @@ mod tests {
             vec![],
             vec![],
             vec![],
+            None,
         );
         let s = summary(&corpus, &r);
         assert_eq!(
@@ -1609,6 +1610,7 @@ mod tests {
             vec![],
             vec![],
             vec![],
+            None,
         );
         let only_topic: Schema = vec![("topic", Kind::Text)];
         let df = table::frame(&only_topic, &Vec::<Vec<Value>>::new()).unwrap();

@@ -3,8 +3,8 @@
 //! `seeds/exercises/` — together with a topic and a difficulty.
 //!
 //! By default ([`Verify::Tests`]) an answer is kept only if its code parses, defines the required
-//! function, has top-level asserts, and passes them when executed in the sandbox
-//! (`crate::sandbox`). [`Verify::Parse`] keeps a function that parses and states its exercise in a
+//! function, has asserts that run (at top level, or in a test function called there), and passes
+//! them when executed in the sandbox (`crate::sandbox`). [`Verify::Parse`] keeps a function that parses and states its exercise in a
 //! docstring, without running anything: phi-1's CodeExercises were not executed either, and a
 //! small local teacher rarely writes asserts that pass (SmolLM2-135M: 0 of 64).
 
@@ -14,7 +14,6 @@ use std::sync::Arc;
 use polars::prelude::{DataFrame, PolarsResult};
 use rand::seq::IndexedRandom;
 use rand_chacha::ChaCha8Rng;
-use rustpython_parser::ast::Stmt;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -34,7 +33,7 @@ const DIFFICULTIES: &[&str] = &["easy", "medium", "hard"];
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Verify {
-    /// Its top-level asserts run in the sandbox and pass.
+    /// Its asserts run in the sandbox and pass.
     #[default]
     Tests,
     /// It parses and its function has a docstring; nothing runs.
@@ -114,8 +113,8 @@ impl Cell for Outcome {
     }
 }
 
-/// Static checks: the block that defines `name`, parsed, with its number of top-level asserts
-/// (at least one for [`Verify::Tests`]; a docstring on the function for [`Verify::Parse`]).
+/// Static checks: the block that defines `name`, parsed, with its number of asserts that run
+/// ([`python::asserts_that_run`]; at least one for [`Verify::Tests`]; a docstring on the function for [`Verify::Parse`]).
 fn exercise_block(name: &str, text: &str, verify: Verify) -> Result<(String, u64), Drop> {
     let blocks = python::python_blocks(text);
     if blocks.is_empty() {
@@ -131,14 +130,12 @@ fn exercise_block(name: &str, text: &str, verify: Verify) -> Result<(String, u64
         })?;
         let names = python::function_names(&module);
         if names.iter().any(|n| n == name) {
-            let asserts = module
-                .iter()
-                .filter(|s| matches!(s, Stmt::Assert(_)))
-                .count() as u64;
+            let asserts = python::asserts_that_run(&module);
             return match verify {
-                Verify::Tests if asserts == 0 => {
-                    Err(Drop::new(DropReason::NoTests, "no top-level assert"))
-                }
+                Verify::Tests if asserts == 0 => Err(Drop::new(
+                    DropReason::NoTests,
+                    "no assert that runs (at top level, or in a test function called there)",
+                )),
                 Verify::Parse => match python::function_body(&module, name) {
                     Some((false, _)) => Err(Drop::new(
                         DropReason::NoDocstring,

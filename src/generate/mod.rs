@@ -52,6 +52,9 @@ pub enum DropReason {
     NoTests,
     /// An exercise whose asserts failed, timed out or crashed in the sandbox.
     TestsFailed,
+    /// A textbook section whose Python blocks, run in order as one program in the sandbox,
+    /// raised, exited early, timed out or crashed (`textbooks --run-code`).
+    CodeFailed,
     /// A rating without a score in the format the prompt asks for; a conversation that is not
     /// user/assistant turns in the format asked for (or, imported, not OpenAI `messages`).
     Unparseable,
@@ -88,6 +91,7 @@ impl DropReason {
             DropReason::WrongName => "wrong_name",
             DropReason::NoTests => "no_tests",
             DropReason::TestsFailed => "tests_failed",
+            DropReason::CodeFailed => "code_failed",
             DropReason::Unparseable => "unparseable",
             DropReason::RequestFailed => "request_failed",
             DropReason::NoDocstring => "no_docstring",
@@ -330,7 +334,7 @@ mod tests {
 
     /// Every reason, as `rejects.parquet` and `stats.json` name it (the names phigen has always
     /// written; a new reason needs a line here, or the match below stops compiling).
-    const NAMES: [(DropReason, &str); 20] = [
+    const NAMES: [(DropReason, &str); 21] = [
         (DropReason::Empty, "empty"),
         (DropReason::Truncated, "truncated"),
         (DropReason::TooShort, "too_short"),
@@ -351,6 +355,7 @@ mod tests {
         (DropReason::NearDuplicate, "near_duplicate"),
         (DropReason::WrongTurns, "wrong_turns"),
         (DropReason::EmptyTurn, "empty_turn"),
+        (DropReason::CodeFailed, "code_failed"),
     ];
 
     #[test]
@@ -378,6 +383,7 @@ mod tests {
                 DropReason::NearDuplicate => 17,
                 DropReason::WrongTurns => 18,
                 DropReason::EmptyTurn => 19,
+                DropReason::CodeFailed => 20,
             };
             assert_eq!(listed, i);
             assert_eq!(r.to_string(), name);

@@ -15,9 +15,21 @@ pub struct CodeBlock {
     pub line: usize,
 }
 
-/// The fenced code blocks of a Markdown answer that hold Python (tagged `python`/`py`/`python3`, or
-/// untagged). Blocks tagged with another language (`text`, `bash`, output) are not Python.
+/// The fenced code blocks of a Markdown answer that hold Python: those tagged `python`/`py`/
+/// `python3`, and the untagged ones of an answer that tags none. Blocks tagged with another
+/// language (`text`, `bash`) are not Python, and neither are untagged blocks beside tagged Python:
+/// an answer that marks its code as Python leaves the program's output untagged (Qwen2.5-Coder
+/// writes ```` ```python ```` for the program and a bare ```` ``` ```` for `Hello, World!`).
 pub fn python_blocks(text: &str) -> Vec<CodeBlock> {
+    let mut blocks = fenced_blocks(text);
+    if blocks.iter().any(|b| !b.lang.is_empty()) {
+        blocks.retain(|b| !b.lang.is_empty());
+    }
+    blocks
+}
+
+/// The fenced blocks tagged as Python or untagged, in order.
+fn fenced_blocks(text: &str) -> Vec<CodeBlock> {
     let mut blocks = Vec::new();
     let mut open: Option<(String, usize, Vec<&str>)> = None;
     for (i, line) in text.lines().enumerate() {
@@ -99,11 +111,7 @@ pub fn function_names(module: &[Stmt]) -> Vec<String> {
 /// is a string) and the statements after it that do something: `pass`, `...` and a bare `return`
 /// are left out, so a stub has no code.
 pub fn function_body<'a>(module: &'a [Stmt], name: &str) -> Option<(bool, Vec<&'a Stmt>)> {
-    let body = module.iter().find_map(|s| match s {
-        Stmt::FunctionDef(f) if f.name.as_str() == name => Some(&f.body),
-        Stmt::AsyncFunctionDef(f) if f.name.as_str() == name => Some(&f.body),
-        _ => None,
-    })?;
+    let body = function_def(module, name)?;
     let is_constant = |s: &Stmt, string: bool| {
         matches!(s, Stmt::Expr(e) if matches!(
             e.value.as_ref(),
@@ -123,18 +131,123 @@ pub fn function_body<'a>(module: &'a [Stmt], name: &str) -> Option<(bool, Vec<&'
     Some((docstring, code))
 }
 
+/// The body of the top-level function `name`.
+fn function_def<'a>(module: &'a [Stmt], name: &str) -> Option<&'a [Stmt]> {
+    module.iter().find_map(|s| match s {
+        Stmt::FunctionDef(f) if f.name.as_str() == name => Some(f.body.as_slice()),
+        Stmt::AsyncFunctionDef(f) if f.name.as_str() == name => Some(f.body.as_slice()),
+        _ => None,
+    })
+}
+
+/// The asserts that running the module executes, as far as its text shows: those at top level
+/// (also inside a top-level `if`, `for`, `while`, `with` or `try`, so under
+/// `if __name__ == "__main__":`), and those in the body of a top-level function that such a
+/// statement calls by name (`def test_f(): assert …` then `test_f()`, how Qwen2.5-Coder writes
+/// its tests). A test function that is defined and never called adds none: its asserts never run.
+pub fn asserts_that_run(module: &[Stmt]) -> u64 {
+    let mut called = Vec::new();
+    let mut n = asserts_in(module, &mut called);
+    called.sort_unstable();
+    called.dedup();
+    for name in called {
+        if let Some(body) = function_def(module, name) {
+            n += asserts_in(body, &mut Vec::new());
+        }
+    }
+    n
+}
+
+/// The asserts among `stmts` and the compound statements nested in them (not in the functions
+/// or classes they define); the names of the functions they call as statements go to `called`.
+fn asserts_in<'a>(stmts: &'a [Stmt], called: &mut Vec<&'a str>) -> u64 {
+    let mut n = 0;
+    for s in stmts {
+        let nested: Vec<&[Stmt]> = match s {
+            Stmt::Assert(_) => {
+                n += 1;
+                continue;
+            }
+            Stmt::Expr(e) => {
+                if let ast::Expr::Call(c) = e.value.as_ref() {
+                    if let ast::Expr::Name(f) = c.func.as_ref() {
+                        called.push(f.id.as_str());
+                    }
+                }
+                continue;
+            }
+            Stmt::If(s) => vec![&s.body, &s.orelse],
+            Stmt::For(s) => vec![&s.body, &s.orelse],
+            Stmt::While(s) => vec![&s.body, &s.orelse],
+            Stmt::With(s) => vec![&s.body],
+            Stmt::Try(s) => vec![&s.body, &s.orelse, &s.finalbody],
+            _ => continue,
+        };
+        n += nested
+            .into_iter()
+            .map(|b| asserts_in(b, called))
+            .sum::<u64>();
+    }
+    n
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn finds_python_blocks_and_skips_other_languages() {
-        let text = "Intro\n```python\nx = 1\nprint(x)\n```\nOutput:\n```text\n1\n```\n  ```\n  def f():\n      return 2\n  ```\n";
+        let text = "Intro\n```python\nx = 1\nprint(x)\n```\nOutput:\n```text\n1\n```\n  ```py\n  def f():\n      return 2\n  ```\n";
         let blocks = python_blocks(text);
         assert_eq!(blocks.len(), 2);
         assert_eq!(blocks[0].code, "x = 1\nprint(x)\n");
         assert_eq!(blocks[0].line, 3);
         assert_eq!(blocks[1].code, "def f():\n    return 2\n");
+    }
+
+    #[test]
+    fn asserts_count_at_top_level_and_in_test_functions_called_there() {
+        // Hand-counted: which asserts a run of each program executes.
+        let n = |code: &str| asserts_that_run(&parse(code).unwrap());
+        assert_eq!(
+            n("def f(x):\n    assert x\n    return x\nassert f(1) == 1\nassert f(2)\n"),
+            2
+        );
+        // Qwen2.5-Coder's shape: asserts in a test function, called once at the end (twice
+        // counts once: the count is of asserts in the text, not of executions).
+        let called = "def f(x):\n    return x\ndef test_f():\n    assert f(1) == 1\n    for i in range(3):\n        assert f(i) == i\ntest_f()\ntest_f()\n";
+        assert_eq!(n(called), 2);
+        assert_eq!(
+            n(&called.replace(
+                "test_f()\ntest_f()\n",
+                "if __name__ == '__main__':\n    test_f()\n"
+            )),
+            2
+        );
+        // Defined and never called: nothing runs. Asserts of a nested def don't run with its parent.
+        assert_eq!(
+            n("def f(x):\n    return x\ndef test_f():\n    assert f(1) == 1\n"),
+            0
+        );
+        assert_eq!(
+            n("def t():\n    def inner():\n        assert False\nt()\n"),
+            0
+        );
+    }
+
+    #[test]
+    fn untagged_blocks_beside_tagged_python_are_output() {
+        // The shape of Qwen2.5-Coder's sections (15 of the 17 `syntax_error` drops in a run of 113
+        // answers): the program tagged, its output in a bare fence.
+        let text = "```python\nprint('Hello, World!')\n```\nOutput:\n```\nHello, World!\n```\n";
+        let blocks = python_blocks(text);
+        assert_eq!(blocks.len(), 1);
+        assert_eq!(blocks[0].code, "print('Hello, World!')\n");
+        // `py` and `python3` tag Python too; another language's tag leaves bare blocks as code.
+        assert_eq!(python_blocks("```py\nx = 1\n```\n```\n1\n```\n").len(), 1);
+        let bash = "```bash\nls\n```\n```\nx = 1\n```\n";
+        assert_eq!(python_blocks(bash).len(), 1);
+        assert_eq!(python_blocks(bash)[0].code, "x = 1\n");
     }
 
     #[test]

@@ -82,6 +82,8 @@ pub enum SetupError {
     WebWithoutProse { path: PathBuf },
     #[error("summary prompt {}: summaries are asked for only with --instruct (in a recipe: instruct = true); add it or drop the summary prompt", path.display())]
     SummaryWithoutInstruct { path: PathBuf },
+    #[error("--run-code runs the Python of code sections; prose sections need none: drop --run-code (in a recipe: run_code) or --style prose")]
+    RunCodeWithProse,
 }
 
 impl GenerateError {
@@ -417,6 +419,72 @@ pub struct TextbooksSettings {
     /// Web texts (jsonl or Parquet with `text`) whose excerpts prose prompts quote, for diversity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub web: Option<PathBuf>,
+    /// Run each code section's Python blocks, in order as one program, in this sandbox, and keep
+    /// only sections whose program runs to its end (`--run-code`). Left out of the step's
+    /// identity when off, so recipes written before this setting keep their ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_code: Option<SandboxSettings>,
+}
+
+/// Where generated code runs, and its limits (`--python`, `--sandbox-workers`,
+/// `--unsafe-sandbox`, `--exec-timeout`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxSettings {
+    /// Python of the sandbox [default: python3 on PATH, then /usr/bin/python3].
+    #[serde(default)]
+    pub python: Option<PathBuf>,
+    #[serde(default = "default_sandbox_workers")]
+    pub sandbox_workers: usize,
+    /// Run programs without the bubblewrap namespaces (recorded in stats.json).
+    #[serde(default)]
+    pub unsafe_sandbox: bool,
+    /// Wall-clock seconds a program may run.
+    #[serde(default = "default_exec_timeout")]
+    pub exec_timeout: f64,
+}
+
+impl Default for SandboxSettings {
+    fn default() -> Self {
+        SandboxSettings {
+            python: None,
+            sandbox_workers: default_sandbox_workers(),
+            unsafe_sandbox: false,
+            exec_timeout: default_exec_timeout(),
+        }
+    }
+}
+
+impl SandboxSettings {
+    /// Checks the limits and starts the sandbox.
+    async fn start(&self) -> Result<Arc<Sandbox>, GenerateError> {
+        let setting = |flag, found: String, expected| SetupError::Setting {
+            flag,
+            found,
+            expected,
+        };
+        range::SECONDS
+            .check(self.exec_timeout)
+            .map_err(|e| setting("--exec-timeout", self.exec_timeout.to_string(), e))?;
+        range::Ints { min: 1, max: 1024 }
+            .check(self.sandbox_workers)
+            .map_err(|e| setting("--sandbox-workers", self.sandbox_workers.to_string(), e))?;
+        let limits = Limits {
+            wall: Duration::from_secs_f64(self.exec_timeout.max(0.1)),
+            cpu_secs: self.exec_timeout.ceil().max(1.0) as u64,
+            ..Limits::default()
+        };
+        let sandbox = Sandbox::new(
+            self.python.as_deref(),
+            limits,
+            self.sandbox_workers,
+            Isolation::requested(self.unsafe_sandbox),
+        )
+        .await
+        .map_err(SetupError::from)?;
+        tracing::info!(python = %sandbox.python().display(), isolation = ?sandbox.isolation(), "sandbox ready");
+        Ok(Arc::new(sandbox))
+    }
 }
 
 /// CodeExercises (`phigen exercises`).
@@ -580,6 +648,9 @@ impl TextbooksSettings {
     /// phi-1.5's prose sections; `out` is the directory they go to, whose texts new sections
     /// must not nearly repeat.
     fn prose_corpus(&self, out: &Path) -> Result<ProseTextbooks, GenerateError> {
+        if self.run_code.is_some() {
+            return Err(SetupError::RunCodeWithProse.into());
+        }
         let template = Template::load_or_builtin(
             self.prompt.as_deref(),
             "textbook-prose.txt",
@@ -611,7 +682,7 @@ impl TextbooksSettings {
     }
 
     /// `local`: the teacher runs in-process, and gets the small-model prompt unless one is given.
-    fn corpus(&self, local: bool) -> Result<Textbooks, GenerateError> {
+    async fn corpus(&self, local: bool) -> Result<Textbooks, GenerateError> {
         if let Some(web) = &self.web {
             return Err(SetupError::WebWithoutProse { path: web.clone() }.into());
         }
@@ -639,7 +710,11 @@ impl TextbooksSettings {
             Ok((topics, audiences, styles))
         };
         let (topics, audiences, styles) = seeds().map_err(SetupError::from)?;
-        Ok(Textbooks::new(template, topics, audiences, styles))
+        let sandbox = match &self.run_code {
+            Some(settings) => Some(settings.start().await?),
+            None => None,
+        };
+        Ok(Textbooks::new(template, topics, audiences, styles, sandbox))
     }
 }
 
@@ -664,40 +739,21 @@ impl ExercisesSettings {
             ))
         };
         let (topics, verbs, objects) = seeds().map_err(SetupError::from)?;
-        let setting = |flag, found: String, expected| SetupError::Setting {
-            flag,
-            found,
-            expected,
-        };
-        range::SECONDS
-            .check(self.exec_timeout)
-            .map_err(|e| setting("--exec-timeout", self.exec_timeout.to_string(), e))?;
-        range::Ints { min: 1, max: 1024 }
-            .check(self.sandbox_workers)
-            .map_err(|e| setting("--sandbox-workers", self.sandbox_workers.to_string(), e))?;
         let sandbox = match self.verify {
             Verify::Parse => None,
-            Verify::Tests => Some(Arc::new(self.sandbox().await?)),
+            Verify::Tests => Some(self.sandbox().start().await?),
         };
         Ok(Exercises::new(template, topics, verbs, objects, sandbox))
     }
 
-    async fn sandbox(&self) -> Result<Sandbox, GenerateError> {
-        let limits = Limits {
-            wall: Duration::from_secs_f64(self.exec_timeout.max(0.1)),
-            cpu_secs: self.exec_timeout.ceil().max(1.0) as u64,
-            ..Limits::default()
-        };
-        let sandbox = Sandbox::new(
-            self.python.as_deref(),
-            limits,
-            self.sandbox_workers,
-            Isolation::requested(self.unsafe_sandbox),
-        )
-        .await
-        .map_err(SetupError::from)?;
-        tracing::info!(python = %sandbox.python().display(), isolation = ?sandbox.isolation(), "sandbox ready");
-        Ok(sandbox)
+    /// The sandbox settings among these (kept as fields of their own for the recipes' format).
+    fn sandbox(&self) -> SandboxSettings {
+        SandboxSettings {
+            python: self.python.clone(),
+            sandbox_workers: self.sandbox_workers,
+            unsafe_sandbox: self.unsafe_sandbox,
+            exec_timeout: self.exec_timeout,
+        }
     }
 }
 
@@ -761,7 +817,7 @@ impl CorpusSettings {
                 run_corpus(corpus, cfg, opts, max, state, progress).await
             }
             CorpusSettings::Textbooks(s) => {
-                let corpus = Arc::new(s.corpus(local(cfg)?)?);
+                let corpus = Arc::new(s.corpus(local(cfg)?).await?);
                 run_corpus(corpus, cfg, opts, max, state, progress).await
             }
             CorpusSettings::Exercises(s) => {
@@ -803,7 +859,7 @@ impl CorpusSettings {
                 dry_run_corpus(corpus, cfg, opts, max)
             }
             CorpusSettings::Textbooks(s) => {
-                dry_run_corpus(Arc::new(s.corpus(local(cfg)?)?), cfg, opts, max)
+                dry_run_corpus(Arc::new(s.corpus(local(cfg)?).await?), cfg, opts, max)
             }
             CorpusSettings::Exercises(s) => {
                 dry_run_corpus(Arc::new(s.corpus().await?), cfg, opts, max)

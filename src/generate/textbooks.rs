@@ -4,8 +4,9 @@
 //! Reads `seeds/topics.txt` (`topic` or `topic > subtopic` a line, or a deeper path such as the
 //! `subject > subtopic > leaf` lines `phigen topics` writes), `seeds/audiences.txt`,
 //! `seeds/styles.txt` and `prompts/textbook.txt`. An answer is kept only if it has at least one
-//! Python code block and every block parses as Python 3; `stats.json` shows code-block counts and
-//! the records per topic and per audience, so coverage is visible.
+//! Python code block and every block parses as Python 3; with `--run-code` also only if its blocks,
+//! run in order as one program in the sandbox, run to the end. `stats.json` shows code-block
+//! counts and the records per topic and per audience, so coverage is visible.
 //!
 //! With [`SectionStyle::Prose`], phi-1.5's natural-language textbooks instead ([`ProseTextbooks`]):
 //! `prompts/textbook-prose.txt`, `seeds/prose-audiences.txt` and `seeds/prose-styles.txt` by
@@ -16,7 +17,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use polars::prelude::{DataFrame, PolarsResult};
 use rand::seq::IndexedRandom;
@@ -30,6 +31,7 @@ use super::words;
 use super::{Corpus, Drop, DropReason};
 use crate::artifact::table::row;
 use crate::dedup::minhash::{estimated_similarity, MinHasher, Params};
+use crate::sandbox::{Sandbox, Verdict};
 
 pub const BUILTIN_TEMPLATE: &str = include_str!("../../prompts/textbook.txt");
 pub const BUILTIN_PROSE_TEMPLATE: &str = include_str!("../../prompts/textbook-prose.txt");
@@ -200,6 +202,8 @@ pub struct Textbooks {
     topics: Vec<Topic>,
     audiences: Vec<String>,
     styles: Vec<String>,
+    /// Where a section's program runs (`--run-code`); `None`: its code only has to parse.
+    sandbox: Option<Arc<Sandbox>>,
 }
 
 impl Textbooks {
@@ -208,12 +212,14 @@ impl Textbooks {
         topics: Vec<Topic>,
         audiences: Vec<String>,
         styles: Vec<String>,
+        sandbox: Option<Arc<Sandbox>>,
     ) -> Textbooks {
         Textbooks {
             template,
             topics,
             audiences,
             styles,
+            sandbox,
         }
     }
 }
@@ -313,12 +319,37 @@ impl Corpus for Textbooks {
         ]
     }
 
+    /// [`Textbooks::verify`], then with a sandbox the section's program: its Python blocks in
+    /// order, as the reader would run them one after the other.
     fn check(
         &self,
         c: &TextbookConstraints,
         text: &str,
     ) -> impl std::future::Future<Output = Result<TextbookChecks, Drop>> + Send {
-        std::future::ready(self.verify(c, text))
+        let checked = self.verify(c, text);
+        let program = self.sandbox.as_ref().map(|_| {
+            python::python_blocks(text)
+                .into_iter()
+                .map(|b| b.code)
+                .collect::<String>()
+        });
+        async move {
+            let checks = checked?;
+            if let (Some(sandbox), Some(program)) = (&self.sandbox, program) {
+                let run = sandbox
+                    .run(&program)
+                    .await
+                    .map_err(|e| Drop::new(DropReason::CodeFailed, format!("sandbox: {e}")))?;
+                if run.verdict != Verdict::Passed {
+                    let verdict = serde_json::to_value(run.verdict).expect("verdicts serialize");
+                    return Err(Drop::new(
+                        DropReason::CodeFailed,
+                        format!("{}: {}", verdict.as_str().unwrap_or("failed"), run.error),
+                    ));
+                }
+            }
+            Ok(checks)
+        }
     }
 
     fn word_bounds(&self) -> (usize, usize) {
@@ -343,6 +374,10 @@ impl Corpus for Textbooks {
             "per_topic": counts(df, "topic")?,
             "per_audience": counts(df, "audience")?,
             "per_style": counts(df, "style")?,
+            // Whether every kept section's program ran in the sandbox (`--run-code`), and how
+            // isolated it was.
+            "run_code": self.sandbox.is_some(),
+            "sandbox_isolation": self.sandbox.as_ref().map(|s| s.isolation()),
         }))
     }
 }
@@ -682,6 +717,7 @@ mod tests {
             parse_topics("topics.txt", "recursion\nrecursion > memoization\n").unwrap(),
             parse_plain("a.txt", BUILTIN_AUDIENCES).unwrap(),
             parse_plain("s.txt", BUILTIN_STYLES).unwrap(),
+            None,
         )
     }
 
@@ -775,6 +811,60 @@ mod tests {
     fn the_shipped_topics_cover_hundreds_of_lines() {
         let t = parse_topics("seeds/topics.txt", BUILTIN_TOPICS).unwrap();
         assert!(t.len() >= 300, "{}", t.len());
+    }
+
+    /// `--run-code`: a section's blocks run in order as one program (the second block calls the
+    /// first's function), and one that raises, reads stdin or exits before its end is dropped
+    /// with the sandbox's verdict. Expected outcomes: what CPython does with each program.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn run_code_keeps_sections_whose_blocks_run_in_order() {
+        use crate::sandbox::{Isolation, Limits};
+        let limits = Limits {
+            wall: std::time::Duration::from_secs(5),
+            cpu_secs: 3,
+            ..Limits::default()
+        };
+        let sandbox = Sandbox::new(None, limits, 2, Isolation::Namespaces)
+            .await
+            .expect("the sandbox needs python3 and bubblewrap (.ci/run installs them)");
+        let mut c = corpus();
+        c.sandbox = Some(Arc::new(sandbox));
+        let k = TextbookConstraints {
+            topic: "recursion".into(),
+            subtopic: None,
+            audience: "x".into(),
+            style: "y".into(),
+        };
+        let prose = "Recursion calls itself. ".repeat(10);
+        let section = |blocks: &[&str]| {
+            let mut text = prose.clone();
+            for b in blocks {
+                text.push_str(&format!(
+                    "\n\n```python\n{b}\n```\nThe output:\n```\n6\n```\n"
+                ));
+            }
+            text
+        };
+        let define = "def fact(n):\n    return 1 if n == 0 else n * fact(n - 1)";
+        let kept = section(&[define, "assert fact(3) == 6\nprint(fact(3))"]);
+        assert_eq!(c.check(&k, &kept).await.unwrap().code_blocks, 2);
+        for (blocks, error) in [
+            (vec![define, "print(fact(3) / 0)"], "ZeroDivisionError"),
+            (vec!["print(fact(3))", define], "NameError"),
+            (vec![define, "n = int(input())"], "EOFError"),
+            (
+                vec![define, "import sys\nsys.exit(0)\nprint(fact(3))"],
+                "before the end",
+            ),
+        ] {
+            let drop = c.check(&k, &section(&blocks)).await.unwrap_err();
+            assert_eq!(drop.reason, DropReason::CodeFailed, "{blocks:?}");
+            assert!(drop.detail.starts_with("failed: "), "{}", drop.detail);
+            assert!(drop.detail.contains(error), "{blocks:?}: {}", drop.detail);
+        }
+        // Parsing still comes first: a block that does not parse never runs.
+        let broken = c.check(&k, &section(&[define, "print(fact(3)"])).await;
+        assert_eq!(broken.unwrap_err().reason, DropReason::SyntaxError);
     }
 
     #[test]

@@ -62,7 +62,8 @@ pub struct Faults {
     /// For prompts that ask for Python: share of answers without any code block.
     #[arg(long, default_value_t = 0.0, value_parser = f64_in(numbers::UNIT))]
     pub rate_no_code: f64,
-    /// For exercise prompts: share of answers whose asserts fail when run.
+    /// For prompts that ask for Python: share of answers whose code fails when run (an
+    /// exercise's asserts; a textbook section's program raises).
     #[arg(long, default_value_t = 0.0, value_parser = f64_in(numbers::UNIT))]
     pub rate_failing_tests: f64,
     /// Answer every request 401 (a revoked key).
@@ -402,7 +403,7 @@ enum Code {
     None,
     Good,
     Broken,
-    /// Parses, but its asserts fail (exercise prompts only).
+    /// Parses, but fails when run: its asserts (exercises), its program (textbook sections).
     Failing,
 }
 
@@ -473,8 +474,11 @@ fn answer_for(prompt: &str, code: Code) -> String {
     }
     match code {
         Code::None => {}
-        Code::Good | Code::Failing => parts.push(format!(
+        Code::Good => parts.push(format!(
             "\n\n```python\ndef step_{n}(x):\n    return x + {n}\n\nprint(step_{n}(1))\n```\n"
+        )),
+        Code::Failing => parts.push(format!(
+            "\n\n```python\ndef step_{n}(x):\n    return x + {n}\n\nprint(step_{n}(1) / 0)\n```\n"
         )),
         Code::Broken => parts.push(format!(
             "\n\n```python\nfor i in range({n})\n    print(i)\n```\n"
