@@ -310,7 +310,8 @@ async fn requests_join_a_running_batch_without_changing_answers() {
 /// a 135M model follows the prompt loosely, so of two stories at least one must use at least one
 /// of its three required words (any inflection: the word's first five letters, or all of a
 /// shorter one). One request at a time with a fixed seed, so the run is the same each time on a
-/// given CPU; the local teacher's default sampling (temperature 1, top-k 40, min-p 0.05).
+/// given CPU; the local teacher's default sampling (temperature 0.7, top-p 0.8, top-k 20, min-p
+/// 0.05, repetition penalty 1.05).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stories_from_the_real_smollm2_are_english_and_use_their_words() {
     // `.ci/run` installs the package and names the file here.
@@ -443,8 +444,9 @@ async fn textbooks_keep_sections(gguf: &Path) {
     assert!(!texts.is_empty(), "no section kept: {}", stats(&out));
     for text in texts.iter().map(|t| t.as_deref().unwrap()) {
         assert!(text.split_whitespace().count() >= 150, "{text}");
-        // Code blocks as phigen's checks define them (a fence with no language, python, py or
-        // python3; the indentation common to a block removed), found and parsed by CPython.
+        // Code blocks as phigen's checks define them (a fence tagged python, py or python3, or
+        // with no language in an answer that tags none; the indentation common to a block
+        // removed), found and parsed by CPython.
         const PARSE_BLOCKS: &str = r#"
 import ast, sys, textwrap
 blocks, cur, lang = [], None, None
@@ -455,10 +457,12 @@ for line in sys.stdin.read().splitlines():
             cur, lang = [], t[3:].strip().lower()
     elif t.startswith("```"):
         if lang in ("", "python", "py", "python3"):
-            blocks.append(textwrap.dedent("\n".join(cur)))
+            blocks.append((lang, textwrap.dedent("\n".join(cur))))
         cur = None
     else:
         cur.append(line)
+tagged = any(lang for lang, _ in blocks)
+blocks = [b for lang, b in blocks if lang or not tagged]
 assert blocks, "no code block"
 for b in blocks:
     ast.parse(b)
@@ -834,9 +838,10 @@ async fn local_teacher_records_do_not_depend_on_concurrency() {
             .args(["--out", out.to_str().unwrap(), "--n", "6"])
             .args(["--max-attempts", "6", "--max-tokens", "400"])
             .args(["--concurrency", concurrency, "--seed", "11"])
-            // The whole distribution, as before the local teacher's top-k/min-p defaults: a
-            // random tiny model loops inside a top-40 and its slots give up.
-            .args(["--top-k", "1000000", "--min-p", "0"])
+            // The whole distribution at temperature 1, as before the local teacher's sampling
+            // defaults: a random tiny model loops inside a top-k and its slots give up.
+            .args(["--top-k", "1000000", "--min-p", "0", "--temperature", "1"])
+            .args(["--top-p", "1", "--repetition-penalty", "1"])
             .env_remove("OPENAI_API_KEY")
             .env_remove("OPENAI_BASE_URL");
         let o = run(c).await;

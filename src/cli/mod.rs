@@ -129,13 +129,13 @@ pub struct TeacherArgs {
     /// Environment variable that holds the API key (the key is never written to logs or outputs). Local servers need none.
     #[arg(long, default_value = "OPENAI_API_KEY")]
     pub api_key_env: String,
-    /// Sampling temperature, 0 to 10.
-    #[arg(long, default_value_t = 1.0, value_parser = f32_in(numbers::TEMPERATURE))]
-    pub temperature: f32,
-    /// Nucleus sampling top-p, above 0 and at most 1.
-    #[arg(long, default_value_t = 1.0, value_parser = f32_in(numbers::TOP_P))]
-    pub top_p: f32,
-    /// Sample only from the k most likely tokens [default: 40 for a local teacher; an HTTP teacher
+    /// Sampling temperature, 0 to 10 [default: 1.0; 0.7 for a local teacher].
+    #[arg(long, value_parser = f32_in(numbers::TEMPERATURE))]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling top-p, above 0 and at most 1 [default: 1.0; 0.8 for a local teacher].
+    #[arg(long, value_parser = f32_in(numbers::TOP_P))]
+    pub top_p: Option<f32>,
+    /// Sample only from the k most likely tokens [default: 20 for a local teacher; an HTTP teacher
     /// gets it only when given (vLLM and llama.cpp servers read it), else the server's default].
     #[arg(long, value_parser = ints(factory::TOP_K))]
     pub top_k: Option<u32>,
@@ -145,8 +145,9 @@ pub struct TeacherArgs {
     pub min_p: Option<f32>,
     /// Make tokens seen recently less likely: their logits are divided by this when positive and
     /// multiplied when negative (above 0, at most 10; 1 = off; 1.1 is typical). The local teacher
-    /// looks at the last 64 tokens, as llama.cpp does [default: off; sent to an HTTP teacher only
-    /// when given, as `repetition_penalty` (vLLM) and `repeat_penalty` (llama.cpp)].
+    /// looks at the last 64 tokens, as llama.cpp does [default: 1.05 for a local teacher; sent to
+    /// an HTTP teacher only when given, as `repetition_penalty` (vLLM) and `repeat_penalty`
+    /// (llama.cpp)].
     #[arg(long, value_parser = f32_in(numbers::REPETITION_PENALTY))]
     pub repetition_penalty: Option<f32>,
     /// Output token limit per answer [default: the corpus's, e.g. 1024 for stories].

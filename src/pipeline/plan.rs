@@ -184,13 +184,14 @@ fn teacher_cost(r: &ResolvedTeacher, prompt: u64, completion: u64) -> Option<f64
 }
 
 /// What of a teacher decides its answers (and so the ids of the steps it writes for): the model
-/// records carry and the sampling settings. `min_tokens` is there only when set, so the ids of
-/// recipes written before it existed do not change.
+/// records carry and the sampling settings. `min_tokens` is there only when set, and an unset
+/// temperature or top-p as 1.0 (their value before they had per-backend defaults), so the ids of
+/// recipes written before do not change.
 fn teacher_identity(cfg: &TeacherConfig, r: &ResolvedTeacher) -> Value {
     let mut identity = json!({
         "model": r.model,
-        "temperature": cfg.temperature,
-        "top_p": cfg.top_p,
+        "temperature": cfg.temperature.unwrap_or(1.0),
+        "top_p": cfg.top_p.unwrap_or(1.0),
         "top_k": cfg.top_k,
         "min_p": cfg.min_p,
         "repetition_penalty": cfg.repetition_penalty,

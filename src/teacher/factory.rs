@@ -19,13 +19,18 @@ use crate::range::{self, Ints};
 /// The default API (`--base-url` when only `--teacher http` or a key is given).
 pub const OPENAI_URL: &str = "https://api.openai.com/v1";
 
-/// A local teacher's default tail cut, llama.cpp's (top-k 40, min-p 0.05): a small model's tail is
-/// noise, and sampling the whole distribution (the APIs' default, right for GPT-class teachers)
-/// makes SmolLM2-135M write non-English ("Spiiled that."). The temperature stays 1.0: with the
-/// tail cut, lower temperatures made SmolLM2-135M loop (a story test at 0.7 looped on all three
-/// attempts; at 1.0 both stories were kept). Measurements: README, issue 25.
-pub const LOCAL_TOP_K: u32 = 40;
+/// A local teacher's default sampling: the settings Qwen publishes with its Qwen2/2.5 instruct
+/// models (`generation_config.json`: temperature 0.7, top-p 0.8, top-k 20, repetition penalty
+/// 1.05) and llama.cpp's min-p 0.05. An API's defaults (the whole distribution at 1.0) suit
+/// GPT-class teachers; a small model's tail is noise. On the default local teacher,
+/// Qwen2.5-Coder-0.5B-Instruct (textbooks, n 80, seed 1, README): 80 of 88 answers kept (91%),
+/// 70% of them runnable, against the earlier defaults (temperature 1.0, top-p 1, top-k 40, no
+/// penalty): 80 of 96 kept (83%), 59% runnable, and 12.0 against 9.0 sections a minute.
+pub const LOCAL_TEMPERATURE: f32 = 0.7;
+pub const LOCAL_TOP_P: f32 = 0.8;
+pub const LOCAL_TOP_K: u32 = 20;
 pub const LOCAL_MIN_P: f32 = 0.05;
+pub const LOCAL_REPETITION_PENALTY: f32 = 1.05;
 
 /// `--top-k`: at least one token, at most a vocabulary far beyond any model's.
 pub const TOP_K: Ints<u32> = Ints {
@@ -116,13 +121,16 @@ pub struct TeacherConfig {
     /// Run a local teacher in float32 instead of a GGUF file's quantized types (or a checkpoint's
     /// 8-bit copies).
     pub dequantize: bool,
-    pub temperature: f32,
-    pub top_p: f32,
+    /// `None`: 1.0 for an HTTP teacher, [`LOCAL_TEMPERATURE`] for a local one.
+    pub temperature: Option<f32>,
+    /// `None`: 1.0 for an HTTP teacher, [`LOCAL_TOP_P`] for a local one.
+    pub top_p: Option<f32>,
     /// `None`: not sent to an HTTP teacher; [`LOCAL_TOP_K`] for a local one.
     pub top_k: Option<u32>,
     /// `None`: not sent to an HTTP teacher; [`LOCAL_MIN_P`] for a local one (0 turns it off).
     pub min_p: Option<f32>,
-    /// `None`: off (and not sent to an HTTP teacher).
+    /// `None`: off and not sent to an HTTP teacher; [`LOCAL_REPETITION_PENALTY`] for a local one
+    /// (1 turns it off).
     pub repetition_penalty: Option<f32>,
     /// `None`: the corpus's limit (e.g. 1024 for stories).
     pub max_tokens: Option<u32>,
@@ -147,8 +155,8 @@ impl Default for TeacherConfig {
             model: "gpt-4o-mini".into(),
             api_key_env: "OPENAI_API_KEY".into(),
             dequantize: false,
-            temperature: 1.0,
-            top_p: 1.0,
+            temperature: None,
+            top_p: None,
             top_k: None,
             min_p: None,
             repetition_penalty: None,
@@ -210,8 +218,12 @@ impl TeacherConfig {
                     expected,
                 })
         }
-        float("--temperature", self.temperature as f64, range::TEMPERATURE)?;
-        float("--top-p", self.top_p as f64, range::TOP_P)?;
+        if let Some(t) = self.temperature {
+            float("--temperature", t as f64, range::TEMPERATURE)?;
+        }
+        if let Some(p) = self.top_p {
+            float("--top-p", p as f64, range::TOP_P)?;
+        }
         if let Some(k) = self.top_k {
             int("--top-k", k, TOP_K)?;
         }
@@ -334,8 +346,9 @@ impl TeacherConfig {
     }
 
     /// The sampling parameters a run sends to `backend`: the settings given, the backend's
-    /// defaults for top-k and min-p when not given (an HTTP teacher: none, so the server's own
-    /// defaults hold; a local teacher: [`LOCAL_TOP_K`], [`LOCAL_MIN_P`]), and the corpus's output
+    /// defaults for the others (an HTTP teacher: temperature and top-p 1, and no top-k, min-p or
+    /// penalty, so the server's own defaults hold; a local teacher: [`LOCAL_TEMPERATURE`],
+    /// [`LOCAL_TOP_P`], [`LOCAL_TOP_K`], [`LOCAL_MIN_P`], [`LOCAL_REPETITION_PENALTY`]), and the corpus's output
     /// limit `default_max_tokens` unless one is set. A `--min-tokens` above the output limit in
     /// force is an error naming both.
     pub fn sampling(
@@ -346,8 +359,10 @@ impl TeacherConfig {
         self.check_min_tokens(default_max_tokens)?;
         let local = matches!(backend, Backend::Local { .. });
         Ok(Sampling {
-            temperature: self.temperature,
-            top_p: self.top_p,
+            temperature: self
+                .temperature
+                .unwrap_or(if local { LOCAL_TEMPERATURE } else { 1.0 }),
+            top_p: self.top_p.unwrap_or(if local { LOCAL_TOP_P } else { 1.0 }),
             max_tokens: self.max_tokens.unwrap_or(default_max_tokens),
             top_k: self.top_k.or(local.then_some(LOCAL_TOP_K)),
             // min-p 0 is off: the same draws as no min-p, so it is not recorded either.
@@ -355,7 +370,11 @@ impl TeacherConfig {
                 .min_p
                 .or(local.then_some(LOCAL_MIN_P))
                 .filter(|&p| p > 0.0),
-            repetition_penalty: self.repetition_penalty,
+            // 1 is off: the same draws as none, so it is not recorded either.
+            repetition_penalty: self
+                .repetition_penalty
+                .or(local.then_some(LOCAL_REPETITION_PENALTY))
+                .filter(|&p| p != 1.0),
             // 0 is off: the same draws as none, so it is not recorded either.
             min_tokens: self.min_tokens.filter(|&m| m > 0),
         })
@@ -444,14 +463,14 @@ mod tests {
         let bad = [
             (
                 TeacherConfig {
-                    temperature: f32::NAN,
+                    temperature: Some(f32::NAN),
                     ..ok.clone()
                 },
                 "--temperature",
             ),
             (
                 TeacherConfig {
-                    top_p: 0.0,
+                    top_p: Some(0.0),
                     ..ok.clone()
                 },
                 "--top-p",
@@ -619,36 +638,60 @@ mod tests {
         (http, local)
     }
 
-    /// The tail cut depends on the teacher: an HTTP teacher gets no top-k / min-p (the server's
-    /// defaults hold); a local one gets llama.cpp's defaults (top-k 40, min-p 0.05: llama.cpp's
-    /// `common_params_sampling`). Given settings win on both; min-p 0 is off and not recorded.
+    /// Sampling defaults depend on the teacher: an HTTP teacher gets temperature and top-p 1 and
+    /// no top-k / min-p / penalty (the server's defaults hold); a local one gets Qwen's published
+    /// instruct settings (temperature 0.7, top-p 0.8, top-k 20, repetition penalty 1.05) and
+    /// llama.cpp's min-p 0.05. Given settings win on both; min-p 0 and penalty 1 are off and not
+    /// recorded.
     #[test]
     fn sampling_defaults_depend_on_the_backend() {
         let (http, local) = backends();
         let cfg = TeacherConfig::default();
         let s = cfg.sampling(&http, 1024).unwrap();
         assert_eq!(
-            (s.temperature, s.top_k, s.min_p, s.max_tokens, s.min_tokens),
-            (1.0, None, None, 1024, None)
+            (
+                s.temperature,
+                s.top_p,
+                s.top_k,
+                s.min_p,
+                s.repetition_penalty
+            ),
+            (1.0, 1.0, None, None, None)
         );
+        assert_eq!((s.max_tokens, s.min_tokens), (1024, None));
         let s = cfg.sampling(&local, 1024).unwrap();
         assert_eq!(
-            (s.temperature, s.top_k, s.min_p),
-            (1.0, Some(40), Some(0.05))
+            (
+                s.temperature,
+                s.top_p,
+                s.top_k,
+                s.min_p,
+                s.repetition_penalty
+            ),
+            (0.7, 0.8, Some(20), Some(0.05), Some(1.05))
         );
         let given = TeacherConfig {
-            temperature: 0.3,
+            temperature: Some(0.3),
+            top_p: Some(0.9),
             top_k: Some(7),
             min_p: Some(0.0),
+            repetition_penalty: Some(1.0),
             max_tokens: Some(50),
             ..TeacherConfig::default()
         };
         for backend in [&http, &local] {
             let s = given.sampling(backend, 1024).unwrap();
             assert_eq!(
-                (s.temperature, s.top_k, s.min_p, s.max_tokens),
-                (0.3, Some(7), None, 50)
+                (
+                    s.temperature,
+                    s.top_p,
+                    s.top_k,
+                    s.min_p,
+                    s.repetition_penalty
+                ),
+                (0.3, 0.9, Some(7), None, None)
             );
+            assert_eq!(s.max_tokens, 50);
         }
     }
 
