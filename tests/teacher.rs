@@ -383,8 +383,9 @@ fn smollm2_gguf() -> Option<std::path::PathBuf> {
 }
 
 /// The main job on the embedded default (issue 25): `phigen textbooks --n 4` with no key and the
-/// real SmolLM2-135M-Instruct GGUF, at the local teacher's defaults (sampling and the small-model
-/// prompt), keeps at least one section with the checks unchanged. Each kept section is checked
+/// real SmolLM2-135M-Instruct GGUF, at the local teacher's defaults (sampling, the small-model
+/// prompt, and each section's program run in the sandbox), keeps at least one section with the
+/// checks unchanged. Each kept section is checked
 /// here without phigen's own code: CPython finds its code blocks and `ast` parses each (parsed, never
 /// run) and it has at least 150 words. Seeds come from the record ids, so the run is the same
 /// each time on a given CPU.

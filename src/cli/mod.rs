@@ -310,10 +310,11 @@ pub struct TextbooksArgs {
     #[arg(long)]
     pub web: Option<PathBuf>,
     /// Keep only code sections whose program runs: their Python blocks, in order as one program,
-    /// run in the sandbox (below) to the end without an error (`code_failed` otherwise). A small
-    /// local teacher's sections run 60–65% of the time (README); this keeps the ones that do.
-    #[arg(long)]
-    pub run_code: bool,
+    /// run in the sandbox (below) to the end without an error (`code_failed` otherwise)
+    /// [default: true for a local teacher, whose sections' code runs about 70% of the time
+    /// (README); false for an HTTP teacher].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub run_code: Option<bool>,
     #[command(flatten)]
     pub sandbox: SandboxArgs,
     /// Output directory.
@@ -582,7 +583,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 prompt: args.prompt,
                 style: args.style,
                 web: args.web,
-                run_code: args.run_code.then(|| args.sandbox.into()),
+                run_code: args.run_code,
+                // Only sandbox flags that differ from the defaults are settings of the run, so
+                // directories written before them resume.
+                sandbox: Some(SandboxSettings::from(args.sandbox))
+                    .filter(|s| *s != SandboxSettings::default()),
             });
             let (output, teacher) = (&args.output, &args.teacher);
             with_storage(&[], &args.out, |_, out| async move {

@@ -419,11 +419,15 @@ pub struct TextbooksSettings {
     /// Web texts (jsonl or Parquet with `text`) whose excerpts prose prompts quote, for diversity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub web: Option<PathBuf>,
-    /// Run each code section's Python blocks, in order as one program, in this sandbox, and keep
-    /// only sections whose program runs to its end (`--run-code`). Left out of the step's
-    /// identity when off, so recipes written before this setting keep their ids.
+    /// Run each code section's Python blocks, in order as one program, in the sandbox, and keep
+    /// only sections whose program runs to its end (`--run-code`). `None`: on for a local
+    /// teacher, off for an HTTP one. Left out of the step's identity when not given, so recipes
+    /// written before this setting keep their ids.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub run_code: Option<SandboxSettings>,
+    pub run_code: Option<bool>,
+    /// The sandbox sections run in; `None`: [`SandboxSettings::default`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<SandboxSettings>,
 }
 
 /// Where generated code runs, and its limits (`--python`, `--sandbox-workers`,
@@ -648,7 +652,7 @@ impl TextbooksSettings {
     /// phi-1.5's prose sections; `out` is the directory they go to, whose texts new sections
     /// must not nearly repeat.
     fn prose_corpus(&self, out: &Path) -> Result<ProseTextbooks, GenerateError> {
-        if self.run_code.is_some() {
+        if self.run_code == Some(true) {
             return Err(SetupError::RunCodeWithProse.into());
         }
         let template = Template::load_or_builtin(
@@ -710,9 +714,13 @@ impl TextbooksSettings {
             Ok((topics, audiences, styles))
         };
         let (topics, audiences, styles) = seeds().map_err(SetupError::from)?;
-        let sandbox = match &self.run_code {
-            Some(settings) => Some(settings.start().await?),
-            None => None,
+        let sandbox = if self.run_code.unwrap_or(local) {
+            if local && self.run_code.is_none() {
+                tracing::info!("a local teacher's sections run in the sandbox and are kept only if their code runs (--run-code false keeps every section whose code parses)");
+            }
+            Some(self.sandbox.clone().unwrap_or_default().start().await?)
+        } else {
+            None
         };
         Ok(Textbooks::new(template, topics, audiences, styles, sandbox))
     }
