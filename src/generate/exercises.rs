@@ -22,7 +22,7 @@ use super::python;
 use super::textbooks::{counts, Topic};
 use super::{Corpus, Drop, DropReason};
 use crate::artifact::table::{row, Cell, Kind};
-use crate::sandbox::{Sandbox, Verdict};
+use crate::sandbox::Sandbox;
 
 pub const BUILTIN_TEMPLATE: &str = include_str!("../../prompts/exercises.txt");
 pub const BUILTIN_VERBS: &str = include_str!("../../seeds/exercises/verbs.txt");
@@ -221,17 +221,7 @@ impl Corpus for Exercises {
                     exec_seconds: 0.0,
                 });
             };
-            let run = sandbox
-                .run(&code)
-                .await
-                .map_err(|e| Drop::new(DropReason::TestsFailed, format!("sandbox: {e}")))?;
-            if run.verdict != Verdict::Passed {
-                let outcome = serde_json::to_value(run.verdict).expect("verdicts serialize");
-                return Err(Drop::new(
-                    DropReason::TestsFailed,
-                    format!("{}: {}", outcome.as_str().unwrap_or("failed"), run.error),
-                ));
-            }
+            let run = super::run_in_sandbox(sandbox, &code, DropReason::TestsFailed).await?;
             Ok(ExerciseChecks {
                 code,
                 asserts,

@@ -202,6 +202,25 @@ pub trait Corpus: Send + Sync + 'static {
     ) -> polars::prelude::PolarsResult<serde_json::Value>;
 }
 
+/// Runs `program` in `sandbox`: its run when it passed, else a drop for `reason` whose detail is
+/// the verdict and the error (`failed: NameError: …`, `timed_out: `).
+pub(crate) async fn run_in_sandbox(
+    sandbox: &crate::sandbox::Sandbox,
+    program: &str,
+    reason: DropReason,
+) -> Result<crate::sandbox::Execution, Drop> {
+    let run = sandbox
+        .run(program)
+        .await
+        .map_err(|e| Drop::new(reason, format!("sandbox: {e}")))?;
+    if run.verdict != crate::sandbox::Verdict::Passed {
+        let verdict = serde_json::to_value(run.verdict).expect("verdicts serialize");
+        let detail = format!("{}: {}", verdict.as_str().unwrap_or("failed"), run.error);
+        return Err(Drop::new(reason, detail));
+    }
+    Ok(run)
+}
+
 /// The checks every corpus shares, in the order they are applied.
 pub fn common_checks(
     text: &str,

@@ -31,7 +31,7 @@ use super::words;
 use super::{Corpus, Drop, DropReason};
 use crate::artifact::table::row;
 use crate::dedup::minhash::{estimated_similarity, MinHasher, Params};
-use crate::sandbox::{Sandbox, Verdict};
+use crate::sandbox::Sandbox;
 
 pub const BUILTIN_TEMPLATE: &str = include_str!("../../prompts/textbook.txt");
 pub const BUILTIN_PROSE_TEMPLATE: &str = include_str!("../../prompts/textbook-prose.txt");
@@ -336,17 +336,7 @@ impl Corpus for Textbooks {
         async move {
             let checks = checked?;
             if let (Some(sandbox), Some(program)) = (&self.sandbox, program) {
-                let run = sandbox
-                    .run(&program)
-                    .await
-                    .map_err(|e| Drop::new(DropReason::CodeFailed, format!("sandbox: {e}")))?;
-                if run.verdict != Verdict::Passed {
-                    let verdict = serde_json::to_value(run.verdict).expect("verdicts serialize");
-                    return Err(Drop::new(
-                        DropReason::CodeFailed,
-                        format!("{}: {}", verdict.as_str().unwrap_or("failed"), run.error),
-                    ));
-                }
+                super::run_in_sandbox(sandbox, &program, DropReason::CodeFailed).await?;
             }
             Ok(checks)
         }
