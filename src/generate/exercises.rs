@@ -221,7 +221,7 @@ impl Corpus for Exercises {
                     exec_seconds: 0.0,
                 });
             };
-            let run = super::run_in_sandbox(sandbox, &code, DropReason::TestsFailed).await?;
+            let run = super::run_in_sandbox(sandbox, &code, DropReason::TestsFailed, false).await?;
             Ok(ExerciseChecks {
                 code,
                 asserts,

@@ -82,6 +82,8 @@ pub enum SetupError {
     WebWithoutProse { path: PathBuf },
     #[error("summary prompt {}: summaries are asked for only with --instruct (in a recipe: instruct = true); add it or drop the summary prompt", path.display())]
     SummaryWithoutInstruct { path: PathBuf },
+    #[error("{0}. A local teacher's textbook sections run in the sandbox by default: `--run-code false` (in a recipe: run_code = false) keeps every section whose code parses, running nothing")]
+    RunCodeByDefault(String),
     #[error("--run-code runs the Python of code sections; prose sections need none: drop --run-code (in a recipe: run_code) or --style prose")]
     RunCodeWithProse,
 }
@@ -718,7 +720,11 @@ impl TextbooksSettings {
             if local && self.run_code.is_none() {
                 tracing::info!("a local teacher's sections run in the sandbox and are kept only if their code runs (--run-code false keeps every section whose code parses)");
             }
-            Some(self.sandbox.clone().unwrap_or_default().start().await?)
+            let sandbox = self.sandbox.clone().unwrap_or_default().start().await;
+            Some(sandbox.map_err(|e| match self.run_code {
+                None => SetupError::RunCodeByDefault(e.to_string()).into(),
+                Some(_) => e,
+            })?)
         } else {
             None
         };

@@ -336,7 +336,7 @@ impl Corpus for Textbooks {
         async move {
             let checks = checked?;
             if let (Some(sandbox), Some(program)) = (&self.sandbox, program) {
-                super::run_in_sandbox(sandbox, &program, DropReason::CodeFailed).await?;
+                super::run_in_sandbox(sandbox, &program, DropReason::CodeFailed, true).await?;
             }
             Ok(checks)
         }
@@ -804,8 +804,8 @@ mod tests {
     }
 
     /// `--run-code`: a section's blocks run in order as one program (the second block calls the
-    /// first's function), and one that raises, reads stdin or exits before its end is dropped
-    /// with the sandbox's verdict. Expected outcomes: what CPython does with each program.
+    /// first's function), and one that raises, reads stdin or exits with an error is dropped
+    /// with the sandbox's verdict; one that exits 0 early is kept. Expected outcomes: what CPython does with each program.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn run_code_keeps_sections_whose_blocks_run_in_order() {
         use crate::sandbox::{Isolation, Limits};
@@ -842,16 +842,22 @@ mod tests {
             (vec![define, "print(fact(3) / 0)"], "ZeroDivisionError"),
             (vec!["print(fact(3))", define], "NameError"),
             (vec![define, "n = int(input())"], "EOFError"),
-            (
-                vec![define, "import sys\nsys.exit(0)\nprint(fact(3))"],
-                "before the end",
-            ),
+            (vec![define, "raise SystemExit('bad input')"], "bad input"),
         ] {
             let drop = c.check(&k, &section(&blocks)).await.unwrap_err();
             assert_eq!(drop.reason, DropReason::CodeFailed, "{blocks:?}");
             assert!(drop.detail.starts_with("failed: "), "{}", drop.detail);
             assert!(drop.detail.contains(error), "{blocks:?}: {}", drop.detail);
         }
+        // A program that ends early with status 0 ran fine (`unittest.main()` exits so).
+        let tests = "import unittest\nclass T(unittest.TestCase):\n    def test_fact(self):\n        self.assertEqual(fact(3), 6)\nunittest.main()";
+        assert_eq!(
+            c.check(&k, &section(&[define, tests]))
+                .await
+                .unwrap()
+                .code_blocks,
+            2
+        );
         // Parsing still comes first: a block that does not parse never runs.
         let broken = c.check(&k, &section(&[define, "print(fact(3)"])).await;
         assert_eq!(broken.unwrap_err().reason, DropReason::SyntaxError);

@@ -184,17 +184,20 @@ fn teacher_cost(r: &ResolvedTeacher, prompt: u64, completion: u64) -> Option<f64
 }
 
 /// What of a teacher decides its answers (and so the ids of the steps it writes for): the model
-/// records carry and the sampling settings. `min_tokens` is there only when set, and an unset
-/// temperature or top-p as 1.0 (their value before they had per-backend defaults), so the ids of
-/// recipes written before do not change.
+/// records carry and the sampling it draws with, the backend's defaults filled in (an HTTP
+/// teacher's are what its unset settings always stood for, so the ids of its recipes do not
+/// change; a local teacher's defaults changed on 2026-12-06, and its steps got new ids with
+/// them). `min_tokens` is there only when set, so the ids of recipes written before it existed
+/// do not change.
 fn teacher_identity(cfg: &TeacherConfig, r: &ResolvedTeacher) -> Value {
+    let s = cfg.draws(&r.backend);
     let mut identity = json!({
         "model": r.model,
-        "temperature": cfg.temperature.unwrap_or(1.0),
-        "top_p": cfg.top_p.unwrap_or(1.0),
-        "top_k": cfg.top_k,
-        "min_p": cfg.min_p,
-        "repetition_penalty": cfg.repetition_penalty,
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "top_k": s.top_k,
+        "min_p": s.min_p,
+        "repetition_penalty": s.repetition_penalty,
     });
     if let Some(m) = cfg.min_tokens {
         identity["min_tokens"] = m.into();
@@ -604,9 +607,25 @@ async fn plan_generate(
     }
     let inputs = fingerprint(&files, known_inputs)?;
     let mut corpus_json = serde_json::to_value(corpus).expect("settings serialize");
-    // How many programs run at once does not change what is kept.
+    // How many programs run at once does not change what is kept (exercises hold it at the top,
+    // textbooks in their `sandbox`; a sandbox left with nothing else is no setting).
     if let Some(o) = corpus_json.as_object_mut() {
         o.remove("sandbox_workers");
+        let no_workers = |v: Value| match v {
+            Value::Object(mut m) => {
+                m.remove("sandbox_workers");
+                Value::Object(m)
+            }
+            v => v,
+        };
+        if let Some(sandbox) = o.remove("sandbox") {
+            let sandbox = no_workers(sandbox);
+            let default = serde_json::to_value(crate::generate::run::SandboxSettings::default())
+                .expect("settings serialize");
+            if sandbox != no_workers(default) {
+                o.insert("sandbox".into(), sandbox);
+            }
+        }
     }
     // The settings that decide record ids name the directory; the amount asked for does
     // not, so a larger `n` adds records to the same directory.

@@ -357,13 +357,24 @@ impl TeacherConfig {
         default_max_tokens: u32,
     ) -> Result<Sampling, TeacherError> {
         self.check_min_tokens(default_max_tokens)?;
-        let local = matches!(backend, Backend::Local { .. });
         Ok(Sampling {
+            max_tokens: self.max_tokens.unwrap_or(default_max_tokens),
+            // 0 is off: the same draws as none, so it is not recorded either.
+            min_tokens: self.min_tokens.filter(|&m| m > 0),
+            ..self.draws(backend)
+        })
+    }
+
+    /// How tokens are drawn from `backend`: the settings given and the backend's defaults for
+    /// the others (see [`TeacherConfig::sampling`]); no output limits.
+    pub fn draws(&self, backend: &Backend) -> Sampling {
+        let local = matches!(backend, Backend::Local { .. });
+        Sampling {
             temperature: self
                 .temperature
                 .unwrap_or(if local { LOCAL_TEMPERATURE } else { 1.0 }),
             top_p: self.top_p.unwrap_or(if local { LOCAL_TOP_P } else { 1.0 }),
-            max_tokens: self.max_tokens.unwrap_or(default_max_tokens),
+            max_tokens: 0,
             top_k: self.top_k.or(local.then_some(LOCAL_TOP_K)),
             // min-p 0 is off: the same draws as no min-p, so it is not recorded either.
             min_p: self
@@ -375,9 +386,8 @@ impl TeacherConfig {
                 .repetition_penalty
                 .or(local.then_some(LOCAL_REPETITION_PENALTY))
                 .filter(|&p| p != 1.0),
-            // 0 is off: the same draws as none, so it is not recorded either.
-            min_tokens: self.min_tokens.filter(|&m| m > 0),
-        })
+            min_tokens: None,
+        }
     }
 }
 
