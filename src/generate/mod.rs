@@ -53,7 +53,7 @@ pub enum DropReason {
     /// An exercise whose asserts failed, timed out or crashed in the sandbox.
     TestsFailed,
     /// A textbook section whose Python blocks, run in order as one program in the sandbox,
-    /// raised, exited early, timed out or crashed (`textbooks --run-code`).
+    /// raised, exited with an error, timed out or crashed (`textbooks --run-code`).
     CodeFailed,
     /// A rating without a score in the format the prompt asks for; a conversation that is not
     /// user/assistant turns in the format asked for (or, imported, not OpenAI `messages`).

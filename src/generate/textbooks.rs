@@ -246,6 +246,11 @@ row! {
 impl Textbooks {
     /// The checks of one answer (see [`Corpus::check`]).
     pub fn verify(&self, _: &TextbookConstraints, text: &str) -> Result<TextbookChecks, Drop> {
+        Self::read(text).map(|(_, checks)| checks)
+    }
+
+    /// The Python blocks of an answer whose blocks all parse, with its checks.
+    fn read(text: &str) -> Result<(Vec<python::CodeBlock>, TextbookChecks), Drop> {
         let blocks = python::python_blocks(text);
         if blocks.is_empty() {
             return Err(Drop::new(DropReason::NoCode, "no ```python code block"));
@@ -259,11 +264,12 @@ impl Textbooks {
                 ));
             }
         }
-        Ok(TextbookChecks {
+        let checks = TextbookChecks {
             code_blocks: blocks.len() as u64,
             code_lines: blocks.iter().map(|b| b.code.lines().count() as u64).sum(),
             word_count: text.split_whitespace().count() as u64,
-        })
+        };
+        Ok((blocks, checks))
     }
 }
 
@@ -323,19 +329,14 @@ impl Corpus for Textbooks {
     /// order, as the reader would run them one after the other.
     fn check(
         &self,
-        c: &TextbookConstraints,
+        _: &TextbookConstraints,
         text: &str,
     ) -> impl std::future::Future<Output = Result<TextbookChecks, Drop>> + Send {
-        let checked = self.verify(c, text);
-        let program = self.sandbox.as_ref().map(|_| {
-            python::python_blocks(text)
-                .into_iter()
-                .map(|b| b.code)
-                .collect::<String>()
-        });
+        let read = Self::read(text);
         async move {
-            let checks = checked?;
-            if let (Some(sandbox), Some(program)) = (&self.sandbox, program) {
+            let (blocks, checks) = read?;
+            if let Some(sandbox) = &self.sandbox {
+                let program: String = blocks.into_iter().map(|b| b.code).collect();
                 super::run_in_sandbox(sandbox, &program, DropReason::CodeFailed, true).await?;
             }
             Ok(checks)

@@ -17,7 +17,7 @@ use super::manifest::{fingerprint, Identity, Status, StepManifest};
 use super::recipe::{Action, DataKind, DataStep, EvalAction, EvalStep, Pipeline, Target};
 use super::PipelineError;
 use crate::generate::engine::{DryRun, GenerateOptions};
-use crate::generate::run::{CorpusSettings, TextbooksSettings};
+use crate::generate::run::{CorpusSettings, SandboxSettings, TextbooksSettings};
 use crate::teacher::factory::{Backend, ResolvedTeacher, TeacherConfig};
 
 /// A source repeated more often than this in training gets a warning (phi-1 saw its data ~8
@@ -606,26 +606,22 @@ async fn plan_generate(
         )));
     }
     let inputs = fingerprint(&files, known_inputs)?;
-    let mut corpus_json = serde_json::to_value(corpus).expect("settings serialize");
     // How many programs run at once does not change what is kept (exercises hold it at the top,
-    // textbooks in their `sandbox`; a sandbox left with nothing else is no setting).
+    // textbooks in their `sandbox`; a sandbox left with only defaults is no setting).
+    let mut identity = corpus.clone();
+    if let CorpusSettings::Textbooks(t) = &mut identity {
+        let default = SandboxSettings::default();
+        t.sandbox = t.sandbox.take().and_then(|s| {
+            let s = SandboxSettings {
+                sandbox_workers: default.sandbox_workers,
+                ..s
+            };
+            (s != default).then_some(s)
+        });
+    }
+    let mut corpus_json = serde_json::to_value(&identity).expect("settings serialize");
     if let Some(o) = corpus_json.as_object_mut() {
         o.remove("sandbox_workers");
-        let no_workers = |v: Value| match v {
-            Value::Object(mut m) => {
-                m.remove("sandbox_workers");
-                Value::Object(m)
-            }
-            v => v,
-        };
-        if let Some(sandbox) = o.remove("sandbox") {
-            let sandbox = no_workers(sandbox);
-            let default = serde_json::to_value(crate::generate::run::SandboxSettings::default())
-                .expect("settings serialize");
-            if sandbox != no_workers(default) {
-                o.insert("sandbox".into(), sandbox);
-            }
-        }
     }
     // The settings that decide record ids name the directory; the amount asked for does
     // not, so a larger `n` adds records to the same directory.
