@@ -17,6 +17,7 @@ private /tmp, 10 s), the same namespaces as phigen's sandbox; the checks of `phi
 not changed by this script, it only measures.
 """
 import argparse
+import ast
 import glob
 import json
 import os
@@ -34,8 +35,9 @@ PYTHON = os.path.realpath(sys.executable)
 
 def python_blocks(text):
     """The Python code blocks of an answer as phigen reads them (src/generate/python.rs): fences
-    tagged python/py/python3, and untagged ones only in an answer that tags none (beside tagged
-    Python a bare fence is output); each block dedented (blocks inside lists are indented)."""
+    tagged python/py/python3, and untagged ones in an answer that tags none (beside tagged
+    Python a bare fence is output, unless it has a def, an import, a loop…); each block dedented
+    (blocks inside lists are indented)."""
     blocks, lines, lang = [], None, None
     for line in text.splitlines():
         fence = line.lstrip().startswith("```")
@@ -50,7 +52,21 @@ def python_blocks(text):
         else:
             lines.append(line)
     tagged = any(lang for lang, _ in blocks)
-    return [code for lang, code in blocks if lang or not tagged]
+    return [code for lang, code in blocks if lang or not tagged or structured(code)]
+
+
+STRUCTURED = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Import, ast.ImportFrom,
+              ast.For, ast.AsyncFor, ast.While, ast.If, ast.With, ast.AsyncWith, ast.Try,
+              getattr(ast, "TryStar", ast.Try), ast.Match)
+
+
+def structured(code):
+    """Whether an untagged block beside tagged Python is code after all: it parses and has a
+    statement that output never is (python.rs's `structured`)."""
+    try:
+        return any(isinstance(s, STRUCTURED) for s in ast.parse(code).body)
+    except SyntaxError:
+        return False
 
 
 def gguf_path():

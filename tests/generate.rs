@@ -525,6 +525,19 @@ async fn textbooks_with_run_code_keep_only_sections_whose_program_runs() {
     {
         assert!(!text.contains("/ 0)"), "{text}");
     }
+    // The manifest records the check: the directory is not continued without it (its sections
+    // would be a mix of checked and unchecked ones), and the error names the field.
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["checks"], "run_code");
+    let unchecked = ["--topics", topics, "--max-attempts", "10"];
+    let o = run(generate_cmd("textbooks", &server, &out, 14, &unchecked)).await;
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("`checks` = run_code") && stderr(&o).contains("the default checks"),
+        "{}",
+        stderr(&o)
+    );
     // Prose sections have no program to run: the pair is refused before any request.
     let prose = ["--topics", topics, "--style", "prose", "--run-code"];
     let o = run(generate_cmd(

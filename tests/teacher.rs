@@ -463,7 +463,12 @@ for line in sys.stdin.read().splitlines():
     else:
         cur.append(line)
 tagged = any(lang for lang, _ in blocks)
-blocks = [b for lang, b in blocks if lang or not tagged]
+def structured(b):
+    try:
+        return any(isinstance(s, (ast.FunctionDef, ast.ClassDef, ast.Import, ast.ImportFrom, ast.For, ast.While, ast.If, ast.With, ast.Try)) for s in ast.parse(b).body)
+    except SyntaxError:
+        return False
+blocks = [b for lang, b in blocks if lang or not tagged or structured(b)]
 assert blocks, "no code block"
 for b in blocks:
     ast.parse(b)

@@ -586,8 +586,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 run_code: args.run_code,
                 // Only sandbox flags that differ from the defaults are settings of the run, so
                 // directories written before them resume.
-                sandbox: Some(SandboxSettings::from(args.sandbox))
-                    .filter(|s| *s != SandboxSettings::default()),
+                sandbox: SandboxSettings::from(args.sandbox).unless_default(),
             });
             let (output, teacher) = (&args.output, &args.teacher);
             with_storage(&[], &args.out, |_, out| async move {

@@ -267,6 +267,9 @@ struct Manifest {
     model: String,
     sampling: Sampling,
     seed: u64,
+    /// [`Corpus::check_setting`]; absent where empty.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    checks: String,
 }
 
 impl Manifest {
@@ -287,7 +290,11 @@ impl Manifest {
                         found,
                         expected,
                     };
-                let pairs: [(&'static str, String, String); 6] = [
+                let checks = |c: &str| match c {
+                    "" => "the default checks".to_string(),
+                    c => c.to_string(),
+                };
+                let pairs: [(&'static str, String, String); 7] = [
                     ("kind", found.kind.clone(), self.kind.clone()),
                     ("model", found.model.clone(), self.model.clone()),
                     ("seed", found.seed.to_string(), self.seed.to_string()),
@@ -308,6 +315,7 @@ impl Manifest {
                         format!("{:?}", self.sampling),
                     ),
                     ("format", found.format.to_string(), self.format.to_string()),
+                    ("checks", checks(&found.checks), checks(&self.checks)),
                 ];
                 match pairs.into_iter().find(|(_, f, e)| f != e) {
                     Some((field, f, e)) => Err(mismatch(field, f, e)),
@@ -697,6 +705,7 @@ fn manifest<C: Corpus>(plan: &Plan<C>) -> Manifest {
         model: plan.model.clone(),
         sampling: plan.sampling,
         seed: plan.seed,
+        checks: plan.corpus.check_setting().to_string(),
     }
 }
 

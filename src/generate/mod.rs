@@ -188,6 +188,13 @@ pub trait Corpus: Send + Sync + 'static {
     fn unique_answers(&self) -> bool {
         true
     }
+    /// The checks this run applies where a corpus has a choice of them (textbooks' `--run-code`,
+    /// exercises' `--verify parse`), for the manifest: a directory is only continued with the
+    /// same ones, so that its records were all checked alike. Empty for the corpus's only (or
+    /// original) checks, which old manifests, written before this field, imply.
+    fn check_setting(&self) -> &'static str {
+        ""
+    }
     /// Word-count bounds of a good answer.
     fn word_bounds(&self) -> (usize, usize);
     /// Typical completion tokens of a good answer, for `--dry-run` estimates.

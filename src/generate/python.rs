@@ -17,15 +17,41 @@ pub struct CodeBlock {
 
 /// The fenced code blocks of a Markdown answer that hold Python: those tagged `python`/`py`/
 /// `python3`, and the untagged ones of an answer that tags none. Blocks tagged with another
-/// language (`text`, `bash`) are not Python, and neither are untagged blocks beside tagged Python:
-/// an answer that marks its code as Python leaves the program's output untagged (Qwen2.5-Coder
-/// writes ```` ```python ```` for the program and a bare ```` ``` ```` for `Hello, World!`).
+/// language (`text`, `bash`) are not Python. Beside tagged Python, an untagged block is the
+/// program's output (Qwen2.5-Coder writes ```` ```python ```` for the program and a bare
+/// ```` ``` ```` for `Hello, World!`) unless it parses as Python with a statement that output
+/// never is: a `def`, a `class`, an `import`, a loop, an `if`, `with` or `try`. Output lines
+/// often parse (`42`, `Point(x=1)`, `Sum: 10` (an annotation), `name = Alice`), but as
+/// expressions or assignments, which a bare block of code beside tagged Python rarely is alone.
 pub fn python_blocks(text: &str) -> Vec<CodeBlock> {
     let mut blocks = fenced_blocks(text);
     if blocks.iter().any(|b| !b.lang.is_empty()) {
-        blocks.retain(|b| !b.lang.is_empty());
+        blocks.retain(|b| !b.lang.is_empty() || parse(&b.code).is_ok_and(|m| structured(&m)));
     }
     blocks
+}
+
+/// Whether a module has a statement that program output never is (see [`python_blocks`]).
+fn structured(module: &[Stmt]) -> bool {
+    module.iter().any(|s| {
+        matches!(
+            s,
+            Stmt::FunctionDef(_)
+                | Stmt::AsyncFunctionDef(_)
+                | Stmt::ClassDef(_)
+                | Stmt::Import(_)
+                | Stmt::ImportFrom(_)
+                | Stmt::For(_)
+                | Stmt::AsyncFor(_)
+                | Stmt::While(_)
+                | Stmt::If(_)
+                | Stmt::With(_)
+                | Stmt::AsyncWith(_)
+                | Stmt::Try(_)
+                | Stmt::TryStar(_)
+                | Stmt::Match(_)
+        )
+    })
 }
 
 /// The fenced blocks tagged as Python or untagged, in order.
@@ -140,19 +166,22 @@ fn function_def<'a>(module: &'a [Stmt], name: &str) -> Option<&'a [Stmt]> {
     })
 }
 
-/// The asserts that running the module executes, as far as its text shows: those at top level
-/// (also inside a top-level `if`, `for`, `while`, `with` or `try`, so under
+/// The tests that running the module executes, as far as its text shows: the asserts at top
+/// level (also inside a top-level `if`, `for`, `while`, `with` or `try`, so under
 /// `if __name__ == "__main__":`), and those in the body of a top-level function that such a
 /// statement calls by name (`def test_f(): assert …` then `test_f()`, how Qwen2.5-Coder writes
-/// its tests). A test function that is defined and never called adds none: its asserts never run.
-pub fn asserts_that_run(module: &[Stmt]) -> u64 {
+/// its tests), and so on through the functions those call. A test function that is defined and
+/// never called adds none: its asserts never run. The asserts of `solution` (the function under
+/// test) are not tests but checks of its input, and count for nothing.
+pub fn asserts_that_run(module: &[Stmt], solution: &str) -> u64 {
     let mut called = Vec::new();
     let mut n = asserts_in(module, &mut called);
-    called.sort_unstable();
-    called.dedup();
-    for name in called {
-        if let Some(body) = function_def(module, name) {
-            n += asserts_in(body, &mut Vec::new());
+    let mut seen = std::collections::HashSet::from([solution]);
+    while let Some(name) = called.pop() {
+        if seen.insert(name) {
+            if let Some(body) = function_def(module, name) {
+                n += asserts_in(body, &mut called);
+            }
         }
     }
     n
@@ -208,7 +237,7 @@ mod tests {
     #[test]
     fn asserts_count_at_top_level_and_in_test_functions_called_there() {
         // Hand-counted: which asserts a run of each program executes.
-        let n = |code: &str| asserts_that_run(&parse(code).unwrap());
+        let n = |code: &str| asserts_that_run(&parse(code).unwrap(), "f");
         assert_eq!(
             n("def f(x):\n    assert x\n    return x\nassert f(1) == 1\nassert f(2)\n"),
             2
@@ -233,6 +262,11 @@ mod tests {
             n("def t():\n    def inner():\n        assert False\nt()\n"),
             0
         );
+        // The solution's own assert checks its input: a call of it is no test. A test function
+        // that calls others runs theirs too (each counted once, recursion included).
+        assert_eq!(n("def f(x):\n    assert x > 0\n    return x\nf(3)\n"), 0);
+        let nested = "def f(x):\n    return x\ndef test_a():\n    assert f(1) == 1\n    test_a()\ndef test_b():\n    assert f(2) == 2\n    assert f(3) == 3\ndef run_all():\n    test_a()\n    test_b()\nrun_all()\n";
+        assert_eq!(n(nested), 3);
     }
 
     #[test]
@@ -248,6 +282,19 @@ mod tests {
         let bash = "```bash\nls\n```\n```\nx = 1\n```\n";
         assert_eq!(python_blocks(bash).len(), 1);
         assert_eq!(python_blocks(bash)[0].code, "x = 1\n");
+        // Beside tagged Python, a bare block with an import, a def or a loop is code; values,
+        // reprs, `label: value` lines (annotations to the parser) and `name = value` lines are
+        // output.
+        let code = "```python\ndef f():\n    return 1\n```\n```\nimport math\nx = f()\n```\n";
+        let blocks = python_blocks(code);
+        assert_eq!(blocks.len(), 2);
+        assert_eq!(blocks[1].code, "import math\nx = f()\n");
+        let looped = "```python\nx = 1\n```\n```\nfor i in range(2):\n    print(i)\n```\n";
+        assert_eq!(python_blocks(looped).len(), 2);
+        for output in ["42\n[1, 2]", "Point(x=1, y=2)", "True", "Sum: 10", "name = Alice"] {
+            let text = format!("```python\nprint(1)\n```\n```\n{output}\n```\n");
+            assert_eq!(python_blocks(&text).len(), 1, "{output}");
+        }
     }
 
     #[test]

@@ -462,6 +462,23 @@ impl Default for SandboxSettings {
 }
 
 impl SandboxSettings {
+    /// `None` where every field is its default: a default sandbox is no setting, so settings
+    /// written before the sandbox was one compare (and resume) as they were.
+    pub fn unless_default(self) -> Option<Self> {
+        (self != SandboxSettings::default()).then_some(self)
+    }
+
+    /// The part of these settings that decides which programs pass, for step ids: all but
+    /// `sandbox_workers`, which only sets how many run at once (`None` where that part is the
+    /// defaults).
+    pub fn kept_identity(self) -> Option<Self> {
+        SandboxSettings {
+            sandbox_workers: default_sandbox_workers(),
+            ..self
+        }
+        .unless_default()
+    }
+
     /// Checks the limits and starts the sandbox.
     async fn start(&self) -> Result<Arc<Sandbox>, GenerateError> {
         let setting = |flag, found: String, expected| SetupError::Setting {

@@ -343,6 +343,14 @@ impl Corpus for Textbooks {
         }
     }
 
+    fn check_setting(&self) -> &'static str {
+        if self.sandbox.is_some() {
+            "run_code"
+        } else {
+            ""
+        }
+    }
+
     fn word_bounds(&self) -> (usize, usize) {
         (150, 4000)
     }

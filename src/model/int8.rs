@@ -23,6 +23,9 @@ const BLOCK: usize = 32;
 const TILE: usize = 32;
 /// Rows a kernel call computes at once (the broadcast activations are reused over the tile).
 const ROWS: usize = 4;
+/// Rows a packed kernel call computes at once: each unpacked weight register serves 8 rows, and
+/// 8 rows are 8 independent chains of products (fewer rows split each row's sum in two).
+const PACKED_ROWS: usize = 8;
 
 /// Whether this CPU has the instructions the kernel needs.
 pub fn supported() -> bool {
@@ -141,6 +144,8 @@ struct Activations {
     s: Vec<f32>,
     /// Per row and block: `s·Σq`, which multiplies the weights' offset.
     sq: Vec<f32>,
+    /// Per row and block: `Σq`, which multiplies a zero code (see [`PackedWeight`]).
+    sum: Vec<i32>,
 }
 
 impl Activations {
@@ -149,11 +154,13 @@ impl Activations {
         let mut q = vec![0i8; rows * inp];
         let mut s = vec![0f32; blocks];
         let mut sq = vec![0f32; blocks];
+        let mut sums = vec![0i32; blocks];
         q.par_chunks_mut(inp)
             .zip(s.par_chunks_mut(inp / BLOCK))
             .zip(sq.par_chunks_mut(inp / BLOCK))
+            .zip(sums.par_chunks_mut(inp / BLOCK))
             .zip(x.par_chunks(inp))
-            .for_each(|(((q, s), sq), x)| {
+            .for_each(|((((q, s), sq), sums), x)| {
                 for (b, (q, x)) in q
                     .chunks_exact_mut(BLOCK)
                     .zip(x.chunks_exact(BLOCK))
@@ -169,9 +176,15 @@ impl Activations {
                     }
                     s[b] = scale;
                     sq[b] = scale * sum as f32;
+                    sums[b] = sum;
                 }
             });
-        Activations { q, s, sq }
+        Activations {
+            q,
+            s,
+            sq,
+            sum: sums,
+        }
     }
 }
 
@@ -246,11 +259,17 @@ unsafe fn kernel<const R: usize>(_: &Int8Weight, _: usize, _: &Activations, _: u
 /// Every block of a file's type is `w = d·u + m` with `u` its unsigned code: Q4_1 stores `d` and
 /// `m`; Q4_0 stores `d` with `m = -8d`; Q8_0 stores `d` and signed codes, stored here as
 /// `u = q + 128` with `m = -128d` (both exact in f16: a power of two times `d`).
+///
+/// Where `m = -z·d` (Q4_0: `z = 8`, Q8_0: `z = 128`) a block's product is `d·s·(Σ u·q − z·Σq)`,
+/// all integer but the one scaling: the kernel starts the block's sum at `−z·Σq` instead of
+/// adding `m·s·Σq` in floats afterwards (one fused multiply-add fewer per row and block).
 #[derive(Debug)]
 pub struct PackedWeight {
     out: usize,
     inp: usize,
     four_bit: bool,
+    /// Q4_1: each block's `m` is its own (stored); Q4_0 and Q8_0: `m = -z·d`.
+    free_offset: bool,
     /// Per tile of 16 features, per block of 32 inputs: the codes (see [`PackedWeight::record`]),
     /// then the 16 features' `d` and `m` as f16 bits.
     data: Vec<u8>,
@@ -330,6 +349,7 @@ impl PackedWeight {
             out,
             inp,
             four_bit,
+            free_offset: dtype == GgmlDType::Q4_1,
             data,
         })
     }
@@ -362,24 +382,20 @@ impl PackedWeight {
         let out = SharedOut(y.as_mut_ptr());
         let tiles = self.out.div_ceil(LANES);
         let parts = rayon::current_num_threads().clamp(1, tiles);
+        let pick = match (self.four_bit, self.free_offset) {
+            (true, true) => packed_kernel_for::<true, true>,
+            (true, false) => packed_kernel_for::<true, false>,
+            (false, true) => packed_kernel_for::<false, true>,
+            (false, false) => packed_kernel_for::<false, false>,
+        };
         (0..parts).into_par_iter().for_each(|p| {
             let out = &out;
             for t in tiles * p / parts..tiles * (p + 1) / parts {
-                for r0 in (0..rows).step_by(ROWS) {
+                for r0 in (0..rows).step_by(PACKED_ROWS) {
                     // SAFETY: `supported()` held when this weight was made (checked in
-                    // `from_gguf`); each (tile, rows) pair writes its own disjoint part of `y`.
-                    unsafe {
-                        match (self.four_bit, rows - r0) {
-                            (true, 1) => packed_kernel::<1, true>(self, t, &a, r0, out.0),
-                            (true, 2) => packed_kernel::<2, true>(self, t, &a, r0, out.0),
-                            (true, 3) => packed_kernel::<3, true>(self, t, &a, r0, out.0),
-                            (true, _) => packed_kernel::<ROWS, true>(self, t, &a, r0, out.0),
-                            (false, 1) => packed_kernel::<1, false>(self, t, &a, r0, out.0),
-                            (false, 2) => packed_kernel::<2, false>(self, t, &a, r0, out.0),
-                            (false, 3) => packed_kernel::<3, false>(self, t, &a, r0, out.0),
-                            (false, _) => packed_kernel::<ROWS, false>(self, t, &a, r0, out.0),
-                        }
-                    }
+                    // `from_gguf`); the kernel takes `min(rows - r0, PACKED_ROWS)` rows, which
+                    // exist; each (tile, rows) pair writes its own disjoint part of `y`.
+                    unsafe { pick(rows - r0)(self, t, &a, r0, out.0) }
                 }
             }
         });
@@ -454,13 +470,32 @@ fn f16_times(d: u16, k: f32) -> u16 {
     ((d & 0x8000) ^ sign) | ((exp + shift).min(30) << 10) | (d & 0x3ff)
 }
 
+/// A packed kernel: rows `r0..r0+R` of tile `t` (see [`packed_kernel`]).
+type PackedKernel = unsafe fn(&PackedWeight, usize, &Activations, usize, *mut f32);
+
+/// The packed kernel for `rows` rows (up to [`PACKED_ROWS`]) of a weight of this kind.
+fn packed_kernel_for<const FOUR: bool, const FREE: bool>(rows: usize) -> PackedKernel {
+    match rows {
+        1 => packed_kernel::<1, FOUR, FREE>,
+        2 => packed_kernel::<2, FOUR, FREE>,
+        3 => packed_kernel::<3, FOUR, FREE>,
+        4 => packed_kernel::<4, FOUR, FREE>,
+        5 => packed_kernel::<5, FOUR, FREE>,
+        6 => packed_kernel::<6, FOUR, FREE>,
+        7 => packed_kernel::<7, FOUR, FREE>,
+        _ => packed_kernel::<PACKED_ROWS, FOUR, FREE>,
+    }
+}
+
 /// Rows `r0..r0+R` × the 16 features of tile `t` of a packed weight, written into `out`.
+/// `FOUR`: 4-bit codes; `FREE`: each block stores its offset `m` (else `m = -z·d`, and the
+/// integer sum starts at `−z·Σq`).
 ///
 /// # Safety
 /// The CPU has AVX-512F and VNNI; `r0 + R` rows exist in `a`; `out` holds (rows, w.out) f32.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn packed_kernel<const R: usize, const FOUR: bool>(
+unsafe fn packed_kernel<const R: usize, const FOUR: bool, const FREE: bool>(
     w: &PackedWeight,
     t: usize,
     a: &Activations,
@@ -481,6 +516,13 @@ unsafe fn packed_kernel<const R: usize, const FOUR: bool>(
     let s: [*const f32; R] = std::array::from_fn(|r| a.s.as_ptr().wrapping_add((r0 + r) * blocks));
     let sq: [*const f32; R] =
         std::array::from_fn(|r| a.sq.as_ptr().wrapping_add((r0 + r) * blocks));
+    let sum: [*const i32; R] =
+        std::array::from_fn(|r| a.sum.as_ptr().wrapping_add((r0 + r) * blocks));
+    // The zero code of a fixed offset, negated: Q4_0's 8, Q8_0's 128.
+    let zero: i32 = if FOUR { -8 } else { -128 };
+    // Independent chains of products per row: with fewer than 4 rows, each row's sum is split
+    // in two so that a product does not wait for the one before it.
+    let chains = if R < 4 { 2 } else { 1 };
     // `acc + Σ` of the codes `w` by four activations at `p` (one group) broadcast to every
     // lane, as one instruction: the intrinsics' loads check their preconditions in builds
     // with debug assertions, here once per product.
@@ -501,8 +543,12 @@ unsafe fn packed_kernel<const R: usize, const FOUR: bool>(
     for b in 0..blocks {
         let r = base.wrapping_add(b * rec);
         let x = b * BLOCK;
-        // Two partial sums per row: half the dependency chain.
         let mut dot = [[_mm512_setzero_si512(); 2]; R];
+        if !FREE {
+            for (row, dot) in dot.iter_mut().enumerate() {
+                dot[0] = _mm512_set1_epi32(zero * *sum[row].wrapping_add(b));
+            }
+        }
         if FOUR {
             for c in 0..4 {
                 let v = _mm512_loadu_si512(r.wrapping_add(c * 64).cast());
@@ -511,7 +557,8 @@ unsafe fn packed_kernel<const R: usize, const FOUR: bool>(
                 for row in 0..R {
                     let p = q[row].wrapping_add(x + c * 4);
                     dot[row][0] = dot_group!(dot[row][0], lo, p);
-                    dot[row][1] = dot_group!(dot[row][1], hi, p.wrapping_add(16));
+                    let h = 1 % chains;
+                    dot[row][h] = dot_group!(dot[row][h], hi, p.wrapping_add(16));
                 }
             }
         } else {
@@ -519,19 +566,31 @@ unsafe fn packed_kernel<const R: usize, const FOUR: bool>(
                 let v = _mm512_loadu_si512(r.wrapping_add(g * 64).cast());
                 for row in 0..R {
                     let p = q[row].wrapping_add(x + g * 4);
-                    dot[row][g % 2] = dot_group!(dot[row][g % 2], v, p);
+                    let h = g % chains;
+                    dot[row][h] = dot_group!(dot[row][h], v, p);
                 }
             }
         }
         let scales = r.wrapping_add(rec - 4 * LANES);
         let d = _mm512_cvtph_ps(_mm256_loadu_si256(scales.cast()));
-        let m = _mm512_cvtph_ps(_mm256_loadu_si256(scales.wrapping_add(2 * LANES).cast()));
+        let m = if FREE {
+            _mm512_cvtph_ps(_mm256_loadu_si256(scales.wrapping_add(2 * LANES).cast()))
+        } else {
+            _mm512_setzero_ps()
+        };
         for row in 0..R {
             let sv = _mm512_broadcastss_ps(_mm_load_ss(s[row].wrapping_add(b)));
-            let sqv = _mm512_broadcastss_ps(_mm_load_ss(sq[row].wrapping_add(b)));
-            let sum = _mm512_add_epi32(dot[row][0], dot[row][1]);
-            acc[row] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(d, sv), acc[row]);
-            acc[row] = _mm512_fmadd_ps(m, sqv, acc[row]);
+            let total = if chains == 2 {
+                _mm512_add_epi32(dot[row][0], dot[row][1])
+            } else {
+                dot[row][0]
+            };
+            let ds = _mm512_mul_ps(d, sv);
+            acc[row] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), ds, acc[row]);
+            if FREE {
+                let sqv = _mm512_broadcastss_ps(_mm_load_ss(sq[row].wrapping_add(b)));
+                acc[row] = _mm512_fmadd_ps(m, sqv, acc[row]);
+            }
         }
     }
     let c = t * LANES;
@@ -543,7 +602,7 @@ unsafe fn packed_kernel<const R: usize, const FOUR: bool>(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn packed_kernel<const R: usize, const FOUR: bool>(
+unsafe fn packed_kernel<const R: usize, const FOUR: bool, const FREE: bool>(
     _: &PackedWeight,
     _: usize,
     _: &Activations,
@@ -711,8 +770,8 @@ mod tests {
     /// The packed kernel on GGUF blocks made by candle's quantizer (Q4_0, Q4_1, Q8_0): each
     /// weight unpacks to candle's own dequantized value (the oracle for the file's weights), and
     /// the product equals the f32 product of those weights within the activations' 8-bit
-    /// rounding (the bound of the test above). Sizes leave a partial tile (out = 45) and a
-    /// partial row group (rows = 7); one row is the decoding case.
+    /// rounding (the bound of the test above). Sizes leave a partial tile (out = 45) and
+    /// partial row groups (rows = 3, 7, 13); one row is the decoding case.
     #[test]
     fn packed_gguf_blocks_unpack_exactly_and_multiply_within_the_rounding() {
         use candle_core::quantized::{GgmlDType, QTensor};
@@ -739,7 +798,8 @@ mod tests {
                 p.row_into(r, &mut row);
                 assert_eq!(row, wq[r * inp..][..inp], "{dtype:?} row {r}");
             }
-            for rows in [1, 7] {
+            // One row (decoding), a partial group of rows, a full group of 8 and one more.
+            for rows in [1, 3, 7, 8, 13] {
                 let x = random(rows * inp, 4, 2.0);
                 let got = p.matmul(&x, rows);
                 let want = reference(&wq, &x, rows, out, inp);

@@ -610,14 +610,7 @@ async fn plan_generate(
     // textbooks in their `sandbox`; a sandbox left with only defaults is no setting).
     let mut identity = corpus.clone();
     if let CorpusSettings::Textbooks(t) = &mut identity {
-        let default = SandboxSettings::default();
-        t.sandbox = t.sandbox.take().and_then(|s| {
-            let s = SandboxSettings {
-                sandbox_workers: default.sandbox_workers,
-                ..s
-            };
-            (s != default).then_some(s)
-        });
+        t.sandbox = t.sandbox.take().and_then(SandboxSettings::kept_identity);
     }
     let mut corpus_json = serde_json::to_value(&identity).expect("settings serialize");
     if let Some(o) = corpus_json.as_object_mut() {
