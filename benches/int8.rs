@@ -3,8 +3,8 @@
 //!
 //! `cargo bench --bench int8 [-- ROUNDS [TYPE]]` (or the dev build: `cargo build --bench int8`,
 //! then run the `int8-*` binary in target/debug/deps): quantizes random weights to TYPE (q8_0,
-//! the default: what phigen runs Qwen2.5's Q4_K_M/Q5_0 projections in; or q4_0, q4_1) with
-//! candle's quantizer, in the shapes of one decoding step of Qwen2.5-Coder-0.5B (24 layers of
+//! the default: what phigen runs Qwen2.5's Q4_K_M/Q5_0 projections in, re-fitted by the kernel
+//! to blocks of 128; or q4_0, q4_1, read as stored) with candle's quantizer, in the shapes of one decoding step of Qwen2.5-Coder-0.5B (24 layers of
 //! q/k/v 896→1152, o 896→896, gate/up 896→9728, down 4864→896, and the head 896→151,936), then,
 //! ROUNDS times (default 3) for 1, 8 and 32 rows: every projection once with the packed kernel
 //! and once with candle's `QMatMul` (its own Q8_1 activations and vector dot products), same

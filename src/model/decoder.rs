@@ -26,7 +26,7 @@ pub use super::cache::KvCache;
 use super::cache::{LayerCache, Slot};
 use super::config::{Activation, BlockLayout, HeadKind, MlpKind, NormKind, PhiConfig};
 use super::gemv::PanelWeight;
-use super::int8::{self, Int8Weight, PackedWeight};
+use super::int8::{self, PackedWeight};
 use super::names::{parameter_table, Init};
 use super::rope::{Positions, Rope};
 use super::ModelError;
@@ -60,19 +60,16 @@ enum Proj {
         bias: Option<Tensor>,
         /// A quantized copy (GGUF), faster for a few rows because it reads a quarter of the bytes.
         quantized: Option<QMatMul>,
-        /// 8-bit codes of a quantized projection on CPUs with AVX-512 VNNI (see
-        /// [`super::int8`]): every product of more than one row.
-        int8: Option<Arc<Int8Weight>>,
-        /// The file's own 4- or 8-bit codes (Q4_0, Q4_1, Q8_0) for the VNNI kernel, on CPUs
-        /// with it: every product, any number of rows (it takes the place of the four above).
+        /// The quantized copy's codes for the VNNI kernel (see [`PackedWeight`]), on CPUs with
+        /// it: every product, any number of rows (it takes the place of the three above).
         packed: Option<Arc<PackedWeight>>,
     },
 }
 
 /// Up to this many rows go through the quantized copy of a projection, more through the dense
-/// one (measured on candle's CPU kernels: Q8_0 is 3.7× faster for one row, 1.9× slower for 8).
-/// With 8-bit codes only one row does: candle's kernels re-read the weights for every row
-/// (SmolLM2-135M, Q4_1: 29.0 / 41.6 / 56.7 ms a step for 1 / 2 / 3 rows; 8-bit, 4 rows: 32.7).
+/// one (measured on candle's CPU kernels: Q8_0 is 3.7× faster for one row, 1.9× slower for 8):
+/// candle's kernels re-read the weights for every row. CPUs without VNNI only: the packed
+/// kernel serves every row count where there is one.
 const QUANTIZED_ROWS: usize = 3;
 
 impl Proj {
@@ -94,20 +91,9 @@ impl Proj {
                 panels: None,
                 bias,
                 quantized: None,
-                int8: None,
                 packed,
             });
         }
-        // Only weights that were quantized already get 8-bit codes: a dense checkpoint keeps
-        // its exact f32 products.
-        let int8 = match quantized {
-            Some(_) if w.device().is_cpu() && int8::supported() => {
-                let (out, inp) = w.dims2()?;
-                let values: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                Int8Weight::new(&values, out, inp).map(Arc::new)
-            }
-            _ => None,
-        };
         let quantized = quantized
             .map(|q| QMatMul::from_arc(q.clone()))
             .transpose()?;
@@ -122,7 +108,6 @@ impl Proj {
             panels,
             bias,
             quantized,
-            int8,
             packed: None,
         })
     }
@@ -165,25 +150,20 @@ fn apply(p: &Proj, x: &Tensor) -> Result<Tensor> {
             panels,
             bias,
             quantized,
-            int8,
             packed,
         } => {
             let dims = x.dims();
             let c = dims[dims.len() - 1];
             let rows = x.elem_count() / c;
             let x2 = x.reshape((rows, c))?;
-            let y = match (packed, quantized, int8, panels, wt) {
+            let y = match (packed, quantized, panels, wt) {
                 (Some(p), ..) => {
                     int8::forward_packed(p, &x2.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?
                 }
-                (_, Some(q), None, ..) if rows <= QUANTIZED_ROWS => q.forward(&x2)?,
-                (_, Some(q), Some(_), ..) if rows == 1 => q.forward(&x2)?,
-                (_, _, Some(w), ..) if x.dtype() == DType::F32 => int8::forward(w, &x2)?,
-                (_, _, _, Some(p), _) => {
-                    p.forward(&x2.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?
-                }
-                (_, _, _, _, Some(wt)) => x2.matmul(wt)?,
-                (None, _, _, None, None) => {
+                (_, Some(q), ..) if rows <= QUANTIZED_ROWS => q.forward(&x2)?,
+                (_, _, Some(p), _) => p.forward(&x2.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?,
+                (_, _, _, Some(wt)) => x2.matmul(wt)?,
+                (None, _, None, None) => {
                     unreachable!("a frozen projection keeps a weight or packed codes")
                 }
             };

@@ -1,31 +1,28 @@
 //! 8-bit matrix products for batched inference on CPUs with AVX-512 VNNI.
 //!
-//! A projection that came quantized (a GGUF file) is also kept as 8-bit codes: per output feature
-//! and block of 32 inputs, `w = d·u + m` with `u` in 0..=255, fitted to the block's range of the
-//! dequantized weights (a 4-bit block's values land on codes exactly when its range spans all 16
-//! levels, and within 1/34 of its step otherwise). The activations of each call are quantized per
-//! row and block of 32 to `a = s·q`, `q` in -127..=127, as llama.cpp's Q8 activations are, so
+//! A quantized projection (a GGUF file's, or a checkpoint's 8-bit copy) is kept as codes the
+//! kernel reads: per output feature and block of inputs, `w = d·u + m` with `u` an unsigned code
+//! (see [`PackedWeight`]). The activations of each call are quantized per row and block to
+//! `a = s·q`, `q` in -127..=127, as llama.cpp's Q8 activations are, so
 //!
 //! `Σ w·a = s·(d·Σ u·q + m·Σ q)` per block,
 //!
 //! where `Σ u·q` is exact integer arithmetic: one `vpdpbusd` multiplies 16 output features × 4
-//! inputs, four times the products of an f32 FMA, and the weights are a quarter of the bytes.
-//! Many rows at once (a batch of sequences decoding, a prompt) is where this beats an f32 matrix
-//! product and candle's quantized kernels (which re-read the weights for every row); a single row
-//! stays on candle's kernels, which read the file's 4-bit codes.
+//! inputs, four times the products of an f32 FMA. Many rows at once (a batch of sequences
+//! decoding, a prompt) is where this beats an f32 matrix product and candle's quantized kernels
+//! (which re-read the weights for every row); one row reads a quarter of an f32 weight's bytes.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
-/// Inputs that share one scale and offset (weights) or one scale (activations).
+/// Inputs of a GGUF block (one scale, one offset) and of one pass of the kernel's products.
 const BLOCK: usize = 32;
-/// Output features a kernel call computes: two registers of 16.
-const TILE: usize = 32;
-/// Rows a kernel call computes at once (the broadcast activations are reused over the tile).
-const ROWS: usize = 4;
-/// Rows a packed kernel call computes at once: each unpacked weight register serves 8 rows, and
-/// 8 rows are 8 independent chains of products (fewer rows split each row's sum in two).
+/// Rows a kernel call computes at once: each unpacked weight register serves 8 rows, and 8 rows
+/// are 8 independent chains of products (fewer rows split each row's sum in two).
 const PACKED_ROWS: usize = 8;
+/// Blocks of 32 that share one scale in the 8-bit codes made from float weights (Q8_0 included):
+/// the float work per block (convert, scale, add) is then paid once per 128 inputs instead of 32.
+const WIDE: usize = 4;
 
 /// Whether this CPU has the instructions the kernel needs.
 pub fn supported() -> bool {
@@ -40,104 +37,12 @@ pub fn supported() -> bool {
     }
 }
 
-/// A weight matrix (out, inp) as 8-bit codes in the kernel's layout.
-#[derive(Debug)]
-pub struct Int8Weight {
-    out: usize,
-    inp: usize,
-    /// Per tile of 32 features, per block, per group of 4 inputs: 16 features × 4 codes for the
-    /// tile's first half, then its second half (what one register load takes).
-    codes: Vec<u8>,
-    /// Per tile and block: the 32 features' `d`.
-    scale: Vec<f32>,
-    /// Per tile and block: the 32 features' `m`.
-    offset: Vec<f32>,
-}
-
-impl Int8Weight {
-    /// Codes for `w`, row-major (out, inp); `None` where the CPU lacks VNNI or `inp` is not a
-    /// multiple of 32 (the caller keeps its f32 product then).
-    pub fn new(w: &[f32], out: usize, inp: usize) -> Option<Self> {
-        if !supported()
-            || out == 0
-            || inp == 0
-            || !inp.is_multiple_of(BLOCK)
-            || w.len() != out * inp
-        {
-            return None;
-        }
-        let blocks = inp / BLOCK;
-        let tiles = out.div_ceil(TILE);
-        let mut codes = vec![0u8; tiles * blocks * BLOCK * TILE];
-        let mut scale = vec![0f32; tiles * blocks * TILE];
-        let mut offset = vec![0f32; tiles * blocks * TILE];
-        codes
-            .par_chunks_mut(blocks * BLOCK * TILE)
-            .zip(scale.par_chunks_mut(blocks * TILE))
-            .zip(offset.par_chunks_mut(blocks * TILE))
-            .enumerate()
-            .for_each(|(t, ((codes, scale), offset))| {
-                for c in 0..TILE.min(out - t * TILE) {
-                    let row = &w[(t * TILE + c) * inp..][..inp];
-                    let (half, col) = (c / 16, c % 16);
-                    for (b, vals) in row.chunks_exact(BLOCK).enumerate() {
-                        let lo = vals.iter().copied().fold(f32::INFINITY, f32::min);
-                        let hi = vals.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let d = (hi - lo) / 255.0;
-                        scale[b * TILE + c] = d;
-                        offset[b * TILE + c] = lo;
-                        for (j, &v) in vals.iter().enumerate() {
-                            let u = if d > 0.0 {
-                                ((v - lo) / d).round().clamp(0.0, 255.0) as u8
-                            } else {
-                                0
-                            };
-                            codes[((b * 8 + j / 4) * 2 + half) * 64 + col * 4 + j % 4] = u;
-                        }
-                    }
-                }
-            });
-        Some(Int8Weight {
-            out,
-            inp,
-            codes,
-            scale,
-            offset,
-        })
-    }
-
-    /// `x Wᵀ` for `x` (rows, inp), f32 row-major; returns (rows, out) row-major.
-    pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
-        assert_eq!(x.len(), rows * self.inp, "x is (rows, inp)");
-        let a = Activations::new(x, rows, self.inp);
-        let mut y = vec![0f32; rows * self.out];
-        let out = SharedOut(y.as_mut_ptr());
-        let tiles = self.out.div_ceil(TILE);
-        (0..tiles).into_par_iter().for_each(|t| {
-            let out = &out;
-            for r0 in (0..rows).step_by(ROWS) {
-                // SAFETY: `supported()` held when this weight was made (it is checked in `new`);
-                // each (tile, rows) pair writes its own disjoint part of `y`, which outlives the loop.
-                unsafe {
-                    match rows - r0 {
-                        1 => kernel::<1>(self, t, &a, r0, out.0),
-                        2 => kernel::<2>(self, t, &a, r0, out.0),
-                        3 => kernel::<3>(self, t, &a, r0, out.0),
-                        _ => kernel::<ROWS>(self, t, &a, r0, out.0),
-                    }
-                }
-            }
-        });
-        y
-    }
-}
-
 /// The output buffer, written by the tiles in parallel at disjoint places.
 struct SharedOut(*mut f32);
 // SAFETY: every task writes a disjoint set of elements (its own tile's columns).
 unsafe impl Sync for SharedOut {}
 
-/// A batch of activations quantized per row and block: `a ≈ s·q`.
+/// A batch of activations quantized per row and block of `block` inputs: `a ≈ s·q`.
 struct Activations {
     q: Vec<i8>,
     /// Per row and block: `s`.
@@ -149,21 +54,21 @@ struct Activations {
 }
 
 impl Activations {
-    fn new(x: &[f32], rows: usize, inp: usize) -> Self {
-        let blocks = rows * inp / BLOCK;
+    fn new(x: &[f32], rows: usize, inp: usize, block: usize) -> Self {
+        let blocks = rows * inp / block;
         let mut q = vec![0i8; rows * inp];
         let mut s = vec![0f32; blocks];
         let mut sq = vec![0f32; blocks];
         let mut sums = vec![0i32; blocks];
         q.par_chunks_mut(inp)
-            .zip(s.par_chunks_mut(inp / BLOCK))
-            .zip(sq.par_chunks_mut(inp / BLOCK))
-            .zip(sums.par_chunks_mut(inp / BLOCK))
+            .zip(s.par_chunks_mut(inp / block))
+            .zip(sq.par_chunks_mut(inp / block))
+            .zip(sums.par_chunks_mut(inp / block))
             .zip(x.par_chunks(inp))
             .for_each(|((((q, s), sq), sums), x)| {
                 for (b, (q, x)) in q
-                    .chunks_exact_mut(BLOCK)
-                    .zip(x.chunks_exact(BLOCK))
+                    .chunks_exact_mut(block)
+                    .zip(x.chunks_exact(block))
                     .enumerate()
                 {
                     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -188,90 +93,34 @@ impl Activations {
     }
 }
 
-/// Rows `r0..r0+R` × the 32 features of tile `t`, written into `out` (rows, w.out).
+/// A projection's codes, laid out for the VNNI kernel.
 ///
-/// # Safety
-/// The CPU has AVX-512F and VNNI; `r0 + R` rows exist in `a`; `out` holds (rows, w.out) f32.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vnni")]
-unsafe fn kernel<const R: usize>(
-    w: &Int8Weight,
-    t: usize,
-    a: &Activations,
-    r0: usize,
-    out: *mut f32,
-) {
-    use std::arch::x86_64::*;
-    let blocks = w.inp / BLOCK;
-    let mut acc = [[_mm512_setzero_ps(); 2]; R];
-    for b in 0..blocks {
-        let tb = t * blocks + b;
-        let codes = w.codes.as_ptr().add(tb * BLOCK * TILE);
-        let mut dot = [[_mm512_setzero_si512(); 2]; R];
-        for k4 in 0..BLOCK / 4 {
-            let w0 = _mm512_loadu_si512(codes.add(k4 * 128).cast());
-            let w1 = _mm512_loadu_si512(codes.add(k4 * 128 + 64).cast());
-            for (r, dot) in dot.iter_mut().enumerate() {
-                let q = a.q.as_ptr().add((r0 + r) * w.inp + b * BLOCK + k4 * 4);
-                let x = _mm512_set1_epi32(std::ptr::read_unaligned(q.cast::<i32>()));
-                dot[0] = _mm512_dpbusd_epi32(dot[0], w0, x);
-                dot[1] = _mm512_dpbusd_epi32(dot[1], w1, x);
-            }
-        }
-        let scale = w.scale.as_ptr().add(tb * TILE);
-        let offset = w.offset.as_ptr().add(tb * TILE);
-        let d = [_mm512_loadu_ps(scale), _mm512_loadu_ps(scale.add(16))];
-        let m = [_mm512_loadu_ps(offset), _mm512_loadu_ps(offset.add(16))];
-        for (r, (acc, dot)) in acc.iter_mut().zip(&dot).enumerate() {
-            let s = _mm512_set1_ps(a.s[(r0 + r) * blocks + b]);
-            let sq = _mm512_set1_ps(a.sq[(r0 + r) * blocks + b]);
-            for h in 0..2 {
-                let ds = _mm512_mul_ps(d[h], s);
-                acc[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[h]), ds, acc[h]);
-                acc[h] = _mm512_fmadd_ps(m[h], sq, acc[h]);
-            }
-        }
-    }
-    let col0 = t * TILE;
-    for (r, acc) in acc.iter().enumerate() {
-        let row = out.add((r0 + r) * w.out);
-        for (h, v) in acc.iter().enumerate() {
-            let c = col0 + h * 16;
-            let n = w.out.saturating_sub(c).min(16);
-            if n > 0 {
-                let mask: __mmask16 = if n == 16 { 0xffff } else { (1u16 << n) - 1 };
-                _mm512_mask_storeu_ps(row.add(c), mask, *v);
-            }
-        }
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn kernel<const R: usize>(_: &Int8Weight, _: usize, _: &Activations, _: usize, _: *mut f32) {
-    unreachable!("Int8Weight::new returns None without AVX-512 VNNI")
-}
-
-/// A projection in a GGUF file's own 4- or 8-bit codes (Q4_0, Q4_1, Q8_0), re-laid for the
-/// VNNI kernel: the weights are read as the file stores them (Q4_1: 0.625 bytes a weight, against
-/// the 8-bit codes' 1.125), and each value is exactly the file's. This is llama.cpp's scheme:
-/// the activations are quantized per block of 32 to 8 bits and each block's product is integer.
+/// - A GGUF file's 4-bit types (Q4_0, Q4_1) are read as the file stores them (0.625 bytes a
+///   weight), each value exactly the file's, in blocks of 32: llama.cpp's scheme.
+/// - 8-bit codes (Q8_0, which phigen also runs Qwen2.5's k-quants and Q5_0 in, and which a
+///   checkpoint's quantized copy is) are re-fitted to blocks of 128 inputs ("wide"): symmetric,
+///   `d = max|w|/127` per feature and block, so each weight moves by at most half a step of
+///   8 bits over its 128 (a 4-bit source's own step is ~16 times that). The activations are then
+///   quantized per 128 too (llama.cpp's k-quant products use 256), and the float work after
+///   each block's integer sum is paid a quarter as often. Where the inputs are not whole blocks
+///   of 128, Q8_0 stays in its file's blocks of 32, exact.
 ///
-/// Every block of a file's type is `w = d·u + m` with `u` its unsigned code: Q4_1 stores `d` and
-/// `m`; Q4_0 stores `d` with `m = -8d`; Q8_0 stores `d` and signed codes, stored here as
-/// `u = q + 128` with `m = -128d` (both exact in f16: a power of two times `d`).
-///
-/// Where `m = -z·d` (Q4_0: `z = 8`, Q8_0: `z = 128`) a block's product is `d·s·(Σ u·q − z·Σq)`,
-/// all integer but the one scaling: the kernel starts the block's sum at `−z·Σq` instead of
-/// adding `m·s·Σq` in floats afterwards (one fused multiply-add fewer per row and block).
+/// Every block is `w = d·u + m` with `u` its unsigned code: Q4_1 stores `d` and `m`; Q4_0 stores
+/// `d` with `m = -8d`; 8-bit codes are signed ones stored as `u = q + 128` with `m = -128d` (both
+/// exact in f16: a power of two times `d`). Where `m = -z·d` (`z` = 8 or 128) a block's product
+/// is `d·s·(Σ u·q − z·Σq)`, all integer but the one scaling: the kernel starts the block's sum
+/// at `−z·Σq` instead of adding `m·s·Σq` in floats afterwards.
 #[derive(Debug)]
 pub struct PackedWeight {
     out: usize,
     inp: usize,
     four_bit: bool,
-    /// Q4_1: each block's `m` is its own (stored); Q4_0 and Q8_0: `m = -z·d`.
+    /// Q4_1: each block's `m` is its own (stored); the others: `m = -z·d`.
     free_offset: bool,
-    /// Per tile of 16 features, per block of 32 inputs: the codes (see [`PackedWeight::record`]),
-    /// then the 16 features' `d` and `m` as f16 bits.
+    /// 8-bit codes in blocks of 128 inputs (`WIDE` × 32) instead of 32.
+    wide: bool,
+    /// Per tile of 16 features, per block: the codes (see [`PackedWeight::record`]), then the
+    /// 16 features' `d` and `m` as f16 bits.
     data: Vec<u8>,
 }
 
@@ -280,10 +129,77 @@ const LANES: usize = 16;
 
 impl PackedWeight {
     /// Bytes of one (tile, block) record: 4-bit codes take 4 loads of 64 bytes (low nibbles are
-    /// input groups 0..4 of 4 inputs, high nibbles groups 4..8), 8-bit codes 8 loads; then 16
-    /// f16 `d` and 16 f16 `m`.
-    fn record(four_bit: bool) -> usize {
-        (if four_bit { 256 } else { 512 }) + 4 * LANES
+    /// input groups 0..4 of 4 inputs, high nibbles groups 4..8), 8-bit codes 8 loads per 32
+    /// inputs (wide: 4 × 8, one run of 32 after the other); then 16 f16 `d` and 16 f16 `m`.
+    fn record(four_bit: bool, wide: bool) -> usize {
+        let codes = match (four_bit, wide) {
+            (true, _) => 256,
+            (false, false) => 512,
+            (false, true) => 512 * WIDE,
+        };
+        codes + 4 * LANES
+    }
+
+    /// Inputs per block (one `d` and `m` per feature).
+    fn block(&self) -> usize {
+        if self.wide {
+            BLOCK * WIDE
+        } else {
+            BLOCK
+        }
+    }
+
+    /// Wide 8-bit codes for float weights (out, inp), row-major; `None` on a CPU without VNNI
+    /// or where `inp` is not a multiple of 128.
+    pub fn from_f32(w: &[f32], out: usize, inp: usize) -> Option<Self> {
+        if w.len() != out * inp {
+            return None;
+        }
+        Self::wide(out, inp, |r, dst| dst.copy_from_slice(&w[r * inp..][..inp]))
+    }
+
+    /// Wide 8-bit codes for the weights (out, inp) that `row(r, dst)` writes, one feature at a
+    /// time (so a large table needs no float copy of itself).
+    fn wide(out: usize, inp: usize, row: impl Fn(usize, &mut [f32]) + Sync) -> Option<Self> {
+        let block = BLOCK * WIDE;
+        if !supported() || out == 0 || inp == 0 || !inp.is_multiple_of(block) {
+            return None;
+        }
+        let (blocks, rec) = (inp / block, Self::record(false, true));
+        let tiles = out.div_ceil(LANES);
+        let mut data = vec![0u8; tiles * blocks * rec];
+        data.par_chunks_mut(blocks * rec)
+            .enumerate()
+            .for_each(|(t, tile)| {
+                let mut values = vec![0f32; inp];
+                for col in 0..LANES.min(out - t * LANES) {
+                    row(t * LANES + col, &mut values);
+                    for (b, vals) in values.chunks_exact(block).enumerate() {
+                        let dst = &mut tile[b * rec..][..rec];
+                        let amax = vals.iter().fold(0f32, |m, v| m.max(v.abs()));
+                        let d = half::f16::from_f32(amax / 127.0);
+                        let inv = if d.to_f32() > 0.0 { 1.0 / d.to_f32() } else { 0.0 };
+                        for (i, &v) in vals.iter().enumerate() {
+                            let q = (v * inv).round().clamp(-128.0, 127.0) as i32;
+                            let (run, group, j) = (i / BLOCK, (i % BLOCK) / 4, i % 4);
+                            dst[run * 512 + group * 64 + col * 4 + j] = (q + 128) as u8;
+                        }
+                        let scales = rec - 4 * LANES;
+                        let d = d.to_bits();
+                        let m = f16_times(d, -128.0);
+                        dst[scales + 2 * col..][..2].copy_from_slice(&d.to_le_bytes());
+                        dst[scales + 2 * LANES + 2 * col..][..2].copy_from_slice(&m.to_le_bytes());
+                    }
+                }
+            });
+        Some(PackedWeight {
+            out,
+            inp,
+            four_bit: false,
+            free_offset: false,
+            wide: true,
+            data,
+        })
     }
 
     /// The packed copy of a GGUF tensor (out, inp) of type `dtype` with raw blocks `bytes`;
@@ -298,6 +214,22 @@ impl PackedWeight {
         if !Self::accepts(dtype, out, inp) {
             return None;
         }
+        if dtype == GgmlDType::Q8_0 && inp.is_multiple_of(BLOCK * WIDE) {
+            // Re-fitted in blocks of 128, one row of the file's blocks at a time.
+            let row_bytes = inp / BLOCK * 34;
+            if bytes.len() != out * row_bytes {
+                return None;
+            }
+            return Self::wide(out, inp, |r, dst| {
+                let row = &bytes[r * row_bytes..][..row_bytes];
+                for (block, vals) in row.chunks_exact(34).zip(dst.chunks_exact_mut(BLOCK)) {
+                    let d = f16_to_f32(u16::from_le_bytes([block[0], block[1]]));
+                    for (v, &q) in vals.iter_mut().zip(&block[2..]) {
+                        *v = d * f32::from(q as i8);
+                    }
+                }
+            });
+        }
         // (block bytes, four-bit) per type.
         let (block_bytes, four_bit) = match dtype {
             GgmlDType::Q4_0 => (18, true),
@@ -308,7 +240,7 @@ impl PackedWeight {
         if bytes.len() != out * blocks * block_bytes {
             return None;
         }
-        let rec = Self::record(four_bit);
+        let rec = Self::record(four_bit, false);
         let tiles = out.div_ceil(LANES);
         let mut data = vec![0u8; tiles * blocks * rec];
         data.par_chunks_mut(blocks * rec)
@@ -350,6 +282,7 @@ impl PackedWeight {
             inp,
             four_bit,
             free_offset: dtype == GgmlDType::Q4_1,
+            wide: false,
             data,
         })
     }
@@ -378,15 +311,15 @@ impl PackedWeight {
     pub fn matmul_into(&self, x: &[f32], rows: usize, y: &mut [f32]) {
         assert_eq!(x.len(), rows * self.inp, "x is (rows, inp)");
         assert_eq!(y.len(), rows * self.out, "y is (rows, out)");
-        let a = Activations::new(x, rows, self.inp);
+        let a = Activations::new(x, rows, self.inp, self.block());
         let out = SharedOut(y.as_mut_ptr());
         let tiles = self.out.div_ceil(LANES);
         let parts = rayon::current_num_threads().clamp(1, tiles);
-        let pick = match (self.four_bit, self.free_offset) {
-            (true, true) => packed_kernel_for::<true, true>,
-            (true, false) => packed_kernel_for::<true, false>,
-            (false, true) => packed_kernel_for::<false, true>,
-            (false, false) => packed_kernel_for::<false, false>,
+        let pick = match (self.four_bit, self.free_offset, self.wide) {
+            (true, true, _) => packed_kernel_for::<true, true, 1>,
+            (true, false, _) => packed_kernel_for::<true, false, 1>,
+            (false, _, false) => packed_kernel_for::<false, false, 1>,
+            (false, _, true) => packed_kernel_for::<false, false, WIDE>,
         };
         (0..parts).into_par_iter().for_each(|p| {
             let out = &out;
@@ -410,8 +343,9 @@ impl PackedWeight {
 
     /// Row `r` of the weight (out = vocabulary for an embedding table), dequantized into `dst`.
     pub fn row_into(&self, r: usize, dst: &mut [f32]) {
-        let rec = Self::record(self.four_bit);
-        let blocks = self.inp / BLOCK;
+        let rec = Self::record(self.four_bit, self.wide);
+        let block = self.block();
+        let blocks = self.inp / block;
         let (t, col) = (r / LANES, r % LANES);
         for b in 0..blocks {
             let src = &self.data[(t * blocks + b) * rec..][..rec];
@@ -422,12 +356,12 @@ impl PackedWeight {
             ]));
             let at = scales + 2 * LANES + 2 * col;
             let m = f16_to_f32(u16::from_le_bytes([src[at], src[at + 1]]));
-            for (i, v) in dst[b * BLOCK..][..BLOCK].iter_mut().enumerate() {
-                let (group, j) = (i / 4, i % 4);
+            for (i, v) in dst[b * block..][..block].iter_mut().enumerate() {
+                let (run, group, j) = (i / BLOCK, (i % BLOCK) / 4, i % 4);
                 let u = if self.four_bit {
                     (src[(group % 4) * 64 + col * 4 + j] >> (4 * (group / 4))) & 0x0f
                 } else {
-                    src[group * 64 + col * 4 + j]
+                    src[run * 512 + group * 64 + col * 4 + j]
                 };
                 *v = d * f32::from(u) + m;
             }
@@ -474,28 +408,30 @@ fn f16_times(d: u16, k: f32) -> u16 {
 type PackedKernel = unsafe fn(&PackedWeight, usize, &Activations, usize, *mut f32);
 
 /// The packed kernel for `rows` rows (up to [`PACKED_ROWS`]) of a weight of this kind.
-fn packed_kernel_for<const FOUR: bool, const FREE: bool>(rows: usize) -> PackedKernel {
+fn packed_kernel_for<const FOUR: bool, const FREE: bool, const G: usize>(
+    rows: usize,
+) -> PackedKernel {
     match rows {
-        1 => packed_kernel::<1, FOUR, FREE>,
-        2 => packed_kernel::<2, FOUR, FREE>,
-        3 => packed_kernel::<3, FOUR, FREE>,
-        4 => packed_kernel::<4, FOUR, FREE>,
-        5 => packed_kernel::<5, FOUR, FREE>,
-        6 => packed_kernel::<6, FOUR, FREE>,
-        7 => packed_kernel::<7, FOUR, FREE>,
-        _ => packed_kernel::<PACKED_ROWS, FOUR, FREE>,
+        1 => packed_kernel::<1, FOUR, FREE, G>,
+        2 => packed_kernel::<2, FOUR, FREE, G>,
+        3 => packed_kernel::<3, FOUR, FREE, G>,
+        4 => packed_kernel::<4, FOUR, FREE, G>,
+        5 => packed_kernel::<5, FOUR, FREE, G>,
+        6 => packed_kernel::<6, FOUR, FREE, G>,
+        7 => packed_kernel::<7, FOUR, FREE, G>,
+        _ => packed_kernel::<PACKED_ROWS, FOUR, FREE, G>,
     }
 }
 
 /// Rows `r0..r0+R` × the 16 features of tile `t` of a packed weight, written into `out`.
 /// `FOUR`: 4-bit codes; `FREE`: each block stores its offset `m` (else `m = -z·d`, and the
-/// integer sum starts at `−z·Σq`).
+/// integer sum starts at `−z·Σq`); `G`: runs of 32 inputs per block (8-bit codes only).
 ///
 /// # Safety
 /// The CPU has AVX-512F and VNNI; `r0 + R` rows exist in `a`; `out` holds (rows, w.out) f32.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn packed_kernel<const R: usize, const FOUR: bool, const FREE: bool>(
+unsafe fn packed_kernel<const R: usize, const FOUR: bool, const FREE: bool, const G: usize>(
     w: &PackedWeight,
     t: usize,
     a: &Activations,
@@ -506,8 +442,8 @@ unsafe fn packed_kernel<const R: usize, const FOUR: bool, const FREE: bool>(
     // Raw pointers advanced with `wrapping_add` and loads through intrinsics: in builds with
     // debug assertions, `add`, `read` and `get_unchecked` check their preconditions, and those
     // branches in the innermost loop cost more than the products (and spilled the sums).
-    let blocks = w.inp / BLOCK;
-    let rec = PackedWeight::record(FOUR);
+    let blocks = w.inp / (BLOCK * G);
+    let rec = PackedWeight::record(FOUR, G > 1);
     let low = _mm512_set1_epi8(0x0f);
     let mut acc = [_mm512_setzero_ps(); R];
     let base = w.data.as_ptr().wrapping_add(t * blocks * rec);
@@ -542,7 +478,7 @@ unsafe fn packed_kernel<const R: usize, const FOUR: bool, const FREE: bool>(
     }
     for b in 0..blocks {
         let r = base.wrapping_add(b * rec);
-        let x = b * BLOCK;
+        let x = b * BLOCK * G;
         let mut dot = [[_mm512_setzero_si512(); 2]; R];
         if !FREE {
             for (row, dot) in dot.iter_mut().enumerate() {
@@ -562,7 +498,7 @@ unsafe fn packed_kernel<const R: usize, const FOUR: bool, const FREE: bool>(
                 }
             }
         } else {
-            for g in 0..8 {
+            for g in 0..8 * G {
                 let v = _mm512_loadu_si512(r.wrapping_add(g * 64).cast());
                 for row in 0..R {
                     let p = q[row].wrapping_add(x + g * 4);
@@ -602,7 +538,7 @@ unsafe fn packed_kernel<const R: usize, const FOUR: bool, const FREE: bool>(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn packed_kernel<const R: usize, const FOUR: bool, const FREE: bool>(
+unsafe fn packed_kernel<const R: usize, const FOUR: bool, const FREE: bool, const G: usize>(
     _: &PackedWeight,
     _: usize,
     _: &Activations,
@@ -625,32 +561,6 @@ pub fn forward_packed(w: &PackedWeight, x: &Tensor) -> Result<Tensor> {
     };
     let y = w.matmul(super::ops::cpu_f32(cpu, l)?, rows);
     Tensor::from_vec(y, (rows, w.out), x.device())
-}
-
-/// `x Wᵀ` for a CPU f32 tensor `x` (rows, inp) → (rows, out).
-pub fn forward(w: &Int8Weight, x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1_no_bwd(&Product(w))
-}
-
-struct Product<'a>(&'a Int8Weight);
-
-impl CustomOp1 for Product<'_> {
-    fn name(&self) -> &'static str {
-        "phigen-int8-matmul"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (rows, inp) = l.shape().dims2()?;
-        if inp != self.0.inp {
-            candle_core::bail!(
-                "int8 product: x has {inp} features, the weight {}",
-                self.0.inp
-            );
-        }
-        let x = super::ops::cpu_f32(s, l)?;
-        let y = self.0.matmul(x, rows);
-        Ok((CpuStorage::F32(y), Shape::from((rows, self.0.out))))
-    }
 }
 
 #[cfg(test)]
@@ -688,46 +598,18 @@ mod tests {
         );
     }
 
-    /// Weights on a 4-bit grid per block (as a Q4_1 file's are): their codes are exact, so the
-    /// only error left is the activations' 8-bit rounding, bounded per block by
-    /// Σ|w|·s/2 (each activation is off by at most half its block's step s = max|a|/127).
-    #[test]
-    fn matches_the_f32_product_within_the_activation_rounding() {
-        if !supported() {
-            no_vnni();
-            return;
-        }
-        // Odd sizes: a partial last tile (out = 45) and a partial last row group (rows = 7).
-        let (rows, out, inp) = (7, 45, 96);
-        let mut w = vec![0f32; out * inp];
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-        for block in w.chunks_mut(BLOCK) {
-            let (d, m) = (
-                rng.random_range(0.001..0.02f32),
-                rng.random_range(-0.1..0.0f32),
-            );
-            for (j, v) in block.iter_mut().enumerate() {
-                // Levels 0 and 15 both present, so the block spans the full 4-bit range.
-                let q = if j == 0 {
-                    0
-                } else if j == 1 {
-                    15
-                } else {
-                    rng.random_range(0..16)
-                };
-                *v = d * q as f32 + m;
-            }
-        }
-        let x = random(rows * inp, 8, 2.0);
-        let q = Int8Weight::new(&w, out, inp).unwrap();
-        let got = q.matmul(&x, rows);
-        let want = reference(&w, &x, rows, out, inp);
+    /// Asserts that `got` is `x Wᵀ` within the activations' 8-bit rounding: per row and block
+    /// of `block` inputs, each activation is off by at most half its block's step
+    /// `s = max|a|/127`, so the product by at most `Σ|w|·s/2` (plus float summation noise).
+    fn assert_within_rounding(got: &[f32], w: &[f32], x: &[f32], dims: (usize, usize, usize), block: usize, what: &str) {
+        let (rows, out, inp) = dims;
+        let want = reference(w, x, rows, out, inp);
         for r in 0..rows {
             for n in 0..out {
                 let mut bound = 1e-5f64;
-                for b in 0..inp / BLOCK {
-                    let xs = &x[r * inp + b * BLOCK..][..BLOCK];
-                    let ws = &w[n * inp + b * BLOCK..][..BLOCK];
+                for b in 0..inp / block {
+                    let xs = &x[r * inp + b * block..][..block];
+                    let ws = &w[n * inp + b * block..][..block];
                     let step = xs.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
                     bound +=
                         ws.iter().map(|v| f64::from(v.abs())).sum::<f64>() * f64::from(step) / 2.0;
@@ -735,9 +617,47 @@ mod tests {
                 let (g, e) = (got[r * out + n], want[r * out + n]);
                 assert!(
                     f64::from((g - e).abs()) <= bound * 1.01,
-                    "row {r} feature {n}: {g} vs {e} (bound {bound})"
+                    "{what}: row {r} feature {n}: {g} vs {e} (bound {bound})"
                 );
             }
+        }
+    }
+
+    /// Weights on the wide codes' own grid (per block of 128, `d·k` with `k` in -127..=127 and
+    /// ±127 present, `d` exact in f16): their codes are exact, so the only error left is the
+    /// activations' rounding per block of 128. Sizes leave a partial tile (out = 45) and partial
+    /// row groups (rows = 1, 3, 7, 13).
+    #[test]
+    fn wide_codes_match_the_f32_product_within_the_activation_rounding() {
+        if !supported() {
+            no_vnni();
+            return;
+        }
+        let (out, inp) = (45, 256);
+        let mut w = vec![0f32; out * inp];
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        for block in w.chunks_mut(BLOCK * WIDE) {
+            // A multiple of 2^-14 below 0.06: exact in f16.
+            let d = rng.random_range(16..1000) as f32 / 16384.0;
+            for (j, v) in block.iter_mut().enumerate() {
+                let k = match j {
+                    0 => 127,
+                    1 => -127,
+                    _ => rng.random_range(-127..=127),
+                };
+                *v = d * k as f32;
+            }
+        }
+        let p = PackedWeight::from_f32(&w, out, inp).unwrap();
+        let mut row = vec![0f32; inp];
+        for r in 0..out {
+            p.row_into(r, &mut row);
+            assert_eq!(row, w[r * inp..][..inp], "row {r}");
+        }
+        for rows in [1, 3, 7, 13] {
+            let x = random(rows * inp, 8, 2.0);
+            let got = p.matmul(&x, rows);
+            assert_within_rounding(&got, &w, &x, (rows, out, inp), BLOCK * WIDE, "wide");
         }
     }
 
@@ -749,10 +669,10 @@ mod tests {
             no_vnni();
             return;
         }
-        let (rows, out, inp) = (33, 64, 576);
+        let (rows, out, inp) = (33, 64, 640);
         let w = random(out * inp, 1, 0.05);
         let x = random(rows * inp, 2, 1.0);
-        let got = Int8Weight::new(&w, out, inp).unwrap().matmul(&x, rows);
+        let got = PackedWeight::from_f32(&w, out, inp).unwrap().matmul(&x, rows);
         let want = reference(&w, &x, rows, out, inp);
         let err: f64 = got
             .iter()
@@ -767,23 +687,30 @@ mod tests {
         );
     }
 
-    /// The packed kernel on GGUF blocks made by candle's quantizer (Q4_0, Q4_1, Q8_0): each
-    /// weight unpacks to candle's own dequantized value (the oracle for the file's weights), and
-    /// the product equals the f32 product of those weights within the activations' 8-bit
-    /// rounding (the bound of the test above). Sizes leave a partial tile (out = 45) and
-    /// partial row groups (rows = 3, 7, 13); one row is the decoding case.
+    /// The packed kernel on GGUF blocks made by candle's quantizer (Q4_0, Q4_1, Q8_0): with
+    /// inputs in blocks of 32 (96 inputs) each weight unpacks to candle's own dequantized value
+    /// (the oracle for the file's weights); Q8_0 with inputs in blocks of 128 (256 inputs) is
+    /// re-fitted, each weight within half a step (`max|w|/127` of its block of 128, in f16) of
+    /// candle's. The product equals the f32 product of the unpacked weights within the
+    /// activations' rounding. Sizes leave a partial tile (out = 45) and partial row groups
+    /// (rows = 3, 7, 13); one row is the decoding case.
     #[test]
-    fn packed_gguf_blocks_unpack_exactly_and_multiply_within_the_rounding() {
+    fn packed_gguf_blocks_unpack_and_multiply_within_the_rounding() {
         use candle_core::quantized::{GgmlDType, QTensor};
         use candle_core::Device;
         if !supported() {
             no_vnni();
             return;
         }
-        let (out, inp) = (45, 96);
-        let w = random(out * inp, 3, 0.1);
-        let t = Tensor::from_vec(w, (out, inp), &Device::Cpu).unwrap();
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        let out = 45;
+        for (dtype, inp) in [
+            (GgmlDType::Q4_0, 96),
+            (GgmlDType::Q4_1, 96),
+            (GgmlDType::Q8_0, 96),
+            (GgmlDType::Q8_0, 256),
+        ] {
+            let w = random(out * inp, 3, 0.1);
+            let t = Tensor::from_vec(w, (out, inp), &Device::Cpu).unwrap();
             let q = QTensor::quantize(&t, dtype).unwrap();
             let wq: Vec<f32> = q
                 .dequantize(&Device::Cpu)
@@ -793,45 +720,44 @@ mod tests {
                 .to_vec1()
                 .unwrap();
             let p = PackedWeight::from_gguf(dtype, &q.data().unwrap(), out, inp).unwrap();
-            let mut row = vec![0f32; inp];
-            for r in 0..out {
-                p.row_into(r, &mut row);
-                assert_eq!(row, wq[r * inp..][..inp], "{dtype:?} row {r}");
+            let what = format!("{dtype:?} with {inp} inputs");
+            let mut unpacked = vec![0f32; out * inp];
+            for (r, row) in unpacked.chunks_mut(inp).enumerate() {
+                p.row_into(r, row);
+                let file = &wq[r * inp..][..inp];
+                if inp % (BLOCK * WIDE) == 0 {
+                    for (b, (got, want)) in row
+                        .chunks(BLOCK * WIDE)
+                        .zip(file.chunks(BLOCK * WIDE))
+                        .enumerate()
+                    {
+                        let amax = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                        let half_step = half::f16::from_f32(amax / 127.0).to_f32() / 2.0;
+                        for (g, e) in got.iter().zip(want) {
+                            assert!((g - e).abs() <= half_step * 1.001 + 1e-7, "{what} row {r} block {b}: {g} vs {e}");
+                        }
+                    }
+                } else {
+                    assert_eq!(row, file, "{what} row {r}");
+                }
             }
-            // One row (decoding), a partial group of rows, a full group of 8 and one more.
+            let block = if inp % (BLOCK * WIDE) == 0 { BLOCK * WIDE } else { BLOCK };
             for rows in [1, 3, 7, 8, 13] {
                 let x = random(rows * inp, 4, 2.0);
                 let got = p.matmul(&x, rows);
-                let want = reference(&wq, &x, rows, out, inp);
-                for r in 0..rows {
-                    for n in 0..out {
-                        let mut bound = 1e-5f64;
-                        for b in 0..inp / BLOCK {
-                            let xs = &x[r * inp + b * BLOCK..][..BLOCK];
-                            let ws = &wq[n * inp + b * BLOCK..][..BLOCK];
-                            let step = xs.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
-                            bound += ws.iter().map(|v| f64::from(v.abs())).sum::<f64>()
-                                * f64::from(step)
-                                / 2.0;
-                        }
-                        let (g, e) = (got[r * out + n], want[r * out + n]);
-                        assert!(
-                            f64::from((g - e).abs()) <= bound * 1.01,
-                            "{dtype:?} row {r} feature {n}: {g} vs {e} (bound {bound})"
-                        );
-                    }
-                }
+                assert_within_rounding(&got, &unpacked, &x, (rows, out, inp), block, &what);
             }
         }
         // A type the kernel does not read is refused.
+        let t = Tensor::from_vec(random(out * 96, 3, 0.1), (out, 96), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&t, GgmlDType::Q8_1).unwrap();
-        assert!(PackedWeight::from_gguf(GgmlDType::Q8_1, &q.data().unwrap(), out, inp).is_none());
+        assert!(PackedWeight::from_gguf(GgmlDType::Q8_1, &q.data().unwrap(), out, 96).is_none());
     }
 
     #[test]
     fn shapes_the_kernel_cannot_take_are_refused() {
-        // 40 inputs is not a whole number of 32-input blocks.
-        assert!(Int8Weight::new(&[0.0; 80], 2, 40).is_none());
-        assert_eq!(Int8Weight::new(&[0.0; 128], 2, 64).is_some(), supported());
+        // Wide codes take whole blocks of 128 inputs.
+        assert!(PackedWeight::from_f32(&[0.0; 128], 2, 64).is_none());
+        assert_eq!(PackedWeight::from_f32(&[0.0; 256], 2, 128).is_some(), supported());
     }
 }
