@@ -39,7 +39,12 @@ fn main() {
     let (hidden, kv, ffn, vocab) = (896, 1152, 4864, 151_936);
     let mut shapes = Vec::new();
     for _ in 0..24 {
-        shapes.extend([(kv, hidden), (hidden, hidden), (2 * ffn, hidden), (hidden, ffn)]);
+        shapes.extend([
+            (kv, hidden),
+            (hidden, hidden),
+            (2 * ffn, hidden),
+            (hidden, ffn),
+        ]);
     }
     shapes.push((vocab, hidden));
     let dev = Device::Cpu;
@@ -78,7 +83,13 @@ fn main() {
                 let inp = p.inp();
                 let xt = Tensor::from_slice(&x[..rows * inp], (rows, inp), &dev).unwrap();
                 let y = q.forward(&xt).unwrap();
-                check += y.flatten_all().unwrap().get(0).unwrap().to_scalar::<f32>().unwrap();
+                check += y
+                    .flatten_all()
+                    .unwrap()
+                    .get(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
             }
             candle = candle.min(t.elapsed().as_secs_f64());
             std::hint::black_box(check);

@@ -267,9 +267,11 @@ struct Manifest {
     model: String,
     sampling: Sampling,
     seed: u64,
-    /// [`Corpus::check_setting`]; absent where empty.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    checks: String,
+    /// [`Corpus::check_setting`]. Absent in manifests written before it was recorded: those
+    /// directories were written with either setting (`--run-code` and `--verify parse` are
+    /// older), so an absent value is unknown and not compared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    checks: Option<String>,
 }
 
 impl Manifest {
@@ -294,6 +296,8 @@ impl Manifest {
                     "" => "the default checks".to_string(),
                     c => c.to_string(),
                 };
+                // Unknown in an older manifest: compared as this run's.
+                let found_checks = found.checks.as_deref().or(self.checks.as_deref());
                 let pairs: [(&'static str, String, String); 7] = [
                     ("kind", found.kind.clone(), self.kind.clone()),
                     ("model", found.model.clone(), self.model.clone()),
@@ -315,7 +319,11 @@ impl Manifest {
                         format!("{:?}", self.sampling),
                     ),
                     ("format", found.format.to_string(), self.format.to_string()),
-                    ("checks", checks(&found.checks), checks(&self.checks)),
+                    (
+                        "checks",
+                        checks(found_checks.unwrap_or_default()),
+                        checks(self.checks.as_deref().unwrap_or_default()),
+                    ),
                 ];
                 match pairs.into_iter().find(|(_, f, e)| f != e) {
                     Some((field, f, e)) => Err(mismatch(field, f, e)),
@@ -705,7 +713,7 @@ fn manifest<C: Corpus>(plan: &Plan<C>) -> Manifest {
         model: plan.model.clone(),
         sampling: plan.sampling,
         seed: plan.seed,
-        checks: plan.corpus.check_setting().to_string(),
+        checks: Some(plan.corpus.check_setting().to_string()),
     }
 }
 

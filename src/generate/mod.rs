@@ -191,7 +191,7 @@ pub trait Corpus: Send + Sync + 'static {
     /// The checks this run applies where a corpus has a choice of them (textbooks' `--run-code`,
     /// exercises' `--verify parse`), for the manifest: a directory is only continued with the
     /// same ones, so that its records were all checked alike. Empty for the corpus's only (or
-    /// original) checks, which old manifests, written before this field, imply.
+    /// default) checks.
     fn check_setting(&self) -> &'static str {
         ""
     }

@@ -291,7 +291,13 @@ mod tests {
         assert_eq!(blocks[1].code, "import math\nx = f()\n");
         let looped = "```python\nx = 1\n```\n```\nfor i in range(2):\n    print(i)\n```\n";
         assert_eq!(python_blocks(looped).len(), 2);
-        for output in ["42\n[1, 2]", "Point(x=1, y=2)", "True", "Sum: 10", "name = Alice"] {
+        for output in [
+            "42\n[1, 2]",
+            "Point(x=1, y=2)",
+            "True",
+            "Sum: 10",
+            "name = Alice",
+        ] {
             let text = format!("```python\nprint(1)\n```\n```\n{output}\n```\n");
             assert_eq!(python_blocks(&text).len(), 1, "{output}");
         }

@@ -177,16 +177,26 @@ impl PackedWeight {
                     for (b, vals) in values.chunks_exact(block).enumerate() {
                         let dst = &mut tile[b * rec..][..rec];
                         let amax = vals.iter().fold(0f32, |m, v| m.max(v.abs()));
-                        let d = half::f16::from_f32(amax / 127.0);
-                        let inv = if d.to_f32() > 0.0 { 1.0 / d.to_f32() } else { 0.0 };
+                        // The f16 step at or above amax/127 (rounding down would push the
+                        // largest weight past code 127).
+                        let mut d = half::f16::from_f32(amax / 127.0);
+                        if d.to_f32() * 127.0 < amax {
+                            d = half::f16::from_bits(d.to_bits() + 1);
+                        }
+                        let inv = if d.to_f32() > 0.0 {
+                            1.0 / d.to_f32()
+                        } else {
+                            0.0
+                        };
                         for (i, &v) in vals.iter().enumerate() {
                             let q = (v * inv).round().clamp(-128.0, 127.0) as i32;
                             let (run, group, j) = (i / BLOCK, (i % BLOCK) / 4, i % 4);
                             dst[run * 512 + group * 64 + col * 4 + j] = (q + 128) as u8;
                         }
                         let scales = rec - 4 * LANES;
+                        // -128·d is exact in f16 also where d is subnormal (small weights).
+                        let m = half::f16::from_f32(-128.0 * d.to_f32()).to_bits();
                         let d = d.to_bits();
-                        let m = f16_times(d, -128.0);
                         dst[scales + 2 * col..][..2].copy_from_slice(&d.to_le_bytes());
                         dst[scales + 2 * LANES + 2 * col..][..2].copy_from_slice(&m.to_le_bytes());
                     }
@@ -601,7 +611,14 @@ mod tests {
     /// Asserts that `got` is `x Wᵀ` within the activations' 8-bit rounding: per row and block
     /// of `block` inputs, each activation is off by at most half its block's step
     /// `s = max|a|/127`, so the product by at most `Σ|w|·s/2` (plus float summation noise).
-    fn assert_within_rounding(got: &[f32], w: &[f32], x: &[f32], dims: (usize, usize, usize), block: usize, what: &str) {
+    fn assert_within_rounding(
+        got: &[f32],
+        w: &[f32],
+        x: &[f32],
+        dims: (usize, usize, usize),
+        block: usize,
+        what: &str,
+    ) {
         let (rows, out, inp) = dims;
         let want = reference(w, x, rows, out, inp);
         for r in 0..rows {
@@ -659,6 +676,26 @@ mod tests {
             let got = p.matmul(&x, rows);
             assert_within_rounding(&got, &w, &x, (rows, out, inp), BLOCK * WIDE, "wide");
         }
+        // Small weights (max |w| below 127·2⁻¹⁴, where the f16 step is subnormal) and arbitrary
+        // ones: each unpacks within half a step (the f16 step at or above max|w|/127) of itself.
+        for (scale, seed) in [(1e-3f32, 9), (0.3, 10)] {
+            let w = random(out * inp, seed, scale);
+            let p = PackedWeight::from_f32(&w, out, inp).unwrap();
+            for r in 0..out {
+                p.row_into(r, &mut row);
+                let want = &w[r * inp..][..inp];
+                for (got, want) in row.chunks(BLOCK * WIDE).zip(want.chunks(BLOCK * WIDE)) {
+                    let amax = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let step = half::f16::from_f32(amax / 127.0).to_f32().max(amax / 127.0);
+                    for (g, e) in got.iter().zip(want) {
+                        assert!(
+                            (g - e).abs() <= step * 0.5001 + step * 0.01,
+                            "scale {scale} row {r}: {g} vs {e} (step {step})"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// Arbitrary f32 weights (a checkpoint's, not on any grid) keep the product close to f32:
@@ -672,7 +709,9 @@ mod tests {
         let (rows, out, inp) = (33, 64, 640);
         let w = random(out * inp, 1, 0.05);
         let x = random(rows * inp, 2, 1.0);
-        let got = PackedWeight::from_f32(&w, out, inp).unwrap().matmul(&x, rows);
+        let got = PackedWeight::from_f32(&w, out, inp)
+            .unwrap()
+            .matmul(&x, rows);
         let want = reference(&w, &x, rows, out, inp);
         let err: f64 = got
             .iter()
@@ -734,14 +773,21 @@ mod tests {
                         let amax = want.iter().fold(0f32, |m, v| m.max(v.abs()));
                         let half_step = half::f16::from_f32(amax / 127.0).to_f32() / 2.0;
                         for (g, e) in got.iter().zip(want) {
-                            assert!((g - e).abs() <= half_step * 1.001 + 1e-7, "{what} row {r} block {b}: {g} vs {e}");
+                            assert!(
+                                (g - e).abs() <= half_step * 1.001 + 1e-7,
+                                "{what} row {r} block {b}: {g} vs {e}"
+                            );
                         }
                     }
                 } else {
                     assert_eq!(row, file, "{what} row {r}");
                 }
             }
-            let block = if inp % (BLOCK * WIDE) == 0 { BLOCK * WIDE } else { BLOCK };
+            let block = if inp % (BLOCK * WIDE) == 0 {
+                BLOCK * WIDE
+            } else {
+                BLOCK
+            };
             for rows in [1, 3, 7, 8, 13] {
                 let x = random(rows * inp, 4, 2.0);
                 let got = p.matmul(&x, rows);
@@ -758,6 +804,9 @@ mod tests {
     fn shapes_the_kernel_cannot_take_are_refused() {
         // Wide codes take whole blocks of 128 inputs.
         assert!(PackedWeight::from_f32(&[0.0; 128], 2, 64).is_none());
-        assert_eq!(PackedWeight::from_f32(&[0.0; 256], 2, 128).is_some(), supported());
+        assert_eq!(
+            PackedWeight::from_f32(&[0.0; 256], 2, 128).is_some(),
+            supported()
+        );
     }
 }
