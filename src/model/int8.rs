@@ -193,12 +193,8 @@ impl PackedWeight {
                             let (run, group, j) = (i / BLOCK, (i % BLOCK) / 4, i % 4);
                             dst[run * 512 + group * 64 + col * 4 + j] = (q + 128) as u8;
                         }
-                        let scales = rec - 4 * LANES;
-                        // -128·d is exact in f16 also where d is subnormal (small weights).
-                        let m = half::f16::from_f32(-128.0 * d.to_f32()).to_bits();
                         let d = d.to_bits();
-                        dst[scales + 2 * col..][..2].copy_from_slice(&d.to_le_bytes());
-                        dst[scales + 2 * LANES + 2 * col..][..2].copy_from_slice(&m.to_le_bytes());
+                        put_scales(dst, col, d, f16_times(d, -128.0));
                     }
                 }
             });
@@ -281,9 +277,7 @@ impl PackedWeight {
                                 dst[group * 64 + col * 4 + j] = u;
                             }
                         }
-                        let scales = rec - 4 * LANES;
-                        dst[scales + 2 * col..][..2].copy_from_slice(&d.to_le_bytes());
-                        dst[scales + 2 * LANES + 2 * col..][..2].copy_from_slice(&m.to_le_bytes());
+                        put_scales(dst, col, d, m);
                     }
                 }
             });
@@ -388,30 +382,23 @@ fn nibble(qs: &[u8], i: usize) -> u8 {
     }
 }
 
-/// IEEE half → f32 (normal, subnormal, zero, inf/nan).
-fn f16_to_f32(h: u16) -> f32 {
-    let sign = if h & 0x8000 != 0 { -1.0f32 } else { 1.0 };
-    let exp = i32::from((h >> 10) & 0x1f);
-    let frac = f32::from(h & 0x3ff);
-    match exp {
-        0 => sign * frac * 2f32.powi(-24),
-        31 if frac == 0.0 => sign * f32::INFINITY,
-        31 => f32::NAN,
-        e => sign * (1.0 + frac / 1024.0) * 2f32.powi(e - 15),
-    }
+/// Writes feature `col`'s `d` and `m` (f16 bits) into the scales at the end of a (tile, block)
+/// record (see [`PackedWeight::record`]).
+fn put_scales(record: &mut [u8], col: usize, d: u16, m: u16) {
+    let scales = record.len() - 4 * LANES;
+    record[scales + 2 * col..][..2].copy_from_slice(&d.to_le_bytes());
+    record[scales + 2 * LANES + 2 * col..][..2].copy_from_slice(&m.to_le_bytes());
 }
 
-/// The f16 bits of `d·k` for `k` a power of two (±8, ±128): the exponent moves, the mantissa
-/// stays, so the product is exact while it stays a normal number (it does for a GGUF scale).
+/// IEEE half bits → f32.
+fn f16_to_f32(h: u16) -> f32 {
+    half::f16::from_bits(h).to_f32()
+}
+
+/// The f16 bits of `d·k` for `k` a power of two (−8, −128): exact, `d` normal or subnormal (the
+/// product only moves the exponent, and stays within f16's range for a weight's scale).
 fn f16_times(d: u16, k: f32) -> u16 {
-    let shift = k.abs().log2() as u16;
-    let sign = if k < 0.0 { 0x8000 } else { 0 };
-    let exp = (d >> 10) & 0x1f;
-    if exp == 0 {
-        // Zero (or a subnormal scale, which no real file has): the offset is zero too.
-        return sign ^ (d & 0x8000);
-    }
-    ((d & 0x8000) ^ sign) | ((exp + shift).min(30) << 10) | (d & 0x3ff)
+    half::f16::from_f32(k * f16_to_f32(d)).to_bits()
 }
 
 /// A packed kernel: rows `r0..r0+R` of tile `t` (see [`packed_kernel`]).
